@@ -1,0 +1,1 @@
+"""The single controller: job service, specs, scheduler, job store, dashboard."""

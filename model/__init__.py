@@ -1,0 +1,1 @@
+"""The PaLM model in Flax: config, layers, loss, optimizer, estimates, tokenizer, data."""

@@ -1,0 +1,1 @@
+"""Island hosts: the Ray actor, its gRPC worker service and the per-job runtime."""
