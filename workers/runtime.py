@@ -1,0 +1,369 @@
+"""The per-job runtime interface of an island host, and the linear probe job behind it.
+
+The worker service (workers/service.py) never touches JAX itself: it validates requests,
+enforces ordering, and calls a `JobRuntime` from a worker thread. A runtime owns one job's
+compiled step and its resident state on the island's mesh.
+
+Two runtimes exist:
+- `LinearProbeRuntime` (`model.preset == "probe-linear"`): a least-squares job with a
+  (`data`, `model`)-sharded weight matrix and deterministic synthetic data. It is small,
+  real JAX work used to check the wiring (service, ordering, multi-host islands, benchmarks
+  of the dispatch path) without the PaLM model.
+- The PaLM runtime arrives with the reference trainer (model/train.py); until then
+  `make_runtime` refuses PaLM presets with `RuntimeUnavailableError` instead of pretending.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PROBE_PRESET = "probe-linear"
+# The probe's data is a pure function of the seed; its "dataset" hash names that generator.
+PROBE_DATA_HASH = hashlib.sha256(b"pathways_lite probe-linear synthetic data v1").hexdigest()
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RuntimeUnavailableError(Exception):
+    """The host has no runtime for the requested model (a wrong state, not a bad request)."""
+
+
+class JobSpecError(ValueError):
+    """A job spec field has a value the runtime cannot accept; the message names it."""
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """Shape of the island's (`data`, `model`) mesh."""
+
+    data: int
+    model: int
+
+    @property
+    def size(self) -> int:
+        return self.data * self.model
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything an island host needs to build one job (the decoded LoadJobRequest).
+
+    Attributes:
+        job_id: The controller's id of the job.
+        generation: Restart generation of the job.
+        preset: Model preset name.
+        overrides: Model config overrides (field -> value).
+        mesh: Mesh shape inside the island.
+        optimizer: Optimizer settings that were set (field -> value).
+        data: Data spec (source, paths, tokenizer_hash).
+        data_hash: Content hash of the prepared dataset.
+        seed: Seed of initialisation and data order.
+        global_batch: Examples per step over all islands.
+        seq_len: Tokens per example.
+        island_index: This island's index among the job's islands.
+        num_islands: Islands the job spans.
+    """
+
+    job_id: str
+    generation: int
+    preset: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    mesh: MeshSpec = MeshSpec(1, 1)
+    optimizer: Mapping[str, Any] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    data_hash: str = ""
+    seed: int = 0
+    global_batch: int = 1
+    seq_len: int = 1
+    island_index: int = 0
+    num_islands: int = 1
+
+    @property
+    def island_batch(self) -> int:
+        """Examples this island reads per step."""
+        return self.global_batch // self.num_islands
+
+    def island_example_ids(self, step: int) -> list[int]:
+        """Ids of this island's examples of `step`: its contiguous slice of the global batch."""
+        first = step * self.global_batch + self.island_index * self.island_batch
+        return list(range(first, first + self.island_batch))
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Device memory of a compiled step, bytes per device."""
+
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    generated_code_bytes: int = 0
+    alias_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return max(
+            0,
+            self.argument_bytes
+            + self.output_bytes
+            + self.temp_bytes
+            + self.generated_code_bytes
+            - self.alias_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step reports: its loss and the example ids read."""
+
+    loss: float
+    example_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A digest of a job's parameters."""
+
+    sha256: bytes
+    steps_applied: int
+    num_params: int
+
+
+class JobRuntime(abc.ABC):
+    """One job resident on an island: its compiled step and its state on the mesh.
+
+    Methods are blocking and are called from one worker thread at a time.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    def estimate_bytes_per_device(self) -> int:
+        """Bytes per device the job will hold, computed without allocating anything."""
+
+    @abc.abstractmethod
+    def data_hash(self) -> str:
+        """Content hash of the data this job reads; LoadJob's data_hash must equal it."""
+
+    @abc.abstractmethod
+    def load(self, *, dry_run: bool) -> MemoryReport:
+        """Build and compile the step; unless `dry_run`, initialise the state on the mesh."""
+
+    @abc.abstractmethod
+    def run_step(self, step: int) -> StepResult:
+        """Run training step `step` on this island's slice of the global batch."""
+
+    @abc.abstractmethod
+    def digest(self) -> Digest:
+        """Digest of the current parameters."""
+
+    @abc.abstractmethod
+    def unload(self) -> None:
+        """Drop every device buffer of the job."""
+
+
+def _memory_report(compiled: Any) -> MemoryReport:
+    """Read XLA's compiled memory analysis (absent on some backends: zeros then)."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return MemoryReport()
+    return MemoryReport(
+        argument_bytes=int(getattr(analysis, "argument_size_in_bytes", 0)),
+        output_bytes=int(getattr(analysis, "output_size_in_bytes", 0)),
+        temp_bytes=int(getattr(analysis, "temp_size_in_bytes", 0)),
+        generated_code_bytes=int(getattr(analysis, "generated_code_size_in_bytes", 0)),
+        alias_bytes=int(getattr(analysis, "alias_size_in_bytes", 0)),
+    )
+
+
+def _fetch(array: Any) -> np.ndarray:
+    """The global value of a (possibly multi-host) array on this host."""
+    if array.is_fully_addressable or array.is_fully_replicated:
+        if array.is_fully_addressable:
+            return np.asarray(array)
+        return np.asarray(array.addressable_shards[0].data)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Shape and learning rate of the linear probe job (set through model overrides)."""
+
+    d_in: int = 8
+    d_out: int = 8
+    learning_rate: float = 0.05
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, Any]) -> ProbeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise JobSpecError(
+                f"model.overrides has unknown field(s) {unknown} for preset "
+                f"{PROBE_PRESET!r}; known fields are {sorted(known)}."
+            )
+        values: dict[str, Any] = {}
+        for name, value in overrides.items():
+            if name in ("d_in", "d_out"):
+                if float(value) != int(value) or int(value) <= 0:
+                    raise JobSpecError(f"model.overrides.{name}={value!r} must be a positive int.")
+                values[name] = int(value)
+            else:
+                values[name] = float(value)
+        return cls(**values)
+
+
+class LinearProbeRuntime(JobRuntime):
+    """Least squares `y = x @ w` with `w` split over (`data`, `model`): real sharded JAX work.
+
+    The data of step k is a deterministic function of (seed, k); an island reads its slice
+    (`JobSpec.island_example_ids`), split over the mesh's `data` axis.
+    """
+
+    def __init__(self, spec: JobSpec, devices: Sequence[Any]) -> None:
+        super().__init__(spec)
+        self.cfg = ProbeConfig.from_overrides(spec.overrides)
+        if self.cfg.d_out % spec.mesh.model or self.cfg.d_in % spec.mesh.data:
+            raise JobSpecError(
+                f"probe shape d_in={self.cfg.d_in}, d_out={self.cfg.d_out} is not divisible "
+                f"by mesh data={spec.mesh.data}, model={spec.mesh.model}."
+            )
+        if spec.island_batch % spec.mesh.data:
+            raise JobSpecError(
+                f"island batch {spec.island_batch} (global_batch={spec.global_batch} / "
+                f"num_islands={spec.num_islands}) is not divisible by mesh data="
+                f"{spec.mesh.data}."
+            )
+        self.devices = list(devices)
+        self._w_dm: Any = None
+        self._step_fn: Any = None
+        self._steps_applied = 0
+
+    def estimate_bytes_per_device(self) -> int:
+        n_dev = self.spec.mesh.size
+        w_bytes = 4 * self.cfg.d_in * self.cfg.d_out // n_dev
+        batch_bytes = 4 * self.spec.island_batch * (self.cfg.d_in + self.cfg.d_out)
+        # The weights, their gradient and the updated copy, plus this device's batch slice.
+        return 3 * w_bytes + batch_bytes // self.spec.mesh.data
+
+    def data_hash(self) -> str:
+        return PROBE_DATA_HASH
+
+    def _shardings(self) -> tuple[Any, Any, Any]:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        dev_dm = np.asarray(self.devices).reshape(self.spec.mesh.data, self.spec.mesh.model)
+        mesh = Mesh(dev_dm, ("data", "model"))
+        w_sharding = NamedSharding(mesh, PartitionSpec("data", "model"))
+        x_sharding = NamedSharding(mesh, PartitionSpec("data", None))
+        loss_sharding = NamedSharding(mesh, PartitionSpec())
+        return w_sharding, x_sharding, loss_sharding
+
+    def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.spec.island_example_ids(step)
+        x_bd = np.stack(
+            [np.random.default_rng([self.spec.seed, i]).standard_normal(self.cfg.d_in) for i in ids]
+        ).astype(np.float32)
+        w_true_dm = (
+            np.random.default_rng([self.spec.seed, 1 << 40])
+            .standard_normal((self.cfg.d_in, self.cfg.d_out))
+            .astype(np.float32)
+        )
+        y_bm = x_bd @ w_true_dm  # (B, D) @ (D, M) -> (B, M)
+        return x_bd, y_bm
+
+    def load(self, *, dry_run: bool) -> MemoryReport:
+        import jax
+        import jax.numpy as jnp
+
+        w_sharding, x_sharding, loss_sharding = self._shardings()
+        lr = self.cfg.learning_rate
+
+        def step_fn(w_dm, x_bd, y_bm):
+            def loss_fn(w):
+                pred_bm = jnp.einsum("bd,dm->bm", x_bd, w)  # (B, D) x (D, M) -> (B, M)
+                return jnp.mean((pred_bm - y_bm) ** 2)
+
+            loss, grad_dm = jax.value_and_grad(loss_fn)(w_dm)
+            return w_dm - lr * grad_dm, loss
+
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(w_sharding, x_sharding, x_sharding),
+            out_shardings=(w_sharding, loss_sharding),
+            donate_argnums=(0,),
+        )
+        b = self.spec.island_batch
+        shapes = (
+            jax.ShapeDtypeStruct((self.cfg.d_in, self.cfg.d_out), jnp.float32),
+            jax.ShapeDtypeStruct((b, self.cfg.d_in), jnp.float32),
+            jax.ShapeDtypeStruct((b, self.cfg.d_out), jnp.float32),
+        )
+        compiled = jitted.lower(*shapes).compile()
+        report = _memory_report(compiled)
+        if dry_run:
+            return report
+        w0_dm = (
+            np.random.default_rng([self.spec.seed, 0])
+            .standard_normal((self.cfg.d_in, self.cfg.d_out))
+            .astype(np.float32)
+        )
+        self._w_dm = jax.make_array_from_callback(w0_dm.shape, w_sharding, lambda i: w0_dm[i])
+        self._step_fn = compiled
+        self._x_sharding = x_sharding
+        return report
+
+    def run_step(self, step: int) -> StepResult:
+        import jax
+
+        if self._step_fn is None:
+            raise RuntimeUnavailableError(f"job {self.spec.job_id!r} is not loaded.")
+        x_bd, y_bm = self._batch(step)
+        x = jax.make_array_from_callback(x_bd.shape, self._x_sharding, lambda i: x_bd[i])
+        y = jax.make_array_from_callback(y_bm.shape, self._x_sharding, lambda i: y_bm[i])
+        self._w_dm, loss = self._step_fn(self._w_dm, x, y)
+        self._steps_applied += 1
+        return StepResult(loss=float(_fetch(loss)), example_ids=self.spec.island_example_ids(step))
+
+    def digest(self) -> Digest:
+        if self._w_dm is None:
+            raise RuntimeUnavailableError(f"job {self.spec.job_id!r} is not loaded.")
+        w_dm = _fetch(self._w_dm)
+        return Digest(
+            sha256=hashlib.sha256(np.ascontiguousarray(w_dm).tobytes()).digest(),
+            steps_applied=self._steps_applied,
+            num_params=int(w_dm.size),
+        )
+
+    def unload(self) -> None:
+        if self._w_dm is not None:
+            self._w_dm.delete()
+        self._w_dm = None
+        self._step_fn = None
+
+
+def make_runtime(spec: JobSpec, devices: Sequence[Any]) -> JobRuntime:
+    """The runtime for `spec.preset` on `devices` (the island's devices, mesh order).
+
+    Raises:
+        JobSpecError: a field the runtime cannot accept.
+        RuntimeUnavailableError: no runtime for this model on this host yet.
+    """
+    if spec.preset == PROBE_PRESET:
+        return LinearProbeRuntime(spec, devices)
+    raise RuntimeUnavailableError(
+        f"model.preset={spec.preset!r} needs the PaLM job runtime, which this island host "
+        f"does not provide yet; only {PROBE_PRESET!r} runs here."
+    )
