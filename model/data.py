@@ -40,7 +40,13 @@ import pyarrow as pa
 
 from . import corpus as corpus_lib
 from .corpus import Corpus, DataError
-from .tokenizer import MODEL_FILE, Tokenizer, default_cache_dir, train_tokenizer
+from .tokenizer import (
+    MIN_VOCAB_SIZE,
+    MODEL_FILE,
+    Tokenizer,
+    default_cache_dir,
+    train_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +110,11 @@ class DataSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DataError(f"data.{name}={value!r} must be a positive integer.")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            raise DataError(
+                f"data.vocab_size={self.vocab_size} is too small: the byte pieces and special "
+                f"tokens alone take {MIN_VOCAB_SIZE - 1}, so it must be at least {MIN_VOCAB_SIZE}."
+            )
         if not isinstance(self.skip_undecodable, bool):
             raise DataError(
                 f"data.skip_undecodable={self.skip_undecodable!r} must be true or false."
