@@ -48,3 +48,47 @@ def tokenizer(stdlib_dataset):
 
 
 # --- end of data fixtures ------------------------------------------------------------------
+
+
+# --- Ray cluster fixture (island hosts) ----------------------------------------------------
+# ONE local Ray cluster for the whole session, on loopback with token auth: the head on
+# 127.0.0.2 and two nodes on 127.0.0.3 / 127.0.0.4, each node advertising island resources.
+# Starting it costs ~15 s, so tests share it; teardown checks that no Ray process is left.
+RAY_HEAD_RESOURCES = {"island_duo": 2, "island_solo": 1}
+RAY_NODE_RESOURCES = {"127.0.0.3": {"island_east": 1}, "127.0.0.4": {"island_west": 1}}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A started LocalRayCluster this test process is connected to (as a Ray driver)."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from pathways_lite.workers.island_host import wait_for_resource
+    from pathways_lite.workers.ray_cluster import LocalRayCluster, alive, connect
+
+    # Short path: Ray's unix sockets live below it.
+    state_dir = tempfile.mkdtemp(prefix="plray-", dir="/tmp")
+    cluster = LocalRayCluster(state_dir, head_resources=RAY_HEAD_RESOURCES, num_cpus=2)
+    started: list[int] = []
+    try:
+        cluster.start()
+        for ip, resources in RAY_NODE_RESOURCES.items():
+            cluster.add_node(ip, resources)
+        connect(cluster.address, token_path=cluster.token_path)
+        for resources in RAY_NODE_RESOURCES.values():
+            for name, amount in resources.items():
+                wait_for_resource(name, amount)
+        yield cluster
+    finally:
+        started = cluster.pids()
+        ray.shutdown()
+        cluster.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    leftover = alive(started)
+    assert not leftover, f"Ray processes left behind: {leftover}"
+
+
+# --- end of Ray cluster fixture ------------------------------------------------------------
