@@ -1,0 +1,331 @@
+"""Island hosts: detached, named Ray actors that own an island's devices and serve gRPC.
+
+Ray places, starts and health-checks the hosts and nothing else: every job operation goes
+over the worker service (workers/service.py) that each host runs on its node's address.
+A simulated CPU island is a process started with
+`XLA_FLAGS=--xla_force_host_platform_device_count=N`; a GPU island host asks Ray for
+`num_gpus`. Hosts of one multi-host island join one JAX runtime (`jax.distributed`, host 0
+coordinating); that runtime never spans islands.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from .ray_cluster import NAMESPACE, island_resource
+from .service import BackgroundServer, DeviceRecord, HostMetadata, WorkerServicer
+
+logger = logging.getLogger(__name__)
+
+
+class IslandPlacementError(RuntimeError):
+    """An island host could not be placed on any node (the message names the resource)."""
+
+
+@dataclass(frozen=True)
+class IslandSpec:
+    """One island: its name, hosts and devices.
+
+    Attributes:
+        name: Island name; hosts are placed on nodes advertising `island_<name>`.
+        num_hosts: Hosts (machines) of the island; more than one joins them with
+            jax.distributed.
+        devices_per_host: Devices each host owns (simulated CPU devices, or GPUs).
+        platform: "cpu" (simulated devices) or "gpu" (the node's GPUs through Ray).
+        memory_budget_bytes_per_device: Budget jobs are checked against; None reads the
+            device's limit (GPU) or, on CPU, half the host's RAM split over its devices.
+    """
+
+    name: str
+    num_hosts: int = 1
+    devices_per_host: int = 2
+    platform: str = "cpu"
+    memory_budget_bytes_per_device: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"island name {self.name!r} must be letters, digits, '-' or '_'.")
+        if self.num_hosts < 1 or self.devices_per_host < 1:
+            raise ValueError(
+                f"island {self.name!r}: num_hosts={self.num_hosts} and devices_per_host="
+                f"{self.devices_per_host} must be positive."
+            )
+        if self.platform not in ("cpu", "gpu"):
+            raise ValueError(f"island {self.name!r}: platform={self.platform!r} is not cpu/gpu.")
+
+    @property
+    def resource(self) -> str:
+        return island_resource(self.name)
+
+    def actor_name(self, host_index: int) -> str:
+        return f"island-{self.name}-host-{host_index}"
+
+    def env_vars(self) -> dict[str, str]:
+        """Environment of a host process (set through Ray's runtime_env)."""
+        if self.platform == "cpu":
+            return {
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={self.devices_per_host}",
+            }
+        return {"JAX_PLATFORMS": ""}  # let JAX pick the accelerator Ray assigned
+
+
+def _default_budget(devices: list[Any]) -> int:
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // (2 * len(devices))
+
+
+class IslandHost:
+    """The body of the island host actor (wrapped by `ray.remote` in `IslandHostGroup`).
+
+    Construction only records where it landed; `start()` joins the island's JAX runtime,
+    gathers the metadata once and starts the gRPC worker service.
+    """
+
+    def __init__(self, island: IslandSpec, host_index: int) -> None:
+        self.island = island
+        self.host_index = host_index
+        self.node_ip = ray.util.get_node_ip_address()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._metadata: HostMetadata | None = None
+        self._server: BackgroundServer | None = None
+        self._distributed = False
+
+    def ready(self) -> tuple[str, int]:
+        """(node IP, pid) once the actor is placed and constructed."""
+        return self.node_ip, os.getpid()
+
+    def coordinator_address(self) -> str:
+        """A free `ip:port` on this node for the island's JAX coordinator (host 0 only)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((self.node_ip, 0))
+            return f"{self.node_ip}:{s.getsockname()[1]}"
+
+    def start(self, coordinator: str | None, init_timeout_s: int = 120) -> HostMetadata:
+        """Join the island's JAX runtime, gather metadata, start serving; return metadata."""
+        if self._metadata is not None:
+            return self._metadata
+        import jax
+
+        if self.island.num_hosts > 1:
+            if self.island.platform == "cpu":
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            kwargs = {}
+            if self.host_index == 0:
+                kwargs["coordinator_bind_address"] = coordinator  # stay on the node's address
+            jax.distributed.initialize(
+                coordinator_address=coordinator,
+                num_processes=self.island.num_hosts,
+                process_id=self.host_index,
+                initialization_timeout=init_timeout_s,
+                **kwargs,
+            )
+            self._distributed = True
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        if len(local) != self.island.devices_per_host:
+            raise RuntimeError(
+                f"island {self.island.name!r} host {self.host_index} sees {len(local)} devices, "
+                f"not devices_per_host={self.island.devices_per_host}."
+            )
+        budget = self.island.memory_budget_bytes_per_device or _default_budget(local)
+        metadata = HostMetadata(
+            island=self.island.name,
+            host_index=self.host_index,
+            num_hosts=self.island.num_hosts,
+            node_ip=self.node_ip,
+            node_id=self.node_id,
+            pid=os.getpid(),
+            devices=tuple(
+                DeviceRecord(d.id, d.platform, d.device_kind, d.process_index) for d in local
+            ),
+            island_device_count=len(devices),
+            memory_budget_bytes_per_device=int(budget),
+        )
+        servicer = WorkerServicer(metadata, devices)
+        self._server = BackgroundServer(servicer, self.node_ip, 0)
+        self._server.start()
+        self._metadata = servicer.metadata
+        logger.info("island host ready: %s", self._metadata)
+        return self._metadata
+
+    def metadata(self) -> HostMetadata:
+        """The metadata gathered at start."""
+        if self._metadata is None:
+            raise RuntimeError(
+                f"island host {self.island.actor_name(self.host_index)} not started."
+            )
+        return self._metadata
+
+    def collective_check(self) -> dict[str, Any]:
+        """psum of (global device index + 1) over every device of the island (all hosts)."""
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        mesh = Mesh(np.asarray(devices), ("island",))
+        values_n = np.arange(1, len(devices) + 1, dtype=np.float32)
+        sharding = NamedSharding(mesh, PartitionSpec("island"))
+        x_n = jax.make_array_from_callback(values_n.shape, sharding, lambda i: values_n[i])
+        total = jax.jit(
+            jax.shard_map(
+                lambda x: jax.lax.psum(jnp.sum(x), "island"),
+                mesh=mesh,
+                in_specs=PartitionSpec("island"),
+                out_specs=PartitionSpec(),
+            )
+        )(x_n)
+        return {
+            "device_count": jax.device_count(),
+            "local_device_count": jax.local_device_count(),
+            "process_index": jax.process_index(),
+            "process_count": jax.process_count(),
+            "psum": float(np.asarray(total.addressable_shards[0].data)),
+        }
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop the worker service (in-flight calls get `grace_s`) and leave jax.distributed."""
+        if self._server is not None:
+            self._server.stop(timeout_s=grace_s + 5)
+            self._server = None
+        if self._distributed:
+            import jax
+
+            try:
+                jax.distributed.shutdown()
+            except Exception:  # a peer that is already gone must not block our exit
+                logger.exception("jax.distributed.shutdown failed")
+            self._distributed = False
+
+
+class IslandHostGroup:
+    """The hosts of one island as Ray actors (after Ray's worker_group.py).
+
+    Args:
+        island: The island.
+        placement_timeout_s: How long placing and constructing the hosts may take before
+            start() fails with IslandPlacementError.
+        start_timeout_s: How long joining the JAX runtime and starting the service may take.
+        namespace: Ray namespace of the named actors.
+        max_restarts: Ray restarts of a dead host actor (0: the controller decides).
+    """
+
+    def __init__(
+        self,
+        island: IslandSpec,
+        *,
+        placement_timeout_s: float = 60.0,
+        start_timeout_s: float = 180.0,
+        namespace: str = NAMESPACE,
+        max_restarts: int = 0,
+    ) -> None:
+        self.island = island
+        self.placement_timeout_s = placement_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.namespace = namespace
+        self.max_restarts = max_restarts
+        self.actors: list[Any] = []
+        self.metadata: list[HostMetadata] = []
+
+    def start(self) -> list[HostMetadata]:
+        """Place the hosts, start them, and return their metadata in host order.
+
+        Raises:
+            IslandPlacementError: a host was not placed within `placement_timeout_s`.
+        """
+        island = self.island
+        actor_cls = ray.remote(IslandHost)
+        options: dict[str, Any] = {
+            "namespace": self.namespace,
+            "lifetime": "detached",
+            "resources": {island.resource: 1},
+            "num_cpus": 0,
+            "max_restarts": self.max_restarts,
+            "max_concurrency": 4,  # metadata and health calls answer while start() blocks
+            "runtime_env": {"env_vars": island.env_vars()},
+        }
+        if island.platform == "gpu":
+            options["num_gpus"] = island.devices_per_host
+        try:
+            for i in range(island.num_hosts):
+                actor = actor_cls.options(name=island.actor_name(i), **options).remote(island, i)
+                self.actors.append(actor)
+            self._wait_placed()
+            coordinator = None
+            if island.num_hosts > 1:
+                coordinator = ray.get(self.actors[0].coordinator_address.remote(), timeout=30)
+            refs = [a.start.remote(coordinator, int(self.start_timeout_s)) for a in self.actors]
+            self.metadata = ray.get(refs, timeout=self.start_timeout_s + 10)
+        except BaseException:
+            self._kill()
+            raise
+        return self.metadata
+
+    def _wait_placed(self) -> None:
+        refs = [a.ready.remote() for a in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.placement_timeout_s)
+        if len(ready) == len(refs):
+            ray.get(refs)  # surface a constructor error
+            return
+        name = self.island.resource
+        total = ray.cluster_resources().get(name, 0)
+        if total < self.island.num_hosts:
+            why = (
+                f"no node advertises enough of the Ray resource {name!r} (island "
+                f"{self.island.name!r} needs {self.island.num_hosts}, the cluster has "
+                f"{total:g})"
+            )
+        else:
+            why = (
+                f"the cluster has {total:g} of the Ray resource {name!r} but "
+                f"{len(refs) - len(ready)} host(s) did not start (busy, or runtime_env failed)"
+            )
+        raise IslandPlacementError(
+            f"island {self.island.name!r} could not be placed within "
+            f"{self.placement_timeout_s:g} s: {why}."
+        )
+
+    def execute_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method` on every host; return the futures (ObjectRefs) in host order."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def execute(self, method: str, *args: Any, timeout_s: float | None = 120, **kwargs: Any):
+        """Call `method` on every host and wait; results in host order."""
+        return ray.get(self.execute_async(method, *args, **kwargs), timeout=timeout_s)
+
+    def shutdown(self, patience_s: float = 10.0) -> None:
+        """Stop every host's service gracefully, then kill the actors (they are detached)."""
+        if self.actors:
+            refs = self.execute_async("shutdown", min(5.0, patience_s))
+            ray.wait(refs, num_returns=len(refs), timeout=patience_s)
+        self._kill()
+
+    def _kill(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                logger.debug("actor already gone", exc_info=True)
+        self.actors = []
+        self.metadata = []
+
+
+def wait_for_resource(name: str, amount: float, timeout_s: float = 30.0) -> None:
+    """Wait until the cluster advertises `amount` of resource `name` (a node just joined)."""
+    deadline = time.monotonic() + timeout_s
+    while ray.cluster_resources().get(name, 0) < amount:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the cluster did not advertise {amount:g} of {name!r} in time.")
+        time.sleep(0.2)
