@@ -1,0 +1,214 @@
+"""The one table mapping logical axis names to mesh axes, and the helpers that apply it.
+
+Layers name the axes of their parameters and activations only by logical names ("embed",
+"mlp", "batch", ...). This module is the single place where those names meet the mesh axes
+("data", "model"), in the spirit of MaxText's `logical_axis_rules`:
+
+- parameters: "embed" is fully sharded over "data" (FSDP, as PaLM did within a pod), the
+  heads / MLP / vocabulary dimensions over "model" (tensor parallelism);
+- activations: "batch" over "data", heads / MLP / vocabulary over "model"; the residual
+  stream's feature axis ("act_embed") stays whole.
+
+A logical name absent from the table, or mapped to None, is replicated. A mesh axis is used at
+most once per array, a mesh axis the mesh lacks is dropped, and a dimension that the mesh axis
+size does not divide is replicated rather than unevenly split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "model")
+
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    # activations
+    ("batch", "data"),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+    ("act_kv", None),
+    # parameters
+    ("vocab", "model"),
+    ("embed", "data"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", None),
+    ("head_dim", None),
+)
+
+Rules = Sequence[tuple[str, str | None]]
+
+
+def _rules_dict(rules: Rules) -> dict[str, str | None]:
+    return dict(rules)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec; a mesh axis is used at most once.
+
+    Args:
+        names: one logical name (or None) per array dimension.
+        rules: (logical name, mesh axis or None) pairs; the first match wins.
+
+    Returns:
+        The PartitionSpec; names without a rule are replicated (None).
+    """
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    out: list[str | None] = []
+    for name in names:
+        axis = table.get(name) if name is not None else None
+        if axis is not None and axis in used:
+            axis = None
+        if axis is not None:
+            used.add(axis)
+        out.append(axis)
+    return PartitionSpec(*out)
+
+
+def _mesh_sizes(mesh: Mesh | Any) -> dict[str, int]:
+    return dict(mesh.shape)
+
+
+def spec_for_shape(
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    mesh_shape: Mapping[str, int],
+    rules: Rules = LOGICAL_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec of an array of `shape` on a mesh of `mesh_shape` (axis -> size).
+
+    Mesh axes the mesh does not have are dropped, and a dimension its mesh axis does not
+    divide evenly is replicated.
+    """
+    if len(shape) != len(names):
+        raise ValueError(
+            f"Logical axis names {tuple(names)} do not match an array of shape {tuple(shape)}."
+        )
+    spec = logical_to_spec(names, rules)
+    out: list[str | None] = []
+    for dim, axis in zip(shape, spec, strict=True):
+        if axis is None or axis not in mesh_shape:
+            out.append(None)
+        elif dim % mesh_shape[axis]:
+            logger.debug("dimension %d not divisible by mesh axis %s; replicated", dim, axis)
+            out.append(None)
+        else:
+            out.append(axis)
+    return PartitionSpec(*out)
+
+
+def shard_divisor(
+    shape: Sequence[int],
+    names: Sequence[str | None] | None,
+    mesh_shape: Mapping[str, int],
+    rules: Rules = LOGICAL_RULES,
+) -> int:
+    """How many ways an array is split across devices (its bytes per device = total / this)."""
+    if not names:
+        return 1
+    spec = spec_for_shape(shape, names, mesh_shape, rules)
+    return math.prod(mesh_shape[a] for a in spec if a is not None)
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ("data", "model") mesh with Auto axes, the kind the model's constraints expect.
+
+    Args:
+        data: size of the data-parallel (and FSDP) axis.
+        model: size of the tensor-parallel axis.
+        devices: the devices to use (default: the first data * model of `jax.devices()`).
+    """
+    if data <= 0 or model <= 0:
+        raise ValueError(f"Mesh sizes data={data}, model={model} must be positive integers.")
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < data * model:
+        raise ValueError(
+            f"A mesh of data={data} x model={model} needs {data * model} devices; "
+            f"{len(devices)} are available."
+        )
+    grid = np.asarray(devices[: data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+    """An nnx.Param carrying its logical axis names as `out_sharding` metadata.
+
+    Eager sharding is off: placement happens once, from `state_shardings`, where the mesh is
+    known, so a model can also be built with no mesh at all.
+    """
+    assert len(names) == value.ndim, (names, value.shape)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names recorded on a variable, or None."""
+    return variable.get_metadata().get("out_sharding")
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _as_state(tree: Any) -> Any:
+    if isinstance(tree, nnx.Module):
+        return nnx.state(tree)
+    if isinstance(tree, tuple) and len(tree) == 2 and isinstance(tree[0], nnx.GraphDef):
+        return tree[1]
+    return tree
+
+
+def state_shardings(graphdef_state_or_model: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """NamedShardings for a model's state, from the logical names on each nnx.Param.
+
+    Args:
+        graphdef_state_or_model: an nnx.Module, an nnx.State (concrete or abstract, e.g.
+            from `nnx.eval_shape`), or a (graphdef, state) pair.
+        mesh: the device mesh (axes "data" and "model", either may be absent).
+        rules: the logical rules table.
+
+    Returns:
+        A tree with the structure of the state whose leaves are NamedShardings (each inside
+        the same kind of nnx.Variable as the state, as `nnx.get_named_sharding` returns), so
+        it can be passed to `jax.jit(..., out_shardings=...)` or `jax.device_put`.
+    """
+    state = _as_state(graphdef_state_or_model)
+    sizes = _mesh_sizes(mesh)
+
+    def one(x: Any) -> Any:
+        if _is_variable(x):
+            names = logical_names(x)
+            shape = x.get_value().shape
+            spec = spec_for_shape(shape, names, sizes, rules) if names else PartitionSpec()
+            return x.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules: Rules = LOGICAL_RULES):
+    """Constrain an activation's sharding by logical names, only when a mesh is active.
+
+    With no mesh set (`jax.set_mesh`), this returns `x` unchanged, so the model runs on a
+    single device with no mesh at all.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = dict(mesh.shape)
+    spec = spec_for_shape(x.shape, names, sizes, rules)
+    if mesh.are_all_axes_explicit:
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
