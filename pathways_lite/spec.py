@@ -43,8 +43,6 @@ _INT64_TYPES = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
 _FLOAT_TYPES = (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT)
 _STRUCT = "google.protobuf.Struct"
 _VALUE = "google.protobuf.Value"
-# Nesting allowed inside a Struct or Value (model.overrides): deep enough for any config.
-_MAX_VALUE_DEPTH = 8
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -242,9 +240,9 @@ def _check_value(value: Any, field: FieldDescriptor, path: str) -> None:
         if full_name == _STRUCT:
             if not isinstance(value, dict):
                 raise SpecError(path, value, f"{path}={quote(value)} must be a mapping.")
-            _check_struct(value, path, 0)
+            _check_struct(value, path)
         elif full_name == _VALUE:
-            _check_json_value(value, path, 0)
+            _check_json_value(value, path)
         else:
             if not isinstance(value, dict):
                 raise SpecError(
@@ -282,18 +280,18 @@ def _check_value(value: Any, field: FieldDescriptor, path: str) -> None:
             raise SpecError(path, value, f"{path}={quote(value)} is not one of {names}.")
 
 
-def _check_struct(value: dict, path: str, depth: int) -> None:
+def _check_struct(value: dict, path: str) -> None:
     for key, item in value.items():
         if not isinstance(key, str):
             raise SpecError(
                 f"{path}.{key}", key, f"{path} has a key {quote(key)} that is not a string."
             )
-        _check_json_value(item, f"{path}.{key}", depth + 1)
+        _check_json_value(item, f"{path}.{key}")
 
 
-def _check_json_value(value: Any, path: str, depth: int) -> None:
-    if depth > _MAX_VALUE_DEPTH:
-        raise SpecError(path, None, f"{path} is nested more than {_MAX_VALUE_DEPTH} levels deep.")
+def _check_json_value(value: Any, path: str) -> None:
+    # Every Struct/Value in the spec holds config scalars; refusing lists and mappings here
+    # also keeps YAML alias bombs from being walked.
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int | float):
@@ -304,17 +302,10 @@ def _check_json_value(value: Any, path: str, depth: int) -> None:
         if not _utf8(value):
             raise SpecError(path, value, f"{path}={quote(value)} is not valid UTF-8 text.")
         return
-    if isinstance(value, dict):
-        _check_struct(value, path, depth)
-        return
-    if isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_json_value(item, f"{path}[{i}]", depth + 1)
-        return
     raise SpecError(
         path,
         type(value).__name__,
-        f"{path}={quote(value)} must be a number, a string, a boolean, a list or a mapping.",
+        f"{path}={quote(value)} must be a number, a string, a boolean or null.",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import yaml
@@ -471,3 +472,15 @@ def test_property_sees_accepted_and_rejected_specs():
     assert _validated(spec_from_dict(ok)).train.steps == 3
     with pytest.raises(SpecError, match=r"train\.steps=nan must be an integer"):
         spec_from_dict(bad)
+
+
+def test_yaml_alias_bomb_is_refused_quickly():
+    """Anchors expanding to 10 * 4**19 leaves: refused at the first non-scalar, never walked."""
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 20)]
+    bomb = "name: bomb\nmodel:\n  preset: palm-tiny\n  overrides:\n"
+    bomb += "".join(f"    {line}\n" for line in lines)
+    started = time.perf_counter()
+    with pytest.raises(SpecError, match=r"model\.overrides\.a0=\[1, 1"):
+        load_spec_text(bomb)
+    assert time.perf_counter() - started < 5
