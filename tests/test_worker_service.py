@@ -243,7 +243,7 @@ def test_meshes_give_the_same_losses(host: Host) -> None:
 
 def test_info_and_health_answer_while_a_step_runs(host: Host) -> None:
     big = {"d_in": 512, "d_out": 512}
-    host.stub.LoadJob(load_request(overrides=big, global_batch=2048), timeout=60)
+    host.stub.LoadJob(load_request(overrides=big, global_batch=4096), timeout=60)
     health = health_pb2_grpc.HealthStub(host.channel)
     future = host.stub.RunStep.future(
         worker_pb2.RunStepRequest(job_id="job-a", step=0, island_seq=0, epoch=1), timeout=60
