@@ -1,0 +1,197 @@
+"""Model estimates used by workers, controller and CLI alike: parameters, memory, FLOPs, MFU.
+
+Parameter counts and shapes come from `jax.eval_shape` over the real model (nothing is
+allocated, so the 540B preset is counted on a laptop); FLOPs per token follow PaLM Appendix B.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import PalmConfig
+from .optim import OptimConfig, make_optimizer
+from .sharding import MESH_AXES, logical_names, shard_divisor
+
+logger = logging.getLogger(__name__)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_params(cfg: PalmConfig) -> nnx.State:
+    """The model's parameter state as ShapeDtypeStructs (via nnx.eval_shape; no allocation)."""
+    from .palm import Palm
+
+    model = nnx.eval_shape(lambda: Palm(cfg, rngs=nnx.Rngs(0)))
+    return nnx.state(model, nnx.Param)
+
+
+def param_count(cfg: PalmConfig) -> int:
+    """Number of parameters of the model, counted from abstract shapes."""
+    leaves = jax.tree.leaves(abstract_params(cfg))
+    return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def flops_per_token(cfg: PalmConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6N + 12 L H Q T (PaLM Appendix B; no rematerialisation)."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive integer.")
+    n = param_count(cfg)
+    return float(6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len)
+
+
+def _check_mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    out = {}
+    for axis, size in mesh_shape.items():
+        if axis not in MESH_AXES:
+            raise ValueError(f"Mesh axis {axis!r} is not one of {', '.join(MESH_AXES)}.")
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"Mesh axis {axis}={size!r} must be a positive integer.")
+        out[axis] = size
+    return out
+
+
+def memory_per_device(
+    cfg: PalmConfig, mesh_shape: Mapping[str, int], optim: OptimConfig | None = None
+) -> dict[str, Any]:
+    """Bytes of parameters and optimizer state held by one device of a mesh.
+
+    Each parameter is split as the logical rules place it on the mesh (an axis that does not
+    divide a dimension replicates it); the optimizer state is shaped by optax's real `init`
+    (via eval_shape) and each of its arrays is split like the parameter it mirrors.
+
+    Args:
+        cfg: the model.
+        mesh_shape: mesh axis -> size, e.g. {"data": 4, "model": 2}; missing axes are 1.
+        optim: optimizer settings (default: PaLM's).
+
+    Returns:
+        {"params_bytes", "opt_state_bytes", "total_bytes"} per device, and the unsharded
+        totals "params_bytes_total", "opt_state_bytes_total".
+    """
+    sizes = _check_mesh_shape(mesh_shape)
+    state = abstract_params(cfg)
+    names_by_path: dict[tuple, tuple | None] = {}
+    params_total = params_dev = 0.0
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]:
+        value = var.get_value()
+        names = logical_names(var)
+        nbytes = math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
+        params_total += nbytes
+        params_dev += nbytes / shard_divisor(value.shape, names, sizes)
+        names_by_path[tuple(path)] = names
+
+    pure = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_variable)
+    opt_shapes = jax.eval_shape(make_optimizer(optim or OptimConfig()).init, pure)
+    opt_total = opt_dev = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_shapes)[0]:
+        nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        opt_total += nbytes
+        names = _mirrored_names(tuple(path), names_by_path)
+        if names is not None and len(names) == len(leaf.shape):
+            nbytes /= shard_divisor(leaf.shape, names, sizes)
+        opt_dev += nbytes
+    return {
+        "params_bytes": int(params_dev),
+        "opt_state_bytes": int(opt_dev),
+        "total_bytes": int(params_dev + opt_dev),
+        "params_bytes_total": int(params_total),
+        "opt_state_bytes_total": int(opt_total),
+    }
+
+
+def _mirrored_names(path: tuple, names_by_path: dict[tuple, tuple | None]) -> tuple | None:
+    """The logical names of the parameter an optimizer-state leaf mirrors (path suffix)."""
+    for start in range(len(path)):
+        names = names_by_path.get(path[start:])
+        if names is not None:
+            return names
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: tokens/s x FLOPs per token / peak FLOP/s."""
+    if peak_flops <= 0:
+        raise ValueError(f"peak_flops={peak_flops} must be positive.")
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+_PEAK_CACHE: dict[tuple[int, str, int], float] = {}
+
+
+def measure_cpu_peak_flops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+    """FLOP/s of an n x n matmul on the default device, measured once per process.
+
+    The best of `repeats` timed runs (after a compile and warm-up) of `2 n^3` FLOPs; the
+    result is cached, so MFU figures within one process share one denominator.
+    """
+    key = (n, dtype, repeats)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    peak = 2.0 * n**3 / best
+    logger.info("measured peak %.3g FLOP/s with a %dx%d %s matmul", peak, n, n, dtype)
+    _PEAK_CACHE[key] = peak
+    return peak
+
+
+def model_info(cfg: PalmConfig, seq_len: int = 2048) -> dict[str, Any]:
+    """Shapes, parameter count, FLOPs per token and single-device memory of a model."""
+    mem = memory_per_device(cfg, {"data": 1, "model": 1})
+    return {
+        "params": param_count(cfg),
+        "flops_per_token": flops_per_token(cfg, seq_len),
+        "seq_len": seq_len,
+        "vocab_size": cfg.vocab_size,
+        "d_model": cfg.d_model,
+        "n_layers": cfg.n_layers,
+        "n_heads": cfg.n_heads,
+        "head_dim": cfg.head_dim,
+        "d_ff": cfg.mlp_dim,
+        "params_bytes": mem["params_bytes"],
+        "opt_state_bytes": mem["opt_state_bytes"],
+    }
+
+
+def _si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}".rstrip()
+    return f"{value:g} {unit}".rstrip()
+
+
+def _binary(nbytes: float) -> str:
+    for factor, prefix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.2f} {prefix}"
+    return f"{int(nbytes)} B"
+
+
+def format_quantity(key: str, value: Any) -> str:
+    """A human form of one `model_info` value for the CLI table ("8.63B", "32.1 GiB")."""
+    if key == "params":
+        return _si(float(value)).replace(" ", "").replace("G", "B")
+    if key.endswith("_bytes"):
+        return _binary(float(value))
+    if key.startswith("flops"):
+        return f"{_si(float(value), 'FLOP')} ({float(value):.3e})"
+    return str(value)

@@ -1,0 +1,112 @@
+"""Estimates: parameter counts of the paper's presets (never allocated), FLOPs per token,
+memory per device, MFU."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathways_lite.model import estimates, sharding
+from pathways_lite.model.config import PalmConfig
+from pathways_lite.model.optim import OptimConfig, make_optimizer
+from pathways_lite.model.palm import Palm
+
+
+def reference_count(cfg: PalmConfig) -> int:
+    """REFERENCE.md: N = L(12d^2 + 2dHQ + 2dQ + d) + Vd + d (with d_ff = 4d)."""
+    d, h, q = cfg.d_model, cfg.n_heads, cfg.head_dim
+    return cfg.n_layers * (12 * d * d + 2 * d * h * q + 2 * d * q + d) + cfg.vocab_size * d + d
+
+
+@pytest.mark.parametrize(
+    ("preset", "paper"),
+    [("palm-8b", 8.63e9), ("palm-62b", 62.50e9), ("palm-540b", 540.35e9)],
+)
+def test_paper_parameter_counts_within_0_1_percent(preset, paper):
+    cfg = PalmConfig.from_preset(preset)
+    # 540B float32 parameters are 2 TB: counting them at all proves nothing was allocated.
+    n = estimates.param_count(cfg)
+    assert abs(n - paper) / paper < 1e-3
+    assert n == reference_count(cfg)
+
+
+def test_param_count_matches_a_real_tiny_model():
+    cfg = PalmConfig.palm_tiny()
+    model = Palm(cfg, rngs=nnx.Rngs(0))
+    real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert estimates.param_count(cfg) == real == reference_count(cfg)
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = PalmConfig.palm_tiny()
+    n = estimates.param_count(cfg)
+    expected = 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 64
+    assert estimates.flops_per_token(cfg, 64) == expected
+    # PaLM 540B at 2048 tokens: 3.28 TFLOPs per token (section 4.1 / Appendix B).
+    big = estimates.flops_per_token(PalmConfig.palm_540b(), 2048)
+    assert big == pytest.approx(3.28e12, rel=2e-3)
+    with pytest.raises(ValueError, match="seq_len=0"):
+        estimates.flops_per_token(cfg, 0)
+
+
+def test_memory_per_device_matches_real_placement_on_a_mesh():
+    cfg = PalmConfig.palm_tiny()
+    single = estimates.memory_per_device(cfg, {"data": 1, "model": 1})
+    n = estimates.param_count(cfg)
+    assert single["params_bytes"] == 4 * n
+    # Unfactored Adafactor with momentum: a full second moment and momentum per parameter.
+    opt_shapes = jax.eval_shape(
+        make_optimizer(OptimConfig()).init,
+        jax.tree.map(
+            lambda v: v.get_value(),
+            estimates.abstract_params(cfg),
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        ),
+    )
+    opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_shapes))
+    assert single["opt_state_bytes"] == opt_bytes
+    assert 2 * 4 * n <= opt_bytes < 2 * 4 * n + 4096
+
+    mesh = sharding.make_mesh(data=2, model=2)
+    model = Palm(cfg, rngs=nnx.Rngs(0))
+    state = nnx.state(model)
+    placed = jax.device_put(state, sharding.state_shardings(state, mesh))
+    device0 = jax.devices()[0]
+    on_device0 = sum(
+        shard.data.nbytes
+        for leaf in jax.tree.leaves(placed)
+        for shard in leaf.addressable_shards
+        if shard.device == device0
+    )
+    per_device = estimates.memory_per_device(cfg, {"data": 2, "model": 2})
+    assert per_device["params_bytes"] == on_device0
+    assert single["params_bytes"] / 4 <= per_device["params_bytes"] < single["params_bytes"] / 2
+    assert per_device["opt_state_bytes"] < single["opt_state_bytes"] / 2
+    with pytest.raises(ValueError, match="'pipeline'"):
+        estimates.memory_per_device(cfg, {"pipeline": 2})
+
+
+def test_mfu_and_measured_peak():
+    assert estimates.mfu(1000.0, 1e9, 2e12) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="peak_flops=0"):
+        estimates.mfu(1.0, 1.0, 0)
+    peak = estimates.measure_cpu_peak_flops(n=256, repeats=2)
+    assert 1e7 < peak < 1e14
+    assert estimates.measure_cpu_peak_flops(n=256, repeats=2) == peak  # measured once
+
+
+def test_model_info_and_formatting():
+    info = estimates.model_info(PalmConfig.palm_tiny(), seq_len=128)
+    assert isinstance(info["params"], int) and info["seq_len"] == 128
+    assert info["flops_per_token"] == estimates.flops_per_token(PalmConfig.palm_tiny(), 128)
+    assert {"params_bytes", "opt_state_bytes"} <= set(info)
+    assert estimates.format_quantity("params", 8_632_012_800) == "8.63B"
+    assert estimates.format_quantity("params", 151_744) == "151.74K"
+    assert estimates.format_quantity("params_bytes", 2**30 * 32.16) == "32.16 GiB"
+    assert "3.28 TFLOP" in estimates.format_quantity("flops_per_token", 3.2777e12)
+    assert estimates.format_quantity("n_layers", 2) == "2"
+    assert math.isfinite(np.float64(info["flops_per_token"]))
