@@ -18,7 +18,7 @@ from .attention import KVCache, LayerCache, MultiQueryAttention
 from .config import PalmConfig
 from .layers import Embed, Norm
 from .mlp import SwiGLU
-from .sharding import constrain
+from .sharding import check_mesh, constrain
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Palm(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         """Next-token logits for every position: (B, T) int32 -> (B, T, V) float32."""
+        check_mesh()
         x_btd = self.embed(tokens_bt)
         for block in self.blocks:
             x_btd = block(x_btd)
@@ -111,6 +112,7 @@ class Palm(nnx.Module):
             raise ValueError(
                 f"decode_step takes tokens of shape (B, S); got shape {tokens_bs.shape}."
             )
+        check_mesh()
         pos = jnp.asarray(pos, jnp.int32)
         x_bsd = self.embed(tokens_bs)
         new_layers = []

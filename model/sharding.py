@@ -198,6 +198,21 @@ def state_shardings(graphdef_state_or_model: Any, mesh: Mesh, rules: Rules = LOG
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def check_mesh() -> None:
+    """Raise if the active mesh has Explicit axes: the model is written for Auto axes.
+
+    With Explicit axes (`jax.make_mesh`'s default) every gather and contraction would need
+    an explicit output sharding; build meshes with `make_mesh` here instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and not mesh.are_all_axes_auto:
+        raise ValueError(
+            f"The model needs a mesh whose axes are all Auto; the active mesh has "
+            f"axis_types={mesh.axis_types}. Build it with pathways_lite.model.sharding.make_mesh "
+            "or pass axis_types=(AxisType.Auto, AxisType.Auto)."
+        )
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...], rules: Rules = LOGICAL_RULES):
     """Constrain an activation's sharding by logical names, only when a mesh is active.
 
@@ -207,8 +222,5 @@ def constrain(x: jax.Array, names: tuple[str | None, ...], rules: Rules = LOGICA
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    sizes = dict(mesh.shape)
-    spec = spec_for_shape(x.shape, names, sizes, rules)
-    if mesh.are_all_axes_explicit:
-        return jax.sharding.reshard(x, spec)
+    spec = spec_for_shape(x.shape, names, dict(mesh.shape), rules)
     return jax.lax.with_sharding_constraint(x, spec)

@@ -43,7 +43,7 @@ def full_logits(model, tokens) -> np.ndarray:
 
 def _params(model) -> dict[str, jax.Array]:
     """Flat {"blocks/0/attention/q_kernel": array} view of the parameters."""
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {"/".join(map(str, path)): var.get_value() for path, var in flat}
 
 
@@ -88,7 +88,7 @@ def test_no_bias_anywhere_in_the_parameter_tree(cfg, model):
 
 
 def test_every_parameter_carries_logical_axis_names(model):
-    for path, var in nnx.state(model, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = logical_names(var)
         assert names is not None and len(names) == var.get_value().ndim, path
 
@@ -148,7 +148,7 @@ def test_rotary_is_half_split_with_base_10000():
 def test_parallel_block_is_x_plus_attention_plus_mlp(cfg):
     block = ParallelBlock(cfg, rngs=nnx.Rngs(3))
     x_btd = jax.random.normal(jax.random.key(4), (B, 6, cfg.d_model))
-    params = {"/".join(map(str, p)) for p, _ in nnx.state(block, nnx.Param).flat_state()}
+    params = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(block, nnx.Param))}
     assert [p for p in params if p.endswith("scale")] == ["norm/scale"]  # one norm per layer
 
     @nnx.jit
@@ -176,7 +176,7 @@ def test_rms_and_layer_norm_are_scale_only_and_bias_free():
     np.testing.assert_allclose(rms(x), expect_rms, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ln(x), expect_ln, rtol=1e-5, atol=1e-5)
     for norm in (rms, ln):
-        leaves = nnx.state(norm, nnx.Param).flat_state()
+        leaves = nnx.to_flat_state(nnx.state(norm, nnx.Param))
         assert [p for p, _ in leaves] == [("scale",)]
 
 

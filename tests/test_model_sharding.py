@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from pathways_lite.model import sharding
@@ -104,3 +105,11 @@ def test_make_mesh_validates_sizes():
         sharding.make_mesh(3, 3)
     mesh = sharding.make_mesh(4, 1)
     assert mesh.axis_names == ("data", "model") and dict(mesh.shape) == {"data": 4, "model": 1}
+
+
+def test_a_mesh_with_explicit_axes_is_refused_with_a_clear_error():
+    cfg = PalmConfig.palm_tiny()
+    model = Palm(cfg, rngs=nnx.Rngs(0))
+    explicit = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(explicit), pytest.raises(ValueError, match="Auto"):
+        model(jnp.zeros((2, 4), jnp.int32))
