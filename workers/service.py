@@ -46,6 +46,10 @@ WORKER_WIRE_VERSION = 1
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Recorded step results kept per job for idempotent retries (older ones are forgotten).
 MAX_RECORDED_STEPS = 1024
+# How long a RunStep whose island_seq is ahead of the next expected one waits for the missing
+# numbers to arrive (concurrent RunSteps of a dispatch window may overtake each other on the
+# wire) before it is rejected as a gap.
+SEQ_GAP_WAIT_S = 2.0
 
 RuntimeFactory = Callable[[JobSpec, Sequence[Any]], JobRuntime]
 
@@ -169,6 +173,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_workers=1, thread_name_prefix="island-runtime"
         )
         self._device_lock: asyncio.Lock | None = None
+        # Set (and replaced) whenever _next_seq or the epoch changes; RunSteps ahead wait on it.
+        self._seq_event: asyncio.Event | None = None
 
     def set_port(self, port: int) -> None:
         self.metadata = dataclasses.replace(self.metadata, port=port)
@@ -191,6 +197,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._device_lock = asyncio.Lock()
         return self._device_lock
 
+    def _seq_advanced(self) -> None:
+        """Wake RunSteps waiting for an earlier island_seq to arrive."""
+        if self._seq_event is not None:
+            self._seq_event.set()
+            self._seq_event = None
+
+    async def _wait_for_seq(self, island_seq: int, epoch: int, timeout_s: float) -> None:
+        """Wait until every number before `island_seq` was received (or the epoch changed)."""
+        deadline = time.monotonic() + timeout_s
+        while island_seq > self._next_seq and epoch == self._newest_epoch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._seq_event is None:
+                self._seq_event = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._seq_event.wait(), left)
+            except TimeoutError:
+                return
+
     async def _on_runtime_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kw))
@@ -211,6 +237,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
             self._newest_epoch = epoch
             self._next_seq = 0
+            self._seq_advanced()
 
     def _job(self, job_id: str) -> _Job:
         _check_job_id(job_id)
@@ -366,6 +393,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return _replay(job.results[key])
         if key in job.inflight:
             return _replay(await asyncio.shield(job.inflight[key]))
+        if request.island_seq > self._next_seq:
+            # A window of steps in flight: this one may have overtaken an earlier one on the
+            # wire. Wait briefly for the missing numbers, then queue behind them in seq order.
+            await self._wait_for_seq(request.island_seq, request.epoch, SEQ_GAP_WAIT_S)
+            self._check_epoch(request.epoch)
+            if key in job.results:
+                return _replay(job.results[key])
+            if key in job.inflight:
+                return _replay(await asyncio.shield(job.inflight[key]))
         if request.island_seq != self._next_seq:
             if request.island_seq > self._next_seq:
                 why = "skips ahead of"
@@ -378,6 +414,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 "fill it with SkipSeq.",
             )
         self._next_seq += 1
+        self._seq_advanced()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         job.inflight[key] = future
         try:
@@ -452,6 +489,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if request.island_seq < self._next_seq:
             return worker_pb2.SkipSeqReply(next_island_seq=self._next_seq, already_filled=True)
         self._next_seq += 1
+        self._seq_advanced()
         logger.info("island_seq %d skipped: %s", request.island_seq, request.reason[:200])
         return worker_pb2.SkipSeqReply(next_island_seq=self._next_seq, already_filled=False)
 
