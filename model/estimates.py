@@ -19,7 +19,13 @@ from flax import nnx
 
 from .config import PalmConfig
 from .optim import OptimConfig, make_optimizer
-from .sharding import MESH_AXES, logical_names, shard_divisor
+from .sharding import (
+    MESH_AXES,
+    logical_names,
+    mirrored_names,
+    param_names_by_path,
+    shard_divisor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +88,13 @@ def memory_per_device(
     """
     sizes = _check_mesh_shape(mesh_shape)
     state = abstract_params(cfg)
-    names_by_path: dict[tuple, tuple | None] = {}
+    names_by_path = param_names_by_path(state)
     params_total = params_dev = 0.0
-    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]:
+    for var in jax.tree.leaves(state, is_leaf=_is_variable):
         value = var.get_value()
-        names = logical_names(var)
         nbytes = math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
         params_total += nbytes
-        params_dev += nbytes / shard_divisor(value.shape, names, sizes)
-        names_by_path[tuple(path)] = names
+        params_dev += nbytes / shard_divisor(value.shape, logical_names(var), sizes)
 
     pure = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_variable)
     opt_shapes = jax.eval_shape(make_optimizer(optim or OptimConfig()).init, pure)
@@ -98,7 +102,7 @@ def memory_per_device(
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_shapes)[0]:
         nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
         opt_total += nbytes
-        names = _mirrored_names(tuple(path), names_by_path)
+        names = mirrored_names(tuple(path), names_by_path)
         if names is not None and len(names) == len(leaf.shape):
             nbytes /= shard_divisor(leaf.shape, names, sizes)
         opt_dev += nbytes
@@ -109,15 +113,6 @@ def memory_per_device(
         "params_bytes_total": int(params_total),
         "opt_state_bytes_total": int(opt_total),
     }
-
-
-def _mirrored_names(path: tuple, names_by_path: dict[tuple, tuple | None]) -> tuple | None:
-    """The logical names of the parameter an optimizer-state leaf mirrors (path suffix)."""
-    for start in range(len(path)):
-        names = names_by_path.get(path[start:])
-        if names is not None:
-            return names
-    return None
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:

@@ -52,7 +52,10 @@ Rules = Sequence[tuple[str, str | None]]
 
 
 def _rules_dict(rules: Rules) -> dict[str, str | None]:
-    return dict(rules)
+    table: dict[str, str | None] = {}
+    for name, axis in rules:
+        table.setdefault(name, axis)  # the first rule for a name wins
+    return table
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> PartitionSpec:
@@ -196,6 +199,64 @@ def state_shardings(graphdef_state_or_model: Any, mesh: Mesh, rules: Rules = LOG
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def _strip_value(path: tuple) -> tuple:
+    """Drop a trailing `.value` key: nnx.Variable leaves add it when flattened."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        return path[:-1]
+    return path
+
+
+def param_names_by_path(params_state: Any) -> dict[tuple, tuple[str | None, ...] | None]:
+    """{key path of each parameter: its logical names} for a model state (or module)."""
+    state = _as_state(params_state)
+    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]
+    return {_strip_value(tuple(path)): logical_names(var) for path, var in flat}
+
+
+def mirrored_names(
+    path: tuple, names_by_path: Mapping[tuple, tuple[str | None, ...] | None]
+) -> tuple[str | None, ...] | None:
+    """The logical names of the parameter that a leaf at `path` mirrors, or None.
+
+    Optimizer states (optax) hold trees shaped like the parameters, nested under their own
+    keys, so a leaf mirrors the parameter whose key path is a suffix of its own.
+    """
+    path = _strip_value(tuple(path))
+    for start in range(len(path)):
+        names = names_by_path.get(path[start:])
+        if names is not None:
+            return names
+    return None
+
+
+def tree_shardings_like_params(
+    tree: Any, params_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES
+) -> Any:
+    """NamedShardings for a tree of arrays that mirrors the parameters (an optimizer state).
+
+    Each array leaf whose key path ends with a parameter's path, and whose rank matches it, is
+    split like that parameter (so fully sharded data parallelism also shards the optimizer
+    state); every other leaf (step counters, Adafactor's unused factored slots) is replicated.
+
+    Args:
+        tree: e.g. `opt.init(params)` or `jax.eval_shape(opt.init, params)`.
+        params_state: the model state (or module) whose Params carry logical names.
+        mesh: the device mesh.
+        rules: the logical rules table.
+    """
+    names_by_path = param_names_by_path(params_state)
+    sizes = _mesh_sizes(mesh)
+
+    def one(path: tuple, leaf: Any) -> NamedSharding:
+        names = mirrored_names(path, names_by_path)
+        shape = getattr(leaf, "shape", ())
+        if names is None or len(names) != len(shape):
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, spec_for_shape(shape, names, sizes, rules))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def check_mesh() -> None:

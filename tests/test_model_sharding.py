@@ -113,3 +113,27 @@ def test_a_mesh_with_explicit_axes_is_refused_with_a_clear_error():
     explicit = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(explicit), pytest.raises(ValueError, match="Auto"):
         model(jnp.zeros((2, 4), jnp.int32))
+
+
+def test_optimizer_state_is_sharded_like_the_parameters(mesh):
+    from pathways_lite.model.optim import OptimConfig, make_optimizer
+
+    model = Palm(PalmConfig.palm_tiny(), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    opt = make_optimizer(OptimConfig())
+    for params in (
+        state,
+        jax.tree.map(lambda v: v.get_value(), state, is_leaf=lambda x: isinstance(x, nnx.Variable)),
+    ):
+        opt_shapes = jax.eval_shape(opt.init, params)
+        specs = [
+            s.spec
+            for s in jax.tree.leaves(sharding.tree_shardings_like_params(opt_shapes, state, mesh))
+        ]
+        shapes = [x.shape for x in jax.tree.leaves(opt_shapes)]
+        by_shape = dict(zip(shapes, specs, strict=True))
+        # The second moment and momentum of the embedding and the MLP kernels are split.
+        assert by_shape[(512, 64)] == P("model", "data")
+        assert by_shape[(64, 256)] == P("data", "model")
+        assert specs.count(P("data", "model")) == 2 * 2 * 2  # gate, up; 2 layers; nu, mu
+        assert P() in specs  # counters and unused factored slots are replicated
