@@ -50,6 +50,195 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(steps=args.steps, json_output=args.json)
 
 
+# ---- cluster and jobs --------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    from pathways_lite.client import Client
+
+    return Client(args.state_dir)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pathways_lite.controller.__main__ import parse_size
+    from pathways_lite.local import LocalCluster
+
+    memory = None
+    if args.island_memory is not None:
+        try:
+            memory = parse_size(args.island_memory)
+        except ValueError as e:
+            raise CliError(f"--island-memory: {e}") from None
+    try:
+        cluster = LocalCluster(
+            islands=args.islands,
+            devices_per_island=args.devices_per_island,
+            hosts_per_island=args.hosts_per_island,
+            island_memory=memory,
+            state_dir=args.state_dir,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    cluster.start()
+    if args.json:
+        print_json({"controller": cluster.address, "state_dir": str(cluster.state_dir)})
+    else:
+        print(f"controller {cluster.address} (state dir {cluster.state_dir})")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from pathways_lite.local import default_state_dir, stop_recorded
+
+    state_dir = args.state_dir or default_state_dir()
+    if not stop_recorded(state_dir):
+        raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
+    print(f"stopped the cluster of {state_dir}")
+    return 0
+
+
+def _print_job(job, as_json: bool) -> None:
+    from pathways_lite.client import job_to_dict
+
+    record = job_to_dict(job)
+    if as_json:
+        print_json(record)
+        return
+    rows = [(k, record[k]) for k in ("id", "name", "state", "steps_completed", "reason")]
+    rows.append(("islands", ", ".join(record["islands"])))
+    if record["message"]:
+        rows.append(("message", record["message"]))
+    if record["losses"]:
+        rows.append(("last loss", f"{record['losses'][-1]:.6f}"))
+    print_table(rows, header=("field", "value"))
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pathways_lite.client import state_name
+    from pathways_lite.spec import load_spec_file
+
+    spec = load_spec_file(args.spec, validate=True)
+    client = _client(args)
+    job = client.submit(spec)
+    if not args.json:
+        print(f"submitted {job.id} ({state_name(job.state)})")
+    if args.wait:
+        if args.json:
+            job = client.wait(job.id)
+        else:
+            for update in client.watch(job.id):
+                if update.HasField("metrics"):
+                    m = update.metrics
+                    print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
+                elif update.HasField("job"):
+                    print(f"{update.job.id} is {state_name(update.job.state)}")
+            job = client.get(job.id)
+    if args.json:
+        _print_job(job, True)
+    if args.wait and state_name(job.state) != "succeeded":
+        if not args.json:
+            print(
+                f"pathways-lite: error: job {job.id} {state_name(job.state)}: {job.message}",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from pathways_lite.client import job_to_dict
+
+    jobs = [job_to_dict(j) for j in _client(args).list()]
+    if args.json:
+        print_json(jobs)
+        return 0
+    rows = [
+        (j["id"], j["state"], f"{j['steps_completed']}/{j['steps']}", j["reason"]) for j in jobs
+    ]
+    print_table(rows, header=("id", "state", "steps", "reason"))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    _print_job(_client(args).get(args.job), args.json)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pathways_lite.client import state_name
+
+    job = _client(args).cancel(args.job, args.reason)
+    print(f"{job.id} is {state_name(job.state)}")
+    return 0
+
+
+def _cmd_islands(args: argparse.Namespace) -> int:
+    from pathways_lite.client import island_to_dict
+
+    islands = [island_to_dict(i) for i in _client(args).islands()]
+    if args.json:
+        print_json(islands)
+        return 0
+    rows = [
+        (
+            i["id"],
+            h["node"],
+            h["address"],
+            h["pid"],
+            h["port"],
+            h["devices"],
+            ",".join(i["job_ids"]) or "-",
+        )
+        for i in islands
+        for h in i["hosts"]
+    ]
+    print_table(rows, header=("island", "node", "address", "pid", "port", "devices", "job"))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _add_cluster_commands(sub) -> None:
+    def add(name: str, help_text: str, func, json_flag: bool = True):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--state-dir",
+            default=None,
+            help="the cluster's state dir (default $PATHWAYS_LITE_STATE or ~/.pathways_lite)",
+        )
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+        return p
+
+    up = add("up", "start a local cluster in the background", _cmd_up)
+    up.add_argument("--islands", type=_positive_int, required=True, help="number of islands")
+    up.add_argument(
+        "--devices-per-island", type=_positive_int, required=True, help="devices per island"
+    )
+    up.add_argument("--hosts-per-island", type=_positive_int, default=1, help="hosts per island")
+    up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
+    add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
+    submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
+    submit.add_argument("spec", help="the job spec file")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    add("jobs", "list jobs", _cmd_jobs)
+    status = add("status", "show one job", _cmd_status)
+    status.add_argument("job", help="the job id")
+    cancel = add("cancel", "cancel a job", _cmd_cancel, json_flag=False)
+    cancel.add_argument("job", help="the job id")
+    cancel.add_argument("--reason", default="", help="why (recorded with the job)")
+    add("islands", "list the islands and their hosts", _cmd_islands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathways-lite",
@@ -69,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     demo.set_defaults(func=_cmd_demo)
+    _add_cluster_commands(sub)
     return parser
 
 
@@ -84,6 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pathways-lite: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # SpecError, ClientError, ClusterError...: one line, no traceback
+        message = " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__
+        print(f"pathways-lite: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,187 @@
+"""The controller process: `python -m pathways_lite.controller --state-dir DIR ...`.
+
+It locks the state directory (one controller per directory) and starts a new epoch, connects
+to Ray on loopback, starts (or attaches to) the island hosts it is told about, checks their
+wire versions over gRPC, serves the ControllerService, and writes its address to
+`<state_dir>/controller.json`. SIGTERM or SIGINT stops it: running jobs go back to the queue,
+and the island hosts it started are shut down.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The controller runs JAX on CPU only (estimates); set before anything imports JAX.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+logger = logging.getLogger("pathways_lite.controller.main")
+
+ADDRESS_FILE = "controller.json"
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as `512M`, `2GiB`, `1.5G` or `1000000`.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"size {text!r} is not a number of bytes such as 512M or 2GiB.")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit else 1000
+    exponent = " KMGT".index(unit.upper() or " ")
+    value = int(float(number) * base**exponent)
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive.")
+    return value
+
+
+def parse_island(text: str):
+    """An IslandSpec from `NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_BYTES_PER_DEVICE]`."""
+    from pathways_lite.workers.island_host import IslandSpec
+
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(
+            f"--island {text!r} must be NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]."
+        )
+    try:
+        memory = int(parts[3]) if len(parts) == 4 and parts[3] else None
+        return IslandSpec(
+            parts[0],
+            num_hosts=int(parts[1]),
+            devices_per_host=int(parts[2]),
+            memory_budget_bytes_per_device=memory,
+        )
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--island {text!r}: {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pathways_lite.controller")
+    p.add_argument("--state-dir", required=True, help="the state directory (locked)")
+    p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS ip:port")
+    p.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
+    p.add_argument("--node-ip", default="127.0.0.2", help="this driver's Ray node address")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (0 = pick one)")
+    p.add_argument(
+        "--island",
+        action="append",
+        type=parse_island,
+        default=[],
+        help="NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]; repeat for every island",
+    )
+    p.add_argument("--window", type=int, default=2, help="steps in flight per job")
+    p.add_argument(
+        "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
+    )
+    return p
+
+
+def _start_islands(specs):
+    """Attach to each island's named host actors if they all exist, else start them."""
+    import ray
+
+    from pathways_lite.workers.island_host import IslandHostGroup
+    from pathways_lite.workers.ray_cluster import NAMESPACE
+
+    groups, started = [], []
+    for spec in specs:
+        group = IslandHostGroup(spec)
+        handles = []
+        for i in range(spec.num_hosts):
+            try:
+                handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
+            except ValueError:
+                break
+        if len(handles) == spec.num_hosts:
+            group.actors = handles
+            group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=60)
+            logger.info("attached to island %s", spec.name)
+        else:
+            group.start()
+            started.append(group)
+            logger.info("started island %s", spec.name)
+        groups.append(group)
+    return groups, started
+
+
+async def _serve(args, store, groups) -> None:
+    from .dispatch import Island, connect_host
+    from .service import Controller, serve
+
+    islands = []
+    for group in groups:
+        hosts = [await connect_host(m.address) for m in group.metadata]
+        islands.append(Island(group.island.name, hosts))
+    controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    address_file = Path(args.state_dir) / ADDRESS_FILE
+
+    def started(port: int) -> None:
+        info = {
+            "address": f"{args.host}:{port}",
+            "host": args.host,
+            "port": port,
+            "pid": os.getpid(),
+            "epoch": store.epoch,
+        }
+        tmp = address_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, address_file)
+
+    try:
+        await serve(controller, args.host, args.port, started=started, stop=stop)
+    finally:
+        address_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from pathways_lite.workers.ray_cluster import connect
+
+    from .store import JobStore, StoreError
+
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        store = JobStore.open_controller(args.state_dir)
+    except StoreError as e:
+        print(f"controller: error: {e}", file=sys.stderr)
+        return 2
+    started = []
+    try:
+        connect(args.ray_address, node_ip=args.node_ip, token_path=args.ray_token_file)
+        groups, started = _start_islands(args.island)
+        asyncio.run(_serve(args, store, groups))
+        return 0
+    except Exception as e:
+        logger.exception("controller failed")
+        print(f"controller: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep_hosts:
+            for group in started:
+                group.shutdown()
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

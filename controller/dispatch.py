@@ -1,0 +1,342 @@
+"""Asynchronous dispatch of a job's per-step program to the hosts of its islands (grpc.aio).
+
+A job becomes a per-step program: for every step the controller sends
+`RunStep(job, generation, step, island_seq, epoch)` to every host of the job's islands, keeps
+a bounded window of steps in flight (default 2: step k + 1 is on the wire before step k has
+finished) and consumes the replies as futures, in step order. The controller sends step
+numbers, never data: each island reads its own slice of the step's global batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+
+from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.service import WORKER_WIRE_VERSION
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 2
+# Deadlines of worker RPCs: a step may wait behind a compile of another job on the island.
+STEP_TIMEOUT_S = 600.0
+LOAD_TIMEOUT_S = 900.0
+INFO_TIMEOUT_S = 30.0
+
+
+class WireVersionError(RuntimeError):
+    """A host speaks another worker wire version than this controller."""
+
+
+class DispatchError(RuntimeError):
+    """A job's step program could not continue.
+
+    Attributes:
+        reason: short machine-readable cause (`load_failed`, `step_failed`, `nan_loss`...).
+        code: the gRPC status of the failed call, if one failed.
+    """
+
+    def __init__(self, reason: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.code = code
+
+
+@dataclasses.dataclass
+class HostHandle:
+    """A connection to one island host's worker service."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerServiceStub
+    info: worker_pb2.InfoReply
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def connect_host(
+    address: str, *, timeout_s: float = INFO_TIMEOUT_S, wire_version: int = WORKER_WIRE_VERSION
+) -> HostHandle:
+    """Open a channel to a host, read its Info and check its wire version.
+
+    Raises:
+        WireVersionError: the host reports another worker wire version.
+        grpc.aio.AioRpcError: the host does not answer.
+    """
+    channel = grpc.aio.insecure_channel(address)
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    try:
+        info = await stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
+    except BaseException:
+        await channel.close()
+        raise
+    if info.wire_version.version != wire_version:
+        await channel.close()
+        raise WireVersionError(
+            f"island host {address} speaks worker wire version {info.wire_version.version}, "
+            f"but this controller speaks version {wire_version}; run matching pathways_lite "
+            "versions."
+        )
+    return HostHandle(address, channel, stub, info)
+
+
+@dataclasses.dataclass
+class Island:
+    """An island as the dispatcher drives it: its hosts and its island_seq counter.
+
+    Every host of an island receives the same island_seq for a step; the numbers are
+    contiguous per island within one controller epoch (the hosts restart at 0 on a new one).
+    """
+
+    id: str
+    hosts: list[HostHandle]
+    next_seq: int = 0
+
+    @property
+    def devices(self) -> int:
+        return int(self.hosts[0].info.island_device_count) if self.hosts else 0
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    async def close(self) -> None:
+        for host in self.hosts:
+            await host.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class HostStep:
+    """One host's reply to one step, with the host's own timestamps."""
+
+    island: str
+    host_index: int
+    reply: worker_pb2.RunStepReply
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """A completed step of a job over all its islands.
+
+    Attributes:
+        step: the step number.
+        loss: the global batch's mean loss (the mean of the islands' equal-sized slices).
+        tokens_per_s: tokens of the global batch over `step_time_s`.
+        step_time_s: from the first host starting the step to the last one finishing it.
+        hosts: every host's reply, island by island, host by host.
+    """
+
+    step: int
+    loss: float
+    tokens_per_s: float
+    step_time_s: float
+    hosts: tuple[HostStep, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """What the dispatcher runs: a loaded job stepped from `start_step` to `steps`.
+
+    Attributes:
+        job_id: the job's id.
+        generation: its restart generation.
+        steps: total steps of the job.
+        tokens_per_step: tokens of one global batch (for throughput).
+        load: builds the LoadJobRequest of island `i` of `n` (epoch is filled in later).
+        start_step: the first step to run (after a resume).
+    """
+
+    job_id: str
+    generation: int
+    steps: int
+    tokens_per_step: int
+    load: Callable[[int, int], worker_pb2.LoadJobRequest]
+    start_step: int = 0
+
+
+OnStep = Callable[[StepReport], Awaitable[None] | None]
+
+
+class Dispatcher:
+    """Drives step programs on islands with a bounded window of steps in flight.
+
+    Args:
+        epoch: this controller run's epoch, carried in every worker RPC.
+        window: steps in flight per job (1 = synchronous dispatch).
+        step_timeout_s: deadline of one RunStep.
+    """
+
+    def __init__(
+        self, epoch: int, *, window: int = DEFAULT_WINDOW, step_timeout_s: float = STEP_TIMEOUT_S
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window={window} must be at least 1.")
+        self.epoch = epoch
+        self.window = window
+        self.step_timeout_s = step_timeout_s
+
+    async def load(
+        self, program: StepProgram, islands: Sequence[Island], *, dry_run: bool = False
+    ) -> list[worker_pb2.LoadJobReply]:
+        """LoadJob on every host of every island at once (a multi-host island compiles
+        together); replies island by island, host by host.
+
+        Raises:
+            DispatchError: a host refused or failed the load (reason `load_failed`).
+        """
+        calls = []
+        for index, island in enumerate(islands):
+            request = program.load(index, len(islands))
+            request.epoch = self.epoch
+            request.dry_run = dry_run
+            for host in island.hosts:
+                calls.append(host.stub.LoadJob(request, timeout=LOAD_TIMEOUT_S))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, grpc.aio.AioRpcError):
+                raise DispatchError(
+                    "load_failed",
+                    f"loading job {program.job_id!r} failed: {result.details()}",
+                    result.code(),
+                )
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
+    async def unload(self, job_id: str, islands: Sequence[Island]) -> None:
+        """UnloadJob on every host; errors are logged, not raised (best effort cleanup)."""
+        calls = [
+            host.stub.UnloadJob(
+                worker_pb2.UnloadJobRequest(job_id=job_id, epoch=self.epoch), timeout=60
+            )
+            for island in islands
+            for host in island.hosts
+        ]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.warning("unloading job %s: %r", job_id, result)
+
+    async def fill_gaps(self, islands: Sequence[Island]) -> None:
+        """SkipSeq every island_seq a host has not received (a step whose RunStep never
+        arrived), so the island's next step is not held up by the hole."""
+        for island in islands:
+            for host in island.hosts:
+                try:
+                    info = await host.stub.Info(worker_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S)
+                    if info.newest_epoch != self.epoch:
+                        continue
+                    for seq in range(info.next_island_seq, island.next_seq):
+                        await host.stub.SkipSeq(
+                            worker_pb2.SkipSeqRequest(
+                                island_seq=seq, epoch=self.epoch, reason="step not delivered"
+                            ),
+                            timeout=INFO_TIMEOUT_S,
+                        )
+                except grpc.aio.AioRpcError as e:
+                    logger.warning("filling island_seq gaps on %s: %s", host.address, e.details())
+
+    def _send(
+        self, program: StepProgram, step: int, islands: Sequence[Island]
+    ) -> list[tuple[str, int, asyncio.Task]]:
+        calls = []
+        for island in islands:
+            seq = island.take_seq()
+            request = worker_pb2.RunStepRequest(
+                job_id=program.job_id,
+                generation=program.generation,
+                step=step,
+                island_seq=seq,
+                epoch=self.epoch,
+            )
+            for host in island.hosts:
+                call = host.stub.RunStep(request, timeout=self.step_timeout_s)
+                calls.append((island.id, host.info.host_index, asyncio.ensure_future(call)))
+        return calls
+
+    async def run(
+        self,
+        program: StepProgram,
+        islands: Sequence[Island],
+        *,
+        on_step: OnStep | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> int:
+        """Run the program's steps with up to `window` steps in flight; returns the number of
+        steps completed (less than the program's when `should_stop` turned true).
+
+        Raises:
+            DispatchError: a step failed on a host (reason `step_failed`) or gave a
+                non-finite loss (reason `nan_loss`); steps already in flight are drained.
+        """
+        pending: collections.deque = collections.deque()
+        next_step = program.start_step
+        completed = 0
+        try:
+            while True:
+                while next_step < program.steps and len(pending) < self.window:
+                    if should_stop():
+                        break
+                    pending.append((next_step, self._send(program, next_step, islands)))
+                    next_step += 1
+                if not pending:
+                    return completed
+                step, calls = pending.popleft()
+                report = await self._collect(program, step, calls)
+                completed += 1
+                if on_step is not None:
+                    result = on_step(report)
+                    if inspect.isawaitable(result):
+                        await result
+        except BaseException:
+            # Let the steps already sent settle (the hosts run them anyway), then clean up.
+            for _, calls in pending:
+                for *_, task in calls:
+                    task.cancel()
+            await asyncio.gather(
+                *(task for _, calls in pending for *_, task in calls), return_exceptions=True
+            )
+            await self.fill_gaps(islands)
+            raise
+
+    async def _collect(
+        self, program: StepProgram, step: int, calls: list[tuple[str, int, asyncio.Task]]
+    ) -> StepReport:
+        results = await asyncio.gather(*(task for *_, task in calls), return_exceptions=True)
+        hosts = []
+        for (island, host_index, _), result in zip(calls, results, strict=True):
+            if isinstance(result, grpc.aio.AioRpcError):
+                raise DispatchError(
+                    "step_failed",
+                    f"step {step} of job {program.job_id!r} failed on island {island} host "
+                    f"{host_index}: {result.details()}",
+                    result.code(),
+                )
+            if isinstance(result, BaseException):
+                raise result
+            hosts.append(HostStep(island, host_index, result))
+        # Host 0 of each island reports its island's mean loss; the islands' slices are equal.
+        island_losses = [h.reply.loss for h in hosts if h.host_index == 0]
+        loss = sum(island_losses) / len(island_losses)
+        if loss != loss or loss in (float("inf"), float("-inf")):
+            raise DispatchError(
+                "nan_loss", f"step {step} of job {program.job_id!r} gave loss {loss}."
+            )
+        start_ns = min(h.reply.timings.start_unix_ns for h in hosts)
+        end_ns = max(h.reply.timings.end_unix_ns for h in hosts)
+        step_time_s = max(end_ns - start_ns, 1) / 1e9
+        return StepReport(
+            step=step,
+            loss=loss,
+            tokens_per_s=program.tokens_per_step / step_time_s,
+            step_time_s=step_time_s,
+            hosts=tuple(hosts),
+        )

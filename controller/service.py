@@ -1,0 +1,761 @@
+"""The controller's gRPC service (grpc.aio) and the controller core it fronts.
+
+`Controller` owns the job store (locked state dir + epoch), the islands (connected worker
+channels), the scheduler and one dispatch task per running job; it publishes every state change
+and completed step on an in-memory event bus (WatchJob follows the bus, not the database) and
+keeps a bounded buffer of each job's log records (StreamLogs). `ControllerServicer` answers
+controller.proto's rpcs; `serve` adds the standard health service and reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+import pathways_lite
+from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc, worker_pb2
+
+from . import spec as spec_lib
+from .dispatch import DEFAULT_WINDOW, Dispatcher, DispatchError, Island, StepProgram, StepReport
+from .scheduler import Scheduler
+from .store import (
+    IllegalTransitionError,
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    JobStore,
+    StoreError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Bumped on every incompatible change of controller.proto; clients compare it at connect.
+CONTROLLER_WIRE_VERSION = 1
+SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
+# Log records kept per job, and jobs whose records are kept (oldest jobs' go first).
+LOG_RECORDS_PER_JOB = 2000
+LOG_JOBS = 256
+# Updates a slow WatchJob/StreamLogs follower may lag behind before old ones are dropped.
+FOLLOWER_QUEUE = 10000
+# Wire optimizer fields (worker.proto's OptimizerConfig) for the spec's optimizer fields.
+_WIRE_OPTIM = {
+    "learning_rate": "learning_rate",
+    "warmup_steps": "constant_steps",
+    "beta1": "momentum",
+    "decay_rate": "decay_rate",
+    "clip_norm": "clip_norm",
+}
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class _Followers:
+    """Subscriber queues per key; publishing never blocks (a lagging follower loses the
+    oldest updates, never the newest)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
+
+    def subscribe(self, key: str) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(FOLLOWER_QUEUE)
+        self._queues[key].add(queue)
+        return queue
+
+    def unsubscribe(self, key: str, queue: asyncio.Queue) -> None:
+        self._queues[key].discard(queue)
+        if not self._queues[key]:
+            del self._queues[key]
+
+    def publish(self, key: str, item: Any) -> None:
+        for queue in list(self._queues.get(key, ())):
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(item)
+
+
+class LogBuffer(logging.Handler):
+    """A bounded in-memory buffer of job log records, fed by the controller's own loggers
+    (records logged with `extra={"job_id": ...}`) and by the island hosts' step reports."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self._records: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self.followers = _Followers()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, job_id: str, record: controller_pb2.LogRecord) -> None:
+        """Buffer a record of `job_id` and hand it to followers (call on the serving loop)."""
+        buffer = self._records.get(job_id)
+        if buffer is None:
+            buffer = self._records[job_id] = collections.deque(maxlen=LOG_RECORDS_PER_JOB)
+            while len(self._records) > LOG_JOBS:
+                self._records.popitem(last=False)
+        buffer.append(record)
+        self.followers.publish(job_id, record)
+
+    def records(self, job_id: str, tail: int = 0) -> list[controller_pb2.LogRecord]:
+        records = list(self._records.get(job_id, ()))
+        return records[-tail:] if tail > 0 else records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job_id = getattr(record, "job_id", None)
+        if not job_id or self.loop is None:
+            return
+        ts = timestamp_pb2.Timestamp()
+        ts.FromNanoseconds(int(record.created * 1e9))
+        proto = controller_pb2.LogRecord(
+            time=ts,
+            source="controller",
+            level=record.levelname,
+            logger=record.name,
+            message=record.getMessage(),
+        )
+        try:
+            self.loop.call_soon_threadsafe(self.add, job_id, proto)
+        except RuntimeError:  # the loop is closed: the controller is stopping
+            pass
+
+
+@dataclasses.dataclass
+class _RunningJob:
+    job_id: str
+    task: asyncio.Task
+    islands: list[str]
+    cancel_requested: bool = False
+
+
+class Controller:
+    """The single controller: jobs, islands, scheduling and dispatch on one event loop.
+
+    Args:
+        store: the job store, opened with `JobStore.open_controller` (lock + epoch).
+        islands: the connected islands, in island order.
+        state_dir: the state directory (reported by Info).
+        window: steps in flight per job.
+        prepare: turns a job record into its step program (blocking: it may prepare the
+            dataset); None uses `palm_program`.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        islands: Sequence[Island],
+        *,
+        state_dir: str | Path = "",
+        window: int = DEFAULT_WINDOW,
+        prepare: Callable[[JobRecord], StepProgram] | None = None,
+    ) -> None:
+        self.store = store
+        self.islands = {island.id: island for island in islands}
+        self.state_dir = str(state_dir)
+        self.dispatcher = Dispatcher(store.epoch, window=window)
+        self.scheduler = Scheduler([island.id for island in islands])
+        self.events = _Followers()
+        self.logs = LogBuffer()
+        self._prepare = prepare or palm_program
+        self._running: dict[str, _RunningJob] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.started_at = _now()
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.store.epoch
+
+    def cluster_shape(self) -> spec_lib.ClusterShape | None:
+        devices = {island.devices for island in self.islands.values()}
+        if not self.islands or len(devices) != 1:
+            return None
+        return spec_lib.ClusterShape(len(self.islands), devices.pop())
+
+    async def start(self) -> None:
+        """Requeue jobs a previous controller left running, then start scheduling."""
+        self.logs.loop = asyncio.get_running_loop()
+        logging.getLogger("pathways_lite").addHandler(self.logs)
+        for record in self.store.jobs_in_states([JobState.RUNNING]):
+            self._transition(
+                record.id,
+                JobState.QUEUED,
+                reason="controller_restarted",
+                message="The controller restarted; the job runs again from step 0.",
+            )
+            self.store.truncate_metrics(record.id, 0)
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
+        self.wake()
+
+    async def stop(self) -> None:
+        """Stop dispatching; running jobs go back to the queue (a restart resumes them)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for running in list(self._running.values()):
+            running.task.cancel()
+        await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
+        for island in self.islands.values():
+            await island.close()
+        logging.getLogger("pathways_lite").removeHandler(self.logs)
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def job_proto(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
+        job = self.store.job_proto(record, include_losses=include_losses)
+        job.islands.extend(self.scheduler.islands_of(record.id))
+        if record.state == JobState.QUEUED:
+            queued = self.store.jobs_in_states([JobState.QUEUED])
+            job.queue_position = 1 + next(
+                (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
+            )
+        return job
+
+    def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
+        record = self.store.transition(job_id, state, **kwargs)
+        logger.info(
+            "job %s is %s%s",
+            job_id,
+            state.value,
+            f" ({kwargs['reason']})" if kwargs.get("reason") else "",
+            extra={"job_id": job_id},
+        )
+        self.events.publish(
+            job_id, controller_pb2.WatchJobReply(time=_now(), job=self.job_proto(record))
+        )
+        return record
+
+    def submit(self, request: controller_pb2.SubmitJobRequest) -> controller_pb2.Job:
+        """Validate and queue a job.
+
+        Raises:
+            spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
+        """
+        spec = request.spec
+        spec_lib.validate_spec(spec, self.cluster_shape())
+        wire_optimizer(spec)
+        if request.validate_only:
+            return controller_pb2.Job(
+                name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=_now()
+            )
+        record = self.store.create_job(spec, request_id=request.request_id or None)
+        logger.info("job %s queued", record.id, extra={"job_id": record.id})
+        self.wake()
+        return self.job_proto(record)
+
+    def cancel(self, job_id: str, reason: str) -> controller_pb2.Job:
+        """Cancel a queued or running job (its steps in flight finish on the hosts).
+
+        Raises:
+            JobNotFoundError, IllegalTransitionError.
+        """
+        record = self.store.get_job(job_id)
+        if record.state.terminal:
+            raise IllegalTransitionError(
+                f"job {job_id!r} is already {record.state.value}; only queued or running jobs "
+                "can be cancelled."
+            )
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancel_requested = True
+        message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
+        record = self._transition(
+            job_id, JobState.CANCELLED, reason="user_cancelled", message=message
+        )
+        return self.job_proto(record)
+
+    # -- scheduling and dispatch ---------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._schedule()
+            except Exception:
+                logger.exception("scheduling failed")
+
+    def _schedule(self) -> None:
+        for record in self.store.jobs_in_states([JobState.QUEUED]):
+            if record.id in self._running:
+                continue
+            islands = self.scheduler.assign(record.id, record.spec.islands)
+            if islands is None:
+                continue
+            task = asyncio.create_task(self._run_job(record, islands), name=f"job-{record.id}")
+            self._running[record.id] = _RunningJob(record.id, task, islands)
+
+    async def _run_job(self, record: JobRecord, island_ids: list[str]) -> None:
+        job_id = record.id
+        islands = [self.islands[i] for i in island_ids]
+        running = self._running[job_id]
+        loaded = False
+        try:
+            self._transition(
+                job_id,
+                JobState.RUNNING,
+                reason="scheduled",
+                message=f"Running on {', '.join(island_ids)}.",
+            )
+            program = await asyncio.to_thread(self._prepare, record)
+            logger.info("loading job %s on %s", job_id, island_ids, extra={"job_id": job_id})
+            replies = await self.dispatcher.load(program, islands)
+            loaded = True
+            logger.info(
+                "job %s loaded (compile %.1f s, %d bytes per device)",
+                job_id,
+                max(r.compile_s for r in replies),
+                max(r.memory.total_bytes for r in replies),
+                extra={"job_id": job_id},
+            )
+            completed = await self.dispatcher.run(
+                program,
+                islands,
+                on_step=lambda report: self._on_step(job_id, report),
+                should_stop=lambda: running.cancel_requested,
+            )
+            if not running.cancel_requested:
+                self._transition(
+                    job_id,
+                    JobState.SUCCEEDED,
+                    reason="completed",
+                    message=f"Completed {completed} steps.",
+                )
+        except asyncio.CancelledError:
+            # The controller is stopping: the job goes back to the queue, nothing is lost.
+            if not running.cancel_requested:
+                try:
+                    self._transition(
+                        job_id,
+                        JobState.QUEUED,
+                        reason="controller_stopped",
+                        message="The controller stopped; the job will run again.",
+                    )
+                    self.store.truncate_metrics(job_id, 0)
+                except StoreError:
+                    logger.exception("requeueing job %s", job_id)
+            raise
+        except DispatchError as e:
+            self._fail(job_id, running, e.reason, e.message)
+        except spec_lib.SpecError as e:
+            self._fail(job_id, running, "invalid_spec", e.message)
+        except Exception as e:
+            logger.exception("job %s failed", job_id)
+            self._fail(job_id, running, "internal", f"{type(e).__name__}: {e}")
+        finally:
+            if loaded:
+                await self.dispatcher.unload(job_id, islands)
+            self.scheduler.release(job_id)
+            self._running.pop(job_id, None)
+            self.wake()
+
+    def _fail(self, job_id: str, running: _RunningJob, reason: str, message: str) -> None:
+        logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})
+        if running.cancel_requested:
+            return
+        try:
+            self._transition(job_id, JobState.FAILED, reason=reason, message=message[:2000])
+        except StoreError:
+            logger.exception("recording the failure of job %s", job_id)
+
+    def _on_step(self, job_id: str, report: StepReport) -> None:
+        self.store.record_metrics(
+            job_id,
+            report.step,
+            report.loss,
+            tokens_per_s=report.tokens_per_s,
+            step_time_s=report.step_time_s,
+        )
+        metrics = controller_pb2.StepMetrics(
+            step=report.step,
+            loss=report.loss,
+            tokens_per_s=report.tokens_per_s,
+            step_time_s=report.step_time_s,
+            time=_now(),
+        )
+        self.events.publish(job_id, controller_pb2.WatchJobReply(time=_now(), metrics=metrics))
+        for host in report.hosts:
+            t = host.reply.timings
+            queued_ms = (t.start_unix_ns - t.received_unix_ns) / 1e6
+            ran_ms = (t.end_unix_ns - t.start_unix_ns) / 1e6
+            ts = timestamp_pb2.Timestamp()
+            ts.FromNanoseconds(t.end_unix_ns)
+            self.logs.add(
+                job_id,
+                controller_pb2.LogRecord(
+                    time=ts,
+                    source=f"{host.island}/{host.host_index}",
+                    level="INFO",
+                    logger="pathways_lite.workers.service",
+                    message=(
+                        f"step {report.step} (island_seq {host.reply.island_seq}): loss "
+                        f"{host.reply.loss:.6f}, queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
+                    ),
+                ),
+            )
+
+    def islands_proto(self) -> list[controller_pb2.Island]:
+        out = []
+        for island in self.islands.values():
+            hosts = []
+            for host in island.hosts:
+                info = host.info
+                hosts.append(
+                    controller_pb2.IslandHost(
+                        node=info.node_ip,
+                        address=info.address,
+                        port=info.port,
+                        pid=info.pid,
+                        devices=len(info.devices),
+                        device_kind=info.devices[0].platform if info.devices else "",
+                        memory_bytes=info.memory_budget_bytes_per_device * len(info.devices),
+                        wire_version=info.wire_version,
+                        state="ready",
+                    )
+                )
+            out.append(
+                controller_pb2.Island(
+                    id=island.id,
+                    hosts=hosts,
+                    devices=island.devices,
+                    job_ids=self.scheduler.jobs_on(island.id),
+                )
+            )
+        return out
+
+
+# ---- the step program of a PaLM job --------------------------------------------------------
+
+
+def wire_optimizer(spec: controller_pb2.JobSpec) -> common_pb2.OptimizerConfig:
+    """The worker wire's optimizer settings for a spec.
+
+    Raises:
+        spec_lib.SpecError: a setting the worker wire cannot carry yet.
+    """
+    wire = common_pb2.OptimizerConfig()
+    if not spec.HasField("optimizer"):
+        return wire
+    opt = spec.optimizer
+    for name, wire_name in _WIRE_OPTIM.items():
+        if opt.HasField(name):
+            setattr(wire, wire_name, getattr(opt, name))
+    if opt.HasField("weight_decay"):
+        value = spec_lib.optim_config(spec).weight_decay
+        if value not in ("dynamic", None, 0, 0.0):
+            raise spec_lib.SpecError(
+                "optimizer.weight_decay",
+                value,
+                f"optimizer.weight_decay={value!r} is not supported by the island hosts yet: "
+                "use 'dynamic' (lr^2) or null.",
+            )
+        wire.weight_decay = 1.0 if value == "dynamic" else 0.0
+    for name in ("clipping_threshold", "multiply_by_parameter_scale", "eps"):
+        if opt.HasField(name):
+            raise spec_lib.SpecError(
+                f"optimizer.{name}",
+                getattr(opt, name),
+                f"optimizer.{name}={getattr(opt, name)!r} cannot be set yet: the island hosts "
+                "use the default.",
+            )
+    return wire
+
+
+def palm_program(record: JobRecord) -> StepProgram:
+    """A PaLM job's step program: prepares (or opens the cached) dataset, whose folder and
+    content hash the hosts receive; they read their own slices of every step's batch."""
+    from pathways_lite.model.data import prepare_dataset
+
+    spec = record.spec
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=configs.train.seq_len)
+    logger.info(
+        "job %s reads dataset %s (%d examples)",
+        record.id,
+        dataset.hash[:12],
+        dataset.num_examples,
+        extra={"job_id": record.id},
+    )
+    optimizer = wire_optimizer(spec)
+    train = configs.train
+
+    def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
+        request = worker_pb2.LoadJobRequest(
+            job_id=record.id,
+            generation=record.generation,
+            model=common_pb2.ModelConfig(preset=spec.model.preset),
+            mesh=common_pb2.MeshShape(data=spec.mesh.data, model=spec.mesh.model),
+            optimizer=optimizer,
+            data=common_pb2.DataSpec(
+                source="dataset",
+                paths=[str(dataset.path)],
+                tokenizer_hash=dataset.tokenizer.hash,
+            ),
+            data_hash=dataset.hash,
+            seed=train.seed,
+            global_batch=train.global_batch,
+            seq_len=train.seq_len,
+            island_index=island_index,
+            num_islands=num_islands,
+        )
+        request.model.overrides.CopyFrom(spec.model.overrides)
+        return request
+
+    return StepProgram(
+        job_id=record.id,
+        generation=record.generation,
+        steps=train.steps,
+        tokens_per_step=train.global_batch * train.seq_len,
+        load=load,
+    )
+
+
+# ---- the servicer --------------------------------------------------------------------------
+
+
+def _rpc(method):
+    """Map store and spec errors to their gRPC status; any other exception to INTERNAL."""
+
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except spec_lib.InfeasibleSpecError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
+        except spec_lib.SpecError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+        except JobNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except IllegalTransitionError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except StoreError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except Exception as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+def _stream(method):
+    """The server-streaming twin of `_rpc` (an async generator)."""
+
+    async def wrapper(self, request, context):
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except JobNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            logger.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+    """controller.proto's ControllerService over a `Controller`."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    @_rpc
+    async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
+        """Validate the spec (INVALID_ARGUMENT naming the field) and queue the job."""
+        return controller_pb2.SubmitJobReply(job=self.c.submit(request))
+
+    @_rpc
+    async def GetJob(self, request: controller_pb2.GetJobRequest, context) -> Any:
+        """One job with its losses."""
+        record = self.c.store.get_job(request.job_id)
+        return controller_pb2.GetJobReply(job=self.c.job_proto(record))
+
+    @_rpc
+    async def ListJobs(self, request: controller_pb2.ListJobsRequest, context) -> Any:
+        """A page of jobs, oldest first."""
+        states = [JobState.from_proto(s) for s in request.states]
+        records, token = self.c.store.list_jobs(
+            page_size=request.page_size, page_token=request.page_token, states=states
+        )
+        jobs = [self.c.job_proto(r, include_losses=request.include_losses) for r in records]
+        return controller_pb2.ListJobsReply(jobs=jobs, next_page_token=token)
+
+    @_rpc
+    async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:
+        """Cancel a queued or running job."""
+        return controller_pb2.CancelJobReply(job=self.c.cancel(request.job_id, request.reason))
+
+    @_stream
+    async def WatchJob(
+        self, request: controller_pb2.WatchJobRequest, context
+    ) -> AsyncIterator[controller_pb2.WatchJobReply]:
+        """The job's record, its recorded metrics from from_step, then live updates."""
+        if request.from_step < 0:
+            raise ValueError(f"from_step={request.from_step} must be >= 0.")
+        record = self.c.store.get_job(request.job_id)
+        queue = self.c.events.subscribe(record.id)
+        try:
+            record = self.c.store.get_job(request.job_id)  # after subscribing: nothing missed
+            yield controller_pb2.WatchJobReply(time=_now(), job=self.c.job_proto(record))
+            last_step = request.from_step - 1
+            for m in self.c.store.metrics(record.id, from_step=request.from_step):
+                ts = timestamp_pb2.Timestamp()
+                ts.FromMicroseconds(m.time_us)
+                yield controller_pb2.WatchJobReply(
+                    time=ts,
+                    metrics=controller_pb2.StepMetrics(
+                        step=m.step,
+                        loss=m.loss,
+                        tokens_per_s=m.tokens_per_s,
+                        step_time_s=m.step_time_s,
+                        time=ts,
+                    ),
+                )
+                last_step = m.step
+            if record.state.terminal:
+                return
+            while True:
+                update = await queue.get()
+                if update.HasField("metrics"):
+                    if update.metrics.step <= last_step:
+                        continue
+                    last_step = update.metrics.step
+                yield update
+                if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
+                    return
+        finally:
+            self.c.events.unsubscribe(record.id, queue)
+
+    @_rpc
+    async def ListIslands(self, request: controller_pb2.ListIslandsRequest, context) -> Any:
+        """Every island and its hosts."""
+        return controller_pb2.ListIslandsReply(islands=self.c.islands_proto())
+
+    @_stream
+    async def StreamLogs(
+        self, request: controller_pb2.StreamLogsRequest, context
+    ) -> AsyncIterator[controller_pb2.StreamLogsReply]:
+        """The job's buffered records (the newest `tail`), then new ones with follow."""
+        if request.tail < 0:
+            raise ValueError(f"tail={request.tail} must be >= 0.")
+        record = self.c.store.get_job(request.job_id)
+        queue = self.c.logs.followers.subscribe(record.id)
+        try:
+            for item in self.c.logs.records(record.id, request.tail):
+                yield controller_pb2.StreamLogsReply(record=item)
+            if not request.follow:
+                return
+            events = self.c.events.subscribe(record.id)
+            try:
+                while not self.c.store.get_job(record.id).state.terminal:
+                    getter = asyncio.ensure_future(queue.get())
+                    watcher = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait(
+                        {getter, watcher}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for pending in (getter, watcher):
+                        if pending not in done:
+                            pending.cancel()
+                    if getter in done:
+                        yield controller_pb2.StreamLogsReply(record=getter.result())
+                while not queue.empty():
+                    yield controller_pb2.StreamLogsReply(record=queue.get_nowait())
+            finally:
+                self.c.events.unsubscribe(record.id, events)
+        finally:
+            self.c.logs.followers.unsubscribe(record.id, queue)
+
+    @_rpc
+    async def Info(self, request: controller_pb2.ControllerInfoRequest, context) -> Any:
+        """Wire version, package version, epoch, state dir."""
+        return controller_pb2.ControllerInfoReply(
+            wire_version=common_pb2.WireVersion(version=CONTROLLER_WIRE_VERSION),
+            version=pathways_lite.__version__,
+            epoch=self.c.epoch,
+            state_dir=self.c.state_dir,
+            started_at=self.c.started_at,
+        )
+
+
+async def serve(
+    controller: Controller,
+    host: str,
+    port: int = 0,
+    *,
+    started: Callable[[int], Any] | None = None,
+    stop: asyncio.Event | None = None,
+    grace_s: float = 5.0,
+) -> None:
+    """Serve the controller, grpc.health.v1 and reflection on host:port until `stop` is set.
+
+    Args:
+        controller: the controller (started here, stopped on the way out).
+        host: the address to bind (127.0.0.1 unless a user asks otherwise).
+        port: the port; 0 picks a free one.
+        started: called with the bound port once the server accepts calls.
+        stop: set to stop serving; None serves until cancelled.
+        grace_s: seconds in-flight calls get when stopping.
+    """
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+    controller_pb2_grpc.add_ControllerServiceServicer_to_server(
+        ControllerServicer(controller), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the controller service to {host}:{port}.")
+    await controller.start()
+    try:
+        await server.start()
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("controller on %s:%d (epoch %d)", host, bound, controller.epoch)
+        if started is not None:
+            started(bound)
+        if stop is None:
+            await server.wait_for_termination()
+        else:
+            await stop.wait()
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(grace_s)
+        await controller.stop()

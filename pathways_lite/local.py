@@ -1,0 +1,325 @@
+"""A whole pathways_lite cluster on this machine: Ray on loopback, island hosts, the controller.
+
+`LocalCluster` starts a LocalRayCluster (head on 127.0.0.2, token auth) whose head advertises
+every island's resource, then the controller process in the background, which starts the
+island hosts. What it started is written to `<state_dir>/cluster.json`, so `down` (this object,
+or `pathways-lite down` from another process) stops exactly those processes and no others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CLUSTER_FILE = "cluster.json"
+ADDRESS_FILE = "controller.json"
+STATE_ENV = "PATHWAYS_LITE_STATE"
+# Ray's unix socket paths live below its temp dir and must stay under ~107 characters.
+_RAY_DIR_MAX = 48
+
+
+class ClusterError(RuntimeError):
+    """The local cluster could not be started or found; the message says why."""
+
+
+def default_state_dir() -> Path:
+    """$PATHWAYS_LITE_STATE, else ~/.pathways_lite."""
+    return Path(os.environ.get(STATE_ENV) or Path.home() / ".pathways_lite").expanduser()
+
+
+def read_address(state_dir: str | Path) -> str:
+    """The controller address recorded in a state directory.
+
+    Raises:
+        ClusterError: no controller is running there.
+    """
+    path = Path(state_dir) / ADDRESS_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ClusterError(
+            f"no controller is running for state dir {str(state_dir)!r} (no {ADDRESS_FILE}); "
+            "start one with `pathways-lite up`."
+        ) from None
+    if not _alive(int(info.get("pid", 0))):
+        raise ClusterError(
+            f"the controller of state dir {str(state_dir)!r} (pid {info.get('pid')}) is not "
+            "running; start one with `pathways-lite up`."
+        )
+    return str(info["address"])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+class LocalCluster:
+    """Start a local cluster; use as a context manager or call `start()` and `down()`.
+
+    Args:
+        islands: number of islands.
+        devices_per_island: simulated CPU devices per island.
+        hosts_per_island: island hosts (processes) per island; must divide the devices.
+        island_memory: memory budget of one island in bytes (split over its devices); None
+            lets the hosts pick (half the RAM over their devices).
+        state_dir: the cluster's state directory; None means `default_state_dir()`.
+        start_timeout_s: how long the controller and its island hosts may take to start.
+    """
+
+    def __init__(
+        self,
+        islands: int = 2,
+        devices_per_island: int = 2,
+        hosts_per_island: int = 1,
+        island_memory: int | None = None,
+        state_dir: str | Path | None = None,
+        *,
+        start_timeout_s: float = 300.0,
+    ) -> None:
+        for name, value in (
+            ("islands", islands),
+            ("devices_per_island", devices_per_island),
+            ("hosts_per_island", hosts_per_island),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        if devices_per_island % hosts_per_island:
+            raise ValueError(
+                f"devices_per_island={devices_per_island} is not divisible by "
+                f"hosts_per_island={hosts_per_island}."
+            )
+        if island_memory is not None and island_memory < devices_per_island:
+            raise ValueError(f"island_memory={island_memory!r} bytes is too small.")
+        self.islands = islands
+        self.devices_per_island = devices_per_island
+        self.hosts_per_island = hosts_per_island
+        self.island_memory = island_memory
+        self.state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
+        self.start_timeout_s = start_timeout_s
+        self.address: str | None = None
+        self._ray: Any = None
+        self._controller: subprocess.Popen | None = None
+
+    def island_names(self) -> list[str]:
+        return [f"island-{i}" for i in range(self.islands)]
+
+    def start(self) -> LocalCluster:
+        """Start Ray, then the controller (which starts the island hosts); wait until it
+        serves.
+
+        Raises:
+            ClusterError: a cluster already runs in this state dir, or something failed to
+                start (the message points at its log).
+        """
+        from pathways_lite.workers.ray_cluster import LocalRayCluster, island_resource
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / CLUSTER_FILE).exists():
+            try:
+                address = read_address(self.state_dir)
+            except ClusterError:
+                logger.info("clearing a stale cluster record in %s", self.state_dir)
+                stop_recorded(self.state_dir)
+            else:
+                raise ClusterError(
+                    f"a cluster already runs in state dir {str(self.state_dir)!r} (controller "
+                    f"{address}); use another --state-dir or `pathways-lite down` first."
+                )
+        ray_dir = self.state_dir / "ray"
+        own_tmp = len(str(ray_dir)) > _RAY_DIR_MAX
+        if own_tmp:
+            ray_dir = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
+        resources = {island_resource(n): self.hosts_per_island for n in self.island_names()}
+        self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
+        record: dict[str, Any] = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
+        try:
+            self._ray.start()
+            record["ray_address"] = self._ray.address
+            record["ray_pids"] = [n.pid for n in self._ray.nodes]
+            self._write_record(record)
+            self._start_controller(record)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        path = self.state_dir / CLUSTER_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, path)
+
+    def _start_controller(self, record: dict[str, Any]) -> None:
+        per_host = self.devices_per_island // self.hosts_per_island
+        memory = ""
+        if self.island_memory is not None:
+            memory = f":{self.island_memory // self.devices_per_island}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pathways_lite.controller",
+            f"--state-dir={self.state_dir}",
+            f"--ray-address={self._ray.address}",
+            f"--ray-token-file={self._ray.token_path}",
+        ]
+        for name in self.island_names():
+            cmd.append(f"--island={name}:{self.hosts_per_island}:{per_host}{memory}")
+        log_path = self.state_dir / "controller.log"
+        (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+        with open(log_path, "ab") as log:
+            self._controller = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        record["controller_pid"] = self._controller.pid
+        self._write_record(record)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                info = json.loads((self.state_dir / ADDRESS_FILE).read_text())
+                if info.get("pid") == self._controller.pid:
+                    self.address = info["address"]
+                    return
+            except (OSError, ValueError):
+                pass
+            if self._controller.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise ClusterError(
+                    f"the controller exited with {self._controller.returncode} while starting: "
+                    f"{tail[0] if tail else 'no output'} (log {log_path})."
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"the controller did not start within {self.start_timeout_s:g} s; see "
+                    f"{log_path}."
+                )
+            time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """Live processes this cluster started (Ray nodes and their children, controller)."""
+        return recorded_pids(self.state_dir)
+
+    def down(self) -> None:
+        """Stop the controller and the Ray nodes this cluster started; nothing else."""
+        stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
+        self._ray = None
+        self._controller = None
+        self.address = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def recorded_pids(state_dir: str | Path) -> list[int]:
+    """Live processes recorded in a state dir's cluster.json, with their descendants."""
+    from pathways_lite.workers.ray_cluster import live_processes_of
+
+    try:
+        record = json.loads((Path(state_dir) / CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    leaders = list(record.get("ray_pids", []))
+    if record.get("controller_pid"):
+        leaders.append(record["controller_pid"])
+    return live_processes_of(leaders)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_recorded(
+    state_dir: str | Path,
+    *,
+    ray: Any = None,
+    controller: subprocess.Popen | None = None,
+    patience_s: float = 30.0,
+) -> bool:
+    """Stop what a state dir's cluster.json says its cluster started; returns whether there
+    was anything to stop.
+
+    The controller gets SIGTERM first (it shuts its island hosts down), then the Ray nodes;
+    whatever remains of their process groups and descendants after `patience_s` is killed.
+    """
+    from pathways_lite.workers.ray_cluster import alive
+
+    state_dir = Path(state_dir)
+    path = state_dir / CLUSTER_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if record is None and ray is None and controller is None:
+        return False
+    record = record or {}
+    tracked = set(recorded_pids(state_dir))
+    if ray is not None:
+        tracked |= set(ray.pids())
+    pid = record.get("controller_pid") or (controller.pid if controller else 0)
+    if pid and _alive(pid):
+        _killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + patience_s
+        while _alive(pid) and time.monotonic() < deadline:
+            if controller is not None:
+                controller.poll()
+            time.sleep(0.1)
+        _killpg(pid, signal.SIGKILL)
+        if controller is not None:
+            try:
+                controller.wait(5)
+            except subprocess.TimeoutExpired:
+                logger.error("controller pid %d did not exit", pid)
+    if ray is not None:
+        ray.stop()
+    else:
+        leaders = [p for p in record.get("ray_pids", []) if _alive(p)]
+        for leader in leaders:
+            try:
+                os.kill(leader, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + patience_s
+        while any(_alive(p) for p in leaders) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for leader in record.get("ray_pids", []):
+            _killpg(leader, signal.SIGKILL)
+    time.sleep(0.2)
+    for leftover in alive(sorted(tracked)):
+        logger.warning("killing leftover process %d", leftover)
+        try:
+            os.kill(leftover, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if record.get("ray_dir_is_temp"):
+        shutil.rmtree(record["ray_dir"], ignore_errors=True)
+    path.unlink(missing_ok=True)
+    (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+    return True
