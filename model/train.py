@@ -25,13 +25,26 @@ from .config import PalmConfig
 from .loss import lm_loss
 from .optim import OptimConfig, make_optimizer
 from .palm import Palm
-from .sharding import logical_to_spec, state_shardings
+from .sharding import (
+    logical_to_spec,
+    make_mesh,
+    state_shardings,
+    tree_shardings_like_params,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ReferenceTrainer",
+    "StepFunctions",
+    "StepRecord",
+    "TrainConfig",
+    "TrainState",
+    "make_mesh",
+]
+
 # float32 matmuls everywhere: distributed runs are compared with the reference at 1e-5.
 MATMUL_PRECISION = "highest"
-MESH_AXES = ("data", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,24 +70,6 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={value!r} must be a positive integer.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"train.seed={self.seed!r} must be a non-negative integer.")
-
-
-def make_mesh(data: int = 1, model: int = 1, devices: list[jax.Device] | None = None) -> Mesh:
-    """A ("data", "model") mesh over the first data * model local devices.
-
-    Raises:
-        ValueError: if the mesh does not match the devices available.
-    """
-    devices = list(jax.devices()) if devices is None else list(devices)
-    if data <= 0 or model <= 0:
-        raise ValueError(f"mesh data={data}, model={model}: both must be positive.")
-    if data * model > len(devices):
-        raise ValueError(
-            f"mesh data={data} x model={model} needs {data * model} devices, "
-            f"but only {len(devices)} are available."
-        )
-    grid = np.array(devices[: data * model]).reshape(data, model)
-    return Mesh(grid, MESH_AXES)
 
 
 @dataclasses.dataclass
@@ -105,9 +100,7 @@ class StepFunctions:
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         self.param_shardings = state_shardings(abstract_params, self.mesh)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        self.opt_shardings = _like_params(
-            abstract_opt, abstract_params, self.param_shardings, self.mesh
-        )
+        self.opt_shardings = tree_shardings_like_params(abstract_opt, abstract_params, self.mesh)
         self.batch_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None)))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
 
@@ -159,7 +152,8 @@ class StepFunctions:
 
     def init(self, seed: int) -> TrainState:
         """Fresh parameters and optimizer state, placed on the mesh by the logical rules."""
-        params, opt_state = self._init(seed)
+        with jax.set_mesh(self.mesh):
+            params, opt_state = self._init(seed)
         return TrainState(params=params, opt_state=opt_state, step=0)
 
     def place_batch(self, tokens_bt1: np.ndarray) -> jax.Array:
@@ -168,11 +162,13 @@ class StepFunctions:
 
     def grad_fn(self, state: TrainState, tokens_bt1) -> tuple[jax.Array, dict, Any]:
         """Loss, metrics and gradients of the mean loss over the given slice of the batch."""
-        return self._grad(state.params, tokens_bt1)
+        with jax.set_mesh(self.mesh):  # activates the model's logical activation constraints
+            return self._grad(state.params, tokens_bt1)
 
     def apply_fn(self, state: TrainState, grads) -> TrainState:
         """Clip and apply one optimizer update; returns the new state (the old is donated)."""
-        params, opt_state = self._apply(state.params, state.opt_state, grads)
+        with jax.set_mesh(self.mesh):
+            params, opt_state = self._apply(state.params, state.opt_state, grads)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1)
 
     def train_step(self, state: TrainState, tokens_bt1) -> tuple[TrainState, float]:
@@ -183,41 +179,6 @@ class StepFunctions:
     def model(self, state: TrainState) -> Palm:
         """The model object over the current parameters (for sampling)."""
         return nnx.merge(self.graphdef, state.params)
-
-
-def _like_params(abstract_opt, abstract_params, param_shardings, mesh: Mesh):
-    """Shard every optimizer leaf like the parameter of the same shape; replicate the rest.
-
-    Optimizer state leaves (momentum, second moments) mirror the parameters in structure and
-    shape. Matching by tree path suffix keeps each moment next to its parameter's shards.
-    """
-    by_path = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
-        by_path[_path_key(path)] = leaf.shape
-    shard_by_path = {
-        _path_key(path): sh for path, sh in jax.tree_util.tree_flatten_with_path(param_shardings)[0]
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        key = _path_key(path)
-        for p_key, shape in by_path.items():
-            if key[-len(p_key) :] == p_key and getattr(leaf, "shape", None) == shape:
-                return shard_by_path[p_key]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_opt)
-
-
-def _path_key(path) -> tuple:
-    keys = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                keys.append(getattr(entry, attr))
-                break
-    # nnx.State paths end in the Variable's value; only the structural names matter here.
-    return tuple(k for k in keys if k != "value")
 
 
 @dataclasses.dataclass
