@@ -92,3 +92,34 @@ def ray_cluster():
 
 
 # --- end of Ray cluster fixture ------------------------------------------------------------
+
+
+# --- Local pathways_lite cluster fixture (controller tests) --------------------------------
+# ONE LocalCluster (Ray on loopback, 1 island of 2 CPU devices, the controller process) for
+# the controller and CLI tests; teardown checks that `down` left no process behind.
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A started pathways_lite.local.LocalCluster: 1 island x 2 devices."""
+    import shutil
+    import tempfile
+
+    from pathways_lite.local import LocalCluster
+    from pathways_lite.workers.ray_cluster import alive
+
+    state_dir = tempfile.mkdtemp(prefix="plc-", dir="/tmp")
+    cluster = LocalCluster(islands=1, devices_per_island=2, state_dir=state_dir)
+    started: list[int] = []
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        started = cluster.pids()
+        cluster.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    leftover = alive(started)
+    assert not leftover, f"processes left behind by LocalCluster.down(): {leftover}"
+
+
+# --- end of local cluster fixture ----------------------------------------------------------
