@@ -141,7 +141,9 @@ def test_bad_loads_get_their_status_and_the_host_keeps_serving(host: Host) -> No
             str(BUDGET),
         ),
         (load_request(data_hash="deadbeef"), grpc.StatusCode.FAILED_PRECONDITION, "deadbeef"),
-        (load_request(preset="palm-tiny"), grpc.StatusCode.FAILED_PRECONDITION, "palm-tiny"),
+        # A PaLM preset is served now, and the probe's overrides are not PalmConfig fields.
+        (load_request(preset="palm-tiny"), grpc.StatusCode.INVALID_ARGUMENT, "d_in"),
+        (load_request(preset="gpt-9"), grpc.StatusCode.INVALID_ARGUMENT, "gpt-9"),
         (load_request(overrides={"width": 3}), grpc.StatusCode.INVALID_ARGUMENT, "width"),
     ]
     for request, want, named in cases:

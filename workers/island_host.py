@@ -195,6 +195,24 @@ class IslandHost:
             "psum": float(np.asarray(total.addressable_shards[0].data)),
         }
 
+    def job_param_layout(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """Each parameter's global shape, partition spec and this host's shards (diagnostics).
+
+        Reads array metadata only; call it while no step of the job is running.
+
+        Raises:
+            KeyError: the job is not loaded here.
+            TypeError: the job's runtime does not report a layout.
+        """
+        if self._server is None:
+            name = self.island.actor_name(self.host_index)
+            raise RuntimeError(f"island host {name} not started.")
+        runtime = self._server.servicer.job_runtime(job_id)
+        layout = getattr(runtime, "param_layout", None)
+        if layout is None:
+            raise TypeError(f"job {job_id!r} runs {type(runtime).__name__}, which has no layout.")
+        return layout()
+
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stop the worker service (in-flight calls get `grace_s`) and leave jax.distributed."""
         if self._server is not None:

@@ -9,8 +9,8 @@ Two runtimes exist:
   (`data`, `model`)-sharded weight matrix and deterministic synthetic data. It is small,
   real JAX work used to check the wiring (service, ordering, multi-host islands, benchmarks
   of the dispatch path) without the PaLM model.
-- The PaLM runtime arrives with the reference trainer (model/train.py); until then
-  `make_runtime` refuses PaLM presets with `RuntimeUnavailableError` instead of pretending.
+- `PalmRuntime` (workers/palm_runtime.py, every PaLM preset of model/config.py): the
+  reference trainer's step functions on the island's mesh.
 """
 
 from __future__ import annotations
@@ -123,10 +123,11 @@ class MemoryReport:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step reports: its loss and the example ids read."""
+    """What one step reports: its loss, the example ids read, and host-side phase seconds."""
 
     loss: float
     example_ids: Sequence[int]
+    phase_s: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,11 @@ def make_runtime(spec: JobSpec, devices: Sequence[Any]) -> JobRuntime:
     """
     if spec.preset == PROBE_PRESET:
         return LinearProbeRuntime(spec, devices)
-    raise RuntimeUnavailableError(
-        f"model.preset={spec.preset!r} needs the PaLM job runtime, which this island host "
-        f"does not provide yet; only {PROBE_PRESET!r} runs here."
+    from .palm_runtime import PalmRuntime, palm_presets
+
+    if spec.preset in palm_presets():
+        return PalmRuntime(spec, devices)
+    raise JobSpecError(
+        f"model.preset={spec.preset!r} is not a model this host runs; known presets: "
+        f"{', '.join((PROBE_PRESET, *palm_presets()))}."
     )

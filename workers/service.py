@@ -189,6 +189,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._jobs.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    def job_runtime(self, job_id: str) -> JobRuntime:
+        """The runtime of a loaded job (for the host's diagnostics; not a wire operation).
+
+        Raises:
+            KeyError: the job is not loaded.
+        """
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise KeyError(f"job_id={job_id!r} is not loaded on this host.")
+        return job.runtime
+
     # ---- helpers -------------------------------------------------------------------------
 
     @property
@@ -328,13 +339,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     f"job {spec.job_id!r} generation {spec.generation} is already loaded with "
                     "a different spec; bump the generation to replace it.",
                 )
-        try:
+
+        def prepare() -> tuple[JobRuntime, str, int]:
+            # Opening (or preparing) the dataset and estimating memory can take seconds:
+            # they run on the runtime thread so Info and health keep answering.
             runtime = self._runtime_factory(spec, self._devices)
+            return runtime, runtime.data_hash(), int(runtime.estimate_bytes_per_device())
+
+        try:
+            runtime, expected_hash, estimate = await self._on_runtime_thread(prepare)
         except JobSpecError as e:
             raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         except RuntimeUnavailableError as e:
             raise RpcRejection(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
-        expected_hash = runtime.data_hash()
         if spec.data_hash != expected_hash:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -342,7 +359,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"{expected_hash!r} of the data this host reads.",
             )
         budget = self.metadata.memory_budget_bytes_per_device
-        estimate = int(runtime.estimate_bytes_per_device())
         if estimate > budget:
             raise RpcRejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
