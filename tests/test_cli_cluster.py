@@ -1,0 +1,143 @@
+"""The cluster CLI: up/down, submit --wait --json, jobs, status, cancel, islands, bad specs.
+
+Job commands run against the session's LocalCluster (tests/conftest.py); `up`/`down` of a
+second, smaller cluster run as real `pathways-lite` processes beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pathways_lite import cli
+from pathways_lite.workers.ray_cluster import alive
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SPEC = """\
+name: cli-tiny
+model: {preset: palm-tiny}
+islands: 1
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+train: {steps: 3, global_batch: 4, seq_len: 64, seed: 1}
+data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}
+"""
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pathways_lite.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def main(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_wait_json_then_status_jobs_and_cancel(local_cluster, tmp_path, capsys) -> None:
+    state = str(local_cluster.state_dir)
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC)
+    done = run_cli("submit", str(spec), "--wait", "--json", "--state-dir", state)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "succeeded" and len(record["losses"]) == 3
+    assert all(isinstance(x, float) for x in record["losses"])
+
+    code, out, _ = main(capsys, "status", record["id"], "--json", "--state-dir", state)
+    assert code == 0 and json.loads(out)["losses"] == record["losses"]
+    code, out, _ = main(capsys, "jobs", "--json", "--state-dir", state)
+    assert code == 0 and record["id"] in [j["id"] for j in json.loads(out)]
+    code, out, _ = main(capsys, "jobs", "--state-dir", state)
+    assert code == 0 and record["id"] in out and "succeeded" in out
+
+    # Cancelling a finished job is refused: one line, non-zero.
+    code, _, err = main(capsys, "cancel", record["id"], "--state-dir", state)
+    assert code != 0 and err.count("\n") == 1 and "already succeeded" in err
+
+    # A queued-then-cancelled job: submit without --wait, cancel it at once.
+    spec.write_text(SPEC.replace("steps: 3", "steps: 500"))
+    code, out, _ = main(capsys, "submit", str(spec), "--json", "--state-dir", state)
+    job_id = json.loads(out)["id"]
+    code, out, _ = main(capsys, "cancel", job_id, "--state-dir", state)
+    assert code == 0 and "cancelled" in out
+
+
+def test_islands_json_lists_every_host(local_cluster, capsys) -> None:
+    code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(local_cluster.state_dir))
+    assert code == 0
+    (island,) = json.loads(out)
+    (host,) = island["hosts"]
+    assert {"node", "address", "pid", "port", "devices"} <= set(host)
+    assert host["devices"] == 2 and host["node"] == "127.0.0.2"
+
+
+BAD = {
+    "yaml that does not parse": ("name: [unclosed\n", "does not parse as YAML"),
+    "unknown key": (SPEC + "colour: blue\n", "colour"),
+    "wrong type": (SPEC.replace("steps: 3", "steps: many"), "train.steps"),
+    "zero size": (SPEC.replace("global_batch: 4", "global_batch: 0"), "train.global_batch"),
+    "negative size": (SPEC.replace("seq_len: 64", "seq_len: -1"), "train.seq_len"),
+    "unknown preset": (SPEC.replace("palm-tiny", "palm-huge"), "model.preset"),
+    "missing section": (SPEC.replace("mesh: {data: 1, model: 2}\n", ""), "mesh"),
+    "absurd name": (SPEC.replace("cli-tiny", "n" * 10000), "name"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_specs_give_one_line_and_a_nonzero_exit(
+    local_cluster, tmp_path, capsys, case
+) -> None:
+    text, field = BAD[case]
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    code, out, err = main(capsys, "submit", str(spec), "--state-dir", str(local_cluster.state_dir))
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pathways-lite: error:")
+    assert field in err and "Traceback" not in err
+
+
+def test_commands_without_a_cluster_fail_in_one_line(tmp_path, capsys) -> None:
+    for args in (("jobs",), ("status", "x"), ("islands",), ("down",)):
+        code, _, err = main(capsys, *args, "--state-dir", str(tmp_path))
+        assert code != 0 and err.count("\n") == 1, (args, err)
+
+
+def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys) -> None:
+    other = Path(tempfile.mkdtemp(prefix="plc2-", dir="/tmp"))
+    try:
+        up = run_cli(
+            "up", "--islands", "1", "--devices-per-island", "1", "--state-dir", str(other), "--json"
+        )
+        assert up.returncode == 0, up.stderr
+        info = json.loads(up.stdout)
+        assert info["state_dir"] == str(other) and info["controller"] != local_cluster.address
+        record = json.loads((other / "cluster.json").read_text())
+        code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(other))
+        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 1
+        first = str(local_cluster.state_dir)
+        code, out, _ = main(capsys, "islands", "--json", "--state-dir", first)
+        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 2
+        from pathways_lite.local import recorded_pids
+
+        pids = recorded_pids(other)
+        assert record["controller_pid"] in pids and len(pids) > 3
+    finally:
+        down = run_cli("down", "--state-dir", str(other))
+    assert down.returncode == 0, down.stderr
+    assert alive(pids) == []
+    assert not (other / "cluster.json").exists()
+    # The first cluster is untouched.
+    code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(local_cluster.state_dir))
+    assert code == 0 and json.loads(out)
