@@ -35,6 +35,7 @@ from .sharding import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CompiledStep",
     "ReferenceTrainer",
     "StepFunctions",
     "StepRecord",
@@ -70,6 +71,20 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={value!r} must be a positive integer.")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"train.seed={self.seed!r} must be a non-negative integer.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """Both halves of a step compiled for one batch shape: `grad(params, batch)` returns
+    (loss, metrics, grads); `apply(params, opt_state, grads)` returns (params, opt_state) and
+    donates its first two arguments."""
+
+    grad: Any
+    apply: Any
+
+    def memory_analyses(self) -> tuple[Any, Any]:
+        """XLA's memory analysis of the grad and the apply program."""
+        return self.grad.memory_analysis(), self.apply.memory_analysis()
 
 
 @dataclasses.dataclass
@@ -155,6 +170,20 @@ class StepFunctions:
         with jax.set_mesh(self.mesh):
             params, opt_state = self._init(seed)
         return TrainState(params=params, opt_state=opt_state, step=0)
+
+    def compile(self, batch_size: int, seq_len: int) -> CompiledStep:
+        """Lower and compile both halves ahead of time for (batch_size, seq_len + 1) batches.
+
+        Works on abstract shapes only: nothing is allocated, so a dry run can read the
+        compiled programs' memory analysis before any parameter exists.
+        """
+        params_abs, opt_abs = jax.eval_shape(lambda: self._init_impl(0))
+        batch_abs = jax.ShapeDtypeStruct((batch_size, seq_len + 1), np.int32)
+        with jax.set_mesh(self.mesh):
+            grad = self._grad.lower(params_abs, batch_abs).compile()
+            _, _, grads_abs = jax.eval_shape(self._grad_impl, params_abs, batch_abs)
+            apply = self._apply.lower(params_abs, opt_abs, grads_abs).compile()
+        return CompiledStep(grad=grad, apply=apply)
 
     def place_batch(self, tokens_bt1: np.ndarray) -> jax.Array:
         """Put a (B, T + 1) int32 batch on the mesh, split over `data`."""

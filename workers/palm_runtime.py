@@ -279,7 +279,6 @@ class PalmRuntime(JobRuntime):
     # ---- load, step, digest --------------------------------------------------------------
 
     def load(self, *, dry_run: bool) -> MemoryReport:
-        import jax
 
         from pathways_lite.model.train import StepFunctions, make_mesh
 
@@ -287,13 +286,9 @@ class PalmRuntime(JobRuntime):
         started = time.perf_counter()
         mesh = make_mesh(self.spec.mesh.data, self.spec.mesh.model, devices=self.devices)
         fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
-        # Abstract state and batch: lowering allocates nothing.
-        params_abs, opt_abs = jax.eval_shape(lambda: fns._init_impl(self.spec.seed))
-        batch_abs = jax.ShapeDtypeStruct((self.spec.island_batch, self.spec.seq_len + 1), np.int32)
-        # StepFunctions' own jitted halves (private by name only): the reference's programs.
-        grad_exec = fns._grad.lower(params_abs, batch_abs).compile()
-        _, _, grads_abs = jax.eval_shape(fns._grad_impl, params_abs, batch_abs)
-        apply_exec = fns._apply.lower(params_abs, opt_abs, grads_abs).compile()
+        # StepFunctions' own programs, compiled from abstract shapes: nothing is allocated.
+        compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
+        grad_exec, apply_exec = compiled.grad, compiled.apply
         grad_mem, apply_mem = _memory_report(grad_exec), _memory_report(apply_exec)
         # The step's peak is the larger of its two programs.
         report = max(grad_mem, apply_mem, key=lambda r: r.total_bytes)
