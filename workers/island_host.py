@@ -41,6 +41,9 @@ class IslandSpec:
         platform: "cpu" (simulated devices) or "gpu" (the node's GPUs through Ray).
         memory_budget_bytes_per_device: Budget jobs are checked against; None reads the
             device's limit (GPU) or, on CPU, half the host's RAM split over its devices.
+        ray_resource: The Ray resource a host is placed with (one unit per host); empty
+            means `island_<name>`. Islands discovered on a GPU node without an island
+            resource use the node's own `node:<ip>` resource (workers/discovery.py).
     """
 
     name: str
@@ -48,6 +51,7 @@ class IslandSpec:
     devices_per_host: int = 2
     platform: str = "cpu"
     memory_budget_bytes_per_device: int | None = None
+    ray_resource: str = ""
 
     def __post_init__(self) -> None:
         if not self.name.replace("-", "").replace("_", "").isalnum():
@@ -62,7 +66,7 @@ class IslandSpec:
 
     @property
     def resource(self) -> str:
-        return island_resource(self.name)
+        return self.ray_resource or island_resource(self.name)
 
     def actor_name(self, host_index: int) -> str:
         return f"island-{self.name}-host-{host_index}"
