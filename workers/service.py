@@ -536,6 +536,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return worker_pb2.UnloadJobReply(unloaded=True)
 
     @_rpc
+    async def Sample(self, request: worker_pb2.SampleRequest, context) -> Any:
+        """Generate from a loaded job's current parameters, between its steps."""
+        from .sampling import sample
+
+        job = self._job(request.job_id)
+        async with self._lock:
+            try:
+                result = await self._on_runtime_thread(
+                    sample,
+                    job.runtime,
+                    request.prompt,
+                    max_new_tokens=request.max_new_tokens,
+                    temperature=request.temperature,
+                    top_k=request.top_k,
+                    seed=request.seed,
+                )
+            except JobSpecError as e:
+                raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            except RuntimeUnavailableError as e:
+                raise RpcRejection(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+        return worker_pb2.SampleReply(
+            job_id=request.job_id,
+            text=result.text,
+            tokens=result.tokens,
+            steps_applied=result.steps_applied,
+            seconds=result.seconds,
+        )
+
+    @_rpc
     async def Info(self, request: worker_pb2.InfoRequest, context) -> Any:
         """Metadata and state; never waits for the devices."""
         m = self.metadata
