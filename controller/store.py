@@ -546,11 +546,13 @@ class JobStore:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
         states: Iterable[JobState] = (),
+        newest_first: bool = False,
     ) -> tuple[list[JobRecord], str]:
         """A page of jobs in creation order, with the token of the next page ("" at the end).
 
         Keyset pagination: the token holds the (created, id) of the page's last job, so pages
-        stay consistent while jobs are added.
+        stay consistent while jobs are added; `newest_first` walks the same index backwards
+        (the dashboard's history).
 
         Raises:
             ValueError: page_size is negative, or page_token was not issued by this store.
@@ -561,7 +563,7 @@ class JobStore:
         where, args = [], []
         if page_token:
             created, last_id = _decode_token(page_token)
-            where.append("(created_us, id) > (?, ?)")
+            where.append(f"(created_us, id) {'<' if newest_first else '>'} (?, ?)")
             args += [created, last_id]
         state_values = sorted({JobState(s).value for s in states})
         if state_values:
@@ -570,12 +572,33 @@ class JobStore:
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_us, id LIMIT ?"
+        order = "DESC" if newest_first else ""
+        sql += f" ORDER BY created_us {order}, id {order} LIMIT ?"
         with self._mutex:
             rows = self._conn.execute(sql, (*args, size + 1)).fetchall()
         jobs = [_job_from_row(r) for r in rows[:size]]
         token = _encode_token(jobs[-1].created_us, jobs[-1].id) if len(rows) > size else ""
         return jobs, token
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """How many jobs are in each state (every state present, zeros included)."""
+        with self._mutex:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        counts = dict.fromkeys(JobState, 0)
+        counts.update({JobState(s): int(n) for s, n in rows})
+        return counts
+
+    def prune_finished(self, created_before_us: int) -> int:
+        """Delete finished jobs (succeeded, failed, cancelled) submitted before a time, with
+        their events and metrics: the history retention. Returns how many jobs went."""
+        terminal = sorted(s.value for s in TERMINAL_STATES)
+        with self._transaction() as conn:
+            cur = conn.execute(
+                f"DELETE FROM jobs WHERE created_us < ? AND state IN "
+                f"({', '.join('?' * len(terminal))})",
+                (created_before_us, *terminal),
+            )
+        return cur.rowcount
 
     def jobs_in_states(self, states: Iterable[JobState]) -> list[JobRecord]:
         """Every job in one of `states`, in scheduling order (priority, then submission)."""
