@@ -19,13 +19,23 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 logger = logging.getLogger("pathways_lite.controller.main")
 
 ADDRESS_FILE = "controller.json"
+# Deployment ports (docker-compose.yml, README): the one place that names them. A local
+# cluster (`pathways-lite up`) picks free ports instead.
+CONTROLLER_PORT = 50051  # the ControllerService (gRPC, with grpc.health.v1)
+DASHBOARD_PORT = 8080  # the controller's web dashboard (issue 9)
+RAY_PORT = 6379  # the Ray head's GCS (Ray's own default)
+RAY_NODE_MANAGER_PORT = 6380  # an island node's raylet (its grpc.health.v1 health check)
+# `--node-ip auto`: let Ray pick this machine's address (a real cluster, a container).
+AUTO_NODE_IP = "auto"
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -73,7 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", required=True, help="the state directory (locked)")
     p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS ip:port")
     p.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
-    p.add_argument("--node-ip", default="127.0.0.2", help="this driver's Ray node address")
+    p.add_argument(
+        "--node-ip",
+        default="127.0.0.2",
+        help=f"this driver's Ray node address; {AUTO_NODE_IP!r} lets Ray pick (real clusters)",
+    )
+    p.add_argument(
+        "--join-ray-node",
+        action="store_true",
+        help="first start a Ray node here (no CPUs, no islands) joined to --ray-address, for "
+        "a controller on a machine that runs no Ray node (a container); stopped on exit",
+    )
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="add the islands the Ray cluster's nodes advertise (workers/discovery.py)",
+    )
+    p.add_argument(
+        "--min-islands",
+        type=int,
+        default=1,
+        help="with --discover: wait until the cluster advertises this many islands",
+    )
+    p.add_argument(
+        "--discover-timeout-s",
+        type=float,
+        default=120.0,
+        help="with --discover: how long to wait for --min-islands islands",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0 = pick one)")
     p.add_argument(
@@ -167,9 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"controller: error: {e}", file=sys.stderr)
         return 2
     started = []
+    ray_node = None
     try:
-        connect(args.ray_address, node_ip=args.node_ip, token_path=args.ray_token_file)
-        groups, started = _start_islands(args.island)
+        node_ip = None if args.node_ip == AUTO_NODE_IP else args.node_ip
+        if args.join_ray_node:
+            ray_node, node_ip = _join_ray_node(args, node_ip)
+        connect(args.ray_address, node_ip=node_ip, token_path=args.ray_token_file)
+        islands = list(args.island)
+        if args.discover:
+            from pathways_lite.workers.discovery import discover_islands
+
+            given = {i.name for i in islands}
+            found = discover_islands(
+                min_islands=args.min_islands, timeout_s=args.discover_timeout_s
+            )
+            islands += [i for i in found if i.name not in given]
+        groups, started = _start_islands(islands)
         asyncio.run(_serve(args, store, groups))
         return 0
     except Exception as e:
@@ -180,7 +230,34 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_hosts:
             for group in started:
                 group.shutdown()
+        if ray_node is not None:
+            import ray
+
+            ray.shutdown()
+            ray_node.stop()
+            shutil.rmtree(ray_node.state_dir, ignore_errors=True)
         store.close()
+
+
+def _join_ray_node(args, node_ip: str | None):
+    """Start a Ray node on this machine joined to the cluster; (its cluster object, its IP)."""
+    from pathways_lite.workers.discovery import address_towards
+    from pathways_lite.workers.ray_cluster import LocalRayCluster
+
+    ip = node_ip or address_towards(args.ray_address)
+    # Ray's unix sockets live below the node's temp dir: a short local path, not the state dir.
+    node = LocalRayCluster.joining(
+        args.ray_address,
+        tempfile.mkdtemp(prefix="plnode-", dir="/tmp"),
+        token_path=args.ray_token_file,
+    )
+    try:
+        node.add_node(ip, {})
+    except BaseException:
+        node.stop()
+        raise
+    logger.info("joined the Ray cluster %s as node %s", args.ray_address, ip)
+    return node, ip
 
 
 if __name__ == "__main__":

@@ -63,6 +63,47 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from pathways_lite.controller.__main__ import parse_size
     from pathways_lite.local import LocalCluster
 
+    if args.ray_address is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--islands", args.islands),
+                ("--devices-per-island", args.devices_per_island),
+                ("--hosts-per-island", args.hosts_per_island),
+                ("--island-memory", args.island_memory),
+            )
+            if value is not None
+        ]
+        if given:
+            raise CliError(
+                f"{', '.join(given)} cannot be combined with --ray-address: the islands come "
+                "from the Ray cluster's node resources (island_<name>)."
+            )
+        cluster = LocalCluster(
+            state_dir=args.state_dir,
+            ray_address=args.ray_address,
+            ray_token_file=args.ray_token_file,
+            node_ip=args.node_ip,
+        )
+        cluster.start()
+        if args.json:
+            print_json({"controller": cluster.address, "state_dir": str(cluster.state_dir)})
+        else:
+            print(f"controller {cluster.address} (state dir {cluster.state_dir})")
+        return 0
+    missing = [
+        flag
+        for flag, value in (
+            ("--islands", args.islands),
+            ("--devices-per-island", args.devices_per_island),
+        )
+        if value is None
+    ]
+    if missing:
+        raise CliError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required unless "
+            "--ray-address is given."
+        )
     memory = None
     if args.island_memory is not None:
         try:
@@ -73,7 +114,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cluster = LocalCluster(
             islands=args.islands,
             devices_per_island=args.devices_per_island,
-            hosts_per_island=args.hosts_per_island,
+            hosts_per_island=args.hosts_per_island or 1,
             island_memory=memory,
             state_dir=args.state_dir,
         )
@@ -196,6 +237,25 @@ def _cmd_islands(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pathways_lite.local import default_state_dir, read_address
+
+    address = args.address or read_address(args.state_dir or default_state_dir())
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            raise CliError(f"health check of {address}: {e.code().name}: {e.details()}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -220,11 +280,25 @@ def _add_cluster_commands(sub) -> None:
         return p
 
     up = add("up", "start a local cluster in the background", _cmd_up)
-    up.add_argument("--islands", type=_positive_int, required=True, help="number of islands")
     up.add_argument(
-        "--devices-per-island", type=_positive_int, required=True, help="devices per island"
+        "--islands", type=_positive_int, default=None, help="number of islands (local Ray)"
     )
-    up.add_argument("--hosts-per-island", type=_positive_int, default=1, help="hosts per island")
+    up.add_argument(
+        "--devices-per-island", type=_positive_int, default=None, help="devices per island"
+    )
+    up.add_argument(
+        "--hosts-per-island", type=_positive_int, default=None, help="hosts per island (1)"
+    )
+    up.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (head host:port) instead of starting one; islands come "
+        "from its nodes' island_<name> resources",
+    )
+    up.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
+    up.add_argument(
+        "--node-ip", default=None, help="with --ray-address: the controller's Ray node address"
+    )
     up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
     add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
     submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
@@ -237,6 +311,17 @@ def _add_cluster_commands(sub) -> None:
     cancel.add_argument("job", help="the job id")
     cancel.add_argument("--reason", default="", help="why (recorded with the job)")
     add("islands", "list the islands and their hosts", _cmd_islands)
+    health = add(
+        "health",
+        "check a server through grpc.health.v1 (exit 0 when SERVING)",
+        _cmd_health,
+        json_flag=False,
+    )
+    health.add_argument(
+        "--address", default=None, help="host:port (default: the state dir's controller)"
+    )
+    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,10 @@
 
 `LocalCluster` starts a LocalRayCluster (head on 127.0.0.2, token auth) whose head advertises
 every island's resource, then the controller process in the background, which starts the
-island hosts. What it started is written to `<state_dir>/cluster.json`, so `down` (this object,
-or `pathways-lite down` from another process) stops exactly those processes and no others.
+island hosts. With `ray_address` it joins an existing Ray cluster instead: it starts only the
+controller, whose islands are the ones the cluster's nodes advertise (workers/discovery.py).
+What it started is written to `<state_dir>/cluster.json`, so `down` (this object, or
+`pathways-lite down` from another process) stops exactly those processes and no others.
 """
 
 from __future__ import annotations
@@ -81,6 +83,14 @@ class LocalCluster:
             lets the hosts pick (half the RAM over their devices).
         state_dir: the cluster's state directory; None means `default_state_dir()`.
         start_timeout_s: how long the controller and its island hosts may take to start.
+        ray_address: join this running Ray cluster (`host:port` of its head) instead of
+            starting one; the islands then come from the cluster's node resources and
+            `islands`, `devices_per_island`, `hosts_per_island` and `island_memory` are not
+            used. `down` stops only the controller (and the island hosts it started).
+        ray_token_file: the joined cluster's Ray auth token file (None: no token auth).
+        node_ip: the controller's Ray node address when joining; None takes the head's
+            address for a loopback cluster and lets Ray pick otherwise.
+        min_islands: when joining, wait until the cluster advertises this many islands.
     """
 
     def __init__(
@@ -92,6 +102,10 @@ class LocalCluster:
         state_dir: str | Path | None = None,
         *,
         start_timeout_s: float = 300.0,
+        ray_address: str | None = None,
+        ray_token_file: str | Path | None = None,
+        node_ip: str | None = None,
+        min_islands: int = 1,
     ) -> None:
         for name, value in (
             ("islands", islands),
@@ -113,6 +127,10 @@ class LocalCluster:
         self.island_memory = island_memory
         self.state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
         self.start_timeout_s = start_timeout_s
+        self.ray_address = ray_address
+        self.ray_token_file = None if ray_token_file is None else Path(ray_token_file).resolve()
+        self.node_ip = node_ip
+        self.min_islands = min_islands
         self.address: str | None = None
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None
@@ -142,6 +160,15 @@ class LocalCluster:
                     f"a cluster already runs in state dir {str(self.state_dir)!r} (controller "
                     f"{address}); use another --state-dir or `pathways-lite down` first."
                 )
+        if self.ray_address is not None:
+            record = {"ray_address": self.ray_address, "joined": True}
+            try:
+                self._write_record(record)
+                self._start_controller(record)
+            except BaseException:
+                self.down()
+                raise
+            return self
         ray_dir = self.state_dir / "ray"
         own_tmp = len(str(ray_dir)) > _RAY_DIR_MAX
         if own_tmp:
@@ -167,20 +194,31 @@ class LocalCluster:
         os.replace(tmp, path)
 
     def _start_controller(self, record: dict[str, Any]) -> None:
-        per_host = self.devices_per_island // self.hosts_per_island
-        memory = ""
-        if self.island_memory is not None:
-            memory = f":{self.island_memory // self.devices_per_island}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "pathways_lite.controller",
-            f"--state-dir={self.state_dir}",
-            f"--ray-address={self._ray.address}",
-            f"--ray-token-file={self._ray.token_path}",
-        ]
-        for name in self.island_names():
-            cmd.append(f"--island={name}:{self.hosts_per_island}:{per_host}{memory}")
+        cmd = [sys.executable, "-m", "pathways_lite.controller", f"--state-dir={self.state_dir}"]
+        if self.ray_address is not None:
+            from pathways_lite.controller.__main__ import AUTO_NODE_IP
+            from pathways_lite.workers.discovery import driver_node_ip
+
+            node_ip = self.node_ip or driver_node_ip(self.ray_address) or AUTO_NODE_IP
+            cmd += [
+                f"--ray-address={self.ray_address}",
+                f"--node-ip={node_ip}",
+                "--discover",
+                f"--min-islands={self.min_islands}",
+            ]
+            if self.ray_token_file is not None:
+                cmd.append(f"--ray-token-file={self.ray_token_file}")
+        else:
+            cmd += [
+                f"--ray-address={self._ray.address}",
+                f"--ray-token-file={self._ray.token_path}",
+            ]
+            per_host = self.devices_per_island // self.hosts_per_island
+            memory = ""
+            if self.island_memory is not None:
+                memory = f":{self.island_memory // self.devices_per_island}"
+            for name in self.island_names():
+                cmd.append(f"--island={name}:{self.hosts_per_island}:{per_host}{memory}")
         log_path = self.state_dir / "controller.log"
         (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -92,7 +92,7 @@ class LocalRayCluster:
         self.head_resources = dict(head_resources or {})
         self.num_cpus = num_cpus
         self.start_timeout_s = start_timeout_s
-        self.token_path = self.state_dir / "auth_token"
+        self.token_path: Path | None = self.state_dir / "auth_token"
         self.address: str | None = None
         self.nodes: list[RayNode] = []
 
@@ -217,13 +217,59 @@ class LocalRayCluster:
         self.nodes = []
         self.address = None
 
+    def stop_node(self, node: RayNode, patience_s: float = 20.0) -> None:
+        """Stop one node this cluster started (a simulated machine failure), as `stop()` does.
+
+        The rest of the cluster keeps running; Ray marks the node dead.
+        """
+        tracked = set(live_processes_of([node.pid]))
+        if node.process.poll() is None:
+            _signal_group(node.pid, signal.SIGTERM, only_leader=True)
+        try:
+            node.process.wait(patience_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("ray node %s ignored SIGTERM for %.0f s", node.ip, patience_s)
+        _signal_group(node.pid, signal.SIGKILL)
+        node.process.wait(5)
+        for pid in tracked & {pid for pid, _, _ in _process_table()}:
+            _signal_group(pid, signal.SIGKILL, only_leader=True)
+        self.nodes.remove(node)
+        logger.info("Ray node %s stopped", node.ip)
+
     def pids(self) -> list[int]:
         """Live processes this cluster started: its nodes' process groups and descendants."""
         return live_processes_of([node.pid for node in self.nodes])
 
     def env(self) -> dict[str, str]:
-        """Environment that processes joining this cluster need (token auth)."""
-        return auth_env(self.token_path)
+        """Environment that processes joining this cluster need (token auth, if any)."""
+        return {} if self.token_path is None else auth_env(self.token_path)
+
+    @classmethod
+    def joining(
+        cls,
+        address: str,
+        state_dir: Path | str,
+        *,
+        token_path: Path | str | None = None,
+        num_cpus: int = 0,
+    ) -> LocalRayCluster:
+        """An object that adds nodes on this machine to a cluster someone else started.
+
+        Its `stop()` stops only the nodes it added; the head and other nodes are left alone.
+        A controller running where no Ray node runs (a container) joins this way, because a
+        Ray driver needs a node on its own machine.
+
+        Args:
+            address: The cluster's GCS address (`host:port`).
+            state_dir: Directory for the added nodes' temp dirs and logs (keep it short).
+            token_path: The cluster's token file; None for a cluster without token auth.
+            num_cpus: Logical CPUs each added node advertises (0: schedule no tasks there).
+        """
+        cluster = cls(state_dir, num_cpus=num_cpus)
+        cluster.state_dir.mkdir(parents=True, exist_ok=True)
+        cluster.address = address
+        cluster.token_path = None if token_path is None else Path(token_path)
+        return cluster
 
     def __enter__(self) -> LocalRayCluster:
         self.start()
@@ -287,7 +333,7 @@ def live_processes_of(leaders: list[int]) -> list[int]:
 def connect(
     address: str,
     *,
-    node_ip: str = HEAD_IP,
+    node_ip: str | None = HEAD_IP,
     token_path: Path | str | None = None,
     namespace: str = NAMESPACE,
     **init_kwargs: Any,
@@ -296,7 +342,8 @@ def connect(
 
     Args:
         address: The cluster's GCS address (`ip:port`).
-        node_ip: The address this driver uses; Ray otherwise picks the machine's interface.
+        node_ip: The address this driver uses; Ray otherwise picks the machine's interface
+            (None: let it, as on a real cluster).
         token_path: The cluster's token file (sets `RAY_AUTH_MODE=token` for this process).
         namespace: Ray namespace of named actors.
         **init_kwargs: Passed to `ray.init`.
@@ -312,4 +359,6 @@ def connect(
 
         Config.initialize("")
     init_kwargs.setdefault("log_to_driver", False)
-    return ray.init(address=address, _node_ip_address=node_ip, namespace=namespace, **init_kwargs)
+    if node_ip is not None:
+        init_kwargs["_node_ip_address"] = node_ip
+    return ray.init(address=address, namespace=namespace, **init_kwargs)

@@ -1,0 +1,224 @@
+"""docker-compose.yml, docker-compose.gpu.yml and the Dockerfile, checked without a Docker engine.
+
+The files parse, every build context and COPY source exists (and is not dropped by
+.dockerignore), every service's command and health check parses with the argument parser of
+the program it runs (Ray's `ray start`, the controller's, the `pathways-lite` CLI's), the
+islands the nodes advertise are what discovery makes of them, and ports, paths and
+environment variables agree with the constants in the code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pathways_lite import cli
+from pathways_lite.controller import __main__ as controller_main
+from pathways_lite.local import STATE_ENV
+from pathways_lite.model.tokenizer import default_cache_dir
+from pathways_lite.workers.discovery import islands_from_nodes
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = REPO / "docker-compose.yml"
+GPU = REPO / "docker-compose.gpu.yml"
+ISLAND_NODES = ("island-a", "island-b")
+VOLUMES = {"state": "/state", "datasets": "/datasets", "checkpoints": "/checkpoints"}
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file: mappings merge, everything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _compose_variants() -> dict[str, dict]:
+    base = _load(BASE)
+    return {"cpu": base, "gpu": _merge(base, _load(GPU))}
+
+
+def _ray_start(argv: list[str]) -> dict:
+    """The options of a `ray start` command line, parsed by Ray's own click command."""
+    from ray.scripts.scripts import start
+
+    assert argv[:2] == ["ray", "start"], argv
+    context = start.make_context("ray start", list(argv[2:]))
+    return context.params
+
+
+def _option(argv: list[str], name: str) -> str:
+    for arg in argv:
+        if arg.startswith(f"{name}="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {argv}")
+
+
+def _health_argv(service: dict) -> list[str]:
+    test = service["healthcheck"]["test"]
+    if test[0] == "CMD-SHELL":
+        test = ["CMD", *shlex.split(test[1])]
+    assert test[0] == "CMD", test
+    return list(test[1:])
+
+
+def _health_port(service: dict) -> int:
+    argv = _health_argv(service)
+    assert argv[:2] == ["pathways-lite", "health"], argv
+    args = cli.build_parser().parse_args(argv[1:])
+    host, port = args.address.rsplit(":", 1)
+    assert host == "127.0.0.1", args.address
+    return int(port)
+
+
+def test_compose_files_parse_and_name_the_services() -> None:
+    for name, compose in _compose_variants().items():
+        services = compose["services"]
+        assert set(services) == {"ray-head", *ISLAND_NODES, "controller"}, name
+        assert set(compose["volumes"]) == set(VOLUMES)
+
+
+def test_build_contexts_and_every_copy_source_exist() -> None:
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for name, compose in _compose_variants().items():
+        for service_name, service in compose["services"].items():
+            build = service["build"]
+            context = (REPO / build["context"]).resolve()
+            assert context.is_dir(), (name, service_name, context)
+            dockerfile = context / build.get("dockerfile", "Dockerfile")
+            assert dockerfile.is_file(), dockerfile
+    copies = [
+        line.split()[1:]
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+    ]
+    assert copies
+    for words in copies:
+        assert not any(w.startswith("--from") for w in words), words
+        for source in words[:-1]:
+            assert (REPO / source).exists(), f"COPY source {source!r} does not exist"
+            top = source.rstrip("/")
+            assert not any(fnmatch.fnmatch(top, pattern) for pattern in ignored), (
+                f"COPY source {source!r} is excluded by .dockerignore"
+            )
+    # The generated protobuf code is never copied: the wheel build makes it from protos/.
+    assert "pathways_lite/v1" in ignored
+
+
+def test_ray_nodes_commands_parse_and_advertise_the_islands() -> None:
+    for name, compose in _compose_variants().items():
+        services = compose["services"]
+        head = _ray_start(services["ray-head"]["command"])
+        assert head["head"] and head["block"]
+        assert head["port"] == controller_main.RAY_PORT
+        assert _health_port(services["ray-head"]) == controller_main.RAY_PORT
+        nodes = []
+        for node_name in ISLAND_NODES:
+            service = services[node_name]
+            params = _ray_start(service["command"])
+            assert params["block"], node_name
+            assert params["address"] == f"ray-head:{controller_main.RAY_PORT}"
+            assert params["node_manager_port"] == controller_main.RAY_NODE_MANAGER_PORT
+            assert _health_port(service) == controller_main.RAY_NODE_MANAGER_PORT
+            resources = json.loads(params["resources"])
+            gpus = 0
+            if name == "gpu":
+                (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+                assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+                gpus = len(device["device_ids"])
+            else:
+                assert "deploy" not in service, "the CPU variant reserves no GPUs"
+            nodes.append(
+                {
+                    "NodeManagerAddress": node_name,
+                    "Resources": {"CPU": float(params["num_cpus"]), "GPU": gpus, **resources},
+                }
+            )
+        islands = islands_from_nodes(nodes)
+        assert [i.name for i in islands] == ["a", "b"], name
+        for island in islands:
+            assert island.num_hosts == 1
+            assert island.platform == name
+            assert island.devices_per_host == (1 if name == "gpu" else 2)
+
+
+def test_controller_command_parses_and_agrees_with_the_ports() -> None:
+    for name, compose in _compose_variants().items():
+        service = compose["services"]["controller"]
+        argv = service["command"]
+        assert argv[:3] == ["python", "-m", "pathways_lite.controller"], argv
+        args = controller_main.build_parser().parse_args(argv[3:])
+        assert args.host == "0.0.0.0", "the controller listens on every interface of its container"
+        assert args.port == controller_main.CONTROLLER_PORT
+        assert args.ray_address == f"ray-head:{controller_main.RAY_PORT}"
+        assert args.discover and args.join_ray_node
+        assert args.node_ip == controller_main.AUTO_NODE_IP
+        assert args.min_islands == len(ISLAND_NODES)
+        assert args.state_dir == VOLUMES["state"]
+        assert _health_port(service) == controller_main.CONTROLLER_PORT
+        published = {}
+        for mapping in service["ports"]:
+            host_ip, host_port, container_port = str(mapping).split(":")
+            assert host_ip == "127.0.0.1", f"{mapping!r} must publish on the host's localhost"
+            published[int(container_port)] = int(host_port)
+        assert published == {
+            controller_main.CONTROLLER_PORT: controller_main.CONTROLLER_PORT,
+            controller_main.DASHBOARD_PORT: controller_main.DASHBOARD_PORT,
+        }, name
+        # Only the controller publishes ports.
+        others = [s for n, s in compose["services"].items() if n != "controller"]
+        assert not any("ports" in s for s in others)
+
+
+def test_volumes_and_environment_agree_with_the_code(monkeypatch) -> None:
+    for compose in _compose_variants().values():
+        for service_name, service in compose["services"].items():
+            mounts = dict(v.split(":", 1) for v in service["volumes"])
+            assert mounts == VOLUMES, service_name
+            env = service["environment"]
+            assert env[STATE_ENV] == VOLUMES["state"]
+            # The tokenizer and dataset cache: read by the model package through this name.
+            monkeypatch.setenv("PATHWAYS_LITE_CACHE", env["PATHWAYS_LITE_CACHE"])
+            assert default_cache_dir() == Path(VOLUMES["datasets"])
+            assert env["JAX_COMPILATION_CACHE_DIR"].startswith(VOLUMES["datasets"] + "/")
+            unknown = {k for k in env if k.startswith("PATHWAYS_LITE_")} - {
+                STATE_ENV,
+                "PATHWAYS_LITE_CACHE",
+            }
+            assert not unknown, f"{service_name}: environment variables no code reads: {unknown}"
+
+
+def test_gpu_variant_builds_jax_for_cuda() -> None:
+    gpu = _compose_variants()["gpu"]
+    for service_name, service in gpu["services"].items():
+        assert service["build"]["args"]["EXTRAS"] == "gpu", service_name
+        assert service["image"] != _load(BASE)["services"][service_name]["image"]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(req.startswith("jax[cuda12]") for req in extras["gpu"]), extras["gpu"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "ARG EXTRAS" in dockerfile and "${EXTRAS:+[$EXTRAS]}" in dockerfile
+
+
+@pytest.mark.parametrize("argv", [["up", "--ray-address", "ray-head:6379"], ["health"]])
+def test_cli_parses_the_deployment_commands(argv) -> None:
+    args = cli.build_parser().parse_args(argv)
+    assert args.func is not None
