@@ -1,0 +1,144 @@
+"""GPU check: palm-small on one GPU island, tokens/s and MFU against this GPU's measured peak.
+
+One GPU island is the GPUs of one node (what workers/discovery.py makes of a GPU node). This
+runs the step an island host compiles (the reference trainer's StepFunctions on a (`data`,
+`model`) mesh over the devices JAX sees) with the GPU dtype defaults: bfloat16 compute,
+float32 parameters. Baseline: the GPU's bfloat16 matmul peak measured in the same run (a
+large square matmul, best of several). MFU = tokens/s x FLOPs per token (6N + 12 L H Q T) /
+(peak x GPUs). On a machine without a GPU it exits with status 2 and one line saying so.
+
+Usage: python bench/gpu_check.py [--steps 20] [--batch 16] [--seq-len 1024] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+PALM_540B_MFU = 0.462
+# Square bf16 matmul for the peak: large enough to saturate a datacenter GPU's tensor cores.
+PEAK_N = 8192
+
+
+def _gpus():
+    """The GPUs JAX sees, or None (no CUDA JAX, no driver, no device)."""
+    import jax
+
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return None
+
+
+def measure_matmul_peak(device, n: int = PEAK_N, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` (n x n) @ (n x n) bfloat16 matmuls on `device`."""
+    import jax
+    import jax.numpy as jnp
+
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a_nn = jax.device_put(jax.random.normal(key_a, (n, n), jnp.bfloat16), device)
+    b_nn = jax.device_put(jax.random.normal(key_b, (n, n), jnp.bfloat16), device)
+    matmul = jax.jit(lambda x, y: x @ y)  # (n, n) @ (n, n) -> (n, n)
+    matmul(a_nn, b_nn).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a_nn, b_nn).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="palm-small")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps after warm-up")
+    parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--model", type=int, default=1, help="mesh model axis (data = rest)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    gpus = _gpus()
+    if not gpus:
+        import jax
+
+        print(
+            f"gpu_check: no GPU visible to JAX (platforms: {jax.default_backend()}); it needs "
+            "an NVIDIA GPU and JAX for CUDA (pip install 'pathways-lite[gpu]').",
+            file=sys.stderr,
+        )
+        return 2
+    if len(gpus) % args.model:
+        print(f"gpu_check: --model={args.model} does not divide {len(gpus)} GPUs.", file=sys.stderr)
+        return 2
+
+    import numpy as np
+
+    from pathways_lite.model import estimates
+    from pathways_lite.model.config import PalmConfig
+    from pathways_lite.model.optim import OptimConfig
+    from pathways_lite.model.train import StepFunctions, make_mesh
+
+    peak = measure_matmul_peak(gpus[0])
+    data = len(gpus) // args.model
+    if args.batch % data:
+        print(f"gpu_check: --batch={args.batch} is not divisible by data={data}.", file=sys.stderr)
+        return 2
+    # The GPU defaults of an island: bfloat16 compute, float32 parameters and optimizer state.
+    cfg = PalmConfig.from_preset(args.preset, dtype="bfloat16", param_dtype="float32")
+    mesh = make_mesh(data, args.model, devices=gpus)
+    fns = StepFunctions(cfg, OptimConfig(), mesh)
+    state = fns.init(0)
+    rng = np.random.default_rng(0)
+    batch_bt1 = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq_len + 1), dtype=np.int32)
+    tokens_bt1 = fns.place_batch(batch_bt1)
+    for _ in range(3):  # compile and warm up
+        state, loss = fns.train_step(state, tokens_bt1)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, loss = fns.train_step(state, tokens_bt1)
+    loss = float(loss)  # waits for the last step
+    seconds = time.perf_counter() - start
+
+    tokens_per_s = args.steps * args.batch * args.seq_len / seconds
+    fpt = estimates.flops_per_token(cfg, args.seq_len)
+    mfu = estimates.mfu(tokens_per_s, fpt, peak * len(gpus))
+    result = {
+        "preset": args.preset,
+        "params": estimates.param_count(cfg),
+        "gpus": len(gpus),
+        "device_kind": gpus[0].device_kind,
+        "mesh": {"data": data, "model": args.model},
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "step_ms": 1000 * seconds / args.steps,
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": fpt,
+        "baseline": f"bfloat16 {PEAK_N}x{PEAK_N} matmul peak of one GPU measured in this run",
+        "peak_flops_per_gpu": peak,
+        "mfu": mfu,
+        "mfu_vs_palm_540b": mfu / PALM_540B_MFU,
+        "final_loss": loss,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{args.preset}: {result['params']:,} params on {len(gpus)} x {gpus[0].device_kind}, "
+        f"mesh data={data} x model={args.model}, batch {args.batch} x {args.seq_len}, "
+        f"{cfg.dtype} compute"
+    )
+    print(f"step {result['step_ms']:.1f} ms, {tokens_per_s:,.0f} tokens/s, loss {loss:.4f}")
+    print(f"baseline: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s per GPU (measured in this run)")
+    print(
+        f"MFU = {mfu:.1%}  (ours / matmul peak); vs PaLM 540B's 46.2%: {mfu / PALM_540B_MFU:.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
