@@ -4,7 +4,15 @@ A job becomes a per-step program: for every step the controller sends
 `RunStep(job, generation, step, island_seq, epoch)` to every host of the job's islands, keeps
 a bounded window of steps in flight (default 2: step k + 1 is on the wire before step k has
 finished) and consumes the replies as futures, in step order. The controller sends step
-numbers, never data: each island reads its own slice of the step's global batch.
+numbers, never data: each island reads its own slice of the step's global batch, and the
+islands exchange gradients among themselves (workers/exchange.py): at load the controller
+tells host i of every island the addresses of host i of the others (`peers`). A client
+interceptor on the controller's channels counts its RPC bytes (`RPC_BYTES`), which do not grow
+with the model.
+
+`palm_program` resolves a job spec once (controller/spec.py's `to_configs`) into what the hosts
+load: the PalmConfig and OptimConfig field dicts, the train fields, and the dataset the
+controller prepared where every host can read it, with its content hash.
 """
 
 from __future__ import annotations
@@ -14,11 +22,14 @@ import collections
 import dataclasses
 import inspect
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 
-from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.service import WORKER_WIRE_VERSION
 
 logger = logging.getLogger(__name__)
@@ -28,6 +39,43 @@ DEFAULT_WINDOW = 2
 STEP_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 900.0
 INFO_TIMEOUT_S = 30.0
+ABORT_TIMEOUT_S = 10.0
+# Parameter digests are compared every step below this many parameters, else every
+# DIGEST_EVERY_LARGE steps (a digest reads every parameter back to the host).
+DIGEST_EVERY_STEP_MAX_PARAMS = 200_000_000
+DIGEST_EVERY_LARGE = 100
+
+
+class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
+    """Counts the serialized request and reply bytes of unary calls, per method."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def _add(self, method: Any, size: int) -> None:
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        with self._lock:
+            self.bytes[name.rsplit("/", 1)[-1]] += size
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.bytes)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        self._add(client_call_details.method, request.ByteSize())
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError:
+            return call
+        self._add(client_call_details.method, reply.ByteSize())
+        return call
+
+
+# The controller's worker RPC bytes (every channel `connect_host` opens).
+RPC_BYTES = RpcByteCounter()
 
 
 class WireVersionError(RuntimeError):
@@ -71,7 +119,7 @@ async def connect_host(
         WireVersionError: the host reports another worker wire version.
         grpc.aio.AioRpcError: the host does not answer.
     """
-    channel = grpc.aio.insecure_channel(address)
+    channel = grpc.aio.insecure_channel(address, interceptors=[RPC_BYTES])
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     try:
         info = await stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
@@ -193,12 +241,23 @@ class Dispatcher:
         Raises:
             DispatchError: a host refused or failed the load (reason `load_failed`).
         """
+        hosts_per_island = {len(island.hosts) for island in islands}
+        if len(islands) > 1 and len(hosts_per_island) != 1:
+            raise DispatchError(
+                "load_failed",
+                f"job {program.job_id!r} spans islands with different host counts "
+                f"{sorted(hosts_per_island)}: host i of every island exchanges with host i.",
+            )
         calls = []
         for index, island in enumerate(islands):
-            request = program.load(index, len(islands))
-            request.epoch = self.epoch
-            request.dry_run = dry_run
-            for host in island.hosts:
+            for host_index, host in enumerate(island.hosts):
+                request = program.load(index, len(islands))
+                request.epoch = self.epoch
+                request.dry_run = dry_run
+                if len(islands) > 1:
+                    # Host i's counterparts: host i of every island, island order.
+                    del request.peers[:]
+                    request.peers.extend(i.hosts[host_index].address for i in islands)
                 calls.append(host.stub.LoadJob(request, timeout=LOAD_TIMEOUT_S))
         results = await asyncio.gather(*calls, return_exceptions=True)
         for result in results:
@@ -211,6 +270,21 @@ class Dispatcher:
             if isinstance(result, BaseException):
                 raise result
         return list(results)
+
+    async def abort(
+        self, job_id: str, generation: int, islands: Sequence[Island], reason: str
+    ) -> None:
+        """Abort(job, generation) on every host: releases exchanges waiting on a peer that
+        will not send (best effort; errors are logged)."""
+        request = worker_pb2.AbortRequest(job_id=job_id, generation=generation, reason=reason)
+        calls = [
+            host.stub.Abort(request, timeout=ABORT_TIMEOUT_S)
+            for island in islands
+            for host in island.hosts
+        ]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.warning("aborting job %s: %r", job_id, result)
 
     async def unload(self, job_id: str, islands: Sequence[Island]) -> None:
         """UnloadJob on every host; errors are logged, not raised (best effort cleanup)."""
@@ -296,7 +370,15 @@ class Dispatcher:
                     result = on_step(report)
                     if inspect.isawaitable(result):
                         await result
-        except BaseException:
+        except BaseException as e:
+            # Release hosts waiting in an exchange on a peer whose step will not come.
+            if len(islands) > 1:
+                await self.abort(
+                    program.job_id,
+                    program.generation,
+                    islands,
+                    f"the controller stopped the step program: {e!r}"[:200],
+                )
             # Let the steps already sent settle (the hosts run them anyway), then clean up.
             for _, calls in pending:
                 for *_, task in calls:
@@ -312,6 +394,17 @@ class Dispatcher:
     ) -> StepReport:
         results = await asyncio.gather(*(task for *_, task in calls), return_exceptions=True)
         hosts = []
+        for (island, host_index, _), result in zip(calls, results, strict=True):
+            if (
+                isinstance(result, grpc.aio.AioRpcError)
+                and result.code() == grpc.StatusCode.DATA_LOSS
+            ):
+                raise DispatchError(
+                    "silent_data_corruption",
+                    f"step {step} of job {program.job_id!r} on island {island} host "
+                    f"{host_index}: {result.details()}",
+                    result.code(),
+                )
         for (island, host_index, _), result in zip(calls, results, strict=True):
             if isinstance(result, grpc.aio.AioRpcError):
                 raise DispatchError(
@@ -340,3 +433,84 @@ class Dispatcher:
             step_time_s=step_time_s,
             hosts=tuple(hosts),
         )
+
+
+# ---- the step program of a PaLM job --------------------------------------------------------
+
+
+def config_struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    """A config dataclass's field dict as a protobuf Struct (what the hosts rebuild from)."""
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def default_digest_every(model_cfg: Any) -> int:
+    """Every step for small models; every DIGEST_EVERY_LARGE steps for large ones."""
+    from pathways_lite.model.estimates import param_count
+
+    return 1 if param_count(model_cfg) <= DIGEST_EVERY_STEP_MAX_PARAMS else DIGEST_EVERY_LARGE
+
+
+def palm_program(record: Any) -> StepProgram:
+    """A PaLM job's step program: the spec resolved once into the configs the hosts load.
+
+    Prepares (or opens the cached) dataset in the controller's cache, which every host can
+    read; the hosts get its folder and content hash and verify it, and read their own
+    slices of every step's batch.
+
+    Raises:
+        SpecError: the spec does not validate.
+    """
+    from pathways_lite.model.data import prepare_dataset
+
+    from . import spec as spec_lib
+
+    spec = record.spec
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=configs.train.seq_len)
+    # The model embeds exactly the tokenizer's vocabulary unless the spec overrides it.
+    configs = spec_lib.to_configs(spec, vocab_size=dataset.tokenizer.vocab_size)
+    logger.info(
+        "job %s reads dataset %s (%d examples)",
+        record.id,
+        dataset.hash[:12],
+        dataset.num_examples,
+        extra={"job_id": record.id},
+    )
+    train = configs.train
+    digest_every = spec_lib.digest_every(spec)
+    if digest_every is None:
+        digest_every = default_digest_every(configs.model)
+    model = common_pb2.ModelConfig(
+        preset=spec.model.preset, config=config_struct(configs.model.to_dict())
+    )
+    optimizer = common_pb2.OptimizerConfig(config=config_struct(dataclasses.asdict(configs.optim)))
+    data = common_pb2.DataSpec(
+        source="dataset", paths=[str(dataset.path)], tokenizer_hash=dataset.tokenizer.hash
+    )
+
+    def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
+        return worker_pb2.LoadJobRequest(
+            job_id=record.id,
+            generation=record.generation,
+            model=model,
+            mesh=common_pb2.MeshShape(data=spec.mesh.data, model=spec.mesh.model),
+            optimizer=optimizer,
+            data=data,
+            data_hash=dataset.hash,
+            seed=train.seed,
+            global_batch=train.global_batch,
+            seq_len=train.seq_len,
+            island_index=island_index,
+            num_islands=num_islands,
+            digest_every=digest_every,
+        )
+
+    return StepProgram(
+        job_id=record.id,
+        generation=record.generation,
+        steps=train.steps,
+        tokens_per_step=train.global_batch * train.seq_len,
+        load=load,
+    )

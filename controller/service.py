@@ -24,10 +24,18 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import pathways_lite
-from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc, worker_pb2
+from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 
 from . import spec as spec_lib
-from .dispatch import DEFAULT_WINDOW, Dispatcher, DispatchError, Island, StepProgram, StepReport
+from .dispatch import (
+    DEFAULT_WINDOW,
+    Dispatcher,
+    DispatchError,
+    Island,
+    StepProgram,
+    StepReport,
+    palm_program,
+)
 from .scheduler import Scheduler
 from .store import (
     IllegalTransitionError,
@@ -48,14 +56,6 @@ LOG_RECORDS_PER_JOB = 2000
 LOG_JOBS = 256
 # Updates a slow WatchJob/StreamLogs follower may lag behind before old ones are dropped.
 FOLLOWER_QUEUE = 10000
-# Wire optimizer fields (worker.proto's OptimizerConfig) for the spec's optimizer fields.
-_WIRE_OPTIM = {
-    "learning_rate": "learning_rate",
-    "warmup_steps": "constant_steps",
-    "beta1": "momentum",
-    "decay_rate": "decay_rate",
-    "clip_norm": "clip_norm",
-}
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -251,7 +251,6 @@ class Controller:
         """
         spec = request.spec
         spec_lib.validate_spec(spec, self.cluster_shape())
-        wire_optimizer(spec)
         if request.validate_only:
             return controller_pb2.Job(
                 name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=_now()
@@ -441,92 +440,6 @@ class Controller:
                 )
             )
         return out
-
-
-# ---- the step program of a PaLM job --------------------------------------------------------
-
-
-def wire_optimizer(spec: controller_pb2.JobSpec) -> common_pb2.OptimizerConfig:
-    """The worker wire's optimizer settings for a spec.
-
-    Raises:
-        spec_lib.SpecError: a setting the worker wire cannot carry yet.
-    """
-    wire = common_pb2.OptimizerConfig()
-    if not spec.HasField("optimizer"):
-        return wire
-    opt = spec.optimizer
-    for name, wire_name in _WIRE_OPTIM.items():
-        if opt.HasField(name):
-            setattr(wire, wire_name, getattr(opt, name))
-    if opt.HasField("weight_decay"):
-        value = spec_lib.optim_config(spec).weight_decay
-        if value not in ("dynamic", None, 0, 0.0):
-            raise spec_lib.SpecError(
-                "optimizer.weight_decay",
-                value,
-                f"optimizer.weight_decay={value!r} is not supported by the island hosts yet: "
-                "use 'dynamic' (lr^2) or null.",
-            )
-        wire.weight_decay = 1.0 if value == "dynamic" else 0.0
-    for name in ("clipping_threshold", "multiply_by_parameter_scale", "eps"):
-        if opt.HasField(name):
-            raise spec_lib.SpecError(
-                f"optimizer.{name}",
-                getattr(opt, name),
-                f"optimizer.{name}={getattr(opt, name)!r} cannot be set yet: the island hosts "
-                "use the default.",
-            )
-    return wire
-
-
-def palm_program(record: JobRecord) -> StepProgram:
-    """A PaLM job's step program: prepares (or opens the cached) dataset, whose folder and
-    content hash the hosts receive; they read their own slices of every step's batch."""
-    from pathways_lite.model.data import prepare_dataset
-
-    spec = record.spec
-    configs = spec_lib.to_configs(spec)
-    dataset = prepare_dataset(configs.data, seq_len=configs.train.seq_len)
-    logger.info(
-        "job %s reads dataset %s (%d examples)",
-        record.id,
-        dataset.hash[:12],
-        dataset.num_examples,
-        extra={"job_id": record.id},
-    )
-    optimizer = wire_optimizer(spec)
-    train = configs.train
-
-    def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
-        request = worker_pb2.LoadJobRequest(
-            job_id=record.id,
-            generation=record.generation,
-            model=common_pb2.ModelConfig(preset=spec.model.preset),
-            mesh=common_pb2.MeshShape(data=spec.mesh.data, model=spec.mesh.model),
-            optimizer=optimizer,
-            data=common_pb2.DataSpec(
-                source="dataset",
-                paths=[str(dataset.path)],
-                tokenizer_hash=dataset.tokenizer.hash,
-            ),
-            data_hash=dataset.hash,
-            seed=train.seed,
-            global_batch=train.global_batch,
-            seq_len=train.seq_len,
-            island_index=island_index,
-            num_islands=num_islands,
-        )
-        request.model.overrides.CopyFrom(spec.model.overrides)
-        return request
-
-    return StepProgram(
-        job_id=record.id,
-        generation=record.generation,
-        steps=train.steps,
-        tokens_per_step=train.global_batch * train.seq_len,
-        load=load,
-    )
 
 
 # ---- the servicer --------------------------------------------------------------------------

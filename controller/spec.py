@@ -202,6 +202,12 @@ def _check_train(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any) ->
             train.checkpoint_every,
             f"train.checkpoint_every={train.checkpoint_every} must be >= 0 (0: only at the end).",
         )
+    if train.HasField("digest_every") and train.digest_every < 0:
+        raise SpecError(
+            "train.digest_every",
+            train.digest_every,
+            f"train.digest_every={train.digest_every} must be >= 0 (0: never compare).",
+        )
     if batch % islands:
         raise SpecError(
             "train.global_batch",
@@ -533,6 +539,11 @@ def train_config(spec: JobSpec) -> Any:
         )
     except ValueError as e:
         raise SpecError("train", None, str(e)) from None
+
+
+def digest_every(spec: JobSpec) -> int | None:
+    """train.digest_every, or None when unset (the controller picks by model size)."""
+    return spec.train.digest_every if spec.train.HasField("digest_every") else None
 
 
 def data_spec(spec: JobSpec) -> Any:

@@ -9,6 +9,7 @@ as a prepared dataset folder with its hash.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from pathways_lite.controller.dispatch import config_struct
 from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer, TrainConfig
@@ -103,11 +105,19 @@ def reference_losses(dataset) -> list[float]:
 
 
 def load_request(dataset, job_id: str, mesh: tuple[int, int], **kw) -> worker_pb2.LoadJobRequest:
+    """palm-tiny as the controller resolves it: every PalmConfig and OptimConfig field."""
+    cfg = PalmConfig.from_preset(
+        "palm-tiny", vocab_size=dataset.tokenizer.vocab_size, **kw.pop("overrides", {})
+    )
+    model_dict = {**cfg.to_dict(), **kw.pop("extra_model_keys", {})}
     request = worker_pb2.LoadJobRequest(
         job_id=job_id,
         epoch=kw.pop("epoch", EPOCH),
-        model=common_pb2.ModelConfig(preset="palm-tiny"),
+        model=common_pb2.ModelConfig(preset="palm-tiny", config=config_struct(model_dict)),
         mesh=common_pb2.MeshShape(data=mesh[0], model=mesh[1]),
+        optimizer=common_pb2.OptimizerConfig(
+            config=config_struct(dataclasses.asdict(OptimConfig()))
+        ),
         data=common_pb2.DataSpec(source="dataset", paths=[str(dataset.path)]),
         data_hash=kw.pop("data_hash", dataset.hash),
         seed=0,
@@ -117,7 +127,6 @@ def load_request(dataset, job_id: str, mesh: tuple[int, int], **kw) -> worker_pb
         num_islands=1,
         dry_run=kw.pop("dry_run", False),
     )
-    request.model.overrides.update(kw.pop("overrides", {}))
     assert not kw, kw
     return request
 
@@ -190,6 +199,11 @@ def test_bad_input_gets_its_status_naming_the_value_and_the_host_keeps_serving(
             load_request(dataset, "too-big", (2, 2), overrides=wide),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             str(BUDGET),
+        ),
+        (
+            load_request(dataset, "bad-key", (2, 2), extra_model_keys={"d_modle": 64}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model.config.d_modle",
         ),
         (
             load_request(dataset, "bad-hash", (2, 2), data_hash="f00d" * 16),

@@ -1,14 +1,15 @@
 """The PaLM job runtime of an island host: the reference trainer's step on the island's mesh.
 
-The runtime builds the job's configs from the decoded LoadJob request, opens (or prepares, from
-the on-disk cache) the tokenized dataset and checks its hash, checks the memory estimate, and
-then keeps the parameters and optimizer state resident on a (`data`, `model`) mesh over the
-island's devices (every host's devices in a multi-host island).
+The runtime rebuilds the job's PalmConfig and OptimConfig from the field dicts the controller
+resolved (one code path, `dataclass_from_dict`), opens the dataset folder the controller
+prepared and checks its hash, checks the memory estimate, and then keeps the parameters and
+optimizer state resident on a (`data`, `model`) mesh over the island's devices (every host's
+devices in a multi-host island).
 
 The step is `pathways_lite.model.train.StepFunctions`, the very functions the reference trainer
 runs, lowered and compiled once at load: that is what makes distributed == reference. Its two
 halves stay separate calls here (`grad_fn`, then `apply_fn`) because data parallelism across
-islands exchanges gradients between them.
+islands exchanges gradients between them (workers/exchange.py).
 """
 
 from __future__ import annotations
@@ -39,17 +40,9 @@ from .runtime import (
 
 logger = logging.getLogger(__name__)
 
-# Data sources of the wire's DataSpec: "dataset" is a folder written by prepare_dataset (the
-# controller prepared it where every host can read it); the others are prepared here.
+# The wire's DataSpec source for a folder written by prepare_dataset: the controller prepared
+# it where every host can read it, and sends its content hash.
 DATASET_SOURCE = "dataset"
-# worker.proto's OptimizerConfig field -> OptimConfig field.
-_OPTIM_FIELDS = {
-    "learning_rate": "learning_rate",
-    "constant_steps": "warmup_steps",
-    "momentum": "beta1",
-    "decay_rate": "decay_rate",
-    "clip_norm": "clip_norm",
-}
 
 # Datasets opened by this process, by folder: jobs on one host share the memory maps.
 _DATASETS: dict[str, Any] = {}
@@ -67,117 +60,85 @@ def palm_presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def model_config(preset: str, overrides: Mapping[str, Any], vocab_size: int | None = None):
-    """The PalmConfig of a preset with wire overrides (Struct numbers arrive as floats).
+def dataclass_from_dict(cls: type, values: Mapping[str, Any], path: str) -> Any:
+    """A config dataclass from its field dict as decoded from a protobuf Struct.
 
-    Args:
-        preset: a model/ preset name.
-        overrides: PalmConfig field -> value, as decoded from a protobuf Struct.
-        vocab_size: the dataset tokenizer's size; replaces the preset's placeholder unless
-            the overrides set vocab_size themselves (as controller/spec.py does).
+    Struct numbers arrive as floats: a whole number becomes an int where the field is an int.
+    This is the one way the hosts rebuild PalmConfig and OptimConfig from the wire.
 
     Raises:
-        JobSpecError: an unknown field or a value of the wrong kind, naming it.
+        JobSpecError: an unknown key, a value of the wrong kind, or the class's own checks.
     """
-    from pathways_lite.model.config import PRESETS, PalmConfig
-
-    if preset not in PRESETS:
-        raise JobSpecError(
-            f"model.preset={preset!r} is not a known preset; known presets: {', '.join(PRESETS)}."
-        )
-    hints = typing.get_type_hints(PalmConfig)
-    values: dict[str, Any] = {}
-    for key, value in sorted(overrides.items()):
-        path = f"model.overrides.{key}"
-        if key not in hints:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in sorted(values.items()):
+        where = f"{path}.{key}"
+        if key not in known:
             raise JobSpecError(
-                f"{path}: unknown field {key!r}; PalmConfig fields are: {', '.join(hints)}."
+                f"{where}: unknown key {key!r}; {cls.__name__} fields are: {', '.join(known)}."
             )
         allowed = set(typing.get_args(hints[key])) or {hints[key]}
+        number = isinstance(value, int | float) and not isinstance(value, bool)
         if value is None and type(None) in allowed:
-            values[key] = None
-        elif int in allowed and isinstance(value, int | float) and not isinstance(value, bool):
-            if not float(value).is_integer():
-                raise JobSpecError(f"{path}={value!r} must be an integer.")
-            values[key] = int(value)
-        elif float in allowed and isinstance(value, int | float) and not isinstance(value, bool):
-            values[key] = float(value)
-        elif str in allowed and isinstance(value, str):
-            values[key] = value
+            kwargs[key] = None
+        elif isinstance(value, bool) and bool in allowed:
+            kwargs[key] = value
+        elif number and int in allowed and float(value).is_integer():
+            kwargs[key] = int(value)
+        elif number and float in allowed:
+            kwargs[key] = float(value)
+        elif isinstance(value, str) and str in allowed:
+            kwargs[key] = value
         else:
-            raise JobSpecError(f"{path}={value!r} has the wrong kind for {hints[key]}.")
-    if vocab_size is not None and "vocab_size" not in values:
-        values["vocab_size"] = vocab_size
+            raise JobSpecError(f"{where}={value!r} has the wrong kind for {hints[key]}.")
     try:
-        return PalmConfig.from_preset(preset, **values)
+        return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise JobSpecError(f"model (preset {preset!r}, overrides {values}): {e}") from None
+        raise JobSpecError(f"{path}: {e}") from None
 
 
-def optim_config(optimizer: Mapping[str, Any]):
-    """The OptimConfig of worker.proto's OptimizerConfig (as decoded JSON; unset = default).
+def model_config(values: Mapping[str, Any]):
+    """The PalmConfig of LoadJob's model.config (every field, resolved by the controller)."""
+    from pathways_lite.model.config import PalmConfig
 
-    Raises:
-        JobSpecError: a value out of range, or a weight_decay other than 0 or 1.
-    """
+    return dataclass_from_dict(PalmConfig, values, "model.config")
+
+
+def optim_config(values: Mapping[str, Any]):
+    """The OptimConfig of LoadJob's optimizer.config (absent keys take the defaults)."""
     from pathways_lite.model.optim import OptimConfig
 
-    values: dict[str, Any] = {}
-    for key, value in optimizer.items():
-        if key == "weight_decay":
-            # The wire's weight_decay multiplies lr^2; OptimConfig has lr^2 ("dynamic") or none.
-            if float(value) == 0:
-                values["weight_decay"] = None
-            elif float(value) == 1:
-                values["weight_decay"] = "dynamic"
-            else:
-                raise JobSpecError(
-                    f"optimizer.weight_decay={value!r} is not supported: use 1 for PaLM's "
-                    "lr^2 decay or 0 for none."
-                )
-        elif key in _OPTIM_FIELDS:
-            # uint64 fields arrive as JSON strings.
-            number = float(value)
-            values[_OPTIM_FIELDS[key]] = int(number) if key == "constant_steps" else number
-        else:
-            raise JobSpecError(f"optimizer.{key} is not an optimizer field this host knows.")
-    try:
-        return OptimConfig(**values)
-    except (ValueError, TypeError) as e:
-        raise JobSpecError(f"optimizer {dict(optimizer)}: {e}") from None
+    return dataclass_from_dict(OptimConfig, values, "optimizer.config")
 
 
-def open_dataset(data: Mapping[str, Any], seq_len: int, vocab_size: int):
-    """The job's dataset: a prepared folder, or prepared here (from the on-disk cache).
+def open_dataset(data: Mapping[str, Any]):
+    """The job's prepared dataset folder (opened once per process).
 
     Args:
-        data: the wire DataSpec as a dict (source, paths, tokenizer_hash).
-        seq_len: tokens per example.
-        vocab_size: tokenizer size for a corpus prepared here.
+        data: the wire DataSpec as a dict (source "dataset", paths [folder], tokenizer_hash).
 
     Raises:
-        JobSpecError: an unknown source or a folder that is not a dataset.
+        JobSpecError: another source, or a folder that is not a dataset.
     """
-    from pathways_lite.model.data import DataError, Dataset, DataSpec, prepare_dataset
+    from pathways_lite.model.data import DataError, Dataset
 
     source = data.get("source", "")
     paths = tuple(data.get("paths", ()))
+    if source != DATASET_SOURCE or len(paths) != 1:
+        raise JobSpecError(
+            f"data (source {source!r}, paths {list(paths)!r}) must be source "
+            f"{DATASET_SOURCE!r} with exactly one prepared dataset folder: the controller "
+            "prepares the dataset where every host can read it."
+        )
+    key = paths[0]
     try:
-        if source == DATASET_SOURCE:
-            if len(paths) != 1:
-                raise JobSpecError(
-                    f"data.paths={list(paths)!r} must name exactly one dataset folder for "
-                    f"data.source={DATASET_SOURCE!r}."
-                )
-            key = paths[0]
-            with _DATASETS_LOCK:
-                if key not in _DATASETS:
-                    _DATASETS[key] = Dataset.open(key)
-                return _DATASETS[key]
-        spec = DataSpec(source=source, paths=paths, vocab_size=vocab_size)
-        return prepare_dataset(spec, seq_len=seq_len)
+        with _DATASETS_LOCK:
+            if key not in _DATASETS:
+                _DATASETS[key] = Dataset.open(key)
+            return _DATASETS[key]
     except DataError as e:
-        raise JobSpecError(f"data (source {source!r}, paths {list(paths)!r}): {e}") from None
+        raise JobSpecError(f"data.paths[0]={key!r}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -192,11 +153,16 @@ class _Resident:
 class PalmRuntime(JobRuntime):
     """A PaLM job on an island: the reference trainer's StepFunctions on the island's mesh.
 
+    With more than one island, `exchange` averages the gradients between `grad_fn` and
+    `apply_fn`, and every `digest_every` steps the islands compare parameter digests.
+
     Args:
         spec: the decoded LoadJob request.
         devices: the island's devices in mesh order (all hosts' devices in a multi-host
             island; every host runs the same SPMD program over them).
     """
+
+    supports_exchange = True
 
     def __init__(self, spec: JobSpec, devices: Sequence[Any]) -> None:
         super().__init__(spec)
@@ -214,7 +180,15 @@ class PalmRuntime(JobRuntime):
                 f"num_islands={spec.num_islands}) is not divisible by mesh data="
                 f"{spec.mesh.data}."
             )
-        self.optim_cfg = optim_config(spec.optimizer)
+        if spec.overrides:
+            raise JobSpecError(
+                f"model.overrides={dict(spec.overrides)!r} must be empty for PaLM: the "
+                "controller sends the resolved config in model.config."
+            )
+        if not spec.model_config:
+            raise JobSpecError("model.config is empty: send every PalmConfig field.")
+        self.model_cfg = model_config(spec.model_config)
+        self.optim_cfg = optim_config(spec.optim_config)
         try:
             # The host runs whichever step the controller sends: `steps` is not used here.
             self.train_cfg = TrainConfig(
@@ -222,10 +196,12 @@ class PalmRuntime(JobRuntime):
             )
         except ValueError as e:
             raise JobSpecError(str(e)) from None
-        # Validates preset and overrides now; the vocabulary may still come from the data.
-        model_config(spec.preset, spec.overrides)
+        if spec.seq_len > self.model_cfg.max_seq_len:
+            raise JobSpecError(
+                f"seq_len={spec.seq_len} is longer than model.config.max_seq_len="
+                f"{self.model_cfg.max_seq_len}."
+            )
         self.dataset: Any = None
-        self.model_cfg: Any = None
         self.fns: Any = None
         self._resident: _Resident | None = None
 
@@ -234,9 +210,7 @@ class PalmRuntime(JobRuntime):
     def _open_data(self) -> None:
         if self.dataset is not None:
             return
-        # A corpus prepared here gets the model's vocabulary size (overridden or preset).
-        vocab = model_config(self.spec.preset, self.spec.overrides).vocab_size
-        dataset = open_dataset(self.spec.data, self.spec.seq_len, vocab)
+        dataset = open_dataset(self.spec.data)
         if dataset.seq_len != self.spec.seq_len:
             raise JobSpecError(
                 f"seq_len={self.spec.seq_len} does not match the dataset's seq_len "
@@ -248,14 +222,13 @@ class PalmRuntime(JobRuntime):
                 f"data.tokenizer_hash={want_tok!r} does not match the hash "
                 f"{dataset.tokenizer.hash!r} of the dataset's tokenizer."
             )
-        cfg = model_config(self.spec.preset, self.spec.overrides, dataset.tokenizer.vocab_size)
-        if cfg.vocab_size < dataset.tokenizer.vocab_size:
+        if self.model_cfg.vocab_size < dataset.tokenizer.vocab_size:
             raise JobSpecError(
-                f"model vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                f"{dataset.tokenizer.vocab_size}: the model could not embed every token."
+                f"model.config.vocab_size={self.model_cfg.vocab_size} is smaller than the "
+                f"tokenizer's {dataset.tokenizer.vocab_size}: the model could not embed every "
+                "token."
             )
         self.dataset = dataset
-        self.model_cfg = cfg
 
     def data_hash(self) -> str:
         self._open_data()
@@ -332,6 +305,8 @@ class PalmRuntime(JobRuntime):
     def run_step(self, step: int) -> StepResult:
         from pathways_lite.model.train import TrainState
 
+        from .exchange import flat_shards, unflatten_shards
+
         resident = self._loaded()
         t0 = time.perf_counter()
         tokens_bt1, ids = self.read_batch(step)
@@ -339,19 +314,63 @@ class PalmRuntime(JobRuntime):
         t1 = time.perf_counter()
         state = resident.state
         loss, _, grads = resident.grad_exec(state.params, batch)
-        # Data parallelism across islands exchanges `grads` here (a later issue).
+        exchange_s, sent = 0.0, 0
+        t2 = time.perf_counter()
+        if self.exchange is not None:
+            # Data parallelism across islands: this host's gradient shards, averaged with
+            # host i of every other island (reduce-scatter + all-gather, island order).
+            flat, layout = flat_shards(grads)
+            t2 = time.perf_counter()
+            reduced = self.exchange.allreduce_mean(step, flat)
+            sent = self.exchange.bytes_sent
+            exchange_s = time.perf_counter() - t2
+            grads = unflatten_shards(reduced, layout, grads)
         params, opt_state = resident.apply_exec(state.params, state.opt_state, grads)
         resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
-        t2 = time.perf_counter()
-        loss_value = float(_fetch(loss))
+        digest = b""
+        every = self.spec.digest_every
+        if every and (step + 1) % every == 0:
+            digest = self.shard_digest()
+            if self.exchange is not None:
+                t_d = time.perf_counter()
+                self.exchange.compare_digest(step, digest)
+                exchange_s += time.perf_counter() - t_d
         t3 = time.perf_counter()
+        loss_value = float(_fetch(loss))
+        t4 = time.perf_counter()
         if not math.isfinite(loss_value):
             logger.warning("job %s step %d: loss is %s", self.spec.job_id, step, loss_value)
         return StepResult(
             loss=loss_value,
             example_ids=[int(i) for i in ids],
-            phase_s={"read": t1 - t0, "dispatch": t2 - t1, "wait": t3 - t2},
+            phase_s={
+                "read": t1 - t0,
+                "compute": t3 - t1 - exchange_s,
+                "exchange": exchange_s,
+                "wait": t4 - t3,
+            },
+            param_digest=digest,
+            exchange_s=exchange_s,
+            exchange_bytes_sent=sent,
         )
+
+    def shard_digest(self) -> bytes:
+        """SHA-256 over this host's distinct parameter shards, in a fixed order: host i of
+        every island holds the same shards, so equal digests mean bitwise-equal parameters."""
+        import jax
+
+        h = hashlib.sha256()
+        for name, leaf in self._param_leaves():
+            seen = set()
+            for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
+                key = str(shard.index)
+                if key in seen:
+                    continue
+                seen.add(key)
+                value = np.ascontiguousarray(jax.device_get(shard.data))
+                h.update(f"{name}|{key}|{value.dtype.str}|{value.shape}|".encode())
+                h.update(value.tobytes())
+        return h.digest()
 
     def _loaded(self) -> _Resident:
         if self._resident is None:

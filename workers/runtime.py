@@ -61,10 +61,11 @@ class JobSpec:
     Attributes:
         job_id: The controller's id of the job.
         generation: Restart generation of the job.
-        preset: Model preset name.
-        overrides: Model config overrides (field -> value).
+        preset: Model preset name (names the model family; PaLM reads `model_config`).
+        overrides: Probe job only: its config overrides (field -> value).
         mesh: Mesh shape inside the island.
-        optimizer: Optimizer settings that were set (field -> value).
+        model_config: PaLM: every PalmConfig field, resolved by the controller.
+        optim_config: OptimConfig fields (absent ones take the defaults).
         data: Data spec (source, paths, tokenizer_hash).
         data_hash: Content hash of the prepared dataset.
         seed: Seed of initialisation and data order.
@@ -72,6 +73,9 @@ class JobSpec:
         seq_len: Tokens per example.
         island_index: This island's index among the job's islands.
         num_islands: Islands the job spans.
+        peers: host:port of this host's counterpart in every island (island order).
+        digest_every: compare parameter digests with the peers every this many steps.
+        exchange_timeout_s: deadline of one gradient exchange.
     """
 
     job_id: str
@@ -79,7 +83,8 @@ class JobSpec:
     preset: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     mesh: MeshSpec = MeshSpec(1, 1)
-    optimizer: Mapping[str, Any] = field(default_factory=dict)
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    optim_config: Mapping[str, Any] = field(default_factory=dict)
     data: Mapping[str, Any] = field(default_factory=dict)
     data_hash: str = ""
     seed: int = 0
@@ -87,6 +92,9 @@ class JobSpec:
     seq_len: int = 1
     island_index: int = 0
     num_islands: int = 1
+    peers: tuple[str, ...] = ()
+    digest_every: int = 0
+    exchange_timeout_s: float = 0.0
 
     @property
     def island_batch(self) -> int:
@@ -128,6 +136,10 @@ class StepResult:
     loss: float
     example_ids: Sequence[int]
     phase_s: Mapping[str, float] = field(default_factory=dict)
+    # Set by runtimes that exchange gradients between islands.
+    param_digest: bytes = b""
+    exchange_s: float = 0.0
+    exchange_bytes_sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,11 +154,16 @@ class Digest:
 class JobRuntime(abc.ABC):
     """One job resident on an island: its compiled step and its state on the mesh.
 
-    Methods are blocking and are called from one worker thread at a time.
+    Methods are blocking and are called from one worker thread at a time. A runtime that
+    trains across islands gets its `exchange` (workers/exchange.py's JobExchange) from the
+    service before `load`; `supports_exchange` says whether it can use one.
     """
+
+    supports_exchange = False
 
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
+        self.exchange: Any = None
 
     @abc.abstractmethod
     def estimate_bytes_per_device(self) -> int:

@@ -27,6 +27,18 @@ from grpc_reflection.v1alpha import reflection
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from .exchange import (
+    DEFAULT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    ByteCounter,
+    DigestMismatchError,
+    ExchangeAbortedError,
+    ExchangeError,
+    ExchangeTimeoutError,
+    JobExchange,
+    Mailbox,
+    Peers,
+)
 from .runtime import (
     JOB_ID_RE,
     JobRuntime,
@@ -42,7 +54,7 @@ from .runtime import (
 logger = logging.getLogger(__name__)
 
 # Bumped on every incompatible change of worker.proto; the controller compares it at connect.
-WORKER_WIRE_VERSION = 1
+WORKER_WIRE_VERSION = 2
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Recorded step results kept per job for idempotent retries (older ones are forgotten).
 MAX_RECORDED_STEPS = 1024
@@ -175,6 +187,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._device_lock: asyncio.Lock | None = None
         # Set (and replaced) whenever _next_seq or the epoch changes; RunSteps ahead wait on it.
         self._seq_event: asyncio.Event | None = None
+        # Gradient exchange between islands: parts received from peers, channels to them,
+        # and the interceptor that counts received exchange bytes (installed by `serve`).
+        self.mailbox = Mailbox()
+        self.peers = Peers()
+        self.byte_counter = ByteCounter()
 
     def set_port(self, port: int) -> None:
         self.metadata = dataclasses.replace(self.metadata, port=port)
@@ -292,11 +309,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise bad(f"seq_len={request.seq_len} must be positive.")
         if not request.data_hash:
             raise bad("data_hash is empty; the host verifies the dataset against it.")
+        peers = tuple(request.peers)
+        if peers and len(peers) != request.num_islands:
+            raise bad(
+                f"peers has {len(peers)} addresses but num_islands={request.num_islands}: give "
+                "one per island (this host's own included) or none."
+            )
+        if not request.exchange_timeout_s >= 0:
+            raise bad(f"exchange_timeout_s={request.exchange_timeout_s!r} must be >= 0.")
         try:
             overrides = json_format.MessageToDict(request.model.overrides)
-            optimizer = json_format.MessageToDict(
-                request.optimizer, preserving_proto_field_name=True
-            )
+            model_config = json_format.MessageToDict(request.model.config)
+            optim_config = json_format.MessageToDict(request.optimizer.config)
             data = json_format.MessageToDict(request.data, preserving_proto_field_name=True)
         except Exception as e:
             raise bad(f"model, optimizer or data fields do not decode: {e}.") from e
@@ -306,7 +330,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             preset=request.model.preset,
             overrides=overrides,
             mesh=mesh,
-            optimizer=optimizer,
+            model_config=model_config,
+            optim_config=optim_config,
             data=data,
             data_hash=request.data_hash,
             seed=request.seed,
@@ -314,6 +339,31 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             seq_len=request.seq_len,
             island_index=request.island_index,
             num_islands=request.num_islands,
+            peers=peers,
+            digest_every=request.digest_every,
+            exchange_timeout_s=request.exchange_timeout_s or DEFAULT_TIMEOUT_S,
+        )
+
+    def _make_exchange(self, runtime: JobRuntime, spec: JobSpec) -> None:
+        """Give a runtime of a job on several islands its exchange with the peers (without
+        peers, an island trains on its slice alone: the wiring tests of the probe job)."""
+        if spec.num_islands < 2 or not spec.peers:
+            return
+        if not runtime.supports_exchange:
+            raise JobSpecError(
+                f"model.preset={spec.preset!r} cannot train across islands: its runtime does "
+                f"not exchange gradients (num_islands={spec.num_islands})."
+            )
+        self.mailbox.clear_abort(spec.job_id, spec.generation)
+        runtime.exchange = JobExchange(
+            asyncio.get_running_loop(),
+            self.mailbox,
+            self.peers,
+            job_id=spec.job_id,
+            generation=spec.generation,
+            island_index=spec.island_index,
+            addresses=spec.peers,
+            timeout_s=spec.exchange_timeout_s,
         )
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -348,6 +398,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         try:
             runtime, expected_hash, estimate = await self._on_runtime_thread(prepare)
+            self._make_exchange(runtime, spec)
         except JobSpecError as e:
             raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
         except RuntimeUnavailableError as e:
@@ -471,6 +522,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 result: StepResult = await self._on_runtime_thread(
                     job.runtime.run_step, request.step
                 )
+            except DigestMismatchError as e:
+                logger.error("step %d of job %s: %s", request.step, request.job_id, e)
+                return RpcRejection(grpc.StatusCode.DATA_LOSS, str(e))
+            except ExchangeAbortedError as e:
+                return RpcRejection(
+                    grpc.StatusCode.ABORTED,
+                    f"step {request.step} of job {request.job_id!r} was aborted: {e}",
+                )
+            except ExchangeTimeoutError as e:
+                return RpcRejection(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except ExchangeError as e:
+                return RpcRejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"step {request.step} of job {request.job_id!r}: the gradient exchange "
+                    f"failed: {e}",
+                )
             except Exception as e:
                 logger.exception("step %d of job %s failed", request.step, request.job_id)
                 return RpcRejection(
@@ -490,6 +557,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 received_unix_ns=received_ns, start_unix_ns=start_ns, end_unix_ns=end_ns
             ),
             example_ids=list(result.example_ids),
+            param_digest=result.param_digest,
+            exchange_s=result.exchange_s,
+            exchange_bytes_sent=result.exchange_bytes_sent,
+            step_s=(end_ns - start_ns) / 1e9,
         )
 
     @_rpc
@@ -530,8 +601,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         job = self._jobs.pop(request.job_id, None)
         if job is None:
             return worker_pb2.UnloadJobReply(unloaded=False)
+        # A step of the job may wait on a peer that is gone: release it before queueing.
+        self.mailbox.abort(job.spec.job_id, job.spec.generation, "the job was unloaded")
         async with self._lock:
             await self._on_runtime_thread(job.runtime.unload)
+        self.mailbox.forget(request.job_id)
         logger.info("unloaded job %s", request.job_id)
         return worker_pb2.UnloadJobReply(unloaded=True)
 
@@ -562,6 +636,59 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             tokens=result.tokens,
             steps_applied=result.steps_applied,
             seconds=result.seconds,
+        )
+
+    @_rpc
+    async def ExchangeGradients(self, request_iterator, context) -> Any:
+        """File a peer's chunks in the mailbox; the runtime thread waits on them."""
+        accepted = 0
+        async for chunk in request_iterator:
+            job = self._job(chunk.job_id)
+            if chunk.generation != job.spec.generation:
+                raise RpcRejection(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"generation={chunk.generation} does not match job {chunk.job_id!r}'s "
+                    f"loaded generation {job.spec.generation}.",
+                )
+            if chunk.source_island >= job.spec.num_islands:
+                raise RpcRejection(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"source_island={chunk.source_island} is out of range for "
+                    f"num_islands={job.spec.num_islands}.",
+                )
+            try:
+                self.mailbox.deliver(chunk)
+            except ExchangeAbortedError as e:
+                raise RpcRejection(grpc.StatusCode.ABORTED, str(e)) from e
+            except ValueError as e:
+                raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            accepted += len(chunk.data)
+        return worker_pb2.ExchangeGradientsReply(bytes=accepted)
+
+    @_rpc
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> Any:
+        """Release the exchanges of (job, generation); other jobs are untouched."""
+        _check_job_id(request.job_id)
+        released = self.mailbox.abort(request.job_id, request.generation, request.reason[:200])
+        logger.warning(
+            "job %s generation %d aborted (%d waits released): %s",
+            request.job_id,
+            request.generation,
+            released,
+            request.reason[:200],
+        )
+        return worker_pb2.AbortReply(released=released)
+
+    @_rpc
+    async def ExchangeStats(self, request: worker_pb2.ExchangeStatsRequest, context) -> Any:
+        """Exchange bytes received per job and step (the interceptor's counts)."""
+        return worker_pb2.ExchangeStatsReply(
+            steps=[
+                worker_pb2.StepExchangeBytes(
+                    job_id=job, step=step, wire_bytes=wire, payload_bytes=payload, chunks=chunks
+                )
+                for job, step, wire, payload, chunks in self.byte_counter.snapshot(request.job_id)
+            ]
         )
 
     @_rpc
@@ -633,7 +760,8 @@ async def serve(
         grace_s: Seconds in-flight calls get to finish when stopping.
     """
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        interceptors=[servicer.byte_counter],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
     )
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health = HealthServicer()
@@ -665,6 +793,7 @@ async def serve(
     finally:
         await health.enter_graceful_shutdown()
         await server.stop(grace_s)
+        await servicer.peers.close()
 
 
 class BackgroundServer:
