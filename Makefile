@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/pathways-lite demo
 
 test: install
+	$(PY) tests/ensure_tools.py
 	$(PY) -m pytest
 
 lint: install
