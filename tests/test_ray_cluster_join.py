@@ -166,8 +166,21 @@ def test_islands_come_from_the_nodes_and_hosts_bind_to_their_node(joined) -> Non
     assert health.returncode == 0 and "SERVING" in health.stdout, health.stderr
 
 
+def test_two_island_job_trains_across_both_nodes_like_one_island(client) -> None:
+    spec = load_spec_text(TINY.format(name="join-dp", steps=3).replace("islands: 1", "islands: 2"))
+    one = client.wait(client.submit(load_spec_text(TINY.format(name="join-1", steps=3))).id, 240)
+    two = client.wait(client.submit(spec).id, timeout_s=240)
+    assert state_name(one.state) == "succeeded", one.message
+    assert state_name(two.state) == "succeeded", two.message
+    ran_on = {r.source.split("/")[0] for r in client.logs(two.id)} - {"controller"}
+    assert ran_on == set(NODES.values())
+    # The same global batch on 2 islands x 1 device and on 1 island: the same losses.
+    worst = max(abs(a - b) / abs(b) for a, b in zip(two.losses, one.losses, strict=True))
+    assert len(two.losses) == 3 and worst <= 1e-5, (list(two.losses), list(one.losses))
+
+
 def test_one_island_jobs_train_on_each_island(client) -> None:
-    # 2-island data parallelism is not committed yet: one job per island, at the same time.
+    # One job per island, at the same time.
     jobs = [client.submit(load_spec_text(TINY.format(name=f"join-{i}", steps=3))) for i in range(2)]
     done = [client.wait(j.id, timeout_s=240) for j in jobs]
     for job in done:
