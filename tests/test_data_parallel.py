@@ -419,3 +419,24 @@ def test_two_islands_of_two_devices_match_the_reference_end_to_end(two_island_cl
     reference, _ = reference_losses(spec)
     assert len(job.losses) == STEPS
     assert max_rel_diff(list(job.losses), reference) <= 1e-5, (list(job.losses), reference)
+
+
+def test_every_optimizer_field_reaches_the_hosts_as_the_controller_resolved_it() -> None:
+    from google.protobuf import json_format
+
+    from pathways_lite.workers.palm_runtime import model_config, optim_config
+
+    spec = job_spec(2, 1, (1, 1), batch=4, steps=1)
+    opt = spec.optimizer
+    opt.learning_rate, opt.warmup_steps, opt.beta1, opt.decay_rate = 3e-3, 7, 0.5, 0.7
+    opt.clip_norm, opt.clipping_threshold, opt.eps = 0.5, 2.0, 1e-20
+    opt.multiply_by_parameter_scale = False
+    opt.weight_decay.number_value = 0.01
+    request = palm_program(Record("opt", spec)).load(1, 2)
+    configs = spec_lib.to_configs(spec)
+    host_optim = optim_config(json_format.MessageToDict(request.optimizer.config))
+    assert host_optim == configs.optim
+    assert host_optim.clipping_threshold == 2.0 and host_optim.weight_decay == 0.01
+    host_model = model_config(json_format.MessageToDict(request.model.config))
+    assert host_model.d_model == configs.model.d_model
+    assert (request.island_index, request.num_islands, request.digest_every) == (1, 2, 1)
