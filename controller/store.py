@@ -5,8 +5,9 @@ One controller process owns a state directory. It holds an exclusive `fcntl.floc
 every start bumps the epoch stored in the database; the epoch is carried in every worker RPC,
 so hosts can reject steps still in flight from a previous controller.
 
-The database (`<state_dir>/controller.db`, WAL mode) is versioned: `schema_version` holds the
-version, and `MIGRATIONS[i]` takes a database from version i to i + 1, each in one transaction.
+The database (`<state_dir>/controller.db`, WAL mode) also holds the checkpoint registry
+(only committed checkpoints are registered) and per-job retry counts of failure classes. It is versioned:
+`schema_version` holds the version, and `MIGRATIONS[i]` takes a database from version i to i + 1, each in one transaction.
 Job states follow `TRANSITIONS`; any other transition raises `IllegalTransitionError`. Times
 are integer microseconds since the epoch (UTC); job creation times are strictly increasing, so
 (created, id) orders jobs by submission and is the key of ListJobs' keyset pagination.
@@ -187,11 +188,32 @@ class StepMetrics:
     time_us: int
 
 
+class CheckpointState(enum.StrEnum):
+    """A registered checkpoint's state: only committed ones are ever restored."""
+
+    COMMITTED = "committed"
+    CORRUPT = "corrupt"  # failed to restore: skipped for the previous committed one
+    DELETED = "deleted"  # dropped by retention
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One row of the checkpoint registry: the state of `job_id` after `step` steps."""
+
+    job_id: str
+    generation: int
+    step: int
+    path: str
+    state: CheckpointState
+    created_us: int
+
+
 # ------------------------------------------------------------------------------------------
 # Schema
 # ------------------------------------------------------------------------------------------
 
 _STATES_SQL = ", ".join(f"'{s.value}'" for s in JobState)
+_CHECKPOINT_STATES_SQL = ", ".join(f"'{s.value}'" for s in CheckpointState)
 
 # MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a released one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -234,6 +256,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             step_time_s REAL NOT NULL,
             time_us INTEGER NOT NULL,
             PRIMARY KEY (job_id, step)
+        )""",
+    ),
+    # 1 -> 2: the checkpoint registry and the retry budgets of failure classes (issue 8).
+    (
+        f"""CREATE TABLE checkpoints (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            generation INTEGER NOT NULL CHECK (generation >= 0),
+            step INTEGER NOT NULL CHECK (step >= 0),
+            path TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ({_CHECKPOINT_STATES_SQL})),
+            created_us INTEGER NOT NULL,
+            updated_us INTEGER NOT NULL,
+            PRIMARY KEY (job_id, generation, step)
+        )""",
+        "CREATE INDEX checkpoints_by_job ON checkpoints (job_id, state, step)",
+        """CREATE TABLE retries (
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            failure_class TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (job_id, failure_class)
         )""",
     ),
 )
@@ -821,6 +863,106 @@ class JobStore:
                 "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
             ).fetchone()
         return int(count)
+
+    # -- checkpoint registry and retry budgets ------------------------------------------
+
+    def register_checkpoint(self, job_id: str, generation: int, step: int, path: str) -> bool:
+        """Record a committed checkpoint (only after orbax finalised it) with a `checkpoint`
+        event; registering it again is a no-op. Returns whether it was new.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        with self._transaction() as conn:
+            self._require_job(conn, job_id)
+            now = self._clock_us()
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO checkpoints (job_id, generation, step, path, state, "
+                "created_us, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, generation, step, path, CheckpointState.COMMITTED.value, now, now),
+            )
+            if cur.rowcount == 0:
+                return False
+            self._insert_event(
+                conn, job_id, now, "checkpoint", f"Checkpoint at step {step} committed ({path})."
+            )
+        return True
+
+    def checkpoints(
+        self, job_id: str, states: Iterable[CheckpointState] = (CheckpointState.COMMITTED,)
+    ) -> list[Checkpoint]:
+        """A job's registered checkpoints in the given states, oldest step first."""
+        values = sorted({CheckpointState(s).value for s in states})
+        if not values:
+            return []
+        with self._mutex:
+            rows = self._conn.execute(
+                "SELECT job_id, generation, step, path, state, created_us FROM checkpoints "
+                f"WHERE job_id = ? AND state IN ({', '.join('?' * len(values))}) "
+                "ORDER BY step, generation",
+                (job_id, *values),
+            ).fetchall()
+        return [
+            Checkpoint(r[0], int(r[1]), int(r[2]), r[3], CheckpointState(r[4]), r[5]) for r in rows
+        ]
+
+    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
+        """The job's committed checkpoint of the most steps, or None."""
+        committed = self.checkpoints(job_id)
+        return committed[-1] if committed else None
+
+    def mark_checkpoint(
+        self, checkpoint: Checkpoint, state: CheckpointState, message: str = ""
+    ) -> None:
+        """Change a checkpoint's state; with a message, also record a `warning` event."""
+        with self._transaction() as conn:
+            now = self._clock_us()
+            conn.execute(
+                "UPDATE checkpoints SET state = ?, updated_us = ? "
+                "WHERE job_id = ? AND generation = ? AND step = ?",
+                (
+                    CheckpointState(state).value,
+                    now,
+                    checkpoint.job_id,
+                    checkpoint.generation,
+                    checkpoint.step,
+                ),
+            )
+            if message:
+                self._insert_event(conn, checkpoint.job_id, now, "warning", message)
+
+    def retire_checkpoints(self, job_id: str, keep: int) -> list[Checkpoint]:
+        """Retention: mark all but the newest `keep` committed checkpoints deleted; returns
+        them (the caller removes their folders)."""
+        if keep < 1:
+            raise ValueError(f"keep={keep} must be at least 1.")
+        old = self.checkpoints(job_id)[:-keep]
+        for checkpoint in old:
+            self.mark_checkpoint(checkpoint, CheckpointState.DELETED)
+        return old
+
+    def count_retry(self, job_id: str, failure_class: str) -> int:
+        """Count one more retry of a failure class for a job; returns the count so far."""
+        with self._transaction() as conn:
+            self._require_job(conn, job_id)
+            conn.execute(
+                "INSERT INTO retries (job_id, failure_class, count) VALUES (?, ?, 1) "
+                "ON CONFLICT (job_id, failure_class) DO UPDATE SET count = count + 1",
+                (job_id, failure_class),
+            )
+            (count,) = conn.execute(
+                "SELECT count FROM retries WHERE job_id = ? AND failure_class = ?",
+                (job_id, failure_class),
+            ).fetchone()
+        return int(count)
+
+    def retries(self, job_id: str) -> dict[str, int]:
+        """Retries so far per failure class."""
+        with self._mutex:
+            rows = self._conn.execute(
+                "SELECT failure_class, count FROM retries WHERE job_id = ?", (job_id,)
+            ).fetchall()
+        return {c: int(n) for c, n in rows}
 
     # -- wire ----------------------------------------------------------------------------
 

@@ -1,0 +1,188 @@
+"""Orbax checkpoints of a job's training state, written and read by the island hosts.
+
+A checkpoint holds the parameters, the optimizer state and the step count of a job, saved
+with their global shapes, so any mesh restores it with its own shardings (a job saved on
+2 islands x 2 devices resumes on 1 island x 4). The parameters are bitwise the same on every
+island, so only island 0's hosts write, each host its own shards (orbax does the multi-host
+part); the folder must be reachable by every host (a shared path locally: a folder in the
+controller's state directory).
+
+Saving is asynchronous: the state is copied off the devices and the step goes on while a
+background thread writes it; the checkpoint counts once orbax has finalised it (renamed its
+temporary folder), and only then is it reported as committed. Checkpoint n of generation g of
+a job lives in `<checkpoint_dir>/g<g>-step<n>` (`checkpoint_path`): generations never write
+into each other's folders, so a half-written folder of a dead generation is never mistaken
+for a committed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^g(\d+)-step(\d+)$")
+# Committed steps remembered per writer (the controller keeps the registry).
+_REMEMBERED = 64
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be restored (missing, half-written or corrupt)."""
+
+
+def checkpoint_path(root: str | Path, generation: int, step: int) -> str:
+    """The folder of the checkpoint of `step` applied steps of one generation of a job."""
+    return str(Path(root) / f"g{int(generation)}-step{int(step)}")
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(generation, step) of a checkpoint folder's name, or None for another name."""
+    match = _NAME_RE.match(name)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}, treedef
+
+
+def state_tree(params: Any, opt_state: Any, step: int) -> dict[str, Any]:
+    """What a checkpoint holds: the leaves of params and optimizer state, and the step."""
+    return {
+        "params": _flat(params)[0],
+        "opt_state": _flat(opt_state)[0],
+        "step": np.asarray(int(step), np.int64),
+    }
+
+
+def is_committed(path: str | Path) -> bool:
+    """Whether orbax finalised the checkpoint folder (a half-written one is not)."""
+    from orbax.checkpoint import path as ocp_path
+
+    p = Path(path)
+    return p.is_dir() and bool(ocp_path.step.is_path_finalized(p))
+
+
+class CheckpointWriter:
+    """Asynchronous orbax saves of one loaded job, one in progress at a time.
+
+    `save` returns once the state is copied off the devices; a background thread waits for
+    orbax to finalise it and then adds its step to `committed`.
+    """
+
+    def __init__(self) -> None:
+        import orbax.checkpoint as ocp
+
+        self._checkpointer = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        self._lock = threading.Lock()
+        self._committed: list[int] = []
+        self._waiter: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def committed(self) -> list[int]:
+        """Steps of the checkpoints committed so far, oldest first."""
+        with self._lock:
+            return list(self._committed)
+
+    def save(self, path: str, params: Any, opt_state: Any, step: int) -> None:
+        """Start writing the state after `step` applied steps to `path` (blocks only while
+        the state is copied off the devices, and for the previous save to finish)."""
+        import orbax.checkpoint as ocp
+
+        self.wait()
+        tree = state_tree(params, opt_state, step)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._checkpointer.save(path, args=ocp.args.StandardSave(tree))
+
+        def finish() -> None:
+            try:
+                self._checkpointer.wait_until_finished()
+            except BaseException as e:  # reported at the next save or wait
+                logger.exception("checkpoint %s failed", path)
+                self._error = e
+                return
+            with self._lock:
+                self._committed.append(int(step))
+                del self._committed[:-_REMEMBERED]
+            logger.info("checkpoint %s committed", path)
+
+        self._waiter = threading.Thread(target=finish, name="checkpoint-commit", daemon=True)
+        self._waiter.start()
+
+    def wait(self) -> None:
+        """Block until the save in progress is committed.
+
+        Raises:
+            CheckpointError: the last save failed.
+        """
+        if self._waiter is not None:
+            self._waiter.join()
+            self._waiter = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {error!r}") from error
+
+    def close(self) -> None:
+        """Wait for the save in progress (a failure is logged), then release orbax."""
+        try:
+            self.wait()
+        except CheckpointError:
+            logger.exception("closing a checkpoint writer")
+        self._checkpointer.close()
+
+
+def restore(path: str, params_like: Any, opt_like: Any, param_shardings: Any, opt_shardings: Any):
+    """Read a checkpoint onto this mesh: (params, opt_state, step).
+
+    Args:
+        path: a committed checkpoint folder.
+        params_like: the (abstract) parameter tree of the job; gives structure, shapes, dtypes.
+        opt_like: the (abstract) optimizer state tree.
+        param_shardings: the parameters' shardings on this island's mesh.
+        opt_shardings: the optimizer state's shardings.
+
+    Raises:
+        CheckpointError: the folder is missing, not finalised, or its contents do not read
+            back as this job's state.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    if not is_committed(path):
+        raise CheckpointError(f"checkpoint {path!r} is missing or was never committed.")
+
+    def abstract(like: Any, shardings: Any) -> tuple[dict[str, Any], Any]:
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        sh = jax.tree_util.tree_leaves(shardings)
+        if len(sh) != len(leaves):
+            raise CheckpointError(f"{len(sh)} shardings for {len(leaves)} leaves.")
+        flat = {
+            f"{i:05d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)
+            for i, (leaf, s) in enumerate(zip(leaves, sh, strict=True))
+        }
+        return flat, treedef
+
+    p_abs, p_def = abstract(params_like, param_shardings)
+    o_abs, o_def = abstract(opt_like, opt_shardings)
+    target = {"params": p_abs, "opt_state": o_abs, "step": np.asarray(0, np.int64)}
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(path, target)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path!r} does not read back: {e!r}"[:2000]) from e
+    try:
+        params = jax.tree_util.tree_unflatten(p_def, [tree["params"][k] for k in sorted(p_abs)])
+        opt = jax.tree_util.tree_unflatten(o_def, [tree["opt_state"][k] for k in sorted(o_abs)])
+        step = int(np.asarray(tree["step"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is not this job's state: {e!r}") from e
+    return params, opt, step
