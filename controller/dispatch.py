@@ -343,9 +343,15 @@ class Dispatcher:
         *,
         on_step: OnStep | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        gate: Any = None,
     ) -> int:
         """Run the program's steps with up to `window` steps in flight; returns the number of
         steps completed (less than the program's when `should_stop` turned true).
+
+        With a `gate` (controller/scheduler.py's Scheduler), every step first waits for a
+        step slot on all of the job's islands (`gate.acquire(job_id)`; False stops the
+        program) and frees it when its hosts have finished (`gate.done`), so jobs sharing
+        islands take turns in the order the scheduler grants.
 
         Raises:
             DispatchError: a step failed on a host (reason `step_failed`) or gave a
@@ -359,7 +365,16 @@ class Dispatcher:
                 while next_step < program.steps and len(pending) < self.window:
                     if should_stop():
                         break
-                    pending.append((next_step, self._send(program, next_step, islands)))
+                    if gate is not None:
+                        if not await gate.acquire(program.job_id):
+                            break
+                        if should_stop():
+                            gate.done(program.job_id, [i.id for i in islands], None)
+                            break
+                    calls = self._send(program, next_step, islands)
+                    if gate is not None:
+                        _release_when_done(gate, program.job_id, islands, calls)
+                    pending.append((next_step, calls))
                     next_step += 1
                 if not pending:
                     return completed
@@ -433,6 +448,28 @@ class Dispatcher:
             step_time_s=step_time_s,
             hosts=tuple(hosts),
         )
+
+
+def _release_when_done(
+    gate: Any, job_id: str, islands: Sequence[Island], calls: list[tuple[str, int, asyncio.Task]]
+) -> None:
+    """Call `gate.done` once every host has answered the step (whether or not the
+    controller has read the replies yet), with the step's host-measured seconds."""
+    left = [len(calls)]
+
+    def finished(_: asyncio.Task) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        step_s = None
+        for *_, task in calls:
+            if not task.cancelled() and task.exception() is None:
+                t = task.result().timings
+                step_s = max(step_s or 0.0, (t.end_unix_ns - t.start_unix_ns) / 1e9)
+        gate.done(job_id, [i.id for i in islands], step_s)
+
+    for *_, task in calls:
+        task.add_done_callback(finished)
 
 
 # ---- the step program of a PaLM job --------------------------------------------------------

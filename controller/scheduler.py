@@ -1,61 +1,316 @@
-"""The scheduler skeleton: which queued job gets which islands (one job per island for now).
+"""The scheduler: memory-aware gang admission, shared islands, stride-scheduled step slots.
 
-A job holds all of its islands or none (gang placement). Queued jobs are considered in the
-store's scheduling order (priority, then submission); a job that does not fit the free islands
-now stays queued, while later jobs that do fit may start (no reservation yet). The
-multi-tenancy issue replaces this with gang-ordered sharing, fair shares and preemption.
+Admission. Every island has a device-memory budget per device (the hosts report it: `up
+--island-memory` on simulated islands, the device's limit on GPUs). A job's demand is bytes
+per device on each of its islands (the estimator's figure, raised to the island's dry-run
+memory analysis once the controller has it). A job holds all of its islands or none; a job
+that can never fit (more islands than the cluster, more memory than any island's budget) is
+refused at once; the rest wait in priority-then-submission order. Several jobs may be
+resident on one island as long as their demands fit its budget.
+
+Step slots. Jobs resident on shared islands take turns through `acquire`: every island has
+`slots` steps in flight at most (over all its jobs), and a free slot goes to the waiting job
+with the smallest stride-scheduling pass; a job's pass advances by (its measured step
+seconds) / weight per granted step, so device time follows the weights (`share_by="time"`),
+or by 1 / weight so step counts do (`share_by="steps"`). A waiting job reserves the islands
+it could not get, so jobs behind it in pass order cannot starve a multi-island gang, while
+jobs on disjoint islands proceed at once. The controller sends a granted step to all of the
+job's islands in one synchronous call, so every island sees the jobs' steps in the one
+order in which they were granted (per-island island_seq): no two jobs can wait on each other
+across islands.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
+# Weight of a new step-time measurement in a job's moving average of step seconds.
+STEP_TIME_EMA = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """What a job asks of the cluster.
+
+    Attributes:
+        job_id: the job.
+        islands: how many islands (a gang: all or none).
+        bytes_per_device: device memory it holds on each of its islands.
+        priority: higher first.
+        weight: share of device time among the jobs it shares islands with.
+    """
+
+    job_id: str
+    islands: int
+    bytes_per_device: int
+    priority: int = 0
+    weight: float = 1.0
+
+
+@dataclasses.dataclass
+class _Slots:
+    """A resident job's stride-scheduling state."""
+
+    islands: tuple[str, ...]
+    weight: float
+    pass_: float = 0.0
+    order: int = 0
+    step_s: float | None = None
+    waiter: asyncio.Future | None = None
+    inflight: int = 0
+    # Costs charged at grant time for steps not finished yet (corrected by `done`).
+    charged: collections.deque = dataclasses.field(default_factory=collections.deque)
+
 
 class Scheduler:
-    """Island assignment: every island is free or held by exactly one job.
+    """Island memory bookkeeping, gang placement and stride-scheduled step slots.
 
     Args:
         island_ids: the cluster's islands, in island order.
+        budgets: bytes per device each island may hold (0 or absent: unlimited).
+        slots: steps in flight per island over all its jobs.
+        share_by: "time" (a slot costs the job's measured step seconds) or "steps";
+            None reads PATHWAYS_LITE_SHARE_BY (default "time").
     """
 
-    def __init__(self, island_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        island_ids: Sequence[str],
+        budgets: Mapping[str, int] | None = None,
+        *,
+        slots: int = 2,
+        share_by: str | None = None,
+    ) -> None:
+        # PATHWAYS_LITE_SHARE_BY=steps makes slot counts (not seconds) follow the weights.
+        share_by = share_by or os.environ.get("PATHWAYS_LITE_SHARE_BY", "time")
+        if share_by not in ("time", "steps"):
+            raise ValueError(f"share_by={share_by!r} must be 'time' or 'steps'.")
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be at least 1.")
         self.island_ids = list(island_ids)
-        self._holder: dict[str, str | None] = {i: None for i in self.island_ids}
+        self.budgets = {i: int((budgets or {}).get(i, 0)) for i in self.island_ids}
+        self.slots = slots
+        self.share_by = share_by
+        # job -> (islands, bytes per device held on each).
+        self._held: dict[str, tuple[tuple[str, ...], int]] = {}
+        self._jobs: dict[str, _Slots] = {}
+        self._inflight: dict[str, int] = {i: 0 for i in self.island_ids}
+        self._order = 0
+
+    # ---- memory and placement --------------------------------------------------------------
+
+    def budget(self, island: str) -> int:
+        """The island's budget per device; 0 means unlimited."""
+        return self.budgets[island]
+
+    def used(self, island: str) -> int:
+        """Bytes per device the island's resident jobs hold."""
+        return sum(b for islands, b in self._held.values() if island in islands)
+
+    def free_bytes(self, island: str) -> float:
+        """Bytes per device still free on the island (inf when unlimited)."""
+        budget = self.budgets[island]
+        return float("inf") if budget == 0 else budget - self.used(island)
 
     def free(self) -> list[str]:
-        """Islands no job holds, in island order."""
-        return [i for i in self.island_ids if self._holder[i] is None]
+        """Islands no job holds memory on, in island order."""
+        return [i for i in self.island_ids if not self.jobs_on(i)]
 
-    def fits_ever(self, islands: int) -> bool:
-        """Whether a job of `islands` islands can ever run on this cluster."""
-        return 0 < islands <= len(self.island_ids)
+    def never_fits(self, islands: int, bytes_per_device: int) -> str | None:
+        """Why a job of `islands` islands x `bytes_per_device` can never run, or None."""
+        if islands < 1 or islands > len(self.island_ids):
+            return (
+                f"the job needs islands={islands} but the cluster has "
+                f"{len(self.island_ids)} island{'s' if len(self.island_ids) != 1 else ''}."
+            )
+        big = sorted((self.budgets[i] or float("inf") for i in self.island_ids), reverse=True)
+        if big[islands - 1] < bytes_per_device:
+            return (
+                f"the job needs {bytes_per_device} bytes per device on each of {islands} "
+                f"island(s), but only {sum(b >= bytes_per_device for b in big)} island(s) "
+                f"have that budget (largest: {max(big):.0f} bytes per device)."
+            )
+        return None
 
-    def assign(self, job_id: str, islands: int) -> list[str] | None:
-        """Give `job_id` the first `islands` free islands, or None (all or nothing)."""
-        free = self.free()
-        if islands > len(free):
-            return None
-        chosen = free[:islands]
-        for island in chosen:
-            self._holder[island] = job_id
-        logger.info("job %s holds islands %s", job_id, chosen)
+    def fits_ever(self, islands: int, bytes_per_device: int = 0) -> bool:
+        """Whether such a job can ever run on this cluster."""
+        return self.never_fits(islands, bytes_per_device) is None
+
+    def candidates(self, demand: Demand, *, reclaim: Mapping[str, int] | None = None) -> list[str]:
+        """Islands with room for `demand` (counting `reclaim` bytes as freed), fewest
+        resident jobs first, then island order."""
+        reclaim = reclaim or {}
+        room = [
+            i
+            for i in self.island_ids
+            if self.free_bytes(i) + reclaim.get(i, 0) >= demand.bytes_per_device
+            and demand.job_id not in self.jobs_on(i)
+        ]
+        return sorted(room, key=lambda i: (len(self.jobs_on(i)), self.island_ids.index(i)))
+
+    def place(self, demand: Demand, islands: Sequence[str] | None = None) -> list[str] | None:
+        """Hold `demand` on `islands` (or the best free ones): all of them, or None."""
+        if islands is None:
+            room = self.candidates(demand)
+            if len(room) < demand.islands:
+                return None
+            chosen = sorted(room[: demand.islands], key=self.island_ids.index)
+        else:
+            if any(self.free_bytes(i) < demand.bytes_per_device for i in islands):
+                return None
+            chosen = list(islands)
+        self._held[demand.job_id] = (tuple(chosen), demand.bytes_per_device)
+        logger.info(
+            "job %s holds %d bytes per device on %s", demand.job_id, demand.bytes_per_device, chosen
+        )
         return chosen
 
+    def assign(self, job_id: str, islands: int, bytes_per_device: int = 0) -> list[str] | None:
+        """`place` for a bare job id (the pre-multi-tenancy call)."""
+        return self.place(Demand(job_id, islands, bytes_per_device))
+
+    def resize(self, job_id: str, bytes_per_device: int) -> None:
+        """Change what a placed job holds (the measured figure replaces the estimate)."""
+        islands, _ = self._held[job_id]
+        self._held[job_id] = (islands, int(bytes_per_device))
+
     def release(self, job_id: str) -> list[str]:
-        """Free every island `job_id` holds; returns them."""
-        held = self.islands_of(job_id)
-        for island in held:
-            self._holder[island] = None
-        return held
+        """Free the memory `job_id` holds; returns its islands."""
+        islands, _ = self._held.pop(job_id, ((), 0))
+        return list(islands)
+
+    def held(self, job_id: str) -> int:
+        """Bytes per device `job_id` holds on each of its islands (0 when none)."""
+        return self._held.get(job_id, ((), 0))[1]
 
     def islands_of(self, job_id: str) -> list[str]:
         """The islands `job_id` holds, in island order."""
-        return [i for i in self.island_ids if self._holder[i] == job_id]
+        islands, _ = self._held.get(job_id, ((), 0))
+        return [i for i in self.island_ids if i in islands]
 
     def jobs_on(self, island: str) -> list[str]:
-        """Ids of the jobs holding `island` (zero or one for now)."""
-        holder = self._holder.get(island)
-        return [] if holder is None else [holder]
+        """Ids of the jobs holding memory on `island`, in placement order."""
+        return [j for j, (islands, _) in self._held.items() if island in islands]
+
+    def lacking(self, demand: Demand) -> str:
+        """A sentence: what `demand` lacks now and who holds it."""
+        room = self.candidates(demand)
+        parts = []
+        for i in self.island_ids:
+            holders = self.jobs_on(i)
+            budget = self.budgets[i]
+            parts.append(
+                f"{i}: {self.free_bytes(i):.0f} of {budget} free"
+                + (f" (held by {', '.join(holders)})" if holders else "")
+                if budget
+                else f"{i}: unlimited"
+            )
+        return (
+            f"Needs {demand.bytes_per_device} bytes per device on {demand.islands} island(s); "
+            f"{len(room)} island(s) have room now ({'; '.join(parts)})."
+        )
+
+    # ---- step slots (stride scheduling) -----------------------------------------------------
+
+    def join(self, job_id: str, islands: Iterable[str], weight: float) -> None:
+        """Start giving `job_id` step slots on `islands`; its pass starts at the smallest pass
+        of the jobs already there (no credit for time it was absent)."""
+        islands = tuple(islands)
+        if weight <= 0:
+            raise ValueError(f"weight={weight!r} must be positive.")
+        others = [s.pass_ for s in self._jobs.values() if set(s.islands) & set(islands)]
+        self._order += 1
+        previous = self._jobs.get(job_id)
+        self._jobs[job_id] = _Slots(
+            islands,
+            weight,
+            pass_=min(others, default=0.0),
+            order=self._order,
+            step_s=previous.step_s if previous else None,
+        )
+
+    def leave(self, job_id: str) -> None:
+        """Stop giving `job_id` slots; a pending `acquire` returns False."""
+        slots = self._jobs.pop(job_id, None)
+        if slots is not None and slots.waiter is not None and not slots.waiter.done():
+            slots.waiter.set_result(False)
+        self._grant()
+
+    def interrupt(self, job_id: str) -> None:
+        """Make a pending `acquire` of `job_id` return False (cancel or suspend)."""
+        slots = self._jobs.get(job_id)
+        if slots is not None and slots.waiter is not None and not slots.waiter.done():
+            slots.waiter.set_result(False)
+            slots.waiter = None
+
+    async def acquire(self, job_id: str) -> bool:
+        """Wait for a step slot on every island of `job_id`; False when interrupted."""
+        slots = self._jobs.get(job_id)
+        if slots is None:
+            return True  # not stride-scheduled (a job outside the arbiter)
+        slots.waiter = asyncio.get_running_loop().create_future()
+        waiter = slots.waiter
+        self._grant()
+        return await waiter
+
+    def done(self, job_id: str, islands: Iterable[str], step_s: float | None) -> None:
+        """A granted step finished on its hosts: free its slots, learn its step time."""
+        for island in islands:
+            self._inflight[island] = max(0, self._inflight[island] - 1)
+        slots = self._jobs.get(job_id)
+        if slots is not None:
+            slots.inflight = max(0, slots.inflight - 1)
+            charged = slots.charged.popleft() if slots.charged else None
+            if self.share_by == "time" and charged is not None and step_s is not None:
+                # Charge what the step really took instead of the estimate granted on.
+                slots.pass_ += (step_s - charged) / slots.weight
+            if step_s is not None and step_s > 0:
+                slots.step_s = (
+                    step_s
+                    if slots.step_s is None
+                    else (1 - STEP_TIME_EMA) * slots.step_s + STEP_TIME_EMA * step_s
+                )
+        self._grant()
+
+    def _cost(self, slots: _Slots) -> float:
+        """The estimated cost of a job's next step (seconds, or 1 slot)."""
+        if self.share_by == "steps":
+            return 1.0
+        if slots.step_s is not None:
+            return slots.step_s
+        known = [s.step_s for s in self._jobs.values() if s.step_s is not None]
+        return sum(known) / len(known) if known else 0.0
+
+    def _grant(self) -> None:
+        waiting = sorted(
+            (s.pass_, s.order, job_id)
+            for job_id, s in self._jobs.items()
+            if s.waiter is not None and not s.waiter.done()
+        )
+        reserved: set[str] = set()
+        for _, _, job_id in waiting:
+            slots = self._jobs[job_id]
+            islands = set(slots.islands)
+            if islands & reserved or any(self._inflight[i] >= self.slots for i in islands):
+                reserved |= islands
+                continue
+            for island in islands:
+                self._inflight[island] += 1
+            slots.inflight += 1
+            cost = self._cost(slots)
+            slots.charged.append(cost)
+            slots.pass_ += cost / slots.weight
+            assert slots.waiter is not None
+            slots.waiter.set_result(True)
+            slots.waiter = None
+
+    def passes(self) -> dict[str, float]:
+        """Each stride-scheduled job's pass (for diagnostics)."""
+        return {job_id: s.pass_ for job_id, s in self._jobs.items()}

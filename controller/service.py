@@ -24,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import pathways_lite
-from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc, worker_pb2
 
 from . import spec as spec_lib
 from .dispatch import (
@@ -36,7 +36,7 @@ from .dispatch import (
     StepReport,
     palm_program,
 )
-from .scheduler import Scheduler
+from .scheduler import Demand, Scheduler
 from .store import (
     IllegalTransitionError,
     JobNotFoundError,
@@ -137,6 +137,11 @@ class _RunningJob:
     task: asyncio.Task
     islands: list[str]
     cancel_requested: bool = False
+    # Preemption: set by the scheduler; the job drains, moves its state to host memory and
+    # waits on `resume` (set when its islands have room again, or to finish a cancel).
+    suspend_requested: bool = False
+    resume: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    priority: int = 0
 
 
 class Controller:
@@ -164,11 +169,24 @@ class Controller:
         self.islands = {island.id: island for island in islands}
         self.state_dir = str(state_dir)
         self.dispatcher = Dispatcher(store.epoch, window=window)
-        self.scheduler = Scheduler([island.id for island in islands])
+        self.scheduler = Scheduler(
+            [island.id for island in islands],
+            {
+                island.id: min(
+                    (int(h.info.memory_budget_bytes_per_device) for h in island.hosts), default=0
+                )
+                for island in islands
+            },
+            slots=max(2, window),
+        )
+        # Bytes per device each job asks of every island (estimate, then the compiled step's).
+        self._demand_bytes: dict[str, int] = {}
         self.events = _Followers()
         self.logs = LogBuffer()
         self._prepare = prepare or palm_program
         self._running: dict[str, _RunningJob] = {}
+        # Why each queued or suspended job waits (the job record's pending_reason).
+        self.pending: dict[str, str] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.started_at = _now()
@@ -251,6 +269,11 @@ class Controller:
         """
         spec = request.spec
         spec_lib.validate_spec(spec, self.cluster_shape())
+        never = self.scheduler.never_fits(spec.islands, self.estimate_bytes(spec))
+        if never is not None:
+            raise spec_lib.InfeasibleSpecError(
+                "islands", spec.islands, f"The job can never run: {never}"
+            )
         if request.validate_only:
             return controller_pb2.Job(
                 name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=_now()
@@ -275,6 +298,8 @@ class Controller:
         running = self._running.get(job_id)
         if running is not None:
             running.cancel_requested = True
+            self.scheduler.interrupt(job_id)
+            running.resume.set()  # a suspended job wakes up to unload
         message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
         record = self._transition(
             job_id, JobState.CANCELLED, reason="user_cancelled", message=message
@@ -293,15 +318,132 @@ class Controller:
             except Exception:
                 logger.exception("scheduling failed")
 
+    def estimate_bytes(self, spec: Any) -> int:
+        """Bytes per device a job holds on each island, before anything is compiled:
+        parameters, optimizer state and one gradient copy (model/estimates.py)."""
+        from pathways_lite.model.estimates import memory_per_device
+
+        try:
+            configs = spec_lib.to_configs(spec)
+            mem = memory_per_device(
+                configs.model, {"data": spec.mesh.data, "model": spec.mesh.model}, configs.optim
+            )
+        except (spec_lib.SpecError, ValueError):
+            return 0
+        return int(mem["total_bytes"] + mem["params_bytes"])
+
+    def _demand(self, record: JobRecord) -> Demand:
+        if record.id not in self._demand_bytes:
+            self._demand_bytes[record.id] = self.estimate_bytes(record.spec)
+        return Demand(
+            record.id,
+            record.spec.islands,
+            self._demand_bytes[record.id],
+            record.priority,
+            record.weight,
+        )
+
     def _schedule(self) -> None:
-        for record in self.store.jobs_in_states([JobState.QUEUED]):
-            if record.id in self._running:
-                continue
-            islands = self.scheduler.assign(record.id, record.spec.islands)
-            if islands is None:
-                continue
-            task = asyncio.create_task(self._run_job(record, islands), name=f"job-{record.id}")
-            self._running[record.id] = _RunningJob(record.id, task, islands)
+        """One scheduling pass over the queued and suspended jobs, priority then submission:
+        admit what fits (all islands or none), resume suspended jobs whose islands have room,
+        suspend lower-priority jobs for a higher-priority one, and say why the rest wait."""
+        waiting = self.store.jobs_in_states([JobState.QUEUED, JobState.SUSPENDED])
+        blocked: list[str] = []
+        for record in waiting:
+            running = self._running.get(record.id)
+            if running is not None and record.state == JobState.QUEUED:
+                continue  # placed on this pass or an earlier one; its task starts it
+            if record.state == JobState.SUSPENDED and running is None:
+                # Suspended under an earlier controller: its host copy is gone with it.
+                self._transition(
+                    record.id,
+                    JobState.QUEUED,
+                    reason="controller_restarted",
+                    message="The controller restarted while the job was suspended; it runs "
+                    "again from step 0.",
+                )
+                self.store.truncate_metrics(record.id, 0)
+                record = self.store.get_job(record.id)
+            demand = self._demand(record)
+            if record.state == JobState.SUSPENDED:
+                assert running is not None
+                if running.resume.is_set():
+                    continue
+                islands = self.scheduler.place(demand, running.islands)
+                if islands is not None:
+                    self.pending.pop(record.id, None)
+                    running.resume.set()
+                    continue
+            elif not blocked:
+                islands = self.scheduler.place(demand)
+                if islands is not None:
+                    self.pending.pop(record.id, None)
+                    task = asyncio.create_task(
+                        self._run_job(record, islands), name=f"job-{record.id}"
+                    )
+                    self._running[record.id] = _RunningJob(
+                        record.id, task, islands, priority=record.priority
+                    )
+                    continue
+            preempt = not blocked and record.state == JobState.QUEUED
+            victims = self._preempt(demand) if preempt else []
+            holders = sorted(
+                {j for i in self.scheduler.island_ids for j in self.scheduler.jobs_on(i)}
+            )
+            reason = (
+                f"Waiting for jobs ahead in the queue ({', '.join(blocked)})."
+                if blocked
+                else self.scheduler.lacking(demand)
+                + (f" Waits on {', '.join(holders)}." if holders else "")
+                + (f" Suspending lower-priority {', '.join(victims)}." if victims else "")
+            )
+            if record.state == JobState.SUSPENDED:
+                reason = "Suspended: " + reason
+            self.pending[record.id] = reason
+            blocked.append(record.id)
+
+    def _preempt(self, demand: Demand) -> list[str]:
+        """Suspend lower-priority resident jobs so that `demand` fits: the fewest islands'
+        worth, lowest priority (then newest) first. Returns the jobs asked to suspend."""
+        reclaim: dict[str, int] = {}
+        victims: dict[str, list[str]] = {}
+        lower = sorted(
+            (
+                r
+                for r in self._running.values()
+                if r.priority < demand.priority
+                and not r.suspend_requested
+                and not r.cancel_requested
+                and self.scheduler.held(r.job_id)
+            ),
+            key=lambda r: (r.priority, -self.store.get_job(r.job_id).created_us),
+        )
+        for island in self.scheduler.island_ids:
+            for r in lower:
+                if island in self.scheduler.islands_of(r.job_id):
+                    if self.scheduler.free_bytes(island) + reclaim.get(island, 0) >= (
+                        demand.bytes_per_device
+                    ):
+                        break
+                    reclaim[island] = reclaim.get(island, 0) + self.scheduler.held(r.job_id)
+                    victims.setdefault(island, []).append(r.job_id)
+        room = self.scheduler.candidates(demand, reclaim=reclaim)
+        if len(room) < demand.islands:
+            return []
+        chosen = set()
+        for island in room[: demand.islands]:
+            chosen.update(victims.get(island, []))
+        for job_id in sorted(chosen):
+            running = self._running[job_id]
+            running.suspend_requested = True
+            self.scheduler.interrupt(job_id)
+            logger.info(
+                "suspending job %s for higher-priority job %s",
+                job_id,
+                demand.job_id,
+                extra={"job_id": job_id},
+            )
+        return sorted(chosen)
 
     async def _run_job(self, record: JobRecord, island_ids: list[str]) -> None:
         job_id = record.id
@@ -318,6 +460,10 @@ class Controller:
             program = await asyncio.to_thread(self._prepare, record)
             logger.info("loading job %s on %s", job_id, island_ids, extra={"job_id": job_id})
             replies = await self.dispatcher.load(program, islands)
+            # The compiled step's own memory analysis replaces the estimate it was admitted on.
+            measured = max(max(r.memory.total_bytes, r.estimate_bytes_per_device) for r in replies)
+            self._demand_bytes[job_id] = measured
+            self.scheduler.resize(job_id, measured)
             loaded = True
             logger.info(
                 "job %s loaded (compile %.1f s, %d bytes per device)",
@@ -326,12 +472,25 @@ class Controller:
                 max(r.memory.total_bytes for r in replies),
                 extra={"job_id": job_id},
             )
-            completed = await self.dispatcher.run(
-                program,
-                islands,
-                on_step=lambda report: self._on_step(job_id, report),
-                should_stop=lambda: running.cancel_requested,
-            )
+            completed = 0
+            while True:
+                self.scheduler.join(job_id, island_ids, record.weight)
+                try:
+                    completed += await self.dispatcher.run(
+                        dataclasses.replace(program, start_step=program.start_step + completed),
+                        islands,
+                        on_step=lambda report: self._on_step(job_id, report),
+                        should_stop=lambda: running.cancel_requested or running.suspend_requested,
+                        gate=self.scheduler,
+                    )
+                finally:
+                    self.scheduler.leave(job_id)
+                done = program.start_step + completed >= program.steps
+                if running.cancel_requested or done or not running.suspend_requested:
+                    break
+                await self._suspend(running, islands, program.start_step + completed)
+                if running.cancel_requested:
+                    break
             if not running.cancel_requested:
                 self._transition(
                     job_id,
@@ -364,8 +523,48 @@ class Controller:
             if loaded:
                 await self.dispatcher.unload(job_id, islands)
             self.scheduler.release(job_id)
+            self._demand_bytes.pop(job_id, None)
+            self.pending.pop(job_id, None)
             self._running.pop(job_id, None)
             self.wake()
+
+    async def _suspend(self, running: _RunningJob, islands: list[Island], step: int) -> None:
+        """Move the job's state to host memory on every host, free its device memory, and
+        wait until the scheduler resumes it (or it is cancelled)."""
+        job_id = running.job_id
+        epoch = self.dispatcher.epoch
+        await asyncio.gather(
+            *(
+                host.stub.Suspend(
+                    worker_pb2.SuspendRequest(job_id=job_id, epoch=epoch), timeout=300
+                )
+                for island in islands
+                for host in island.hosts
+            )
+        )
+        running.resume.clear()
+        self.scheduler.release(job_id)
+        self._transition(
+            job_id,
+            JobState.SUSPENDED,
+            reason="preempted",
+            message=f"Suspended at step {step} for a higher-priority job; state in host memory.",
+        )
+        self.wake()
+        await running.resume.wait()
+        running.suspend_requested = False
+        if running.cancel_requested:
+            return
+        await asyncio.gather(
+            *(
+                host.stub.Resume(worker_pb2.ResumeRequest(job_id=job_id, epoch=epoch), timeout=300)
+                for island in islands
+                for host in island.hosts
+            )
+        )
+        self._transition(
+            job_id, JobState.RUNNING, reason="resumed", message=f"Resumed at step {step}."
+        )
 
     def _fail(self, job_id: str, running: _RunningJob, reason: str, message: str) -> None:
         logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})

@@ -189,6 +189,25 @@ class JobRuntime(abc.ABC):
     def unload(self) -> None:
         """Drop every device buffer of the job."""
 
+    # Suspend/resume (multi-tenancy preemption): runtimes that support it override these.
+    suspended = False
+
+    def suspend(self) -> int:
+        """Move the job's state off the devices into host memory; returns its host bytes."""
+        raise RuntimeUnavailableError(f"job {self.spec.job_id!r}'s runtime cannot be suspended.")
+
+    def resume(self) -> None:
+        """Put the state `suspend` moved to the host back on the devices, bit for bit."""
+        raise RuntimeUnavailableError(f"job {self.spec.job_id!r}'s runtime cannot be resumed.")
+
+    def device_arrays(self) -> list[Any]:
+        """The job's arrays resident on the devices (for live-array accounting)."""
+        return []
+
+    def host_bytes(self) -> int:
+        """Bytes of the job's state held in host memory while suspended."""
+        return 0
+
 
 def _memory_report(compiled: Any) -> MemoryReport:
     """Read XLA's compiled memory analysis (absent on some backends: zeros then)."""

@@ -62,6 +62,8 @@ MAX_RECORDED_STEPS = 1024
 # numbers to arrive (concurrent RunSteps of a dispatch window may overtake each other on the
 # wire) before it is rejected as a gap.
 SEQ_GAP_WAIT_S = 2.0
+# Executed steps kept in the host's execution log (ExecutionLog rpc).
+EXECUTION_LOG_STEPS = 8192
 
 RuntimeFactory = Callable[[JobSpec, Sequence[Any]], JobRuntime]
 
@@ -192,6 +194,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.mailbox = Mailbox()
         self.peers = Peers()
         self.byte_counter = ByteCounter()
+        # Every executed step: (job, generation, step, island_seq, start, end, epoch).
+        self.execution_log: collections.deque[worker_pb2.ExecutionEntry] = collections.deque(
+            maxlen=EXECUTION_LOG_STEPS
+        )
 
     def set_port(self, port: int) -> None:
         self.metadata = dataclasses.replace(self.metadata, port=port)
@@ -449,6 +455,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         _check_job_id(request.job_id)
         self._check_epoch(request.epoch)
         job = self._job(request.job_id)
+        if job.runtime.suspended:
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {request.job_id!r} is suspended; Resume it before step {request.step}.",
+            )
         if request.generation != job.spec.generation:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -547,6 +558,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             finally:
                 self._running_job = ""
             end_ns = time.time_ns()
+            self.execution_log.append(
+                worker_pb2.ExecutionEntry(
+                    job_id=request.job_id,
+                    generation=request.generation,
+                    step=request.step,
+                    island_seq=request.island_seq,
+                    start_unix_ns=start_ns,
+                    end_unix_ns=end_ns,
+                    epoch=request.epoch,
+                )
+            )
         return worker_pb2.RunStepReply(
             job_id=request.job_id,
             generation=request.generation,
@@ -608,6 +630,78 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.mailbox.forget(request.job_id)
         logger.info("unloaded job %s", request.job_id)
         return worker_pb2.UnloadJobReply(unloaded=True)
+
+    @_rpc
+    async def Suspend(self, request: worker_pb2.SuspendRequest, context) -> Any:
+        """Move a job's state to host memory after the steps queued before this call."""
+        self._check_epoch(request.epoch)
+        job = self._job(request.job_id)
+        async with self._lock:
+            if job.runtime.suspended:
+                return worker_pb2.SuspendReply(suspended=False, host_bytes=job.runtime.host_bytes())
+            try:
+                host_bytes = await self._on_runtime_thread(job.runtime.suspend)
+            except RuntimeUnavailableError as e:
+                raise RpcRejection(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+        return worker_pb2.SuspendReply(suspended=True, host_bytes=host_bytes)
+
+    @_rpc
+    async def Resume(self, request: worker_pb2.ResumeRequest, context) -> Any:
+        """Put a suspended job's state back on the devices."""
+        self._check_epoch(request.epoch)
+        job = self._job(request.job_id)
+        async with self._lock:
+            if not job.runtime.suspended:
+                return worker_pb2.ResumeReply(resumed=False)
+            try:
+                await self._on_runtime_thread(job.runtime.resume)
+            except RuntimeUnavailableError as e:
+                raise RpcRejection(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+            per_device = (
+                await self._on_runtime_thread(self._job_memory, job)
+            ).live_bytes_per_device
+        return worker_pb2.ResumeReply(resumed=True, device_bytes_per_device=per_device)
+
+    def _job_memory(self, job: _Job) -> worker_pb2.JobMemory:
+        """The job's arrays among jax.live_arrays(), per device and in all (runtime thread)."""
+        import jax
+
+        mine = {id(a) for a in job.runtime.device_arrays()}
+        per_device: collections.Counter = collections.Counter()
+        for array in jax.live_arrays():
+            if id(array) in mine and not array.is_deleted():
+                for shard in array.addressable_shards:
+                    per_device[shard.device.id] += shard.data.nbytes
+        return worker_pb2.JobMemory(
+            job_id=job.spec.job_id,
+            live_bytes_per_device=max(per_device.values(), default=0),
+            live_bytes=sum(per_device.values()),
+            suspended=job.runtime.suspended,
+            host_bytes=job.runtime.host_bytes(),
+        )
+
+    @_rpc
+    async def ExecutionLog(self, request: worker_pb2.ExecutionLogRequest, context) -> Any:
+        """The executed steps (island_seq order) and every loaded job's live device bytes."""
+
+        def memory() -> tuple[list[worker_pb2.JobMemory], int]:
+            import jax
+
+            total = sum(
+                shard.data.nbytes
+                for array in jax.live_arrays()
+                if not array.is_deleted()
+                for shard in array.addressable_shards
+            )
+            return [self._job_memory(job) for job in list(self._jobs.values())], total
+
+        jobs, total = await self._on_runtime_thread(memory)
+        entries = [
+            e
+            for e in list(self.execution_log)
+            if e.epoch == self._newest_epoch and e.island_seq >= request.from_island_seq
+        ]
+        return worker_pb2.ExecutionLogReply(entries=entries, jobs=jobs, live_bytes_total=total)
 
     @_rpc
     async def Sample(self, request: worker_pb2.SampleRequest, context) -> Any:

@@ -1,0 +1,141 @@
+"""Multi-tenancy on a live local cluster: admission, shared islands, weights, preemption.
+
+One LocalCluster (2 islands x 1 CPU device, a 16 MiB budget per device) serves every test of
+the module. Everything is judged from the island hosts' own records (the ExecutionLog rpc:
+which job's step ran under which island_seq and when, and the live device arrays per job),
+not from the controller's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import pytest
+
+from pathways_lite.client import Client, ClientError, state_name
+from pathways_lite.spec import load_spec_text
+from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+BUDGET_PER_DEVICE = 16 * 1024 * 1024
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def spec(
+    name: str,
+    *,
+    islands: int = 2,
+    steps: int = 8,
+    weight: float = 1.0,
+    priority: int = 0,
+    d_model: int = 64,
+    seed: int = 0,
+):
+    return load_spec_text(f"""
+name: {name}
+model: {{preset: palm-tiny, overrides: {{d_model: {d_model}}}}}
+islands: {islands}
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+priority: {priority}
+weight: {weight}
+train: {{steps: {steps}, global_batch: 4, seq_len: 32, seed: {seed}}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+""")
+
+
+@pytest.fixture(scope="module")
+def cluster(stdlib_dataset):
+    import shutil
+    import tempfile
+
+    from pathways_lite.local import LocalCluster
+
+    # Step slots (not seconds) follow the weights here: the test counts slots in the hosts'
+    # logs; wall-clock shares are bench/multitenant.py's.
+    os.environ["PATHWAYS_LITE_SHARE_BY"] = "steps"
+    # A short path: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    state_dir = tempfile.mkdtemp(prefix="plmt-", dir="/tmp")
+    c = LocalCluster(
+        islands=2, devices_per_island=1, state_dir=state_dir, island_memory=BUDGET_PER_DEVICE
+    )
+    try:
+        c.start()
+        yield c
+    finally:
+        c.down()
+        os.environ.pop("PATHWAYS_LITE_SHARE_BY", None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster.state_dir) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hosts(client):
+    """One worker stub per island host, by island id."""
+    channels, stubs = [], {}
+    for island in client.islands():
+        for host in island.hosts:
+            channel = grpc.insecure_channel(host.address or f"{host.node}:{host.port}")
+            channels.append(channel)
+            stubs.setdefault(island.id, []).append(worker_pb2_grpc.WorkerServiceStub(channel))
+    yield stubs
+    for channel in channels:
+        channel.close()
+
+
+def logs(hosts) -> dict[str, worker_pb2.ExecutionLogReply]:
+    return {
+        i: s[0].ExecutionLog(worker_pb2.ExecutionLogRequest(), timeout=60) for i, s in hosts.items()
+    }
+
+
+def wait_all(client, ids, timeout_s=240):
+    return [client.wait(j, timeout_s=timeout_s) for j in ids]
+
+
+def test_infeasible_jobs_are_rejected_at_once(client) -> None:
+    started = time.monotonic()
+    with pytest.raises(ClientError) as too_many:
+        client.submit(spec("four", islands=4))
+    assert too_many.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "islands=4" in str(too_many.value)
+    with pytest.raises(ClientError) as too_big:
+        client.submit(spec("huge", islands=1, d_model=1024))
+    assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "bytes per device" in str(too_big.value)
+    assert time.monotonic() - started < 10
+
+
+def test_weights_one_to_two_give_step_slots_one_to_two(client, hosts) -> None:
+    light = client.submit(spec("w1", steps=14, weight=1.0))
+    heavy = client.submit(spec("w2", steps=28, weight=2.0))
+    jobs = wait_all(client, [light.id, heavy.id])
+    assert [state_name(j.state) for j in jobs] == ["succeeded", "succeeded"], jobs
+    by_island = logs(hosts)
+    orders = []
+    for reply in by_island.values():
+        entries = [e for e in reply.entries if e.job_id in (light.id, heavy.id)]
+        orders.append([(e.job_id, e.step) for e in sorted(entries, key=lambda e: e.island_seq)])
+        # Count slots while both jobs are resident: from the later first step to the
+        # earlier last step.
+        first = max(
+            min(e.start_unix_ns for e in entries if e.job_id == j) for j in (light.id, heavy.id)
+        )
+        last = min(
+            max(e.end_unix_ns for e in entries if e.job_id == j) for j in (light.id, heavy.id)
+        )
+        both = [e for e in entries if e.start_unix_ns >= first and e.end_unix_ns <= last]
+        n_light = sum(e.job_id == light.id for e in both)
+        n_heavy = sum(e.job_id == heavy.id for e in both)
+        assert n_light >= 5, (n_light, n_heavy)
+        assert abs(n_heavy / n_light - 2.0) <= 0.1, (n_light, n_heavy)
+    # Both islands ran the two jobs' steps in the one order the controller assigned.
+    assert orders[0] == orders[1]
