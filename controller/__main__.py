@@ -122,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--window", type=int, default=2, help="steps in flight per job")
     p.add_argument(
+        "--token-file",
+        default=None,
+        help="the access token file (default <state-dir>/token; created with mode 0600)",
+    )
+    p.add_argument(
+        "--dashboard-host", default=None, help="address of the web dashboard (default --host)"
+    )
+    p.add_argument(
+        "--dashboard-port", type=int, default=0, help="port of the web dashboard (0 = pick one)"
+    )
+    p.add_argument(
+        "--job-retention",
+        default=None,
+        help="delete finished jobs older than this from the history (e.g. 30d, 12h); "
+        "default: keep them all",
+    )
+    p.add_argument(
         "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
     )
     return p
@@ -164,6 +181,14 @@ async def _serve(args, store, groups) -> None:
         hosts = [await connect_host(m.address) for m in group.metadata]
         islands.append(Island(group.island.name, hosts))
     controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
+    from .auth import ensure_token, token_path
+    from .dashboard import Dashboard, parse_duration
+
+    token_file = Path(args.token_file or token_path(args.state_dir)).resolve()
+    token = ensure_token(token_file)
+    retention = parse_duration(args.job_retention) if args.job_retention else None
+    dashboard = Dashboard(controller, token=token, retention_s=retention)
+    await dashboard.start(args.dashboard_host or args.host, args.dashboard_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,15 +202,18 @@ async def _serve(args, store, groups) -> None:
             "port": port,
             "pid": os.getpid(),
             "epoch": store.epoch,
+            "dashboard": dashboard.url,
+            "token_file": str(token_file),
         }
         tmp = address_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, address_file)
 
     try:
-        await serve(controller, args.host, args.port, started=started, stop=stop)
+        await serve(controller, args.host, args.port, started=started, stop=stop, token=token)
     finally:
         address_file.unlink(missing_ok=True)
+        await dashboard.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

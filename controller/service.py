@@ -56,6 +56,11 @@ LOG_RECORDS_PER_JOB = 2000
 LOG_JOBS = 256
 # Updates a slow WatchJob/StreamLogs follower may lag behind before old ones are dropped.
 FOLLOWER_QUEUE = 10000
+# The key that follows every job at once (the dashboard); never a job id (those are
+# [A-Za-z0-9._-]).
+ALL_JOBS = "*"
+# Steps remembered per island for the dashboard's timeline of who ran when.
+TIMELINE_STEPS = 600
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -82,10 +87,14 @@ class _Followers:
             del self._queues[key]
 
     def publish(self, key: str, item: Any) -> None:
-        for queue in list(self._queues.get(key, ())):
+        """Hand `item` to the followers of `key`, and `(key, item)` to those of ALL_JOBS."""
+        targets = [(q, item) for q in self._queues.get(key, ())]
+        if key != ALL_JOBS:
+            targets += [(q, (key, item)) for q in self._queues.get(ALL_JOBS, ())]
+        for queue, value in targets:
             if queue.full():
                 queue.get_nowait()
-            queue.put_nowait(item)
+            queue.put_nowait(value)
 
 
 class LogBuffer(logging.Handler):
@@ -142,6 +151,18 @@ class _RunningJob:
     suspend_requested: bool = False
     resume: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     priority: int = 0
+    # True while the job's parameters are resident on its islands (it can be sampled).
+    loaded: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineEntry:
+    """One step of one job on one island, as host 0 of the island timed it."""
+
+    job_id: str
+    step: int
+    start_ns: int
+    end_ns: int
 
 
 class Controller:
@@ -185,8 +206,17 @@ class Controller:
         self.logs = LogBuffer()
         self._prepare = prepare or palm_program
         self._running: dict[str, _RunningJob] = {}
-        # Why each queued or suspended job waits (the job record's pending_reason).
+        # For people (why, the dashboard, /metrics): why each queued job waits, the recent
+        # steps of every island, bytes per device each resident job holds, counters.
         self.pending: dict[str, str] = {}
+        self.timeline: dict[str, collections.deque[TimelineEntry]] = {
+            island.id: collections.deque(maxlen=TIMELINE_STEPS) for island in islands
+        }
+        self.job_memory: dict[str, int] = {}
+        self.steps_total = 0
+        self.failures_total = 0
+        self._flops_per_token: dict[str, float] = {}
+        self.peak_flops: float | None = None
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.started_at = _now()
@@ -245,7 +275,66 @@ class Controller:
             job.queue_position = 1 + next(
                 (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
             )
+            job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
+            job.pending_reason = self.pending.get(
+                record.id, "Waiting for the scheduler's next pass."
+            )
+        if job.steps_completed:
+            (last,) = self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
+            ts = timestamp_pb2.Timestamp()
+            ts.FromMicroseconds(last.time_us)
+            job.last_metrics.CopyFrom(
+                controller_pb2.StepMetrics(
+                    step=last.step,
+                    loss=last.loss,
+                    tokens_per_s=last.tokens_per_s,
+                    step_time_s=last.step_time_s,
+                    time=ts,
+                    mfu=self.mfu(record, last.tokens_per_s),
+                )
+            )
+            job.mfu = job.last_metrics.mfu
         return job
+
+    def mfu(self, record: JobRecord, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation at `tokens_per_s`; 0 while the peak is unknown.
+
+        The peak is this machine's measured matmul FLOP/s (`measure_peak`): local islands are
+        simulated CPU devices that share it.
+        """
+        if not self.peak_flops or tokens_per_s <= 0:
+            return 0.0
+        per_token = self._flops_per_token.get(record.id)
+        if per_token is None:
+            from pathways_lite.model import estimates
+
+            try:
+                configs = spec_lib.to_configs(record.spec)
+                per_token = estimates.flops_per_token(configs.model, configs.train.seq_len)
+            except (spec_lib.SpecError, ValueError):
+                per_token = 0.0
+            self._flops_per_token[record.id] = per_token
+        return tokens_per_s * per_token / self.peak_flops
+
+    def measure_peak(self) -> float:
+        """Measure this machine's matmul FLOP/s once (blocking; run it off the loop)."""
+        if self.peak_flops is None:
+            from pathways_lite.model import estimates
+
+            self.peak_flops = estimates.measure_cpu_peak_flops(n=512, repeats=3)
+            logger.info("peak %.3g FLOP/s for MFU", self.peak_flops)
+        return self.peak_flops
+
+    def why(self, record: JobRecord) -> str:
+        """One sentence: why the job is (not) running."""
+        if record.state == JobState.QUEUED:
+            return self.pending.get(record.id, "Waiting for the scheduler's next pass.")
+        if record.state == JobState.RUNNING:
+            islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
+            return f"Running on {islands}."
+        return f"The job is {record.state.value}" + (
+            f": {record.message}" if record.message else "."
+        )
 
     def _transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         record = self.store.transition(job_id, state, **kwargs)
@@ -459,12 +548,15 @@ class Controller:
             )
             program = await asyncio.to_thread(self._prepare, record)
             logger.info("loading job %s on %s", job_id, island_ids, extra={"job_id": job_id})
+            if self.peak_flops is None:
+                await asyncio.to_thread(self.measure_peak)
             replies = await self.dispatcher.load(program, islands)
             # The compiled step's own memory analysis replaces the estimate it was admitted on.
             measured = max(max(r.memory.total_bytes, r.estimate_bytes_per_device) for r in replies)
             self._demand_bytes[job_id] = measured
             self.scheduler.resize(job_id, measured)
-            loaded = True
+            loaded = running.loaded = True
+            self.job_memory[job_id] = max(r.memory.total_bytes for r in replies)
             logger.info(
                 "job %s loaded (compile %.1f s, %d bytes per device)",
                 job_id,
@@ -520,6 +612,9 @@ class Controller:
             logger.exception("job %s failed", job_id)
             self._fail(job_id, running, "internal", f"{type(e).__name__}: {e}")
         finally:
+            running.loaded = False
+            self.job_memory.pop(job_id, None)
+            self._flops_per_token.pop(job_id, None)
             if loaded:
                 await self.dispatcher.unload(job_id, islands)
             self.scheduler.release(job_id)
@@ -570,6 +665,7 @@ class Controller:
         logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})
         if running.cancel_requested:
             return
+        self.failures_total += 1
         try:
             self._transition(job_id, JobState.FAILED, reason=reason, message=message[:2000])
         except StoreError:
@@ -583,14 +679,23 @@ class Controller:
             tokens_per_s=report.tokens_per_s,
             step_time_s=report.step_time_s,
         )
+        self.steps_total += 1
+        record = self.store.get_job(job_id)
         metrics = controller_pb2.StepMetrics(
             step=report.step,
             loss=report.loss,
             tokens_per_s=report.tokens_per_s,
             step_time_s=report.step_time_s,
             time=_now(),
+            mfu=self.mfu(record, report.tokens_per_s),
         )
         self.events.publish(job_id, controller_pb2.WatchJobReply(time=_now(), metrics=metrics))
+        for host in report.hosts:
+            if host.host_index == 0 and host.island in self.timeline:
+                t = host.reply.timings
+                self.timeline[host.island].append(
+                    TimelineEntry(job_id, report.step, t.start_unix_ns, t.end_unix_ns)
+                )
         for host in report.hosts:
             t = host.reply.timings
             queued_ms = (t.start_unix_ns - t.received_unix_ns) / 1e6
@@ -610,6 +715,75 @@ class Controller:
                     ),
                 ),
             )
+
+    async def sample(
+        self, request: controller_pb2.SampleJobRequest
+    ) -> controller_pb2.SampleJobReply:
+        """Generate from a running job's current parameters on its first island (every host
+        of that island runs the same SPMD decode; host 0 answers).
+
+        Raises:
+            JobNotFoundError; IllegalTransitionError when the job holds no parameters;
+            ValueError for a bad prompt or setting.
+        """
+        record = self.store.get_job(request.job_id)
+        if not request.prompt:
+            raise ValueError("prompt is empty; give some text to continue.")
+        if len(request.prompt) > 10_000:
+            raise ValueError(f"prompt is {len(request.prompt)} characters; at most 10000.")
+        max_new = request.max_new_tokens or 64
+        if not 1 <= max_new <= 1024:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} must be in [0, 1024].")
+        if not 0 <= request.temperature <= 10:
+            raise ValueError(f"temperature={request.temperature} must be in [0, 10].")
+        if request.top_k < 0:
+            raise ValueError(f"top_k={request.top_k} must be >= 0.")
+        running = self._running.get(record.id)
+        if running is None or not running.loaded or record.state.terminal:
+            if record.state.terminal:
+                why = (
+                    f"job {record.id!r} has ended ({record.state.value}) and its parameters "
+                    "were unloaded from its islands; sampling from a finished job needs its "
+                    "checkpoint, which this controller does not write yet."
+                )
+            elif record.state == JobState.RUNNING:
+                why = f"job {record.id!r} is still loading onto its islands; try again shortly."
+            else:
+                why = (
+                    f"job {record.id!r} is {record.state.value}: it holds no parameters until "
+                    "it runs."
+                )
+            raise IllegalTransitionError(why)
+        island = self.islands[running.islands[0]]
+        wire = worker_pb2.SampleRequest(
+            job_id=record.id,
+            prompt=request.prompt,
+            max_new_tokens=max_new,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            seed=max(0, request.seed),
+        )
+        try:
+            replies = await asyncio.gather(
+                *(host.stub.Sample(wire, timeout=300) for host in island.hosts)
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from None
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                raise IllegalTransitionError(
+                    f"job {record.id!r} cannot be sampled now: {e.details()}"
+                ) from None
+            raise
+        reply = replies[0]
+        return controller_pb2.SampleJobReply(
+            job_id=record.id,
+            prompt=request.prompt,
+            text=reply.text,
+            steps_applied=reply.steps_applied,
+            island=island.id,
+            seconds=reply.seconds,
+        )
 
     def islands_proto(self) -> list[controller_pb2.Island]:
         out = []
@@ -808,6 +982,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             self.c.logs.followers.unsubscribe(record.id, queue)
 
     @_rpc
+    async def Sample(self, request: controller_pb2.SampleJobRequest, context) -> Any:
+        """Text from a running job's current parameters."""
+        return await self.c.sample(request)
+
+    @_rpc
     async def Info(self, request: controller_pb2.ControllerInfoRequest, context) -> Any:
         """Wire version, package version, epoch, state dir."""
         return controller_pb2.ControllerInfoReply(
@@ -827,6 +1006,7 @@ async def serve(
     started: Callable[[int], Any] | None = None,
     stop: asyncio.Event | None = None,
     grace_s: float = 5.0,
+    token: str | None = None,
 ) -> None:
     """Serve the controller, grpc.health.v1 and reflection on host:port until `stop` is set.
 
@@ -837,8 +1017,15 @@ async def serve(
         started: called with the bound port once the server accepts calls.
         stop: set to stop serving; None serves until cancelled.
         grace_s: seconds in-flight calls get when stopping.
+        token: the access token every call but health and reflection must carry
+            (controller/auth.py); None serves without one (in-process tests only).
     """
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+    from .auth import TokenInterceptor
+
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+        interceptors=[TokenInterceptor(token)] if token is not None else None,
+    )
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
         ControllerServicer(controller), server
     )

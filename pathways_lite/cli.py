@@ -1,4 +1,8 @@
-"""The `pathways-lite` command line: one subcommand per user action, `--json` on data."""
+"""The `pathways-lite` command line: one subcommand per user action, `--json` on data.
+
+Human output is aligned tables; `--json` prints one JSON document; every error is one line
+on stderr with a non-zero exit, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -87,9 +91,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         )
         cluster.start()
         if args.json:
-            print_json({"controller": cluster.address, "state_dir": str(cluster.state_dir)})
+            print_json(_up_info(cluster))
         else:
-            print(f"controller {cluster.address} (state dir {cluster.state_dir})")
+            _print_up(cluster)
         return 0
     missing = [
         flag
@@ -122,10 +126,37 @@ def _cmd_up(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     cluster.start()
     if args.json:
-        print_json({"controller": cluster.address, "state_dir": str(cluster.state_dir)})
+        print_json(_up_info(cluster))
     else:
-        print(f"controller {cluster.address} (state dir {cluster.state_dir})")
+        _print_up(cluster)
     return 0
+
+
+def _up_info(cluster) -> dict[str, Any]:
+    """What `up --json` prints: the controller, dashboard and token file of a cluster."""
+    from pathways_lite.local import ADDRESS_FILE
+
+    info = json.loads((cluster.state_dir / ADDRESS_FILE).read_text())
+    return {
+        "controller": cluster.address,
+        "state_dir": str(cluster.state_dir),
+        "dashboard": info.get("dashboard", ""),
+        "token_file": info.get("token_file", ""),
+    }
+
+
+def _print_up(cluster) -> None:
+    info = _up_info(cluster)
+    print_table(
+        [
+            ("controller", info["controller"]),
+            ("dashboard", info["dashboard"]),
+            ("state dir", info["state_dir"]),
+            ("token file", info["token_file"]),
+        ],
+        header=("", ""),
+    )
+    print("open the dashboard with: pathways-lite dashboard --state-dir " + info["state_dir"])
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
@@ -163,7 +194,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     job = client.submit(spec)
     if not args.json:
         print(f"submitted {job.id} ({state_name(job.state)})")
-    if args.wait:
+    if args.follow and not args.json:
+        job = _follow(client, job)
+        if job is None:
+            return 0
+    elif args.wait or args.follow:
         if args.json:
             job = client.wait(job.id)
         else:
@@ -176,13 +211,169 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             job = client.get(job.id)
     if args.json:
         _print_job(job, True)
-    if args.wait and state_name(job.state) != "succeeded":
+    if (args.wait or args.follow) and state_name(job.state) != "succeeded":
         if not args.json:
             print(
                 f"pathways-lite: error: job {job.id} {state_name(job.state)}: {job.message}",
                 file=sys.stderr,
             )
         return 1
+    return 0
+
+
+def _follow(client, job):
+    """Follow a job with a live progress bar until it ends; Ctrl-C stops following only.
+
+    Returns:
+        The job's final record, or None when the user stopped following (Ctrl-C).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from pathways_lite.client import state_name
+
+    console = Console(stderr=False)
+    columns = (
+        TextColumn("[bold]{task.fields[name]}[/] {task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    total = job.spec.train.steps or None
+    fields = {"name": job.name, "state": state_name(job.state), "loss": "-", "tps": "-", "mfu": "-"}
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("train", total=total, **fields)
+            for update in client.watch(job.id):
+                if update.HasField("metrics"):
+                    m = update.metrics
+                    progress.update(
+                        task,
+                        completed=m.step + 1,
+                        loss=f"{m.loss:.4f}",
+                        tps=f"{m.tokens_per_s:,.0f}",
+                        mfu=f"{m.mfu:.2%}",
+                    )
+                elif update.HasField("job"):
+                    progress.update(
+                        task,
+                        state=state_name(update.job.state),
+                        completed=update.job.steps_completed,
+                    )
+    except KeyboardInterrupt:
+        latest = client.get(job.id)
+        print(
+            f"stopped following {latest.id}; it is still {state_name(latest.state)} "
+            f"(`pathways-lite status {latest.id}`)"
+        )
+        return None
+    job = client.get(job.id)
+    print(f"{job.id} {state_name(job.state)}: {job.message}")
+    return job
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from pathways_lite.client import log_to_dict
+
+    client = _client(args)
+    records = client.logs(args.job, tail=args.tail, follow=args.follow)
+    try:
+        for record in records:
+            if args.json:
+                print(json.dumps(log_to_dict(record), sort_keys=True), flush=True)
+            else:
+                when = record.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+                print(f"{when} {record.source:<12} {record.level:<7} {record.message}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _cmd_why(args: argparse.Namespace) -> int:
+    from pathways_lite.client import state_name
+
+    job = _client(args).get(args.job)
+    state = state_name(job.state)
+    if state == "queued":
+        reason = job.pending_reason
+    elif state == "running":
+        reason = f"Running on {', '.join(job.islands) or 'its islands'}."
+    else:
+        reason = f"The job is {state}" + (f": {job.message}" if job.message else ".")
+    record = {
+        "id": job.id,
+        "state": state,
+        "queue_position": job.queue_position,
+        "jobs_ahead": list(job.jobs_ahead),
+        "reason": reason,
+    }
+    if args.json:
+        print_json(record)
+        return 0
+    rows = [("job", job.id), ("state", state)]
+    if state == "queued":
+        rows.append(("queue position", job.queue_position))
+        rows.append(("jobs ahead", ", ".join(job.jobs_ahead) or "none"))
+    rows.append(("why", reason))
+    print_table(rows, header=("field", "value"))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens={args.max_new_tokens} must be a positive integer.")
+    reply = _client(args).sample(
+        args.job,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    if args.json:
+        print_json(
+            {
+                "job_id": reply.job_id,
+                "prompt": reply.prompt,
+                "text": reply.text,
+                "steps_applied": reply.steps_applied,
+                "island": reply.island,
+                "seconds": reply.seconds,
+            }
+        )
+        return 0
+    print(reply.prompt + reply.text)
+    print(
+        f"-- {reply.job_id} after {reply.steps_applied} steps, on {reply.island} "
+        f"({reply.seconds:.2f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    client = _client(args)
+    url = client.dashboard_url(with_token=True)
+    if args.json:
+        print_json({"dashboard": client.dashboard_url(), "url_with_token": url})
+        return 0
+    print(url)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
     return 0
 
 
@@ -206,9 +397,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from pathways_lite.client import state_name
+    from pathways_lite.client import job_to_dict, state_name
 
     job = _client(args).cancel(args.job, args.reason)
+    if args.json:
+        print_json(job_to_dict(job))
+        return 0
     print(f"{job.id} is {state_name(job.state)}")
     return 0
 
@@ -303,14 +497,34 @@ def _add_cluster_commands(sub) -> None:
     add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
     submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
     submit.add_argument("spec", help="the job spec file")
-    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow the job with a live progress bar until it ends (Ctrl-C stops following)",
+    )
     add("jobs", "list jobs", _cmd_jobs)
     status = add("status", "show one job", _cmd_status)
     status.add_argument("job", help="the job id")
-    cancel = add("cancel", "cancel a job", _cmd_cancel, json_flag=False)
+    cancel = add("cancel", "cancel a job", _cmd_cancel)
     cancel.add_argument("job", help="the job id")
     cancel.add_argument("--reason", default="", help="why (recorded with the job)")
     add("islands", "list the islands and their hosts", _cmd_islands)
+    logs = add("logs", "print a job's log records (controller and island hosts)", _cmd_logs)
+    logs.add_argument("job", help="the job id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    logs.add_argument("--tail", type=int, default=0, help="only the newest N records (0 = all)")
+    why = add("why", "why a job is pending (queue position, jobs ahead, what it lacks)", _cmd_why)
+    why.add_argument("job", help="the job id")
+    sample = add("sample", "generate text from a running job's current parameters", _cmd_sample)
+    sample.add_argument("job", help="the job id")
+    sample.add_argument("--prompt", required=True, help="the text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=64, help="tokens (default 64)")
+    sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)
+    dash.add_argument("--open", action="store_true", help="also open it in a browser")
     health = add(
         "health",
         "check a server through grpc.health.v1 (exit 0 when SERVING)",
@@ -325,7 +539,7 @@ def _add_cluster_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pathways-lite",
         description="Single-controller orchestration of distributed JAX training (PaLM).",
     )
@@ -345,6 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
     _add_cluster_commands(sub)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (argparse prints the usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,16 @@
 """The Python client of the controller: submit, get, list, cancel, watch jobs; list islands.
 
-`Client(state_dir=...)` finds the controller through `<state_dir>/controller.json`;
-`Client(address="127.0.0.1:port")` talks to a given address. The controller's wire version is
-checked at connect. Errors are `ClientError`s whose message is the controller's sentence.
+`Client(state_dir=...)` finds the controller through `<state_dir>/controller.json` and its
+access token in `<state_dir>/token`; `Client(address="127.0.0.1:port", token=...)` talks to a
+given address. Every call carries the token (`authorization: Bearer ...`). The controller's
+wire version is checked at connect. Errors are `ClientError`s whose message is the
+controller's sentence. This is the low-level client (wire records); `pathways_lite.Client`
+(sdk.py) wraps it with job handles.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -16,11 +20,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from pathways_lite.controller import auth
 from pathways_lite.controller.service import CONTROLLER_WIRE_VERSION
 from pathways_lite.controller.store import JobState
 from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
 
-from .local import default_state_dir, read_address
+from .local import ADDRESS_FILE, default_state_dir, read_address
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +59,42 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
         "message": job.message,
         "islands": list(job.islands),
         "queue_position": job.queue_position,
+        "jobs_ahead": list(job.jobs_ahead),
+        "pending_reason": job.pending_reason,
         "generation": job.generation,
+        "priority": job.spec.priority if job.spec.HasField("priority") else 0,
+        "weight": job.spec.weight if job.spec.HasField("weight") else 1.0,
+        "mfu": job.mfu,
     }
+    if job.HasField("last_metrics"):
+        out["last_metrics"] = metrics_to_dict(job.last_metrics)
     for name in ("created_at", "started_at", "finished_at"):
         if job.HasField(name):
             out[name] = getattr(job, name).ToJsonString()
     return out
+
+
+def metrics_to_dict(m: controller_pb2.StepMetrics) -> dict[str, Any]:
+    """One step's metrics as plain JSON-able data."""
+    return {
+        "step": m.step,
+        "loss": m.loss,
+        "tokens_per_s": m.tokens_per_s,
+        "step_time_s": m.step_time_s,
+        "mfu": m.mfu,
+        "time": m.time.ToJsonString() if m.HasField("time") else None,
+    }
+
+
+def log_to_dict(record: controller_pb2.LogRecord) -> dict[str, Any]:
+    """One log record as plain JSON-able data."""
+    return {
+        "time": record.time.ToJsonString(),
+        "source": record.source,
+        "level": record.level,
+        "logger": record.logger,
+        "message": record.message,
+    }
 
 
 def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
@@ -80,12 +115,15 @@ class Client:
 
     Args:
         state_dir: the cluster's state directory (default: $PATHWAYS_LITE_STATE or
-            ~/.pathways_lite); ignored when `address` is given.
+            ~/.pathways_lite); its controller.json gives the address unless `address` is
+            given, and its token file the token unless `token` is given.
         address: the controller's `host:port`.
+        token: the controller's access token.
         timeout_s: deadline of unary calls.
 
     Raises:
-        ClientError: no controller found, it does not answer, or its wire version differs.
+        ClientError: no controller found, no token, it does not answer, or its wire version
+            differs.
     """
 
     def __init__(
@@ -93,15 +131,23 @@ class Client:
         state_dir: str | Path | None = None,
         *,
         address: str | None = None,
+        token: str | None = None,
         timeout_s: float = 30.0,
     ) -> None:
+        self.state_dir = Path(state_dir or default_state_dir())
         if address is None:
             try:
-                address = read_address(state_dir or default_state_dir())
+                address = read_address(self.state_dir)
             except RuntimeError as e:
                 raise ClientError(str(e)) from None
+        if token is None:
+            try:
+                token = auth.read_token(auth.token_path(self.state_dir))
+            except auth.TokenError as e:
+                raise ClientError(f"{e} Pass token=... or the state dir of the cluster.") from None
         self.address = address
         self.timeout_s = timeout_s
+        self._metadata = ((auth.METADATA_KEY, auth.bearer(token)),)
         self._channel = grpc.insecure_channel(address)
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
         info = self.info()
@@ -124,7 +170,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
         try:
-            return method(request, timeout=timeout_s or self.timeout_s)
+            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise ClientError(_details(e, self.address), e.code()) from None
 
@@ -172,7 +218,8 @@ class Client:
         """The job's updates until it finishes (see WatchJob)."""
         try:
             yield from self._stub.WatchJob(
-                controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step)
+                controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step),
+                metadata=self._metadata,
             )
         except grpc.RpcError as e:
             raise ClientError(_details(e, self.address), e.code()) from None
@@ -188,7 +235,9 @@ class Client:
             try:
                 kwargs = {} if deadline is None else {"timeout": deadline - time.monotonic()}
                 for _ in self._stub.WatchJob(
-                    controller_pb2.WatchJobRequest(job_id=job_id), **kwargs
+                    controller_pb2.WatchJobRequest(job_id=job_id),
+                    metadata=self._metadata,
+                    **kwargs,
                 ):
                     pass
             except grpc.RpcError as e:
@@ -204,11 +253,73 @@ class Client:
         """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones."""
         try:
             for reply in self._stub.StreamLogs(
-                controller_pb2.StreamLogsRequest(job_id=job_id, tail=tail, follow=follow)
+                controller_pb2.StreamLogsRequest(job_id=job_id, tail=tail, follow=follow),
+                metadata=self._metadata,
             ):
                 yield reply.record
         except grpc.RpcError as e:
             raise ClientError(_details(e, self.address), e.code()) from None
+
+    def metrics(self, job_id: str) -> list[controller_pb2.StepMetrics]:
+        """Every recorded step of the job, in step order (WatchJob's replay, then stops)."""
+        want = self.get(job_id).steps_completed
+        out: list[controller_pb2.StepMetrics] = []
+        if want == 0:
+            return out
+        call = self._stub.WatchJob(
+            controller_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata
+        )
+        try:
+            for update in call:
+                if update.HasField("metrics"):
+                    out.append(update.metrics)
+                    if len(out) >= want:
+                        break
+        except grpc.RpcError as e:
+            raise ClientError(_details(e, self.address), e.code()) from None
+        finally:
+            call.cancel()
+        return out
+
+    def sample(
+        self,
+        job_id: str,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> controller_pb2.SampleJobReply:
+        """Text generated from the running job's current parameters on its first island."""
+        request = controller_pb2.SampleJobRequest(
+            job_id=job_id,
+            prompt=prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
+        return self._call(self._stub.Sample, request, timeout_s=max(self.timeout_s, 300.0))
+
+    def dashboard_url(self, *, with_token: bool = False) -> str:
+        """The controller's dashboard URL (from controller.json); `with_token` appends the
+        token, which the dashboard trades for a cookie on first visit.
+
+        Raises:
+            ClientError: the controller recorded no dashboard.
+        """
+        try:
+            info = json.loads((self.state_dir / ADDRESS_FILE).read_text())
+            url = str(info["dashboard"])
+        except (OSError, ValueError, KeyError):
+            raise ClientError(
+                f"no dashboard is recorded in {str(self.state_dir / ADDRESS_FILE)!r}; is the "
+                "controller running?"
+            ) from None
+        if with_token:
+            url += "?token=" + self._metadata[0][1].split(" ", 1)[1]
+        return url
 
 
 def _details(error: grpc.RpcError, address: str) -> str:

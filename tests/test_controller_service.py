@@ -279,7 +279,13 @@ def test_random_bytes_to_every_rpc_never_crash_the_controller(local_cluster) -> 
                         channel.unary_unary(path)(payload, timeout=5)
                 except grpc.RpcError as e:
                     assert e.code() != grpc.StatusCode.UNAVAILABLE, e
+        # The controller requires its access token (controller/auth.py); with it, it answers.
+        from pathways_lite.controller import auth
+
+        token = auth.read_token(auth.token_path(local_cluster.state_dir))
         info = controller_pb2_grpc.ControllerServiceStub(channel).Info(
-            controller_pb2.ControllerInfoRequest(), timeout=10
+            controller_pb2.ControllerInfoRequest(),
+            timeout=10,
+            metadata=((auth.METADATA_KEY, auth.bearer(token)),),
         )
     assert info.wire_version.version == 1

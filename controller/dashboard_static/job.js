@@ -1,0 +1,156 @@
+// One job: live loss and throughput charts, events, log tail, why pending, cancel.
+"use strict";
+
+(() => {
+  const { el, clear, api, fmt, badge, progress, stream, chartLayout, chartConfig } = PL;
+  const jobId = decodeURIComponent(location.pathname.split("/").pop());
+  const MAX_LOG_LINES = 500;
+  let job = null;
+  let lastStep = -1;
+  let chartsReady = false;
+  const pendingPoints = [];
+
+  function renderJob(j) {
+    job = j;
+    document.title = `pathways-lite · ${j.name}`;
+    document.getElementById("crumb-id").textContent = j.id;
+    document.getElementById("job-name").textContent = j.name;
+    document.getElementById("job-id").textContent = j.id;
+    document.getElementById("job-model").textContent = j.model;
+    const state = document.getElementById("job-state");
+    state.className = `badge state-${j.state}`;
+    state.textContent = j.state;
+    document.getElementById("cancel").hidden = ["succeeded", "failed", "cancelled"].includes(j.state);
+    const message = document.getElementById("message");
+    message.hidden = !j.message;
+    message.textContent = j.message;
+    const elapsed = j.started ? ((j.finished || Date.now() / 1000) - j.started) : null;
+    const remaining = j.steps_completed && j.state === "running" && elapsed
+      ? (elapsed / j.steps_completed) * (j.steps - j.steps_completed) : null;
+    const stats = [
+      ["Progress", progress(j.steps_completed, j.steps)],
+      ["Loss", fmt.num(j.loss, 4)],
+      ["Tokens/s", fmt.rate(j.tokens_per_s)],
+      ["MFU", fmt.pct(j.mfu)],
+      ["Elapsed", fmt.duration(elapsed)],
+      ["ETA", fmt.duration(remaining)],
+      ["Islands", j.islands.join(", ") || "–"],
+      ["Priority / weight", `${j.priority} / ${j.weight}`],
+      ["Queue position", j.queue_position || "–"],
+    ];
+    clear(document.getElementById("stats")).append(...stats.map(([label, value]) =>
+      el("div", { class: "stat" }, el("div", { class: "stat-label", text: label }),
+        el("div", { class: "stat-value", "data-stat": label }, value))));
+  }
+
+  function renderWhy(why, ahead) {
+    const box = document.getElementById("why");
+    box.hidden = !job || job.state !== "queued";
+    let text = why || "";
+    if (ahead && ahead.length) text += ` Jobs ahead: ${ahead.join(", ")}.`;
+    document.getElementById("why-text").textContent = text;
+  }
+
+  function addEvent(e, prepend) {
+    const row = el("tr", {}, el("td", { class: "mono", text: fmt.time(e.time) }),
+      el("td", {}, el("span", { class: `kind kind-${e.kind}`, text: e.kind })),
+      el("td", { class: "event-message", text: e.message }));
+    const tbody = document.querySelector("#events tbody");
+    if (prepend) tbody.prepend(row); else tbody.append(row);
+  }
+
+  function addLog(r) {
+    const logs = document.getElementById("logs");
+    logs.append(el("div", { class: `log level-${r.level}` },
+      el("span", { class: "log-time", text: fmt.time(r.time) }),
+      el("span", { class: "log-source", text: r.source }),
+      el("span", { class: "log-message", text: r.message })));
+    while (logs.childElementCount > MAX_LOG_LINES) logs.firstElementChild.remove();
+    if (document.getElementById("follow").checked) logs.scrollTop = logs.scrollHeight;
+  }
+
+  function initCharts(metrics) {
+    if (!window.Plotly) return;
+    const steps = metrics.map((m) => m.step);
+    const line = (color) => ({ type: "scatter", mode: "lines", line: { color, width: 2 } });
+    const layout = () => Object.assign({}, chartLayout, { height: 260,
+      xaxis: Object.assign({}, chartLayout.xaxis, { title: { text: "step" } }) });
+    Plotly.newPlot("loss-chart", [Object.assign(line("#4f8cff"), { x: steps, y: metrics.map((m) => m.loss), name: "loss" })],
+      layout(), chartConfig);
+    Plotly.newPlot("tps-chart", [Object.assign(line("#2fbf71"), { x: steps, y: metrics.map((m) => m.tokens_per_s), name: "tokens/s" })],
+      layout(), chartConfig);
+    chartsReady = true;
+    lastStep = steps.length ? steps[steps.length - 1] : -1;
+    document.getElementById("loss-hint").textContent = `${steps.length} points`;
+  }
+
+  // Steps can arrive tens of times a second: buffer them and draw twice a second, in one
+  // extendTraces call, so the page stays responsive.
+  const buffered = [];
+  function onMetrics(m) {
+    if (!chartsReady) { pendingPoints.push(m); return; }
+    if (m.step <= lastStep) return;
+    lastStep = m.step;
+    buffered.push(m);
+  }
+
+  function flush() {
+    if (!buffered.length || !chartsReady) return;
+    const batch = buffered.splice(0);
+    const steps = batch.map((m) => m.step);
+    Plotly.extendTraces("loss-chart", { x: [steps], y: [batch.map((m) => m.loss)] }, [0]);
+    Plotly.extendTraces("tps-chart", { x: [steps], y: [batch.map((m) => m.tokens_per_s)] }, [0]);
+    const points = document.getElementById("loss-chart").data[0].x.length;
+    document.getElementById("loss-hint").textContent = `${points} points`;
+    const m = batch[batch.length - 1];
+    if (job) {
+      renderJob(Object.assign({}, job, {
+        steps_completed: m.step + 1, loss: m.loss, tokens_per_s: m.tokens_per_s, mfu: m.mfu,
+      }));
+    }
+  }
+  setInterval(flush, 500);
+
+  document.getElementById("cancel").addEventListener("click", async () => {
+    if (!job || !window.confirm(`Cancel job ${job.name} (${job.id})?`)) return;
+    const button = document.getElementById("cancel");
+    button.disabled = true;
+    try {
+      renderJob(await api(`/api/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST", headers: { "X-Pathways-Lite": "1" } }));
+    } catch (e) {
+      window.alert(String(e.message || e));
+    } finally {
+      button.disabled = false;
+    }
+  });
+
+  window.addEventListener("DOMContentLoaded", async () => {
+    let detail;
+    try {
+      detail = await api(`/api/jobs/${encodeURIComponent(jobId)}`);
+    } catch (e) {
+      document.getElementById("job-name").textContent = "Job not found";
+      document.getElementById("message").hidden = false;
+      document.getElementById("message").textContent = String(e.message || e);
+      return;
+    }
+    renderJob(detail.job);
+    renderWhy(detail.why, detail.jobs_ahead);
+    for (const e of detail.events.slice().reverse()) addEvent(e, false);
+    for (const r of detail.logs) addLog(r);
+    document.getElementById("spec").textContent = JSON.stringify(detail.spec, null, 2);
+    initCharts(detail.metrics);
+    for (const m of pendingPoints.splice(0)) onMetrics(m);
+    stream(`/api/jobs/${encodeURIComponent(jobId)}/stream`, {
+      job: (j) => {
+        renderJob(j);
+        addEvent({ time: Date.now() / 1000, kind: "state",
+          message: `Job ${j.state}${j.reason ? ` (${j.reason})` : ""}.${j.message ? " " + j.message : ""}` }, true);
+      },
+      metrics: onMetrics,
+      log: addLog,
+      why: (w) => renderWhy(w.why, []),
+      event: (e) => addEvent(e, true),
+    });
+  });
+})();

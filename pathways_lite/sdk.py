@@ -1,0 +1,237 @@
+"""The Python SDK: `Client`, `Job` handles, `JobSpec` and a `LocalCluster` for notebooks.
+
+Example (a local cluster of one island with two CPU devices, one tiny job)::
+
+    from pathways_lite import Client, LocalCluster
+
+    with LocalCluster(islands=1, devices_per_island=2, state_dir="/tmp/pl-demo") as cluster:
+        client = cluster.client()
+        job = client.submit({
+            "name": "tiny",
+            "model": {"preset": "palm-tiny"},
+            "islands": 1,
+            "devices_per_island": 2,
+            "mesh": {"data": 1, "model": 2},
+            "train": {"steps": 20, "global_batch": 4, "seq_len": 64},
+            "data": {"source": "stdlib", "vocab_size": 1024, "max_bytes": 1000000},
+        })
+        print(job.wait().state)                  # "succeeded"
+        print(job.metrics().to_pandas().tail())  # step, loss, tokens_per_s, ...
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pathways_lite import client as client_lib
+from pathways_lite import local as local_lib
+from pathways_lite.controller.spec import JobSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Client", "Job", "JobSpec", "JobStatus", "LocalCluster", "ClientError"]
+
+ClientError = client_lib.ClientError
+
+
+class JobStatus(dict):
+    """A job's record as a dict (`id`, `name`, `state`, `steps_completed`, `steps`, `losses`,
+    `queue_position`, `pending_reason`, ...), with attribute access: `status.state`."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Job:
+    """A handle on one submitted job.
+
+    Example::
+
+        job = client.submit("examples/tiny.yaml")
+        job.status().state        # "queued", "running", ...
+        job.wait(timeout_s=600)   # the final JobStatus
+        job.sample("def ")        # while it runs: text from its current parameters
+    """
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> JobStatus:
+        """The job's current record."""
+        return JobStatus(client_lib.job_to_dict(self.client.raw.get(self.id)))
+
+    def wait(self, timeout_s: float | None = None) -> JobStatus:
+        """Block until the job ends; returns its final record.
+
+        Raises:
+            ClientError: the wait timed out (DEADLINE_EXCEEDED) or the stream broke.
+        """
+        return JobStatus(client_lib.job_to_dict(self.client.raw.wait(self.id, timeout_s)))
+
+    def metrics(self):
+        """Every completed step as a pyarrow Table: step, loss, tokens_per_s, step_time_s,
+        mfu, time (UTC)."""
+        import pyarrow as pa
+
+        rows = self.client.raw.metrics(self.id)
+        return pa.table(
+            {
+                "step": pa.array([m.step for m in rows], pa.int32()),
+                "loss": pa.array([m.loss for m in rows], pa.float64()),
+                "tokens_per_s": pa.array([m.tokens_per_s for m in rows], pa.float64()),
+                "step_time_s": pa.array([m.step_time_s for m in rows], pa.float64()),
+                "mfu": pa.array([m.mfu for m in rows], pa.float64()),
+                "time": pa.array(
+                    [m.time.ToMicroseconds() for m in rows], pa.timestamp("us", tz="UTC")
+                ),
+            }
+        )
+
+    def sample(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> str:
+        """Continue `prompt` with the running job's current parameters; returns the new text.
+
+        Raises:
+            ClientError: FAILED_PRECONDITION when the job holds no parameters (queued, or
+                ended and unloaded), INVALID_ARGUMENT for a bad prompt or setting.
+        """
+        reply = self.client.raw.sample(
+            self.id,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
+        return reply.text
+
+    def cancel(self, reason: str = "") -> JobStatus:
+        """Cancel the job (queued or running); returns its record."""
+        return JobStatus(client_lib.job_to_dict(self.client.raw.cancel(self.id, reason)))
+
+    def logs(self, tail: int = 0) -> list[dict[str, Any]]:
+        """The job's buffered log records (the newest `tail`; 0 = all)."""
+        return [client_lib.log_to_dict(r) for r in self.client.raw.logs(self.id, tail=tail)]
+
+
+class Client:
+    """A connection to a controller, for people and notebooks.
+
+    Args:
+        state_dir: the cluster's state directory (default: $PATHWAYS_LITE_STATE or
+            ~/.pathways_lite): its controller address and access token are read from there.
+        address: the controller's host:port, instead of the state dir's.
+        token: the access token, instead of the state dir's.
+
+    Example::
+
+        from pathways_lite import Client
+        client = Client("/tmp/pl-demo")
+        [island["id"] for island in client.islands()]   # ["island-0"]
+        job = client.submit("spec.yaml")
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path | None = None,
+        *,
+        address: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.raw = client_lib.Client(state_dir, address=address, token=token)
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, spec: JobSpec | dict[str, Any] | str | Path) -> Job:
+        """Submit a job: a JobSpec proto, a dict shaped like the YAML, or a YAML file path.
+
+        Raises:
+            SpecError: the spec is malformed (named field); ClientError: the controller
+                refused it (INVALID_ARGUMENT / RESOURCE_EXHAUSTED with the field named).
+        """
+        from pathways_lite.spec import load_spec_file, spec_from_dict
+
+        if isinstance(spec, dict):
+            proto = spec_from_dict(spec)
+        elif isinstance(spec, str | Path):
+            proto = load_spec_file(spec)
+        elif isinstance(spec, JobSpec):
+            proto = spec
+        else:
+            raise TypeError(
+                f"spec must be a JobSpec, a dict or a YAML path, got {type(spec).__name__}."
+            )
+        return Job(self, self.raw.submit(proto).id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on an existing job (NOT_FOUND is raised by its first call)."""
+        return Job(self, job_id)
+
+    def jobs(self, states: tuple[str, ...] = ()) -> list[JobStatus]:
+        """Every job's record, oldest first; `states` filters (`"running"`, ...)."""
+        return [JobStatus(client_lib.job_to_dict(j)) for j in self.raw.list(states=states)]
+
+    def islands(self) -> list[dict[str, Any]]:
+        """Every island: id, devices, job_ids, hosts."""
+        return [client_lib.island_to_dict(i) for i in self.raw.islands()]
+
+    def dashboard_url(self, with_token: bool = True) -> str:
+        """The dashboard's URL (with the token, which the page trades for a cookie)."""
+        return self.raw.dashboard_url(with_token=with_token)
+
+
+class LocalCluster(local_lib.LocalCluster):
+    """A whole cluster on this machine (Ray on loopback, island hosts, the controller), as a
+    context manager; see `pathways_lite.local.LocalCluster` for the arguments.
+
+    Example::
+
+        from pathways_lite import LocalCluster
+        with LocalCluster(islands=2, devices_per_island=2) as cluster:
+            print(cluster.dashboard_url)
+            client = cluster.client()
+    """
+
+    def client(self) -> Client:
+        """A client of this cluster's controller."""
+        return Client(self.state_dir)
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard URL, with the access token."""
+        with self.client() as c:
+            return c.dashboard_url(with_token=True)
+
+    @property
+    def token_file(self) -> Path:
+        """The access token file (mode 0600)."""
+        from pathways_lite.controller.auth import token_path
+
+        return token_path(self.state_dir)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self

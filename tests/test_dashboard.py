@@ -1,0 +1,158 @@
+"""The dashboard's data without a browser: keyset pages over 10,000 jobs use the index,
+retention prunes finished jobs only, /metrics is Prometheus text, the live stream carries steps.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+
+import pytest
+
+from pathways_lite.controller import auth
+from pathways_lite.controller.dashboard import Dashboard, parse_duration, plotly_js
+from pathways_lite.controller.service import Controller
+from pathways_lite.controller.store import JobState, JobStore
+from pathways_lite.v1 import controller_pb2
+
+N_JOBS = 10_000
+
+
+def _spec(i: int) -> controller_pb2.JobSpec:
+    spec = controller_pb2.JobSpec(name=f"job-{i}", islands=1, devices_per_island=1)
+    spec.model.preset = "palm-tiny"
+    spec.train.steps = 10
+    return spec
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    """A store holding 10,000 jobs (every 7th still queued, the rest succeeded)."""
+    clock = iter(range(1_000_000, 10**12, 1000))
+    store = JobStore(
+        tmp_path_factory.mktemp("store") / "controller.db", clock_us=lambda: next(clock)
+    )
+    for i in range(N_JOBS):
+        record = store.create_job(_spec(i))
+        if i % 7:
+            store.transition(record.id, JobState.RUNNING)
+            store.transition(record.id, JobState.SUCCEEDED, reason="completed")
+    yield store
+    store.close()
+
+
+def test_ten_thousand_jobs_pages_respect_size_and_use_the_index(big_store) -> None:
+    dashboard = Dashboard(Controller(big_store, []), token=None)
+    statements: list[str] = []
+    big_store._conn.set_trace_callback(statements.append)
+    try:
+        first = dashboard.jobs_page(limit=50)
+    finally:
+        big_store._conn.set_trace_callback(None)
+    assert len(first["jobs"]) == 50 and first["next_cursor"]
+    assert first["jobs"][0]["name"] == f"job-{N_JOBS - 1}"  # newest first
+    second = dashboard.jobs_page(limit=50, cursor=first["next_cursor"])
+    assert len(second["jobs"]) == 50
+    assert second["jobs"][0]["name"] == f"job-{N_JOBS - 51}"
+    assert not {j["id"] for j in first["jobs"]} & {j["id"] for j in second["jobs"]}
+    queued = dashboard.jobs_page(limit=200, state="queued")
+    assert len(queued["jobs"]) == 200 and {j["state"] for j in queued["jobs"]} == {"queued"}
+    assert queued["jobs"][0]["queue_position"] > 0
+    with pytest.raises(ValueError, match="limit=1000"):
+        dashboard.jobs_page(limit=1000)
+
+    # The page query the dashboard actually ran, explained with its bound values inlined.
+    (page_sql,) = [s for s in statements if "FROM jobs" in s and "ORDER BY created_us" in s]
+    plan = " ".join(
+        str(row[-1]) for row in big_store._conn.execute("EXPLAIN QUERY PLAN " + page_sql)
+    )
+    assert "USING INDEX jobs_by_created" in plan or "USING COVERING INDEX" in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # no sort of the whole table
+    statements.clear()
+    big_store._conn.set_trace_callback(statements.append)
+    try:
+        dashboard.jobs_page(limit=50, cursor=first["next_cursor"])
+    finally:
+        big_store._conn.set_trace_callback(None)
+    (page_sql,) = [s for s in statements if "FROM jobs" in s and "ORDER BY created_us" in s]
+    plan = " ".join(
+        str(row[-1]) for row in big_store._conn.execute("EXPLAIN QUERY PLAN " + page_sql)
+    )
+    assert "SEARCH jobs USING INDEX jobs_by_created" in plan, plan
+
+
+def test_retention_prunes_old_finished_jobs_only(tmp_path) -> None:
+    clock = iter(range(1_000_000, 10**12, 1_000_000))
+    store = JobStore(tmp_path / "controller.db", clock_us=lambda: next(clock))
+    old_done = store.create_job(_spec(0))
+    store.transition(old_done.id, JobState.CANCELLED)
+    old_queued = store.create_job(_spec(1))
+    new_done = store.create_job(_spec(2))
+    store.transition(new_done.id, JobState.CANCELLED)
+    assert store.prune_finished(new_done.created_us) == 1
+    remaining = {r.id for r in store.list_jobs()[0]}
+    assert remaining == {old_queued.id, new_done.id}
+    assert store.events(old_done.id) == []  # its events went with it
+    store.close()
+    assert parse_duration("30d") == 30 * 86400 and parse_duration("90m") == 5400
+    with pytest.raises(ValueError, match="'soon'"):
+        parse_duration("soon")
+
+
+def test_plotly_is_served_from_the_installed_package() -> None:
+    path = plotly_js()
+    assert path.stat().st_size > 1_000_000 and b"plotly" in path.read_bytes()[:2000].lower()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_metrics_and_live_stream_on_a_running_cluster(local_cluster, tmp_path) -> None:
+    from pathways_lite.sdk import Client
+
+    base = json.loads((local_cluster.state_dir / "controller.json").read_text())["dashboard"]
+    headers = {"Authorization": auth.bearer(auth.read_token(local_cluster.state_dir / "token"))}
+    client = Client(local_cluster.state_dir)
+    job = client.submit(
+        {
+            "name": "dash-stream",
+            "model": {"preset": "palm-tiny"},
+            "islands": 1,
+            "devices_per_island": 2,
+            "mesh": {"data": 1, "model": 2},
+            "train": {"steps": 100000, "global_batch": 4, "seq_len": 64},
+            "data": {"source": "stdlib", "vocab_size": 1024, "max_bytes": 1000000},
+        }
+    )
+    try:
+        request = urllib.request.Request(f"{base}api/jobs/{job.id}/stream", headers=headers)
+        steps = []
+        with urllib.request.urlopen(request, timeout=120) as stream:
+            deadline = time.monotonic() + 120
+            event = None
+            while len(steps) < 3 and time.monotonic() < deadline:
+                line = stream.readline().decode().strip()
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "metrics":
+                    steps.append(json.loads(line[6:])["step"])
+        assert len(steps) == 3 and steps == sorted(steps)
+
+        request = urllib.request.Request(base + "metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/plain")
+        sample = re.compile(
+            r'^[a-z_]+(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+-]+$|^[a-z_]+\{.*\} NaN$'
+        )
+        for line in text.splitlines():
+            assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line)
+        assert 'pathways_lite_jobs{state="running"} 1' in text
+        assert re.search(r"^pathways_lite_steps_total [1-9]", text, re.M)
+        assert f'pathways_lite_job_tokens_per_second{{job="{job.id}"' in text
+        used = re.search(r'pathways_lite_island_memory_used_bytes\{island="island-0"\} (\d+)', text)
+        assert used and int(used.group(1)) > 0
+        assert "pathways_lite_job_failures_total" in text
+    finally:
+        job.cancel()

@@ -1,0 +1,160 @@
+"""The dashboard in real headless Chromium (Playwright driving Debian's /usr/bin/chromium).
+
+The cluster page shows the islands; a job submitted from the CLI appears without a reload; its
+page's loss chart gains points while it trains, without a navigation; the cancel button ends
+it. A cancel reason full of markup is shown as text (the spec's name validation refuses markup
+in job names, so the reason is the user string that reaches the page). Screenshots go to
+test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+SPEC = """\
+name: {name}
+model: {{preset: palm-tiny}}
+islands: 1
+devices_per_island: 2
+mesh: {{data: 1, model: 2}}
+train: {{steps: 100000, global_batch: 4, seq_len: 64, seed: 3}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+"""
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pathways_lite.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        from ensure_tools import ensure_chromium  # tests/ is on sys.path under pytest
+
+        ensure_chromium()
+    if not os.path.exists(CHROMIUM):
+        message = f"{CHROMIUM} is missing (apt-get install chromium); the browser test needs it."
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser, tmp_path) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    state = str(local_cluster.state_dir)
+    url = json.loads(cli("dashboard", "--json", "--state-dir", state).stdout)["url_with_token"]
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    dialogs: list[str] = []
+
+    def on_dialog(dialog) -> None:
+        dialogs.append(f"{dialog.type}:{dialog.message}")
+        dialog.accept()
+
+    page.on("dialog", on_dialog)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    assert "token=" not in page.url  # traded for a cookie
+    page.wait_for_selector('.island[data-island="island-0"]', timeout=30_000)
+    assert "2 × cpu" in page.inner_text('.island[data-island="island-0"]')
+    page.evaluate("window.__sameDocument = true")
+
+    spec = tmp_path / "live.yaml"
+    spec.write_text(SPEC.format(name="browser-live"))
+    submitted = cli("submit", str(spec), "--json", "--state-dir", state)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["id"]
+    try:
+        row = f'tr[data-job="{job_id}"]'
+        page.wait_for_selector(row, timeout=60_000)  # arrived over the event stream
+        page.wait_for_selector(f'{row}[data-state="running"]', timeout=120_000)
+        assert page.evaluate("window.__sameDocument") is True
+        page.screenshot(path=str(ARTIFACTS / "dashboard-cluster.png"), full_page=True)
+
+        # The row re-renders as steps arrive: follow its link's address.
+        href = page.get_attribute(f"{row} a.job-link", "href")
+        assert href == f"/jobs/{job_id}"
+        page.goto(url.split("?")[0] + href.lstrip("/"))
+        page.wait_for_function(
+            "document.getElementById('loss-chart').data !== undefined", timeout=30_000
+        )
+        page.evaluate("window.__sameDocument = true")
+        points = "document.getElementById('loss-chart').data[0].x.length"
+        first = _wait(lambda: page.evaluate(points), 60, "the first chart points")
+        later = _wait(
+            lambda: (n := page.evaluate(points)) >= first + 3 and n, 60, "more chart points"
+        )
+        assert later > first and page.evaluate("window.__sameDocument") is True
+        assert page.text_content("#job-state") == "running"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-job-running.png"), full_page=True)
+
+        page.click("#cancel")
+        page.wait_for_function(
+            "document.getElementById('job-state').textContent === 'cancelled'", timeout=30_000
+        )
+        assert any(d.startswith("confirm:") for d in dialogs)
+        status = json.loads(cli("status", job_id, "--json", "--state-dir", state).stdout)
+        assert status["state"] == "cancelled" and status["reason"] == "user_cancelled"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-job-cancelled.png"), full_page=True)
+    finally:
+        cli("cancel", job_id, "--state-dir", state)
+
+    # A user string full of markup (the cancel reason) is shown as text and never runs.
+    spec.write_text(SPEC.format(name="browser-xss"))
+    xss_id = json.loads(cli("submit", str(spec), "--json", "--state-dir", state).stdout)["id"]
+    cancelled = cli("cancel", xss_id, "--reason", XSS, "--state-dir", state)
+    assert cancelled.returncode == 0, cancelled.stderr
+    dialogs.clear()
+    page.goto(url.split("?")[0] + f"jobs/{xss_id}")
+    page.wait_for_selector("#events tbody tr", timeout=30_000)
+    assert XSS in page.inner_text("#message")
+    assert XSS in page.inner_text("#events")
+    assert page.locator("#message script, #message img, #events img").count() == 0
+    time.sleep(0.5)
+    assert dialogs == [] and errors == []
+    page.screenshot(path=str(ARTIFACTS / "dashboard-escaping.png"), full_page=True)
+    page.close()
