@@ -145,27 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _start_islands(specs):
-    """Attach to each island's named host actors if they all exist, else start them."""
-    import ray
-
-    from pathways_lite.workers.island_host import IslandHostGroup
-    from pathways_lite.workers.ray_cluster import NAMESPACE
+    """Attach to each island's named host actors if they all answer, else (re)start the
+    island as a unit (controller/recovery.py)."""
+    from .recovery import attach_or_start
 
     groups, started = [], []
     for spec in specs:
-        group = IslandHostGroup(spec)
-        handles = []
-        for i in range(spec.num_hosts):
-            try:
-                handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
-            except ValueError:
-                break
-        if len(handles) == spec.num_hosts:
-            group.actors = handles
-            group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=60)
-            logger.info("attached to island %s", spec.name)
-        else:
-            group.start()
+        group, fresh = attach_or_start(spec)
+        if fresh:
             started.append(group)
             logger.info("started island %s", spec.name)
         groups.append(group)
@@ -180,7 +167,12 @@ async def _serve(args, store, groups) -> None:
     for group in groups:
         hosts = [await connect_host(m.address) for m in group.metadata]
         islands.append(Island(group.island.name, hosts))
-    controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
+    from .recovery import IslandSupervisor
+
+    supervisor = IslandSupervisor({group.island.name: group for group in groups})
+    controller = Controller(
+        store, islands, state_dir=args.state_dir, window=args.window, supervisor=supervisor
+    )
     from .auth import ensure_token, token_path
     from .dashboard import Dashboard, parse_duration
 

@@ -40,6 +40,10 @@ STEP_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 900.0
 INFO_TIMEOUT_S = 30.0
 ABORT_TIMEOUT_S = 10.0
+# After one host of a step failed, how long the others get to answer before the step is
+# given up (they may be waiting on the failed one).
+FAIL_FAST_GRACE_S = 2.0
+_NOT_ANSWERED = object()
 # Parameter digests are compared every step below this many parameters, else every
 # DIGEST_EVERY_LARGE steps (a digest reads every parameter back to the host).
 DIGEST_EVERY_STEP_MAX_PARAMS = 200_000_000
@@ -181,6 +185,7 @@ class StepReport:
         tokens_per_s: tokens of the global batch over `step_time_s`.
         step_time_s: from the first host starting the step to the last one finishing it.
         hosts: every host's reply, island by island, host by host.
+        checkpoints_committed: steps of the checkpoints island 0's host 0 has committed.
     """
 
     step: int
@@ -188,6 +193,7 @@ class StepReport:
     tokens_per_s: float
     step_time_s: float
     hosts: tuple[HostStep, ...]
+    checkpoints_committed: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +215,16 @@ class StepProgram:
     tokens_per_step: int
     load: Callable[[int, int], worker_pb2.LoadJobRequest]
     start_step: int = 0
+    # Checkpoints (controller/recovery.py): with `checkpointing`, the hosts checkpoint after
+    # every `checkpoint_every` steps (0: none in between) and after the last step.
+    checkpoint_every: int = 0
+    checkpointing: bool = False
+
+    def checkpoint_after(self, step: int) -> bool:
+        """Whether the hosts checkpoint the state after `step`."""
+        done = step + 1
+        every = self.checkpoint_every
+        return self.checkpointing and (done == self.steps or (every > 0 and done % every == 0))
 
 
 OnStep = Callable[[StepReport], Awaitable[None] | None]
@@ -330,6 +346,7 @@ class Dispatcher:
                 step=step,
                 island_seq=seq,
                 epoch=self.epoch,
+                checkpoint=program.checkpoint_after(step),
             )
             for host in island.hosts:
                 call = host.stub.RunStep(request, timeout=self.step_timeout_s)
@@ -407,7 +424,19 @@ class Dispatcher:
     async def _collect(
         self, program: StepProgram, step: int, calls: list[tuple[str, int, asyncio.Task]]
     ) -> StepReport:
-        results = await asyncio.gather(*(task for *_, task in calls), return_exceptions=True)
+        tasks = [task for *_, task in calls]
+        _, waiting = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        if waiting:
+            # A host failed: the others may wait on it (an exchange, a multi-host island's
+            # collective). Give them a moment, then stop waiting: `run` aborts the exchanges.
+            _, waiting = await asyncio.wait(waiting, timeout=FAIL_FAST_GRACE_S)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        results = [
+            _NOT_ANSWERED if task.cancelled() else (task.exception() or task.result())
+            for task in tasks
+        ]
         hosts = []
         for (island, host_index, _), result in zip(calls, results, strict=True):
             if (
@@ -428,6 +457,13 @@ class Dispatcher:
                     f"{host_index}: {result.details()}",
                     result.code(),
                 )
+            if result is _NOT_ANSWERED:
+                raise DispatchError(
+                    "step_failed",
+                    f"step {step} of job {program.job_id!r} got no answer from island {island} "
+                    f"host {host_index} after another host failed.",
+                    grpc.StatusCode.UNAVAILABLE,
+                )
             if isinstance(result, BaseException):
                 raise result
             hosts.append(HostStep(island, host_index, result))
@@ -447,6 +483,7 @@ class Dispatcher:
             tokens_per_s=program.tokens_per_step / step_time_s,
             step_time_s=step_time_s,
             hosts=tuple(hosts),
+            checkpoints_committed=tuple(hosts[0].reply.checkpoints_committed),
         )
 
 
@@ -550,4 +587,5 @@ def palm_program(record: Any) -> StepProgram:
         steps=train.steps,
         tokens_per_step=train.global_batch * train.seq_len,
         load=load,
+        checkpoint_every=max(0, spec.train.checkpoint_every),
     )

@@ -36,6 +36,7 @@ from .dispatch import (
     StepReport,
     palm_program,
 )
+from .recovery import Attempt, IslandSupervisor, Recovery
 from .scheduler import Demand, Scheduler
 from .store import (
     IllegalTransitionError,
@@ -175,6 +176,8 @@ class Controller:
         window: steps in flight per job.
         prepare: turns a job record into its step program (blocking: it may prepare the
             dataset); None uses `palm_program`.
+        supervisor: restarts lost islands through Ray (controller/recovery.py); None
+            retries a failed job on the islands as they are.
     """
 
     def __init__(
@@ -185,6 +188,7 @@ class Controller:
         state_dir: str | Path = "",
         window: int = DEFAULT_WINDOW,
         prepare: Callable[[JobRecord], StepProgram] | None = None,
+        supervisor: IslandSupervisor | None = None,
     ) -> None:
         self.store = store
         self.islands = {island.id: island for island in islands}
@@ -205,6 +209,8 @@ class Controller:
         self.events = _Followers()
         self.logs = LogBuffer()
         self._prepare = prepare or palm_program
+        # Failure classes, retries, checkpoints (`<state_dir>/checkpoints`), island restarts.
+        self.recovery = Recovery(store, self.dispatcher, state_dir=state_dir, supervisor=supervisor)
         self._running: dict[str, _RunningJob] = {}
         # For people (why, the dashboard, /metrics): why each queued job waits, the recent
         # steps of every island, bytes per device each resident job holds, counters.
@@ -238,13 +244,13 @@ class Controller:
         self.logs.loop = asyncio.get_running_loop()
         logging.getLogger("pathways_lite").addHandler(self.logs)
         for record in self.store.jobs_in_states([JobState.RUNNING]):
+            step = self.recovery.requeue(record.id)
             self._transition(
                 record.id,
                 JobState.QUEUED,
                 reason="controller_restarted",
-                message="The controller restarted; the job runs again from step 0.",
+                message=f"The controller restarted; the job resumes from step {step}.",
             )
-            self.store.truncate_metrics(record.id, 0)
         self._wake = asyncio.Event()
         self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
         self.wake()
@@ -539,6 +545,7 @@ class Controller:
         islands = [self.islands[i] for i in island_ids]
         running = self._running[job_id]
         loaded = False
+        attempt: Attempt | None = None
         try:
             self._transition(
                 job_id,
@@ -550,7 +557,9 @@ class Controller:
             logger.info("loading job %s on %s", job_id, island_ids, extra={"job_id": job_id})
             if self.peak_flops is None:
                 await asyncio.to_thread(self.measure_peak)
-            replies = await self.dispatcher.load(program, islands)
+            # From the newest readable committed checkpoint (or the seed), new generation.
+            attempt, replies = await self.recovery.load(program, islands)
+            program = attempt.program
             # The compiled step's own memory analysis replaces the estimate it was admitted on.
             measured = max(max(r.memory.total_bytes, r.estimate_bytes_per_device) for r in replies)
             self._demand_bytes[job_id] = measured
@@ -571,7 +580,7 @@ class Controller:
                     completed += await self.dispatcher.run(
                         dataclasses.replace(program, start_step=program.start_step + completed),
                         islands,
-                        on_step=lambda report: self._on_step(job_id, report),
+                        on_step=lambda report: self._step_done(job_id, report, attempt),
                         should_stop=lambda: running.cancel_requested or running.suspend_requested,
                         gate=self.scheduler,
                     )
@@ -583,6 +592,7 @@ class Controller:
                 await self._suspend(running, islands, program.start_step + completed)
                 if running.cancel_requested:
                     break
+            await self.recovery.finish(attempt, islands)
             if not running.cancel_requested:
                 self._transition(
                     job_id,
@@ -600,14 +610,12 @@ class Controller:
                         reason="controller_stopped",
                         message="The controller stopped; the job will run again.",
                     )
-                    self.store.truncate_metrics(job_id, 0)
+                    self.recovery.requeue(job_id)
                 except StoreError:
                     logger.exception("requeueing job %s", job_id)
             raise
-        except DispatchError as e:
-            self._fail(job_id, running, e.reason, e.message)
-        except spec_lib.SpecError as e:
-            self._fail(job_id, running, "invalid_spec", e.message)
+        except (DispatchError, spec_lib.SpecError) as e:
+            await self._recover_or_fail(record, running, islands, attempt, e)
         except Exception as e:
             logger.exception("job %s failed", job_id)
             self._fail(job_id, running, "internal", f"{type(e).__name__}: {e}")
@@ -660,6 +668,45 @@ class Controller:
         self._transition(
             job_id, JobState.RUNNING, reason="resumed", message=f"Resumed at step {step}."
         )
+
+    async def _recover_or_fail(
+        self,
+        record: JobRecord,
+        running: _RunningJob,
+        islands: list[Island],
+        attempt: Attempt | None,
+        error: DispatchError | spec_lib.SpecError,
+    ) -> None:
+        """A failed attempt: user errors fail the job at once; other classes roll it back
+        (controller/recovery.py) and queue it again while their retry budget lasts."""
+        reason = getattr(error, "reason", "invalid_spec")
+        if running.cancel_requested:
+            self._fail(record.id, running, reason, error.message)
+            return
+        try:
+            retry = await self.recovery.retry(record, attempt, islands, error)
+        except Exception:
+            logger.exception("recovering job %s", record.id)
+            retry = False
+        if not retry:
+            from .recovery import FailureClass, classify
+
+            prefix = "User error, not retried: " if classify(error) == FailureClass.USER else ""
+            self._fail(record.id, running, reason, prefix + error.message)
+            return
+        self._transition(
+            record.id,
+            JobState.QUEUED,
+            reason="retry",
+            message=f"Rolled back after a failure; it resumes from step "
+            f"{self.recovery.resume_step(record.id)}: {error.message[:500]}",
+        )
+
+    def _step_done(self, job_id: str, report: StepReport, attempt: Attempt | None) -> None:
+        """Record the step, then register the checkpoints it reports committed."""
+        self._on_step(job_id, report)
+        if attempt is not None:
+            self.recovery.on_step(attempt, report.checkpoints_committed)
 
     def _fail(self, job_id: str, running: _RunningJob, reason: str, message: str) -> None:
         logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})

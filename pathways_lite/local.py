@@ -91,6 +91,9 @@ class LocalCluster:
         node_ip: the controller's Ray node address when joining; None takes the head's
             address for a loopback cluster and lets Ray pick otherwise.
         min_islands: when joining, wait until the cluster advertises this many islands.
+        island_specs: islands of any shapes, as `NAME:HOSTS:DEVICES_PER_HOST` (the
+            controller's --island); when given, `islands`, `devices_per_island` and
+            `hosts_per_island` are not used.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class LocalCluster:
         ray_token_file: str | Path | None = None,
         node_ip: str | None = None,
         min_islands: int = 1,
+        island_specs: list[str] | None = None,
     ) -> None:
         for name, value in (
             ("islands", islands),
@@ -131,6 +135,7 @@ class LocalCluster:
         self.ray_token_file = None if ray_token_file is None else Path(ray_token_file).resolve()
         self.node_ip = node_ip
         self.min_islands = min_islands
+        self.island_specs = list(island_specs or [])
         self.address: str | None = None
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None
@@ -174,6 +179,10 @@ class LocalCluster:
         if own_tmp:
             ray_dir = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
         resources = {island_resource(n): self.hosts_per_island for n in self.island_names()}
+        if self.island_specs:
+            resources = {
+                island_resource(s.split(":")[0]): int(s.split(":")[1]) for s in self.island_specs
+            }
         self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
         record: dict[str, Any] = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
         try:
@@ -217,8 +226,9 @@ class LocalCluster:
             memory = ""
             if self.island_memory is not None:
                 memory = f":{self.island_memory // self.devices_per_island}"
-            for name in self.island_names():
+            for name in [] if self.island_specs else self.island_names():
                 cmd.append(f"--island={name}:{self.hosts_per_island}:{per_host}{memory}")
+            cmd += [f"--island={spec}" for spec in self.island_specs]
         log_path = self.state_dir / "controller.log"
         (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -254,6 +264,24 @@ class LocalCluster:
                     f"{log_path}."
                 )
             time.sleep(0.2)
+
+    @property
+    def controller_pid(self) -> int | None:
+        """The pid of the controller process this object started last."""
+        return None if self._controller is None else self._controller.pid
+
+    def restart_controller(self) -> None:
+        """Start a new controller on the same state dir and Ray cluster (after the previous
+        one died: it attaches to the live island hosts and resumes every job)."""
+        if self._controller is not None:
+            try:
+                self._controller.wait(10)
+            except subprocess.TimeoutExpired:
+                raise ClusterError(
+                    f"the controller (pid {self._controller.pid}) is still running."
+                ) from None
+        record = json.loads((self.state_dir / CLUSTER_FILE).read_text())
+        self._start_controller(record)
 
     def pids(self) -> list[int]:
         """Live processes this cluster started (Ray nodes and their children, controller)."""

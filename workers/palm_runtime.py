@@ -488,6 +488,39 @@ class PalmRuntime(JobRuntime):
             if isinstance(leaf, jax.Array) and not leaf.is_deleted()
         ]
 
+    # ---- checkpoints (workers/checkpoint.py; the worker service owns the writer) ----------
+
+    def checkpoint_state(self) -> tuple[Any, Any, int]:
+        """(params, opt_state, steps applied) of the loaded job, as they are on the mesh."""
+        state = self._loaded().state
+        return state.params, state.opt_state, int(state.step)
+
+    def restore_checkpoint(self, path: str) -> int:
+        """Replace the loaded state by a committed checkpoint, read onto this island's mesh
+        with its own shardings; returns the checkpoint's step.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, half-written or corrupt.
+        """
+        import jax
+
+        from pathways_lite.model.train import TrainState
+
+        from .checkpoint import restore
+
+        resident = self._loaded()
+        old = resident.state
+        params_like, opt_like = jax.eval_shape(lambda: (old.params, old.opt_state))
+        params, opt_state, step = restore(
+            path, params_like, opt_like, self.fns.param_shardings, self.fns.opt_shardings
+        )
+        resident.state = TrainState(params=params, opt_state=opt_state, step=step)
+        for leaf in jax.tree_util.tree_leaves((old.params, old.opt_state)):
+            if hasattr(leaf, "delete") and not leaf.is_deleted():
+                leaf.delete()
+        logger.info("job %s restored %s (step %d)", self.spec.job_id, path, step)
+        return step
+
     def unload(self) -> None:
         import jax
 

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from .checkpoint import CheckpointError, CheckpointWriter, checkpoint_path
 from .exchange import (
     DEFAULT_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
@@ -118,6 +119,9 @@ class _Job:
     results: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
     # (generation, step) -> future of a step that is queued or running.
     inflight: dict = dataclasses.field(default_factory=dict)
+    # Orbax checkpoint writer (island 0's hosts of a job with a checkpoint_dir), made at the
+    # first save; closing it waits for the save in progress.
+    writer: CheckpointWriter | None = None
 
 
 def _rpc(method):
@@ -206,6 +210,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Unload every job and stop the runtime thread."""
         for job in self._jobs.values():
             try:
+                if job.writer is not None:
+                    job.writer.close()
                 job.runtime.unload()
             except Exception:
                 logger.exception("unloading job %s failed", job.spec.job_id)
@@ -424,6 +430,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         async with self._lock:
             if existing is not None and not request.dry_run:
+                if existing.writer is not None:
+                    await self._on_runtime_thread(existing.writer.close)
                 await self._on_runtime_thread(existing.runtime.unload)
                 self._jobs.pop(spec.job_id, None)
             started = time.perf_counter()
@@ -435,6 +443,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if request.dry_run:
                     await self._on_runtime_thread(runtime.unload)
             compile_s = time.perf_counter() - started
+            if request.restore_from and not request.dry_run:
+                await self._restore(runtime, request.restore_from)
         reply = worker_pb2.LoadJobReply(
             job_id=spec.job_id,
             loaded=not request.dry_run,
@@ -558,6 +568,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             finally:
                 self._running_job = ""
             end_ns = time.time_ns()
+            committed = await self._checkpoint_after_step(job, request)
             self.execution_log.append(
                 worker_pb2.ExecutionEntry(
                     job_id=request.job_id,
@@ -583,7 +594,89 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             exchange_s=result.exchange_s,
             exchange_bytes_sent=result.exchange_bytes_sent,
             step_s=(end_ns - start_ns) / 1e9,
+            checkpoints_committed=committed,
         )
+
+    # ---- checkpoints (workers/checkpoint.py) ----------------------------------------------
+
+    @staticmethod
+    def _writes_checkpoints(job: _Job) -> bool:
+        """Island 0's hosts write a job's checkpoints (the parameters are the same on every
+        island), when the job has a checkpoint folder and its runtime can."""
+        return (
+            bool(job.request.checkpoint_dir)
+            and job.spec.island_index == 0
+            and hasattr(job.runtime, "checkpoint_state")
+        )
+
+    def _save(self, job: _Job) -> tuple[int, str]:
+        """Start an asynchronous save of the job's current state (runtime thread)."""
+        params, opt_state, step = job.runtime.checkpoint_state()
+        path = checkpoint_path(job.request.checkpoint_dir, job.spec.generation, step)
+        if job.writer is None:
+            job.writer = CheckpointWriter()
+        job.writer.save(path, params, opt_state, step)
+        return step, path
+
+    async def _restore(self, runtime: JobRuntime, path: str) -> None:
+        """Restore a freshly loaded runtime from a checkpoint (DATA_LOSS if unreadable)."""
+        if not hasattr(runtime, "restore_checkpoint"):
+            await self._on_runtime_thread(runtime.unload)
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"restore_from={path!r}: model.preset={runtime.spec.preset!r} has no checkpoints.",
+            )
+        try:
+            await self._on_runtime_thread(runtime.restore_checkpoint, path)
+        except CheckpointError as e:
+            await self._on_runtime_thread(runtime.unload)
+            raise RpcRejection(grpc.StatusCode.DATA_LOSS, str(e)) from e
+
+    async def _checkpoint_after_step(
+        self, job: _Job, request: worker_pb2.RunStepRequest
+    ) -> list[int]:
+        """Start the checkpoint a RunStep asked for (a failed save is logged, never fails the
+        step: it is simply never committed); returns the committed steps."""
+        if not self._writes_checkpoints(job):
+            return []
+        if request.checkpoint:
+            try:
+                await self._on_runtime_thread(self._save, job)
+            except Exception:
+                logger.exception(
+                    "checkpoint after step %d of job %s failed", request.step, request.job_id
+                )
+        return [] if job.writer is None else job.writer.committed
+
+    @_rpc
+    async def SaveCheckpoint(self, request: worker_pb2.SaveCheckpointRequest, context) -> Any:
+        """Checkpoint a job now (after the steps queued before it) and/or wait for the
+        checkpoints in progress; hosts that do not write answer writer=false."""
+        self._check_epoch(request.epoch)
+        job = self._job(request.job_id)
+        if request.generation != job.spec.generation:
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"generation={request.generation} does not match job {request.job_id!r}'s "
+                f"loaded generation {job.spec.generation}.",
+            )
+        reply = worker_pb2.SaveCheckpointReply(job_id=request.job_id)
+        if not self._writes_checkpoints(job):
+            return reply
+        reply.writer = True
+        async with self._lock:
+            try:
+                if request.save:
+                    reply.step, reply.path = await self._on_runtime_thread(self._save, job)
+                if request.wait and job.writer is not None:
+                    await self._on_runtime_thread(job.writer.wait)
+            except RuntimeUnavailableError as e:
+                raise RpcRejection(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+            except CheckpointError as e:
+                raise RpcRejection(grpc.StatusCode.INTERNAL, str(e)) from e
+        if job.writer is not None:
+            reply.checkpoints_committed.extend(job.writer.committed)
+        return reply
 
     @_rpc
     async def SkipSeq(self, request: worker_pb2.SkipSeqRequest, context) -> Any:
@@ -626,6 +719,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         # A step of the job may wait on a peer that is gone: release it before queueing.
         self.mailbox.abort(job.spec.job_id, job.spec.generation, "the job was unloaded")
         async with self._lock:
+            if job.writer is not None:  # the checkpoint in progress is committed first
+                await self._on_runtime_thread(job.writer.close)
             await self._on_runtime_thread(job.runtime.unload)
         self.mailbox.forget(request.job_id)
         logger.info("unloaded job %s", request.job_id)

@@ -1,0 +1,386 @@
+"""Failure handling: failure classes and retry budgets, checkpoints, and island restarts.
+
+A job's attempt (load, then steps) fails with a DispatchError or a SpecError. `classify` puts
+the failure in a class: infrastructure (a host lost, an RPC deadline, an exchange aborted by a
+dead peer), preemption, or user error (invalid spec, NaN/Inf loss, out of memory). Each class
+has its own retry budget, counted per job in the store (so a controller restart does not
+reset it); a user error is never retried: the job fails at once with the reason.
+
+An infrastructure failure rolls the job back: the job's exchanges are aborted on every island
+(`Dispatcher.abort`), the islands whose hosts do not answer (or whose peer host is gone: a
+multi-host island restarts as a unit) are restarted through Ray (`IslandSupervisor`), and the
+job is loaded again under a new generation from its last committed checkpoint. A checkpoint
+that does not read back is marked corrupt, with a warning event, and the previous committed
+one is used. Metrics from the restored step on are truncated, so the metrics have neither
+duplicated nor missing steps.
+
+Checkpoints: the island hosts write them (workers/checkpoint.py) into
+`<state_dir>/checkpoints/<job_id>`; a checkpoint is registered in the store only once island
+0's host 0 reports it committed; retention keeps the newest `keep` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pathways_lite.v1 import worker_pb2
+from pathways_lite.workers.checkpoint import checkpoint_path
+
+from . import spec as spec_lib
+from .dispatch import Dispatcher, DispatchError, Island, StepProgram, connect_host
+from .store import Checkpoint, CheckpointState, JobRecord, JobStore
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_KEEP = 3
+# How long a host may take to answer Info before its island counts as dead.
+PROBE_TIMEOUT_S = 3.0
+FINAL_CHECKPOINT_TIMEOUT_S = 300.0
+
+
+class FailureClass(enum.StrEnum):
+    """Why an attempt of a job failed; each class has its own retry budget."""
+
+    INFRASTRUCTURE = "infrastructure"
+    PREEMPTION = "preemption"
+    USER = "user"
+
+
+DEFAULT_BUDGETS = {
+    FailureClass.INFRASTRUCTURE: 3,
+    FailureClass.PREEMPTION: 100,
+    FailureClass.USER: 0,
+}
+_USER_REASONS = {"nan_loss", "invalid_spec"}
+_USER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_INFRA_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.FAILED_PRECONDITION,  # a host restarted under the job (lost its state)
+}
+
+
+def classify(error: BaseException) -> FailureClass:
+    """The failure class of an attempt's error."""
+    if isinstance(error, spec_lib.SpecError):
+        return FailureClass.USER
+    if isinstance(error, DispatchError):
+        if error.reason == "preempted":
+            return FailureClass.PREEMPTION
+        if error.reason in _USER_REASONS or error.code in _USER_CODES:
+            return FailureClass.USER
+        if "out of memory" in error.message.lower():
+            return FailureClass.USER
+        if error.code in _INFRA_CODES or error.reason == "silent_data_corruption":
+            return FailureClass.INFRASTRUCTURE
+    return FailureClass.USER if isinstance(error, ValueError) else FailureClass.INFRASTRUCTURE
+
+
+async def dead_islands(islands: Sequence[Island], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """Ids of the islands with a host that does not answer Info (gRPC health of the host
+    process): such an island restarts as a unit."""
+
+    async def probe(island: Island) -> bool:
+        calls = [
+            host.stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s) for host in island.hosts
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return any(isinstance(r, BaseException) for r in results)
+
+    flags = await asyncio.gather(*(probe(i) for i in islands))
+    return [island.id for island, dead in zip(islands, flags, strict=True) if dead]
+
+
+class IslandSupervisor:
+    """Restarts islands through Ray: every host of an island is killed and started again (a
+    multi-host island re-forms its JAX runtime), then the controller reconnects to it.
+
+    Args:
+        groups: the islands' host groups (workers/island_host.py), by island id.
+    """
+
+    def __init__(self, groups: dict[str, Any]) -> None:
+        self.groups = dict(groups)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def restart(self, island: Island) -> None:
+        """Restart `island`'s hosts and point `island` at the new ones (island_seq from 0).
+
+        Raises:
+            KeyError: the island is not supervised here.
+        """
+        lock = self._locks.setdefault(island.id, asyncio.Lock())
+        async with lock:
+            started = time.monotonic()
+            group = self.groups[island.id]
+            new_group = await asyncio.to_thread(restart_group, group)
+            self.groups[island.id] = new_group
+            hosts = [await connect_host(m.address) for m in new_group.metadata]
+            old, island.hosts = island.hosts, hosts
+            island.next_seq = 0
+            for host in old:
+                try:
+                    await host.close()
+                except Exception:  # a channel to a dead host
+                    logger.debug("closing a channel", exc_info=True)
+            logger.warning("island %s restarted in %.1f s", island.id, time.monotonic() - started)
+
+
+def restart_group(group: Any, *, attempts: int = 50) -> Any:
+    """Kill every host of an island group and start them again, in place (blocking: Ray
+    calls); returns the group. A killed detached actor's name is freed shortly after; starting
+    waits for it."""
+    group.shutdown(patience_s=1.0)
+    last: BaseException | None = None
+    for _ in range(attempts):
+        try:
+            group.start()
+            return group
+        except ValueError as e:  # the name is still held by the dying actor
+            last = e
+            time.sleep(0.2)
+    raise RuntimeError(f"island {group.island.name!r} could not be restarted: {last!r}")
+
+
+def attach_or_start(spec: Any) -> tuple[Any, bool]:
+    """An island's host group: attached to its live named actors (a restarted controller),
+    or started afresh (killing survivors of a partly dead island first). Returns
+    (group, whether it was started here)."""
+    import ray
+
+    from pathways_lite.workers.island_host import IslandHostGroup
+    from pathways_lite.workers.ray_cluster import NAMESPACE
+
+    group = IslandHostGroup(spec)
+    handles = []
+    for i in range(spec.num_hosts):
+        try:
+            handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
+        except ValueError:
+            break
+    if len(handles) == spec.num_hosts:
+        try:
+            group.actors = handles
+            group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
+            logger.info("attached to island %s", spec.name)
+            return group, False
+        except Exception as e:
+            logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
+    group.actors = handles
+    return restart_group(group), True
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One load-and-run of a job: its program (generation, start step, restore point)."""
+
+    program: StepProgram
+    restored: Checkpoint | None
+    registered: set[int] = dataclasses.field(default_factory=set)
+
+
+class Recovery:
+    """The controller's failure paths and checkpoint bookkeeping for its jobs.
+
+    Args:
+        store: the job store (registry, events, metrics, retry counts).
+        dispatcher: the controller's dispatcher.
+        state_dir: the controller's state directory; checkpoints go below it. Empty: no
+            checkpoints are written.
+        supervisor: restarts islands through Ray; None retries on the same islands.
+        keep: committed checkpoints kept per job (retention).
+        budgets: retries per failure class.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        dispatcher: Dispatcher,
+        *,
+        state_dir: str | Path = "",
+        supervisor: IslandSupervisor | None = None,
+        keep: int = DEFAULT_KEEP,
+        budgets: dict[FailureClass, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.root = Path(state_dir) / CHECKPOINT_DIR if state_dir else None
+        self.supervisor = supervisor
+        self.keep = keep
+        self.budgets = dict(DEFAULT_BUDGETS if budgets is None else budgets)
+
+    def job_dir(self, job_id: str) -> str:
+        return "" if self.root is None else str(self.root / job_id)
+
+    def resume_step(self, job_id: str) -> int:
+        """The step a job resumes from: its newest committed checkpoint's, or 0."""
+        latest = self.store.latest_checkpoint(job_id)
+        return 0 if latest is None else latest.step
+
+    def requeue(self, job_id: str) -> int:
+        """A running job goes back to the queue (controller stop or restart): forget metrics
+        after its resume point; a new generation, so hosts drop the old state. Returns the
+        resume step."""
+        step = self.resume_step(job_id)
+        self.store.truncate_metrics(job_id, step)
+        self.store.bump_generation(job_id)
+        return step
+
+    def plan(self, program: StepProgram, checkpoint: Checkpoint | None) -> Attempt:
+        """The program of an attempt restoring `checkpoint` (None: from the seed, step 0):
+        checkpoint folder and restore point in every LoadJob, steps from the restore point,
+        metrics after it forgotten."""
+        start = 0 if checkpoint is None else checkpoint.step
+        self.store.truncate_metrics(program.job_id, start)
+        job_dir = self.job_dir(program.job_id)
+        inner = program.load
+
+        def load(index: int, count: int) -> worker_pb2.LoadJobRequest:
+            request = inner(index, count)
+            request.checkpoint_dir = job_dir
+            request.restore_from = "" if checkpoint is None else checkpoint.path
+            return request
+
+        program = dataclasses.replace(
+            program, load=load, start_step=start, checkpointing=bool(job_dir)
+        )
+        return Attempt(program, checkpoint)
+
+    async def load(
+        self, program: StepProgram, islands: Sequence[Island]
+    ) -> tuple[Attempt, list[worker_pb2.LoadJobReply]]:
+        """Load a job from its newest readable committed checkpoint (or from the seed).
+
+        A checkpoint the hosts cannot read (DATA_LOSS) is marked corrupt with a warning
+        event, and the previous committed one is tried.
+        """
+        while True:
+            checkpoint = self.store.latest_checkpoint(program.job_id)
+            attempt = self.plan(program, checkpoint)
+            try:
+                replies = await self.dispatcher.load(attempt.program, islands)
+            except DispatchError as e:
+                if checkpoint is None or e.code != grpc.StatusCode.DATA_LOSS:
+                    raise
+                message = (
+                    f"Checkpoint at step {checkpoint.step} ({checkpoint.path}) is unreadable "
+                    f"and was skipped for the previous committed one: {e.message[:500]}"
+                )
+                logger.warning("job %s: %s", program.job_id, message)
+                self.store.mark_checkpoint(checkpoint, CheckpointState.CORRUPT, message)
+                continue
+            if checkpoint is not None:
+                self.store.add_event(
+                    program.job_id,
+                    "restore",
+                    f"Restored the checkpoint at step {checkpoint.step} ({checkpoint.path}) "
+                    f"on {', '.join(i.id for i in islands)} as generation "
+                    f"{program.generation}; steps {checkpoint.step} to {program.steps - 1} "
+                    "run again.",
+                )
+            return attempt, replies
+
+    def on_step(self, attempt: Attempt, committed: Sequence[int]) -> None:
+        """Register the checkpoints island 0 reports committed; apply retention."""
+        new = [s for s in committed if s not in attempt.registered]
+        if not new or self.root is None:
+            return
+        program = attempt.program
+        for step in new:
+            attempt.registered.add(step)
+            if step <= program.start_step:
+                continue  # the restored one, or one of before it
+            path = checkpoint_path(self.job_dir(program.job_id), program.generation, step)
+            self.store.register_checkpoint(program.job_id, program.generation, step, path)
+        for old in self.store.retire_checkpoints(program.job_id, self.keep):
+            shutil.rmtree(old.path, ignore_errors=True)
+
+    async def finish(self, attempt: Attempt, islands: Sequence[Island]) -> None:
+        """Wait until island 0's checkpoints in progress (the last step's) are committed and
+        register them."""
+        if self.root is None or not islands:
+            return
+        program = attempt.program
+        request = worker_pb2.SaveCheckpointRequest(
+            job_id=program.job_id,
+            generation=program.generation,
+            epoch=self.dispatcher.epoch,
+            wait=True,
+        )
+        try:
+            reply = (
+                await islands[0]
+                .hosts[0]
+                .stub.SaveCheckpoint(request, timeout=FINAL_CHECKPOINT_TIMEOUT_S)
+            )
+        except grpc.aio.AioRpcError as e:
+            logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
+            return
+        self.on_step(attempt, reply.checkpoints_committed)
+
+    async def retry(
+        self, record: JobRecord, attempt: Attempt | None, islands: Sequence[Island], error: Any
+    ) -> bool:
+        """Decide whether a failed attempt runs again; if so, roll back: abort the job's
+        exchanges, restart dead islands, start a new generation. False: the job fails."""
+        job_id = record.id
+        failure = classify(error)
+        message = getattr(error, "message", None) or str(error)
+        if failure == FailureClass.USER:
+            self.store.add_event(job_id, "failure", f"User error (not retried): {message[:1000]}")
+            return False
+        count = self.store.count_retry(job_id, failure.value)
+        budget = self.budgets.get(failure, 0)
+        if count > budget:
+            self.store.add_event(
+                job_id,
+                "failure",
+                f"{failure.value} failure, retry budget of {budget} spent: {message[:1000]}",
+            )
+            return False
+        started = time.monotonic()
+        if attempt is not None:
+            await self.dispatcher.abort(
+                job_id, attempt.program.generation, islands, f"{failure.value} failure"
+            )
+        dead = await dead_islands(islands)
+        self.store.add_event(
+            job_id,
+            "failure",
+            f"{failure.value} failure (retry {count} of {budget}): {message[:1000]}"
+            + (f" Island(s) {', '.join(dead)} lost." if dead else ""),
+        )
+        for island in islands:
+            if island.id not in dead:
+                continue
+            if self.supervisor is None or island.id not in self.supervisor.groups:
+                logger.warning("island %s is lost and no supervisor can restart it", island.id)
+                continue
+            await self.supervisor.restart(island)
+            self.store.add_event(job_id, "island", f"Island {island.id} restarted.")
+        generation = self.store.bump_generation(job_id)
+        logger.warning(
+            "job %s rolls back after a %s failure (generation %d, %.1f s to recover islands)",
+            job_id,
+            failure.value,
+            generation,
+            time.monotonic() - started,
+            extra={"job_id": job_id},
+        )
+        return True
