@@ -401,6 +401,33 @@ class Controller:
         )
         return self.job_proto(record)
 
+    def update(self, job_id: str, priority: int) -> controller_pb2.Job:
+        """Re-prioritise a queued, running or suspended job; the scheduler runs a pass.
+
+        Raises:
+            ValueError: `priority` outside [PRIORITY_MIN, PRIORITY_MAX].
+            JobNotFoundError, IllegalTransitionError.
+        """
+        if not spec_lib.PRIORITY_MIN <= priority <= spec_lib.PRIORITY_MAX:
+            raise ValueError(
+                f"priority={priority} is outside [{spec_lib.PRIORITY_MIN}, "
+                f"{spec_lib.PRIORITY_MAX}]."
+            )
+        record = self.store.set_priority(job_id, priority)
+        running = self._running.get(job_id)
+        if running is not None:
+            running.priority = priority  # what preemption compares
+        demand_bytes = self._demand_bytes.get(job_id)
+        logger.info(
+            "job %s re-prioritised to %d%s",
+            job_id,
+            priority,
+            f" ({demand_bytes} bytes per device)" if demand_bytes else "",
+            extra={"job_id": job_id},
+        )
+        self.wake()
+        return self.job_proto(record)
+
     # -- scheduling and dispatch ---------------------------------------------------------
 
     async def _schedule_loop(self) -> None:
@@ -593,6 +620,10 @@ class Controller:
                 if running.cancel_requested:
                     break
             await self.recovery.finish(attempt, islands)
+            if loaded and not running.cancel_requested:
+                # A job that says it ended has freed its memory on every island.
+                loaded = False
+                await self.dispatcher.unload(job_id, islands)
             if not running.cancel_requested:
                 self._transition(
                     job_id,
@@ -947,6 +978,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:
         """Cancel a queued or running job."""
         return controller_pb2.CancelJobReply(job=self.c.cancel(request.job_id, request.reason))
+
+    @_rpc
+    async def UpdateJob(self, request: controller_pb2.UpdateJobRequest, context) -> Any:
+        """Re-prioritise a queued, running or suspended job."""
+        return controller_pb2.UpdateJobReply(job=self.c.update(request.job_id, request.priority))
 
     @_stream
     async def WatchJob(

@@ -717,6 +717,38 @@ class JobStore:
             row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
             return _job_from_row(row.fetchone())
 
+    def set_priority(self, job_id: str, priority: int) -> JobRecord:
+        """Re-prioritise a job that has not ended (its record and its spec), with an event.
+
+        Raises:
+            JobNotFoundError: no such job.
+            IllegalTransitionError: the job already ended.
+        """
+        with self._transaction() as conn:
+            row = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {spec_lib.quote(job_id)} does not exist.")
+            record = _job_from_row(row)
+            if record.state.terminal:
+                raise IllegalTransitionError(
+                    f"job {job_id!r} is already {record.state.value}; only queued, running or "
+                    "suspended jobs can be re-prioritised."
+                )
+            spec = record.spec
+            spec.priority = int(priority)
+            now = self._clock_us()
+            conn.execute(
+                "UPDATE jobs SET priority = ?, spec = ?, updated_us = ? WHERE id = ?",
+                (int(priority), spec.SerializeToString(deterministic=True), now, job_id),
+            )
+            self._insert_event(
+                conn, job_id, now, "priority", f"Priority {record.priority} -> {int(priority)}."
+            )
+            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            return _job_from_row(row.fetchone())
+
     def bump_generation(self, job_id: str) -> int:
         """Start a new generation of a job (a restart from a checkpoint); returns it.
 

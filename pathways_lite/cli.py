@@ -407,6 +407,18 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_priority(args: argparse.Namespace) -> int:
+    from pathways_lite.client import job_to_dict, state_name
+
+    job = _client(args).update(args.job, priority=args.priority)
+    if args.json:
+        print_json(job_to_dict(job))
+        return 0
+    where = f", queue position {job.queue_position}" if job.queue_position else ""
+    print(f"{job.id} has priority {args.priority} ({state_name(job.state)}{where})")
+    return 0
+
+
 def _cmd_islands(args: argparse.Namespace) -> int:
     from pathways_lite.client import island_to_dict
 
@@ -509,6 +521,9 @@ def _add_cluster_commands(sub) -> None:
     cancel = add("cancel", "cancel a job", _cmd_cancel)
     cancel.add_argument("job", help="the job id")
     cancel.add_argument("--reason", default="", help="why (recorded with the job)")
+    prio = add("priority", "re-prioritise a queued, running or suspended job", _cmd_priority)
+    prio.add_argument("job", help="the job id")
+    prio.add_argument("priority", type=int, help="the new priority in [-1000, 1000]")
     add("islands", "list the islands and their hosts", _cmd_islands)
     logs = add("logs", "print a job's log records (controller and island hosts)", _cmd_logs)
     logs.add_argument("job", help="the job id")

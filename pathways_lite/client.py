@@ -214,6 +214,11 @@ class Client:
         request = controller_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         return self._call(self._stub.CancelJob, request).job
 
+    def update(self, job_id: str, *, priority: int) -> controller_pb2.Job:
+        """Re-prioritise a queued, running or suspended job; returns its new record."""
+        request = controller_pb2.UpdateJobRequest(job_id=job_id, priority=priority)
+        return self._call(self._stub.UpdateJob, request).job
+
     def watch(self, job_id: str, from_step: int = 0) -> Iterator[controller_pb2.WatchJobReply]:
         """The job's updates until it finishes (see WatchJob)."""
         try:

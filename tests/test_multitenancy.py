@@ -13,8 +13,11 @@ import time
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pathways_lite.client import Client, ClientError, state_name
+from pathways_lite.controller import spec as spec_lib
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
@@ -139,3 +142,120 @@ def test_weights_one_to_two_give_step_slots_one_to_two(client, hosts) -> None:
         assert abs(n_heavy / n_light - 2.0) <= 0.1, (n_light, n_heavy)
     # Both islands ran the two jobs' steps in the one order the controller assigned.
     assert orders[0] == orders[1]
+
+
+def test_disjoint_islands_run_at_the_same_time(client, hosts) -> None:
+    a = client.submit(spec("solo-a", islands=1, steps=60, seed=1))
+    b = client.submit(spec("solo-b", islands=1, steps=60, seed=2))
+    jobs = wait_all(client, [a.id, b.id])
+    assert [state_name(j.state) for j in jobs] == ["succeeded", "succeeded"]
+    spans = {}
+    for island, reply in logs(hosts).items():
+        for e in reply.entries:
+            if e.job_id in (a.id, b.id):
+                lo, hi = spans.get(e.job_id, (e.start_unix_ns, e.end_unix_ns))
+                spans[e.job_id] = (min(lo, e.start_unix_ns), max(hi, e.end_unix_ns))
+                spans.setdefault(("island", e.job_id), island)
+    assert spans[("island", a.id)] != spans[("island", b.id)]
+    (a0, a1), (b0, b1) = spans[a.id], spans[b.id]
+    assert min(a1, b1) > max(a0, b0), "the two jobs' execution intervals do not overlap"
+
+
+def test_preempted_job_resumes_bitwise_and_memory_is_accounted(client, hosts) -> None:
+    from pathways_lite.model.estimates import memory_per_device
+
+    steps = 48  # long enough that the low job is still running when the high one arrives
+    reference = client.wait(client.submit(spec("low-ref", steps=steps, seed=3)).id, timeout_s=240)
+    assert state_name(reference.state) == "succeeded", reference.message
+
+    low = client.submit(spec("low", steps=steps, seed=3))
+    while len(client.get(low.id).losses) < 3:
+        time.sleep(0.1)
+    # Resident now: the host's live arrays of the job are its params + optimizer state.
+    memory = {m.job_id: m for m in logs(hosts)["island-0"].jobs}
+    high = client.submit(spec("high", steps=4, priority=5, d_model=160, seed=4))
+    configs_low = spec_lib.to_configs(client.get(low.id).spec)
+    est = memory_per_device(configs_low.model, {"data": 1, "model": 1}, configs_low.optim)
+    live = memory[low.id].live_bytes_per_device
+    assert abs(live - est["total_bytes"]) <= 0.02 * est["total_bytes"] + 64, (live, est)
+    suspended_seen = False
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        if state_name(client.get(low.id).state) == "suspended":
+            for reply in logs(hosts).values():
+                mem = {m.job_id: m for m in reply.jobs}
+                assert mem[low.id].suspended and mem[low.id].live_bytes == 0, mem[low.id]
+                assert mem[low.id].host_bytes >= est["total_bytes"]
+            suspended_seen = True
+            break
+        time.sleep(0.1)
+    assert suspended_seen, client.get(low.id)
+    high_done, low_done = wait_all(client, [high.id, low.id])
+    assert state_name(high_done.state) == "succeeded", high_done.message
+    assert state_name(low_done.state) == "succeeded", low_done.message
+    assert list(low_done.losses) == list(reference.losses)
+    for reply in logs(hosts).values():
+        assert not reply.jobs and reply.live_bytes_total == 0, reply
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 2, 4]),  # islands (4 is infeasible)
+            st.sampled_from([0, 1]),  # priority
+            st.sampled_from([1.0, 2.0]),  # weight
+            st.booleans(),  # cancel it soon after submitting
+            st.sampled_from([None, -1, 3]),  # re-prioritise it to this, or leave it
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_churn_ends_every_job_terminal_without_deadlock(client, hosts, jobs) -> None:
+    submitted = []
+    for k, (islands, priority, weight, cancel, new_priority) in enumerate(jobs):
+        try:
+            job = client.submit(
+                spec(f"churn-{k}", islands=islands, steps=3, priority=priority, weight=weight)
+            )
+        except ClientError as e:
+            assert islands == 4 and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            continue
+        submitted.append((job.id, cancel))
+        if new_priority is not None:
+            try:
+                updated = client.update(job.id, priority=new_priority)
+            except ClientError as e:
+                assert e.code == grpc.StatusCode.FAILED_PRECONDITION  # it already finished
+            else:
+                assert updated.spec.priority == new_priority, updated
+                assert client.get(job.id).spec.priority == new_priority
+    for job_id, cancel in submitted:
+        if cancel:
+            try:
+                client.cancel(job_id, "churn")
+            except ClientError as e:
+                assert e.code == grpc.StatusCode.FAILED_PRECONDITION  # it already finished
+        else:
+            record = client.get(job_id)
+            if state_name(record.state) == "queued":
+                assert record.pending_reason
+    ends = wait_all(client, [j for j, _ in submitted], timeout_s=200)
+    for job, (_, cancel) in zip(ends, submitted, strict=True):
+        assert state_name(job.state) in TERMINAL, job
+        if not cancel:
+            assert state_name(job.state) == "succeeded", job.message
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        replies = logs(hosts)
+        if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"islands not back to zero: {replies}")

@@ -436,7 +436,8 @@ class PalmRuntime(JobRuntime):
         if self.suspended:
             return self.host_bytes()
         state = resident.state
-        leaves, treedef = jax.tree_util.tree_flatten(state)
+        # TrainState is a plain dataclass (not a pytree): flatten its arrays explicitly.
+        leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
         host = []
         for leaf in leaves:
             if isinstance(leaf, jax.Array):
@@ -446,7 +447,7 @@ class PalmRuntime(JobRuntime):
         for leaf in leaves:
             if isinstance(leaf, jax.Array) and not leaf.is_deleted():
                 leaf.delete()
-        self._suspended_state = (treedef, host)
+        self._suspended_state = (treedef, host, state.step)
         resident.state = None
         self.suspended = True
         logger.info(
@@ -460,13 +461,16 @@ class PalmRuntime(JobRuntime):
 
         if not self.suspended:
             return
-        treedef, host = self._suspended_state
+        from pathways_lite.model.train import TrainState
+
+        treedef, host, step = self._suspended_state
         leaves = [
             jax.device_put(value, sharding) if sharding is not None else value
             for value, sharding in host
         ]
+        params, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
         assert self._resident is not None
-        self._resident.state = jax.tree_util.tree_unflatten(treedef, leaves)
+        self._resident.state = TrainState(params=params, opt_state=opt_state, step=step)
         self._suspended_state = None
         self.suspended = False
         logger.info("job %s resumed", self.spec.job_id)
@@ -484,7 +488,9 @@ class PalmRuntime(JobRuntime):
             return []
         return [
             leaf
-            for leaf in jax.tree_util.tree_leaves(self._resident.state)
+            for leaf in jax.tree_util.tree_leaves(
+                (self._resident.state.params, self._resident.state.opt_state)
+            )
             if isinstance(leaf, jax.Array) and not leaf.is_deleted()
         ]
 
