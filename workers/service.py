@@ -278,6 +278,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._newest_epoch = epoch
             self._next_seq = 0
             self._seq_advanced()
+            # Steps of the old controller may wait in an exchange on a peer that will never
+            # send (it died between its RunSteps): release them, they are stale now.
+            for job in self._jobs.values():
+                self.mailbox.abort(
+                    job.spec.job_id, job.spec.generation, f"controller epoch {epoch} started"
+                )
 
     def _job(self, job_id: str) -> _Job:
         _check_job_id(job_id)
@@ -427,6 +433,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"job {spec.job_id!r} needs an estimated {estimate} bytes per device, more "
                 f"than this island's budget of {budget} bytes per device.",
+            )
+        if existing is not None and not request.dry_run:
+            # The replaced generation's steps may wait on a dead peer: release the lock.
+            self.mailbox.abort(
+                spec.job_id, existing.spec.generation, f"generation {spec.generation} loads"
             )
         async with self._lock:
             if existing is not None and not request.dry_run:

@@ -1,0 +1,172 @@
+"""Recovery times: an island host's death and a controller restart, to the next completed step.
+
+A local cluster (Ray on loopback, islands a and b of 1 host x 2 CPU devices, the controller
+as its own process) trains palm-tiny data parallel on both islands with a checkpoint every
+`--every` steps. The benchmark
+
+1. SIGKILLs island a's host two steps after a committed checkpoint and times, from the job's
+   events and metrics in the controller's database: death -> failure noticed -> island
+   restarted -> checkpoint restored (job loaded again) -> next completed step;
+2. SIGKILLs the controller two steps after a later checkpoint, starts a new one on the same
+   state dir and times: restart -> controller serving -> checkpoint restored -> next step;
+3. counts the steps lost (run again) against the checkpoint interval.
+
+Goals (issue 8): death -> next step <= 10 s, and restart -> next step <= 15 s, each beyond
+the restore itself (the job's load: compile + reading the checkpoint). Every number is
+measured in this run; nothing is assumed.
+
+    .venv/bin/python bench/recovery.py [--steps 60] [--every 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+os.environ.setdefault("PATHWAYS_LITE_CACHE", str(REPO / ".cache" / "pathways_lite"))
+
+SPEC = """
+name: bench-recovery
+model: {{preset: palm-tiny}}
+islands: 2
+devices_per_island: 2
+mesh: {{data: 2, model: 1}}
+train: {{steps: {steps}, global_batch: 4, seq_len: 64, seed: 0, checkpoint_every: {every}}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+"""
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def event_after(store, job_id: str, kind: str, after_us: int, text: str = ""):
+    for event in store.events(job_id):
+        if event.kind == kind and event.time_us >= after_us and text in event.message:
+            return event
+    return None
+
+
+def first_step_after(store, job_id: str, after_us: int):
+    return next((m for m in store.metrics(job_id) if m.time_us > after_us), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--every", type=int, default=5)
+    args = p.parse_args(argv)
+
+    from pathways_lite.client import Client, state_name
+    from pathways_lite.controller.store import DB_NAME, JobStore
+    from pathways_lite.local import LocalCluster
+    from pathways_lite.spec import load_spec_text
+
+    state_dir = Path(tempfile.mkdtemp(prefix="plbr-", dir="/tmp"))
+    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2"])
+    try:
+        cluster.start()
+        store = JobStore(state_dir / DB_NAME)
+        client = Client(state_dir)
+        job = client.submit(load_spec_text(SPEC.format(steps=args.steps, every=args.every))).id
+        islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
+
+        # 1. An island host dies.
+        ckpt = wait_for(lambda: store.latest_checkpoint(job), 300, "a checkpoint")
+        wait_for(lambda: store.steps_completed(job) >= ckpt.step + 2, 120, "steps past it")
+        pid = next(int(i.hosts[0].pid) for i in client.islands() if i.id == islands[0])
+        done_before = store.steps_completed(job)
+        os.kill(pid, signal.SIGKILL)
+        killed_us = time.time_ns() // 1000
+        restore = wait_for(
+            lambda: event_after(store, job, "restore", killed_us), 300, "the restore"
+        )
+        step = wait_for(lambda: first_step_after(store, job, restore.time_us), 120, "a step")
+        failure = event_after(store, job, "failure", killed_us)
+        island = event_after(store, job, "island", killed_us)
+        restored_at = int(restore.message.split("step ")[1].split()[0])
+        host = {
+            "noticed": (failure.time_us - killed_us) / 1e6,
+            "island restarted": ((island or failure).time_us - killed_us) / 1e6,
+            "loaded + restored": (restore.time_us - (island or failure).time_us) / 1e6,
+            "next step": (step.time_us - killed_us) / 1e6,
+            "lost": done_before - restored_at,
+        }
+
+        # 2. The controller dies.
+        ckpt = wait_for(
+            lambda: (c := store.latest_checkpoint(job)) and c.step > restored_at and c,
+            300,
+            "a later checkpoint",
+        )
+        wait_for(lambda: store.steps_completed(job) >= ckpt.step + 2, 120, "steps past it")
+        client.close()
+        done_before = store.steps_completed(job)
+        os.kill(cluster.controller_pid, signal.SIGKILL)
+        t0 = time.time_ns() // 1000
+        cluster.restart_controller()
+        serving_us = time.time_ns() // 1000
+        restore = wait_for(lambda: event_after(store, job, "restore", t0), 300, "the restore")
+        step = wait_for(lambda: first_step_after(store, job, restore.time_us), 120, "a step")
+        restored_at = int(restore.message.split("step ")[1].split()[0])
+        queued = event_after(store, job, "state", t0, "controller_restarted")
+        ctrl = {
+            "serving": (serving_us - t0) / 1e6,
+            "loaded + restored": (restore.time_us - (queued or restore).time_us) / 1e6,
+            "next step": (step.time_us - t0) / 1e6,
+            "lost": done_before - restored_at,
+        }
+        client = Client(state_dir)
+        final = client.wait(job, timeout_s=600)
+        steps = [m.step for m in store.metrics(job)]
+        client.close()
+        store.close()
+    finally:
+        cluster.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    print(f"palm-tiny on islands a + b (1 host x 2 CPU devices), checkpoint every {args.every}")
+    print("island host SIGKILL -> (seconds after the kill)")
+    for key in ("noticed", "island restarted", "next step"):
+        print(f"  {key:<20} {host[key]:7.2f}")
+    print(f"  {'load + restore':<20} {host['loaded + restored']:7.2f}  (the restore itself)")
+    beyond = host["next step"] - host["loaded + restored"]
+    print(
+        f"  beyond the restore   {beyond:7.2f}  goal <= 10 s: {'met' if beyond <= 10 else 'MISSED'}"
+    )
+    print("controller SIGKILL + restart -> (seconds after the restart began)")
+    print(f"  {'serving':<20} {ctrl['serving']:7.2f}")
+    print(f"  {'next step':<20} {ctrl['next step']:7.2f}")
+    print(f"  {'load + restore':<20} {ctrl['loaded + restored']:7.2f}  (the restore itself)")
+    beyond = ctrl["next step"] - ctrl["loaded + restored"]
+    print(
+        f"  beyond the restore   {beyond:7.2f}  goal <= 15 s: {'met' if beyond <= 15 else 'MISSED'}"
+    )
+    for name, r in (("host death", host), ("controller restart", ctrl)):
+        print(
+            f"steps lost ({name}): {r['lost']} (checkpoint interval {args.every}; "
+            f"{r['lost'] / args.every:.2f} intervals)"
+        )
+    ok = state_name(final.state) == "succeeded" and steps == list(range(args.steps))
+    print(f"job {state_name(final.state)}; metrics steps 0..{args.steps - 1} exactly once: {ok}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
