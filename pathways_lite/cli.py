@@ -568,8 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_model_info)
 
-    demo = sub.add_parser("demo", help="train palm-tiny on the default corpus and sample from it")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo = sub.add_parser(
+        "demo",
+        help="train two PaLM models at once on two shared local islands and sample from both",
+    )
+    demo.add_argument("--steps", type=int, default=120, help="steps of each job (default 120)")
     demo.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     demo.set_defaults(func=_cmd_demo)
     _add_cluster_commands(sub)

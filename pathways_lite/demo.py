@@ -1,14 +1,18 @@
-"""`pathways-lite demo`: palm-tiny trained data-parallel across two local islands, then a sample.
+"""`pathways-lite demo`: two PaLM models of different sizes trained at once on shared islands.
 
 What it runs, for real: a LocalCluster on this machine (Ray on loopback, two island hosts of
-one CPU device each, the controller as its own process), one palm-tiny job submitted over
-gRPC like `pathways-lite submit` does, spanning both islands. Each island reads half of every
-global batch; the two hosts exchange gradients directly over gRPC and apply the same update,
-comparing parameter digests every step. The progress bar follows the controller's WatchJob
-stream. Shortly before the end the demo asks the controller for a sample (the controller's
-Sample rpc, decoded on island 0 from the job's resident parameters; the demo says after how
-many steps). Then the cluster is shut down. Both islands share this machine's CPU cores, so
-the MFU shown is against the peak measured here for all of them together.
+one CPU device each, the controller as its own process) and two jobs submitted over gRPC like
+`pathways-lite submit` does: a small palm-tiny (weight 1) and a larger one (weight 2). Both
+span both islands (data parallel: each island reads half of every global batch, the hosts
+exchange gradients over gRPC), so both are resident on both islands at once; the controller's
+scheduler hands out step slots by stride scheduling so that device time follows the weights,
+and every island runs the two jobs' steps in the one order the controller assigned.
+
+Shown while they run: one progress bar per job (the controller's WatchJob streams) and the
+dashboard's URL when the local cluster serves one. After they end: the interleaved per-island
+timeline and device-time shares, read from the island hosts' own execution logs, and a sample
+from each model. The controller unloads a job when it ends, so each sample is taken a few steps
+before the job's end (the demo prints after how many steps). Then the cluster shuts down.
 """
 
 from __future__ import annotations
@@ -30,16 +34,20 @@ DEMO_PROMPT = "def "
 DEMO_BATCH = 8
 DEMO_SEQ_LEN = 128
 DEMO_ISLANDS = 2
+# name, d_model, weight (the large model gets twice the device time of the small one).
+DEMO_JOBS = (("small", 64, 1.0), ("large", 128, 2.0))
 # The sample is requested this many steps before the end (the job is unloaded when it ends).
 SAMPLE_LEAD_STEPS = 8
+# Characters of the per-island timeline printed (one per step).
+TIMELINE_CHARS = 72
 
 
-def demo_spec(steps: int, seed: int = 0) -> Any:
-    """The demo's job: palm-tiny on the stdlib corpus across two one-device islands."""
+def demo_spec(name: str, d_model: int, weight: float, steps: int, seed: int = 0) -> Any:
+    """One demo job: palm-tiny (d_model overridden) on the stdlib corpus across both islands."""
     from pathways_lite.v1 import controller_pb2
 
     spec = controller_pb2.JobSpec(
-        name="demo-palm-tiny",
+        name=f"demo-{name}",
         islands=DEMO_ISLANDS,
         devices_per_island=1,
         mesh=controller_pb2.JobSpec.Mesh(data=1, model=1),
@@ -47,49 +55,55 @@ def demo_spec(steps: int, seed: int = 0) -> Any:
             steps=steps, global_batch=DEMO_BATCH, seq_len=DEMO_SEQ_LEN, seed=seed
         ),
         data=controller_pb2.JobSpec.Data(source="stdlib"),
+        weight=weight,
     )
     spec.model.preset = "palm-tiny"
+    spec.model.overrides["d_model"] = d_model
     return spec
 
 
-def run(steps: int = 300, json_output: bool = False, seed: int = 0) -> int:
+def run(steps: int = 120, json_output: bool = False, seed: int = 0) -> int:
     """Run the demo; returns the process exit code.
 
     Args:
-        steps: optimizer steps to train.
+        steps: optimizer steps of each job.
         json_output: print a JSON summary instead of the human report at the end.
         seed: seeds the initialisation, the data order and sampling.
     """
     from pathways_lite.client import Client, ClientError, state_name
-    from pathways_lite.controller import spec as spec_lib
     from pathways_lite.local import LocalCluster
-    from pathways_lite.model import estimates
 
+    if steps <= SAMPLE_LEAD_STEPS:
+        raise ValueError(f"steps={steps} must be more than {SAMPLE_LEAD_STEPS}.")
     console = Console(stderr=json_output)
     console.print(
-        f"[bold]pathways-lite demo[/]: palm-tiny data parallel across {DEMO_ISLANDS} local "
-        "islands (1 CPU device each), gradients exchanged host to host over gRPC"
+        f"[bold]pathways-lite demo[/]: two PaLM models ({', '.join(n for n, *_ in DEMO_JOBS)}, "
+        f"weights {':'.join(f'{w:g}' for *_, w in DEMO_JOBS)}) trained at once on "
+        f"{DEMO_ISLANDS} shared local islands (1 CPU device each)"
     )
-    spec = demo_spec(steps, seed)
-    configs = spec_lib.to_configs(spec)
-    flops_per_token = estimates.flops_per_token(configs.model, DEMO_SEQ_LEN)
-    with console.status("measuring this machine's CPU peak FLOP/s (for MFU)"):
-        peak = estimates.measure_cpu_peak_flops()
+    specs = {
+        name: demo_spec(name, d_model, weight, steps, seed + k)
+        for k, (name, d_model, weight) in enumerate(DEMO_JOBS)
+    }
     state_dir = tempfile.mkdtemp(prefix="pl-demo-", dir="/tmp")
     cluster = LocalCluster(islands=DEMO_ISLANDS, devices_per_island=1, state_dir=state_dir)
     started = time.perf_counter()
     summary: dict[str, Any] = {}
     try:
-        with console.status("starting Ray, the controller and 2 island hosts"):
+        with console.status(f"starting Ray, the controller and {DEMO_ISLANDS} island hosts"):
             cluster.start()
         console.print(f"cluster up in {time.perf_counter() - started:.1f} s ({state_dir})")
+        url = getattr(cluster, "dashboard_url", None)
+        if url:
+            console.print(f"dashboard: {url}")
         with Client(state_dir) as client:
-            summary = _train(client, spec, steps, seed, console, flops_per_token, peak)
-            job = client.get(summary["job_id"])
-            summary["state"] = state_name(job.state)
-            summary["islands"] = list(job.islands)
-            if summary["state"] != "succeeded":
-                console.print(f"[red]job {summary['state']}[/]: {job.message}")
+            summary = _train(client, specs, steps, seed, console)
+            summary["timeline"] = _timeline(client, summary["jobs"])
+            for name, info in summary["jobs"].items():
+                job = client.get(info["job_id"])
+                info["state"] = state_name(job.state)
+                if info["state"] != "succeeded":
+                    console.print(f"[red]job {name} {info['state']}[/]: {job.message}")
     except ClientError as e:
         console.print(f"[red]demo failed[/]: {e}")
         return 1
@@ -98,82 +112,146 @@ def run(steps: int = 300, json_output: bool = False, seed: int = 0) -> int:
             cluster.down()
             shutil.rmtree(state_dir, ignore_errors=True)
     summary["wall_s"] = time.perf_counter() - started
+    ok = all(info.get("state") == "succeeded" for info in summary["jobs"].values())
     if json_output:
         print(json.dumps(summary, indent=2))
-    else:
-        losses = summary["losses"]
-        console.print(
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps on "
-            f"{DEMO_ISLANDS} islands; {summary['tokens_per_s']:,.0f} tokens/s, MFU "
-            f"{summary['mfu']:.1%} (total {summary['wall_s']:.0f} s with start-up and shutdown)"
+        return 0 if ok else 1
+    _report(console, summary)
+    return 0 if ok else 1
+
+
+def _train(client, specs, steps, seed, console) -> dict[str, Any]:
+    """Submit both jobs, follow them, sample each shortly before its end; the summary."""
+    jobs = {name: client.submit(spec) for name, spec in specs.items()}
+    console.print(
+        "submitted "
+        + ", ".join(
+            f"{name} ({job.id}, weight {specs[name].weight:g})" for name, job in jobs.items()
         )
-        console.rule(f"sample after {summary.get('sample_steps', '?')} steps")
-        console.print(summary.get("sample") or "(no sample)", markup=False, highlight=False)
-        console.rule()
-    return 0 if summary.get("state") == "succeeded" else 1
-
-
-def _train(client, spec, steps, seed, console, flops_per_token, peak) -> dict[str, Any]:
-    """Submit, follow the progress, sample shortly before the end; the run's summary."""
-    from pathways_lite.model import estimates
-
-    job = client.submit(spec)
-    console.print(f"job {job.id} submitted; compiling on both islands")
-    losses: list[float] = []
-    sample: dict[str, Any] = {}
-
-    def take_sample() -> None:
-        try:
-            reply = client.sample(
-                job.id, DEMO_PROMPT, max_new_tokens=96, temperature=0.8, top_k=40, seed=seed
-            )
-            sample["text"] = reply.prompt + reply.text
-            sample["steps"] = reply.steps_applied
-        except Exception as e:  # the demo still reports the training run
-            sample["error"] = str(e)
-
-    sampler = threading.Thread(target=take_sample, name="demo-sample", daemon=True)
+        + "; compiling on both islands"
+    )
+    info: dict[str, dict[str, Any]] = {
+        name: {"job_id": job.id, "weight": specs[name].weight, "losses": [], "sample": {}}
+        for name, job in jobs.items()
+    }
     columns = (
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("[progress.description]{task.description:<6}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
-        TextColumn("MFU {task.fields[mfu]:.1%}"),
         TimeRemainingColumn(),
     )
-    tokens, seconds = 0, 0.0
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("training", total=steps, loss=float("nan"), tps=0.0, mfu=0.0)
-        for update in client.watch(job.id):
+
+    def take_sample(name: str) -> None:
+        try:
+            reply = client.sample(
+                info[name]["job_id"],
+                DEMO_PROMPT,
+                max_new_tokens=96,
+                temperature=0.8,
+                top_k=40,
+                seed=seed,
+            )
+            info[name]["sample"] = {"text": reply.prompt + reply.text, "steps": reply.steps_applied}
+        except Exception as e:  # the demo still reports the training run
+            info[name]["sample"] = {"error": str(e)}
+
+    def follow(name: str, progress: Progress, task: Any) -> None:
+        tokens, seconds = 0, 0.0
+        sampler: threading.Thread | None = None
+        for update in client.watch(info[name]["job_id"]):
             if not update.HasField("metrics"):
                 continue
             m = update.metrics
-            losses.append(m.loss)
+            info[name]["losses"].append(m.loss)
             if m.step > 0:  # step 0 includes compilation
                 tokens += DEMO_BATCH * DEMO_SEQ_LEN
                 seconds += m.step_time_s
-            tps = tokens / seconds if seconds else 0.0
-            progress.update(
-                task,
-                completed=m.step + 1,
-                loss=m.loss,
-                tps=tps,
-                mfu=estimates.mfu(tps, flops_per_token, peak),
+            info[name]["tokens_per_s"] = tokens / seconds if seconds else 0.0
+            progress.update(task, completed=m.step + 1, loss=m.loss, tps=info[name]["tokens_per_s"])
+            if m.step + 1 >= steps - SAMPLE_LEAD_STEPS and sampler is None:
+                sampler = threading.Thread(target=take_sample, args=(name,), daemon=True)
+                sampler.start()
+        if sampler is not None:
+            sampler.join(timeout=300)
+
+    with Progress(*columns, console=console) as progress:
+        threads = []
+        for name in jobs:
+            task = progress.add_task(name, total=steps, loss=float("nan"), tps=0.0)
+            t = threading.Thread(target=follow, args=(name, progress, task), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+    return {"steps": steps, "jobs": info}
+
+
+def _timeline(client, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per island: the two jobs' steps in the order its host ran them, and device time each,
+    from the island hosts' own execution logs (ExecutionLog rpc)."""
+    import grpc
+
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+    letter = {info["job_id"]: name[0].upper() for name, info in jobs.items()}
+    names = {info["job_id"]: name for name, info in jobs.items()}
+    out: dict[str, Any] = {}
+    for island in client.islands():
+        host = island.hosts[0]
+        with grpc.insecure_channel(host.address or f"{host.node}:{host.port}") as channel:
+            reply = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
+                worker_pb2.ExecutionLogRequest(), timeout=60
             )
-            if m.step + 1 >= steps - SAMPLE_LEAD_STEPS and not sampler.is_alive() and not sample:
-                if not sampler.ident:
-                    sampler.start()
-    sampler.join(timeout=300) if sampler.ident else take_sample()
-    tps = tokens / seconds if seconds else 0.0
-    return {
-        "job_id": job.id,
-        "steps": steps,
-        "losses": losses,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "tokens_per_s": tps,
-        "mfu": estimates.mfu(tps, flops_per_token, peak),
-        "sample": sample.get("text") or sample.get("error", ""),
-        "sample_steps": sample.get("steps"),
-    }
+        entries = sorted(
+            (e for e in reply.entries if e.job_id in letter), key=lambda e: e.island_seq
+        )
+        if not entries:
+            continue
+        # While both ran: from the later first step to the earlier last one.
+        lo = max(min(e.start_unix_ns for e in entries if e.job_id == j) for j in letter)
+        hi = min(max(e.end_unix_ns for e in entries if e.job_id == j) for j in letter)
+        both = [e for e in entries if e.start_unix_ns >= lo and e.end_unix_ns <= hi]
+        busy = {name: 0.0 for name in jobs}
+        for e in both:
+            busy[names[e.job_id]] += (e.end_unix_ns - e.start_unix_ns) / 1e9
+        total = sum(busy.values()) or 1.0
+        out[island.id] = {
+            "order": "".join(letter[e.job_id] for e in entries),
+            "steps_while_both": {n: sum(names[e.job_id] == n for e in both) for n in jobs},
+            "device_time_share_while_both": {n: busy[n] / total for n in jobs},
+        }
+    return out
+
+
+def _report(console: Console, summary: dict[str, Any]) -> None:
+    jobs = summary["jobs"]
+    for name, info in jobs.items():
+        losses = info["losses"]
+        if losses:
+            console.print(
+                f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps, "
+                f"{info.get('tokens_per_s', 0.0):,.0f} tokens/s while sharing the islands"
+            )
+    weights = {name: info["weight"] for name, info in jobs.items()}
+    targets = {n: w / sum(weights.values()) for n, w in weights.items()}
+    console.rule("per-island timeline (island hosts' execution logs; one letter per step)")
+    for island, t in summary["timeline"].items():
+        order = t["order"]
+        shown = order[:TIMELINE_CHARS] + ("..." if len(order) > TIMELINE_CHARS else "")
+        console.print(f"{island}: {shown}", markup=False, highlight=False)
+        shares = ", ".join(
+            f"{n} {t['steps_while_both'][n]} steps / {t['device_time_share_while_both'][n]:.0%} "
+            f"of device time (weight share {targets[n]:.0%})"
+            for n in jobs
+        )
+        console.print(f"  while both ran: {shares}")
+    for name, info in jobs.items():
+        sample = info["sample"]
+        console.rule(f"{name}: sample after {sample.get('steps', '?')} steps")
+        console.print(
+            sample.get("text") or sample.get("error", "(no sample)"), markup=False, highlight=False
+        )
+    console.rule()
+    console.print(f"total {summary['wall_s']:.0f} s with start-up and shutdown")
