@@ -12,7 +12,12 @@ Step slots. Jobs resident on shared islands take turns through `acquire`: every 
 `slots` steps in flight at most (over all its jobs), and a free slot goes to the waiting job
 with the smallest stride-scheduling pass; a job's pass advances by (its measured step
 seconds) / weight per granted step, so device time follows the weights (`share_by="time"`),
-or by 1 / weight so step counts do (`share_by="steps"`). A waiting job reserves the islands
+or by 1 / weight so step counts do (`share_by="steps"`). Time is the default: the step is
+charged at grant time by the job's smoothed step seconds and corrected by what the hosts
+measured when it ends. A job first in pass order that is not asking for a moment (its
+controller loop is reading a reply) keeps its turn for up to HOLD_S while its islands are
+still busy with a step in flight, so shares follow the weights rather than whoever happens to
+be asking, without idling the devices. A waiting job reserves the islands
 it could not get, so jobs behind it in pass order cannot starve a multi-island gang, while
 jobs on disjoint islands proceed at once. The controller sends a granted step to all of the
 job's islands in one synchronous call, so every island sees the jobs' steps in the one
@@ -33,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 # Weight of a new step-time measurement in a job's moving average of step seconds.
 STEP_TIME_EMA = 0.3
+# How long a free slot is held for a job that is first in pass order but not asking at the
+# moment (its controller loop is reading a reply): only while the island still has a step in
+# flight, so a hold never idles the devices; after it, the slot goes to the next waiter.
+HOLD_S = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +74,8 @@ class _Slots:
     step_s: float | None = None
     waiter: asyncio.Future | None = None
     inflight: int = 0
+    # Until when (event-loop time) a free slot is held for it while it is not asking.
+    hold_until: float = 0.0
     # Costs charged at grant time for steps not finished yet (corrected by `done`).
     charged: collections.deque = dataclasses.field(default_factory=collections.deque)
 
@@ -246,9 +257,12 @@ class Scheduler:
     def interrupt(self, job_id: str) -> None:
         """Make a pending `acquire` of `job_id` return False (cancel or suspend)."""
         slots = self._jobs.get(job_id)
+        if slots is not None:
+            slots.hold_until = 0.0
         if slots is not None and slots.waiter is not None and not slots.waiter.done():
             slots.waiter.set_result(False)
             slots.waiter = None
+        self._grant()
 
     async def acquire(self, job_id: str) -> bool:
         """Wait for a step slot on every island of `job_id`; False when interrupted."""
@@ -267,6 +281,8 @@ class Scheduler:
         slots = self._jobs.get(job_id)
         if slots is not None:
             slots.inflight = max(0, slots.inflight - 1)
+            if slots.hold_until:  # it asks again once its controller loop has the reply
+                slots.hold_until = self._now() + HOLD_S
             charged = slots.charged.popleft() if slots.charged else None
             if self.share_by == "time" and charged is not None and step_s is not None:
                 # Charge what the step really took instead of the estimate granted on.
@@ -288,16 +304,39 @@ class Scheduler:
         known = [s.step_s for s in self._jobs.values() if s.step_s is not None]
         return sum(known) / len(known) if known else 0.0
 
+    @staticmethod
+    def _now() -> float:
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            return 0.0
+
+    def _holding(self, slots: _Slots, now: float) -> bool:
+        """Whether a job that is not asking keeps its turn: recently active, room for another
+        step of its own, and every island of it still busy with a step in flight."""
+        return (
+            now < slots.hold_until
+            and slots.inflight < self.slots
+            and all(self._inflight[i] >= 1 for i in slots.islands)
+        )
+
     def _grant(self) -> None:
-        waiting = sorted(
+        now = self._now()
+        turns = sorted(
             (s.pass_, s.order, job_id)
             for job_id, s in self._jobs.items()
-            if s.waiter is not None and not s.waiter.done()
+            if (s.waiter is not None and not s.waiter.done()) or self._holding(s, now)
         )
         reserved: set[str] = set()
-        for _, _, job_id in waiting:
+        held = False
+        for _, _, job_id in turns:
             slots = self._jobs[job_id]
             islands = set(slots.islands)
+            if slots.waiter is None or slots.waiter.done():
+                # First in pass order but not asking right now: keep its slot a moment.
+                reserved |= islands
+                held = True
+                continue
             if islands & reserved or any(self._inflight[i] >= self.slots for i in islands):
                 reserved |= islands
                 continue
@@ -307,9 +346,15 @@ class Scheduler:
             cost = self._cost(slots)
             slots.charged.append(cost)
             slots.pass_ += cost / slots.weight
+            slots.hold_until = now + HOLD_S
             assert slots.waiter is not None
             slots.waiter.set_result(True)
             slots.waiter = None
+        if held:
+            try:
+                asyncio.get_running_loop().call_later(HOLD_S, self._grant)
+            except RuntimeError:
+                pass
 
     def passes(self) -> dict[str, float]:
         """Each stride-scheduled job's pass (for diagnostics)."""

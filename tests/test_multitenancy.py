@@ -198,6 +198,42 @@ def test_preempted_job_resumes_bitwise_and_memory_is_accounted(client, hosts) ->
         assert not reply.jobs and reply.live_bytes_total == 0, reply
 
 
+def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
+    """A job that cannot fit waits with its position, the jobs ahead and what it lacks;
+    `pathways-lite why` prints them; UpdateJob moves a queued job ahead of another."""
+    import json
+
+    from pathways_lite import cli
+
+    big = client.submit(spec("big", steps=40, d_model=160, seed=5))
+    while state_name(client.get(big.id).state) != "running":
+        time.sleep(0.05)
+    second = client.submit(spec("second", steps=2, d_model=160, seed=6))
+    third = client.submit(spec("third", steps=2, seed=7))
+    time.sleep(0.5)  # a scheduling pass
+    queued_second, queued_third = client.get(second.id), client.get(third.id)
+    assert state_name(queued_second.state) == "queued", queued_second
+    assert queued_second.queue_position == 1 and not queued_second.jobs_ahead
+    assert "bytes per device" in queued_second.pending_reason, queued_second.pending_reason
+    assert big.id in queued_second.pending_reason
+    assert state_name(queued_third.state) == "queued", queued_third
+    assert list(queued_third.jobs_ahead) == [second.id]
+    assert second.id in queued_third.pending_reason
+    assert cli.main(["why", third.id, "--json", "--state-dir", str(cluster.state_dir)]) == 0
+    why = json.loads(capsys.readouterr().out)
+    assert why["queue_position"] == 2 and why["jobs_ahead"] == [second.id], why
+    # Equal priority to `big` (no preemption) but above `second`: it moves to the front.
+    client.update(second.id, priority=-1)
+    moved = client.get(third.id)
+    if state_name(moved.state) == "queued":
+        assert moved.queue_position == 1 and not moved.jobs_ahead, moved
+    assert list(client.get(second.id).jobs_ahead) in ([third.id], [])
+    ends = wait_all(client, [big.id, second.id, third.id])
+    assert [state_name(j.state) for j in ends] == ["succeeded"] * 3, ends
+    # `third` (priority 0 now ahead) started before `second` (lowered to -1).
+    assert ends[2].started_at.ToNanoseconds() < ends[1].started_at.ToNanoseconds()
+
+
 @settings(
     max_examples=6,
     deadline=None,
