@@ -6,8 +6,9 @@ every start bumps the epoch stored in the database; the epoch is carried in ever
 so hosts can reject steps still in flight from a previous controller.
 
 The database (`<state_dir>/controller.db`, WAL mode) also holds the checkpoint registry
-(only committed checkpoints are registered) and per-job retry counts of failure classes. It is versioned:
-`schema_version` holds the version, and `MIGRATIONS[i]` takes a database from version i to i + 1, each in one transaction.
+(only committed checkpoints are registered) and per-job retry counts of failure classes. It is
+versioned: `schema_version` holds the version, and `MIGRATIONS[i]` takes a database from
+version i to i + 1, each in one transaction.
 Job states follow `TRANSITIONS`; any other transition raises `IllegalTransitionError`. Times
 are integer microseconds since the epoch (UTC); job creation times are strictly increasing, so
 (created, id) orders jobs by submission and is the key of ListJobs' keyset pagination.
