@@ -223,7 +223,10 @@ def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
     why = json.loads(capsys.readouterr().out)
     assert why["queue_position"] == 2 and why["jobs_ahead"] == [second.id], why
     # Equal priority to `big` (no preemption) but above `second`: it moves to the front.
-    client.update(second.id, priority=-1)
+    state_dir = str(cluster.state_dir)
+    assert cli.main(["priority", second.id, "-1", "--state-dir", state_dir]) == 0
+    assert f"{second.id} has priority -1" in capsys.readouterr().out
+    assert client.get(second.id).spec.priority == -1
     moved = client.get(third.id)
     if state_name(moved.state) == "queued":
         assert moved.queue_position == 1 and not moved.jobs_ahead, moved
