@@ -9,10 +9,11 @@ scheduler hands out step slots by stride scheduling so that device time follows 
 and every island runs the two jobs' steps in the one order the controller assigned.
 
 Shown while they run: one progress bar per job (the controller's WatchJob streams) and the
-dashboard's URL when the local cluster serves one. After they end: the interleaved per-island
-timeline and device-time shares, read from the island hosts' own execution logs, and a sample
-from each model. The controller unloads a job when it ends, so each sample is taken a few steps
-before the job's end (the demo prints after how many steps). Then the cluster shuts down.
+dashboard's URL (with the cluster's access token) when the controller serves one. After they
+end: the interleaved per-island timeline and device-time shares, read from the island hosts'
+own execution logs, and a sample from each model. The controller unloads a job when it
+ends, so each sample is taken a few steps before the job's end (the demo prints after how
+many steps). Then the cluster shuts down.
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ def run(steps: int = 120, json_output: bool = False, seed: int = 0) -> int:
         with console.status(f"starting Ray, the controller and {DEMO_ISLANDS} island hosts"):
             cluster.start()
         console.print(f"cluster up in {time.perf_counter() - started:.1f} s ({state_dir})")
-        url = getattr(cluster, "dashboard_url", None)
-        if url:
-            console.print(f"dashboard: {url}")
         with Client(state_dir) as client:
+            try:  # the controller's web dashboard, while the jobs run
+                console.print(f"dashboard: {client.dashboard_url(with_token=True)}")
+            except ClientError:
+                pass
             summary = _train(client, specs, steps, seed, console)
             summary["timeline"] = _timeline(client, summary["jobs"])
             for name, info in summary["jobs"].items():
