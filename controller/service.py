@@ -64,6 +64,10 @@ ALL_JOBS = "*"
 TIMELINE_STEPS = 600
 
 
+class NoRoomError(RuntimeError):
+    """What a request needs does not fit on any island now (RESOURCE_EXHAUSTED)."""
+
+
 def _now() -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.GetCurrentTime()
@@ -206,6 +210,8 @@ class Controller:
         )
         # Bytes per device each job asks of every island (estimate, then the compiled step's).
         self._demand_bytes: dict[str, int] = {}
+        # Checkpoint loads made to sample ended jobs (each gets a load key of its own).
+        self._sample_loads = 0
         self.events = _Followers()
         self.logs = LogBuffer()
         self._prepare = prepare or palm_program
@@ -816,23 +822,6 @@ class Controller:
             raise ValueError(f"temperature={request.temperature} must be in [0, 10].")
         if request.top_k < 0:
             raise ValueError(f"top_k={request.top_k} must be >= 0.")
-        running = self._running.get(record.id)
-        if running is None or not running.loaded or record.state.terminal:
-            if record.state.terminal:
-                why = (
-                    f"job {record.id!r} has ended ({record.state.value}) and its parameters "
-                    "were unloaded from its islands; sampling from a finished job needs its "
-                    "checkpoint, which this controller does not write yet."
-                )
-            elif record.state == JobState.RUNNING:
-                why = f"job {record.id!r} is still loading onto its islands; try again shortly."
-            else:
-                why = (
-                    f"job {record.id!r} is {record.state.value}: it holds no parameters until "
-                    "it runs."
-                )
-            raise IllegalTransitionError(why)
-        island = self.islands[running.islands[0]]
         wire = worker_pb2.SampleRequest(
             job_id=record.id,
             prompt=request.prompt,
@@ -841,6 +830,33 @@ class Controller:
             top_k=request.top_k,
             seed=max(0, request.seed),
         )
+        if record.state.terminal:
+            return await self._sample_checkpoint(record, request, wire)
+        running = self._running.get(record.id)
+        if running is None or not running.loaded:
+            if record.state == JobState.RUNNING:
+                why = f"job {record.id!r} is still loading onto its islands; try again shortly."
+            else:
+                why = (
+                    f"job {record.id!r} is {record.state.value}: it holds no parameters until "
+                    "it runs."
+                )
+            raise IllegalTransitionError(why)
+        island = self.islands[running.islands[0]]
+        reply = await self._sample_on(island, record.id, wire)
+        return controller_pb2.SampleJobReply(
+            job_id=record.id,
+            prompt=request.prompt,
+            text=reply.text,
+            steps_applied=reply.steps_applied,
+            island=island.id,
+            seconds=reply.seconds,
+        )
+
+    async def _sample_on(
+        self, island: Island, job_id: str, wire: worker_pb2.SampleRequest
+    ) -> worker_pb2.SampleReply:
+        """The Sample rpc on every host of `island` (host 0's reply), errors mapped for users."""
         try:
             replies = await asyncio.gather(
                 *(host.stub.Sample(wire, timeout=300) for host in island.hosts)
@@ -850,10 +866,77 @@ class Controller:
                 raise ValueError(e.details()) from None
             if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise IllegalTransitionError(
-                    f"job {record.id!r} cannot be sampled now: {e.details()}"
+                    f"job {job_id!r} cannot be sampled now: {e.details()}"
                 ) from None
             raise
-        reply = replies[0]
+        return replies[0]
+
+    async def _sample_checkpoint(
+        self,
+        record: JobRecord,
+        request: controller_pb2.SampleJobRequest,
+        wire: worker_pb2.SampleRequest,
+    ) -> controller_pb2.SampleJobReply:
+        """Sample an ended job from its newest committed checkpoint: load it on one island
+        with room (under a load key of its own, so it never meets a run of the job), run
+        Sample, and unload it again whatever happens.
+
+        Raises:
+            IllegalTransitionError: the job ended without a committed checkpoint, or the
+                checkpoint cannot be loaded.
+            NoRoomError: no island has room for it now.
+        """
+        checkpoint = self.store.latest_checkpoint(record.id)
+        if checkpoint is None:
+            raise IllegalTransitionError(
+                f"job {record.id!r} has ended ({record.state.value}) without a committed "
+                "checkpoint, so no parameters of it remain to sample from."
+            )
+        self._sample_loads += 1
+        key = f"{record.id[:100]}.sample-{self._sample_loads}"
+        devices = record.spec.mesh.data * record.spec.mesh.model
+        demand = Demand(key, 1, self.estimate_bytes(record.spec), record.priority)
+        room = [i for i in self.scheduler.candidates(demand) if self.islands[i].devices == devices]
+        if not room or self.scheduler.place(demand, room[:1]) is None:
+            raise NoRoomError(
+                f"job {record.id!r} has ended ({record.state.value}); sampling its checkpoint "
+                f"at step {checkpoint.step} needs {demand.bytes_per_device} bytes per device on "
+                f"an island of {devices} devices, and none has room now; try again later."
+            )
+        island = self.islands[room[0]]
+        try:
+            program = await asyncio.to_thread(self._prepare, record)
+            inner = program.load
+
+            def load(index: int, count: int) -> worker_pb2.LoadJobRequest:
+                load_request = inner(index, count)
+                load_request.job_id = key
+                load_request.checkpoint_dir = ""  # reads the checkpoint, writes none
+                load_request.restore_from = checkpoint.path
+                return load_request
+
+            logger.info(
+                "loading job %s's checkpoint at step %d on %s to sample it",
+                record.id,
+                checkpoint.step,
+                island.id,
+                extra={"job_id": record.id},
+            )
+            try:
+                await self.dispatcher.load(
+                    dataclasses.replace(program, job_id=key, load=load), [island]
+                )
+            except DispatchError as e:
+                raise IllegalTransitionError(
+                    f"job {record.id!r}'s checkpoint at step {checkpoint.step} "
+                    f"({checkpoint.path}) could not be loaded for sampling: {e.message}"
+                ) from None
+            wire.job_id = key
+            reply = await self._sample_on(island, record.id, wire)
+        finally:
+            await self.dispatcher.unload(key, [island])
+            self.scheduler.release(key)
+            self.wake()
         return controller_pb2.SampleJobReply(
             job_id=record.id,
             prompt=request.prompt,
@@ -861,6 +944,7 @@ class Controller:
             steps_applied=reply.steps_applied,
             island=island.id,
             seconds=reply.seconds,
+            checkpoint=checkpoint.path,
         )
 
     def islands_proto(self) -> list[controller_pb2.Island]:
@@ -910,6 +994,8 @@ def _rpc(method):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except IllegalTransitionError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except NoRoomError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except StoreError as e:

@@ -351,13 +351,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 "steps_applied": reply.steps_applied,
                 "island": reply.island,
                 "seconds": reply.seconds,
+                "checkpoint": reply.checkpoint,
             }
         )
         return 0
     print(reply.prompt + reply.text)
+    source = f", from checkpoint {reply.checkpoint}" if reply.checkpoint else ""
     print(
         f"-- {reply.job_id} after {reply.steps_applied} steps, on {reply.island} "
-        f"({reply.seconds:.2f} s)",
+        f"({reply.seconds:.2f} s{source})",
         file=sys.stderr,
     )
     return 0
@@ -531,7 +533,11 @@ def _add_cluster_commands(sub) -> None:
     logs.add_argument("--tail", type=int, default=0, help="only the newest N records (0 = all)")
     why = add("why", "why a job is pending (queue position, jobs ahead, what it lacks)", _cmd_why)
     why.add_argument("job", help="the job id")
-    sample = add("sample", "generate text from a running job's current parameters", _cmd_sample)
+    sample = add(
+        "sample",
+        "generate text from a job's current parameters (an ended job: its last checkpoint)",
+        _cmd_sample,
+    )
     sample.add_argument("job", help="the job id")
     sample.add_argument("--prompt", required=True, help="the text to continue")
     sample.add_argument("--max-new-tokens", type=int, default=64, help="tokens (default 64)")

@@ -296,7 +296,8 @@ class Client:
         top_k: int = 0,
         seed: int = 0,
     ) -> controller_pb2.SampleJobReply:
-        """Text generated from the running job's current parameters on its first island."""
+        """Text generated from the running job's current parameters on its first island, or
+        from an ended job's last checkpoint loaded on an island for the call."""
         request = controller_pb2.SampleJobRequest(
             job_id=job_id,
             prompt=prompt,

@@ -105,11 +105,13 @@ class Job:
         top_k: int = 0,
         seed: int = 0,
     ) -> str:
-        """Continue `prompt` with the running job's current parameters; returns the new text.
+        """Continue `prompt` with the running job's current parameters (an ended job: its
+        last checkpoint's); returns the new text.
 
         Raises:
             ClientError: FAILED_PRECONDITION when the job holds no parameters (queued, or
-                ended and unloaded), INVALID_ARGUMENT for a bad prompt or setting.
+                ended without a checkpoint), RESOURCE_EXHAUSTED when an ended job's checkpoint
+                fits on no island now, INVALID_ARGUMENT for a bad prompt or setting.
         """
         reply = self.client.raw.sample(
             self.id,

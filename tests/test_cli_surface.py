@@ -127,9 +127,10 @@ def test_json_outputs_parse_and_sample_why_logs_work_on_a_running_job(
     finally:
         code, out, _ = main(capsys, "cancel", long_id, "--json", "--state-dir", state)
     assert code == 0 and json.loads(out)["state"] == "cancelled"
-    # Once the job has ended and is unloaded, sample says so in one line.
+    # Cancelled before any checkpoint: nothing remains to sample, and sample says so in one line.
     code, _, err = main(capsys, "sample", long_id, "--prompt", "def ", "--state-dir", state)
     assert code != 0 and err.count("\n") == 1 and "ended (cancelled)" in err
+    assert "without a committed checkpoint" in err
 
 
 def test_submit_follow_ends_with_the_final_state(local_cluster, tmp_path) -> None:
