@@ -167,6 +167,10 @@ def test_controller_command_parses_and_agrees_with_the_ports() -> None:
         args = controller_main.build_parser().parse_args(argv[3:])
         assert args.host == "0.0.0.0", "the controller listens on every interface of its container"
         assert args.port == controller_main.CONTROLLER_PORT
+        # The published dashboard port is one the dashboard really listens on, on every
+        # interface of the container (its default port 0 would pick a random one).
+        assert args.dashboard_port == controller_main.DASHBOARD_PORT
+        assert args.dashboard_host in (None, "0.0.0.0")
         assert args.ray_address == f"ray-head:{controller_main.RAY_PORT}"
         assert args.discover and args.join_ray_node
         assert args.node_ip == controller_main.AUTO_NODE_IP
