@@ -1094,6 +1094,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         tokens_per_s=m.tokens_per_s,
                         step_time_s=m.step_time_s,
                         time=ts,
+                        mfu=self.c.mfu(record, m.tokens_per_s),
                     ),
                 )
                 last_step = m.step

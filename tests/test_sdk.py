@@ -52,6 +52,8 @@ def test_submit_wait_metrics_and_islands(local_cluster, tmp_path) -> None:
         assert table.column("step").to_pylist() == [0, 1, 2, 3]
         assert table.column("loss").to_pylist() == final.losses
         assert table.schema.field("time").type == pa.timestamp("us", tz="UTC")
+        # Recorded metrics carry MFU too (tokens/s x FLOPs per token over the measured peak).
+        assert all(0 < mfu < 1 for mfu in table.column("mfu").to_pylist()), table.column("mfu")
         # Ended: sampling loads its final checkpoint for the call (greedy: the same text twice).
         text = job.sample("def ", max_new_tokens=8)
         assert text and job.sample("def ", max_new_tokens=8) == text
