@@ -20,7 +20,13 @@ from typing import Any
 import ray
 
 from .ray_cluster import NAMESPACE, island_resource
-from .service import BackgroundServer, DeviceRecord, HostMetadata, WorkerServicer
+from .service import (
+    BackgroundServer,
+    DeviceRecord,
+    HostMetadata,
+    WorkerServicer,
+    default_memory_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +87,6 @@ class IslandSpec:
         return {"JAX_PLATFORMS": ""}  # let JAX pick the accelerator Ray assigned
 
 
-def _default_budget(devices: list[Any]) -> int:
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // (2 * len(devices))
-
-
 class IslandHost:
     """The body of the island host actor (wrapped by `ray.remote` in `IslandHostGroup`).
 
@@ -142,7 +140,7 @@ class IslandHost:
                 f"island {self.island.name!r} host {self.host_index} sees {len(local)} devices, "
                 f"not devices_per_host={self.island.devices_per_host}."
             )
-        budget = self.island.memory_budget_bytes_per_device or _default_budget(local)
+        budget = self.island.memory_budget_bytes_per_device or default_memory_budget(local)
         metadata = HostMetadata(
             island=self.island.name,
             host_index=self.host_index,

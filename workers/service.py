@@ -13,6 +13,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -98,6 +99,16 @@ class HostMetadata:
     @property
     def address(self) -> str:
         return f"{self.node_ip}:{self.port}"
+
+
+def default_memory_budget(devices: Sequence[Any]) -> int:
+    """Bytes per device a host may fill: the accelerator's own limit (`memory_stats()`'s
+    `bytes_limit` on GPUs), else half the machine's RAM shared by its (simulated) devices."""
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // (2 * len(devices))
 
 
 class RpcRejection(Exception):
