@@ -58,7 +58,7 @@ def host():
         server.stop()
 
 
-def probe_program(job_id: str, steps: int = STEPS, d: int = 256, batch: int = 128) -> StepProgram:
+def probe_program(job_id: str, steps: int = STEPS, d: int = 1024, batch: int = 128) -> StepProgram:
     """A probe job heavy enough (tens of ms a step) for the network to be faster than a step."""
 
     def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
