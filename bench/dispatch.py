@@ -138,7 +138,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
     parser.add_argument("--window", type=int, default=2, help="controller steps in flight")
     parser.add_argument(
-        "--widths", default="8,64,128,256,512,1024", help="probe widths of the compute sweep"
+        "--widths",
+        default="8,64,128,256,512,1024,1536,2048",
+        help="probe widths of the compute sweep",
     )
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
     args = parser.parse_args()
