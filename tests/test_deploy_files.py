@@ -3,15 +3,21 @@
 The files parse, every build context and COPY source exists (and is not dropped by
 .dockerignore), every service's command and health check parses with the argument parser of
 the program it runs (Ray's `ray start`, the controller's, the `pathways-lite` CLI's), the
-islands the nodes advertise are what discovery makes of them, and ports, paths and
-environment variables agree with the constants in the code.
+islands the nodes advertise are what discovery makes of them, ports, paths and
+environment variables agree with the constants in the code, and every Ray process shares one
+Ray auth token that a one-shot service creates once. One real check: the compose health
+checks (grpc.health.v1 on the GCS and the raylets) answer under Ray token auth.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shlex
+import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -23,11 +29,15 @@ from pathways_lite.controller import __main__ as controller_main
 from pathways_lite.local import STATE_ENV
 from pathways_lite.model.tokenizer import default_cache_dir
 from pathways_lite.workers.discovery import islands_from_nodes
+from pathways_lite.workers.ray_cluster import auth_env
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "docker-compose.yml"
 GPU = REPO / "docker-compose.gpu.yml"
 ISLAND_NODES = ("island-a", "island-b")
+TOKEN_SERVICE = "ray-token"
+# Every service that runs a Ray process (the controller: its driver and --join-ray-node node).
+RAY_SERVICES = ("ray-head", *ISLAND_NODES, "controller")
 VOLUMES = {"state": "/state", "datasets": "/datasets", "checkpoints": "/checkpoints"}
 
 
@@ -87,7 +97,7 @@ def _health_port(service: dict) -> int:
 def test_compose_files_parse_and_name_the_services() -> None:
     for name, compose in _compose_variants().items():
         services = compose["services"]
-        assert set(services) == {"ray-head", *ISLAND_NODES, "controller"}, name
+        assert set(services) == {TOKEN_SERVICE, *RAY_SERVICES}, name
         assert set(compose["volumes"]) == set(VOLUMES)
 
 
@@ -207,6 +217,114 @@ def test_volumes_and_environment_agree_with_the_code(monkeypatch) -> None:
                 "PATHWAYS_LITE_CACHE",
             }
             assert not unknown, f"{service_name}: environment variables no code reads: {unknown}"
+
+
+def _token_path(compose: dict) -> str:
+    return compose["services"][TOKEN_SERVICE]["environment"]["RAY_AUTH_TOKEN_PATH"]
+
+
+def test_every_ray_service_uses_the_same_ray_token() -> None:
+    for name, compose in _compose_variants().items():
+        services = compose["services"]
+        path = _token_path(compose)
+        for service_name in RAY_SERVICES:
+            env = services[service_name]["environment"]
+            # The same variables, with the same values, as LocalRayCluster's nodes get.
+            assert {k: env.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")} == auth_env(
+                path
+            ), (name, service_name)
+        controller = controller_main.build_parser().parse_args(
+            services["controller"]["command"][3:]
+        )
+        assert controller.ray_token_file == path, "the controller's driver and node use it too"
+        # The token lives on a named volume that the token service and every Ray service mount.
+        (volume,) = [v for v, target in VOLUMES.items() if path.startswith(target + "/")]
+        assert volume in compose["volumes"]
+        for service_name in (TOKEN_SERVICE, *RAY_SERVICES):
+            mounts = dict(v.split(":", 1) for v in services[service_name]["volumes"])
+            assert mounts.get(volume) == VOLUMES[volume], (name, service_name)
+
+
+def test_the_token_service_runs_once_before_every_ray_service() -> None:
+    for name, compose in _compose_variants().items():
+        services = compose["services"]
+        token = services[TOKEN_SERVICE]
+        # A one-shot: with the nodes' `unless-stopped` it would be restarted after it exits.
+        assert token["restart"] == "no", name
+        assert "depends_on" not in token and "healthcheck" not in token
+        for service_name in RAY_SERVICES:
+            depends = services[service_name]["depends_on"]
+            assert depends[TOKEN_SERVICE] == {"condition": "service_completed_successfully"}, (
+                name,
+                service_name,
+            )
+
+
+def test_the_token_service_creates_the_token_if_missing_and_keeps_it(tmp_path) -> None:
+    argv = _load(BASE)["services"][TOKEN_SERVICE]["command"]
+    assert argv[:2] == ["python", "-c"], argv
+    # Compose would interpolate `$...` in the script.
+    assert not any("$" in arg for arg in argv)
+    path = tmp_path / "state" / "ray_auth_token"
+    env = {**os.environ, "RAY_AUTH_TOKEN_PATH": str(path)}
+
+    def run() -> None:
+        subprocess.run([sys.executable, *argv[1:]], env=env, check=True, timeout=60)
+
+    run()
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    run()
+    assert path.read_text() == token, "an existing token is never overwritten"
+    path.write_text("kept-as-is")
+    run()
+    assert path.read_text() == "kept-as-is"
+    assert os.listdir(path.parent) == [path.name], "no temporary file is left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_health_checks_answer_under_ray_token_auth(ray_cluster) -> None:
+    """The compose health checks, for real, against a token-auth GCS and its raylets.
+
+    Ray (2.60) refuses its own RPCs without the token but serves grpc.health.v1 to anyone, so
+    `pathways-lite health` needs no token, with or without RAY_AUTH_* in its environment.
+    """
+    import grpc
+    import ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(ray_cluster.address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10
+            )
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, "token auth is on"
+    raylets = [
+        f"{n['NodeManagerAddress']}:{n['NodeManagerPort']}" for n in ray.nodes() if n["Alive"]
+    ]
+    assert len(raylets) == 3
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    with_token = {**bare, **auth_env(ray_cluster.token_path)}
+    for env in (bare, with_token):
+        for address in (ray_cluster.address, *raylets):
+            result = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from pathways_lite.cli import main; sys.exit(main())",
+                    "health",
+                    "--address",
+                    address,
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert result.stdout.strip() == f"{address} (server): SERVING"
 
 
 def test_gpu_variant_builds_jax_for_cuda() -> None:
