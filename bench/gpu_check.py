@@ -70,7 +70,19 @@ def main() -> int:
         "--no-island", action="store_true", help="skip the run through the worker service"
     )
     parser.add_argument("--max-bytes", type=int, default=2_000_000, help="corpus cap (island)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=INT",
+        help="PalmConfig field of the preset to change (e.g. n_layers=8); repeatable",
+    )
     args = parser.parse_args()
+    try:
+        overrides = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
+    except ValueError:
+        print(f"gpu_check: --override wants FIELD=INT, got {args.override!r}.", file=sys.stderr)
+        return 2
 
     gpus = _gpus()
     if not gpus:
@@ -99,7 +111,7 @@ def main() -> int:
         print(f"gpu_check: --batch={args.batch} is not divisible by data={data}.", file=sys.stderr)
         return 2
     # The GPU defaults of an island: bfloat16 compute, float32 parameters and optimizer state.
-    cfg = PalmConfig.from_preset(args.preset, dtype="bfloat16", param_dtype="float32")
+    cfg = PalmConfig.from_preset(args.preset, dtype="bfloat16", param_dtype="float32", **overrides)
     assert PalmConfig.from_preset(args.preset).compute_dtype == cfg.compute_dtype, "auto != bf16"
     mesh = make_mesh(data, args.model, devices=gpus)
     fns = StepFunctions(cfg, OptimConfig(), mesh)
@@ -137,8 +149,10 @@ def main() -> int:
         "mfu_vs_palm_540b": mfu / PALM_540B_MFU,
         "final_loss": loss,
     }
+    if overrides:
+        result["overrides"] = overrides
     if not args.no_island:
-        island = through_island_service(args, cfg, gpus, data)
+        island = through_island_service(args, cfg, gpus, data, overrides)
         island["mfu"] = estimates.mfu(island["tokens_per_s"], fpt, peak * len(gpus))
         island["tokens_per_s_vs_in_process"] = island["tokens_per_s"] / tokens_per_s
         result["island_service"] = island
@@ -148,7 +162,7 @@ def main() -> int:
     print(
         f"{args.preset}: {result['params']:,} params on {len(gpus)} x {gpus[0].device_kind}, "
         f"mesh data={data} x model={args.model}, batch {args.batch} x {args.seq_len}, "
-        f"{cfg.dtype} compute"
+        f"{cfg.dtype} compute" + (f", overrides {overrides}" if overrides else "")
     )
     print(f"step {result['step_ms']:.1f} ms, {tokens_per_s:,.0f} tokens/s, loss {loss:.4f}")
     print(f"baseline: bf16 matmul peak {peak / 1e12:.1f} TFLOP/s per GPU (measured in this run)")
@@ -167,7 +181,7 @@ def main() -> int:
     return 0
 
 
-def through_island_service(args, cfg, gpus, data: int) -> dict:
+def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     """Train the preset through an island host's worker gRPC service on these GPUs."""
     import dataclasses
     import os
@@ -214,7 +228,7 @@ def through_island_service(args, cfg, gpus, data: int) -> dict:
             # What the controller sends: the resolved configs, field by field (dtype "auto").
             model=common_pb2.ModelConfig(
                 preset=args.preset,
-                config=config_struct(PalmConfig.from_preset(args.preset).to_dict()),
+                config=config_struct(PalmConfig.from_preset(args.preset, **overrides).to_dict()),
             ),
             optimizer=common_pb2.OptimizerConfig(
                 config=config_struct(dataclasses.asdict(OptimConfig()))
