@@ -9,7 +9,10 @@ reset it); a user error is never retried: the job fails at once with the reason.
 An infrastructure failure rolls the job back: the job's exchanges are aborted on every island
 (`Dispatcher.abort`), the islands whose hosts do not answer (or whose peer host is gone: a
 multi-host island restarts as a unit) are restarted through Ray (`IslandSupervisor`), and the
-job is loaded again under a new generation from its last committed checkpoint. A checkpoint
+job is loaded again under a new generation from its last committed checkpoint. An island that
+cannot be restarted (its node is gone) is reported lost (`on_island_lost`: the controller
+places nothing there until it is back) and the job is queued again, so it takes free islands
+with room instead. A checkpoint
 that does not read back is marked corrupt, with a warning event, and the previous committed
 one is used. Metrics from the restored step on are truncated, so the metrics have neither
 duplicated nor missing steps.
@@ -27,7 +30,7 @@ import enum
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +148,26 @@ class IslandSupervisor:
 def restart_group(group: Any, *, attempts: int = 50) -> Any:
     """Kill every host of an island group and start them again, in place (blocking: Ray
     calls); returns the group. A killed detached actor's name is freed shortly after; starting
-    waits for it."""
+    waits for it.
+
+    Raises:
+        IslandPlacementError: no live node advertises the island's resource any more (its
+            node is gone: this fails at once rather than after the placement timeout), or
+            the hosts could not be placed in time.
+    """
+    import ray
+
+    from pathways_lite.workers.island_host import IslandPlacementError
+
     group.shutdown(patience_s=1.0)
+    island = group.island
+    total = ray.cluster_resources().get(island.resource, 0)
+    if total < island.num_hosts:
+        raise IslandPlacementError(
+            f"island {island.name!r} cannot be restarted: no live Ray node advertises enough "
+            f"of the resource {island.resource!r} (needs {island.num_hosts}, the cluster has "
+            f"{total:g}); its node is gone."
+        )
     last: BaseException | None = None
     for _ in range(attempts):
         try:
@@ -206,6 +227,8 @@ class Recovery:
         supervisor: restarts islands through Ray; None retries on the same islands.
         keep: committed checkpoints kept per job (retention).
         budgets: retries per failure class.
+        on_island_lost: called with (island, reason) when a dead island cannot be restarted;
+            the controller stops placing jobs there and keeps trying to bring it back.
     """
 
     def __init__(
@@ -217,7 +240,9 @@ class Recovery:
         supervisor: IslandSupervisor | None = None,
         keep: int = DEFAULT_KEEP,
         budgets: dict[FailureClass, int] | None = None,
+        on_island_lost: Callable[[Island, str], None] | None = None,
     ) -> None:
+        self.on_island_lost = on_island_lost
         self.store = store
         self.dispatcher = dispatcher
         self.root = Path(state_dir) / CHECKPOINT_DIR if state_dir else None
@@ -372,7 +397,19 @@ class Recovery:
             if self.supervisor is None or island.id not in self.supervisor.groups:
                 logger.warning("island %s is lost and no supervisor can restart it", island.id)
                 continue
-            await self.supervisor.restart(island)
+            try:
+                await self.supervisor.restart(island)
+            except Exception as e:  # its node is gone, or Ray cannot place it in time
+                logger.warning("island %s is lost: %s", island.id, e)
+                self.store.add_event(
+                    job_id,
+                    "island",
+                    f"Island {island.id} is lost and could not be restarted ({e}); the job "
+                    "runs again on islands with room.",
+                )
+                if self.on_island_lost is not None:
+                    self.on_island_lost(island, str(e))
+                continue
             self.store.add_event(job_id, "island", f"Island {island.id} restarted.")
         generation = self.store.bump_generation(job_id)
         logger.warning(

@@ -114,6 +114,9 @@ class Scheduler:
         self._jobs: dict[str, _Slots] = {}
         self._inflight: dict[str, int] = {i: 0 for i in self.island_ids}
         self._order = 0
+        # Islands that are lost (their hosts could not be restarted), with the reason: no job
+        # is placed on them until they are back (`mark_up`).
+        self.down: dict[str, str] = {}
 
     # ---- memory and placement --------------------------------------------------------------
 
@@ -131,8 +134,15 @@ class Scheduler:
         return float("inf") if budget == 0 else budget - self.used(island)
 
     def free(self) -> list[str]:
-        """Islands no job holds memory on, in island order."""
-        return [i for i in self.island_ids if not self.jobs_on(i)]
+        """Islands that are up and that no job holds memory on, in island order."""
+        return [i for i in self.island_ids if not self.jobs_on(i) and i not in self.down]
+
+    def mark_down(self, island: str, reason: str) -> None:
+        """Place nothing on `island` until `mark_up` (its hosts are lost)."""
+        self.down[island] = reason
+
+    def mark_up(self, island: str) -> None:
+        self.down.pop(island, None)
 
     def never_fits(self, islands: int, bytes_per_device: int) -> str | None:
         """Why a job of `islands` islands x `bytes_per_device` can never run, or None."""
@@ -163,6 +173,7 @@ class Scheduler:
             for i in self.island_ids
             if self.free_bytes(i) + reclaim.get(i, 0) >= demand.bytes_per_device
             and demand.job_id not in self.jobs_on(i)
+            and i not in self.down
         ]
         return sorted(room, key=lambda i: (len(self.jobs_on(i)), self.island_ids.index(i)))
 
@@ -174,7 +185,7 @@ class Scheduler:
                 return None
             chosen = sorted(room[: demand.islands], key=self.island_ids.index)
         else:
-            if any(self.free_bytes(i) < demand.bytes_per_device for i in islands):
+            if any(self.free_bytes(i) < demand.bytes_per_device or i in self.down for i in islands):
                 return None
             chosen = list(islands)
         self._held[demand.job_id] = (tuple(chosen), demand.bytes_per_device)
@@ -215,6 +226,9 @@ class Scheduler:
         room = self.candidates(demand)
         parts = []
         for i in self.island_ids:
+            if i in self.down:
+                parts.append(f"{i}: down ({self.down[i]})")
+                continue
             holders = self.jobs_on(i)
             budget = self.budgets[i]
             parts.append(

@@ -62,6 +62,8 @@ FOLLOWER_QUEUE = 10000
 ALL_JOBS = "*"
 # Steps remembered per island for the dashboard's timeline of who ran when.
 TIMELINE_STEPS = 600
+# How often the controller tries to restart an island it lost (its node may come back).
+REVIVE_EVERY_S = 15.0
 
 
 class NoRoomError(RuntimeError):
@@ -216,7 +218,15 @@ class Controller:
         self.logs = LogBuffer()
         self._prepare = prepare or palm_program
         # Failure classes, retries, checkpoints (`<state_dir>/checkpoints`), island restarts.
-        self.recovery = Recovery(store, self.dispatcher, state_dir=state_dir, supervisor=supervisor)
+        self.recovery = Recovery(
+            store,
+            self.dispatcher,
+            state_dir=state_dir,
+            supervisor=supervisor,
+            on_island_lost=self._island_lost,
+        )
+        # Lost islands being brought back (controller/recovery.py), by island id.
+        self._revivers: dict[str, asyncio.Task] = {}
         self._running: dict[str, _RunningJob] = {}
         # For people (why, the dashboard, /metrics): why each queued job waits, the recent
         # steps of every island, bytes per device each resident job holds, counters.
@@ -266,6 +276,9 @@ class Controller:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in self._revivers.values():
+            task.cancel()
+        await asyncio.gather(*self._revivers.values(), return_exceptions=True)
         for running in list(self._running.values()):
             running.task.cancel()
         await asyncio.gather(*(r.task for r in self._running.values()), return_exceptions=True)
@@ -276,6 +289,33 @@ class Controller:
     def wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _island_lost(self, island: Island, reason: str) -> None:
+        """An island's hosts could not be restarted: place nothing there (jobs go to free
+        islands) and try to bring it back every REVIVE_EVERY_S (its node may return)."""
+        if island.id in self.scheduler.down:
+            return
+        self.scheduler.mark_down(island.id, reason)
+        logger.warning("island %s is down: %s", island.id, reason)
+        self._revivers[island.id] = asyncio.create_task(
+            self._revive(island), name=f"revive-{island.id}"
+        )
+
+    async def _revive(self, island: Island) -> None:
+        supervisor = self.recovery.supervisor
+        assert supervisor is not None
+        while True:
+            await asyncio.sleep(REVIVE_EVERY_S)
+            try:
+                await supervisor.restart(island)
+            except Exception as e:
+                logger.info("island %s is still down: %s", island.id, e)
+                continue
+            self.scheduler.mark_up(island.id)
+            self._revivers.pop(island.id, None)
+            logger.warning("island %s is back", island.id)
+            self.wake()
+            return
 
     # -- jobs ----------------------------------------------------------------------------
 
@@ -963,7 +1003,7 @@ class Controller:
                         device_kind=info.devices[0].platform if info.devices else "",
                         memory_bytes=info.memory_budget_bytes_per_device * len(info.devices),
                         wire_version=info.wire_version,
-                        state="ready",
+                        state="dead" if island.id in self.scheduler.down else "ready",
                     )
                 )
             out.append(
@@ -972,6 +1012,7 @@ class Controller:
                     hosts=hosts,
                     devices=island.devices,
                     job_ids=self.scheduler.jobs_on(island.id),
+                    down=self.scheduler.down.get(island.id, ""),
                 )
             )
         return out

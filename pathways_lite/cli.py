@@ -436,12 +436,18 @@ def _cmd_islands(args: argparse.Namespace) -> int:
             h["pid"],
             h["port"],
             h["devices"],
+            h.get("state", "ready"),
             ",".join(i["job_ids"]) or "-",
         )
         for i in islands
         for h in i["hosts"]
     ]
-    print_table(rows, header=("island", "node", "address", "pid", "port", "devices", "job"))
+    print_table(
+        rows, header=("island", "node", "address", "pid", "port", "devices", "state", "job")
+    )
+    for i in islands:
+        if i["down"]:
+            print(f"island {i['id']} is down: {i['down']}")
     return 0
 
 

@@ -102,6 +102,7 @@ def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
         "id": island.id,
         "devices": island.devices,
         "job_ids": list(island.job_ids),
+        "down": island.down,
         "hosts": [
             json_format.MessageToDict(h, preserving_proto_field_name=True)
             | {"devices": h.devices, "port": h.port, "pid": h.pid}
