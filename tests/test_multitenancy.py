@@ -350,3 +350,21 @@ def test_stride_scheduler_shares_follow_weights(share_by) -> None:
         assert abs(busy["heavy"] / sum(busy.values()) - 2 / 3) <= 0.02, (busy, count)
     else:
         assert abs(count["heavy"] / sum(count.values()) - 2 / 3) <= 0.02, (busy, count)
+
+
+def test_down_islands_take_no_jobs_until_they_are_back() -> None:
+    """The scheduler alone: an island marked down (its hosts lost) is never chosen, an
+    explicit placement on it is refused, `why` names it, and it takes jobs again once up."""
+    from pathways_lite.controller.scheduler import Demand, Scheduler
+
+    sched = Scheduler(["island-0", "island-1"], {"island-0": 100, "island-1": 100})
+    sched.mark_down("island-0", "its node is gone")
+    assert sched.place(Demand("a", 1, 10)) == ["island-1"]
+    assert sched.free() == []
+    assert sched.place(Demand("b", 1, 10), ["island-0"]) is None
+    assert sched.place(Demand("b", 1, 10)) == ["island-1"]  # co-resident: room on island-1
+    lacking = sched.lacking(Demand("c", 2, 10))
+    assert "island-0: down (its node is gone)" in lacking and "1 island(s) have room" in lacking
+    assert sched.place(Demand("c", 2, 10)) is None
+    sched.mark_up("island-0")
+    assert sched.place(Demand("c", 2, 10)) == ["island-0", "island-1"]
