@@ -10,6 +10,7 @@ as a prepared dataset folder with its hash.
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -237,6 +238,49 @@ def test_bad_input_gets_its_status_naming_the_value_and_the_host_keeps_serving(
         assert np.isfinite(reply.loss) and len(reply.example_ids) == BATCH
     finally:
         unload(solo, job_id)
+
+
+def test_a_job_compiling_does_not_stop_a_resident_job_stepping(solo: Island, dataset) -> None:
+    """LoadJob compiles off the island's runtime thread: a resident job's steps go on while a
+    newcomer compiles (a model shape of its own, so no compilation cache can answer it)."""
+    stub = solo.stubs[0]
+    stub.LoadJob(load_request(dataset, "resident", (1, 4)), timeout=240)
+    fresh = {"max_seq_len": 64 + random.SystemRandom().randrange(1, 1 << 20)}
+    step = 0
+    try:
+        solo.run_steps("resident", 2)  # compiled and warm
+        step = 2
+        loading = stub.LoadJob.future(
+            load_request(dataset, "newcomer", (2, 2), overrides=fresh), timeout=240
+        )
+        during = 0
+        while not loading.done():
+            stub.RunStep(
+                worker_pb2.RunStepRequest(
+                    job_id="resident", step=step, island_seq=solo.seq, epoch=EPOCH
+                ),
+                timeout=240,
+            )
+            solo.seq += 1
+            step += 1
+            during += not loading.done()
+        reply = loading.result()
+        assert reply.loaded and reply.compile_s > 0
+        # Steps ran to completion while the newcomer compiled (the compile takes seconds;
+        # a palm-tiny step on 4 CPU devices tens of milliseconds).
+        assert during >= 3, (during, reply.compile_s)
+        first = stub.RunStep(
+            worker_pb2.RunStepRequest(job_id="newcomer", step=0, island_seq=solo.seq, epoch=EPOCH),
+            timeout=240,
+        )
+        solo.seq += 1
+        assert np.isfinite(first.loss)
+    finally:
+        unload(solo, "resident")
+        try:
+            unload(solo, "newcomer")
+        except (AssertionError, grpc.RpcError):
+            pass
 
 
 def test_dry_run_reports_compiled_memory_and_keeps_nothing(solo: Island, dataset) -> None:

@@ -204,6 +204,8 @@ class PalmRuntime(JobRuntime):
         self.dataset: Any = None
         self.fns: Any = None
         self._resident: _Resident | None = None
+        # (step functions, grad and apply executables, memory report) once compiled.
+        self._compiled: tuple[Any, Any, Any, MemoryReport] | None = None
         # While suspended: (treedef, [(host value, sharding)]) of the train state.
         self._suspended_state: Any = None
 
@@ -253,15 +255,17 @@ class PalmRuntime(JobRuntime):
 
     # ---- load, step, digest --------------------------------------------------------------
 
-    def load(self, *, dry_run: bool) -> MemoryReport:
-
+    def compile(self) -> MemoryReport:
+        """Compile both halves of the step from abstract shapes: nothing is allocated on the
+        devices, so this runs beside the island's other jobs' steps."""
         from pathways_lite.model.train import StepFunctions, make_mesh
 
+        if self._compiled is not None:
+            return self._compiled[3]
         self._open_data()
         started = time.perf_counter()
         mesh = make_mesh(self.spec.mesh.data, self.spec.mesh.model, devices=self.devices)
         fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
-        # StepFunctions' own programs, compiled from abstract shapes: nothing is allocated.
         compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
         grad_mem, apply_mem = _memory_report(grad_exec), _memory_report(apply_exec)
@@ -275,8 +279,14 @@ class PalmRuntime(JobRuntime):
             grad_mem.total_bytes,
             apply_mem.total_bytes,
         )
+        self._compiled = (fns, grad_exec, apply_exec, report)
+        return report
+
+    def load(self, *, dry_run: bool) -> MemoryReport:
+        report = self.compile()
         if dry_run:
             return report
+        fns, grad_exec, apply_exec, _ = self._compiled
         self.fns = fns
         self._resident = _Resident(fns.init(self.spec.seed), grad_exec, apply_exec)
         return report
@@ -540,3 +550,4 @@ class PalmRuntime(JobRuntime):
                     leaf.delete()
         self._resident = None
         self.fns = None
+        self._compiled = None

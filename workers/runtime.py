@@ -173,9 +173,16 @@ class JobRuntime(abc.ABC):
     def data_hash(self) -> str:
         """Content hash of the data this job reads; LoadJob's data_hash must equal it."""
 
+    def compile(self) -> MemoryReport | None:
+        """Compile the step without touching device state, ahead of `load`; the host runs it
+        off its runtime thread, so the island's other jobs keep stepping meanwhile. Returns
+        the compiled step's memory analysis, or None for a runtime that compiles in `load`."""
+        return None
+
     @abc.abstractmethod
     def load(self, *, dry_run: bool) -> MemoryReport:
-        """Build and compile the step; unless `dry_run`, initialise the state on the mesh."""
+        """Build and compile the step (unless `compile` did); unless `dry_run`, initialise
+        the state on the mesh."""
 
     @abc.abstractmethod
     def run_step(self, step: int) -> StepResult:

@@ -197,9 +197,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._newest_epoch = 0
         self._next_seq = 0
         self._running_job = ""
-        # One thread runs every JAX call, so compiles and steps never overlap on the devices.
+        # One thread runs every JAX call that touches the devices (steps, state in and out),
+        # so they never overlap; loading a job's data and compiling its step touch no device
+        # state and run on a thread of their own, so the island's other jobs keep stepping.
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="island-runtime"
+        )
+        self._compile_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="island-compile"
         )
         self._device_lock: asyncio.Lock | None = None
         # Set (and replaced) whenever _next_seq or the epoch changes; RunSteps ahead wait on it.
@@ -227,6 +232,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             except Exception:
                 logger.exception("unloading job %s failed", job.spec.job_id)
         self._jobs.clear()
+        self._compile_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def job_runtime(self, job_id: str) -> JobRuntime:
@@ -271,6 +277,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _on_runtime_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kw))
+
+    async def _on_compile_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._compile_executor, lambda: fn(*args, **kw))
 
     def _check_epoch(self, epoch: int) -> None:
         """Reject a stale epoch; a newer one is adopted and starts a fresh island sequence."""
@@ -421,12 +431,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         def prepare() -> tuple[JobRuntime, str, int]:
             # Opening (or preparing) the dataset and estimating memory can take seconds:
-            # they run on the runtime thread so Info and health keep answering.
+            # off the event loop (Info and health keep answering) and off the runtime thread
+            # (the island's other jobs keep stepping).
             runtime = self._runtime_factory(spec, self._devices)
             return runtime, runtime.data_hash(), int(runtime.estimate_bytes_per_device())
 
         try:
-            runtime, expected_hash, estimate = await self._on_runtime_thread(prepare)
+            runtime, expected_hash, estimate = await self._on_compile_thread(prepare)
             self._make_exchange(runtime, spec)
         except JobSpecError as e:
             raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
@@ -450,23 +461,31 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.mailbox.abort(
                 spec.job_id, existing.spec.generation, f"generation {spec.generation} loads"
             )
-        async with self._lock:
-            if existing is not None and not request.dry_run:
-                if existing.writer is not None:
-                    await self._on_runtime_thread(existing.writer.close)
-                await self._on_runtime_thread(existing.runtime.unload)
-                self._jobs.pop(spec.job_id, None)
-            started = time.perf_counter()
-            try:
-                report = await self._on_runtime_thread(runtime.load, dry_run=request.dry_run)
-            except JobSpecError as e:
-                raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-            finally:
-                if request.dry_run:
-                    await self._on_runtime_thread(runtime.unload)
+        started = time.perf_counter()
+        try:
+            # The compile touches no device state: the island's other jobs keep stepping.
+            report = await self._on_compile_thread(runtime.compile)
+        except JobSpecError as e:
+            raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+        if report is None or not request.dry_run:
+            async with self._lock:
+                if existing is not None and not request.dry_run:
+                    if existing.writer is not None:
+                        await self._on_runtime_thread(existing.writer.close)
+                    await self._on_runtime_thread(existing.runtime.unload)
+                    self._jobs.pop(spec.job_id, None)
+                try:
+                    report = await self._on_runtime_thread(runtime.load, dry_run=request.dry_run)
+                except JobSpecError as e:
+                    raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+                finally:
+                    if request.dry_run:
+                        await self._on_runtime_thread(runtime.unload)
+                compile_s = time.perf_counter() - started
+                if request.restore_from and not request.dry_run:
+                    await self._restore(runtime, request.restore_from)
+        else:
             compile_s = time.perf_counter() - started
-            if request.restore_from and not request.dry_run:
-                await self._restore(runtime, request.restore_from)
         reply = worker_pb2.LoadJobReply(
             job_id=spec.job_id,
             loaded=not request.dry_run,
