@@ -145,8 +145,10 @@ def test_weights_one_to_two_give_step_slots_one_to_two(client, hosts) -> None:
 
 
 def test_disjoint_islands_run_at_the_same_time(client, hosts) -> None:
-    a = client.submit(spec("solo-a", islands=1, steps=60, seed=1))
-    b = client.submit(spec("solo-b", islands=1, steps=60, seed=2))
+    # Long enough (a few seconds of steps) that one job cannot finish while the other is
+    # still compiling on its own island when the machine is loaded.
+    a = client.submit(spec("solo-a", islands=1, steps=300, seed=1))
+    b = client.submit(spec("solo-b", islands=1, steps=300, seed=2))
     jobs = wait_all(client, [a.id, b.id])
     assert [state_name(j.state) for j in jobs] == ["succeeded", "succeeded"]
     spans = {}
