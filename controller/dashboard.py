@@ -257,6 +257,7 @@ class Dashboard:
                 {
                     "id": island.id,
                     "devices": island.devices,
+                    "down": island.down,
                     "device_kind": island.hosts[0].device_kind if island.hosts else "",
                     "hosts": [
                         {

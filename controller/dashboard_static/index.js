@@ -41,6 +41,7 @@
         el("div", { class: "devices" }, Array.from({ length: island.devices }, (_, i) =>
           el("div", { class: `device ${island.jobs.length ? "busy" : ""}`, title: `device ${i}`,
             style: island.jobs.length ? `background:${colorOf(island.jobs[0])}` : "" }))),
+        island.down ? el("div", { class: "kv down" }, el("span", { text: "Down" }), el("span", { text: island.down })) : null,
         el("div", { class: "kv" }, el("span", { text: "Resident jobs" }), el("div", { class: "chips" }, jobs)),
         el("div", { class: "kv" }, el("span", { text: "Memory" }),
           el("span", { class: "mono", text: `${fmt.bytes(used)} / ${fmt.bytes(budget)}` })),
