@@ -51,23 +51,12 @@ def serve_host(port_file: str, island: str) -> None:
 
     from pathways_lite.workers.service import (
         BackgroundServer,
-        DeviceRecord,
         HostMetadata,
         WorkerServicer,
     )
 
     devices = jax.devices()
-    meta = HostMetadata(
-        island=island,
-        host_index=0,
-        num_hosts=1,
-        node_ip="127.0.0.1",
-        node_id="bench",
-        pid=os.getpid(),
-        devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
-        island_device_count=len(devices),
-        memory_budget_bytes_per_device=8 << 30,
-    )
+    meta = HostMetadata.in_process(island, devices, 8 << 30)
     server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
     port = server.start()
     Path(port_file).write_text(str(port))

@@ -192,7 +192,6 @@ def main() -> int:
 def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     """Train the preset through an island host's worker gRPC service on these GPUs."""
     import dataclasses
-    import os
 
     import grpc
 
@@ -203,7 +202,6 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
     from pathways_lite.workers.service import (
         BackgroundServer,
-        DeviceRecord,
         HostMetadata,
         WorkerServicer,
         default_memory_budget,
@@ -214,17 +212,7 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
         seq_len=args.seq_len,
     )
     budget = default_memory_budget(gpus)
-    meta = HostMetadata(
-        island="gpu-check",
-        host_index=0,
-        num_hosts=1,
-        node_ip="127.0.0.1",
-        node_id="local",
-        pid=os.getpid(),
-        devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in gpus),
-        island_device_count=len(gpus),
-        memory_budget_bytes_per_device=budget,
-    )
+    meta = HostMetadata.in_process("gpu-check", gpus, budget)
     server = BackgroundServer(WorkerServicer(meta, gpus), "127.0.0.1", 0)
     port = server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -7,7 +7,6 @@ CPU devices); the dispatcher drives it over gRPC exactly as the controller does.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import grpc
 import jax
@@ -25,7 +24,6 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 from pathways_lite.workers.runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import (
     BackgroundServer,
-    DeviceRecord,
     HostMetadata,
     WorkerServicer,
 )
@@ -39,17 +37,7 @@ STEPS = 12
 @pytest.fixture
 def host():
     devices = jax.devices()[:DEVICES]
-    meta = HostMetadata(
-        island="probe",
-        host_index=0,
-        num_hosts=1,
-        node_ip="127.0.0.1",
-        node_id="local",
-        pid=os.getpid(),
-        devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
-        island_device_count=DEVICES,
-        memory_budget_bytes_per_device=256 * 1024 * 1024,
-    )
+    meta = HostMetadata.in_process("probe", devices, 256 * 1024 * 1024)
     server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
     port = server.start()
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
@@ -41,7 +40,6 @@ from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2, worker_pb2_
 from pathways_lite.workers.exchange import expected_payload_bytes, part_bounds
 from pathways_lite.workers.service import (
     BackgroundServer,
-    DeviceRecord,
     HostMetadata,
     WorkerServicer,
 )
@@ -97,17 +95,7 @@ def serve_hosts(device_groups: list[list[int]]) -> list[LocalHost]:
     hosts = []
     for index, ids in enumerate(device_groups):
         devices = [jax.devices()[i] for i in ids]
-        meta = HostMetadata(
-            island=f"local-{index}",
-            host_index=0,
-            num_hosts=1,
-            node_ip="127.0.0.1",
-            node_id="local",
-            pid=os.getpid(),
-            devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
-            island_device_count=len(devices),
-            memory_budget_bytes_per_device=BUDGET,
-        )
+        meta = HostMetadata.in_process(f"local-{index}", devices, BUDGET)
         server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
         port = server.start()
         address = f"127.0.0.1:{port}"

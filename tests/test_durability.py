@@ -281,7 +281,6 @@ def serve_hosts(device_groups: list[list[int]]) -> list:
 
     from pathways_lite.workers.service import (
         BackgroundServer,
-        DeviceRecord,
         HostMetadata,
         WorkerServicer,
     )
@@ -289,17 +288,7 @@ def serve_hosts(device_groups: list[list[int]]) -> list:
     servers = []
     for index, ids in enumerate(device_groups):
         devices = [jax.devices()[i] for i in ids]
-        meta = HostMetadata(
-            island=f"local-{index}",
-            host_index=0,
-            num_hosts=1,
-            node_ip="127.0.0.1",
-            node_id="local",
-            pid=os.getpid(),
-            devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
-            island_device_count=len(devices),
-            memory_budget_bytes_per_device=256 * 1024 * 1024,
-        )
+        meta = HostMetadata.in_process(f"local-{index}", devices, 256 * 1024 * 1024)
         server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
         server.address = f"127.0.0.1:{server.start()}"
         servers.append(server)

@@ -197,13 +197,11 @@ def test_one_island_jobs_train_on_each_island(client) -> None:
     assert list(done[0].losses) == list(done[1].losses)
 
 
-def _dashboard_job(client: Client, job_id: str) -> dict:
-    """The dashboard's record of a job (its events included), fetched with the token."""
+def _dashboard(client: Client, path: str) -> dict:
+    """A dashboard API reply (`api/jobs/<id>`, `api/overview`), fetched with the token."""
     url = client.dashboard_url(with_token=True)
     base, token = url.split("?token=")
-    request = urllib.request.Request(
-        f"{base}api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}
-    )
+    request = urllib.request.Request(f"{base}{path}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())
 
@@ -237,8 +235,10 @@ def test_losing_a_node_moves_its_job_to_a_free_island_and_the_controller_serves_
     assert island in islands[island].down and "resource" in islands[island].down
     assert {h.state for h in islands[island].hosts} == {"dead"}
     assert not islands[other].down
-    events = [e["message"] for e in _dashboard_job(client, job.id)["events"]]
+    events = [e["message"] for e in _dashboard(client, f"api/jobs/{job.id}")["events"]]
     assert any(f"Island {island} is lost" in e for e in events), events
+    shown = {i["id"]: i for i in _dashboard(client, "api/overview")["islands"]}
+    assert shown[island]["down"] == islands[island].down and not shown[other]["down"]
     # The controller keeps serving: health, listing, cancel.
     health = _cli("health", f"--state-dir={state_dir}", timeout=60)
     assert health.returncode == 0, health.stderr

@@ -26,7 +26,6 @@ from pathways_lite.workers.service import (
     SERVICE_NAME,
     WORKER_WIRE_VERSION,
     BackgroundServer,
-    DeviceRecord,
     HostMetadata,
     WorkerServicer,
 )
@@ -41,17 +40,7 @@ class Host:
 
     def __init__(self) -> None:
         devices = jax.devices()
-        meta = HostMetadata(
-            island="test",
-            host_index=0,
-            num_hosts=1,
-            node_ip="127.0.0.1",
-            node_id="local",
-            pid=os.getpid(),
-            devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
-            island_device_count=len(devices),
-            memory_budget_bytes_per_device=BUDGET,
-        )
+        meta = HostMetadata.in_process("test", devices, BUDGET)
         self.server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
         self.port = self.server.start()
         self.address = f"127.0.0.1:{self.port}"

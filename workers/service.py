@@ -100,6 +100,24 @@ class HostMetadata:
     def address(self) -> str:
         return f"{self.node_ip}:{self.port}"
 
+    @classmethod
+    def in_process(
+        cls, island: str, devices: Sequence[Any], budget_bytes_per_device: int
+    ) -> HostMetadata:
+        """A one-host island served by this process on loopback (tests, benchmarks, a GPU
+        check without Ray): every device of `devices`, this process's pid."""
+        return cls(
+            island=island,
+            host_index=0,
+            num_hosts=1,
+            node_ip="127.0.0.1",
+            node_id="local",
+            pid=os.getpid(),
+            devices=tuple(DeviceRecord(d.id, d.platform, d.device_kind, 0) for d in devices),
+            island_device_count=len(devices),
+            memory_budget_bytes_per_device=budget_bytes_per_device,
+        )
+
 
 def default_memory_budget(devices: Sequence[Any]) -> int:
     """Bytes per device a host may fill: the accelerator's own limit (`memory_stats()`'s
