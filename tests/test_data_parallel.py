@@ -374,7 +374,9 @@ def test_the_dispatcher_fails_a_corrupted_job_with_its_reason(two_hosts) -> None
         unload_all(two_hosts, "sdc2")
 
 
-# ---- end to end through the controller: 2 islands x 2 devices --------------------------------
+# ---- end to end through the controller: 2 islands x 2 devices, each island 2 hosts ---------
+# Each island is two host processes (1 device each) joined by jax.distributed; host i of one
+# island exchanges its shards with host i of the other.
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +385,7 @@ def two_island_cluster():
     from pathways_lite.workers.ray_cluster import alive
 
     state_dir = tempfile.mkdtemp(prefix="pldp-", dir="/tmp")
-    cluster = LocalCluster(islands=2, devices_per_island=2, state_dir=state_dir)
+    cluster = LocalCluster(islands=2, devices_per_island=2, hosts_per_island=2, state_dir=state_dir)
     started: list[int] = []
     try:
         cluster.start()
@@ -395,13 +397,16 @@ def two_island_cluster():
     assert not alive(started)
 
 
-def test_two_islands_of_two_devices_match_the_reference_end_to_end(two_island_cluster) -> None:
+def test_two_islands_of_two_hosts_each_match_the_reference_end_to_end(two_island_cluster) -> None:
     from pathways_lite.client import Client, state_name
 
     spec = job_spec(2, 2, (1, 2), batch=4, steps=STEPS)
     with Client(two_island_cluster.state_dir) as client:
+        islands = client.islands()
         job = client.submit(spec)
         job = client.wait(job.id, timeout_s=280)
+    assert [len(i.hosts) for i in islands] == [2, 2], islands
+    assert len({h.pid for i in islands for h in i.hosts}) == 4
     assert state_name(job.state) == "succeeded", job.message
     assert sorted(job.islands) == ["island-0", "island-1"] or len(job.islands) in (0, 2)
     reference, _ = reference_losses(spec)
