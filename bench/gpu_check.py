@@ -40,32 +40,6 @@ def _gpus():
         return None
 
 
-def measure_matmul_peak(device, n: int = PEAK_N, chain: int = 20, repeats: int = 5) -> float:
-    """FLOP/s of (n x n) @ (n x n) bfloat16 matmuls on `device`: the best of `repeats` timings
-    of one jitted call that chains `chain` of them (so dispatch and timer costs are amortised;
-    the right factor is scaled by 1/sqrt(n) so the values stay finite)."""
-    import jax
-    import jax.numpy as jnp
-
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a_nn = jax.device_put(jax.random.normal(key_a, (n, n), jnp.bfloat16), device)
-    b_nn = jax.device_put(
-        (jax.random.normal(key_b, (n, n), jnp.float32) / n**0.5).astype(jnp.bfloat16), device
-    )
-
-    @jax.jit
-    def chained(x_nn, y_nn):
-        return jax.lax.fori_loop(0, chain, lambda _, x: x @ y_nn, x_nn)  # (n, n) @ (n, n)
-
-    chained(a_nn, b_nn).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        chained(a_nn, b_nn).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 * chain / best
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="palm-small")
@@ -113,7 +87,7 @@ def main() -> int:
     from pathways_lite.model.optim import OptimConfig
     from pathways_lite.model.train import StepFunctions, make_mesh
 
-    peak = measure_matmul_peak(gpus[0])
+    peak = estimates.measure_matmul_peak_flops(gpus[0], n=PEAK_N)
     data = len(gpus) // args.model
     if args.batch % data:
         print(f"gpu_check: --batch={args.batch} is not divisible by data={data}.", file=sys.stderr)

@@ -66,6 +66,16 @@ TIMELINE_STEPS = 600
 REVIVE_EVERY_S = 15.0
 
 
+def job_peak_flops(devices: int, host_peaks: Sequence[float], cpu_peak: float | None) -> float:
+    """The peak FLOP/s a job's MFU is measured against: `devices` x the hosts' measured
+    per-device accelerator peak (the smallest, when islands differ), or, when the hosts are
+    simulated CPU devices (peak 0), the machine's `cpu_peak` they share (0 while unknown)."""
+    measured = [p for p in host_peaks if p > 0]
+    if measured and len(measured) == len(host_peaks):
+        return devices * min(measured)
+    return cpu_peak or 0.0
+
+
 class NoRoomError(RuntimeError):
     """What a request needs does not fit on any island now (RESOURCE_EXHAUSTED)."""
 
@@ -351,10 +361,16 @@ class Controller:
     def mfu(self, record: JobRecord, tokens_per_s: float) -> float:
         """Model FLOPs utilisation at `tokens_per_s`; 0 while the peak is unknown.
 
-        The peak is this machine's measured matmul FLOP/s (`measure_peak`): local islands are
-        simulated CPU devices that share it.
+        The peak is the job's devices' (`job_peak_flops`): on accelerator islands, the
+        hosts' measured per-device peak times the job's devices; on simulated CPU islands,
+        this machine's measured matmul FLOP/s (`measure_peak`), which they all share.
         """
-        if not self.peak_flops or tokens_per_s <= 0:
+        peak = job_peak_flops(
+            record.spec.islands * record.spec.devices_per_island,
+            [h.info.peak_flops_per_device for i in self.islands.values() for h in i.hosts],
+            self.peak_flops,
+        )
+        if not peak or tokens_per_s <= 0:
             return 0.0
         per_token = self._flops_per_token.get(record.id)
         if per_token is None:
@@ -366,7 +382,7 @@ class Controller:
             except (spec_lib.SpecError, ValueError):
                 per_token = 0.0
             self._flops_per_token[record.id] = per_token
-        return tokens_per_s * per_token / self.peak_flops
+        return tokens_per_s * per_token / peak
 
     def measure_peak(self) -> float:
         """Measure this machine's matmul FLOP/s once (blocking; run it off the loop)."""

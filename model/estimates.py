@@ -149,6 +149,36 @@ def measure_cpu_peak_flops(n: int = 1024, dtype: str = "float32", repeats: int =
     return peak
 
 
+def measure_matmul_peak_flops(
+    device: Any, n: int = 8192, dtype: str = "bfloat16", chain: int = 20, repeats: int = 5
+) -> float:
+    """FLOP/s of (n x n) @ (n x n) matmuls on `device` (an accelerator's peak for MFU).
+
+    The best of `repeats` timings of one jitted call that chains `chain` matmuls, so dispatch
+    and timer costs are amortised; the right factor is scaled by 1/sqrt(n) so the values stay
+    finite.
+    """
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a_nn = jax.device_put(jax.random.normal(key_a, (n, n), jnp.dtype(dtype)), device)
+    b_nn = jax.device_put(
+        (jax.random.normal(key_b, (n, n), jnp.float32) / n**0.5).astype(jnp.dtype(dtype)), device
+    )
+
+    @jax.jit
+    def chained(x_nn, y_nn):
+        return jax.lax.fori_loop(0, chain, lambda _, x: x @ y_nn, x_nn)  # (n, n) @ (n, n)
+
+    chained(a_nn, b_nn).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        chained(a_nn, b_nn).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    peak = 2.0 * n**3 * chain / best
+    logger.info("measured peak %.3g FLOP/s on %s with %dx%d %s matmuls", peak, device, n, n, dtype)
+    return peak
+
+
 def model_info(cfg: PalmConfig, seq_len: int = 2048) -> dict[str, Any]:
     """Shapes, parameter count, FLOPs per token and single-device memory of a model."""
     mem = memory_per_device(cfg, {"data": 1, "model": 1})

@@ -99,6 +99,21 @@ def test_mfu_and_measured_peak():
     assert estimates.measure_cpu_peak_flops(n=256, repeats=2) == peak  # measured once
 
 
+def test_chained_matmul_peak_and_the_peak_a_jobs_mfu_uses():
+    from pathways_lite.controller.service import job_peak_flops
+
+    peak = estimates.measure_matmul_peak_flops(
+        jax.devices()[0], n=128, dtype="float32", chain=4, repeats=2
+    )
+    assert 1e6 < peak < 1e15
+    # Accelerator hosts report their per-device peak: the job's devices times the smallest.
+    assert job_peak_flops(4, [7e14, 8e14], cpu_peak=2e11) == 4 * 7e14
+    # Simulated CPU devices (peak 0) share the machine: its peak, whatever the device count.
+    assert job_peak_flops(4, [0.0, 0.0], cpu_peak=2e11) == 2e11
+    assert job_peak_flops(4, [7e14, 0.0], cpu_peak=2e11) == 2e11
+    assert job_peak_flops(4, [0.0], cpu_peak=None) == 0.0
+
+
 def test_model_info_and_formatting():
     info = estimates.model_info(PalmConfig.palm_tiny(), seq_len=128)
     assert isinstance(info["params"], int) and info["seq_len"] == 128

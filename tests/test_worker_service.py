@@ -104,6 +104,7 @@ def test_info_reports_metadata_and_wire_version(host: Host) -> None:
     assert info.wire_version.version == WORKER_WIRE_VERSION
     assert len(info.devices) == info.island_device_count == 4
     assert info.memory_budget_bytes_per_device == BUDGET
+    assert info.peak_flops_per_device == 0  # CPU devices: the controller measures the machine
 
 
 def test_dry_run_returns_memory_analysis_and_keeps_nothing(host: Host) -> None:

@@ -141,6 +141,12 @@ class IslandHost:
                 f"not devices_per_host={self.island.devices_per_host}."
             )
         budget = self.island.memory_budget_bytes_per_device or default_memory_budget(local)
+        peak = 0.0
+        if local[0].platform != "cpu":
+            # The denominator of this island's MFU figures (the controller runs on CPU).
+            from pathways_lite.model.estimates import measure_matmul_peak_flops
+
+            peak = measure_matmul_peak_flops(local[0])
         metadata = HostMetadata(
             island=self.island.name,
             host_index=self.host_index,
@@ -153,6 +159,7 @@ class IslandHost:
             ),
             island_device_count=len(devices),
             memory_budget_bytes_per_device=int(budget),
+            peak_flops_per_device=peak,
         )
         servicer = WorkerServicer(metadata, devices)
         self._server = BackgroundServer(servicer, self.node_ip, 0)

@@ -95,6 +95,8 @@ class HostMetadata:
     memory_budget_bytes_per_device: int
     port: int = 0
     wire_version: int = WORKER_WIRE_VERSION
+    # Measured matmul FLOP/s of one accelerator (0 on CPU hosts).
+    peak_flops_per_device: float = 0.0
 
     @property
     def address(self) -> str:
@@ -965,6 +967,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             newest_epoch=self._newest_epoch,
             next_island_seq=self._next_seq,
             running_job=self._running_job,
+            peak_flops_per_device=m.peak_flops_per_device,
         )
 
 
