@@ -12,9 +12,8 @@ multi-host island restarts as a unit) are restarted through Ray (`IslandSupervis
 job is loaded again under a new generation from its last committed checkpoint. An island that
 cannot be restarted (its node is gone) is reported lost (`on_island_lost`: the controller
 places nothing there until it is back) and the job is queued again, so it takes free islands
-with room instead. A checkpoint
-that does not read back is marked corrupt, with a warning event, and the previous committed
-one is used. Metrics from the restored step on are truncated, so the metrics have neither
+with room instead. A checkpoint that does not read back is marked corrupt, with a warning
+event, and the previous committed one is used. Metrics from the restored step on are truncated, so the metrics have neither
 duplicated nor missing steps.
 
 Checkpoints: the island hosts write them (workers/checkpoint.py) into
