@@ -13,8 +13,8 @@ job is loaded again under a new generation from its last committed checkpoint. A
 cannot be restarted (its node is gone) is reported lost (`on_island_lost`: the controller
 places nothing there until it is back) and the job is queued again, so it takes free islands
 with room instead. A checkpoint that does not read back is marked corrupt, with a warning
-event, and the previous committed one is used. Metrics from the restored step on are truncated, so the metrics have neither
-duplicated nor missing steps.
+event, and the previous committed one is used. Metrics from the restored step on are
+truncated, so the metrics have neither duplicated nor missing steps.
 
 Checkpoints: the island hosts write them (workers/checkpoint.py) into
 `<state_dir>/checkpoints/<job_id>`; a checkpoint is registered in the store only once island
