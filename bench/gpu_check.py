@@ -165,11 +165,10 @@ def main() -> int:
 
 def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     """Train the preset through an island host's worker gRPC service on these GPUs."""
-    import dataclasses
 
     import grpc
 
-    from pathways_lite.controller.dispatch import config_struct
+    from pathways_lite.controller.dispatch import config_protos
     from pathways_lite.model.config import PalmConfig
     from pathways_lite.model.data import DataSpec, prepare_dataset
     from pathways_lite.model.optim import OptimConfig
@@ -192,17 +191,15 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        model, optimizer = config_protos(
+            args.preset, PalmConfig.from_preset(args.preset, **overrides), OptimConfig()
+        )
         request = worker_pb2.LoadJobRequest(
             job_id="gpu-check",
             epoch=1,
             # What the controller sends: the resolved configs, field by field (dtype "auto").
-            model=common_pb2.ModelConfig(
-                preset=args.preset,
-                config=config_struct(PalmConfig.from_preset(args.preset, **overrides).to_dict()),
-            ),
-            optimizer=common_pb2.OptimizerConfig(
-                config=config_struct(dataclasses.asdict(OptimConfig()))
-            ),
+            model=model,
+            optimizer=optimizer,
             mesh=common_pb2.MeshShape(data=data, model=args.model),
             data=common_pb2.DataSpec(source="dataset", paths=[str(dataset.path)]),
             data_hash=dataset.hash,

@@ -16,7 +16,6 @@ Usage: python bench/island_overhead.py [--devices 2] [--data 1] [--batch 4] [--s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -191,25 +190,21 @@ class ThroughIsland:
             (meta,) = self.group.start()
             self.channel = grpc.insecure_channel(meta.address)
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-            from pathways_lite.controller.dispatch import config_struct
+            from pathways_lite.controller.dispatch import config_protos
             from pathways_lite.model.config import PalmConfig
             from pathways_lite.model.optim import OptimConfig
 
+            model, optimizer = config_protos(
+                args.preset,
+                PalmConfig.from_preset(args.preset, vocab_size=dataset.tokenizer.vocab_size),
+                OptimConfig(),
+            )
             request = worker_pb2.LoadJobRequest(
                 job_id="bench",
                 epoch=1,
                 # What the controller sends: the resolved configs, field by field.
-                model=common_pb2.ModelConfig(
-                    preset=args.preset,
-                    config=config_struct(
-                        PalmConfig.from_preset(
-                            args.preset, vocab_size=dataset.tokenizer.vocab_size
-                        ).to_dict()
-                    ),
-                ),
-                optimizer=common_pb2.OptimizerConfig(
-                    config=config_struct(dataclasses.asdict(OptimConfig()))
-                ),
+                model=model,
+                optimizer=optimizer,
                 mesh=common_pb2.MeshShape(data=mesh_shape[0], model=mesh_shape[1]),
                 data=common_pb2.DataSpec(source="dataset", paths=[str(dataset.path)]),
                 data_hash=dataset.hash,

@@ -519,6 +519,17 @@ def config_struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+def config_protos(
+    preset: str, model_cfg: Any, optim_cfg: Any
+) -> tuple[common_pb2.ModelConfig, common_pb2.OptimizerConfig]:
+    """The model and optimizer as hosts load them: the preset's name and every resolved field
+    of the PalmConfig and OptimConfig (hosts never resolve a preset themselves)."""
+    return (
+        common_pb2.ModelConfig(preset=preset, config=config_struct(model_cfg.to_dict())),
+        common_pb2.OptimizerConfig(config=config_struct(dataclasses.asdict(optim_cfg))),
+    )
+
+
 def default_digest_every(model_cfg: Any) -> int:
     """Every step for small models; every DIGEST_EVERY_LARGE steps for large ones."""
     from pathways_lite.model.estimates import param_count
@@ -556,10 +567,7 @@ def palm_program(record: Any) -> StepProgram:
     digest_every = spec_lib.digest_every(spec)
     if digest_every is None:
         digest_every = default_digest_every(configs.model)
-    model = common_pb2.ModelConfig(
-        preset=spec.model.preset, config=config_struct(configs.model.to_dict())
-    )
-    optimizer = common_pb2.OptimizerConfig(config=config_struct(dataclasses.asdict(configs.optim)))
+    model, optimizer = config_protos(spec.model.preset, configs.model, configs.optim)
     data = common_pb2.DataSpec(
         source="dataset", paths=[str(dataset.path)], tokenizer_hash=dataset.tokenizer.hash
     )

@@ -132,21 +132,11 @@ def measure_cpu_peak_flops(n: int = 1024, dtype: str = "float32", repeats: int =
     result is cached, so MFU figures within one process share one denominator.
     """
     key = (n, dtype, repeats)
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, b).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    peak = 2.0 * n**3 / best
-    logger.info("measured peak %.3g FLOP/s with a %dx%d %s matmul", peak, n, n, dtype)
-    _PEAK_CACHE[key] = peak
-    return peak
+    if key not in _PEAK_CACHE:
+        _PEAK_CACHE[key] = measure_matmul_peak_flops(
+            jax.devices()[0], n=n, dtype=dtype, chain=1, repeats=repeats
+        )
+    return _PEAK_CACHE[key]
 
 
 def measure_matmul_peak_flops(
