@@ -174,6 +174,11 @@ def _rpc(method):
     return wrapper
 
 
+async def _run_on(executor: concurrent.futures.Executor, fn: Callable[..., Any], *args, **kw):
+    """Await `fn(*args, **kw)` run on `executor` (off the event loop)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kw))
+
+
 def _check_job_id(job_id: str) -> None:
     if not JOB_ID_RE.match(job_id):
         raise RpcRejection(
@@ -295,12 +300,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 return
 
     async def _on_runtime_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kw))
+        return await _run_on(self._executor, fn, *args, **kw)
 
     async def _on_compile_thread(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._compile_executor, lambda: fn(*args, **kw))
+        return await _run_on(self._compile_executor, fn, *args, **kw)
 
     def _check_epoch(self, epoch: int) -> None:
         """Reject a stale epoch; a newer one is adopted and starts a fresh island sequence."""
