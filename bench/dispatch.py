@@ -29,7 +29,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import ray  # noqa: E402
 
-from pathways_lite.controller.dispatch import Dispatcher, Island, StepProgram, connect_host  # noqa: E402
+from pathways_lite.controller.dispatch import Dispatcher  # noqa: E402
+from pathways_lite.controller.islands import Island, connect_host  # noqa: E402
+from pathways_lite.controller.program import HostLoad, StepProgram, placement_request  # noqa: E402
 from pathways_lite.v1 import common_pb2, worker_pb2  # noqa: E402
 from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec  # noqa: E402
 from pathways_lite.workers.ray_cluster import (  # noqa: E402
@@ -61,16 +63,13 @@ def probe_spec(job_id: str, width: int) -> JobSpec:
     )
 
 
-def load_request(job_id: str, width: int) -> worker_pb2.LoadJobRequest:
-    request = worker_pb2.LoadJobRequest(
-        job_id=job_id,
-        model=common_pb2.ModelConfig(preset=PROBE_PRESET),
-        mesh=common_pb2.MeshShape(data=1, model=1),
-        data_hash=PROBE_DATA_HASH,
-        global_batch=BATCH,
-        seq_len=1,
-        num_islands=1,
-    )
+def load_request(at: HostLoad, width: int) -> worker_pb2.LoadJobRequest:
+    request = placement_request(at)
+    request.model.CopyFrom(common_pb2.ModelConfig(preset=PROBE_PRESET))
+    request.mesh.CopyFrom(common_pb2.MeshShape(data=1, model=1))
+    request.data_hash = PROBE_DATA_HASH
+    request.global_batch = BATCH
+    request.seq_len = 1
     request.model.overrides.update({"d_in": width, "d_out": width, "learning_rate": 1e-6})
     return request
 
@@ -121,7 +120,7 @@ async def controller(address: str, width: int, steps: int, window: int, epoch: i
     island = Island("bench", [await connect_host(address)])
     dispatcher = Dispatcher(epoch, window=window)
     job_id = f"bench-{width}-{epoch}"
-    warm = StepProgram(job_id, 0, 5, BATCH, lambda i, n: load_request(job_id, width))
+    warm = StepProgram(job_id, 0, 5, BATCH, lambda at: load_request(at, width))
     await dispatcher.load(warm, [island])
     await dispatcher.run(warm, [island])
     timed = StepProgram(job_id, 0, 5 + steps, BATCH, warm.load, start_step=5)

@@ -122,7 +122,9 @@ class Run:
 
 
 async def run_job(addresses: list[str], steps: int, batch: int, warmup: int, tag: str) -> Run:
-    from pathways_lite.controller.dispatch import Dispatcher, Island, connect_host, palm_program
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.resolved import palm_program
     from pathways_lite.v1 import controller_pb2, worker_pb2
     from pathways_lite.workers.exchange import expected_payload_bytes
 

@@ -168,11 +168,9 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
 
     import grpc
 
-    from pathways_lite.controller.dispatch import config_protos
-    from pathways_lite.model.config import PalmConfig
-    from pathways_lite.model.data import DataSpec, prepare_dataset
-    from pathways_lite.model.optim import OptimConfig
-    from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+    from pathways_lite.controller.program import HostLoad
+    from pathways_lite.controller.resolved import ResolvedJob, load_request
+    from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
     from pathways_lite.workers.service import (
         BackgroundServer,
         HostMetadata,
@@ -180,10 +178,24 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
         default_memory_budget,
     )
 
-    dataset = prepare_dataset(
-        DataSpec(source="stdlib", vocab_size=cfg.vocab_size, max_bytes=args.max_bytes),
-        seq_len=args.seq_len,
+    # The job as the controller resolves it (dtype "auto": bfloat16 compute on GPUs), its
+    # dataset prepared, and the one LoadJobRequest builder.
+    spec = controller_pb2.JobSpec(
+        name="gpu-check",
+        islands=1,
+        devices_per_island=len(gpus),
+        mesh=controller_pb2.JobSpec.Mesh(data=data, model=args.model),
+        train=controller_pb2.JobSpec.Train(
+            steps=1_000_000, global_batch=args.batch, seq_len=args.seq_len, seed=0
+        ),
+        data=controller_pb2.JobSpec.Data(
+            source="stdlib", vocab_size=cfg.vocab_size, max_bytes=args.max_bytes
+        ),
     )
+    spec.model.preset = args.preset
+    spec.model.overrides.update(overrides)
+    spec.train.digest_every = 0
+    job = ResolvedJob.resolve(spec).with_dataset("gpu-check")
     budget = default_memory_budget(gpus)
     meta = HostMetadata.in_process("gpu-check", gpus, budget)
     server = BackgroundServer(WorkerServicer(meta, gpus), "127.0.0.1", 0)
@@ -191,24 +203,7 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        model, optimizer = config_protos(
-            args.preset, PalmConfig.from_preset(args.preset, **overrides), OptimConfig()
-        )
-        request = worker_pb2.LoadJobRequest(
-            job_id="gpu-check",
-            epoch=1,
-            # What the controller sends: the resolved configs, field by field (dtype "auto").
-            model=model,
-            optimizer=optimizer,
-            mesh=common_pb2.MeshShape(data=data, model=args.model),
-            data=common_pb2.DataSpec(source="dataset", paths=[str(dataset.path)]),
-            data_hash=dataset.hash,
-            seed=0,
-            global_batch=args.batch,
-            seq_len=args.seq_len,
-            num_islands=1,
-        )
-        loaded = stub.LoadJob(request, timeout=600)
+        loaded = stub.LoadJob(load_request(job, HostLoad("gpu-check", epoch=1)), timeout=600)
         seq = 0
 
         def run(steps: range) -> list:

@@ -163,6 +163,27 @@ class InProcess:
         return seconds, losses
 
 
+def bench_spec(args: argparse.Namespace, mesh_shape: tuple[int, int]):
+    """The benchmark's job as a JobSpec (one island, no digests: nothing to compare with)."""
+    from pathways_lite.v1 import controller_pb2
+
+    spec = controller_pb2.JobSpec(
+        name="bench",
+        islands=1,
+        devices_per_island=args.devices,
+        mesh=controller_pb2.JobSpec.Mesh(data=mesh_shape[0], model=mesh_shape[1]),
+        train=controller_pb2.JobSpec.Train(
+            steps=1_000_000, global_batch=args.batch, seq_len=args.seq_len, seed=0
+        ),
+        data=controller_pb2.JobSpec.Data(
+            source="stdlib", vocab_size=args.vocab, max_bytes=args.max_bytes
+        ),
+    )
+    spec.model.preset = args.preset
+    spec.train.digest_every = 0
+    return spec
+
+
 class ThroughIsland:
     """Ours: an island host on a local Ray cluster, driven over gRPC."""
 
@@ -171,7 +192,7 @@ class ThroughIsland:
     ) -> None:
         import grpc
 
-        from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+        from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
         from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec
         from pathways_lite.workers.ray_cluster import LocalRayCluster, connect
 
@@ -190,30 +211,14 @@ class ThroughIsland:
             (meta,) = self.group.start()
             self.channel = grpc.insecure_channel(meta.address)
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
-            from pathways_lite.controller.dispatch import config_protos
-            from pathways_lite.model.config import PalmConfig
-            from pathways_lite.model.optim import OptimConfig
+            from pathways_lite.controller.program import HostLoad
+            from pathways_lite.controller.resolved import ResolvedJob, load_request
 
-            model, optimizer = config_protos(
-                args.preset,
-                PalmConfig.from_preset(args.preset, vocab_size=dataset.tokenizer.vocab_size),
-                OptimConfig(),
-            )
-            request = worker_pb2.LoadJobRequest(
-                job_id="bench",
-                epoch=1,
-                # What the controller sends: the resolved configs, field by field.
-                model=model,
-                optimizer=optimizer,
-                mesh=common_pb2.MeshShape(data=mesh_shape[0], model=mesh_shape[1]),
-                data=common_pb2.DataSpec(source="dataset", paths=[str(dataset.path)]),
-                data_hash=dataset.hash,
-                seed=0,
-                global_batch=args.batch,
-                seq_len=args.seq_len,
-                num_islands=1,
-            )
-            reply = self.stub.LoadJob(request, timeout=600)
+            # What the controller sends: the job resolved once, its dataset (the one the
+            # baseline reads, from the same cache), one LoadJobRequest built the one way.
+            job = ResolvedJob.resolve(bench_spec(args, mesh_shape)).with_dataset("bench")
+            assert job.dataset is not None and job.dataset.hash == dataset.hash
+            reply = self.stub.LoadJob(load_request(job, HostLoad("bench", epoch=1)), timeout=600)
             print(f"island host {meta.address}: job loaded, compiled in {reply.compile_s:.1f} s")
         except BaseException:
             self.close()

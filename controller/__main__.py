@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _start_islands(specs):
     """Attach to each island's named host actors if they all answer, else (re)start the
     island as a unit (controller/recovery.py)."""
-    from .recovery import attach_or_start
+    from .islands import attach_or_start
 
     groups, started = [], []
     for spec in specs:
@@ -160,19 +160,15 @@ def _start_islands(specs):
 
 
 async def _serve(args, store, groups) -> None:
-    from .dispatch import Island, connect_host
-    from .service import Controller, serve
+    from .core import Controller
+    from .islands import Island, connect_host
+    from .service import serve
 
     islands = []
     for group in groups:
         hosts = [await connect_host(m.address) for m in group.metadata]
-        islands.append(Island(group.island.name, hosts))
-    from .recovery import IslandSupervisor
-
-    supervisor = IslandSupervisor({group.island.name: group for group in groups})
-    controller = Controller(
-        store, islands, state_dir=args.state_dir, window=args.window, supervisor=supervisor
-    )
+        islands.append(Island(group.island.name, hosts, group=group))
+    controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
     from .auth import ensure_token, token_path
     from .dashboard import Dashboard, parse_duration
 

@@ -34,7 +34,8 @@ from aiohttp import web
 from pathways_lite.v1 import controller_pb2
 
 from . import auth
-from .service import ALL_JOBS, Controller
+from .bus import ALL_JOBS
+from .core import Controller
 from .store import (
     IllegalTransitionError,
     JobNotFoundError,

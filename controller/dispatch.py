@@ -1,18 +1,14 @@
 """Asynchronous dispatch of a job's per-step program to the hosts of its islands (grpc.aio).
 
-A job becomes a per-step program: for every step the controller sends
-`RunStep(job, generation, step, island_seq, epoch)` to every host of the job's islands, keeps
-a bounded window of steps in flight (default 2: step k + 1 is on the wire before step k has
-finished) and consumes the replies as futures, in step order. The controller sends step
-numbers, never data: each island reads its own slice of the step's global batch, and the
-islands exchange gradients among themselves (workers/exchange.py): at load the controller
-tells host i of every island the addresses of host i of the others (`peers`). A client
-interceptor on the controller's channels counts its RPC bytes (`RPC_BYTES`), which do not grow
-with the model.
+For every step the controller sends `RunStep(job, generation, step, island_seq, epoch)` to every
+host of the job's islands, keeps a bounded window of steps in flight (default 2: step k + 1 is
+on the wire before step k has finished) and consumes the replies as futures, in step order. The
+controller sends step numbers, never data: each island reads its own slice of the step's global
+batch, and the islands exchange gradients among themselves (workers/exchange.py): at load the
+controller tells host i of every island the addresses of host i of the others (`peers`).
 
-`palm_program` resolves a job spec once (controller/spec.py's `to_configs`) into what the hosts
-load: the PalmConfig and OptimConfig field dicts, the train fields, and the dataset the
-controller prepared where every host can read it, with its content hash.
+Jobs sharing islands take turns through a `StepGate` (controller/scheduler.py's Scheduler):
+every step waits for a slot on all of the job's islands and frees it when its hosts finish.
 """
 
 from __future__ import annotations
@@ -22,15 +18,15 @@ import collections
 import dataclasses
 import inspect
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Protocol
 
 import grpc
-from google.protobuf import struct_pb2
 
-from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from pathways_lite.workers.service import WORKER_WIRE_VERSION
+from pathways_lite.v1 import worker_pb2
+
+from .islands import INFO_TIMEOUT_S, Island, call_all
+from .program import HostLoad, StepProgram
 
 logger = logging.getLogger(__name__)
 
@@ -38,52 +34,11 @@ DEFAULT_WINDOW = 2
 # Deadlines of worker RPCs: a step may wait behind a compile of another job on the island.
 STEP_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 900.0
-INFO_TIMEOUT_S = 30.0
 ABORT_TIMEOUT_S = 10.0
 # After one host of a step failed, how long the others get to answer before the step is
 # given up (they may be waiting on the failed one).
 FAIL_FAST_GRACE_S = 2.0
 _NOT_ANSWERED = object()
-# Parameter digests are compared every step below this many parameters, else every
-# DIGEST_EVERY_LARGE steps (a digest reads every parameter back to the host).
-DIGEST_EVERY_STEP_MAX_PARAMS = 200_000_000
-DIGEST_EVERY_LARGE = 100
-
-
-class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
-    """Counts the serialized request and reply bytes of unary calls, per method."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes: collections.Counter[str] = collections.Counter()
-        self.calls: collections.Counter[str] = collections.Counter()
-
-    def _add(self, method: Any, size: int) -> None:
-        name = method.decode() if isinstance(method, bytes) else str(method)
-        with self._lock:
-            self.bytes[name.rsplit("/", 1)[-1]] += size
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.bytes)
-
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
-        call = await continuation(client_call_details, request)
-        self._add(client_call_details.method, request.ByteSize())
-        try:
-            reply = await call
-        except grpc.aio.AioRpcError:
-            return call
-        self._add(client_call_details.method, reply.ByteSize())
-        return call
-
-
-# The controller's worker RPC bytes (every channel `connect_host` opens).
-RPC_BYTES = RpcByteCounter()
-
-
-class WireVersionError(RuntimeError):
-    """A host speaks another worker wire version than this controller."""
 
 
 class DispatchError(RuntimeError):
@@ -99,71 +54,6 @@ class DispatchError(RuntimeError):
         self.reason = reason
         self.message = message
         self.code = code
-
-
-@dataclasses.dataclass
-class HostHandle:
-    """A connection to one island host's worker service."""
-
-    address: str
-    channel: grpc.aio.Channel
-    stub: worker_pb2_grpc.WorkerServiceStub
-    info: worker_pb2.InfoReply
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-async def connect_host(
-    address: str, *, timeout_s: float = INFO_TIMEOUT_S, wire_version: int = WORKER_WIRE_VERSION
-) -> HostHandle:
-    """Open a channel to a host, read its Info and check its wire version.
-
-    Raises:
-        WireVersionError: the host reports another worker wire version.
-        grpc.aio.AioRpcError: the host does not answer.
-    """
-    channel = grpc.aio.insecure_channel(address, interceptors=[RPC_BYTES])
-    stub = worker_pb2_grpc.WorkerServiceStub(channel)
-    try:
-        info = await stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
-    except BaseException:
-        await channel.close()
-        raise
-    if info.wire_version.version != wire_version:
-        await channel.close()
-        raise WireVersionError(
-            f"island host {address} speaks worker wire version {info.wire_version.version}, "
-            f"but this controller speaks version {wire_version}; run matching pathways_lite "
-            "versions."
-        )
-    return HostHandle(address, channel, stub, info)
-
-
-@dataclasses.dataclass
-class Island:
-    """An island as the dispatcher drives it: its hosts and its island_seq counter.
-
-    Every host of an island receives the same island_seq for a step; the numbers are
-    contiguous per island within one controller epoch (the hosts restart at 0 on a new one).
-    """
-
-    id: str
-    hosts: list[HostHandle]
-    next_seq: int = 0
-
-    @property
-    def devices(self) -> int:
-        return int(self.hosts[0].info.island_device_count) if self.hosts else 0
-
-    def take_seq(self) -> int:
-        seq = self.next_seq
-        self.next_seq += 1
-        return seq
-
-    async def close(self) -> None:
-        for host in self.hosts:
-            await host.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,38 +86,20 @@ class StepReport:
     checkpoints_committed: tuple[int, ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class StepProgram:
-    """What the dispatcher runs: a loaded job stepped from `start_step` to `steps`.
-
-    Attributes:
-        job_id: the job's id.
-        generation: its restart generation.
-        steps: total steps of the job.
-        tokens_per_step: tokens of one global batch (for throughput).
-        load: builds the LoadJobRequest of island `i` of `n` (epoch is filled in later).
-        start_step: the first step to run (after a resume).
-    """
-
-    job_id: str
-    generation: int
-    steps: int
-    tokens_per_step: int
-    load: Callable[[int, int], worker_pb2.LoadJobRequest]
-    start_step: int = 0
-    # Checkpoints (controller/recovery.py): with `checkpointing`, the hosts checkpoint after
-    # every `checkpoint_every` steps (0: none in between) and after the last step.
-    checkpoint_every: int = 0
-    checkpointing: bool = False
-
-    def checkpoint_after(self, step: int) -> bool:
-        """Whether the hosts checkpoint the state after `step`."""
-        done = step + 1
-        every = self.checkpoint_every
-        return self.checkpointing and (done == self.steps or (every > 0 and done % every == 0))
-
-
 OnStep = Callable[[StepReport], Awaitable[None] | None]
+
+
+class StepGate(Protocol):
+    """Who may step next on shared islands (controller/scheduler.py's Scheduler)."""
+
+    async def acquire(self, job_id: str) -> bool:
+        """Wait for a step slot on all of the job's islands; False: the job must stop."""
+        ...
+
+    def done(self, job_id: str, islands: list[str], step_s: float | None) -> None:
+        """The granted step has finished on every host, in `step_s` host-measured seconds
+        (None when it failed)."""
+        ...
 
 
 class Dispatcher:
@@ -264,18 +136,28 @@ class Dispatcher:
                 f"job {program.job_id!r} spans islands with different host counts "
                 f"{sorted(hosts_per_island)}: host i of every island exchanges with host i.",
             )
-        calls = []
-        for index, island in enumerate(islands):
-            for host_index, host in enumerate(island.hosts):
-                request = program.load(index, len(islands))
-                request.epoch = self.epoch
-                request.dry_run = dry_run
-                if len(islands) > 1:
+        hosts = len(islands[0].hosts) if islands else 0
+        peers = [[i.hosts[h].address for i in islands] for h in range(hosts)]
+
+        def request(island_index: int, host_index: int, _host) -> worker_pb2.LoadJobRequest:
+            return program.load(
+                HostLoad(
+                    job_id=program.job_id,
+                    generation=program.generation,
+                    epoch=self.epoch,
+                    island_index=island_index,
+                    num_islands=len(islands),
                     # Host i's counterparts: host i of every island, island order.
-                    del request.peers[:]
-                    request.peers.extend(i.hosts[host_index].address for i in islands)
-                calls.append(host.stub.LoadJob(request, timeout=LOAD_TIMEOUT_S))
-        results = await asyncio.gather(*calls, return_exceptions=True)
+                    peers=tuple(peers[host_index]) if len(islands) > 1 else (),
+                    checkpoint_dir=program.checkpoint_dir,
+                    restore_from=program.restore_from,
+                    dry_run=dry_run,
+                )
+            )
+
+        results = await call_all(
+            islands, "LoadJob", request, timeout=LOAD_TIMEOUT_S, return_exceptions=True
+        )
         for result in results:
             if isinstance(result, grpc.aio.AioRpcError):
                 raise DispatchError(
@@ -293,25 +175,18 @@ class Dispatcher:
         """Abort(job, generation) on every host: releases exchanges waiting on a peer that
         will not send (best effort; errors are logged)."""
         request = worker_pb2.AbortRequest(job_id=job_id, generation=generation, reason=reason)
-        calls = [
-            host.stub.Abort(request, timeout=ABORT_TIMEOUT_S)
-            for island in islands
-            for host in island.hosts
-        ]
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        results = await call_all(
+            islands, "Abort", request, timeout=ABORT_TIMEOUT_S, return_exceptions=True
+        )
+        for result in results:
             if isinstance(result, BaseException):
                 logger.warning("aborting job %s: %r", job_id, result)
 
     async def unload(self, job_id: str, islands: Sequence[Island]) -> None:
         """UnloadJob on every host; errors are logged, not raised (best effort cleanup)."""
-        calls = [
-            host.stub.UnloadJob(
-                worker_pb2.UnloadJobRequest(job_id=job_id, epoch=self.epoch), timeout=60
-            )
-            for island in islands
-            for host in island.hosts
-        ]
-        for result in await asyncio.gather(*calls, return_exceptions=True):
+        request = worker_pb2.UnloadJobRequest(job_id=job_id, epoch=self.epoch)
+        results = await call_all(islands, "UnloadJob", request, timeout=60, return_exceptions=True)
+        for result in results:
             if isinstance(result, BaseException):
                 logger.warning("unloading job %s: %r", job_id, result)
 
@@ -319,9 +194,13 @@ class Dispatcher:
         """SkipSeq every island_seq a host has not received (a step whose RunStep never
         arrived), so the island's next step is not held up by the hole."""
         for island in islands:
-            for host in island.hosts:
+            infos = await island.call(
+                "Info", worker_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S, return_exceptions=True
+            )
+            for host, info in zip(island.hosts, infos, strict=True):
                 try:
-                    info = await host.stub.Info(worker_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S)
+                    if isinstance(info, BaseException):
+                        raise info
                     if info.newest_epoch != self.epoch:
                         continue
                     for seq in range(info.next_island_seq, island.next_seq):
@@ -348,9 +227,9 @@ class Dispatcher:
                 epoch=self.epoch,
                 checkpoint=program.checkpoint_after(step),
             )
-            for host in island.hosts:
-                call = host.stub.RunStep(request, timeout=self.step_timeout_s)
-                calls.append((island.id, host.info.host_index, asyncio.ensure_future(call)))
+            futures = island.call_async("RunStep", request, timeout=self.step_timeout_s)
+            for host, future in zip(island.hosts, futures, strict=True):
+                calls.append((island.id, host.info.host_index, future))
         return calls
 
     async def run(
@@ -360,7 +239,7 @@ class Dispatcher:
         *,
         on_step: OnStep | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        gate: Any = None,
+        gate: StepGate | None = None,
     ) -> int:
         """Run the program's steps with up to `window` steps in flight; returns the number of
         steps completed (less than the program's when `should_stop` turned true).
@@ -488,7 +367,10 @@ class Dispatcher:
 
 
 def _release_when_done(
-    gate: Any, job_id: str, islands: Sequence[Island], calls: list[tuple[str, int, asyncio.Task]]
+    gate: StepGate,
+    job_id: str,
+    islands: Sequence[Island],
+    calls: list[tuple[str, int, asyncio.Task]],
 ) -> None:
     """Call `gate.done` once every host has answered the step (whether or not the
     controller has read the replies yet), with the step's host-measured seconds."""
@@ -507,93 +389,3 @@ def _release_when_done(
 
     for *_, task in calls:
         task.add_done_callback(finished)
-
-
-# ---- the step program of a PaLM job --------------------------------------------------------
-
-
-def config_struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    """A config dataclass's field dict as a protobuf Struct (what the hosts rebuild from)."""
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct
-
-
-def config_protos(
-    preset: str, model_cfg: Any, optim_cfg: Any
-) -> tuple[common_pb2.ModelConfig, common_pb2.OptimizerConfig]:
-    """The model and optimizer as hosts load them: the preset's name and every resolved field
-    of the PalmConfig and OptimConfig (hosts never resolve a preset themselves)."""
-    return (
-        common_pb2.ModelConfig(preset=preset, config=config_struct(model_cfg.to_dict())),
-        common_pb2.OptimizerConfig(config=config_struct(dataclasses.asdict(optim_cfg))),
-    )
-
-
-def default_digest_every(model_cfg: Any) -> int:
-    """Every step for small models; every DIGEST_EVERY_LARGE steps for large ones."""
-    from pathways_lite.model.estimates import param_count
-
-    return 1 if param_count(model_cfg) <= DIGEST_EVERY_STEP_MAX_PARAMS else DIGEST_EVERY_LARGE
-
-
-def palm_program(record: Any) -> StepProgram:
-    """A PaLM job's step program: the spec resolved once into the configs the hosts load.
-
-    Prepares (or opens the cached) dataset in the controller's cache, which every host can
-    read; the hosts get its folder and content hash and verify it, and read their own
-    slices of every step's batch.
-
-    Raises:
-        SpecError: the spec does not validate.
-    """
-    from pathways_lite.model.data import prepare_dataset
-
-    from . import spec as spec_lib
-
-    spec = record.spec
-    configs = spec_lib.to_configs(spec)
-    dataset = prepare_dataset(configs.data, seq_len=configs.train.seq_len)
-    # The model embeds exactly the tokenizer's vocabulary unless the spec overrides it.
-    configs = spec_lib.to_configs(spec, vocab_size=dataset.tokenizer.vocab_size)
-    logger.info(
-        "job %s reads dataset %s (%d examples)",
-        record.id,
-        dataset.hash[:12],
-        dataset.num_examples,
-        extra={"job_id": record.id},
-    )
-    train = configs.train
-    digest_every = spec_lib.digest_every(spec)
-    if digest_every is None:
-        digest_every = default_digest_every(configs.model)
-    model, optimizer = config_protos(spec.model.preset, configs.model, configs.optim)
-    data = common_pb2.DataSpec(
-        source="dataset", paths=[str(dataset.path)], tokenizer_hash=dataset.tokenizer.hash
-    )
-
-    def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
-        return worker_pb2.LoadJobRequest(
-            job_id=record.id,
-            generation=record.generation,
-            model=model,
-            mesh=common_pb2.MeshShape(data=spec.mesh.data, model=spec.mesh.model),
-            optimizer=optimizer,
-            data=data,
-            data_hash=dataset.hash,
-            seed=train.seed,
-            global_batch=train.global_batch,
-            seq_len=train.seq_len,
-            island_index=island_index,
-            num_islands=num_islands,
-            digest_every=digest_every,
-        )
-
-    return StepProgram(
-        job_id=record.id,
-        generation=record.generation,
-        steps=train.steps,
-        tokens_per_step=train.global_batch * train.seq_len,
-        load=load,
-        checkpoint_every=max(0, spec.train.checkpoint_every),
-    )

@@ -8,7 +8,7 @@ reset it); a user error is never retried: the job fails at once with the reason.
 
 An infrastructure failure rolls the job back: the job's exchanges are aborted on every island
 (`Dispatcher.abort`), the islands whose hosts do not answer (or whose peer host is gone: a
-multi-host island restarts as a unit) are restarted through Ray (`IslandSupervisor`), and the
+multi-host island restarts as a unit) are restarted through Ray (`Island.restart`), and the
 job is loaded again under a new generation from its last committed checkpoint. An island that
 cannot be restarted (its node is gone) is reported lost (`on_island_lost`: the controller
 places nothing there until it is back) and the job is queued again, so it takes free islands
@@ -23,7 +23,6 @@ Checkpoints: the island hosts write them (workers/checkpoint.py) into
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import logging
@@ -39,15 +38,15 @@ from pathways_lite.v1 import worker_pb2
 from pathways_lite.workers.checkpoint import checkpoint_path
 
 from . import spec as spec_lib
-from .dispatch import Dispatcher, DispatchError, Island, StepProgram, connect_host
+from .dispatch import Dispatcher, DispatchError
+from .islands import Island, dead_islands
+from .program import StepProgram
 from .store import Checkpoint, CheckpointState, JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 DEFAULT_KEEP = 3
-# How long a host may take to answer Info before its island counts as dead.
-PROBE_TIMEOUT_S = 3.0
 FINAL_CHECKPOINT_TIMEOUT_S = 300.0
 
 
@@ -94,118 +93,6 @@ def classify(error: BaseException) -> FailureClass:
     return FailureClass.USER if isinstance(error, ValueError) else FailureClass.INFRASTRUCTURE
 
 
-async def dead_islands(islands: Sequence[Island], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
-    """Ids of the islands with a host that does not answer Info (gRPC health of the host
-    process): such an island restarts as a unit."""
-
-    async def probe(island: Island) -> bool:
-        calls = [
-            host.stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s) for host in island.hosts
-        ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        return any(isinstance(r, BaseException) for r in results)
-
-    flags = await asyncio.gather(*(probe(i) for i in islands))
-    return [island.id for island, dead in zip(islands, flags, strict=True) if dead]
-
-
-class IslandSupervisor:
-    """Restarts islands through Ray: every host of an island is killed and started again (a
-    multi-host island re-forms its JAX runtime), then the controller reconnects to it.
-
-    Args:
-        groups: the islands' host groups (workers/island_host.py), by island id.
-    """
-
-    def __init__(self, groups: dict[str, Any]) -> None:
-        self.groups = dict(groups)
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    async def restart(self, island: Island) -> None:
-        """Restart `island`'s hosts and point `island` at the new ones (island_seq from 0).
-
-        Raises:
-            KeyError: the island is not supervised here.
-        """
-        lock = self._locks.setdefault(island.id, asyncio.Lock())
-        async with lock:
-            started = time.monotonic()
-            group = self.groups[island.id]
-            new_group = await asyncio.to_thread(restart_group, group)
-            self.groups[island.id] = new_group
-            hosts = [await connect_host(m.address) for m in new_group.metadata]
-            old, island.hosts = island.hosts, hosts
-            island.next_seq = 0
-            for host in old:
-                try:
-                    await host.close()
-                except Exception:  # a channel to a dead host
-                    logger.debug("closing a channel", exc_info=True)
-            logger.warning("island %s restarted in %.1f s", island.id, time.monotonic() - started)
-
-
-def restart_group(group: Any, *, attempts: int = 50) -> Any:
-    """Kill every host of an island group and start them again, in place (blocking: Ray
-    calls); returns the group. A killed detached actor's name is freed shortly after; starting
-    waits for it.
-
-    Raises:
-        IslandPlacementError: no live node advertises the island's resource any more (its
-            node is gone: this fails at once rather than after the placement timeout), or
-            the hosts could not be placed in time.
-    """
-    import ray
-
-    from pathways_lite.workers.island_host import IslandPlacementError
-
-    group.shutdown(patience_s=1.0)
-    island = group.island
-    total = ray.cluster_resources().get(island.resource, 0)
-    if total < island.num_hosts:
-        raise IslandPlacementError(
-            f"island {island.name!r} cannot be restarted: no live Ray node advertises enough "
-            f"of the resource {island.resource!r} (needs {island.num_hosts}, the cluster has "
-            f"{total:g}); its node is gone."
-        )
-    last: BaseException | None = None
-    for _ in range(attempts):
-        try:
-            group.start()
-            return group
-        except ValueError as e:  # the name is still held by the dying actor
-            last = e
-            time.sleep(0.2)
-    raise RuntimeError(f"island {group.island.name!r} could not be restarted: {last!r}")
-
-
-def attach_or_start(spec: Any) -> tuple[Any, bool]:
-    """An island's host group: attached to its live named actors (a restarted controller),
-    or started afresh (killing survivors of a partly dead island first). Returns
-    (group, whether it was started here)."""
-    import ray
-
-    from pathways_lite.workers.island_host import IslandHostGroup
-    from pathways_lite.workers.ray_cluster import NAMESPACE
-
-    group = IslandHostGroup(spec)
-    handles = []
-    for i in range(spec.num_hosts):
-        try:
-            handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
-        except ValueError:
-            break
-    if len(handles) == spec.num_hosts:
-        try:
-            group.actors = handles
-            group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
-            logger.info("attached to island %s", spec.name)
-            return group, False
-        except Exception as e:
-            logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
-    group.actors = handles
-    return restart_group(group), True
-
-
 @dataclasses.dataclass
 class Attempt:
     """One load-and-run of a job: its program (generation, start step, restore point)."""
@@ -223,7 +110,6 @@ class Recovery:
         dispatcher: the controller's dispatcher.
         state_dir: the controller's state directory; checkpoints go below it. Empty: no
             checkpoints are written.
-        supervisor: restarts islands through Ray; None retries on the same islands.
         keep: committed checkpoints kept per job (retention).
         budgets: retries per failure class.
         on_island_lost: called with (island, reason) when a dead island cannot be restarted;
@@ -236,7 +122,6 @@ class Recovery:
         dispatcher: Dispatcher,
         *,
         state_dir: str | Path = "",
-        supervisor: IslandSupervisor | None = None,
         keep: int = DEFAULT_KEEP,
         budgets: dict[FailureClass, int] | None = None,
         on_island_lost: Callable[[Island, str], None] | None = None,
@@ -245,7 +130,6 @@ class Recovery:
         self.store = store
         self.dispatcher = dispatcher
         self.root = Path(state_dir) / CHECKPOINT_DIR if state_dir else None
-        self.supervisor = supervisor
         self.keep = keep
         self.budgets = dict(DEFAULT_BUDGETS if budgets is None else budgets)
 
@@ -272,17 +156,11 @@ class Recovery:
         metrics after it forgotten."""
         start = 0 if checkpoint is None else checkpoint.step
         self.store.truncate_metrics(program.job_id, start)
-        job_dir = self.job_dir(program.job_id)
-        inner = program.load
-
-        def load(index: int, count: int) -> worker_pb2.LoadJobRequest:
-            request = inner(index, count)
-            request.checkpoint_dir = job_dir
-            request.restore_from = "" if checkpoint is None else checkpoint.path
-            return request
-
         program = dataclasses.replace(
-            program, load=load, start_step=start, checkpointing=bool(job_dir)
+            program,
+            start_step=start,
+            checkpoint_dir=self.job_dir(program.job_id),
+            restore_from="" if checkpoint is None else checkpoint.path,
         )
         return Attempt(program, checkpoint)
 
@@ -348,10 +226,8 @@ class Recovery:
             wait=True,
         )
         try:
-            reply = (
-                await islands[0]
-                .hosts[0]
-                .stub.SaveCheckpoint(request, timeout=FINAL_CHECKPOINT_TIMEOUT_S)
+            reply = await islands[0].call_host(
+                0, "SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as e:
             logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
@@ -393,11 +269,11 @@ class Recovery:
         for island in islands:
             if island.id not in dead:
                 continue
-            if self.supervisor is None or island.id not in self.supervisor.groups:
-                logger.warning("island %s is lost and no supervisor can restart it", island.id)
+            if not island.restartable:
+                logger.warning("island %s is lost and has no Ray group to restart", island.id)
                 continue
             try:
-                await self.supervisor.restart(island)
+                await island.restart()
             except Exception as e:  # its node is gone, or Ray cannot place it in time
                 logger.warning("island %s is lost: %s", island.id, e)
                 self.store.add_event(

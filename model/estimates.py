@@ -115,6 +115,22 @@ def memory_per_device(
     }
 
 
+def training_bytes_per_device(
+    cfg: PalmConfig,
+    mesh_shape: Mapping[str, int],
+    optim: OptimConfig | None = None,
+    *,
+    examples_per_device: int = 0,
+    seq_len: int = 0,
+) -> int:
+    """Bytes one device holds to train: parameters, optimizer state, one gradient copy (they
+    live between the gradient and the update, and cross islands) and the input batch.
+    Activations are not estimated; a compiled step reports them."""
+    mem = memory_per_device(cfg, mesh_shape, optim)
+    batch_bytes = 4 * (seq_len + 1) * examples_per_device
+    return int(mem["total_bytes"] + mem["params_bytes"] + batch_bytes)
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: tokens/s x FLOPs per token / peak FLOP/s."""
     if peak_flops <= 0:

@@ -12,14 +12,9 @@ import grpc
 import jax
 import pytest
 
-from pathways_lite.controller.dispatch import (
-    Dispatcher,
-    DispatchError,
-    Island,
-    StepProgram,
-    WireVersionError,
-    connect_host,
-)
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError
+from pathways_lite.controller.islands import Island, WireVersionError, connect_host
+from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.v1 import common_pb2, worker_pb2
 from pathways_lite.workers.runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import (
@@ -49,17 +44,13 @@ def host():
 def probe_program(job_id: str, steps: int = STEPS, d: int = 1024, batch: int = 128) -> StepProgram:
     """A probe job heavy enough (tens of ms a step) for the network to be faster than a step."""
 
-    def load(island_index: int, num_islands: int) -> worker_pb2.LoadJobRequest:
-        request = worker_pb2.LoadJobRequest(
-            job_id=job_id,
-            model=common_pb2.ModelConfig(preset=PROBE_PRESET),
-            mesh=common_pb2.MeshShape(data=1, model=DEVICES),
-            data_hash=PROBE_DATA_HASH,
-            global_batch=batch,
-            seq_len=1,
-            island_index=island_index,
-            num_islands=num_islands,
-        )
+    def load(at: HostLoad) -> worker_pb2.LoadJobRequest:
+        request = placement_request(at)
+        request.model.CopyFrom(common_pb2.ModelConfig(preset=PROBE_PRESET))
+        request.mesh.CopyFrom(common_pb2.MeshShape(data=1, model=DEVICES))
+        request.data_hash = PROBE_DATA_HASH
+        request.global_batch = batch
+        request.seq_len = 1
         request.model.overrides.update({"d_in": d, "d_out": d, "learning_rate": 1e-4})
         return request
 

@@ -24,15 +24,10 @@ import numpy as np
 import pytest
 
 from pathways_lite.controller import spec as spec_lib
-from pathways_lite.controller.dispatch import (
-    RPC_BYTES,
-    Dispatcher,
-    DispatchError,
-    Island,
-    config_struct,
-    connect_host,
-    palm_program,
-)
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError
+from pathways_lite.controller.islands import RPC_BYTES, Island, connect_host
+from pathways_lite.controller.program import HostLoad
+from pathways_lite.controller.resolved import config_struct, palm_program
 from pathways_lite.model.data import prepare_dataset
 from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer
@@ -425,7 +420,7 @@ def test_every_optimizer_field_reaches_the_hosts_as_the_controller_resolved_it()
     opt.clip_norm, opt.clipping_threshold, opt.eps = 0.5, 2.0, 1e-20
     opt.multiply_by_parameter_scale = False
     opt.weight_decay.number_value = 0.01
-    request = palm_program(Record("opt", spec)).load(1, 2)
+    request = palm_program(Record("opt", spec)).load(HostLoad("opt", island_index=1, num_islands=2))
     configs = spec_lib.to_configs(spec)
     host_optim = optim_config(json_format.MessageToDict(request.optimizer.config))
     assert host_optim == configs.optim

@@ -303,7 +303,9 @@ def stop_hosts(servers: list) -> None:
 def test_a_checkpoint_of_two_islands_restores_onto_one_island_of_four_devices(tmp_path):
     import dataclasses
 
-    from pathways_lite.controller.dispatch import Dispatcher, Island, connect_host, palm_program
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.resolved import palm_program
     from pathways_lite.controller.store import JobRecord, JobState
     from pathways_lite.workers.checkpoint import checkpoint_path, is_committed
 
@@ -337,17 +339,12 @@ def test_a_checkpoint_of_two_islands_restores_onto_one_island_of_four_devices(tm
             Island(f"i{n}", [await connect_host(h.address) for h in group])
             for n, group in enumerate(hosts_groups)
         ]
-        program = palm_program(record(spec, generation))
-        inner = program.load
-
-        def load(i, n):
-            request = inner(i, n)
-            request.checkpoint_dir = root
-            request.restore_from = restore_from
-            return request
-
         program = dataclasses.replace(
-            program, load=load, start_step=start, steps=steps, checkpointing=True
+            palm_program(record(spec, generation)),
+            start_step=start,
+            steps=steps,
+            checkpoint_dir=root,
+            restore_from=restore_from,
         )
         dispatcher = Dispatcher(epoch=generation + 1)
         await dispatcher.load(program, islands)

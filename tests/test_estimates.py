@@ -100,7 +100,7 @@ def test_mfu_and_measured_peak():
 
 
 def test_chained_matmul_peak_and_the_peak_a_jobs_mfu_uses():
-    from pathways_lite.controller.service import job_peak_flops
+    from pathways_lite.controller.views import job_peak_flops
 
     peak = estimates.measure_matmul_peak_flops(
         jax.devices()[0], n=128, dtype="float32", chain=4, repeats=2

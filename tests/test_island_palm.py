@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pathways_lite.controller.dispatch import config_struct
+from pathways_lite.controller.resolved import config_struct
 from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer, TrainConfig

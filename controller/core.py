@@ -1,0 +1,357 @@
+"""The single controller: it wires the roles together and takes users' requests.
+
+`Controller` owns the job store (locked state dir + epoch), the islands (controller/islands.py),
+the scheduler, and one job runner per placed job (controller/jobs.py). Each role has its file
+and gets only the collaborators it uses: admission and preemption (admission.py), the runners
+(jobs.py), sampling (sampling.py), the views (views.py), the event bus and log buffer (bus.py).
+What stays here is the life cycle (start, stop, lost islands brought back), the user's
+submit / cancel / update, and each job's spec resolved once (`resolved`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pathways_lite.v1 import controller_pb2
+
+from . import spec as spec_lib
+from .admission import Admission
+from .bus import EventBus, LogBuffer, now
+from .dispatch import DEFAULT_WINDOW, Dispatcher
+from .islands import Island
+from .jobs import Collaborators, JobRunner, Reporter
+from .recovery import Recovery
+from .resolved import ResolvedJob
+from .sampling import Sampler
+from .scheduler import Scheduler
+from .store import IllegalTransitionError, JobRecord, JobState, JobStore
+from .views import Views
+
+logger = logging.getLogger(__name__)
+
+# How often the controller tries to restart an island it lost (its node may come back).
+REVIVE_EVERY_S = 15.0
+
+
+def prepare_data(record: JobRecord, job: ResolvedJob) -> ResolvedJob:
+    """The default data preparation: the job's dataset in the controller's cache."""
+    return job if job.dataset is not None else job.with_dataset(record.id)
+
+
+class Controller:
+    """The single controller: jobs, islands, scheduling and dispatch on one event loop.
+
+    Args:
+        store: the job store, opened with `JobStore.open_controller` (lock + epoch).
+        islands: the connected islands, in island order (with their Ray groups, if they can
+            be restarted).
+        state_dir: the state directory (reported by Info; checkpoints go below it).
+        window: steps in flight per job.
+        prepare: prepares a resolved job's data (blocking); default `prepare_data`.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        islands: Sequence[Island],
+        *,
+        state_dir: str | Path = "",
+        window: int = DEFAULT_WINDOW,
+        prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob] = prepare_data,
+    ) -> None:
+        self.store = store
+        self.islands = {island.id: island for island in islands}
+        self.state_dir = str(state_dir)
+        self.dispatcher = Dispatcher(store.epoch, window=window)
+        self.scheduler = Scheduler(
+            [island.id for island in islands],
+            {
+                island.id: min(
+                    (int(h.info.memory_budget_bytes_per_device) for h in island.hosts), default=0
+                )
+                for island in islands
+            },
+            slots=max(2, window),
+        )
+        self.events = EventBus()
+        self.logs = LogBuffer()
+        # Failure classes, retries, checkpoints (`<state_dir>/checkpoints`), island restarts.
+        self.recovery = Recovery(
+            store, self.dispatcher, state_dir=state_dir, on_island_lost=self._island_lost
+        )
+        self.runners: dict[str, JobRunner] = {}
+        # Each job's spec resolved once (at submit, or when first seen after a restart).
+        self._resolved: dict[str, ResolvedJob | None] = {}
+        self.admission = Admission(
+            store,
+            self.scheduler,
+            self.runners,
+            self.resolved,
+            self._start_job,
+            self._requeue_suspended,
+        )
+        self.views = Views(
+            store, self.scheduler, self.islands, self.admission.pending, self.resolved
+        )
+        self.reporter = Reporter(store, self.views, self.events, self.logs)
+        self._parts = Collaborators(
+            store=store,
+            scheduler=self.scheduler,
+            dispatcher=self.dispatcher,
+            recovery=self.recovery,
+            reporter=self.reporter,
+            prepare=prepare,
+            measure_peak=self.views.measure_peak,
+            wake=self.wake,
+        )
+        self.sampler = Sampler(
+            store,
+            self.scheduler,
+            self.dispatcher,
+            self.islands,
+            self.runners,
+            self.resolved,
+            prepare,
+            self.wake,
+        )
+        # Lost islands being brought back, by island id.
+        self._revivers: dict[str, asyncio.Task] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.started_at = now()
+
+    # -- what the servicer and the dashboard read --------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.store.epoch
+
+    @property
+    def steps_total(self) -> int:
+        return self.reporter.steps_total
+
+    @property
+    def failures_total(self) -> int:
+        return self.reporter.failures_total
+
+    @property
+    def job_memory(self) -> dict[str, int]:
+        return self.reporter.job_memory
+
+    @property
+    def timeline(self) -> dict[str, Any]:
+        return self.views.timeline
+
+    @property
+    def pending(self) -> dict[str, str]:
+        return self.admission.pending
+
+    def job_proto(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
+        return self.views.job(record, include_losses=include_losses)
+
+    def islands_proto(self) -> list[controller_pb2.Island]:
+        return self.views.island_list()
+
+    def mfu(self, record: JobRecord, tokens_per_s: float) -> float:
+        return self.views.mfu(record, tokens_per_s)
+
+    def why(self, record: JobRecord) -> str:
+        return self.views.why(record)
+
+    def resolved(self, record: JobRecord) -> ResolvedJob | None:
+        """The job's spec resolved once (None when it no longer resolves)."""
+        if record.id not in self._resolved:
+            try:
+                self._resolved[record.id] = ResolvedJob.resolve(record.spec)
+            except (spec_lib.SpecError, ValueError):
+                self._resolved[record.id] = None
+        return self._resolved[record.id]
+
+    def cluster_shape(self) -> spec_lib.ClusterShape | None:
+        devices = {island.devices for island in self.islands.values()}
+        if not self.islands or len(devices) != 1:
+            return None
+        return spec_lib.ClusterShape(len(self.islands), devices.pop())
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Requeue jobs a previous controller left running, then start scheduling."""
+        self.logs.loop = asyncio.get_running_loop()
+        logging.getLogger("pathways_lite").addHandler(self.logs)
+        for record in self.store.jobs_in_states([JobState.RUNNING]):
+            step = self.recovery.requeue(record.id)
+            self.reporter.transition(
+                record.id,
+                JobState.QUEUED,
+                reason="controller_restarted",
+                message=f"The controller restarted; the job resumes from step {step}.",
+            )
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
+        self.wake()
+
+    async def stop(self) -> None:
+        """Stop dispatching; running jobs go back to the queue (a restart resumes them)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for task in self._revivers.values():
+            task.cancel()
+        await asyncio.gather(*self._revivers.values(), return_exceptions=True)
+        tasks = [r.task for r in self.runners.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for island in self.islands.values():
+            await island.close()
+        logging.getLogger("pathways_lite").removeHandler(self.logs)
+
+    def wake(self) -> None:
+        """Ask for a scheduling pass."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _schedule_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self.admission.schedule()
+            except Exception:
+                logger.exception("scheduling failed")
+
+    def _start_job(self, record: JobRecord, island_ids: list[str]) -> None:
+        islands = [self.islands[i] for i in island_ids]
+        runner = JobRunner(record, self.resolved(record), islands, self._parts)
+        self.runners[record.id] = runner
+        runner.start(self._job_exited)
+
+    def _job_exited(self, runner: JobRunner) -> None:
+        self.admission.pending.pop(runner.job_id, None)
+        if self.runners.get(runner.job_id) is runner:
+            del self.runners[runner.job_id]
+        if self.store.get_job(runner.job_id).state.terminal:
+            self._resolved.pop(runner.job_id, None)
+        self.wake()
+
+    def _requeue_suspended(self, record: JobRecord) -> JobRecord:
+        self.reporter.transition(
+            record.id,
+            JobState.QUEUED,
+            reason="controller_restarted",
+            message="The controller restarted while the job was suspended; it runs "
+            "again from step 0.",
+        )
+        self.store.truncate_metrics(record.id, 0)
+        return self.store.get_job(record.id)
+
+    def _island_lost(self, island: Island, reason: str) -> None:
+        """An island's hosts could not be restarted: place nothing there (jobs go to free
+        islands) and try to bring it back every REVIVE_EVERY_S (its node may return)."""
+        if island.id in self.scheduler.down:
+            return
+        self.scheduler.mark_down(island.id, reason)
+        logger.warning("island %s is down: %s", island.id, reason)
+        self._revivers[island.id] = asyncio.create_task(
+            self._revive(island), name=f"revive-{island.id}"
+        )
+
+    async def _revive(self, island: Island) -> None:
+        while True:
+            await asyncio.sleep(REVIVE_EVERY_S)
+            try:
+                await island.restart()
+            except Exception as e:
+                logger.info("island %s is still down: %s", island.id, e)
+                continue
+            self.scheduler.mark_up(island.id)
+            self._revivers.pop(island.id, None)
+            logger.warning("island %s is back", island.id)
+            self.wake()
+            return
+
+    # -- users' requests -----------------------------------------------------------------
+
+    def submit(self, request: controller_pb2.SubmitJobRequest) -> controller_pb2.Job:
+        """Validate, resolve and queue a job.
+
+        Raises:
+            spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
+        """
+        spec = request.spec
+        spec_lib.validate_spec(spec, self.cluster_shape())
+        job = ResolvedJob.resolve(spec)
+        never = self.scheduler.never_fits(spec.islands, job.bytes_per_device)
+        if never is not None:
+            raise spec_lib.InfeasibleSpecError(
+                "islands", spec.islands, f"The job can never run: {never}"
+            )
+        if request.validate_only:
+            return controller_pb2.Job(
+                name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=now()
+            )
+        record = self.store.create_job(spec, request_id=request.request_id or None)
+        self._resolved.setdefault(record.id, job)
+        logger.info("job %s queued", record.id, extra={"job_id": record.id})
+        self.wake()
+        return self.views.job(record)
+
+    def cancel(self, job_id: str, reason: str) -> controller_pb2.Job:
+        """Cancel a queued or running job (its steps in flight finish on the hosts).
+
+        Raises:
+            JobNotFoundError, IllegalTransitionError.
+        """
+        record = self.store.get_job(job_id)
+        if record.state.terminal:
+            raise IllegalTransitionError(
+                f"job {job_id!r} is already {record.state.value}; only queued or running jobs "
+                "can be cancelled."
+            )
+        runner = self.runners.get(job_id)
+        if runner is not None:
+            runner.request_cancel()
+        message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
+        record = self.reporter.transition(
+            job_id, JobState.CANCELLED, reason="user_cancelled", message=message
+        )
+        return self.views.job(record)
+
+    def update(self, job_id: str, priority: int) -> controller_pb2.Job:
+        """Re-prioritise a queued, running or suspended job; the scheduler runs a pass.
+
+        Raises:
+            ValueError: `priority` outside [PRIORITY_MIN, PRIORITY_MAX].
+            JobNotFoundError, IllegalTransitionError.
+        """
+        if not spec_lib.PRIORITY_MIN <= priority <= spec_lib.PRIORITY_MAX:
+            raise ValueError(
+                f"priority={priority} is outside [{spec_lib.PRIORITY_MIN}, "
+                f"{spec_lib.PRIORITY_MAX}]."
+            )
+        record = self.store.set_priority(job_id, priority)
+        runner = self.runners.get(job_id)
+        if runner is not None:
+            runner.priority = priority  # what preemption compares
+        demand_bytes = self.admission.demand(record).bytes_per_device
+        logger.info(
+            "job %s re-prioritised to %d%s",
+            job_id,
+            priority,
+            f" ({demand_bytes} bytes per device)" if demand_bytes else "",
+            extra={"job_id": job_id},
+        )
+        self.wake()
+        return self.views.job(record)
+
+    async def sample(
+        self, request: controller_pb2.SampleJobRequest
+    ) -> controller_pb2.SampleJobReply:
+        """Text from a job's parameters (controller/sampling.py)."""
+        return await self.sampler.sample(request)

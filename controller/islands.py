@@ -1,0 +1,297 @@
+"""The island handle: every worker RPC the controller makes goes through an `Island`.
+
+An `Island` owns the connections to its hosts (one `HostHandle` each, gathered with their
+`InfoReply` once at connect), the island_seq counter its steps are numbered with, and, on a
+Ray cluster, the island's host group (workers/island_host.py) through which it restarts as a
+unit. Its fan-out is the worker-group pattern: `call_async` issues one rpc on every host and
+returns the futures in host order, `call` waits for them; `call_all` does the same over several
+islands, island by island, host by host. The dispatcher, recovery, suspend/resume, sampling and
+checkpoints never touch a stub themselves.
+
+Channels count their RPC bytes (`RPC_BYTES`), which do not grow with the model: the controller
+sends step numbers and grants, never tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.service import WORKER_WIRE_VERSION
+
+logger = logging.getLogger(__name__)
+
+INFO_TIMEOUT_S = 30.0
+# How long a host may take to answer Info before its island counts as dead.
+PROBE_TIMEOUT_S = 3.0
+
+
+class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
+    """Counts the serialized request and reply bytes of unary calls, per method."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes: collections.Counter[str] = collections.Counter()
+
+    def _add(self, method: Any, size: int) -> None:
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        with self._lock:
+            self.bytes[name.rsplit("/", 1)[-1]] += size
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.bytes)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        call = await continuation(client_call_details, request)
+        self._add(client_call_details.method, request.ByteSize())
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError:
+            return call
+        self._add(client_call_details.method, reply.ByteSize())
+        return call
+
+
+# The controller's worker RPC bytes (every channel `connect_host` opens).
+RPC_BYTES = RpcByteCounter()
+
+
+class WireVersionError(RuntimeError):
+    """A host speaks another worker wire version than this controller."""
+
+
+@dataclasses.dataclass
+class HostHandle:
+    """A connection to one island host's worker service, with the host's facts."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerServiceStub
+    info: worker_pb2.InfoReply
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def connect_host(
+    address: str, *, timeout_s: float = INFO_TIMEOUT_S, wire_version: int = WORKER_WIRE_VERSION
+) -> HostHandle:
+    """Open a channel to a host, read its Info and check its wire version.
+
+    Raises:
+        WireVersionError: the host reports another worker wire version.
+        grpc.aio.AioRpcError: the host does not answer.
+    """
+    channel = grpc.aio.insecure_channel(address, interceptors=[RPC_BYTES])
+    stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    try:
+        info = await stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
+    except BaseException:
+        await channel.close()
+        raise
+    if info.wire_version.version != wire_version:
+        await channel.close()
+        raise WireVersionError(
+            f"island host {address} speaks worker wire version {info.wire_version.version}, "
+            f"but this controller speaks version {wire_version}; run matching pathways_lite "
+            "versions."
+        )
+    return HostHandle(address, channel, stub, info)
+
+
+# A request for every host, or a function of (host index, host) giving each host's own.
+Request = Message | Callable[[int, HostHandle], Message]
+
+
+@dataclasses.dataclass(eq=False)
+class Island:
+    """An island as the controller drives it: its hosts, its island_seq counter, its group.
+
+    Every host of an island receives the same island_seq for a step; the numbers are
+    contiguous per island within one controller epoch (the hosts restart at 0 on a new one).
+
+    Attributes:
+        id: the island's name.
+        hosts: connections to its hosts, in host order.
+        next_seq: the island_seq the next step gets.
+        group: the island's Ray host group (workers/island_host.py), if it can be restarted.
+    """
+
+    id: str
+    hosts: list[HostHandle]
+    next_seq: int = 0
+    group: Any = None
+    _restart_lock: asyncio.Lock | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def devices(self) -> int:
+        return int(self.hosts[0].info.island_device_count) if self.hosts else 0
+
+    @property
+    def restartable(self) -> bool:
+        return self.group is not None
+
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def call_async(self, method: str, request: Request, *, timeout: float) -> list[asyncio.Future]:
+        """Issue rpc `method` on every host; the futures, in host order."""
+        futures = []
+        for index, host in enumerate(self.hosts):
+            message = request(index, host) if callable(request) else request
+            futures.append(
+                asyncio.ensure_future(getattr(host.stub, method)(message, timeout=timeout))
+            )
+        return futures
+
+    async def call(
+        self, method: str, request: Request, *, timeout: float, return_exceptions: bool = False
+    ) -> list[Any]:
+        """Rpc `method` on every host; the replies in host order (exceptions in place with
+        `return_exceptions`, else the first one raised)."""
+        return await asyncio.gather(
+            *self.call_async(method, request, timeout=timeout),
+            return_exceptions=return_exceptions,
+        )
+
+    async def call_host(self, index: int, method: str, request: Message, *, timeout: float) -> Any:
+        """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints)."""
+        return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
+
+    async def answers(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+        """Whether every host answers Info (gRPC health of the host processes)."""
+        replies = await self.call(
+            "Info", worker_pb2.InfoRequest(), timeout=timeout_s, return_exceptions=True
+        )
+        return not any(isinstance(r, BaseException) for r in replies)
+
+    async def restart(self) -> None:
+        """Restart every host of the island through Ray (a multi-host island re-forms its JAX
+        runtime) and point the island at the new ones, island_seq from 0.
+
+        Raises:
+            RuntimeError: the island has no Ray group.
+            IslandPlacementError: its node is gone (workers/island_host.py).
+        """
+        if self.group is None:
+            raise RuntimeError(f"island {self.id} has no Ray group to restart.")
+        if self._restart_lock is None:
+            self._restart_lock = asyncio.Lock()
+        async with self._restart_lock:
+            started = time.monotonic()
+            self.group = await asyncio.to_thread(restart_group, self.group)
+            hosts = [await connect_host(m.address) for m in self.group.metadata]
+            old, self.hosts = self.hosts, hosts
+            self.next_seq = 0
+            for host in old:
+                try:
+                    await host.close()
+                except Exception:  # a channel to a dead host
+                    logger.debug("closing a channel", exc_info=True)
+            logger.warning("island %s restarted in %.1f s", self.id, time.monotonic() - started)
+
+    async def close(self) -> None:
+        for host in self.hosts:
+            await host.close()
+
+
+async def call_all(
+    islands: Sequence[Island],
+    method: str,
+    request: Message | Callable[[int, int, HostHandle], Message],
+    *,
+    timeout: float,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """Rpc `method` on every host of every island at once; replies island by island, host by
+    host. `request` is one message for all, or a function of (island index, host index, host).
+    """
+    futures: list[Awaitable[Any]] = []
+    for island_index, island in enumerate(islands):
+        per_host = (
+            (lambda h, host, i=island_index: request(i, h, host)) if callable(request) else request
+        )
+        futures += island.call_async(method, per_host, timeout=timeout)
+    return await asyncio.gather(*futures, return_exceptions=return_exceptions)
+
+
+async def dead_islands(islands: Sequence[Island], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:
+    """Ids of the islands with a host that does not answer Info: such an island restarts as
+    a unit."""
+    alive = await asyncio.gather(*(island.answers(timeout_s) for island in islands))
+    return [island.id for island, ok in zip(islands, alive, strict=True) if not ok]
+
+
+def restart_group(group: Any, *, attempts: int = 50) -> Any:
+    """Kill every host of an island group and start them again, in place (blocking: Ray
+    calls); returns the group. A killed detached actor's name is freed shortly after; starting
+    waits for it.
+
+    Raises:
+        IslandPlacementError: no live node advertises the island's resource any more (its
+            node is gone: this fails at once rather than after the placement timeout), or
+            the hosts could not be placed in time.
+    """
+    import ray
+
+    from pathways_lite.workers.island_host import IslandPlacementError
+
+    group.shutdown(patience_s=1.0)
+    island = group.island
+    total = ray.cluster_resources().get(island.resource, 0)
+    if total < island.num_hosts:
+        raise IslandPlacementError(
+            f"island {island.name!r} cannot be restarted: no live Ray node advertises enough "
+            f"of the resource {island.resource!r} (needs {island.num_hosts}, the cluster has "
+            f"{total:g}); its node is gone."
+        )
+    last: BaseException | None = None
+    for _ in range(attempts):
+        try:
+            group.start()
+            return group
+        except ValueError as e:  # the name is still held by the dying actor
+            last = e
+            time.sleep(0.2)
+    raise RuntimeError(f"island {group.island.name!r} could not be restarted: {last!r}")
+
+
+def attach_or_start(spec: Any) -> tuple[Any, bool]:
+    """An island's host group: attached to its live named actors (a restarted controller),
+    or started afresh (killing survivors of a partly dead island first). Returns
+    (group, whether it was started here)."""
+    import ray
+
+    from pathways_lite.workers.island_host import IslandHostGroup
+    from pathways_lite.workers.ray_cluster import NAMESPACE
+
+    group = IslandHostGroup(spec)
+    handles = []
+    for i in range(spec.num_hosts):
+        try:
+            handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
+        except ValueError:
+            break
+    if len(handles) == spec.num_hosts:
+        try:
+            group.actors = handles
+            group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
+            logger.info("attached to island %s", spec.name)
+            return group, False
+        except Exception as e:
+            logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
+    group.actors = handles
+    return restart_group(group), True

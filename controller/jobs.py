@@ -1,0 +1,367 @@
+"""The job runner: one job's life on its islands, from load to its last state.
+
+A `JobRunner` is started by admission (controller/admission.py) once the scheduler has placed
+the job. It prepares the job's data (off the event loop), loads it on every host of its
+islands from its newest readable committed checkpoint (controller/recovery.py), steps it
+through the dispatcher under the scheduler's step gate, suspends it to host memory when a
+higher-priority job needs its islands and resumes it when they have room, and ends it:
+succeeded, cancelled by a user, failed with a stated reason, or (after a recoverable failure)
+rolled back and queued again. Whatever happens, it unloads the job and frees its islands.
+
+`Reporter` records what happens to jobs for people: state transitions (store, log, bus), each
+completed step (metrics with MFU, the islands' timeline, the hosts' step log lines) and the
+controller's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pathways_lite.v1 import controller_pb2, worker_pb2
+
+from . import spec as spec_lib
+from .bus import EventBus, LogBuffer, now
+from .dispatch import Dispatcher, DispatchError, StepReport
+from .islands import Island, call_all
+from .recovery import Attempt, FailureClass, Recovery, classify
+from .resolved import ResolvedJob, step_program
+from .scheduler import Scheduler
+from .store import JobRecord, JobState, JobStore, StoreError
+from .views import TimelineEntry, Views
+
+logger = logging.getLogger(__name__)
+
+SUSPEND_TIMEOUT_S = 300.0
+
+
+class Reporter:
+    """Records job transitions and steps in the store and on the bus, and keeps counters.
+
+    Attributes:
+        steps_total: steps completed since the controller started.
+        failures_total: jobs failed since the controller started.
+        job_memory: bytes per device each resident job holds (the compiled step's).
+    """
+
+    def __init__(self, store: JobStore, views: Views, events: EventBus, logs: LogBuffer):
+        self.store = store
+        self.views = views
+        self.events = events
+        self.logs = logs
+        self.steps_total = 0
+        self.failures_total = 0
+        self.job_memory: dict[str, int] = {}
+
+    def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
+        """Move a job to `state` in the store, log it and tell its followers."""
+        record = self.store.transition(job_id, state, **kwargs)
+        logger.info(
+            "job %s is %s%s",
+            job_id,
+            state.value,
+            f" ({kwargs['reason']})" if kwargs.get("reason") else "",
+            extra={"job_id": job_id},
+        )
+        self.events.publish(
+            job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
+        )
+        return record
+
+    def fail(self, job_id: str, reason: str, message: str) -> None:
+        """The job failed with a stated reason."""
+        logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})
+        self.failures_total += 1
+        try:
+            self.transition(job_id, JobState.FAILED, reason=reason, message=message[:2000])
+        except StoreError:
+            logger.exception("recording the failure of job %s", job_id)
+
+    def step(self, record: JobRecord, report: StepReport) -> None:
+        """Record a completed step: metrics, followers, the islands' timeline, host logs."""
+        metrics = self.views.step_metrics(
+            record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
+        )
+        self.store.record_metrics(
+            record.id,
+            report.step,
+            report.loss,
+            tokens_per_s=report.tokens_per_s,
+            step_time_s=report.step_time_s,
+        )
+        self.steps_total += 1
+        self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
+        for host in report.hosts:
+            t = host.reply.timings
+            if host.host_index == 0 and host.island in self.views.timeline:
+                self.views.timeline[host.island].append(
+                    TimelineEntry(
+                        record.id,
+                        report.step,
+                        t.start_unix_ns,
+                        t.end_unix_ns,
+                        host.reply.island_seq,
+                    )
+                )
+        for host in report.hosts:
+            t = host.reply.timings
+            queued_ms = (t.start_unix_ns - t.received_unix_ns) / 1e6
+            ran_ms = (t.end_unix_ns - t.start_unix_ns) / 1e6
+            ts = now()
+            ts.FromNanoseconds(t.end_unix_ns)
+            self.logs.add(
+                record.id,
+                controller_pb2.LogRecord(
+                    time=ts,
+                    source=f"{host.island}/{host.host_index}",
+                    level="INFO",
+                    logger="pathways_lite.workers.service",
+                    message=(
+                        f"step {report.step} (island_seq {host.reply.island_seq}): loss "
+                        f"{host.reply.loss:.6f}, queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
+                    ),
+                ),
+            )
+
+
+@dataclasses.dataclass
+class Collaborators:
+    """What a job runner uses of the controller (each a narrow part of it)."""
+
+    store: JobStore
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    recovery: Recovery
+    reporter: Reporter
+    # Prepares the job's dataset (blocking; default: ResolvedJob.with_dataset).
+    prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob]
+    # Measures the MFU peak once (blocking).
+    measure_peak: Callable[[], float]
+    # Asks the scheduler for another pass.
+    wake: Callable[[], None]
+
+
+class JobRunner:
+    """Runs one placed job on its islands (`start` makes its task).
+
+    Attributes:
+        job_id, islands: the job and the ids of its islands.
+        cancel_requested: a user cancelled it; it unloads at the next step boundary.
+        suspend_requested: preemption asked it to move to host memory and wait on `resume`.
+        resume: set when its islands have room again (or to finish a cancel).
+        priority: what preemption compares.
+        loaded: its parameters are resident on its islands (it can be sampled).
+        demand_bytes: bytes per device it holds on each island (estimate, then measured).
+    """
+
+    def __init__(
+        self,
+        record: JobRecord,
+        job: ResolvedJob | None,
+        islands: Sequence[Island],
+        parts: Collaborators,
+    ) -> None:
+        self.record = record
+        self.job = job
+        self.job_id = record.id
+        self.island_handles = list(islands)
+        self.islands = [island.id for island in islands]
+        self.parts = parts
+        self.priority = record.priority
+        self.cancel_requested = False
+        self.suspend_requested = False
+        self.resume = asyncio.Event()
+        self.loaded = False
+        self.demand_bytes = 0 if job is None else job.bytes_per_device
+        self.task: asyncio.Task | None = None
+        self._attempt: Attempt | None = None
+
+    def start(self, on_exit: Callable[[JobRunner], None]) -> None:
+        """Start the job's task; `on_exit` runs when it has released everything."""
+
+        async def run() -> None:
+            try:
+                await self._run()
+            finally:
+                on_exit(self)
+
+        self.task = asyncio.create_task(run(), name=f"job-{self.job_id}")
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self.parts.scheduler.interrupt(self.job_id)
+        self.resume.set()  # a suspended job wakes up to unload
+
+    def request_suspend(self) -> None:
+        self.suspend_requested = True
+        self.parts.scheduler.interrupt(self.job_id)
+
+    async def _run(self) -> None:
+        p = self.parts
+        job_id, islands = self.job_id, self.island_handles
+        loaded = False
+        try:
+            p.reporter.transition(
+                job_id,
+                JobState.RUNNING,
+                reason="scheduled",
+                message=f"Running on {', '.join(self.islands)}.",
+            )
+            if self.job is None:  # its spec no longer resolves: fail it with the reason
+                self.job = ResolvedJob.resolve(self.record.spec)
+            self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+            program = step_program(job_id, self.record.generation, self.job)
+            logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
+            await asyncio.to_thread(p.measure_peak)
+            # From the newest readable committed checkpoint (or the seed), new generation.
+            self._attempt, replies = await p.recovery.load(program, islands)
+            program = self._attempt.program
+            # The compiled step's own memory analysis replaces the estimate it was admitted on.
+            measured = max(max(r.memory.total_bytes, r.estimate_bytes_per_device) for r in replies)
+            self.demand_bytes = measured
+            p.scheduler.resize(job_id, measured)
+            loaded = self.loaded = True
+            p.reporter.job_memory[job_id] = max(r.memory.total_bytes for r in replies)
+            logger.info(
+                "job %s loaded (compile %.1f s, %d bytes per device)",
+                job_id,
+                max(r.compile_s for r in replies),
+                max(r.memory.total_bytes for r in replies),
+                extra={"job_id": job_id},
+            )
+            completed = await self._step_until_done(program)
+            await p.recovery.finish(self._attempt, islands)
+            if not self.cancel_requested:
+                # A job that says it ended has freed its memory on every island.
+                loaded = False
+                await p.dispatcher.unload(job_id, islands)
+                p.reporter.transition(
+                    job_id,
+                    JobState.SUCCEEDED,
+                    reason="completed",
+                    message=f"Completed {completed} steps.",
+                )
+        except asyncio.CancelledError:
+            # The controller is stopping: the job goes back to the queue, nothing is lost.
+            if not self.cancel_requested:
+                try:
+                    p.reporter.transition(
+                        job_id,
+                        JobState.QUEUED,
+                        reason="controller_stopped",
+                        message="The controller stopped; the job will run again.",
+                    )
+                    p.recovery.requeue(job_id)
+                except StoreError:
+                    logger.exception("requeueing job %s", job_id)
+            raise
+        except (DispatchError, spec_lib.SpecError) as e:
+            await self._recover_or_fail(e)
+        except Exception as e:
+            logger.exception("job %s failed", job_id)
+            self._fail("internal", f"{type(e).__name__}: {e}")
+        finally:
+            self.loaded = False
+            p.reporter.job_memory.pop(job_id, None)
+            if loaded:
+                await p.dispatcher.unload(job_id, islands)
+            p.scheduler.release(job_id)
+            p.wake()
+
+    async def _step_until_done(self, program: Any) -> int:
+        """Step the program to its end (or a cancel), suspending and resuming on the way;
+        returns the steps completed."""
+        p = self.parts
+        completed = 0
+        while True:
+            p.scheduler.join(self.job_id, self.islands, self.record.weight)
+            try:
+                completed += await p.dispatcher.run(
+                    dataclasses.replace(program, start_step=program.start_step + completed),
+                    self.island_handles,
+                    on_step=self._step_done,
+                    should_stop=lambda: self.cancel_requested or self.suspend_requested,
+                    gate=p.scheduler,
+                )
+            finally:
+                p.scheduler.leave(self.job_id)
+            done = program.start_step + completed >= program.steps
+            if self.cancel_requested or done or not self.suspend_requested:
+                return completed
+            await self._suspend(program.start_step + completed)
+            if self.cancel_requested:
+                return completed
+
+    async def _suspend(self, step: int) -> None:
+        """Move the job's state to host memory on every host, free its device memory, and
+        wait until the scheduler resumes it (or it is cancelled)."""
+        p = self.parts
+        epoch = p.dispatcher.epoch
+        await call_all(
+            self.island_handles,
+            "Suspend",
+            worker_pb2.SuspendRequest(job_id=self.job_id, epoch=epoch),
+            timeout=SUSPEND_TIMEOUT_S,
+        )
+        self.resume.clear()
+        p.scheduler.release(self.job_id)
+        p.reporter.transition(
+            self.job_id,
+            JobState.SUSPENDED,
+            reason="preempted",
+            message=f"Suspended at step {step} for a higher-priority job; state in host memory.",
+        )
+        p.wake()
+        await self.resume.wait()
+        self.suspend_requested = False
+        if self.cancel_requested:
+            return
+        await call_all(
+            self.island_handles,
+            "Resume",
+            worker_pb2.ResumeRequest(job_id=self.job_id, epoch=epoch),
+            timeout=SUSPEND_TIMEOUT_S,
+        )
+        p.reporter.transition(
+            self.job_id, JobState.RUNNING, reason="resumed", message=f"Resumed at step {step}."
+        )
+
+    def _step_done(self, report: StepReport) -> None:
+        """Record the step, then register the checkpoints it reports committed."""
+        self.parts.reporter.step(self.record, report)
+        if self._attempt is not None:
+            self.parts.recovery.on_step(self._attempt, report.checkpoints_committed)
+
+    def _fail(self, reason: str, message: str) -> None:
+        if self.cancel_requested:
+            logger.warning("job %s failed: %s", self.job_id, message, extra={"job_id": self.job_id})
+            return
+        self.parts.reporter.fail(self.job_id, reason, message)
+
+    async def _recover_or_fail(self, error: DispatchError | spec_lib.SpecError) -> None:
+        """A failed attempt: user errors fail the job at once; other classes roll it back
+        (controller/recovery.py) and queue it again while their retry budget lasts."""
+        p = self.parts
+        reason = getattr(error, "reason", "invalid_spec")
+        if self.cancel_requested:
+            self._fail(reason, error.message)
+            return
+        try:
+            retry = await p.recovery.retry(self.record, self._attempt, self.island_handles, error)
+        except Exception:
+            logger.exception("recovering job %s", self.job_id)
+            retry = False
+        if not retry:
+            user = classify(error) == FailureClass.USER
+            self._fail(reason, ("User error, not retried: " if user else "") + error.message)
+            return
+        p.reporter.transition(
+            self.job_id,
+            JobState.QUEUED,
+            reason="retry",
+            message=f"Rolled back after a failure; it resumes from step "
+            f"{p.recovery.resume_step(self.job_id)}: {error.message[:500]}",
+        )

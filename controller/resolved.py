@@ -1,0 +1,199 @@
+"""A job resolved once: the typed configs, figures and dataset every other part reads.
+
+A spec is turned into a `ResolvedJob` at submit (model, optimizer, train and data configs;
+bytes per device on each island; FLOPs per token for MFU) and the job's runner keeps it. Data
+preparation, which may tokenize a corpus and so never runs on the submit path, adds the dataset
+(`with_dataset`): the model's vocabulary becomes the trained tokenizer's. Nothing re-validates a
+spec after that.
+
+`load_request` is the one function that builds a host's `LoadJobRequest`: the job's placement
+on that host (`HostLoad`: generation, epoch, island index, peers, checkpoint folder and
+restore point, dry run) plus the resolved job's configs. The benchmarks and tests that load
+other runtimes start from `placement_request`, the placement part alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from pathways_lite.v1 import common_pb2, worker_pb2
+
+from . import spec as spec_lib
+from .program import HostLoad, StepProgram, placement_request
+
+logger = logging.getLogger(__name__)
+
+# Parameter digests are compared every step below this many parameters, else every
+# DIGEST_EVERY_LARGE steps (a digest reads every parameter back to the host).
+DIGEST_EVERY_STEP_MAX_PARAMS = 200_000_000
+DIGEST_EVERY_LARGE = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    """A prepared dataset every host can read, identified by content hash."""
+
+    path: str
+    hash: str
+    tokenizer_hash: str
+    num_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedJob:
+    """A job spec resolved into what the controller and the hosts use.
+
+    Attributes:
+        spec: the JobSpec proto as submitted.
+        configs: model, optimizer, train and data configs (controller/spec.py's JobConfigs).
+        bytes_per_device: device memory it holds on each of its islands (model/estimates.py).
+        flops_per_token: training FLOPs per token (PaLM's 6N + attention), for MFU.
+        digest_every: steps between parameter digest comparisons.
+        dataset: the prepared dataset, once data preparation has ended.
+    """
+
+    spec: Any
+    configs: spec_lib.JobConfigs
+    bytes_per_device: int
+    flops_per_token: float
+    digest_every: int
+    dataset: DatasetRef | None = None
+
+    @classmethod
+    def resolve(cls, spec: Any, *, vocab_size: int | None = None) -> ResolvedJob:
+        """Resolve a spec (blocking only on config arithmetic, never on data).
+
+        Raises:
+            SpecError: the spec does not validate.
+        """
+        from pathways_lite.model import estimates
+
+        configs = spec_lib.to_configs(spec, vocab_size=vocab_size)
+        train = configs.train
+        try:
+            bytes_per_device = estimates.training_bytes_per_device(
+                configs.model,
+                {"data": spec.mesh.data, "model": spec.mesh.model},
+                configs.optim,
+                examples_per_device=train.global_batch // max(1, spec.islands * spec.mesh.data),
+                seq_len=train.seq_len,
+            )
+            flops_per_token = estimates.flops_per_token(configs.model, train.seq_len)
+        except ValueError as e:
+            raise spec_lib.SpecError("model", spec.model.preset, str(e)) from None
+        digest_every = spec_lib.digest_every(spec)
+        if digest_every is None:
+            digest_every = default_digest_every(configs.model)
+        return cls(spec, configs, int(bytes_per_device), float(flops_per_token), digest_every)
+
+    def with_dataset(self, job_id: str = "") -> ResolvedJob:
+        """This job with its dataset prepared (or opened from the cache) where every host can
+        read it; the model embeds exactly the tokenizer's vocabulary unless the spec overrides
+        it. Blocking: it may tokenize a corpus; run it off the event loop."""
+        from pathways_lite.model.data import prepare_dataset
+
+        dataset = prepare_dataset(self.configs.data, seq_len=self.configs.train.seq_len)
+        logger.info(
+            "job %s reads dataset %s (%d examples)",
+            job_id,
+            dataset.hash[:12],
+            dataset.num_examples,
+            extra={"job_id": job_id} if job_id else None,
+        )
+        resolved = self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size)
+        ref = DatasetRef(
+            str(dataset.path), dataset.hash, dataset.tokenizer.hash, dataset.num_examples
+        )
+        return dataclasses.replace(resolved, dataset=ref)
+
+    @property
+    def steps(self) -> int:
+        return self.configs.train.steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.configs.train.global_batch * self.configs.train.seq_len
+
+    @property
+    def devices(self) -> int:
+        return self.spec.islands * self.spec.devices_per_island
+
+
+def default_digest_every(model_cfg: Any) -> int:
+    """Every step for small models; every DIGEST_EVERY_LARGE steps for large ones."""
+    from pathways_lite.model.estimates import param_count
+
+    return 1 if param_count(model_cfg) <= DIGEST_EVERY_STEP_MAX_PARAMS else DIGEST_EVERY_LARGE
+
+
+def config_struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    """A config dataclass's field dict as a protobuf Struct (what the hosts rebuild from)."""
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def config_protos(
+    preset: str, model_cfg: Any, optim_cfg: Any
+) -> tuple[common_pb2.ModelConfig, common_pb2.OptimizerConfig]:
+    """The model and optimizer as hosts load them: the preset's name and every resolved field
+    of the PalmConfig and OptimConfig (hosts never resolve a preset themselves)."""
+    return (
+        common_pb2.ModelConfig(preset=preset, config=config_struct(model_cfg.to_dict())),
+        common_pb2.OptimizerConfig(config=config_struct(dataclasses.asdict(optim_cfg))),
+    )
+
+
+def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
+    """The LoadJobRequest of a PaLM job on one host: its placement, its resolved model and
+    optimizer, and the dataset the hosts verify by hash and read their slices of.
+
+    Raises:
+        ValueError: the job's dataset is not prepared yet (`with_dataset`).
+    """
+    if job.dataset is None:
+        raise ValueError(f"job {at.job_id!r} is loaded before its dataset was prepared.")
+    spec, configs = job.spec, job.configs
+    model, optimizer = config_protos(spec.model.preset, configs.model, configs.optim)
+    request = placement_request(at)
+    request.model.CopyFrom(model)
+    request.optimizer.CopyFrom(optimizer)
+    request.mesh.CopyFrom(common_pb2.MeshShape(data=spec.mesh.data, model=spec.mesh.model))
+    request.data.CopyFrom(
+        common_pb2.DataSpec(
+            source="dataset", paths=[job.dataset.path], tokenizer_hash=job.dataset.tokenizer_hash
+        )
+    )
+    request.data_hash = job.dataset.hash
+    request.seed = configs.train.seed
+    request.global_batch = configs.train.global_batch
+    request.seq_len = configs.train.seq_len
+    request.digest_every = job.digest_every
+    return request
+
+
+def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
+    """The step program of a resolved PaLM job (its dataset prepared)."""
+    return StepProgram(
+        job_id=job_id,
+        generation=generation,
+        steps=job.steps,
+        tokens_per_step=job.tokens_per_step,
+        load=functools.partial(load_request, job),
+        checkpoint_every=max(0, job.spec.train.checkpoint_every),
+    )
+
+
+def palm_program(record: Any) -> StepProgram:
+    """A job record's step program, its spec resolved and its dataset prepared (blocking).
+
+    Raises:
+        SpecError: the spec does not validate.
+    """
+    job = ResolvedJob.resolve(record.spec).with_dataset(record.id)
+    return step_program(record.id, record.generation, job)

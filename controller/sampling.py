@@ -1,0 +1,222 @@
+"""Sampling: text from a job's parameters, on the islands that hold them or from a checkpoint.
+
+A running job is sampled where it is resident: every host of its first island runs the same
+SPMD decode and host 0 answers. An ended job is sampled from its newest committed checkpoint:
+it is loaded on one island with room under a load key of its own (so it never meets a run of
+the job), sampled, and unloaded again whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+
+import grpc
+
+from pathways_lite.v1 import controller_pb2, worker_pb2
+
+from .dispatch import Dispatcher, DispatchError
+from .islands import Island
+from .jobs import JobRunner
+from .resolved import ResolvedJob, step_program
+from .scheduler import Demand, Scheduler
+from .store import IllegalTransitionError, JobRecord, JobState, JobStore
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_TIMEOUT_S = 300.0
+MAX_PROMPT_CHARS = 10_000
+MAX_NEW_TOKENS = 1024
+
+
+class NoRoomError(RuntimeError):
+    """What a request needs does not fit on any island now (RESOURCE_EXHAUSTED)."""
+
+
+def sample_request(request: controller_pb2.SampleJobRequest) -> worker_pb2.SampleRequest:
+    """The hosts' SampleRequest for a user's request, checked at the boundary.
+
+    Raises:
+        ValueError: a bad prompt or setting, named with its value.
+    """
+    if not request.prompt:
+        raise ValueError("prompt is empty; give some text to continue.")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}.")
+    max_new = request.max_new_tokens or 64
+    if not 1 <= max_new <= MAX_NEW_TOKENS:
+        raise ValueError(
+            f"max_new_tokens={request.max_new_tokens} must be in [0, {MAX_NEW_TOKENS}]."
+        )
+    if not 0 <= request.temperature <= 10:
+        raise ValueError(f"temperature={request.temperature} must be in [0, 10].")
+    if request.top_k < 0:
+        raise ValueError(f"top_k={request.top_k} must be >= 0.")
+    return worker_pb2.SampleRequest(
+        job_id=request.job_id,
+        prompt=request.prompt,
+        max_new_tokens=max_new,
+        temperature=request.temperature,
+        top_k=request.top_k,
+        seed=max(0, request.seed),
+    )
+
+
+class Sampler:
+    """Answers SampleJob requests.
+
+    Args:
+        store, scheduler, dispatcher: the controller's.
+        islands: the islands by id.
+        runners: the jobs placed on islands, by id.
+        resolve: a job's ResolvedJob.
+        prepare: prepares a resolved job's dataset (blocking).
+        wake: asks the scheduler for another pass (after a sampling load frees its island).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        dispatcher: Dispatcher,
+        islands: Mapping[str, Island],
+        runners: Mapping[str, JobRunner],
+        resolve: Callable[[JobRecord], ResolvedJob | None],
+        prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob],
+        wake: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.dispatcher = dispatcher
+        self.islands = islands
+        self.runners = runners
+        self._resolve = resolve
+        self._prepare = prepare
+        self._wake = wake
+        # Checkpoint loads made to sample ended jobs (each gets a load key of its own).
+        self._loads = 0
+
+    async def sample(
+        self, request: controller_pb2.SampleJobRequest
+    ) -> controller_pb2.SampleJobReply:
+        """Generate from a job's current parameters (or its newest checkpoint once ended).
+
+        Raises:
+            JobNotFoundError; IllegalTransitionError when the job holds no parameters;
+            ValueError for a bad prompt or setting; NoRoomError.
+        """
+        record = self.store.get_job(request.job_id)
+        wire = sample_request(request)
+        wire.job_id = record.id
+        if record.state.terminal:
+            return await self._sample_checkpoint(record, request, wire)
+        runner = self.runners.get(record.id)
+        if runner is None or not runner.loaded:
+            if record.state == JobState.RUNNING:
+                why = f"job {record.id!r} is still loading onto its islands; try again shortly."
+            else:
+                why = (
+                    f"job {record.id!r} is {record.state.value}: it holds no parameters until "
+                    "it runs."
+                )
+            raise IllegalTransitionError(why)
+        island = self.islands[runner.islands[0]]
+        reply = await self._sample_on(island, record.id, wire)
+        return controller_pb2.SampleJobReply(
+            job_id=record.id,
+            prompt=request.prompt,
+            text=reply.text,
+            steps_applied=reply.steps_applied,
+            island=island.id,
+            seconds=reply.seconds,
+        )
+
+    async def _sample_on(
+        self, island: Island, job_id: str, wire: worker_pb2.SampleRequest
+    ) -> worker_pb2.SampleReply:
+        """The Sample rpc on every host of `island` (host 0's reply), errors mapped for users."""
+        try:
+            replies = await island.call("Sample", wire, timeout=SAMPLE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(e.details()) from None
+            if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                raise IllegalTransitionError(
+                    f"job {job_id!r} cannot be sampled now: {e.details()}"
+                ) from None
+            raise
+        return replies[0]
+
+    async def _sample_checkpoint(
+        self,
+        record: JobRecord,
+        request: controller_pb2.SampleJobRequest,
+        wire: worker_pb2.SampleRequest,
+    ) -> controller_pb2.SampleJobReply:
+        """Sample an ended job from its newest committed checkpoint: load it on one island
+        with room (under a load key of its own, so it never meets a run of the job), run
+        Sample, and unload it again whatever happens.
+
+        Raises:
+            IllegalTransitionError: the job ended without a committed checkpoint, or the
+                checkpoint cannot be loaded.
+            NoRoomError: no island has room for it now.
+        """
+        checkpoint = self.store.latest_checkpoint(record.id)
+        if checkpoint is None:
+            raise IllegalTransitionError(
+                f"job {record.id!r} has ended ({record.state.value}) without a committed "
+                "checkpoint, so no parameters of it remain to sample from."
+            )
+        job = self._resolve(record)
+        if job is None:
+            raise IllegalTransitionError(f"job {record.id!r}'s spec no longer resolves.")
+        self._loads += 1
+        key = f"{record.id[:100]}.sample-{self._loads}"
+        devices = record.spec.mesh.data * record.spec.mesh.model
+        demand = Demand(key, 1, job.bytes_per_device, record.priority)
+        room = [i for i in self.scheduler.candidates(demand) if self.islands[i].devices == devices]
+        if not room or self.scheduler.place(demand, room[:1]) is None:
+            raise NoRoomError(
+                f"job {record.id!r} has ended ({record.state.value}); sampling its checkpoint "
+                f"at step {checkpoint.step} needs {demand.bytes_per_device} bytes per device on "
+                f"an island of {devices} devices, and none has room now; try again later."
+            )
+        island = self.islands[room[0]]
+        try:
+            job = await asyncio.to_thread(self._prepare, record, job)
+            logger.info(
+                "loading job %s's checkpoint at step %d on %s to sample it",
+                record.id,
+                checkpoint.step,
+                island.id,
+                extra={"job_id": record.id},
+            )
+            # Reads the checkpoint, writes none.
+            program = step_program(key, record.generation, job)
+            try:
+                await self.dispatcher.load(
+                    dataclasses.replace(program, restore_from=checkpoint.path), [island]
+                )
+            except DispatchError as e:
+                raise IllegalTransitionError(
+                    f"job {record.id!r}'s checkpoint at step {checkpoint.step} "
+                    f"({checkpoint.path}) could not be loaded for sampling: {e.message}"
+                ) from None
+            wire.job_id = key
+            reply = await self._sample_on(island, record.id, wire)
+        finally:
+            await self.dispatcher.unload(key, [island])
+            self.scheduler.release(key)
+            self._wake()
+        return controller_pb2.SampleJobReply(
+            job_id=record.id,
+            prompt=request.prompt,
+            text=reply.text,
+            steps_applied=reply.steps_applied,
+            island=island.id,
+            seconds=reply.seconds,
+            checkpoint=checkpoint.path,
+        )

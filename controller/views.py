@@ -1,0 +1,211 @@
+"""Views: every wire and dashboard representation of jobs and islands, built in one place.
+
+One job view (`Views.job`: the stored record, where it runs, its place in the queue and why it
+waits, its last step's metrics), one islands view, one `StepMetrics` builder (with MFU against
+the job's devices' peak), and `why`. The gRPC servicer and the dashboard both read these.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from google.protobuf import timestamp_pb2
+
+from pathways_lite.v1 import controller_pb2
+
+from .islands import Island
+from .resolved import ResolvedJob
+from .scheduler import Scheduler
+from .store import JobRecord, JobState, JobStore
+
+logger = logging.getLogger(__name__)
+
+# Steps remembered per island for the dashboard's timeline of who ran when.
+TIMELINE_STEPS = 600
+WAITING = "Waiting for the scheduler's next pass."
+
+
+def job_peak_flops(devices: int, host_peaks: Sequence[float], cpu_peak: float | None) -> float:
+    """The peak FLOP/s a job's MFU is measured against: `devices` x the hosts' measured
+    per-device accelerator peak (the smallest, when islands differ), or, when the hosts are
+    simulated CPU devices (peak 0), the machine's `cpu_peak` they share (0 while unknown)."""
+    measured = [p for p in host_peaks if p > 0]
+    if measured and len(measured) == len(host_peaks):
+        return devices * min(measured)
+    return cpu_peak or 0.0
+
+
+def timestamp_us(us: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineEntry:
+    """One step of one job on one island, as host 0 of the island timed it."""
+
+    job_id: str
+    step: int
+    start_ns: int
+    end_ns: int
+    island_seq: int = 0
+
+
+class Views:
+    """Builds the controller's views of jobs and islands.
+
+    Args:
+        store: the job store.
+        scheduler: who holds which islands, and which are down.
+        islands: the islands by id (their hosts' facts).
+        pending: why each queued job waits (controller/admission.py keeps it).
+        resolved: a job's ResolvedJob (None when the spec no longer resolves).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        islands: Mapping[str, Island],
+        pending: Mapping[str, str],
+        resolved: Callable[[JobRecord], ResolvedJob | None],
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.islands = islands
+        self.pending = pending
+        self._resolved = resolved
+        self.peak_flops: float | None = None
+        self.timeline: dict[str, collections.deque[TimelineEntry]] = {
+            island_id: collections.deque(maxlen=TIMELINE_STEPS) for island_id in islands
+        }
+
+    def measure_peak(self) -> float:
+        """Measure this machine's matmul FLOP/s once (blocking; run it off the loop)."""
+        if self.peak_flops is None:
+            from pathways_lite.model import estimates
+
+            self.peak_flops = estimates.measure_cpu_peak_flops(n=512, repeats=3)
+            logger.info("peak %.3g FLOP/s for MFU", self.peak_flops)
+        return self.peak_flops
+
+    def mfu(self, record: JobRecord, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation at `tokens_per_s`; 0 while the peak is unknown.
+
+        The peak is the job's devices' (`job_peak_flops`): on accelerator islands, the
+        hosts' measured per-device peak times the job's devices; on simulated CPU islands,
+        this machine's measured matmul FLOP/s (`measure_peak`), which they all share.
+        """
+        peak = job_peak_flops(
+            record.spec.islands * record.spec.devices_per_island,
+            [h.info.peak_flops_per_device for i in self.islands.values() for h in i.hosts],
+            self.peak_flops,
+        )
+        if not peak or tokens_per_s <= 0:
+            return 0.0
+        job = self._resolved(record)
+        return 0.0 if job is None else tokens_per_s * job.flops_per_token / peak
+
+    def step_metrics(
+        self,
+        record: JobRecord,
+        step: int,
+        loss: float,
+        tokens_per_s: float,
+        step_time_s: float,
+        time: timestamp_pb2.Timestamp,
+        mfu: float | None = None,
+    ) -> controller_pb2.StepMetrics:
+        """One step's metrics as the wire carries them (MFU computed when not given)."""
+        return controller_pb2.StepMetrics(
+            step=step,
+            loss=loss,
+            tokens_per_s=tokens_per_s,
+            step_time_s=step_time_s,
+            time=time,
+            mfu=self.mfu(record, tokens_per_s) if mfu is None else mfu,
+        )
+
+    def job(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
+        """The job as the wire and the dashboard show it."""
+        job = self.store.job_proto(record, include_losses=include_losses)
+        job.islands.extend(self.scheduler.islands_of(record.id))
+        if record.state == JobState.QUEUED:
+            queued = self.store.jobs_in_states([JobState.QUEUED])
+            job.queue_position = 1 + next(
+                (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
+            )
+            job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
+            job.pending_reason = self.pending.get(record.id, WAITING)
+        if job.steps_completed:
+            (last,) = self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
+            job.last_metrics.CopyFrom(
+                self.step_metrics(
+                    record,
+                    last.step,
+                    last.loss,
+                    last.tokens_per_s,
+                    last.step_time_s,
+                    timestamp_us(last.time_us),
+                )
+            )
+            job.mfu = job.last_metrics.mfu
+        return job
+
+    def why(self, record: JobRecord) -> str:
+        """One sentence: why the job is (not) running."""
+        if record.state == JobState.QUEUED:
+            return self.pending.get(record.id, WAITING)
+        if record.state == JobState.RUNNING:
+            islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
+            return f"Running on {islands}."
+        return f"The job is {record.state.value}" + (
+            f": {record.message}" if record.message else "."
+        )
+
+    def island_list(self, *, include_steps: bool = False) -> list[controller_pb2.Island]:
+        """Every island, its hosts and the jobs resident on it (and its recent steps, in the
+        order it ran them, with `include_steps`)."""
+        out = []
+        for island in self.islands.values():
+            down = island.id in self.scheduler.down
+            hosts = [
+                controller_pb2.IslandHost(
+                    node=info.node_ip,
+                    address=info.address,
+                    port=info.port,
+                    pid=info.pid,
+                    devices=len(info.devices),
+                    device_kind=info.devices[0].platform if info.devices else "",
+                    memory_bytes=info.memory_budget_bytes_per_device * len(info.devices),
+                    wire_version=info.wire_version,
+                    state="dead" if down else "ready",
+                )
+                for info in (host.info for host in island.hosts)
+            ]
+            out.append(
+                controller_pb2.Island(
+                    id=island.id,
+                    hosts=hosts,
+                    devices=island.devices,
+                    job_ids=self.scheduler.jobs_on(island.id),
+                    down=self.scheduler.down.get(island.id, ""),
+                    recent_steps=[
+                        controller_pb2.IslandStep(
+                            job_id=e.job_id,
+                            step=e.step,
+                            island_seq=e.island_seq,
+                            start_unix_ns=e.start_ns,
+                            end_unix_ns=e.end_ns,
+                        )
+                        for e in sorted(self.timeline.get(island.id, ()), key=lambda e: e.start_ns)
+                    ]
+                    if include_steps
+                    else [],
+                )
+            )
+        return out

@@ -1,0 +1,107 @@
+"""Unit tests of failure handling (no cluster): failure classes, the restore plan, checkpoint
+registration and retention, and retry budgets, over a real job store."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pathways_lite.controller import spec as spec_lib
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError
+from pathways_lite.controller.program import StepProgram
+from pathways_lite.controller.recovery import FailureClass, Recovery, classify
+from pathways_lite.controller.store import JobStore
+from pathways_lite.v1 import controller_pb2
+from pathways_lite.workers.checkpoint import checkpoint_path
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (spec_lib.SpecError("train.steps", 0, "steps=0 must be positive."), FailureClass.USER),
+        (DispatchError("nan_loss", "loss nan"), FailureClass.USER),
+        (DispatchError("step_failed", "x", grpc.StatusCode.INVALID_ARGUMENT), FailureClass.USER),
+        (DispatchError("step_failed", "XLA: Out of memory allocating"), FailureClass.USER),
+        (DispatchError("preempted", "a higher-priority job"), FailureClass.PREEMPTION),
+        (
+            DispatchError("step_failed", "x", grpc.StatusCode.UNAVAILABLE),
+            FailureClass.INFRASTRUCTURE,
+        ),
+        (DispatchError("silent_data_corruption", "digests differ"), FailureClass.INFRASTRUCTURE),
+        (DispatchError("load_failed", "x", grpc.StatusCode.DATA_LOSS), FailureClass.INFRASTRUCTURE),
+        (ValueError("bad value"), FailureClass.USER),
+        (RuntimeError("anything else"), FailureClass.INFRASTRUCTURE),
+    ],
+)
+def test_failures_fall_in_the_class_that_decides_their_retry_budget(error, expected):
+    assert classify(error) == expected
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with JobStore(tmp_path / "jobs.db") as store:
+        store.create_job(controller_pb2.JobSpec(name="j", islands=1), job_id="j")
+        yield store
+
+
+def program(steps: int = 10) -> StepProgram:
+    return StepProgram("j", 0, steps, 64, load=lambda at: None, checkpoint_every=2)
+
+
+def test_a_restore_plan_starts_at_the_checkpoint_and_forgets_the_metrics_after_it(store, tmp_path):
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path)
+    for step in range(6):
+        store.record_metrics("j", step, 1.0 / (step + 1))
+    store.register_checkpoint("j", 0, 4, str(tmp_path / "ckpt-4"))
+    attempt = recovery.plan(program(), store.latest_checkpoint("j"))
+    assert attempt.program.start_step == 4
+    assert attempt.program.restore_from == str(tmp_path / "ckpt-4")
+    assert attempt.program.checkpoint_dir == str(tmp_path / "checkpoints" / "j")
+    assert [m.step for m in store.metrics("j")] == [0, 1, 2, 3]
+    assert attempt.program.checkpoint_after(5) and not attempt.program.checkpoint_after(4)
+    fresh = recovery.plan(program(), None)
+    assert (fresh.program.start_step, fresh.program.restore_from) == (0, "")
+    assert store.metrics("j") == []
+
+
+def test_without_a_state_dir_no_checkpoint_is_written(store):
+    attempt = Recovery(store, Dispatcher(1)).plan(program(), None)
+    assert attempt.program.checkpoint_dir == ""
+    assert not any(attempt.program.checkpoint_after(s) for s in range(10))
+
+
+def test_committed_checkpoints_are_registered_once_and_only_the_newest_are_kept(store, tmp_path):
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path, keep=2)
+    attempt = recovery.plan(program(), None)
+    job_dir = Path(recovery.job_dir("j"))
+    for step in (2, 4, 6):
+        Path(checkpoint_path(str(job_dir), 0, step)).mkdir(parents=True)
+        recovery.on_step(attempt, [s for s in (2, 4, 6) if s <= step])
+    assert [c.step for c in store.checkpoints("j")] == [4, 6]
+    assert not Path(checkpoint_path(str(job_dir), 0, 2)).exists()
+    assert Path(checkpoint_path(str(job_dir), 0, 6)).exists()
+
+
+def test_user_errors_are_never_retried_and_other_failures_until_their_budget_is_spent(store):
+    recovery = Recovery(
+        store, Dispatcher(1), budgets={FailureClass.INFRASTRUCTURE: 2, FailureClass.USER: 0}
+    )
+    record = store.get_job("j")
+
+    async def retry(error) -> bool:
+        return await recovery.retry(record, None, [], error)
+
+    assert not asyncio.run(retry(DispatchError("nan_loss", "step 3 gave loss nan.")))
+    infra = DispatchError("step_failed", "host gone", grpc.StatusCode.UNAVAILABLE)
+    generation = store.get_job("j").generation
+    assert asyncio.run(retry(infra)) and asyncio.run(retry(infra))
+    assert store.get_job("j").generation == generation + 2
+    assert not asyncio.run(retry(infra))
+    messages = [e.message for e in store.events("j") if e.kind == "failure"]
+    assert messages[0].startswith("User error (not retried)")
+    assert "retry budget of 2 spent" in messages[-1]
