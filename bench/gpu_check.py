@@ -173,12 +173,8 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     from pathways_lite.model.data import DataSpec, prepare_dataset
     from pathways_lite.model.optim import OptimConfig
     from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-    from pathways_lite.workers.service import (
-        BackgroundServer,
-        HostMetadata,
-        WorkerServicer,
-        default_memory_budget,
-    )
+    from pathways_lite.workers.host import HostMetadata, default_memory_budget
+    from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
     dataset = prepare_dataset(
         DataSpec(source="stdlib", vocab_size=cfg.vocab_size, max_bytes=args.max_bytes),
