@@ -164,7 +164,10 @@ async def serve(
     reflection.enable_server_reflection(
         (*services, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port_bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        port_bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpcio >= 1.6x raises where older versions returned 0
+        raise OSError(f"could not bind the {name} to {host}:{port}: {e}") from e
     if port_bound == 0:
         raise OSError(f"could not bind the {name} to {host}:{port}.")
     await _call(bound, port_bound)
