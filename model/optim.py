@@ -74,12 +74,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, path: str = "OptimConfig") -> OptimConfig:
-        """The config of a field dict (absent fields take the defaults).
-
-        Raises:
-            ValueError: an unknown key, a value of the wrong kind, or a failed check; the
-                message names the field as `<path>.<field>`.
-        """
+        """The config of a field dict; errors as `PalmConfig.from_dict` (`config_from_dict`)."""
         return config_from_dict(cls, values, path)
 
     def with_overrides(self, overrides: dict[str, Any]) -> OptimConfig:

@@ -59,32 +59,25 @@ def palm_presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def model_config(values: Mapping[str, Any]):
-    """The PalmConfig of LoadJob's model.config (every field, resolved by the controller).
+def _config(cls: type, values: Mapping[str, Any], path: str) -> Any:
+    try:
+        return cls.from_dict(values, path=path)
+    except ValueError as e:  # the model's message names the field
+        raise JobSpecError(str(e)) from None
 
-    Raises:
-        JobSpecError: the message of `PalmConfig.from_dict`, naming the field.
-    """
+
+def model_config(values: Mapping[str, Any]):
+    """The PalmConfig of LoadJob's model.config (every field, resolved by the controller)."""
     from pathways_lite.model.config import PalmConfig
 
-    try:
-        return PalmConfig.from_dict(values, path="model.config")
-    except ValueError as e:
-        raise JobSpecError(str(e)) from None
+    return _config(PalmConfig, values, "model.config")
 
 
 def optim_config(values: Mapping[str, Any]):
-    """The OptimConfig of LoadJob's optimizer.config (absent keys take the defaults).
-
-    Raises:
-        JobSpecError: the message of `OptimConfig.from_dict`, naming the field.
-    """
+    """The OptimConfig of LoadJob's optimizer.config (absent keys take the defaults)."""
     from pathways_lite.model.optim import OptimConfig
 
-    try:
-        return OptimConfig.from_dict(values, path="optimizer.config")
-    except ValueError as e:
-        raise JobSpecError(str(e)) from None
+    return _config(OptimConfig, values, "optimizer.config")
 
 
 def open_dataset(data: Mapping[str, Any]):
