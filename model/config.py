@@ -1,4 +1,4 @@
-"""PaLM model configuration: one frozen dataclass, the paper's presets and small CPU presets."""
+"""PaLM model configuration: one frozen dataclass, its presets, and rebuilding it from a dict."""
 
 from __future__ import annotations
 
