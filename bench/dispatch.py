@@ -34,24 +34,23 @@ from pathways_lite.controller.islands import Island, connect_host  # noqa: E402
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request  # noqa: E402
 from pathways_lite.v1 import common_pb2, worker_pb2  # noqa: E402
 from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec  # noqa: E402
+from pathways_lite.workers.probe_runtime import (  # noqa: E402
+    PROBE_DATA_HASH,
+    PROBE_PRESET,
+    LinearProbeRuntime,
+)
 from pathways_lite.workers.ray_cluster import (  # noqa: E402
     LocalRayCluster,
     connect,
     island_resource,
 )
-from pathways_lite.workers.runtime import (  # noqa: E402
-    PROBE_DATA_HASH,
-    PROBE_PRESET,
-    JobSpec,
-    LinearProbeRuntime,
-    MeshSpec,
-)
+from pathways_lite.workers.runtime import IslandJobSpec, MeshSpec  # noqa: E402
 
 BATCH = 64
 
 
-def probe_spec(job_id: str, width: int) -> JobSpec:
-    return JobSpec(
+def probe_spec(job_id: str, width: int) -> IslandJobSpec:
+    return IslandJobSpec(
         job_id=job_id,
         generation=0,
         preset=PROBE_PRESET,

@@ -49,11 +49,8 @@ def serve_host(port_file: str, island: str) -> None:
     """Child process: one island host (one CPU device) serving until killed."""
     import jax
 
-    from pathways_lite.workers.service import (
-        BackgroundServer,
-        HostMetadata,
-        WorkerServicer,
-    )
+    from pathways_lite.workers.host import HostMetadata
+    from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
     devices = jax.devices()
     meta = HostMetadata.in_process(island, devices, 8 << 30)

@@ -171,12 +171,8 @@ def through_island_service(args, cfg, gpus, data: int, overrides: dict) -> dict:
     from pathways_lite.controller.program import HostLoad
     from pathways_lite.controller.resolved import ResolvedJob, load_request
     from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
-    from pathways_lite.workers.service import (
-        BackgroundServer,
-        HostMetadata,
-        WorkerServicer,
-        default_memory_budget,
-    )
+    from pathways_lite.workers.host import HostMetadata, default_memory_budget
+    from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
     # The job as the controller resolves it (dtype "auto": bfloat16 compute on GPUs), its
     # dataset prepared, and the one LoadJobRequest builder.

@@ -27,7 +27,7 @@ import grpc
 from google.protobuf.message import Message
 
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
-from pathways_lite.workers.service import WORKER_WIRE_VERSION
+from pathways_lite.workers.host import WORKER_WIRE_VERSION
 
 logger = logging.getLogger(__name__)
 

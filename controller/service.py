@@ -14,12 +14,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 import pathways_lite
 from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from pathways_lite.workers import rpc
 
 from . import spec as spec_lib
 from .bus import now
@@ -38,57 +36,27 @@ SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].f
 # ---- the servicer --------------------------------------------------------------------------
 
 
-def _rpc(method):
-    """Map store and spec errors to their gRPC status; any other exception to INTERNAL."""
-
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except spec_lib.InfeasibleSpecError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.message)
-        except spec_lib.SpecError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-        except JobNotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except IllegalTransitionError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except NoRoomError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except StoreError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except Exception as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            logger.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-def _stream(method):
-    """The server-streaming twin of `_rpc` (an async generator)."""
-
-    async def wrapper(self, request, context):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except JobNotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Exception as e:
-            if isinstance(e, asyncio.CancelledError):
-                raise
-            logger.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
+# What users' errors mean on the wire (a sentence naming the field or value goes with each).
+_rpc = rpc.error_mapping(
+    (
+        (spec_lib.InfeasibleSpecError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (spec_lib.SpecError, grpc.StatusCode.INVALID_ARGUMENT),
+        (JobNotFoundError, grpc.StatusCode.NOT_FOUND),
+        (IllegalTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
+        (NoRoomError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
+    ),
+    log=logger,
+)
+# The streams (WatchJob, StreamLogs) fail only on an unknown job or a bad argument.
+_stream = rpc.error_mapping(
+    (
+        (JobNotFoundError, grpc.StatusCode.NOT_FOUND),
+        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    ),
+    log=logger,
+)
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
@@ -249,42 +217,31 @@ async def serve(
         grace_s: seconds in-flight calls get when stopping.
         token: the access token every call but health and reflection must carry
             (controller/auth.py); None serves without one (in-process tests only).
+
+    Raises:
+        OSError: host:port cannot be bound.
     """
     from .auth import TokenInterceptor
 
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
-        interceptors=[TokenInterceptor(token)] if token is not None else None,
-    )
-    controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-        ControllerServicer(controller), server
-    )
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind the controller service to {host}:{port}.")
-    await controller.start()
-    try:
-        await server.start()
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    def on_started(bound: int) -> None:
         logger.info("controller on %s:%d (epoch %d)", host, bound, controller.epoch)
         if started is not None:
             started(bound)
-        if stop is None:
-            await server.wait_for_termination()
-        else:
-            await stop.wait()
-    finally:
-        await health.enter_graceful_shutdown()
-        await server.stop(grace_s)
-        await controller.stop()
+
+    def register(server: grpc.aio.Server) -> None:
+        servicer = ControllerServicer(controller)
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
+
+    await rpc.serve(
+        "the controller service",
+        {SERVICE_NAME: register},
+        host,
+        port,
+        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+        interceptors=[TokenInterceptor(token)] if token is not None else (),
+        bound=lambda _: controller.start(),
+        started=on_started,
+        stop=stop,
+        grace_s=grace_s,
+        stopped=controller.stop,
+    )

@@ -1,9 +1,10 @@
-"""PaLM model configuration: one frozen dataclass, the paper's presets and small CPU presets."""
+"""PaLM model configuration: one frozen dataclass, its presets, and rebuilding it from a dict."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,50 @@ DTYPES = ("float32", "bfloat16", "float16")
 # bfloat16 is slower and the reference comparisons at 1e-5 need float32.
 AUTO_DTYPE = "auto"
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any], path: str) -> Any:
+    """A config dataclass from its field dict (as decoded from JSON or a protobuf Struct).
+
+    JSON and Struct numbers may arrive as floats: a whole number becomes an int where the
+    field is an int. Absent fields take their defaults.
+
+    Args:
+        cls: the config class (PalmConfig, OptimConfig).
+        values: field name -> value.
+        path: the dotted name of `values` in error messages ("model.config").
+
+    Raises:
+        ValueError: an unknown key, a value of the wrong kind, or the class's own checks; the
+            message names the field (`model.config.d_modle: unknown key ...`).
+    """
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in sorted(values.items()):
+        where = f"{path}.{key}"
+        if key not in known:
+            raise ValueError(
+                f"{where}: unknown key {key!r}; {cls.__name__} fields are: {', '.join(known)}."
+            )
+        allowed = set(typing.get_args(hints[key])) or {hints[key]}
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is None and type(None) in allowed:
+            kwargs[key] = None
+        elif isinstance(value, bool) and bool in allowed:
+            kwargs[key] = value
+        elif number and int in allowed and float(value).is_integer():
+            kwargs[key] = int(value)
+        elif number and float in allowed:
+            kwargs[key] = float(value)
+        elif isinstance(value, str) and str in allowed:
+            kwargs[key] = value
+        else:
+            raise ValueError(f"{where}={value!r} has the wrong kind for {hints[key]}.")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,6 +218,16 @@ class PalmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, path: str = "PalmConfig") -> PalmConfig:
+        """The config whose `to_dict` is `values` (absent fields take the defaults).
+
+        Raises:
+            ValueError: an unknown key, a value of the wrong kind, or a failed check; the
+                message names the field as `<path>.<field>`.
+        """
+        return config_from_dict(cls, values, path)
 
 
 PRESETS: dict[str, Callable[..., PalmConfig]] = {

@@ -123,9 +123,20 @@ def training_bytes_per_device(
     examples_per_device: int = 0,
     seq_len: int = 0,
 ) -> int:
-    """Bytes one device holds to train: parameters, optimizer state, one gradient copy (they
-    live between the gradient and the update, and cross islands) and the input batch.
-    Activations are not estimated; a compiled step reports them."""
+    """Bytes one device holds to train: the one per-device memory formula of the project.
+
+    Parameters and optimizer state (`memory_per_device`'s total), one more copy of the
+    parameters for the gradients (they live between the gradient and the update, and cross
+    islands), and the device's slice of the input batch (int32 tokens, T + 1 per example).
+    Activations are not counted; a compiled step reports them.
+
+    Args:
+        cfg: the model.
+        mesh_shape: mesh axis -> size; missing axes are 1.
+        optim: optimizer settings (default: PaLM's).
+        examples_per_device: examples of one step on one device (the batch over `data`).
+        seq_len: tokens per example.
+    """
     mem = memory_per_device(cfg, mesh_shape, optim)
     batch_bytes = 4 * (seq_len + 1) * examples_per_device
     return int(mem["total_bytes"] + mem["params_bytes"] + batch_bytes)

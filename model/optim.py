@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from .config import config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,11 @@ class OptimConfig:
             raise ValueError(
                 f"weight_decay={wd!r} must be 'dynamic' (lr^2), a number >= 0, or None."
             )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, path: str = "OptimConfig") -> OptimConfig:
+        """The config of a field dict; errors as `PalmConfig.from_dict` (`config_from_dict`)."""
+        return config_from_dict(cls, values, path)
 
     def with_overrides(self, overrides: dict[str, Any]) -> OptimConfig:
         """A copy with some fields replaced; an unknown key raises ValueError naming it."""

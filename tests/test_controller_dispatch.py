@@ -16,12 +16,9 @@ from pathways_lite.controller.dispatch import Dispatcher, DispatchError
 from pathways_lite.controller.islands import Island, WireVersionError, connect_host
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.v1 import common_pb2, worker_pb2
-from pathways_lite.workers.runtime import PROBE_DATA_HASH, PROBE_PRESET
-from pathways_lite.workers.service import (
-    BackgroundServer,
-    HostMetadata,
-    WorkerServicer,
-)
+from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -33,11 +33,8 @@ from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer
 from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.exchange import expected_payload_bytes, part_bounds
-from pathways_lite.workers.service import (
-    BackgroundServer,
-    HostMetadata,
-    WorkerServicer,
-)
+from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -279,11 +279,8 @@ def serve_hosts(device_groups: list[list[int]]) -> list:
     """One worker service (an island of one host) per group of this process's devices."""
     import jax
 
-    from pathways_lite.workers.service import (
-        BackgroundServer,
-        HostMetadata,
-        WorkerServicer,
-    )
+    from pathways_lite.workers.host import HostMetadata
+    from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
     servers = []
     for index, ids in enumerate(device_groups):

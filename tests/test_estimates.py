@@ -90,6 +90,19 @@ def test_memory_per_device_matches_real_placement_on_a_mesh():
         estimates.memory_per_device(cfg, {"pipeline": 2})
 
 
+def test_training_bytes_are_state_plus_one_gradient_copy_plus_the_batch():
+    cfg = PalmConfig.palm_tiny()
+    mesh = {"data": 2, "model": 2}
+    optim = OptimConfig(beta1=None)
+    mem = estimates.memory_per_device(cfg, mesh, optim)
+    got = estimates.training_bytes_per_device(cfg, mesh, optim, examples_per_device=3, seq_len=16)
+    assert got == mem["total_bytes"] + mem["params_bytes"] + 4 * 17 * 3
+    # Without a batch it is the resident state and one gradient copy.
+    assert estimates.training_bytes_per_device(cfg, mesh, optim) == (
+        mem["total_bytes"] + mem["params_bytes"]
+    )
+
+
 def test_mfu_and_measured_peak():
     assert estimates.mfu(1000.0, 1e9, 2e12) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="peak_flops=0"):

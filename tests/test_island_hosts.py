@@ -15,9 +15,10 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.host import WORKER_WIRE_VERSION
 from pathways_lite.workers.island_host import IslandHostGroup, IslandPlacementError, IslandSpec
-from pathways_lite.workers.runtime import PROBE_DATA_HASH, PROBE_PRESET
-from pathways_lite.workers.service import SERVICE_NAME, WORKER_WIRE_VERSION
+from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+from pathways_lite.workers.service import SERVICE_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -77,3 +77,38 @@ def test_config_is_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.d_model = 8  # type: ignore[misc]
     assert hash(cfg) == hash(PalmConfig.palm_tiny())
+
+
+def test_from_dict_rebuilds_a_config_from_its_dict_and_struct_floats():
+    cfg = PalmConfig.palm_tiny().with_overrides({"d_ff": 96, "dtype": "float32"})
+    assert PalmConfig.from_dict(cfg.to_dict()) == cfg
+    # A protobuf Struct carries every number as a float: whole ones become int fields.
+    as_struct = {k: float(v) if isinstance(v, int) else v for k, v in cfg.to_dict().items()}
+    rebuilt = PalmConfig.from_dict(as_struct)
+    assert rebuilt == cfg and isinstance(rebuilt.d_model, int)
+    assert PalmConfig.from_dict({}) == PalmConfig()  # absent fields take the defaults
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"d_modle": 64}, "model.config.d_modle: unknown key 'd_modle'; PalmConfig fields"),
+        ({"d_model": 64.5}, "model.config.d_model=64.5 has the wrong kind"),
+        ({"norm": 3}, "model.config.norm=3 has the wrong kind"),
+        ({"head_dim": 15}, "model.config: head_dim=15 must be even"),
+    ],
+)
+def test_from_dict_rejects_a_bad_key_or_value_naming_the_field(values, named):
+    with pytest.raises(ValueError) as err:
+        PalmConfig.from_dict(values, path="model.config")
+    assert named in str(err.value)
+
+
+def test_optim_config_from_dict_keeps_each_kind_of_weight_decay():
+    from pathways_lite.model.optim import OptimConfig
+
+    for wd in ("dynamic", 0.01, None):
+        cfg = OptimConfig.from_dict({"warmup_steps": 7.0, "weight_decay": wd, "beta1": None})
+        assert cfg == OptimConfig(warmup_steps=7, weight_decay=wd, beta1=None)
+    with pytest.raises(ValueError, match="optimizer.config.lr: unknown key 'lr'"):
+        OptimConfig.from_dict({"lr": 1.0}, path="optimizer.config")

@@ -21,14 +21,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from pathways_lite.workers.runtime import PROBE_DATA_HASH, PROBE_PRESET
-from pathways_lite.workers.service import (
-    SERVICE_NAME,
-    WORKER_WIRE_VERSION,
-    BackgroundServer,
-    HostMetadata,
-    WorkerServicer,
-)
+from pathways_lite.workers.exchange_service import SERVICE_NAME as EXCHANGE_SERVICE_NAME
+from pathways_lite.workers.host import WORKER_WIRE_VERSION, HostMetadata
+from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+from pathways_lite.workers.service import SERVICE_NAME, BackgroundServer, WorkerServicer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -252,11 +248,11 @@ def test_info_and_health_answer_while_a_step_runs(host: Host) -> None:
 
 def test_health_and_reflection_with_standard_clients(host: Host) -> None:
     health = health_pb2_grpc.HealthStub(host.channel)
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME, EXCHANGE_SERVICE_NAME):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     reflection_db = ProtoReflectionDescriptorDatabase(host.channel)
-    assert SERVICE_NAME in reflection_db.get_services()
+    assert {SERVICE_NAME, EXCHANGE_SERVICE_NAME} <= set(reflection_db.get_services())
     pool = descriptor_pool.DescriptorPool(reflection_db)
     service = pool.FindServiceByName(SERVICE_NAME)
     assert {m.name for m in service.methods} >= {"LoadJob", "RunStep", "SkipSeq", "Info"}
@@ -265,10 +261,20 @@ def test_health_and_reflection_with_standard_clients(host: Host) -> None:
 def test_random_bytes_to_every_rpc_never_crash_the_host(host: Host) -> None:
     host.stub.LoadJob(load_request(), timeout=60)
     rng = random.Random(0)
-    methods = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].methods
+    # Both services the host serves: the controller's WorkerService and the peers'
+    # ExchangeService.
+    methods = [
+        (service.full_name, method.name)
+        for service in worker_pb2.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+    assert (SERVICE_NAME, "RunStep") in methods and (
+        EXCHANGE_SERVICE_NAME,
+        "ExchangeGradients",
+    ) in methods
     codes = set()
-    for method in methods:
-        call = host.channel.unary_unary(f"/{SERVICE_NAME}/{method.name}")
+    for service_name, method_name in methods:
+        call = host.channel.unary_unary(f"/{service_name}/{method_name}")
         for _ in range(40):
             payload = rng.randbytes(rng.randint(0, 200))
             try:

@@ -1,1 +1,16 @@
-"""Island hosts: the Ray actor, its gRPC worker service and the per-job runtime."""
+"""Island hosts: the Ray actor, its gRPC services and the per-job runtimes.
+
+island_host.py      the island host Ray actor and its group (placement, jax.distributed)
+host.py             host facts: HostMetadata, devices, memory budget, worker wire version
+service.py          WorkerService: the controller's job operations on this host
+requests.py         decoding LoadJob into an IslandJobSpec (INVALID_ARGUMENT naming the field)
+ordering.py         StepOrder: epochs, island_seq, idempotent RunStep replay
+checkpoint.py       orbax checkpoints and the policy (who writes, when, restore)
+memory.py           device memory diagnostics (compiled and live bytes)
+exchange.py         the gradient exchange algorithm between islands (client side, mailbox)
+exchange_service.py ExchangeService: the peers' endpoint on the same port
+rpc.py              one gRPC server start-up and one error-to-status mapping (both servers)
+runtime.py          the JobRuntime interface; runtimes.py picks one per model preset
+probe_runtime.py    the linear probe job; palm_runtime.py the PaLM job; sampling.py generation
+ray_cluster.py, discovery.py   the local Ray cluster and island discovery
+"""

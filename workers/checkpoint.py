@@ -13,6 +13,10 @@ temporary folder), and only then is it reported as committed. Checkpoint n of ge
 a job lives in `<checkpoint_dir>/g<g>-step<n>` (`checkpoint_path`): generations never write
 into each other's folders, so a half-written folder of a dead generation is never mistaken
 for a committed one.
+
+The policy lives here too (`JobCheckpoints`): which hosts write a job's checkpoints, a save
+asked for after a step (a failure is logged and never fails the step: that checkpoint is
+simply never committed), and restoring a freshly loaded runtime (`restore_job`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .runtime import JobRuntime, JobSpecError
+
 logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^g(\d+)-step(\d+)$")
@@ -34,6 +40,10 @@ _REMEMBERED = 64
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be restored (missing, half-written or corrupt)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (reported at the next save or wait)."""
 
 
 def checkpoint_path(root: str | Path, generation: int, step: int) -> str:
@@ -122,14 +132,14 @@ class CheckpointWriter:
         """Block until the save in progress is committed.
 
         Raises:
-            CheckpointError: the last save failed.
+            CheckpointWriteError: the last save failed.
         """
         if self._waiter is not None:
             self._waiter.join()
             self._waiter = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"writing a checkpoint failed: {error!r}") from error
+            raise CheckpointWriteError(f"writing a checkpoint failed: {error!r}") from error
 
     def close(self) -> None:
         """Wait for the save in progress (a failure is logged), then release orbax."""
@@ -186,3 +196,89 @@ def restore(path: str, params_like: Any, opt_like: Any, param_shardings: Any, op
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path!r} is not this job's state: {e!r}") from e
     return params, opt, step
+
+
+class JobCheckpoints:
+    """The checkpoint policy of one loaded job on this host, and its writer.
+
+    Island 0's hosts write a job's checkpoints (the parameters are the same on every island)
+    when the job has a checkpoint folder and its runtime can. Methods that touch the state
+    run on the host's runtime thread; the writer is made at the first save.
+
+    Args:
+        runtime: the job's runtime.
+        checkpoint_dir: LoadJob's checkpoint_dir ("" when the job writes none).
+    """
+
+    def __init__(self, runtime: JobRuntime, checkpoint_dir: str) -> None:
+        self.runtime = runtime
+        self.checkpoint_dir = checkpoint_dir
+        self.writes = (
+            bool(checkpoint_dir)
+            and runtime.spec.island_index == 0
+            and hasattr(runtime, "checkpoint_state")
+        )
+        self.writer: CheckpointWriter | None = None
+
+    @property
+    def committed(self) -> list[int]:
+        """Steps of the checkpoints this host committed in the loaded generation."""
+        return [] if self.writer is None else self.writer.committed
+
+    def save(self) -> tuple[int, str]:
+        """Start an asynchronous save of the job's current state: (its step, its folder).
+
+        Raises:
+            RuntimeUnavailableError: the job has no state on the mesh (suspended).
+            CheckpointWriteError: the previous save failed.
+        """
+        params, opt_state, step = self.runtime.checkpoint_state()
+        spec = self.runtime.spec
+        path = checkpoint_path(self.checkpoint_dir, spec.generation, step)
+        if self.writer is None:
+            self.writer = CheckpointWriter()
+        self.writer.save(path, params, opt_state, step)
+        return step, path
+
+    def save_after_step(self, step: int) -> None:
+        """The save a RunStep asked for: a failure is logged, never fails the step."""
+        if not self.writes:
+            return
+        try:
+            self.save()
+        except Exception:
+            logger.exception(
+                "checkpoint after step %d of job %s failed", step, self.runtime.spec.job_id
+            )
+
+    def wait(self) -> None:
+        """Block until the checkpoints in progress are committed (CheckpointWriteError)."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def close(self) -> None:
+        """Wait for the save in progress (committing it), then release the writer."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def restore_job(runtime: JobRuntime, path: str) -> int:
+    """Restore a freshly loaded runtime from a checkpoint; on failure unload it and raise.
+
+    Returns:
+        The checkpoint's step.
+
+    Raises:
+        JobSpecError: the runtime has no checkpoints (INVALID_ARGUMENT).
+        CheckpointError: the checkpoint is missing, half-written or corrupt (DATA_LOSS).
+    """
+    if not hasattr(runtime, "restore_checkpoint"):
+        runtime.unload()
+        raise JobSpecError(
+            f"restore_from={path!r}: model.preset={runtime.spec.preset!r} has no checkpoints."
+        )
+    try:
+        return runtime.restore_checkpoint(path)
+    except CheckpointError:
+        runtime.unload()
+        raise

@@ -50,7 +50,7 @@ DEFAULT_TIMEOUT_S = 120.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # (job, step) byte counts kept by the interceptor.
 MAX_STATS_ENTRIES = 4096
-EXCHANGE_METHOD = "/pathways_lite.v1.WorkerService/ExchangeGradients"
+EXCHANGE_METHOD = "/pathways_lite.v1.ExchangeService/ExchangeGradients"
 
 
 class ExchangeError(RuntimeError):
@@ -164,9 +164,9 @@ class _Slot:
 class Mailbox:
     """Parts received from peers, by (job, generation, step, phase, source island, part).
 
-    Runs on the worker service's event loop: chunks land here from ExchangeGradients
-    streams, whether or not this host has reached the step yet; the runtime thread waits
-    on a slot through `JobExchange`.
+    Runs on the host's event loop: chunks land here from ExchangeGradients streams
+    (workers/exchange_service.py), whether or not this host has reached the step yet; the
+    runtime thread waits on a slot through `JobExchange`.
     """
 
     def __init__(self) -> None:
@@ -325,10 +325,10 @@ class Peers:
     """Channels to peer hosts, opened once per address (on the service's loop)."""
 
     def __init__(self) -> None:
-        self._stubs: dict[str, worker_pb2_grpc.WorkerServiceStub] = {}
+        self._stubs: dict[str, worker_pb2_grpc.ExchangeServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
-    def stub(self, address: str) -> worker_pb2_grpc.WorkerServiceStub:
+    def stub(self, address: str) -> worker_pb2_grpc.ExchangeServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
             channel = grpc.aio.insecure_channel(
@@ -339,7 +339,7 @@ class Peers:
                 ],
             )
             self._channels.append(channel)
-            stub = self._stubs[address] = worker_pb2_grpc.WorkerServiceStub(channel)
+            stub = self._stubs[address] = worker_pb2_grpc.ExchangeServiceStub(channel)
         return stub
 
     async def close(self) -> None:

@@ -19,14 +19,9 @@ from typing import Any
 
 import ray
 
+from .host import DeviceRecord, HostMetadata, default_memory_budget
 from .ray_cluster import NAMESPACE, island_resource
-from .service import (
-    BackgroundServer,
-    DeviceRecord,
-    HostMetadata,
-    WorkerServicer,
-    default_memory_budget,
-)
+from .service import BackgroundServer, WorkerServicer
 
 logger = logging.getLogger(__name__)
 

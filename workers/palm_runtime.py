@@ -1,10 +1,10 @@
 """The PaLM job runtime of an island host: the reference trainer's step on the island's mesh.
 
 The runtime rebuilds the job's PalmConfig and OptimConfig from the field dicts the controller
-resolved (one code path, `dataclass_from_dict`), opens the dataset folder the controller
-prepared and checks its hash, checks the memory estimate, and then keeps the parameters and
-optimizer state resident on a (`data`, `model`) mesh over the island's devices (every host's
-devices in a multi-host island).
+resolved (`PalmConfig.from_dict`, `OptimConfig.from_dict`: the model owns its configs), opens
+the dataset folder the controller prepared and checks its hash, checks the memory estimate,
+and then keeps the parameters and optimizer state resident on a (`data`, `model`) mesh over
+the island's devices (every host's devices in a multi-host island).
 
 The step is `pathways_lite.model.train.StepFunctions`, the very functions the reference trainer
 runs, lowered and compiled once at load: that is what makes distributed == reference. Its two
@@ -20,7 +20,6 @@ import logging
 import math
 import threading
 import time
-import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,14 +27,14 @@ import numpy as np
 
 from .runtime import (
     Digest,
+    IslandJobSpec,
     JobRuntime,
-    JobSpec,
     JobSpecError,
     MemoryReport,
     RuntimeUnavailableError,
     StepResult,
-    _fetch,
-    _memory_report,
+    fetch_global,
+    memory_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,56 +59,25 @@ def palm_presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def dataclass_from_dict(cls: type, values: Mapping[str, Any], path: str) -> Any:
-    """A config dataclass from its field dict as decoded from a protobuf Struct.
-
-    Struct numbers arrive as floats: a whole number becomes an int where the field is an int.
-    This is the one way the hosts rebuild PalmConfig and OptimConfig from the wire.
-
-    Raises:
-        JobSpecError: an unknown key, a value of the wrong kind, or the class's own checks.
-    """
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in sorted(values.items()):
-        where = f"{path}.{key}"
-        if key not in known:
-            raise JobSpecError(
-                f"{where}: unknown key {key!r}; {cls.__name__} fields are: {', '.join(known)}."
-            )
-        allowed = set(typing.get_args(hints[key])) or {hints[key]}
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if value is None and type(None) in allowed:
-            kwargs[key] = None
-        elif isinstance(value, bool) and bool in allowed:
-            kwargs[key] = value
-        elif number and int in allowed and float(value).is_integer():
-            kwargs[key] = int(value)
-        elif number and float in allowed:
-            kwargs[key] = float(value)
-        elif isinstance(value, str) and str in allowed:
-            kwargs[key] = value
-        else:
-            raise JobSpecError(f"{where}={value!r} has the wrong kind for {hints[key]}.")
+def _config(cls: type, values: Mapping[str, Any], path: str) -> Any:
     try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise JobSpecError(f"{path}: {e}") from None
+        return cls.from_dict(values, path=path)
+    except ValueError as e:  # the model's message names the field
+        raise JobSpecError(str(e)) from None
 
 
 def model_config(values: Mapping[str, Any]):
     """The PalmConfig of LoadJob's model.config (every field, resolved by the controller)."""
     from pathways_lite.model.config import PalmConfig
 
-    return dataclass_from_dict(PalmConfig, values, "model.config")
+    return _config(PalmConfig, values, "model.config")
 
 
 def optim_config(values: Mapping[str, Any]):
     """The OptimConfig of LoadJob's optimizer.config (absent keys take the defaults)."""
     from pathways_lite.model.optim import OptimConfig
 
-    return dataclass_from_dict(OptimConfig, values, "optimizer.config")
+    return _config(OptimConfig, values, "optimizer.config")
 
 
 def open_dataset(data: Mapping[str, Any]):
@@ -164,7 +132,7 @@ class PalmRuntime(JobRuntime):
 
     supports_exchange = True
 
-    def __init__(self, spec: JobSpec, devices: Sequence[Any]) -> None:
+    def __init__(self, spec: IslandJobSpec, devices: Sequence[Any]) -> None:
         super().__init__(spec)
         from pathways_lite.model.train import TrainConfig
 
@@ -239,19 +207,19 @@ class PalmRuntime(JobRuntime):
         return self.dataset.hash
 
     def estimate_bytes_per_device(self) -> int:
-        """Parameters, optimizer state and one gradient copy per device, plus the batch."""
-        from pathways_lite.model.estimates import memory_per_device
+        """Parameters, optimizer state and one gradient copy per device, plus the batch
+        (`training_bytes_per_device`). Activations are not estimated; the compiled step
+        reports them."""
+        from pathways_lite.model.estimates import training_bytes_per_device
 
         self._open_data()
-        mem = memory_per_device(
+        return training_bytes_per_device(
             self.model_cfg,
             {"data": self.spec.mesh.data, "model": self.spec.mesh.model},
             self.optim_cfg,
+            examples_per_device=self.spec.island_batch // self.spec.mesh.data,
+            seq_len=self.spec.seq_len,
         )
-        batch_bytes = 4 * (self.spec.seq_len + 1) * self.spec.island_batch // self.spec.mesh.data
-        # Gradients live between grad_fn and apply_fn (and cross islands later): one more copy
-        # of the parameters. Activations are not estimated; the compiled step reports them.
-        return int(mem["total_bytes"] + mem["params_bytes"] + batch_bytes)
 
     # ---- load, step, digest --------------------------------------------------------------
 
@@ -268,7 +236,7 @@ class PalmRuntime(JobRuntime):
         fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
         compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
-        grad_mem, apply_mem = _memory_report(grad_exec), _memory_report(apply_exec)
+        grad_mem, apply_mem = memory_report(grad_exec), memory_report(apply_exec)
         # The step's peak is the larger of its two programs.
         report = max(grad_mem, apply_mem, key=lambda r: r.total_bytes)
         logger.info(
@@ -348,7 +316,7 @@ class PalmRuntime(JobRuntime):
                 self.exchange.compare_digest(step, digest)
                 exchange_s += time.perf_counter() - t_d
         t3 = time.perf_counter()
-        loss_value = float(_fetch(loss))
+        loss_value = float(fetch_global(loss))
         t4 = time.perf_counter()
         if not math.isfinite(loss_value):
             logger.warning("job %s step %d: loss is %s", self.spec.job_id, step, loss_value)
@@ -404,7 +372,7 @@ class PalmRuntime(JobRuntime):
         h = hashlib.sha256()
         count = 0
         for name, leaf in self._param_leaves():
-            value = np.ascontiguousarray(_fetch(leaf))
+            value = np.ascontiguousarray(fetch_global(leaf))
             h.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
             h.update(value.tobytes())
             count += value.size

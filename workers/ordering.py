@@ -1,0 +1,241 @@
+"""The ordering rules of an island host's steps: controller epochs, island_seq, replays.
+
+- `epoch` is the controller run's epoch. An epoch older than the newest one seen is refused
+  (FAILED_PRECONDITION), so requests of a dead controller cannot land; a newer one is
+  adopted and starts a fresh island sequence at 0 (and `on_new_epoch` releases the old
+  controller's steps waiting in an exchange).
+- `island_seq` numbers the host's steps contiguously. A RunStep ahead of the next expected
+  number may have overtaken an earlier one on the wire (a dispatch window in flight): it
+  waits up to `gap_wait_s` for the missing numbers, then is refused naming both numbers. A
+  used number is refused; SkipSeq fills the next number without running anything.
+- RunStep is idempotent on (job, generation, step): its outcome (reply or rejection) is
+  recorded in the job's `StepRecords`, and a retry gets the recorded reply marked
+  `replayed` (or the same rejection), also while the first call is still running. A load
+  retried with the same request (only the epoch may differ) is the same load.
+
+`StepOrder` holds the host's epoch and sequence; it runs on the service's event loop and
+knows nothing of JAX or of the jobs' runtimes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from pathways_lite.v1 import worker_pb2
+
+from .rpc import RpcRejection
+
+logger = logging.getLogger(__name__)
+
+# Recorded step results kept per job for idempotent retries (older ones are forgotten).
+MAX_RECORDED_STEPS = 1024
+# How long a RunStep whose island_seq is ahead of the next expected one waits for the missing
+# numbers to arrive (concurrent RunSteps of a dispatch window may overtake each other on the
+# wire) before it is rejected as a gap.
+SEQ_GAP_WAIT_S = 2.0
+
+Outcome = worker_pb2.RunStepReply | RpcRejection
+
+
+class StepRecords:
+    """One loaded job's recorded step outcomes, by (generation, step), oldest first."""
+
+    def __init__(self, limit: int = MAX_RECORDED_STEPS) -> None:
+        self.limit = limit
+        self.results: collections.OrderedDict[tuple[int, int], Outcome] = collections.OrderedDict()
+        # (generation, step) -> future of a step that is queued or running.
+        self.inflight: dict[tuple[int, int], asyncio.Future] = {}
+
+    async def replay(self, key: tuple[int, int]) -> worker_pb2.RunStepReply | None:
+        """The recorded reply of `key` marked replayed (waiting for one in flight), or None
+        when the step was never run.
+
+        Raises:
+            RpcRejection: the recorded outcome was a rejection.
+        """
+        if key in self.results:
+            return _replayed(self.results[key])
+        if key in self.inflight:
+            return _replayed(await asyncio.shield(self.inflight[key]))
+        return None
+
+    def record(self, key: tuple[int, int], outcome: Outcome) -> None:
+        self.results[key] = outcome
+        while len(self.results) > self.limit:
+            self.results.popitem(last=False)
+
+
+def _replayed(outcome: Outcome) -> worker_pb2.RunStepReply:
+    if isinstance(outcome, RpcRejection):
+        raise outcome
+    reply = worker_pb2.RunStepReply()
+    reply.CopyFrom(outcome)
+    reply.replayed = True
+    return reply
+
+
+def same_load(a: worker_pb2.LoadJobRequest, b: worker_pb2.LoadJobRequest) -> bool:
+    """Whether two LoadJob requests are one load (a retry): equal except for the epoch."""
+    if a == b:
+        return True
+    a2, b2 = type(a)(), type(b)()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.epoch = b2.epoch = 0
+    return a2 == b2
+
+
+class StepOrder:
+    """The host's controller epoch and island sequence (see the module docstring).
+
+    Args:
+        on_new_epoch: Called with a newly adopted epoch (after the sequence restarted).
+        gap_wait_s: How long a RunStep ahead of the sequence waits for the missing numbers.
+    """
+
+    def __init__(
+        self,
+        on_new_epoch: Callable[[int], None] = lambda epoch: None,
+        gap_wait_s: float = SEQ_GAP_WAIT_S,
+    ) -> None:
+        self._on_new_epoch = on_new_epoch
+        self.gap_wait_s = gap_wait_s
+        self.newest_epoch = 0
+        self.next_seq = 0
+        # Set (and replaced) whenever next_seq or the epoch changes; RunSteps ahead wait on it.
+        self._seq_event: asyncio.Event | None = None
+
+    def check_epoch(self, epoch: int) -> None:
+        """Refuse a stale epoch; a newer one is adopted and starts a fresh island sequence.
+
+        Raises:
+            RpcRejection: FAILED_PRECONDITION naming both epochs.
+        """
+        if epoch < self.newest_epoch:
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"epoch={epoch} is older than the newest controller epoch "
+                f"{self.newest_epoch} this host has seen.",
+            )
+        if epoch > self.newest_epoch:
+            logger.info(
+                "controller epoch %d replaces %d; island sequence restarts at 0",
+                epoch,
+                self.newest_epoch,
+            )
+            self.newest_epoch = epoch
+            self.next_seq = 0
+            self._advanced()
+            # Steps of the old controller may wait in an exchange on a peer that will never
+            # send (it died between its RunSteps): release them, they are stale now.
+            self._on_new_epoch(epoch)
+
+    def is_stale(self, epoch: int) -> bool:
+        """Whether a newer epoch was adopted since a request of `epoch` was accepted."""
+        return epoch < self.newest_epoch
+
+    def _advanced(self) -> None:
+        """Wake RunSteps waiting for an earlier island_seq to arrive."""
+        if self._seq_event is not None:
+            self._seq_event.set()
+            self._seq_event = None
+
+    async def _wait_for_seq(self, island_seq: int, epoch: int, timeout_s: float) -> None:
+        """Wait until every number before `island_seq` was received (or the epoch changed)."""
+        deadline = time.monotonic() + timeout_s
+        while island_seq > self.next_seq and epoch == self.newest_epoch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._seq_event is None:
+                self._seq_event = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._seq_event.wait(), left)
+            except TimeoutError:
+                return
+
+    def skip(self, island_seq: int) -> tuple[int, bool]:
+        """Fill `island_seq` without running anything (an already filled one is a no-op).
+
+        Returns:
+            (the next expected number, whether `island_seq` was already filled).
+
+        Raises:
+            RpcRejection: FAILED_PRECONDITION when `island_seq` skips ahead.
+        """
+        if island_seq > self.next_seq:
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"island_seq={island_seq} skips ahead of the expected island_seq="
+                f"{self.next_seq} (epoch {self.newest_epoch}); fill numbers one at a time.",
+            )
+        if island_seq < self.next_seq:
+            return self.next_seq, True
+        self.next_seq += 1
+        self._advanced()
+        return self.next_seq, False
+
+    async def run_step(
+        self,
+        records: StepRecords,
+        key: tuple[int, int],
+        island_seq: int,
+        epoch: int,
+        execute: Callable[[], Awaitable[Outcome]],
+    ) -> worker_pb2.RunStepReply:
+        """Run a step in island-sequence order, exactly once per (generation, step).
+
+        The caller checked the epoch. A retry of `key` returns the recorded reply; otherwise
+        the step takes `island_seq` (after waiting for the missing numbers before it) and
+        `execute` runs it; its outcome, or ABORTED when cancelled, is recorded.
+
+        Raises:
+            RpcRejection: a refused number, or the step's recorded rejection.
+        """
+        replay = await records.replay(key)
+        if replay is not None:
+            return replay
+        if island_seq > self.next_seq:
+            # A window of steps in flight: this one may have overtaken an earlier one on the
+            # wire. Wait briefly for the missing numbers, then queue behind them in seq order.
+            await self._wait_for_seq(island_seq, epoch, self.gap_wait_s)
+            self.check_epoch(epoch)
+            replay = await records.replay(key)
+            if replay is not None:
+                return replay
+        if island_seq != self.next_seq:
+            if island_seq > self.next_seq:
+                why = "skips ahead of"
+            else:
+                why = "was already used; this host now expects"
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"island_seq={island_seq} {why} the expected island_seq="
+                f"{self.next_seq} (epoch {self.newest_epoch}); send the missing step or "
+                "fill it with SkipSeq.",
+            )
+        self.next_seq += 1
+        self._advanced()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        records.inflight[key] = future
+        outcome: Outcome
+        try:
+            outcome = await execute()
+        except BaseException as e:  # cancelled while queued: later retries see the error
+            outcome = RpcRejection(
+                grpc.StatusCode.ABORTED, f"step {key[1]} did not complete: {e!r}."
+            )
+            raise
+        finally:
+            records.inflight.pop(key, None)
+            records.record(key, outcome)
+            future.set_result(outcome)
+        if isinstance(outcome, RpcRejection):
+            raise outcome
+        return outcome
