@@ -40,7 +40,9 @@ from pathways_lite.workers.checkpoint import checkpoint_path
 
 from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError, Island, StepProgram, connect_host
-from .store import Checkpoint, CheckpointState, JobRecord, JobStore
+from .states import CheckpointState
+from .store import JobRecord, JobStore
+from .store_progress import Checkpoint
 
 logger = logging.getLogger(__name__)
 

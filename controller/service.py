@@ -38,19 +38,13 @@ from .dispatch import (
 )
 from .recovery import Attempt, IslandSupervisor, Recovery
 from .scheduler import Demand, Scheduler
-from .store import (
-    IllegalTransitionError,
-    JobNotFoundError,
-    JobRecord,
-    JobState,
-    JobStore,
-    StoreError,
-)
+from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
+from .store import JobRecord, JobStore
+from .views import job_record_proto
+from .wire import CONTROLLER_WIRE_VERSION
 
 logger = logging.getLogger(__name__)
 
-# Bumped on every incompatible change of controller.proto; clients compare it at connect.
-CONTROLLER_WIRE_VERSION = 1
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 # Log records kept per job, and jobs whose records are kept (oldest jobs' go first).
 LOG_RECORDS_PER_JOB = 2000
@@ -330,7 +324,7 @@ class Controller:
     # -- jobs ----------------------------------------------------------------------------
 
     def job_proto(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
-        job = self.store.job_proto(record, include_losses=include_losses)
+        job = job_record_proto(self.store, record, include_losses=include_losses)
         job.islands.extend(self.scheduler.islands_of(record.id))
         if record.state == JobState.QUEUED:
             queued = self.store.jobs_in_states([JobState.QUEUED])

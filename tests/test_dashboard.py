@@ -14,7 +14,8 @@ import pytest
 from pathways_lite.controller import auth
 from pathways_lite.controller.dashboard import Dashboard, parse_duration, plotly_js
 from pathways_lite.controller.service import Controller
-from pathways_lite.controller.store import JobState, JobStore
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobStore
 from pathways_lite.v1 import controller_pb2
 
 N_JOBS = 10_000

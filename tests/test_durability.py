@@ -32,7 +32,9 @@ import numpy as np
 import pytest
 
 from pathways_lite.client import Client, state_name
-from pathways_lite.controller.store import DB_NAME, MIGRATIONS, CheckpointState, JobStore, migrate
+from pathways_lite.controller.schema import MIGRATIONS, migrate
+from pathways_lite.controller.states import CheckpointState
+from pathways_lite.controller.store import DB_NAME, JobStore
 from pathways_lite.spec import load_spec_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -304,7 +306,8 @@ def test_a_checkpoint_of_two_islands_restores_onto_one_island_of_four_devices(tm
     import dataclasses
 
     from pathways_lite.controller.dispatch import Dispatcher, Island, connect_host, palm_program
-    from pathways_lite.controller.store import JobRecord, JobState
+    from pathways_lite.controller.states import JobState
+    from pathways_lite.controller.store import JobRecord
     from pathways_lite.workers.checkpoint import checkpoint_path, is_committed
 
     spec2 = load_spec_text(spec_text("layout", 2, steps=8))
