@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import re
 
+# Where a running controller records its address, pid and dashboard URL for clients
+# (`<state_dir>/controller.json`).
 ADDRESS_FILE = "controller.json"
 # Deployment ports (docker-compose.yml, README): the one place that names them. A local
 # cluster (`pathways-lite up`) picks free ports instead.

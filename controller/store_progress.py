@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
 
 from .states import CheckpointState, StoreError
 
@@ -52,6 +54,11 @@ class Checkpoint:
 
 class ProgressTables:
     """The metrics, checkpoints and retries tables of a `JobStore` (a mixin)."""
+
+    # Provided by JobStore, with `_transaction()`, `_require_job()` and `_insert_event()`.
+    _conn: sqlite3.Connection
+    _mutex: threading.RLock
+    _clock_us: Callable[[], int]
 
     # -- metrics -------------------------------------------------------------------------
 

@@ -21,9 +21,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP
+
+if TYPE_CHECKING:
+    from pathways_lite.sdk import Client
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +306,7 @@ class LocalCluster:
         self._controller = None
         self.address = None
 
-    def client(self):
+    def client(self) -> Client:
         """A `pathways_lite.Client` of this cluster's controller."""
         from pathways_lite.sdk import Client
 
