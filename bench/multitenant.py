@@ -114,7 +114,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from pathways_lite.client import Client, state_name
+    from pathways_lite.client import ControllerClient, state_name
     from pathways_lite.local import LocalCluster
 
     small = job_spec(
@@ -129,7 +129,7 @@ def main() -> int:
     started = time.monotonic()
     try:
         cluster.start()
-        with Client(state_dir) as client:
+        with ControllerClient(state_dir) as client:
             print(f"multitenant bench: {args.islands} island(s), share_by={share_by}", flush=True)
             before = {"small": solo_rate(client, small), "large": solo_rate(client, large)}
             jobs = {s.name: client.submit(s) for s in (small, large)}

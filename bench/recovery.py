@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=5)
     args = p.parse_args(argv)
 
-    from pathways_lite.client import Client, state_name
+    from pathways_lite.client import ControllerClient, state_name
     from pathways_lite.controller.store import DB_NAME, JobStore
     from pathways_lite.local import LocalCluster
     from pathways_lite.spec import load_spec_text
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.start()
         store = JobStore(state_dir / DB_NAME)
-        client = Client(state_dir)
+        client = ControllerClient(state_dir)
         job = client.submit(load_spec_text(SPEC.format(steps=args.steps, every=args.every))).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "next step": (step.time_us - t0) / 1e6,
             "lost": done_before - restored_at,
         }
-        client = Client(state_dir)
+        client = ControllerClient(state_dir)
         final = client.wait(job, timeout_s=600)
         steps = [m.step for m in store.metrics(job)]
         client.close()

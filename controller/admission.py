@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from .jobs import JobRunner
 from .resolved import ResolvedJob
 from .scheduler import Demand, Scheduler
-from .store import JobRecord, JobState, JobStore
+from .states import JobState
+from .store import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 

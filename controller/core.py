@@ -28,7 +28,8 @@ from .recovery import Recovery
 from .resolved import ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
-from .store import IllegalTransitionError, JobRecord, JobState, JobStore
+from .states import IllegalTransitionError, JobState
+from .store import JobRecord, JobStore
 from .views import Views
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from .islands import Island, call_all
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import ResolvedJob, step_program
 from .scheduler import Scheduler
-from .store import JobRecord, JobState, JobStore, StoreError
+from .states import JobState, StoreError
+from .store import JobRecord, JobStore
 from .views import TimelineEntry, Views
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,9 @@ from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
 from .islands import Island, dead_islands
 from .program import StepProgram
-from .store import Checkpoint, CheckpointState, JobRecord, JobStore
+from .states import CheckpointState
+from .store import JobRecord, JobStore
+from .store_progress import Checkpoint
 
 logger = logging.getLogger(__name__)
 

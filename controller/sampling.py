@@ -22,7 +22,8 @@ from .islands import Island
 from .jobs import JobRunner
 from .resolved import ResolvedJob, step_program
 from .scheduler import Demand, Scheduler
-from .store import IllegalTransitionError, JobRecord, JobState, JobStore
+from .states import IllegalTransitionError, JobState
+from .store import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 

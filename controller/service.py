@@ -23,13 +23,12 @@ from . import spec as spec_lib
 from .bus import now
 from .core import Controller
 from .sampling import NoRoomError
-from .store import IllegalTransitionError, JobNotFoundError, JobState, StoreError
+from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
 from .views import timestamp_us
+from .wire import CONTROLLER_WIRE_VERSION
 
 logger = logging.getLogger(__name__)
 
-# Bumped on every incompatible change of controller.proto; clients compare it at connect.
-CONTROLLER_WIRE_VERSION = 1
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
 
@@ -85,7 +84,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         records, token = self.store.list_jobs(
             page_size=request.page_size, page_token=request.page_token, states=states
         )
-        jobs = [self.views.job(r, include_losses=request.include_losses) for r in records]
+        queued = self.store.jobs_in_states([JobState.QUEUED])  # once for the page
+        jobs = [
+            self.views.job(r, include_losses=request.include_losses, queued=queued) for r in records
+        ]
         return controller_pb2.ListJobsReply(jobs=jobs, next_page_token=token)
 
     @_rpc

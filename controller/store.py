@@ -1,15 +1,11 @@
-"""The controller's job store: jobs, events and metrics in SQLite, in a locked state directory.
+"""The controller's job store: jobs, events, metrics and checkpoints in SQLite.
 
-One controller process owns a state directory. It holds an exclusive `fcntl.flock` on
-`<state_dir>/controller.lock` for its whole life (a second controller gets a clear error), and
-every start bumps the epoch stored in the database; the epoch is carried in every worker RPC,
-so hosts can reject steps still in flight from a previous controller.
-
-The database (`<state_dir>/controller.db`, WAL mode) also holds the checkpoint registry
-(only committed checkpoints are registered) and per-job retry counts of failure classes. It is
-versioned: `schema_version` holds the version, and `MIGRATIONS[i]` takes a database from
-version i to i + 1, each in one transaction.
-Job states follow `TRANSITIONS`; any other transition raises `IllegalTransitionError`. Times
+`JobStore.open_controller(state_dir)` locks the state directory (controller/statedir.py),
+brings the database (`<state_dir>/controller.db`, WAL mode) to the current schema
+(controller/schema.py) and bumps the epoch stored there; the epoch is carried in every worker
+RPC, so hosts can reject steps still in flight from a previous controller. The database also
+holds the checkpoint registry (only committed checkpoints are registered) and per-job retry
+counts of failure classes. State changes follow the life cycle of controller/states.py. Times
 are integer microseconds since the epoch (UTC); job creation times are strictly increasing, so
 (created, id) orders jobs by submission and is the key of ListJobs' keyset pagination.
 """
@@ -20,113 +16,36 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import enum
-import fcntl
 import logging
-import math
-import os
 import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-
-from google.protobuf import timestamp_pb2
 
 from pathways_lite.v1 import controller_pb2
 
 from . import spec as spec_lib
+from .schema import migrate
+from .statedir import StateDirLock
+from .states import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    IllegalTransitionError,
+    JobNotFoundError,
+    JobState,
+    StoreError,
+)
+from .store_progress import ProgressTables
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "controller.db"
-LOCK_NAME = "controller.lock"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class StoreError(Exception):
-    """A job store operation that cannot be done; the message is a sentence for people."""
-
-
-class StateDirLockedError(StoreError):
-    """Another process holds the state directory's lock."""
-
-
-class SchemaVersionError(StoreError):
-    """The database was written by a newer pathways_lite than this one."""
-
-
-class JobNotFoundError(StoreError, LookupError):
-    """No job has the given id (NOT_FOUND on the wire)."""
-
-
-class IllegalTransitionError(StoreError):
-    """A state change that the job life cycle does not allow (FAILED_PRECONDITION)."""
-
-
-class MetricConflictError(StoreError):
-    """A step's metrics were recorded before with a different loss, or out of order."""
-
-
-class JobState(enum.StrEnum):
-    """A job's state, stored as its lowercase name."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUSPENDED = "suspended"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
-    def to_proto(self) -> controller_pb2.JobState.ValueType:
-        """The wire enum value (JOB_STATE_QUEUED, ...)."""
-        return controller_pb2.JobState.Value(f"JOB_STATE_{self.name}")
-
-    @classmethod
-    def from_proto(cls, value: int) -> JobState:
-        """The state of a wire enum value.
-
-        Raises:
-            ValueError: the value is JOB_STATE_UNSPECIFIED or not a state at all.
-        """
-        try:
-            name = controller_pb2.JobState.Name(value)
-        except ValueError:
-            raise ValueError(f"state={value!r} is not a job state.") from None
-        if name == "JOB_STATE_UNSPECIFIED":
-            raise ValueError("state=JOB_STATE_UNSPECIFIED is not a job state.")
-        return cls[name.removeprefix("JOB_STATE_")]
-
-
-TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-# The job life cycle. Running -> queued is a requeue (a controller restart or a lost island
-# before the job's first checkpoint); suspended jobs resume from their last checkpoint.
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset(
-        {
-            JobState.QUEUED,
-            JobState.SUSPENDED,
-            JobState.SUCCEEDED,
-            JobState.FAILED,
-            JobState.CANCELLED,
-        }
-    ),
-    JobState.SUSPENDED: frozenset(
-        {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}
-    ),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,237 +96,13 @@ class Event:
     message: str
 
 
-@dataclasses.dataclass(frozen=True)
-class StepMetrics:
-    """The metrics of one completed step of a job."""
-
-    job_id: str
-    step: int
-    loss: float
-    tokens_per_s: float
-    step_time_s: float
-    time_us: int
-
-
-class CheckpointState(enum.StrEnum):
-    """A registered checkpoint's state: only committed ones are ever restored."""
-
-    COMMITTED = "committed"
-    CORRUPT = "corrupt"  # failed to restore: skipped for the previous committed one
-    DELETED = "deleted"  # dropped by retention
-
-
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """One row of the checkpoint registry: the state of `job_id` after `step` steps."""
-
-    job_id: str
-    generation: int
-    step: int
-    path: str
-    state: CheckpointState
-    created_us: int
-
-
-# ------------------------------------------------------------------------------------------
-# Schema
-# ------------------------------------------------------------------------------------------
-
-_STATES_SQL = ", ".join(f"'{s.value}'" for s in JobState)
-_CHECKPOINT_STATES_SQL = ", ".join(f"'{s.value}'" for s in CheckpointState)
-
-# MIGRATIONS[i] takes the schema from version i to i + 1. Append; never edit a released one.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (
-        """CREATE TABLE controller (
-            key TEXT PRIMARY KEY,
-            value INTEGER NOT NULL
-        )""",
-        f"""CREATE TABLE jobs (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL,
-            spec BLOB NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ({_STATES_SQL})),
-            priority INTEGER NOT NULL,
-            weight REAL NOT NULL,
-            created_us INTEGER NOT NULL,
-            updated_us INTEGER NOT NULL,
-            started_us INTEGER,
-            finished_us INTEGER,
-            reason TEXT NOT NULL DEFAULT '',
-            message TEXT NOT NULL DEFAULT '',
-            generation INTEGER NOT NULL DEFAULT 0,
-            request_id TEXT UNIQUE
-        )""",
-        "CREATE UNIQUE INDEX jobs_by_created ON jobs (created_us, id)",
-        "CREATE INDEX jobs_by_state ON jobs (state, priority DESC, created_us, id)",
-        """CREATE TABLE events (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-            time_us INTEGER NOT NULL,
-            kind TEXT NOT NULL,
-            message TEXT NOT NULL
-        )""",
-        "CREATE INDEX events_by_job ON events (job_id, id)",
-        """CREATE TABLE metrics (
-            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-            step INTEGER NOT NULL CHECK (step >= 0),
-            loss REAL NOT NULL,
-            tokens_per_s REAL NOT NULL,
-            step_time_s REAL NOT NULL,
-            time_us INTEGER NOT NULL,
-            PRIMARY KEY (job_id, step)
-        )""",
-    ),
-    # 1 -> 2: the checkpoint registry and the retry budgets of failure classes (issue 8).
-    (
-        f"""CREATE TABLE checkpoints (
-            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-            generation INTEGER NOT NULL CHECK (generation >= 0),
-            step INTEGER NOT NULL CHECK (step >= 0),
-            path TEXT NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ({_CHECKPOINT_STATES_SQL})),
-            created_us INTEGER NOT NULL,
-            updated_us INTEGER NOT NULL,
-            PRIMARY KEY (job_id, generation, step)
-        )""",
-        "CREATE INDEX checkpoints_by_job ON checkpoints (job_id, state, step)",
-        """CREATE TABLE retries (
-            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-            failure_class TEXT NOT NULL,
-            count INTEGER NOT NULL,
-            PRIMARY KEY (job_id, failure_class)
-        )""",
-    ),
-)
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def schema_version(conn: sqlite3.Connection) -> int:
-    """The database's schema version; 0 for an empty database."""
-    row = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-    ).fetchone()
-    if row is None:
-        return 0
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def migrate(
-    conn: sqlite3.Connection, migrations: Sequence[Sequence[str]] = MIGRATIONS
-) -> tuple[int, int]:
-    """Bring a database to the newest schema, one transaction per migration.
-
-    Args:
-        conn: a connection in autocommit mode (isolation_level=None).
-        migrations: migrations[i] holds the statements from version i to i + 1.
-
-    Returns:
-        (version before, version after).
-
-    Raises:
-        SchemaVersionError: the database is newer than the migrations know.
-    """
-    before = schema_version(conn)
-    if before > len(migrations):
-        raise SchemaVersionError(
-            f"the job database has schema version {before}, newer than this pathways_lite's "
-            f"{len(migrations)}; upgrade pathways_lite or use another --state-dir."
-        )
-    for version in range(before, len(migrations)):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if version == 0:
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            for statement in migrations[version]:
-                conn.execute(statement)
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        logger.info("job database migrated to schema version %d", version + 1)
-    return before, len(migrations)
-
-
-# ------------------------------------------------------------------------------------------
-# The state directory's lock
-# ------------------------------------------------------------------------------------------
-
-
-class StateDirLock:
-    """An exclusive flock on `<state_dir>/controller.lock`, holding this process's pid.
-
-    The lock belongs to the open file: it is released by `release()`, or by the kernel when the
-    process dies, so a crashed controller never leaves a stale lock behind.
-    """
-
-    def __init__(self, state_dir: str | Path):
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / LOCK_NAME
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> None:
-        """Take the lock without waiting.
-
-        Raises:
-            StateDirLockedError: another process (or another StateDirLock) holds it.
-        """
-        if self._fd is not None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StateDirLockedError(
-                f"state directory {str(self.state_dir)!r} is locked by another controller "
-                f"(pid {holder}); stop it first or choose another --state-dir."
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        """Give the lock up (the pid stays in the file for diagnostics; harmless)."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    def __enter__(self) -> StateDirLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-# ------------------------------------------------------------------------------------------
-# The store
-# ------------------------------------------------------------------------------------------
-
-
 def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-class JobStore:
-    """Jobs, events and metrics in SQLite; safe to share between threads of one process.
+class JobStore(ProgressTables):
+    """Jobs, events, metrics and checkpoints in SQLite; safe to share between threads of one
+    process. The metrics, checkpoint and retry tables' methods come from `ProgressTables`.
 
     Use `JobStore.open_controller(state_dir)` in the controller: it locks the directory,
     migrates the database and bumps the epoch. `JobStore(path)` alone opens a database without
@@ -806,221 +501,6 @@ class JobStore:
         if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
             raise JobNotFoundError(f"job {spec_lib.quote(job_id)} does not exist.")
 
-    # -- metrics -------------------------------------------------------------------------
-
-    def record_metrics(
-        self,
-        job_id: str,
-        step: int,
-        loss: float,
-        *,
-        tokens_per_s: float = 0.0,
-        step_time_s: float = 0.0,
-    ) -> bool:
-        """Record a completed step. Steps are recorded in order, one row per (job, step).
-
-        Recording a step again with the same loss is a no-op (a retried RunStep returns the
-        recorded result), so this returns False; a different loss is a conflict.
-
-        Returns:
-            True when the row was inserted, False when the same step was already recorded.
-
-        Raises:
-            JobNotFoundError: no such job.
-            ValueError: the loss is not finite, or step is negative.
-            MetricConflictError: the step was recorded with another loss, or a step before
-                it is missing.
-        """
-        if not math.isfinite(loss):
-            raise ValueError(f"loss={loss!r} of step {step} is not finite.")
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0.")
-        with self._transaction() as conn:
-            self._require_job(conn, job_id)
-            row = conn.execute(
-                "SELECT loss FROM metrics WHERE job_id = ? AND step = ?", (job_id, step)
-            ).fetchone()
-            if row is not None:
-                if row[0] == loss:
-                    return False
-                raise MetricConflictError(
-                    f"step {step} of job {job_id!r} was recorded with loss {row[0]!r}, "
-                    f"not {loss!r}."
-                )
-            (count,) = conn.execute(
-                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            if step != count:
-                raise MetricConflictError(
-                    f"step {step} of job {job_id!r} arrived out of order: the next step to "
-                    f"record is {count}."
-                )
-            conn.execute(
-                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us()),
-            )
-        return True
-
-    def truncate_metrics(self, job_id: str, from_step: int) -> int:
-        """Forget the metrics of steps >= from_step (a rollback to a checkpoint); returns how
-        many rows went."""
-        with self._transaction() as conn:
-            cur = conn.execute(
-                "DELETE FROM metrics WHERE job_id = ? AND step >= ?", (job_id, from_step)
-            )
-        return cur.rowcount
-
-    def metrics(self, job_id: str, *, from_step: int = 0) -> list[StepMetrics]:
-        """A job's recorded steps >= from_step, in step order."""
-        with self._mutex:
-            rows = self._conn.execute(
-                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us FROM metrics "
-                "WHERE job_id = ? AND step >= ? ORDER BY step",
-                (job_id, from_step),
-            ).fetchall()
-        return [StepMetrics(*r) for r in rows]
-
-    def losses(self, job_id: str) -> list[float]:
-        """One loss per completed step, in step order."""
-        with self._mutex:
-            rows = self._conn.execute(
-                "SELECT loss FROM metrics WHERE job_id = ? ORDER BY step", (job_id,)
-            ).fetchall()
-        return [r[0] for r in rows]
-
-    def steps_completed(self, job_id: str) -> int:
-        """How many steps of the job are recorded."""
-        with self._mutex:
-            (count,) = self._conn.execute(
-                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
-            ).fetchone()
-        return int(count)
-
-    # -- checkpoint registry and retry budgets ------------------------------------------
-
-    def register_checkpoint(self, job_id: str, generation: int, step: int, path: str) -> bool:
-        """Record a committed checkpoint (only after orbax finalised it) with a `checkpoint`
-        event; registering it again is a no-op. Returns whether it was new.
-
-        Raises:
-            JobNotFoundError: no such job.
-        """
-        with self._transaction() as conn:
-            self._require_job(conn, job_id)
-            now = self._clock_us()
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO checkpoints (job_id, generation, step, path, state, "
-                "created_us, updated_us) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, generation, step, path, CheckpointState.COMMITTED.value, now, now),
-            )
-            if cur.rowcount == 0:
-                return False
-            self._insert_event(
-                conn, job_id, now, "checkpoint", f"Checkpoint at step {step} committed ({path})."
-            )
-        return True
-
-    def checkpoints(
-        self, job_id: str, states: Iterable[CheckpointState] = (CheckpointState.COMMITTED,)
-    ) -> list[Checkpoint]:
-        """A job's registered checkpoints in the given states, oldest step first."""
-        values = sorted({CheckpointState(s).value for s in states})
-        if not values:
-            return []
-        with self._mutex:
-            rows = self._conn.execute(
-                "SELECT job_id, generation, step, path, state, created_us FROM checkpoints "
-                f"WHERE job_id = ? AND state IN ({', '.join('?' * len(values))}) "
-                "ORDER BY step, generation",
-                (job_id, *values),
-            ).fetchall()
-        return [
-            Checkpoint(r[0], int(r[1]), int(r[2]), r[3], CheckpointState(r[4]), r[5]) for r in rows
-        ]
-
-    def latest_checkpoint(self, job_id: str) -> Checkpoint | None:
-        """The job's committed checkpoint of the most steps, or None."""
-        committed = self.checkpoints(job_id)
-        return committed[-1] if committed else None
-
-    def mark_checkpoint(
-        self, checkpoint: Checkpoint, state: CheckpointState, message: str = ""
-    ) -> None:
-        """Change a checkpoint's state; with a message, also record a `warning` event."""
-        with self._transaction() as conn:
-            now = self._clock_us()
-            conn.execute(
-                "UPDATE checkpoints SET state = ?, updated_us = ? "
-                "WHERE job_id = ? AND generation = ? AND step = ?",
-                (
-                    CheckpointState(state).value,
-                    now,
-                    checkpoint.job_id,
-                    checkpoint.generation,
-                    checkpoint.step,
-                ),
-            )
-            if message:
-                self._insert_event(conn, checkpoint.job_id, now, "warning", message)
-
-    def retire_checkpoints(self, job_id: str, keep: int) -> list[Checkpoint]:
-        """Retention: mark all but the newest `keep` committed checkpoints deleted; returns
-        them (the caller removes their folders)."""
-        if keep < 1:
-            raise ValueError(f"keep={keep} must be at least 1.")
-        old = self.checkpoints(job_id)[:-keep]
-        for checkpoint in old:
-            self.mark_checkpoint(checkpoint, CheckpointState.DELETED)
-        return old
-
-    def count_retry(self, job_id: str, failure_class: str) -> int:
-        """Count one more retry of a failure class for a job; returns the count so far."""
-        with self._transaction() as conn:
-            self._require_job(conn, job_id)
-            conn.execute(
-                "INSERT INTO retries (job_id, failure_class, count) VALUES (?, ?, 1) "
-                "ON CONFLICT (job_id, failure_class) DO UPDATE SET count = count + 1",
-                (job_id, failure_class),
-            )
-            (count,) = conn.execute(
-                "SELECT count FROM retries WHERE job_id = ? AND failure_class = ?",
-                (job_id, failure_class),
-            ).fetchone()
-        return int(count)
-
-    def retries(self, job_id: str) -> dict[str, int]:
-        """Retries so far per failure class."""
-        with self._mutex:
-            rows = self._conn.execute(
-                "SELECT failure_class, count FROM retries WHERE job_id = ?", (job_id,)
-            ).fetchall()
-        return {c: int(n) for c, n in rows}
-
-    # -- wire ----------------------------------------------------------------------------
-
-    def job_proto(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
-        """The wire record of a job (queue position and islands are the scheduler's to fill)."""
-        job = controller_pb2.Job(
-            id=record.id,
-            name=record.name,
-            state=record.state.to_proto(),
-            reason=record.reason,
-            message=record.message,
-            generation=record.generation,
-            steps_completed=self.steps_completed(record.id),
-        )
-        job.spec.CopyFrom(record.spec)
-        if include_losses:
-            job.losses.extend(self.losses(record.id))
-        job.created_at.CopyFrom(_timestamp(record.created_us))
-        job.updated_at.CopyFrom(_timestamp(record.updated_us))
-        if record.started_us is not None:
-            job.started_at.CopyFrom(_timestamp(record.started_us))
-        if record.finished_us is not None:
-            job.finished_at.CopyFrom(_timestamp(record.finished_us))
-        return job
-
 
 _JOB_COLUMNS = (
     "id, name, spec, state, priority, weight, created_us, updated_us, started_us, "
@@ -1047,12 +527,6 @@ def _job_from_row(row: tuple) -> JobRecord:
         generation=int(row[12]),
         request_id=row[13],
     )
-
-
-def _timestamp(us: int) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromMicroseconds(us)
-    return ts
 
 
 def _encode_token(created_us: int, job_id: str) -> str:

@@ -1,8 +1,11 @@
 """Views: every wire and dashboard representation of jobs and islands, built in one place.
 
-One job view (`Views.job`: the stored record, where it runs, its place in the queue and why it
-waits, its last step's metrics), one islands view, one `StepMetrics` builder (with MFU against
-the job's devices' peak), and `why`. The gRPC servicer and the dashboard both read these.
+`job_record_proto` is what the store knows of a job (state, spec, times, progress); `Views.job`
+adds what only the controller knows (its islands, its place in the queue and why it waits, the
+latest step's metrics), and is the one job view: GetJob, ListJobs, WatchJob and the dashboard
+all show it. `job_summary` turns that wire record into the dashboard's JSON and `step_point`
+is one step as its charts plot it. Also here: the one islands view, the one `StepMetrics`
+builder (MFU against the job's devices' peak), and `why`.
 """
 
 from __future__ import annotations
@@ -10,16 +13,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from pathways_lite.v1 import controller_pb2
 
+from . import spec as spec_lib
 from .islands import Island
 from .resolved import ResolvedJob
 from .scheduler import Scheduler
-from .store import JobRecord, JobState, JobStore
+from .states import JobState
+from .store import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,82 @@ def timestamp_us(us: int) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromMicroseconds(us)
     return ts
+
+
+def job_record_proto(
+    store: JobStore, record: JobRecord, *, include_losses: bool = True
+) -> controller_pb2.Job:
+    """The wire record of a stored job (queue position and islands are the scheduler's to
+    fill)."""
+    job = controller_pb2.Job(
+        id=record.id,
+        name=record.name,
+        state=record.state.to_proto(),
+        reason=record.reason,
+        message=record.message,
+        generation=record.generation,
+        steps_completed=store.steps_completed(record.id),
+    )
+    job.spec.CopyFrom(record.spec)
+    if include_losses:
+        job.losses.extend(store.losses(record.id))
+    job.created_at.CopyFrom(timestamp_us(record.created_us))
+    job.updated_at.CopyFrom(timestamp_us(record.updated_us))
+    if record.started_us is not None:
+        job.started_at.CopyFrom(timestamp_us(record.started_us))
+    if record.finished_us is not None:
+        job.finished_at.CopyFrom(timestamp_us(record.finished_us))
+    return job
+
+
+def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
+    """One job as the dashboard's jobs list and job page show it, from its wire record.
+
+    Times are seconds since the epoch (None when not reached); `loss`, `tokens_per_s` and
+    `mfu` are the latest step's (None before the first step).
+    """
+    last = job.last_metrics if job.HasField("last_metrics") else None
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": JobState.from_proto(job.state).value,
+        "steps_completed": job.steps_completed,
+        "steps": job.spec.train.steps,
+        "loss": None if last is None else _finite(last.loss),
+        "tokens_per_s": None if last is None else last.tokens_per_s,
+        "mfu": None if last is None else job.mfu,
+        "priority": spec_lib.priority(job.spec),
+        "weight": spec_lib.weight(job.spec),
+        "queue_position": job.queue_position,
+        "islands": list(job.islands),
+        "model": job.spec.model.preset,
+        "reason": job.reason,
+        "message": job.message,
+        "created": _seconds(job, "created_at"),
+        "started": _seconds(job, "started_at"),
+        "finished": _seconds(job, "finished_at"),
+    }
+
+
+def step_point(
+    step: int, loss: float, tokens_per_s: float, time_s: float, mfu: float
+) -> dict[str, Any]:
+    """One completed step as the dashboard's charts plot it (a non-finite loss is None)."""
+    return {
+        "step": step,
+        "loss": _finite(loss),
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "time": time_s,
+    }
+
+
+def _seconds(job: controller_pb2.Job, field: str) -> float | None:
+    return getattr(job, field).ToMicroseconds() / 1e6 if job.HasField(field) else None
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +213,26 @@ class Views:
             mfu=self.mfu(record, tokens_per_s) if mfu is None else mfu,
         )
 
-    def job(self, record: JobRecord, *, include_losses: bool = True) -> controller_pb2.Job:
-        """The job as the wire and the dashboard show it."""
-        job = self.store.job_proto(record, include_losses=include_losses)
+    def job(
+        self,
+        record: JobRecord,
+        *,
+        include_losses: bool = True,
+        queued: Sequence[JobRecord] | None = None,
+    ) -> controller_pb2.Job:
+        """The job as the wire and the dashboard show it.
+
+        Args:
+            record: the job.
+            include_losses: whether to carry every step's loss.
+            queued: the queued jobs in scheduling order, when the caller builds many views
+                at once (a page of jobs); None reads them from the store when it is queued.
+        """
+        job = job_record_proto(self.store, record, include_losses=include_losses)
         job.islands.extend(self.scheduler.islands_of(record.id))
         if record.state == JobState.QUEUED:
-            queued = self.store.jobs_in_states([JobState.QUEUED])
+            if queued is None:
+                queued = self.store.jobs_in_states([JobState.QUEUED])
             job.queue_position = 1 + next(
                 (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
             )

@@ -24,7 +24,7 @@ _LAZY = {
     "Job": "sdk",
     "JobSpec": "sdk",
     "JobStatus": "sdk",
-    "LocalCluster": "sdk",
+    "LocalCluster": "local",
     "ClientError": "sdk",
 }
 __all__ = ["__version__", *_LAZY]

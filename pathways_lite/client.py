@@ -1,11 +1,12 @@
-"""The Python client of the controller: submit, get, list, cancel, watch jobs; list islands.
+"""The wire client of the controller: one method per ControllerService rpc, wire records out.
 
-`Client(state_dir=...)` finds the controller through `<state_dir>/controller.json` and its
-access token in `<state_dir>/token`; `Client(address="127.0.0.1:port", token=...)` talks to a
-given address. Every call carries the token (`authorization: Bearer ...`). The controller's
-wire version is checked at connect. Errors are `ClientError`s whose message is the
-controller's sentence. This is the low-level client (wire records); `pathways_lite.Client`
-(sdk.py) wraps it with job handles.
+`ControllerClient(state_dir=...)` finds the controller through `<state_dir>/controller.json`
+and its access token in `<state_dir>/token`; `ControllerClient(address="127.0.0.1:port",
+token=...)` talks to a given address. Every call carries the token (`authorization: Bearer
+...`). The controller's wire version is checked at connect. Errors are `ClientError`s whose
+message is the controller's sentence. The CLI uses it directly; the public `pathways_lite.Client`
+(sdk.py) wraps it with job handles and plain dicts. It imports only the wire and the small
+shared modules of the controller (states, wire versions, the token file), never the server.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import grpc
 from google.protobuf import json_format
 
 from pathways_lite.controller import auth
-from pathways_lite.controller.service import CONTROLLER_WIRE_VERSION
-from pathways_lite.controller.store import JobState
+from pathways_lite.controller.options import ADDRESS_FILE
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.wire import CONTROLLER_WIRE_VERSION
 from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
 
-from .local import ADDRESS_FILE, default_state_dir, read_address
+from .local import default_state_dir, read_address
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +113,8 @@ def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
     }
 
 
-class Client:
-    """A connection to one controller.
+class ControllerClient:
+    """A connection to one controller, speaking its wire records.
 
     Args:
         state_dir: the cluster's state directory (default: $PATHWAYS_LITE_STATE or
@@ -163,7 +165,7 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> ControllerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

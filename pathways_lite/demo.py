@@ -71,7 +71,7 @@ def run(steps: int = 120, json_output: bool = False, seed: int = 0) -> int:
         json_output: print a JSON summary instead of the human report at the end.
         seed: seeds the initialisation, the data order and sampling.
     """
-    from pathways_lite.client import Client, ClientError, state_name
+    from pathways_lite.client import ClientError, ControllerClient, state_name
     from pathways_lite.local import LocalCluster
 
     if steps <= SAMPLE_LEAD_STEPS:
@@ -94,7 +94,7 @@ def run(steps: int = 120, json_output: bool = False, seed: int = 0) -> int:
         with console.status(f"starting Ray, the controller and {DEMO_ISLANDS} island hosts"):
             cluster.start()
         console.print(f"cluster up in {time.perf_counter() - started:.1f} s ({state_dir})")
-        with Client(state_dir) as client:
+        with ControllerClient(state_dir) as client:
             try:  # the controller's web dashboard, while the jobs run
                 console.print(f"dashboard: {client.dashboard_url(with_token=True)}")
             except ClientError:

@@ -6,6 +6,7 @@ island hosts. With `ray_address` it joins an existing Ray cluster instead: it st
 controller, whose islands are the ones the cluster's nodes advertise (workers/discovery.py).
 What it started is written to `<state_dir>/cluster.json`, so `down` (this object, or
 `pathways-lite down` from another process) stops exactly those processes and no others.
+This is the SDK's `pathways_lite.LocalCluster` (its `client()` is a `pathways_lite.Client`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP
+
+if TYPE_CHECKING:
+    from pathways_lite.sdk import Client
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_FILE = "cluster.json"
-ADDRESS_FILE = "controller.json"
 STATE_ENV = "PATHWAYS_LITE_STATE"
 # Ray's unix socket paths live below its temp dir and must stay under ~107 characters.
 _RAY_DIR_MAX = 48
@@ -73,7 +78,15 @@ def _alive(pid: int) -> bool:
 
 
 class LocalCluster:
-    """Start a local cluster; use as a context manager or call `start()` and `down()`.
+    """A whole cluster on this machine (Ray on loopback, island hosts, the controller); use it
+    as a context manager, or call `start()` and `down()`.
+
+    Example::
+
+        from pathways_lite import LocalCluster
+        with LocalCluster(islands=2, devices_per_island=2) as cluster:
+            print(cluster.dashboard_url)
+            client = cluster.client()
 
     Args:
         islands: number of islands.
@@ -205,7 +218,6 @@ class LocalCluster:
     def _start_controller(self, record: dict[str, Any]) -> None:
         cmd = [sys.executable, "-m", "pathways_lite.controller", f"--state-dir={self.state_dir}"]
         if self.ray_address is not None:
-            from pathways_lite.controller.__main__ import AUTO_NODE_IP
             from pathways_lite.workers.discovery import driver_node_ip
 
             node_ip = self.node_ip or driver_node_ip(self.ray_address) or AUTO_NODE_IP
@@ -293,6 +305,25 @@ class LocalCluster:
         self._ray = None
         self._controller = None
         self.address = None
+
+    def client(self) -> Client:
+        """A `pathways_lite.Client` of this cluster's controller."""
+        from pathways_lite.sdk import Client
+
+        return Client(self.state_dir)
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard URL, with the access token."""
+        with self.client() as c:
+            return c.dashboard_url(with_token=True)
+
+    @property
+    def token_file(self) -> Path:
+        """The access token file (mode 0600)."""
+        from pathways_lite.controller.auth import token_path
+
+        return token_path(self.state_dir)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

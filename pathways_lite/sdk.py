@@ -1,5 +1,9 @@
 """The Python SDK: `Client`, `Job` handles, `JobSpec` and a `LocalCluster` for notebooks.
 
+`Client` answers with job handles and plain dicts over the wire client (client.py);
+`JobSpec` is the wire message (controller.proto) and `LocalCluster` the local cluster of
+local.py, exported here under their one public name.
+
 Example (a local cluster of one island with two CPU devices, one tiny job)::
 
     from pathways_lite import Client, LocalCluster
@@ -26,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pathways_lite import client as client_lib
-from pathways_lite import local as local_lib
-from pathways_lite.controller.spec import JobSpec
+from pathways_lite.local import LocalCluster
+from pathways_lite.v1.controller_pb2 import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +160,7 @@ class Client:
         address: str | None = None,
         token: str | None = None,
     ) -> None:
-        self.raw = client_lib.Client(state_dir, address=address, token=token)
+        self.raw = client_lib.ControllerClient(state_dir, address=address, token=token)
 
     def close(self) -> None:
         self.raw.close()
@@ -203,37 +207,3 @@ class Client:
     def dashboard_url(self, with_token: bool = True) -> str:
         """The dashboard's URL (with the token, which the page trades for a cookie)."""
         return self.raw.dashboard_url(with_token=with_token)
-
-
-class LocalCluster(local_lib.LocalCluster):
-    """A whole cluster on this machine (Ray on loopback, island hosts, the controller), as a
-    context manager; see `pathways_lite.local.LocalCluster` for the arguments.
-
-    Example::
-
-        from pathways_lite import LocalCluster
-        with LocalCluster(islands=2, devices_per_island=2) as cluster:
-            print(cluster.dashboard_url)
-            client = cluster.client()
-    """
-
-    def client(self) -> Client:
-        """A client of this cluster's controller."""
-        return Client(self.state_dir)
-
-    @property
-    def dashboard_url(self) -> str:
-        """The dashboard URL, with the access token."""
-        with self.client() as c:
-            return c.dashboard_url(with_token=True)
-
-    @property
-    def token_file(self) -> Path:
-        """The access token file (mode 0600)."""
-        from pathways_lite.controller.auth import token_path
-
-        return token_path(self.state_dir)
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self

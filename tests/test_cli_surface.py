@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from pathways_lite import cli
+from pathways_lite import cli, cli_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -224,7 +224,7 @@ def test_every_error_path_is_one_line_and_nonzero(local_cluster, tmp_path, capsy
 
 
 def test_up_records_the_dashboard_and_a_private_token(local_cluster) -> None:
-    info = cli._up_info(local_cluster)
+    info = cli_cluster.up_info(local_cluster)
     assert info["dashboard"].startswith("http://127.0.0.1:")
     assert info["controller"].startswith("127.0.0.1:")
     token_file = local_cluster.state_dir / "token"

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathways_lite.client import Client, ClientError, state_name
+from pathways_lite.client import ClientError, ControllerClient, state_name
 from pathways_lite.controller import spec as spec_lib
 from pathways_lite.spec import load_spec_text, spec_from_dict
 from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
@@ -35,7 +35,7 @@ data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}
 
 @pytest.fixture(scope="module")
 def client(local_cluster):
-    with Client(local_cluster.state_dir) as c:
+    with ControllerClient(local_cluster.state_dir) as c:
         yield c
 
 

@@ -14,7 +14,9 @@ import pytest
 from pathways_lite.controller import auth
 from pathways_lite.controller.core import Controller
 from pathways_lite.controller.dashboard import Dashboard, parse_duration, plotly_js
-from pathways_lite.controller.store import JobState, JobStore
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobStore
+from pathways_lite.controller.views import job_summary
 from pathways_lite.v1 import controller_pb2
 
 N_JOBS = 10_000
@@ -101,6 +103,53 @@ def test_retention_prunes_old_finished_jobs_only(tmp_path) -> None:
         parse_duration("soon")
 
 
+def test_job_json_is_the_controllers_job_record(tmp_path) -> None:
+    store = JobStore(tmp_path / "controller.db")
+    running, first, second = (store.create_job(_spec(i)) for i in range(3))
+    store.transition(running.id, JobState.RUNNING)
+    store.record_metrics(running.id, 0, 3.5, tokens_per_s=100.0)
+    controller = Controller(store, [])
+    dashboard = Dashboard(controller, token=None)
+    page = {j["id"]: j for j in dashboard.jobs_page(limit=10)["jobs"]}
+    for record in store.list_jobs()[0]:
+        wire = job_summary(controller.job_proto(record, include_losses=False))
+        assert page[record.id] == wire == dashboard.job_detail(record.id)["job"]
+    assert page[running.id]["loss"] == 3.5 and page[running.id]["tokens_per_s"] == 100.0
+    assert [page[first.id]["queue_position"], page[second.id]["queue_position"]] == [1, 2]
+    assert dashboard.job_detail(second.id)["jobs_ahead"] == [first.id]
+    store.close()
+
+
+def test_metrics_are_read_from_the_store_at_each_scrape_never_accumulated(tmp_path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store = JobStore(tmp_path / "controller.db")
+    running = store.create_job(_spec(0))
+    store.create_job(_spec(1))
+    store.transition(running.id, JobState.RUNNING)
+    store.record_metrics(running.id, 0, 3.5, tokens_per_s=100.0)
+    controller = Controller(store, [])
+    dashboards = [Dashboard(controller, token=None) for _ in range(2)]  # no registry clash
+
+    def scrape(dashboard: Dashboard) -> dict[tuple, float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(dashboard.prometheus())
+            for s in family.samples
+        }
+
+    first = scrape(dashboards[0])
+    assert first == scrape(dashboards[0]) == scrape(dashboards[1])
+    assert first[("pathways_lite_jobs", (("state", "running"),))] == 1
+    assert first[("pathways_lite_jobs", (("state", "queued"),))] == 1
+    labels = (("job", running.id), ("name", "job-0"))
+    assert first[("pathways_lite_job_loss", labels)] == 3.5
+    assert first[("pathways_lite_job_tokens_per_second", labels)] == 100.0
+    assert first[("pathways_lite_job_steps_completed", labels)] == 1
+    assert first[("pathways_lite_steps_total", ())] == controller.steps_total
+    store.close()
+
+
 def test_plotly_is_served_from_the_installed_package() -> None:
     path = plotly_js()
     assert path.stat().st_size > 1_000_000 and b"plotly" in path.read_bytes()[:2000].lower()
@@ -149,12 +198,14 @@ def test_metrics_and_live_stream_on_a_running_cluster(local_cluster, tmp_path) -
         for line in text.splitlines():
             assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line)
         # The session cluster may run other tests' jobs too: at least this one is counted.
-        running = re.search(r'^pathways_lite_jobs\{state="running"\} (\d+)$', text, re.M)
-        assert running and int(running.group(1)) >= 1, text
+        running = re.search(r'^pathways_lite_jobs\{state="running"\} ([0-9.e+]+)$', text, re.M)
+        assert running and float(running.group(1)) >= 1, text
         assert re.search(r"^pathways_lite_steps_total [1-9]", text, re.M)
         assert f'pathways_lite_job_tokens_per_second{{job="{job.id}"' in text
-        used = re.search(r'pathways_lite_island_memory_used_bytes\{island="island-0"\} (\d+)', text)
-        assert used and int(used.group(1)) > 0
+        used = re.search(
+            r'^pathways_lite_island_memory_used_bytes\{island="island-0"\} ([0-9.e+]+)$', text, re.M
+        )
+        assert used and float(used.group(1)) > 0, text
         assert "pathways_lite_job_failures_total" in text
     finally:
         job.cancel()

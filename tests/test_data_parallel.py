@@ -390,10 +390,10 @@ def two_island_cluster():
 
 
 def test_two_islands_of_two_hosts_each_match_the_reference_end_to_end(two_island_cluster) -> None:
-    from pathways_lite.client import Client, state_name
+    from pathways_lite.client import ControllerClient, state_name
 
     spec = job_spec(2, 2, (1, 2), batch=4, steps=STEPS)
-    with Client(two_island_cluster.state_dir) as client:
+    with ControllerClient(two_island_cluster.state_dir) as client:
         islands = client.islands()
         job = client.submit(spec)
         job = client.wait(job.id, timeout_s=280)

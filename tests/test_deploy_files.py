@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from pathways_lite import cli
-from pathways_lite.controller import __main__ as controller_main
+from pathways_lite.controller import options as controller_options
 from pathways_lite.local import STATE_ENV
 from pathways_lite.model.tokenizer import default_cache_dir
 from pathways_lite.workers.discovery import islands_from_nodes
@@ -137,16 +137,16 @@ def test_ray_nodes_commands_parse_and_advertise_the_islands() -> None:
         services = compose["services"]
         head = _ray_start(services["ray-head"]["command"])
         assert head["head"] and head["block"]
-        assert head["port"] == controller_main.RAY_PORT
-        assert _health_port(services["ray-head"]) == controller_main.RAY_PORT
+        assert head["port"] == controller_options.RAY_PORT
+        assert _health_port(services["ray-head"]) == controller_options.RAY_PORT
         nodes = []
         for node_name in ISLAND_NODES:
             service = services[node_name]
             params = _ray_start(service["command"])
             assert params["block"], node_name
-            assert params["address"] == f"ray-head:{controller_main.RAY_PORT}"
-            assert params["node_manager_port"] == controller_main.RAY_NODE_MANAGER_PORT
-            assert _health_port(service) == controller_main.RAY_NODE_MANAGER_PORT
+            assert params["address"] == f"ray-head:{controller_options.RAY_PORT}"
+            assert params["node_manager_port"] == controller_options.RAY_NODE_MANAGER_PORT
+            assert _health_port(service) == controller_options.RAY_NODE_MANAGER_PORT
             resources = json.loads(params["resources"])
             gpus = 0
             if name == "gpu":
@@ -174,27 +174,27 @@ def test_controller_command_parses_and_agrees_with_the_ports() -> None:
         service = compose["services"]["controller"]
         argv = service["command"]
         assert argv[:3] == ["python", "-m", "pathways_lite.controller"], argv
-        args = controller_main.build_parser().parse_args(argv[3:])
+        args = controller_options.build_parser().parse_args(argv[3:])
         assert args.host == "0.0.0.0", "the controller listens on every interface of its container"
-        assert args.port == controller_main.CONTROLLER_PORT
+        assert args.port == controller_options.CONTROLLER_PORT
         # The published dashboard port is one the dashboard really listens on, on every
         # interface of the container (its default port 0 would pick a random one).
-        assert args.dashboard_port == controller_main.DASHBOARD_PORT
+        assert args.dashboard_port == controller_options.DASHBOARD_PORT
         assert args.dashboard_host in (None, "0.0.0.0")
-        assert args.ray_address == f"ray-head:{controller_main.RAY_PORT}"
+        assert args.ray_address == f"ray-head:{controller_options.RAY_PORT}"
         assert args.discover and args.join_ray_node
-        assert args.node_ip == controller_main.AUTO_NODE_IP
+        assert args.node_ip == controller_options.AUTO_NODE_IP
         assert args.min_islands == len(ISLAND_NODES)
         assert args.state_dir == VOLUMES["state"]
-        assert _health_port(service) == controller_main.CONTROLLER_PORT
+        assert _health_port(service) == controller_options.CONTROLLER_PORT
         published = {}
         for mapping in service["ports"]:
             host_ip, host_port, container_port = str(mapping).split(":")
             assert host_ip == "127.0.0.1", f"{mapping!r} must publish on the host's localhost"
             published[int(container_port)] = int(host_port)
         assert published == {
-            controller_main.CONTROLLER_PORT: controller_main.CONTROLLER_PORT,
-            controller_main.DASHBOARD_PORT: controller_main.DASHBOARD_PORT,
+            controller_options.CONTROLLER_PORT: controller_options.CONTROLLER_PORT,
+            controller_options.DASHBOARD_PORT: controller_options.DASHBOARD_PORT,
         }, name
         # Only the controller publishes ports.
         others = [s for n, s in compose["services"].items() if n != "controller"]
@@ -233,7 +233,7 @@ def test_every_ray_service_uses_the_same_ray_token() -> None:
             assert {k: env.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")} == auth_env(
                 path
             ), (name, service_name)
-        controller = controller_main.build_parser().parse_args(
+        controller = controller_options.build_parser().parse_args(
             services["controller"]["command"][3:]
         )
         assert controller.ray_token_file == path, "the controller's driver and node use it too"

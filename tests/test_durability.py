@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathways_lite.client import Client, state_name
-from pathways_lite.controller.store import DB_NAME, MIGRATIONS, CheckpointState, JobStore, migrate
+from pathways_lite.client import ControllerClient, state_name
+from pathways_lite.controller.schema import MIGRATIONS, migrate
+from pathways_lite.controller.states import CheckpointState
+from pathways_lite.controller.store import DB_NAME, JobStore
 from pathways_lite.spec import load_spec_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -68,7 +70,7 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.05):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def host_pid(client: Client, island: str, host_index: int) -> int:
+def host_pid(client: ControllerClient, island: str, host_index: int) -> int:
     for item in client.islands():
         if item.id == island:
             return int(item.hosts[host_index].pid)
@@ -96,7 +98,7 @@ def story():
         out["times"].append(("cluster", time.monotonic()))
         store = open_store(state_dir)
         out["store"] = store
-        client = Client(state_dir)
+        client = ControllerClient(state_dir)
         out["epoch_1"] = client.info().epoch
         # 1. host deaths.
         v = client.submit(load_spec_text(spec_text("victim", 2))).id
@@ -139,7 +141,7 @@ def story():
         out["corrupted"] = latest
         cluster.restart_controller()
         out["times"].append(("controller restarted", time.monotonic()))
-        client = Client(state_dir)
+        client = ControllerClient(state_dir)
         out["epoch_2"] = client.info().epoch
         out["jobs_3"] = {j: client.wait(j, timeout_s=240) for j in (v2, d2)}
         out["nan"] = client.wait(nan, timeout_s=180)
@@ -303,7 +305,8 @@ def test_a_checkpoint_of_two_islands_restores_onto_one_island_of_four_devices(tm
     from pathways_lite.controller.dispatch import Dispatcher
     from pathways_lite.controller.islands import Island, connect_host
     from pathways_lite.controller.resolved import palm_program
-    from pathways_lite.controller.store import JobRecord, JobState
+    from pathways_lite.controller.states import JobState
+    from pathways_lite.controller.store import JobRecord
     from pathways_lite.workers.checkpoint import checkpoint_path, is_committed
 
     spec2 = load_spec_text(spec_text("layout", 2, steps=8))

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pathways_lite.client import Client, ClientError, state_name
+from pathways_lite.client import ClientError, ControllerClient, state_name
 from pathways_lite.controller import spec as spec_lib
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
@@ -76,7 +76,7 @@ def cluster(stdlib_dataset):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    with Client(cluster.state_dir) as c:
+    with ControllerClient(cluster.state_dir) as c:
         yield c
 
 

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from pathways_lite.client import Client, state_name
+from pathways_lite.client import ControllerClient, state_name
 from pathways_lite.spec import load_spec_text
 from pathways_lite.workers.discovery import (
     DiscoveryError,
@@ -91,7 +91,7 @@ def joined():
 
 @pytest.fixture(scope="module")
 def client(joined):
-    with Client(joined[1]) as c:
+    with ControllerClient(joined[1]) as c:
         yield c
 
 
@@ -197,7 +197,7 @@ def test_one_island_jobs_train_on_each_island(client) -> None:
     assert list(done[0].losses) == list(done[1].losses)
 
 
-def _dashboard(client: Client, path: str) -> dict:
+def _dashboard(client: ControllerClient, path: str) -> dict:
     """A dashboard API reply (`api/jobs/<id>`, `api/overview`), fetched with the token."""
     url = client.dashboard_url(with_token=True)
     base, token = url.split("?token=")

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from pathways_lite import cli
-from pathways_lite.client import Client, state_name
+from pathways_lite.client import ControllerClient, state_name
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -35,7 +35,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def island_memory(client: Client) -> list[worker_pb2.ExecutionLogReply]:
+def island_memory(client: ControllerClient) -> list[worker_pb2.ExecutionLogReply]:
     """Every island host's loaded jobs and live device bytes (its own ExecutionLog)."""
     replies = []
     for island in client.islands():
@@ -55,7 +55,7 @@ def test_sample_of_a_succeeded_job_restores_its_last_checkpoint_and_unloads_it(
     code, out, _ = run_cli(capsys, "submit", str(spec_path), "--json", "--state-dir", state)
     assert code == 0
     job_id = json.loads(out)["id"]
-    with Client(state) as client:
+    with ControllerClient(state) as client:
         job = client.wait(job_id, timeout_s=120)
         assert state_name(job.state) == "succeeded", job.message
         before = island_memory(client)

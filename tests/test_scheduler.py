@@ -16,7 +16,8 @@ from pathways_lite.controller.jobs import Collaborators, JobRunner, Reporter
 from pathways_lite.controller.recovery import Recovery
 from pathways_lite.controller.resolved import ResolvedJob
 from pathways_lite.controller.scheduler import Demand, Scheduler
-from pathways_lite.controller.store import JobRecord, JobState, JobStore
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobRecord, JobStore
 from pathways_lite.controller.views import Views
 from pathways_lite.v1 import controller_pb2
 

@@ -11,22 +11,23 @@ import textwrap
 
 import pytest
 
-from pathways_lite.controller.store import (
-    DB_NAME,
+from pathways_lite.controller.schema import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    SchemaVersionError,
+    migrate,
+    schema_version,
+)
+from pathways_lite.controller.statedir import StateDirLock, StateDirLockedError
+from pathways_lite.controller.states import (
     TRANSITIONS,
     IllegalTransitionError,
     JobNotFoundError,
     JobState,
-    JobStore,
-    MetricConflictError,
-    SchemaVersionError,
-    StateDirLock,
-    StateDirLockedError,
-    migrate,
-    schema_version,
 )
+from pathways_lite.controller.store import DB_NAME, JobStore
+from pathways_lite.controller.store_progress import MetricConflictError
+from pathways_lite.controller.views import job_record_proto
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2
 
@@ -313,13 +314,13 @@ def test_job_proto_carries_state_spec_losses_and_times(store):
     store.record_metrics(job_id, 0, 3.0)
     store.record_metrics(job_id, 1, 2.5)
     record = store.get_job(job_id)
-    job = store.job_proto(record)
+    job = job_record_proto(store, record)
     assert job.id == job_id and job.state == controller_pb2.JOB_STATE_RUNNING
     assert job.spec == SPEC and list(job.losses) == [3.0, 2.5] and job.steps_completed == 2
     assert job.created_at.ToMicroseconds() == record.created_us
     assert job.started_at.ToMicroseconds() == record.started_us
     assert not job.HasField("finished_at")
-    assert list(store.job_proto(record, include_losses=False).losses) == []
+    assert list(job_record_proto(store, record, include_losses=False).losses) == []
     for state in JobState:
         assert JobState.from_proto(state.to_proto()) == state
     with pytest.raises(ValueError, match="JOB_STATE_UNSPECIFIED"):

@@ -1,0 +1,130 @@
+"""The controller process's command line: its flags, deployment ports and value parsers.
+
+Light on purpose (argparse and re only, no side effects): the CLI (`pathways-lite up`) and
+`LocalCluster` read the ports, `--node-ip auto` and the size parser from here without
+importing the controller's entry point, and the deployment files' tests check
+docker-compose.yml against `build_parser()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+# Where a running controller records its address, pid and dashboard URL for clients
+# (`<state_dir>/controller.json`).
+ADDRESS_FILE = "controller.json"
+# Deployment ports (docker-compose.yml, README): the one place that names them. A local
+# cluster (`pathways-lite up`) picks free ports instead.
+CONTROLLER_PORT = 50051  # the ControllerService (gRPC, with grpc.health.v1)
+DASHBOARD_PORT = 8080  # the controller's web dashboard (issue 9)
+RAY_PORT = 6379  # the Ray head's GCS (Ray's own default)
+RAY_NODE_MANAGER_PORT = 6380  # an island node's raylet (its grpc.health.v1 health check)
+# `--node-ip auto`: let Ray pick this machine's address (a real cluster, a container).
+AUTO_NODE_IP = "auto"
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as `512M`, `2GiB`, `1.5G` or `1000000`.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"size {text!r} is not a number of bytes such as 512M or 2GiB.")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit else 1000
+    exponent = " KMGT".index(unit.upper() or " ")
+    value = int(float(number) * base**exponent)
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive.")
+    return value
+
+
+def parse_island(text: str):
+    """An IslandSpec from `NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_BYTES_PER_DEVICE]`."""
+    from pathways_lite.workers.island_host import IslandSpec
+
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(
+            f"--island {text!r} must be NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]."
+        )
+    try:
+        memory = int(parts[3]) if len(parts) == 4 and parts[3] else None
+        return IslandSpec(
+            parts[0],
+            num_hosts=int(parts[1]),
+            devices_per_host=int(parts[2]),
+            memory_budget_bytes_per_device=memory,
+        )
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--island {text!r}: {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pathways_lite.controller")
+    p.add_argument("--state-dir", required=True, help="the state directory (locked)")
+    p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS ip:port")
+    p.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
+    p.add_argument(
+        "--node-ip",
+        default="127.0.0.2",
+        help=f"this driver's Ray node address; {AUTO_NODE_IP!r} lets Ray pick (real clusters)",
+    )
+    p.add_argument(
+        "--join-ray-node",
+        action="store_true",
+        help="first start a Ray node here (no CPUs, no islands) joined to --ray-address, for "
+        "a controller on a machine that runs no Ray node (a container); stopped on exit",
+    )
+    p.add_argument(
+        "--discover",
+        action="store_true",
+        help="add the islands the Ray cluster's nodes advertise (workers/discovery.py)",
+    )
+    p.add_argument(
+        "--min-islands",
+        type=int,
+        default=1,
+        help="with --discover: wait until the cluster advertises this many islands",
+    )
+    p.add_argument(
+        "--discover-timeout-s",
+        type=float,
+        default=120.0,
+        help="with --discover: how long to wait for --min-islands islands",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (0 = pick one)")
+    p.add_argument(
+        "--island",
+        action="append",
+        type=parse_island,
+        default=[],
+        help="NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]; repeat for every island",
+    )
+    p.add_argument("--window", type=int, default=2, help="steps in flight per job")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="the access token file (default <state-dir>/token; created with mode 0600)",
+    )
+    p.add_argument(
+        "--dashboard-host", default=None, help="address of the web dashboard (default --host)"
+    )
+    p.add_argument(
+        "--dashboard-port", type=int, default=0, help="port of the web dashboard (0 = pick one)"
+    )
+    p.add_argument(
+        "--job-retention",
+        default=None,
+        help="delete finished jobs older than this from the history (e.g. 30d, 12h); "
+        "default: keep them all",
+    )
+    p.add_argument(
+        "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
+    )
+    return p

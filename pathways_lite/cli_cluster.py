@@ -1,0 +1,524 @@
+"""The `pathways-lite` commands that talk to a cluster: `up`/`down` and the job commands.
+
+Each command talks to the controller through the wire client (client.py), prints an aligned
+table or, with `--json`, one JSON document, and raises `CliError` for what the user must fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pathways_lite.cli_common import CliError, print_json, print_table
+
+
+def _client(args: argparse.Namespace):
+    from pathways_lite.client import ControllerClient
+
+    return ControllerClient(args.state_dir)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from pathways_lite.controller.options import parse_size
+    from pathways_lite.local import LocalCluster
+
+    if args.ray_address is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--islands", args.islands),
+                ("--devices-per-island", args.devices_per_island),
+                ("--hosts-per-island", args.hosts_per_island),
+                ("--island-memory", args.island_memory),
+            )
+            if value is not None
+        ]
+        if given:
+            raise CliError(
+                f"{', '.join(given)} cannot be combined with --ray-address: the islands come "
+                "from the Ray cluster's node resources (island_<name>)."
+            )
+        cluster = LocalCluster(
+            state_dir=args.state_dir,
+            ray_address=args.ray_address,
+            ray_token_file=args.ray_token_file,
+            node_ip=args.node_ip,
+        )
+        cluster.start()
+        if args.json:
+            print_json(up_info(cluster))
+        else:
+            _print_up(cluster)
+        return 0
+    missing = [
+        flag
+        for flag, value in (
+            ("--islands", args.islands),
+            ("--devices-per-island", args.devices_per_island),
+        )
+        if value is None
+    ]
+    if missing:
+        raise CliError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required unless "
+            "--ray-address is given."
+        )
+    memory = None
+    if args.island_memory is not None:
+        try:
+            memory = parse_size(args.island_memory)
+        except ValueError as e:
+            raise CliError(f"--island-memory: {e}") from None
+    try:
+        cluster = LocalCluster(
+            islands=args.islands,
+            devices_per_island=args.devices_per_island,
+            hosts_per_island=args.hosts_per_island or 1,
+            island_memory=memory,
+            state_dir=args.state_dir,
+        )
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    cluster.start()
+    if args.json:
+        print_json(up_info(cluster))
+    else:
+        _print_up(cluster)
+    return 0
+
+
+def up_info(cluster) -> dict[str, Any]:
+    """What `up --json` prints: the controller, dashboard and token file of a cluster."""
+    from pathways_lite.controller.options import ADDRESS_FILE
+
+    info = json.loads((cluster.state_dir / ADDRESS_FILE).read_text())
+    return {
+        "controller": cluster.address,
+        "state_dir": str(cluster.state_dir),
+        "dashboard": info.get("dashboard", ""),
+        "token_file": info.get("token_file", ""),
+    }
+
+
+def _print_up(cluster) -> None:
+    info = up_info(cluster)
+    print_table(
+        [
+            ("controller", info["controller"]),
+            ("dashboard", info["dashboard"]),
+            ("state dir", info["state_dir"]),
+            ("token file", info["token_file"]),
+        ],
+        header=("", ""),
+    )
+    print("open the dashboard with: pathways-lite dashboard --state-dir " + info["state_dir"])
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from pathways_lite.local import default_state_dir, stop_recorded
+
+    state_dir = args.state_dir or default_state_dir()
+    if not stop_recorded(state_dir):
+        raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
+    print(f"stopped the cluster of {state_dir}")
+    return 0
+
+
+def _print_job(job, as_json: bool) -> None:
+    from pathways_lite.client import job_to_dict
+
+    record = job_to_dict(job)
+    if as_json:
+        print_json(record)
+        return
+    rows = [(k, record[k]) for k in ("id", "name", "state", "steps_completed", "reason")]
+    rows.append(("islands", ", ".join(record["islands"])))
+    if record["message"]:
+        rows.append(("message", record["message"]))
+    if record["losses"]:
+        rows.append(("last loss", f"{record['losses'][-1]:.6f}"))
+    print_table(rows, header=("field", "value"))
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pathways_lite.client import state_name
+    from pathways_lite.spec import load_spec_file
+
+    spec = load_spec_file(args.spec, validate=True)
+    client = _client(args)
+    job = client.submit(spec)
+    if not args.json:
+        print(f"submitted {job.id} ({state_name(job.state)})")
+    if args.follow and not args.json:
+        job = _follow(client, job)
+        if job is None:
+            return 0
+    elif args.wait or args.follow:
+        if args.json:
+            job = client.wait(job.id)
+        else:
+            for update in client.watch(job.id):
+                if update.HasField("metrics"):
+                    m = update.metrics
+                    print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
+                elif update.HasField("job"):
+                    print(f"{update.job.id} is {state_name(update.job.state)}")
+            job = client.get(job.id)
+    if args.json:
+        _print_job(job, True)
+    if (args.wait or args.follow) and state_name(job.state) != "succeeded":
+        if not args.json:
+            print(
+                f"pathways-lite: error: job {job.id} {state_name(job.state)}: {job.message}",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+def _follow(client, job):
+    """Follow a job with a live progress bar until it ends; Ctrl-C stops following only.
+
+    Returns:
+        The job's final record, or None when the user stopped following (Ctrl-C).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from pathways_lite.client import state_name
+
+    console = Console(stderr=False)
+    columns = (
+        TextColumn("[bold]{task.fields[name]}[/] {task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    total = job.spec.train.steps or None
+    fields = {"name": job.name, "state": state_name(job.state), "loss": "-", "tps": "-", "mfu": "-"}
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("train", total=total, **fields)
+            for update in client.watch(job.id):
+                if update.HasField("metrics"):
+                    m = update.metrics
+                    progress.update(
+                        task,
+                        completed=m.step + 1,
+                        loss=f"{m.loss:.4f}",
+                        tps=f"{m.tokens_per_s:,.0f}",
+                        mfu=f"{m.mfu:.2%}",
+                    )
+                elif update.HasField("job"):
+                    progress.update(
+                        task,
+                        state=state_name(update.job.state),
+                        completed=update.job.steps_completed,
+                    )
+    except KeyboardInterrupt:
+        latest = client.get(job.id)
+        print(
+            f"stopped following {latest.id}; it is still {state_name(latest.state)} "
+            f"(`pathways-lite status {latest.id}`)"
+        )
+        return None
+    job = client.get(job.id)
+    print(f"{job.id} {state_name(job.state)}: {job.message}")
+    return job
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from pathways_lite.client import log_to_dict
+
+    client = _client(args)
+    records = client.logs(args.job, tail=args.tail, follow=args.follow)
+    try:
+        for record in records:
+            if args.json:
+                print(json.dumps(log_to_dict(record), sort_keys=True), flush=True)
+            else:
+                when = record.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+                print(f"{when} {record.source:<12} {record.level:<7} {record.message}", flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _cmd_why(args: argparse.Namespace) -> int:
+    from pathways_lite.client import state_name
+
+    job = _client(args).get(args.job)
+    state = state_name(job.state)
+    if state == "queued":
+        reason = job.pending_reason
+    elif state == "running":
+        reason = f"Running on {', '.join(job.islands) or 'its islands'}."
+    else:
+        reason = f"The job is {state}" + (f": {job.message}" if job.message else ".")
+    record = {
+        "id": job.id,
+        "state": state,
+        "queue_position": job.queue_position,
+        "jobs_ahead": list(job.jobs_ahead),
+        "reason": reason,
+    }
+    if args.json:
+        print_json(record)
+        return 0
+    rows = [("job", job.id), ("state", state)]
+    if state == "queued":
+        rows.append(("queue position", job.queue_position))
+        rows.append(("jobs ahead", ", ".join(job.jobs_ahead) or "none"))
+    rows.append(("why", reason))
+    print_table(rows, header=("field", "value"))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens={args.max_new_tokens} must be a positive integer.")
+    reply = _client(args).sample(
+        args.job,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    if args.json:
+        print_json(
+            {
+                "job_id": reply.job_id,
+                "prompt": reply.prompt,
+                "text": reply.text,
+                "steps_applied": reply.steps_applied,
+                "island": reply.island,
+                "seconds": reply.seconds,
+                "checkpoint": reply.checkpoint,
+            }
+        )
+        return 0
+    print(reply.prompt + reply.text)
+    source = f", from checkpoint {reply.checkpoint}" if reply.checkpoint else ""
+    print(
+        f"-- {reply.job_id} after {reply.steps_applied} steps, on {reply.island} "
+        f"({reply.seconds:.2f} s{source})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    client = _client(args)
+    url = client.dashboard_url(with_token=True)
+    if args.json:
+        print_json({"dashboard": client.dashboard_url(), "url_with_token": url})
+        return 0
+    print(url)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from pathways_lite.client import job_to_dict
+
+    jobs = [job_to_dict(j) for j in _client(args).list()]
+    if args.json:
+        print_json(jobs)
+        return 0
+    rows = [
+        (j["id"], j["state"], f"{j['steps_completed']}/{j['steps']}", j["reason"]) for j in jobs
+    ]
+    print_table(rows, header=("id", "state", "steps", "reason"))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    _print_job(_client(args).get(args.job), args.json)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from pathways_lite.client import job_to_dict, state_name
+
+    job = _client(args).cancel(args.job, args.reason)
+    if args.json:
+        print_json(job_to_dict(job))
+        return 0
+    print(f"{job.id} is {state_name(job.state)}")
+    return 0
+
+
+def _cmd_priority(args: argparse.Namespace) -> int:
+    from pathways_lite.client import job_to_dict, state_name
+
+    job = _client(args).update(args.job, priority=args.priority)
+    if args.json:
+        print_json(job_to_dict(job))
+        return 0
+    where = f", queue position {job.queue_position}" if job.queue_position else ""
+    print(f"{job.id} has priority {args.priority} ({state_name(job.state)}{where})")
+    return 0
+
+
+def _cmd_islands(args: argparse.Namespace) -> int:
+    from pathways_lite.client import island_to_dict
+
+    islands = [island_to_dict(i) for i in _client(args).islands()]
+    if args.json:
+        print_json(islands)
+        return 0
+    rows = [
+        (
+            i["id"],
+            h["node"],
+            h["address"],
+            h["pid"],
+            h["port"],
+            h["devices"],
+            h.get("state", "ready"),
+            ",".join(i["job_ids"]) or "-",
+        )
+        for i in islands
+        for h in i["hosts"]
+    ]
+    print_table(
+        rows, header=("island", "node", "address", "pid", "port", "devices", "state", "job")
+    )
+    for i in islands:
+        if i["down"]:
+            print(f"island {i['id']} is down: {i['down']}")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from pathways_lite.local import default_state_dir, read_address
+
+    address = args.address or read_address(args.state_dir or default_state_dir())
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            raise CliError(f"health check of {address}: {e.code().name}: {e.details()}") from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def add_cluster_commands(sub) -> None:
+    """Add the cluster and job commands to the `pathways-lite` subparsers."""
+
+    def add(name: str, help_text: str, func, json_flag: bool = True):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--state-dir",
+            default=None,
+            help="the cluster's state dir (default $PATHWAYS_LITE_STATE or ~/.pathways_lite)",
+        )
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
+        return p
+
+    up = add("up", "start a local cluster in the background", _cmd_up)
+    up.add_argument(
+        "--islands", type=_positive_int, default=None, help="number of islands (local Ray)"
+    )
+    up.add_argument(
+        "--devices-per-island", type=_positive_int, default=None, help="devices per island"
+    )
+    up.add_argument(
+        "--hosts-per-island", type=_positive_int, default=None, help="hosts per island (1)"
+    )
+    up.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (head host:port) instead of starting one; islands come "
+        "from its nodes' island_<name> resources",
+    )
+    up.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
+    up.add_argument(
+        "--node-ip", default=None, help="with --ray-address: the controller's Ray node address"
+    )
+    up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
+    add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
+    submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
+    submit.add_argument("spec", help="the job spec file")
+    submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument(
+        "--follow",
+        action="store_true",
+        help="follow the job with a live progress bar until it ends (Ctrl-C stops following)",
+    )
+    add("jobs", "list jobs", _cmd_jobs)
+    status = add("status", "show one job", _cmd_status)
+    status.add_argument("job", help="the job id")
+    cancel = add("cancel", "cancel a job", _cmd_cancel)
+    cancel.add_argument("job", help="the job id")
+    cancel.add_argument("--reason", default="", help="why (recorded with the job)")
+    prio = add("priority", "re-prioritise a queued, running or suspended job", _cmd_priority)
+    prio.add_argument("job", help="the job id")
+    prio.add_argument("priority", type=int, help="the new priority in [-1000, 1000]")
+    add("islands", "list the islands and their hosts", _cmd_islands)
+    logs = add("logs", "print a job's log records (controller and island hosts)", _cmd_logs)
+    logs.add_argument("job", help="the job id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    logs.add_argument("--tail", type=int, default=0, help="only the newest N records (0 = all)")
+    why = add("why", "why a job is pending (queue position, jobs ahead, what it lacks)", _cmd_why)
+    why.add_argument("job", help="the job id")
+    sample = add(
+        "sample",
+        "generate text from a job's current parameters (an ended job: its last checkpoint)",
+        _cmd_sample,
+    )
+    sample.add_argument("job", help="the job id")
+    sample.add_argument("--prompt", required=True, help="the text to continue")
+    sample.add_argument("--max-new-tokens", type=int, default=64, help="tokens (default 64)")
+    sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)
+    dash.add_argument("--open", action="store_true", help="also open it in a browser")
+    health = add(
+        "health",
+        "check a server through grpc.health.v1 (exit 0 when SERVING)",
+        _cmd_health,
+        json_flag=False,
+    )
+    health.add_argument(
+        "--address", default=None, help="host:port (default: the state dir's controller)"
+    )
+    health.add_argument("--service", default="", help="service name ('' = the whole server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
