@@ -269,7 +269,7 @@ class Dashboard:
             "why": self.controller.why(record),
             "jobs_ahead": list(job.jobs_ahead),
             "metrics": [
-                self._metric(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6)
+                self._metric(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6, m.mfu)
                 for m in metrics
             ],
             "events": [

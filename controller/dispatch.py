@@ -197,14 +197,16 @@ class Dispatcher:
             infos = await island.call(
                 "Info", worker_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S, return_exceptions=True
             )
-            for host, info in zip(island.hosts, infos, strict=True):
+            for index, (host, info) in enumerate(zip(island.hosts, infos, strict=True)):
                 try:
                     if isinstance(info, BaseException):
                         raise info
                     if info.newest_epoch != self.epoch:
                         continue
                     for seq in range(info.next_island_seq, island.next_seq):
-                        await host.stub.SkipSeq(
+                        await island.call_host(
+                            index,
+                            "SkipSeq",
                             worker_pb2.SkipSeqRequest(
                                 island_seq=seq, epoch=self.epoch, reason="step not delivered"
                             ),

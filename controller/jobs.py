@@ -92,6 +92,7 @@ class Reporter:
             report.loss,
             tokens_per_s=report.tokens_per_s,
             step_time_s=report.step_time_s,
+            mfu=metrics.mfu,
         )
         self.steps_total += 1
         self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))

@@ -87,6 +87,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (job_id, failure_class)
         )""",
     ),
+    # 2 -> 3: each step's MFU, stored with it (NULL for steps recorded before: computed on
+    # read from the job's spec).
+    ("ALTER TABLE metrics ADD COLUMN mfu REAL",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

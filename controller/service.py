@@ -122,7 +122,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 yield controller_pb2.WatchJobReply(
                     time=ts,
                     metrics=self.views.step_metrics(
-                        record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts
+                        record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts, m.mfu
                     ),
                 )
                 last_step = m.step

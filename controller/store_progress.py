@@ -33,6 +33,8 @@ class MetricRow:
     tokens_per_s: float
     step_time_s: float
     time_us: int
+    # Model FLOPs utilisation as measured when the step was recorded (None: not stored).
+    mfu: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class ProgressTables:
         *,
         tokens_per_s: float = 0.0,
         step_time_s: float = 0.0,
+        mfu: float | None = None,
     ) -> bool:
         """Record a completed step. Steps are recorded in order, one row per (job, step).
 
@@ -110,9 +113,9 @@ class ProgressTables:
                     f"record is {count}."
                 )
             conn.execute(
-                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us()),
+                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu),
             )
         return True
 
@@ -129,8 +132,8 @@ class ProgressTables:
         """A job's recorded steps >= from_step, in step order."""
         with self._mutex:
             rows = self._conn.execute(
-                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us FROM metrics "
-                "WHERE job_id = ? AND step >= ? ORDER BY step",
+                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu "
+                "FROM metrics WHERE job_id = ? AND step >= ? ORDER BY step",
                 (job_id, from_step),
             ).fetchall()
         return [MetricRow(*r) for r in rows]

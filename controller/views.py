@@ -248,6 +248,7 @@ class Views:
                     last.tokens_per_s,
                     last.step_time_s,
                     timestamp_us(last.time_us),
+                    last.mfu,
                 )
             )
             job.mfu = job.last_metrics.mfu

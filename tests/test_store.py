@@ -309,6 +309,13 @@ def test_metrics_are_unique_per_step_and_in_order(store, tmp_path):
     assert store.losses(job_id) == [5.5, 4.0]
 
 
+def test_a_steps_mfu_is_stored_with_it_and_steps_from_before_read_as_unknown(store):
+    job_id = store.create_job(SPEC).id
+    store.record_metrics(job_id, 0, 5.5, tokens_per_s=100.0, mfu=0.25)
+    store.record_metrics(job_id, 1, 5.0, tokens_per_s=100.0)
+    assert [m.mfu for m in store.metrics(job_id)] == [0.25, None]
+
+
 def test_job_proto_carries_state_spec_losses_and_times(store):
     job_id = _job_in(store, JobState.RUNNING)
     store.record_metrics(job_id, 0, 3.0)
