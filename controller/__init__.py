@@ -1,1 +1,23 @@
-"""The single controller: job service, specs, scheduler, job store, dashboard."""
+"""The single controller: one process that holds every job and drives every island.
+
+core.py             Controller: wires the roles; life cycle; submit, cancel, update
+service.py          ControllerService (gRPC): the servicer and `serve`
+jobs.py             JobRunner: one job's load, steps, suspend/resume, recovery, end; Reporter
+admission.py        which queued/suspended job starts, resumes or waits (and why); preemption
+scheduler.py        memory-aware gang placement and stride-scheduled step slots
+dispatch.py         a job's steps on its islands with a bounded window in flight (StepGate)
+islands.py          the island handle: every worker RPC, host fan-out, restart via Ray
+program.py          StepProgram and HostLoad: what a host loads and runs
+resolved.py         ResolvedJob (a spec resolved once) and the one LoadJobRequest builder
+recovery.py         failure classes, retry budgets, checkpoint registry and rollback
+sampling.py         SampleJob: text from a running job or an ended job's checkpoint
+views.py            the one job view, islands view, StepMetrics builder, `why`
+bus.py              the in-memory event bus (WatchJob, dashboard) and the job log buffer
+spec.py             job spec validation (every semantic check) and spec -> configs
+states.py           job states and the errors the client shares (no heavy imports)
+store.py, store_progress.py, schema.py, statedir.py   SQLite store, migrations, state-dir lock
+wire.py, options.py the controller's wire version; its flags and ports (no side effects)
+auth.py             the access token (gRPC interceptor, file)
+dashboard.py, dashboard_auth.py, dashboard_stream.py, prometheus.py   the web dashboard
+__main__.py         `python -m pathways_lite.controller`: start islands, serve
+"""

@@ -125,14 +125,7 @@ class Sampler:
             raise IllegalTransitionError(why)
         island = self.islands[runner.islands[0]]
         reply = await self._sample_on(island, record.id, wire)
-        return controller_pb2.SampleJobReply(
-            job_id=record.id,
-            prompt=request.prompt,
-            text=reply.text,
-            steps_applied=reply.steps_applied,
-            island=island.id,
-            seconds=reply.seconds,
-        )
+        return _answer(record, request, island, reply)
 
     async def _sample_on(
         self, island: Island, job_id: str, wire: worker_pb2.SampleRequest
@@ -212,12 +205,23 @@ class Sampler:
             await self.dispatcher.unload(key, [island])
             self.scheduler.release(key)
             self._wake()
-        return controller_pb2.SampleJobReply(
-            job_id=record.id,
-            prompt=request.prompt,
-            text=reply.text,
-            steps_applied=reply.steps_applied,
-            island=island.id,
-            seconds=reply.seconds,
-            checkpoint=checkpoint.path,
-        )
+        return _answer(record, request, island, reply, checkpoint.path)
+
+
+def _answer(
+    record: JobRecord,
+    request: controller_pb2.SampleJobRequest,
+    island: Island,
+    reply: worker_pb2.SampleReply,
+    checkpoint: str = "",
+) -> controller_pb2.SampleJobReply:
+    """The user's answer: host 0's text, where it ran, and the checkpoint it came from."""
+    return controller_pb2.SampleJobReply(
+        job_id=record.id,
+        prompt=request.prompt,
+        text=reply.text,
+        steps_applied=reply.steps_applied,
+        island=island.id,
+        seconds=reply.seconds,
+        checkpoint=checkpoint,
+    )

@@ -254,8 +254,11 @@ class ControllerClient:
             if state_name(job.state) in TERMINAL:
                 return job
 
-    def islands(self) -> list[controller_pb2.Island]:
-        return list(self._call(self._stub.ListIslands, controller_pb2.ListIslandsRequest()).islands)
+    def islands(self, *, include_steps: bool = False) -> list[controller_pb2.Island]:
+        """Every island and its hosts (and its recent steps, who ran when, with
+        `include_steps`)."""
+        request = controller_pb2.ListIslandsRequest(include_steps=include_steps)
+        return list(self._call(self._stub.ListIslands, request).islands)
 
     def logs(self, job_id: str, *, tail: int = 0, follow: bool = False) -> Iterator[Any]:
         """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones."""

@@ -10,8 +10,8 @@ and every island runs the two jobs' steps in the one order the controller assign
 
 Shown while they run: one progress bar per job (the controller's WatchJob streams) and the
 dashboard's URL (with the cluster's access token) when the controller serves one. After they
-end: the interleaved per-island timeline and device-time shares, read from the island hosts'
-own execution logs, and a sample from each model. The controller unloads a job when it
+end: the interleaved per-island timeline and device-time shares, from the controller's record
+of who ran when (as each island's host 0 timed its steps), and a sample from each model. The controller unloads a job when it
 ends, so each sample is taken a few steps before the job's end (the demo prints after how
 many steps). Then the cluster shuts down.
 """
@@ -192,23 +192,12 @@ def _train(client, specs, steps, seed, console) -> dict[str, Any]:
 
 def _timeline(client, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per island: the two jobs' steps in the order its host ran them, and device time each,
-    from the island hosts' own execution logs (ExecutionLog rpc)."""
-    import grpc
-
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
-
+    from the controller's record of who ran when (ListIslands with include_steps)."""
     letter = {info["job_id"]: name[0].upper() for name, info in jobs.items()}
     names = {info["job_id"]: name for name, info in jobs.items()}
     out: dict[str, Any] = {}
-    for island in client.islands():
-        host = island.hosts[0]
-        with grpc.insecure_channel(host.address or f"{host.node}:{host.port}") as channel:
-            reply = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
-                worker_pb2.ExecutionLogRequest(), timeout=60
-            )
-        entries = sorted(
-            (e for e in reply.entries if e.job_id in letter), key=lambda e: e.island_seq
-        )
+    for island in client.islands(include_steps=True):
+        entries = [e for e in island.recent_steps if e.job_id in letter]
         if not entries:
             continue
         # While both ran: from the later first step to the earlier last one.
@@ -238,7 +227,7 @@ def _report(console: Console, summary: dict[str, Any]) -> None:
             )
     weights = {name: info["weight"] for name, info in jobs.items()}
     targets = {n: w / sum(weights.values()) for n, w in weights.items()}
-    console.rule("per-island timeline (island hosts' execution logs; one letter per step)")
+    console.rule("per-island timeline (as the islands' hosts timed it; one letter per step)")
     for island, t in summary["timeline"].items():
         order = t["order"]
         shown = order[:TIMELINE_CHARS] + ("..." if len(order) > TIMELINE_CHARS else "")
