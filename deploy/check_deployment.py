@@ -49,6 +49,8 @@ mesh: {{data: 1, model: 2}}
 train: {{steps: {steps}, global_batch: 4, seq_len: 64, seed: 0, checkpoint_every: {every}}}
 data: {{source: files, paths: [{corpus}], vocab_size: 1024, max_bytes: 1000000}}
 """
+# The island nodes' loopback addresses (deploy/docker-compose.loopback.yml).
+ISLAND_NODE_IPS = {"a": "127.0.0.3", "b": "127.0.0.4"}
 # Where the corpus lies in the controller's container: the `datasets` volume.
 VOLUME_CORPUS = "/datasets/deploy-test-corpus.txt"
 RELATIVE_TOLERANCE = 1e-5
@@ -144,6 +146,11 @@ def check_islands(state_dir: Path) -> None:
         check(not island["down"], f"island {island['id']} is down: {island}")
         check(island["devices"] == 2, f"island {island['id']} has {island['devices']} devices")
     hosts = {island["id"]: [h.get("address", "") for h in island["hosts"]] for island in islands}
+    for name, ip in ISLAND_NODE_IPS.items():
+        check(
+            len(hosts[name]) == 1 and hosts[name][0].startswith(f"{ip}:"),
+            f"island {name}'s host should serve on its node's address {ip}: {hosts[name]}",
+        )
     say(f"islands a and b, 2 devices each, hosts {hosts}")
 
 
