@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all install protos demo test lint format bench clean
+.PHONY: all install protos demo test lint format bench deploy-test clean
 
 all: install
 
@@ -36,6 +36,10 @@ format: install
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# docker-compose.yml for real (root: installs Docker, starts dockerd if none runs); see deploy/.
+deploy-test: install
+	PY=$(PY) deploy/deploy-test.sh
 
 clean:
 	rm -rf build dist *.egg-info pathways_lite/v1 .pytest_cache

@@ -11,9 +11,9 @@ and every island runs the two jobs' steps in the one order the controller assign
 Shown while they run: one progress bar per job (the controller's WatchJob streams) and the
 dashboard's URL (with the cluster's access token) when the controller serves one. After they
 end: the interleaved per-island timeline and device-time shares, from the controller's record
-of who ran when (as each island's host 0 timed its steps), and a sample from each model. The controller unloads a job when it
-ends, so each sample is taken a few steps before the job's end (the demo prints after how
-many steps). Then the cluster shuts down.
+of who ran when (as each island's host 0 timed its steps), and a sample from each model. The
+controller unloads a job when it ends, so each sample is taken a few steps before the job's
+end (the demo prints after how many steps). Then the cluster shuts down.
 """
 
 from __future__ import annotations

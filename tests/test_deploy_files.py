@@ -34,6 +34,8 @@ from pathways_lite.workers.ray_cluster import auth_env
 REPO = Path(__file__).resolve().parent.parent
 BASE = REPO / "docker-compose.yml"
 GPU = REPO / "docker-compose.gpu.yml"
+# `make deploy-test`'s override: host network, one loopback address per service.
+LOOPBACK = REPO / "deploy" / "docker-compose.loopback.yml"
 ISLAND_NODES = ("island-a", "island-b")
 TOKEN_SERVICE = "ray-token"
 # Every service that runs a Ray process (the controller: its driver and --join-ray-node node).
@@ -99,6 +101,8 @@ def test_compose_files_parse_and_name_the_services() -> None:
         services = compose["services"]
         assert set(services) == {TOKEN_SERVICE, *RAY_SERVICES}, name
         assert set(compose["volumes"]) == set(VOLUMES)
+        # Debian's docker-compose 1.29 (what `make deploy-test` runs) rejects a top-level name.
+        assert set(compose) <= {"services", "volumes"} | {k for k in compose if k[:2] == "x-"}
 
 
 def test_build_contexts_and_every_copy_source_exist() -> None:
@@ -325,6 +329,89 @@ def test_health_checks_answer_under_ray_token_auth(ray_cluster) -> None:
             )
             assert result.returncode == 0, result.stdout + result.stderr
             assert result.stdout.strip() == f"{address} (server): SERVING"
+
+
+def test_the_loopback_override_changes_only_what_a_loopback_machine_requires() -> None:
+    """deploy/docker-compose.loopback.yml: each service on the host network at its own
+    loopback address, a locally built base, builds on the host network; nothing else."""
+    base = _load(BASE)["services"]
+    override = _load(LOOPBACK)["services"]
+    assert set(override) == set(base)
+    own_ip = dict(entry.split(":") for entry in override["ray-head"]["extra_hosts"])
+    for service_name, service in override.items():
+        assert set(service) <= {
+            "network_mode",
+            "build",
+            "extra_hosts",
+            "command",
+            "healthcheck",
+        }, service_name
+        assert service["build"] == {
+            "network": "host",
+            "args": {"BASE": "${PATHWAYS_LITE_BASE_IMAGE:-pathways-lite-base:bookworm}"},
+        }
+        hosts = dict(entry.split(":") for entry in service["extra_hosts"])
+        assert hosts == own_ip, service_name
+        assert set(hosts) == set(RAY_SERVICES), "every compose hostname resolves to loopback"
+        assert all(ip.startswith("127.") and ip != "127.0.0.1" for ip in hosts.values())
+        assert len(set(hosts.values())) == len(hosts), "one address per service"
+        expected_mode = "none" if service_name == TOKEN_SERVICE else "host"
+        assert service["network_mode"] == expected_mode, service_name
+    assert "command" not in override[TOKEN_SERVICE]
+
+    # Ray nodes: the base command plus the node's own loopback address; a node manager port
+    # already taken on the shared network moves to a free one (and its health check with it).
+    taken: set[int] = set()
+    for service_name in ("ray-head", *ISLAND_NODES):
+        argv, base_argv = override[service_name]["command"], base[service_name]["command"]
+        params, base_params = _ray_start(argv), _ray_start(base_argv)
+        assert params["node_ip_address"] == own_ip[service_name]
+        changed = {k for k in params if params[k] != base_params[k]}
+        assert changed <= {"node_ip_address", "node_manager_port"}, (service_name, changed)
+        if service_name in ISLAND_NODES:
+            port = params["node_manager_port"]
+            assert port not in taken, f"{service_name}: node manager port {port} is taken"
+            taken.add(port)
+            health = override[service_name].get("healthcheck", base[service_name]["healthcheck"])
+            assert _health_port({"healthcheck": health}) == port
+        rest = [a for a in argv if not a.startswith(("--node-ip-address=", "--node-manager-port="))]
+        assert rest == [a for a in base_argv if not a.startswith("--node-manager-port=")], (
+            service_name
+        )
+    assert override["ray-head"].get("healthcheck") is None
+
+    # The controller: its own Ray node address, and it listens exactly where
+    # docker-compose.yml publishes its ports (the host network has nothing to publish).
+    argv = override["controller"]["command"]
+    assert argv[:3] == base["controller"]["command"][:3]
+    args = controller_options.build_parser().parse_args(argv[3:])
+    base_args = controller_options.build_parser().parse_args(base["controller"]["command"][3:])
+    changed = {k for k, v in vars(args).items() if v != vars(base_args)[k]}
+    assert changed == {"node_ip", "host", "dashboard_host"}, changed
+    assert args.node_ip == own_ip["controller"]
+    published = {}
+    for mapping in base["controller"]["ports"]:
+        host_ip, host_port, container_port = str(mapping).split(":")
+        published[int(container_port)] = (host_ip, int(host_port))
+    assert published[args.port] == (args.host, args.port)
+    assert published[args.dashboard_port] == (args.dashboard_host, args.dashboard_port)
+    assert "healthcheck" not in override["controller"]
+
+
+def test_the_dockerfile_takes_its_base_as_a_build_argument() -> None:
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms == ["FROM ${BASE}"]
+    # The default for users with a registry is unchanged.
+    assert "ARG BASE=python:3.11-slim" in lines[: lines.index(froms[0])]
+
+
+def test_ci_runs_the_deployment_after_the_tests() -> None:
+    ci = (REPO / ".ci" / "run").read_text()
+    assert ci.index("make lint test") < ci.index("make deploy-test")
+    script = REPO / "deploy" / "deploy-test.sh"
+    assert os.access(script, os.X_OK) and os.access(REPO / "deploy" / "base-image.sh", os.X_OK)
+    assert "deploy/deploy-test.sh" in (REPO / "Makefile").read_text()
 
 
 def test_gpu_variant_builds_jax_for_cuda() -> None:
