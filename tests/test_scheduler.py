@@ -144,19 +144,71 @@ class Cluster:
         self.store.transition(job_id, JobState.SUSPENDED, reason="preempted")
 
 
-def test_a_job_that_does_not_fit_holds_back_the_jobs_behind_it_and_each_says_why(tmp_path):
+def test_a_job_behind_a_waiting_one_starts_only_when_it_cannot_hold_that_one_back(tmp_path):
+    """Work conservation without starvation: a job behind a waiting gang starts at once when
+    it fits beside the gang once the jobs the gang waits on leave; one that would take room
+    the gang needs waits, and every waiting job says why."""
     c = Cluster(tmp_path)
     c.submit("big", 2, 60)
     c.submit("wide", 2, 60)
-    c.submit("small", 1, 10)
+    c.submit("small", 1, 10)  # 10 + wide's 60 fit a budget of 100: no harm to wide
+    c.submit("greedy", 1, 50)  # 50 + wide's 60 would not: it would hold wide back
     c.admission.schedule()
-    assert list(c.runners) == ["big"]
+    assert sorted(c.runners) == ["big", "small"]
     assert c.scheduler.islands_of("big") == ["island-0", "island-1"]
     assert c.admission.pending["wide"].startswith("Needs 60 bytes per device on 2 island(s)")
     assert "Waits on big." in c.admission.pending["wide"]
-    # "small" would fit, but it never overtakes the waiting job ahead of it.
-    assert c.admission.pending["small"] == "Waiting for jobs ahead in the queue (wide)."
-    assert "small" not in c.runners
+    assert "greedy" not in c.runners
+    assert "Jobs ahead in the queue wait too (wide)." in c.admission.pending["greedy"]
+    # Once big has gone, wide fits beside small; greedy still waits for room.
+    c.scheduler.release("big")
+    c.store.transition("big", JobState.SUCCEEDED, reason="completed")
+    c.admission.schedule()
+    assert "wide" in c.runners and "greedy" not in c.runners
+
+
+def test_the_sum_of_an_islands_residents_never_exceeds_its_budget(tmp_path):
+    """Jobs are placed by what they hold; the measured figure of a kind replaces the
+    estimate for the next job of that kind, and no placement overfills an island."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    for name in ("a", "b", "c"):
+        c.submit(name, 1, 45)
+    c.admission.schedule()
+    assert sorted(c.runners) == ["a", "b"]  # 90 of 100: a third would overfill it
+    assert c.scheduler.used("island-0") == 90 <= BUDGET
+    c.runners["a"].demand_bytes = 10
+    c.scheduler.resize("a", 10)  # a's compiled step measured 10: room for c (10 + 45 + 45)
+    c.admission.schedule()
+    assert sorted(c.runners) == ["a", "b", "c"]
+    assert c.scheduler.used("island-0") == 100 <= BUDGET
+    c.submit("d", 1, 1)
+    c.admission.schedule()
+    assert "d" not in c.runners and c.scheduler.used("island-0") == 100
+
+
+def test_a_job_that_can_never_fit_says_so_and_holds_nobody_back(tmp_path):
+    """The budget shrank under a suspended job: it cannot resume on its islands, says so in
+    `why` and in its events, and the job behind it runs on the idle island."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    c.submit("low", 1, 80)
+    c.admission.schedule()
+    c.submit("urgent", 1, 80, priority=5)
+    c.admission.schedule()
+    c.suspend("low")
+    c.admission.schedule()
+    c.submit("later", 1, 40)
+    c.scheduler.release("urgent")
+    c.store.transition("urgent", JobState.SUCCEEDED, reason="completed")
+    c.scheduler.budgets["island-0"] = 50  # the island came back smaller
+    c.admission.schedule()
+    assert not c.runners["low"].resume.is_set()
+    why = c.admission.pending["low"]
+    assert why.startswith("Suspended, and it can never resume on its islands:"), why
+    assert "budget of island-0 is 50" in why
+    assert [e.message for e in c.store.events("low") if e.kind == "scheduler"] == [why]
+    assert "later" in c.runners  # the island does not idle behind it
+    c.admission.schedule()  # said once, not at every pass
+    assert len([e for e in c.store.events("low") if e.kind == "scheduler"]) == 1
 
 
 def test_a_higher_priority_job_suspends_only_the_lowest_priority_residents_it_needs(tmp_path):
