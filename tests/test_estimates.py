@@ -185,3 +185,29 @@ def test_model_info_and_formatting():
     assert "3.28 TFLOP" in estimates.format_quantity("flops_per_token", 3.2777e12)
     assert estimates.format_quantity("n_layers", 2) == "2"
     assert math.isfinite(np.float64(info["flops_per_token"]))
+
+
+def test_the_peak_is_measured_once_per_machine_and_read_from_its_cache(tmp_path):
+    """MFU's denominator: the first controller on a machine measures it and records it; every
+    later one (after down/up) reads the very same figure; `--peak-flops` overrides it."""
+    from pathways_lite.controller.options import build_parser
+    from pathways_lite.controller.views import Views
+
+    calls = []
+
+    def measure() -> float:
+        calls.append(1)
+        return 1.234e11 + len(calls)  # a re-measurement would differ
+
+    first = estimates.cached_peak_flops(tmp_path, measure)
+    again = estimates.cached_peak_flops(tmp_path, measure)
+    assert first == (1.234e11 + 1, "measured") and again == (first[0], "cached")
+    assert len(calls) == 1
+    views = Views(None, None, {}, {}, lambda r: None, peak_cache_dir=str(tmp_path))
+    assert views.measure_peak() == first[0] and views.peak_source == "cached"
+    args = ["--state-dir", "s", "--ray-address", "a:1", "--peak-flops", "2e11"]
+    assert build_parser().parse_args(args).peak_flops == 2e11
+    overridden = Views(None, None, {}, {}, lambda r: None, peak_flops=2e11)
+    assert overridden.measure_peak() == 2e11 and overridden.peak_source == "--peak-flops"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args[:4], "--peak-flops", "-1"])

@@ -253,3 +253,30 @@ def test_a_job_is_never_preempted_for_one_of_equal_priority(tmp_path):
     assert not c.runners["first"].suspend_requested
     assert "Suspending" not in c.admission.pending["second"]
     assert Demand("x", 1, 80) == c.admission.demand(c.store.get_job("second")).__class__("x", 1, 80)
+
+
+def test_a_measured_kind_is_admitted_by_its_measured_figure(tmp_path):
+    """Before a kind of job has loaded it is placed by the estimate (an upper bound); once
+    one has, the next job of the same (model, mesh, batch) is placed by what it measured."""
+    from pathways_lite.controller.resolved import MemoryFigures
+    from pathways_lite.spec import load_spec_text
+
+    spec = load_spec_text("""
+name: kind
+model: {preset: palm-tiny}
+islands: 1
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+train: {steps: 2, global_batch: 8, seq_len: 64}
+data: {source: stdlib, vocab_size: 1024}
+""")
+    job = ResolvedJob.resolve(spec)
+    smaller = controller_pb2.JobSpec()
+    smaller.CopyFrom(spec)
+    smaller.train.global_batch = 4
+    other = ResolvedJob.resolve(smaller)
+    figures = MemoryFigures()
+    assert figures.bytes_per_device(job) == job.bytes_per_device
+    figures.record(job, job.bytes_per_device * 4 // 5)
+    assert figures.bytes_per_device(ResolvedJob.resolve(spec)) == job.bytes_per_device * 4 // 5
+    assert figures.bytes_per_device(other) == other.bytes_per_device  # another batch
