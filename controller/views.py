@@ -263,6 +263,8 @@ class Views:
             )
             job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
             job.pending_reason = self.pending.get(record.id, WAITING)
+        elif record.state == JobState.SUSPENDED:
+            job.pending_reason = self.pending.get(record.id, "")
         if job.steps_completed:
             (last,) = self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
             job.last_metrics.CopyFrom(

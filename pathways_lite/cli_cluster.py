@@ -263,7 +263,7 @@ def _cmd_why(args: argparse.Namespace) -> int:
 
     job = _client(args).get(args.job)
     state = state_name(job.state)
-    if state == "queued":
+    if state == "queued" or (state == "suspended" and job.pending_reason):
         reason = job.pending_reason
     elif state == "running":
         reason = f"Running on {', '.join(job.islands) or 'its islands'}."

@@ -79,7 +79,9 @@ def test_one_job_per_island_at_a_time_and_a_preempted_job_resumes_once_it_fits(c
                     # The sum of the residents never exceeds the budget: one job at a time.
                     assert len(island.job_ids) <= 1, island
                 states = {n: state_name(client.get(j).state) for n, j in ids.items()}
-                seen["suspended"] |= states["a"] == "suspended"
+                if states["a"] == "suspended":
+                    seen["suspended"] = True
+                    seen["why"] = seen.get("why") or client.get(ids["a"]).pending_reason
                 return states
 
             deadline = time.monotonic() + 240
@@ -98,6 +100,8 @@ def test_one_job_per_island_at_a_time_and_a_preempted_job_resumes_once_it_fits(c
                 states = watch()
             assert states == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}, states
             assert seen["suspended"], "a was never suspended for b"
+            # While suspended, `why` says what it waits for (not the preemption's message).
+            assert seen["why"] == "" or seen["why"].startswith("Suspended: Needs"), seen
             ends = {n: client.get(j) for n, j in ids.items()}
             # A resumed after B ended; C ran after A had resumed (it came later in the queue).
             assert ends["b"].finished_at.ToNanoseconds() <= ends["a"].finished_at.ToNanoseconds()
