@@ -280,3 +280,23 @@ data: {source: stdlib, vocab_size: 1024}
     figures.record(job, job.bytes_per_device * 4 // 5)
     assert figures.bytes_per_device(ResolvedJob.resolve(spec)) == job.bytes_per_device * 4 // 5
     assert figures.bytes_per_device(other) == other.bytes_per_device  # another batch
+
+
+def test_a_suspended_job_raised_above_its_islands_residents_preempts_them(tmp_path):
+    """Raising a suspended job's priority helps: it suspends the lower-priority job on its own
+    islands (where its state is) and resumes there."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    c.submit("low", 1, 80)
+    c.admission.schedule()
+    c.submit("urgent", 1, 80, priority=5)
+    c.admission.schedule()
+    c.suspend("low")
+    c.admission.schedule()
+    assert c.admission.pending["low"].startswith("Suspended: Needs 80 bytes per device on its")
+    c.store.set_priority("low", 9)
+    c.runners["low"].priority = 9
+    c.admission.schedule()
+    assert c.runners["urgent"].suspend_requested
+    c.suspend("urgent")
+    c.admission.schedule()
+    assert c.runners["low"].resume.is_set() and c.scheduler.islands_of("low") == ["island-0"]
