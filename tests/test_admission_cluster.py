@@ -6,6 +6,7 @@ device and two do not. Also the MFU peak: measured once per machine, the same af
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,3 +118,4 @@ def test_one_job_per_island_at_a_time_and_a_preempted_job_resumes_once_it_fits(c
         assert f"peak of {peak:.4g} FLOP/s (cached)" in capsys.readouterr().out
     finally:
         run_cli("down", "--state-dir", str(state))
+        shutil.rmtree(state, ignore_errors=True)
