@@ -8,7 +8,8 @@ scheduler.py        memory-aware gang placement and stride-scheduled step slots
 dispatch.py         a job's steps on its islands with a bounded window in flight (StepGate)
 islands.py          the island handle: every worker RPC, host fan-out, restart via Ray
 program.py          StepProgram and HostLoad: what a host loads and runs
-resolved.py         ResolvedJob (a spec resolved once) and the one LoadJobRequest builder
+resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest builder, and
+                    MemoryFigures (what jobs measured they hold, by model, mesh and batch)
 recovery.py         failure classes, retry budgets, checkpoint registry and rollback
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
 views.py            the one job view, islands view, StepMetrics builder, `why`

@@ -48,7 +48,9 @@ async def _serve(args, store, groups) -> None:
     for group in groups:
         hosts = [await connect_host(m.address) for m in group.metadata]
         islands.append(Island(group.island.name, hosts, group=group))
-    controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
+    controller = Controller(
+        store, islands, state_dir=args.state_dir, window=args.window, peak_flops=args.peak_flops
+    )
     from .auth import ensure_token, token_path
     from .dashboard import Dashboard, parse_duration
 

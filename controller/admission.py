@@ -1,21 +1,30 @@
 """Admission and preemption: which queued or suspended job starts, resumes or waits, and why.
 
 One pass goes over the queued and suspended jobs in priority-then-submission order (the
-store's order). A job is admitted only when all of its islands fit it at once (the stride
-scheduler's `place`, controller/scheduler.py); the first job that does not fit blocks the jobs
-behind it (no job overtakes a waiting one), and may suspend lower-priority resident jobs to
-make room: the fewest islands' worth, lowest priority (then newest) first. A suspended job
-resumes on its own islands once they have room again. Every job left waiting gets one sentence
-saying why (`pending`), which `why`, the job view and the dashboard show.
+store's order). A job is placed only when all of its islands have room for what it will
+really hold at once (the scheduler's `place`, controller/scheduler.py): its compiled step's
+measured bytes per device when a job of the same (model, mesh, batch) has loaded before, else
+the estimator's upper bound (controller/resolved.py's `MemoryFigures`). The sum of the
+residents of an island never exceeds its budget.
+
+A job that can wait ahead of others does not idle the cluster: a job behind it starts at once
+when it fits, provided every job waiting ahead of it would still fit beside the jobs started
+this way once the jobs it waits on have left (so such jobs never postpone it for good). The
+first job that waits may suspend lower-priority resident jobs to make room: the fewest
+islands' worth, lowest priority (then newest) first. A suspended job resumes on its own
+islands (its state is in their hosts' memory) as soon as they have room again, and may itself
+preempt there. A job that can never fit (its demand is above every budget left: the budget
+shrank, an island was lost for good) holds nobody back; it says so in `why` and in its events.
+Every job left waiting gets one sentence saying why (`pending`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from .jobs import JobRunner
-from .resolved import ResolvedJob
+from .resolved import MemoryFigures, ResolvedJob
 from .scheduler import Demand, Scheduler
 from .states import JobState
 from .store import JobRecord, JobStore
@@ -34,6 +43,7 @@ class Admission:
         start: starts a runner for a record placed on the given islands.
         requeue_suspended: moves a job suspended under an earlier controller back to the
             queue; returns its record.
+        memory: measured bytes per device by (model, mesh, batch); None starts empty.
     """
 
     def __init__(
@@ -44,6 +54,7 @@ class Admission:
         resolve: Callable[[JobRecord], ResolvedJob | None],
         start: Callable[[JobRecord, list[str]], None],
         requeue_suspended: Callable[[JobRecord], JobRecord],
+        memory: MemoryFigures | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -51,28 +62,37 @@ class Admission:
         self._resolve = resolve
         self._start = start
         self._requeue_suspended = requeue_suspended
-        # Why each queued job waits, for people.
+        self.memory = memory if memory is not None else MemoryFigures()
+        # Why each waiting job waits, for people.
         self.pending: dict[str, str] = {}
+        # Jobs started while a job ahead of them waited: they count as staying for good when
+        # admission checks that the jobs ahead still fit.
+        self._backfilled: set[str] = set()
+        # Jobs told (in an event) that they can never fit, with the sentence they were told.
+        self._parked: dict[str, str] = {}
 
     def demand(self, record: JobRecord) -> Demand:
-        """What the job asks of the cluster: the compiled step's bytes once it has loaded,
-        else the estimate it was resolved with (0 when its spec no longer resolves)."""
+        """What the job asks of the cluster: its compiled step's bytes once it has loaded (or
+        once a job of the same model, mesh and batch has), else the estimator's upper bound
+        (0 when its spec no longer resolves)."""
         runner = self.runners.get(record.id)
         if runner is not None:
             bytes_per_device = runner.demand_bytes
         else:
             job = self._resolve(record)
-            bytes_per_device = 0 if job is None else job.bytes_per_device
+            bytes_per_device = 0 if job is None else self.memory.bytes_per_device(job)
         return Demand(
             record.id, record.spec.islands, bytes_per_device, record.priority, record.weight
         )
 
     def schedule(self) -> None:
         """One scheduling pass over the queued and suspended jobs, priority then submission:
-        admit what fits (all islands or none), resume suspended jobs whose islands have room,
-        suspend lower-priority jobs for a higher-priority one, and say why the rest wait."""
+        admit what fits (all islands or none) without postponing the jobs ahead for good,
+        resume suspended jobs whose islands have room, suspend lower-priority jobs for the
+        first job that waits, and say why the rest wait."""
+        self._backfilled = {j for j in self._backfilled if self.scheduler.held(j)}
         waiting = self.store.jobs_in_states([JobState.QUEUED, JobState.SUSPENDED])
-        blocked: list[str] = []
+        ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
         for record in waiting:
             runner = self.runners.get(record.id)
             if runner is not None and record.state == JobState.QUEUED:
@@ -80,41 +100,115 @@ class Admission:
             if record.state == JobState.SUSPENDED and runner is None:
                 # Suspended under an earlier controller: its host copy is gone with it.
                 record = self._requeue_suspended(record)
+                runner = None
+            suspended = record.state == JobState.SUSPENDED
+            if suspended and runner is not None and runner.resume.is_set():
+                continue
             demand = self.demand(record)
-            if record.state == JobState.SUSPENDED:
-                assert runner is not None
-                if runner.resume.is_set():
-                    continue
-                if self.scheduler.place(demand, runner.islands) is not None:
-                    self.pending.pop(record.id, None)
+            own = tuple(runner.islands) if suspended and runner is not None else None
+            never = self.scheduler.never_fits(demand.islands, demand.bytes_per_device, own)
+            if never is not None:
+                self._park(record, never)
+                continue
+            self._parked.pop(record.id, None)
+            islands = self._place(demand, own, ahead)
+            if islands is not None:
+                self.pending.pop(record.id, None)
+                if ahead:
+                    self._backfilled.add(record.id)
+                if suspended:
+                    assert runner is not None
                     runner.resume.set()
-                    continue
-            elif not blocked:
-                islands = self.scheduler.place(demand)
-                if islands is not None:
-                    self.pending.pop(record.id, None)
+                else:
                     self._start(record, islands)
-                    continue
-            preempt = not blocked and record.state == JobState.QUEUED
-            victims = self.preempt(demand) if preempt else []
+                continue
+            victims = self.preempt(demand, own) if not ahead else []
             holders = sorted(
-                {j for i in self.scheduler.island_ids for j in self.scheduler.jobs_on(i)}
+                {j for i in own or self.scheduler.island_ids for j in self.scheduler.jobs_on(i)}
             )
             reason = (
-                f"Waiting for jobs ahead in the queue ({', '.join(blocked)})."
-                if blocked
-                else self.scheduler.lacking(demand)
+                self.scheduler.lacking(demand, own)
                 + (f" Waits on {', '.join(holders)}." if holders else "")
                 + (f" Suspending lower-priority {', '.join(victims)}." if victims else "")
             )
-            if record.state == JobState.SUSPENDED:
-                reason = "Suspended: " + reason
-            self.pending[record.id] = reason
-            blocked.append(record.id)
+            if ahead:
+                reason += (
+                    f" Jobs ahead in the queue wait too ({', '.join(d.job_id for d, _ in ahead)})."
+                )
+            self.pending[record.id] = ("Suspended: " if suspended else "") + reason
+            ahead.append((demand, own))
 
-    def preempt(self, demand: Demand) -> list[str]:
-        """Suspend lower-priority resident jobs so that `demand` fits: the fewest islands'
-        worth, lowest priority (then newest) first. Returns the jobs asked to suspend."""
+    def _place(
+        self,
+        demand: Demand,
+        own: Sequence[str] | None,
+        ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
+    ) -> list[str] | None:
+        """Place `demand` (on `own` islands when given) if it fits now and every job waiting
+        ahead would still fit beside it and the other jobs started past them."""
+        sched = self.scheduler
+        if own is not None:
+            chosen = list(own)
+            if any(sched.free_bytes(i) < demand.bytes_per_device for i in chosen):
+                return None
+            if any(i in sched.down for i in chosen):
+                return None
+        else:
+            chosen = []
+            for island in sched.candidates(demand):
+                if len(chosen) == demand.islands:
+                    break
+                if self._ahead_still_fit(ahead, demand, [*chosen, island]):
+                    chosen.append(island)
+            if len(chosen) < demand.islands:
+                return None
+        if not self._ahead_still_fit(ahead, demand, chosen):
+            return None
+        return sched.place(demand, sorted(chosen, key=sched.island_ids.index))
+
+    def _ahead_still_fit(
+        self,
+        ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
+        demand: Demand,
+        islands: Sequence[str],
+    ) -> bool:
+        """Whether every job waiting ahead could be placed once the jobs it waits on leave,
+        with `demand` on `islands` and the jobs already started past it staying."""
+        sched = self.scheduler
+        for waiter, own in ahead:
+            without = with_ = 0
+            for i in own or sched.island_ids:
+                if i in sched.down:
+                    continue
+                budget = sched.budget(i) or float("inf")
+                staying = sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
+                without += budget - staying >= waiter.bytes_per_device
+                if i in islands:
+                    staying += demand.bytes_per_device
+                with_ += budget - staying >= waiter.bytes_per_device
+            # Only a placement that takes away room the waiter needs holds it back.
+            if with_ < (len(own) if own else waiter.islands) and with_ < without:
+                return False
+        return True
+
+    def _park(self, record: JobRecord, never: str) -> None:
+        """A job that can never fit: it holds nobody back, and says so once in its events."""
+        suspended = record.state == JobState.SUSPENDED
+        sentence = (
+            "Suspended, and it can never resume on its islands: "
+            if suspended
+            else "It can never run on this cluster as it is: "
+        ) + never
+        self.pending[record.id] = sentence
+        if self._parked.get(record.id) != sentence:
+            self._parked[record.id] = sentence
+            logger.warning("job %s: %s", record.id, sentence, extra={"job_id": record.id})
+            self.store.add_event(record.id, "scheduler", sentence)
+
+    def preempt(self, demand: Demand, own: Sequence[str] | None = None) -> list[str]:
+        """Suspend lower-priority resident jobs so that `demand` fits (on `own` islands when
+        given): the fewest islands' worth, lowest priority (then newest) first. Returns the
+        jobs asked to suspend."""
         reclaim: dict[str, int] = {}
         victims: dict[str, list[str]] = {}
         lower = sorted(
@@ -128,7 +222,7 @@ class Admission:
             ),
             key=lambda r: (r.priority, -self.store.get_job(r.job_id).created_us),
         )
-        for island in self.scheduler.island_ids:
+        for island in own or self.scheduler.island_ids:
             for r in lower:
                 if island in self.scheduler.islands_of(r.job_id):
                     if self.scheduler.free_bytes(island) + reclaim.get(island, 0) >= (
@@ -137,11 +231,20 @@ class Admission:
                         break
                     reclaim[island] = reclaim.get(island, 0) + self.scheduler.held(r.job_id)
                     victims.setdefault(island, []).append(r.job_id)
-        room = self.scheduler.candidates(demand, reclaim=reclaim)
-        if len(room) < demand.islands:
-            return []
+        if own is not None:
+            room = [
+                i
+                for i in own
+                if self.scheduler.free_bytes(i) + reclaim.get(i, 0) >= demand.bytes_per_device
+            ]
+            if len(room) < len(own):
+                return []
+        else:
+            room = self.scheduler.candidates(demand, reclaim=reclaim)
+            if len(room) < demand.islands:
+                return []
         chosen = set()
-        for island in room[: demand.islands]:
+        for island in room[: len(own) if own else demand.islands]:
             chosen.update(victims.get(island, []))
         for job_id in sorted(chosen):
             self.runners[job_id].request_suspend()

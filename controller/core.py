@@ -25,7 +25,7 @@ from .dispatch import DEFAULT_WINDOW, Dispatcher
 from .islands import Island
 from .jobs import Collaborators, JobRunner, Reporter
 from .recovery import Recovery
-from .resolved import ResolvedJob
+from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .states import IllegalTransitionError, JobState
@@ -53,6 +53,8 @@ class Controller:
         state_dir: the state directory (reported by Info; checkpoints go below it).
         window: steps in flight per job.
         prepare: prepares a resolved job's data (blocking); default `prepare_data`.
+        peak_flops: the peak FLOP/s MFU is measured against on simulated CPU islands
+            (`--peak-flops`); None reads this machine's cached peak (measured once).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class Controller:
         state_dir: str | Path = "",
         window: int = DEFAULT_WINDOW,
         prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob] = prepare_data,
+        peak_flops: float | None = None,
     ) -> None:
         self.store = store
         self.islands = {island.id: island for island in islands}
@@ -85,6 +88,8 @@ class Controller:
             store, self.dispatcher, state_dir=state_dir, on_island_lost=self._island_lost
         )
         self.runners: dict[str, JobRunner] = {}
+        # What jobs really hold, measured at their loads, by (model, mesh, batch).
+        self.memory = MemoryFigures()
         # Each job's spec resolved once (at submit, or when first seen after a restart).
         self._resolved: dict[str, ResolvedJob | None] = {}
         self.admission = Admission(
@@ -94,9 +99,15 @@ class Controller:
             self.resolved,
             self._start_job,
             self._requeue_suspended,
+            self.memory,
         )
         self.views = Views(
-            store, self.scheduler, self.islands, self.admission.pending, self.resolved
+            store,
+            self.scheduler,
+            self.islands,
+            self.admission.pending,
+            self.resolved,
+            peak_flops=peak_flops,
         )
         self.reporter = Reporter(store, self.views, self.events, self.logs)
         self._parts = Collaborators(
@@ -108,6 +119,7 @@ class Controller:
             prepare=prepare,
             measure_peak=self.views.measure_peak,
             wake=self.wake,
+            memory=self.memory,
         )
         self.sampler = Sampler(
             store,
@@ -123,6 +135,7 @@ class Controller:
         self._revivers: dict[str, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._peak_task: asyncio.Task | None = None
         self.started_at = now()
 
     # -- what the servicer and the dashboard read --------------------------------------
@@ -194,6 +207,12 @@ class Controller:
             )
         self._wake = asyncio.Event()
         self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
+        if self.islands:  # `islands` shows the peak from the start (cached: no measuring)
+            # JAX is imported here, on the loop's thread, before a worker thread reads the
+            # peak: two threads importing it at once can meet a half-initialised module.
+            from pathways_lite.model import estimates  # noqa: F401
+
+            self._peak_task = asyncio.create_task(asyncio.to_thread(self.views.measure_peak))
         self.wake()
 
     async def stop(self) -> None:
@@ -201,6 +220,8 @@ class Controller:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._peak_task is not None:
+            await asyncio.gather(self._peak_task, return_exceptions=True)
         for task in self._revivers.values():
             task.cancel()
         await asyncio.gather(*self._revivers.values(), return_exceptions=True)
@@ -288,7 +309,7 @@ class Controller:
         spec = request.spec
         spec_lib.validate_spec(spec, self.cluster_shape())
         job = ResolvedJob.resolve(spec)
-        never = self.scheduler.never_fits(spec.islands, job.bytes_per_device)
+        never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))
         if never is not None:
             raise spec_lib.InfeasibleSpecError(
                 "islands", spec.islands, f"The job can never run: {never}"

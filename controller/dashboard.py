@@ -207,6 +207,8 @@ class Dashboard:
                     "jobs": jobs,
                     "memory_used_bytes": per_device * island.devices,
                     "memory_budget_bytes": budget,
+                    "peak_flops": island.peak_flops or None,
+                    "peak_flops_source": island.peak_flops_source,
                     "timeline": timeline,
                 }
             )
@@ -266,6 +268,8 @@ class Dashboard:
         job = self.job_proto(record)
         return {
             "job": job_summary(job),
+            # The peak FLOP/s its MFU is measured against (shown beside MFU).
+            "peak_flops": self.controller.views.job_peak(record) or None,
             "why": self.controller.why(record),
             "jobs_ahead": list(job.jobs_ahead),
             "metrics": [

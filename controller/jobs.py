@@ -28,7 +28,7 @@ from .bus import EventBus, LogBuffer, now
 from .dispatch import Dispatcher, DispatchError, StepReport
 from .islands import Island, call_all
 from .recovery import Attempt, FailureClass, Recovery, classify
-from .resolved import ResolvedJob, step_program
+from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
 from .states import JobState, StoreError
 from .store import JobRecord, JobStore
@@ -45,7 +45,7 @@ class Reporter:
     Attributes:
         steps_total: steps completed since the controller started.
         failures_total: jobs failed since the controller started.
-        job_memory: bytes per device each resident job holds (the compiled step's).
+        job_memory: bytes per device each loaded job holds (its compiled step's peak).
     """
 
     def __init__(self, store: JobStore, views: Views, events: EventBus, logs: LogBuffer):
@@ -144,6 +144,8 @@ class Collaborators:
     measure_peak: Callable[[], float]
     # Asks the scheduler for another pass.
     wake: Callable[[], None]
+    # Measured bytes per device by (model, mesh, batch), shared with admission.
+    memory: MemoryFigures = dataclasses.field(default_factory=MemoryFigures)
 
 
 class JobRunner:
@@ -156,7 +158,8 @@ class JobRunner:
         resume: set when its islands have room again (or to finish a cancel).
         priority: what preemption compares.
         loaded: its parameters are resident on its islands (it can be sampled).
-        demand_bytes: bytes per device it holds on each island (estimate, then measured).
+        demand_bytes: bytes per device it holds on each island (the measured figure of its
+            kind, else the estimate; its own compiled step's once it has loaded).
     """
 
     def __init__(
@@ -177,7 +180,9 @@ class JobRunner:
         self.suspend_requested = False
         self.resume = asyncio.Event()
         self.loaded = False
-        self.demand_bytes = 0 if job is None else job.bytes_per_device
+        self.demand_bytes = 0 if job is None else parts.memory.bytes_per_device(job)
+        # The job as resolved at submit: the key its measured memory is kept under.
+        self.admitted_as = job
         self.task: asyncio.Task | None = None
         self._attempt: Attempt | None = None
 
@@ -213,7 +218,7 @@ class JobRunner:
                 message=f"Running on {', '.join(self.islands)}.",
             )
             if self.job is None:  # its spec no longer resolves: fail it with the reason
-                self.job = ResolvedJob.resolve(self.record.spec)
+                self.job = self.admitted_as = ResolvedJob.resolve(self.record.spec)
             self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
             program = step_program(job_id, self.record.generation, self.job)
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
@@ -221,17 +226,23 @@ class JobRunner:
             # From the newest readable committed checkpoint (or the seed), new generation.
             self._attempt, replies = await p.recovery.load(program, islands)
             program = self._attempt.program
-            # The compiled step's own memory analysis replaces the estimate it was admitted on.
-            measured = max(max(r.memory.total_bytes, r.estimate_bytes_per_device) for r in replies)
-            self.demand_bytes = measured
-            p.scheduler.resize(job_id, measured)
             loaded = self.loaded = True
-            p.reporter.job_memory[job_id] = max(r.memory.total_bytes for r in replies)
+            # The compiled step's own memory analysis (what the job holds at the peak of its
+            # step) replaces the upper bound it was admitted on, for it and for every later
+            # job of the same model, mesh and batch; the room it frees may admit another.
+            measured = max(r.memory.total_bytes for r in replies)
+            if measured > 0:
+                self.demand_bytes = measured
+                p.memory.record(self.admitted_as, measured)
+                p.scheduler.resize(job_id, measured)
+                p.wake()
+            p.reporter.job_memory[job_id] = self.demand_bytes
             logger.info(
-                "job %s loaded (compile %.1f s, %d bytes per device)",
+                "job %s loaded (compile %.1f s, %d bytes per device; estimated %d)",
                 job_id,
                 max(r.compile_s for r in replies),
-                max(r.memory.total_bytes for r in replies),
+                measured,
+                self.admitted_as.bytes_per_device,
                 extra={"job_id": job_id},
             )
             completed = await self._step_until_done(program)

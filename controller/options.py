@@ -43,6 +43,19 @@ def parse_size(text: str) -> int:
     return value
 
 
+def parse_flops(text: str) -> float:
+    """A positive FLOP/s figure such as `1.5e11`."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"--peak-flops {text!r} must be a positive number of FLOP/s such as 1.5e11."
+        )
+    return value
+
+
 def parse_island(text: str):
     """An IslandSpec from `NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_BYTES_PER_DEVICE]`."""
     from pathways_lite.workers.island_host import IslandSpec
@@ -107,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]; repeat for every island",
     )
     p.add_argument("--window", type=int, default=2, help="steps in flight per job")
+    p.add_argument(
+        "--peak-flops",
+        type=parse_flops,
+        default=None,
+        help="peak FLOP/s that MFU is measured against on CPU islands (e.g. 1.5e11); default: "
+        "this machine's, measured once and cached",
+    )
     p.add_argument(
         "--token-file",
         default=None,

@@ -1,10 +1,11 @@
 """A job resolved once: the typed configs, figures and dataset every other part reads.
 
 A spec is turned into a `ResolvedJob` at submit (model, optimizer, train and data configs;
-bytes per device on each island; FLOPs per token for MFU) and the job's runner keeps it. Data
-preparation, which may tokenize a corpus and so never runs on the submit path, adds the dataset
-(`with_dataset`): the model's vocabulary becomes the trained tokenizer's. Nothing re-validates a
-spec after that.
+an upper bound of the bytes per device it holds on each island; FLOPs per token for MFU) and
+the job's runner keeps it. Data preparation, which may tokenize a corpus and so never runs on
+the submit path, adds the dataset (`with_dataset`): the model's vocabulary becomes the trained
+tokenizer's. Nothing re-validates a spec after that. `MemoryFigures` keeps what the compiled
+steps of loaded jobs really hold, by (model, mesh, batch), for admission.
 
 `load_request` is the one function that builds a host's `LoadJobRequest`: the job's placement
 on that host (`HostLoad`: generation, epoch, island index, peers, checkpoint folder and
@@ -51,7 +52,8 @@ class ResolvedJob:
     Attributes:
         spec: the JobSpec proto as submitted.
         configs: model, optimizer, train and data configs (controller/spec.py's JobConfigs).
-        bytes_per_device: device memory it holds on each of its islands (model/estimates.py).
+        bytes_per_device: an upper bound of the device memory its compiled step will hold on
+            each of its islands (model/estimates.py), used until one is measured.
         flops_per_token: training FLOPs per token (PaLM's 6N + attention), for MFU.
         digest_every: steps between parameter digest comparisons.
         dataset: the prepared dataset, once data preparation has ended.
@@ -112,6 +114,22 @@ class ResolvedJob:
         return dataclasses.replace(resolved, dataset=ref)
 
     @property
+    def memory_key(self) -> tuple | None:
+        """What its compiled step's memory depends on: model, optimizer, mesh, and the
+        batch one island runs (examples x tokens); None without configs."""
+        if self.configs is None:
+            return None
+        spec, train = self.spec, self.configs.train
+        return (
+            self.configs.model,
+            self.configs.optim,
+            spec.mesh.data,
+            spec.mesh.model,
+            train.global_batch // max(1, spec.islands),
+            train.seq_len,
+        )
+
+    @property
     def steps(self) -> int:
         return self.configs.train.steps
 
@@ -122,6 +140,35 @@ class ResolvedJob:
     @property
     def devices(self) -> int:
         return self.spec.islands * self.spec.devices_per_island
+
+
+class MemoryFigures:
+    """Bytes per device jobs really hold, measured from their compiled steps at load, by
+    `ResolvedJob.memory_key`: a job whose (model, mesh, batch) has loaded before is admitted
+    by the measured figure, any other by the estimator's upper bound."""
+
+    def __init__(self) -> None:
+        self._measured: dict[tuple, int] = {}
+
+    def bytes_per_device(self, job: ResolvedJob) -> int:
+        """The measured figure of the job's kind, else its estimate (an upper bound)."""
+        return self._measured.get(job.memory_key, job.bytes_per_device)
+
+    def measured(self, job: ResolvedJob) -> int | None:
+        """The measured figure of the job's kind, if one has loaded."""
+        return self._measured.get(job.memory_key)
+
+    def record(self, job: ResolvedJob, bytes_per_device: int) -> None:
+        """Keep what a loaded job of this kind holds (the largest over its hosts)."""
+        if bytes_per_device > job.bytes_per_device:
+            logger.warning(
+                "the compiled step holds %d bytes per device, above the estimate of %d: "
+                "the estimator is not an upper bound for this model and mesh",
+                bytes_per_device,
+                job.bytes_per_device,
+            )
+        if job.memory_key is not None:
+            self._measured[job.memory_key] = int(bytes_per_device)
 
 
 def default_digest_every(model_cfg: Any) -> int:

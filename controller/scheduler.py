@@ -2,11 +2,12 @@
 
 Admission. Every island has a device-memory budget per device (the hosts report it: `up
 --island-memory` on simulated islands, the device's limit on GPUs). A job's demand is bytes
-per device on each of its islands (the estimator's figure, raised to the island's dry-run
-memory analysis once the controller has it). A job holds all of its islands or none; a job
-that can never fit (more islands than the cluster, more memory than any island's budget) is
-refused at once; the rest wait in priority-then-submission order. Several jobs may be
-resident on one island as long as their demands fit its budget.
+per device on each of its islands: what its compiled step holds at its peak (measured at
+its load, or at the load of an earlier job of the same model, mesh and batch), else the
+estimator's upper bound of it. A job holds all of its islands or none; a job that can never
+fit (more islands than the cluster, more memory than any island's budget) is refused at once;
+the rest wait (controller/admission.py orders them). Several jobs may be resident on one
+island as long as the sum of their demands fits its budget: `place` never exceeds it.
 
 Step slots. Jobs resident on shared islands take turns through `acquire`: every island has
 `slots` steps in flight at most (over all its jobs), and a free slot goes to the waiting job
@@ -144,8 +145,20 @@ class Scheduler:
     def mark_up(self, island: str) -> None:
         self.down.pop(island, None)
 
-    def never_fits(self, islands: int, bytes_per_device: int) -> str | None:
-        """Why a job of `islands` islands x `bytes_per_device` can never run, or None."""
+    def never_fits(
+        self, islands: int, bytes_per_device: int, own: Sequence[str] | None = None
+    ) -> str | None:
+        """Why a job of `islands` islands x `bytes_per_device` can never run (on its `own`
+        islands, for a suspended job whose state is on them), or None."""
+        if own is not None:
+            small = [i for i in own if 0 < self.budgets[i] < bytes_per_device]
+            if small:
+                return (
+                    f"it holds {bytes_per_device} bytes per device but the budget of "
+                    + ", ".join(f"{i} is {self.budgets[i]}" for i in small)
+                    + " bytes per device."
+                )
+            return None
         if islands < 1 or islands > len(self.island_ids):
             return (
                 f"the job needs islands={islands} but the cluster has "
@@ -221,11 +234,12 @@ class Scheduler:
         """Ids of the jobs holding memory on `island`, in placement order."""
         return [j for j, (islands, _) in self._held.items() if island in islands]
 
-    def lacking(self, demand: Demand) -> str:
-        """A sentence: what `demand` lacks now and who holds it."""
-        room = self.candidates(demand)
+    def lacking(self, demand: Demand, own: Sequence[str] | None = None) -> str:
+        """A sentence: what `demand` lacks now (on its `own` islands when given) and who
+        holds it."""
+        room = [i for i in self.candidates(demand) if own is None or i in own]
         parts = []
-        for i in self.island_ids:
+        for i in own or self.island_ids:
             if i in self.down:
                 parts.append(f"{i}: down ({self.down[i]})")
                 continue
@@ -237,8 +251,9 @@ class Scheduler:
                 if budget
                 else f"{i}: unlimited"
             )
+        where = f"its island(s) {', '.join(own)}" if own else f"{demand.islands} island(s)"
         return (
-            f"Needs {demand.bytes_per_device} bytes per device on {demand.islands} island(s); "
+            f"Needs {demand.bytes_per_device} bytes per device on {where}; "
             f"{len(room)} island(s) have room now ({'; '.join(parts)})."
         )
 

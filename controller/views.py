@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -156,25 +157,53 @@ class Views:
         islands: Mapping[str, Island],
         pending: Mapping[str, str],
         resolved: Callable[[JobRecord], ResolvedJob | None],
+        *,
+        peak_flops: float | None = None,
+        peak_cache_dir: str | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.islands = islands
         self.pending = pending
         self._resolved = resolved
-        self.peak_flops: float | None = None
+        # The machine's peak FLOP/s for MFU on simulated CPU islands and where it came from
+        # ("--peak-flops", "cached" or "measured"): set by `measure_peak`, or the override.
+        self.peak_flops: float | None = peak_flops
+        self.peak_source = "--peak-flops" if peak_flops else ""
+        self._peak_cache_dir = peak_cache_dir
+        self._peak_lock = threading.Lock()
         self.timeline: dict[str, collections.deque[TimelineEntry]] = {
             island_id: collections.deque(maxlen=TIMELINE_STEPS) for island_id in islands
         }
 
     def measure_peak(self) -> float:
-        """Measure this machine's matmul FLOP/s once (blocking; run it off the loop)."""
-        if self.peak_flops is None:
-            from pathways_lite.model import estimates
+        """This machine's matmul FLOP/s, read from the per-machine cache or measured once
+        and cached there (blocking; run it off the loop); `--peak-flops` overrides both."""
+        with self._peak_lock:
+            if self.peak_flops is None:
+                from pathways_lite.model import estimates
+                from pathways_lite.model.tokenizer import default_cache_dir
 
-            self.peak_flops = estimates.measure_cpu_peak_flops(n=512, repeats=3)
-            logger.info("peak %.3g FLOP/s for MFU", self.peak_flops)
+                self.peak_flops, self.peak_source = estimates.cached_peak_flops(
+                    self._peak_cache_dir or default_cache_dir()
+                )
+                logger.info("peak %.4g FLOP/s for MFU (%s)", self.peak_flops, self.peak_source)
         return self.peak_flops
+
+    def job_peak(self, record: JobRecord) -> float:
+        """The peak FLOP/s the job's MFU is measured against (0 while unknown)."""
+        return job_peak_flops(
+            record.spec.islands * record.spec.devices_per_island,
+            [h.info.peak_flops_per_device for i in self.islands.values() for h in i.hosts],
+            self.peak_flops,
+        )
+
+    def island_peak(self, island: Island) -> float:
+        """The peak FLOP/s a job on all of `island`'s devices is measured against (0 while
+        unknown)."""
+        return job_peak_flops(
+            island.devices, [h.info.peak_flops_per_device for h in island.hosts], self.peak_flops
+        )
 
     def mfu(self, record: JobRecord, tokens_per_s: float) -> float:
         """Model FLOPs utilisation at `tokens_per_s`; 0 while the peak is unknown.
@@ -183,11 +212,7 @@ class Views:
         hosts' measured per-device peak times the job's devices; on simulated CPU islands,
         this machine's measured matmul FLOP/s (`measure_peak`), which they all share.
         """
-        peak = job_peak_flops(
-            record.spec.islands * record.spec.devices_per_island,
-            [h.info.peak_flops_per_device for i in self.islands.values() for h in i.hosts],
-            self.peak_flops,
-        )
+        peak = self.job_peak(record)
         if not peak or tokens_per_s <= 0:
             return 0.0
         job = self._resolved(record)
@@ -238,6 +263,8 @@ class Views:
             )
             job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
             job.pending_reason = self.pending.get(record.id, WAITING)
+        elif record.state == JobState.SUSPENDED:
+            job.pending_reason = self.pending.get(record.id, "")
         if job.steps_completed:
             (last,) = self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
             job.last_metrics.CopyFrom(
@@ -261,6 +288,8 @@ class Views:
         if record.state == JobState.RUNNING:
             islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
             return f"Running on {islands}."
+        if record.state == JobState.SUSPENDED and record.id in self.pending:
+            return self.pending[record.id]  # why it has not resumed yet, as of the last pass
         return f"The job is {record.state.value}" + (
             f": {record.message}" if record.message else "."
         )
@@ -292,6 +321,12 @@ class Views:
                     devices=island.devices,
                     job_ids=self.scheduler.jobs_on(island.id),
                     down=self.scheduler.down.get(island.id, ""),
+                    peak_flops=self.island_peak(island),
+                    peak_flops_source=(
+                        "measured on the devices"
+                        if any(h.info.peak_flops_per_device > 0 for h in island.hosts)
+                        else self.peak_source
+                    ),
                     recent_steps=[
                         controller_pb2.IslandStep(
                             job_id=e.job_id,

@@ -185,6 +185,25 @@ class StepFunctions:
             apply = self._apply.lower(params_abs, opt_abs, grads_abs).compile()
         return CompiledStep(grad=grad, apply=apply)
 
+    def state_bytes_per_device(self) -> tuple[int, int]:
+        """(parameter bytes, optimizer-state bytes) one device of the mesh holds, from the
+        abstract state and its shardings (the largest shard of each array)."""
+        params_abs, opt_abs = jax.eval_shape(lambda: self._init_impl(0))
+
+        def per_device(tree: Any, shardings: Any) -> int:
+            total = 0
+            for leaf, sharding in zip(
+                jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True
+            ):
+                shard = sharding.shard_shape(leaf.shape)
+                total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+            return total
+
+        return (
+            per_device(params_abs, self.param_shardings),
+            per_device(opt_abs, self.opt_shardings),
+        )
+
     def place_batch(self, tokens_bt1: np.ndarray) -> jax.Array:
         """Put a (B, T + 1) int32 batch on the mesh, split over `data`."""
         return jax.device_put(np.asarray(tokens_bt1, dtype=np.int32), self.batch_sharding)

@@ -263,7 +263,7 @@ def _cmd_why(args: argparse.Namespace) -> int:
 
     job = _client(args).get(args.job)
     state = state_name(job.state)
-    if state == "queued":
+    if state == "queued" or (state == "suspended" and job.pending_reason):
         reason = job.pending_reason
     elif state == "running":
         reason = f"Running on {', '.join(job.islands) or 'its islands'}."
@@ -405,6 +405,12 @@ def _cmd_islands(args: argparse.Namespace) -> int:
     for i in islands:
         if i["down"]:
             print(f"island {i['id']} is down: {i['down']}")
+    for i in islands:
+        if i["peak_flops"]:
+            print(
+                f"island {i['id']}: MFU is measured against a peak of {i['peak_flops']:.4g} "
+                f"FLOP/s ({i['peak_flops_source']})"
+            )
     return 0
 
 

@@ -105,6 +105,8 @@ def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
         "devices": island.devices,
         "job_ids": list(island.job_ids),
         "down": island.down,
+        "peak_flops": island.peak_flops,
+        "peak_flops_source": island.peak_flops_source,
         "hosts": [
             json_format.MessageToDict(h, preserving_proto_field_name=True)
             | {"devices": h.devices, "port": h.port, "pid": h.pid}

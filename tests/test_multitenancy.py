@@ -1,6 +1,6 @@
 """Multi-tenancy on a live local cluster: admission, shared islands, weights, preemption.
 
-One LocalCluster (2 islands x 1 CPU device, a 16 MiB budget per device) serves every test of
+One LocalCluster (2 islands x 1 CPU device, a 19 MiB budget per device) serves every test of
 the module. Everything is judged from the island hosts' own records (the ExecutionLog rpc:
 which job's step ran under which island_seq and when, and the live device arrays per job),
 not from the controller's bookkeeping.
@@ -23,7 +23,12 @@ from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-BUDGET_PER_DEVICE = 16 * 1024 * 1024
+# Sized by what the jobs' compiled steps hold at their peak: a small job (batch 2 per island)
+# about 4 MiB per device, a big one (batch 16 per island) about 16.7 MiB (17.7 estimated): two
+# small jobs share an island, a big one fits alone, a big one beside a small one does not (so
+# it preempts or waits).
+BUDGET_PER_DEVICE = 19 * 1024 * 1024
+BIG_BATCH = 32
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -36,6 +41,7 @@ def spec(
     priority: int = 0,
     d_model: int = 64,
     seed: int = 0,
+    global_batch: int = 4,
 ):
     return load_spec_text(f"""
 name: {name}
@@ -45,7 +51,7 @@ devices_per_island: 1
 mesh: {{data: 1, model: 1}}
 priority: {priority}
 weight: {weight}
-train: {{steps: {steps}, global_batch: 4, seq_len: 32, seed: {seed}}}
+train: {{steps: {steps}, global_batch: {global_batch}, seq_len: 32, seed: {seed}}}
 data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
 """)
 
@@ -175,7 +181,7 @@ def test_preempted_job_resumes_bitwise_and_memory_is_accounted(client, hosts) ->
         time.sleep(0.1)
     # Resident now: the host's live arrays of the job are its params + optimizer state.
     memory = {m.job_id: m for m in logs(hosts)["island-0"].jobs}
-    high = client.submit(spec("high", steps=4, priority=5, d_model=160, seed=4))
+    high = client.submit(spec("high", steps=4, priority=5, global_batch=BIG_BATCH, seed=4))
     configs_low = spec_lib.to_configs(client.get(low.id).spec)
     est = memory_per_device(configs_low.model, {"data": 1, "model": 1}, configs_low.optim)
     live = memory[low.id].live_bytes_per_device
@@ -207,10 +213,10 @@ def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
 
     from pathways_lite import cli
 
-    big = client.submit(spec("big", steps=40, d_model=160, seed=5))
+    big = client.submit(spec("big", steps=40, global_batch=BIG_BATCH, seed=5))
     while state_name(client.get(big.id).state) != "running":
         time.sleep(0.05)
-    second = client.submit(spec("second", steps=2, d_model=160, seed=6))
+    second = client.submit(spec("second", steps=2, global_batch=BIG_BATCH, seed=6))
     third = client.submit(spec("third", steps=2, seed=7))
     time.sleep(0.5)  # a scheduling pass
     queued_second, queued_third = client.get(second.id), client.get(third.id)

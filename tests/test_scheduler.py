@@ -144,19 +144,71 @@ class Cluster:
         self.store.transition(job_id, JobState.SUSPENDED, reason="preempted")
 
 
-def test_a_job_that_does_not_fit_holds_back_the_jobs_behind_it_and_each_says_why(tmp_path):
+def test_a_job_behind_a_waiting_one_starts_only_when_it_cannot_hold_that_one_back(tmp_path):
+    """Work conservation without starvation: a job behind a waiting gang starts at once when
+    it fits beside the gang once the jobs the gang waits on leave; one that would take room
+    the gang needs waits, and every waiting job says why."""
     c = Cluster(tmp_path)
     c.submit("big", 2, 60)
     c.submit("wide", 2, 60)
-    c.submit("small", 1, 10)
+    c.submit("small", 1, 10)  # 10 + wide's 60 fit a budget of 100: no harm to wide
+    c.submit("greedy", 1, 50)  # 50 + wide's 60 would not: it would hold wide back
     c.admission.schedule()
-    assert list(c.runners) == ["big"]
+    assert sorted(c.runners) == ["big", "small"]
     assert c.scheduler.islands_of("big") == ["island-0", "island-1"]
     assert c.admission.pending["wide"].startswith("Needs 60 bytes per device on 2 island(s)")
     assert "Waits on big." in c.admission.pending["wide"]
-    # "small" would fit, but it never overtakes the waiting job ahead of it.
-    assert c.admission.pending["small"] == "Waiting for jobs ahead in the queue (wide)."
-    assert "small" not in c.runners
+    assert "greedy" not in c.runners
+    assert "Jobs ahead in the queue wait too (wide)." in c.admission.pending["greedy"]
+    # Once big has gone, wide fits beside small; greedy still waits for room.
+    c.scheduler.release("big")
+    c.store.transition("big", JobState.SUCCEEDED, reason="completed")
+    c.admission.schedule()
+    assert "wide" in c.runners and "greedy" not in c.runners
+
+
+def test_the_sum_of_an_islands_residents_never_exceeds_its_budget(tmp_path):
+    """Jobs are placed by what they hold; the measured figure of a kind replaces the
+    estimate for the next job of that kind, and no placement overfills an island."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    for name in ("a", "b", "c"):
+        c.submit(name, 1, 45)
+    c.admission.schedule()
+    assert sorted(c.runners) == ["a", "b"]  # 90 of 100: a third would overfill it
+    assert c.scheduler.used("island-0") == 90 <= BUDGET
+    c.runners["a"].demand_bytes = 10
+    c.scheduler.resize("a", 10)  # a's compiled step measured 10: room for c (10 + 45 + 45)
+    c.admission.schedule()
+    assert sorted(c.runners) == ["a", "b", "c"]
+    assert c.scheduler.used("island-0") == 100 <= BUDGET
+    c.submit("d", 1, 1)
+    c.admission.schedule()
+    assert "d" not in c.runners and c.scheduler.used("island-0") == 100
+
+
+def test_a_job_that_can_never_fit_says_so_and_holds_nobody_back(tmp_path):
+    """The budget shrank under a suspended job: it cannot resume on its islands, says so in
+    `why` and in its events, and the job behind it runs on the idle island."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    c.submit("low", 1, 80)
+    c.admission.schedule()
+    c.submit("urgent", 1, 80, priority=5)
+    c.admission.schedule()
+    c.suspend("low")
+    c.admission.schedule()
+    c.submit("later", 1, 40)
+    c.scheduler.release("urgent")
+    c.store.transition("urgent", JobState.SUCCEEDED, reason="completed")
+    c.scheduler.budgets["island-0"] = 50  # the island came back smaller
+    c.admission.schedule()
+    assert not c.runners["low"].resume.is_set()
+    why = c.admission.pending["low"]
+    assert why.startswith("Suspended, and it can never resume on its islands:"), why
+    assert "budget of island-0 is 50" in why
+    assert [e.message for e in c.store.events("low") if e.kind == "scheduler"] == [why]
+    assert "later" in c.runners  # the island does not idle behind it
+    c.admission.schedule()  # said once, not at every pass
+    assert len([e for e in c.store.events("low") if e.kind == "scheduler"]) == 1
 
 
 def test_a_higher_priority_job_suspends_only_the_lowest_priority_residents_it_needs(tmp_path):
@@ -201,3 +253,50 @@ def test_a_job_is_never_preempted_for_one_of_equal_priority(tmp_path):
     assert not c.runners["first"].suspend_requested
     assert "Suspending" not in c.admission.pending["second"]
     assert Demand("x", 1, 80) == c.admission.demand(c.store.get_job("second")).__class__("x", 1, 80)
+
+
+def test_a_measured_kind_is_admitted_by_its_measured_figure(tmp_path):
+    """Before a kind of job has loaded it is placed by the estimate (an upper bound); once
+    one has, the next job of the same (model, mesh, batch) is placed by what it measured."""
+    from pathways_lite.controller.resolved import MemoryFigures
+    from pathways_lite.spec import load_spec_text
+
+    spec = load_spec_text("""
+name: kind
+model: {preset: palm-tiny}
+islands: 1
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+train: {steps: 2, global_batch: 8, seq_len: 64}
+data: {source: stdlib, vocab_size: 1024}
+""")
+    job = ResolvedJob.resolve(spec)
+    smaller = controller_pb2.JobSpec()
+    smaller.CopyFrom(spec)
+    smaller.train.global_batch = 4
+    other = ResolvedJob.resolve(smaller)
+    figures = MemoryFigures()
+    assert figures.bytes_per_device(job) == job.bytes_per_device
+    figures.record(job, job.bytes_per_device * 4 // 5)
+    assert figures.bytes_per_device(ResolvedJob.resolve(spec)) == job.bytes_per_device * 4 // 5
+    assert figures.bytes_per_device(other) == other.bytes_per_device  # another batch
+
+
+def test_a_suspended_job_raised_above_its_islands_residents_preempts_them(tmp_path):
+    """Raising a suspended job's priority helps: it suspends the lower-priority job on its own
+    islands (where its state is) and resumes there."""
+    c = Cluster(tmp_path, islands=("island-0",))
+    c.submit("low", 1, 80)
+    c.admission.schedule()
+    c.submit("urgent", 1, 80, priority=5)
+    c.admission.schedule()
+    c.suspend("low")
+    c.admission.schedule()
+    assert c.admission.pending["low"].startswith("Suspended: Needs 80 bytes per device on its")
+    c.store.set_priority("low", 9)
+    c.runners["low"].priority = 9
+    c.admission.schedule()
+    assert c.runners["urgent"].suspend_requested
+    c.suspend("urgent")
+    c.admission.schedule()
+    assert c.runners["low"].resume.is_set() and c.scheduler.islands_of("low") == ["island-0"]

@@ -22,6 +22,7 @@ def memory_proto(report: MemoryReport) -> common_pb2.MemoryAnalysis:
         temp_bytes=report.temp_bytes,
         generated_code_bytes=report.generated_code_bytes,
         alias_bytes=report.alias_bytes,
+        resident_bytes=report.resident_bytes,
         total_bytes=report.total_bytes,
     )
 

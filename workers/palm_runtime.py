@@ -109,6 +109,16 @@ def open_dataset(data: Mapping[str, Any]):
         raise JobSpecError(f"data.paths[0]={key!r}: {e}") from None
 
 
+def compiled_memory(fns: Any, compiled: Any) -> MemoryReport:
+    """What a job holds per device at the peak of its compiled step (StepFunctions and its
+    CompiledStep): the larger of the gradient program, with the optimizer state resident
+    beside it, and the update program, which takes parameters, optimizer state and
+    gradients as arguments (its outputs alias the donated state)."""
+    _, opt_bytes = fns.state_bytes_per_device()
+    grad = dataclasses.replace(memory_report(compiled.grad), resident_bytes=opt_bytes)
+    return max(grad, memory_report(compiled.apply), key=lambda r: r.total_bytes)
+
+
 @dataclasses.dataclass
 class _Resident:
     """What a loaded job keeps: state on the mesh and the compiled halves of the step."""
@@ -207,9 +217,9 @@ class PalmRuntime(JobRuntime):
         return self.dataset.hash
 
     def estimate_bytes_per_device(self) -> int:
-        """Parameters, optimizer state and one gradient copy per device, plus the batch
-        (`training_bytes_per_device`). Activations are not estimated; the compiled step
-        reports them."""
+        """An upper bound of what the compiled step will hold per device, before compiling
+        (`training_bytes_per_device`: state, gradients, batch, activations, update
+        temporaries)."""
         from pathways_lite.model.estimates import training_bytes_per_device
 
         self._open_data()
@@ -236,16 +246,13 @@ class PalmRuntime(JobRuntime):
         fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
         compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
-        grad_mem, apply_mem = memory_report(grad_exec), memory_report(apply_exec)
-        # The step's peak is the larger of its two programs.
-        report = max(grad_mem, apply_mem, key=lambda r: r.total_bytes)
+        report = compiled_memory(fns, compiled)
         logger.info(
-            "job %s compiled on mesh %s in %.1f s: grad %d B, apply %d B per device",
+            "job %s compiled on mesh %s in %.1f s: %d bytes per device at the step's peak",
             self.spec.job_id,
             dict(mesh.shape),
             time.perf_counter() - started,
-            grad_mem.total_bytes,
-            apply_mem.total_bytes,
+            report.total_bytes,
         )
         self._compiled = (fns, grad_exec, apply_exec, report)
         return report

@@ -98,13 +98,19 @@ class IslandJobSpec:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Device memory of a compiled step, bytes per device."""
+    """Device memory of a compiled step, bytes per device.
+
+    `resident_bytes` is what the job keeps on the devices while the program runs without
+    passing it in (a PaLM job's optimizer state during its gradient program), so
+    `total_bytes` is what the job holds at that program's peak.
+    """
 
     argument_bytes: int = 0
     output_bytes: int = 0
     temp_bytes: int = 0
     generated_code_bytes: int = 0
     alias_bytes: int = 0
+    resident_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -114,7 +120,8 @@ class MemoryReport:
             + self.output_bytes
             + self.temp_bytes
             + self.generated_code_bytes
-            - self.alias_bytes,
+            - self.alias_bytes
+            + self.resident_bytes,
         )
 
 

@@ -239,21 +239,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"data_hash={spec.data_hash!r} does not match the content hash "
                 f"{expected_hash!r} of the data this host reads.",
             )
+        from pathways_lite.model.estimates import ESTIMATE_MAX_OVER
+
         budget = self.metadata.memory_budget_bytes_per_device
-        if estimate > budget:
+        if estimate > budget * ESTIMATE_MAX_OVER:
+            # The estimate is at most ESTIMATE_MAX_OVER above the compiled figure: no need to
+            # compile to know that this one cannot fit.
             raise RpcRejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"job {spec.job_id!r} needs an estimated {estimate} bytes per device, more "
+                f"job {spec.job_id!r} holds an estimated {estimate} bytes per device, more "
                 f"than this island's budget of {budget} bytes per device.",
+            )
+        started = time.perf_counter()
+        # The compile touches no device state: the island's other jobs keep stepping.
+        report = await self._on_compile_thread(runtime.compile)
+        # Checked before anything is allocated: the compiled step's own figure, or the
+        # estimate (an upper bound) of a runtime that compiles only in `load`.
+        needs, what = (
+            (estimate, "an estimated")
+            if report is None
+            else (report.total_bytes, "at the peak of its compiled step")
+        )
+        if needs > budget:
+            raise RpcRejection(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"job {spec.job_id!r} holds {what} {needs} bytes per device, more than this "
+                f"island's budget of {budget} bytes per device.",
             )
         if existing is not None and not request.dry_run:
             # The replaced generation's steps may wait on a dead peer: release the lock.
             self.exchange.mailbox.abort(
                 spec.job_id, existing.spec.generation, f"generation {spec.generation} loads"
             )
-        started = time.perf_counter()
-        # The compile touches no device state: the island's other jobs keep stepping.
-        report = await self._on_compile_thread(runtime.compile)
         if report is None or not request.dry_run:
             async with self._lock:
                 if existing is not None and not request.dry_run:

@@ -52,6 +52,9 @@ const PL = (() => {
     pct(x) {
       return x === null || x === undefined ? "–" : (100 * x).toFixed(2) + "%";
     },
+    flops(x) {
+      return x ? `${x.toExponential(3)} FLOP/s` : "–";
+    },
     bytes(x) {
       if (!x) return "0 B";
       const units = ["B", "KiB", "MiB", "GiB", "TiB"];

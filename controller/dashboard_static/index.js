@@ -46,6 +46,10 @@
         el("div", { class: "kv" }, el("span", { text: "Memory" }),
           el("span", { class: "mono", text: `${fmt.bytes(used)} / ${fmt.bytes(budget)}` })),
         el("div", { class: "meter" }, el("div", { class: "fill", style: `width:${(100 * frac).toFixed(1)}%` })),
+        el("div", { class: "kv", title: "the peak that MFU on this island is measured against" },
+          el("span", { text: "MFU peak" }),
+          el("span", { class: "mono", "data-peak": island.id,
+            text: island.peak_flops ? `${fmt.flops(island.peak_flops)} (${island.peak_flops_source})` : "–" })),
         el("div", { class: "hosts" }, island.hosts.map((h) =>
           el("div", { class: "host mono", text: `${h.address} · pid ${h.pid} · ${h.devices} dev · ${h.state}` })))));
     }

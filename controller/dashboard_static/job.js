@@ -10,6 +10,9 @@
   let chartsReady = false;
   const pendingPoints = [];
 
+  // The peak FLOP/s the job's MFU is measured against (from the job's detail).
+  let peakFlops = null;
+
   function renderJob(j) {
     job = j;
     document.title = `pathways-lite · ${j.name}`;
@@ -31,7 +34,7 @@
       ["Progress", progress(j.steps_completed, j.steps)],
       ["Loss", fmt.num(j.loss, 4)],
       ["Tokens/s", fmt.rate(j.tokens_per_s)],
-      ["MFU", fmt.pct(j.mfu)],
+      ["MFU", peakFlops ? `${fmt.pct(j.mfu)} of ${fmt.flops(peakFlops)}` : fmt.pct(j.mfu)],
       ["Elapsed", fmt.duration(elapsed)],
       ["ETA", fmt.duration(remaining)],
       ["Islands", j.islands.join(", ") || "–"],
@@ -134,6 +137,7 @@
       document.getElementById("message").textContent = String(e.message || e);
       return;
     }
+    peakFlops = detail.peak_flops;
     renderJob(detail.job);
     renderWhy(detail.why, detail.jobs_ahead);
     for (const e of detail.events.slice().reverse()) addEvent(e, false);
