@@ -190,9 +190,10 @@ class ThroughIsland:
     def __init__(
         self, args: argparse.Namespace, dataset, mesh_shape: tuple[int, int], state_dir: str
     ) -> None:
-        import grpc
+        import secrets
 
         from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+        from pathways_lite.workers.auth import Credential, host_channel
         from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec
         from pathways_lite.workers.ray_cluster import LocalRayCluster, connect
 
@@ -207,9 +208,12 @@ class ThroughIsland:
         try:
             self.cluster.start()
             connect(self.cluster.address, token_path=self.cluster.token_path)
-            self.group = IslandHostGroup(IslandSpec("bench", devices_per_host=args.devices))
+            # Every call carries the cluster credential, as the controller's do.
+            credential = Credential(secrets.token_urlsafe(32))
+            spec = IslandSpec("bench", devices_per_host=args.devices)
+            self.group = IslandHostGroup(spec, credential)
             (meta,) = self.group.start()
-            self.channel = grpc.insecure_channel(meta.address)
+            self.channel = host_channel(meta.address, credential)
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
             from pathways_lite.controller.program import HostLoad
             from pathways_lite.controller.resolved import ResolvedJob, load_request

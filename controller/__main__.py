@@ -1,7 +1,8 @@
 """The controller process: `python -m pathways_lite.controller --state-dir DIR ...`.
 
 It locks the state directory (one controller per directory) and starts a new epoch, connects
-to Ray on loopback, starts (or attaches to) the island hosts it is told about, checks their
+to Ray on loopback, starts (or attaches to) the island hosts it is told about, handing them
+the cluster credential of `<state_dir>/cluster_secret` (controller/auth.py), checks their
 wire versions over gRPC, serves the ControllerService, and writes its address to
 `<state_dir>/controller.json`. SIGTERM or SIGINT stops it: running jobs go back to the queue,
 and the island hosts it started are shut down. Its flags are in controller/options.py.
@@ -24,14 +25,14 @@ from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 logger = logging.getLogger("pathways_lite.controller.main")
 
 
-def _start_islands(specs):
+def _start_islands(specs, credential):
     """Attach to each island's named host actors if they all answer, else (re)start the
-    island as a unit (controller/recovery.py)."""
+    island as a unit (controller/recovery.py); either way the hosts get `credential`."""
     from .islands import attach_or_start
 
     groups, started = [], []
     for spec in specs:
-        group, fresh = attach_or_start(spec)
+        group, fresh = attach_or_start(spec, credential)
         if fresh:
             started.append(group)
             logger.info("started island %s", spec.name)
@@ -39,15 +40,15 @@ def _start_islands(specs):
     return groups, started
 
 
-async def _serve(args, store, groups) -> None:
+async def _serve(args, store, groups, credential) -> None:
     from .core import Controller
     from .islands import Island, connect_host
     from .service import serve
 
     islands = []
     for group in groups:
-        hosts = [await connect_host(m.address) for m in group.metadata]
-        islands.append(Island(group.island.name, hosts, group=group))
+        hosts = [await connect_host(m.address, credential=credential) for m in group.metadata]
+        islands.append(Island(group.island.name, hosts, group=group, credential=credential))
     controller = Controller(store, islands, state_dir=args.state_dir, window=args.window)
     from .auth import ensure_token, token_path
     from .dashboard import Dashboard, parse_duration
@@ -120,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 min_islands=args.min_islands, timeout_s=args.discover_timeout_s
             )
             islands += [i for i in found if i.name not in given]
-        groups, started = _start_islands(islands)
-        asyncio.run(_serve(args, store, groups))
+        from .auth import cluster_credential
+
+        credential = cluster_credential(args.state_dir)
+        groups, started = _start_islands(islands, credential)
+        asyncio.run(_serve(args, store, groups, credential))
         return 0
     except Exception as e:
         logger.exception("controller failed")

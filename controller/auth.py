@@ -6,25 +6,34 @@ and every HTTP request of the dashboard must carry it (`authorization: Bearer <t
 without it gRPC answers UNAUTHENTICATED and HTTP 401. The standard health service and server
 reflection stay open, so probes and tooling (grpc_health_probe, grpcurl's `list`) work without
 a secret: they reveal liveness and the public proto schema, never a job.
+
+The controller also keeps the island hosts' cluster secret here (`<state_dir>/cluster_secret`,
+mode 0600; workers/auth.py checks it on the hosts): another secret than the token, so a
+client of the API can never call a host directly.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
 import stat
 from pathlib import Path
 
-import grpc
+from pathways_lite.workers.auth import (  # noqa: F401 (bearer: the face's header)
+    METADATA_KEY,
+    OPEN_PREFIXES,
+    AuthInterceptor,
+    Credential,
+    bearer,
+    matches,
+)
 
 logger = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
-METADATA_KEY = "authorization"
-# Methods callable without the token: liveness probes and schema discovery.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+# The island hosts' credential (workers/auth.py), created beside the token.
+CLUSTER_SECRET_FILE = "cluster_secret"
 
 
 class TokenError(RuntimeError):
@@ -79,61 +88,39 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def bearer(token: str) -> str:
-    return f"Bearer {token}"
+def cluster_secret_path(state_dir: str | Path) -> Path:
+    """Where a state directory keeps the cluster secret of its island hosts."""
+    return Path(state_dir) / CLUSTER_SECRET_FILE
 
 
-def matches(presented: str | None, token: str) -> bool:
-    """Whether an `authorization` value (`Bearer <token>`) carries `token` (constant time)."""
-    if not presented:
-        return False
-    scheme, _, value = presented.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+def cluster_credential(state_dir: str | Path) -> Credential:
+    """The island hosts' credential, from `<state_dir>/cluster_secret` (created, mode 0600,
+    when absent: a restarted controller keeps the secret its running hosts hold).
+
+    Raises:
+        TokenError: the file exists but is empty, or others can read it.
+    """
+    return Credential(ensure_token(cluster_secret_path(state_dir)))
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
+def read_cluster_credential(state_dir: str | Path) -> Credential:
+    """The island hosts' credential of a running cluster (tools and tests that call a host).
+
+    Raises:
+        TokenError: the file is missing, empty, or readable by others.
+    """
+    return Credential(read_token(cluster_secret_path(state_dir)))
+
+
+class TokenInterceptor(AuthInterceptor):
     """Refuses every call without the token (UNAUTHENTICATED), except health and reflection."""
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        from pathways_lite.v1 import controller_pb2
 
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(OPEN_PREFIXES):
-            return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if matches(metadata.get(METADATA_KEY), self._token):
-            return await continuation(handler_call_details)
-        logger.warning("refused %s: no valid access token", method)
-        return _refusal(method)
-
-
-def _refusal(method: str) -> grpc.RpcMethodHandler:
-    message = (
-        f"{method} needs the controller's access token (metadata 'authorization: Bearer "
-        "<token>'); clients read it from <state_dir>/token."
-    )
-
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover (an async generator that aborts first)
-
-    # The request is never parsed: raw bytes in, nothing out. A streaming method answers with
-    # the same status as a unary one.
-    if _is_stream(method):
-        return grpc.unary_stream_rpc_method_handler(stream)
-    return grpc.unary_unary_rpc_method_handler(unary)
-
-
-def _is_stream(method: str) -> bool:
-    from pathways_lite.v1 import controller_pb2
-
-    service = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]
-    name = method.rsplit("/", 1)[-1]
-    m = service.methods_by_name.get(name)
-    return bool(m is not None and m.server_streaming)
+        super().__init__(
+            lambda presented: matches(presented, token),
+            "{method} needs the controller's access token (metadata 'authorization: Bearer "
+            "<token>'); clients read it from <state_dir>/token.",
+            [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]],
+        )

@@ -6,6 +6,18 @@ A simulated CPU island is a process started with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`; a GPU island host asks Ray for
 `num_gpus`. Hosts of one multi-host island join one JAX runtime (`jax.distributed`, host 0
 coordinating); that runtime never spans islands.
+
+How a host gets the cluster credential (workers/auth.py): as an argument of the `start` (and
+`set_credential`) actor call the controller makes, never of the actor's constructor, its
+runtime_env or a command line. Ray carries a method call's arguments from the caller to the
+actor's worker process only: Ray's state API, dashboard and logs show an actor's class, name
+and resources and a task's function name, never its arguments (tests/test_worker_auth.py
+greps them), whereas constructor arguments are kept in the GCS to restart the actor. A file
+in the controller's state directory would not do: a host on another node cannot read it,
+and copying it there is one more place to keep secret. Handing it over Ray trusts nothing new:
+whoever can call Ray (the cluster's Ray token, `RAY_AUTH_MODE=token`) can already run code in
+the host process. On a real cluster, Ray's own traffic is encrypted only with Ray's TLS
+(`RAY_USE_TLS`); README's security section says so.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from typing import Any
 
 import ray
 
+from .auth import Credential
 from .host import DeviceRecord, HostMetadata, default_memory_budget
 from .ray_cluster import NAMESPACE, island_resource
 from .service import BackgroundServer, WorkerServicer
@@ -97,6 +110,7 @@ class IslandHost:
         self._metadata: HostMetadata | None = None
         self._server: BackgroundServer | None = None
         self._distributed = False
+        self._credential: Credential | None = None
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
@@ -108,8 +122,19 @@ class IslandHost:
             s.bind((self.node_ip, 0))
             return f"{self.node_ip}:{s.getsockname()[1]}"
 
-    def start(self, coordinator: str | None, init_timeout_s: int = 120) -> HostMetadata:
-        """Join the island's JAX runtime, gather metadata, start serving; return metadata."""
+    def set_credential(self, credential: Credential) -> None:
+        """Take the controller's credential (a restarted controller attaching, a rotation)."""
+        if self._credential is None:
+            self._credential = credential
+        else:  # the servicer and the peers hold this object: update it in place
+            self._credential.update(credential)
+
+    def start(
+        self, coordinator: str | None, credential: Credential, init_timeout_s: int = 120
+    ) -> HostMetadata:
+        """Join the island's JAX runtime, gather metadata, start serving with `credential`
+        required on every call; return metadata."""
+        self.set_credential(credential)
         if self._metadata is not None:
             return self._metadata
         import jax
@@ -156,7 +181,7 @@ class IslandHost:
             memory_budget_bytes_per_device=int(budget),
             peak_flops_per_device=peak,
         )
-        servicer = WorkerServicer(metadata, devices)
+        servicer = WorkerServicer(metadata, devices, credential=self._credential)
         self._server = BackgroundServer(servicer, self.node_ip, 0)
         self._server.start()
         self._metadata = servicer.metadata
@@ -237,6 +262,7 @@ class IslandHostGroup:
 
     Args:
         island: The island.
+        credential: The cluster credential handed to each host at start (module docstring).
         placement_timeout_s: How long placing and constructing the hosts may take before
             start() fails with IslandPlacementError.
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
@@ -247,6 +273,7 @@ class IslandHostGroup:
     def __init__(
         self,
         island: IslandSpec,
+        credential: Credential,
         *,
         placement_timeout_s: float = 60.0,
         start_timeout_s: float = 180.0,
@@ -254,6 +281,7 @@ class IslandHostGroup:
         max_restarts: int = 0,
     ) -> None:
         self.island = island
+        self.credential = credential
         self.placement_timeout_s = placement_timeout_s
         self.start_timeout_s = start_timeout_s
         self.namespace = namespace
@@ -288,7 +316,10 @@ class IslandHostGroup:
             coordinator = None
             if island.num_hosts > 1:
                 coordinator = ray.get(self.actors[0].coordinator_address.remote(), timeout=30)
-            refs = [a.start.remote(coordinator, int(self.start_timeout_s)) for a in self.actors]
+            refs = [
+                a.start.remote(coordinator, self.credential, int(self.start_timeout_s))
+                for a in self.actors
+            ]
             self.metadata = ray.get(refs, timeout=self.start_timeout_s + 10)
         except BaseException:
             self._kill()

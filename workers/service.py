@@ -25,6 +25,7 @@ import grpc
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 from . import exchange_service, rpc
+from .auth import Credential, host_auth
 from .checkpoint import CheckpointError, CheckpointWriteError, JobCheckpoints, restore_job
 from .exchange import (
     MAX_MESSAGE_BYTES,
@@ -101,6 +102,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             island), handed to the runtime factory.
         runtime_factory: Builds a job's runtime; raises JobSpecError for a bad field and
             RuntimeUnavailableError when the host cannot run the model.
+        credential: The cluster credential every call to this host must carry, and that it
+            presents to its peers (workers/auth.py). An island host always has one; None
+            (every call accepted) is for in-process servers of tests and benchmarks.
     """
 
     def __init__(
@@ -108,8 +112,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         metadata: HostMetadata,
         devices: Sequence[Any],
         runtime_factory: RuntimeFactory = make_runtime,
+        credential: Credential | None = None,
     ) -> None:
         self.metadata = metadata
+        self.credential = credential
         self._devices = list(devices)
         self._runtime_factory = runtime_factory
         self._jobs: dict[str, _Job] = {}
@@ -117,7 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.order = StepOrder(on_new_epoch=self._release_stale_exchanges)
         # The peers' endpoint: the mailbox of received gradient parts, the channels to the
         # peers, and the interceptor that counts received exchange bytes.
-        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec)
+        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec, credential)
         # One thread runs every JAX call that touches the devices (steps, state in and out),
         # so they never overlap; loading a job's data and compiling its step touch no device
         # state and run on a thread of their own, so the island's other jobs keep stepping.
@@ -534,6 +540,11 @@ async def serve(
         grace_s: Seconds in-flight calls get to finish when stopping.
     """
     m = servicer.metadata
+    # The credential check comes first: a refused call never reaches the byte counter's
+    # deserializer, let alone a servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = [servicer.exchange.byte_counter]
+    if servicer.credential is not None:
+        interceptors.insert(0, host_auth(servicer.credential))
     await rpc.serve(
         f"worker service of island {m.island} host {m.host_index}",
         {
@@ -543,7 +554,7 @@ async def serve(
         host,
         port,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-        interceptors=[servicer.exchange.byte_counter],
+        interceptors=interceptors,
         bound=servicer.set_port,
         started=started,
         stop=stop,
