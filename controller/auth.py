@@ -14,10 +14,14 @@ client of the API can never call a host directly.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
+import signal
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pathways_lite.workers.auth import (  # noqa: F401 (bearer: the face's header)
@@ -124,3 +128,118 @@ class TokenInterceptor(AuthInterceptor):
             "<token>'); clients read it from <state_dir>/token.",
             [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]],
         )
+
+
+# ---- rotation (`pathways-lite rotate-secret`) -----------------------------------------------
+# The CLI writes a request (`rotate.json`: an id and the grace period) and sends the
+# controller SIGHUP; the controller rotates both secrets without stopping a job and answers
+# in `rotate.result.json`. A signal and two files, not an rpc: rotation works with the state
+# dir alone (the controller's own machine), even when the token is what leaked.
+ROTATE_REQUEST = "rotate.json"
+ROTATE_RESULT = "rotate.result.json"
+DEFAULT_GRACE_S = 300.0
+
+
+def write_secret(path: str | Path, secret: str) -> None:
+    """Replace the secret in `path` atomically (written aside with mode 0600, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(tmp, path)
+
+
+def rotate_secrets(
+    token_file: str | Path,
+    secret_file: str | Path,
+    token: Credential,
+    cluster: Credential,
+    groups: list,
+    grace_s: float,
+) -> None:
+    """Replace the access token and the cluster secret; both old ones stay accepted for
+    `grace_s` seconds. Blocking (Ray calls), so run it off the event loop.
+
+    The hosts first accept the new cluster secret beside the old one (every peer still
+    presents the old), then the controller and every host present the new one: no call is
+    refused while the cluster switches, and running jobs never notice. A host that does not
+    answer is skipped (its island restarts with the group's credential, which is this one).
+    """
+    new_token, new_secret = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    both = Credential(cluster.secret)
+    both.also_accept(new_secret)
+    _hand_to_hosts(groups, both)
+    write_secret(secret_file, new_secret)
+    write_secret(token_file, new_token)
+    cluster.rotate(new_secret, grace_s)
+    _hand_to_hosts(groups, cluster)
+    token.rotate(new_token, grace_s)
+    logger.warning("rotated the access token and the cluster secret (grace %.0f s)", grace_s)
+
+
+def _hand_to_hosts(groups: list, credential: Credential) -> None:
+    import ray
+
+    for group in groups:
+        try:
+            ray.get([a.set_credential.remote(credential) for a in group.actors], timeout=30)
+        except Exception as e:  # a dead host restarts with the group's (rotated) credential
+            logger.warning("island %s did not take the credential: %r", group.island.name, e)
+
+
+def answer_rotation(state_dir: str | Path, rotate: Callable[[float], None]) -> None:
+    """Serve a rotation request found in `state_dir` (on SIGHUP): run `rotate(grace_s)` and
+    write the result for the CLI."""
+    request_path = Path(state_dir) / ROTATE_REQUEST
+    try:
+        request = json.loads(request_path.read_text())
+        request_path.unlink()
+    except (OSError, ValueError):
+        request = {"id": "", "grace_s": DEFAULT_GRACE_S}
+    result = {"id": request.get("id", ""), "ok": True, "message": ""}
+    try:
+        grace = float(request.get("grace_s", DEFAULT_GRACE_S))
+        if not 0 <= grace <= 7 * 86400:
+            raise ValueError(f"grace_s={grace:g} must be between 0 and 604800 seconds.")
+        rotate(grace)
+        result["grace_s"] = grace
+    except Exception as e:
+        logger.exception("rotation failed")
+        result.update(ok=False, message=str(e))
+    tmp = Path(state_dir) / f".{ROTATE_RESULT}"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, Path(state_dir) / ROTATE_RESULT)
+
+
+def request_rotation(state_dir: str | Path, grace_s: float, timeout_s: float = 60.0) -> dict:
+    """Ask the controller of `state_dir` to rotate its secrets; its answer (`ok`, `message`,
+    `grace_s`).
+
+    Raises:
+        TokenError: no controller runs there, or it did not answer within `timeout_s`.
+    """
+    state_dir = Path(state_dir)
+    try:
+        pid = int(json.loads((state_dir / "controller.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TokenError(
+            f"no controller is running for state dir {str(state_dir)!r}: {e}."
+        ) from None
+    request_id = secrets.token_hex(8)
+    result_path = state_dir / ROTATE_RESULT
+    result_path.unlink(missing_ok=True)
+    tmp = state_dir / f".{ROTATE_REQUEST}"
+    tmp.write_text(json.dumps({"id": request_id, "grace_s": grace_s}))
+    os.replace(tmp, state_dir / ROTATE_REQUEST)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = json.loads(result_path.read_text())
+            if result.get("id") == request_id:
+                return result
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise TokenError(f"the controller (pid {pid}) did not rotate within {timeout_s:g} s.")

@@ -35,6 +35,8 @@ from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import HostMetadata
 from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec
 from pathways_lite.workers.service import BackgroundServer, WorkerServicer
+from pathways_lite.workers.tls import ClusterCA, TlsConfig
+from pathways_lite.workers.tls import channel as tls_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -88,11 +90,13 @@ def call_raw(
     return grpc.StatusCode.OK
 
 
-def refused_round(address: str, secret: str, job_id: str) -> collections.Counter:
+def refused_round(
+    address: str, secret: str, job_id: str, tls: TlsConfig | None = None
+) -> collections.Counter:
     """Every method with every bad credential once (a forged chunk of `job_id` for the
-    exchange); the status codes seen."""
+    exchange; over TLS when `tls` wants it: the CA is no secret); the status codes seen."""
     codes: collections.Counter = collections.Counter()
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address, tls) as channel:
         for path, streaming in METHODS:
             payload = forged_chunk(job_id) if streaming else b""
             for metadata in bad_credentials(secret):
@@ -202,28 +206,47 @@ class _Record:
 
 
 @pytest.fixture(scope="module")
-def two_islands(ray_cluster):
-    """Islands east (node 127.0.0.3) and west (127.0.0.4), one host each, one credential."""
+def two_islands(ray_cluster, tmp_path_factory):
+    """Islands east (node 127.0.0.3) and west (127.0.0.4), one host each, one credential,
+    `--tls on`: loopback aliases stand for a network, every channel is TLS."""
     credential = Credential(secrets.token_urlsafe(32))
+    ca = ClusterCA(tmp_path_factory.mktemp("tls"))
     groups = [
-        IslandHostGroup(IslandSpec(name, devices_per_host=1), credential)
+        IslandHostGroup(
+            IslandSpec(name, devices_per_host=1),
+            credential,
+            issue_tls=lambda ip: ca.issue(ip, "on"),
+        )
         for name in ("east", "west")
     ]
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda g: g.start(), groups))
-        yield groups, credential, ray_cluster
+        yield groups, credential, ray_cluster, ca
     finally:
         for g in groups:
             g.shutdown()
 
 
-def test_a_job_keeps_its_reference_losses_while_strangers_call_every_host_method(
-    two_islands,
+def test_over_tls_a_job_matches_the_reference_while_plaintext_and_strangers_are_refused(
+    two_islands, tmp_path
 ) -> None:
-    groups, credential, _ = two_islands
+    groups, credential, _, ca = two_islands
+    tls = ca.client("on")
     addresses = [g.metadata[0].address for g in groups]
     assert [a.split(":")[0] for a in addresses] == ["127.0.0.3", "127.0.0.4"]
+    # The channel is TLS: a plaintext client, or one trusting another CA, fails the handshake
+    # (health included: it is open, but only over TLS).
+    for wrong in (None, ClusterCA(tmp_path / "other").client("on")):
+        with tls_channel(addresses[0], wrong) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with tls_channel(addresses[0], tls) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
     job_id = "guarded"
     spec = job_spec()
     stop = threading.Event()
@@ -233,13 +256,13 @@ def test_a_job_keeps_its_reference_losses_while_strangers_call_every_host_method
     def strangers() -> None:
         while not stop.is_set() or rounds[0] < 2:
             for address in addresses:
-                codes.update(refused_round(address, credential.secret, job_id))
+                codes.update(refused_round(address, credential.secret, job_id, tls))
             rounds[0] += 1
             stop.wait(0.2)  # strangers, not a load test: leave the job its cores
 
     async def run() -> list:
         islands = [
-            Island(g.island.name, [await connect_host(a, credential=credential)])
+            Island(g.island.name, [await connect_host(a, credential=credential, tls=tls)])
             for g, a in zip(groups, addresses, strict=True)
         ]
         try:
@@ -275,7 +298,7 @@ def test_a_job_keeps_its_reference_losses_while_strangers_call_every_host_method
         assert len({h.reply.param_digest for h in report.hosts}) == 1
     # No host ever counted (parsed) a chunk of the forged step.
     for address in addresses:
-        with host_channel(address, credential) as channel:
+        with host_channel(address, credential, tls) as channel:
             stats = worker_pb2_grpc.WorkerServiceStub(channel).ExchangeStats(
                 worker_pb2.ExchangeStatsRequest(job_id=job_id), timeout=30
             )
@@ -314,7 +337,7 @@ def test_the_secret_is_in_no_ray_state_log_command_line_or_environment(two_islan
     import ray
     from ray._private import state as ray_state
 
-    _, credential, cluster = two_islands
+    _, credential, cluster, _ = two_islands
     secret = credential.secret
     accessor = ray_state.state._connect_and_get_accessor()
     actors = ray_state.actors()
@@ -354,3 +377,74 @@ def test_a_local_cluster_keeps_its_secret_out_of_logs_processes_and_the_dashboar
         with urllib.request.urlopen(request, timeout=10) as response:
             assert secret.encode() not in response.read(), page
     assert _leaks(secret, state_dir, skip=(path,)) == []
+
+
+ROTATE_SPEC = """\
+name: rotate
+model: {preset: palm-tiny}
+islands: 1
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+train: {steps: 120, global_batch: 4, seq_len: 64, seed: 2}
+data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}
+"""
+
+
+def _info(address: str, credential: Credential) -> grpc.StatusCode:
+    with host_channel(address, credential) as channel:
+        try:
+            worker_pb2_grpc.WorkerServiceStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_rotate_secret_keeps_a_job_running_and_old_secrets_work_only_for_the_grace(
+    local_cluster, capsys
+) -> None:
+    from pathways_lite import cli
+    from pathways_lite.client import ClientError, state_name
+    from pathways_lite.spec import load_spec_text
+
+    state = Path(local_cluster.state_dir)
+    old_token = controller_auth.read_token(controller_auth.token_path(state))
+    old_secret = controller_auth.read_cluster_credential(state).secret
+    old_client = ControllerClient(state)
+    try:
+        hosts = [h.address for i in old_client.islands() for h in i.hosts]
+        job = old_client.submit(load_spec_text(ROTATE_SPEC))
+        deadline = time.monotonic() + 120
+        while old_client.get(job.id).steps_completed < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        grace = 4.0
+        rotated_at = time.monotonic()
+        capsys.readouterr()
+        code = cli.main(
+            ["rotate-secret", "--grace", str(grace), "--state-dir", str(state), "--json"]
+        )
+        assert code == 0 and json.loads(capsys.readouterr().out)["rotated"] is True
+        new_token = controller_auth.read_token(controller_auth.token_path(state))
+        new_secret = controller_auth.read_cluster_credential(state).secret
+        assert new_token != old_token and new_secret != old_secret
+        for path in (controller_auth.token_path(state), controller_auth.cluster_secret_path(state)):
+            assert path.stat().st_mode & 0o777 == 0o600
+        # Mid-job, within the grace: old and new both open the API and the hosts.
+        assert state_name(old_client.get(job.id).state) == "running"
+        for secret in (old_secret, new_secret):
+            assert {_info(a, Credential(secret)) for a in hosts} == {grpc.StatusCode.OK}
+        with ControllerClient(state) as new_client:
+            done = new_client.wait(job.id, timeout_s=240)
+            assert state_name(done.state) == "succeeded", done.message
+            time.sleep(max(0.0, rotated_at + grace + 0.5 - time.monotonic()))
+            # After the grace: only the new ones.
+            assert new_client.get(job.id).id == job.id
+            with pytest.raises(ClientError) as err:
+                old_client.get(job.id)
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert {_info(a, Credential(old_secret)) for a in hosts} == {
+            grpc.StatusCode.UNAUTHENTICATED
+        }
+        assert {_info(a, Credential(new_secret)) for a in hosts} == {grpc.StatusCode.OK}
+        assert _leaks(new_secret, state, skip=(controller_auth.cluster_secret_path(state),)) == []
+    finally:
+        old_client.close()

@@ -38,8 +38,11 @@ def bearer(secret: str) -> str:
     return f"Bearer {secret}"
 
 
-def matches(presented: str | None, secret: str) -> bool:
-    """Whether an `authorization` value (`Bearer <secret>`) carries `secret` (constant time)."""
+def matches(presented: str | None, secret: str | Credential) -> bool:
+    """Whether an `authorization` value (`Bearer <secret>`) carries `secret` (constant time);
+    given a `Credential`, any secret it accepts."""
+    if not isinstance(secret, str):
+        return secret.accepts(presented)
     if not presented or not secret:
         return False
     scheme, _, value = presented.partition(" ")
@@ -51,9 +54,11 @@ def matches(presented: str | None, secret: str) -> bool:
 class Credential:
     """The cluster secret a host presents, and the secrets it accepts.
 
-    After `rotate(new, grace_s)` the host presents `new` and accepts both `new` and the old
-    secret until the grace period ends, so calls signed by a peer or controller that has not
-    switched yet still land. Thread-safe; picklable (Ray hands it to a host).
+    A rotation has two steps, so that no call is refused while the cluster switches: first
+    every side `also_accept(new)` (still presenting the old secret), then every side
+    `rotate(new, grace_s)`: it presents `new` and accepts the old secret until the grace
+    period ends, so calls signed by a peer or controller that has not switched yet still
+    land. Thread-safe; picklable (Ray hands it to a host).
 
     Args:
         secret: The current secret.
@@ -96,6 +101,11 @@ class Credential:
         # Both comparisons run whatever the first answered: no timing hint of which matched.
         old = matches(presented, previous) and time.time() < until
         return ok or old
+
+    def also_accept(self, secret: str) -> None:
+        """Accept `secret` besides the current one (until `rotate`), still presenting ours."""
+        with self._lock:
+            self._previous, self._previous_until = secret, float("inf")
 
     def rotate(self, secret: str, grace_s: float) -> None:
         """Present `secret` from now on; accept the current one for `grace_s` more seconds."""
@@ -237,10 +247,13 @@ class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInte
         return continuation(self._details(client_call_details), request_iterator)
 
 
-def host_channel(address: str, credential: Credential | None) -> grpc.Channel:
-    """A blocking channel to an island host whose calls carry `credential` (tools, tests,
-    benchmarks; the controller's own channels are grpc.aio, controller/islands.py)."""
-    channel = grpc.insecure_channel(address)
+def host_channel(address: str, credential: Credential | None, tls=None) -> grpc.Channel:
+    """A blocking channel to an island host whose calls carry `credential`, over TLS where
+    `tls` (workers/tls.py's TlsConfig) wants it (tools, tests, benchmarks; the controller's
+    own channels are grpc.aio, controller/islands.py)."""
+    from .tls import channel as tls_channel
+
+    channel = tls_channel(address, tls)
     if credential is None:
         return channel
     return grpc.intercept_channel(channel, _SyncMetadata(credential))

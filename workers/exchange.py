@@ -40,6 +40,7 @@ import numpy as np
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 from .auth import Credential
+from .tls import TlsConfig, aio_channel
 
 logger = logging.getLogger(__name__)
 
@@ -327,16 +328,18 @@ class Peers:
     """Channels to peer hosts, opened once per address (on the service's loop); every call
     carries the cluster credential (`metadata()`) when there is one."""
 
-    def __init__(self, credential: Credential | None = None) -> None:
+    def __init__(self, credential: Credential | None = None, tls: TlsConfig | None = None) -> None:
         self.credential = credential
+        self.tls = tls
         self._stubs: dict[str, worker_pb2_grpc.ExchangeServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def stub(self, address: str) -> worker_pb2_grpc.ExchangeServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(
+            channel = aio_channel(
                 address,
+                self.tls,
                 options=[
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

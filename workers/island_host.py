@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from .auth import Credential
 from .host import DeviceRecord, HostMetadata, default_memory_budget
 from .ray_cluster import NAMESPACE, island_resource
 from .service import BackgroundServer, WorkerServicer
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +132,15 @@ class IslandHost:
             self._credential.update(credential)
 
     def start(
-        self, coordinator: str | None, credential: Credential, init_timeout_s: int = 120
+        self,
+        coordinator: str | None,
+        credential: Credential,
+        tls: TlsConfig | None = None,
+        init_timeout_s: int = 120,
     ) -> HostMetadata:
         """Join the island's JAX runtime, gather metadata, start serving with `credential`
-        required on every call; return metadata."""
+        required on every call (TLS with `tls`'s certificate where it wants it, on this
+        node's address); return metadata."""
         self.set_credential(credential)
         if self._metadata is not None:
             return self._metadata
@@ -181,7 +188,7 @@ class IslandHost:
             memory_budget_bytes_per_device=int(budget),
             peak_flops_per_device=peak,
         )
-        servicer = WorkerServicer(metadata, devices, credential=self._credential)
+        servicer = WorkerServicer(metadata, devices, credential=self._credential, tls=tls)
         self._server = BackgroundServer(servicer, self.node_ip, 0)
         self._server.start()
         self._metadata = servicer.metadata
@@ -263,6 +270,8 @@ class IslandHostGroup:
     Args:
         island: The island.
         credential: The cluster credential handed to each host at start (module docstring).
+        issue_tls: Makes a host's TLS setting and certificate for its node's address (the
+            cluster CA's `issue`, workers/tls.py); None: the hosts serve plaintext.
         placement_timeout_s: How long placing and constructing the hosts may take before
             start() fails with IslandPlacementError.
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
@@ -275,6 +284,7 @@ class IslandHostGroup:
         island: IslandSpec,
         credential: Credential,
         *,
+        issue_tls: Callable[[str], TlsConfig] | None = None,
         placement_timeout_s: float = 60.0,
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
@@ -282,6 +292,7 @@ class IslandHostGroup:
     ) -> None:
         self.island = island
         self.credential = credential
+        self.issue_tls = issue_tls
         self.placement_timeout_s = placement_timeout_s
         self.start_timeout_s = start_timeout_s
         self.namespace = namespace
@@ -312,13 +323,14 @@ class IslandHostGroup:
             for i in range(island.num_hosts):
                 actor = actor_cls.options(name=island.actor_name(i), **options).remote(island, i)
                 self.actors.append(actor)
-            self._wait_placed()
+            placed = self._wait_placed()
+            tls = [self.issue_tls(ip) if self.issue_tls else None for ip, _ in placed]
             coordinator = None
             if island.num_hosts > 1:
                 coordinator = ray.get(self.actors[0].coordinator_address.remote(), timeout=30)
             refs = [
-                a.start.remote(coordinator, self.credential, int(self.start_timeout_s))
-                for a in self.actors
+                a.start.remote(coordinator, self.credential, t, int(self.start_timeout_s))
+                for a, t in zip(self.actors, tls, strict=True)
             ]
             self.metadata = ray.get(refs, timeout=self.start_timeout_s + 10)
         except BaseException:
@@ -326,12 +338,12 @@ class IslandHostGroup:
             raise
         return self.metadata
 
-    def _wait_placed(self) -> None:
+    def _wait_placed(self) -> list[tuple[str, int]]:
+        """(node IP, pid) of every host once placed."""
         refs = [a.ready.remote() for a in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.placement_timeout_s)
         if len(ready) == len(refs):
-            ray.get(refs)  # surface a constructor error
-            return
+            return ray.get(refs)  # surfaces a constructor error
         name = self.island.resource
         total = ray.cluster_resources().get(name, 0)
         if total < self.island.num_hosts:

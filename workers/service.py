@@ -42,6 +42,7 @@ from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
 from .runtimes import RuntimeFactory, make_runtime
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         credential: The cluster credential every call to this host must carry, and that it
             presents to its peers (workers/auth.py). An island host always has one; None
             (every call accepted) is for in-process servers of tests and benchmarks.
+        tls: The cluster's TLS setting with this host's certificate (workers/tls.py): the
+            service serves TLS where `tls.wanted(its address)`, and so do its peer channels.
     """
 
     def __init__(
@@ -113,9 +116,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         devices: Sequence[Any],
         runtime_factory: RuntimeFactory = make_runtime,
         credential: Credential | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.metadata = metadata
         self.credential = credential
+        self.tls = tls
         self._devices = list(devices)
         self._runtime_factory = runtime_factory
         self._jobs: dict[str, _Job] = {}
@@ -123,7 +128,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.order = StepOrder(on_new_epoch=self._release_stale_exchanges)
         # The peers' endpoint: the mailbox of received gradient parts, the channels to the
         # peers, and the interceptor that counts received exchange bytes.
-        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec, credential)
+        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec, credential, tls)
         # One thread runs every JAX call that touches the devices (steps, state in and out),
         # so they never overlap; loading a job's data and compiling its step touch no device
         # state and run on a thread of their own, so the island's other jobs keep stepping.
@@ -555,6 +560,9 @@ async def serve(
         port,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         interceptors=interceptors,
+        credentials=tls.server_credentials()
+        if (tls := servicer.tls) and tls.wanted(host)
+        else None,
         bound=servicer.set_port,
         started=started,
         stop=stop,
