@@ -550,6 +550,8 @@ async def serve(
     interceptors: list[grpc.aio.ServerInterceptor] = [servicer.exchange.byte_counter]
     if servicer.credential is not None:
         interceptors.insert(0, host_auth(servicer.credential))
+    tls = servicer.tls
+    credentials = tls.server_credentials() if tls is not None and tls.wanted(host) else None
     await rpc.serve(
         f"worker service of island {m.island} host {m.host_index}",
         {
@@ -560,9 +562,7 @@ async def serve(
         port,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
         interceptors=interceptors,
-        credentials=tls.server_credentials()
-        if (tls := servicer.tls) and tls.wanted(host)
-        else None,
+        credentials=credentials,
         bound=servicer.set_port,
         started=started,
         stop=stop,
