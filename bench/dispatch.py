@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -33,6 +34,7 @@ from pathways_lite.controller.dispatch import Dispatcher  # noqa: E402
 from pathways_lite.controller.islands import Island, connect_host  # noqa: E402
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request  # noqa: E402
 from pathways_lite.v1 import common_pb2, worker_pb2  # noqa: E402
+from pathways_lite.workers.auth import Credential  # noqa: E402
 from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec  # noqa: E402
 from pathways_lite.workers.probe_runtime import (  # noqa: E402
     PROBE_DATA_HASH,
@@ -115,8 +117,12 @@ def sync_ray(width: int, steps: int) -> float:
     return rate
 
 
+# The island host's credential (a real controller's comes from its state dir).
+CREDENTIAL = Credential(secrets.token_urlsafe(32))
+
+
 async def controller(address: str, width: int, steps: int, window: int, epoch: int) -> float:
-    island = Island("bench", [await connect_host(address)])
+    island = Island("bench", [await connect_host(address, credential=CREDENTIAL)])
     dispatcher = Dispatcher(epoch, window=window)
     job_id = f"bench-{width}-{epoch}"
     warm = StepProgram(job_id, 0, 5, BATCH, lambda at: load_request(at, width))
@@ -149,7 +155,7 @@ def main() -> None:
     try:
         cluster.start()
         connect(cluster.address, token_path=cluster.token_path)
-        group = IslandHostGroup(IslandSpec("bench", devices_per_host=1))
+        group = IslandHostGroup(IslandSpec("bench", devices_per_host=1), CREDENTIAL)
         (meta,) = group.start()
         epoch = 0
 

@@ -10,7 +10,8 @@ load hits both alike; the headline ratio is the median over rounds of (ours / ba
 adjacent rounds. Goal: ours / baseline <= 1.02 at ~100 ms per step.
 
 Usage: python bench/island_overhead.py [--devices 2] [--data 1] [--batch 4] [--seq-len 64]
-                                       [--steps 10] [--rounds 9] [--window 2] [--json]
+                                       [--steps 10] [--rounds 9] [--window 2] [--tls on|off]
+                                       [--json]
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--window", type=int, default=2, help="RunSteps in flight")
+    parser.add_argument(
+        "--tls",
+        choices=("on", "off"),
+        default="off",
+        help="TLS between this driver and the island host (a per-run cluster CA)",
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 
@@ -190,9 +197,10 @@ class ThroughIsland:
     def __init__(
         self, args: argparse.Namespace, dataset, mesh_shape: tuple[int, int], state_dir: str
     ) -> None:
-        import grpc
+        import secrets
 
         from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+        from pathways_lite.workers.auth import Credential, host_channel
         from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec
         from pathways_lite.workers.ray_cluster import LocalRayCluster, connect
 
@@ -207,9 +215,18 @@ class ThroughIsland:
         try:
             self.cluster.start()
             connect(self.cluster.address, token_path=self.cluster.token_path)
-            self.group = IslandHostGroup(IslandSpec("bench", devices_per_host=args.devices))
+            # Every call carries the cluster credential, as the controller's do.
+            credential = Credential(secrets.token_urlsafe(32))
+            spec = IslandSpec("bench", devices_per_host=args.devices)
+            tls = issue = None
+            if args.tls == "on":
+                from pathways_lite.workers.tls import ClusterCA
+
+                ca = ClusterCA(Path(state_dir) / "tls")
+                tls, issue = ca.client("on"), (lambda host: ca.issue(host, "on"))
+            self.group = IslandHostGroup(spec, credential, issue_tls=issue)
             (meta,) = self.group.start()
-            self.channel = grpc.insecure_channel(meta.address)
+            self.channel = host_channel(meta.address, credential, tls)
             self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
             from pathways_lite.controller.program import HostLoad
             from pathways_lite.controller.resolved import ResolvedJob, load_request

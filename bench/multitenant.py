@@ -69,13 +69,14 @@ def tokens_per_step(spec) -> int:
 
 def host_entries(client, job_ids: set[str]) -> list[Entry]:
     """Island 0's execution log entries of `job_ids`, in island_seq order."""
-    import grpc
-
+    from pathways_lite.controller.auth import read_cluster_credential
     from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.auth import host_channel
 
+    credential = read_cluster_credential(client.state_dir)
     island = client.islands()[0]
     host = island.hosts[0]
-    with grpc.insecure_channel(host.address or f"{host.node}:{host.port}") as channel:
+    with host_channel(host.address or f"{host.node}:{host.port}", credential) as channel:
         reply = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
             worker_pb2.ExecutionLogRequest(), timeout=60
         )

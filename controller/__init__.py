@@ -18,7 +18,7 @@ spec.py             job spec validation (every semantic check) and spec -> confi
 states.py           job states and the errors the client shares (no heavy imports)
 store.py, store_progress.py, schema.py, statedir.py   SQLite store, migrations, state-dir lock
 wire.py, options.py the controller's wire version; its flags and ports (no side effects)
-auth.py             the access token (gRPC interceptor, file)
+auth.py             the access token (gRPC interceptor, file) and the hosts' cluster secret file
 dashboard.py, dashboard_auth.py, dashboard_stream.py, prometheus.py   the web dashboard
 __main__.py         `python -m pathways_lite.controller`: start islands, serve
 """

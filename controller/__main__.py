@@ -1,7 +1,9 @@
 """The controller process: `python -m pathways_lite.controller --state-dir DIR ...`.
 
 It locks the state directory (one controller per directory) and starts a new epoch, connects
-to Ray on loopback, starts (or attaches to) the island hosts it is told about, checks their
+to Ray on loopback, starts (or attaches to) the island hosts it is told about, handing them
+the cluster credential of `<state_dir>/cluster_secret` (controller/auth.py) and, where TLS
+is wanted (`--tls`), a certificate of the cluster CA in `<state_dir>/tls`, checks their
 wire versions over gRPC, serves the ControllerService, and writes its address to
 `<state_dir>/controller.json`. SIGTERM or SIGINT stops it: running jobs go back to the queue,
 and the island hosts it started are shut down. Its flags are in controller/options.py.
@@ -24,14 +26,14 @@ from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 logger = logging.getLogger("pathways_lite.controller.main")
 
 
-def _start_islands(specs):
+def _start_islands(specs, credential, issue_tls):
     """Attach to each island's named host actors if they all answer, else (re)start the
-    island as a unit (controller/recovery.py)."""
+    island as a unit (controller/recovery.py); either way the hosts get `credential`."""
     from .islands import attach_or_start
 
     groups, started = [], []
     for spec in specs:
-        group, fresh = attach_or_start(spec)
+        group, fresh = attach_or_start(spec, credential, issue_tls)
         if fresh:
             started.append(group)
             logger.info("started island %s", spec.name)
@@ -39,23 +41,35 @@ def _start_islands(specs):
     return groups, started
 
 
-async def _serve(args, store, groups) -> None:
+async def _serve(args, store, groups, credential, tls) -> None:
     from .core import Controller
     from .islands import Island, connect_host
     from .service import serve
 
     islands = []
     for group in groups:
-        hosts = [await connect_host(m.address) for m in group.metadata]
-        islands.append(Island(group.island.name, hosts, group=group))
+        hosts = [
+            await connect_host(m.address, credential=credential, tls=tls) for m in group.metadata
+        ]
+        islands.append(
+            Island(group.island.name, hosts, group=group, credential=credential, tls=tls)
+        )
     controller = Controller(
         store, islands, state_dir=args.state_dir, window=args.window, peak_flops=args.peak_flops
     )
-    from .auth import ensure_token, token_path
+    from .auth import (
+        Credential,
+        answer_rotation,
+        cluster_secret_path,
+        ensure_token,
+        rotate_secrets,
+        token_path,
+    )
     from .dashboard import Dashboard, parse_duration
 
     token_file = Path(args.token_file or token_path(args.state_dir)).resolve()
-    token = ensure_token(token_file)
+    # A Credential, not a str: `pathways-lite rotate-secret` replaces it in place (SIGHUP).
+    token = Credential(ensure_token(token_file))
     retention = parse_duration(args.job_retention) if args.job_retention else None
     dashboard = Dashboard(controller, token=token, retention_s=retention)
     await dashboard.start(args.dashboard_host or args.host, args.dashboard_port)
@@ -63,6 +77,18 @@ async def _serve(args, store, groups) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rotations: set[asyncio.Task] = set()
+
+    def rotate(grace_s: float) -> None:
+        secret_file = cluster_secret_path(args.state_dir)
+        rotate_secrets(token_file, secret_file, token, credential, groups, grace_s)
+
+    def on_sighup() -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(answer_rotation, args.state_dir, rotate))
+        rotations.add(task)
+        task.add_done_callback(rotations.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     address_file = Path(args.state_dir) / ADDRESS_FILE
 
     def started(port: int) -> None:
@@ -122,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                 min_islands=args.min_islands, timeout_s=args.discover_timeout_s
             )
             islands += [i for i in found if i.name not in given]
-        groups, started = _start_islands(islands)
-        asyncio.run(_serve(args, store, groups))
+        from .auth import cluster_credential
+
+        credential = cluster_credential(args.state_dir)
+        tls, issue_tls = _cluster_tls(args)
+        groups, started = _start_islands(islands, credential, issue_tls)
+        asyncio.run(_serve(args, store, groups, credential, tls))
         return 0
     except Exception as e:
         logger.exception("controller failed")
@@ -140,6 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             ray_node.stop()
             shutil.rmtree(ray_node.state_dir, ignore_errors=True)
         store.close()
+
+
+def _cluster_tls(args):
+    """(the controller's TLS setting, the hosts' certificate issuer); the cluster CA lives in
+    `<state_dir>/tls` (workers/tls.py). `--tls off` makes neither."""
+    if args.tls == "off":
+        return None, None
+    from pathways_lite.workers.tls import ClusterCA
+
+    ca = ClusterCA(Path(args.state_dir) / "tls")
+    return ca.client(args.tls), lambda host: ca.issue(host, args.tls)
 
 
 def _join_ray_node(args, node_ip: str | None):

@@ -6,25 +6,38 @@ and every HTTP request of the dashboard must carry it (`authorization: Bearer <t
 without it gRPC answers UNAUTHENTICATED and HTTP 401. The standard health service and server
 reflection stay open, so probes and tooling (grpc_health_probe, grpcurl's `list`) work without
 a secret: they reveal liveness and the public proto schema, never a job.
+
+The controller also keeps the island hosts' cluster secret here (`<state_dir>/cluster_secret`,
+mode 0600; workers/auth.py checks it on the hosts): another secret than the token, so a
+client of the API can never call a host directly.
 """
 
 from __future__ import annotations
 
-import hmac
+import json
 import logging
 import os
 import secrets
+import signal
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
+from pathways_lite.workers.auth import (  # noqa: F401 (bearer: the face's header)
+    METADATA_KEY,
+    OPEN_PREFIXES,
+    AuthInterceptor,
+    Credential,
+    bearer,
+    matches,
+)
 
 logger = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
-METADATA_KEY = "authorization"
-# Methods callable without the token: liveness probes and schema discovery.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+# The island hosts' credential (workers/auth.py), created beside the token.
+CLUSTER_SECRET_FILE = "cluster_secret"
 
 
 class TokenError(RuntimeError):
@@ -79,61 +92,154 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def bearer(token: str) -> str:
-    return f"Bearer {token}"
+def cluster_secret_path(state_dir: str | Path) -> Path:
+    """Where a state directory keeps the cluster secret of its island hosts."""
+    return Path(state_dir) / CLUSTER_SECRET_FILE
 
 
-def matches(presented: str | None, token: str) -> bool:
-    """Whether an `authorization` value (`Bearer <token>`) carries `token` (constant time)."""
-    if not presented:
-        return False
-    scheme, _, value = presented.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+def cluster_credential(state_dir: str | Path) -> Credential:
+    """The island hosts' credential, from `<state_dir>/cluster_secret` (created, mode 0600,
+    when absent: a restarted controller keeps the secret its running hosts hold).
+
+    Raises:
+        TokenError: the file exists but is empty, or others can read it.
+    """
+    return Credential(ensure_token(cluster_secret_path(state_dir)))
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
+def read_cluster_credential(state_dir: str | Path) -> Credential:
+    """The island hosts' credential of a running cluster (tools and tests that call a host).
+
+    Raises:
+        TokenError: the file is missing, empty, or readable by others.
+    """
+    return Credential(read_token(cluster_secret_path(state_dir)))
+
+
+class TokenInterceptor(AuthInterceptor):
     """Refuses every call without the token (UNAUTHENTICATED), except health and reflection."""
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        from pathways_lite.v1 import controller_pb2
 
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.startswith(OPEN_PREFIXES):
-            return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        if matches(metadata.get(METADATA_KEY), self._token):
-            return await continuation(handler_call_details)
-        logger.warning("refused %s: no valid access token", method)
-        return _refusal(method)
+        super().__init__(
+            lambda presented: matches(presented, token),
+            "{method} needs the controller's access token (metadata 'authorization: Bearer "
+            "<token>'); clients read it from <state_dir>/token.",
+            [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]],
+        )
 
 
-def _refusal(method: str) -> grpc.RpcMethodHandler:
-    message = (
-        f"{method} needs the controller's access token (metadata 'authorization: Bearer "
-        "<token>'); clients read it from <state_dir>/token."
-    )
-
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def stream(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover (an async generator that aborts first)
-
-    # The request is never parsed: raw bytes in, nothing out. A streaming method answers with
-    # the same status as a unary one.
-    if _is_stream(method):
-        return grpc.unary_stream_rpc_method_handler(stream)
-    return grpc.unary_unary_rpc_method_handler(unary)
+# ---- rotation (`pathways-lite rotate-secret`) -----------------------------------------------
+# The CLI writes a request (`rotate.json`: an id and the grace period) and sends the
+# controller SIGHUP; the controller rotates both secrets without stopping a job and answers
+# in `rotate.result.json`. A signal and two files, not an rpc: rotation works with the state
+# dir alone (the controller's own machine), even when the token is what leaked.
+ROTATE_REQUEST = "rotate.json"
+ROTATE_RESULT = "rotate.result.json"
+DEFAULT_GRACE_S = 300.0
 
 
-def _is_stream(method: str) -> bool:
-    from pathways_lite.v1 import controller_pb2
+def write_secret(path: str | Path, secret: str) -> None:
+    """Replace the secret in `path` atomically (written aside with mode 0600, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(tmp, path)
 
-    service = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]
-    name = method.rsplit("/", 1)[-1]
-    m = service.methods_by_name.get(name)
-    return bool(m is not None and m.server_streaming)
+
+def rotate_secrets(
+    token_file: str | Path,
+    secret_file: str | Path,
+    token: Credential,
+    cluster: Credential,
+    groups: list,
+    grace_s: float,
+) -> None:
+    """Replace the access token and the cluster secret; both old ones stay accepted for
+    `grace_s` seconds. Blocking (Ray calls), so run it off the event loop.
+
+    The hosts first accept the new cluster secret beside the old one (every peer still
+    presents the old), then the controller and every host present the new one: no call is
+    refused while the cluster switches, and running jobs never notice. A host that does not
+    answer is skipped (its island restarts with the group's credential, which is this one).
+    """
+    new_token, new_secret = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    both = Credential(cluster.secret)
+    both.also_accept(new_secret)
+    _hand_to_hosts(groups, both)
+    write_secret(secret_file, new_secret)
+    write_secret(token_file, new_token)
+    cluster.rotate(new_secret, grace_s)
+    _hand_to_hosts(groups, cluster)
+    token.rotate(new_token, grace_s)
+    logger.warning("rotated the access token and the cluster secret (grace %.0f s)", grace_s)
+
+
+def _hand_to_hosts(groups: list, credential: Credential) -> None:
+    import ray
+
+    for group in groups:
+        try:
+            ray.get([a.set_credential.remote(credential) for a in group.actors], timeout=30)
+        except Exception as e:  # a dead host restarts with the group's (rotated) credential
+            logger.warning("island %s did not take the credential: %r", group.island.name, e)
+
+
+def answer_rotation(state_dir: str | Path, rotate: Callable[[float], None]) -> None:
+    """Serve a rotation request found in `state_dir` (on SIGHUP): run `rotate(grace_s)` and
+    write the result for the CLI."""
+    request_path = Path(state_dir) / ROTATE_REQUEST
+    try:
+        request = json.loads(request_path.read_text())
+        request_path.unlink()
+    except (OSError, ValueError):
+        request = {"id": "", "grace_s": DEFAULT_GRACE_S}
+    result = {"id": request.get("id", ""), "ok": True, "message": ""}
+    try:
+        grace = float(request.get("grace_s", DEFAULT_GRACE_S))
+        if not 0 <= grace <= 7 * 86400:
+            raise ValueError(f"grace_s={grace:g} must be between 0 and 604800 seconds.")
+        rotate(grace)
+        result["grace_s"] = grace
+    except Exception as e:
+        logger.exception("rotation failed")
+        result.update(ok=False, message=str(e))
+    tmp = Path(state_dir) / f".{ROTATE_RESULT}"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, Path(state_dir) / ROTATE_RESULT)
+
+
+def request_rotation(state_dir: str | Path, grace_s: float, timeout_s: float = 60.0) -> dict:
+    """Ask the controller of `state_dir` to rotate its secrets; its answer (`ok`, `message`,
+    `grace_s`).
+
+    Raises:
+        TokenError: no controller runs there, or it did not answer within `timeout_s`.
+    """
+    state_dir = Path(state_dir)
+    try:
+        pid = int(json.loads((state_dir / "controller.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError) as e:
+        raise TokenError(
+            f"no controller is running for state dir {str(state_dir)!r}: {e}."
+        ) from None
+    request_id = secrets.token_hex(8)
+    result_path = state_dir / ROTATE_RESULT
+    result_path.unlink(missing_ok=True)
+    tmp = state_dir / f".{ROTATE_REQUEST}"
+    tmp.write_text(json.dumps({"id": request_id, "grace_s": grace_s}))
+    os.replace(tmp, state_dir / ROTATE_REQUEST)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            result = json.loads(result_path.read_text())
+            if result.get("id") == request_id:
+                return result
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise TokenError(f"the controller (pid {pid}) did not rotate within {timeout_s:g} s.")

@@ -35,7 +35,7 @@ def secure(response: web.StreamResponse) -> web.StreamResponse:
     return response
 
 
-def token_middleware(token: str | None):
+def token_middleware(token: str | auth.Credential | None):
     """An aiohttp middleware that lets through only requests carrying `token` (None: all, for
     tests of the pages only; the controller process always passes a token)."""
 
@@ -51,7 +51,7 @@ def token_middleware(token: str | None):
             kept = [(k, v) for k, v in request.rel_url.query.items() if k != "token"]
             response = web.HTTPFound(str(request.rel_url.with_query(kept)))
             response.set_cookie(
-                COOKIE, token, httponly=True, samesite="Strict", path="/", max_age=86400 * 30
+                COOKIE, query_token, httponly=True, samesite="Strict", path="/", max_age=86400 * 30
             )
             raise response
         presented = request.headers.get("Authorization")

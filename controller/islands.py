@@ -27,7 +27,9 @@ import grpc
 from google.protobuf.message import Message
 
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.auth import Credential, CredentialMetadata
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
+from pathways_lite.workers.tls import TlsConfig, aio_channel
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +87,32 @@ class HostHandle:
 
 
 async def connect_host(
-    address: str, *, timeout_s: float = INFO_TIMEOUT_S, wire_version: int = WORKER_WIRE_VERSION
+    address: str,
+    *,
+    credential: Credential | None = None,
+    tls: TlsConfig | None = None,
+    timeout_s: float = INFO_TIMEOUT_S,
+    wire_version: int = WORKER_WIRE_VERSION,
 ) -> HostHandle:
     """Open a channel to a host, read its Info and check its wire version.
+
+    Args:
+        address: The host's host:port.
+        credential: The cluster credential every call on the channel carries (its current
+            secret at the time of the call); None for an in-process host without one.
+        tls: The cluster's TLS setting and CA: the channel is TLS, verified against the CA
+            and `address`, where it wants TLS (workers/tls.py); None: plaintext.
+        timeout_s: How long the host may take to answer Info.
+        wire_version: The worker wire version the host must speak.
 
     Raises:
         WireVersionError: the host reports another worker wire version.
         grpc.aio.AioRpcError: the host does not answer.
     """
-    channel = grpc.aio.insecure_channel(address, interceptors=[RPC_BYTES])
+    interceptors: list[Any] = [RPC_BYTES]
+    if credential is not None:
+        interceptors.append(CredentialMetadata(credential))
+    channel = aio_channel(address, tls, interceptors=interceptors)
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     try:
         info = await stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s, wait_for_ready=True)
@@ -126,12 +145,16 @@ class Island:
         hosts: connections to its hosts, in host order.
         next_seq: the island_seq the next step gets.
         group: the island's Ray host group (workers/island_host.py), if it can be restarted.
+        credential: the cluster credential its hosts require (a restart reconnects with it).
+        tls: the cluster's TLS setting and CA for the channels to its hosts.
     """
 
     id: str
     hosts: list[HostHandle]
     next_seq: int = 0
     group: Any = None
+    credential: Credential | None = None
+    tls: TlsConfig | None = None
     _restart_lock: asyncio.Lock | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -193,7 +216,10 @@ class Island:
         async with self._restart_lock:
             started = time.monotonic()
             self.group = await asyncio.to_thread(restart_group, self.group)
-            hosts = [await connect_host(m.address) for m in self.group.metadata]
+            hosts = [
+                await connect_host(m.address, credential=self.credential, tls=self.tls)
+                for m in self.group.metadata
+            ]
             old, self.hosts = self.hosts, hosts
             self.next_seq = 0
             for host in old:
@@ -269,16 +295,20 @@ def restart_group(group: Any, *, attempts: int = 50) -> Any:
     raise RuntimeError(f"island {group.island.name!r} could not be restarted: {last!r}")
 
 
-def attach_or_start(spec: Any) -> tuple[Any, bool]:
-    """An island's host group: attached to its live named actors (a restarted controller),
-    or started afresh (killing survivors of a partly dead island first). Returns
-    (group, whether it was started here)."""
+def attach_or_start(
+    spec: Any, credential: Credential, issue_tls: Callable[[str], TlsConfig] | None = None
+) -> tuple[Any, bool]:
+    """An island's host group: attached to its live named actors (a restarted controller,
+    which hands them `credential` again: the state dir's secret, perhaps rotated meanwhile),
+    or started afresh with it (killing survivors of a partly dead island first). Returns
+    (group, whether it was started here). `issue_tls` makes a started host's certificate; an
+    attached host keeps the one it has (the CA lives in the state dir too)."""
     import ray
 
     from pathways_lite.workers.island_host import IslandHostGroup
     from pathways_lite.workers.ray_cluster import NAMESPACE
 
-    group = IslandHostGroup(spec)
+    group = IslandHostGroup(spec, credential, issue_tls=issue_tls)
     handles = []
     for i in range(spec.num_hosts):
         try:
@@ -289,6 +319,7 @@ def attach_or_start(spec: Any) -> tuple[Any, bool]:
         try:
             group.actors = handles
             group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
+            ray.get([h.set_credential.remote(credential) for h in handles], timeout=30)
             logger.info("attached to island %s", spec.name)
             return group, False
         except Exception as e:

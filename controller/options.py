@@ -145,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         "default: keep them all",
     )
     p.add_argument(
+        "--tls",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="TLS between the controller and island hosts and between peers, with a "
+        "per-cluster CA in <state-dir>/tls: on, off, or auto (on where an address is not "
+        "loopback)",
+    )
+    p.add_argument(
         "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
     )
     return p

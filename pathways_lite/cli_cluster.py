@@ -45,6 +45,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             ray_address=args.ray_address,
             ray_token_file=args.ray_token_file,
             node_ip=args.node_ip,
+            tls=args.tls,
         )
         cluster.start()
         if args.json:
@@ -78,6 +79,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             hosts_per_island=args.hosts_per_island or 1,
             island_memory=memory,
             state_dir=args.state_dir,
+            tls=args.tls,
         )
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -443,6 +445,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cmd_rotate_secret(args: argparse.Namespace) -> int:
+    from pathways_lite.controller.auth import TokenError, request_rotation
+    from pathways_lite.local import default_state_dir
+
+    if not 0 <= args.grace <= 7 * 86400:
+        raise CliError(f"--grace {args.grace:g} must be between 0 and 604800 seconds.")
+    state_dir = args.state_dir or default_state_dir()
+    try:
+        result = request_rotation(state_dir, args.grace)
+    except TokenError as e:
+        raise CliError(str(e)) from None
+    if not result.get("ok"):
+        raise CliError(f"the controller could not rotate its secrets: {result.get('message')}")
+    if args.json:
+        print_json({"rotated": True, "grace_s": result["grace_s"]})
+    else:
+        print(
+            f"rotated the access token and the cluster secret of {state_dir}; the old ones are "
+            f"accepted for {result['grace_s']:g} s more"
+        )
+    return 0
+
+
 def add_cluster_commands(sub) -> None:
     """Add the cluster and job commands to the `pathways-lite` subparsers."""
 
@@ -479,7 +504,24 @@ def add_cluster_commands(sub) -> None:
         "--node-ip", default=None, help="with --ray-address: the controller's Ray node address"
     )
     up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
+    up.add_argument(
+        "--tls",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="TLS between the controller, island hosts and peers (auto: off loopback)",
+    )
     add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
+    rotate = add(
+        "rotate-secret",
+        "replace the access token and the island hosts' secret; jobs keep running",
+        _cmd_rotate_secret,
+    )
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=300.0,
+        help="seconds the old token and secret stay accepted (default 300)",
+    )
     submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
     submit.add_argument("spec", help="the job spec file")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")

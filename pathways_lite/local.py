@@ -107,6 +107,9 @@ class LocalCluster:
         island_specs: islands of any shapes, as `NAME:HOSTS:DEVICES_PER_HOST` (the
             controller's --island); when given, `islands`, `devices_per_island` and
             `hosts_per_island` are not used.
+        tls: TLS between the controller and island hosts and between peers (the
+            controller's `--tls`): "on", "off", or "auto" (on where an address is not
+            loopback; a local cluster stays on loopback, so plaintext).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class LocalCluster:
         node_ip: str | None = None,
         min_islands: int = 1,
         island_specs: list[str] | None = None,
+        tls: str = "auto",
     ) -> None:
         for name, value in (
             ("islands", islands),
@@ -149,6 +153,9 @@ class LocalCluster:
         self.node_ip = node_ip
         self.min_islands = min_islands
         self.island_specs = list(island_specs or [])
+        if tls not in ("on", "off", "auto"):
+            raise ValueError(f"tls={tls!r} must be 'on', 'off' or 'auto'.")
+        self.tls = tls
         self.address: str | None = None
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None
@@ -217,6 +224,7 @@ class LocalCluster:
 
     def _start_controller(self, record: dict[str, Any]) -> None:
         cmd = [sys.executable, "-m", "pathways_lite.controller", f"--state-dir={self.state_dir}"]
+        cmd.append(f"--tls={self.tls}")
         if self.ray_address is not None:
             from pathways_lite.workers.discovery import driver_node_ip
 

@@ -15,6 +15,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
 from pathways_lite.workers.island_host import IslandHostGroup, IslandPlacementError, IslandSpec
 from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
@@ -22,11 +23,13 @@ from pathways_lite.workers.service import SERVICE_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+CREDENTIAL = Credential("island-hosts-test-secret")
+
 
 @pytest.fixture(scope="module")
 def duo(ray_cluster):
     """A 2-host island (2 simulated CPU devices per host) on the head node."""
-    group = IslandHostGroup(IslandSpec("duo", num_hosts=2, devices_per_host=2))
+    group = IslandHostGroup(IslandSpec("duo", num_hosts=2, devices_per_host=2), CREDENTIAL)
     group.start()
     try:
         yield group
@@ -35,7 +38,10 @@ def duo(ray_cluster):
 
 
 def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> None:
-    groups = [IslandHostGroup(IslandSpec(name, devices_per_host=1)) for name in ("east", "west")]
+    groups = [
+        IslandHostGroup(IslandSpec(name, devices_per_host=1), CREDENTIAL)
+        for name in ("east", "west")
+    ]
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             metas = list(pool.map(lambda g: g.start()[0], groups))
@@ -45,7 +51,7 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
             assert nodes[meta.node_id]["NodeManagerAddress"] == meta.node_ip
             assert nodes[meta.node_id]["Resources"].get(f"island_{name}") == 1
             # The service binds the node's address, and answers there.
-            with grpc.insecure_channel(meta.address) as channel:
+            with host_channel(meta.address, CREDENTIAL) as channel:
                 info = worker_pb2_grpc.WorkerServiceStub(channel).Info(
                     worker_pb2.InfoRequest(), timeout=10
                 )
@@ -60,7 +66,7 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
 
 
 def test_unplaceable_island_fails_fast_naming_the_resource(ray_cluster) -> None:
-    group = IslandHostGroup(IslandSpec("nowhere"), placement_timeout_s=3)
+    group = IslandHostGroup(IslandSpec("nowhere"), CREDENTIAL, placement_timeout_s=3)
     started = time.monotonic()
     with pytest.raises(IslandPlacementError, match="island_nowhere"):
         group.start()
@@ -84,7 +90,7 @@ def test_two_host_island_joins_one_jax_runtime(duo: IslandHostGroup) -> None:
 
 
 def test_island_host_serves_health_info_and_a_sharded_step(duo: IslandHostGroup) -> None:
-    channels = [grpc.insecure_channel(m.address) for m in duo.metadata]
+    channels = [host_channel(m.address, CREDENTIAL) for m in duo.metadata]
     try:
         for channel, meta in zip(channels, duo.metadata, strict=True):
             health = health_pb2_grpc.HealthStub(channel)

@@ -23,6 +23,7 @@ from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer, TrainConfig
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.island_host import IslandHostGroup, IslandSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -74,9 +75,10 @@ def _start(name: str, num_hosts: int, devices_per_host: int) -> Island:
         devices_per_host=devices_per_host,
         memory_budget_bytes_per_device=BUDGET,
     )
-    group = IslandHostGroup(spec)
+    credential = Credential("island-palm-test-secret")
+    group = IslandHostGroup(spec, credential)
     group.start()
-    channels = [grpc.insecure_channel(m.address) for m in group.metadata]
+    channels = [host_channel(m.address, credential) for m in group.metadata]
     return Island(group, [worker_pb2_grpc.WorkerServiceStub(c) for c in channels], channels)
 
 

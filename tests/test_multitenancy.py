@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 
 from pathways_lite.client import ClientError, ControllerClient, state_name
 from pathways_lite.controller import spec as spec_lib
+from pathways_lite.controller.auth import read_cluster_credential
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.auth import host_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -90,9 +92,10 @@ def client(cluster):
 def hosts(client):
     """One worker stub per island host, by island id."""
     channels, stubs = [], {}
+    credential = read_cluster_credential(client.state_dir)
     for island in client.islands():
         for host in island.hosts:
-            channel = grpc.insecure_channel(host.address or f"{host.node}:{host.port}")
+            channel = host_channel(host.address or f"{host.node}:{host.port}", credential)
             channels.append(channel)
             stubs.setdefault(island.id, []).append(worker_pb2_grpc.WorkerServiceStub(channel))
     yield stubs

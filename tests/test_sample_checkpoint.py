@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 
 from pathways_lite import cli
 from pathways_lite.client import ControllerClient, state_name
+from pathways_lite.controller.auth import read_cluster_credential
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.auth import host_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -38,9 +39,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def island_memory(client: ControllerClient) -> list[worker_pb2.ExecutionLogReply]:
     """Every island host's loaded jobs and live device bytes (its own ExecutionLog)."""
     replies = []
+    credential = read_cluster_credential(client.state_dir)
     for island in client.islands():
         for host in island.hosts:
-            with grpc.insecure_channel(host.address or f"{host.node}:{host.port}") as channel:
+            with host_channel(host.address or f"{host.node}:{host.port}", credential) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
                 replies.append(stub.ExecutionLog(worker_pb2.ExecutionLogRequest(), timeout=60))
     return replies

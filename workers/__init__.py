@@ -9,6 +9,8 @@ checkpoint.py       orbax checkpoints and the policy (who writes, when, restore)
 memory.py           device memory diagnostics (compiled and live bytes)
 exchange.py         the gradient exchange algorithm between islands (client side, mailbox)
 exchange_service.py ExchangeService: the peers' endpoint on the same port
+auth.py             the cluster credential: the hosts' check (constant time), peers' metadata
+tls.py              the cluster CA, host certificates, TLS where an address wants it
 rpc.py              one gRPC server start-up and one error-to-status mapping (both servers)
 runtime.py          the JobRuntime interface; runtimes.py picks one per model preset
 probe_runtime.py    the linear probe job; palm_runtime.py the PaLM job; sampling.py generation

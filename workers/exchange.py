@@ -39,6 +39,9 @@ import numpy as np
 
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
+from .auth import Credential
+from .tls import TlsConfig, aio_channel
+
 logger = logging.getLogger(__name__)
 
 PHASE_SCATTER = 1
@@ -322,17 +325,21 @@ class ByteCounter(grpc.aio.ServerInterceptor):
 
 
 class Peers:
-    """Channels to peer hosts, opened once per address (on the service's loop)."""
+    """Channels to peer hosts, opened once per address (on the service's loop); every call
+    carries the cluster credential (`metadata()`) when there is one."""
 
-    def __init__(self) -> None:
+    def __init__(self, credential: Credential | None = None, tls: TlsConfig | None = None) -> None:
+        self.credential = credential
+        self.tls = tls
         self._stubs: dict[str, worker_pb2_grpc.ExchangeServiceStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def stub(self, address: str) -> worker_pb2_grpc.ExchangeServiceStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(
+            channel = aio_channel(
                 address,
+                self.tls,
                 options=[
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -341,6 +348,10 @@ class Peers:
             self._channels.append(channel)
             stub = self._stubs[address] = worker_pb2_grpc.ExchangeServiceStub(channel)
         return stub
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call to a peer: the cluster credential's current secret."""
+        return () if self.credential is None else self.credential.metadata()
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -410,7 +421,7 @@ class JobExchange:
         left = deadline - time.monotonic()
         try:
             await self.peers.stub(self.addresses[island]).ExchangeGradients(
-                iter(chunks), timeout=max(left, 0.001)
+                iter(chunks), timeout=max(left, 0.001), metadata=self.peers.metadata()
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

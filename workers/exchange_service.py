@@ -21,9 +21,11 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
+from .auth import Credential
 from .exchange import ByteCounter, ExchangeAbortedError, JobExchange, Mailbox, Peers
 from .rpc import RpcRejection, error_mapping
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +46,22 @@ class ExchangeServicer(worker_pb2_grpc.ExchangeServiceServicer):
     Args:
         loaded: The spec of a job loaded on this host; raises RpcRejection (NOT_FOUND or
             INVALID_ARGUMENT naming the job id) otherwise.
+        credential: The cluster credential this host presents to its peers (the server's
+            interceptor, workers/auth.py, checks theirs before a chunk is parsed); None only
+            for in-process servers of tests and benchmarks.
+        tls: The cluster's TLS setting: peers off loopback (or all, `--tls on`) are dialled
+            over TLS verified against the cluster CA.
     """
 
-    def __init__(self, loaded: Callable[[str], IslandJobSpec]) -> None:
+    def __init__(
+        self,
+        loaded: Callable[[str], IslandJobSpec],
+        credential: Credential | None = None,
+        tls: TlsConfig | None = None,
+    ) -> None:
         self._loaded = loaded
         self.mailbox = Mailbox()
-        self.peers = Peers()
+        self.peers = Peers(credential, tls)
         self.byte_counter = ByteCounter()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:

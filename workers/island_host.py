@@ -6,6 +6,18 @@ A simulated CPU island is a process started with
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`; a GPU island host asks Ray for
 `num_gpus`. Hosts of one multi-host island join one JAX runtime (`jax.distributed`, host 0
 coordinating); that runtime never spans islands.
+
+How a host gets the cluster credential (workers/auth.py): as an argument of the `start` (and
+`set_credential`) actor call the controller makes, never of the actor's constructor, its
+runtime_env or a command line. Ray carries a method call's arguments from the caller to the
+actor's worker process only: Ray's state API, dashboard and logs show an actor's class, name
+and resources and a task's function name, never its arguments (tests/test_worker_auth.py
+greps them), whereas constructor arguments are kept in the GCS to restart the actor. A file
+in the controller's state directory would not do: a host on another node cannot read it,
+and copying it there is one more place to keep secret. Handing it over Ray trusts nothing new:
+whoever can call Ray (the cluster's Ray token, `RAY_AUTH_MODE=token`) can already run code in
+the host process. On a real cluster, Ray's own traffic is encrypted only with Ray's TLS
+(`RAY_USE_TLS`); README's security section says so.
 """
 
 from __future__ import annotations
@@ -14,14 +26,17 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
+from .auth import Credential
 from .host import DeviceRecord, HostMetadata, default_memory_budget
 from .ray_cluster import NAMESPACE, island_resource
 from .service import BackgroundServer, WorkerServicer
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +112,7 @@ class IslandHost:
         self._metadata: HostMetadata | None = None
         self._server: BackgroundServer | None = None
         self._distributed = False
+        self._credential: Credential | None = None
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
@@ -108,8 +124,24 @@ class IslandHost:
             s.bind((self.node_ip, 0))
             return f"{self.node_ip}:{s.getsockname()[1]}"
 
-    def start(self, coordinator: str | None, init_timeout_s: int = 120) -> HostMetadata:
-        """Join the island's JAX runtime, gather metadata, start serving; return metadata."""
+    def set_credential(self, credential: Credential) -> None:
+        """Take the controller's credential (a restarted controller attaching, a rotation)."""
+        if self._credential is None:
+            self._credential = credential
+        else:  # the servicer and the peers hold this object: update it in place
+            self._credential.update(credential)
+
+    def start(
+        self,
+        coordinator: str | None,
+        credential: Credential,
+        tls: TlsConfig | None = None,
+        init_timeout_s: int = 120,
+    ) -> HostMetadata:
+        """Join the island's JAX runtime, gather metadata, start serving with `credential`
+        required on every call (TLS with `tls`'s certificate where it wants it, on this
+        node's address); return metadata."""
+        self.set_credential(credential)
         if self._metadata is not None:
             return self._metadata
         import jax
@@ -156,7 +188,7 @@ class IslandHost:
             memory_budget_bytes_per_device=int(budget),
             peak_flops_per_device=peak,
         )
-        servicer = WorkerServicer(metadata, devices)
+        servicer = WorkerServicer(metadata, devices, credential=self._credential, tls=tls)
         self._server = BackgroundServer(servicer, self.node_ip, 0)
         self._server.start()
         self._metadata = servicer.metadata
@@ -237,6 +269,9 @@ class IslandHostGroup:
 
     Args:
         island: The island.
+        credential: The cluster credential handed to each host at start (module docstring).
+        issue_tls: Makes a host's TLS setting and certificate for its node's address (the
+            cluster CA's `issue`, workers/tls.py); None: the hosts serve plaintext.
         placement_timeout_s: How long placing and constructing the hosts may take before
             start() fails with IslandPlacementError.
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
@@ -247,13 +282,17 @@ class IslandHostGroup:
     def __init__(
         self,
         island: IslandSpec,
+        credential: Credential,
         *,
+        issue_tls: Callable[[str], TlsConfig] | None = None,
         placement_timeout_s: float = 60.0,
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
         max_restarts: int = 0,
     ) -> None:
         self.island = island
+        self.credential = credential
+        self.issue_tls = issue_tls
         self.placement_timeout_s = placement_timeout_s
         self.start_timeout_s = start_timeout_s
         self.namespace = namespace
@@ -284,23 +323,27 @@ class IslandHostGroup:
             for i in range(island.num_hosts):
                 actor = actor_cls.options(name=island.actor_name(i), **options).remote(island, i)
                 self.actors.append(actor)
-            self._wait_placed()
+            placed = self._wait_placed()
+            tls = [self.issue_tls(ip) if self.issue_tls else None for ip, _ in placed]
             coordinator = None
             if island.num_hosts > 1:
                 coordinator = ray.get(self.actors[0].coordinator_address.remote(), timeout=30)
-            refs = [a.start.remote(coordinator, int(self.start_timeout_s)) for a in self.actors]
+            refs = [
+                a.start.remote(coordinator, self.credential, t, int(self.start_timeout_s))
+                for a, t in zip(self.actors, tls, strict=True)
+            ]
             self.metadata = ray.get(refs, timeout=self.start_timeout_s + 10)
         except BaseException:
             self._kill()
             raise
         return self.metadata
 
-    def _wait_placed(self) -> None:
+    def _wait_placed(self) -> list[tuple[str, int]]:
+        """(node IP, pid) of every host once placed."""
         refs = [a.ready.remote() for a in self.actors]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.placement_timeout_s)
         if len(ready) == len(refs):
-            ray.get(refs)  # surface a constructor error
-            return
+            return ray.get(refs)  # surfaces a constructor error
         name = self.island.resource
         total = ray.cluster_resources().get(name, 0)
         if total < self.island.num_hosts:

@@ -129,6 +129,7 @@ async def serve(
     *,
     options: Sequence[tuple[str, Any]] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
     bound: Callable[[int], Awaitable[None] | None] | None = None,
     started: Callable[[int], Any] | None = None,
     stop: asyncio.Event | None = None,
@@ -145,6 +146,7 @@ async def serve(
         port: Port to bind; 0 picks a free one.
         options: grpc.aio server options (e.g. `grpc.max_receive_message_length`).
         interceptors: Server interceptors, outermost first.
+        credentials: TLS credentials (workers/tls.py); None serves plaintext.
         bound: Called (and awaited when it returns an awaitable) with the bound port before
             the server starts; an exception there stops the start-up.
         started: Called with the bound port once the server accepts calls.
@@ -165,7 +167,10 @@ async def serve(
         (*services, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port_bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            port_bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            port_bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError as e:  # grpcio >= 1.6x raises where older versions returned 0
         raise OSError(f"could not bind the {name} to {host}:{port}: {e}") from e
     if port_bound == 0:
@@ -175,7 +180,8 @@ async def serve(
         await server.start()
         for service in ("", *services):
             await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("%s serving on %s:%d", name, host, port_bound)
+        tls = "TLS" if credentials is not None else "plaintext"
+        logger.info("%s serving on %s:%d (%s)", name, host, port_bound, tls)
         if started is not None:
             started(port_bound)
         if stop is None:

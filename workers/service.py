@@ -25,6 +25,7 @@ import grpc
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 from . import exchange_service, rpc
+from .auth import Credential, host_auth
 from .checkpoint import CheckpointError, CheckpointWriteError, JobCheckpoints, restore_job
 from .exchange import (
     MAX_MESSAGE_BYTES,
@@ -41,6 +42,7 @@ from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
 from .runtimes import RuntimeFactory, make_runtime
+from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             island), handed to the runtime factory.
         runtime_factory: Builds a job's runtime; raises JobSpecError for a bad field and
             RuntimeUnavailableError when the host cannot run the model.
+        credential: The cluster credential every call to this host must carry, and that it
+            presents to its peers (workers/auth.py). An island host always has one; None
+            (every call accepted) is for in-process servers of tests and benchmarks.
+        tls: The cluster's TLS setting with this host's certificate (workers/tls.py): the
+            service serves TLS where `tls.wanted(its address)`, and so do its peer channels.
     """
 
     def __init__(
@@ -108,8 +115,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         metadata: HostMetadata,
         devices: Sequence[Any],
         runtime_factory: RuntimeFactory = make_runtime,
+        credential: Credential | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.metadata = metadata
+        self.credential = credential
+        self.tls = tls
         self._devices = list(devices)
         self._runtime_factory = runtime_factory
         self._jobs: dict[str, _Job] = {}
@@ -117,7 +128,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.order = StepOrder(on_new_epoch=self._release_stale_exchanges)
         # The peers' endpoint: the mailbox of received gradient parts, the channels to the
         # peers, and the interceptor that counts received exchange bytes.
-        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec)
+        self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec, credential, tls)
         # One thread runs every JAX call that touches the devices (steps, state in and out),
         # so they never overlap; loading a job's data and compiling its step touch no device
         # state and run on a thread of their own, so the island's other jobs keep stepping.
@@ -551,6 +562,13 @@ async def serve(
         grace_s: Seconds in-flight calls get to finish when stopping.
     """
     m = servicer.metadata
+    # The credential check comes first: a refused call never reaches the byte counter's
+    # deserializer, let alone a servicer.
+    interceptors: list[grpc.aio.ServerInterceptor] = [servicer.exchange.byte_counter]
+    if servicer.credential is not None:
+        interceptors.insert(0, host_auth(servicer.credential))
+    tls = servicer.tls
+    credentials = tls.server_credentials() if tls is not None and tls.wanted(host) else None
     await rpc.serve(
         f"worker service of island {m.island} host {m.host_index}",
         {
@@ -560,7 +578,8 @@ async def serve(
         host,
         port,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-        interceptors=[servicer.exchange.byte_counter],
+        interceptors=interceptors,
+        credentials=credentials,
         bound=servicer.set_port,
         started=started,
         stop=stop,
