@@ -79,16 +79,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     @_rpc
     async def ListJobs(self, request: controller_pb2.ListJobsRequest, context) -> Any:
-        """A page of jobs, oldest first."""
+        """A page of jobs, newest first."""
         states = [JobState.from_proto(s) for s in request.states]
         records, token = self.store.list_jobs(
-            page_size=request.page_size, page_token=request.page_token, states=states
+            page_size=request.page_size,
+            page_token=request.page_token,
+            states=states,
+            newest_first=True,
         )
         queued = self.store.jobs_in_states([JobState.QUEUED])  # once for the page
         jobs = [
             self.views.job(r, include_losses=request.include_losses, queued=queued) for r in records
         ]
         return controller_pb2.ListJobsReply(jobs=jobs, next_page_token=token)
+
+    @_rpc
+    async def Drain(self, request: controller_pb2.DrainRequest, context) -> Any:
+        """Checkpoint and requeue every running and suspended job before a stop."""
+        return controller_pb2.DrainReply(jobs=await self.controller.drain())
 
     @_rpc
     async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -119,6 +120,13 @@ def step_point(
     }
 
 
+def resumed_step(message: str) -> int:
+    """The step a `restore` event's sentence says the job resumed from (recovery.py's
+    "Resumed from the checkpoint at step N ..." or "Resumed from step 0: ...")."""
+    found = re.search(r"step (\d+)", message)
+    return int(found.group(1)) if found else 0
+
+
 def _seconds(job: controller_pb2.Job, field: str) -> float | None:
     return getattr(job, field).ToMicroseconds() / 1e6 if job.HasField(field) else None
 
@@ -163,6 +171,8 @@ class Views:
         self.pending = pending
         self._resolved = resolved
         self.peak_flops: float | None = None
+        # What each running job does before its first step (jobs.py's Reporter.phase).
+        self.phases: dict[str, str] = {}
         self.timeline: dict[str, collections.deque[TimelineEntry]] = {
             island_id: collections.deque(maxlen=TIMELINE_STEPS) for island_id in islands
         }
@@ -230,6 +240,15 @@ class Views:
         """
         job = job_record_proto(self.store, record, include_losses=include_losses)
         job.islands.extend(self.scheduler.islands_of(record.id))
+        if record.state == JobState.RUNNING:
+            job.phase = self.phases.get(record.id, "")
+        if include_losses:  # the detailed view (GetJob, WatchJob) carries the events
+            for event in self.store.events(record.id):
+                job.events.add(
+                    time=timestamp_us(event.time_us), kind=event.kind, message=event.message
+                )
+                if event.kind == "restore":
+                    job.resumed_from_step = resumed_step(event.message)
         if record.state == JobState.QUEUED:
             if queued is None:
                 queued = self.store.jobs_in_states([JobState.QUEUED])

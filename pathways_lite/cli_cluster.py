@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pathways_lite.cli_common import CliError, print_json, print_table
+
+# Events `status` prints (the newest; `--json` has them all).
+EVENTS_SHOWN = 8
 
 
 def _client(args: argparse.Namespace):
@@ -117,12 +121,27 @@ def _print_up(cluster) -> None:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from pathways_lite.local import default_state_dir, stop_recorded
+    from pathways_lite.local import CLUSTER_FILE, default_state_dir, drain, stop_recorded
 
-    state_dir = args.state_dir or default_state_dir()
+    state_dir = Path(args.state_dir or default_state_dir())
+    if not (state_dir / CLUSTER_FILE).exists():
+        raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
+    if args.now:
+        print("stopping without checkpoints (--now): running jobs resume from their last one")
+    else:
+        print("checkpointing running and suspended jobs (skip with --now) ...", flush=True)
+        try:
+            drained = drain(state_dir)
+        except Exception as e:  # a dead controller: nothing to checkpoint, stop anyway
+            print(f"could not checkpoint the jobs: {e}", file=sys.stderr)
+            drained = []
+        for job in drained:
+            print(f"{job.job_id} ({job.name}): {job.message}")
+        if not drained:
+            print("no running or suspended jobs")
     if not stop_recorded(state_dir):
         raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
-    print(f"stopped the cluster of {state_dir}")
+    print(f"stopped the cluster of {state_dir}; `pathways-lite up` resumes its queued jobs")
     return 0
 
 
@@ -133,13 +152,21 @@ def _print_job(job, as_json: bool) -> None:
     if as_json:
         print_json(record)
         return
-    rows = [(k, record[k]) for k in ("id", "name", "state", "steps_completed", "reason")]
+    state = record["state"] + (f" ({record['phase']})" if record["phase"] else "")
+    rows = [("id", record["id"]), ("name", record["name"]), ("state", state)]
+    rows += [(k, record[k]) for k in ("steps_completed", "reason")]
     rows.append(("islands", ", ".join(record["islands"])))
     if record["message"]:
         rows.append(("message", record["message"]))
     if record["losses"]:
         rows.append(("last loss", f"{record['losses'][-1]:.6f}"))
+    if record["resumed_from_step"] is not None:
+        rows.append(("resumed from step", record["resumed_from_step"]))
     print_table(rows, header=("field", "value"))
+    if record["events"]:
+        print("\nevents (newest last):")
+        for event in record["events"][-EVENTS_SHOWN:]:
+            print(f"  {event['time'][:19].replace('T', ' ')}  {event['message']}")
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -473,7 +500,15 @@ def add_cluster_commands(sub) -> None:
         "--node-ip", default=None, help="with --ray-address: the controller's Ray node address"
     )
     up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
-    add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
+    down = add(
+        "down",
+        "checkpoint running and suspended jobs, then stop the local cluster of a state dir",
+        _cmd_down,
+        json_flag=False,
+    )
+    down.add_argument(
+        "--now", action="store_true", help="stop at once, without checkpointing running jobs"
+    )
     submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
     submit.add_argument("spec", help="the job spec file")
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")

@@ -67,6 +67,14 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
         "priority": job.spec.priority if job.spec.HasField("priority") else 0,
         "weight": job.spec.weight if job.spec.HasField("weight") else 1.0,
         "mfu": job.mfu,
+        "phase": job.phase,
+        "events": [
+            {"time": e.time.ToJsonString(), "kind": e.kind, "message": e.message}
+            for e in job.events
+        ],
+        "resumed_from_step": (
+            job.resumed_from_step if job.HasField("resumed_from_step") else None
+        ),
     }
     if job.HasField("last_metrics"):
         out["last_metrics"] = metrics_to_dict(job.last_metrics)
@@ -195,7 +203,7 @@ class ControllerClient:
     def list(
         self, *, states: tuple[str, ...] = (), include_losses: bool = False, page_size: int = 0
     ) -> list[controller_pb2.Job]:
-        """Every job (all pages), oldest first; `states` filters by name (`running`...)."""
+        """Every job (all pages), newest first; `states` filters by name (`running`...)."""
         wire_states = [JobState(s).to_proto() for s in states]
         jobs, token = [], ""
         while True:
@@ -212,6 +220,10 @@ class ControllerClient:
             token = reply.next_page_token
             if not token:
                 return jobs
+
+    def drain(self, timeout_s: float = 600.0) -> list[controller_pb2.DrainedJob]:
+        """Checkpoint and requeue every running and suspended job before a stop (Drain)."""
+        return list(self._call(self._stub.Drain, controller_pb2.DrainRequest(), timeout_s).jobs)
 
     def cancel(self, job_id: str, reason: str = "") -> controller_pb2.Job:
         request = controller_pb2.CancelJobRequest(job_id=job_id, reason=reason)
