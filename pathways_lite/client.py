@@ -72,9 +72,7 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
             {"time": e.time.ToJsonString(), "kind": e.kind, "message": e.message}
             for e in job.events
         ],
-        "resumed_from_step": (
-            job.resumed_from_step if job.HasField("resumed_from_step") else None
-        ),
+        "resumed_from_step": (job.resumed_from_step if job.HasField("resumed_from_step") else None),
     }
     if job.HasField("last_metrics"):
         out["last_metrics"] = metrics_to_dict(job.last_metrics)
