@@ -21,9 +21,11 @@ from pathways_lite.v1 import controller_pb2
 from . import spec as spec_lib
 from .admission import Admission
 from .bus import EventBus, LogBuffer, now
+from .data_paths import check_data_paths
 from .dispatch import DEFAULT_WINDOW, Dispatcher
 from .islands import Island
 from .jobs import Collaborators, JobRunner, Reporter
+from .options import format_size
 from .recovery import Recovery
 from .resolved import ResolvedJob
 from .sampling import Sampler
@@ -316,6 +318,7 @@ class Controller:
         """
         spec = request.spec
         spec_lib.validate_spec(spec, self.cluster_shape())
+        check_data_paths(spec)
         job = ResolvedJob.resolve(spec)
         never = self.scheduler.never_fits(spec.islands, job.bytes_per_device)
         if never is not None:
@@ -374,7 +377,7 @@ class Controller:
             "job %s re-prioritised to %d%s",
             job_id,
             priority,
-            f" ({demand_bytes} bytes per device)" if demand_bytes else "",
+            f" ({format_size(demand_bytes)} per device)" if demand_bytes else "",
             extra={"job_id": job_id},
         )
         self.wake()

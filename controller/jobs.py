@@ -27,6 +27,7 @@ from . import spec as spec_lib
 from .bus import EventBus, LogBuffer, now
 from .dispatch import Dispatcher, DispatchError, StepReport
 from .islands import Island, call_all
+from .options import format_size
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import ResolvedJob, step_program
 from .scheduler import Scheduler
@@ -247,7 +248,10 @@ class JobRunner:
             if self.job is None:  # its spec no longer resolves: fail it with the reason
                 self.job = ResolvedJob.resolve(self.record.spec)
             p.reporter.phase(job_id, "preparing data")
-            self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+            try:
+                self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+            except ValueError as e:  # the data's DataError (a missing file...): the user's
+                raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
             p.reporter.phase(job_id, "compiling")
@@ -262,10 +266,10 @@ class JobRunner:
             loaded = self.loaded = True
             p.reporter.job_memory[job_id] = max(r.memory.total_bytes for r in replies)
             logger.info(
-                "job %s loaded (compile %.1f s, %d bytes per device)",
+                "job %s loaded (compile %.1f s, %s per device)",
                 job_id,
                 max(r.compile_s for r in replies),
-                max(r.memory.total_bytes for r in replies),
+                format_size(max(r.memory.total_bytes for r in replies)),
                 extra={"job_id": job_id},
             )
             completed = await self._step_until_done(program)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from pathways_lite.controller import auth
 from pathways_lite.controller.options import ADDRESS_FILE
@@ -106,14 +105,24 @@ def log_to_dict(record: controller_pb2.LogRecord) -> dict[str, Any]:
 
 
 def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
+    """An island as plain JSON-able data: numbers as numbers (bytes as an integer)."""
     return {
         "id": island.id,
         "devices": island.devices,
         "job_ids": list(island.job_ids),
         "down": island.down,
         "hosts": [
-            json_format.MessageToDict(h, preserving_proto_field_name=True)
-            | {"devices": h.devices, "port": h.port, "pid": h.pid}
+            {
+                "node": h.node,
+                "address": h.address,
+                "port": h.port,
+                "pid": h.pid,
+                "devices": h.devices,
+                "device_kind": h.device_kind,
+                "memory_bytes": h.memory_bytes,
+                "wire_version": {"version": h.wire_version.version},
+                "state": h.state,
+            }
             for h in island.hosts
         ],
     }
@@ -199,10 +208,18 @@ class ControllerClient:
         return self._call(self._stub.GetJob, controller_pb2.GetJobRequest(job_id=job_id)).job
 
     def list(
-        self, *, states: tuple[str, ...] = (), include_losses: bool = False, page_size: int = 0
+        self,
+        *,
+        states: tuple[str, ...] = (),
+        include_losses: bool = False,
+        page_size: int = 0,
+        limit: int = 0,
     ) -> list[controller_pb2.Job]:
-        """Every job (all pages), newest first; `states` filters by name (`running`...)."""
+        """Every job (all pages; the newest `limit` when > 0), newest first; `states` filters
+        by name (`running`...)."""
         wire_states = [JobState(s).to_proto() for s in states]
+        if limit > 0:
+            page_size = min(page_size or limit, limit)
         jobs, token = [], ""
         while True:
             reply = self._call(
@@ -216,6 +233,8 @@ class ControllerClient:
             )
             jobs.extend(reply.jobs)
             token = reply.next_page_token
+            if limit > 0 and len(jobs) >= limit:
+                return jobs[:limit]
             if not token:
                 return jobs
 

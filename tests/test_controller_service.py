@@ -143,6 +143,11 @@ BAD_SPECS = {
     "indivisible batch": ({"train": {"global_batch": 3}, "mesh": {"data": 2, "model": 1}}, None),
     "devices mismatch": ({"devices_per_island": 4, "mesh": {"data": 2, "model": 2}}, None),
     "bad override": ({"model": {"preset": "palm-tiny", "overrides": {"d_model": -1}}}, "d_model"),
+    "missing data files": (
+        {"data": {"source": "files", "paths": ["/tmp", "/nonexistent/*.txt"]}},
+        "data.paths[1]",
+    ),
+    "bad data url": ({"data": {"source": "parquet", "paths": ["gs:///x"]}}, "data.paths[0]"),
 }
 
 

@@ -152,7 +152,7 @@ def test_a_job_that_does_not_fit_holds_back_the_jobs_behind_it_and_each_says_why
     c.admission.schedule()
     assert list(c.runners) == ["big"]
     assert c.scheduler.islands_of("big") == ["island-0", "island-1"]
-    assert c.admission.pending["wide"].startswith("Needs 60 bytes per device on 2 island(s)")
+    assert c.admission.pending["wide"].startswith("Needs 60 B per device on 2 island(s)")
     assert "Waits on big." in c.admission.pending["wide"]
     # "small" would fit, but it never overtakes the waiting job ahead of it.
     assert c.admission.pending["small"] == "Waiting for jobs ahead in the queue (wide)."
@@ -173,7 +173,7 @@ def test_a_higher_priority_job_suspends_only_the_lowest_priority_residents_it_ne
     c.suspend("low")
     c.admission.schedule()
     assert c.scheduler.islands_of("urgent") == ["island-0"]
-    assert c.admission.pending["low"].startswith("Suspended: Needs 40 bytes")
+    assert c.admission.pending["low"].startswith("Suspended: Needs 40 B per device")
 
 
 def test_a_suspended_job_resumes_on_its_own_islands_once_they_have_room(tmp_path):
