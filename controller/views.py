@@ -94,6 +94,7 @@ def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
         "loss": None if last is None else _finite(last.loss),
         "tokens_per_s": None if last is None else last.tokens_per_s,
         "mfu": None if last is None else job.mfu,
+        "phase": job.phase,
         "priority": spec_lib.priority(job.spec),
         "weight": spec_lib.weight(job.spec),
         "queue_position": job.queue_position,
