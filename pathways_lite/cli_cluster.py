@@ -172,7 +172,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                     m = update.metrics
                     print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
                 elif update.HasField("job"):
-                    print(f"{update.job.id} is {state_name(update.job.state)}")
+                    phase = f" ({update.job.phase})" if update.job.phase else ""
+                    print(f"{update.job.id} is {state_name(update.job.state)}{phase}")
             job = client.get(job.id)
     if args.json:
         print_job(job, True)
