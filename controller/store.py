@@ -310,8 +310,8 @@ class JobStore(ProgressTables):
                     f"{spec_lib.quote(ref)} matches {count} jobs: {listed}; name one by its id."
                 )
         raise JobNotFoundError(
-            f"no job has the id, name or id prefix {spec_lib.quote(ref)} (`pathways-lite jobs` "
-            "lists them)."
+            f"job {spec_lib.quote(ref)} does not exist: no job has that id, name or id prefix "
+            "(`pathways-lite jobs` lists them)."
         )
 
     def list_jobs(
