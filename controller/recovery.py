@@ -200,7 +200,7 @@ class Recovery:
                 )
             elif program.generation > 0:  # it ran before: say that its work starts over
                 self.store.add_event(
-                    program.job_id, "restore", "Resumed from step 0: no checkpoint."
+                    program.job_id, "resume", "Resumed from step 0: no checkpoint."
                 )
             return attempt, replies
 

@@ -122,7 +122,7 @@ def step_point(
 
 
 def resumed_step(message: str) -> int:
-    """The step a `restore` event's sentence says the job resumed from (recovery.py's
+    """The step a `restore` (or `resume`) event's sentence says the job resumed from (recovery.py's
     "Resumed from the checkpoint at step N ..." or "Resumed from step 0: ...")."""
     found = re.search(r"step (\d+)", message)
     return int(found.group(1)) if found else 0
@@ -248,7 +248,7 @@ class Views:
                 job.events.add(
                     time=timestamp_us(event.time_us), kind=event.kind, message=event.message
                 )
-                if event.kind == "restore":
+                if event.kind in ("restore", "resume"):  # recovery.py's load
                     job.resumed_from_step = resumed_step(event.message)
         if record.state == JobState.QUEUED:
             if queued is None:
