@@ -13,8 +13,9 @@ resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest b
 recovery.py         failure classes, retry budgets, checkpoint registry and rollback
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
 views.py            the one job view, islands view, StepMetrics builder, `why`
-bus.py              the in-memory event bus (WatchJob, dashboard) and the job log buffer
+bus.py              the in-memory event bus (WatchJob, dashboard) and the job logs (persisted)
 spec.py             job spec validation (every semantic check) and spec -> configs
+data_paths.py       a job's data paths checked at submit on the controller's view of storage
 states.py           job states and the errors the client shares (no heavy imports)
 store.py, store_progress.py, schema.py, statedir.py   SQLite store, migrations, state-dir lock
 wire.py, options.py the controller's wire version; its flags and ports (no side effects)

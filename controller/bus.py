@@ -4,15 +4,21 @@ Every state change and completed step is published on the bus under the job's id
 to the followers of ALL_JOBS as `(job_id, update)`); followers read their own bounded queue, so
 publishing never blocks and a lagging follower loses the oldest updates, never the newest.
 WatchJob follows the bus, not the database. The log buffer keeps the newest records of each
-job, fed by the controller's own loggers and by the island hosts' step reports.
+job, fed by the controller's own loggers and by the island hosts' step reports; with a folder
+(`<state_dir>/logs`) it writes them there too, one JSON line per record in `<job_id>.log`,
+rotated to `<job_id>.log.1` past LOG_FILE_BYTES (so a job keeps at most twice that), and
+serves them from there, so `pathways-lite logs` still has them after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
-from typing import Any
+import os
+from pathlib import Path
+from typing import IO, Any
 
 from google.protobuf import timestamp_pb2
 
@@ -21,6 +27,10 @@ from pathways_lite.v1 import controller_pb2
 # Log records kept per job, and jobs whose records are kept (oldest jobs' go first).
 LOG_RECORDS_PER_JOB = 2000
 LOG_JOBS = 256
+# A job's log file is rotated past this size (one older file is kept).
+LOG_FILE_BYTES = 512 * 1024
+# Log files kept open at once (the least recently written are closed).
+OPEN_LOG_FILES = 32
 # Updates a slow WatchJob/StreamLogs follower may lag behind before old ones are dropped.
 FOLLOWER_QUEUE = 10000
 # The key that follows every job at once (the dashboard); never a job id (those are
@@ -64,17 +74,26 @@ class EventBus:
 
 
 class LogBuffer(logging.Handler):
-    """A bounded in-memory buffer of job log records, fed by the controller's own loggers
-    (records logged with `extra={"job_id": ...}`) and by the island hosts' step reports."""
+    """A bounded buffer of job log records, fed by the controller's own loggers (records
+    logged with `extra={"job_id": ...}`) and by the island hosts' step reports.
 
-    def __init__(self) -> None:
+    Args:
+        folder: where each job's records persist (rotated files); None keeps them in memory
+            only.
+    """
+
+    def __init__(self, folder: str | Path | None = None) -> None:
         super().__init__(logging.INFO)
         self._records: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self.folder = None if folder is None else Path(folder)
+        self._files: collections.OrderedDict[str, IO[str]] = collections.OrderedDict()
         self.followers = EventBus()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, job_id: str, record: controller_pb2.LogRecord) -> None:
         """Buffer a record of `job_id` and hand it to followers (call on the serving loop)."""
+        if self.folder is not None:
+            self._write(job_id, record)
         buffer = self._records.get(job_id)
         if buffer is None:
             buffer = self._records[job_id] = collections.deque(maxlen=LOG_RECORDS_PER_JOB)
@@ -84,8 +103,47 @@ class LogBuffer(logging.Handler):
         self.followers.publish(job_id, record)
 
     def records(self, job_id: str, tail: int = 0) -> list[controller_pb2.LogRecord]:
-        records = list(self._records.get(job_id, ()))
+        """The job's records, oldest first (the newest `tail` when > 0)."""
+        if self.folder is None:
+            records = list(self._records.get(job_id, ()))
+        else:
+            records = []
+            path = self._path(job_id)
+            for name in (path.with_name(path.name + ".1"), path):
+                try:
+                    lines = name.read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                records += [r for r in map(_from_line, lines) if r is not None]
         return records[-tail:] if tail > 0 else records
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        super().close()
+
+    def _path(self, job_id: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{job_id}.log"
+
+    def _write(self, job_id: str, record: controller_pb2.LogRecord) -> None:
+        path = self._path(job_id)
+        try:
+            handle = self._files.pop(job_id, None)
+            if handle is not None and handle.tell() > LOG_FILE_BYTES:
+                handle.close()
+                os.replace(path, path.with_name(path.name + ".1"))
+                handle = None
+            if handle is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._files[job_id] = handle
+            while len(self._files) > OPEN_LOG_FILES:
+                self._files.popitem(last=False)[1].close()
+            handle.write(_to_line(record) + "\n")
+        except OSError as e:  # a full disk must not stop the controller
+            logging.getLogger(__name__).warning("writing the log of job %s: %s", job_id, e)
 
     def emit(self, record: logging.LogRecord) -> None:
         job_id = getattr(record, "job_id", None)
@@ -104,3 +162,30 @@ class LogBuffer(logging.Handler):
             self.loop.call_soon_threadsafe(self.add, job_id, proto)
         except RuntimeError:  # the loop is closed: the controller is stopping
             pass
+
+
+def _to_line(record: controller_pb2.LogRecord) -> str:
+    return json.dumps(
+        {
+            "time_ns": record.time.ToNanoseconds(),
+            "source": record.source,
+            "level": record.level,
+            "logger": record.logger,
+            "message": record.message,
+        }
+    )
+
+
+def _from_line(line: str) -> controller_pb2.LogRecord | None:
+    try:
+        fields = json.loads(line)
+        record = controller_pb2.LogRecord(
+            source=fields["source"],
+            level=fields["level"],
+            logger=fields["logger"],
+            message=fields["message"],
+        )
+        record.time.FromNanoseconds(int(fields["time_ns"]))
+    except (ValueError, KeyError, TypeError):  # a line cut by a crash
+        return None
+    return record

@@ -21,9 +21,11 @@ from pathways_lite.v1 import controller_pb2
 from . import spec as spec_lib
 from .admission import Admission
 from .bus import EventBus, LogBuffer, now
+from .data_paths import check_data_paths
 from .dispatch import DEFAULT_WINDOW, Dispatcher
 from .islands import Island
 from .jobs import Collaborators, JobRunner, Reporter
+from .options import format_size
 from .recovery import Recovery
 from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
@@ -34,6 +36,8 @@ from .views import Views
 
 logger = logging.getLogger(__name__)
 
+# Job log files, below the state dir.
+LOGS_DIR = "logs"
 # How often the controller tries to restart an island it lost (its node may come back).
 REVIVE_EVERY_S = 15.0
 
@@ -82,7 +86,8 @@ class Controller:
             slots=max(2, window),
         )
         self.events = EventBus()
-        self.logs = LogBuffer()
+        # Job logs persist in `<state_dir>/logs` (rotated per job), so restarts keep them.
+        self.logs = LogBuffer(Path(state_dir) / LOGS_DIR if state_dir else None)
         # Failure classes, retries, checkpoints (`<state_dir>/checkpoints`), island restarts.
         self.recovery = Recovery(
             store, self.dispatcher, state_dir=state_dir, on_island_lost=self._island_lost
@@ -134,6 +139,8 @@ class Controller:
         # Lost islands being brought back, by island id.
         self._revivers: dict[str, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
+        # A graceful stop is under way (`drain`): nothing new is started.
+        self.draining = False
         self._loop_task: asyncio.Task | None = None
         self._peak_task: asyncio.Task | None = None
         self.started_at = now()
@@ -232,6 +239,28 @@ class Controller:
         for island in self.islands.values():
             await island.close()
         logging.getLogger("pathways_lite").removeHandler(self.logs)
+        self.logs.close()
+
+    async def drain(self) -> list[controller_pb2.DrainedJob]:
+        """Prepare a graceful stop (`pathways-lite down`): start nothing new, checkpoint every
+        running job at its next step boundary, unload it and queue it again; then the same
+        for the suspended ones (back on their devices once the running ones have left).
+        Returns what it did to each job, in job id order."""
+        self.draining = True
+        drained: list[controller_pb2.DrainedJob] = []
+        runners = list(self.runners.values())
+        for group in (
+            [r for r in runners if not r.suspended],
+            [r for r in runners if r.suspended],
+        ):
+            for runner in group:
+                runner.request_drain()
+            await asyncio.gather(
+                *(r.task for r in group if r.task is not None), return_exceptions=True
+            )
+            drained += [r.drained for r in group if r.drained is not None]
+        logger.info("drained: %s", ", ".join(f"{d.job_id}@{d.step}" for d in drained) or "none")
+        return sorted(drained, key=lambda d: d.job_id)
 
     def wake(self) -> None:
         """Ask for a scheduling pass."""
@@ -243,6 +272,8 @@ class Controller:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self.draining:
+                continue
             try:
                 self.admission.schedule()
             except Exception:
@@ -308,6 +339,7 @@ class Controller:
         """
         spec = request.spec
         spec_lib.validate_spec(spec, self.cluster_shape())
+        check_data_paths(spec)
         job = ResolvedJob.resolve(spec)
         never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))
         if never is not None:
@@ -366,7 +398,7 @@ class Controller:
             "job %s re-prioritised to %d%s",
             job_id,
             priority,
-            f" ({demand_bytes} bytes per device)" if demand_bytes else "",
+            f" ({format_size(demand_bytes)} per device)" if demand_bytes else "",
             extra={"job_id": job_id},
         )
         self.wake()

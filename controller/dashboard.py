@@ -1,9 +1,10 @@
 """The controller's web dashboard (aiohttp, on the controller's own event loop): pages and API.
 
-Pages: the cluster (islands with devices, resident jobs, memory used against the budget and a
-timeline of which job's steps ran on each island recently; the jobs list with keyset
-pagination) and one page per job (live loss and throughput charts, events, log tail, why it
-is pending, a cancel button). The pages are static files (controller/dashboard_static/) that
+Pages: the cluster (islands with devices, resident jobs, memory used against the budget, a
+timeline of which job's steps ran on each island recently with each job's measured share of
+the island's time beside its weight; the jobs list with keyset pagination) and one page per
+job (live loss, throughput and MFU charts, events, log tail, why it is pending, a cancel
+button). The pages are static files (controller/dashboard_static/) that
 render every value with `textContent`, so no user-supplied string is ever parsed as HTML; the
 charts are plotly.js, served from the installed `plotly` Python package. A job's JSON is its
 wire record (`Controller.job_proto`) turned into a dict by controller/views.py, so the pages
@@ -32,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from pathways_lite.v1 import controller_pb2
 
+from . import spec as spec_lib
 from .core import Controller
 from .dashboard_auth import token_middleware
 from .dashboard_stream import EventStreams
@@ -62,6 +64,32 @@ def plotly_js() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"plotly.min.js is not at {str(path)!r}; reinstall plotly.")
     return path
+
+
+def timeline_shares(
+    timeline: list[dict[str, Any]], weights: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Each job's measured share of an island's device time in its timeline window, next to
+    its weight and the share the weights ask for (the stripes alone do not show 1:2).
+
+    Returns:
+        One {job_id, weight, share, weight_share} per job, in order of first appearance;
+        shares are fractions of the busy time (0..1).
+    """
+    busy: dict[str, float] = {}
+    for e in timeline:
+        busy[e["job_id"]] = busy.get(e["job_id"], 0.0) + max(0.0, e["end"] - e["start"])
+    total = sum(busy.values())
+    total_weight = sum(weights.get(j, 1.0) for j in busy)
+    return [
+        {
+            "job_id": job,
+            "weight": weights.get(job, 1.0),
+            "share": seconds / total if total else 0.0,
+            "weight_share": weights.get(job, 1.0) / total_weight if total_weight else 0.0,
+        }
+        for job, seconds in busy.items()
+    ]
 
 
 class Dashboard:
@@ -169,6 +197,15 @@ class Dashboard:
 
     # ---- data --------------------------------------------------------------------------
 
+    def _weights(self, timeline: list[dict[str, Any]]) -> dict[str, float]:
+        weights = {}
+        for job_id in {e["job_id"] for e in timeline}:
+            try:
+                weights[job_id] = spec_lib.weight(self.controller.store.get_job(job_id).spec)
+            except StoreError:  # deleted by retention meanwhile
+                continue
+        return weights
+
     def islands(self) -> list[dict[str, Any]]:
         """Every island: devices, hosts, resident jobs, memory, and its recent timeline."""
         now_ns = time.time_ns()
@@ -210,6 +247,7 @@ class Dashboard:
                     "peak_flops": island.peak_flops or None,
                     "peak_flops_source": island.peak_flops_source,
                     "timeline": timeline,
+                    "shares": timeline_shares(timeline, self._weights(timeline)),
                 }
             )
         return out

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -216,7 +217,7 @@ class Dispatcher:
                     logger.warning("filling island_seq gaps on %s: %s", host.address, e.details())
 
     def _send(
-        self, program: StepProgram, step: int, islands: Sequence[Island]
+        self, program: StepProgram, step: int, islands: Sequence[Island], checkpoint: bool
     ) -> list[tuple[str, int, asyncio.Task]]:
         calls = []
         for island in islands:
@@ -227,7 +228,7 @@ class Dispatcher:
                 step=step,
                 island_seq=seq,
                 epoch=self.epoch,
-                checkpoint=program.checkpoint_after(step),
+                checkpoint=checkpoint,
             )
             futures = island.call_async("RunStep", request, timeout=self.step_timeout_s)
             for host, future in zip(island.hosts, futures, strict=True):
@@ -258,6 +259,7 @@ class Dispatcher:
         pending: collections.deque = collections.deque()
         next_step = program.start_step
         completed = 0
+        last_checkpoint = time.monotonic()  # a run starts from a checkpoint or the seed
         try:
             while True:
                 while next_step < program.steps and len(pending) < self.window:
@@ -269,7 +271,12 @@ class Dispatcher:
                         if should_stop():
                             gate.done(program.job_id, [i.id for i in islands], None)
                             break
-                    calls = self._send(program, next_step, islands)
+                    checkpoint = program.checkpoint_after(
+                        next_step, time.monotonic() - last_checkpoint
+                    )
+                    if checkpoint:
+                        last_checkpoint = time.monotonic()
+                    calls = self._send(program, next_step, islands, checkpoint)
                     if gate is not None:
                         _release_when_done(gate, program.job_id, islands, calls)
                     pending.append((next_step, calls))

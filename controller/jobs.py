@@ -27,6 +27,7 @@ from . import spec as spec_lib
 from .bus import EventBus, LogBuffer, now
 from .dispatch import Dispatcher, DispatchError, StepReport
 from .islands import Island, call_all
+from .options import format_size
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
@@ -72,6 +73,24 @@ class Reporter:
         )
         return record
 
+    def phase(self, job_id: str, phase: str) -> None:
+        """What a running job does before its first step (`preparing data`, `compiling`;
+        "" once it steps): shown in its view, told to its followers."""
+        if self.views.phases.get(job_id, "") == phase:
+            return
+        if phase:
+            self.views.phases[job_id] = phase
+            logger.info("job %s: %s", job_id, phase, extra={"job_id": job_id})
+        else:
+            self.views.phases.pop(job_id, None)
+        try:
+            record = self.store.get_job(job_id)
+        except StoreError:
+            return
+        self.events.publish(
+            job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
+        )
+
     def fail(self, job_id: str, reason: str, message: str) -> None:
         """The job failed with a stated reason."""
         logger.warning("job %s failed: %s", job_id, message, extra={"job_id": job_id})
@@ -83,6 +102,8 @@ class Reporter:
 
     def step(self, record: JobRecord, report: StepReport) -> None:
         """Record a completed step: metrics, followers, the islands' timeline, host logs."""
+        if record.id in self.views.phases:
+            self.phase(record.id, "")
         metrics = self.views.step_metrics(
             record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
         )
@@ -157,6 +178,10 @@ class JobRunner:
         suspend_requested: preemption asked it to move to host memory and wait on `resume`.
         resume: set when its islands have room again (or to finish a cancel).
         priority: what preemption compares.
+        drain_requested: the controller is stopping gracefully: checkpoint at the next step
+            boundary (a suspended job first comes back to its devices), unload, queue again.
+        drained: what the drain did (None until it did).
+        suspended: it waits in host memory for `resume`.
         loaded: its parameters are resident on its islands (it can be sampled).
         demand_bytes: bytes per device it holds on each island (the measured figure of its
             kind, else the estimate; its own compiled step's once it has loaded).
@@ -178,6 +203,9 @@ class JobRunner:
         self.priority = record.priority
         self.cancel_requested = False
         self.suspend_requested = False
+        self.drain_requested = False
+        self.drained: controller_pb2.DrainedJob | None = None
+        self.suspended = False
         self.resume = asyncio.Event()
         self.loaded = False
         self.demand_bytes = 0 if job is None else parts.memory.bytes_per_device(job)
@@ -202,6 +230,11 @@ class JobRunner:
         self.parts.scheduler.interrupt(self.job_id)
         self.resume.set()  # a suspended job wakes up to unload
 
+    def request_drain(self) -> None:
+        self.drain_requested = True
+        self.parts.scheduler.interrupt(self.job_id)
+        self.resume.set()  # a suspended job comes back to its devices to be checkpointed
+
     def request_suspend(self) -> None:
         self.suspend_requested = True
         self.parts.scheduler.interrupt(self.job_id)
@@ -219,9 +252,14 @@ class JobRunner:
             )
             if self.job is None:  # its spec no longer resolves: fail it with the reason
                 self.job = self.admitted_as = ResolvedJob.resolve(self.record.spec)
-            self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+            p.reporter.phase(job_id, "preparing data")
+            try:
+                self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+            except ValueError as e:  # the data's DataError (a missing file...): the user's
+                raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
+            p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)
             # From the newest readable committed checkpoint (or the seed), new generation.
             self._attempt, replies = await p.recovery.load(program, islands)
@@ -238,14 +276,18 @@ class JobRunner:
                 p.wake()
             p.reporter.job_memory[job_id] = self.demand_bytes
             logger.info(
-                "job %s loaded (compile %.1f s, %d bytes per device; estimated %d)",
+                "job %s loaded (compile %.1f s, %s per device; estimated %s)",
                 job_id,
                 max(r.compile_s for r in replies),
-                measured,
-                self.admitted_as.bytes_per_device,
+                format_size(measured),
+                format_size(self.admitted_as.bytes_per_device),
                 extra={"job_id": job_id},
             )
             completed = await self._step_until_done(program)
+            step = program.start_step + completed
+            if self.drain_requested and not self.cancel_requested and step < program.steps:
+                await self._drain(step)
+                return
             await p.recovery.finish(self._attempt, islands)
             if not self.cancel_requested:
                 # A job that says it ended has freed its memory on every island.
@@ -278,6 +320,7 @@ class JobRunner:
             self._fail("internal", f"{type(e).__name__}: {e}")
         finally:
             self.loaded = False
+            p.reporter.phase(job_id, "")
             p.reporter.job_memory.pop(job_id, None)
             if loaded:
                 await p.dispatcher.unload(job_id, islands)
@@ -296,16 +339,19 @@ class JobRunner:
                     dataclasses.replace(program, start_step=program.start_step + completed),
                     self.island_handles,
                     on_step=self._step_done,
-                    should_stop=lambda: self.cancel_requested or self.suspend_requested,
+                    should_stop=lambda: (
+                        self.cancel_requested or self.suspend_requested or self.drain_requested
+                    ),
                     gate=p.scheduler,
                 )
             finally:
                 p.scheduler.leave(self.job_id)
             done = program.start_step + completed >= program.steps
-            if self.cancel_requested or done or not self.suspend_requested:
+            stop = self.cancel_requested or self.drain_requested
+            if stop or done or not self.suspend_requested:
                 return completed
             await self._suspend(program.start_step + completed)
-            if self.cancel_requested:
+            if self.cancel_requested or self.drain_requested:
                 return completed
 
     async def _suspend(self, step: int) -> None:
@@ -328,7 +374,9 @@ class JobRunner:
             message=f"Suspended at step {step} for a higher-priority job; state in host memory.",
         )
         p.wake()
+        self.suspended = True
         await self.resume.wait()
+        self.suspended = False
         self.suspend_requested = False
         if self.cancel_requested:
             return
@@ -338,8 +386,43 @@ class JobRunner:
             worker_pb2.ResumeRequest(job_id=self.job_id, epoch=epoch),
             timeout=SUSPEND_TIMEOUT_S,
         )
+        if self.drain_requested:
+            return  # back on its devices only to be checkpointed
         p.reporter.transition(
             self.job_id, JobState.RUNNING, reason="resumed", message=f"Resumed at step {step}."
+        )
+
+    async def _drain(self, step: int) -> None:
+        """The controller stops gracefully: make sure a committed checkpoint holds `step`,
+        then queue the job again (the next controller resumes it from there)."""
+        p = self.parts
+        assert self._attempt is not None
+        try:
+            saved = await p.recovery.checkpoint_now(self._attempt, self.island_handles, step)
+        except Exception as e:  # noqa: BLE001 - the job still goes back to the queue
+            logger.warning(
+                "checkpointing job %s: %r", self.job_id, e, extra={"job_id": self.job_id}
+            )
+            saved = False
+        resume_step = p.recovery.requeue(self.job_id)
+        if saved:
+            message = (
+                f"Checkpointed at step {step} before the controller stopped; it resumes from there."
+            )
+        else:
+            message = (
+                f"The controller stopped at step {step} without a new checkpoint; it resumes "
+                f"from step {resume_step}."
+            )
+        p.reporter.transition(
+            self.job_id, JobState.QUEUED, reason="controller_stopped", message=message
+        )
+        self.drained = controller_pb2.DrainedJob(
+            job_id=self.job_id,
+            name=self.record.name,
+            step=resume_step,
+            checkpointed=saved,
+            message=message,
         )
 
     def _step_done(self, report: StepReport) -> None:

@@ -56,6 +56,15 @@ def parse_flops(text: str) -> float:
     return value
 
 
+def format_size(nbytes: float) -> str:
+    """A byte count for people, in binary units: `17.0 MiB`, `-1.97 MiB`, `512 B`."""
+    magnitude = abs(nbytes)
+    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if magnitude >= factor:
+            return f"{nbytes / factor:.{1 if magnitude >= 10 * factor else 2}f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 def parse_island(text: str):
     """An IslandSpec from `NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_BYTES_PER_DEVICE]`."""
     from pathways_lite.workers.island_host import IslandSpec

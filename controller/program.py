@@ -71,6 +71,9 @@ class StepProgram:
             `checkpoint_every` steps (0: none in between) and after the last step.
         checkpoint_dir: where the hosts write checkpoints ("" writes none).
         restore_from: the checkpoint the hosts restore at load ("" starts from the seed).
+        checkpoint_every_s: with a `checkpoint_dir`, also checkpoint after the first step sent
+            once this many seconds have passed since the run started or last asked for one
+            (0: none by time).
     """
 
     job_id: str
@@ -82,11 +85,14 @@ class StepProgram:
     checkpoint_every: int = 0
     checkpoint_dir: str = ""
     restore_from: str = ""
+    checkpoint_every_s: float = 0.0
 
-    def checkpoint_after(self, step: int) -> bool:
-        """Whether the hosts checkpoint the state after `step`."""
+    def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
+        """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after
+        the last checkpoint was asked for (or the run started)."""
         done = step + 1
         every = self.checkpoint_every
+        by_time = 0 < self.checkpoint_every_s <= since_last_s
         return bool(self.checkpoint_dir) and (
-            done == self.steps or (every > 0 and done % every == 0)
+            done == self.steps or (every > 0 and done % every == 0) or by_time
         )

@@ -193,10 +193,14 @@ class Recovery:
                 self.store.add_event(
                     program.job_id,
                     "restore",
-                    f"Restored the checkpoint at step {checkpoint.step} ({checkpoint.path}) "
+                    f"Resumed from the checkpoint at step {checkpoint.step} ({checkpoint.path}) "
                     f"on {', '.join(i.id for i in islands)} as generation "
                     f"{program.generation}; steps {checkpoint.step} to {program.steps - 1} "
                     "run again.",
+                )
+            elif program.generation > 0:  # it ran before: say that its work starts over
+                self.store.add_event(
+                    program.job_id, "resume", "Resumed from step 0: no checkpoint."
                 )
             return attempt, replies
 
@@ -235,6 +239,34 @@ class Recovery:
             logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
             return
         self.on_step(attempt, reply.checkpoints_committed)
+
+    async def checkpoint_now(self, attempt: Attempt, islands: Sequence[Island], step: int) -> bool:
+        """Make sure a committed checkpoint holds the state after `step` applied steps (the
+        job stopped there; a graceful controller stop): wait for the saves in progress, and
+        write one when none of them is that step's. Returns whether one is registered.
+
+        Raises:
+            grpc.aio.AioRpcError: a host could not save.
+        """
+        program = attempt.program
+        if self.root is None or not islands or step <= program.start_step:
+            return step == program.start_step and attempt.restored is not None
+        for save in (False, True):
+            request = worker_pb2.SaveCheckpointRequest(
+                job_id=program.job_id,
+                generation=program.generation,
+                epoch=self.dispatcher.epoch,
+                save=save,
+                wait=True,
+            )
+            # Every host of island 0 writes its own shards of a checkpoint.
+            replies = await islands[0].call(
+                "SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S
+            )
+            self.on_step(attempt, replies[0].checkpoints_committed)
+            if step in attempt.registered:
+                return True
+        return False
 
     async def retry(
         self, record: JobRecord, attempt: Attempt | None, islands: Sequence[Island], error: Any

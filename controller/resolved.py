@@ -233,6 +233,7 @@ def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
         tokens_per_step=job.tokens_per_step,
         load=functools.partial(load_request, job),
         checkpoint_every=max(0, job.spec.train.checkpoint_every),
+        checkpoint_every_s=spec_lib.checkpoint_every_s(job.spec),
     )
 
 

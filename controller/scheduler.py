@@ -35,6 +35,8 @@ import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
+from .options import format_size
+
 logger = logging.getLogger(__name__)
 
 # Weight of a new step-time measurement in a job's moving average of step seconds.
@@ -167,9 +169,9 @@ class Scheduler:
         big = sorted((self.budgets[i] or float("inf") for i in self.island_ids), reverse=True)
         if big[islands - 1] < bytes_per_device:
             return (
-                f"the job needs {bytes_per_device} bytes per device on each of {islands} "
-                f"island(s), but only {sum(b >= bytes_per_device for b in big)} island(s) "
-                f"have that budget (largest: {max(big):.0f} bytes per device)."
+                f"the job needs {format_size(bytes_per_device)} per device on each of "
+                f"{islands} island(s), but only {sum(b >= bytes_per_device for b in big)} "
+                f"island(s) have that budget (largest: {format_size(max(big))} per device)."
             )
         return None
 
@@ -246,14 +248,14 @@ class Scheduler:
             holders = self.jobs_on(i)
             budget = self.budgets[i]
             parts.append(
-                f"{i}: {self.free_bytes(i):.0f} of {budget} free"
+                f"{i}: {format_size(self.free_bytes(i))} of {format_size(budget)} free"
                 + (f" (held by {', '.join(holders)})" if holders else "")
                 if budget
                 else f"{i}: unlimited"
             )
         where = f"its island(s) {', '.join(own)}" if own else f"{demand.islands} island(s)"
         return (
-            f"Needs {demand.bytes_per_device} bytes per device on {where}; "
+            f"Needs {format_size(demand.bytes_per_device)} per device on {where}; "
             f"{len(room)} island(s) have room now ({'; '.join(parts)})."
         )
 

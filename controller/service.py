@@ -73,16 +73,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     @_rpc
     async def GetJob(self, request: controller_pb2.GetJobRequest, context) -> Any:
-        """One job with its losses."""
-        record = self.store.get_job(request.job_id)
+        """One job with its losses (named by id, unique name or unique id prefix)."""
+        record = self.store.find_job(request.job_id)
         return controller_pb2.GetJobReply(job=self.views.job(record))
 
     @_rpc
     async def ListJobs(self, request: controller_pb2.ListJobsRequest, context) -> Any:
-        """A page of jobs, oldest first."""
+        """A page of jobs, newest first."""
         states = [JobState.from_proto(s) for s in request.states]
         records, token = self.store.list_jobs(
-            page_size=request.page_size, page_token=request.page_token, states=states
+            page_size=request.page_size,
+            page_token=request.page_token,
+            states=states,
+            newest_first=True,
         )
         queued = self.store.jobs_in_states([JobState.QUEUED])  # once for the page
         jobs = [
@@ -91,18 +94,21 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         return controller_pb2.ListJobsReply(jobs=jobs, next_page_token=token)
 
     @_rpc
+    async def Drain(self, request: controller_pb2.DrainRequest, context) -> Any:
+        """Checkpoint and requeue every running and suspended job before a stop."""
+        return controller_pb2.DrainReply(jobs=await self.controller.drain())
+
+    @_rpc
     async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:
         """Cancel a queued or running job."""
-        return controller_pb2.CancelJobReply(
-            job=self.controller.cancel(request.job_id, request.reason)
-        )
+        job_id = self.store.find_job(request.job_id).id
+        return controller_pb2.CancelJobReply(job=self.controller.cancel(job_id, request.reason))
 
     @_rpc
     async def UpdateJob(self, request: controller_pb2.UpdateJobRequest, context) -> Any:
         """Re-prioritise a queued, running or suspended job."""
-        return controller_pb2.UpdateJobReply(
-            job=self.controller.update(request.job_id, request.priority)
-        )
+        job_id = self.store.find_job(request.job_id).id
+        return controller_pb2.UpdateJobReply(job=self.controller.update(job_id, request.priority))
 
     @_stream
     async def WatchJob(
@@ -111,10 +117,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         """The job's record, its recorded metrics from from_step, then live updates."""
         if request.from_step < 0:
             raise ValueError(f"from_step={request.from_step} must be >= 0.")
-        record = self.store.get_job(request.job_id)
+        record = self.store.find_job(request.job_id)
         queue = self.controller.events.subscribe(record.id)
         try:
-            record = self.store.get_job(request.job_id)  # after subscribing: nothing missed
+            record = self.store.get_job(record.id)  # after subscribing: nothing missed
             yield controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
             last_step = request.from_step - 1
             for m in self.store.metrics(record.id, from_step=request.from_step):
@@ -154,7 +160,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         """The job's buffered records (the newest `tail`), then new ones with follow."""
         if request.tail < 0:
             raise ValueError(f"tail={request.tail} must be >= 0.")
-        record = self.store.get_job(request.job_id)
+        record = self.store.find_job(request.job_id)
         queue = self.controller.logs.followers.subscribe(record.id)
         try:
             for item in self.controller.logs.records(record.id, request.tail):
@@ -184,6 +190,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @_rpc
     async def Sample(self, request: controller_pb2.SampleJobRequest, context) -> Any:
         """Text from a running job's current parameters."""
+        request.job_id = self.store.find_job(request.job_id).id
         return await self.controller.sample(request)
 
     @_rpc

@@ -32,6 +32,7 @@ PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 DEFAULT_PRIORITY = 0
 WEIGHT_MAX = 1000.0
 DEFAULT_WEIGHT = 1.0
+DEFAULT_CHECKPOINT_EVERY_S = 300.0  # a crash loses at most about five minutes by default
 INT32_MAX = 2**31 - 1
 # Values quoted in messages are cut to this many characters (a name may be megabytes long).
 _QUOTE_MAX = 48
@@ -196,18 +197,16 @@ def _check_train(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any) ->
         raise SpecError(
             "train.seed", train.seed, f"train.seed={train.seed} must be a non-negative integer."
         )
-    if train.HasField("checkpoint_every") and train.checkpoint_every < 0:
-        raise SpecError(
-            "train.checkpoint_every",
-            train.checkpoint_every,
-            f"train.checkpoint_every={train.checkpoint_every} must be >= 0 (0: only at the end).",
-        )
-    if train.HasField("digest_every") and train.digest_every < 0:
-        raise SpecError(
-            "train.digest_every",
-            train.digest_every,
-            f"train.digest_every={train.digest_every} must be >= 0 (0: never compare).",
-        )
+    for field, zero in (
+        ("checkpoint_every", "only at the end"),
+        ("digest_every", "never compare"),
+        ("checkpoint_every_s", "never by time"),
+    ):
+        value = getattr(train, field)
+        if train.HasField(field) and not value >= 0:  # `not >=` also refuses NaN
+            raise SpecError(
+                f"train.{field}", value, f"train.{field}={value:g} must be >= 0 (0: {zero})."
+            )
     if batch % islands:
         raise SpecError(
             "train.global_batch",
@@ -323,6 +322,16 @@ def _check_scheduling(spec: JobSpec) -> None:
 def priority(spec: JobSpec) -> int:
     """The spec's priority, or the default."""
     return spec.priority if spec.HasField("priority") else DEFAULT_PRIORITY
+
+
+def checkpoint_every_s(spec: JobSpec) -> float:
+    """Seconds between time-based checkpoints (0: none by time), or the default."""
+    train = spec.train
+    return (
+        train.checkpoint_every_s
+        if train.HasField("checkpoint_every_s")
+        else (DEFAULT_CHECKPOINT_EVERY_S)
+    )
 
 
 def weight(spec: JobSpec) -> float:

@@ -21,6 +21,11 @@ class JobNotFoundError(StoreError, LookupError):
     """No job has the given id (NOT_FOUND on the wire)."""
 
 
+class AmbiguousJobError(StoreError, ValueError):
+    """A job reference (name or id prefix) matches several jobs (INVALID_ARGUMENT); the
+    message lists them."""
+
+
 class IllegalTransitionError(StoreError):
     """A state change that the job life cycle does not allow (FAILED_PRECONDITION)."""
 

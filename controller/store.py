@@ -33,6 +33,7 @@ from .statedir import StateDirLock
 from .states import (
     TERMINAL_STATES,
     TRANSITIONS,
+    AmbiguousJobError,
     IllegalTransitionError,
     JobNotFoundError,
     JobState,
@@ -277,6 +278,41 @@ class JobStore(ProgressTables):
         if row is None:
             raise JobNotFoundError(f"job {spec_lib.quote(job_id)} does not exist.")
         return _job_from_row(row)
+
+    def find_job(self, ref: str) -> JobRecord:
+        """The one job a user means by `ref`: the job with that id, else the one job with
+        that name, else the one job whose id starts with it (the resolver of every place a
+        job is named; what is stored is always the id).
+
+        Raises:
+            JobNotFoundError: nothing matches.
+            AmbiguousJobError: several jobs match (the message lists them, newest first).
+        """
+        try:
+            return self.get_job(ref)
+        except JobNotFoundError:
+            pass
+        prefix = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        for where, arg in (("name = ?", ref), ("id LIKE ? ESCAPE '\\'", prefix)):
+            with self._mutex:
+                rows = self._conn.execute(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where} "
+                    "ORDER BY created_us DESC, id DESC LIMIT 11",
+                    (arg,),
+                ).fetchall()
+            if len(rows) == 1:
+                return _job_from_row(rows[0])
+            if rows:
+                jobs = [_job_from_row(r) for r in rows]
+                listed = ", ".join(f"{j.id} ({j.state.value})" for j in jobs[:10])
+                count = "more than 10" if len(jobs) > 10 else str(len(jobs))
+                raise AmbiguousJobError(
+                    f"{spec_lib.quote(ref)} matches {count} jobs: {listed}; name one by its id."
+                )
+        raise JobNotFoundError(
+            f"job {spec_lib.quote(ref)} does not exist: no job has that id, name or id prefix "
+            "(`pathways-lite jobs` lists them)."
+        )
 
     def list_jobs(
         self,

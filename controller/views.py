@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import math
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -94,6 +95,7 @@ def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
         "loss": None if last is None else _finite(last.loss),
         "tokens_per_s": None if last is None else last.tokens_per_s,
         "mfu": None if last is None else job.mfu,
+        "phase": job.phase,
         "priority": spec_lib.priority(job.spec),
         "weight": spec_lib.weight(job.spec),
         "queue_position": job.queue_position,
@@ -118,6 +120,13 @@ def step_point(
         "mfu": mfu,
         "time": time_s,
     }
+
+
+def resumed_step(message: str) -> int:
+    """The step a `restore` (or `resume`) event's sentence says the job resumed from (recovery.py's
+    "Resumed from the checkpoint at step N ..." or "Resumed from step 0: ...")."""
+    found = re.search(r"step (\d+)", message)
+    return int(found.group(1)) if found else 0
 
 
 def _seconds(job: controller_pb2.Job, field: str) -> float | None:
@@ -172,6 +181,8 @@ class Views:
         self.peak_source = "--peak-flops" if peak_flops else ""
         self._peak_cache_dir = peak_cache_dir
         self._peak_lock = threading.Lock()
+        # What each running job does before its first step (jobs.py's Reporter.phase).
+        self.phases: dict[str, str] = {}
         self.timeline: dict[str, collections.deque[TimelineEntry]] = {
             island_id: collections.deque(maxlen=TIMELINE_STEPS) for island_id in islands
         }
@@ -255,6 +266,15 @@ class Views:
         """
         job = job_record_proto(self.store, record, include_losses=include_losses)
         job.islands.extend(self.scheduler.islands_of(record.id))
+        if record.state == JobState.RUNNING:
+            job.phase = self.phases.get(record.id, "")
+        if include_losses:  # the detailed view (GetJob, WatchJob) carries the events
+            for event in self.store.events(record.id):
+                job.events.add(
+                    time=timestamp_us(event.time_us), kind=event.kind, message=event.message
+                )
+                if event.kind in ("restore", "resume"):  # recovery.py's load
+                    job.resumed_from_step = resumed_step(event.message)
         if record.state == JobState.QUEUED:
             if queued is None:
                 queued = self.store.jobs_in_states([JobState.QUEUED])

@@ -87,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pathways-lite: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pathways-lite jobs | head`: the reader has what it wanted
+        from pathways_lite.cli_jobs import quiet_stdout
+
+        quiet_stdout()
+        return 0
     except Exception as e:  # SpecError, ClientError, ClusterError...: one line, no traceback
         message = " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__
         print(f"pathways-lite: error: {message}", file=sys.stderr)

@@ -9,9 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pathways_lite.cli_common import CliError, print_json, print_table
+from pathways_lite.cli_follow import follow
+from pathways_lite.cli_jobs import (
+    add_job_listing_options,
+    cmd_jobs,
+    cmd_logs,
+    cmd_status,
+    print_job,
+)
 
 
 def _client(args: argparse.Namespace):
@@ -119,29 +128,28 @@ def _print_up(cluster) -> None:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    from pathways_lite.local import default_state_dir, stop_recorded
+    from pathways_lite.local import CLUSTER_FILE, default_state_dir, drain, stop_recorded
 
-    state_dir = args.state_dir or default_state_dir()
+    state_dir = Path(args.state_dir or default_state_dir())
+    if not (state_dir / CLUSTER_FILE).exists():
+        raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
+    if args.now:
+        print("stopping without checkpoints (--now): running jobs resume from their last one")
+    else:
+        print("checkpointing running and suspended jobs (skip with --now) ...", flush=True)
+        try:
+            drained = drain(state_dir)
+        except Exception as e:  # a dead controller: nothing to checkpoint, stop anyway
+            print(f"could not checkpoint the jobs: {e}", file=sys.stderr)
+            drained = []
+        for job in drained:
+            print(f"{job.job_id} ({job.name}): {job.message}")
+        if not drained:
+            print("no running or suspended jobs")
     if not stop_recorded(state_dir):
         raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
-    print(f"stopped the cluster of {state_dir}")
+    print(f"stopped the cluster of {state_dir}; `pathways-lite up` resumes its queued jobs")
     return 0
-
-
-def _print_job(job, as_json: bool) -> None:
-    from pathways_lite.client import job_to_dict
-
-    record = job_to_dict(job)
-    if as_json:
-        print_json(record)
-        return
-    rows = [(k, record[k]) for k in ("id", "name", "state", "steps_completed", "reason")]
-    rows.append(("islands", ", ".join(record["islands"])))
-    if record["message"]:
-        rows.append(("message", record["message"]))
-    if record["losses"]:
-        rows.append(("last loss", f"{record['losses'][-1]:.6f}"))
-    print_table(rows, header=("field", "value"))
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -154,7 +162,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"submitted {job.id} ({state_name(job.state)})")
     if args.follow and not args.json:
-        job = _follow(client, job)
+        job = follow(client, job)
         if job is None:
             return 0
     elif args.wait or args.follow:
@@ -166,10 +174,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                     m = update.metrics
                     print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
                 elif update.HasField("job"):
-                    print(f"{update.job.id} is {state_name(update.job.state)}")
+                    phase = f" ({update.job.phase})" if update.job.phase else ""
+                    print(f"{update.job.id} is {state_name(update.job.state)}{phase}")
             job = client.get(job.id)
     if args.json:
-        _print_job(job, True)
+        print_job(job, True)
     if (args.wait or args.follow) and state_name(job.state) != "succeeded":
         if not args.json:
             print(
@@ -177,86 +186,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 1
-    return 0
-
-
-def _follow(client, job):
-    """Follow a job with a live progress bar until it ends; Ctrl-C stops following only.
-
-    Returns:
-        The job's final record, or None when the user stopped following (Ctrl-C).
-    """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from pathways_lite.client import state_name
-
-    console = Console(stderr=False)
-    columns = (
-        TextColumn("[bold]{task.fields[name]}[/] {task.fields[state]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TextColumn("MFU {task.fields[mfu]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    total = job.spec.train.steps or None
-    fields = {"name": job.name, "state": state_name(job.state), "loss": "-", "tps": "-", "mfu": "-"}
-    try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("train", total=total, **fields)
-            for update in client.watch(job.id):
-                if update.HasField("metrics"):
-                    m = update.metrics
-                    progress.update(
-                        task,
-                        completed=m.step + 1,
-                        loss=f"{m.loss:.4f}",
-                        tps=f"{m.tokens_per_s:,.0f}",
-                        mfu=f"{m.mfu:.2%}",
-                    )
-                elif update.HasField("job"):
-                    progress.update(
-                        task,
-                        state=state_name(update.job.state),
-                        completed=update.job.steps_completed,
-                    )
-    except KeyboardInterrupt:
-        latest = client.get(job.id)
-        print(
-            f"stopped following {latest.id}; it is still {state_name(latest.state)} "
-            f"(`pathways-lite status {latest.id}`)"
-        )
-        return None
-    job = client.get(job.id)
-    print(f"{job.id} {state_name(job.state)}: {job.message}")
-    return job
-
-
-def _cmd_logs(args: argparse.Namespace) -> int:
-    from pathways_lite.client import log_to_dict
-
-    client = _client(args)
-    records = client.logs(args.job, tail=args.tail, follow=args.follow)
-    try:
-        for record in records:
-            if args.json:
-                print(json.dumps(log_to_dict(record), sort_keys=True), flush=True)
-            else:
-                when = record.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
-                print(f"{when} {record.source:<12} {record.level:<7} {record.message}", flush=True)
-    except KeyboardInterrupt:
-        return 0
     return 0
 
 
@@ -315,6 +244,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         )
         return 0
     print(reply.prompt + reply.text)
+    if not reply.text.strip():
+        print(
+            f"-- the model generated only whitespace: after {reply.steps_applied} steps it has "
+            "not learned much yet (train longer, e.g. train.steps: 300, or raise --temperature)",
+            file=sys.stderr,
+        )
     source = f", from checkpoint {reply.checkpoint}" if reply.checkpoint else ""
     print(
         f"-- {reply.job_id} after {reply.steps_applied} steps, on {reply.island} "
@@ -335,25 +270,6 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         import webbrowser
 
         webbrowser.open(url)
-    return 0
-
-
-def _cmd_jobs(args: argparse.Namespace) -> int:
-    from pathways_lite.client import job_to_dict
-
-    jobs = [job_to_dict(j) for j in _client(args).list()]
-    if args.json:
-        print_json(jobs)
-        return 0
-    rows = [
-        (j["id"], j["state"], f"{j['steps_completed']}/{j['steps']}", j["reason"]) for j in jobs
-    ]
-    print_table(rows, header=("id", "state", "steps", "reason"))
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    _print_job(_client(args).get(args.job), args.json)
     return 0
 
 
@@ -510,7 +426,15 @@ def add_cluster_commands(sub) -> None:
         default="auto",
         help="TLS between the controller, island hosts and peers (auto: off loopback)",
     )
-    add("down", "stop the local cluster of a state dir", _cmd_down, json_flag=False)
+    down = add(
+        "down",
+        "checkpoint running and suspended jobs, then stop the local cluster of a state dir",
+        _cmd_down,
+        json_flag=False,
+    )
+    down.add_argument(
+        "--now", action="store_true", help="stop at once, without checkpointing running jobs"
+    )
     rotate = add(
         "rotate-secret",
         "replace the access token and the island hosts' secret; jobs keep running",
@@ -530,28 +454,28 @@ def add_cluster_commands(sub) -> None:
         action="store_true",
         help="follow the job with a live progress bar until it ends (Ctrl-C stops following)",
     )
-    add("jobs", "list jobs", _cmd_jobs)
-    status = add("status", "show one job", _cmd_status)
-    status.add_argument("job", help="the job id")
+    add_job_listing_options(add("jobs", "list jobs, newest first", cmd_jobs))
+    status = add("status", "show one job", cmd_status)
+    status.add_argument("job", help="the job: its id, its name or a unique id prefix")
     cancel = add("cancel", "cancel a job", _cmd_cancel)
-    cancel.add_argument("job", help="the job id")
+    cancel.add_argument("job", help="the job: its id, its name or a unique id prefix")
     cancel.add_argument("--reason", default="", help="why (recorded with the job)")
     prio = add("priority", "re-prioritise a queued, running or suspended job", _cmd_priority)
-    prio.add_argument("job", help="the job id")
+    prio.add_argument("job", help="the job: its id, its name or a unique id prefix")
     prio.add_argument("priority", type=int, help="the new priority in [-1000, 1000]")
     add("islands", "list the islands and their hosts", _cmd_islands)
-    logs = add("logs", "print a job's log records (controller and island hosts)", _cmd_logs)
-    logs.add_argument("job", help="the job id")
+    logs = add("logs", "print a job's log records (controller and island hosts)", cmd_logs)
+    logs.add_argument("job", help="the job: its id, its name or a unique id prefix")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
     logs.add_argument("--tail", type=int, default=0, help="only the newest N records (0 = all)")
     why = add("why", "why a job is pending (queue position, jobs ahead, what it lacks)", _cmd_why)
-    why.add_argument("job", help="the job id")
+    why.add_argument("job", help="the job: its id, its name or a unique id prefix")
     sample = add(
         "sample",
         "generate text from a job's current parameters (an ended job: its last checkpoint)",
         _cmd_sample,
     )
-    sample.add_argument("job", help="the job id")
+    sample.add_argument("job", help="the job: its id, its name or a unique id prefix")
     sample.add_argument("--prompt", required=True, help="the text to continue")
     sample.add_argument("--max-new-tokens", type=int, default=64, help="tokens (default 64)")
     sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from pathways_lite.controller import auth
 from pathways_lite.controller.options import ADDRESS_FILE
@@ -67,6 +66,12 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
         "priority": job.spec.priority if job.spec.HasField("priority") else 0,
         "weight": job.spec.weight if job.spec.HasField("weight") else 1.0,
         "mfu": job.mfu,
+        "phase": job.phase,
+        "events": [
+            {"time": e.time.ToJsonString(), "kind": e.kind, "message": e.message}
+            for e in job.events
+        ],
+        "resumed_from_step": (job.resumed_from_step if job.HasField("resumed_from_step") else None),
     }
     if job.HasField("last_metrics"):
         out["last_metrics"] = metrics_to_dict(job.last_metrics)
@@ -100,6 +105,7 @@ def log_to_dict(record: controller_pb2.LogRecord) -> dict[str, Any]:
 
 
 def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
+    """An island as plain JSON-able data: numbers as numbers (bytes as an integer)."""
     return {
         "id": island.id,
         "devices": island.devices,
@@ -108,8 +114,17 @@ def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
         "peak_flops": island.peak_flops,
         "peak_flops_source": island.peak_flops_source,
         "hosts": [
-            json_format.MessageToDict(h, preserving_proto_field_name=True)
-            | {"devices": h.devices, "port": h.port, "pid": h.pid}
+            {
+                "node": h.node,
+                "address": h.address,
+                "port": h.port,
+                "pid": h.pid,
+                "devices": h.devices,
+                "device_kind": h.device_kind,
+                "memory_bytes": h.memory_bytes,
+                "wire_version": {"version": h.wire_version.version},
+                "state": h.state,
+            }
             for h in island.hosts
         ],
     }
@@ -195,10 +210,18 @@ class ControllerClient:
         return self._call(self._stub.GetJob, controller_pb2.GetJobRequest(job_id=job_id)).job
 
     def list(
-        self, *, states: tuple[str, ...] = (), include_losses: bool = False, page_size: int = 0
+        self,
+        *,
+        states: tuple[str, ...] = (),
+        include_losses: bool = False,
+        page_size: int = 0,
+        limit: int = 0,
     ) -> list[controller_pb2.Job]:
-        """Every job (all pages), oldest first; `states` filters by name (`running`...)."""
+        """Every job (all pages; the newest `limit` when > 0), newest first; `states` filters
+        by name (`running`...)."""
         wire_states = [JobState(s).to_proto() for s in states]
+        if limit > 0:
+            page_size = min(page_size or limit, limit)
         jobs, token = [], ""
         while True:
             reply = self._call(
@@ -212,8 +235,14 @@ class ControllerClient:
             )
             jobs.extend(reply.jobs)
             token = reply.next_page_token
+            if limit > 0 and len(jobs) >= limit:
+                return jobs[:limit]
             if not token:
                 return jobs
+
+    def drain(self, timeout_s: float = 600.0) -> list[controller_pb2.DrainedJob]:
+        """Checkpoint and requeue every running and suspended job before a stop (Drain)."""
+        return list(self._call(self._stub.Drain, controller_pb2.DrainRequest(), timeout_s).jobs)
 
     def cancel(self, job_id: str, reason: str = "") -> controller_pb2.Job:
         request = controller_pb2.CancelJobRequest(job_id=job_id, reason=reason)

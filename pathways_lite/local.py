@@ -307,12 +307,22 @@ class LocalCluster:
         """Live processes this cluster started (Ray nodes and their children, controller)."""
         return recorded_pids(self.state_dir)
 
-    def down(self) -> None:
-        """Stop the controller and the Ray nodes this cluster started; nothing else."""
+    def down(self, *, checkpoint: bool = False) -> list[Any]:
+        """Stop the controller and the Ray nodes this cluster started; nothing else.
+
+        Args:
+            checkpoint: first checkpoint every running and suspended job and queue it again
+                (`pathways-lite down` does; the next `start` resumes them from there).
+
+        Returns:
+            With `checkpoint`, what was done to each job (DrainedJob); else [].
+        """
+        drained = drain(self.state_dir) if checkpoint and self.address else []
         stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
         self._ray = None
         self._controller = None
         self.address = None
+        return drained
 
     def client(self) -> Client:
         """A `pathways_lite.Client` of this cluster's controller."""
@@ -338,6 +348,15 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def drain(state_dir: str | Path) -> list[Any]:
+    """Ask the controller of a state dir to checkpoint and requeue its running and suspended
+    jobs before a stop (the Drain rpc); returns a DrainedJob per job."""
+    from pathways_lite.client import ControllerClient
+
+    with ControllerClient(state_dir) as client:
+        return client.drain()
 
 
 def recorded_pids(state_dir: str | Path) -> list[int]:

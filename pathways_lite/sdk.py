@@ -192,13 +192,21 @@ class Client:
             )
         return Job(self, self.raw.submit(proto).id)
 
-    def job(self, job_id: str) -> Job:
-        """A handle on an existing job (NOT_FOUND is raised by its first call)."""
-        return Job(self, job_id)
+    def job(self, ref: str) -> Job:
+        """A handle on an existing job named by its id, its unique name or a unique prefix of
+        its id (the controller's resolver; the handle keeps the id).
 
-    def jobs(self, states: tuple[str, ...] = ()) -> list[JobStatus]:
-        """Every job's record, oldest first; `states` filters (`"running"`, ...)."""
-        return [JobStatus(client_lib.job_to_dict(j)) for j in self.raw.list(states=states)]
+        Raises:
+            ClientError: NOT_FOUND when nothing matches, INVALID_ARGUMENT when several jobs
+                do (the message lists them).
+        """
+        return Job(self, self.raw.get(ref).id)
+
+    def jobs(self, states: tuple[str, ...] = (), limit: int = 0) -> list[JobStatus]:
+        """Job records, newest first (the newest `limit` when > 0); `states` filters
+        (`"running"`, ...)."""
+        jobs = self.raw.list(states=states, limit=limit)
+        return [JobStatus(client_lib.job_to_dict(j)) for j in jobs]
 
     def islands(self) -> list[dict[str, Any]]:
         """Every island: id, devices, job_ids, hosts."""

@@ -7,9 +7,12 @@ second, smaller cluster run as real `pathways-lite` processes beside it.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,25 @@ def test_submit_wait_json_then_status_jobs_and_cancel(local_cluster, tmp_path, c
     assert code == 0 and record["id"] in [j["id"] for j in json.loads(out)]
     code, out, _ = main(capsys, "jobs", "--state-dir", state)
     assert code == 0 and record["id"] in out and "succeeded" in out
+    assert out.split("\n")[0].split() == ["id", "state", "steps", "loss", "duration", "reason"]
+    code, out, _ = main(
+        capsys, "jobs", "--state", "succeeded", "--limit", "1", "--json", "--state-dir", state
+    )
+    (newest,) = json.loads(out)
+    assert newest["id"] == record["id"] and newest["duration"] != "-"  # newest first
+    # A job is named by its id, its unique name or a unique id prefix.
+    code, out, _ = main(capsys, "status", record["id"][:-2], "--json", "--state-dir", state)
+    assert code == 0 and json.loads(out)["id"] == record["id"]
+    # `logs | head`: the reader closes the pipe; no BrokenPipe error, exit 0.
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "pathways_lite.cli", "logs", record["id"], "--state-dir", state],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reader.stdout.close()
+    err = reader.stderr.read()
+    assert reader.wait(60) == 0 and err == "", err
 
     # Cancelling a finished job is refused: one line, non-zero.
     code, _, err = main(capsys, "cancel", record["id"], "--state-dir", state)
@@ -81,6 +103,9 @@ def test_islands_json_lists_every_host(local_cluster, capsys) -> None:
     (host,) = island["hosts"]
     assert {"node", "address", "pid", "port", "devices"} <= set(host)
     assert host["devices"] == 2 and host["node"] == "127.0.0.2"
+    # Numbers as numbers (protobuf's JSON writes int64 as strings).
+    assert isinstance(host["memory_bytes"], int) and host["memory_bytes"] > 0
+    assert isinstance(host["wire_version"]["version"], int)
 
 
 BAD = {
@@ -141,3 +166,57 @@ def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys
     # The first cluster is untouched.
     code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(local_cluster.state_dir))
     assert code == 0 and json.loads(out)
+
+
+def test_down_checkpoints_a_running_job_and_up_resumes_it_with_its_logs(tmp_path, capsys) -> None:
+    other = Path(tempfile.mkdtemp(prefix="plc3-", dir="/tmp"))
+    state = ("--state-dir", str(other))
+    spec = tmp_path / "long.yaml"
+    spec.write_text(
+        SPEC.replace("devices_per_island: 2", "devices_per_island: 1")
+        .replace("model: 2}", "model: 1}")
+        .replace("steps: 3", "steps: 3000")
+    )
+    up = ("up", "--islands", "1", "--devices-per-island", "1", *state)
+    try:
+        assert run_cli(*up).returncode == 0
+        code, out, _ = main(capsys, "submit", str(spec), "--json", *state)
+        job_id = json.loads(out)["id"]
+        deadline = time.monotonic() + 180
+        phases = set()
+        while time.monotonic() < deadline:
+            code, out, _ = main(capsys, "status", job_id, "--json", *state)
+            phases.add(json.loads(out)["phase"])
+            if json.loads(out)["steps_completed"] >= 3:
+                break
+            time.sleep(0.3)
+        # Before its first step the job said what it was doing.
+        assert phases & {"preparing data", "compiling"}, phases
+        down = run_cli("down", *state)
+        assert down.returncode == 0, down.stderr
+        said = re.search(rf"{job_id} \(cli-tiny\): Checkpointed at step (\d+)", down.stdout)
+        assert said, down.stdout
+        step = int(said.group(1))
+        assert step >= 3 and (other / "logs" / f"{job_id}.log").exists()
+
+        assert run_cli(*up).returncode == 0
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            code, out, _ = main(capsys, "status", job_id, "--json", *state)
+            record = json.loads(out)
+            if record["resumed_from_step"] is not None:
+                break
+            time.sleep(0.5)
+        assert record["resumed_from_step"] == step, record
+        messages = [e["message"] for e in record["events"]]
+        assert any(f"Resumed from the checkpoint at step {step}" in m for m in messages)
+        code, out, _ = main(capsys, "status", job_id, *state)
+        assert f"Resumed from the checkpoint at step {step}" in out
+        # The logs of the first run are served by the second controller.
+        code, out, _ = main(capsys, "logs", job_id, *state)
+        assert code == 0 and "step 0 (island_seq" in out, out[:2000]
+        assert "is queued (controller_stopped)" in out, out[-3000:]
+    finally:
+        now = run_cli("down", "--now", *state)
+        shutil.rmtree(other, ignore_errors=True)
+    assert now.returncode == 0 and "without checkpoints" in now.stdout, now.stdout

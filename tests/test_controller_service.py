@@ -92,9 +92,9 @@ def test_logs_hold_controller_and_island_host_records(client, tiny_runs) -> None
     assert len(list(client.logs(job.id, tail=2))) == 2
 
 
-def test_jobs_list_in_pages_oldest_first(client, tiny_runs) -> None:
+def test_jobs_list_in_pages_newest_first(client, tiny_runs) -> None:
     ids = [j.id for j in client.list(page_size=1)]
-    assert ids.index(tiny_runs[0].id) < ids.index(tiny_runs[1].id)
+    assert ids.index(tiny_runs[0].id) > ids.index(tiny_runs[1].id)
     done = client.list(states=("succeeded",), include_losses=True)
     assert {tiny_runs[0].id, tiny_runs[1].id} <= {j.id for j in done}
     assert all(len(j.losses) == j.spec.train.steps for j in done)
@@ -143,6 +143,11 @@ BAD_SPECS = {
     "indivisible batch": ({"train": {"global_batch": 3}, "mesh": {"data": 2, "model": 1}}, None),
     "devices mismatch": ({"devices_per_island": 4, "mesh": {"data": 2, "model": 2}}, None),
     "bad override": ({"model": {"preset": "palm-tiny", "overrides": {"d_model": -1}}}, "d_model"),
+    "missing data files": (
+        {"data": {"source": "files", "paths": ["/tmp", "/nonexistent/*.txt"]}},
+        "data.paths[1]",
+    ),
+    "bad data url": ({"data": {"source": "parquet", "paths": ["gs:///x"]}}, "data.paths[0]"),
 }
 
 

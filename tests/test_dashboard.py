@@ -120,6 +120,18 @@ def test_job_json_is_the_controllers_job_record(tmp_path) -> None:
     store.close()
 
 
+def test_the_time_multiplexing_shares_are_measured_beside_the_weights() -> None:
+    from pathways_lite.controller.dashboard import timeline_shares
+
+    timeline = [{"job_id": "a", "start": t, "end": t + 1.0} for t in range(0, 20, 3)]
+    timeline += [{"job_id": "b", "start": t + 1.0, "end": t + 3.0} for t in range(0, 20, 3)]
+    shares = {s["job_id"]: s for s in timeline_shares(timeline, {"a": 1.0, "b": 2.0})}
+    assert shares["a"]["share"] == pytest.approx(1 / 3) and shares["a"]["weight"] == 1.0
+    assert shares["b"]["share"] == pytest.approx(2 / 3) and shares["b"]["weight"] == 2.0
+    assert shares["b"]["weight_share"] == pytest.approx(2 / 3)
+    assert timeline_shares([], {}) == []
+
+
 def test_metrics_are_read_from_the_store_at_each_scrape_never_accumulated(tmp_path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

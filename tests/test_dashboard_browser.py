@@ -101,6 +101,9 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
     assert "token=" not in page.url  # traded for a cookie
     page.wait_for_selector('.island[data-island="island-0"]', timeout=30_000)
     assert "2 × cpu" in page.inner_text('.island[data-island="island-0"]')
+    # The Metrics link says what it serves; the epoch says what it counts.
+    assert "Prometheus" in page.inner_text("nav")
+    assert "controller starts" in page.inner_text("#summary")
     page.evaluate("window.__sameDocument = true")
 
     spec = tmp_path / "live.yaml"
@@ -113,6 +116,10 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
         page.wait_for_selector(row, timeout=60_000)  # arrived over the event stream
         page.wait_for_selector(f'{row}[data-state="running"]', timeout=120_000)
         assert page.evaluate("window.__sameDocument") is True
+        # Its measured share of the island's device time, beside its weight.
+        share = f'#shares [data-job="{job_id}"]'
+        page.wait_for_selector(share, timeout=60_000)
+        assert "measured" in page.inner_text(share) and "weight 1" in page.inner_text(share)
         page.screenshot(path=str(ARTIFACTS / "dashboard-cluster.png"), full_page=True)
 
         # The row re-renders as steps arrive: follow its link's address.
@@ -129,6 +136,8 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
             lambda: (n := page.evaluate(points)) >= first + 3 and n, 60, "more chart points"
         )
         assert later > first and page.evaluate("window.__sameDocument") is True
+        assert page.evaluate("document.getElementById('mfu-chart').data[0].x.length") >= first
+        assert "no steps yet" not in page.inner_text("#loss-chart")
         assert page.text_content("#job-state") == "running"
         page.screenshot(path=str(ARTIFACTS / "dashboard-job-running.png"), full_page=True)
 
@@ -154,6 +163,9 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
     assert XSS in page.inner_text("#message")
     assert XSS in page.inner_text("#events")
     assert page.locator("#message script, #message img, #events img").count() == 0
+    # A job without steps: its charts say so instead of drawing empty axes.
+    for chart in ("#loss-chart", "#tps-chart", "#mfu-chart"):
+        assert "no steps yet" in page.inner_text(chart), chart
     time.sleep(0.5)
     assert dialogs == [] and errors == []
     page.screenshot(path=str(ARTIFACTS / "dashboard-escaping.png"), full_page=True)

@@ -9,6 +9,7 @@ not from the controller's bookkeeping.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import grpc
@@ -122,7 +123,7 @@ def test_infeasible_jobs_are_rejected_at_once(client) -> None:
     with pytest.raises(ClientError) as too_big:
         client.submit(spec("huge", islands=1, d_model=1024))
     assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "bytes per device" in str(too_big.value)
+    assert re.search(r"\d [KMGT]iB per device", str(too_big.value)), too_big.value
     assert time.monotonic() - started < 10
 
 
@@ -225,7 +226,9 @@ def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
     queued_second, queued_third = client.get(second.id), client.get(third.id)
     assert state_name(queued_second.state) == "queued", queued_second
     assert queued_second.queue_position == 1 and not queued_second.jobs_ahead
-    assert "bytes per device" in queued_second.pending_reason, queued_second.pending_reason
+    assert re.search(r"\d [KMGT]iB per device", queued_second.pending_reason), (
+        queued_second.pending_reason
+    )
     assert big.id in queued_second.pending_reason
     assert state_name(queued_third.state) == "queued", queued_third
     assert list(queued_third.jobs_ahead) == [second.id]

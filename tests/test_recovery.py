@@ -4,6 +4,7 @@ registration and retention, and retry budgets, over a real job store."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import grpc
@@ -105,3 +106,20 @@ def test_user_errors_are_never_retried_and_other_failures_until_their_budget_is_
     messages = [e.message for e in store.events("j") if e.kind == "failure"]
     assert messages[0].startswith("User error (not retried)")
     assert "retry budget of 2 spent" in messages[-1]
+
+
+def test_a_time_based_checkpoint_is_asked_for_once_its_interval_has_passed(store, tmp_path):
+    every_s = dataclasses.replace(program(), checkpoint_every=0, checkpoint_every_s=60.0)
+    attempt = Recovery(store, Dispatcher(1), state_dir=tmp_path).plan(every_s, None)
+    assert not attempt.program.checkpoint_after(3, since_last_s=59.0)
+    assert attempt.program.checkpoint_after(3, since_last_s=60.0)
+    # checkpoint_every: 0 keeps its meaning (only the end by steps); 0 s: none by time.
+    never = dataclasses.replace(attempt.program, checkpoint_every_s=0.0)
+    assert not never.checkpoint_after(3, since_last_s=1e9) and never.checkpoint_after(9)
+
+
+def test_a_spec_checkpoints_every_300_seconds_unless_it_says_otherwise():
+    spec = controller_pb2.JobSpec()
+    assert spec_lib.checkpoint_every_s(spec) == 300.0
+    spec.train.checkpoint_every_s = 0
+    assert spec_lib.checkpoint_every_s(spec) == 0.0

@@ -156,7 +156,7 @@ def test_a_job_behind_a_waiting_one_starts_only_when_it_cannot_hold_that_one_bac
     c.admission.schedule()
     assert sorted(c.runners) == ["big", "small"]
     assert c.scheduler.islands_of("big") == ["island-0", "island-1"]
-    assert c.admission.pending["wide"].startswith("Needs 60 bytes per device on 2 island(s)")
+    assert c.admission.pending["wide"].startswith("Needs 60 B per device on 2 island(s)")
     assert "Waits on big." in c.admission.pending["wide"]
     assert "greedy" not in c.runners
     assert "Jobs ahead in the queue wait too (wide)." in c.admission.pending["greedy"]
@@ -225,7 +225,7 @@ def test_a_higher_priority_job_suspends_only_the_lowest_priority_residents_it_ne
     c.suspend("low")
     c.admission.schedule()
     assert c.scheduler.islands_of("urgent") == ["island-0"]
-    assert c.admission.pending["low"].startswith("Suspended: Needs 40 bytes")
+    assert c.admission.pending["low"].startswith("Suspended: Needs 40 B per device")
 
 
 def test_a_suspended_job_resumes_on_its_own_islands_once_they_have_room(tmp_path):

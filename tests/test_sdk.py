@@ -77,6 +77,9 @@ def test_sample_and_cancel_a_running_job(local_cluster) -> None:
             while job.status().steps_completed < 2:
                 assert time.monotonic() < deadline
                 time.sleep(0.3)
+            # One resolver: a unique name or id prefix names the job; the handle keeps its id.
+            assert client.job("sdk-long").id == job.id
+            assert client.job(job.id[: len("sdk-long-") + 4]).id == job.id
             text = job.sample("import ", max_new_tokens=8, temperature=0.7, top_k=20, seed=1)
             assert isinstance(text, str) and text
             assert job.logs(tail=2) and len(job.logs(tail=2)) == 2

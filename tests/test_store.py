@@ -406,3 +406,24 @@ def test_epoch_increases_on_every_open(tmp_path):
     # Opening the database without the controller's lock starts no epoch.
     with JobStore(tmp_path / DB_NAME) as store:
         assert store.epoch == 0 and store.stored_epoch() == 3
+
+
+def test_a_job_is_found_by_id_then_unique_name_then_unique_id_prefix(store) -> None:
+    from pathways_lite.controller.states import AmbiguousJobError, JobNotFoundError
+
+    a = store.create_job(SPEC, job_id="tiny-aa11")
+    b = store.create_job(SPEC, job_id="tiny-ab22")
+    other = controller_pb2.JobSpec()
+    other.CopyFrom(SPEC)
+    other.name = "solo"
+    solo = store.create_job(other, job_id="solo-cc33")
+    assert store.find_job("tiny-aa11").id == a.id  # exact id
+    assert store.find_job("solo").id == solo.id  # unique name
+    assert store.find_job("tiny-ab").id == b.id  # unique id prefix
+    with pytest.raises(AmbiguousJobError) as ambiguous:
+        store.find_job("tiny")  # a name two jobs share: both are listed
+    assert "tiny-aa11" in str(ambiguous.value) and "tiny-ab22" in str(ambiguous.value)
+    with pytest.raises(AmbiguousJobError):
+        store.find_job("tiny-a")
+    with pytest.raises(JobNotFoundError, match="id, name or id prefix"):
+        store.find_job("nothing%")

@@ -19,11 +19,13 @@
       ["Queued", counts.queued || 0],
       ["Succeeded", counts.succeeded || 0],
       ["Failed", counts.failed || 0],
-      ["Epoch", overview.epoch],
+      ["Controller epoch", overview.epoch,
+        "controller starts on this state dir so far; hosts refuse the steps of an older one"],
     ];
     clear(document.getElementById("summary")).append(
-      ...items.map(([label, value]) => el("div", { class: "stat" },
-        el("div", { class: "stat-label", text: label }), el("div", { class: "stat-value", text: value }))));
+      ...items.map(([label, value, hint]) => el("div", { class: "stat", title: hint },
+        el("div", { class: "stat-label", text: label }), el("div", { class: "stat-value", text: value }),
+        hint ? el("div", { class: "stat-hint", text: hint }) : null)));
   }
 
   function renderIslands(islands) {
@@ -91,6 +93,23 @@
         base: overview.islands.map(() => new Date(now).toISOString()), hoverinfo: "skip" });
     }
     Plotly.react(node, traces, layout, chartConfig);
+    renderShares(overview.islands);
+  }
+
+  // Each job's measured share of its island's device time beside its weight's share.
+  function renderShares(islands) {
+    const root = clear(document.getElementById("shares"));
+    for (const island of islands) {
+      if (!island.shares || !island.shares.length) continue;
+      root.append(el("div", { class: "share-row", "data-island": island.id },
+        el("span", { class: "share-island", text: island.id }),
+        island.shares.map((s) => el("span", { class: "chip", "data-job": s.job_id, style: `border-color:${colorOf(s.job_id)}` },
+          el("span", { class: "swatch", style: `background:${colorOf(s.job_id)}` }),
+          `${s.job_id}: measured ${fmt.pct(s.share)} · weight ${s.weight} (asks ${fmt.pct(s.weight_share)})`))));
+    }
+    if (!root.childElementCount) {
+      root.append(el("span", { class: "muted", text: "no steps in the window yet" }));
+    }
   }
 
   function jobCells(job) {
@@ -98,7 +117,7 @@
       el("span", { class: "job-name", text: job.name }), el("span", { class: "job-id mono", text: job.id }));
     return [
       el("td", {}, link),
-      el("td", {}, badge(job.state)),
+      el("td", {}, badge(job.state), job.phase ? el("span", { class: "hint", text: ` ${job.phase}` }) : null),
       el("td", { class: "wide" }, progress(job.steps_completed, job.steps)),
       el("td", { class: "num mono", text: fmt.num(job.loss, 4), "data-field": "loss" }),
       el("td", { class: "num mono", text: fmt.rate(job.tokens_per_s) }),

@@ -1,4 +1,4 @@
-// One job: live loss and throughput charts, events, log tail, why pending, cancel.
+// One job: live loss, throughput and MFU charts, events, log tail, why pending, cancel.
 "use strict";
 
 (() => {
@@ -22,7 +22,7 @@
     document.getElementById("job-model").textContent = j.model;
     const state = document.getElementById("job-state");
     state.className = `badge state-${j.state}`;
-    state.textContent = j.state;
+    state.textContent = j.phase ? `${j.state} · ${j.phase}` : j.state;
     document.getElementById("cancel").hidden = ["succeeded", "failed", "cancelled"].includes(j.state);
     const message = document.getElementById("message");
     message.hidden = !j.message;
@@ -72,16 +72,27 @@
     if (document.getElementById("follow").checked) logs.scrollTop = logs.scrollHeight;
   }
 
+  const CHARTS = [
+    ["loss-chart", "loss", "#4f8cff", {}],
+    ["tps-chart", "tokens_per_s", "#2fbf71", {}],
+    ["mfu-chart", "mfu", "#e0a030", { tickformat: ".1%" }],
+  ];
+  // Before the first step a chart says so instead of drawing empty axes.
+  const EMPTY = { annotations: [{ text: "no steps yet", showarrow: false, xref: "paper", yref: "paper",
+    x: 0.5, y: 0.5, font: { size: 14, color: "#8a94a6" } }] };
+
   function initCharts(metrics) {
     if (!window.Plotly) return;
     const steps = metrics.map((m) => m.step);
     const line = (color) => ({ type: "scatter", mode: "lines", line: { color, width: 2 } });
-    const layout = () => Object.assign({}, chartLayout, { height: 260,
-      xaxis: Object.assign({}, chartLayout.xaxis, { title: { text: "step" } }) });
-    Plotly.newPlot("loss-chart", [Object.assign(line("#4f8cff"), { x: steps, y: metrics.map((m) => m.loss), name: "loss" })],
-      layout(), chartConfig);
-    Plotly.newPlot("tps-chart", [Object.assign(line("#2fbf71"), { x: steps, y: metrics.map((m) => m.tokens_per_s), name: "tokens/s" })],
-      layout(), chartConfig);
+    for (const [id, key, color, yaxis] of CHARTS) {
+      const layout = Object.assign({}, chartLayout, { height: 260,
+        xaxis: Object.assign({}, chartLayout.xaxis, { title: { text: "step" }, visible: steps.length > 0 }),
+        yaxis: Object.assign({}, chartLayout.yaxis, yaxis, { visible: steps.length > 0 }) },
+        steps.length ? {} : EMPTY);
+      Plotly.newPlot(id, [Object.assign(line(color), { x: steps, y: metrics.map((m) => m[key]), name: key })],
+        layout, chartConfig);
+    }
     chartsReady = true;
     lastStep = steps.length ? steps[steps.length - 1] : -1;
     document.getElementById("loss-hint").textContent = `${steps.length} points`;
@@ -101,8 +112,11 @@
     if (!buffered.length || !chartsReady) return;
     const batch = buffered.splice(0);
     const steps = batch.map((m) => m.step);
-    Plotly.extendTraces("loss-chart", { x: [steps], y: [batch.map((m) => m.loss)] }, [0]);
-    Plotly.extendTraces("tps-chart", { x: [steps], y: [batch.map((m) => m.tokens_per_s)] }, [0]);
+    for (const [id, key] of CHARTS) {
+      const wasEmpty = !document.getElementById(id).data[0].x.length;
+      Plotly.extendTraces(id, { x: [steps], y: [batch.map((m) => m[key])] }, [0]);
+      if (wasEmpty) Plotly.relayout(id, { annotations: [], "xaxis.visible": true, "yaxis.visible": true });
+    }
     const points = document.getElementById("loss-chart").data[0].x.length;
     document.getElementById("loss-hint").textContent = `${points} points`;
     const m = batch[batch.length - 1];

@@ -1,0 +1,51 @@
+"""A job's data paths checked at submit, on the controller's view of shared storage.
+
+`data.paths` of a `files` or `parquet` source name files, folders or globs that every island
+host reads where the controller prepares them (a shared filesystem). A local entry must match
+at least one file or folder here, or the submission is refused with the entry's field named
+(`data.paths[0]`); an object-store URL (`gs://bucket/x`, `s3://...`) is only parsed, since
+reaching it needs credentials the controller may not hold.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.parse
+
+from pathways_lite.v1 import controller_pb2
+
+from .spec import SpecError
+
+SOURCES_WITH_PATHS = ("files", "parquet")
+
+
+def check_data_paths(spec: controller_pb2.JobSpec) -> None:
+    """Refuse a spec whose data paths name nothing the controller can see.
+
+    Raises:
+        SpecError: an entry matches no file or folder, or a URL does not parse.
+    """
+    data = spec.data
+    if data.source not in SOURCES_WITH_PATHS:
+        return
+    for i, entry in enumerate(data.paths):
+        field = f"data.paths[{i}]"
+        if "://" in entry:
+            url = urllib.parse.urlparse(entry)
+            if not url.scheme.isidentifier() or not url.netloc:
+                raise SpecError(
+                    field,
+                    entry,
+                    f"{field}={entry!r} is not a URL of the form scheme://bucket/path.",
+                )
+            continue
+        matches = glob.glob(os.path.expanduser(entry), recursive=True)
+        if not any(os.path.isfile(m) or os.path.isdir(m) for m in matches):
+            raise SpecError(
+                field,
+                entry,
+                f"{field}={entry!r} matches no file or folder on the controller's view of "
+                "shared storage (data paths must be readable where the controller and every "
+                "island host run).",
+            )

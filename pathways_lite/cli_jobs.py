@@ -1,0 +1,130 @@
+"""The `pathways-lite` commands that show jobs: `jobs`, `status` and `logs`.
+
+A job is named by its id, its unique name or a unique prefix of its id; the controller
+resolves it (one resolver for every command and the SDK). `jobs` lists the newest first.
+Output into a closed pipe (`logs JOB | head`) ends quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+from pathways_lite.cli_common import print_json, print_table
+
+# Events `status` prints (the newest; `--json` has them all).
+EVENTS_SHOWN = 8
+JOB_STATES = ("queued", "running", "suspended", "succeeded", "failed", "cancelled")
+
+
+def _client(args: argparse.Namespace):
+    from pathways_lite.client import ControllerClient
+
+    return ControllerClient(args.state_dir)
+
+
+def print_job(job, as_json: bool) -> None:
+    """`status`: one job's fields, its newest events (`--json`: everything)."""
+    from pathways_lite.client import job_to_dict
+
+    record = job_to_dict(job)
+    if as_json:
+        print_json(record)
+        return
+    state = record["state"] + (f" ({record['phase']})" if record["phase"] else "")
+    rows = [("id", record["id"]), ("name", record["name"]), ("state", state)]
+    rows += [(k, record[k]) for k in ("steps_completed", "reason")]
+    rows.append(("islands", ", ".join(record["islands"])))
+    if record["message"]:
+        rows.append(("message", record["message"]))
+    if record["losses"]:
+        rows.append(("last loss", f"{record['losses'][-1]:.6f}"))
+    if record["resumed_from_step"] is not None:
+        rows.append(("resumed from step", record["resumed_from_step"]))
+    print_table(rows, header=("field", "value"))
+    if record["events"]:
+        print("\nevents (newest last):")
+        for event in record["events"][-EVENTS_SHOWN:]:
+            print(f"  {event['time'][:19].replace('T', ' ')}  {event['message']}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print_job(_client(args).get(args.job), args.json)
+    return 0
+
+
+def duration(job, now: datetime.datetime | None = None) -> str:
+    """How long a job has run (until it ended, or until now): `1h02m`, `3m05s`, `12s`."""
+    if not job.HasField("started_at"):
+        return "-"
+    start = job.started_at.ToDatetime(tzinfo=datetime.UTC)
+    if job.HasField("finished_at"):
+        end = job.finished_at.ToDatetime(tzinfo=datetime.UTC)
+    else:
+        end = now or datetime.datetime.now(datetime.UTC)
+    seconds = max(0, int((end - start).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """`jobs [--state S]... [--limit N]`: the newest jobs first."""
+    from pathways_lite.client import job_to_dict, state_name
+
+    jobs = _client(args).list(states=tuple(args.state or ()), limit=args.limit)
+    if args.json:
+        print_json([job_to_dict(j) | {"duration": duration(j)} for j in jobs])
+        return 0
+    rows = []
+    for j in jobs:
+        state = state_name(j.state) + (f" ({j.phase})" if j.phase else "")
+        loss = f"{j.last_metrics.loss:.4f}" if j.HasField("last_metrics") else "-"
+        steps = f"{j.steps_completed}/{j.spec.train.steps}"
+        rows.append((j.id, state, steps, loss, duration(j), j.reason))
+    print_table(rows, header=("id", "state", "steps", "loss", "duration", "reason"))
+    return 0
+
+
+def add_job_listing_options(jobs: argparse.ArgumentParser) -> None:
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=JOB_STATES,
+        help="only jobs in this state (repeat for several)",
+    )
+    jobs.add_argument(
+        "--limit", type=int, default=0, help="only the newest N jobs (default 0: all)"
+    )
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pathways_lite.client import log_to_dict
+
+    records = _client(args).logs(args.job, tail=args.tail, follow=args.follow)
+    try:
+        for record in records:
+            if args.json:
+                line = json.dumps(log_to_dict(record), sort_keys=True)
+            else:
+                when = record.time.ToDatetime().strftime("%H:%M:%S.%f")[:-3]
+                line = f"{when} {record.source:<12} {record.level:<7} {record.message}"
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `logs JOB | head`: the reader has what it wanted
+        quiet_stdout()
+    return 0
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush into the closed pipe does
+    not print an error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
