@@ -92,7 +92,7 @@ def test_one_job_per_island_at_a_time_and_a_preempted_job_resumes_once_it_fits(c
             states = watch()
             assert states["b"] == states["c"] == "queued", states
             why_b = client.get(ids["b"]).pending_reason
-            assert "bytes per device" in why_b and ids["a"] in why_b, why_b
+            assert "MiB per device" in why_b and ids["a"] in why_b, why_b
             assert cli.main(["priority", ids["b"], "10", "--state-dir", str(state)]) == 0
             capsys.readouterr()
             while not TERMINAL >= set(states.values()):

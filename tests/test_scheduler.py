@@ -292,7 +292,7 @@ def test_a_suspended_job_raised_above_its_islands_residents_preempts_them(tmp_pa
     c.admission.schedule()
     c.suspend("low")
     c.admission.schedule()
-    assert c.admission.pending["low"].startswith("Suspended: Needs 80 bytes per device on its")
+    assert c.admission.pending["low"].startswith("Suspended: Needs 80 B per device on its")
     c.store.set_priority("low", 9)
     c.runners["low"].priority = 9
     c.admission.schedule()
