@@ -107,7 +107,10 @@ class ResolvedJob:
             dataset.num_examples,
             extra={"job_id": job_id} if job_id else None,
         )
-        resolved = self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size)
+        resolved = self
+        if dataset.tokenizer.vocab_size != self.configs.model.vocab_size:
+            # The model embeds the trained vocabulary: resolve its figures again.
+            resolved = self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size)
         ref = DatasetRef(
             str(dataset.path), dataset.hash, dataset.tokenizer.hash, dataset.num_examples
         )

@@ -138,6 +138,20 @@ class Cluster:
         self.bytes[record.id] = nbytes
         return record.id
 
+    def suspend_low_for_urgent(self) -> None:
+        """A resident job "low" (80 bytes) suspended for a higher-priority "urgent" (80)."""
+        self.submit("low", 1, 80)
+        self.admission.schedule()
+        self.submit("urgent", 1, 80, priority=5)
+        self.admission.schedule()
+        self.suspend("low")
+        self.admission.schedule()
+
+    def finish(self, job_id: str) -> None:
+        """What a runner does when its job ends: free its memory, state succeeded."""
+        self.scheduler.release(job_id)
+        self.store.transition(job_id, JobState.SUCCEEDED, reason="completed")
+
     def suspend(self, job_id: str) -> None:
         """What a runner does when asked to suspend: free its memory, state suspended."""
         self.scheduler.release(job_id)
@@ -190,15 +204,9 @@ def test_a_job_that_can_never_fit_says_so_and_holds_nobody_back(tmp_path):
     """The budget shrank under a suspended job: it cannot resume on its islands, says so in
     `why` and in its events, and the job behind it runs on the idle island."""
     c = Cluster(tmp_path, islands=("island-0",))
-    c.submit("low", 1, 80)
-    c.admission.schedule()
-    c.submit("urgent", 1, 80, priority=5)
-    c.admission.schedule()
-    c.suspend("low")
-    c.admission.schedule()
+    c.suspend_low_for_urgent()
     c.submit("later", 1, 40)
-    c.scheduler.release("urgent")
-    c.store.transition("urgent", JobState.SUCCEEDED, reason="completed")
+    c.finish("urgent")
     c.scheduler.budgets["island-0"] = 50  # the island came back smaller
     c.admission.schedule()
     assert not c.runners["low"].resume.is_set()
@@ -230,15 +238,9 @@ def test_a_higher_priority_job_suspends_only_the_lowest_priority_residents_it_ne
 
 def test_a_suspended_job_resumes_on_its_own_islands_once_they_have_room(tmp_path):
     c = Cluster(tmp_path, islands=("island-0",))
-    c.submit("low", 1, 80)
-    c.admission.schedule()
-    c.submit("urgent", 1, 80, priority=5)
-    c.admission.schedule()
-    c.suspend("low")
-    c.admission.schedule()
+    c.suspend_low_for_urgent()
     assert not c.runners["low"].resume.is_set()
-    c.scheduler.release("urgent")
-    c.store.transition("urgent", JobState.SUCCEEDED, reason="completed")
+    c.finish("urgent")
     c.admission.schedule()
     assert c.runners["low"].resume.is_set()
     assert c.scheduler.islands_of("low") == ["island-0"]
@@ -286,12 +288,7 @@ def test_a_suspended_job_raised_above_its_islands_residents_preempts_them(tmp_pa
     """Raising a suspended job's priority helps: it suspends the lower-priority job on its own
     islands (where its state is) and resumes there."""
     c = Cluster(tmp_path, islands=("island-0",))
-    c.submit("low", 1, 80)
-    c.admission.schedule()
-    c.submit("urgent", 1, 80, priority=5)
-    c.admission.schedule()
-    c.suspend("low")
-    c.admission.schedule()
+    c.suspend_low_for_urgent()
     assert c.admission.pending["low"].startswith("Suspended: Needs 80 B per device on its")
     c.store.set_priority("low", 9)
     c.runners["low"].priority = 9
