@@ -14,7 +14,9 @@ recovery.py         failure classes, retry budgets, checkpoint registry and roll
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
 views.py            the one job view, islands view, StepMetrics builder, `why`
 bus.py              the in-memory event bus (WatchJob, dashboard) and the job logs (persisted)
-spec.py             job spec validation (every semantic check) and spec -> configs
+spec.py             job spec validation (every semantic check); re-exports the two below
+spec_configs.py     a spec -> the model's configs, the scheduling fields' defaults
+spec_errors.py      SpecError and the quoting of values in its messages
 data_paths.py       a job's data paths checked at submit on the controller's view of storage
 states.py           job states and the errors the client shares (no heavy imports)
 store.py, store_progress.py, schema.py, statedir.py   SQLite store, migrations, state-dir lock
