@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
+from . import lineage
 from .jobs import JobRunner
 from .resolved import MemoryFigures, ResolvedJob
 from .scheduler import Demand, Scheduler
@@ -44,6 +45,7 @@ class Admission:
         requeue_suspended: moves a job suspended under an earlier controller back to the
             queue; returns its record.
         memory: measured bytes per device by (model, mesh, batch); None starts empty.
+        fail: fails a job with (job id, reason, message): a job whose dependency failed.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class Admission:
         start: Callable[[JobRecord, list[str]], None],
         requeue_suspended: Callable[[JobRecord], JobRecord],
         memory: MemoryFigures | None = None,
+        fail: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -63,6 +66,7 @@ class Admission:
         self._start = start
         self._requeue_suspended = requeue_suspended
         self.memory = memory if memory is not None else MemoryFigures()
+        self._fail = fail
         # Why each waiting job waits, for people.
         self.pending: dict[str, str] = {}
         # Jobs started while a job ahead of them waited: they count as staying for good when
@@ -97,6 +101,8 @@ class Admission:
             runner = self.runners.get(record.id)
             if runner is not None and record.state == JobState.QUEUED:
                 continue  # placed on this pass or an earlier one; its task starts it
+            if record.state == JobState.QUEUED and self.waits_on_dependencies(record):
+                continue  # holds nobody back: it could not start if it fitted
             if record.state == JobState.SUSPENDED and runner is None:
                 # Suspended under an earlier controller: its host copy is gone with it.
                 record = self._requeue_suspended(record)
@@ -137,6 +143,28 @@ class Admission:
                 )
             self.pending[record.id] = ("Suspended: " if suspended else "") + reason
             ahead.append((demand, own))
+
+    def waits_on_dependencies(self, record: JobRecord) -> bool:
+        """A queued job whose `after` (or `init_from.job`) has not succeeded yet waits, saying
+        for which; one whose dependency failed or was cancelled fails with that reason."""
+        waiting, failed = lineage.blockers(self.store, record)
+        if failed is not None:
+            self.pending.pop(record.id, None)
+            message = (
+                f"Job {failed.id} ({failed.name}), which it runs after, is "
+                f"{failed.state.value}" + (f": {failed.message}" if failed.message else ".")
+            )
+            if self._fail is not None:
+                self._fail(record.id, f"dependency_{failed.state.value}", message)
+            return True
+        if not waiting:
+            return False
+        self.pending[record.id] = (
+            f"Waits for {', '.join(waiting)} to succeed (after"
+            + (", init_from" if record.spec.init_from.job in waiting else "")
+            + ")."
+        )
+        return True
 
     def _place(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 
 from pathways_lite.v1 import controller_pb2
 
+from . import lineage
 from . import spec as spec_lib
 from .admission import Admission
 from .bus import EventBus, LogBuffer, now
@@ -105,6 +106,7 @@ class Controller:
             self._start_job,
             self._requeue_suspended,
             self.memory,
+            fail=lambda job_id, reason, message: self.reporter.fail(job_id, reason, message),
         )
         self.views = Views(
             store,
@@ -337,8 +339,9 @@ class Controller:
         Raises:
             spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
         """
-        spec = request.spec
-        spec_lib.validate_spec(spec, self.cluster_shape())
+        spec_lib.validate_spec(request.spec, self.cluster_shape())
+        # `after` and `init_from.job` stored as job ids, the sources checked.
+        spec = lineage.resolve_references(request.spec, self.store)
         check_data_paths(spec)
         job = ResolvedJob.resolve(spec)
         never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))

@@ -18,26 +18,34 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 
+from . import lineage
 from . import spec as spec_lib
 from .bus import EventBus, LogBuffer, now
 from .dispatch import Dispatcher, DispatchError, StepReport
 from .islands import Island, call_all
 from .options import format_size
 from .recovery import Attempt, FailureClass, Recovery, classify
-from .resolved import MemoryFigures, ResolvedJob, step_program
+from .resolved import InitRef, MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
 from .states import JobState, StoreError
-from .store import JobRecord, JobStore
-from .views import TimelineEntry, Views
+from .store import EvalRow, JobRecord, JobStore
+from .views import INIT_EVENT_PREFIX, TimelineEntry, Views
 
 logger = logging.getLogger(__name__)
 
 SUSPEND_TIMEOUT_S = 300.0
+EVAL_TIMEOUT_S = 1800.0
+# The tokenizer file of a prepared dataset folder (model/tokenizer.py's MODEL_FILE).
+TOKENIZER_FILE = "tokenizer.model"
 
 
 class Reporter:
@@ -213,6 +221,8 @@ class JobRunner:
         self.admitted_as = job
         self.task: asyncio.Task | None = None
         self._attempt: Attempt | None = None
+        # train.eval_every's evaluations in flight.
+        self._evals: set[asyncio.Task] = set()
 
     def start(self, on_exit: Callable[[JobRunner], None]) -> None:
         """Start the job's task; `on_exit` runs when it has released everything."""
@@ -254,6 +264,8 @@ class JobRunner:
                 self.job = self.admitted_as = ResolvedJob.resolve(self.record.spec)
             p.reporter.phase(job_id, "preparing data")
             try:
+                # init_from: its checkpoint, and the tokenizer the new data is read with.
+                self.job = await asyncio.to_thread(self._with_init, self.job)
                 self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
             except ValueError as e:  # the data's DataError (a missing file...): the user's
                 raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
@@ -283,8 +295,16 @@ class JobRunner:
                 format_size(self.admitted_as.bytes_per_device),
                 extra={"job_id": job_id},
             )
+            if spec_lib.job_kind(self.record.spec) == "eval":
+                await self._end_eval_job(islands)
+                loaded = False
+                return
             completed = await self._step_until_done(program)
             step = program.start_step + completed
+            if self._evals:
+                await asyncio.gather(*self._evals, return_exceptions=True)
+            if self.record.spec.train.eval_every and step >= program.steps:
+                await self._eval_logged(step)
             if self.drain_requested and not self.cancel_requested and step < program.steps:
                 await self._drain(step)
                 return
@@ -326,6 +346,107 @@ class JobRunner:
                 await p.dispatcher.unload(job_id, islands)
             p.scheduler.release(job_id)
             p.wake()
+
+    def _with_init(self, job: ResolvedJob) -> ResolvedJob:
+        """The job with its init_from checkpoint resolved (blocking: it may prepare the
+        source's dataset to find its tokenizer); a job without init_from unchanged.
+
+        Raises:
+            SpecError: the source has no committed checkpoint at the step asked for.
+        """
+        init = lineage.init_checkpoint(self.parts.store, self.record.spec)
+        if init is None or job.init is not None:
+            return job
+        source = self.parts.prepare(init.source, ResolvedJob.resolve(init.source.spec))
+        assert source.dataset is not None
+        tokenizer = str(Path(source.dataset.path) / TOKENIZER_FILE)
+        self.parts.store.add_event(
+            self.job_id,
+            "init",
+            f"{INIT_EVENT_PREFIX}{init.path} (job {init.source.id}, step {init.step}); "
+            "fresh optimizer state.",
+        )
+        return dataclasses.replace(
+            job, init=InitRef(init.path, init.step, init.source.id, tokenizer)
+        )
+
+    async def _evaluate(self, program_step: int | None = None) -> None:
+        """Evaluate the job's current parameters on its first island (every host of it runs
+        the same program; host 0 answers) and store the result."""
+        p = self.parts
+        settings = spec_lib.eval_settings(self.record.spec)
+        request = worker_pb2.EvaluateRequest(
+            job_id=self.job_id,
+            max_examples=settings.max_examples,
+            shots=settings.shots,
+            split=settings.split,
+        )
+        p.reporter.phase(self.job_id, "evaluating")
+        try:
+            replies = await self.island_handles[0].call("Evaluate", request, timeout=EVAL_TIMEOUT_S)
+        finally:
+            p.reporter.phase(self.job_id, "")
+        reply = replies[0]
+        rows = [
+            EvalRow(
+                source=s.name,
+                loss=s.loss,
+                perplexity=math.exp(min(s.loss, 700.0)),
+                exact_match=s.exact_match if s.text_to_text else None,
+                token_f1=s.token_f1 if s.text_to_text else None,
+                examples=s.examples,
+            )
+            for s in reply.sources
+        ]
+        step = int(reply.steps_applied) if program_step is None else program_step
+        p.store.record_eval(self.job_id, step, settings.shots, rows)
+        logger.info(
+            "job %s evaluated at step %d in %.1f s: %s",
+            self.job_id,
+            step,
+            reply.seconds,
+            ", ".join(f"{r.source} loss {r.loss:.4f}" for r in rows),
+            extra={"job_id": self.job_id},
+        )
+
+    async def _eval_logged(self, step: int) -> None:
+        """One evaluation whose failure is logged, never failing the training job
+        (train.eval_every: at every N steps and after the last one)."""
+
+        try:
+            await self._evaluate()
+        except Exception as e:  # noqa: BLE001 - the trained job still succeeds
+            logger.warning(
+                "evaluating job %s at step %d: %r",
+                self.job_id,
+                step,
+                e,
+                extra={"job_id": self.job_id},
+            )
+
+    async def _end_eval_job(self, islands: Sequence[Island]) -> None:
+        """kind: eval: evaluate the loaded checkpoint, unload, succeed."""
+        p = self.parts
+        init = self.job.init if self.job is not None else None
+        try:
+            await self._evaluate(None if init is None else init.step)
+        except grpc.aio.AioRpcError as e:
+            raise DispatchError(
+                "eval_failed", f"Evaluating failed: {e.details()}", code=e.code()
+            ) from None
+        await p.dispatcher.unload(self.job_id, islands)
+        p.reporter.transition(
+            self.job_id,
+            JobState.SUCCEEDED,
+            reason="completed",
+            message="Evaluated"
+            + (
+                ""
+                if init is None
+                else f" the checkpoint of job {init.source_id} at step {init.step}"
+            )
+            + ".",
+        )
 
     async def _step_until_done(self, program: Any) -> int:
         """Step the program to its end (or a cancel), suspending and resuming on the way;
@@ -430,6 +551,13 @@ class JobRunner:
         self.parts.reporter.step(self.record, report)
         if self._attempt is not None:
             self.parts.recovery.on_step(self._attempt, report.checkpoints_committed)
+        every, done = self.record.spec.train.eval_every, report.step + 1
+        if every and done % every == 0 and done < self.record.spec.train.steps:
+            # Between steps on the hosts (the Evaluate rpc queues behind the steps in flight):
+            # the result names the steps its parameters had applied.
+            task = asyncio.create_task(self._eval_logged(done), name=f"eval-{self.job_id}")
+            self._evals.add(task)
+            task.add_done_callback(self._evals.discard)
 
     def _fail(self, reason: str, message: str) -> None:
         if self.cancel_requested:

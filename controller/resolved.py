@@ -46,6 +46,17 @@ class DatasetRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitRef:
+    """The checkpoint a job's parameters start from (`init_from`), and the tokenizer file of
+    the dataset it was trained on (the new job tokenizes its data with it)."""
+
+    path: str
+    step: int
+    source_id: str
+    tokenizer_path: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ResolvedJob:
     """A job spec resolved into what the controller and the hosts use.
 
@@ -57,6 +68,7 @@ class ResolvedJob:
         flops_per_token: training FLOPs per token (PaLM's 6N + attention), for MFU.
         digest_every: steps between parameter digest comparisons.
         dataset: the prepared dataset, once data preparation has ended.
+        init: the init_from checkpoint, once resolved (when the job starts).
     """
 
     spec: Any
@@ -65,6 +77,7 @@ class ResolvedJob:
     flops_per_token: float
     digest_every: int
     dataset: DatasetRef | None = None
+    init: InitRef | None = None
 
     @classmethod
     def resolve(cls, spec: Any, *, vocab_size: int | None = None) -> ResolvedJob:
@@ -98,8 +111,12 @@ class ResolvedJob:
         read it; the model embeds exactly the tokenizer's vocabulary unless the spec overrides
         it. Blocking: it may tokenize a corpus; run it off the event loop."""
         from pathways_lite.model.data import prepare_dataset
+        from pathways_lite.model.tokenizer import Tokenizer
 
-        dataset = prepare_dataset(self.configs.data, seq_len=self.configs.train.seq_len)
+        tokenizer = None if self.init is None else Tokenizer.load(self.init.tokenizer_path)
+        dataset = prepare_dataset(
+            self.configs.data, seq_len=self.configs.train.seq_len, tokenizer=tokenizer
+        )
         logger.info(
             "job %s reads dataset %s (%d examples)",
             job_id,
@@ -110,7 +127,9 @@ class ResolvedJob:
         resolved = self
         if dataset.tokenizer.vocab_size != self.configs.model.vocab_size:
             # The model embeds the trained vocabulary: resolve its figures again.
-            resolved = self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size)
+            resolved = dataclasses.replace(
+                self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size), init=self.init
+            )
         ref = DatasetRef(
             str(dataset.path), dataset.hash, dataset.tokenizer.hash, dataset.num_examples
         )
@@ -224,6 +243,8 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
     request.global_batch = configs.train.global_batch
     request.seq_len = configs.train.seq_len
     request.digest_every = job.digest_every
+    if job.init is not None:
+        request.init_from = job.init.path
     return request
 
 
@@ -232,7 +253,8 @@ def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
     return StepProgram(
         job_id=job_id,
         generation=generation,
-        steps=job.steps,
+        # An eval job takes no step: it loads, evaluates and ends.
+        steps=job.steps if spec_lib.job_kind(job.spec) == "train" else 0,
         tokens_per_step=job.tokens_per_step,
         load=functools.partial(load_request, job),
         checkpoint_every=max(0, job.spec.train.checkpoint_every),

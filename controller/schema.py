@@ -90,6 +90,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2 -> 3: each step's MFU, stored with it (NULL for steps recorded before: computed on
     # read from the job's spec).
     ("ALTER TABLE metrics ADD COLUMN mfu REAL",),
+    # 3 -> 4: evaluations, per source (issue 17); exact_match and token_f1 NULL for
+    # language-model sources.
+    (
+        """CREATE TABLE evals (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            step INTEGER NOT NULL CHECK (step >= 0),
+            shots INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            loss REAL NOT NULL,
+            perplexity REAL NOT NULL,
+            exact_match REAL,
+            token_f1 REAL,
+            examples INTEGER NOT NULL,
+            time_us INTEGER NOT NULL
+        )""",
+        "CREATE INDEX evals_by_job ON evals (job_id, id)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -24,10 +24,13 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     DEFAULT_CHECKPOINT_EVERY_S,
     DEFAULT_PRIORITY,
     DEFAULT_WEIGHT,
+    EvalSettings,
     JobConfigs,
     checkpoint_every_s,
     data_spec,
     digest_every,
+    eval_settings,
+    job_kind,
     model_config,
     model_overrides,
     optim_config,
@@ -100,6 +103,7 @@ def validate_spec(spec: JobSpec, cluster: ClusterShape | None = None) -> None:
     _check_data(spec, model_cfg)
     _check_optimizer(spec)
     _check_scheduling(spec)
+    _check_lifecycle(spec)
 
     if cluster is not None:
         if devices != cluster.devices_per_island:
@@ -156,7 +160,8 @@ def _check_train(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any) ->
             "train", None, "train is missing: give train.steps, train.global_batch, train.seq_len."
         )
     train = spec.train
-    _required_positive(train, "steps", "train.steps")
+    if job_kind(spec) == "train":  # an eval job ignores train.steps
+        _required_positive(train, "steps", "train.steps")
     batch = _required_positive(train, "global_batch", "train.global_batch")
     seq_len = _required_positive(train, "seq_len", "train.seq_len")
     if train.HasField("seed") and train.seed < 0:
@@ -278,3 +283,66 @@ def _check_scheduling(spec: JobSpec) -> None:
         w = spec.weight
         if not math.isfinite(w) or not 0 < w <= WEIGHT_MAX:
             raise SpecError("weight", w, f"weight={w!r} must be a number in (0, {WEIGHT_MAX:g}].")
+
+
+def _check_lifecycle(spec: JobSpec) -> None:
+    """kind, init_from, after, eval and train.eval_every (issue 17). Whether the jobs they
+    name exist and hold a checkpoint is the controller's check at submit (core.py)."""
+    kind = job_kind(spec)
+    if spec.HasField("init_from"):
+        init = spec.init_from
+        has_job, has_path = init.HasField("job"), init.HasField("checkpoint")
+        if has_job == has_path:
+            raise SpecError(
+                "init_from",
+                None,
+                "init_from must name exactly one of init_from.job (a job's name or id) and "
+                "init_from.checkpoint (a checkpoint folder).",
+            )
+        if has_job and not init.job:
+            raise SpecError("init_from.job", "", "init_from.job='' must name a job.")
+        if has_path and not init.checkpoint:
+            raise SpecError("init_from.checkpoint", "", "init_from.checkpoint='' must be a folder.")
+        if init.HasField("step"):
+            if has_path:
+                raise SpecError(
+                    "init_from.step",
+                    init.step,
+                    f"init_from.step={init.step} only applies to init_from.job (a checkpoint "
+                    "folder holds one step).",
+                )
+            if init.step < 0:
+                raise SpecError(
+                    "init_from.step", init.step, f"init_from.step={init.step} must be >= 0."
+                )
+    elif kind == "eval":
+        raise SpecError(
+            "init_from",
+            None,
+            "kind='eval' needs init_from: the job or checkpoint whose parameters it evaluates.",
+        )
+    seen = set()
+    for i, ref in enumerate(spec.after):
+        if not ref:
+            raise SpecError(f"after[{i}]", ref, f"after[{i}]='' must name a job.")
+        if ref in seen:
+            raise SpecError(f"after[{i}]", ref, f"after[{i}]={quote(ref)} is listed twice.")
+        if ref == spec.name:
+            raise SpecError(
+                f"after[{i}]",
+                ref,
+                f"after[{i}]={quote(ref)} is the job itself: a dependency cycle.",
+            )
+        seen.add(ref)
+    if spec.HasField("init_from") and spec.init_from.job == spec.name:
+        raise SpecError(
+            "init_from.job",
+            spec.init_from.job,
+            f"init_from.job={quote(spec.init_from.job)} is the job itself: a dependency cycle.",
+        )
+    every = spec.train.eval_every
+    if spec.train.HasField("eval_every") and every < 0:
+        raise SpecError(
+            "train.eval_every", every, f"train.eval_every={every} must be >= 0 (0: never)."
+        )
+    eval_settings(spec)  # each field's range

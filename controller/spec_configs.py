@@ -260,6 +260,61 @@ def _optim_value(name: str, value: Any) -> Any:
     return value
 
 
+KINDS = ("train", "eval")
+DEFAULT_EVAL_SHOTS = 0
+DEFAULT_EVAL_MAX_EXAMPLES = 200
+EVAL_MAX_SHOTS = 32
+EVAL_SPLITS = ("heldout", "train")
+
+
+def job_kind(spec: JobSpec) -> str:
+    """`kind`: `train` (the default) or `eval`.
+
+    Raises:
+        SpecError: another value.
+    """
+    kind = spec.kind if spec.HasField("kind") else "train"
+    if kind not in KINDS:
+        raise SpecError("kind", kind, f"kind={quote(kind)} is not one of {', '.join(KINDS)}.")
+    return kind
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """`eval:` with its defaults: k-shot prompts, examples per source, split."""
+
+    shots: int = DEFAULT_EVAL_SHOTS
+    max_examples: int = DEFAULT_EVAL_MAX_EXAMPLES
+    split: str = "heldout"
+
+
+def eval_settings(spec: JobSpec) -> EvalSettings:
+    """The spec's `eval:` settings, defaults for unset fields.
+
+    Raises:
+        SpecError: a value out of range, naming the field.
+    """
+    e = spec.eval
+    shots = e.shots if e.HasField("shots") else DEFAULT_EVAL_SHOTS
+    if not 0 <= shots <= EVAL_MAX_SHOTS:
+        raise SpecError(
+            "eval.shots", shots, f"eval.shots={shots} must be in [0, {EVAL_MAX_SHOTS}]."
+        )
+    n = e.max_examples if e.HasField("max_examples") else DEFAULT_EVAL_MAX_EXAMPLES
+    if n <= 0:
+        raise SpecError(
+            "eval.max_examples", n, f"eval.max_examples={n} must be a positive integer."
+        )
+    split = e.split if e.HasField("split") else "heldout"
+    if split not in EVAL_SPLITS:
+        raise SpecError(
+            "eval.split",
+            split,
+            f"eval.split={quote(split)} is not one of {', '.join(EVAL_SPLITS)}.",
+        )
+    return EvalSettings(shots, n, split)
+
+
 def train_config(spec: JobSpec) -> Any:
     """The spec's TrainConfig (steps, global batch, sequence length, seed)."""
     from pathways_lite.model.train import TrainConfig
@@ -267,7 +322,8 @@ def train_config(spec: JobSpec) -> Any:
     train = spec.train
     try:
         return TrainConfig(
-            steps=train.steps,
+            # An eval job takes no step: train.steps is ignored.
+            steps=train.steps if job_kind(spec) == "train" else 1,
             global_batch=train.global_batch,
             seq_len=train.seq_len,
             seed=train.seed if train.HasField("seed") else 0,

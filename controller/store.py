@@ -34,12 +34,13 @@ from .states import (
     TERMINAL_STATES,
     TRANSITIONS,
     AmbiguousJobError,
+    CheckpointState,
     IllegalTransitionError,
     JobNotFoundError,
     JobState,
     StoreError,
 )
-from .store_progress import ProgressTables
+from .store_progress import Checkpoint, ProgressTables
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,21 @@ DB_NAME = "controller.db"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRow:
+    """One source's evaluation (a row of the evals table)."""
+
+    source: str
+    loss: float
+    perplexity: float
+    exact_match: float | None
+    token_f1: float | None
+    examples: int
+    step: int = 0
+    shots: int = 0
+    time_us: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +294,62 @@ class JobStore(ProgressTables):
         if row is None:
             raise JobNotFoundError(f"job {spec_lib.quote(job_id)} does not exist.")
         return _job_from_row(row)
+
+    def checkpoint_by_path(self, path: str) -> Checkpoint | None:
+        """The committed checkpoint registered at `path` (trailing slashes ignored), or None."""
+        with self._mutex:
+            row = self._conn.execute(
+                "SELECT job_id, generation, step, path, state, created_us FROM checkpoints "
+                "WHERE path = ? AND state = ?",
+                (path.rstrip("/") or path, CheckpointState.COMMITTED.value),
+            ).fetchone()
+        if row is None:
+            return None
+        return Checkpoint(row[0], int(row[1]), int(row[2]), row[3], CheckpointState(row[4]), row[5])
+
+    def record_eval(self, job_id: str, step: int, shots: int, sources: list[EvalRow]) -> None:
+        """Store one evaluation of a job (one row per source) with an `eval` event.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        with self._transaction() as conn:
+            self._require_job(conn, job_id)
+            now = self._clock_us()
+            for r in sources:
+                conn.execute(
+                    "INSERT INTO evals (job_id, step, shots, source, loss, perplexity, "
+                    "exact_match, token_f1, examples, time_us) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        step,
+                        shots,
+                        r.source,
+                        r.loss,
+                        r.perplexity,
+                        r.exact_match,
+                        r.token_f1,
+                        r.examples,
+                        now,
+                    ),
+                )
+            summary = ", ".join(f"{r.source} loss {r.loss:.4f}" for r in sources)
+            self._insert_event(
+                conn, job_id, now, "eval", f"Evaluated at step {step} ({shots}-shot): {summary}."
+            )
+
+    def evals(self, job_id: str) -> list[EvalRow]:
+        """A job's evaluations, per source, oldest first."""
+        with self._mutex:
+            rows = self._conn.execute(
+                "SELECT step, shots, source, loss, perplexity, exact_match, token_f1, examples, "
+                "time_us FROM evals WHERE job_id = ? ORDER BY id",
+                (job_id,),
+            ).fetchall()
+        return [
+            EvalRow(r[2], r[3], r[4], r[5], r[6], int(r[7]), int(r[0]), int(r[1]), r[8])
+            for r in rows
+        ]
 
     def find_job(self, ref: str) -> JobRecord:
         """The one job a user means by `ref`: the job with that id, else the one job with

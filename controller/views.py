@@ -23,6 +23,7 @@ from google.protobuf import timestamp_pb2
 
 from pathways_lite.v1 import controller_pb2
 
+from . import lineage
 from . import spec as spec_lib
 from .islands import Island
 from .resolved import ResolvedJob
@@ -68,8 +69,10 @@ def job_record_proto(
         steps_completed=store.steps_completed(record.id),
     )
     job.spec.CopyFrom(record.spec)
+    job.depends_on.extend(lineage.dependencies(record.spec))
     if include_losses:
         job.losses.extend(store.losses(record.id))
+        job.evals.extend(eval_protos(store.evals(record.id)))
     job.created_at.CopyFrom(timestamp_us(record.created_us))
     job.updated_at.CopyFrom(timestamp_us(record.updated_us))
     if record.started_us is not None:
@@ -77,6 +80,55 @@ def job_record_proto(
     if record.finished_us is not None:
         job.finished_at.CopyFrom(timestamp_us(record.finished_us))
     return job
+
+
+def eval_protos(rows: Sequence[Any]) -> list[controller_pb2.EvalResult]:
+    """The store's per-source eval rows grouped into one EvalResult per evaluation."""
+    out: list[controller_pb2.EvalResult] = []
+    for row in rows:
+        if (
+            not out
+            or (out[-1].step, out[-1].shots) != (row.step, row.shots)
+            or (row.source in out[-1].sources)
+        ):
+            out.append(
+                controller_pb2.EvalResult(
+                    step=row.step, shots=row.shots, time=timestamp_us(row.time_us)
+                )
+            )
+        entry = out[-1].sources[row.source]
+        entry.loss, entry.perplexity, entry.examples = row.loss, row.perplexity, row.examples
+        if row.exact_match is not None:
+            entry.exact_match = row.exact_match
+        if row.token_f1 is not None:
+            entry.token_f1 = row.token_f1
+    return out
+
+
+def eval_json(result: controller_pb2.EvalResult) -> dict[str, Any]:
+    """One evaluation as `pathways-lite eval --json` and the dashboard show it."""
+    sources = {}
+    for name, e in sorted(result.sources.items()):
+        entry: dict[str, Any] = {
+            "loss": _finite(e.loss),
+            "perplexity": _finite(e.perplexity),
+            "examples": e.examples,
+        }
+        if e.HasField("exact_match"):
+            entry["exact_match"] = e.exact_match
+        if e.HasField("token_f1"):
+            entry["token_f1"] = e.token_f1
+        sources[name] = entry
+    return {"step": result.step, "shots": result.shots, "sources": sources}
+
+
+INIT_EVENT_PREFIX = "Parameters from checkpoint "
+
+
+def init_path(message: str) -> str:
+    """The checkpoint folder an `init` event names."""
+    rest = message[len(INIT_EVENT_PREFIX) :] if message.startswith(INIT_EVENT_PREFIX) else ""
+    return rest.split(" (", 1)[0]
 
 
 def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
@@ -106,6 +158,15 @@ def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
         "created": _seconds(job, "created_at"),
         "started": _seconds(job, "started_at"),
         "finished": _seconds(job, "finished_at"),
+        "kind": spec_lib.job_kind(job.spec),
+        "depends_on": list(job.depends_on),
+        "init_from": (
+            job.spec.init_from.job or job.spec.init_from.checkpoint
+            if job.spec.HasField("init_from")
+            else None
+        ),
+        "init_checkpoint": job.init_checkpoint,
+        "evals": [eval_json(e) for e in job.evals],
     }
 
 
@@ -275,6 +336,8 @@ class Views:
                 )
                 if event.kind in ("restore", "resume"):  # recovery.py's load
                     job.resumed_from_step = resumed_step(event.message)
+                if event.kind == "init":  # jobs.py: the init_from checkpoint it started from
+                    job.init_checkpoint = init_path(event.message)
         if record.state == JobState.QUEUED:
             if queued is None:
                 queued = self.store.jobs_in_states([JobState.QUEUED])
@@ -304,7 +367,7 @@ class Views:
     def why(self, record: JobRecord) -> str:
         """One sentence: why the job is (not) running."""
         if record.state == JobState.QUEUED:
-            return self.pending.get(record.id, WAITING)
+            return self.pending.get(record.id, WAITING)  # admission.py says which jobs it waits for
         if record.state == JobState.RUNNING:
             islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
             return f"Running on {islands}."

@@ -15,6 +15,7 @@ from typing import Any
 from pathways_lite.cli_common import CliError, print_json, print_table
 from pathways_lite.cli_follow import follow
 from pathways_lite.cli_jobs import (
+    add_eval_command,
     add_job_listing_options,
     cmd_jobs,
     cmd_logs,
@@ -156,9 +157,20 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from pathways_lite.client import state_name
     from pathways_lite.spec import load_spec_file
 
-    spec = load_spec_file(args.spec, validate=True)
+    specs = [load_spec_file(path, validate=True) for path in args.spec]
     client = _client(args)
-    job = client.submit(spec)
+    if len(specs) > 1:  # a chain: later files may name earlier ones in after / init_from
+        jobs = client.submit_chain(specs)
+        for job in jobs[:-1]:
+            if not args.json:
+                print(f"submitted {job.id} ({state_name(job.state)})")
+            elif not (args.wait or args.follow):
+                print_job(job, True)
+            if args.wait and not args.follow:
+                client.wait(job.id)
+        job = jobs[-1]
+    else:
+        job = client.submit(specs[0])
     if not args.json:
         print(f"submitted {job.id} ({state_name(job.state)})")
     if args.follow and not args.json:
@@ -446,8 +458,12 @@ def add_cluster_commands(sub) -> None:
         default=300.0,
         help="seconds the old token and secret stay accepted (default 300)",
     )
-    submit = add("submit", "submit a job spec (YAML)", _cmd_submit)
-    submit.add_argument("spec", help="the job spec file")
+    submit = add("submit", "submit job specs (YAML); several files make a chain", _cmd_submit)
+    submit.add_argument(
+        "spec",
+        nargs="+",
+        help="the job spec files; a later file's after / init_from.job may name an earlier one",
+    )
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
     submit.add_argument(
         "--follow",
@@ -481,6 +497,7 @@ def add_cluster_commands(sub) -> None:
     sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_eval_command(add)
     dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)
     dash.add_argument("--open", action="store_true", help="also open it in a browser")
     health = add(

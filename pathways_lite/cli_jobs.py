@@ -1,4 +1,4 @@
-"""The `pathways-lite` commands that show jobs: `jobs`, `status` and `logs`.
+"""The `pathways-lite` commands that show jobs: `jobs`, `status`, `logs` and `eval`.
 
 A job is named by its id, its unique name or a unique prefix of its id; the controller
 resolves it (one resolver for every command and the SDK). `jobs` lists the newest first.
@@ -54,6 +54,51 @@ def print_job(job, as_json: bool) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     print_job(_client(args).get(args.job), args.json)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`eval JOB`: the job's newest evaluation per source (`--all`: every one; `--json`:
+    {"step", "sources": {NAME: {"loss", "perplexity", "exact_match", "token_f1",
+    "examples"}}}, exact match and F1 only for text-to-text sources)."""
+    from pathways_lite.client import eval_to_dict
+
+    job = _client(args).get(args.job)
+    results = [eval_to_dict(e) for e in job.evals]
+    if not results:
+        print(
+            f"pathways-lite: error: job {job.id} has no evaluation yet (kind: eval jobs and "
+            "train.eval_every record them).",
+            file=sys.stderr,
+        )
+        return 1
+    shown = results if args.all else results[-1:]
+    if args.json:
+        print_json(shown if args.all else shown[0])
+        return 0
+    rows = []
+    for r in shown:
+        for name, e in r["sources"].items():
+            rows.append(
+                (
+                    r["step"],
+                    r["shots"],
+                    name,
+                    f"{e['loss']:.4f}",
+                    f"{e['perplexity']:.2f}",
+                    "-" if "exact_match" not in e else f"{e['exact_match']:.3f}",
+                    "-" if "token_f1" not in e else f"{e['token_f1']:.3f}",
+                    e["examples"],
+                )
+            )
+    print_table(rows, header=("step", "shots", "source", "loss", "ppl", "exact", "f1", "examples"))
+    return 0
+
+
+def add_eval_command(add) -> None:
+    """Register `eval` with the CLI's `add(name, help, fn)`."""
+    ev = add("eval", "print a job's evaluation (loss, perplexity, exact match, F1)", cmd_eval)
+    ev.add_argument("job", help="the job: its id, its name or a unique id prefix")
+    ev.add_argument("--all", action="store_true", help="every evaluation, oldest first")
 
 
 def duration(job, now: datetime.datetime | None = None) -> str:

@@ -72,6 +72,10 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
             for e in job.events
         ],
         "resumed_from_step": (job.resumed_from_step if job.HasField("resumed_from_step") else None),
+        "kind": job.spec.kind or "train",
+        "depends_on": list(job.depends_on),
+        "init_checkpoint": job.init_checkpoint,
+        "evals": [eval_to_dict(e) for e in job.evals],
     }
     if job.HasField("last_metrics"):
         out["last_metrics"] = metrics_to_dict(job.last_metrics)
@@ -79,6 +83,25 @@ def job_to_dict(job: controller_pb2.Job) -> dict[str, Any]:
         if job.HasField(name):
             out[name] = getattr(job, name).ToJsonString()
     return out
+
+
+def eval_to_dict(result: controller_pb2.EvalResult) -> dict[str, Any]:
+    """One evaluation as `pathways-lite eval --json` prints it: {"step", "shots", "sources":
+    {name: {"loss", "perplexity", "examples"[, "exact_match", "token_f1"]}}} (exact match
+    and token F1 only for text-to-text sources)."""
+    sources: dict[str, Any] = {}
+    for name, e in sorted(result.sources.items()):
+        entry: dict[str, Any] = {
+            "loss": e.loss,
+            "perplexity": e.perplexity,
+            "examples": e.examples,
+        }
+        if e.HasField("exact_match"):
+            entry["exact_match"] = e.exact_match
+        if e.HasField("token_f1"):
+            entry["token_f1"] = e.token_f1
+        sources[name] = entry
+    return {"step": result.step, "shots": result.shots, "sources": sources}
 
 
 def metrics_to_dict(m: controller_pb2.StepMetrics) -> dict[str, Any]:
@@ -205,6 +228,25 @@ class ControllerClient:
             spec=spec, validate_only=validate_only, request_id=request_id
         )
         return self._call(self._stub.SubmitJob, request).job
+
+    def submit_chain(self, specs: list[controller_pb2.JobSpec]) -> list[controller_pb2.Job]:
+        """Submit the specs of one chain (`submit a.yaml b.yaml ...`): a spec whose `after`
+        or `init_from.job` names another spec of the chain is submitted after it, with that
+        reference replaced by its id. Returns the jobs in the order of `specs`.
+
+        Raises:
+            SpecError: two specs share a name, or their references close a cycle; nothing
+                is submitted then.
+        """
+        from pathways_lite.spec import chain_order, with_job_ids
+
+        jobs: dict[int, controller_pb2.Job] = {}
+        ids: dict[str, str] = {}
+        for i in chain_order(specs):
+            job = self.submit(with_job_ids(specs[i], ids))
+            ids[specs[i].name] = job.id
+            jobs[i] = job
+        return [jobs[i] for i in range(len(specs))]
 
     def get(self, job_id: str) -> controller_pb2.Job:
         return self._call(self._stub.GetJob, controller_pb2.GetJobRequest(job_id=job_id)).job

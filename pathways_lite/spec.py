@@ -315,3 +315,73 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:  # lone surrogates
         return False
     return True
+
+
+def _references(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, job reference) of a spec's `after` and `init_from.job`."""
+    refs = [(f"after[{i}]", ref) for i, ref in enumerate(spec.after)]
+    if spec.init_from.HasField("job"):
+        refs.append(("init_from.job", spec.init_from.job))
+    return refs
+
+
+def chain_order(specs: list[JobSpec]) -> list[int]:
+    """The order to submit the specs of one `submit a.yaml b.yaml ...` call in: a spec whose
+    `after` or `init_from.job` names another spec of the call comes after it (file order
+    otherwise). References to jobs outside the call are left to the controller.
+
+    Raises:
+        SpecError: two specs of the call share a name, or the references close a cycle
+            (the message walks it).
+    """
+    index: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in index:
+            raise SpecError(
+                "name",
+                spec.name,
+                f"name={quote(spec.name)} is given to two specs of this submission (files "
+                f"{index[spec.name] + 1} and {i + 1}): a chain names each job once.",
+            )
+        index[spec.name] = i
+    edges = {
+        i: [(field, ref, index[ref]) for field, ref in _references(s) if ref in index]
+        for i, s in enumerate(specs)
+    }
+    order: list[int] = []
+    state: dict[int, str] = {}
+
+    def visit(i: int, path: list[tuple[int, str, str]]) -> None:
+        if state.get(i) == "done":
+            return
+        if state.get(i) == "open":
+            start = next(k for k, (j, _, _) in enumerate(path) if j == i)
+            cycle = path[start:]
+            walk = " -> ".join(specs[j].name for j, _, _ in cycle) + f" -> {specs[i].name}"
+            _, field, ref = cycle[-1]
+            raise SpecError(
+                field,
+                ref,
+                f"{field}={quote(ref)} in job {specs[cycle[-1][0]].name!r} closes a "
+                f"dependency cycle: {walk}.",
+            )
+        state[i] = "open"
+        for field, ref, j in edges[i]:
+            visit(j, [*path, (i, field, ref)])
+        state[i] = "done"
+        order.append(i)
+
+    for i in range(len(specs)):
+        visit(i, [])
+    return order
+
+
+def with_job_ids(spec: JobSpec, ids: dict[str, str]) -> JobSpec:
+    """A copy of `spec` whose references to jobs of the same submission (by name) are ids."""
+    out = JobSpec()
+    out.CopyFrom(spec)
+    for i, ref in enumerate(out.after):
+        out.after[i] = ids.get(ref, ref)
+    if out.init_from.HasField("job"):
+        out.init_from.job = ids.get(out.init_from.job, out.init_from.job)
+    return out

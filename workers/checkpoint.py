@@ -198,6 +198,74 @@ def restore(path: str, params_like: Any, opt_like: Any, param_shardings: Any, op
     return params, opt, step
 
 
+def restore_params(path: str, params_like: Any, param_shardings: Any) -> tuple[Any, int]:
+    """Read only the parameters of a checkpoint onto this mesh (fine-tuning): (params, step).
+    The optimizer state is not read, so the new job's optimizer may differ from the one that
+    wrote it; a job of another mesh or island count reads it with its own shardings.
+
+    Raises:
+        CheckpointError: the folder is missing, not finalised, or holds parameters of other
+            shapes (named by leaf and shape).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    if not is_committed(path):
+        raise CheckpointError(f"checkpoint {path!r} is missing or was never committed.")
+    leaves, treedef = jax.tree_util.tree_flatten(params_like)
+    shardings = jax.tree_util.tree_leaves(param_shardings)
+    if len(shardings) != len(leaves):
+        raise CheckpointError(f"{len(shardings)} shardings for {len(leaves)} leaves.")
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            meta = checkpointer.metadata(path)
+            tree_meta = getattr(meta, "item_metadata", meta)
+            tree_meta = getattr(tree_meta, "tree", tree_meta)
+            stored = tree_meta["params"]
+            if len(stored) != len(leaves):
+                raise CheckpointError(
+                    f"checkpoint {path!r} holds {len(stored)} parameter arrays; this model has "
+                    f"{len(leaves)}: init_from needs a model of the same shape."
+                )
+            for i, leaf in enumerate(leaves):
+                shape = tuple(stored[f"{i:05d}"].shape)
+                if shape != tuple(leaf.shape):
+                    raise CheckpointError(
+                        f"checkpoint {path!r}: parameter {i} has shape {shape}, this model's "
+                        f"{tuple(leaf.shape)}: init_from needs a model of the same shape."
+                    )
+            item = {
+                "params": {
+                    f"{i:05d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s)
+                    for i, (leaf, s) in enumerate(zip(leaves, shardings, strict=True))
+                },
+                "step": np.asarray(0, np.int64),
+            }
+            restore_args = {
+                "params": {
+                    f"{i:05d}": ocp.ArrayRestoreArgs(
+                        sharding=s, global_shape=leaf.shape, dtype=leaf.dtype
+                    )
+                    for i, (leaf, s) in enumerate(zip(leaves, shardings, strict=True))
+                },
+                "step": ocp.RestoreArgs(restore_type=np.ndarray),
+            }
+            tree = checkpointer.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path!r} does not read back: {e!r}"[:2000]) from e
+    params = jax.tree_util.tree_unflatten(
+        treedef, [tree["params"][f"{i:05d}"] for i in range(len(leaves))]
+    )
+    return params, int(np.asarray(tree["step"]))
+
+
 class JobCheckpoints:
     """The checkpoint policy of one loaded job on this host, and its writer.
 
@@ -279,6 +347,28 @@ def restore_job(runtime: JobRuntime, path: str) -> int:
         )
     try:
         return runtime.restore_checkpoint(path)
+    except CheckpointError:
+        runtime.unload()
+        raise
+
+
+def init_job(runtime: JobRuntime, path: str) -> int:
+    """Fine-tuning: replace a freshly loaded runtime's parameters by a checkpoint's (its
+    optimizer state stays fresh); on failure unload it and raise. Returns the checkpoint's
+    step.
+
+    Raises:
+        JobSpecError: the runtime has no checkpoints (INVALID_ARGUMENT).
+        CheckpointError: the checkpoint is missing, half-written, corrupt or of another
+            shape (DATA_LOSS).
+    """
+    if not hasattr(runtime, "init_params_from"):
+        runtime.unload()
+        raise JobSpecError(
+            f"init_from={path!r}: model.preset={runtime.spec.preset!r} has no checkpoints."
+        )
+    try:
+        return runtime.init_params_from(path)
     except CheckpointError:
         runtime.unload()
         raise

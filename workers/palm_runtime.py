@@ -128,6 +128,33 @@ class _Resident:
     apply_exec: Any
 
 
+TASK_SOURCES = ("stdlib-tasks", "text2text")
+
+
+def eval_sources(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sources an evaluation scores, from a prepared dataset's data spec: a mixture's
+    entries (`data.mixture`) or the one source; `kind` "text2text" for task sources, else
+    "lm". Names: the task (`stdlib-tasks`), the source otherwise, made unique by index."""
+    entries = list(data.get("mixture") or []) or [data]
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        source = entry.get("source", "stdlib") or "stdlib"
+        task = entry.get("task") or None
+        name = task or source
+        if any(o["name"] == name for o in out):
+            name = f"{name}-{i}"
+        out.append(
+            {
+                "name": name,
+                "kind": "text2text" if source in TASK_SOURCES else "lm",
+                "source": source,
+                "task": task,
+                "paths": list(entry.get("paths") or ()),
+            }
+        )
+    return out
+
+
 class PalmRuntime(JobRuntime):
     """A PaLM job on an island: the reference trainer's StepFunctions on the island's mesh.
 
@@ -511,6 +538,85 @@ class PalmRuntime(JobRuntime):
                 leaf.delete()
         logger.info("job %s restored %s (step %d)", self.spec.job_id, path, step)
         return step
+
+    def init_params_from(self, path: str) -> int:
+        """Fine-tuning (LoadJob's init_from): replace the seed's parameters by a committed
+        checkpoint's, read onto this island's mesh with its own shardings; the optimizer
+        state stays fresh and the step 0. Returns the checkpoint's step.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, half-written, corrupt, or holds
+                parameters of another shape.
+        """
+        import jax
+
+        from .checkpoint import restore_params
+
+        resident = self._loaded()
+        old = resident.state
+        params_like = jax.eval_shape(lambda: old.params)
+        params, step = restore_params(path, params_like, self.fns.param_shardings)
+        for leaf in jax.tree_util.tree_leaves(old.params):
+            if hasattr(leaf, "delete") and not leaf.is_deleted():
+                leaf.delete()
+        resident.state = dataclasses.replace(old, params=params)
+        logger.info(
+            "job %s starts from the parameters of %s (step %d)", self.spec.job_id, path, step
+        )
+        return step
+
+    def evaluate(self, *, max_examples: int, shots: int, split: str) -> tuple[int, list[Any]]:
+        """Score the current parameters on the job's sources (model/evaluate.py): every host
+        of the island runs the same program. Returns (steps applied, [SourceScore]).
+
+        Language-model sources are scored on the first `max_examples` examples of the job's
+        prepared data; text-to-text sources on `split` of their pairs, with `shots` training
+        pairs before each input.
+        """
+        from pathways_lite.model import evaluate as ev
+
+        state = self._loaded().state
+        self._open_data()
+        place = self.place_batch
+        rows = self.spec.island_batch
+        scores = []
+        for source in eval_sources(self.dataset.manifest.get("spec", {})):
+            if source["kind"] == "lm":
+                scores.append(
+                    ev.evaluate_lm(
+                        self.fns,
+                        state.params,
+                        self.dataset,
+                        source["name"],
+                        max_examples=max_examples,
+                        batch_rows=rows,
+                        place=place,
+                    )
+                )
+                continue
+            from pathways_lite.model.corpus import DataError
+            from pathways_lite.model.tasks import task_pairs
+
+            try:
+                pairs = task_pairs(source["source"], source["task"], source["paths"], split)
+                pool = task_pairs(source["source"], source["task"], source["paths"], "train")
+            except DataError as e:
+                raise JobSpecError(f"evaluating {source['name']!r}: {e}") from None
+            scores.append(
+                ev.evaluate_text2text(
+                    self.fns,
+                    state.params,
+                    self.dataset.tokenizer,
+                    source["name"],
+                    pairs[:max_examples],
+                    pool[: max(1, 4 * shots)] if shots else [],
+                    shots=shots,
+                    seq_len=self.spec.seq_len,
+                    batch_rows=rows,
+                    place=place,
+                )
+            )
+        return int(state.step), scores
 
     def unload(self) -> None:
         import jax

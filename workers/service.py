@@ -26,7 +26,7 @@ from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 from . import exchange_service, rpc
 from .auth import Credential, host_auth
-from .checkpoint import CheckpointError, CheckpointWriteError, JobCheckpoints, restore_job
+from .checkpoint import CheckpointError, CheckpointWriteError, JobCheckpoints, init_job, restore_job
 from .exchange import (
     MAX_MESSAGE_BYTES,
     DigestMismatchError,
@@ -296,6 +296,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 compile_s = time.perf_counter() - started
                 if request.restore_from and not request.dry_run:
                     await self._on_runtime_thread(restore_job, runtime, request.restore_from)
+                elif request.init_from and not request.dry_run:
+                    await self._on_runtime_thread(init_job, runtime, request.init_from)
         else:
             compile_s = time.perf_counter() - started
         reply = worker_pb2.LoadJobReply(
@@ -513,6 +515,42 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             steps_applied=result.steps_applied,
             seconds=result.seconds,
         )
+
+    @_rpc
+    async def Evaluate(self, request: worker_pb2.EvaluateRequest, context) -> Any:
+        """Score a loaded job's current parameters on its sources, between its steps."""
+        job = self._job(request.job_id)
+        if not hasattr(job.runtime, "evaluate"):
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"job {request.job_id!r} (model {job.spec.preset!r}) cannot be evaluated.",
+            )
+        if request.max_examples <= 0:
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_examples={request.max_examples} must be positive.",
+            )
+        started = time.perf_counter()
+        async with self._lock:
+            steps, scores = await self._on_runtime_thread(
+                job.runtime.evaluate,
+                max_examples=request.max_examples,
+                shots=request.shots,
+                split=request.split or "heldout",
+            )
+        reply = worker_pb2.EvaluateReply(
+            job_id=request.job_id, steps_applied=steps, seconds=time.perf_counter() - started
+        )
+        for score in scores:
+            reply.sources.add(
+                name=score.name,
+                loss=score.loss,
+                examples=score.examples,
+                text_to_text=score.exact_match is not None,
+                exact_match=score.exact_match or 0.0,
+                token_f1=score.token_f1 or 0.0,
+            )
+        return reply
 
     @_rpc
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> Any:
