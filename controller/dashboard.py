@@ -33,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from pathways_lite.v1 import controller_pb2
 
+from . import lineage
 from . import spec as spec_lib
 from .core import Controller
 from .dashboard_auth import token_middleware
@@ -40,7 +41,7 @@ from .dashboard_stream import EventStreams
 from .prometheus import controller_registry
 from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
 from .store import JobRecord
-from .views import job_summary, step_point
+from .views import eval_json, eval_protos, init_path, job_summary, step_point
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ MAX_PAGE_SIZE = 200
 # How far back the islands' timeline reaches, and how many log records a job page starts with.
 TIMELINE_WINDOW_S = 120.0
 LOG_TAIL = 200
+# The job page lists the jobs that come after a job among this many newest jobs.
+CHAIN_SCAN = 200
 PRUNE_EVERY_S = 600.0
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
@@ -322,6 +325,43 @@ class Dashboard:
             "spec": json.loads(
                 json_format.MessageToJson(record.spec, preserving_proto_field_name=True)
             ),
+            "evals": [eval_json(e) for e in eval_protos(self.controller.store.evals(record.id))],
+            "chain": self.chain(record),
+        }
+
+    def chain(self, record: JobRecord) -> dict[str, Any]:
+        """Where the job sits in its chain: the jobs it waits for, the checkpoint its
+        parameters came from (init_from), and the newest jobs that come after it."""
+        store = self.controller.store
+
+        def brief(job_id: str) -> dict[str, Any]:
+            try:
+                other = store.get_job(job_id)
+            except StoreError:
+                return {"id": job_id, "name": "", "state": "pruned"}
+            return {"id": other.id, "name": other.name, "state": other.state.value}
+
+        init: dict[str, Any] | None = None
+        spec = record.spec
+        if spec.HasField("init_from"):
+            init = {"job": None, "checkpoint": spec.init_from.checkpoint or None, "step": None}
+            if spec.init_from.HasField("job"):
+                init["job"] = brief(spec.init_from.job)
+            if spec.init_from.HasField("step"):
+                init["step"] = spec.init_from.step
+            for event in store.events(record.id):
+                if event.kind == "init":
+                    init["checkpoint"] = init_path(event.message)
+        later, _ = store.list_jobs(page_size=CHAIN_SCAN, newest_first=True)
+        children = []
+        for other in later:
+            if record.id in lineage.dependencies(other.spec):
+                how = "init_from" if other.spec.init_from.job == record.id else "after"
+                children.append({**brief(other.id), "how": how})
+        return {
+            "after": [brief(j) for j in spec.after],
+            "init_from": init,
+            "children": children,
         }
 
     def _metric(

@@ -78,6 +78,7 @@ class ControllerCollector:
             if s["loss"] is not None:
                 loss.add_metric(labels, s["loss"])
         yield from (steps, tokens, loss)
+        yield from eval_families(c.store.latest_evals())
 
         islands = self.islands()
         for name, help_text, value in (
@@ -102,6 +103,32 @@ class ControllerCollector:
             for island in islands:
                 family.add_metric([island["id"]], value(island))
             yield family
+
+
+def eval_families(rows: list[tuple[str, str, Any]]) -> list[Metric]:
+    """Each job's newest evaluation per source (kind: eval jobs, train.eval_every): loss,
+    perplexity, and for text-to-text sources exact match and token F1; with the step."""
+    labels = ["job", "name", "source"]
+    fams = {
+        key: GaugeMetricFamily(f"pathways_lite_job_eval_{key}", help_text, labels=labels)
+        for key, help_text in (
+            ("loss", "Mean token loss of each job's newest evaluation, per source."),
+            ("perplexity", "Perplexity (exp of the loss) of each job's newest evaluation."),
+            ("exact_match", "Greedy-decoded exact match of text-to-text sources, in [0, 1]."),
+            ("token_f1", "Greedy-decoded token F1 of text-to-text sources, in [0, 1]."),
+            ("step", "Optimizer steps applied to the parameters of the newest evaluation."),
+        )
+    }
+    for job_id, name, row in rows:
+        key = [job_id, name, row.source]
+        fams["loss"].add_metric(key, row.loss)
+        fams["perplexity"].add_metric(key, row.perplexity)
+        fams["step"].add_metric(key, row.step)
+        if row.exact_match is not None:
+            fams["exact_match"].add_metric(key, row.exact_match)
+        if row.token_f1 is not None:
+            fams["token_f1"].add_metric(key, row.token_f1)
+    return list(fams.values())
 
 
 def controller_registry(

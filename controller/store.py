@@ -351,6 +351,25 @@ class JobStore(ProgressTables):
             for r in rows
         ]
 
+    def latest_evals(self) -> list[tuple[str, str, EvalRow]]:
+        """(job id, job name, row) of the newest evaluation of every job and source (what
+        /metrics exports), by job id then source."""
+        with self._mutex:
+            rows = self._conn.execute(
+                "SELECT e.job_id, j.name, e.step, e.shots, e.source, e.loss, e.perplexity, "
+                "e.exact_match, e.token_f1, e.examples, e.time_us FROM evals e "
+                "JOIN jobs j ON j.id = e.job_id WHERE e.id IN "
+                "(SELECT MAX(id) FROM evals GROUP BY job_id, source) ORDER BY e.job_id, e.source"
+            ).fetchall()
+        return [
+            (
+                r[0],
+                r[1],
+                EvalRow(r[4], r[5], r[6], r[7], r[8], int(r[9]), int(r[2]), int(r[3]), r[10]),
+            )
+            for r in rows
+        ]
+
     def find_job(self, ref: str) -> JobRecord:
         """The one job a user means by `ref`: the job with that id, else the one job with
         that name, else the one job whose id starts with it (the resolver of every place a

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+import urllib.request
 
 import grpc
 import pytest
 
 from pathways_lite import cli
 from pathways_lite.client import ClientError, ControllerClient, state_name
+from pathways_lite.controller import auth
 from pathways_lite.spec import SpecError, chain_order, load_spec_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -102,6 +105,29 @@ def test_a_chain_fine_tunes_from_a_checkpoint_on_another_mesh_and_evaluates_it(
     printed = json.loads(out)
     assert printed["step"] == 2 and set(printed["sources"]) == {"stdlib"}
     assert set(printed["sources"]["stdlib"]) == {"loss", "perplexity", "examples"}
+    assert printed["sources"]["stdlib"]["loss"] == lm.loss
+
+    # The dashboard's job page: the chain both ways, the evaluations; /metrics exports them.
+    base = json.loads((local_cluster.state_dir / "controller.json").read_text())["dashboard"]
+    headers = {"Authorization": auth.bearer(auth.read_token(local_cluster.state_dir / "token"))}
+
+    def get(path: str) -> str:
+        request = urllib.request.Request(base + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read().decode()
+
+    detail = json.loads(get(f"api/jobs/{ft_id}"))
+    chain = detail["chain"]
+    assert chain["init_from"]["job"]["id"] == pre_id
+    assert chain["init_from"]["checkpoint"] == ft.init_checkpoint
+    assert [(c["id"], c["how"]) for c in chain["children"]] == [(ev_id, "init_from")]
+    assert [e["step"] for e in detail["evals"]] == [2]
+    metrics = get("metrics")
+    assert re.search(
+        rf'^pathways_lite_job_eval_loss\{{job="{ev_id}",name="life-ev",source="stdlib"\}} ',
+        metrics,
+        re.M,
+    ), metrics
 
 
 def test_a_job_after_a_cancelled_job_fails_with_its_reason(local_cluster) -> None:

@@ -72,6 +72,56 @@
     if (document.getElementById("follow").checked) logs.scrollTop = logs.scrollHeight;
   }
 
+  // Which job this one came from (init_from's checkpoint), what it waits for, what follows.
+  function renderChain(chain) {
+    const box = document.getElementById("chain");
+    const text = document.getElementById("chain-text");
+    clear(text);
+    const link = (j) => el("a", { href: `/jobs/${encodeURIComponent(j.id)}`, text: `${j.name || j.id} (${j.state})` });
+    const parts = [];
+    if (chain.init_from) {
+      const from = [document.createTextNode("parameters from ")];
+      if (chain.init_from.job) from.push(link(chain.init_from.job), document.createTextNode("'s checkpoint "));
+      else from.push(document.createTextNode("checkpoint "));
+      from.push(el("span", { class: "mono", text: chain.init_from.checkpoint || (chain.init_from.step !== null ? `at step ${chain.init_from.step}` : "(its last, once it succeeds)") }));
+      parts.push(from);
+    }
+    if (chain.after.length) parts.push([document.createTextNode("after "), ...chain.after.flatMap((j, i) => i ? [document.createTextNode(", "), link(j)] : [link(j)])]);
+    if (chain.children.length) parts.push([document.createTextNode("followed by "), ...chain.children.flatMap((j, i) => {
+      const item = [link(j), document.createTextNode(j.how === "init_from" ? " (from its checkpoint)" : " (after)")];
+      return i ? [document.createTextNode(", "), ...item] : item;
+    })]);
+    parts.forEach((p, i) => { if (i) text.append(document.createTextNode(" · ")); text.append(...p); });
+    box.hidden = !parts.length;
+  }
+
+  function renderEvals(evals) {
+    document.getElementById("eval-card").hidden = !evals.length;
+    const tbody = clear(document.querySelector("#evals tbody"));
+    const num = (v, d) => (v === undefined || v === null ? "–" : fmt.num(v, d));
+    for (const e of evals.slice().reverse()) {
+      for (const [name, s] of Object.entries(e.sources)) {
+        tbody.append(el("tr", {}, el("td", { class: "mono", text: String(e.step) }), el("td", { text: String(e.shots) }),
+          el("td", { text: name }), el("td", { text: num(s.loss, 4) }), el("td", { text: num(s.perplexity, 2) }),
+          el("td", { text: num(s.exact_match, 3) }), el("td", { text: num(s.token_f1, 3) }), el("td", { text: String(s.examples) })));
+      }
+    }
+  }
+
+  // The evaluations' loss per source, as markers on the loss chart beside the training loss.
+  function evalTraces(evals) {
+    const bySource = {};
+    for (const e of evals) {
+      for (const [name, s] of Object.entries(e.sources)) {
+        (bySource[name] = bySource[name] || { x: [], y: [] });
+        bySource[name].x.push(e.step);
+        bySource[name].y.push(s.loss);
+      }
+    }
+    return Object.entries(bySource).map(([name, xy]) => ({ type: "scatter", mode: "markers+lines",
+      x: xy.x, y: xy.y, name: `eval ${name}`, line: { dash: "dot", width: 1 }, marker: { size: 8 } }));
+  }
+
   const CHARTS = [
     ["loss-chart", "loss", "#4f8cff", {}],
     ["tps-chart", "tokens_per_s", "#2fbf71", {}],
@@ -81,7 +131,7 @@
   const EMPTY = { annotations: [{ text: "no steps yet", showarrow: false, xref: "paper", yref: "paper",
     x: 0.5, y: 0.5, font: { size: 14, color: "#8a94a6" } }] };
 
-  function initCharts(metrics) {
+  function initCharts(metrics, evals) {
     if (!window.Plotly) return;
     const steps = metrics.map((m) => m.step);
     const line = (color) => ({ type: "scatter", mode: "lines", line: { color, width: 2 } });
@@ -92,6 +142,11 @@
         steps.length ? {} : EMPTY);
       Plotly.newPlot(id, [Object.assign(line(color), { x: steps, y: metrics.map((m) => m[key]), name: key })],
         layout, chartConfig);
+    }
+    const traces = evalTraces(evals || []);
+    if (traces.length) {
+      Plotly.addTraces("loss-chart", traces);
+      Plotly.relayout("loss-chart", { annotations: [], "xaxis.visible": true, "yaxis.visible": true, showlegend: true });
     }
     chartsReady = true;
     lastStep = steps.length ? steps[steps.length - 1] : -1;
@@ -157,7 +212,9 @@
     for (const e of detail.events.slice().reverse()) addEvent(e, false);
     for (const r of detail.logs) addLog(r);
     document.getElementById("spec").textContent = JSON.stringify(detail.spec, null, 2);
-    initCharts(detail.metrics);
+    renderChain(detail.chain);
+    renderEvals(detail.evals);
+    initCharts(detail.metrics, detail.evals);
     for (const m of pendingPoints.splice(0)) onMetrics(m);
     stream(`/api/jobs/${encodeURIComponent(jobId)}/stream`, {
       job: (j) => {
