@@ -17,7 +17,7 @@ from pathways_lite.v1 import controller_pb2
 
 from .spec import SpecError
 
-SOURCES_WITH_PATHS = ("files", "parquet")
+SOURCES_WITH_PATHS = ("files", "parquet", "text2text")
 
 
 def check_data_paths(spec: controller_pb2.JobSpec) -> None:
@@ -27,10 +27,16 @@ def check_data_paths(spec: controller_pb2.JobSpec) -> None:
         SpecError: an entry matches no file or folder, or a URL does not parse.
     """
     data = spec.data
-    if data.source not in SOURCES_WITH_PATHS:
-        return
-    for i, entry in enumerate(data.paths):
-        field = f"data.paths[{i}]"
+    groups = [("data", data.source, data.paths)]
+    groups += [(f"data.mixture[{i}]", e.source, e.paths) for i, e in enumerate(data.mixture)]
+    for prefix, source, paths in groups:
+        if source in SOURCES_WITH_PATHS:
+            _check_paths(prefix, paths)
+
+
+def _check_paths(prefix: str, paths) -> None:
+    for i, entry in enumerate(paths):
+        field = f"{prefix}.paths[{i}]"
         if "://" in entry:
             url = urllib.parse.urlparse(entry)
             if not url.scheme.isidentifier() or not url.netloc:

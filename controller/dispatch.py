@@ -77,6 +77,7 @@ class StepReport:
         step_time_s: from the first host starting the step to the last one finishing it.
         hosts: every host's reply, island by island, host by host.
         checkpoints_committed: steps of the checkpoints island 0's host 0 has committed.
+        loss_stats: a mixture step's global (sum, count) stats (island 0's host 0).
     """
 
     step: int
@@ -85,6 +86,7 @@ class StepReport:
     step_time_s: float
     hosts: tuple[HostStep, ...]
     checkpoints_committed: tuple[int, ...] = ()
+    loss_stats: tuple[float, ...] = ()
 
 
 OnStep = Callable[[StepReport], Awaitable[None] | None]
@@ -230,6 +232,8 @@ class Dispatcher:
                 epoch=self.epoch,
                 checkpoint=checkpoint,
             )
+            if program.mixture is not None:
+                request.mixture_weights.extend(program.mixture.weights_for(step))
             futures = island.call_async("RunStep", request, timeout=self.step_timeout_s)
             for host, future in zip(island.hosts, futures, strict=True):
                 calls.append((island.id, host.info.host_index, future))
@@ -265,6 +269,9 @@ class Dispatcher:
                 while next_step < program.steps and len(pending) < self.window:
                     if should_stop():
                         break
+                    mixture = program.mixture
+                    if pending and mixture is not None and not mixture.ready(next_step):
+                        break  # its weights need the losses of a step still in flight
                     if gate is not None:
                         if not await gate.acquire(program.job_id):
                             break
@@ -285,6 +292,8 @@ class Dispatcher:
                     return completed
                 step, calls = pending.popleft()
                 report = await self._collect(program, step, calls)
+                if program.mixture is not None:
+                    program.mixture.observe(step, report.loss_stats)
                 completed += 1
                 if on_step is not None:
                     result = on_step(report)
@@ -372,6 +381,7 @@ class Dispatcher:
             step_time_s=step_time_s,
             hosts=tuple(hosts),
             checkpoints_committed=tuple(hosts[0].reply.checkpoints_committed),
+            loss_stats=tuple(hosts[0].reply.loss_stats),
         )
 
 

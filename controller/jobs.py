@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -108,13 +109,17 @@ class Reporter:
         except StoreError:
             logger.exception("recording the failure of job %s", job_id)
 
-    def step(self, record: JobRecord, report: StepReport) -> None:
+    def step(self, record: JobRecord, report: StepReport, mixture: Any = None) -> None:
         """Record a completed step: metrics, followers, the islands' timeline, host logs."""
         if record.id in self.views.phases:
             self.phase(record.id, "")
         metrics = self.views.step_metrics(
             record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
         )
+        if report.loss_stats and mixture is not None:
+            losses, tokens = mixture.source_metrics(report.loss_stats)
+            metrics.source_loss.update(losses)
+            metrics.source_tokens.update(tokens)
         self.store.record_metrics(
             record.id,
             report.step,
@@ -270,6 +275,10 @@ class JobRunner:
             except ValueError as e:  # the data's DataError (a missing file...): the user's
                 raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
+            if program.mixture is not None:
+                # Dynamic weights are job events: a restarted run sends the same ones.
+                program.mixture.record = functools.partial(p.store.add_event, job_id)
+                program.mixture.load_events((e.kind, e.message) for e in p.store.events(job_id))
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)
@@ -548,7 +557,7 @@ class JobRunner:
 
     def _step_done(self, report: StepReport) -> None:
         """Record the step, then register the checkpoints it reports committed."""
-        self.parts.reporter.step(self.record, report)
+        self.parts.reporter.step(self.record, report, self._attempt.program.mixture)
         if self._attempt is not None:
             self.parts.recovery.on_step(self._attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from pathways_lite.v1 import worker_pb2
 
@@ -74,6 +75,8 @@ class StepProgram:
         checkpoint_every_s: with a `checkpoint_dir`, also checkpoint after the first step sent
             once this many seconds have passed since the run started or last asked for one
             (0: none by time).
+        mixture: a mixture job's MixtureSchedule (controller/mixture_weights.py): the source
+            names and, for dynamic weights, the weights each step is sent with.
     """
 
     job_id: str
@@ -86,6 +89,7 @@ class StepProgram:
     checkpoint_dir: str = ""
     restore_from: str = ""
     checkpoint_every_s: float = 0.0
+    mixture: Any = None
 
     def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
         """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after

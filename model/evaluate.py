@@ -90,17 +90,6 @@ def mean_loss(
     return total / max(count, 1.0)
 
 
-def evaluate_lm(
-    fns: Any, params: Any, dataset: Any, name: str, *, max_examples: int, batch_rows: int, place
-) -> SourceScore:
-    """A language-model source: mean token loss over its first `max_examples` examples."""
-    n = min(max_examples, dataset.num_examples)
-    rows = dataset.examples(np.arange(n, dtype=np.int64))
-    weights = np.ones((n, rows.shape[1] - 1), np.float32)
-    loss = mean_loss(loss_sums_fn(fns), params, rows, weights, batch_rows, place, fns.mesh)
-    return SourceScore(name, loss, n)
-
-
 # ---- text-to-text ------------------------------------------------------------------------
 
 
@@ -173,25 +162,58 @@ def evaluate_text2text(
     """A text-to-text source: target-token loss, and greedy-decoded exact match and F1 with
     `shots` examples of `shots_pool` before each input (the same k for every input, taken in
     a fixed rotation so the scores are deterministic)."""
-    from .sampling import generate
-
     rows, weights = pair_rows(tokenizer, pairs, seq_len)
     loss = mean_loss(loss_sums_fn(fns), params, rows, weights, batch_rows, place, fns.mesh)
     model = nnx.merge(fns.graphdef, params)
     max_prompt = max(1, model.cfg.max_seq_len - max_new_tokens)
-    em = f1 = 0.0
-    with jax.set_mesh(fns.mesh):
-        for i, pair in enumerate(pairs):
-            chosen = (
-                [shots_pool[(i * shots + j) % len(shots_pool)] for j in range(shots)]
-                if (shots_pool)
-                else []
-            )
-            ids = prompt_ids(tokenizer, chosen, pair.inputs, max_len=max_prompt)
-            out = generate(model, ids, max_new_tokens)
-            out = out[: out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
-            text = tokenizer.decode(out)
-            em += exact_match(text, pair.targets)
-            f1 += token_f1(text, pair.targets)
+    prompts = []
+    for i, pair in enumerate(pairs):
+        chosen = (
+            [shots_pool[(i * shots + j) % len(shots_pool)] for j in range(shots)]
+            if (shots_pool)
+            else []
+        )
+        prompts.append(prompt_ids(tokenizer, chosen, pair.inputs, max_len=max_prompt))
+    decoded = greedy_decode(model, prompts, tokenizer.eos_id, max_new_tokens, fns.mesh)
+    texts = [tokenizer.decode(t) for t in decoded]
+    em = sum(exact_match(t, p.targets) for t, p in zip(texts, pairs, strict=True))
+    f1 = sum(token_f1(t, p.targets) for t, p in zip(texts, pairs, strict=True))
     n = max(1, len(pairs))
     return SourceScore(name, loss, len(pairs), em / n, f1 / n)
+
+
+DECODE_BATCH = 32
+
+
+def bucket(length: int, cap: int) -> int:
+    """The padded prompt length: the next power of two >= 16, at most `cap`."""
+    return min(cap, max(16, 1 << (max(1, length) - 1).bit_length()))
+
+
+def greedy_decode(
+    model: Any, prompts: Sequence[Sequence[int]], eos_id: int, max_new_tokens: int, mesh: Any
+) -> list[list[int]]:
+    """Greedy continuations of token prompts, cut at the first eos.
+
+    Prompts are decoded DECODE_BATCH at a time, each left-padded with eos tokens to a shared
+    power-of-two length: the model reads eos as a document boundary (packed training data),
+    and one compiled program serves every prompt of a bucket.
+    """
+    from .sampling import generate
+
+    cap = max(1, model.cfg.max_seq_len - max_new_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for lo in range(0, len(order), DECODE_BATCH):
+        chunk = order[lo : lo + DECODE_BATCH]
+        width = bucket(max(len(prompts[i]) for i in chunk), cap)
+        batch = np.full((len(chunk), width), eos_id, np.int32)
+        for r, i in enumerate(chunk):
+            ids = list(prompts[i])[-width:]
+            batch[r, width - len(ids) :] = ids
+        with jax.set_mesh(mesh):
+            tokens = np.asarray(generate(model, batch, max_new_tokens))
+        for r, i in enumerate(chunk):
+            row = [int(t) for t in tokens[r]]
+            out[i] = row[: row.index(eos_id)] if eos_id in row else row
+    return out

@@ -14,7 +14,8 @@ Two sources give pairs:
 
   The held-out split is by module: a module (relative path) is held out when the first byte of
   SHA-256("pathways_lite heldout\\0" + path) is below `HELDOUT_BYTE` (about 1 in 10 modules),
-  so no function of a held-out module is ever trained on.
+  so no function of a held-out module is ever trained on; a training pair identical to a
+  held-out one (code copied between modules) is dropped from the training split too.
 
 - `text2text`: user files in `paths`: JSON Lines (`.jsonl`, `.json`: one object per line) or
   tables (`.parquet`, `.arrow`, `.feather`, `.ipc`), each row holding text fields `inputs` and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -94,8 +96,14 @@ def _function_pairs(source: str, task: str) -> Iterator[TextPair]:
             yield TextPair(inputs=textwrap.dedent(body)[:MAX_FIELD_CHARS], targets=first_line)
 
 
+@functools.lru_cache(maxsize=4)
+def _heldout_set(task: str) -> frozenset[TextPair]:
+    return frozenset(_stdlib_pairs(task, "heldout", None))
+
+
 def _stdlib_pairs(task: str, split: str, max_bytes: int | None) -> list[TextPair]:
     root = corpus_lib.stdlib_root()
+    heldout = _heldout_set(task) if split == "train" else frozenset()
     out: list[TextPair] = []
     total = 0
     for rel in corpus_lib.stdlib_files(root):
@@ -106,6 +114,8 @@ def _stdlib_pairs(task: str, split: str, max_bytes: int | None) -> list[TextPair
         except UnicodeDecodeError:
             continue
         for pair in _function_pairs(source, task):
+            if pair in heldout:
+                continue
             size = len(pair.inputs.encode()) + len(pair.targets.encode())
             if max_bytes is not None and total + size > max_bytes:
                 return out

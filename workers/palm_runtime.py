@@ -131,28 +131,29 @@ class _Resident:
 TASK_SOURCES = ("stdlib-tasks", "text2text")
 
 
-def eval_sources(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The sources an evaluation scores, from a prepared dataset's data spec: a mixture's
-    entries (`data.mixture`) or the one source; `kind` "text2text" for task sources, else
-    "lm". Names: the task (`stdlib-tasks`), the source otherwise, made unique by index."""
-    entries = list(data.get("mixture") or []) or [data]
-    out: list[dict[str, Any]] = []
-    for i, entry in enumerate(entries):
-        source = entry.get("source", "stdlib") or "stdlib"
-        task = entry.get("task") or None
-        name = task or source
-        if any(o["name"] == name for o in out):
-            name = f"{name}-{i}"
-        out.append(
-            {
-                "name": name,
-                "kind": "text2text" if source in TASK_SOURCES else "lm",
-                "source": source,
-                "task": task,
-                "paths": list(entry.get("paths") or ()),
-            }
-        )
-    return out
+def eval_sources(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sources an evaluation scores, from a prepared dataset's manifest: a mixture's
+    sources (model/mixture.py: `sources[i]` with its name and entry) or the one plain text
+    source (model/data.py: `spec`). `kind` is "text2text" for task sources, else "lm";
+    `index` is the source's place in a mixture (None for a plain dataset)."""
+    if manifest.get("kind") == "mixture":
+        out = []
+        for i, s in enumerate(manifest["sources"]):
+            entry = s.get("entry", {})
+            source = entry.get("source", "")
+            out.append(
+                {
+                    "name": s["name"],
+                    "kind": "text2text" if source in TASK_SOURCES else "lm",
+                    "source": source,
+                    "task": entry.get("task"),
+                    "paths": list(entry.get("paths") or ()),
+                    "index": i,
+                }
+            )
+        return out
+    spec = manifest.get("spec", {})
+    return [{"name": spec.get("source") or "stdlib", "kind": "lm", "index": None}]
 
 
 class PalmRuntime(JobRuntime):
@@ -239,6 +240,12 @@ class PalmRuntime(JobRuntime):
             )
         self.dataset = dataset
 
+    @property
+    def masked(self) -> bool:
+        """Whether the job's data is a mixture (masked loss, (sum, count) exchange)."""
+        self._open_data()
+        return hasattr(self.dataset, "source_names")
+
     def data_hash(self) -> str:
         self._open_data()
         return self.dataset.hash
@@ -270,7 +277,14 @@ class PalmRuntime(JobRuntime):
         self._open_data()
         started = time.perf_counter()
         mesh = make_mesh(self.spec.mesh.data, self.spec.mesh.model, devices=self.devices)
-        fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
+        masked = self.masked
+        fns = StepFunctions(
+            self.model_cfg,
+            self.optim_cfg,
+            mesh,
+            num_sources=self.dataset.num_sources if masked else 0,
+            segmented=bool(masked and self.dataset.segmented),
+        )
         compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
         report = compiled_memory(fns, compiled)
@@ -301,26 +315,41 @@ class PalmRuntime(JobRuntime):
         """
         import jax
 
-        tokens_bt1 = np.ascontiguousarray(tokens_bt1, dtype=np.int32)
-        return jax.make_array_from_callback(
-            tokens_bt1.shape, self.fns.batch_sharding, lambda index: tokens_bt1[index]
-        )
+        arrays = self.fns.batch_arrays(tokens_bt1)
+        shardings = self.fns.batch_sharding_tree
 
-    def read_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This island's slice of the global batch of `step`: tokens (B_i, T + 1), ids (B_i,)."""
-        return self.dataset.replica_batch(
+        def place(array: np.ndarray, sharding: Any) -> Any:
+            array = np.ascontiguousarray(array)
+            return jax.make_array_from_callback(array.shape, sharding, lambda i: array[i])
+
+        return jax.tree.map(place, arrays, shardings)
+
+    def read_batch(self, step: int, weights: Sequence[float] | None = None) -> tuple[Any, Any]:
+        """This island's slice of the global batch of `step`: tokens (B_i, T + 1) (a
+        `model.mixture.Batch` for a mixture, drawn under `weights`), and the ids (B_i,)."""
+        args = (
             step,
             self.spec.global_batch,
             self.spec.seed,
             self.spec.island_index,
             self.spec.num_islands,
         )
+        if self.masked:
+            batch = self.dataset.replica_batch(*args, weights=weights)
+            return batch, batch.ids
+        if weights:
+            raise JobSpecError(
+                f"step {step} carries mixture weights, but the job's data is not a mixture."
+            )
+        return self.dataset.replica_batch(*args)
 
-    def run_step(self, step: int) -> StepResult:
+    def run_step(self, step: int, weights: Sequence[float] | None = None) -> StepResult:
         from pathways_lite.model.train import TrainState
 
         from .exchange import flat_shards, unflatten_shards
 
+        if self.masked:
+            return self._run_masked_step(step, weights)
         resident = self._loaded()
         t0 = time.perf_counter()
         tokens_bt1, ids = self.read_batch(step)
@@ -366,6 +395,60 @@ class PalmRuntime(JobRuntime):
             param_digest=digest,
             exchange_s=exchange_s,
             exchange_bytes_sent=sent,
+        )
+
+    def _run_masked_step(self, step: int, weights: Sequence[float] | None) -> StepResult:
+        """A mixture step: gradients of the summed loss; the islands add (sum, count) and
+        the gradients (as means over islands, whose ratio is the global one), then every
+        island scales by 1 / (global count) inside the update."""
+        from pathways_lite.model.train import TrainState
+
+        from .exchange import flat_shards, unflatten_shards
+
+        resident = self._loaded()
+        t0 = time.perf_counter()
+        host_batch, ids = self.read_batch(step, weights)
+        batch = self.place_batch(host_batch)
+        t1 = time.perf_counter()
+        state = resident.state
+        _, stats, grads = resident.grad_exec(state.params, batch)
+        stats_np = np.asarray(fetch_global(stats), dtype=np.float32)
+        exchange_s, sent = 0.0, 0
+        if self.exchange is not None:
+            flat, layout = flat_shards(grads)
+            t2 = time.perf_counter()
+            # The stats ride at the end of the vector: means of sums over the islands.
+            reduced = self.exchange.allreduce_mean(step, np.concatenate([flat, stats_np]))
+            sent = self.exchange.bytes_sent
+            exchange_s = time.perf_counter() - t2
+            grads = unflatten_shards(reduced[: flat.size], layout, grads)
+            stats_np = reduced[flat.size :]
+        # Means over islands of sums: their ratio is the global sum / global count.
+        count = max(float(stats_np[1]), 1e-30)
+        params, opt_state = resident.apply_exec(
+            state.params, state.opt_state, grads, np.float32(1.0 / count)
+        )
+        resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+        digest = b""
+        every = self.spec.digest_every
+        if every and (step + 1) % every == 0:
+            digest = self.shard_digest()
+            if self.exchange is not None:
+                t_d = time.perf_counter()
+                self.exchange.compare_digest(step, digest)
+                exchange_s += time.perf_counter() - t_d
+        t3 = time.perf_counter()
+        loss_value = float(stats_np[0]) / count
+        islands = self.spec.num_islands if self.exchange is not None else 1
+        return StepResult(
+            loss=loss_value,
+            example_ids=[int(i) for i in ids],
+            phase_s={"read": t1 - t0, "compute": t3 - t1 - exchange_s, "exchange": exchange_s},
+            param_digest=digest,
+            exchange_s=exchange_s,
+            exchange_bytes_sent=sent,
+            # Sums over every island (the exchange gave their means).
+            loss_stats=[float(x) * islands for x in stats_np],
         )
 
     def shard_digest(self) -> bytes:
@@ -569,34 +652,45 @@ class PalmRuntime(JobRuntime):
         """Score the current parameters on the job's sources (model/evaluate.py): every host
         of the island runs the same program. Returns (steps applied, [SourceScore]).
 
-        Language-model sources are scored on the first `max_examples` examples of the job's
-        prepared data; text-to-text sources on `split` of their pairs, with `shots` training
-        pairs before each input.
+        Language-model sources are scored on the first `max_examples` rows of their prepared
+        data, in order; text-to-text sources on `split` of their pairs, with `shots`
+        training pairs before each input.
+
+        Raises:
+            JobSpecError: a task source's pairs cannot be read (naming the source).
         """
+        import jax
+
         from pathways_lite.model import evaluate as ev
+        from pathways_lite.model.corpus import DataError
+        from pathways_lite.model.tasks import task_pairs
 
         state = self._loaded().state
         self._open_data()
-        place = self.place_batch
-        rows = self.spec.island_batch
-        scores = []
-        for source in eval_sources(self.dataset.manifest.get("spec", {})):
-            if source["kind"] == "lm":
-                scores.append(
-                    ev.evaluate_lm(
-                        self.fns,
-                        state.params,
-                        self.dataset,
-                        source["name"],
-                        max_examples=max_examples,
-                        batch_rows=rows,
-                        place=place,
-                    )
-                )
-                continue
-            from pathways_lite.model.corpus import DataError
-            from pathways_lite.model.tasks import task_pairs
+        fns = self.fns
+        rows_per_batch = self.spec.island_batch
 
+        def place(array: np.ndarray) -> Any:
+            array = np.ascontiguousarray(array)
+            return jax.make_array_from_callback(
+                array.shape, fns.batch_sharding, lambda index: array[index]
+            )
+
+        scores = []
+        for source in eval_sources(self.dataset.manifest):
+            if source["kind"] == "lm":
+                rows, weights = self._lm_rows(source["index"], max_examples)
+                loss = ev.mean_loss(
+                    ev.loss_sums_fn(fns),
+                    state.params,
+                    rows,
+                    weights,
+                    rows_per_batch,
+                    place,
+                    fns.mesh,
+                )
+                scores.append(ev.SourceScore(source["name"], loss, len(rows)))
+                continue
             try:
                 pairs = task_pairs(source["source"], source["task"], source["paths"], split)
                 pool = task_pairs(source["source"], source["task"], source["paths"], "train")
@@ -604,7 +698,7 @@ class PalmRuntime(JobRuntime):
                 raise JobSpecError(f"evaluating {source['name']!r}: {e}") from None
             scores.append(
                 ev.evaluate_text2text(
-                    self.fns,
+                    fns,
                     state.params,
                     self.dataset.tokenizer,
                     source["name"],
@@ -612,11 +706,23 @@ class PalmRuntime(JobRuntime):
                     pool[: max(1, 4 * shots)] if shots else [],
                     shots=shots,
                     seq_len=self.spec.seq_len,
-                    batch_rows=rows,
+                    batch_rows=rows_per_batch,
                     place=place,
                 )
             )
         return int(state.step), scores
+
+    def _lm_rows(self, index: int | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first `n` rows (N, T + 1) of a language-model source and their loss weights
+        (N, T): a plain dataset's examples, or a mixture source's rows and mask."""
+        if index is None:
+            n = min(n, self.dataset.num_examples)
+            rows = self.dataset.examples(np.arange(n, dtype=np.int64))
+            return rows, np.ones((n, rows.shape[1] - 1), np.float32)
+        files = self.dataset.manifest["sources"][index]["files"]
+        tokens = np.load(self.dataset.path / files["tokens"], mmap_mode="r")[:n]
+        mask = np.load(self.dataset.path / files["mask"], mmap_mode="r")[:n]
+        return np.asarray(tokens, np.int32), np.asarray(mask[:, 1:], np.float32)
 
     def unload(self) -> None:
         import jax

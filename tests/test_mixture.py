@@ -1,0 +1,262 @@
+"""Mixtures, span corruption and masked text-to-text: the objectives, the dynamic weights rule,
+and a 2-island job driven by the controller's Dispatcher over real gRPC hosts that matches the
+reference trainer (replaying the recorded weights), also after a restore from a checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from pathways_lite.controller import spec as spec_lib
+from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.islands import Island, connect_host
+from pathways_lite.controller.mixture_weights import MixtureSchedule, weights_by_step
+from pathways_lite.controller.resolved import palm_program
+from pathways_lite.model import mixture, objectives, tasks
+from pathways_lite.model.corpus import DataError
+from pathways_lite.model.data import prepare_dataset
+from pathways_lite.model.train import ReferenceTrainer
+from pathways_lite.spec import spec_from_dict
+from pathways_lite.workers.checkpoint import checkpoint_path, is_committed
+
+pytestmark = pytest.mark.timeout(300)
+
+SEQ, BATCH, STEPS, EVERY = 32, 4, 8, 2
+MIXTURE = {
+    "mixture": [
+        {"source": "stdlib", "objective": "lm", "weight": 2},
+        {"source": "stdlib", "objective": "span_corruption", "weight": 1},
+        {"source": "stdlib-tasks", "task": "name_from_docstring", "weight": 1},
+    ],
+    "mixture_weights": "dynamic",
+    "mixture_every": EVERY,
+    "vocab_size": 512,
+    "max_bytes": 150_000,
+}
+
+
+def job_spec(data: dict, steps: int = STEPS, **train):
+    return spec_from_dict(
+        {
+            "name": "mix",
+            "model": {"preset": "palm-tiny"},
+            "mesh": {"data": 1, "model": 1},
+            "islands": 2,
+            "devices_per_island": 1,
+            "train": {"steps": steps, "global_batch": BATCH, "seq_len": SEQ, "seed": 3, **train},
+            "data": data,
+        }
+    )
+
+
+# ---- objectives and the weights rule ---------------------------------------------------------
+
+
+def test_span_corruption_hides_spans_behind_sentinels_and_learns_only_the_targets():
+    raw = np.arange(100, 100 + objectives.raw_length(SEQ, 8), dtype=np.int32)
+    sentinels = list(range(10, 18))
+    tokens, mask = objectives.span_corrupt(
+        raw, np.random.default_rng(0), seq_len=SEQ, sep_id=2, eos_id=1, sentinel_ids=sentinels
+    )
+    sep = int(np.nonzero(tokens == 2)[0][0])
+    inputs, targets = tokens[:sep], tokens[sep + 1 : sep + 1 + int(mask.sum())]
+    assert mask[: sep + 1].sum() == 0 and targets[-1] == 1
+    # Filling each sentinel of the inputs with its span from the targets gives the raw text.
+    spans, cur = {}, None
+    for t in targets[:-1]:
+        if t in sentinels:
+            cur = int(t)
+            spans[cur] = []
+        else:
+            spans[cur].append(int(t))
+    rebuilt = [x for t in inputs for x in (spans[int(t)] if t in sentinels else [int(t)])]
+    assert rebuilt == list(raw)
+    noise = sum(len(v) for v in spans.values())
+    assert noise == round(len(raw) * objectives.NOISE_DENSITY)
+
+
+def test_packed_text_to_text_examples_get_their_own_segments_and_target_masks():
+    tokens, mask, seg = objectives.pack_text2text(
+        [([5, 6, 7], [8]), ([9], [10, 11]), (list(range(20, 60)), [61])],
+        seq_len=15,
+        sep_id=2,
+        eos_id=1,
+    )
+    assert tokens[0, :12].tolist() == [5, 6, 7, 2, 8, 1, 9, 2, 10, 11, 1, 1]
+    assert mask[0, :12].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]
+    assert seg[0, :12].tolist() == [1] * 6 + [2] * 5 + [0]
+    # Too long for a row: the end of the inputs is kept, the targets whole.
+    assert tokens[1].tolist()[-3:] == [2, 61, 1] and tokens[1, 0] == 60 - 13
+
+
+def test_dynamic_weights_favour_the_harder_source_within_bounds():
+    base = [2.0, 1.0, 1.0]
+    w = mixture.dynamic_weights(base, [10.0, 40.0, 5.0], [10, 10, 10])
+    assert w == mixture.dynamic_weights(base, [10.0, 40.0, 5.0], [10, 10, 10])  # pure
+    assert abs(sum(w) - 1) < 1e-12 and w[1] > 0.25 > w[2]
+    p = np.asarray(base) / 4
+    extreme = mixture.dynamic_weights(base, [0.0, 1e6, 0.0], [1, 1, 1])
+    assert np.all(np.asarray(extreme) / p <= np.e**2 + 1e-9)
+    assert np.all(np.asarray(extreme) / p >= np.e**-2 - 1e-9)
+    # No targets of a source in the block: it keeps its base shift.
+    assert mixture.dynamic_weights(base, [0, 0, 0], [0, 0, 0]) == tuple(p)
+
+
+def test_stdlib_tasks_hold_out_whole_modules():
+    train = tasks.task_pairs("stdlib-tasks", "name_from_docstring", [], "train", max_bytes=50_000)
+    held = tasks.task_pairs("stdlib-tasks", "name_from_docstring", [], "heldout", max_bytes=50_000)
+    assert train and held and not set(train) & set(held)
+    assert all(p.targets.isidentifier() for p in train)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "pattern"),
+    [
+        (
+            {"mixture": [{"source": "stdlib", "objective": "fill_in"}]},
+            "data.mixture[0].objective",
+            r"data.mixture\[0\].objective='fill_in' is not one of 'lm', 'span_corruption'",
+        ),
+        (
+            {"mixture": [{"source": "stdlib", "weight": 0}, {"source": "stdlib", "weight": 0}]},
+            "data.mixture",
+            r"data.mixture weights \[0.0, 0.0\] must .* sum to a positive number",
+        ),
+        (
+            {"source": "stdlib-tasks", "task": "summarise"},
+            "data.task",
+            r"data.task='summarise' is not one of",
+        ),
+    ],
+)
+def test_bad_mixtures_are_refused_naming_the_field_and_value(data, field, pattern):
+    with pytest.raises(spec_lib.SpecError, match=pattern) as info:
+        spec_lib.to_configs(job_spec(data))
+    assert info.value.field == field
+
+
+def test_a_task_file_without_targets_is_refused_naming_the_file_and_field(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"inputs": "a", "targets": "b"}\n' * 3)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"inputs": "2 + 2", "answer": "4"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl' row 0 has no field 'targets'"):
+        tasks.task_pairs("text2text", None, [str(bad)], "train")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"inputs": ["x"], "label": ["y"]}), table)
+    with pytest.raises(DataError, match=r"t.parquet' has no column 'targets'"):
+        tasks.task_pairs("text2text", None, [str(table)], "train")
+    spec = job_spec({"source": "text2text", "paths": [str(bad)], "vocab_size": 300})
+    cfg = spec_lib.to_configs(spec)
+    with pytest.raises(DataError, match=r"data: .*bad.jsonl' row 0 has no field 'targets'"):
+        prepare_dataset(cfg.data, seq_len=SEQ, cache_dir=str(tmp_path))
+
+
+# ---- 2 islands == reference, and a restore -------------------------------------------------
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    spec: object
+    generation: int = 0
+
+
+async def _run(addresses, program, epoch, load_program=None):
+    islands = [Island(f"mix-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
+    try:
+        dispatcher = Dispatcher(epoch=epoch)
+        await dispatcher.load(load_program or program, islands)
+        reports = []
+        await dispatcher.run(program, islands, on_step=reports.append)
+        await dispatcher.unload(program.job_id, islands)
+        return reports
+    finally:
+        for island in islands:
+            await island.close()
+
+
+def _reference(spec, events):
+    configs = spec_lib.to_configs(spec)
+    ds = prepare_dataset(configs.data, seq_len=SEQ)
+    blocks = weights_by_step(events, EVERY)
+    train = configs.train
+    trainer = ReferenceTrainer(
+        configs.model,
+        configs.optim,
+        train,
+        num_sources=ds.num_sources,
+        segmented=ds.segmented,
+    )
+    return [
+        r.loss
+        for r in trainer.run(
+            lambda s: ds.global_batch(s, BATCH, train.seed, blocks.get(s // EVERY))
+        )
+    ]
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    from test_data_parallel import serve_hosts, stop_hosts
+
+    served = serve_hosts([[0], [1]])
+    try:
+        yield served
+    finally:
+        stop_hosts(served)
+
+
+def test_a_dynamic_mixture_on_two_islands_matches_the_reference_and_its_restore(hosts):
+    spec = job_spec(MIXTURE, checkpoint_every=4)
+    addresses = [h.address for h in hosts]
+    program = palm_program(Record("mix2", spec))
+    events: list[tuple[str, str]] = []
+    program.mixture.record = lambda kind, message: events.append((kind, message))
+    ckpt = tempfile.mkdtemp(prefix="mix-ckpt-")
+    program = dataclasses.replace(program, checkpoint_dir=ckpt)
+    reports = asyncio.run(_run(addresses, program, epoch=101))
+    losses = [r.loss for r in reports]
+    assert [r.step for r in reports] == list(range(STEPS))
+    decided = weights_by_step(events, EVERY)
+    assert sorted(decided) == [2, 3], events  # blocks 2 and 3 of 4 were re-weighted
+    assert decided[2] != tuple(program.mixture.base)
+
+    reference = _reference(spec, events)
+    diff = np.max(np.abs(np.asarray(losses) - reference) / np.abs(reference))
+    assert diff <= 1e-5, (losses, reference)
+
+    # Per-source metrics: every row's targets are counted under its source.
+    names, counts = program.mixture.names, np.zeros(3)
+    for r in reports:
+        _, tokens = program.mixture.source_metrics(r.loss_stats)
+        counts += [tokens[n] for n in names]
+        assert abs(r.loss_stats[0] / r.loss_stats[1] - r.loss) < 1e-6
+    assert np.all(counts > 0), counts
+
+    # Restore from the checkpoint after step 4 on a fresh schedule read from the events.
+    path = checkpoint_path(ckpt, 0, 4)
+    deadline = time.monotonic() + 60
+    while not is_committed(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert is_committed(path), path
+    fresh = MixtureSchedule(
+        program.mixture.names, program.mixture.base, dynamic=True, every=EVERY
+    ).load_events(events)
+    resumed = dataclasses.replace(
+        program, generation=1, start_step=4, restore_from=path, checkpoint_dir="", mixture=fresh
+    )
+    again = asyncio.run(_run(addresses, resumed, epoch=102))
+    assert [r.step for r in again] == list(range(4, STEPS))
+    assert np.max(np.abs(np.asarray([r.loss for r in again]) - losses[4:])) <= 1e-6
