@@ -20,6 +20,8 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -272,6 +274,7 @@ class JobRunner:
                 # init_from: its checkpoint, and the tokenizer the new data is read with.
                 self.job = await asyncio.to_thread(self._with_init, self.job)
                 self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
+                await asyncio.to_thread(self._keep_tokenizer)
             except ValueError as e:  # the data's DataError (a missing file...): the user's
                 raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
@@ -357,8 +360,8 @@ class JobRunner:
             p.wake()
 
     def _with_init(self, job: ResolvedJob) -> ResolvedJob:
-        """The job with its init_from checkpoint resolved (blocking: it may prepare the
-        source's dataset to find its tokenizer); a job without init_from unchanged.
+        """The job with its init_from checkpoint resolved, and the tokenizer its source kept
+        beside it; a job without init_from unchanged.
 
         Raises:
             SpecError: the source has no committed checkpoint at the step asked for.
@@ -366,9 +369,14 @@ class JobRunner:
         init = lineage.init_checkpoint(self.parts.store, self.record.spec)
         if init is None or job.init is not None:
             return job
-        source = self.parts.prepare(init.source, ResolvedJob.resolve(init.source.spec))
-        assert source.dataset is not None
-        tokenizer = str(Path(source.dataset.path) / TOKENIZER_FILE)
+        tokenizer = Path(init.path).parent / TOKENIZER_FILE
+        if not tokenizer.is_file():
+            raise spec_lib.SpecError(
+                "init_from",
+                init.path,
+                f"init_from: the checkpoint {init.path} has no tokenizer beside it "
+                f"({tokenizer}); it was written before checkpoints kept their tokenizer.",
+            )
         self.parts.store.add_event(
             self.job_id,
             "init",
@@ -376,8 +384,23 @@ class JobRunner:
             "fresh optimizer state.",
         )
         return dataclasses.replace(
-            job, init=InitRef(init.path, init.step, init.source.id, tokenizer)
+            job, init=InitRef(init.path, init.step, init.source.id, str(tokenizer))
         )
+
+    def _keep_tokenizer(self) -> None:
+        """Copy the job's tokenizer beside its checkpoints (`<checkpoint dir>/tokenizer.model`):
+        a job started from one of them (init_from) tokenizes its data with it."""
+        job_dir = self.parts.recovery.job_dir(self.job_id)
+        if not job_dir or self.job is None or self.job.dataset is None:
+            return
+        target = Path(job_dir) / TOKENIZER_FILE
+        source = Path(self.job.dataset.path) / TOKENIZER_FILE
+        if target.is_file() or not source.is_file():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
 
     async def _evaluate(self, program_step: int | None = None) -> None:
         """Evaluate the job's current parameters on its first island (every host of it runs

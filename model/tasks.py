@@ -37,6 +37,7 @@ import inspect
 import json
 import logging
 import textwrap
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,6 +47,24 @@ from .corpus import DataError
 logger = logging.getLogger(__name__)
 
 TASKS = ("name_from_docstring", "docstring_from_body")
+# `ast.parse` in two threads at once can fail with "AST constructor recursion depth mismatch"
+# (CPython < 3.11.8 keeps that depth per interpreter, gh-106905): the controller prepares jobs'
+# data in threads, and other threads parse too (3.11's traceback carets call ast.parse).
+_AST_LOCK = threading.Lock()
+_PARSE_TRIES = 5
+
+
+def _parse(source: str) -> ast.Module:
+    """ast.parse, serialised here and retried when another thread's parse raced it (the
+    result is a pure function of the source)."""
+    for attempt in range(_PARSE_TRIES):
+        try:
+            with _AST_LOCK:
+                return ast.parse(source)
+        except SystemError:
+            if attempt == _PARSE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 TASK_SOURCES = ("stdlib-tasks", "text2text")
 SPLITS = ("train", "heldout")
 # A module (or a text2text row) is held out when its hash's first byte is below this: ~1/10.
@@ -71,7 +90,7 @@ def _is_heldout(key: str) -> bool:
 def _function_pairs(source: str, task: str) -> Iterator[TextPair]:
     """The task's pairs of one module's source, in source order (empty if it does not parse)."""
     try:
-        tree = ast.parse(source)
+        tree = _parse(source)
     except (SyntaxError, ValueError):
         return
     lines = source.splitlines(keepends=True)

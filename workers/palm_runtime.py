@@ -693,7 +693,11 @@ class PalmRuntime(JobRuntime):
                 continue
             try:
                 pairs = task_pairs(source["source"], source["task"], source["paths"], split)
-                pool = task_pairs(source["source"], source["task"], source["paths"], "train")
+                pool = (
+                    task_pairs(source["source"], source["task"], source["paths"], "train")
+                    if shots
+                    else []
+                )
             except DataError as e:
                 raise JobSpecError(f"evaluating {source['name']!r}: {e}") from None
             scores.append(
@@ -703,7 +707,7 @@ class PalmRuntime(JobRuntime):
                     self.dataset.tokenizer,
                     source["name"],
                     pairs[:max_examples],
-                    pool[: max(1, 4 * shots)] if shots else [],
+                    pool[: 4 * shots],
                     shots=shots,
                     seq_len=self.spec.seq_len,
                     batch_rows=rows_per_batch,
