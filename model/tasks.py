@@ -65,6 +65,8 @@ def _parse(source: str) -> ast.Module:
             if attempt == _PARSE_TRIES - 1:
                 raise
     raise AssertionError("unreachable")
+
+
 TASK_SOURCES = ("stdlib-tasks", "text2text")
 SPLITS = ("train", "heldout")
 # A module (or a text2text row) is held out when its hash's first byte is below this: ~1/10.
