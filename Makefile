@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all install protos demo test lint format bench deploy-test clean
+.PHONY: all install protos demo demo-lifecycle test lint format bench deploy-test clean
 
 all: install
 
@@ -21,6 +21,9 @@ protos: $(STAMP)
 
 demo: install
 	$(VENV)/bin/pathways-lite demo
+
+demo-lifecycle: install
+	$(VENV)/bin/pathways-lite demo --lifecycle
 
 test: install
 	$(PY) tests/ensure_tools.py

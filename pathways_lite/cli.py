@@ -36,6 +36,10 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.lifecycle:
+        from pathways_lite import demo_lifecycle
+
+        return demo_lifecycle.run(json_output=args.json)
     from pathways_lite import demo
 
     return demo.run(steps=args.steps, json_output=args.json)
@@ -62,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=120, help="steps of each job (default 120)")
     demo.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    demo.add_argument(
+        "--lifecycle",
+        action="store_true",
+        help="instead: pre-train on a mixture, fine-tune on the docstring task, evaluate both "
+        "0- and 3-shot (one chain of jobs), print a table",
+    )
     demo.set_defaults(func=_cmd_demo)
     add_cluster_commands(sub)
     return parser

@@ -73,6 +73,11 @@ class Job:
         """The job's current record."""
         return JobStatus(client_lib.job_to_dict(self.client.raw.get(self.id)))
 
+    def evals(self) -> list[dict[str, Any]]:
+        """The job's evaluations, oldest first: {"step", "shots", "sources": {name: {"loss",
+        "perplexity", "examples"[, "exact_match", "token_f1"]}}}."""
+        return [client_lib.eval_to_dict(e) for e in self.client.raw.get(self.id).evals]
+
     def wait(self, timeout_s: float | None = None) -> JobStatus:
         """Block until the job ends; returns its final record.
 
@@ -178,19 +183,17 @@ class Client:
             SpecError: the spec is malformed (named field); ClientError: the controller
                 refused it (INVALID_ARGUMENT / RESOURCE_EXHAUSTED with the field named).
         """
-        from pathways_lite.spec import load_spec_file, spec_from_dict
+        return Job(self, self.raw.submit(_proto(spec)).id)
 
-        if isinstance(spec, dict):
-            proto = spec_from_dict(spec)
-        elif isinstance(spec, str | Path):
-            proto = load_spec_file(spec)
-        elif isinstance(spec, JobSpec):
-            proto = spec
-        else:
-            raise TypeError(
-                f"spec must be a JobSpec, a dict or a YAML path, got {type(spec).__name__}."
-            )
-        return Job(self, self.raw.submit(proto).id)
+    def submit_chain(self, specs: list[JobSpec | dict[str, Any] | str | Path]) -> list[Job]:
+        """Submit a chain in one call (`pathways-lite submit a.yaml b.yaml`): a spec's `after`
+        or `init_from.job` may name another spec of the list, which is submitted first.
+
+        Raises:
+            SpecError: two specs share a name or their references close a cycle (nothing is
+                submitted); ClientError: the controller refused one.
+        """
+        return [Job(self, j.id) for j in self.raw.submit_chain([_proto(s) for s in specs])]
 
     def job(self, ref: str) -> Job:
         """A handle on an existing job named by its id, its unique name or a unique prefix of
@@ -215,3 +218,16 @@ class Client:
     def dashboard_url(self, with_token: bool = True) -> str:
         """The dashboard's URL (with the token, which the page trades for a cookie)."""
         return self.raw.dashboard_url(with_token=with_token)
+
+
+def _proto(spec: JobSpec | dict[str, Any] | str | Path) -> JobSpec:
+    """A JobSpec from a proto, a dict shaped like the YAML, or a YAML file path."""
+    from pathways_lite.spec import load_spec_file, spec_from_dict
+
+    if isinstance(spec, dict):
+        return spec_from_dict(spec)
+    if isinstance(spec, str | Path):
+        return load_spec_file(spec)
+    if isinstance(spec, JobSpec):
+        return spec
+    raise TypeError(f"spec must be a JobSpec, a dict or a YAML path, got {type(spec).__name__}.")
