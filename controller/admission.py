@@ -15,7 +15,10 @@ islands' worth, lowest priority (then newest) first. A suspended job resumes on 
 islands (its state is in their hosts' memory) as soon as they have room again, and may itself
 preempt there. A job that can never fit (its demand is above every budget left: the budget
 shrank, an island was lost for good) holds nobody back; it says so in `why` and in its events.
-Every job left waiting gets one sentence saying why (`pending`).
+Every job left waiting gets one sentence saying why (`pending`). A queued job whose `after`
+(or `init_from.job`) has not succeeded yet waits apart and holds nobody back (`why` names the
+jobs it waits for); once one of them failed or was cancelled, it fails with that reason
+(controller/lineage.py).
 """
 
 from __future__ import annotations

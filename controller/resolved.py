@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import threading
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 # DIGEST_EVERY_LARGE steps (a digest reads every parameter back to the host).
 DIGEST_EVERY_STEP_MAX_PARAMS = 200_000_000
 DIGEST_EVERY_LARGE = 100
+# One lock per (data, seq_len, tokenizer) being prepared in this process.
+_PREPARING: dict[tuple, threading.Lock] = {}
+_PREPARING_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +121,15 @@ class ResolvedJob:
         from pathways_lite.model.tokenizer import Tokenizer
 
         tokenizer = None if self.init is None else Tokenizer.load(self.init.tokenizer_path)
-        dataset = prepare_dataset(
-            self.configs.data, seq_len=self.configs.train.seq_len, tokenizer=tokenizer
-        )
+        key = (self.configs.data, self.configs.train.seq_len, tokenizer and tokenizer.hash)
+        with _PREPARING_LOCK:
+            lock = _PREPARING.setdefault(key, threading.Lock())
+        # Jobs of the same data wait for one preparation and open its cache (a chain's
+        # fine-tuning jobs often start together).
+        with lock:
+            dataset = prepare_dataset(
+                self.configs.data, seq_len=self.configs.train.seq_len, tokenizer=tokenizer
+            )
         logger.info(
             "job %s reads dataset %s (%d examples)",
             job_id,
