@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,13 +106,19 @@ class Reporter:
         """Record a completed step: metrics, followers, the islands' timeline, host logs."""
         if record.id in self.views.phases:
             self.phase(record.id, "")
-        metrics = self.views.step_metrics(
-            record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
-        )
+        sources = None
         if report.loss_stats and mixture is not None:
             losses, tokens = mixture.source_metrics(report.loss_stats)
-            metrics.source_loss.update(losses)
-            metrics.source_tokens.update(tokens)
+            sources = json.dumps({"loss": losses, "tokens": tokens}, sort_keys=True)
+        metrics = self.views.step_metrics(
+            record,
+            report.step,
+            report.loss,
+            report.tokens_per_s,
+            report.step_time_s,
+            now(),
+            sources=sources,
+        )
         self.store.record_metrics(
             record.id,
             report.step,
@@ -119,6 +126,7 @@ class Reporter:
             tokens_per_s=report.tokens_per_s,
             step_time_s=report.step_time_s,
             mfu=metrics.mfu,
+            sources=sources,
         )
         self.steps_total += 1
         self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))

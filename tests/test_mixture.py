@@ -260,3 +260,45 @@ def test_a_dynamic_mixture_on_two_islands_matches_the_reference_and_its_restore(
     again = asyncio.run(_run(addresses, resumed, epoch=102))
     assert [r.step for r in again] == list(range(4, STEPS))
     assert np.max(np.abs(np.asarray([r.loss for r in again]) - losses[4:])) <= 1e-6
+
+
+# ---- through the whole controller (the session's LocalCluster: 1 island x 2 devices) -------
+
+
+@pytest.mark.slow
+def test_a_submitted_mixture_job_records_its_weights_and_matches_the_reference(local_cluster):
+    from pathways_lite.client import ControllerClient, state_name
+    from pathways_lite.model.train import make_mesh
+
+    spec = job_spec(MIXTURE, steps=6)
+    spec.islands, spec.devices_per_island = 1, 2
+    spec.mesh.model = 2
+    with ControllerClient(local_cluster.state_dir) as client:
+        job = client.wait(client.submit(spec).id, timeout_s=240)
+        live = [u.metrics for u in client.watch(job.id) if u.HasField("metrics")]
+    assert state_name(job.state) == "succeeded", job.message
+    events = [(e.kind, e.message) for e in job.events]
+    decided = weights_by_step(events, EVERY)
+    assert sorted(decided) == [2], events  # steps 4-5 ran under recomputed weights
+    assert any(kind == "mixture_losses" for kind, _ in events)
+
+    configs = spec_lib.to_configs(spec)
+    ds = prepare_dataset(configs.data, seq_len=SEQ)
+    trainer = ReferenceTrainer(
+        configs.model,
+        configs.optim,
+        configs.train,
+        mesh=make_mesh(1, 2),
+        num_sources=ds.num_sources,
+        segmented=ds.segmented,
+    )
+    reference = trainer.losses(lambda s: ds.global_batch(s, BATCH, 3, decided.get(s // EVERY)))
+    diff = np.max(np.abs(np.asarray(job.losses) - reference) / np.abs(reference))
+    assert diff <= 1e-5, (list(job.losses), reference)
+    # Per-source loss and target tokens are step metrics (stored: the watch replays them).
+    assert [m.step for m in live] == list(range(6))
+    names = ds.source_names
+    for m, loss in zip(live, job.losses, strict=True):
+        assert set(m.source_tokens) == set(names) and sum(m.source_tokens.values()) > 0
+        weighted = sum(m.source_loss[n] * m.source_tokens[n] for n in m.source_loss)
+        assert abs(weighted / sum(m.source_tokens.values()) - loss) < 1e-4 * loss
