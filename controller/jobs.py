@@ -109,7 +109,8 @@ class Reporter:
         sources = None
         if report.loss_stats and mixture is not None:
             losses, tokens = mixture.source_metrics(report.loss_stats)
-            sources = json.dumps({"loss": losses, "tokens": tokens}, sort_keys=True)
+            stats = list(report.loss_stats)  # exact: a restore recomputes weights from them
+            sources = json.dumps({"loss": losses, "tokens": tokens, "stats": stats})
         metrics = self.views.step_metrics(
             record,
             report.step,
@@ -275,6 +276,9 @@ class JobRunner:
                 # Dynamic weights are job events: a restarted run sends the same ones.
                 program.mixture.record = functools.partial(p.store.add_event, job_id)
                 program.mixture.load_events((e.kind, e.message) for e in p.store.events(job_id))
+                for m in p.store.metrics(job_id):  # the steps before a restore point
+                    if m.sources:
+                        program.mixture.observe(m.step, json.loads(m.sources).get("stats", ()))
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)

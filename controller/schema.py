@@ -91,7 +91,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # read from the job's spec).
     ("ALTER TABLE metrics ADD COLUMN mfu REAL",),
     # 3 -> 4: a mixture step's per-source loss and target tokens, as JSON
-    # {"loss": {source: mean}, "tokens": {source: count}} (NULL for other jobs).
+    # {"loss": {source: mean}, "tokens": {source: count}, "stats": the global (sum, count)
+    # vector} (NULL for other jobs).
     ("ALTER TABLE metrics ADD COLUMN sources TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)

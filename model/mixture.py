@@ -263,6 +263,9 @@ def prepare_mixture(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=parent))
     try:
         sources = []
+        names = [e.name for e in entries]
+        # Two entries of the same name (say two file sets) are told apart by their index.
+        names = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
         h = hashlib.sha256(FORMAT.encode())
         for i, (entry, text) in enumerate(zip(entries, texts, strict=True)):
             if entry.is_task:
@@ -292,7 +295,7 @@ def prepare_mixture(
                 files[part] = name
             sources.append(
                 {
-                    "name": entry.name,
+                    "name": names[i],
                     "entry": entry.to_dict(),
                     "weight": float(weights[i]),
                     "num_examples": len(tokens),
