@@ -219,22 +219,27 @@ def hosts():
         stop_hosts(served)
 
 
-def test_a_dynamic_mixture_on_two_islands_matches_the_reference_and_its_restore(hosts):
+@pytest.fixture(scope="module")
+def two_island_run(hosts):
+    """The dynamic mixture on 2 islands through the Dispatcher, checkpointing after step 4,
+    and the reference trainer replaying the weights it recorded."""
     spec = job_spec(MIXTURE, checkpoint_every=4)
-    addresses = [h.address for h in hosts]
     program = palm_program(Record("mix2", spec))
     events: list[tuple[str, str]] = []
     program.mixture.record = lambda kind, message: events.append((kind, message))
     ckpt = tempfile.mkdtemp(prefix="mix-ckpt-")
     program = dataclasses.replace(program, checkpoint_dir=ckpt)
-    reports = asyncio.run(_run(addresses, program, epoch=101))
+    reports = asyncio.run(_run([h.address for h in hosts], program, epoch=101))
+    return program, reports, events, _reference(spec, events), ckpt
+
+
+def test_a_dynamic_mixture_on_two_islands_matches_the_reference(two_island_run):
+    program, reports, events, reference, _ = two_island_run
     losses = [r.loss for r in reports]
     assert [r.step for r in reports] == list(range(STEPS))
     decided = weights_by_step(events, EVERY)
     assert sorted(decided) == [2, 3], events  # blocks 2 and 3 of 4 were re-weighted
     assert decided[2] != tuple(program.mixture.base)
-
-    reference = _reference(spec, events)
     diff = np.max(np.abs(np.asarray(losses) - reference) / np.abs(reference))
     assert diff <= 1e-5, (losses, reference)
 
@@ -246,6 +251,11 @@ def test_a_dynamic_mixture_on_two_islands_matches_the_reference_and_its_restore(
         assert abs(r.loss_stats[0] / r.loss_stats[1] - r.loss) < 1e-6
     assert np.all(counts > 0), counts
 
+
+def test_a_mixture_restored_mid_way_gives_the_uninterrupted_losses(hosts, two_island_run):
+    program, reports, events, _, ckpt = two_island_run
+    losses = [r.loss for r in reports]
+    addresses = [h.address for h in hosts]
     # Restore from the checkpoint after step 4 on a fresh schedule read from the events.
     path = checkpoint_path(ckpt, 0, 4)
     deadline = time.monotonic() + 60
@@ -267,37 +277,34 @@ def test_a_dynamic_mixture_on_two_islands_matches_the_reference_and_its_restore(
 
 
 @pytest.mark.slow
-def test_a_submitted_mixture_job_records_its_weights_and_matches_the_reference(local_cluster):
+def test_a_submitted_mixture_job_records_its_weights_and_matches_the_reference(
+    local_cluster, two_island_run
+):
+    """The same spec on the session's 1 island x 2 devices (mesh data 2): the controller's
+    recorded weights and losses are the 2-island run's, hence the reference's."""
     from pathways_lite.client import ControllerClient, state_name
-    from pathways_lite.model.train import make_mesh
 
-    spec = job_spec(MIXTURE, steps=6)
+    _, _, island_events, reference, _ = two_island_run
+    spec = job_spec(MIXTURE, checkpoint_every=4)
     spec.islands, spec.devices_per_island = 1, 2
-    spec.mesh.model = 2
+    spec.mesh.data = 2
     with ControllerClient(local_cluster.state_dir) as client:
         job = client.wait(client.submit(spec).id, timeout_s=240)
         live = [u.metrics for u in client.watch(job.id) if u.HasField("metrics")]
     assert state_name(job.state) == "succeeded", job.message
     events = [(e.kind, e.message) for e in job.events]
     decided = weights_by_step(events, EVERY)
-    assert sorted(decided) == [2], events  # steps 4-5 ran under recomputed weights
+    expected = weights_by_step(island_events, EVERY)
+    assert sorted(decided) == [2, 3], events
     assert any(kind == "mixture_losses" for kind, _ in events)
-
-    configs = spec_lib.to_configs(spec)
-    ds = prepare_dataset(configs.data, seq_len=SEQ)
-    trainer = ReferenceTrainer(
-        configs.model,
-        configs.optim,
-        configs.train,
-        mesh=make_mesh(1, 2),
-        num_sources=ds.num_sources,
-        segmented=ds.segmented,
-    )
-    reference = trainer.losses(lambda s: ds.global_batch(s, BATCH, 3, decided.get(s // EVERY)))
+    for block, weights in expected.items():
+        np.testing.assert_allclose(decided[block], weights, rtol=1e-6)
     diff = np.max(np.abs(np.asarray(job.losses) - reference) / np.abs(reference))
     assert diff <= 1e-5, (list(job.losses), reference)
+    ds = prepare_dataset(spec_lib.to_configs(spec).data, seq_len=SEQ)
+
     # Per-source loss and target tokens are step metrics (stored: the watch replays them).
-    assert [m.step for m in live] == list(range(6))
+    assert [m.step for m in live] == list(range(STEPS))
     names = ds.source_names
     for m, loss in zip(live, job.losses, strict=True):
         assert set(m.source_tokens) == set(names) and sum(m.source_tokens.values()) > 0
@@ -313,16 +320,17 @@ def _tiny_fns(mesh=None):
     from pathways_lite.model.optim import OptimConfig
     from pathways_lite.model.train import StepFunctions
 
-    cfg = dataclasses.replace(PalmConfig.palm_tiny(), vocab_size=64)
+    cfg = dataclasses.replace(PalmConfig.palm_tiny(), vocab_size=64, n_layers=1)
     return StepFunctions(cfg, OptimConfig(), mesh, num_sources=2, segmented=True)
 
 
 def test_packed_examples_do_not_attend_across_their_boundaries():
+    import jax
     import jax.numpy as jnp
 
     fns = _tiny_fns()
     state = fns.init(0)
-    model = fns.model(state)
+    model = jax.jit(lambda tokens, segments=None: fns.model(state)(tokens, segments))
     rng = np.random.default_rng(0)
     first, second = rng.integers(3, 64, 7), rng.integers(3, 64, 9)
     packed = jnp.asarray(np.concatenate([first, second])[None], jnp.int32)
