@@ -391,3 +391,18 @@ def test_text2text_files_read_jsonl_and_parquet_with_a_stable_content_split(tmp_
     assert not set(train) & set(held)
     swapped = tasks.task_pairs("text2text", None, paths[::-1], "heldout")
     assert set(swapped) == set(held)  # the split depends on content, not file order
+
+
+def test_a_mixture_entry_naming_no_file_is_refused_at_submit(tmp_path):
+    from pathways_lite.controller.data_paths import check_data_paths
+
+    spec = job_spec(
+        {
+            "mixture": [
+                {"source": "stdlib"},
+                {"source": "text2text", "paths": [str(tmp_path / "missing-*.jsonl")]},
+            ]
+        }
+    )
+    with pytest.raises(spec_lib.SpecError, match=r"data.mixture\[1\].paths\[0\]=.*matches no"):
+        check_data_paths(spec)
