@@ -158,6 +158,16 @@ def test_a_task_file_without_targets_is_refused_naming_the_file_and_field(tmp_pa
     pq.write_table(pa.table({"inputs": ["x"], "label": ["y"]}), table)
     with pytest.raises(DataError, match=r"t.parquet' has no column 'targets'"):
         tasks.task_pairs("text2text", None, [str(table)], "train")
+    from pathways_lite.controller.data_paths import check_data_paths
+
+    spec = job_spec(
+        {"mixture": [{"source": "stdlib"}, {"source": "text2text", "paths": [str(bad)]}]}
+    )
+    with pytest.raises(spec_lib.SpecError, match=r"data.mixture\[1\].paths: .*bad.jsonl' row 0"):
+        check_data_paths(spec)  # at submit
+    check_data_paths(
+        job_spec({"source": "text2text", "paths": [str(good), str(table)[:0] or str(good)]})
+    )
     spec = job_spec({"source": "text2text", "paths": [str(bad)], "vocab_size": 300})
     cfg = spec_lib.to_configs(spec)
     with pytest.raises(DataError, match=r"data: .*bad.jsonl' row 0 has no field 'targets'"):
