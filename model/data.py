@@ -268,6 +268,7 @@ def prepare_dataset(
     cache_dir: str | os.PathLike | None = None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer: Tokenizer | None = None,
 ) -> Dataset:
     """Tokenize and pack a corpus into a cached dataset folder, or open the cached one.
 
@@ -281,6 +282,8 @@ def prepare_dataset(
         cache_dir: cache root (datasets under `datasets/`, tokenizers under `tokenizers/`);
             defaults to `default_cache_dir()`.
         shard_bytes: target size of one Arrow shard.
+        tokenizer: tokenize with this one (a checkpoint's) instead of training one; its
+            hash is part of the cache key.
 
     Raises:
         DataError: bad input (see `load_corpus`, `train_tokenizer`), or seq_len larger than
@@ -299,6 +302,7 @@ def prepare_dataset(
             max_bytes=spec.max_bytes,
             skip_undecodable=spec.skip_undecodable,
             cache_dir=cache_dir,
+            tokenizer=tokenizer,
         )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus = load_corpus(spec)
@@ -310,6 +314,8 @@ def prepare_dataset(
         "seq_len": seq_len,
         "shard_bytes": shard_bytes,
     }
+    if tokenizer is not None:
+        key_fields["tokenizer"] = tokenizer.hash
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     parent = root / "datasets"
     final = parent / key
@@ -318,7 +324,8 @@ def prepare_dataset(
         logger.info("dataset %s from the cache (%s)", ds.hash[:12], final)
         return ds
 
-    tokenizer = train_tokenizer(corpus, spec.vocab_size, root)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(corpus, spec.vocab_size, root)
     start = time.perf_counter()
     logger.info("tokenizing %d documents of %s", len(corpus), corpus.description)
     encoded = tokenizer.encode_batch(corpus.documents)

@@ -225,11 +225,13 @@ def prepare_mixture(
     max_bytes: int,
     skip_undecodable: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> MixtureDataset:
     """Tokenize every entry with one tokenizer trained on their union; cache the rows.
 
     `max_bytes` caps each source's text. The cache key covers the sources' content, the
-    entries (weights included), vocab_size and seq_len.
+    entries (weights included), vocab_size and seq_len. A given `tokenizer` (a fine-tuning
+    job's checkpoint's) is used instead of training one, and is part of the key.
 
     Raises:
         DataError: bad input (a missing file, a task file without inputs/targets, weights
@@ -248,13 +250,14 @@ def prepare_mixture(
         "entries": [e.to_dict() for e in entries],
         "vocab_size": vocab_size,
         "seq_len": seq_len,
+        "tokenizer": tokenizer.hash if tokenizer is not None else None,
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     parent = root / "datasets"
     final = parent / key
     if (final / MANIFEST_FILE).is_file():
         return MixtureDataset.open(final)
-    tok = train_tokenizer(union, vocab_size, root)
+    tok = tokenizer if tokenizer is not None else train_tokenizer(union, vocab_size, root)
     if tok.sep_id < 0 or not tok.sentinel_ids:
         raise DataError(f"tokenizer {tok.path} has no separator or sentinels (retrain it).")
     start = time.perf_counter()

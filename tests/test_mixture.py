@@ -416,3 +416,15 @@ def test_a_mixture_entry_naming_no_file_is_refused_at_submit(tmp_path):
     )
     with pytest.raises(spec_lib.SpecError, match=r"data.mixture\[1\].paths\[0\]=.*matches no"):
         check_data_paths(spec)
+
+
+def test_a_given_tokenizer_is_used_instead_of_training_one(tmp_path, tokenizer):
+    from pathways_lite.model.data import DataSpec
+
+    spec = DataSpec(mixture=({"source": "stdlib-tasks", "task": "docstring_from_body"},))
+    spec = dataclasses.replace(spec, max_bytes=20_000, vocab_size=tokenizer.vocab_size)
+    ds = prepare_dataset(spec, seq_len=SEQ, cache_dir=str(tmp_path), tokenizer=tokenizer)
+    assert ds.tokenizer.hash == tokenizer.hash
+    assert not (tmp_path / "tokenizers").exists()  # nothing was trained
+    row = ds.global_batch(0, 2, 0)
+    assert tokenizer.sep_id in row.tokens[0]
