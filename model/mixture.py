@@ -282,7 +282,7 @@ def prepare_mixture(
                 )
             elif entry.objective == "span_corruption":
                 tokens, mask = _span_rows(text, tok, seq_len)
-                segments = (tokens != -1).astype(np.int32)  # one example per row
+                segments = np.ones_like(tokens, dtype=np.int32)  # one example per row
             else:
                 tokens = _lm_rows(text, tok, seq_len)
                 mask = np.ones_like(tokens, dtype=np.uint8)
