@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -115,13 +116,20 @@ class Reporter:
         """Record a completed step: metrics, followers, the islands' timeline, host logs."""
         if record.id in self.views.phases:
             self.phase(record.id, "")
-        metrics = self.views.step_metrics(
-            record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
-        )
+        sources = None
         if report.loss_stats and mixture is not None:
             losses, tokens = mixture.source_metrics(report.loss_stats)
-            metrics.source_loss.update(losses)
-            metrics.source_tokens.update(tokens)
+            stats = list(report.loss_stats)  # exact: a restore recomputes weights from them
+            sources = json.dumps({"loss": losses, "tokens": tokens, "stats": stats})
+        metrics = self.views.step_metrics(
+            record,
+            report.step,
+            report.loss,
+            report.tokens_per_s,
+            report.step_time_s,
+            now(),
+            sources=sources,
+        )
         self.store.record_metrics(
             record.id,
             report.step,
@@ -129,6 +137,7 @@ class Reporter:
             tokens_per_s=report.tokens_per_s,
             step_time_s=report.step_time_s,
             mfu=metrics.mfu,
+            sources=sources,
         )
         self.steps_total += 1
         self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
@@ -282,6 +291,9 @@ class JobRunner:
                 # Dynamic weights are job events: a restarted run sends the same ones.
                 program.mixture.record = functools.partial(p.store.add_event, job_id)
                 program.mixture.load_events((e.kind, e.message) for e in p.store.events(job_id))
+                for m in p.store.metrics(job_id):  # the steps before a restore point
+                    if m.sources:
+                        program.mixture.observe(m.step, json.loads(m.sources).get("stats", ()))
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)

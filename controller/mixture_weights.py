@@ -15,7 +15,8 @@ whose block source is not complete yet waits (`ready`), so any window keeps the 
 Each decision is recorded as a job event (`mixture_weights`: JSON {"block", "steps",
 "weights"}), and so is each completed block's losses (`mixture_losses`: {"block", "sums",
 "counts"}): a restore, or a controller restarted on the same state directory, reads them back
-(`from_events`) and sends the same weights, and the reference trainer replays them from the
+(`load_events`, plus every stored step's exact sums: `observe` of the stored metrics) and
+sends the same weights, and the reference trainer replays them from the
 log (`weights_by_step`).
 """
 
@@ -101,6 +102,12 @@ class MixtureSchedule:
         if source is None:
             return ()
         if block not in self._weights:
+            if source not in self._block_losses:
+                raise RuntimeError(
+                    f"the mixture weights of step {step} need the per-source losses of steps "
+                    f"[{source * self.every}, {(source + 1) * self.every}), which were not "
+                    "all recorded."
+                )
             sums, counts = self._block_losses[source]
             weights = dynamic_weights(self.base, sums, counts)
             self._weights[block] = weights
@@ -118,10 +125,10 @@ class MixtureSchedule:
         if not loss_stats:
             return
         n = self.num_sources
-        self._step_stats[step] = np.asarray(loss_stats, np.float64)
         block = step // self.every
         if not self.dynamic or block in self._block_losses:
             return
+        self._step_stats[step] = np.asarray(loss_stats, np.float64)
         steps = range(block * self.every, (block + 1) * self.every)
         if all(s in self._step_stats for s in steps):
             stats = np.stack([self._step_stats.pop(s) for s in steps])

@@ -90,7 +90,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2 -> 3: each step's MFU, stored with it (NULL for steps recorded before: computed on
     # read from the job's spec).
     ("ALTER TABLE metrics ADD COLUMN mfu REAL",),
-    # 3 -> 4: evaluations, per source (issue 17); exact_match and token_f1 NULL for
+    # 3 -> 4: a mixture step's per-source loss and target tokens, as JSON
+    # {"loss": {source: mean}, "tokens": {source: count}, "stats": the global (sum, count)
+    # vector} (NULL for other jobs).
+    ("ALTER TABLE metrics ADD COLUMN sources TEXT",),
+    # 4 -> 5: evaluations, per source (issue 17); exact_match and token_f1 NULL for
     # language-model sources.
     (
         """CREATE TABLE evals (

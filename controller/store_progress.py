@@ -35,6 +35,8 @@ class MetricRow:
     time_us: int
     # Model FLOPs utilisation as measured when the step was recorded (None: not stored).
     mfu: float | None = None
+    # A mixture step's per-source metrics as JSON (see schema.py); None for other jobs.
+    sources: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ProgressTables:
         tokens_per_s: float = 0.0,
         step_time_s: float = 0.0,
         mfu: float | None = None,
+        sources: str | None = None,
     ) -> bool:
         """Record a completed step. Steps are recorded in order, one row per (job, step).
 
@@ -113,9 +116,9 @@ class ProgressTables:
                     f"record is {count}."
                 )
             conn.execute(
-                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu),
+                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu,"
+                " sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu, sources),
             )
         return True
 
@@ -132,7 +135,7 @@ class ProgressTables:
         """A job's recorded steps >= from_step, in step order."""
         with self._mutex:
             rows = self._conn.execute(
-                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu "
+                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu, sources "
                 "FROM metrics WHERE job_id = ? AND step >= ? ORDER BY step",
                 (job_id, from_step),
             ).fetchall()

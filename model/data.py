@@ -282,8 +282,8 @@ def prepare_dataset(
         cache_dir: cache root (datasets under `datasets/`, tokenizers under `tokenizers/`);
             defaults to `default_cache_dir()`.
         shard_bytes: target size of one Arrow shard.
-        tokenizer: tokenize with this tokenizer (a checkpoint's, for fine-tuning) instead of
-            one trained on the corpus.
+        tokenizer: tokenize with this one (a checkpoint's) instead of training one; its
+            hash is part of the cache key.
 
     Raises:
         DataError: bad input (see `load_corpus`, `train_tokenizer`), or seq_len larger than
@@ -315,7 +315,7 @@ def prepare_dataset(
         "shard_bytes": shard_bytes,
     }
     if tokenizer is not None:
-        key_fields["tokenizer_hash"] = tokenizer.hash
+        key_fields["tokenizer"] = tokenizer.hash
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     parent = root / "datasets"
     final = parent / key

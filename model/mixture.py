@@ -230,8 +230,8 @@ def prepare_mixture(
     """Tokenize every entry with one tokenizer trained on their union; cache the rows.
 
     `max_bytes` caps each source's text. The cache key covers the sources' content, the
-    entries (weights included), vocab_size and seq_len. `tokenizer`: tokenize with this one
-    (a checkpoint's, for fine-tuning) instead of one trained on the union.
+    entries (weights included), vocab_size and seq_len. A given `tokenizer` (a fine-tuning
+    job's checkpoint's) is used instead of training one, and is part of the key.
 
     Raises:
         DataError: bad input (a missing file, a task file without inputs/targets, weights
@@ -250,9 +250,8 @@ def prepare_mixture(
         "entries": [e.to_dict() for e in entries],
         "vocab_size": vocab_size,
         "seq_len": seq_len,
+        "tokenizer": tokenizer.hash if tokenizer is not None else None,
     }
-    if tokenizer is not None:  # a checkpoint's (fine-tuning): no tokenizer is trained
-        key_fields["tokenizer_hash"] = tokenizer.hash
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     parent = root / "datasets"
     final = parent / key
@@ -267,6 +266,9 @@ def prepare_mixture(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=parent))
     try:
         sources = []
+        names = [e.name for e in entries]
+        # Two entries of the same name (say two file sets) are told apart by their index.
+        names = [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
         h = hashlib.sha256(FORMAT.encode())
         for i, (entry, text) in enumerate(zip(entries, texts, strict=True)):
             if entry.is_task:
@@ -280,7 +282,7 @@ def prepare_mixture(
                 )
             elif entry.objective == "span_corruption":
                 tokens, mask = _span_rows(text, tok, seq_len)
-                segments = (tokens != -1).astype(np.int32)  # one example per row
+                segments = np.ones_like(tokens, dtype=np.int32)  # one example per row
             else:
                 tokens = _lm_rows(text, tok, seq_len)
                 mask = np.ones_like(tokens, dtype=np.uint8)
@@ -296,7 +298,7 @@ def prepare_mixture(
                 files[part] = name
             sources.append(
                 {
-                    "name": entry.name,
+                    "name": names[i],
                     "entry": entry.to_dict(),
                     "weight": float(weights[i]),
                     "num_examples": len(tokens),

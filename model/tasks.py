@@ -238,6 +238,28 @@ def _text2text_pairs(paths: Sequence[str], split: str, max_bytes: int | None) ->
     return out
 
 
+def check_task_files(paths: Sequence[str]) -> None:
+    """A quick look at text2text files before any work: each is JSON Lines or a table, and
+    its first row (JSON Lines) or its schema (tables) has `inputs` and `targets`.
+
+    Raises:
+        DataError: naming the file and the missing field.
+    """
+    for path in corpus_lib.expand_paths(paths):
+        suffix = path.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            rows = _jsonl_rows(path)
+        elif suffix in corpus_lib.PARQUET_SUFFIXES:
+            rows = _table_rows(path, corpus_lib.PARQUET_SUFFIXES[suffix])
+        else:
+            known = sorted((*JSONL_SUFFIXES, *corpus_lib.PARQUET_SUFFIXES))
+            raise DataError(
+                f"data file {str(path)!r} is neither JSON Lines nor a table: "
+                f"data.source='text2text' reads files ending in {', '.join(known)}."
+            )
+        next(iter(rows), None)
+
+
 def task_pairs(
     source: str,
     task: str | None,
