@@ -152,6 +152,19 @@ def test_fine_tuning_a_pretrained_model_beats_the_same_spec_from_scratch_in_one_
     assert code == 0, err
     assert set(json.loads(out)["sources"]["stdlib"]) == {"loss", "perplexity", "examples"}
 
+    # init_from a checkpoint folder: a registered one is accepted, any other refused.
+    with ControllerClient(state) as client:
+        by_path = load_spec_text(tune("life-by-path", "x"))
+        by_path.init_from.ClearField("job")
+        by_path.init_from.checkpoint = tuned.init_checkpoint
+        assert client.submit(by_path, validate_only=True).name == "life-by-path"
+        by_path.init_from.checkpoint = "/nowhere/g0-step1"
+        with pytest.raises(ClientError) as e:
+            client.submit(by_path, validate_only=True)
+        assert "init_from.checkpoint='/nowhere/g0-step1' is not a committed checkpoint" in str(
+            e.value
+        )
+
     # The dashboard's job page: the chain both ways, the evaluations; /metrics exports them.
     base = json.loads((local_cluster.state_dir / "controller.json").read_text())["dashboard"]
     headers = {"Authorization": auth.bearer(auth.read_token(local_cluster.state_dir / "token"))}
