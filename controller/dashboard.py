@@ -41,7 +41,7 @@ from .dashboard_stream import EventStreams
 from .prometheus import controller_registry
 from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
 from .store import JobRecord
-from .views import eval_json, eval_protos, init_path, job_summary, step_point
+from .views import eval_json, eval_protos, job_summary, step_point
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +351,7 @@ class Dashboard:
                 init["step"] = spec.init_from.step
             for event in store.events(record.id):
                 if event.kind == "init":
-                    init["checkpoint"] = init_path(event.message)
+                    init["checkpoint"] = lineage.init_path(event.message)
         later, _ = store.list_jobs(page_size=CHAIN_SCAN, newest_first=True)
         children = []
         for other in later:

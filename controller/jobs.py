@@ -20,11 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import os
-import shutil
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,21 +31,19 @@ from . import lineage
 from . import spec as spec_lib
 from .bus import EventBus, LogBuffer, now
 from .dispatch import Dispatcher, DispatchError, StepReport
+from .evaluation import evaluate_job
 from .islands import Island, call_all
 from .options import format_size
 from .recovery import Attempt, FailureClass, Recovery, classify
-from .resolved import InitRef, MemoryFigures, ResolvedJob, step_program
+from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
 from .states import JobState, StoreError
-from .store import EvalRow, JobRecord, JobStore
-from .views import INIT_EVENT_PREFIX, TimelineEntry, Views
+from .store import JobRecord, JobStore
+from .views import TimelineEntry, Views
 
 logger = logging.getLogger(__name__)
 
 SUSPEND_TIMEOUT_S = 300.0
-EVAL_TIMEOUT_S = 1800.0
-# The tokenizer file of a prepared dataset folder (model/tokenizer.py's MODEL_FILE).
-TOKENIZER_FILE = "tokenizer.model"
 
 
 class Reporter:
@@ -372,91 +366,26 @@ class JobRunner:
             p.wake()
 
     def _with_init(self, job: ResolvedJob) -> ResolvedJob:
-        """The job with its init_from checkpoint resolved, and the tokenizer its source kept
-        beside it; a job without init_from unchanged.
-
-        Raises:
-            SpecError: the source has no committed checkpoint at the step asked for.
-        """
-        init = lineage.init_checkpoint(self.parts.store, self.record.spec)
-        if init is None or job.init is not None:
-            return job
-        tokenizer = Path(init.path).parent / TOKENIZER_FILE
-        if not tokenizer.is_file():
-            raise spec_lib.SpecError(
-                "init_from",
-                init.path,
-                f"init_from: the checkpoint {init.path} has no tokenizer beside it "
-                f"({tokenizer}); it was written before checkpoints kept their tokenizer.",
-            )
-        self.parts.store.add_event(
-            self.job_id,
-            "init",
-            f"{INIT_EVENT_PREFIX}{init.path} (job {init.source.id}, step {init.step}); "
-            "fresh optimizer state.",
-        )
-        return dataclasses.replace(
-            job, init=InitRef(init.path, init.step, init.source.id, str(tokenizer))
-        )
+        """The job with its init_from checkpoint and tokenizer (controller/lineage.py)."""
+        return lineage.with_init(self.parts.store, self.record, job)
 
     def _keep_tokenizer(self) -> None:
-        """Copy the job's tokenizer beside its checkpoints (`<checkpoint dir>/tokenizer.model`):
-        a job started from one of them (init_from) tokenizes its data with it."""
-        job_dir = self.parts.recovery.job_dir(self.job_id)
-        if not job_dir or self.job is None or self.job.dataset is None:
-            return
-        target = Path(job_dir) / TOKENIZER_FILE
-        source = Path(self.job.dataset.path) / TOKENIZER_FILE
-        if target.is_file() or not source.is_file():
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        """The job's tokenizer beside its checkpoints, for jobs started from them."""
+        if self.job is not None and self.job.dataset is not None:
+            lineage.keep_tokenizer(self.parts.recovery.job_dir(self.job_id), self.job.dataset.path)
 
-    async def _evaluate(self, program_step: int | None = None) -> None:
-        """Evaluate the job's current parameters on its first island (every host of it runs
-        the same program; host 0 answers) and store the result."""
+    async def _evaluate(self, step: int | None = None) -> None:
+        """Evaluate the job's current parameters on its first island; store the result."""
         p = self.parts
-        settings = spec_lib.eval_settings(self.record.spec)
-        request = worker_pb2.EvaluateRequest(
-            job_id=self.job_id,
-            max_examples=settings.max_examples,
-            shots=settings.shots,
-            split=settings.split,
-        )
         p.reporter.phase(self.job_id, "evaluating")
         try:
-            replies = await self.island_handles[0].call("Evaluate", request, timeout=EVAL_TIMEOUT_S)
+            await evaluate_job(self.island_handles[0], self.record, p.store, step)
         finally:
             p.reporter.phase(self.job_id, "")
-        reply = replies[0]
-        rows = [
-            EvalRow(
-                source=s.name,
-                loss=s.loss,
-                perplexity=math.exp(min(s.loss, 700.0)),
-                exact_match=s.exact_match if s.text_to_text else None,
-                token_f1=s.token_f1 if s.text_to_text else None,
-                examples=s.examples,
-            )
-            for s in reply.sources
-        ]
-        step = int(reply.steps_applied) if program_step is None else program_step
-        p.store.record_eval(self.job_id, step, settings.shots, rows)
-        logger.info(
-            "job %s evaluated at step %d in %.1f s: %s",
-            self.job_id,
-            step,
-            reply.seconds,
-            ", ".join(f"{r.source} loss {r.loss:.4f}" for r in rows),
-            extra={"job_id": self.job_id},
-        )
 
     async def _eval_logged(self, step: int) -> None:
         """One evaluation whose failure is logged, never failing the training job
         (train.eval_every: at every N steps and after the last one)."""
-
         try:
             await self._evaluate()
         except Exception as e:  # noqa: BLE001 - the trained job still succeeds

@@ -17,14 +17,29 @@ differing field is named). The checkpoint itself is resolved when the job starts
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 from pathways_lite.v1 import controller_pb2
 
 from . import spec as spec_lib
+from .resolved import InitRef, ResolvedJob
 from .spec_errors import SpecError, quote
 from .states import JobState, StoreError
 from .store import JobRecord, JobStore
+
+# A job's tokenizer beside its checkpoints (model/tokenizer.py's MODEL_FILE name).
+TOKENIZER_FILE = "tokenizer.model"
+# How an `init` event (a job started from a checkpoint) begins; `init_path` reads it back.
+INIT_EVENT_PREFIX = "Parameters from checkpoint "
+
+
+def init_path(message: str) -> str:
+    """The checkpoint folder an `init` event names."""
+    rest = message[len(INIT_EVENT_PREFIX) :] if message.startswith(INIT_EVENT_PREFIX) else ""
+    return rest.split(" (", 1)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,3 +230,48 @@ def init_checkpoint(store: JobStore, spec: controller_pb2.JobSpec) -> InitCheckp
             "without a committed checkpoint.",
         )
     return InitCheckpoint(committed[-1].path, committed[-1].step, source)
+
+
+def with_init(store: JobStore, record: JobRecord, job: ResolvedJob) -> ResolvedJob:
+    """A starting job with its init_from checkpoint resolved and the tokenizer its source
+    kept beside it (an `init` event says which); a job without init_from unchanged.
+
+    Raises:
+        SpecError: the source has no committed checkpoint at the step asked for, or no
+            tokenizer beside it.
+    """
+    init = init_checkpoint(store, record.spec)
+    if init is None or job.init is not None:
+        return job
+    tokenizer = Path(init.path).parent / TOKENIZER_FILE
+    if not tokenizer.is_file():
+        raise SpecError(
+            "init_from",
+            init.path,
+            f"init_from: the checkpoint {init.path} has no tokenizer beside it ({tokenizer}); "
+            "it was written before checkpoints kept their tokenizer.",
+        )
+    store.add_event(
+        record.id,
+        "init",
+        f"{INIT_EVENT_PREFIX}{init.path} (job {init.source.id}, step {init.step}); "
+        "fresh optimizer state.",
+    )
+    return dataclasses.replace(
+        job, init=InitRef(init.path, init.step, init.source.id, str(tokenizer))
+    )
+
+
+def keep_tokenizer(job_dir: str, dataset_path: str) -> None:
+    """Copy a job's tokenizer beside its checkpoints (`<checkpoint dir>/tokenizer.model`): a
+    job started from one of them (init_from) tokenizes its data with it. Blocking."""
+    if not job_dir:
+        return
+    target = Path(job_dir) / TOKENIZER_FILE
+    source = Path(dataset_path) / TOKENIZER_FILE
+    if target.is_file() or not source.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

@@ -123,15 +123,6 @@ def eval_json(result: controller_pb2.EvalResult) -> dict[str, Any]:
     return {"step": result.step, "shots": result.shots, "sources": sources}
 
 
-INIT_EVENT_PREFIX = "Parameters from checkpoint "
-
-
-def init_path(message: str) -> str:
-    """The checkpoint folder an `init` event names."""
-    rest = message[len(INIT_EVENT_PREFIX) :] if message.startswith(INIT_EVENT_PREFIX) else ""
-    return rest.split(" (", 1)[0]
-
-
 def job_summary(job: controller_pb2.Job) -> dict[str, Any]:
     """One job as the dashboard's jobs list and job page show it, from its wire record.
 
@@ -345,7 +336,7 @@ class Views:
                 if event.kind in ("restore", "resume"):  # recovery.py's load
                     job.resumed_from_step = resumed_step(event.message)
                 if event.kind == "init":  # jobs.py: the init_from checkpoint it started from
-                    job.init_checkpoint = init_path(event.message)
+                    job.init_checkpoint = lineage.init_path(event.message)
         if record.state == JobState.QUEUED:
             if queued is None:
                 queued = self.store.jobs_in_states([JobState.QUEUED])

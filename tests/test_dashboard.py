@@ -204,8 +204,9 @@ def test_metrics_and_live_stream_on_a_running_cluster(local_cluster, tmp_path) -
         with urllib.request.urlopen(request, timeout=10) as response:
             text = response.read().decode()
         assert response.headers["Content-Type"].startswith("text/plain")
+        name = r"[a-z_][a-z0-9_]*"  # Prometheus names may hold digits (`..._token_f1`)
         sample = re.compile(
-            r'^[a-z_]+(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+-]+$|^[a-z_]+\{.*\} NaN$'
+            rf'^{name}(\{{([a-z_]+="[^"]*",?)*\}})? -?[0-9.e+-]+$|^{name}\{{.*\}} NaN$'
         )
         for line in text.splitlines():
             assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line)

@@ -128,34 +128,6 @@ class _Resident:
     apply_exec: Any
 
 
-TASK_SOURCES = ("stdlib-tasks", "text2text")
-
-
-def eval_sources(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The sources an evaluation scores, from a prepared dataset's manifest: a mixture's
-    sources (model/mixture.py: `sources[i]` with its name and entry) or the one plain text
-    source (model/data.py: `spec`). `kind` is "text2text" for task sources, else "lm";
-    `index` is the source's place in a mixture (None for a plain dataset)."""
-    if manifest.get("kind") == "mixture":
-        out = []
-        for i, s in enumerate(manifest["sources"]):
-            entry = s.get("entry", {})
-            source = entry.get("source", "")
-            out.append(
-                {
-                    "name": s["name"],
-                    "kind": "text2text" if source in TASK_SOURCES else "lm",
-                    "source": source,
-                    "task": entry.get("task"),
-                    "paths": list(entry.get("paths") or ()),
-                    "index": i,
-                }
-            )
-        return out
-    spec = manifest.get("spec", {})
-    return [{"name": spec.get("source") or "stdlib", "kind": "lm", "index": None}]
-
-
 class PalmRuntime(JobRuntime):
     """A PaLM job on an island: the reference trainer's StepFunctions on the island's mesh.
 
@@ -647,86 +619,6 @@ class PalmRuntime(JobRuntime):
             "job %s starts from the parameters of %s (step %d)", self.spec.job_id, path, step
         )
         return step
-
-    def evaluate(self, *, max_examples: int, shots: int, split: str) -> tuple[int, list[Any]]:
-        """Score the current parameters on the job's sources (model/evaluate.py): every host
-        of the island runs the same program. Returns (steps applied, [SourceScore]).
-
-        Language-model sources are scored on the first `max_examples` rows of their prepared
-        data, in order; text-to-text sources on `split` of their pairs, with `shots`
-        training pairs before each input.
-
-        Raises:
-            JobSpecError: a task source's pairs cannot be read (naming the source).
-        """
-        import jax
-
-        from pathways_lite.model import evaluate as ev
-        from pathways_lite.model.corpus import DataError
-        from pathways_lite.model.tasks import task_pairs
-
-        state = self._loaded().state
-        self._open_data()
-        fns = self.fns
-        rows_per_batch = self.spec.island_batch
-
-        def place(array: np.ndarray) -> Any:
-            array = np.ascontiguousarray(array)
-            return jax.make_array_from_callback(
-                array.shape, fns.batch_sharding, lambda index: array[index]
-            )
-
-        scores = []
-        for source in eval_sources(self.dataset.manifest):
-            if source["kind"] == "lm":
-                rows, weights = self._lm_rows(source["index"], max_examples)
-                loss = ev.mean_loss(
-                    ev.loss_sums_fn(fns),
-                    state.params,
-                    rows,
-                    weights,
-                    rows_per_batch,
-                    place,
-                    fns.mesh,
-                )
-                scores.append(ev.SourceScore(source["name"], loss, len(rows)))
-                continue
-            try:
-                pairs = task_pairs(source["source"], source["task"], source["paths"], split)
-                pool = (
-                    task_pairs(source["source"], source["task"], source["paths"], "train")
-                    if shots
-                    else []
-                )
-            except DataError as e:
-                raise JobSpecError(f"evaluating {source['name']!r}: {e}") from None
-            scores.append(
-                ev.evaluate_text2text(
-                    fns,
-                    state.params,
-                    self.dataset.tokenizer,
-                    source["name"],
-                    pairs[:max_examples],
-                    pool[: 4 * shots],
-                    shots=shots,
-                    seq_len=self.spec.seq_len,
-                    batch_rows=rows_per_batch,
-                    place=place,
-                )
-            )
-        return int(state.step), scores
-
-    def _lm_rows(self, index: int | None, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first `n` rows (N, T + 1) of a language-model source and their loss weights
-        (N, T): a plain dataset's examples, or a mixture source's rows and mask."""
-        if index is None:
-            n = min(n, self.dataset.num_examples)
-            rows = self.dataset.examples(np.arange(n, dtype=np.int64))
-            return rows, np.ones((n, rows.shape[1] - 1), np.float32)
-        files = self.dataset.manifest["sources"][index]["files"]
-        tokens = np.load(self.dataset.path / files["tokens"], mmap_mode="r")[:n]
-        mask = np.load(self.dataset.path / files["mask"], mmap_mode="r")[:n]
-        return np.asarray(tokens, np.int32), np.asarray(mask[:, 1:], np.float32)
 
     def unload(self) -> None:
         import jax

@@ -523,12 +523,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @_rpc
     async def Evaluate(self, request: worker_pb2.EvaluateRequest, context) -> Any:
         """Score a loaded job's current parameters on its sources, between its steps."""
+        from .evaluation import evaluate
+
         job = self._job(request.job_id)
-        if not hasattr(job.runtime, "evaluate"):
-            raise RpcRejection(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"job {request.job_id!r} (model {job.spec.preset!r}) cannot be evaluated.",
-            )
         if request.max_examples <= 0:
             raise RpcRejection(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -537,7 +534,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         started = time.perf_counter()
         async with self._lock:
             steps, scores = await self._on_runtime_thread(
-                job.runtime.evaluate,
+                evaluate,
+                job.runtime,
                 max_examples=request.max_examples,
                 shots=request.shots,
                 split=request.split or "heldout",
