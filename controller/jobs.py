@@ -521,9 +521,11 @@ class JobRunner:
 
     def _step_done(self, report: StepReport) -> None:
         """Record the step, then register the checkpoints it reports committed."""
-        self.parts.reporter.step(self.record, report, self._attempt.program.mixture)
-        if self._attempt is not None:
-            self.parts.recovery.on_step(self._attempt, report.checkpoints_committed)
+        attempt = self._attempt
+        mixture = attempt.program.mixture if attempt is not None else None
+        self.parts.reporter.step(self.record, report, mixture)
+        if attempt is not None:
+            self.parts.recovery.on_step(attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1
         if every and done % every == 0 and done < self.record.spec.train.steps:
             # Between steps on the hosts (the Evaluate rpc queues behind the steps in flight):
