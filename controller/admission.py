@@ -16,11 +16,30 @@ islands (its state is in their hosts' memory) as soon as they have room again, a
 preempt there. A job that can never fit (its demand is above every budget left: the budget
 shrank, an island was lost for good) holds nobody back; it says so in `why` and in its events.
 Every job left waiting gets one sentence saying why (`pending`).
+
+Backfill (EASY style, `backfill=True`). The first job that waits (the head) holds a
+reservation: the earliest time its islands are free, from the running jobs' expected ends
+(their kind's learned seconds per step x their steps). A job behind it that fits now starts
+also when it would take room the head needs, provided it is expected to end before that
+reservation, so it never delays the head's start; `why` says which jobs were backfilled and
+which job holds a reservation. With `backfill=False` nothing starts while a job ahead waits
+(strict priority order: the baseline bench/scale.py compares against).
+
+Cost. A pass reads the queue's keys (no spec is parsed again for a job that did not change),
+keeps the islands' free room sorted so "does it fit now" is one comparison, and gives the
+full sentence of what a job lacks only to the first jobs that wait (the others get their
+place in the queue); every pass's latency from the event that asked for it is kept
+(`decisions_ms`) and logged.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import dataclasses
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from .jobs import JobRunner
@@ -30,6 +49,30 @@ from .states import JobState
 from .store import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
+
+# Waiting jobs that get the full sentence of what they lack (and who holds it) on a pass; the
+# ones behind them get their place in the queue (cheap on a queue of thousands).
+DETAILED_REASONS = 16
+# Passes slower than this are logged at INFO (every pass is at DEBUG).
+SLOW_PASS_MS = 10.0
+# Latencies of the latest passes kept for the bench and the metrics.
+DECISIONS_KEPT = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """The head of the queue's reservation (EASY backfill).
+
+    Attributes:
+        job_id: the job that holds it.
+        start: when (clock seconds) it is expected to find room, from the running jobs'
+            expected ends.
+        islands: the islands it is expected to start on.
+    """
+
+    job_id: str
+    start: float
+    islands: tuple[str, ...]
 
 
 class Admission:
@@ -44,6 +87,8 @@ class Admission:
         requeue_suspended: moves a job suspended under an earlier controller back to the
             queue; returns its record.
         memory: measured bytes per device by (model, mesh, batch); None starts empty.
+        backfill: EASY backfill behind a waiting head (False: strict priority order).
+        clock: seconds (monotonic) for expected ends and reservations.
     """
 
     def __init__(
@@ -55,6 +100,9 @@ class Admission:
         start: Callable[[JobRecord, list[str]], None],
         requeue_suspended: Callable[[JobRecord], JobRecord],
         memory: MemoryFigures | None = None,
+        *,
+        backfill: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -70,6 +118,21 @@ class Admission:
         self._backfilled: set[str] = set()
         # Jobs told (in an event) that they can never fit, with the sentence they were told.
         self._parked: dict[str, str] = {}
+        self.backfill = backfill
+        self.clock = clock
+        # Running jobs' notes for `why` (backfilled ahead of whom, until when).
+        self.notes: dict[str, str] = {}
+        # The head of the queue's reservation, as of the last pass.
+        self.reservation: Reservation | None = None
+        # Latency (ms) of each pass from the event that asked for it.
+        self.decisions_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
+        # When the first event since the last pass asked for one (`wake`), clock seconds.
+        self._asked_at: float | None = None
+        # Seconds per step learned by job kind, and the jobs started: (kind, start, steps).
+        self.step_seconds: dict[tuple, float] = {}
+        self._started: dict[str, tuple[tuple, float, int]] = {}
+        # Queue records by id with their updated_us (parsed again only when changed).
+        self._records: dict[str, tuple[int, JobRecord]] = {}
 
     def demand(self, record: JobRecord) -> Demand:
         """What the job asks of the cluster: its compiled step's bytes once it has loaded (or
@@ -85,15 +148,43 @@ class Admission:
             record.id, record.spec.islands, bytes_per_device, record.priority, record.weight
         )
 
+    def asked(self) -> None:
+        """An event asked for a pass (the controller's `wake`): the decision latency of the
+        next pass counts from the first such event."""
+        if self._asked_at is None:
+            self._asked_at = time.perf_counter()
+
+    def _waiting(self) -> list[JobRecord]:
+        """The queued and suspended jobs in scheduling order; a record is read again only
+        when its row changed since the last pass."""
+        keys = self.store.queue_keys([JobState.QUEUED, JobState.SUSPENDED])
+        records = {}
+        out = []
+        for job_id, *key in keys:
+            cached = self._records.get(job_id)
+            if cached is None or cached[0] != key:
+                cached = (key, self.store.get_job(job_id))
+            records[job_id] = cached
+            out.append(cached[1])
+        self._records = records
+        return out
+
     def schedule(self) -> None:
         """One scheduling pass over the queued and suspended jobs, priority then submission:
-        admit what fits (all islands or none) without postponing the jobs ahead for good,
-        resume suspended jobs whose islands have room, suspend lower-priority jobs for the
-        first job that waits, and say why the rest wait."""
+        admit what fits (all islands or none) without postponing the jobs ahead (EASY
+        backfill: the head's reservation), resume suspended jobs whose islands have room,
+        suspend lower-priority jobs for the first job that waits, and say why the rest wait."""
+        began = time.perf_counter()
+        asked, self._asked_at = self._asked_at, None
+        self._learn()
         self._backfilled = {j for j in self._backfilled if self.scheduler.held(j)}
-        waiting = self.store.jobs_in_states([JobState.QUEUED, JobState.SUSPENDED])
+        for job_id in [j for j in self.notes if not self.scheduler.held(j)]:
+            del self.notes[job_id]
+        self.reservation = None
+        room = self._room()
         ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
-        for record in waiting:
+        placed = 0
+        for position, record in enumerate(self._waiting()):
             runner = self.runners.get(record.id)
             if runner is not None and record.state == JobState.QUEUED:
                 continue  # placed on this pass or an earlier one; its task starts it
@@ -106,13 +197,27 @@ class Admission:
                 continue
             demand = self.demand(record)
             own = tuple(runner.islands) if suspended and runner is not None else None
+            if (
+                own is None
+                and len(ahead) >= DETAILED_REASONS
+                and not _fits_now(room, demand.islands, demand.bytes_per_device)
+            ):
+                # Far down a long queue and no room for it now: its place, cheaply.
+                head = ahead[0][0].job_id
+                self.pending[record.id] = (
+                    f"Waits in the queue at position {position + 1}, behind {head}; no "
+                    f"{demand.islands} island(s) have room for it now."
+                )
+                continue
             never = self.scheduler.never_fits(demand.islands, demand.bytes_per_device, own)
             if never is not None:
                 self._park(record, never)
                 continue
             self._parked.pop(record.id, None)
-            islands = self._place(demand, own, ahead)
+            islands = self._admit(record, demand, own, ahead, room)
             if islands is not None:
+                placed += 1
+                room = self._room()
                 self.pending.pop(record.id, None)
                 if ahead:
                     self._backfilled.add(record.id)
@@ -121,6 +226,11 @@ class Admission:
                     runner.resume.set()
                 else:
                     self._start(record, islands)
+                    self._started[record.id] = (
+                        _kind(record),
+                        self.clock(),
+                        max(0, record.spec.train.steps),
+                    )
                 continue
             victims = self.preempt(demand, own) if not ahead else []
             holders = sorted(
@@ -135,8 +245,146 @@ class Admission:
                 reason += (
                     f" Jobs ahead in the queue wait too ({', '.join(d.job_id for d, _ in ahead)})."
                 )
+            if not ahead and own is None and self.backfill:
+                self.reservation = self._reserve(demand)
+                if self.reservation is not None:
+                    reason += " " + self._reservation_sentence(self.reservation)
             self.pending[record.id] = ("Suspended: " if suspended else "") + reason
             ahead.append((demand, own))
+        took_ms = (time.perf_counter() - (asked or began)) * 1e3
+        self.decisions_ms.append(took_ms)
+        logger.log(
+            logging.INFO if took_ms > SLOW_PASS_MS else logging.DEBUG,
+            "scheduling pass: %d placed, %d waiting, %.2f ms from the event",
+            placed,
+            len(ahead),
+            took_ms,
+        )
+
+    def _admit(
+        self,
+        record: JobRecord,
+        demand: Demand,
+        own: tuple[str, ...] | None,
+        ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
+        room: list[float],
+    ) -> list[str] | None:
+        """Place the job if the policy lets it start now: first in line, or behind waiting
+        jobs without holding them back (strict order: never behind them)."""
+        if ahead and not self.backfill:
+            return None
+        if own is None and not _fits_now(room, demand.islands, demand.bytes_per_device):
+            return None
+        islands = self._place(demand, own, ahead)
+        if islands is not None or not ahead or own is not None:
+            return islands
+        return self._backfill_before_reservation(record, demand)
+
+    # ---- EASY backfill ----------------------------------------------------------------------
+
+    def _room(self) -> list[float]:
+        """Free bytes per device of every island that is up, ascending."""
+        sched = self.scheduler
+        return sorted(sched.free_bytes(i) for i in sched.island_ids if i not in sched.down)
+
+    def _learn(self) -> None:
+        """Learn seconds per step of a kind from the jobs started here that succeeded."""
+        for job_id in [j for j in self._started if not self.scheduler.held(j)]:
+            if job_id in self.runners:
+                continue  # placed, not started yet, or suspended
+            kind, started, steps = self._started.pop(job_id)
+            try:
+                record = self.store.get_job(job_id)
+            except Exception:  # noqa: BLE001 - pruned meanwhile
+                continue
+            if record.state == JobState.SUCCEEDED and steps > 0:
+                per_step = max(0.0, self.clock() - started) / steps
+                old = self.step_seconds.get(kind)
+                self.step_seconds[kind] = per_step if old is None else 0.7 * old + 0.3 * per_step
+
+    def expected_s(self, record: JobRecord) -> float | None:
+        """How long the job is expected to run (its kind's seconds per step x its steps), or
+        None before a job of its kind has completed here."""
+        per_step = self.step_seconds.get(_kind(record))
+        return None if per_step is None else per_step * max(0, record.spec.train.steps)
+
+    def _expected_end(self, job_id: str) -> float:
+        """When a resident job is expected to end (clock seconds; inf when unknown)."""
+        started = self._started.get(job_id)
+        if started is None:
+            return math.inf
+        kind, at, steps = started
+        per_step = self.step_seconds.get(kind)
+        return math.inf if per_step is None else at + per_step * steps
+
+    def _reserve(self, demand: Demand) -> Reservation | None:
+        """The head's reservation: the earliest time `demand.islands` islands have room for
+        it as the resident jobs end (None when some end is unknown)."""
+        sched = self.scheduler
+        now = self.clock()
+        ready: list[tuple[float, int, str]] = []
+        for n, island in enumerate(sched.island_ids):
+            if island in sched.down:
+                continue
+            free = sched.free_bytes(island)
+            at = now
+            if free < demand.bytes_per_device:
+                ends = sorted((self._expected_end(j), sched.held(j)) for j in sched.jobs_on(island))
+                at = math.inf
+                for end, nbytes in ends:
+                    free += nbytes
+                    if free >= demand.bytes_per_device:
+                        at = end
+                        break
+            ready.append((at, n, island))
+        if len(ready) < demand.islands:
+            return None
+        ready.sort()
+        chosen = ready[: demand.islands]
+        start = chosen[-1][0]
+        if math.isinf(start):
+            return None
+        return Reservation(demand.job_id, start, tuple(i for _, _, i in chosen))
+
+    def _reservation_sentence(self, r: Reservation) -> str:
+        wait = max(0.0, r.start - self.clock())
+        return (
+            f"Holds a reservation: expected to start in about {wait:.0f} s on "
+            f"{', '.join(r.islands)} as running jobs end; jobs behind it start first only if "
+            "they are expected to end before then."
+        )
+
+    def _backfill_before_reservation(self, record: JobRecord, demand: Demand) -> list[str] | None:
+        """Start a job behind the waiting head on room the head's reservation needs, when it
+        is expected to end before the reservation starts (so the head is not delayed)."""
+        r = self.reservation
+        length = self.expected_s(record)
+        if r is None or length is None:
+            return None
+        now = self.clock()
+        if now + length > r.start:
+            return None
+        sched = self.scheduler
+        room = sched.candidates(demand)
+        # Islands the head does not need first: they hold it back in no case.
+        room.sort(key=lambda i: i in r.islands)
+        if len(room) < demand.islands:
+            return None
+        islands = sched.place(demand, sorted(room[: demand.islands], key=sched.island_ids.index))
+        if islands is not None:
+            self.notes[record.id] = (
+                f"Backfilled ahead of {r.job_id}: expected to end in about {length:.0f} s, "
+                f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
+            )
+            logger.info(
+                "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
+                record.id,
+                r.job_id,
+                length,
+                r.start - now,
+                extra={"job_id": record.id},
+            )
+        return islands
 
     def _place(
         self,
@@ -255,3 +503,21 @@ class Admission:
                 extra={"job_id": job_id},
             )
         return sorted(chosen)
+
+
+def _fits_now(room: list[float], islands: int, bytes_per_device: int) -> bool:
+    """Whether `islands` islands have `bytes_per_device` free (`room` ascending)."""
+    return islands <= len(room) - bisect.bisect_left(room, bytes_per_device)
+
+
+def _kind(record: JobRecord) -> tuple:
+    """A job's kind for its step time: model, islands, devices, mesh, batch, length."""
+    spec = record.spec
+    return (
+        spec.model.SerializeToString(deterministic=True),
+        spec.islands,
+        spec.devices_per_island,
+        spec.mesh.SerializeToString(deterministic=True),
+        spec.train.global_batch,
+        spec.train.seq_len,
+    )

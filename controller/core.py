@@ -70,6 +70,7 @@ class Controller:
         window: int = DEFAULT_WINDOW,
         prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob] = prepare_data,
         peak_flops: float | None = None,
+        backfill: bool = True,
     ) -> None:
         self.store = store
         self.islands = {island.id: island for island in islands}
@@ -105,6 +106,7 @@ class Controller:
             self._start_job,
             self._requeue_suspended,
             self.memory,
+            backfill=backfill,
         )
         self.views = Views(
             store,
@@ -114,6 +116,7 @@ class Controller:
             self.resolved,
             peak_flops=peak_flops,
         )
+        self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
         self._parts = Collaborators(
             store=store,
@@ -264,6 +267,7 @@ class Controller:
 
     def wake(self) -> None:
         """Ask for a scheduling pass."""
+        self.admission.asked()
         if self._wake is not None:
             self._wake.set()
 

@@ -387,6 +387,20 @@ class JobStore(ProgressTables):
             ).fetchall()
         return [_job_from_row(r) for r in rows]
 
+    def queue_keys(self, states: Iterable[JobState]) -> list[tuple[str, int, str, int]]:
+        """(id, updated_us, state, priority) of every job in one of `states`, in scheduling
+        order, without parsing specs: admission reads again only the records that changed."""
+        values = sorted({JobState(s).value for s in states})
+        if not values:
+            return []
+        with self._mutex:
+            return self._conn.execute(
+                "SELECT id, updated_us, state, priority FROM jobs"
+                f" WHERE state IN ({', '.join('?' * len(values))})"
+                " ORDER BY priority DESC, created_us, id",
+                values,
+            ).fetchall()
+
     def transition(
         self,
         job_id: str,

@@ -174,6 +174,8 @@ class Views:
         self.scheduler = scheduler
         self.islands = islands
         self.pending = pending
+        # Running jobs' scheduling notes (admission's: backfilled ahead of whom).
+        self.notes: Mapping[str, str] = {}
         self._resolved = resolved
         # The machine's peak FLOP/s for MFU on simulated CPU islands and where it came from
         # ("--peak-flops", "cached" or "measured"): set by `measure_peak`, or the override.
@@ -307,7 +309,8 @@ class Views:
             return self.pending.get(record.id, WAITING)
         if record.state == JobState.RUNNING:
             islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
-            return f"Running on {islands}."
+            note = self.notes.get(record.id)
+            return f"Running on {islands}." + (f" {note}" if note else "")
         if record.state == JobState.SUSPENDED and record.id in self.pending:
             return self.pending[record.id]  # why it has not resumed yet, as of the last pass
         return f"The job is {record.state.value}" + (
