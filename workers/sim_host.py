@@ -343,7 +343,9 @@ async def connect_islands(addresses: dict[str, str]) -> list:
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
-    cluster = SimCluster.uniform(args.islands, step_s=args.step_s, budget=args.budget)
+    cluster = SimCluster.uniform(
+        args.islands, step_s=args.step_s, budget=args.budget, job_bytes=args.job_bytes
+    )
     addresses = await cluster.start()
     tmp = Path(args.address_file).with_suffix(".tmp")
     tmp.write_text(json.dumps(addresses))
@@ -363,6 +365,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--islands", type=int, required=True)
     parser.add_argument("--step-s", type=float, default=0.0)
     parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    parser.add_argument("--job-bytes", type=int, default=0, help="0: half the budget")
     parser.add_argument("--address-file", required=True)
     args = parser.parse_args(argv)
     if args.islands < 1:

@@ -1,0 +1,302 @@
+"""The controller at cluster scale: 1,000 jobs on 64 simulated islands, backfill vs strict
+order, decision latency, idle fraction, and the jobs page over 10,000 finished jobs.
+
+The real controller (core, admission, scheduler, store, dispatcher, job runners) runs in this
+process; the 64 island hosts are simulated (workers/sim_host.py: worker.proto over real gRPC,
+no JAX) in a process of their own. Workload (seeded): jobs needing 1, 2, 4, 8 or 16 islands
+(weights 40/25/15/12/8 %), lognormal step counts (durations), three priorities, all submitted
+at once; every job holds a whole island (its measured memory is the island's budget).
+
+Figures, side by side in one run:
+- decision latency p50/p99: a scheduling pass, from the event that asked for it (a job's
+  end, a submission) to its placements committed (admission's `decisions_ms`);
+- idle_fraction: island-seconds idle while a waiting job fits on idle islands that the head's
+  reservation does not hold, over island-seconds while work waits (sampled every 50 ms);
+- mean queue wait with EASY backfill vs strict priority order (the baseline, same workload);
+- reservation overruns: heads that started later than their reservation (+1 s);
+- jobs_page_ms: a ListJobs page (keyset) with 10,000 finished jobs in the store.
+Not measured here yet (printed as null): lost_events, submit_p99_ms,
+dispatch_under_load_ratio, ray_death_to_recovery_s.
+
+Run: .venv/bin/python bench/scale.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = (1, 2, 4, 8, 16)
+SIZE_WEIGHTS = (40, 25, 15, 12, 8)
+PRIORITIES = (0, 1, 2)
+# Examples per island per step (the global batch grows with the gang: alike memory per island).
+PER_ISLAND_BATCH = 8
+
+
+def spec_for(name: str, islands: int, steps: int, priority: int):
+    from pathways_lite.spec import load_spec_text
+
+    spec = load_spec_text(f"""
+name: {name}
+model: {{preset: palm-tiny}}
+islands: {islands}
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{steps: {steps}, global_batch: {PER_ISLAND_BATCH * islands}, seq_len: 64}}
+data: {{source: stdlib, vocab_size: 1024}}
+""")
+    spec.priority = priority
+    return spec
+
+
+def workload(n: int, seed: int, mean_steps: float) -> list[tuple[int, int, int]]:
+    """(islands, steps, priority) of n jobs."""
+    rng = random.Random(seed)
+    sigma = 0.8
+    mu = math.log(mean_steps) - sigma**2 / 2
+    return [
+        (
+            rng.choices(SIZES, SIZE_WEIGHTS)[0],
+            max(2, int(rng.lognormvariate(mu, sigma))),
+            rng.choice(PRIORITIES),
+        )
+        for _ in range(n)
+    ]
+
+
+def budget_bytes() -> int:
+    """An island budget that holds exactly one job of every size (estimate and measured)."""
+    from pathways_lite.controller.resolved import ResolvedJob
+
+    estimates = [ResolvedJob.resolve(spec_for("e", k, 2, 0)).bytes_per_device for k in SIZES]
+    budget = max(estimates)
+    assert 2 * min(estimates) > budget, estimates
+    return budget
+
+
+@dataclasses.dataclass
+class SimHosts:
+    """The simulated island hosts in a process of their own."""
+
+    process: subprocess.Popen
+    addresses: dict[str, str]
+
+    @classmethod
+    def start(cls, islands: int, step_s: float, budget: int, folder: Path) -> SimHosts:
+        address_file = folder / f"sim-{os.getpid()}-{time.monotonic_ns()}.json"
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pathways_lite.workers.sim_host",
+                f"--islands={islands}",
+                f"--step-s={step_s}",
+                f"--budget={budget}",
+                f"--job-bytes={budget}",
+                f"--address-file={address_file}",
+            ]
+        )
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("the simulated hosts did not start")
+            time.sleep(0.1)
+        return cls(process, json.loads(address_file.read_text()))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _prepare(record, job):
+    from pathways_lite.controller.resolved import DatasetRef
+
+    return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+
+
+async def run_queue(
+    addresses: dict[str, str], jobs: list[tuple[int, int, int]], backfill: bool, folder: Path
+) -> dict:
+    """Submit every job at once to a fresh controller on the simulated islands; run them all
+    to the end; the figures of the run."""
+    from pathways_lite.controller.core import Controller
+    from pathways_lite.controller.states import JobState
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import controller_pb2
+    from pathways_lite.workers.sim_host import connect_islands
+
+    islands = await connect_islands(addresses)
+    store = JobStore.open_controller(folder / f"state-{'bf' if backfill else 'strict'}")
+    controller = Controller(
+        store, islands, state_dir="", prepare=_prepare, peak_flops=1e12, backfill=backfill
+    )
+    admission, sched = controller.admission, controller.scheduler
+    await controller.start()
+    ids = []
+    for n, (k, steps, priority) in enumerate(jobs):
+        request = controller_pb2.SubmitJobRequest(spec=spec_for(f"j{n}", k, steps, priority))
+        ids.append(controller.submit(request).id)
+    began = time.monotonic()
+    idle_fit = busy_wait = 0.0
+    reserved: dict[str, float] = {}
+    last = time.monotonic()
+    while True:
+        await asyncio.sleep(0.05)
+        now = time.monotonic()
+        dt, last = now - last, now
+        r = admission.reservation
+        if r is not None and r.job_id not in reserved:
+            reserved[r.job_id] = r.start
+        waiting = [j for j in admission.pending if j not in controller.runners]
+        if not waiting and not controller.runners:
+            if all(store.get_job(j).state.terminal for j in ids):
+                break
+            continue
+        if waiting:
+            busy_wait += dt * len(sched.island_ids)
+            idle = [i for i in sched.free() if r is None or i not in r.islands]
+            smallest = min(
+                (store.get_job(j).spec.islands for j in waiting if r is None or j != r.job_id),
+                default=math.inf,
+            )
+            if idle and smallest <= len(idle):
+                idle_fit += dt * len(idle)
+    makespan = time.monotonic() - began
+    records = [store.get_job(j) for j in ids]
+    waits = [(r.started_us - r.created_us) / 1e6 for r in records if r.started_us]
+    overruns = sum(
+        1
+        for j, at in reserved.items()
+        if (s := store.get_job(j).started_us) is not None
+        and (s / 1e6 - time.time() + time.monotonic()) > at + 1.0
+    )
+    states = [r.state for r in records]
+    decisions = sorted(admission.decisions_ms)
+    await controller.stop()
+    store.close()
+    return {
+        "jobs": len(ids),
+        "succeeded": sum(s == JobState.SUCCEEDED for s in states),
+        "makespan_s": makespan,
+        "mean_wait_s": statistics.fmean(waits) if waits else 0.0,
+        "decision_p50_ms": decisions[len(decisions) // 2] if decisions else 0.0,
+        "decision_p99_ms": decisions[int(len(decisions) * 0.99)] if decisions else 0.0,
+        "passes": len(decisions),
+        "idle_fraction": idle_fit / busy_wait if busy_wait else 0.0,
+        "reservations": len(reserved),
+        "reservation_overruns": overruns,
+    }
+
+
+def jobs_page_ms(folder: Path, finished: int) -> float:
+    """Median time of a ListJobs page (100 jobs, newest first, keyset) deep in a store of
+    `finished` finished jobs."""
+    from pathways_lite.controller.states import JobState
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import controller_pb2
+
+    store = JobStore(folder / "page.db")
+    spec = spec_for("p", 1, 2, 0)
+    for n in range(finished):
+        record = store.create_job(controller_pb2.JobSpec(name=f"p{n}", islands=1), job_id=f"p{n}")
+        store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        store.transition(record.id, JobState.SUCCEEDED, reason="completed")
+    del spec
+    times, token = [], ""
+    for _ in range(50):
+        t = time.perf_counter()
+        page, token = store.list_jobs(page_size=100, page_token=token, newest_first=True)
+        times.append((time.perf_counter() - t) * 1e3)
+        if not token:
+            token = ""
+    store.close()
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 jobs on 16 islands")
+    parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--islands", type=int, default=None)
+    parser.add_argument("--step-s", type=float, default=0.1)
+    parser.add_argument("--mean-steps", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    n_jobs = args.jobs or (200 if args.quick else 1000)
+    n_islands = args.islands or (16 if args.quick else 64)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    logging.basicConfig(level=logging.ERROR)
+    folder = Path(tempfile.mkdtemp(prefix="plscale-"))
+    jobs = [(min(k, n_islands), s, p) for k, s, p in workload(n_jobs, args.seed, args.mean_steps)]
+    budget = budget_bytes()
+    results = {}
+    for backfill in (True, False):
+        hosts = SimHosts.start(n_islands, args.step_s, budget, folder)
+        try:
+            results[backfill] = asyncio.run(run_queue(hosts.addresses, jobs, backfill, folder))
+        finally:
+            hosts.stop()
+    page_ms = jobs_page_ms(folder, 10_000)
+    bf, strict = results[True], results[False]
+    figures = {
+        "jobs": n_jobs,
+        "islands": n_islands,
+        "decision_p50_ms": bf["decision_p50_ms"],
+        "decision_p99_ms": bf["decision_p99_ms"],
+        "decision_p99_ms_no_backfill": strict["decision_p99_ms"],
+        "idle_fraction": bf["idle_fraction"],
+        "idle_fraction_no_backfill": strict["idle_fraction"],
+        "mean_wait_s_backfill": bf["mean_wait_s"],
+        "mean_wait_s_no_backfill": strict["mean_wait_s"],
+        "wait_ratio": bf["mean_wait_s"] / strict["mean_wait_s"] if strict["mean_wait_s"] else 0,
+        "makespan_s_backfill": bf["makespan_s"],
+        "makespan_s_no_backfill": strict["makespan_s"],
+        "reservation_overruns": bf["reservation_overruns"],
+        "reservations": bf["reservations"],
+        "succeeded": [bf["succeeded"], strict["succeeded"]],
+        "jobs_page_ms": page_ms,
+        "lost_events": None,
+        "submit_p99_ms": None,
+        "dispatch_under_load_ratio": None,
+        "ray_death_to_recovery_s": None,
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"{n_jobs} jobs on {n_islands} simulated islands (step {args.step_s} s)")
+        print(f"{'':28}{'backfill':>14}{'strict order':>14}")
+        for key, label in (
+            ("mean_wait_s", "mean queue wait (s)"),
+            ("makespan_s", "makespan (s)"),
+            ("decision_p50_ms", "decision p50 (ms)"),
+            ("decision_p99_ms", "decision p99 (ms)"),
+            ("idle_fraction", "idle fraction"),
+            ("succeeded", "succeeded"),
+        ):
+            print(f"{label:28}{bf[key]:>14.3f}{strict[key]:>14.3f}")
+        print(f"wait ratio backfill / strict: {figures['wait_ratio']:.3f}")
+        print(f"reservation overruns: {bf['reservation_overruns']} of {bf['reservations']}")
+        print(f"jobs page with 10,000 finished jobs: {page_ms:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
