@@ -376,6 +376,7 @@ class Admission:
                 f"Backfilled ahead of {r.job_id}: expected to end in about {length:.0f} s, "
                 f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
             )
+            self.store.add_event(record.id, "scheduler", self.notes[record.id])
             logger.info(
                 "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
                 record.id,
