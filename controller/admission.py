@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Waiting jobs that get the full sentence of what they lack (and who holds it) on a pass; the
 # ones behind them get their place in the queue (cheap on a queue of thousands).
-DETAILED_REASONS = 16
+DETAILED_REASONS = 2
 # Passes slower than this are logged at INFO (every pass is at DEBUG).
 SLOW_PASS_MS = 10.0
 # Latencies of the latest passes kept for the bench and the metrics.
@@ -73,6 +73,28 @@ class Reservation:
     job_id: str
     start: float
     islands: tuple[str, ...]
+
+
+class Reasons(dict):
+    """Why each waiting job waits: the sentences of the jobs a pass looked at closely; any
+    other job in the queue gets its place in it (computed when asked, not at every pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The queue as of the last pass: job id -> index, and the first job.
+        self.order: dict[str, int] = {}
+
+    def get(self, job_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if job_id in self:
+            return self[job_id]
+        position = self.order.get(job_id)
+        if position is None:
+            return default
+        head = next(iter(self.order))
+        return (
+            f"Waits in the queue at position {position + 1}, behind {head}; the jobs ahead "
+            "of it take every island that has room now."
+        )
 
 
 class Admission:
@@ -111,8 +133,8 @@ class Admission:
         self._start = start
         self._requeue_suspended = requeue_suspended
         self.memory = memory if memory is not None else MemoryFigures()
-        # Why each waiting job waits, for people.
-        self.pending: dict[str, str] = {}
+        # Why each waiting job waits, for people (a job far down the queue: its place).
+        self.pending = Reasons()
         # Jobs started while a job ahead of them waited: they count as staying for good when
         # admission checks that the jobs ahead still fit.
         self._backfilled: set[str] = set()
@@ -126,13 +148,23 @@ class Admission:
         self.reservation: Reservation | None = None
         # Latency (ms) of each pass from the event that asked for it.
         self.decisions_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
+        # The same, the pass's own work only (without waiting for the event loop).
+        self.pass_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
         # When the first event since the last pass asked for one (`wake`), clock seconds.
         self._asked_at: float | None = None
         # Seconds per step learned by job kind, and the jobs started: (kind, start, steps).
         self.step_seconds: dict[tuple, float] = {}
         self._started: dict[str, tuple[tuple, float, int]] = {}
-        # Queue records by id with their updated_us (parsed again only when changed).
+        # Queue records by id with their updated_us (parsed again only when changed), and
+        # the demands of those not placed (read again when the record or a figure changed).
         self._records: dict[str, tuple[int, JobRecord]] = {}
+        self._demands: dict[str, tuple[tuple, Demand]] = {}
+        self._keys: list | None = None
+        self._queue: list[JobRecord] = []
+        # Per pass: bytes per device that backfilled jobs hold on each island, and how many
+        # islands each waiting job ahead could have once the others leave (`_ahead_still_fit`).
+        self._staying: dict[str, int] = {}
+        self._could: dict[str, int] = {}
 
     def demand(self, record: JobRecord) -> Demand:
         """What the job asks of the cluster: its compiled step's bytes once it has loaded (or
@@ -142,11 +174,18 @@ class Admission:
         if runner is not None:
             bytes_per_device = runner.demand_bytes
         else:
+            key = (record.updated_us, record.priority, self.memory.version)
+            cached = self._demands.get(record.id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             job = self._resolve(record)
             bytes_per_device = 0 if job is None else self.memory.bytes_per_device(job)
-        return Demand(
+        demand = Demand(
             record.id, record.spec.islands, bytes_per_device, record.priority, record.weight
         )
+        if runner is None:
+            self._demands[record.id] = (key, demand)
+        return demand
 
     def asked(self) -> None:
         """An event asked for a pass (the controller's `wake`): the decision latency of the
@@ -158,6 +197,8 @@ class Admission:
         """The queued and suspended jobs in scheduling order; a record is read again only
         when its row changed since the last pass."""
         keys = self.store.queue_keys([JobState.QUEUED, JobState.SUSPENDED])
+        if keys is self._keys:
+            return self._queue  # the jobs table did not change since the last pass
         records = {}
         out = []
         for job_id, *key in keys:
@@ -167,6 +208,8 @@ class Admission:
             records[job_id] = cached
             out.append(cached[1])
         self._records = records
+        self._demands = {j: d for j, d in self._demands.items() if j in records}
+        self._keys, self._queue = keys, out
         return out
 
     def schedule(self) -> None:
@@ -182,12 +225,23 @@ class Admission:
             del self.notes[job_id]
         self.reservation = None
         room = self._room()
+        self._ahead_changed()
         ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
         placed = 0
-        for position, record in enumerate(self._waiting()):
+        waiting = self._waiting()
+        self.pending.order = {r.id: n for n, r in enumerate(waiting)}
+        for record in waiting:
             runner = self.runners.get(record.id)
             if runner is not None and record.state == JobState.QUEUED:
                 continue  # placed on this pass or an earlier one; its task starts it
+            if (
+                len(ahead) >= DETAILED_REASONS
+                and record.state == JobState.QUEUED
+                and (not room or room[-1] <= 0)
+            ):
+                # Every island is full: nothing behind can start; its place, when asked.
+                self.pending.pop(record.id, None)
+                continue
             if record.state == JobState.SUSPENDED and runner is None:
                 # Suspended under an earlier controller: its host copy is gone with it.
                 record = self._requeue_suspended(record)
@@ -202,12 +256,8 @@ class Admission:
                 and len(ahead) >= DETAILED_REASONS
                 and not _fits_now(room, demand.islands, demand.bytes_per_device)
             ):
-                # Far down a long queue and no room for it now: its place, cheaply.
-                head = ahead[0][0].job_id
-                self.pending[record.id] = (
-                    f"Waits in the queue at position {position + 1}, behind {head}; no "
-                    f"{demand.islands} island(s) have room for it now."
-                )
+                # Far down a long queue and no room for it now: its place, when asked.
+                self.pending.pop(record.id, None)
                 continue
             never = self.scheduler.never_fits(demand.islands, demand.bytes_per_device, own)
             if never is not None:
@@ -218,9 +268,10 @@ class Admission:
             if islands is not None:
                 placed += 1
                 room = self._room()
-                self.pending.pop(record.id, None)
                 if ahead:
                     self._backfilled.add(record.id)
+                self._ahead_changed()
+                self.pending.pop(record.id, None)
                 if suspended:
                     assert runner is not None
                     runner.resume.set()
@@ -251,8 +302,10 @@ class Admission:
                     reason += " " + self._reservation_sentence(self.reservation)
             self.pending[record.id] = ("Suspended: " if suspended else "") + reason
             ahead.append((demand, own))
-        took_ms = (time.perf_counter() - (asked or began)) * 1e3
+        ended = time.perf_counter()
+        took_ms = (ended - (asked or began)) * 1e3
         self.decisions_ms.append(took_ms)
+        self.pass_ms.append((ended - began) * 1e3)
         logger.log(
             logging.INFO if took_ms > SLOW_PASS_MS else logging.DEBUG,
             "scheduling pass: %d placed, %d waiting, %.2f ms from the event",
@@ -415,6 +468,15 @@ class Admission:
             return None
         return sched.place(demand, sorted(chosen, key=sched.island_ids.index))
 
+    def _ahead_changed(self) -> None:
+        """Placements changed: what backfilled jobs hold per island, read again."""
+        sched = self.scheduler
+        self._staying = {
+            i: sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
+            for i in sched.island_ids
+        }
+        self._could = {}
+
     def _ahead_still_fit(
         self,
         ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
@@ -425,16 +487,26 @@ class Admission:
         with `demand` on `islands` and the jobs already started past it staying."""
         sched = self.scheduler
         for waiter, own in ahead:
-            without = with_ = 0
-            for i in own or sched.island_ids:
-                if i in sched.down:
-                    continue
-                budget = sched.budget(i) or float("inf")
-                staying = sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
-                without += budget - staying >= waiter.bytes_per_device
-                if i in islands:
-                    staying += demand.bytes_per_device
-                with_ += budget - staying >= waiter.bytes_per_device
+            need = waiter.bytes_per_device
+            without = self._could.get(waiter.job_id)
+            if without is None:
+                without = sum(
+                    (sched.budget(i) or math.inf) - self._staying[i] >= need
+                    for i in own or sched.island_ids
+                    if i not in sched.down
+                )
+                self._could[waiter.job_id] = without
+            # Islands that `demand` would take from it: room for it before, none after.
+            lost = sum(
+                1
+                for i in islands
+                if i not in sched.down
+                and (own is None or i in own)
+                and (sched.budget(i) or math.inf) - self._staying[i] >= need
+                and (sched.budget(i) or math.inf) - self._staying[i] - demand.bytes_per_device
+                < need
+            )
+            with_ = without - lost
             # Only a placement that takes away room the waiter needs holds it back.
             if with_ < (len(own) if own else waiter.islands) and with_ < without:
                 return False

@@ -152,6 +152,8 @@ class MemoryFigures:
 
     def __init__(self) -> None:
         self._measured: dict[tuple, int] = {}
+        # Bumped at every change, so a cache of demands knows when to read again.
+        self.version = 0
 
     def bytes_per_device(self, job: ResolvedJob) -> int:
         """The measured figure of the job's kind, else its estimate (an upper bound)."""
@@ -172,6 +174,7 @@ class MemoryFigures:
             )
         if job.memory_key is not None:
             self._measured[job.memory_key] = int(bytes_per_device)
+            self.version += 1
 
 
 def default_digest_every(model_cfg: Any) -> int:
