@@ -15,9 +15,12 @@ Figures, side by side in one run:
   reservation does not hold, over island-seconds while work waits (sampled every 50 ms);
 - mean queue wait with EASY backfill vs strict priority order (the baseline, same workload);
 - reservation overruns: heads that started later than their reservation (+1 s);
-- jobs_page_ms: a ListJobs page (keyset) with 10,000 finished jobs in the store.
+- jobs_page_ms: a ListJobs page (keyset) with 10,000 finished jobs in the store;
+- ray_death_to_recovery_s: a 2-island job on simulated hosts that are Ray actors; one actor's
+  process is killed (SIGKILL); time to the job's recovery starting with Ray's death report
+  (DeathWatch), and without it (`grpc_death_to_recovery_s`: the steps' gRPC errors alone).
 Not measured here yet (printed as null): lost_events, submit_p99_ms,
-dispatch_under_load_ratio, ray_death_to_recovery_s.
+dispatch_under_load_ratio.
 
 Run: .venv/bin/python bench/scale.py [--quick] [--json]
 """
@@ -233,6 +236,80 @@ def jobs_page_ms(folder: Path, finished: int) -> float:
     return statistics.median(times)
 
 
+async def _death_run(actors, addresses, watch_ray: bool, folder: Path) -> float:
+    """A 2-island job runs on Ray-hosted simulated islands; island-r0's actor process is
+    killed (SIGKILL); seconds from the kill to the job's recovery starting (its failure
+    event, written once the failed attempt is classified and the islands probed)."""
+    import signal
+
+    import ray
+
+    from pathways_lite.controller.core import Controller
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import controller_pb2
+    from pathways_lite.workers.sim_host import connect_islands
+
+    islands = await connect_islands(addresses)
+    for island, actor in zip(islands, actors, strict=True):
+        island.actors = [actor]
+    store = JobStore.open_controller(folder / f"death-{watch_ray}")
+    controller = Controller(
+        store, islands, state_dir="", prepare=_prepare, peak_flops=1e12, watch_ray=watch_ray
+    )
+    await controller.start()
+    try:
+        spec = spec_for("victim", 2, 100_000, 0)
+        job = controller.submit(controller_pb2.SubmitJobRequest(spec=spec)).id
+        while not store.metrics(job, from_step=5):
+            await asyncio.sleep(0.05)
+        pid = ray.get(actors[0].pid.remote(), timeout=30)
+        killed_us = time.time() * 1e6
+        os.kill(pid, signal.SIGKILL)
+        while True:
+            failures = [e for e in store.events(job) if e.kind == "failure"]
+            if failures:
+                return (failures[0].time_us - killed_us) / 1e6
+            if store.get_job(job).state.terminal:
+                raise RuntimeError("the job ended without a recovery")
+            await asyncio.sleep(0.01)
+    finally:
+        if not store.get_job(job).state.terminal:
+            controller.cancel(job, "bench over")
+        await controller.stop()
+        store.close()
+
+
+def ray_death_to_recovery(folder: Path) -> tuple[float, float]:
+    """(seconds from an island host actor's kill to the job's recovery starting with Ray's
+    death report, the same without it: the gRPC errors of the steps alone)."""
+    import ray
+
+    from pathways_lite.workers.ray_cluster import LocalRayCluster, connect
+    from pathways_lite.workers.sim_host import SimHostActor
+
+    state = tempfile.mkdtemp(prefix="plray-", dir="/tmp")
+    cluster = LocalRayCluster(state, head_resources={}, num_cpus=2)
+    cluster.start()
+    try:
+        connect(cluster.address, token_path=cluster.token_path)
+        budget = budget_bytes()
+        out = []
+        for watch_ray in (True, False):
+            actor_cls = ray.remote(max_concurrency=4)(SimHostActor)
+            actors = [actor_cls.remote(f"island-r{i}", 0.02, budget) for i in range(2)]
+            addresses = {
+                f"island-r{i}": ray.get(a.address.remote(), timeout=60)
+                for i, a in enumerate(actors)
+            }
+            out.append(asyncio.run(_death_run(actors, addresses, watch_ray, folder)))
+            for a in actors:
+                ray.kill(a)
+        return out[0], out[1]
+    finally:
+        ray.shutdown()
+        cluster.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="200 jobs on 16 islands")
@@ -242,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mean-steps", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only-death", action="store_true", help="the Ray death figure only")
     args = parser.parse_args(argv)
     n_jobs = args.jobs or (200 if args.quick else 1000)
     n_islands = args.islands or (16 if args.quick else 64)
@@ -249,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     folder = Path(tempfile.mkdtemp(prefix="plscale-"))
     jobs = [(min(k, n_islands), s, p) for k, s, p in workload(n_jobs, args.seed, args.mean_steps)]
+    if args.only_death:
+        death_s, death_grpc_s = ray_death_to_recovery(folder)
+        print(json.dumps({"ray_death_to_recovery_s": death_s, "grpc_s": death_grpc_s}))
+        return 0
     budget = budget_bytes()
     results = {}
     for backfill in (True, False):
@@ -258,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             hosts.stop()
     page_ms = jobs_page_ms(folder, 10_000)
+    death_s, death_grpc_s = ray_death_to_recovery(folder)
     bf, strict = results[True], results[False]
     figures = {
         "jobs": n_jobs,
@@ -280,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         "lost_events": None,
         "submit_p99_ms": None,
         "dispatch_under_load_ratio": None,
-        "ray_death_to_recovery_s": None,
+        "ray_death_to_recovery_s": death_s,
+        "grpc_death_to_recovery_s": death_grpc_s,
     }
     if args.json:
         print(json.dumps(figures))
@@ -300,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wait ratio backfill / strict: {figures['wait_ratio']:.3f}")
         print(f"reservation overruns: {bf['reservation_overruns']} of {bf['reservations']}")
         print(f"jobs page with 10,000 finished jobs: {page_ms:.2f} ms")
+        print(
+            f"host actor killed -> recovery starts: {death_s:.3f} s with Ray's report, "
+            f"{death_grpc_s:.3f} s from the gRPC errors alone"
+        )
     return 0
 
 

@@ -137,3 +137,59 @@ def test_a_lagging_follower_is_told_how_many_updates_it_lost_and_never_blocks() 
         assert bus.dropped_total == 6
 
     asyncio.run(run())
+
+
+def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
+    ray_cluster, tmp_path
+) -> None:
+    """Simulated hosts as Ray actors: a running job's island host process is killed; Ray's
+    report closes the island's channels at once, the job's one recovery starts within a
+    second (one failure event: the gRPC error and Ray's report are handled once), the island
+    is marked down, and the job completes on the other island."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.workers.sim_host import SimHostActor
+
+    budget = ResolvedJob.resolve(_spec("x", 1, 2)).bytes_per_device
+    actor_cls = ray.remote(max_concurrency=4)(SimHostActor)
+    actors = [actor_cls.remote(f"island-r{i}", 0.02, budget) for i in range(2)]
+    addresses = {
+        f"island-r{i}": ray.get(a.address.remote(), timeout=60) for i, a in enumerate(actors)
+    }
+
+    async def run() -> None:
+        islands = await connect_islands(addresses)
+        for island, actor in zip(islands, actors, strict=True):
+            island.actors = [actor]
+        store = JobStore.open_controller(tmp_path / "death")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("victim", 1, 120))).id
+            await _until(lambda: bool(store.metrics(job, from_step=3)))
+            assert c.scheduler.islands_of(job) == ["island-r0"]
+            killed_us = time.time() * 1e6
+            os.kill(ray.get(actors[0].pid.remote(), timeout=30), signal.SIGKILL)
+            await _until(lambda: store.get_job(job).state.terminal, 90)
+            assert store.get_job(job).state == JobState.SUCCEEDED
+            failures = [e for e in store.events(job) if e.kind == "failure"]
+            assert len(failures) == 1, [e.message for e in failures]
+            assert (failures[0].time_us - killed_us) / 1e6 < 1.0
+            assert "Ray reports its host actor dead" in (islands[0].dead or "")
+            assert "island-r0" in c.scheduler.down
+            # A late report of the same death changes nothing.
+            assert not await islands[0].host_died(islands[0].generation, "again")
+        finally:
+            await c.stop()
+            store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -334,6 +334,31 @@ class SimCluster:
         self._servers.clear()
 
 
+class SimHostActor:
+    """One simulated island host as a Ray actor (wrap it with `ray.remote(max_concurrency=4)`):
+    its gRPC server runs on a loop of its own thread; `watch` never returns, as the real
+    host's (controller/islands.py's DeathWatch keeps it pending to learn of a death)."""
+
+    def __init__(self, name: str, step_s: float = 0.0, budget: int = DEFAULT_BUDGET) -> None:
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._cluster = SimCluster([SimIsland(name, step_s=step_s, budget=budget)])
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._cluster.start(), self._loop).result(60)
+
+    def address(self) -> str:
+        return next(iter(self._cluster.addresses().values()))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def watch(self) -> None:
+        import threading
+
+        threading.Event().wait()
+
+
 async def connect_islands(addresses: dict[str, str]) -> list:
     """Controller-side `Island`s for simulated hosts (no Ray group: not restartable)."""
     from pathways_lite.controller.islands import Island, connect_host
