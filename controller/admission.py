@@ -541,7 +541,7 @@ class Admission:
                 and not r.cancel_requested
                 and self.scheduler.held(r.job_id)
             ),
-            key=lambda r: (r.priority, -self.store.get_job(r.job_id).created_us),
+            key=lambda r: (r.priority, -r.record.created_us),
         )
         for island in own or self.scheduler.island_ids:
             for r in lower:

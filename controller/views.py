@@ -278,12 +278,16 @@ class Views:
                 if event.kind in ("restore", "resume"):  # recovery.py's load
                     job.resumed_from_step = resumed_step(event.message)
         if record.state == JobState.QUEUED:
-            if queued is None:
-                queued = self.store.jobs_in_states([JobState.QUEUED])
-            job.queue_position = 1 + next(
-                (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
+            # The queue's ids only (no spec parsed): the store keeps them until a job changes.
+            ids = (
+                [row[0] for row in self.store.queue_keys([JobState.QUEUED])]
+                if queued is None
+                else [r.id for r in queued]
             )
-            job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
+            job.queue_position = 1 + next(
+                (i for i, job_id in enumerate(ids) if job_id == record.id), len(ids)
+            )
+            job.jobs_ahead.extend(ids[: job.queue_position - 1])
             job.pending_reason = self.pending.get(record.id, WAITING)
         elif record.state == JobState.SUSPENDED:
             job.pending_reason = self.pending.get(record.id, "")
