@@ -19,8 +19,9 @@ Figures, side by side in one run:
 - ray_death_to_recovery_s: a 2-island job on simulated hosts that are Ray actors; one actor's
   process is killed (SIGKILL); time to the job's recovery starting with Ray's death report
   (DeathWatch), and without it (`grpc_death_to_recovery_s`: the steps' gRPC errors alone).
-Not measured here yet (printed as null): lost_events, submit_p99_ms,
-dispatch_under_load_ratio.
+- lost_events, submit_p99_ms, dispatch_under_load_ratio: bench/scale_load.py (200 WatchJob
+  streams, 100 concurrent submitters, 20 SSE clients against the controller process alone on
+  one core; dispatch rate with and without that load).
 
 Run: .venv/bin/python bench/scale.py [--quick] [--json]
 """
@@ -312,10 +313,11 @@ def ray_death_to_recovery(folder: Path) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200 jobs on 16 islands")
+    parser.add_argument("--quick", action="store_true", help="200 jobs on 16 islands, short load")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--islands", type=int, default=None)
-    parser.add_argument("--step-s", type=float, default=0.1)
+    parser.add_argument("--step-s", type=float, default=0.05)
+    parser.add_argument("--load-seconds", type=float, default=10.0)
     parser.add_argument("--mean-steps", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n_jobs = args.jobs or (200 if args.quick else 1000)
     n_islands = args.islands or (16 if args.quick else 64)
+    if args.quick:
+        args.load_seconds = min(args.load_seconds, 5.0)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.basicConfig(level=logging.ERROR)
     folder = Path(tempfile.mkdtemp(prefix="plscale-"))
@@ -341,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             hosts.stop()
     page_ms = jobs_page_ms(folder, 10_000)
     death_s, death_grpc_s = ray_death_to_recovery(folder)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import scale_load
+
+    load = scale_load.run(folder, seconds=args.load_seconds)
     bf, strict = results[True], results[False]
     figures = {
         "jobs": n_jobs,
@@ -360,9 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         "reservations": bf["reservations"],
         "succeeded": [bf["succeeded"], strict["succeeded"]],
         "jobs_page_ms": page_ms,
-        "lost_events": None,
-        "submit_p99_ms": None,
-        "dispatch_under_load_ratio": None,
+        "lost_events": load["lost_events"],
+        "watched_updates": load["watched_updates"],
+        "submit_p50_ms": load["submit_p50_ms"],
+        "submit_p99_ms": load["submit_p99_ms"],
+        "dispatch_steps_per_s_unloaded": load["dispatch_steps_per_s_unloaded"],
+        "dispatch_steps_per_s_loaded": load["dispatch_steps_per_s_loaded"],
+        "dispatch_under_load_ratio": load["dispatch_under_load_ratio"],
         "ray_death_to_recovery_s": death_s,
         "grpc_death_to_recovery_s": death_grpc_s,
     }
@@ -384,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wait ratio backfill / strict: {figures['wait_ratio']:.3f}")
         print(f"reservation overruns: {bf['reservation_overruns']} of {bf['reservations']}")
         print(f"jobs page with 10,000 finished jobs: {page_ms:.2f} ms")
+        print(
+            f"200 watchers + 100 submitters + 20 SSE clients: {load['lost_events']} lost of "
+            f"{load['watched_updates']} watched updates; submit p50/p99 "
+            f"{load['submit_p50_ms']:.0f}/{load['submit_p99_ms']:.0f} ms; dispatch "
+            f"{load['dispatch_steps_per_s_loaded']:.0f} vs "
+            f"{load['dispatch_steps_per_s_unloaded']:.0f} steps/s unloaded "
+            f"(ratio {load['dispatch_under_load_ratio']:.2f})"
+        )
         print(
             f"host actor killed -> recovery starts: {death_s:.3f} s with Ray's report, "
             f"{death_grpc_s:.3f} s from the gRPC errors alone"

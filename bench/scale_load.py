@@ -11,8 +11,8 @@ then over the same window with the load running; its ratio is `dispatch_under_lo
 The watchers are spread over the 50 jobs; each checks that the live updates' sequence numbers
 follow one another (a gap not announced by a `dropped` resync counts as lost, and so does
 every dropped update); `lost_events` sums them over the watchers and the SSE clients' resyncs.
-Submissions are 1-island jobs that queue behind the running ones; `submit_p99_ms` is the
-client-side latency of SubmitJob.
+Submissions are 1-island jobs that queue behind the running ones, 100 at once every
+SUBMIT_EVERY_S; `submit_p99_ms` is the client-side latency of SubmitJob.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ RUNNING_JOBS = 50
 WATCHERS = 200
 SUBMITTERS = 100
 SSE_CLIENTS = 20
+# Each submitter submits one job this often (SUBMITTERS at once: bursts of concurrent ones).
+SUBMIT_EVERY_S = 2.0
 
 
 def _spec(name: str, steps: int):
@@ -110,7 +112,9 @@ async def _load(args) -> None:
 
     async def watch(job_id: str) -> None:
         nonlocal lost, updates
-        call = stub.WatchJob(controller_pb2.WatchJobRequest(job_id=job_id, from_step=10**9))
+        got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id))
+        request = controller_pb2.WatchJobRequest(job_id=job_id, from_step=got.job.steps_completed)
+        call = stub.WatchJob(request)
         last = None
         try:
             async for reply in call:
@@ -129,14 +133,15 @@ async def _load(args) -> None:
             call.cancel()
 
     async def submit(n: int) -> None:
+        # A burst of SUBMITTERS concurrent submissions every SUBMIT_EVERY_S.
         k = 0
+        spec = _spec(f"load-{n}", 2)
         while not stop.is_set():
-            spec = _spec(f"load-{n}-{k}", 2)
             t = time.perf_counter()
             await stub.SubmitJob(controller_pb2.SubmitJobRequest(spec=spec))
             submits.append((time.perf_counter() - t) * 1e3)
             k += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(max(0.0, SUBMIT_EVERY_S - (time.perf_counter() - t)))
 
     async def sse(session: aiohttp.ClientSession) -> None:
         nonlocal lost
