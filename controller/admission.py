@@ -8,8 +8,9 @@ the estimator's upper bound (controller/resolved.py's `MemoryFigures`). The sum 
 residents of an island never exceeds its budget.
 
 A job that can wait ahead of others does not idle the cluster: a job behind it starts at once
-when it fits, provided every job waiting ahead of it would still fit beside the jobs started
-this way once the jobs it waits on have left (so such jobs never postpone it for good). The
+when it fits, provided the first jobs waiting ahead of it (DETAILED_REASONS of them) would
+still fit beside the jobs started this way once the jobs they wait on have left (so such jobs
+never postpone them for good). The
 first job that waits may suspend lower-priority resident jobs to make room: the fewest
 islands' worth, lowest priority (then newest) first. A suspended job resumes on its own
 islands (its state is in their hosts' memory) as soon as they have room again, and may itself
@@ -227,6 +228,7 @@ class Admission:
         room = self._room()
         self._ahead_changed()
         ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
+        never_fits: dict[tuple, str | None] = {}
         placed = 0
         waiting = self._waiting()
         self.pending.order = {r.id: n for n, r in enumerate(waiting)}
@@ -259,7 +261,10 @@ class Admission:
                 # Far down a long queue and no room for it now: its place, when asked.
                 self.pending.pop(record.id, None)
                 continue
-            never = self.scheduler.never_fits(demand.islands, demand.bytes_per_device, own)
+            shape = (demand.islands, demand.bytes_per_device, own)
+            if shape not in never_fits:  # alike jobs share the answer within a pass
+                never_fits[shape] = self.scheduler.never_fits(*shape)
+            never = never_fits[shape]
             if never is not None:
                 self._park(record, never)
                 continue
@@ -282,6 +287,11 @@ class Admission:
                         self.clock(),
                         max(0, record.spec.train.steps),
                     )
+                continue
+            if len(ahead) >= DETAILED_REASONS:
+                # Behind the first waiters: its place in the queue, when asked (EASY: the
+                # head's reservation, and the first waiters' room, are what is protected).
+                self.pending.pop(record.id, None)
                 continue
             victims = self.preempt(demand, own) if not ahead else []
             holders = sorted(
