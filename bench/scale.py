@@ -5,7 +5,10 @@ The real controller (core, admission, scheduler, store, dispatcher, job runners)
 process; the 64 island hosts are simulated (workers/sim_host.py: worker.proto over real gRPC,
 no JAX) in a process of their own. Workload (seeded): jobs needing 1, 2, 4, 8 or 16 islands
 (weights 40/25/15/12/8 %), lognormal step counts (durations), three priorities, all submitted
-at once; every job holds a whole island (its measured memory is the island's budget).
+at once; every job holds a whole island (its measured memory is the island's budget). Steps
+take 0.2 s, so 64 busy islands ask ~320 steps/s of the controller, below what it dispatches
+(bench/scale_load.py measures ~700 steps/s on one core): the figures are the scheduler's, not
+a saturated dispatcher's.
 
 Figures, side by side in one run:
 - decision latency p50/p99: a scheduling pass, from the event that asked for it (a job's
@@ -322,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 jobs on 16 islands, short load")
     parser.add_argument("--jobs", type=int, default=None)
     parser.add_argument("--islands", type=int, default=None)
-    parser.add_argument("--step-s", type=float, default=0.05)
+    parser.add_argument("--step-s", type=float, default=0.2)
     parser.add_argument("--load-seconds", type=float, default=10.0)
-    parser.add_argument("--mean-steps", type=float, default=20.0)
+    parser.add_argument("--mean-steps", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only-death", action="store_true", help="the Ray death figure only")
