@@ -553,9 +553,11 @@ class Admission:
             ),
             key=lambda r: (r.priority, -r.record.created_us),
         )
+        # Each candidate's islands once (not per island of the loop below).
+        where = {r.job_id: set(self.scheduler.islands_of(r.job_id)) for r in lower}
         for island in own or self.scheduler.island_ids:
             for r in lower:
-                if island in self.scheduler.islands_of(r.job_id):
+                if island in where[r.job_id]:
                     if self.scheduler.free_bytes(island) + reclaim.get(island, 0) >= (
                         demand.bytes_per_device
                     ):
