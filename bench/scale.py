@@ -338,10 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         args.load_seconds = min(args.load_seconds, 5.0)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.basicConfig(level=logging.ERROR)
+    # Ray prints its workers' deaths (the killed host actor) on stdout: keep stdout for the
+    # figures alone.
+    out, sys.stdout = sys.stdout, sys.stderr
     folder = Path(tempfile.mkdtemp(prefix="plscale-"))
     jobs = [(min(k, n_islands), s, p) for k, s, p in workload(n_jobs, args.seed, args.mean_steps)]
     if args.only_death:
         death_s, death_grpc_s = ray_death_to_recovery(folder)
+        sys.stdout = out
         print(json.dumps({"ray_death_to_recovery_s": death_s, "grpc_s": death_grpc_s}))
         return 0
     budget = budget_bytes()
@@ -387,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_death_to_recovery_s": death_s,
         "grpc_death_to_recovery_s": death_grpc_s,
     }
+    sys.stdout = out
     if args.json:
         print(json.dumps(figures))
     else:
