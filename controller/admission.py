@@ -166,6 +166,8 @@ class Admission:
         # islands each waiting job ahead could have once the others leave (`_ahead_still_fit`).
         self._staying: dict[str, int] = {}
         self._could: dict[str, int] = {}
+        # (islands, bytes) of jobs held back behind waiters since the last placement.
+        self._held_back: set[tuple[int, int]] = set()
 
     def demand(self, record: JobRecord) -> Demand:
         """What the job asks of the cluster: its compiled step's bytes once it has loaded (or
@@ -338,7 +340,13 @@ class Admission:
             return None
         if own is None and not _fits_now(room, demand.islands, demand.bytes_per_device):
             return None
-        islands = self._place(demand, own, ahead)
+        shape = (demand.islands, demand.bytes_per_device)
+        if own is None and ahead and shape in self._held_back:
+            islands = None  # an alike job was held back on this pass, nothing placed since
+        else:
+            islands = self._place(demand, own, ahead)
+            if islands is None and own is None and ahead:
+                self._held_back.add(shape)
         if islands is not None or not ahead or own is not None:
             return islands
         return self._backfill_before_reservation(record, demand)
@@ -480,6 +488,7 @@ class Admission:
 
     def _ahead_changed(self) -> None:
         """Placements changed: what backfilled jobs hold per island, read again."""
+        self._held_back.clear()
         sched = self.scheduler
         self._staying = {
             i: sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
