@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -318,6 +319,7 @@ def ray_death_to_recovery(folder: Path) -> tuple[float, float]:
     finally:
         ray.shutdown()
         cluster.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_death:
         death_s, death_grpc_s = ray_death_to_recovery(folder)
         sys.stdout = out
+        shutil.rmtree(folder, ignore_errors=True)
         print(json.dumps({"ray_death_to_recovery_s": death_s, "grpc_s": death_grpc_s}))
         return 0
     budget = budget_bytes()
@@ -392,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_death_to_recovery_s": death_grpc_s,
     }
     sys.stdout = out
+    shutil.rmtree(folder, ignore_errors=True)
     if args.json:
         print(json.dumps(figures))
     else:

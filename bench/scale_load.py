@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import tempfile
 
-        print(json.dumps(run(Path(tempfile.mkdtemp(prefix="plload-")), args.seconds)))
+        folder = Path(tempfile.mkdtemp(prefix="plload-"))
+        try:
+            print(json.dumps(run(folder, args.seconds)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
