@@ -47,6 +47,11 @@ async def _serve(args, store, groups, credential, tls) -> None:
     from .service import serve
 
     islands = []
+    if args.simulate_islands:
+        from pathways_lite.workers.sim_host import SimCluster, connect_islands
+
+        simulated = SimCluster.uniform(args.simulate_islands, step_s=args.simulate_step_s)
+        islands = await connect_islands(await simulated.start())
     for group in groups:
         hosts = [
             await connect_host(m.address, credential=credential, tls=tls) for m in group.metadata
@@ -55,7 +60,12 @@ async def _serve(args, store, groups, credential, tls) -> None:
             Island(group.island.name, hosts, group=group, credential=credential, tls=tls)
         )
     controller = Controller(
-        store, islands, state_dir=args.state_dir, window=args.window, peak_flops=args.peak_flops
+        store,
+        islands,
+        state_dir=args.state_dir,
+        window=args.window,
+        peak_flops=args.peak_flops or (1e12 if args.simulate_islands else None),
+        **({"prepare": _simulated_data} if args.simulate_islands else {}),
     )
     from .auth import (
         Credential,
@@ -112,12 +122,26 @@ async def _serve(args, store, groups, credential, tls) -> None:
         await dashboard.stop()
 
 
+def _simulated_data(record, job):
+    """Simulated islands read no data: a stand-in dataset reference."""
+    import dataclasses
+
+    from .resolved import DatasetRef
+
+    return dataclasses.replace(job, dataset=DatasetRef("/simulated", "sim", "sim", 1 << 20))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a controller until SIGTERM or SIGINT; returns the process's exit status."""
     # This process runs JAX on CPU only (estimates), whatever accelerators the machine has;
     # set before anything imports JAX, and only here, when a controller process starts.
     os.environ["JAX_PLATFORMS"] = "cpu"
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.simulate_islands < 0:
+        parser.error(f"--simulate-islands={args.simulate_islands} must be >= 0.")
+    if not args.simulate_islands and args.ray_address is None:
+        parser.error("--ray-address is required unless --simulate-islands is given.")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -135,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     started = []
     ray_node = None
     try:
+        if args.simulate_islands:  # no Ray: the simulated hosts live in this process
+            from .auth import cluster_credential
+
+            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None))
+            return 0
         node_ip = None if args.node_ip == AUTO_NODE_IP else args.node_ip
         if args.join_ray_node:
             ray_node, node_ip = _join_ray_node(args, node_ip)

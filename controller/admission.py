@@ -8,22 +8,42 @@ the estimator's upper bound (controller/resolved.py's `MemoryFigures`). The sum 
 residents of an island never exceeds its budget.
 
 A job that can wait ahead of others does not idle the cluster: a job behind it starts at once
-when it fits, provided every job waiting ahead of it would still fit beside the jobs started
-this way once the jobs it waits on have left (so such jobs never postpone it for good). The
+when it fits, provided the first jobs waiting ahead of it (DETAILED_REASONS of them) would
+still fit beside the jobs started this way once the jobs they wait on have left (so such jobs
+never postpone them for good). The
 first job that waits may suspend lower-priority resident jobs to make room: the fewest
 islands' worth, lowest priority (then newest) first. A suspended job resumes on its own
 islands (its state is in their hosts' memory) as soon as they have room again, and may itself
 preempt there. A job that can never fit (its demand is above every budget left: the budget
 shrank, an island was lost for good) holds nobody back; it says so in `why` and in its events.
-Every job left waiting gets one sentence saying why (`pending`). A queued job whose `after`
-(or `init_from.job`) has not succeeded yet waits apart and holds nobody back (`why` names the
-jobs it waits for); once one of them failed or was cancelled, it fails with that reason
-(controller/lineage.py).
+Every job left waiting gets one sentence saying why (`pending`).
+
+Backfill (EASY style, `backfill=True`). The first job that waits (the head) holds a
+reservation: the earliest time its islands are free, from the running jobs' expected ends
+(their kind's learned seconds per step x their steps). A job behind it that fits now starts
+also when it would take room the head needs, provided it is expected to end before that
+reservation, so it never delays the head's start; `why` says which jobs were backfilled and
+which job holds a reservation. With `backfill=False` nothing starts while a job ahead waits
+(strict priority order: the baseline bench/scale.py compares against).
+
+Cost. A pass reads the queue's keys (no spec is parsed again for a job that did not change),
+keeps the islands' free room sorted so "does it fit now" is one comparison, and gives the
+full sentence of what a job lacks only to the first jobs that wait (the others get their
+place in the queue); every pass's latency from the event that asked for it is kept
+(`decisions_ms`) and logged.
+A queued job whose `after` (or `init_from.job`) has not succeeded yet waits apart and holds
+nobody back (`why` names the jobs it waits for); once one of them failed or was cancelled, it
+fails with that reason (controller/lineage.py).
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import dataclasses
 import logging
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from . import lineage
@@ -34,6 +54,52 @@ from .states import JobState
 from .store import JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
+
+# Waiting jobs that get the full sentence of what they lack (and who holds it) on a pass; the
+# ones behind them get their place in the queue (cheap on a queue of thousands).
+DETAILED_REASONS = 2
+# Passes slower than this are logged at INFO (every pass is at DEBUG).
+SLOW_PASS_MS = 10.0
+# Latencies of the latest passes kept for the bench and the metrics.
+DECISIONS_KEPT = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """The head of the queue's reservation (EASY backfill).
+
+    Attributes:
+        job_id: the job that holds it.
+        start: when (clock seconds) it is expected to find room, from the running jobs'
+            expected ends.
+        islands: the islands it is expected to start on.
+    """
+
+    job_id: str
+    start: float
+    islands: tuple[str, ...]
+
+
+class Reasons(dict):
+    """Why each waiting job waits: the sentences of the jobs a pass looked at closely; any
+    other job in the queue gets its place in it (computed when asked, not at every pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The queue as of the last pass: job id -> index, and the first job.
+        self.order: dict[str, int] = {}
+
+    def get(self, job_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if job_id in self:
+            return self[job_id]
+        position = self.order.get(job_id)
+        if position is None:
+            return default
+        head = next(iter(self.order))
+        return (
+            f"Waits in the queue at position {position + 1}, behind {head}; the jobs ahead "
+            "of it take every island that has room now."
+        )
 
 
 class Admission:
@@ -49,6 +115,8 @@ class Admission:
             queue; returns its record.
         memory: measured bytes per device by (model, mesh, batch); None starts empty.
         fail: fails a job with (job id, reason, message): a job whose dependency failed.
+        backfill: EASY backfill behind a waiting head (False: strict priority order).
+        clock: seconds (monotonic) for expected ends and reservations.
     """
 
     def __init__(
@@ -61,6 +129,9 @@ class Admission:
         requeue_suspended: Callable[[JobRecord], JobRecord],
         memory: MemoryFigures | None = None,
         fail: Callable[[str, str, str], None] | None = None,
+        *,
+        backfill: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -70,13 +141,40 @@ class Admission:
         self._requeue_suspended = requeue_suspended
         self.memory = memory if memory is not None else MemoryFigures()
         self._fail = fail
-        # Why each waiting job waits, for people.
-        self.pending: dict[str, str] = {}
+        # Why each waiting job waits, for people (a job far down the queue: its place).
+        self.pending = Reasons()
         # Jobs started while a job ahead of them waited: they count as staying for good when
         # admission checks that the jobs ahead still fit.
         self._backfilled: set[str] = set()
         # Jobs told (in an event) that they can never fit, with the sentence they were told.
         self._parked: dict[str, str] = {}
+        self.backfill = backfill
+        self.clock = clock
+        # Running jobs' notes for `why` (backfilled ahead of whom, until when).
+        self.notes: dict[str, str] = {}
+        # The head of the queue's reservation, as of the last pass.
+        self.reservation: Reservation | None = None
+        # Latency (ms) of each pass from the event that asked for it.
+        self.decisions_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
+        # The same, the pass's own work only (without waiting for the event loop).
+        self.pass_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
+        # When the first event since the last pass asked for one (`wake`), clock seconds.
+        self._asked_at: float | None = None
+        # Seconds per step learned by job kind, and the jobs started: (kind, start, steps).
+        self.step_seconds: dict[tuple, float] = {}
+        self._started: dict[str, tuple[tuple, float, int]] = {}
+        # Queue records by id with their updated_us (parsed again only when changed), and
+        # the demands of those not placed (read again when the record or a figure changed).
+        self._records: dict[str, tuple[int, JobRecord]] = {}
+        self._demands: dict[str, tuple[tuple, Demand]] = {}
+        self._keys: list | None = None
+        self._queue: list[JobRecord] = []
+        # Per pass: bytes per device that backfilled jobs hold on each island, and how many
+        # islands each waiting job ahead could have once the others leave (`_ahead_still_fit`).
+        self._staying: dict[str, int] = {}
+        self._could: dict[str, int] = {}
+        # (islands, bytes) of jobs held back behind waiters since the last placement.
+        self._held_back: set[tuple[int, int]] = set()
 
     def demand(self, record: JobRecord) -> Demand:
         """What the job asks of the cluster: its compiled step's bytes once it has loaded (or
@@ -86,26 +184,77 @@ class Admission:
         if runner is not None:
             bytes_per_device = runner.demand_bytes
         else:
+            key = (record.updated_us, record.priority, self.memory.version)
+            cached = self._demands.get(record.id)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             job = self._resolve(record)
             bytes_per_device = 0 if job is None else self.memory.bytes_per_device(job)
-        return Demand(
+        demand = Demand(
             record.id, record.spec.islands, bytes_per_device, record.priority, record.weight
         )
+        if runner is None:
+            self._demands[record.id] = (key, demand)
+        return demand
+
+    def asked(self) -> None:
+        """An event asked for a pass (the controller's `wake`): the decision latency of the
+        next pass counts from the first such event."""
+        if self._asked_at is None:
+            self._asked_at = time.perf_counter()
+
+    def _waiting(self) -> list[JobRecord]:
+        """The queued and suspended jobs in scheduling order; a record is read again only
+        when its row changed since the last pass."""
+        keys = self.store.queue_keys([JobState.QUEUED, JobState.SUSPENDED])
+        if keys is self._keys:
+            return self._queue  # the jobs table did not change since the last pass
+        records = {}
+        out = []
+        for job_id, *key in keys:
+            cached = self._records.get(job_id)
+            if cached is None or cached[0] != key:
+                cached = (key, self.store.get_job(job_id))
+            records[job_id] = cached
+            out.append(cached[1])
+        self._records = records
+        self._demands = {j: d for j, d in self._demands.items() if j in records}
+        self._keys, self._queue = keys, out
+        return out
 
     def schedule(self) -> None:
         """One scheduling pass over the queued and suspended jobs, priority then submission:
-        admit what fits (all islands or none) without postponing the jobs ahead for good,
-        resume suspended jobs whose islands have room, suspend lower-priority jobs for the
-        first job that waits, and say why the rest wait."""
+        admit what fits (all islands or none) without postponing the jobs ahead (EASY
+        backfill: the head's reservation), resume suspended jobs whose islands have room,
+        suspend lower-priority jobs for the first job that waits, and say why the rest wait."""
+        began = time.perf_counter()
+        asked, self._asked_at = self._asked_at, None
+        self._learn()
         self._backfilled = {j for j in self._backfilled if self.scheduler.held(j)}
-        waiting = self.store.jobs_in_states([JobState.QUEUED, JobState.SUSPENDED])
+        for job_id in [j for j in self.notes if not self.scheduler.held(j)]:
+            del self.notes[job_id]
+        self.reservation = None
+        room = self._room()
+        self._ahead_changed()
         ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
+        never_fits: dict[tuple, str | None] = {}
+        placed = 0
+        waiting = self._waiting()
+        self.pending.order = {r.id: n for n, r in enumerate(waiting)}
         for record in waiting:
             runner = self.runners.get(record.id)
             if runner is not None and record.state == JobState.QUEUED:
                 continue  # placed on this pass or an earlier one; its task starts it
             if record.state == JobState.QUEUED and self.waits_on_dependencies(record):
                 continue  # holds nobody back: it could not start if it fitted
+            if (
+                len(ahead) >= DETAILED_REASONS
+                and record.state == JobState.QUEUED
+                and (not room or room[-1] <= 0)
+            ):
+                # Every island is full: nothing behind can start; its place, when asked.
+                self.pending.pop(record.id, None)
+                continue
             if record.state == JobState.SUSPENDED and runner is None:
                 # Suspended under an earlier controller: its host copy is gone with it.
                 record = self._requeue_suspended(record)
@@ -115,21 +264,45 @@ class Admission:
                 continue
             demand = self.demand(record)
             own = tuple(runner.islands) if suspended and runner is not None else None
-            never = self.scheduler.never_fits(demand.islands, demand.bytes_per_device, own)
+            if (
+                own is None
+                and len(ahead) >= DETAILED_REASONS
+                and not _fits_now(room, demand.islands, demand.bytes_per_device)
+            ):
+                # Far down a long queue and no room for it now: its place, when asked.
+                self.pending.pop(record.id, None)
+                continue
+            shape = (demand.islands, demand.bytes_per_device, own)
+            if shape not in never_fits:  # alike jobs share the answer within a pass
+                never_fits[shape] = self.scheduler.never_fits(*shape)
+            never = never_fits[shape]
             if never is not None:
                 self._park(record, never)
                 continue
             self._parked.pop(record.id, None)
-            islands = self._place(demand, own, ahead)
+            islands = self._admit(record, demand, own, ahead, room)
             if islands is not None:
-                self.pending.pop(record.id, None)
+                placed += 1
+                room = self._room()
                 if ahead:
                     self._backfilled.add(record.id)
+                self._ahead_changed()
+                self.pending.pop(record.id, None)
                 if suspended:
                     assert runner is not None
                     runner.resume.set()
                 else:
                     self._start(record, islands)
+                    self._started[record.id] = (
+                        _kind(record),
+                        self.clock(),
+                        max(0, record.spec.train.steps),
+                    )
+                continue
+            if len(ahead) >= DETAILED_REASONS:
+                # Behind the first waiters: its place in the queue, when asked (EASY: the
+                # head's reservation, and the first waiters' room, are what is protected).
+                self.pending.pop(record.id, None)
                 continue
             victims = self.preempt(demand, own) if not ahead else []
             holders = sorted(
@@ -144,8 +317,155 @@ class Admission:
                 reason += (
                     f" Jobs ahead in the queue wait too ({', '.join(d.job_id for d, _ in ahead)})."
                 )
+            if not ahead and own is None and self.backfill:
+                self.reservation = self._reserve(demand)
+                if self.reservation is not None:
+                    reason += " " + self._reservation_sentence(self.reservation)
             self.pending[record.id] = ("Suspended: " if suspended else "") + reason
             ahead.append((demand, own))
+        ended = time.perf_counter()
+        took_ms = (ended - (asked or began)) * 1e3
+        self.decisions_ms.append(took_ms)
+        self.pass_ms.append((ended - began) * 1e3)
+        logger.log(
+            logging.INFO if took_ms > SLOW_PASS_MS else logging.DEBUG,
+            "scheduling pass: %d placed, %d waiting, %.2f ms from the event",
+            placed,
+            len(ahead),
+            took_ms,
+        )
+
+    def _admit(
+        self,
+        record: JobRecord,
+        demand: Demand,
+        own: tuple[str, ...] | None,
+        ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
+        room: list[float],
+    ) -> list[str] | None:
+        """Place the job if the policy lets it start now: first in line, or behind waiting
+        jobs without holding them back (strict order: never behind them)."""
+        if ahead and not self.backfill:
+            return None
+        if own is None and not _fits_now(room, demand.islands, demand.bytes_per_device):
+            return None
+        shape = (demand.islands, demand.bytes_per_device)
+        if own is None and ahead and shape in self._held_back:
+            islands = None  # an alike job was held back on this pass, nothing placed since
+        else:
+            islands = self._place(demand, own, ahead)
+            if islands is None and own is None and ahead:
+                self._held_back.add(shape)
+        if islands is not None or not ahead or own is not None:
+            return islands
+        return self._backfill_before_reservation(record, demand)
+
+    # ---- EASY backfill ----------------------------------------------------------------------
+
+    def _room(self) -> list[float]:
+        """Free bytes per device of every island that is up, ascending."""
+        sched = self.scheduler
+        return sorted(sched.free_bytes(i) for i in sched.island_ids if i not in sched.down)
+
+    def _learn(self) -> None:
+        """Learn seconds per step of a kind from the jobs started here that succeeded."""
+        for job_id in [j for j in self._started if not self.scheduler.held(j)]:
+            if job_id in self.runners:
+                continue  # placed, not started yet, or suspended
+            kind, started, steps = self._started.pop(job_id)
+            try:
+                record = self.store.get_job(job_id)
+            except Exception:  # noqa: BLE001 - pruned meanwhile
+                continue
+            if record.state == JobState.SUCCEEDED and steps > 0:
+                per_step = max(0.0, self.clock() - started) / steps
+                old = self.step_seconds.get(kind)
+                self.step_seconds[kind] = per_step if old is None else 0.7 * old + 0.3 * per_step
+
+    def expected_s(self, record: JobRecord) -> float | None:
+        """How long the job is expected to run (its kind's seconds per step x its steps), or
+        None before a job of its kind has completed here."""
+        per_step = self.step_seconds.get(_kind(record))
+        return None if per_step is None else per_step * max(0, record.spec.train.steps)
+
+    def _expected_end(self, job_id: str) -> float:
+        """When a resident job is expected to end (clock seconds; inf when unknown)."""
+        started = self._started.get(job_id)
+        if started is None:
+            return math.inf
+        kind, at, steps = started
+        per_step = self.step_seconds.get(kind)
+        return math.inf if per_step is None else at + per_step * steps
+
+    def _reserve(self, demand: Demand) -> Reservation | None:
+        """The head's reservation: the earliest time `demand.islands` islands have room for
+        it as the resident jobs end (None when some end is unknown)."""
+        sched = self.scheduler
+        now = self.clock()
+        ready: list[tuple[float, int, str]] = []
+        for n, island in enumerate(sched.island_ids):
+            if island in sched.down:
+                continue
+            free = sched.free_bytes(island)
+            at = now
+            if free < demand.bytes_per_device:
+                ends = sorted((self._expected_end(j), sched.held(j)) for j in sched.jobs_on(island))
+                at = math.inf
+                for end, nbytes in ends:
+                    free += nbytes
+                    if free >= demand.bytes_per_device:
+                        at = end
+                        break
+            ready.append((at, n, island))
+        if len(ready) < demand.islands:
+            return None
+        ready.sort()
+        chosen = ready[: demand.islands]
+        start = chosen[-1][0]
+        if math.isinf(start):
+            return None
+        return Reservation(demand.job_id, start, tuple(i for _, _, i in chosen))
+
+    def _reservation_sentence(self, r: Reservation) -> str:
+        wait = max(0.0, r.start - self.clock())
+        return (
+            f"Holds a reservation: expected to start in about {wait:.0f} s on "
+            f"{', '.join(r.islands)} as running jobs end; jobs behind it start first only if "
+            "they are expected to end before then."
+        )
+
+    def _backfill_before_reservation(self, record: JobRecord, demand: Demand) -> list[str] | None:
+        """Start a job behind the waiting head on room the head's reservation needs, when it
+        is expected to end before the reservation starts (so the head is not delayed)."""
+        r = self.reservation
+        length = self.expected_s(record)
+        if r is None or length is None:
+            return None
+        now = self.clock()
+        if now + length > r.start:
+            return None
+        sched = self.scheduler
+        room = sched.candidates(demand)
+        # Islands the head does not need first: they hold it back in no case.
+        room.sort(key=lambda i: i in r.islands)
+        if len(room) < demand.islands:
+            return None
+        islands = sched.place(demand, sorted(room[: demand.islands], key=sched.island_ids.index))
+        if islands is not None:
+            self.notes[record.id] = (
+                f"Backfilled ahead of {r.job_id}: expected to end in about {length:.0f} s, "
+                f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
+            )
+            self.store.add_event(record.id, "scheduler", self.notes[record.id])
+            logger.info(
+                "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
+                record.id,
+                r.job_id,
+                length,
+                r.start - now,
+                extra={"job_id": record.id},
+            )
+        return islands
 
     def waits_on_dependencies(self, record: JobRecord) -> bool:
         """A queued job whose `after` (or `init_from.job`) has not succeeded yet waits, saying
@@ -197,6 +517,16 @@ class Admission:
             return None
         return sched.place(demand, sorted(chosen, key=sched.island_ids.index))
 
+    def _ahead_changed(self) -> None:
+        """Placements changed: what backfilled jobs hold per island, read again."""
+        self._held_back.clear()
+        sched = self.scheduler
+        self._staying = {
+            i: sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
+            for i in sched.island_ids
+        }
+        self._could = {}
+
     def _ahead_still_fit(
         self,
         ahead: Sequence[tuple[Demand, tuple[str, ...] | None]],
@@ -207,16 +537,26 @@ class Admission:
         with `demand` on `islands` and the jobs already started past it staying."""
         sched = self.scheduler
         for waiter, own in ahead:
-            without = with_ = 0
-            for i in own or sched.island_ids:
-                if i in sched.down:
-                    continue
-                budget = sched.budget(i) or float("inf")
-                staying = sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
-                without += budget - staying >= waiter.bytes_per_device
-                if i in islands:
-                    staying += demand.bytes_per_device
-                with_ += budget - staying >= waiter.bytes_per_device
+            need = waiter.bytes_per_device
+            without = self._could.get(waiter.job_id)
+            if without is None:
+                without = sum(
+                    (sched.budget(i) or math.inf) - self._staying[i] >= need
+                    for i in own or sched.island_ids
+                    if i not in sched.down
+                )
+                self._could[waiter.job_id] = without
+            # Islands that `demand` would take from it: room for it before, none after.
+            lost = sum(
+                1
+                for i in islands
+                if i not in sched.down
+                and (own is None or i in own)
+                and (sched.budget(i) or math.inf) - self._staying[i] >= need
+                and (sched.budget(i) or math.inf) - self._staying[i] - demand.bytes_per_device
+                < need
+            )
+            with_ = without - lost
             # Only a placement that takes away room the waiter needs holds it back.
             if with_ < (len(own) if own else waiter.islands) and with_ < without:
                 return False
@@ -251,11 +591,13 @@ class Admission:
                 and not r.cancel_requested
                 and self.scheduler.held(r.job_id)
             ),
-            key=lambda r: (r.priority, -self.store.get_job(r.job_id).created_us),
+            key=lambda r: (r.priority, -r.record.created_us),
         )
+        # Each candidate's islands once (not per island of the loop below).
+        where = {r.job_id: set(self.scheduler.islands_of(r.job_id)) for r in lower}
         for island in own or self.scheduler.island_ids:
             for r in lower:
-                if island in self.scheduler.islands_of(r.job_id):
+                if island in where[r.job_id]:
                     if self.scheduler.free_bytes(island) + reclaim.get(island, 0) >= (
                         demand.bytes_per_device
                     ):
@@ -286,3 +628,21 @@ class Admission:
                 extra={"job_id": job_id},
             )
         return sorted(chosen)
+
+
+def _fits_now(room: list[float], islands: int, bytes_per_device: int) -> bool:
+    """Whether `islands` islands have `bytes_per_device` free (`room` ascending)."""
+    return islands <= len(room) - bisect.bisect_left(room, bytes_per_device)
+
+
+def _kind(record: JobRecord) -> tuple:
+    """A job's kind for its step time: model, islands, devices, mesh, batch, length."""
+    spec = record.spec
+    return (
+        spec.model.SerializeToString(deterministic=True),
+        spec.islands,
+        spec.devices_per_island,
+        spec.mesh.SerializeToString(deterministic=True),
+        spec.train.global_batch,
+        spec.train.seq_len,
+    )

@@ -3,6 +3,11 @@
 Every state change and completed step is published on the bus under the job's id (and handed
 to the followers of ALL_JOBS as `(job_id, update)`); followers read their own bounded queue, so
 publishing never blocks and a lagging follower loses the oldest updates, never the newest.
+Every update carries a sequence number (per job; the ALL_JOBS followers see the bus's own),
+kept beside it in the follower's queue: a follower reads them (`last_seq`) to prove that
+nothing was lost, and one that lagged is told how many updates it lost (`take_dropped`) so it
+resyncs from the store (WatchJob sends the record again and replays the metrics it missed; the
+dashboard's streams send a `resync` event). `dropped_total` counts them over the process.
 WatchJob follows the bus, not the database. The log buffer keeps the newest records of each
 job, fed by the controller's own loggers and by the island hosts' step reports; with a folder
 (`<state_dir>/logs`) it writes them there too, one JSON line per record in `<job_id>.log`,
@@ -45,15 +50,61 @@ def now() -> timestamp_pb2.Timestamp:
     return ts
 
 
+class Follower(asyncio.Queue):
+    """A follower's bounded queue of updates, each kept with its sequence number.
+
+    Attributes:
+        last_seq: the sequence number of the update read last (0 before any).
+        dropped: updates lost to lagging since the last `take_dropped`.
+    """
+
+    def __init__(self, maxsize: int = FOLLOWER_QUEUE) -> None:
+        super().__init__(maxsize)
+        self.last_seq = 0
+        self.dropped = 0
+
+    def _put(self, entry: tuple[int, Any]) -> None:
+        self._queue.append(entry)
+
+    def _get(self) -> Any:
+        self.last_seq, item = self._queue.popleft()
+        return item
+
+    def offer(self, seq: int, item: Any) -> bool:
+        """Enqueue without blocking; when full, drop the oldest (counted). True if one was
+        dropped."""
+        lost = False
+        if self.full():
+            self._queue.popleft()
+            self.dropped += 1
+            lost = True
+        self.put_nowait((seq, item))
+        return lost
+
+    def take_dropped(self) -> int:
+        """How many updates were lost since the last call (0: none; resync when not)."""
+        dropped, self.dropped = self.dropped, 0
+        return dropped
+
+
 class EventBus:
     """Subscriber queues per key; publishing never blocks (a lagging follower loses the
-    oldest updates, never the newest)."""
+    oldest updates, never the newest, and is told so).
 
-    def __init__(self) -> None:
-        self._queues: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
+    Args:
+        queue_size: updates a follower may lag behind.
+    """
 
-    def subscribe(self, key: str) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(FOLLOWER_QUEUE)
+    def __init__(self, queue_size: int = FOLLOWER_QUEUE) -> None:
+        self._queues: dict[str, set[Follower]] = collections.defaultdict(set)
+        self.queue_size = queue_size
+        # The latest sequence number per key (ALL_JOBS: over every job).
+        self.seq: collections.Counter[str] = collections.Counter()
+        self.dropped_total = 0
+
+    def subscribe(self, key: str) -> Follower:
+        queue = Follower(self.queue_size)
+        queue.last_seq = self.seq[key]
         self._queues[key].add(queue)
         return queue
 
@@ -63,14 +114,17 @@ class EventBus:
             del self._queues[key]
 
     def publish(self, key: str, item: Any) -> None:
-        """Hand `item` to the followers of `key`, and `(key, item)` to those of ALL_JOBS."""
-        targets = [(q, item) for q in self._queues.get(key, ())]
+        """Hand `item` to the followers of `key`, and `(key, item)` to those of ALL_JOBS,
+        each with the next sequence number of its key."""
+        self.seq[key] += 1
+        if isinstance(item, controller_pb2.WatchJobReply):
+            item.seq = self.seq[key]  # the same for every follower of the job
+        for queue in self._queues.get(key, ()):
+            self.dropped_total += queue.offer(self.seq[key], item)
         if key != ALL_JOBS:
-            targets += [(q, (key, item)) for q in self._queues.get(ALL_JOBS, ())]
-        for queue, value in targets:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(value)
+            self.seq[ALL_JOBS] += 1
+            for queue in self._queues.get(ALL_JOBS, ()):
+                self.dropped_total += queue.offer(self.seq[ALL_JOBS], (key, item))
 
 
 class LogBuffer(logging.Handler):

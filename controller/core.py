@@ -24,7 +24,7 @@ from .admission import Admission
 from .bus import EventBus, LogBuffer, now
 from .data_paths import check_data_paths
 from .dispatch import DEFAULT_WINDOW, Dispatcher
-from .islands import Island
+from .islands import DeathWatch, Island
 from .jobs import Collaborators, JobRunner, Reporter
 from .options import format_size
 from .recovery import Recovery
@@ -60,6 +60,9 @@ class Controller:
         prepare: prepares a resolved job's data (blocking); default `prepare_data`.
         peak_flops: the peak FLOP/s MFU is measured against on simulated CPU islands
             (`--peak-flops`); None reads this machine's cached peak (measured once).
+        backfill: EASY backfill (False: strict priority order; controller/admission.py).
+        watch_ray: act on island host deaths as Ray reports them (False: only the gRPC
+            errors and deadlines of the steps tell).
     """
 
     def __init__(
@@ -71,6 +74,8 @@ class Controller:
         window: int = DEFAULT_WINDOW,
         prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob] = prepare_data,
         peak_flops: float | None = None,
+        backfill: bool = True,
+        watch_ray: bool = True,
     ) -> None:
         self.store = store
         self.islands = {island.id: island for island in islands}
@@ -107,6 +112,7 @@ class Controller:
             self._requeue_suspended,
             self.memory,
             fail=lambda job_id, reason, message: self.reporter.fail(job_id, reason, message),
+            backfill=backfill,
         )
         self.views = Views(
             store,
@@ -116,6 +122,7 @@ class Controller:
             self.resolved,
             peak_flops=peak_flops,
         )
+        self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
         self._parts = Collaborators(
             store=store,
@@ -144,6 +151,9 @@ class Controller:
         # A graceful stop is under way (`drain`): nothing new is started.
         self.draining = False
         self._loop_task: asyncio.Task | None = None
+        self._death_watch: DeathWatch | None = None
+        self._watch_ray = watch_ray
+        self._deaths: set[asyncio.Task] = set()
         self._peak_task: asyncio.Task | None = None
         self.started_at = now()
 
@@ -216,6 +226,10 @@ class Controller:
             )
         self._wake = asyncio.Event()
         self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
+        # Island host deaths as Ray reports them, acted on at once (controller/islands.py).
+        if self._watch_ray:
+            self._death_watch = DeathWatch(asyncio.get_running_loop(), self._host_died)
+            self._death_watch.watch(list(self.islands.values()))
         if self.islands:  # `islands` shows the peak from the start (cached: no measuring)
             # JAX is imported here, on the loop's thread, before a worker thread reads the
             # peak: two threads importing it at once can meet a half-initialised module.
@@ -226,6 +240,8 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop dispatching; running jobs go back to the queue (a restart resumes them)."""
+        if self._death_watch is not None:
+            self._death_watch.stop()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -266,6 +282,7 @@ class Controller:
 
     def wake(self) -> None:
         """Ask for a scheduling pass."""
+        self.admission.asked()
         if self._wake is not None:
             self._wake.set()
 
@@ -305,6 +322,20 @@ class Controller:
         )
         self.store.truncate_metrics(record.id, 0)
         return self.store.get_job(record.id)
+
+    def _host_died(self, island: Island, generation: int, reason: str) -> None:
+        """Ray reports a host of `island` dead: close its channels now (its jobs' steps in
+        flight fail at once and their recovery starts); nothing more when already known."""
+
+        async def handle() -> None:
+            if not await island.host_died(generation, reason):
+                return
+            for job_id in self.scheduler.jobs_on(island.id):
+                self.store.add_event(job_id, "island", f"Island {island.id}: {reason}.")
+
+        task = asyncio.ensure_future(handle())
+        self._deaths.add(task)
+        task.add_done_callback(self._deaths.discard)
 
     def _island_lost(self, island: Island, reason: str) -> None:
         """An island's hosts could not be restarted: place nothing there (jobs go to free

@@ -6,7 +6,8 @@ open costs nothing until something happens. The cluster page's stream carries ev
 updates and a fresh overview after each (at most one overview per half second); a job page's
 stream carries that job's updates, a new "why" after each state change, and its log records.
 A quiet stream sends a heartbeat every SSE_HEARTBEAT_S, so proxies keep it open and a closed
-page is noticed.
+page is noticed. The cluster page's job updates carry the bus's sequence number (`seq`); a
+page that lagged behind gets a `resync` event with the count of updates it lost and reloads.
 """
 
 from __future__ import annotations
@@ -74,12 +75,16 @@ class EventStreams:
             try:
                 while True:
                     item = await _get(queue, SSE_HEARTBEAT_S)
+                    dropped = queue.take_dropped() if hasattr(queue, "take_dropped") else 0
+                    if dropped:  # it lagged: the page reloads what it shows
+                        yield "resync", {"dropped": dropped, "seq": queue.last_seq}
                     if item is None:
                         yield "overview", self._overview()
                         continue
                     job_id, update = item
                     for kind, data in self._translate(job_id, update):
-                        yield kind, data
+                        # The bus's sequence number: a gap proves lost updates.
+                        yield kind, {**data, "seq": queue.last_seq}
                     if update.HasField("metrics") or update.HasField("job"):
                         yield "overview", self._overview()
             finally:

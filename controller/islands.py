@@ -10,6 +10,14 @@ checkpoints never touch a stub themselves.
 
 Channels count their RPC bytes (`RPC_BYTES`), which do not grow with the model: the controller
 sends step numbers and grants, never tensors.
+
+Death from Ray. A `DeathWatch` keeps one never-returning call (`watch`) pending on every host
+actor of every island; Ray fails it the moment the actor's process or node dies, and the
+controller acts at once (`Island.host_died`: the island is marked dead for its generation and
+its channels are closed, so the steps in flight fail now rather than at their gRPC deadline;
+recovery then sees the island dead without probing). The gRPC path stays as it was: whichever
+signal comes first, the job's one recovery restarts the island once (`restart` is skipped for
+an island already restarted since the death was seen: `generation`).
 """
 
 from __future__ import annotations
@@ -155,7 +163,32 @@ class Island:
     group: Any = None
     credential: Credential | None = None
     tls: TlsConfig | None = None
+    # Ray actors whose death is this island's (its hosts'); default: its group's actors.
+    actors: list[Any] | None = None
+    # Bumped at every restart; `dead` says why the current generation's hosts are dead.
+    generation: int = 0
+    dead: str | None = None
     _restart_lock: asyncio.Lock | None = dataclasses.field(default=None, repr=False)
+
+    def watched_actors(self) -> list[Any]:
+        """The Ray actors of its hosts (none: an island outside Ray)."""
+        if self.actors is not None:
+            return list(self.actors)
+        return list(getattr(self.group, "actors", None) or [])
+
+    async def host_died(self, generation: int, reason: str) -> bool:
+        """Ray says a host of the island died: mark this generation dead and close its
+        channels (steps in flight fail now). False when already known or stale."""
+        if generation != self.generation or self.dead is not None:
+            return False
+        self.dead = reason
+        logger.warning("island %s: a host died (%s)", self.id, reason)
+        for host in self.hosts:
+            try:
+                await host.close()
+            except Exception:  # noqa: BLE001 - closing a channel to a dead host
+                logger.debug("closing a channel", exc_info=True)
+        return True
 
     @property
     def devices(self) -> int:
@@ -174,11 +207,23 @@ class Island:
         """Issue rpc `method` on every host; the futures, in host order."""
         futures = []
         for index, host in enumerate(self.hosts):
+            if self.dead is not None:  # its channels are closed: fail as a lost host does
+                futures.append(asyncio.ensure_future(self._unavailable(method)))
+                continue
             message = request(index, host) if callable(request) else request
             futures.append(
                 asyncio.ensure_future(getattr(host.stub, method)(message, timeout=timeout))
             )
         return futures
+
+    async def _unavailable(self, method: str) -> Any:
+        """What a call to a host Ray reported dead answers: UNAVAILABLE, with the reason."""
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details=f"{method} on island {self.id}: {self.dead}",
+        )
 
     async def call(
         self, method: str, request: Request, *, timeout: float, return_exceptions: bool = False
@@ -192,18 +237,26 @@ class Island:
 
     async def call_host(self, index: int, method: str, request: Message, *, timeout: float) -> Any:
         """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints)."""
+        if self.dead is not None:
+            return await self._unavailable(method)
         return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
 
     async def answers(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-        """Whether every host answers Info (gRPC health of the host processes)."""
+        """Whether every host answers Info (gRPC health of the host processes); False at once
+        for an island Ray reported dead."""
+        if self.dead is not None:
+            return False
         replies = await self.call(
             "Info", worker_pb2.InfoRequest(), timeout=timeout_s, return_exceptions=True
         )
         return not any(isinstance(r, BaseException) for r in replies)
 
-    async def restart(self) -> None:
+    async def restart(self, seen_generation: int | None = None) -> None:
         """Restart every host of the island through Ray (a multi-host island re-forms its JAX
         runtime) and point the island at the new ones, island_seq from 0.
+
+        With `seen_generation`, nothing happens when the island was restarted since then (a
+        death handled once, whichever signal reported it first).
 
         Raises:
             RuntimeError: the island has no Ray group.
@@ -214,6 +267,9 @@ class Island:
         if self._restart_lock is None:
             self._restart_lock = asyncio.Lock()
         async with self._restart_lock:
+            if seen_generation is not None and seen_generation != self.generation:
+                logger.info("island %s was restarted already", self.id)
+                return
             started = time.monotonic()
             self.group = await asyncio.to_thread(restart_group, self.group)
             hosts = [
@@ -222,6 +278,8 @@ class Island:
             ]
             old, self.hosts = self.hosts, hosts
             self.next_seq = 0
+            self.generation += 1
+            self.dead = None
             for host in old:
                 try:
                     await host.close()
@@ -252,6 +310,87 @@ async def call_all(
         )
         futures += island.call_async(method, per_host, timeout=timeout)
     return await asyncio.gather(*futures, return_exceptions=return_exceptions)
+
+
+class DeathWatch:
+    """Watches the islands' host actors through Ray and reports a death at once.
+
+    One thread keeps a pending `watch` call on every host actor of every watched island (of
+    its current generation: a restarted island's new actors are watched as soon as it is
+    back) and waits on them (`ray.wait`); when one fails (the actor's process or node died),
+    `on_death(island, generation, reason)` runs on the event loop.
+
+    Args:
+        loop: the controller's event loop.
+        on_death: called on the loop with (island, the generation that died, reason).
+    """
+
+    POLL_S = 0.1
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_death: Callable[[Island, int, str], None],
+    ) -> None:
+        self._loop = loop
+        self._on_death = on_death
+        self._islands: list[Island] = []
+        # Pending watch ref -> (island, generation); the generation armed per island.
+        self._refs: dict[Any, tuple[Island, int]] = {}
+        self._armed: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, islands: Sequence[Island]) -> None:
+        """Start watching the islands that have Ray actors."""
+        self._islands += [i for i in islands if i.watched_actors()]
+        if self._islands and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ray-death-watch", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _report(self, island: Island, generation: int, reason: str) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_death, island, generation, reason)
+        except RuntimeError:  # the loop is closed: the controller stopped
+            self._stop.set()
+
+    def _arm(self) -> None:
+        for island in self._islands:
+            if island.dead is not None or self._armed.get(island.id) == island.generation:
+                continue
+            self._armed[island.id] = island.generation
+            for actor in island.watched_actors():
+                try:
+                    self._refs[actor.watch.remote()] = (island, island.generation)
+                except Exception as e:  # noqa: BLE001 - an actor already gone
+                    self._report(island, island.generation, repr(e))
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.is_set():
+            self._arm()
+            if not self._refs:
+                self._stop.wait(self.POLL_S)
+                continue
+            ready, _ = ray.wait(list(self._refs), num_returns=1, timeout=self.POLL_S)
+            for ref in ready:
+                island, generation = self._refs.pop(ref)
+                try:
+                    ray.get(ref)
+                    reason = "its host actor's watch call returned"
+                except Exception as e:  # noqa: BLE001 - RayActorError, ActorDiedError...
+                    reason = f"Ray reports its host actor dead ({type(e).__name__})"
+                # The other actors of that generation need no watching any more.
+                for other, (i, g) in list(self._refs.items()):
+                    if i is island and g == generation:
+                        del self._refs[other]
+                self._report(island, generation, reason)
 
 
 async def dead_islands(islands: Sequence[Island], timeout_s: float = PROBE_TIMEOUT_S) -> list[str]:

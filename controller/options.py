@@ -89,7 +89,11 @@ def parse_island(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pathways_lite.controller")
     p.add_argument("--state-dir", required=True, help="the state directory (locked)")
-    p.add_argument("--ray-address", required=True, help="the Ray cluster's GCS ip:port")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster's GCS ip:port (required unless --simulate-islands)",
+    )
     p.add_argument("--ray-token-file", default=None, help="the Ray cluster's auth token file")
     p.add_argument(
         "--node-ip",
@@ -164,4 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
     )
+    p.add_argument(
+        "--simulate-islands",
+        type=int,
+        default=0,
+        help="drive N simulated island hosts (workers/sim_host.py: worker.proto over gRPC, no "
+        "JAX, no Ray) instead of real ones: the scale harness",
+    )
+    p.add_argument("--simulate-step-s", type=float, default=0.01, help="a simulated step's seconds")
     return p

@@ -293,6 +293,9 @@ class Recovery:
             await self.dispatcher.abort(
                 job_id, attempt.program.generation, islands, f"{failure.value} failure"
             )
+        # The generation each island is at before it is probed: a restart asked for by
+        # another job (or a Ray death report) since then is not done twice.
+        seen = {island.id: island.generation for island in islands}
         dead = await dead_islands(islands)
         self.store.add_event(
             job_id,
@@ -305,9 +308,13 @@ class Recovery:
                 continue
             if not island.restartable:
                 logger.warning("island %s is lost and has no Ray group to restart", island.id)
+                # A Ray-hosted island that cannot come back (Ray reported it, or the probe
+                # found it before Ray's report did): lost, so the job goes elsewhere.
+                if (island.dead or island.watched_actors()) and self.on_island_lost is not None:
+                    self.on_island_lost(island, island.dead or "its hosts do not answer")
                 continue
             try:
-                await island.restart()
+                await island.restart(seen[island.id])
             except Exception as e:  # its node is gone, or Ray cannot place it in time
                 logger.warning("island %s is lost: %s", island.id, e)
                 self.store.add_event(

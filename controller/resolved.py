@@ -98,12 +98,12 @@ class ResolvedJob:
         configs = spec_lib.to_configs(spec, vocab_size=vocab_size)
         train = configs.train
         try:
-            bytes_per_device = estimates.training_bytes_per_device(
+            bytes_per_device = _training_bytes_per_device(
                 configs.model,
-                {"data": spec.mesh.data, "model": spec.mesh.model},
+                (spec.mesh.data, spec.mesh.model),
                 configs.optim,
-                examples_per_device=train.global_batch // max(1, spec.islands * spec.mesh.data),
-                seq_len=train.seq_len,
+                train.global_batch // max(1, spec.islands * spec.mesh.data),
+                train.seq_len,
             )
             flops_per_token = estimates.flops_per_token(configs.model, train.seq_len)
         except ValueError as e:
@@ -189,6 +189,8 @@ class MemoryFigures:
 
     def __init__(self) -> None:
         self._measured: dict[tuple, int] = {}
+        # Bumped at every change, so a cache of demands knows when to read again.
+        self.version = 0
 
     def bytes_per_device(self, job: ResolvedJob) -> int:
         """The measured figure of the job's kind, else its estimate (an upper bound)."""
@@ -209,6 +211,25 @@ class MemoryFigures:
             )
         if job.memory_key is not None:
             self._measured[job.memory_key] = int(bytes_per_device)
+            self.version += 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _training_bytes_per_device(
+    model: Any, mesh: tuple[int, int], optim: Any, examples_per_device: int, seq_len: int
+) -> int:
+    """The estimator's figure, once per (model, mesh, optimizer, batch, length): it traces
+    the optimizer's state shapes (~0.1 s), too slow to repeat at every submit of a queue of
+    alike jobs on the controller's loop."""
+    from pathways_lite.model import estimates
+
+    return estimates.training_bytes_per_device(
+        model,
+        {"data": mesh[0], "model": mesh[1]},
+        optim,
+        examples_per_device=examples_per_device,
+        seq_len=seq_len,
+    )
 
 
 def default_digest_every(model_cfg: Any) -> int:

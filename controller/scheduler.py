@@ -114,6 +114,11 @@ class Scheduler:
         self.share_by = share_by
         # job -> (islands, bytes per device held on each).
         self._held: dict[str, tuple[tuple[str, ...], int]] = {}
+        # The same, indexed by island (jobs in placement order, bytes held in all), so a
+        # scheduling pass over a long queue never scans every placement per island.
+        self._on: dict[str, dict[str, None]] = {i: {} for i in self.island_ids}
+        self._used: dict[str, int] = {i: 0 for i in self.island_ids}
+        self._index = {i: n for n, i in enumerate(self.island_ids)}
         self._jobs: dict[str, _Slots] = {}
         self._inflight: dict[str, int] = {i: 0 for i in self.island_ids}
         self._order = 0
@@ -129,16 +134,16 @@ class Scheduler:
 
     def used(self, island: str) -> int:
         """Bytes per device the island's resident jobs hold."""
-        return sum(b for islands, b in self._held.values() if island in islands)
+        return self._used[island]
 
     def free_bytes(self, island: str) -> float:
         """Bytes per device still free on the island (inf when unlimited)."""
         budget = self.budgets[island]
-        return float("inf") if budget == 0 else budget - self.used(island)
+        return float("inf") if budget == 0 else budget - self._used[island]
 
     def free(self) -> list[str]:
         """Islands that are up and that no job holds memory on, in island order."""
-        return [i for i in self.island_ids if not self.jobs_on(i) and i not in self.down]
+        return [i for i in self.island_ids if not self._on[i] and i not in self.down]
 
     def mark_down(self, island: str, reason: str) -> None:
         """Place nothing on `island` until `mark_up` (its hosts are lost)."""
@@ -187,10 +192,10 @@ class Scheduler:
             i
             for i in self.island_ids
             if self.free_bytes(i) + reclaim.get(i, 0) >= demand.bytes_per_device
-            and demand.job_id not in self.jobs_on(i)
+            and demand.job_id not in self._on[i]
             and i not in self.down
         ]
-        return sorted(room, key=lambda i: (len(self.jobs_on(i)), self.island_ids.index(i)))
+        return sorted(room, key=lambda i: (len(self._on[i]), self._index[i]))
 
     def place(self, demand: Demand, islands: Sequence[str] | None = None) -> list[str] | None:
         """Hold `demand` on `islands` (or the best free ones): all of them, or None."""
@@ -198,12 +203,13 @@ class Scheduler:
             room = self.candidates(demand)
             if len(room) < demand.islands:
                 return None
-            chosen = sorted(room[: demand.islands], key=self.island_ids.index)
+            chosen = sorted(room[: demand.islands], key=self._index.__getitem__)
         else:
             if any(self.free_bytes(i) < demand.bytes_per_device or i in self.down for i in islands):
                 return None
             chosen = list(islands)
-        self._held[demand.job_id] = (tuple(chosen), demand.bytes_per_device)
+        self.release(demand.job_id)
+        self._hold(demand.job_id, tuple(chosen), demand.bytes_per_device)
         logger.info(
             "job %s holds %d bytes per device on %s", demand.job_id, demand.bytes_per_device, chosen
         )
@@ -215,12 +221,23 @@ class Scheduler:
 
     def resize(self, job_id: str, bytes_per_device: int) -> None:
         """Change what a placed job holds (the measured figure replaces the estimate)."""
-        islands, _ = self._held[job_id]
+        islands, old = self._held[job_id]
         self._held[job_id] = (islands, int(bytes_per_device))
+        for i in islands:
+            self._used[i] += int(bytes_per_device) - old
+
+    def _hold(self, job_id: str, islands: tuple[str, ...], nbytes: int) -> None:
+        self._held[job_id] = (islands, nbytes)
+        for i in islands:
+            self._on[i][job_id] = None
+            self._used[i] += nbytes
 
     def release(self, job_id: str) -> list[str]:
         """Free the memory `job_id` holds; returns its islands."""
-        islands, _ = self._held.pop(job_id, ((), 0))
+        islands, nbytes = self._held.pop(job_id, ((), 0))
+        for i in islands:
+            self._on[i].pop(job_id, None)
+            self._used[i] -= nbytes
         return list(islands)
 
     def held(self, job_id: str) -> int:
@@ -230,11 +247,11 @@ class Scheduler:
     def islands_of(self, job_id: str) -> list[str]:
         """The islands `job_id` holds, in island order."""
         islands, _ = self._held.get(job_id, ((), 0))
-        return [i for i in self.island_ids if i in islands]
+        return sorted(islands, key=self._index.__getitem__)
 
     def jobs_on(self, island: str) -> list[str]:
         """Ids of the jobs holding memory on `island`, in placement order."""
-        return [j for j, (islands, _) in self._held.items() if island in islands]
+        return list(self._on[island])
 
     def lacking(self, demand: Demand, own: Sequence[str] | None = None) -> str:
         """A sentence: what `demand` lacks now (on its `own` islands when given) and who

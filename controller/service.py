@@ -136,6 +136,25 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 return
             while True:
                 update = await queue.get()
+                dropped = queue.take_dropped()
+                if dropped:
+                    # It lagged and lost updates: the record again, then the steps it missed
+                    # from the store (the live ones after them follow as usual).
+                    record = self.store.get_job(record.id)
+                    yield controller_pb2.WatchJobReply(
+                        time=now(), job=self.views.job(record), dropped=dropped
+                    )
+                    for m in self.store.metrics(record.id, from_step=last_step + 1):
+                        ts = timestamp_us(m.time_us)
+                        yield controller_pb2.WatchJobReply(
+                            time=ts,
+                            metrics=self.views.step_metrics(
+                                record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts, m.mfu
+                            ),
+                        )
+                        last_step = m.step
+                    if record.state.terminal:
+                        return
                 if update.HasField("metrics"):
                     if update.metrics.step <= last_step:
                         continue

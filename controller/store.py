@@ -134,6 +134,10 @@ class JobStore(ProgressTables):
         self.path = Path(path)
         self._clock_us = clock_us
         self._mutex = threading.RLock()
+        # Bumped at every change of the jobs table (not of events or metrics): the
+        # scheduling queue is read again only after one.
+        self.jobs_version = 0
+        self._queue_cache: tuple[int, tuple, list] | None = None
         self._lock: StateDirLock | None = None
         self._epoch = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,6 +266,7 @@ class JobStore(ProgressTables):
                     raise StoreError(f"job_id={job_id!r} is already taken.")
             else:  # pragma: no cover (eight random collisions in a row)
                 raise StoreError("could not find a free job id.")
+            self.jobs_version += 1
             conn.execute(
                 "INSERT INTO jobs (id, name, spec, state, priority, weight, created_us, "
                 "updated_us, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -458,6 +463,7 @@ class JobStore(ProgressTables):
         their events and metrics: the history retention. Returns how many jobs went."""
         terminal = sorted(s.value for s in TERMINAL_STATES)
         with self._transaction() as conn:
+            self.jobs_version += 1
             cur = conn.execute(
                 f"DELETE FROM jobs WHERE created_us < ? AND state IN "
                 f"({', '.join('?' * len(terminal))})",
@@ -477,6 +483,26 @@ class JobStore(ProgressTables):
                 values,
             ).fetchall()
         return [_job_from_row(r) for r in rows]
+
+    def queue_keys(self, states: Iterable[JobState]) -> list[tuple[str, int, str, int]]:
+        """(id, updated_us, state, priority) of every job in one of `states`, in scheduling
+        order, without parsing specs: admission reads again only the records that changed."""
+        values = sorted({JobState(s).value for s in states})
+        if not values:
+            return []
+        cached = self._queue_cache
+        if cached is not None and cached[:2] == (self.jobs_version, tuple(values)):
+            return cached[2]
+        with self._mutex:
+            version = self.jobs_version
+            rows = self._conn.execute(
+                "SELECT id, updated_us, state, priority FROM jobs"
+                f" WHERE state IN ({', '.join('?' * len(values))})"
+                " ORDER BY priority DESC, created_us, id",
+                values,
+            ).fetchall()
+        self._queue_cache = (version, tuple(values), rows)
+        return rows
 
     def transition(
         self,
@@ -517,6 +543,7 @@ class JobStore(ProgressTables):
                     f"(allowed: {allowed})."
                 )
             now = self._clock_us()
+            self.jobs_version += 1
             conn.execute(
                 "UPDATE jobs SET state = ?, updated_us = ?, reason = ?, message = ?, "
                 "started_us = CASE WHEN ? AND started_us IS NULL THEN ? ELSE started_us END, "
@@ -562,6 +589,7 @@ class JobStore(ProgressTables):
             spec = record.spec
             spec.priority = int(priority)
             now = self._clock_us()
+            self.jobs_version += 1
             conn.execute(
                 "UPDATE jobs SET priority = ?, spec = ?, updated_us = ? WHERE id = ?",
                 (int(priority), spec.SerializeToString(deterministic=True), now, job_id),
@@ -579,6 +607,7 @@ class JobStore(ProgressTables):
             JobNotFoundError: no such job.
         """
         with self._transaction() as conn:
+            self.jobs_version += 1
             cur = conn.execute(
                 "UPDATE jobs SET generation = generation + 1, updated_us = ? WHERE id = ?",
                 (self._clock_us(), job_id),

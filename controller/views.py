@@ -227,6 +227,8 @@ class Views:
         self.scheduler = scheduler
         self.islands = islands
         self.pending = pending
+        # Running jobs' scheduling notes (admission's: backfilled ahead of whom).
+        self.notes: Mapping[str, str] = {}
         self._resolved = resolved
         # The machine's peak FLOP/s for MFU on simulated CPU islands and where it came from
         # ("--peak-flops", "cached" or "measured"): set by `measure_peak`, or the override.
@@ -338,12 +340,16 @@ class Views:
                 if event.kind == "init":  # jobs.py: the init_from checkpoint it started from
                     job.init_checkpoint = lineage.init_path(event.message)
         if record.state == JobState.QUEUED:
-            if queued is None:
-                queued = self.store.jobs_in_states([JobState.QUEUED])
-            job.queue_position = 1 + next(
-                (i for i, r in enumerate(queued) if r.id == record.id), len(queued)
+            # The queue's ids only (no spec parsed): the store keeps them until a job changes.
+            ids = (
+                [row[0] for row in self.store.queue_keys([JobState.QUEUED])]
+                if queued is None
+                else [r.id for r in queued]
             )
-            job.jobs_ahead.extend(r.id for r in queued[: job.queue_position - 1])
+            job.queue_position = 1 + next(
+                (i for i, job_id in enumerate(ids) if job_id == record.id), len(ids)
+            )
+            job.jobs_ahead.extend(ids[: job.queue_position - 1])
             job.pending_reason = self.pending.get(record.id, WAITING)
         elif record.state == JobState.SUSPENDED:
             job.pending_reason = self.pending.get(record.id, "")
@@ -369,7 +375,8 @@ class Views:
             return self.pending.get(record.id, WAITING)  # admission.py says which jobs it waits for
         if record.state == JobState.RUNNING:
             islands = ", ".join(self.scheduler.islands_of(record.id)) or "its islands"
-            return f"Running on {islands}."
+            note = self.notes.get(record.id)
+            return f"Running on {islands}." + (f" {note}" if note else "")
         if record.state == JobState.SUSPENDED and record.id in self.pending:
             return self.pending[record.id]  # why it has not resumed yet, as of the last pass
         return f"The job is {record.state.value}" + (

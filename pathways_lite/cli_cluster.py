@@ -34,6 +34,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from pathways_lite.controller.options import parse_size
     from pathways_lite.local import LocalCluster
 
+    if args.simulate_islands is not None:
+        cluster = LocalCluster(
+            state_dir=args.state_dir, simulate_islands=args.simulate_islands, tls=args.tls
+        )
+        cluster.start()
+        if args.json:
+            print_json(up_info(cluster))
+        else:
+            _print_up(cluster)
+        return 0
     if args.ray_address is not None:
         given = [
             flag
@@ -432,6 +442,12 @@ def add_cluster_commands(sub) -> None:
         "--node-ip", default=None, help="with --ray-address: the controller's Ray node address"
     )
     up.add_argument("--island-memory", default=None, help="memory of one island (e.g. 4GiB)")
+    up.add_argument(
+        "--simulate-islands",
+        type=_positive_int,
+        default=None,
+        help="N simulated islands (no JAX, no Ray): the scale harness",
+    )
     up.add_argument(
         "--tls",
         choices=("on", "off", "auto"),

@@ -104,6 +104,8 @@ class LocalCluster:
         node_ip: the controller's Ray node address when joining; None takes the head's
             address for a loopback cluster and lets Ray pick otherwise.
         min_islands: when joining, wait until the cluster advertises this many islands.
+        simulate_islands: run this many simulated islands instead (workers/sim_host.py: no
+            JAX, no Ray; the scale harness); the island shape arguments are not used.
         island_specs: islands of any shapes, as `NAME:HOSTS:DEVICES_PER_HOST` (the
             controller's --island); when given, `islands`, `devices_per_island` and
             `hosts_per_island` are not used.
@@ -127,6 +129,7 @@ class LocalCluster:
         min_islands: int = 1,
         island_specs: list[str] | None = None,
         tls: str = "auto",
+        simulate_islands: int = 0,
     ) -> None:
         for name, value in (
             ("islands", islands),
@@ -156,6 +159,9 @@ class LocalCluster:
         if tls not in ("on", "off", "auto"):
             raise ValueError(f"tls={tls!r} must be 'on', 'off' or 'auto'.")
         self.tls = tls
+        if simulate_islands < 0:
+            raise ValueError(f"simulate_islands={simulate_islands!r} must be >= 0.")
+        self.simulate_islands = simulate_islands
         self.address: str | None = None
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None
@@ -185,6 +191,15 @@ class LocalCluster:
                     f"a cluster already runs in state dir {str(self.state_dir)!r} (controller "
                     f"{address}); use another --state-dir or `pathways-lite down` first."
                 )
+        if self.simulate_islands:  # no Ray: the controller serves simulated hosts itself
+            record = {"simulated_islands": self.simulate_islands}
+            try:
+                self._write_record(record)
+                self._start_controller(record)
+            except BaseException:
+                self.down()
+                raise
+            return self
         if self.ray_address is not None:
             record = {"ray_address": self.ray_address, "joined": True}
             try:
@@ -225,7 +240,9 @@ class LocalCluster:
     def _start_controller(self, record: dict[str, Any]) -> None:
         cmd = [sys.executable, "-m", "pathways_lite.controller", f"--state-dir={self.state_dir}"]
         cmd.append(f"--tls={self.tls}")
-        if self.ray_address is not None:
+        if self.simulate_islands:
+            cmd.append(f"--simulate-islands={self.simulate_islands}")
+        elif self.ray_address is not None:
             from pathways_lite.workers.discovery import driver_node_ip
 
             node_ip = self.node_ip or driver_node_ip(self.ray_address) or AUTO_NODE_IP

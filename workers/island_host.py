@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,11 @@ class IslandHost:
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
         return self.node_ip, os.getpid()
+
+    def watch(self) -> None:
+        """Never returns: the controller keeps one call pending, so Ray fails it the moment
+        this actor's process or node dies (controller/islands.py's DeathWatch)."""
+        threading.Event().wait()
 
     def coordinator_address(self) -> str:
         """A free `ip:port` on this node for the island's JAX coordinator (host 0 only)."""
@@ -314,7 +320,9 @@ class IslandHostGroup:
             "resources": {island.resource: 1},
             "num_cpus": 0,
             "max_restarts": self.max_restarts,
-            "max_concurrency": 4,  # metadata and health calls answer while start() blocks
+            # Metadata and health calls answer while start() blocks; one thread is the
+            # controller's pending `watch` call.
+            "max_concurrency": 5,
             "runtime_env": {"env_vars": island.env_vars()},
         }
         if island.platform == "gpu":

@@ -207,6 +207,8 @@
     } catch (e) {
       document.getElementById("summary").append(el("div", { class: "error", text: String(e.message || e) }));
     }
-    stream("/api/stream", { overview: onOverview, job: onJob, metrics: onMetrics });
+    // A lagging page lost updates (the server counted them): reload what it shows.
+    const resync = () => loadJobs();
+    stream("/api/stream", { overview: onOverview, job: onJob, metrics: onMetrics, resync });
   });
 })();

@@ -1,0 +1,328 @@
+"""The controller under watch/submit load: 200 WatchJob streams + 100 concurrent submitters +
+20 dashboard SSE clients, against the controller's step dispatch rate unloaded (bench/scale.py
+runs it and prints its figures beside the others).
+
+Three processes: the simulated island hosts (workers/sim_host.py, 0 ms steps), the
+controller (this file's `controller` role: the real Controller, its gRPC service and its
+dashboard, pinned to one core where `taskset` exists), and the load generator (this file's
+`load` role). 50 one-island jobs with many steps run on 50 islands; the controller writes its
+steps total every 0.25 s. The dispatch rate is steps per second over a window without load,
+then over the same window with the load running; its ratio is `dispatch_under_load_ratio`.
+The watchers are spread over the 50 jobs; each checks that the live updates' sequence numbers
+follow one another (a gap not announced by a `dropped` resync counts as lost, and so does
+every dropped update); `lost_events` sums them over the watchers and the SSE clients' resyncs.
+Submissions are 1-island jobs that queue behind the running ones, 100 at once every
+SUBMIT_EVERY_S; `submit_p99_ms` is the client-side latency of SubmitJob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RUNNING_JOBS = 50
+WATCHERS = 200
+SUBMITTERS = 100
+SSE_CLIENTS = 20
+# Each submitter submits one job this often (SUBMITTERS at once: bursts of concurrent ones).
+SUBMIT_EVERY_S = 2.0
+
+
+def _spec(name: str, steps: int):
+    from pathways_lite.spec import load_spec_text
+
+    return load_spec_text(f"""
+name: {name}
+model: {{preset: palm-tiny}}
+islands: 1
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{steps: {steps}, global_batch: 8, seq_len: 64}}
+data: {{source: stdlib, vocab_size: 1024}}
+""")
+
+
+def _prepare(record, job):
+    from pathways_lite.controller.resolved import DatasetRef
+
+    return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+
+
+async def _controller(args) -> None:
+    from pathways_lite.controller.core import Controller
+    from pathways_lite.controller.dashboard import Dashboard
+    from pathways_lite.controller.service import serve
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.workers.sim_host import connect_islands
+
+    addresses = json.loads(Path(args.sim_addresses).read_text())
+    islands = await connect_islands(addresses)
+    store = JobStore.open_controller(args.state_dir)
+    controller = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+    dashboard = Dashboard(controller, token=None)
+    stop = asyncio.Event()
+
+    async def record_steps() -> None:
+        with open(args.steps_file, "a", buffering=1) as out:
+            while not stop.is_set():
+                dropped = controller.events.dropped_total
+                out.write(f"{time.monotonic()} {controller.steps_total} {dropped}\n")
+                await asyncio.sleep(0.25)
+
+    def started(port: int) -> None:
+        info = {"grpc": f"127.0.0.1:{port}", "dashboard": dashboard.url}
+        Path(args.port_file).write_text(json.dumps(info))
+
+    await dashboard.start("127.0.0.1", 0)
+    recorder = asyncio.create_task(record_steps())
+    loop = asyncio.get_running_loop()
+    import signal
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await serve(controller, "127.0.0.1", 0, started=started, stop=stop, grace_s=1.0)
+    finally:
+        stop.set()
+        await recorder
+        await dashboard.stop()
+
+
+async def _load(args) -> None:
+    import aiohttp
+    import grpc
+
+    from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
+
+    info = json.loads(Path(args.port_file).read_text())
+    jobs = json.loads(Path(args.jobs_file).read_text())
+    channel = grpc.aio.insecure_channel(info["grpc"])
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    stop = asyncio.Event()
+    lost = 0
+    updates = 0
+    submits: list[float] = []
+
+    async def watch(job_id: str) -> None:
+        nonlocal lost, updates
+        got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id))
+        request = controller_pb2.WatchJobRequest(job_id=job_id, from_step=got.job.steps_completed)
+        call = stub.WatchJob(request)
+        last = None
+        try:
+            async for reply in call:
+                if stop.is_set():
+                    break
+                if reply.dropped:
+                    lost += reply.dropped
+                    last = None  # resynced from the store
+                if not reply.seq:
+                    continue
+                updates += 1
+                if last is not None and reply.seq != last + 1:
+                    lost += reply.seq - last - 1
+                last = reply.seq
+        finally:
+            call.cancel()
+
+    async def submit(n: int) -> None:
+        # A burst of SUBMITTERS concurrent submissions every SUBMIT_EVERY_S.
+        k = 0
+        spec = _spec(f"load-{n}", 2)
+        while not stop.is_set():
+            t = time.perf_counter()
+            await stub.SubmitJob(controller_pb2.SubmitJobRequest(spec=spec))
+            submits.append((time.perf_counter() - t) * 1e3)
+            k += 1
+            await asyncio.sleep(max(0.0, SUBMIT_EVERY_S - (time.perf_counter() - t)))
+
+    async def sse(session: aiohttp.ClientSession) -> None:
+        nonlocal lost
+        async with session.get(info["dashboard"] + "api/stream") as response:
+            event = ""
+            async for raw in response.content:
+                if stop.is_set():
+                    break
+                line = raw.decode().strip()
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and event == "resync":
+                    lost += json.loads(line.split(":", 1)[1])["dropped"]
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        tasks = [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
+        tasks += [asyncio.create_task(sse(session)) for _ in range(SSE_CLIENTS)]
+        tasks += [asyncio.create_task(submit(n)) for n in range(SUBMITTERS)]
+        Path(args.ready_file).write_text("ready")
+        await asyncio.sleep(args.seconds)
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    submits.sort()
+    Path(args.result_file).write_text(
+        json.dumps(
+            {
+                "lost_events": lost,
+                "watched_updates": updates,
+                "submits": len(submits),
+                "submit_p50_ms": submits[len(submits) // 2] if submits else None,
+                "submit_p99_ms": submits[int(len(submits) * 0.99)] if submits else None,
+            }
+        )
+    )
+
+
+def _rate(steps_file: Path, since: float, until: float) -> float:
+    rows = [tuple(map(float, line.split())) for line in steps_file.read_text().splitlines()]
+    window = [(t, s) for t, s, _ in rows if since <= t <= until]
+    if len(window) < 2:
+        return 0.0
+    return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+
+
+def _wait_file(path: Path, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{process.args} did not start")
+        time.sleep(0.1)
+
+
+def run(folder: Path, seconds: float = 15.0) -> dict:
+    """The load figures (see the module's docstring), one run."""
+    import grpc
+
+    from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
+
+    me = [sys.executable, __file__]
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() > 1 else []
+    sim_file, port_file = folder / "load-sim.json", folder / "load-ports.json"
+    steps_file, jobs_file = folder / "load-steps.txt", folder / "load-jobs.json"
+    ready_file, result_file = folder / "load-ready", folder / "load-result.json"
+    procs = []
+    try:
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pathways_lite.workers.sim_host",
+                f"--islands={RUNNING_JOBS}",
+                f"--address-file={sim_file}",
+            ]
+        )
+        procs.append(sim)
+        _wait_file(sim_file, sim)
+        ctl = subprocess.Popen(
+            [
+                *pin,
+                *me,
+                "controller",
+                f"--sim-addresses={sim_file}",
+                f"--state-dir={folder / 'load-state'}",
+                f"--port-file={port_file}",
+                f"--steps-file={steps_file}",
+            ]
+        )
+        procs.append(ctl)
+        _wait_file(port_file, ctl)
+        address = json.loads(port_file.read_text())["grpc"]
+
+        async def submit_running() -> list[str]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                ids = []
+                for n in range(RUNNING_JOBS):
+                    request = controller_pb2.SubmitJobRequest(spec=_spec(f"run-{n}", 10**7))
+                    ids.append((await stub.SubmitJob(request)).job.id)
+                return ids
+
+        jobs = asyncio.run(submit_running())
+        jobs_file.write_text(json.dumps(jobs))
+        time.sleep(5.0)  # every job loaded and stepping
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        unloaded = _rate(steps_file, t0, time.monotonic())
+        load = subprocess.Popen(
+            [
+                *me,
+                "load",
+                f"--port-file={port_file}",
+                f"--jobs-file={jobs_file}",
+                f"--ready-file={ready_file}",
+                f"--result-file={result_file}",
+                f"--seconds={seconds + 3}",
+            ]
+        )
+        procs.append(load)
+        _wait_file(ready_file, load)
+        time.sleep(2.0)  # streams open
+        t1 = time.monotonic()
+        time.sleep(seconds)
+        loaded = _rate(steps_file, t1, time.monotonic())
+        load.wait(120)
+        result = json.loads(result_file.read_text())
+        rows = steps_file.read_text().split()
+        result.update(
+            dispatch_steps_per_s_unloaded=unloaded,
+            dispatch_steps_per_s_loaded=loaded,
+            dispatch_under_load_ratio=loaded / unloaded if unloaded else 0.0,
+            bus_dropped_total=int(float(rows[-1])) if rows else 0,
+            controller_pinned=bool(pin),
+        )
+        return result
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("role", nargs="?", default="bench", choices=["bench", "controller", "load"])
+    for flag in (
+        "--sim-addresses",
+        "--state-dir",
+        "--port-file",
+        "--steps-file",
+        "--jobs-file",
+        "--ready-file",
+        "--result-file",
+    ):
+        parser.add_argument(flag)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.role == "controller":
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)
+        asyncio.run(_controller(args))
+    elif args.role == "load":
+        asyncio.run(_load(args))
+    else:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="plload-"))
+        try:
+            print(json.dumps(run(folder, args.seconds)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

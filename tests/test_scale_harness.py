@@ -1,0 +1,227 @@
+"""The scale harness: the real controller (core, admission, scheduler, store, dispatcher, job
+runners) drives simulated island hosts (workers/sim_host.py) over real gRPC, no JAX. It
+shows EASY backfill end to end (a short job starts ahead of a waiting gang only when it ends
+before the gang's reservation; `why` says so), strict order as the baseline, and the bus's
+sequence numbers with a lagging watcher's dropped updates counted."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from pathways_lite.controller.bus import EventBus
+from pathways_lite.controller.core import Controller
+from pathways_lite.controller.resolved import DatasetRef
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobStore
+from pathways_lite.spec import load_spec_text
+from pathways_lite.v1 import controller_pb2
+from pathways_lite.workers.sim_host import SimCluster, connect_islands
+
+pytestmark = pytest.mark.timeout(120)
+
+STEP_S = 0.03
+
+
+def _spec(name: str, islands: int, steps: int, priority: int = 0):
+    spec = load_spec_text(f"""
+name: {name}
+model: {{preset: palm-tiny}}
+islands: {islands}
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{steps: {steps}, global_batch: {8 * islands}, seq_len: 64}}
+data: {{source: stdlib, vocab_size: 1024}}
+""")
+    spec.priority = priority
+    return spec
+
+
+def _prepare(record, job):
+    return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+
+
+async def _until(predicate, timeout_s: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def _scenario(tmp_path, backfill: bool) -> dict:
+    """4 islands; a 3-island job A runs; a 4-island gang H (same priority: no preemption)
+    waits for it; a
+    short 1-island job B (ends well before A) and a long one C (ends after it) queue behind H."""
+    from pathways_lite.controller.resolved import ResolvedJob
+
+    budget = max(ResolvedJob.resolve(_spec("x", k, 2)).bytes_per_device for k in (1, 3, 4))
+    sim = SimCluster.uniform(4, step_s=STEP_S, budget=budget, job_bytes=budget)
+    islands = await connect_islands(await sim.start())
+    store = JobStore.open_controller(tmp_path / ("bf" if backfill else "strict"))
+    c = Controller(store, islands, prepare=_prepare, peak_flops=1e12, backfill=backfill)
+    await c.start()
+    try:
+
+        def submit(spec) -> str:
+            return c.submit(controller_pb2.SubmitJobRequest(spec=spec)).id
+
+        def done(*ids) -> bool:
+            return all(store.get_job(j).state.terminal for j in ids)
+
+        # Each kind runs once first, so the controller knows its seconds per step.
+        warm = [submit(_spec(f"warm{k}", k, 4)) for k in (1, 3, 4)]
+        await _until(lambda: done(*warm))
+        a = submit(_spec("a", 3, 40))
+        await _until(lambda: store.get_job(a).state == JobState.RUNNING)
+        h = submit(_spec("h", 4, 4))
+        b = submit(_spec("b", 1, 4))
+        long = submit(_spec("c", 1, 80))
+        await _until(lambda: store.get_job(b).state != JobState.QUEUED or done(a))
+        seen = {
+            "why_h": c.why(store.get_job(h)),
+            "why_b": c.why(store.get_job(b)),
+            "events_b": [e.message for e in store.events(b) if e.kind == "scheduler"],
+            "why_c": c.why(store.get_job(long)),
+            "b_running": store.get_job(b).state != JobState.QUEUED,
+            "c_running": store.get_job(long).state != JobState.QUEUED,
+        }
+        await _until(lambda: done(a, h, b, long), 120)
+        records = {j: store.get_job(j) for j in (a, h, b, long)}
+        seen.update(
+            states={j: r.state for j, r in records.items()},
+            h_start=records[h].started_us,
+            b_start=records[b].started_us,
+            c_start=records[long].started_us,
+        )
+        return seen
+    finally:
+        await c.stop()
+        await sim.stop()
+        store.close()
+
+
+def test_a_short_job_backfills_ahead_of_a_waiting_gang_without_delaying_it(tmp_path) -> None:
+    seen = asyncio.run(_scenario(tmp_path, backfill=True))
+    assert set(seen["states"].values()) == {JobState.SUCCEEDED}, seen
+    assert "Holds a reservation" in seen["why_h"], seen["why_h"]
+    assert seen["b_running"] and "Backfilled ahead of h" in seen["why_b"], seen["why_b"]
+    assert any(m.startswith("Backfilled ahead of h") for m in seen["events_b"])
+    assert not seen["c_running"], seen["why_c"]  # it would end after the reservation
+    assert seen["b_start"] < seen["h_start"] < seen["c_start"]
+
+
+def test_in_strict_order_nothing_starts_while_a_job_ahead_waits(tmp_path) -> None:
+    seen = asyncio.run(_scenario(tmp_path, backfill=False))
+    assert set(seen["states"].values()) == {JobState.SUCCEEDED}, seen
+    assert not seen["b_running"] and not seen["c_running"]
+    assert seen["h_start"] < seen["b_start"]
+
+
+def test_a_lagging_follower_is_told_how_many_updates_it_lost_and_never_blocks() -> None:
+    async def run() -> None:
+        bus = EventBus(queue_size=4)
+        slow = bus.subscribe("job")
+        fast = bus.subscribe("job")
+        seen = []
+        for n in range(10):
+            bus.publish("job", controller_pb2.WatchJobReply(event=controller_pb2.JobEvent()))
+            seen.append(await fast.get())
+            assert fast.last_seq == n + 1  # consecutive: nothing lost
+        assert [u.seq for u in seen] == list(range(1, 11))
+        first = await slow.get()
+        assert first.seq == 7 and slow.last_seq == 7  # 1..6 were dropped, oldest first
+        assert slow.take_dropped() == 6 and slow.take_dropped() == 0
+        assert bus.dropped_total == 6
+
+    asyncio.run(run())
+
+
+def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
+    ray_cluster, tmp_path
+) -> None:
+    """Simulated hosts as Ray actors: a running job's island host process is killed; Ray's
+    report closes the island's channels at once, the job's one recovery starts within a
+    second (one failure event: the gRPC error and Ray's report are handled once), the island
+    is marked down, and the job completes on the other island."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.workers.sim_host import SimHostActor
+
+    budget = ResolvedJob.resolve(_spec("x", 1, 2)).bytes_per_device
+    actor_cls = ray.remote(max_concurrency=4)(SimHostActor)
+    actors = [actor_cls.remote(f"island-r{i}", 0.02, budget) for i in range(2)]
+    addresses = {
+        f"island-r{i}": ray.get(a.address.remote(), timeout=60) for i, a in enumerate(actors)
+    }
+
+    async def run() -> None:
+        islands = await connect_islands(addresses)
+        for island, actor in zip(islands, actors, strict=True):
+            island.actors = [actor]
+        store = JobStore.open_controller(tmp_path / "death")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("victim", 1, 120))).id
+            await _until(lambda: bool(store.metrics(job, from_step=3)))
+            assert c.scheduler.islands_of(job) == ["island-r0"]
+            killed_us = time.time() * 1e6
+            os.kill(ray.get(actors[0].pid.remote(), timeout=30), signal.SIGKILL)
+            await _until(lambda: store.get_job(job).state.terminal, 90)
+            assert store.get_job(job).state == JobState.SUCCEEDED
+            failures = [e for e in store.events(job) if e.kind == "failure"]
+            assert len(failures) == 1, [e.message for e in failures]
+            assert (failures[0].time_us - killed_us) / 1e6 < 1.0
+            assert "Ray reports its host actor dead" in (islands[0].dead or "")
+            assert "island-r0" in c.scheduler.down
+            # A late report of the same death changes nothing.
+            assert not await islands[0].host_died(islands[0].generation, "again")
+        finally:
+            await c.stop()
+            store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_up_with_simulated_islands_runs_a_gang_job_end_to_end(tmp_path) -> None:
+    """`pathways-lite up --simulate-islands 8`: the controller process serves 8 simulated
+    islands (no JAX, no Ray); an 8-island job submitted with the CLI completes; `down` stops
+    it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = [str(Path(sys.executable).with_name("pathways-lite"))]
+    state = tmp_path / "state"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: simjob\nmodel: {preset: palm-tiny}\nislands: 8\ndevices_per_island: 1\n"
+        "mesh: {data: 1, model: 1}\ntrain: {steps: 10, global_batch: 64, seq_len: 64}\n"
+        "data: {source: stdlib, vocab_size: 1024}\n"
+    )
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [*cli, *args, f"--state-dir={state}"], capture_output=True, text=True, timeout=90
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run("up", "--simulate-islands", "8")
+    try:
+        assert run("islands").count("island-") >= 8
+        assert "is succeeded" in run("submit", str(spec), "--wait")
+    finally:
+        run("down")

@@ -1,0 +1,269 @@
+"""Property test of admission at scale: random arrival / cancel / priority / failure sequences
+drive the real admission, scheduler and job store, with real (unstarted) job runners whose
+life (run, suspend when asked, resume when let, end, fail) is simulated on a clock, as the
+controller's runner tasks do it. After every event and scheduling pass:
+
+- every job is terminal, resident, or waiting with a sentence saying why;
+- no island's residents exceed its budget, and no job appears twice on an island;
+- gangs are all-or-none (a resident job holds exactly its islands' count);
+- the pass is work-conserving: the first job in scheduling order that waits does not fit
+  now (nothing can jump it, and it never waits beside room it fits in);
+- once arrivals stop, every job ends (nothing waits forever beside idle islands).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pathways_lite.controller.admission import Admission
+from pathways_lite.controller.bus import EventBus, LogBuffer
+from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.jobs import Collaborators, JobRunner, Reporter
+from pathways_lite.controller.recovery import Recovery
+from pathways_lite.controller.resolved import ResolvedJob
+from pathways_lite.controller.scheduler import Scheduler
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobRecord, JobStore
+from pathways_lite.controller.views import Views
+from pathways_lite.v1 import controller_pb2
+
+pytestmark = pytest.mark.timeout(120)
+
+ISLANDS = 6
+BUDGET = 100
+
+
+class SimClusterState:
+    """Admission over a real store and scheduler; runners' lives on a simulated clock."""
+
+    def __init__(self, path: str, backfill: bool) -> None:
+        self.now = 0.0
+        ids = [f"island-{i}" for i in range(ISLANDS)]
+        self.store = JobStore(f"{path}/jobs.db")
+        self.scheduler = Scheduler(ids, {i: BUDGET for i in ids})
+        self.runners: dict[str, JobRunner] = {}
+        self.bytes: dict[str, int] = {}
+        self.duration: dict[str, float] = {}
+        self.ends: dict[str, float] = {}  # resident, running job -> when it ends
+        self.admission = Admission(
+            self.store,
+            self.scheduler,
+            self.runners,
+            self.resolve,
+            self.start,
+            lambda record: record,
+            backfill=backfill,
+            clock=lambda: self.now,
+        )
+        views = Views(self.store, self.scheduler, {}, self.admission.pending, self.resolve)
+        dispatcher = Dispatcher(1)
+        self.parts = Collaborators(
+            store=self.store,
+            scheduler=self.scheduler,
+            dispatcher=dispatcher,
+            recovery=Recovery(self.store, dispatcher),
+            reporter=Reporter(self.store, views, EventBus(), LogBuffer()),
+            prepare=lambda record, job: job,
+            measure_peak=lambda: 0.0,
+            wake=lambda: None,
+        )
+        self.count = 0
+
+    def resolve(self, record: JobRecord) -> ResolvedJob:
+        return ResolvedJob(record.spec, None, self.bytes[record.id], 0.0, 1)
+
+    def start(self, record: JobRecord, islands: list[str]) -> None:
+        runner = JobRunner(record, self.resolve(record), [], self.parts)
+        runner.islands = islands
+        self.runners[record.id] = runner
+        self.store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        self.ends[record.id] = self.now + self.duration[record.id]
+
+    # -- events ------------------------------------------------------------------------
+
+    def submit(self, islands: int, nbytes: int, priority: int, steps: int) -> None:
+        self.count += 1
+        name = f"j{self.count}"
+        spec = controller_pb2.JobSpec(name=name, islands=islands, devices_per_island=1)
+        spec.priority = priority
+        spec.train.steps = steps
+        self.bytes[name] = nbytes
+        self.duration[name] = float(steps)
+        self.store.create_job(spec, job_id=name)
+
+    def _live(self) -> list[JobRecord]:
+        return [r for r in self.store.list_jobs(page_size=1000)[0] if not r.state.terminal]
+
+    def cancel(self, pick: int) -> None:
+        live = self._live()
+        if not live:
+            return
+        record = live[pick % len(live)]
+        runner = self.runners.pop(record.id, None)
+        if runner is not None:
+            runner.request_cancel()
+            self.scheduler.release(record.id)
+            self.ends.pop(record.id, None)
+        self.store.transition(record.id, JobState.CANCELLED, reason="user_cancelled")
+
+    def reprioritise(self, pick: int, priority: int) -> None:
+        live = self._live()
+        if not live:
+            return
+        record = live[pick % len(live)]
+        self.store.set_priority(record.id, priority)
+        if record.id in self.runners:
+            self.runners[record.id].priority = priority
+
+    def fail(self, pick: int, retry: bool) -> None:
+        """A running job's host fails: it is rolled back and queued again, or fails."""
+        running = sorted(self.ends)
+        if not running:
+            return
+        job_id = running[pick % len(running)]
+        del self.ends[job_id]
+        self.scheduler.release(job_id)
+        del self.runners[job_id]
+        if retry:
+            self.store.transition(job_id, JobState.QUEUED, reason="retry")
+        else:
+            self.store.transition(job_id, JobState.FAILED, reason="step_failed")
+
+    def advance(self, seconds: float) -> None:
+        """Time passes: asked jobs suspend, resumed jobs run again, due jobs end."""
+        self.now += seconds
+        for job_id, runner in list(self.runners.items()):
+            if runner.suspend_requested and not runner.suspended and job_id in self.ends:
+                # At its next step boundary: state to host memory, devices freed.
+                left = self.ends.pop(job_id) - self.now
+                self.duration[job_id] = max(0.5, left)
+                self.scheduler.release(job_id)
+                runner.resume.clear()
+                runner.suspended = True
+                self.store.transition(job_id, JobState.SUSPENDED, reason="preempted")
+            elif runner.suspended and runner.resume.is_set():
+                runner.suspended = runner.suspend_requested = False
+                self.store.transition(job_id, JobState.RUNNING, reason="resumed")
+                self.ends[job_id] = self.now + self.duration[job_id]
+        for job_id, end in sorted(self.ends.items()):
+            if end <= self.now:
+                del self.ends[job_id]
+                self.scheduler.release(job_id)
+                del self.runners[job_id]
+                self.store.transition(job_id, JobState.SUCCEEDED, reason="completed")
+
+    # -- invariants --------------------------------------------------------------------
+
+    def check(self) -> None:
+        sched = self.scheduler
+        for island in sched.island_ids:
+            on = sched.jobs_on(island)
+            assert len(on) == len(set(on)), (island, on)
+            assert sched.used(island) == sum(sched.held(j) for j in on)
+            assert sched.used(island) <= BUDGET, (island, sched.used(island))
+        waiting = []
+        for record in self.store.list_jobs(page_size=1000)[0]:
+            held = sched.islands_of(record.id)
+            if record.state.terminal:
+                assert not held and record.id not in self.runners, record
+                continue
+            if held:  # a gang: all of its islands or none
+                assert len(held) == record.spec.islands, (record.id, held)
+                assert record.id in self.runners
+                continue
+            if record.state == JobState.RUNNING:  # suspending: its task releases it
+                assert self.runners[record.id].suspend_requested
+                continue
+            assert self.admission.pending.get(record.id), record
+            waiting.append(record)
+        # Work conservation: the first waiting job in scheduling order has no room now.
+        order = [r.id for r in self.store.jobs_in_states([JobState.QUEUED, JobState.SUSPENDED])]
+        first = next((j for j in order if not sched.islands_of(j)), None)
+        if first is not None:
+            record = self.store.get_job(first)
+            runner = self.runners.get(first)
+            if record.state == JobState.SUSPENDED and runner is not None:
+                if runner.resume.is_set():
+                    return
+                own = runner.islands
+                assert any(sched.free_bytes(i) < self.bytes[first] for i in own), (
+                    f"{first} waits suspended beside room on its islands {own}: "
+                    f"{self.admission.pending.get(first)}"
+                )
+            else:
+                room = [i for i in sched.island_ids if sched.free_bytes(i) >= self.bytes[first]]
+                assert len(room) < record.spec.islands, (
+                    f"{first} waits though {room} have room: {self.admission.pending.get(first)}"
+                )
+
+
+EVENT = st.one_of(
+    st.tuples(
+        st.just("submit"),
+        st.sampled_from([1, 1, 2, 3, 6]),
+        st.sampled_from([10, 40, 50, 60, 100]),
+        st.integers(0, 3),
+        st.integers(1, 20),
+    ),
+    st.tuples(st.just("cancel"), st.integers(0, 50)),
+    st.tuples(st.just("priority"), st.integers(0, 50), st.integers(0, 3)),
+    st.tuples(st.just("fail"), st.integers(0, 50), st.booleans()),
+    st.tuples(st.just("advance"), st.sampled_from([0.5, 1.0, 3.0, 7.0])),
+)
+
+
+def _run(events, backfill: bool) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill)
+        try:
+            for event in events:
+                kind, *args = event
+                if kind == "submit":
+                    c.submit(*args)
+                elif kind == "cancel":
+                    c.cancel(*args)
+                elif kind == "priority":
+                    c.reprioritise(*args)
+                elif kind == "fail":
+                    c.fail(*args)
+                else:
+                    c.advance(*args)
+                c.admission.schedule()
+                c.check()
+            # Arrivals stop: every job ends within a bounded time.
+            for _ in range(400):
+                if all(r.state.terminal for r in c.store.list_jobs(page_size=1000)[0]):
+                    break
+                c.advance(1.0)
+                c.admission.schedule()
+                c.check()
+            stuck = [(r.id, r.state.value, c.admission.pending.get(r.id)) for r in c._live()]
+            assert not stuck, f"jobs never ended beside idle islands: {stuck}"
+        finally:
+            c.store.close()
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(st.lists(EVENT, min_size=1, max_size=40))
+def test_admission_with_backfill_keeps_every_invariant(events) -> None:
+    _run(events, backfill=True)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(st.lists(EVENT, min_size=1, max_size=40))
+def test_admission_in_strict_order_keeps_every_invariant(events) -> None:
+    _run(events, backfill=False)

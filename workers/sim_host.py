@@ -1,0 +1,404 @@
+"""Simulated island hosts: worker.proto over real gRPC, no JAX (the scale harness).
+
+A `SimHost` answers every WorkerService rpc the controller makes the way a real host does
+(island_seq order, generations, epochs, suspend/resume, execution log, checkpoints "committed"
+on request) but a step is a sleep of the island's configured step time, a job's memory is the
+configured figure, and failures are injected (`fail_step`: a step of a job that fails once on
+this host; `kill`: the server stops answering). `SimCluster` serves many such islands, one
+host each, each on its own loopback port, in the calling event loop; `serve_main` runs a
+cluster in a process of its own (`python -m pathways_lite.workers.sim_host --islands 64`)
+and writes the hosts' addresses to a file, so the controller process runs alone.
+
+The controller cannot tell a simulated host from a real one: it connects with `connect_host`
+(wire version checked) and drives it with the same dispatcher, recovery and admission.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+from .host import WORKER_WIRE_VERSION
+
+logger = logging.getLogger(__name__)
+
+# What a simulated island holds per device unless told otherwise (1 GiB).
+DEFAULT_BUDGET = 1 << 30
+# How many execution log entries a host keeps (as the real host).
+LOG_KEEP = 8192
+
+
+@dataclasses.dataclass
+class SimIsland:
+    """One simulated island's behaviour.
+
+    Attributes:
+        name: the island's name.
+        step_s: seconds one step takes on it (0: as fast as the rpc).
+        budget: memory budget per device (bytes).
+        job_bytes: what a loaded job measures per device (0: half the budget).
+        devices: devices on the island (one host owns them all).
+        fail_steps: steps that fail once on this host (an injected fault, per job id "*" or
+            the job's id), mapped to the gRPC code they fail with.
+    """
+
+    name: str
+    step_s: float = 0.0
+    budget: int = DEFAULT_BUDGET
+    job_bytes: int = 0
+    devices: int = 1
+    fail_steps: dict[tuple[str, int], grpc.StatusCode] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Loaded:
+    generation: int
+    suspended: bool = False
+    steps_applied: int = 0
+    committed: list[int] = dataclasses.field(default_factory=list)
+    checkpoint_dir: str = ""
+
+
+class SimHost(worker_pb2_grpc.WorkerServiceServicer):
+    """One simulated island host (the island's only host)."""
+
+    def __init__(self, island: SimIsland) -> None:
+        self.island = island
+        self.address = ""
+        self.port = 0
+        self.jobs: dict[str, _Loaded] = {}
+        self.newest_epoch = 0
+        self.next_seq = 0
+        self.running = ""
+        self.log: list[worker_pb2.ExecutionEntry] = []
+        self.steps_run = 0
+        self._seq_changed = asyncio.Condition()
+        self._device = asyncio.Lock()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _epoch(self, epoch: int) -> None:
+        """A newer controller epoch restarts the island_seq numbering at 0."""
+        if epoch > self.newest_epoch:
+            self.newest_epoch = epoch
+            self.next_seq = 0
+
+    async def _take_seq(self, seq: int, context) -> None:
+        """Wait until `seq` is the next island_seq, as the real host orders steps."""
+        async with self._seq_changed:
+            await self._seq_changed.wait_for(lambda: self.next_seq >= seq)
+            if self.next_seq > seq:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"island_seq={seq} was already used (next is {self.next_seq}).",
+                )
+            self.next_seq = seq + 1
+            self._seq_changed.notify_all()
+
+    def _job_bytes(self) -> int:
+        return self.island.job_bytes or self.island.budget // 2
+
+    # -- rpcs ----------------------------------------------------------------------------
+
+    async def Info(self, request, context):
+        return worker_pb2.InfoReply(
+            island=self.island.name,
+            host_index=0,
+            num_hosts=1,
+            node_ip="127.0.0.1",
+            node_id="sim",
+            address=self.address,
+            port=self.port,
+            pid=os.getpid(),
+            devices=[
+                worker_pb2.DeviceInfo(id=d, platform="cpu", kind="sim", process_index=0)
+                for d in range(self.island.devices)
+            ],
+            island_device_count=self.island.devices,
+            memory_budget_bytes_per_device=self.island.budget,
+            wire_version=common_pb2.WireVersion(version=WORKER_WIRE_VERSION),
+            loaded_jobs=sorted(self.jobs),
+            newest_epoch=self.newest_epoch,
+            next_island_seq=self.next_seq,
+            running_job=self.running,
+        )
+
+    async def LoadJob(self, request, context):
+        self._epoch(request.epoch)
+        nbytes = self._job_bytes()
+        if nbytes > self.island.budget:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"job {request.job_id!r} needs {nbytes} bytes per device; the budget is "
+                f"{self.island.budget}.",
+            )
+        if not request.dry_run:
+            start = 0
+            if request.restore_from:
+                start = int(request.restore_from.rsplit("step", 1)[-1] or 0)
+            self.jobs[request.job_id] = _Loaded(
+                request.generation,
+                steps_applied=start,
+                checkpoint_dir=request.checkpoint_dir,
+            )
+        return worker_pb2.LoadJobReply(
+            job_id=request.job_id,
+            loaded=not request.dry_run,
+            memory=common_pb2.MemoryAnalysis(argument_bytes=nbytes, total_bytes=nbytes),
+            estimate_bytes_per_device=nbytes,
+            budget_bytes_per_device=self.island.budget,
+            compile_s=0.0,
+        )
+
+    async def RunStep(self, request, context):
+        received = time.time_ns()
+        self._epoch(request.epoch)
+        await self._take_seq(request.island_seq, context)
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        if job.generation != request.generation:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"generation={request.generation} but {job.generation} is loaded.",
+            )
+        for key in ((request.job_id, request.step), ("*", request.step)):
+            code = self.island.fail_steps.pop(key, None)
+            if code is not None:
+                await context.abort(code, f"injected failure at step {request.step}.")
+        async with self._device:
+            self.running = request.job_id
+            start = time.time_ns()
+            if self.island.step_s > 0:
+                await asyncio.sleep(self.island.step_s)
+            end = time.time_ns()
+            self.running = ""
+        job.steps_applied = request.step + 1
+        self.steps_run += 1
+        if request.checkpoint and job.checkpoint_dir:
+            job.committed.append(request.step + 1)
+        self.log.append(
+            worker_pb2.ExecutionEntry(
+                job_id=request.job_id,
+                generation=request.generation,
+                step=request.step,
+                island_seq=request.island_seq,
+                start_unix_ns=start,
+                end_unix_ns=end,
+                epoch=request.epoch,
+            )
+        )
+        del self.log[:-LOG_KEEP]
+        return worker_pb2.RunStepReply(
+            job_id=request.job_id,
+            generation=request.generation,
+            step=request.step,
+            island_seq=request.island_seq,
+            loss=1.0 / (1.0 + request.step),
+            timings=worker_pb2.StepTimings(
+                received_unix_ns=received, start_unix_ns=start, end_unix_ns=end
+            ),
+            step_s=(end - start) / 1e9,
+            checkpoints_committed=job.committed,
+        )
+
+    async def SkipSeq(self, request, context):
+        self._epoch(request.epoch)
+        async with self._seq_changed:
+            already = request.island_seq < self.next_seq
+            if not already:
+                self.next_seq = request.island_seq + 1
+                self._seq_changed.notify_all()
+        return worker_pb2.SkipSeqReply(next_island_seq=self.next_seq, already_filled=already)
+
+    async def ParamDigest(self, request, context):
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        return worker_pb2.ParamDigestReply(
+            job_id=request.job_id, sha256=b"\0" * 32, steps_applied=job.steps_applied
+        )
+
+    async def UnloadJob(self, request, context):
+        return worker_pb2.UnloadJobReply(unloaded=self.jobs.pop(request.job_id, None) is not None)
+
+    async def Abort(self, request, context):
+        return worker_pb2.AbortReply()
+
+    async def ExchangeStats(self, request, context):
+        return worker_pb2.ExchangeStatsReply()
+
+    async def Suspend(self, request, context):
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        was = job.suspended
+        job.suspended = True
+        return worker_pb2.SuspendReply(suspended=not was, host_bytes=self._job_bytes())
+
+    async def Resume(self, request, context):
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        was = job.suspended
+        job.suspended = False
+        return worker_pb2.ResumeReply(resumed=was, device_bytes_per_device=self._job_bytes())
+
+    async def ExecutionLog(self, request, context):
+        return worker_pb2.ExecutionLogReply(
+            entries=[e for e in self.log if e.island_seq >= request.from_island_seq],
+            jobs=[
+                worker_pb2.JobMemory(
+                    job_id=j,
+                    live_bytes_per_device=0 if s.suspended else self._job_bytes(),
+                    suspended=s.suspended,
+                )
+                for j, s in self.jobs.items()
+            ],
+        )
+
+    async def SaveCheckpoint(self, request, context):
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        if request.save and job.checkpoint_dir:
+            job.committed.append(job.steps_applied)
+        return worker_pb2.SaveCheckpointReply(
+            job_id=request.job_id,
+            writer=True,
+            step=job.steps_applied,
+            path=f"{job.checkpoint_dir}/g{job.generation}-step{job.steps_applied}",
+            checkpoints_committed=job.committed,
+        )
+
+    async def Sample(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "a simulated host does not sample.")
+
+
+class SimCluster:
+    """Simulated islands served in the running event loop, one gRPC server per host.
+
+    Args:
+        islands: the islands' behaviours.
+    """
+
+    def __init__(self, islands: Sequence[SimIsland]) -> None:
+        self.specs = list(islands)
+        self.hosts: dict[str, SimHost] = {}
+        self._servers: dict[str, grpc.aio.Server] = {}
+
+    @classmethod
+    def uniform(cls, n: int, **kwargs) -> SimCluster:
+        """`n` alike islands named island-0 .. island-(n-1)."""
+        return cls([SimIsland(f"island-{i}", **kwargs) for i in range(n)])
+
+    async def start(self) -> dict[str, str]:
+        """Serve every host; returns island name -> address."""
+        for spec in self.specs:
+            await self._serve(spec)
+        return self.addresses()
+
+    async def _serve(self, spec: SimIsland) -> None:
+        host = SimHost(spec)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(host, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        host.port, host.address = port, f"127.0.0.1:{port}"
+        self.hosts[spec.name] = host
+        self._servers[spec.name] = server
+
+    def addresses(self) -> dict[str, str]:
+        return {name: host.address for name, host in self.hosts.items()}
+
+    async def kill(self, name: str) -> None:
+        """The island's host dies: its server stops at once (calls in flight fail)."""
+        server = self._servers.pop(name, None)
+        if server is not None:
+            await server.stop(grace=None)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop(grace=None) for s in self._servers.values()))
+        self._servers.clear()
+
+
+class SimHostActor:
+    """One simulated island host as a Ray actor (wrap it with `ray.remote(max_concurrency=4)`):
+    its gRPC server runs on a loop of its own thread; `watch` never returns, as the real
+    host's (controller/islands.py's DeathWatch keeps it pending to learn of a death)."""
+
+    def __init__(self, name: str, step_s: float = 0.0, budget: int = DEFAULT_BUDGET) -> None:
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._cluster = SimCluster([SimIsland(name, step_s=step_s, budget=budget)])
+        threading.Thread(target=self._loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._cluster.start(), self._loop).result(60)
+
+    def address(self) -> str:
+        return next(iter(self._cluster.addresses().values()))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def watch(self) -> None:
+        import threading
+
+        threading.Event().wait()
+
+
+async def connect_islands(addresses: dict[str, str]) -> list:
+    """Controller-side `Island`s for simulated hosts (no Ray group: not restartable)."""
+    from pathways_lite.controller.islands import Island, connect_host
+
+    hosts = await asyncio.gather(*(connect_host(a) for a in addresses.values()))
+    return [Island(name, [h]) for name, h in zip(addresses, hosts, strict=True)]
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    cluster = SimCluster.uniform(
+        args.islands, step_s=args.step_s, budget=args.budget, job_bytes=args.job_bytes
+    )
+    addresses = await cluster.start()
+    tmp = Path(args.address_file).with_suffix(".tmp")
+    tmp.write_text(json.dumps(addresses))
+    os.replace(tmp, args.address_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await cluster.stop()
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m pathways_lite.workers.sim_host --islands N --address-file F`: serve N
+    simulated islands in this process until SIGTERM; F gets {island: address}."""
+    parser = argparse.ArgumentParser(prog="sim_host", description=serve_main.__doc__)
+    parser.add_argument("--islands", type=int, required=True)
+    parser.add_argument("--step-s", type=float, default=0.0)
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
+    parser.add_argument("--job-bytes", type=int, default=0, help="0: half the budget")
+    parser.add_argument("--address-file", required=True)
+    args = parser.parse_args(argv)
+    if args.islands < 1:
+        parser.error(f"--islands={args.islands} must be at least 1.")
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_serve_forever(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve_main())
