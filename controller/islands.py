@@ -45,6 +45,10 @@ class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
         self._lock = threading.Lock()
         self.bytes: collections.Counter[str] = collections.Counter()
 
+    def add(self, method: Any, size: int) -> None:
+        """Count `size` bytes of `method` (streams are counted by their callers)."""
+        self._add(method, size)
+
     def _add(self, method: Any, size: int) -> None:
         name = method.decode() if isinstance(method, bytes) else str(method)
         with self._lock:
@@ -111,7 +115,8 @@ async def connect_host(
     """
     interceptors: list[Any] = [RPC_BYTES]
     if credential is not None:
-        interceptors.append(CredentialMetadata(credential))
+        unary = CredentialMetadata(credential)
+        interceptors += [unary, unary.streams()]
     channel = aio_channel(address, tls, interceptors=interceptors)
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ class Reporter:
         self.steps_total = 0
         self.failures_total = 0
         self.job_memory: dict[str, int] = {}
+        self._batches: dict[str, _StepBatch] = {}
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         """Move a job to `state` in the store, log it and tell its followers."""
@@ -101,53 +103,128 @@ class Reporter:
             logger.exception("recording the failure of job %s", job_id)
 
     def step(self, record: JobRecord, report: StepReport) -> None:
-        """Record a completed step: metrics, followers, the islands' timeline, host logs."""
-        if record.id in self.views.phases:
-            self.phase(record.id, "")
-        metrics = self.views.step_metrics(
-            record, report.step, report.loss, report.tokens_per_s, report.step_time_s, now()
-        )
-        self.store.record_metrics(
-            record.id,
-            report.step,
-            report.loss,
-            tokens_per_s=report.tokens_per_s,
-            step_time_s=report.step_time_s,
-            mfu=metrics.mfu,
-        )
+        """Record a completed step: metrics, followers, the islands' timeline, host logs.
+
+        The step's store row and its hosts' log lines are batched: written at most every
+        FLUSH_S (one transaction, one log line per host for the steps since), and whenever
+        `flush` is called (before a checkpoint is registered and when the job's steps stop),
+        so a crash loses at most steps after the newest registered checkpoint, which the
+        job runs again from there: every step's metrics are recorded exactly once.
+        """
+        job_id = record.id
+        if job_id in self.views.phases:
+            self.phase(job_id, "")
+        batch = self._batches.get(job_id)
+        if batch is None:
+            batch = self._batches[job_id] = _StepBatch(time.monotonic())
+        mfu = self.views.mfu(record, report.tokens_per_s)
+        batch.rows.append((report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu))
         self.steps_total += 1
-        self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
+        if self.events.followed(job_id):
+            metrics = self.views.step_metrics(
+                record,
+                report.step,
+                report.loss,
+                report.tokens_per_s,
+                report.step_time_s,
+                now(),
+                mfu=mfu,
+            )
+            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
         for host in report.hosts:
-            t = host.reply.timings
-            if host.host_index == 0 and host.island in self.views.timeline:
-                self.views.timeline[host.island].append(
-                    TimelineEntry(
-                        record.id,
-                        report.step,
-                        t.start_unix_ns,
-                        t.end_unix_ns,
-                        host.reply.island_seq,
+            reply = host.reply
+            t = reply.timings
+            if host.host_index == 0:
+                timeline = self.views.timeline.get(host.island)
+                if timeline is not None:
+                    timeline.append(
+                        TimelineEntry(
+                            job_id, report.step, t.start_unix_ns, t.end_unix_ns, reply.island_seq
+                        )
                     )
-                )
-        for host in report.hosts:
-            t = host.reply.timings
-            queued_ms = (t.start_unix_ns - t.received_unix_ns) / 1e6
-            ran_ms = (t.end_unix_ns - t.start_unix_ns) / 1e6
+            batch.host(host.island, host.host_index).add(report.step, reply)
+        if time.monotonic() - batch.started >= FLUSH_S:
+            self.flush(job_id)
+
+    def flush(self, job_id: str) -> None:
+        """Write a job's batched step rows (one transaction) and host log lines."""
+        batch = self._batches.pop(job_id, None)
+        if batch is None:
+            return
+        self.store.record_metrics_batch(job_id, batch.rows)
+        for (island, host_index), lines in batch.hosts.items():
             ts = now()
-            ts.FromNanoseconds(t.end_unix_ns)
+            ts.FromNanoseconds(lines.end_ns)
             self.logs.add(
-                record.id,
+                job_id,
                 controller_pb2.LogRecord(
                     time=ts,
-                    source=f"{host.island}/{host.host_index}",
+                    source=f"{island}/{host_index}",
                     level="INFO",
                     logger="pathways_lite.workers.service",
-                    message=(
-                        f"step {report.step} (island_seq {host.reply.island_seq}): loss "
-                        f"{host.reply.loss:.6f}, queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
-                    ),
+                    message=lines.message(),
                 ),
             )
+
+    def discard(self, job_id: str) -> None:
+        """Forget a job's batched steps (its metrics are being rolled back)."""
+        self._batches.pop(job_id, None)
+
+
+# Longest time a job's step rows and host log lines wait to be written.
+FLUSH_S = 0.05
+
+
+class _HostLines:
+    """One host's steps since the last flush, summed into one log line."""
+
+    __slots__ = ("first", "last", "first_seq", "last_seq", "loss", "queued_ns", "ran_ns", "end_ns")
+
+    def __init__(self) -> None:
+        self.first = -1
+        self.last = -1
+        self.first_seq = self.last_seq = 0
+        self.loss = 0.0
+        self.queued_ns = self.ran_ns = self.end_ns = 0
+
+    def add(self, step: int, reply: worker_pb2.RunStepReply) -> None:
+        t = reply.timings
+        if self.first < 0:
+            self.first, self.first_seq = step, reply.island_seq
+        self.last, self.last_seq = step, reply.island_seq
+        self.loss = reply.loss
+        self.queued_ns += t.start_unix_ns - t.received_unix_ns
+        self.ran_ns += t.end_unix_ns - t.start_unix_ns
+        self.end_ns = t.end_unix_ns
+
+    def message(self) -> str:
+        n = self.last - self.first + 1
+        queued_ms, ran_ms = self.queued_ns / 1e6 / n, self.ran_ns / 1e6 / n
+        if n == 1:
+            return (
+                f"step {self.first} (island_seq {self.first_seq}): loss {self.loss:.6f}, "
+                f"queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
+            )
+        return (
+            f"steps {self.first}-{self.last} (island_seq {self.first_seq}-{self.last_seq}): "
+            f"loss {self.loss:.6f} at step {self.last}, mean queued {queued_ms:.2f} ms, mean "
+            f"ran {ran_ms:.3f} ms"
+        )
+
+
+class _StepBatch:
+    """A job's completed steps not written yet."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.rows: list[tuple[int, float, float, float, float | None]] = []
+        self.hosts: dict[tuple[str, int], _HostLines] = {}
+
+    def host(self, island: str, host_index: int) -> _HostLines:
+        lines = self.hosts.get((island, host_index))
+        if lines is None:
+            lines = self.hosts[island, host_index] = _HostLines()
+        return lines
 
 
 @dataclasses.dataclass
@@ -346,6 +423,10 @@ class JobRunner:
                 )
             finally:
                 p.scheduler.leave(self.job_id)
+                try:
+                    p.reporter.flush(self.job_id)
+                except StoreError:
+                    logger.exception("recording the steps of job %s", self.job_id)
             done = program.start_step + completed >= program.steps
             stop = self.cancel_requested or self.drain_requested
             if stop or done or not self.suspend_requested:
@@ -427,9 +508,15 @@ class JobRunner:
 
     def _step_done(self, report: StepReport) -> None:
         """Record the step, then register the checkpoints it reports committed."""
-        self.parts.reporter.step(self.record, report)
-        if self._attempt is not None:
-            self.parts.recovery.on_step(self._attempt, report.checkpoints_committed)
+        reporter = self.parts.reporter
+        reporter.step(self.record, report)
+        attempt = self._attempt
+        if attempt is not None and report.checkpoints_committed:
+            if any(s not in attempt.registered for s in report.checkpoints_committed):
+                # Metrics first: a registered checkpoint never runs ahead of the recorded
+                # steps, so a crash's lost batch is run (and recorded) again from it.
+                reporter.flush(self.job_id)
+            self.parts.recovery.on_step(attempt, report.checkpoints_committed)
 
     def _fail(self, reason: str, message: str) -> None:
         if self.cancel_requested:

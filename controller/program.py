@@ -74,6 +74,8 @@ class StepProgram:
         checkpoint_every_s: with a `checkpoint_dir`, also checkpoint after the first step sent
             once this many seconds have passed since the run started or last asked for one
             (0: none by time).
+        per_step: fills a step's own fields into its RunStepRequest (None: the steps carry
+            no fields of their own, and slices go in their compact form).
     """
 
     job_id: str
@@ -86,6 +88,7 @@ class StepProgram:
     checkpoint_dir: str = ""
     restore_from: str = ""
     checkpoint_every_s: float = 0.0
+    per_step: Callable[[worker_pb2.RunStepRequest], None] | None = None
 
     def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
         """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after

@@ -16,7 +16,8 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 
 # Bumped on every incompatible change of worker.proto; the controller compares it at connect.
 # 3: ExchangeGradients moved from WorkerService to its own ExchangeService.
-WORKER_WIRE_VERSION = 3
+# 4: RunSlice: a slice of steps streamed back step by step.
+WORKER_WIRE_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from .exchange import (
 from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
-from .ordering import StepOrder, StepRecords, same_load
+from .ordering import StepOrder, StepRecords, same_load, slice_steps
 from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
@@ -314,7 +314,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @_rpc
     async def RunStep(self, request: worker_pb2.RunStepRequest, context) -> Any:
         """Run one step in island-sequence order; a retry returns the recorded result."""
+        return await self._run_step(request, time.time_ns())
+
+    @_rpc
+    async def RunSlice(self, request: worker_pb2.RunSliceRequest, context) -> Any:
+        """Run a slice of steps back to back, streaming each step's reply in step order.
+
+        Every step goes through RunStep's path (ordering, idempotency, checkpoints). The
+        stream ends at the first failed step with its status; the island_seq numbers of the
+        steps not run are skipped when their turn comes, so the island's next steps are not
+        held up by them.
+        """
         received_ns = time.time_ns()
+        check_job_id(request.job_id)
+        self.order.check_epoch(request.epoch)
+        steps = slice_steps(request)
+        done = 0
+        try:
+            for step in steps:
+                reply = await self._run_step(step, received_ns)
+                done += 1
+                yield reply
+        finally:
+            if done < len(steps):
+                self.order.skip_when_due([s.island_seq for s in steps[done:]], request.epoch)
+
+    async def _run_step(
+        self, request: worker_pb2.RunStepRequest, received_ns: int
+    ) -> worker_pb2.RunStepReply:
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         job = self._job(request.job_id)
@@ -370,6 +397,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     start_unix_ns=start_ns,
                     end_unix_ns=end_ns,
                     epoch=request.epoch,
+                    received_unix_ns=received_ns,
                 )
             )
         return worker_pb2.RunStepReply(
