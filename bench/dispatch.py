@@ -171,7 +171,7 @@ def through_controller(seconds: float, cancel_after_s: float) -> dict:
                 host.address or f"{host.node}:{host.port}", read_cluster_credential(state_dir)
             )
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            controller_pid = cluster.controller_pid()
+            controller_pid = cluster.controller_pid
             assert controller_pid is not None
             job = client.submit(load_spec_text(palm_spec_text("bench", 10_000_000)))
             while client.get(job.id).steps_completed < 200:  # compiled, slices grown

@@ -75,6 +75,12 @@ async def _run_on(executor: concurrent.futures.Executor, fn: Callable[..., Any],
     return await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kw))
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a shielded step's outcome as seen (its stream may have gone)."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _step_rejection(error: Exception, request: worker_pb2.RunStepRequest) -> RpcRejection:
     """The recorded outcome of a step whose runtime raised `error`."""
     where = f"step {request.step} of job {request.job_id!r}"
@@ -329,15 +335,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         steps = slice_steps(request)
-        done = 0
+        skip_from = 0  # the first step whose island_seq is skipped if the stream ends here
         try:
-            for step in steps:
-                reply = await self._run_step(step, received_ns)
-                done += 1
+            for index, step in enumerate(steps):
+                skip_from = index
+                # A step the host has started completes and is recorded even when the
+                # stream is cancelled (the controller stopped reading): run or skipped,
+                # never half of both.
+                running = asyncio.ensure_future(self._run_step(step, received_ns))
+                running.add_done_callback(_retrieve)
+                try:
+                    reply = await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    skip_from = index + 1
+                    raise
+                skip_from = index + 1
                 yield reply
         finally:
-            if done < len(steps):
-                self.order.skip_when_due([s.island_seq for s in steps[done:]], request.epoch)
+            if skip_from < len(steps):
+                self.order.skip_when_due([s.island_seq for s in steps[skip_from:]], request.epoch)
 
     async def _run_step(
         self, request: worker_pb2.RunStepRequest, received_ns: int
