@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -315,7 +316,9 @@ async def dispatched(
     return rate
 
 
-def sweep(args: argparse.Namespace) -> dict:
+def sweep(args: argparse.Namespace) -> tuple[float, dict]:
+    """Synchronous Ray calls of the PaLM step, then the probe's trivial steps and step-time
+    sweep through the Dispatcher (one Ray cluster: a process connects to one)."""
     state = tempfile.mkdtemp(prefix="plbench-", dir="/tmp")
     cluster = LocalRayCluster(state, head_resources={island_resource("bench"): 1}, num_cpus=2)
     group = None
@@ -324,6 +327,7 @@ def sweep(args: argparse.Namespace) -> dict:
         connect(cluster.address, token_path=cluster.token_path)
         group = IslandHostGroup(IslandSpec("bench", devices_per_host=1), CREDENTIAL)
         (meta,) = group.start()
+        palm_ray = palm_sync_ray(args.seconds)
         epoch = 0
 
         def ours(width: int, steps: int) -> float:
@@ -342,6 +346,7 @@ def sweep(args: argparse.Namespace) -> dict:
             "sync_ray": best(sync_ray, 8, args.steps),
             "dispatcher": best(ours, 8, args.steps),
         }
+        print(f"trivial probe steps: {trivial}", file=sys.stderr)
         # Calibrate: the probe width whose in-process step is closest to each swept time.
         widths = [8, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048, 2560]
         measured = {}
@@ -359,7 +364,8 @@ def sweep(args: argparse.Namespace) -> dict:
             points.append(
                 {"target_ms": target, "width": width, "step_ms": step_ms, "ratio": mine / local}
             )
-        return {"trivial": trivial, "points": points}
+            print(f"sweep point {points[-1]}", file=sys.stderr)
+        return palm_ray, {"trivial": trivial, "points": points}
     finally:
         if group is not None:
             group.shutdown()
@@ -397,17 +403,8 @@ def main() -> None:
     controller = through_controller(args.seconds, cancel_after_s=1.0)
     # The baselines run after the cluster is down, on the same (shared) machine.
     local_rate, local_cpu_us = palm_in_process(args.seconds)
-    state = tempfile.mkdtemp(prefix="plbench-", dir="/tmp")
-    ray_cluster = LocalRayCluster(state, num_cpus=2)
-    try:
-        ray_cluster.start()
-        connect(ray_cluster.address, token_path=ray_cluster.token_path)
-        ray_rate = palm_sync_ray(args.seconds)
-    finally:
-        ray.shutdown()
-        ray_cluster.stop()
-        shutil.rmtree(state, ignore_errors=True)
-    swept = sweep(args)
+    print(f"controller process: {controller}", file=sys.stderr)
+    ray_rate, swept = sweep(args)
     parity_ms = parity(swept["points"])
     result = {
         "controller_steps_per_s": controller["rate"],

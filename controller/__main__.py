@@ -55,7 +55,12 @@ async def _serve(args, store, groups, credential, tls) -> None:
             Island(group.island.name, hosts, group=group, credential=credential, tls=tls)
         )
     controller = Controller(
-        store, islands, state_dir=args.state_dir, window=args.window, peak_flops=args.peak_flops
+        store,
+        islands,
+        state_dir=args.state_dir,
+        window=args.window,
+        slice_s=args.slice_ms / 1e3,
+        peak_flops=args.peak_flops,
     )
     from .auth import (
         Credential,

@@ -306,7 +306,9 @@ class Dispatcher:
                     request.steps.append(step)
             RPC_BYTES.add("RunSlice", request.ByteSize() * len(island.hosts))
             for host in island.hosts:
-                call = host.stub.RunSlice(request, timeout=self.step_timeout_s)
+                call = host.stub.RunSlice(
+                    request, timeout=self.step_timeout_s, metadata=host.metadata()
+                )
                 calls.append((island.id, host.info.host_index, call))
         return _Slice(first, count, calls)
 

@@ -85,6 +85,14 @@ class HostHandle:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerServiceStub
     info: worker_pb2.InfoReply
+    # The cluster credential its calls carry: unary calls get it from the channel's
+    # interceptor; streams (RunSlice) pass `metadata()` themselves, which spares every
+    # streamed reply grpc.aio's interceptor wrapping.
+    credential: Credential | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Call metadata carrying the credential's current secret (None: no credential)."""
+        return None if self.credential is None else self.credential.metadata()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -115,8 +123,7 @@ async def connect_host(
     """
     interceptors: list[Any] = [RPC_BYTES]
     if credential is not None:
-        unary = CredentialMetadata(credential)
-        interceptors += [unary, unary.streams()]
+        interceptors.append(CredentialMetadata(credential))
     channel = aio_channel(address, tls, interceptors=interceptors)
     stub = worker_pb2_grpc.WorkerServiceStub(channel)
     try:
@@ -131,7 +138,7 @@ async def connect_host(
             f"but this controller speaks version {wire_version}; run matching pathways_lite "
             "versions."
         )
-    return HostHandle(address, channel, stub, info)
+    return HostHandle(address, channel, stub, info, credential)
 
 
 # A request for every host, or a function of (host index, host) giving each host's own.

@@ -116,8 +116,11 @@ class Reporter:
             self.phase(job_id, "")
         batch = self._batches.get(job_id)
         if batch is None:
-            batch = self._batches[job_id] = _StepBatch(time.monotonic())
-        mfu = self.views.mfu(record, report.tokens_per_s)
+            # MFU is linear in tokens/s: one figure per batch, not a view's work per step.
+            batch = self._batches[job_id] = _StepBatch(
+                time.monotonic(), self.views.mfu(record, 1.0)
+            )
+        mfu = batch.mfu_per_token_s * report.tokens_per_s
         batch.rows.append((report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu))
         self.steps_total += 1
         if self.events.followed(job_id):
@@ -215,8 +218,9 @@ class _HostLines:
 class _StepBatch:
     """A job's completed steps not written yet."""
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, mfu_per_token_s: float) -> None:
         self.started = started
+        self.mfu_per_token_s = mfu_per_token_s
         self.rows: list[tuple[int, float, float, float, float | None]] = []
         self.hosts: dict[tuple[str, int], _HostLines] = {}
 

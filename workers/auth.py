@@ -195,8 +195,8 @@ def refusal(
 
 class CredentialMetadata(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds the credential's current secret to every unary call of a channel (the controller's
-    channels to its hosts; a rotation takes effect on the next call). `streams()` is its
-    twin for server-streaming calls (grpc.aio files an interceptor under one kind only)."""
+    channels to its hosts; a rotation takes effect on the next call).
+    Server-streaming calls (RunSlice) pass the metadata themselves."""
 
     def __init__(self, credential: Credential) -> None:
         self._credential = credential
@@ -208,18 +208,6 @@ class CredentialMetadata(grpc.aio.UnaryUnaryClientInterceptor):
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
-
-    def streams(self) -> _StreamCredentialMetadata:
-        """The same credential on the channel's server-streaming calls (RunSlice)."""
-        return _StreamCredentialMetadata(self)
-
-
-class _StreamCredentialMetadata(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, unary: CredentialMetadata) -> None:
-        self._unary = unary
-
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await continuation(self._unary._details(client_call_details), request)
 
 
 def host_auth(credential: Credential) -> AuthInterceptor:

@@ -75,12 +75,6 @@ async def _run_on(executor: concurrent.futures.Executor, fn: Callable[..., Any],
     return await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kw))
 
 
-def _retrieve(task: asyncio.Future) -> None:
-    """Mark a shielded step's outcome as seen (its stream may have gone)."""
-    if not task.cancelled():
-        task.exception()
-
-
 def _step_rejection(error: Exception, request: worker_pb2.RunStepRequest) -> RpcRejection:
     """The recorded outcome of a step whose runtime raised `error`."""
     where = f"step {request.step} of job {request.job_id!r}"
@@ -144,6 +138,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_workers=1, thread_name_prefix="island-compile"
         )
         self._device_lock: asyncio.Lock | None = None
+        # The tasks running RunSlice streams' steps.
+        self._slices: set[asyncio.Future] = set()
         # Every executed step: (job, generation, step, island_seq, start, end, epoch).
         self.execution_log: collections.deque[worker_pb2.ExecutionEntry] = collections.deque(
             maxlen=EXECUTION_LOG_STEPS
@@ -335,25 +331,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         steps = slice_steps(request)
-        skip_from = 0  # the first step whose island_seq is skipped if the stream ends here
-        try:
+        # The steps run in a task of their own, back to back, while this handler writes
+        # their replies: a step never waits for the previous reply's write. When the stream
+        # goes (cancelled, or a step failed), the step in progress completes and is
+        # recorded, and the island_seq numbers of the steps not started are skipped.
+        replies: asyncio.Queue = asyncio.Queue()
+        stop = asyncio.Event()
+
+        async def produce() -> None:
             for index, step in enumerate(steps):
-                skip_from = index
-                # A step the host has started completes and is recorded even when the
-                # stream is cancelled (the controller stopped reading): run or skipped,
-                # never half of both.
-                running = asyncio.ensure_future(self._run_step(step, received_ns))
-                running.add_done_callback(_retrieve)
+                if stop.is_set():
+                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
                 try:
-                    reply = await asyncio.shield(running)
-                except asyncio.CancelledError:
-                    skip_from = index + 1
-                    raise
-                skip_from = index + 1
-                yield reply
+                    reply = await self._run_step(step, received_ns)
+                except BaseException as e:  # noqa: BLE001 - handed to the stream
+                    replies.put_nowait(e)
+                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
+                replies.put_nowait(reply)
+
+        producer = asyncio.ensure_future(produce())
+        self._slices.add(producer)
+        producer.add_done_callback(self._slices.discard)
+        try:
+            for _ in steps:
+                item = await replies.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         finally:
-            if skip_from < len(steps):
-                self.order.skip_when_due([s.island_seq for s in steps[skip_from:]], request.epoch)
+            stop.set()
 
     async def _run_step(
         self, request: worker_pb2.RunStepRequest, received_ns: int
