@@ -320,6 +320,7 @@ class Dispatcher:
         on_step: OnStep | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         gate: StepGate | None = None,
+        abandon: Callable[[], bool] = lambda: False,
     ) -> int:
         """Run the program's steps slice by slice; returns the number of steps completed
         (less than the program's when `should_stop` turned true).
@@ -328,6 +329,12 @@ class Dispatcher:
         is granted and sent while the current one still has about `lead_s` of steps to go
         (at most `window` slices in flight), so the islands never wait for the controller,
         and a stop takes effect within one slice plus the lead.
+
+        `abandon` (a cancelled job) cuts the slices in flight short: checked after every
+        step read, it cancels their streams (each host stops after the step it is running
+        and skips the island_seq numbers of the rest; `fill_gaps` covers a stream that
+        never arrived), so a cancel takes effect within about one step. The steps such a
+        host ran are not reported; use it only for a job whose state is discarded.
 
         With a `gate` (controller/scheduler.py's Scheduler), every slice first waits for a
         slot on all of the job's islands (`gate.acquire(job_id, K)`; False stops the
@@ -413,6 +420,15 @@ class Dispatcher:
                     result = on_step(report)
                     if inspect.isawaitable(result):
                         await result
+                if pending and abandon():
+                    state.closed = True
+                    for sent in pending:
+                        for *_, call in sent.calls:
+                            call.cancel()
+                        sent.release(job_id)
+                    pending.clear()
+                    await self.fill_gaps(islands)
+                    return completed
         except BaseException as e:
             state.closed = True
             # Release hosts waiting in an exchange on a peer whose step will not come.

@@ -424,6 +424,7 @@ class JobRunner:
                         self.cancel_requested or self.suspend_requested or self.drain_requested
                     ),
                     gate=p.scheduler,
+                    abandon=lambda: self.cancel_requested,
                 )
             finally:
                 p.scheduler.leave(self.job_id)

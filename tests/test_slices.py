@@ -244,3 +244,49 @@ def test_a_slot_granted_to_a_cancelled_asker_is_freed():
         assert sched.passes()["a"] == pytest.approx(20.0)
 
     asyncio.run(main())
+
+
+def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(6, slice_s=0.2)  # long slices: cutting them short shows
+        prog = program("abandoned", 1_000_000, d=256)
+        await dispatcher.load(prog, [island])
+        cancel: list[int] = []
+        reports = []
+
+        def on_step(report) -> None:
+            reports.append(report)
+            if len(reports) == 150:
+                cancel.append(time.time_ns())
+
+        completed = await dispatcher.run(
+            prog,
+            [island],
+            on_step=on_step,
+            should_stop=lambda: bool(cancel),
+            abandon=lambda: bool(cancel),
+        )
+        assert completed == 150
+        assert max(len(g) for g in slices_of(reports)) > 10
+        # Every island_seq handed out was run or skipped: the island's next job is not held.
+        deadline = time.monotonic() + 10
+        while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != island.next_seq:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        ran = [
+            e
+            for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+            if e.job_id == "abandoned" and e.epoch == 6
+        ]
+        last_end = max(e.end_unix_ns for e in ran)
+        step_s = dispatcher._step_s["abandoned"]
+        # The host stopped after the step it was running (and one more at most in flight).
+        assert (last_end - cancel[0]) / 1e9 <= 3 * step_s + 0.05, (last_end - cancel[0], step_s)
+        after = program("abandoned", 153, d=256, start_step=len(ran))
+        assert await dispatcher.run(after, [island]) == 153 - len(ran)
+        await dispatcher.unload("abandoned", [island])
+        await island.close()
+
+    asyncio.run(main())
