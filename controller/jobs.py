@@ -156,18 +156,19 @@ class Reporter:
             return
         self.store.record_metrics_batch(job_id, batch.rows)
         for (island, host_index), lines in batch.hosts.items():
-            ts = now()
-            ts.FromNanoseconds(lines.end_ns)
-            self.logs.add(
-                job_id,
-                controller_pb2.LogRecord(
-                    time=ts,
-                    source=f"{island}/{host_index}",
-                    level="INFO",
-                    logger="pathways_lite.workers.service",
-                    message=lines.message(),
-                ),
-            )
+            for end_ns, message in lines.messages():
+                ts = now()
+                ts.FromNanoseconds(end_ns)
+                self.logs.add(
+                    job_id,
+                    controller_pb2.LogRecord(
+                        time=ts,
+                        source=f"{island}/{host_index}",
+                        level="INFO",
+                        logger="pathways_lite.workers.service",
+                        message=message,
+                    ),
+                )
 
     def discard(self, job_id: str) -> None:
         """Forget a job's batched steps (its metrics are being rolled back)."""
@@ -179,28 +180,48 @@ FLUSH_S = 0.05
 
 
 class _HostLines:
-    """One host's steps since the last flush, summed into one log line."""
+    """One host's steps since the last flush: one log line per slice it ran."""
 
-    __slots__ = ("first", "last", "first_seq", "last_seq", "loss", "queued_ns", "ran_ns", "end_ns")
+    __slots__ = (
+        "done",
+        "received_ns",
+        "first",
+        "last",
+        "first_seq",
+        "last_seq",
+        "loss",
+        "queued_ns",
+        "ran_ns",
+        "end_ns",
+    )
 
     def __init__(self) -> None:
-        self.first = -1
-        self.last = -1
+        self.done: list[tuple[int, str]] = []
+        self.received_ns = -1
+        self.first = self.last = -1
         self.first_seq = self.last_seq = 0
         self.loss = 0.0
         self.queued_ns = self.ran_ns = self.end_ns = 0
 
     def add(self, step: int, reply: worker_pb2.RunStepReply) -> None:
         t = reply.timings
-        if self.first < 0:
+        if t.received_unix_ns != self.received_ns:  # the first step of another slice
+            if self.first >= 0:
+                self.done.append((self.end_ns, self._message()))
+            self.received_ns = t.received_unix_ns
             self.first, self.first_seq = step, reply.island_seq
+            self.queued_ns = self.ran_ns = 0
         self.last, self.last_seq = step, reply.island_seq
         self.loss = reply.loss
         self.queued_ns += t.start_unix_ns - t.received_unix_ns
         self.ran_ns += t.end_unix_ns - t.start_unix_ns
         self.end_ns = t.end_unix_ns
 
-    def message(self) -> str:
+    def messages(self) -> list[tuple[int, str]]:
+        """(end time, line) of every slice since the last flush."""
+        return [*self.done, (self.end_ns, self._message())] if self.first >= 0 else self.done
+
+    def _message(self) -> str:
         n = self.last - self.first + 1
         queued_ms, ran_ms = self.queued_ns / 1e6 / n, self.ran_ns / 1e6 / n
         if n == 1:
@@ -209,9 +230,9 @@ class _HostLines:
                 f"queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
             )
         return (
-            f"steps {self.first}-{self.last} (island_seq {self.first_seq}-{self.last_seq}): "
-            f"loss {self.loss:.6f} at step {self.last}, mean queued {queued_ms:.2f} ms, mean "
-            f"ran {ran_ms:.3f} ms"
+            f"steps {self.first}-{self.last} (island_seq {self.first_seq}-{self.last_seq}, "
+            f"one slice): loss {self.loss:.6f} at step {self.last}, mean queued "
+            f"{queued_ms:.2f} ms, mean ran {ran_ms:.3f} ms"
         )
 
 
