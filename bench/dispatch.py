@@ -174,6 +174,10 @@ def through_controller(seconds: float, cancel_after_s: float) -> dict:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             controller_pid = cluster.controller_pid
             assert controller_pid is not None
+            # The controller's CPU with no job (its Ray driver, health probes): per second.
+            idle_c0, idle_t0 = cpu_s(controller_pid), time.monotonic()
+            time.sleep(3.0)
+            idle = (cpu_s(controller_pid) - idle_c0) / (time.monotonic() - idle_t0)
             job = client.submit(load_spec_text(palm_spec_text("bench", 10_000_000)))
             while client.get(job.id).steps_completed < 200:  # compiled, slices grown
                 time.sleep(0.5)
@@ -209,6 +213,10 @@ def through_controller(seconds: float, cancel_after_s: float) -> dict:
         return {
             "rate": rate,
             "controller_cpu_us_per_step": (c1 - c0) / steps * 1e6,
+            "controller_idle_cpu_ms_per_s": idle * 1e3,
+            "controller_busy_cpu_us_per_step": max(
+                0.0, (c1 - c0 - idle * (t1_ns - t0_ns) / 1e9) / steps * 1e6
+            ),
             "host_cpu_us_per_step": (h1 - h0) / steps * 1e6,
             "host_busy": busy,
             "step_ms": step_ms,
@@ -413,6 +421,8 @@ def main() -> None:
         "controller_vs_in_process": controller["rate"] / local_rate,
         "controller_vs_sync_ray": controller["rate"] / ray_rate,
         "controller_cpu_us_per_step": controller["controller_cpu_us_per_step"],
+        "controller_idle_cpu_ms_per_s": controller["controller_idle_cpu_ms_per_s"],
+        "controller_busy_cpu_us_per_step": controller["controller_busy_cpu_us_per_step"],
         "host_cpu_us_per_step": controller["host_cpu_us_per_step"],
         "in_process_cpu_us_per_step": local_cpu_us,
         "host_busy": controller["host_busy"],
@@ -443,6 +453,10 @@ def main() -> None:
         f"  controller CPU {r['controller_cpu_us_per_step']:.1f} us/step (goal <= 20); host "
         f"{r['host_cpu_us_per_step']:.1f} us/step "
         f"(in-process {r['in_process_cpu_us_per_step']:.1f})"
+    )
+    print(
+        f"  controller CPU with no job {r['controller_idle_cpu_ms_per_s']:.1f} ms/s; above it "
+        f"{r['controller_busy_cpu_us_per_step']:.1f} us/step"
     )
     print(
         f"  host busy {r['host_busy']:.3f}; mean slice {r['slice_ms']:.1f} ms "
