@@ -4,7 +4,9 @@
 host reads where the controller prepares them (a shared filesystem). A local entry must match
 at least one file or folder here, or the submission is refused with the entry's field named
 (`data.paths[0]`); an object-store URL (`gs://bucket/x`, `s3://...`) is only parsed, since
-reaching it needs credentials the controller may not hold.
+reaching it needs credentials the controller may not hold. A `text2text` source's local files
+(also inside `data.mixture`) must have `inputs` and `targets` (a JSON Lines file's first row,
+a table's schema).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathways_lite.v1 import controller_pb2
 
 from .spec import SpecError
 
-SOURCES_WITH_PATHS = ("files", "parquet")
+SOURCES_WITH_PATHS = ("files", "parquet", "text2text")
 
 
 def check_data_paths(spec: controller_pb2.JobSpec) -> None:
@@ -27,10 +29,24 @@ def check_data_paths(spec: controller_pb2.JobSpec) -> None:
         SpecError: an entry matches no file or folder, or a URL does not parse.
     """
     data = spec.data
-    if data.source not in SOURCES_WITH_PATHS:
-        return
-    for i, entry in enumerate(data.paths):
-        field = f"data.paths[{i}]"
+    groups = [("data", data.source, data.paths)]
+    groups += [(f"data.mixture[{i}]", e.source, e.paths) for i, e in enumerate(data.mixture)]
+    for prefix, source, paths in groups:
+        if source in SOURCES_WITH_PATHS:
+            _check_paths(prefix, paths)
+        if source == "text2text" and not any("://" in p for p in paths):
+            from pathways_lite.model.corpus import DataError
+            from pathways_lite.model.tasks import check_task_files
+
+            try:
+                check_task_files(paths)
+            except DataError as e:
+                raise SpecError(f"{prefix}.paths", list(paths), f"{prefix}.paths: {e}") from None
+
+
+def _check_paths(prefix: str, paths) -> None:
+    for i, entry in enumerate(paths):
+        field = f"{prefix}.paths[{i}]"
         if "://" in entry:
             url = urllib.parse.urlparse(entry)
             if not url.scheme.isidentifier() or not url.netloc:

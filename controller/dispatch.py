@@ -94,6 +94,7 @@ class StepReport:
         step_time_s: from the first host starting the step to the last one finishing it.
         hosts: every host's reply, island by island, host by host.
         checkpoints_committed: steps of the checkpoints island 0's host 0 has committed.
+        loss_stats: a mixture step's global (sum, count) stats (island 0's host 0).
     """
 
     step: int
@@ -102,6 +103,7 @@ class StepReport:
     step_time_s: float
     hosts: tuple[HostStep, ...]
     checkpoints_committed: tuple[int, ...] = ()
+    loss_stats: tuple[float, ...] = ()
 
 
 OnStep = Callable[[StepReport], Awaitable[None] | None]
@@ -257,13 +259,21 @@ class Dispatcher:
     def slice_steps(self, program: StepProgram, next_step: int, since_checkpoint_s: float) -> int:
         """How many steps the next slice of `program` from `next_step` gets: about
         `slice_s` of the job's measured step time (1 while unmeasured or for steps longer
-        than that), ending at the program's end and at the next checkpoint."""
+        than that), ending at the program's end, at the next checkpoint and before a step
+        whose mixture weights wait on the losses of steps not read yet."""
         step_s = self._step_s.get(program.job_id)
         if step_s is None or step_s <= 0:
             k = 1
         else:
             k = max(1, min(self.max_slice_steps, int(self.slice_s / step_s)))
         k = min(k, program.steps - next_step)
+        mixture = program.mixture
+        if mixture is not None:
+            # Dynamic mixture weights: only steps whose weights can be decided now.
+            for i in range(1, k):
+                if not mixture.ready(next_step + i):
+                    k = i
+                    break
         if program.checkpoint_dir:
             for i in range(k):
                 if program.checkpoint_after(next_step + i, since_checkpoint_s if i == 0 else 0.0):
@@ -292,18 +302,22 @@ class Dispatcher:
             )
             if checkpoint >= 0:
                 request.checkpoint_steps.append(checkpoint)
-            if program.per_step is not None:
+            mixture = program.mixture
+            weights = [mixture.weights_for(first + i) for i in range(count)] if mixture else []
+            if any(weights):
+                # Per-step fields: the explicit form, one RunStepRequest per step.
                 for i in range(count):
-                    step = worker_pb2.RunStepRequest(
-                        job_id=program.job_id,
-                        generation=program.generation,
-                        step=first + i,
-                        island_seq=seq + i,
-                        epoch=self.epoch,
-                        checkpoint=first + i == checkpoint,
+                    request.steps.append(
+                        worker_pb2.RunStepRequest(
+                            job_id=program.job_id,
+                            generation=program.generation,
+                            step=first + i,
+                            island_seq=seq + i,
+                            epoch=self.epoch,
+                            checkpoint=first + i == checkpoint,
+                            mixture_weights=weights[i],
+                        )
                     )
-                    program.per_step(step)
-                    request.steps.append(step)
             RPC_BYTES.add("RunSlice", request.ByteSize() * len(island.hosts))
             for host in island.hosts:
                 call = host.stub.RunSlice(
@@ -394,6 +408,9 @@ class Dispatcher:
                     if should_stop():
                         state.stopped = True
                         break
+                    mixture = program.mixture
+                    if pending and mixture is not None and not mixture.ready(state.next_step):
+                        break  # its weights need the losses of a step still in flight
                     since = time.monotonic() - state.last_checkpoint
                     count = self.slice_steps(program, state.next_step, since)
                     if gate is None:
@@ -412,6 +429,8 @@ class Dispatcher:
                 current = pending[0]
                 report = await self._collect(program, current)
                 current.reported += 1
+                if program.mixture is not None:
+                    program.mixture.observe(report.step, report.loss_stats)
                 completed += 1
                 if current.reported == current.count:
                     pending.popleft()
@@ -553,6 +572,7 @@ class Dispatcher:
             step_time_s=step_time_s,
             hosts=tuple(hosts),
             checkpoints_committed=tuple(hosts[0].reply.checkpoints_committed),
+            loss_stats=tuple(hosts[0].reply.loss_stats),
         )
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -102,7 +104,7 @@ class Reporter:
         except StoreError:
             logger.exception("recording the failure of job %s", job_id)
 
-    def step(self, record: JobRecord, report: StepReport) -> None:
+    def step(self, record: JobRecord, report: StepReport, mixture: Any = None) -> None:
         """Record a completed step: metrics, followers, the islands' timeline, host logs.
 
         The step's store row and its hosts' log lines are batched: written at most every
@@ -121,7 +123,14 @@ class Reporter:
                 time.monotonic(), self.views.mfu(record, 1.0)
             )
         mfu = batch.mfu_per_token_s * report.tokens_per_s
-        batch.rows.append((report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu))
+        sources = None
+        if report.loss_stats and mixture is not None:
+            losses, tokens = mixture.source_metrics(report.loss_stats)
+            stats = list(report.loss_stats)  # exact: a restore recomputes weights from them
+            sources = json.dumps({"loss": losses, "tokens": tokens, "stats": stats})
+        batch.rows.append(
+            (report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu, sources)
+        )
         self.steps_total += 1
         if self.events.followed(job_id):
             metrics = self.views.step_metrics(
@@ -132,6 +141,7 @@ class Reporter:
                 report.step_time_s,
                 now(),
                 mfu=mfu,
+                sources=sources,
             )
             self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
         for host in report.hosts:
@@ -242,7 +252,7 @@ class _StepBatch:
     def __init__(self, started: float, mfu_per_token_s: float) -> None:
         self.started = started
         self.mfu_per_token_s = mfu_per_token_s
-        self.rows: list[tuple[int, float, float, float, float | None]] = []
+        self.rows: list[tuple[int, float, float, float, float | None, str | None]] = []
         self.hosts: dict[tuple[str, int], _HostLines] = {}
 
     def host(self, island: str, host_index: int) -> _HostLines:
@@ -360,6 +370,13 @@ class JobRunner:
             except ValueError as e:  # the data's DataError (a missing file...): the user's
                 raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
+            if program.mixture is not None:
+                # Dynamic weights are job events: a restarted run sends the same ones.
+                program.mixture.record = functools.partial(p.store.add_event, job_id)
+                program.mixture.load_events((e.kind, e.message) for e in p.store.events(job_id))
+                for m in p.store.metrics(job_id):  # the steps before a restore point
+                    if m.sources:
+                        program.mixture.observe(m.step, json.loads(m.sources).get("stats", ()))
             logger.info("loading job %s on %s", job_id, self.islands, extra={"job_id": job_id})
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)
@@ -535,8 +552,8 @@ class JobRunner:
     def _step_done(self, report: StepReport) -> None:
         """Record the step, then register the checkpoints it reports committed."""
         reporter = self.parts.reporter
-        reporter.step(self.record, report)
         attempt = self._attempt
+        reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
         if attempt is not None and report.checkpoints_committed:
             if any(s not in attempt.registered for s in report.checkpoints_committed):
                 # Metrics first: a registered checkpoint never runs ahead of the recorded

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from pathways_lite.v1 import worker_pb2
 
@@ -74,8 +75,8 @@ class StepProgram:
         checkpoint_every_s: with a `checkpoint_dir`, also checkpoint after the first step sent
             once this many seconds have passed since the run started or last asked for one
             (0: none by time).
-        per_step: fills a step's own fields into its RunStepRequest (None: the steps carry
-            no fields of their own, and slices go in their compact form).
+        mixture: a mixture job's MixtureSchedule (controller/mixture_weights.py): the source
+            names and, for dynamic weights, the weights each step is sent with.
     """
 
     job_id: str
@@ -88,7 +89,7 @@ class StepProgram:
     checkpoint_dir: str = ""
     restore_from: str = ""
     checkpoint_every_s: float = 0.0
-    per_step: Callable[[worker_pb2.RunStepRequest], None] | None = None
+    mixture: Any = None
 
     def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
         """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after

@@ -43,6 +43,9 @@ class DatasetRef:
     hash: str
     tokenizer_hash: str
     num_examples: int
+    # A mixture's sources (names and normalised weights), mixture order; empty otherwise.
+    source_names: tuple[str, ...] = ()
+    source_weights: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +115,12 @@ class ResolvedJob:
             # The model embeds the trained vocabulary: resolve its figures again.
             resolved = self.resolve(self.spec, vocab_size=dataset.tokenizer.vocab_size)
         ref = DatasetRef(
-            str(dataset.path), dataset.hash, dataset.tokenizer.hash, dataset.num_examples
+            str(dataset.path),
+            dataset.hash,
+            dataset.tokenizer.hash,
+            dataset.num_examples,
+            tuple(getattr(dataset, "source_names", ())),
+            tuple(float(w) for w in getattr(dataset, "base_weights", ())),
         )
         return dataclasses.replace(resolved, dataset=ref)
 
@@ -229,7 +237,19 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
 
 def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
     """The step program of a resolved PaLM job (its dataset prepared)."""
+    from .mixture_weights import MixtureSchedule
+
+    mixture = None
+    if job.dataset is not None and job.dataset.source_names:
+        data = job.configs.data
+        mixture = MixtureSchedule(
+            job.dataset.source_names,
+            job.dataset.source_weights,
+            dynamic=data.mixture_weights == "dynamic",
+            every=data.mixture_every,
+        )
     return StepProgram(
+        mixture=mixture,
         job_id=job_id,
         generation=generation,
         steps=job.steps,

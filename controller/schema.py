@@ -90,6 +90,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2 -> 3: each step's MFU, stored with it (NULL for steps recorded before: computed on
     # read from the job's spec).
     ("ALTER TABLE metrics ADD COLUMN mfu REAL",),
+    # 3 -> 4: a mixture step's per-source loss and target tokens, as JSON
+    # {"loss": {source: mean}, "tokens": {source: count}, "stats": the global (sum, count)
+    # vector} (NULL for other jobs).
+    ("ALTER TABLE metrics ADD COLUMN sources TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

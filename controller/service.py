@@ -128,7 +128,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 yield controller_pb2.WatchJobReply(
                     time=ts,
                     metrics=self.views.step_metrics(
-                        record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts, m.mfu
+                        record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts, m.mfu, m.sources
                     ),
                 )
                 last_step = m.step

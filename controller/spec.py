@@ -203,6 +203,10 @@ def _check_data(spec: JobSpec, model_cfg: Any) -> None:
     from pathways_lite.model.data import SOURCES as DATA_SOURCES
 
     data = spec.data
+    if data.mixture:
+        _check_mixture(spec)
+        data_spec(spec)
+        return
     if not data.source:
         raise SpecError(
             "data.source",
@@ -216,12 +220,12 @@ def _check_data(spec: JobSpec, model_cfg: Any) -> None:
             f"data.source={quote(data.source)} is not one of {', '.join(DATA_SOURCES)}.",
         )
     paths = list(data.paths)
-    if data.source == "stdlib":
+    if data.source in ("stdlib", "stdlib-tasks"):
         if paths:
             raise SpecError(
                 "data.paths",
                 paths,
-                f"data.paths={quote(paths)} must be empty for data.source='stdlib' (the "
+                f"data.paths={quote(paths)} must be empty for data.source={data.source!r} (the "
                 "standard library is the corpus).",
             )
     elif not paths:
@@ -260,6 +264,35 @@ def _check_data(spec: JobSpec, model_cfg: Any) -> None:
     if data.HasField("max_bytes"):
         _positive(data.max_bytes, "data.max_bytes", maximum=2**62)
     data_spec(spec)  # the data package's own checks
+
+
+def _check_mixture(spec: JobSpec) -> None:
+    data = spec.data
+    for name in ("source", "task", "objective", "column"):
+        value = getattr(data, name)
+        if value:
+            raise SpecError(
+                f"data.{name}",
+                value,
+                f"data.{name}={quote(value)} is not used with data.mixture: each entry names its "
+                "own source, paths, task and objective.",
+            )
+    if data.paths:
+        raise SpecError(
+            "data.paths",
+            list(data.paths),
+            f"data.paths={quote(list(data.paths))} is not used with data.mixture: give each "
+            "entry its own paths.",
+        )
+    for i, entry in enumerate(data.mixture):
+        for j, path in enumerate(entry.paths):
+            if not path or "\0" in path:
+                field = f"data.mixture[{i}].paths[{j}]"
+                raise SpecError(field, path, f"{field}={quote(path)} is not a valid path.")
+    if data.HasField("max_bytes"):
+        _positive(data.max_bytes, "data.max_bytes", maximum=2**62)
+    if data.HasField("vocab_size"):
+        _positive(data.vocab_size, "data.vocab_size")
 
 
 def _check_optimizer(spec: JobSpec) -> None:

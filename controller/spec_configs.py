@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import typing
 from typing import Any
 
@@ -290,18 +291,38 @@ def data_spec(spec: JobSpec) -> Any:
     from pathways_lite.model.data import DataSpec
 
     data = spec.data
-    kwargs: dict[str, Any] = {"source": data.source, "paths": tuple(data.paths)}
-    for name in ("column", "vocab_size", "max_bytes", "skip_undecodable"):
+    kwargs: dict[str, Any] = {"source": data.source or "stdlib", "paths": tuple(data.paths)}
+    for name in (
+        "column",
+        "vocab_size",
+        "max_bytes",
+        "skip_undecodable",
+        "task",
+        "objective",
+        "mixture_weights",
+        "mixture_every",
+    ):
         if data.HasField(name):
             kwargs[name] = getattr(data, name)
+    entries = []
+    for entry in data.mixture:
+        e: dict[str, Any] = {"source": entry.source, "paths": tuple(entry.paths)}
+        for name in ("task", "objective", "weight", "column"):
+            if entry.HasField(name):
+                e[name] = getattr(entry, name)
+        entries.append(e)
+    if entries:
+        kwargs["mixture"] = tuple(entries)
     try:
         return DataSpec(**kwargs)
     except (ValueError, TypeError) as e:
         text = str(e)
-        field = next((f"data.{k}" for k in kwargs if f"data.{k}=" in text), "data")
+        named = re.search(r"(data(?:\.\w+|\[\d+\])*)(?:=| weights)", text)
+        field = named.group(1) if named else "data"
         if field not in text:
             text = f"{field}: {text}"
-        raise SpecError(field, kwargs.get(field.removeprefix("data.")), text) from None
+        value = kwargs.get(field.removeprefix("data."))
+        raise SpecError(field, value, text) from None
 
 
 def to_configs(spec: JobSpec, *, vocab_size: int | None = None) -> JobConfigs:

@@ -35,6 +35,8 @@ class MetricRow:
     time_us: int
     # Model FLOPs utilisation as measured when the step was recorded (None: not stored).
     mfu: float | None = None
+    # A mixture step's per-source metrics as JSON (see schema.py); None for other jobs.
+    sources: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class ProgressTables:
         tokens_per_s: float = 0.0,
         step_time_s: float = 0.0,
         mfu: float | None = None,
+        sources: str | None = None,
     ) -> bool:
         """Record a completed step. Steps are recorded in order, one row per (job, step).
 
@@ -113,17 +116,19 @@ class ProgressTables:
                     f"record is {count}."
                 )
             conn.execute(
-                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu),
+                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu,"
+                " sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu, sources),
             )
         return True
 
     def record_metrics_batch(
-        self, job_id: str, rows: list[tuple[int, float, float, float, float | None]]
+        self,
+        job_id: str,
+        rows: list[tuple[int, float, float, float, float | None, str | None]],
     ) -> int:
         """Record consecutive completed steps in one transaction: `rows` of (step, loss,
-        tokens_per_s, step_time_s, mfu) in step order (the controller batches a slice's
+        tokens_per_s, step_time_s, mfu, sources) in step order (the controller batches a slice's
         steps). Steps recorded before with the same loss are skipped (a replayed step), as
         in `record_metrics`; returns how many rows were inserted.
 
@@ -153,7 +158,7 @@ class ProgressTables:
                 "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
             ).fetchone()
             new = []
-            for step, loss, tokens_per_s, step_time_s, mfu in rows:
+            for step, loss, tokens_per_s, step_time_s, mfu, sources in rows:
                 if step in known:
                     if known[step] != loss:
                         raise MetricConflictError(
@@ -166,10 +171,12 @@ class ProgressTables:
                         f"step {step} of job {job_id!r} arrived out of order: the next step to "
                         f"record is {count + len(new)}."
                     )
-                new.append((job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu))
+                new.append(
+                    (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu, sources)
+                )
             conn.executemany(
-                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu,"
+                " sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 new,
             )
         return len(new)
@@ -187,7 +194,7 @@ class ProgressTables:
         """A job's recorded steps >= from_step, in step order."""
         with self._mutex:
             rows = self._conn.execute(
-                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu "
+                "SELECT job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu, sources "
                 "FROM metrics WHERE job_id = ? AND step >= ? ORDER BY step",
                 (job_id, from_step),
             ).fetchall()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -238,9 +239,11 @@ class Views:
         step_time_s: float,
         time: timestamp_pb2.Timestamp,
         mfu: float | None = None,
+        sources: str | None = None,
     ) -> controller_pb2.StepMetrics:
-        """One step's metrics as the wire carries them (MFU computed when not given)."""
-        return controller_pb2.StepMetrics(
+        """One step's metrics as the wire carries them (MFU computed when not given;
+        `sources`: a mixture step's per-source JSON as the store keeps it)."""
+        metrics = controller_pb2.StepMetrics(
             step=step,
             loss=loss,
             tokens_per_s=tokens_per_s,
@@ -248,6 +251,11 @@ class Views:
             time=time,
             mfu=self.mfu(record, tokens_per_s) if mfu is None else mfu,
         )
+        if sources:
+            d = json.loads(sources)
+            metrics.source_loss.update(d.get("loss", {}))
+            metrics.source_tokens.update(d.get("tokens", {}))
+        return metrics
 
     def job(
         self,

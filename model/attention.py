@@ -46,15 +46,22 @@ class KVCache:
 
 
 def causal_attention(
-    q_bshq: jax.Array, k_btkq: jax.Array, v_btkq: jax.Array, q_pos_bs: jax.Array
+    q_bshq: jax.Array,
+    k_btkq: jax.Array,
+    v_btkq: jax.Array,
+    q_pos_bs: jax.Array,
+    segments_bt: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax attention of S queries over T keys; key t is visible to a query at p if t <= p.
+    """Softmax attention of S queries over T keys; key t is visible to a query at p if t <= p
+    (and, with `segments_bt`, if both lie in the same packed example).
 
     Args:
         q_bshq: (B, S, H, Q) rotated queries.
         k_btkq: (B, T, 1, Q) rotated keys of positions 0..T-1 (the one shared head).
         v_btkq: (B, T, 1, Q) values.
         q_pos_bs: (B, S) absolute positions of the queries.
+        segments_bt: (B, T) packed-example ids of the positions (S == T, full attention
+            only); a query sees only keys of its own example. None: one sequence per row.
 
     Returns:
         (B, S, H, Q) attention outputs in the queries' dtype.
@@ -67,7 +74,10 @@ def causal_attention(
     scores_bhst = scores_bhst.astype(jnp.float32) / math.sqrt(head_dim)
     scores_bhst = constrain(scores_bhst, ("batch", "act_heads", "length", None))
     k_pos_t = jnp.arange(k_btq.shape[1])
-    visible_b1st = (k_pos_t[None, None, :] <= q_pos_bs[:, :, None])[:, None]  # (B, 1, S, T)
+    visible_bst = k_pos_t[None, None, :] <= q_pos_bs[:, :, None]  # (B, S, T)
+    if segments_bt is not None:
+        visible_bst = visible_bst & (segments_bt[:, :, None] == segments_bt[:, None, :])
+    visible_b1st = visible_bst[:, None]  # (B, 1, S, T)
     scores_bhst = jnp.where(visible_b1st, scores_bhst, jnp.finfo(jnp.float32).min)
     probs_bhst = jax.nn.softmax(scores_bhst, axis=-1).astype(v_btq.dtype)
     # (B, H, S, T) x (B, T, Q) -> (B, S, H, Q)
@@ -141,12 +151,14 @@ class MultiQueryAttention(nnx.Module):
         )
         return constrain(y_bsd, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        """Full causal attention over a (B, T, D) sequence starting at position 0."""
+    def __call__(self, x_btd: jax.Array, segments_bt: jax.Array | None = None) -> jax.Array:
+        """Full causal attention over a (B, T, D) sequence starting at position 0; with
+        `segments_bt` (B, T), only within each packed example (rotary positions are relative,
+        so an example's attention does not depend on where it was packed)."""
         b, t = x_btd.shape[:2]
         positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
         q_bthq, k_btkq, v_btkq = self.project(x_btd, positions_bt)
-        return self.output(causal_attention(q_bthq, k_btkq, v_btkq, positions_bt))
+        return self.output(causal_attention(q_bthq, k_btkq, v_btkq, positions_bt, segments_bt))
 
     def init_cache(self, batch: int, max_len: int, head_dim: int) -> LayerCache:
         zeros_btkq = jnp.zeros((batch, max_len, 1, head_dim), self.dtype)

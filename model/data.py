@@ -43,6 +43,7 @@ from .corpus import Corpus, DataError
 from .tokenizer import (
     MIN_VOCAB_SIZE,
     MODEL_FILE,
+    TRAINER_VERSION,
     Tokenizer,
     default_cache_dir,
     train_tokenizer,
@@ -52,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DataError", "DataSpec", "Dataset", "load_corpus", "prepare_dataset"]
 
-SOURCES = ("stdlib", "files", "parquet")
+SOURCES = ("stdlib", "files", "parquet", "stdlib-tasks", "text2text")
+TEXT_SOURCES = ("stdlib", "files", "parquet")
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 # 8 MB of UTF-8 text: the whole default build (corpus, 8k tokenizer, tokens) takes seconds.
@@ -73,6 +75,15 @@ class DataSpec:
         vocab_size: tokenizer size, special and byte pieces included.
         max_bytes: size cap of the corpus in UTF-8 bytes.
         skip_undecodable: skip files (rows) that are not UTF-8 instead of failing.
+        task: the stdlib task of source "stdlib-tasks" (`model.tasks.TASKS`).
+        objective: "lm" or "span_corruption" (`model.objectives`); a task source is learned
+            text-to-text.
+        mixture: several sources at once (`model.mixture.MixtureEntry`); then `source` is
+            "mixture" and the fields above but vocab_size, max_bytes and skip_undecodable are
+            the entries' own.
+        mixture_weights: "static" (the entries' weights throughout) or "dynamic" (the
+            controller re-weights every `mixture_every` steps from the per-source losses).
+        mixture_every: N of dynamic weights.
     """
 
     source: str = "stdlib"
@@ -81,8 +92,64 @@ class DataSpec:
     vocab_size: int = 8192
     max_bytes: int = DEFAULT_MAX_BYTES
     skip_undecodable: bool = False
+    task: str | None = None
+    objective: str = "lm"
+    mixture: tuple[Any, ...] = ()
+    mixture_weights: str = "static"
+    mixture_every: int = 100
 
     def __post_init__(self) -> None:
+        from .mixture import WEIGHT_MODES, MixtureEntry, normalized_weights
+
+        if self.mixture:
+            entries = []
+            for i, e in enumerate(self.mixture):
+                field = f"data.mixture[{i}]"
+                if isinstance(e, dict):
+                    unknown = sorted(
+                        set(e) - {"source", "paths", "task", "objective", "weight", "column"}
+                    )
+                    if unknown:
+                        raise DataError(f"{field}.{unknown[0]} is not a mixture entry setting.")
+                    e = MixtureEntry(**{**e, "paths": tuple(e.get("paths", ())), "field": field})
+                elif isinstance(e, MixtureEntry):
+                    e = dataclasses.replace(e, field=field)
+                else:
+                    raise DataError(f"{field}={e!r} must be a mapping such as {{source: stdlib}}.")
+                entries.append(e)
+            object.__setattr__(self, "mixture", tuple(entries))
+            normalized_weights([e.weight for e in entries])
+            if self.source not in ("mixture", "stdlib") or self.paths or self.task:
+                raise DataError(
+                    f"data.source={self.source!r} is not used with data.mixture: each entry "
+                    "names its own source."
+                )
+            object.__setattr__(self, "source", "mixture")
+        if self.mixture_weights not in WEIGHT_MODES:
+            raise DataError(
+                f"data.mixture_weights={self.mixture_weights!r} is not one of "
+                f"{', '.join(map(repr, WEIGHT_MODES))}."
+            )
+        if self.mixture_weights == "dynamic" and len(self.mixture) < 2:
+            raise DataError(
+                "data.mixture_weights='dynamic' re-weights the sources of data.mixture; give at "
+                "least two entries."
+            )
+        if (
+            not isinstance(self.mixture_every, int)
+            or isinstance(self.mixture_every, bool)
+            or self.mixture_every < 1
+        ):
+            raise DataError(
+                f"data.mixture_every={self.mixture_every!r} must be a positive integer."
+            )
+        if self.source == "mixture":
+            self._check_sizes()
+            return
+        if not self.is_plain:
+            self.entries()  # checks source, task, objective, paths
+            self._check_sizes()
+            return
         if self.source not in SOURCES:
             raise DataError(
                 f"data.source={self.source!r} is not one of {', '.join(map(repr, SOURCES))}."
@@ -106,6 +173,30 @@ class DataSpec:
             )
         if not isinstance(self.column, str) or not self.column:
             raise DataError(f"data.column={self.column!r} must be a non-empty column name.")
+        self._check_sizes()
+
+    @property
+    def is_plain(self) -> bool:
+        """A single text source learned as a language model (the `Dataset` format)."""
+        return not self.mixture and self.source in TEXT_SOURCES and self.objective == "lm"
+
+    def entries(self) -> tuple[Any, ...]:
+        """The mixture entries (one for a single non-plain source)."""
+        from .mixture import MixtureEntry
+
+        if self.mixture:
+            return self.mixture
+        return (
+            MixtureEntry(
+                source=self.source,
+                paths=self.paths,
+                task=self.task,
+                objective=self.objective,
+                column=self.column,
+            ),
+        )
+
+    def _check_sizes(self) -> None:
         for name in ("vocab_size", "max_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -141,6 +232,7 @@ class DataSpec:
         """The spec as a JSON-ready mapping (paths as a list)."""
         d = dataclasses.asdict(self)
         d["paths"] = list(self.paths)
+        d["mixture"] = [e.to_dict() for e in self.mixture]
         return d
 
 
@@ -150,6 +242,8 @@ def load_corpus(spec: DataSpec) -> Corpus:
     Raises:
         DataError: no files match, a file does not decode, the corpus is empty, ...
     """
+    if not spec.is_plain:
+        raise DataError(f"data.source={spec.source!r} is not a text corpus.")
     if spec.source == "stdlib":
         return corpus_lib.stdlib_corpus(spec.max_bytes)
     if spec.source == "files":
@@ -174,6 +268,7 @@ def prepare_dataset(
     cache_dir: str | os.PathLike | None = None,
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer: Tokenizer | None = None,
 ) -> Dataset:
     """Tokenize and pack a corpus into a cached dataset folder, or open the cached one.
 
@@ -187,6 +282,8 @@ def prepare_dataset(
         cache_dir: cache root (datasets under `datasets/`, tokenizers under `tokenizers/`);
             defaults to `default_cache_dir()`.
         shard_bytes: target size of one Arrow shard.
+        tokenizer: tokenize with this one (a checkpoint's) instead of training one; its
+            hash is part of the cache key.
 
     Raises:
         DataError: bad input (see `load_corpus`, `train_tokenizer`), or seq_len larger than
@@ -195,15 +292,30 @@ def prepare_dataset(
     _check_seq_len(seq_len)
     if not isinstance(spec, DataSpec):
         raise DataError(f"spec={spec!r} must be a DataSpec.")
+    if not spec.is_plain:
+        from .mixture import prepare_mixture
+
+        return prepare_mixture(
+            spec.entries(),
+            seq_len=seq_len,
+            vocab_size=spec.vocab_size,
+            max_bytes=spec.max_bytes,
+            skip_undecodable=spec.skip_undecodable,
+            cache_dir=cache_dir,
+            tokenizer=tokenizer,
+        )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus = load_corpus(spec)
     key_fields = {
+        "trainer": TRAINER_VERSION,
         "format": FORMAT_VERSION,
         "corpus_hash": corpus.hash,
         "vocab_size": spec.vocab_size,
         "seq_len": seq_len,
         "shard_bytes": shard_bytes,
     }
+    if tokenizer is not None:
+        key_fields["tokenizer"] = tokenizer.hash
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     parent = root / "datasets"
     final = parent / key
@@ -212,7 +324,8 @@ def prepare_dataset(
         logger.info("dataset %s from the cache (%s)", ds.hash[:12], final)
         return ds
 
-    tokenizer = train_tokenizer(corpus, spec.vocab_size, root)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(corpus, spec.vocab_size, root)
     start = time.perf_counter()
     logger.info("tokenizing %d documents of %s", len(corpus), corpus.description)
     encoded = tokenizer.encode_batch(corpus.documents)
@@ -369,6 +482,10 @@ class Dataset:
         if not manifest_path.is_file():
             raise DataError(f"dataset folder {str(path)!r} has no {MANIFEST_FILE}.")
         manifest = json.loads(manifest_path.read_text())
+        if manifest.get("kind") == "mixture":
+            from .mixture import MixtureDataset
+
+            return MixtureDataset.open(path, expected_hash)
         if manifest.get("format") != FORMAT_VERSION:
             raise DataError(
                 f"dataset {str(path)!r} has format {manifest.get('format')!r}; this version "

@@ -40,13 +40,15 @@ class ParallelBlock(nnx.Module):
         )
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=dt, param_dtype=pdt)
 
-    def branches(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def branches(
+        self, x_btd: jax.Array, segments_bt: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """The attention branch and the MLP branch of this block, each (B, T, D)."""
         h_btd = self.norm(x_btd)
-        return self.attention(h_btd), self.mlp(h_btd)
+        return self.attention(h_btd, segments_bt), self.mlp(h_btd)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        attn_btd, mlp_btd = self.branches(x_btd)
+    def __call__(self, x_btd: jax.Array, segments_bt: jax.Array | None = None) -> jax.Array:
+        attn_btd, mlp_btd = self.branches(x_btd, segments_bt)
         return constrain(x_btd + attn_btd + mlp_btd, ("batch", "length", "act_embed"))
 
     def decode(
@@ -70,12 +72,16 @@ class Palm(nnx.Module):
             cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt
         )
 
-    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
-        """Next-token logits for every position: (B, T) int32 -> (B, T, V) float32."""
+    def __call__(self, tokens_bt: jax.Array, segments_bt: jax.Array | None = None) -> jax.Array:
+        """Next-token logits for every position: (B, T) int32 -> (B, T, V) float32.
+
+        `segments_bt` (B, T): packed text-to-text examples' ids; a token attends only to
+        tokens of its own example. None (language modelling): plain causal attention.
+        """
         check_mesh()
         x_btd = self.embed(tokens_bt)
         for block in self.blocks:
-            x_btd = block(x_btd)
+            x_btd = block(x_btd, segments_bt)
         return self.embed.attend(self.final_norm(x_btd))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:

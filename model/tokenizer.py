@@ -5,6 +5,11 @@ normalisation, whitespace kept as is, no dummy prefix), digits split into single
 byte fallback for every character outside the vocabulary, whitespace-only pieces allowed (code
 indentation), newline as its own piece, an end-of-document control token.
 
+Control symbols for the training objectives (never produced by `encode` from text, and
+vanishing in `decode`): a separator `<sep>` between a text-to-text example's inputs and its
+targets, and `NUM_SENTINELS` sentinels `<extra_id_0>` ... that stand for the spans that span
+corruption drops (T5).
+
 Lossless round trip: SentencePiece writes a space as U+2581 ("▁") internally and decodes every
 U+2581 back to a space. `Tokenizer.encode` therefore escapes a literal U+2581 in the input as
 its three UTF-8 byte pieces, which decode to the character itself, so
@@ -40,11 +45,17 @@ META_FILE = "tokenizer.json"
 UNK_ID = 0
 EOS_ID = 1
 NUM_BYTE_PIECES = 256
-# unk, eos, "\n" and the 256 byte pieces are always in the vocabulary.
-MIN_VOCAB_SIZE = NUM_BYTE_PIECES + 4
+SEP_PIECE = "<sep>"
+# Span corruption uses at most this many spans per example (one sentinel each).
+NUM_SENTINELS = 32
+SENTINEL_PIECES = tuple(f"<extra_id_{i}>" for i in range(NUM_SENTINELS))
+# unk, eos, "\n", the separator, the sentinels and the 256 byte pieces are always in the
+# vocabulary, and SentencePiece needs one learned piece besides.
+MIN_VOCAB_SIZE = NUM_BYTE_PIECES + 5 + NUM_SENTINELS
 SPACE_MARKER = "\u2581"
 # Bumped whenever a setting below changes, so cached tokenizers are not reused across versions.
-TRAINER_VERSION = 1
+# 2: the separator and sentinels as control symbols.
+TRAINER_VERSION = 2
 TRAINER_SETTINGS: dict[str, object] = {
     "model_type": "bpe",
     "split_digits": True,
@@ -59,6 +70,7 @@ TRAINER_SETTINGS: dict[str, object] = {
     "eos_id": EOS_ID,
     "bos_id": -1,
     "pad_id": -1,
+    "control_symbols": [SEP_PIECE, *SENTINEL_PIECES],
     # Training reads lines; the newline comes back as a piece of its own.
     "user_defined_symbols": ["\n"],
     "max_sentence_length": 1 << 16,
@@ -97,6 +109,10 @@ class Tokenizer:
     Attributes:
         vocab_size: number of pieces (ids are 0 .. vocab_size - 1).
         eos_id: the end-of-document token that separates packed documents.
+        sep_id: the separator between a text-to-text example's inputs and targets (-1 for a
+            tokenizer trained before version 2, which has none).
+        sentinel_ids: the span-corruption sentinels, `<extra_id_0>` first (empty before
+            version 2).
         hash: hex content hash of the pieces; identifies the tokenizer.
         path: the model file.
     """
@@ -108,9 +124,16 @@ class Tokenizer:
         self.vocab_size: int = sp.get_piece_size()
         self.eos_id: int = sp.eos_id()
         self.unk_id: int = sp.unk_id()
+        self.sep_id: int = self._control_id(SEP_PIECE)
+        sentinels = tuple(self._control_id(p) for p in SENTINEL_PIECES)
+        self.sentinel_ids: tuple[int, ...] = () if -1 in sentinels else sentinels
         # A literal U+2581 is written as its UTF-8 bytes (see the module docstring).
         self._marker_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARKER.encode()]
         assert all(sp.is_byte(i) for i in self._marker_ids), "tokenizer lacks byte pieces"
+
+    def _control_id(self, piece: str) -> int:
+        i = self._sp.piece_to_id(piece)
+        return i if i != self._sp.unk_id() and self._sp.is_control(i) else -1
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_hash: str | None = None) -> Tokenizer:

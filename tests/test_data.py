@@ -322,7 +322,7 @@ def test_a_seq_len_larger_than_the_data_is_named(text_files, tmp_path) -> None:
         ({"paths": ("a.txt",)}, r"data.paths=\['a.txt'\] is not used by data.source='stdlib'"),
         ({"source": "files"}, r"data.paths=\[\] is empty, but data.source='files'"),
         ({"vocab_size": 0}, "data.vocab_size=0 must be a positive integer"),
-        ({"vocab_size": 200}, "data.vocab_size=200 is too small: .* at least 260"),
+        ({"vocab_size": 200}, "data.vocab_size=200 is too small: .* at least 293"),
         ({"max_bytes": -5}, "data.max_bytes=-5 must be a positive integer"),
         ({"column": ""}, "data.column='' must be a non-empty column name"),
         ({"skip_undecodable": "yes"}, "data.skip_undecodable='yes' must be true or false"),

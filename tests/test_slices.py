@@ -214,15 +214,17 @@ def test_a_slice_with_a_bad_count_or_mismatched_steps_names_the_field(host):
 def test_a_batch_of_step_rows_is_one_transaction_and_replays_are_no_ops(tmp_path):
     with JobStore(tmp_path / "jobs.db") as store:
         job = store.create_job(controller_pb2.JobSpec(name="b"), job_id="b")
-        rows = [(k, 1.0 / (k + 1), 10.0, 0.001, None) for k in range(5)]
+        rows = [(k, 1.0 / (k + 1), 10.0, 0.001, None, None) for k in range(5)]
         assert store.record_metrics_batch(job.id, rows) == 5
         # The same steps again (a replayed slice) insert nothing; new ones after them do.
-        assert store.record_metrics_batch(job.id, rows[3:] + [(5, 0.1, 10.0, 0.001, 0.5)]) == 1
+        assert (
+            store.record_metrics_batch(job.id, rows[3:] + [(5, 0.1, 10.0, 0.001, 0.5, "{}")]) == 1
+        )
         assert [m.step for m in store.metrics(job.id)] == list(range(6))
         with pytest.raises(MetricConflictError, match="out of order"):
-            store.record_metrics_batch(job.id, [(7, 0.1, 1.0, 0.001, None)])
+            store.record_metrics_batch(job.id, [(7, 0.1, 1.0, 0.001, None, None)])
         with pytest.raises(MetricConflictError, match="recorded with loss"):
-            store.record_metrics_batch(job.id, [(5, 0.2, 1.0, 0.001, None)])
+            store.record_metrics_batch(job.id, [(5, 0.2, 1.0, 0.001, None, None)])
         assert len(store.metrics(job.id)) == 6  # a refused batch writes nothing
 
 

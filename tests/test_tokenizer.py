@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pathways_lite.model.tokenizer import (
     META_FILE,
     MODEL_FILE,
+    NUM_SENTINELS,
     SPACE_MARKER,
     DataError,
     Tokenizer,
@@ -107,14 +108,14 @@ def test_encode_rejects_bytes(tokenizer) -> None:
 
 def test_training_is_cached_and_identified_by_its_pieces(tmp_path) -> None:
     texts = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "print('hello, world')\n"] * 3
-    first = train_tokenizer(texts, 290, cache_dir=tmp_path / "a")
-    again = train_tokenizer(texts, 290, cache_dir=tmp_path / "a")
-    elsewhere = train_tokenizer(texts, 290, cache_dir=tmp_path / "b")
+    first = train_tokenizer(texts, 330, cache_dir=tmp_path / "a")
+    again = train_tokenizer(texts, 330, cache_dir=tmp_path / "a")
+    elsewhere = train_tokenizer(texts, 330, cache_dir=tmp_path / "b")
     assert again.path == first.path  # from the cache
     assert elsewhere.path != first.path
     assert elsewhere.hash == first.hash  # same pieces, retrained
     assert len(first.hash) == 64 and int(first.hash, 16) >= 0
-    other = train_tokenizer(texts + ["something else entirely"], 290, cache_dir=tmp_path / "a")
+    other = train_tokenizer(texts + ["something else entirely"], 330, cache_dir=tmp_path / "a")
     assert other.path != first.path
     assert Tokenizer.load(first.path.parent).hash == first.hash
     assert list((tmp_path / "a" / "tokenizers").glob(".*")) == []  # no temporary folders left
@@ -165,3 +166,27 @@ def test_vocab_too_small_for_the_corpus_characters_is_named(tmp_path) -> None:
     texts = ["".join(chr(0x4E00 + i) for i in range(k, k + 50)) for k in range(0, 400, 50)]
     with pytest.raises(DataError, match="data.vocab_size=300 is too small for the corpus"):
         train_tokenizer(texts, 300, cache_dir=tmp_path)
+
+
+def test_separator_and_sentinels_are_control_symbols_text_never_produces(tokenizer) -> None:
+    specials = [tokenizer.sep_id, *tokenizer.sentinel_ids]
+    assert len(tokenizer.sentinel_ids) == NUM_SENTINELS
+    assert len(set(specials)) == len(specials) and tokenizer.eos_id not in specials
+    assert all(0 <= i < tokenizer.vocab_size for i in specials)
+    text = "a <sep> b <extra_id_0> c"  # their piece texts, written out, stay plain text
+    ids = tokenizer.encode(text)
+    assert not set(ids) & set(specials)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode([*ids, *specials]) == text  # control symbols vanish in decode
+
+
+def test_the_trainer_version_is_part_of_the_cache_key() -> None:
+    from pathways_lite.model import tokenizer as tokenizer_lib
+
+    key = tokenizer_lib._train_key("c" * 64, 512)
+    old = tokenizer_lib.TRAINER_VERSION
+    try:
+        tokenizer_lib.TRAINER_VERSION = old - 1
+        assert tokenizer_lib._train_key("c" * 64, 512) != key
+    finally:
+        tokenizer_lib.TRAINER_VERSION = old

@@ -16,8 +16,11 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 
 # Bumped on every incompatible change of worker.proto; the controller compares it at connect.
 # 3: ExchangeGradients moved from WorkerService to its own ExchangeService.
-# 4: RunSlice: a slice of steps streamed back step by step.
-WORKER_WIRE_VERSION = 4
+# 4: RunStep carries a mixture's weights and its reply the global (sum, count) loss stats; a
+#    mixture dataset folder is a LoadJob data source (an older host would ignore the weights).
+# 5: RunSlice: a slice of steps streamed back step by step (ExecutionEntry's
+#    received_unix_ns).
+WORKER_WIRE_VERSION = 5
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,12 @@ class PalmRuntime(JobRuntime):
             )
         self.dataset = dataset
 
+    @property
+    def masked(self) -> bool:
+        """Whether the job's data is a mixture (masked loss, (sum, count) exchange)."""
+        self._open_data()
+        return hasattr(self.dataset, "source_names")
+
     def data_hash(self) -> str:
         self._open_data()
         return self.dataset.hash
@@ -243,7 +249,14 @@ class PalmRuntime(JobRuntime):
         self._open_data()
         started = time.perf_counter()
         mesh = make_mesh(self.spec.mesh.data, self.spec.mesh.model, devices=self.devices)
-        fns = StepFunctions(self.model_cfg, self.optim_cfg, mesh)
+        masked = self.masked
+        fns = StepFunctions(
+            self.model_cfg,
+            self.optim_cfg,
+            mesh,
+            num_sources=self.dataset.num_sources if masked else 0,
+            segmented=bool(masked and self.dataset.segmented),
+        )
         compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
         report = compiled_memory(fns, compiled)
@@ -274,26 +287,41 @@ class PalmRuntime(JobRuntime):
         """
         import jax
 
-        tokens_bt1 = np.ascontiguousarray(tokens_bt1, dtype=np.int32)
-        return jax.make_array_from_callback(
-            tokens_bt1.shape, self.fns.batch_sharding, lambda index: tokens_bt1[index]
-        )
+        arrays = self.fns.batch_arrays(tokens_bt1)
+        shardings = self.fns.batch_sharding_tree
 
-    def read_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """This island's slice of the global batch of `step`: tokens (B_i, T + 1), ids (B_i,)."""
-        return self.dataset.replica_batch(
+        def place(array: np.ndarray, sharding: Any) -> Any:
+            array = np.ascontiguousarray(array)
+            return jax.make_array_from_callback(array.shape, sharding, lambda i: array[i])
+
+        return jax.tree.map(place, arrays, shardings)
+
+    def read_batch(self, step: int, weights: Sequence[float] | None = None) -> tuple[Any, Any]:
+        """This island's slice of the global batch of `step`: tokens (B_i, T + 1) (a
+        `model.mixture.Batch` for a mixture, drawn under `weights`), and the ids (B_i,)."""
+        args = (
             step,
             self.spec.global_batch,
             self.spec.seed,
             self.spec.island_index,
             self.spec.num_islands,
         )
+        if self.masked:
+            batch = self.dataset.replica_batch(*args, weights=weights)
+            return batch, batch.ids
+        if weights:
+            raise JobSpecError(
+                f"step {step} carries mixture weights, but the job's data is not a mixture."
+            )
+        return self.dataset.replica_batch(*args)
 
-    def run_step(self, step: int) -> StepResult:
+    def run_step(self, step: int, weights: Sequence[float] | None = None) -> StepResult:
         from pathways_lite.model.train import TrainState
 
         from .exchange import flat_shards, unflatten_shards
 
+        if self.masked:
+            return self._run_masked_step(step, weights)
         resident = self._loaded()
         t0 = time.perf_counter()
         tokens_bt1, ids = self.read_batch(step)
@@ -339,6 +367,60 @@ class PalmRuntime(JobRuntime):
             param_digest=digest,
             exchange_s=exchange_s,
             exchange_bytes_sent=sent,
+        )
+
+    def _run_masked_step(self, step: int, weights: Sequence[float] | None) -> StepResult:
+        """A mixture step: gradients of the summed loss; the islands add (sum, count) and
+        the gradients (as means over islands, whose ratio is the global one), then every
+        island scales by 1 / (global count) inside the update."""
+        from pathways_lite.model.train import TrainState
+
+        from .exchange import flat_shards, unflatten_shards
+
+        resident = self._loaded()
+        t0 = time.perf_counter()
+        host_batch, ids = self.read_batch(step, weights)
+        batch = self.place_batch(host_batch)
+        t1 = time.perf_counter()
+        state = resident.state
+        _, stats, grads = resident.grad_exec(state.params, batch)
+        stats_np = np.asarray(fetch_global(stats), dtype=np.float32)
+        exchange_s, sent = 0.0, 0
+        if self.exchange is not None:
+            flat, layout = flat_shards(grads)
+            t2 = time.perf_counter()
+            # The stats ride at the end of the vector: means of sums over the islands.
+            reduced = self.exchange.allreduce_mean(step, np.concatenate([flat, stats_np]))
+            sent = self.exchange.bytes_sent
+            exchange_s = time.perf_counter() - t2
+            grads = unflatten_shards(reduced[: flat.size], layout, grads)
+            stats_np = reduced[flat.size :]
+        # Means over islands of sums: their ratio is the global sum / global count.
+        count = max(float(stats_np[1]), 1e-30)
+        params, opt_state = resident.apply_exec(
+            state.params, state.opt_state, grads, np.float32(1.0 / count)
+        )
+        resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
+        digest = b""
+        every = self.spec.digest_every
+        if every and (step + 1) % every == 0:
+            digest = self.shard_digest()
+            if self.exchange is not None:
+                t_d = time.perf_counter()
+                self.exchange.compare_digest(step, digest)
+                exchange_s += time.perf_counter() - t_d
+        t3 = time.perf_counter()
+        loss_value = float(stats_np[0]) / count
+        islands = self.spec.num_islands if self.exchange is not None else 1
+        return StepResult(
+            loss=loss_value,
+            example_ids=[int(i) for i in ids],
+            phase_s={"read": t1 - t0, "compute": t3 - t1 - exchange_s, "exchange": exchange_s},
+            param_digest=digest,
+            exchange_s=exchange_s,
+            exchange_bytes_sent=sent,
+            # Sums over every island (the exchange gave their means).
+            loss_stats=[float(x) * islands for x in stats_np],
         )
 
     def shard_digest(self) -> bytes:

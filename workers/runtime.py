@@ -136,6 +136,9 @@ class StepResult:
     param_digest: bytes = b""
     exchange_s: float = 0.0
     exchange_bytes_sent: int = 0
+    # A masked (mixture) step's global stats: model.loss.masked_loss_sums's vector, summed
+    # over every island.
+    loss_stats: Sequence[float] = ()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -401,8 +402,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._running_job = request.job_id
             start_ns = time.time_ns()
             try:
+                weights = tuple(request.mixture_weights)
+                extra = {"weights": weights} if weights else {}
                 result: StepResult = await self._on_runtime_thread(
-                    job.runtime.run_step, request.step
+                    functools.partial(job.runtime.run_step, request.step, **extra)
                 )
             except Exception as e:
                 return _step_rejection(e, request)
@@ -434,6 +437,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 received_unix_ns=received_ns, start_unix_ns=start_ns, end_unix_ns=end_ns
             ),
             example_ids=list(result.example_ids),
+            loss_stats=list(result.loss_stats),
             param_digest=result.param_digest,
             exchange_s=result.exchange_s,
             exchange_bytes_sent=result.exchange_bytes_sent,
