@@ -64,6 +64,7 @@ async def _serve(args, store, groups, credential, tls) -> None:
         islands,
         state_dir=args.state_dir,
         window=args.window,
+        slice_s=args.slice_ms / 1e3,
         peak_flops=args.peak_flops or (1e12 if args.simulate_islands else None),
         **({"prepare": _simulated_data} if args.simulate_islands else {}),
     )

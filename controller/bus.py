@@ -113,6 +113,10 @@ class EventBus:
         if not self._queues[key]:
             del self._queues[key]
 
+    def followed(self, key: str) -> bool:
+        """Whether anyone follows `key` (directly or through ALL_JOBS)."""
+        return bool(self._queues.get(key)) or bool(self._queues.get(ALL_JOBS))
+
     def publish(self, key: str, item: Any) -> None:
         """Hand `item` to the followers of `key`, and `(key, item)` to those of ALL_JOBS,
         each with the next sequence number of its key."""

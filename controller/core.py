@@ -23,7 +23,7 @@ from . import spec as spec_lib
 from .admission import Admission
 from .bus import EventBus, LogBuffer, now
 from .data_paths import check_data_paths
-from .dispatch import DEFAULT_WINDOW, Dispatcher
+from .dispatch import DEFAULT_SLICE_S, DEFAULT_WINDOW, Dispatcher
 from .islands import DeathWatch, Island
 from .jobs import Collaborators, JobRunner, Reporter
 from .options import format_size
@@ -56,7 +56,8 @@ class Controller:
         islands: the connected islands, in island order (with their Ray groups, if they can
             be restarted).
         state_dir: the state directory (reported by Info; checkpoints go below it).
-        window: steps in flight per job.
+        window: step slices in flight per job.
+        slice_s: how long a job's slice of consecutive steps lasts (controller/dispatch.py).
         prepare: prepares a resolved job's data (blocking); default `prepare_data`.
         peak_flops: the peak FLOP/s MFU is measured against on simulated CPU islands
             (`--peak-flops`); None reads this machine's cached peak (measured once).
@@ -72,6 +73,7 @@ class Controller:
         *,
         state_dir: str | Path = "",
         window: int = DEFAULT_WINDOW,
+        slice_s: float = DEFAULT_SLICE_S,
         prepare: Callable[[JobRecord, ResolvedJob], ResolvedJob] = prepare_data,
         peak_flops: float | None = None,
         backfill: bool = True,
@@ -80,7 +82,7 @@ class Controller:
         self.store = store
         self.islands = {island.id: island for island in islands}
         self.state_dir = str(state_dir)
-        self.dispatcher = Dispatcher(store.epoch, window=window)
+        self.dispatcher = Dispatcher(store.epoch, window=window, slice_s=slice_s)
         self.scheduler = Scheduler(
             [island.id for island in islands],
             {

@@ -1,14 +1,24 @@
-"""Asynchronous dispatch of a job's per-step program to the hosts of its islands (grpc.aio).
+"""Asynchronous dispatch of a job's step program to the hosts of its islands (grpc.aio).
 
-For every step the controller sends `RunStep(job, generation, step, island_seq, epoch)` to every
-host of the job's islands, keeps a bounded window of steps in flight (default 2: step k + 1 is
-on the wire before step k has finished) and consumes the replies as futures, in step order. The
-controller sends step numbers, never data: each island reads its own slice of the step's global
-batch, and the islands exchange gradients among themselves (workers/exchange.py): at load the
-controller tells host i of every island the addresses of host i of the others (`peers`).
+The controller grants a job a *slice* of K consecutive steps and sends it to every host of the
+job's islands as one `RunSlice(job, generation, epoch, first_step, count, first_island_seq)`
+stream per host; the host runs the steps back to back and streams one RunStepReply per step,
+which the controller consumes in step order. K is chosen from the job's measured step time so
+that a slice lasts about `slice_s` (default 50 ms; K = 1 for longer steps), and ends at the
+program's end and at the next checkpoint. The next slice is granted and sent while the current
+one still has about `lead_s` to go (a window of at most `window` slices in flight), so an
+island never idles waiting for the controller, and a stop (cancel, suspend, preemption) takes
+effect within one slice plus the lead. Per-step semantics are those of RunStep: idempotent on
+(job, generation, step), one island_seq per step, checkpoints after exact steps, digests.
 
-Jobs sharing islands take turns through a `StepGate` (controller/scheduler.py's Scheduler):
-every step waits for a slot on all of the job's islands and frees it when its hosts finish.
+The controller sends step numbers, never data: each island reads its own slice of the step's
+global batch, and the islands exchange gradients among themselves every step
+(workers/exchange.py): at load the controller tells host i of every island the addresses of
+host i of the others (`peers`).
+
+Jobs sharing islands take turns slice by slice through a `StepGate` (controller/scheduler.py's
+Scheduler): every slice waits for a slot on all of the job's islands and frees it when its
+hosts finish.
 """
 
 from __future__ import annotations
@@ -20,18 +30,25 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .islands import INFO_TIMEOUT_S, Island, call_all
+from .islands import INFO_TIMEOUT_S, RPC_BYTES, Island, call_all
 from .program import HostLoad, StepProgram
 
 logger = logging.getLogger(__name__)
 
+# Slices in flight per job (1 = the next slice is sent once the current one has ended).
 DEFAULT_WINDOW = 2
+# How long a slice lasts (the controller's `--slice-ms`): K = slice_s / measured step time.
+DEFAULT_SLICE_S = 0.05
+# The next slice is sent when the current one has about this much left to run.
+DEFAULT_LEAD_S = 0.005
+# The most steps in one slice (trivial steps).
+MAX_SLICE_STEPS = 4096
 # Deadlines of worker RPCs: a step may wait behind a compile of another job on the island.
 STEP_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 900.0
@@ -95,33 +112,53 @@ OnStep = Callable[[StepReport], Awaitable[None] | None]
 class StepGate(Protocol):
     """Who may step next on shared islands (controller/scheduler.py's Scheduler)."""
 
-    async def acquire(self, job_id: str) -> bool:
-        """Wait for a step slot on all of the job's islands; False: the job must stop."""
+    async def acquire(self, job_id: str, steps: int = 1) -> bool:
+        """Wait for a slot for a slice of `steps` steps on all of the job's islands; False:
+        the job must stop."""
         ...
 
-    def done(self, job_id: str, islands: list[str], step_s: float | None) -> None:
-        """The granted step has finished on every host, in `step_s` host-measured seconds
-        (None when it failed)."""
+    def done(self, job_id: str, islands: list[str], step_s: float | None, steps: int = 1) -> None:
+        """The granted slice of `steps` steps has finished on every host, in `step_s`
+        host-measured seconds in all (None when it failed or was cut short)."""
         ...
 
 
 class Dispatcher:
-    """Drives step programs on islands with a bounded window of steps in flight.
+    """Drives step programs on islands slice by slice, with a bounded window in flight.
 
     Args:
         epoch: this controller run's epoch, carried in every worker RPC.
-        window: steps in flight per job (1 = synchronous dispatch).
-        step_timeout_s: deadline of one RunStep.
+        window: slices in flight per job (1 = synchronous dispatch).
+        step_timeout_s: deadline of one RunSlice stream.
+        slice_s: how long a slice lasts (K = slice_s / the job's measured step time).
+        lead_s: how long before the current slice ends the next one is sent.
+        max_slice_steps: the most steps in one slice.
     """
 
     def __init__(
-        self, epoch: int, *, window: int = DEFAULT_WINDOW, step_timeout_s: float = STEP_TIMEOUT_S
+        self,
+        epoch: int,
+        *,
+        window: int = DEFAULT_WINDOW,
+        step_timeout_s: float = STEP_TIMEOUT_S,
+        slice_s: float = DEFAULT_SLICE_S,
+        lead_s: float = DEFAULT_LEAD_S,
+        max_slice_steps: int = MAX_SLICE_STEPS,
     ) -> None:
         if window < 1:
             raise ValueError(f"window={window} must be at least 1.")
+        if slice_s < 0:
+            raise ValueError(f"slice_s={slice_s} must be >= 0.")
+        if max_slice_steps < 1:
+            raise ValueError(f"max_slice_steps={max_slice_steps} must be at least 1.")
         self.epoch = epoch
         self.window = window
         self.step_timeout_s = step_timeout_s
+        self.slice_s = slice_s
+        self.lead_s = lead_s
+        self.max_slice_steps = max_slice_steps
+        # Each job's smoothed step seconds (host-measured), which sizes its slices.
+        self._step_s: dict[str, float] = {}
 
     async def load(
         self, program: StepProgram, islands: Sequence[Island], *, dry_run: bool = False
@@ -187,6 +224,7 @@ class Dispatcher:
 
     async def unload(self, job_id: str, islands: Sequence[Island]) -> None:
         """UnloadJob on every host; errors are logged, not raised (best effort cleanup)."""
+        self._step_s.pop(job_id, None)
         request = worker_pb2.UnloadJobRequest(job_id=job_id, epoch=self.epoch)
         results = await call_all(islands, "UnloadJob", request, timeout=60, return_exceptions=True)
         for result in results:
@@ -218,26 +256,75 @@ class Dispatcher:
                 except grpc.aio.AioRpcError as e:
                     logger.warning("filling island_seq gaps on %s: %s", host.address, e.details())
 
+    def slice_steps(self, program: StepProgram, next_step: int, since_checkpoint_s: float) -> int:
+        """How many steps the next slice of `program` from `next_step` gets: about
+        `slice_s` of the job's measured step time (1 while unmeasured or for steps longer
+        than that), ending at the program's end, at the next checkpoint and before a step
+        whose mixture weights wait on the losses of steps not read yet."""
+        step_s = self._step_s.get(program.job_id)
+        if step_s is None or step_s <= 0:
+            k = 1
+        else:
+            k = max(1, min(self.max_slice_steps, int(self.slice_s / step_s)))
+        k = min(k, program.steps - next_step)
+        mixture = program.mixture
+        if mixture is not None:
+            # Dynamic mixture weights: only steps whose weights can be decided now.
+            for i in range(1, k):
+                if not mixture.ready(next_step + i):
+                    k = i
+                    break
+        if program.checkpoint_dir:
+            for i in range(k):
+                if program.checkpoint_after(next_step + i, since_checkpoint_s if i == 0 else 0.0):
+                    return i + 1
+        return k
+
     def _send(
-        self, program: StepProgram, step: int, islands: Sequence[Island], checkpoint: bool
-    ) -> list[tuple[str, int, asyncio.Task]]:
+        self,
+        program: StepProgram,
+        first: int,
+        count: int,
+        islands: Sequence[Island],
+        checkpoint: int,
+    ) -> _Slice:
         calls = []
         for island in islands:
-            seq = island.take_seq()
-            request = worker_pb2.RunStepRequest(
+            seq = island.next_seq
+            island.next_seq += count
+            request = worker_pb2.RunSliceRequest(
                 job_id=program.job_id,
                 generation=program.generation,
-                step=step,
-                island_seq=seq,
                 epoch=self.epoch,
-                checkpoint=checkpoint,
+                first_step=first,
+                count=count,
+                first_island_seq=seq,
             )
-            if program.mixture is not None:
-                request.mixture_weights.extend(program.mixture.weights_for(step))
-            futures = island.call_async("RunStep", request, timeout=self.step_timeout_s)
-            for host, future in zip(island.hosts, futures, strict=True):
-                calls.append((island.id, host.info.host_index, future))
-        return calls
+            if checkpoint >= 0:
+                request.checkpoint_steps.append(checkpoint)
+            mixture = program.mixture
+            weights = [mixture.weights_for(first + i) for i in range(count)] if mixture else []
+            if any(weights):
+                # Per-step fields: the explicit form, one RunStepRequest per step.
+                for i in range(count):
+                    request.steps.append(
+                        worker_pb2.RunStepRequest(
+                            job_id=program.job_id,
+                            generation=program.generation,
+                            step=first + i,
+                            island_seq=seq + i,
+                            epoch=self.epoch,
+                            checkpoint=first + i == checkpoint,
+                            mixture_weights=weights[i],
+                        )
+                    )
+            RPC_BYTES.add("RunSlice", request.ByteSize() * len(island.hosts))
+            for host in island.hosts:
+                call = host.stub.RunSlice(
+                    request, timeout=self.step_timeout_s, metadata=host.metadata()
+                )
+                calls.append((island.id, host.info.host_index, call))
+        return _Slice(first, count, calls)
 
     async def run(
         self,
@@ -247,59 +334,122 @@ class Dispatcher:
         on_step: OnStep | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         gate: StepGate | None = None,
+        abandon: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Run the program's steps with up to `window` steps in flight; returns the number of
-        steps completed (less than the program's when `should_stop` turned true).
+        """Run the program's steps slice by slice; returns the number of steps completed
+        (less than the program's when `should_stop` turned true).
 
-        With a `gate` (controller/scheduler.py's Scheduler), every step first waits for a
-        step slot on all of the job's islands (`gate.acquire(job_id)`; False stops the
+        Every slice is one RunSlice stream per host (K steps, `slice_steps`); the next slice
+        is granted and sent while the current one still has about `lead_s` of steps to go
+        (at most `window` slices in flight), so the islands never wait for the controller,
+        and a stop takes effect within one slice plus the lead.
+
+        `abandon` (a cancelled job) cuts the slices in flight short: checked after every
+        step read, it cancels their streams (each host stops after the step it is running
+        and skips the island_seq numbers of the rest; `fill_gaps` covers a stream that
+        never arrived), so a cancel takes effect within about one step. The steps such a
+        host ran are not reported; use it only for a job whose state is discarded.
+
+        With a `gate` (controller/scheduler.py's Scheduler), every slice first waits for a
+        slot on all of the job's islands (`gate.acquire(job_id, K)`; False stops the
         program) and frees it when its hosts have finished (`gate.done`), so jobs sharing
-        islands take turns in the order the scheduler grants.
+        islands take turns slice by slice in the order the scheduler grants.
 
         Raises:
             DispatchError: a step failed on a host (reason `step_failed`) or gave a
-                non-finite loss (reason `nan_loss`); steps already in flight are drained.
+                non-finite loss (reason `nan_loss`); the slices in flight are cancelled (the
+                hosts skip their steps not run).
         """
-        pending: collections.deque = collections.deque()
-        next_step = program.start_step
+        pending: collections.deque[_Slice] = collections.deque()
+        state = _RunState(program.start_step)
         completed = 0
-        last_checkpoint = time.monotonic()  # a run starts from a checkpoint or the seed
+        island_ids = [i.id for i in islands]
+        job_id = program.job_id
+
+        def launch(granted: bool, count: int, since: float) -> None:
+            """Send a granted slice to every island at once (no await: every island sees
+            the jobs' slices in the one order the scheduler granted them)."""
+            if not granted:
+                state.stopped = True
+                return
+            if state.closed or should_stop():
+                state.stopped = True
+                if gate is not None:
+                    gate.done(job_id, island_ids, None, count)
+                return
+            last = state.next_step + count - 1
+            checkpoint = -1
+            if program.checkpoint_after(last, since if count == 1 else 0.0):
+                checkpoint = last
+                state.last_checkpoint = time.monotonic()
+            sent = self._send(program, state.next_step, count, islands, checkpoint)
+            sent.gate = gate
+            sent.island_ids = island_ids
+            pending.append(sent)
+            state.next_step += count
+
+        def granted(task: asyncio.Future, count: int, since: float) -> None:
+            state.acquiring = None
+            if task.cancelled():
+                return
+            if task.exception() is not None:
+                state.stopped = True
+                return
+            launch(task.result(), count, since)
+
         try:
             while True:
-                while next_step < program.steps and len(pending) < self.window:
+                while (
+                    state.acquiring is None
+                    and not state.stopped
+                    and state.next_step < program.steps
+                    and self._wants_slice(job_id, pending)
+                ):
                     if should_stop():
+                        state.stopped = True
                         break
                     mixture = program.mixture
-                    if pending and mixture is not None and not mixture.ready(next_step):
+                    if pending and mixture is not None and not mixture.ready(state.next_step):
                         break  # its weights need the losses of a step still in flight
-                    if gate is not None:
-                        if not await gate.acquire(program.job_id):
-                            break
-                        if should_stop():
-                            gate.done(program.job_id, [i.id for i in islands], None)
-                            break
-                    checkpoint = program.checkpoint_after(
-                        next_step, time.monotonic() - last_checkpoint
-                    )
-                    if checkpoint:
-                        last_checkpoint = time.monotonic()
-                    calls = self._send(program, next_step, islands, checkpoint)
-                    if gate is not None:
-                        _release_when_done(gate, program.job_id, islands, calls)
-                    pending.append((next_step, calls))
-                    next_step += 1
+                    since = time.monotonic() - state.last_checkpoint
+                    count = self.slice_steps(program, state.next_step, since)
+                    if gate is None:
+                        launch(True, count, since)
+                        continue
+                    # The slot is asked for while the current slice's steps are read (a
+                    # slot frees when its slice is read to the end); the grant sends it.
+                    task = asyncio.ensure_future(gate.acquire(job_id, count))
+                    task.add_done_callback(lambda t, c=count, s=since: granted(t, c, s))
+                    state.acquiring = task
                 if not pending:
+                    if state.acquiring is not None:
+                        await asyncio.wait([state.acquiring])
+                        continue
                     return completed
-                step, calls = pending.popleft()
-                report = await self._collect(program, step, calls)
+                current = pending[0]
+                report = await self._collect(program, current)
+                current.reported += 1
                 if program.mixture is not None:
-                    program.mixture.observe(step, report.loss_stats)
+                    program.mixture.observe(report.step, report.loss_stats)
                 completed += 1
+                if current.reported == current.count:
+                    pending.popleft()
+                    current.release(job_id)
                 if on_step is not None:
                     result = on_step(report)
                     if inspect.isawaitable(result):
                         await result
+                if pending and abandon():
+                    state.closed = True
+                    for sent in pending:
+                        for *_, call in sent.calls:
+                            call.cancel()
+                        sent.release(job_id)
+                    pending.clear()
+                    await self.fill_gaps(islands)
+                    return completed
         except BaseException as e:
+            state.closed = True
             # Release hosts waiting in an exchange on a peer whose step will not come.
             if len(islands) > 1:
                 await self.abort(
@@ -308,33 +458,60 @@ class Dispatcher:
                     islands,
                     f"the controller stopped the step program: {e!r}"[:200],
                 )
-            # Let the steps already sent settle (the hosts run them anyway), then clean up.
-            for _, calls in pending:
-                for *_, task in calls:
-                    task.cancel()
-            await asyncio.gather(
-                *(task for _, calls in pending for *_, task in calls), return_exceptions=True
-            )
+            # Cancel the slices in flight: the hosts skip their steps not run yet.
+            for sent in pending:
+                for *_, call in sent.calls:
+                    call.cancel()
+                sent.release(job_id)
             await self.fill_gaps(islands)
             raise
+        finally:
+            state.closed = True
+            if state.acquiring is not None:
+                state.acquiring.cancel()
 
-    async def _collect(
-        self, program: StepProgram, step: int, calls: list[tuple[str, int, asyncio.Task]]
-    ) -> StepReport:
-        tasks = [task for *_, task in calls]
-        _, waiting = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        if waiting:
-            # A host failed: the others may wait on it (an exchange, a multi-host island's
-            # collective). Give them a moment, then stop waiting: `run` aborts the exchanges.
-            _, waiting = await asyncio.wait(waiting, timeout=FAIL_FAST_GRACE_S)
-            for task in waiting:
-                task.cancel()
-            await asyncio.gather(*waiting, return_exceptions=True)
-        results = [
-            _NOT_ANSWERED if task.cancelled() else (task.exception() or task.result())
-            for task in tasks
-        ]
+    def _wants_slice(self, job_id: str, pending: collections.deque[_Slice]) -> bool:
+        """Whether to send the next slice now: none in flight, or room in the window and
+        the newest one close to its end (about `lead_s` of its steps left)."""
+        if not pending:
+            return True
+        if len(pending) >= self.window:
+            return False
+        newest = pending[-1]
+        left = newest.count - newest.reported
+        step_s = self._step_s.get(job_id) or 0.0
+        return left <= 1 or left * step_s <= self.lead_s
+
+    def _learn(self, job_id: str, step_s: float) -> None:
+        old = self._step_s.get(job_id)
+        self._step_s[job_id] = step_s if old is None else 0.8 * old + 0.2 * step_s
+
+    async def _collect(self, program: StepProgram, sent: _Slice) -> StepReport:
+        """The next step of a slice in flight, read from every host's stream."""
+        step = sent.first + sent.reported
+        calls = sent.calls
+        if len(calls) == 1:
+            try:
+                results: list[Any] = [await _read(calls[0][2])]
+            except grpc.aio.AioRpcError as e:
+                results = [e]
+        else:
+            tasks = [asyncio.ensure_future(_read(call)) for *_, call in calls]
+            _, waiting = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            if waiting:
+                # A host failed: the others may wait on it (an exchange, a multi-host
+                # island's collective). Give them a moment, then stop waiting: `run` aborts
+                # the exchanges.
+                _, waiting = await asyncio.wait(waiting, timeout=FAIL_FAST_GRACE_S)
+                for task in waiting:
+                    task.cancel()
+                await asyncio.gather(*waiting, return_exceptions=True)
+            results = [
+                _NOT_ANSWERED if task.cancelled() else (task.exception() or task.result())
+                for task in tasks
+            ]
         hosts = []
+        reply_bytes = 0
         for (island, host_index, _), result in zip(calls, results, strict=True):
             if (
                 isinstance(result, grpc.aio.AioRpcError)
@@ -363,10 +540,22 @@ class Dispatcher:
                 )
             if isinstance(result, BaseException):
                 raise result
+            if result.step != step:
+                raise DispatchError(
+                    "step_failed",
+                    f"island {island} host {host_index} answered step {result.step} of job "
+                    f"{program.job_id!r} where step {step} was due.",
+                    grpc.StatusCode.INTERNAL,
+                )
             hosts.append(HostStep(island, host_index, result))
+            reply_bytes += result.ByteSize()
+        RPC_BYTES.add("RunSlice", reply_bytes)
         # Host 0 of each island reports its island's mean loss; the islands' slices are equal.
-        island_losses = [h.reply.loss for h in hosts if h.host_index == 0]
-        loss = sum(island_losses) / len(island_losses)
+        if len(hosts) == 1:
+            loss = hosts[0].reply.loss
+        else:
+            island_losses = [h.reply.loss for h in hosts if h.host_index == 0]
+            loss = sum(island_losses) / len(island_losses)
         if loss != loss or loss in (float("inf"), float("-inf")):
             raise DispatchError(
                 "nan_loss", f"step {step} of job {program.job_id!r} gave loss {loss}."
@@ -374,6 +563,8 @@ class Dispatcher:
         start_ns = min(h.reply.timings.start_unix_ns for h in hosts)
         end_ns = max(h.reply.timings.end_unix_ns for h in hosts)
         step_time_s = max(end_ns - start_ns, 1) / 1e9
+        self._learn(program.job_id, step_time_s)
+        sent.busy_s += step_time_s
         return StepReport(
             step=step,
             loss=loss,
@@ -385,26 +576,51 @@ class Dispatcher:
         )
 
 
-def _release_when_done(
-    gate: StepGate,
-    job_id: str,
-    islands: Sequence[Island],
-    calls: list[tuple[str, int, asyncio.Task]],
-) -> None:
-    """Call `gate.done` once every host has answered the step (whether or not the
-    controller has read the replies yet), with the step's host-measured seconds."""
-    left = [len(calls)]
+async def _read(call: Any) -> worker_pb2.RunStepReply:
+    """The next reply of a RunSlice stream (AioRpcError when the slice failed)."""
+    reply = await call.read()
+    if reply is grpc.aio.EOF:
+        await call  # raises the stream's error status, if any
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.INTERNAL,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="the host ended the slice's stream before its last step",
+        )
+    return reply
 
-    def finished(_: asyncio.Task) -> None:
-        left[0] -= 1
-        if left[0]:
+
+class _RunState:
+    """Where one `Dispatcher.run` is: the next step to grant, a slot being asked for."""
+
+    def __init__(self, next_step: int) -> None:
+        self.next_step = next_step
+        self.last_checkpoint = time.monotonic()  # a run starts from a checkpoint or the seed
+        self.acquiring: asyncio.Future | None = None
+        self.stopped = False
+        self.closed = False
+
+
+class _Slice:
+    """A slice in flight: steps first .. first + count - 1, one RunSlice stream per host."""
+
+    __slots__ = ("first", "count", "calls", "reported", "busy_s", "gate", "island_ids", "_freed")
+
+    def __init__(self, first: int, count: int, calls: list[tuple[str, int, Any]]) -> None:
+        self.first = first
+        self.count = count
+        self.calls = calls
+        self.reported = 0
+        self.busy_s = 0.0
+        self.gate: StepGate | None = None
+        self.island_ids: list[str] = []
+        self._freed = False
+
+    def release(self, job_id: str) -> None:
+        """Free the slice's slot on the gate once (with its host-measured seconds when
+        every step was read)."""
+        if self._freed or self.gate is None:
             return
-        step_s = None
-        for *_, task in calls:
-            if not task.cancelled() and task.exception() is None:
-                t = task.result().timings
-                step_s = max(step_s or 0.0, (t.end_unix_ns - t.start_unix_ns) / 1e9)
-        gate.done(job_id, [i.id for i in islands], step_s)
-
-    for *_, task in calls:
-        task.add_done_callback(finished)
+        self._freed = True
+        busy = self.busy_s if self.reported == self.count else None
+        self.gate.done(job_id, self.island_ids, busy, self.count)

@@ -53,6 +53,10 @@ class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
         self._lock = threading.Lock()
         self.bytes: collections.Counter[str] = collections.Counter()
 
+    def add(self, method: Any, size: int) -> None:
+        """Count `size` bytes of `method` (streams are counted by their callers)."""
+        self._add(method, size)
+
     def _add(self, method: Any, size: int) -> None:
         name = method.decode() if isinstance(method, bytes) else str(method)
         with self._lock:
@@ -89,6 +93,14 @@ class HostHandle:
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerServiceStub
     info: worker_pb2.InfoReply
+    # The cluster credential its calls carry: unary calls get it from the channel's
+    # interceptor; streams (RunSlice) pass `metadata()` themselves, which spares every
+    # streamed reply grpc.aio's interceptor wrapping.
+    credential: Credential | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Call metadata carrying the credential's current secret (None: no credential)."""
+        return None if self.credential is None else self.credential.metadata()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -134,7 +146,7 @@ async def connect_host(
             f"but this controller speaks version {wire_version}; run matching pathways_lite "
             "versions."
         )
-    return HostHandle(address, channel, stub, info)
+    return HostHandle(address, channel, stub, info, credential)
 
 
 # A request for every host, or a function of (host index, host) giving each host's own.

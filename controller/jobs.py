@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ class Reporter:
         self.steps_total = 0
         self.failures_total = 0
         self.job_memory: dict[str, int] = {}
+        self._batches: dict[str, _StepBatch] = {}
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         """Move a job to `state` in the store, log it and tell its followers."""
@@ -107,65 +109,161 @@ class Reporter:
             logger.exception("recording the failure of job %s", job_id)
 
     def step(self, record: JobRecord, report: StepReport, mixture: Any = None) -> None:
-        """Record a completed step: metrics, followers, the islands' timeline, host logs."""
-        if record.id in self.views.phases:
-            self.phase(record.id, "")
+        """Record a completed step: metrics, followers, the islands' timeline, host logs.
+
+        The step's store row and its hosts' log lines are batched: written at most every
+        FLUSH_S (one transaction, one log line per host for the steps since), and whenever
+        `flush` is called (before a checkpoint is registered and when the job's steps stop),
+        so a crash loses at most steps after the newest registered checkpoint, which the
+        job runs again from there: every step's metrics are recorded exactly once.
+        """
+        job_id = record.id
+        if job_id in self.views.phases:
+            self.phase(job_id, "")
+        batch = self._batches.get(job_id)
+        if batch is None:
+            # MFU is linear in tokens/s: one figure per batch, not a view's work per step.
+            batch = self._batches[job_id] = _StepBatch(
+                time.monotonic(), self.views.mfu(record, 1.0)
+            )
+        mfu = batch.mfu_per_token_s * report.tokens_per_s
         sources = None
         if report.loss_stats and mixture is not None:
             losses, tokens = mixture.source_metrics(report.loss_stats)
             stats = list(report.loss_stats)  # exact: a restore recomputes weights from them
             sources = json.dumps({"loss": losses, "tokens": tokens, "stats": stats})
-        metrics = self.views.step_metrics(
-            record,
-            report.step,
-            report.loss,
-            report.tokens_per_s,
-            report.step_time_s,
-            now(),
-            sources=sources,
-        )
-        self.store.record_metrics(
-            record.id,
-            report.step,
-            report.loss,
-            tokens_per_s=report.tokens_per_s,
-            step_time_s=report.step_time_s,
-            mfu=metrics.mfu,
-            sources=sources,
+        batch.rows.append(
+            (report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu, sources)
         )
         self.steps_total += 1
-        self.events.publish(record.id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
-        for host in report.hosts:
-            t = host.reply.timings
-            if host.host_index == 0 and host.island in self.views.timeline:
-                self.views.timeline[host.island].append(
-                    TimelineEntry(
-                        record.id,
-                        report.step,
-                        t.start_unix_ns,
-                        t.end_unix_ns,
-                        host.reply.island_seq,
-                    )
-                )
-        for host in report.hosts:
-            t = host.reply.timings
-            queued_ms = (t.start_unix_ns - t.received_unix_ns) / 1e6
-            ran_ms = (t.end_unix_ns - t.start_unix_ns) / 1e6
-            ts = now()
-            ts.FromNanoseconds(t.end_unix_ns)
-            self.logs.add(
-                record.id,
-                controller_pb2.LogRecord(
-                    time=ts,
-                    source=f"{host.island}/{host.host_index}",
-                    level="INFO",
-                    logger="pathways_lite.workers.service",
-                    message=(
-                        f"step {report.step} (island_seq {host.reply.island_seq}): loss "
-                        f"{host.reply.loss:.6f}, queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
-                    ),
-                ),
+        if self.events.followed(job_id):
+            metrics = self.views.step_metrics(
+                record,
+                report.step,
+                report.loss,
+                report.tokens_per_s,
+                report.step_time_s,
+                now(),
+                mfu=mfu,
+                sources=sources,
             )
+            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
+        for host in report.hosts:
+            reply = host.reply
+            t = reply.timings
+            if host.host_index == 0:
+                timeline = self.views.timeline.get(host.island)
+                if timeline is not None:
+                    timeline.append(
+                        TimelineEntry(
+                            job_id, report.step, t.start_unix_ns, t.end_unix_ns, reply.island_seq
+                        )
+                    )
+            batch.host(host.island, host.host_index).add(report.step, reply)
+        if time.monotonic() - batch.started >= FLUSH_S:
+            self.flush(job_id)
+
+    def flush(self, job_id: str) -> None:
+        """Write a job's batched step rows (one transaction) and host log lines."""
+        batch = self._batches.pop(job_id, None)
+        if batch is None:
+            return
+        self.store.record_metrics_batch(job_id, batch.rows)
+        for (island, host_index), lines in batch.hosts.items():
+            for end_ns, message in lines.messages():
+                ts = now()
+                ts.FromNanoseconds(end_ns)
+                self.logs.add(
+                    job_id,
+                    controller_pb2.LogRecord(
+                        time=ts,
+                        source=f"{island}/{host_index}",
+                        level="INFO",
+                        logger="pathways_lite.workers.service",
+                        message=message,
+                    ),
+                )
+
+    def discard(self, job_id: str) -> None:
+        """Forget a job's batched steps (its metrics are being rolled back)."""
+        self._batches.pop(job_id, None)
+
+
+# Longest time a job's step rows and host log lines wait to be written.
+FLUSH_S = 0.05
+
+
+class _HostLines:
+    """One host's steps since the last flush: one log line per slice it ran."""
+
+    __slots__ = (
+        "done",
+        "received_ns",
+        "first",
+        "last",
+        "first_seq",
+        "last_seq",
+        "loss",
+        "queued_ns",
+        "ran_ns",
+        "end_ns",
+    )
+
+    def __init__(self) -> None:
+        self.done: list[tuple[int, str]] = []
+        self.received_ns = -1
+        self.first = self.last = -1
+        self.first_seq = self.last_seq = 0
+        self.loss = 0.0
+        self.queued_ns = self.ran_ns = self.end_ns = 0
+
+    def add(self, step: int, reply: worker_pb2.RunStepReply) -> None:
+        t = reply.timings
+        if t.received_unix_ns != self.received_ns:  # the first step of another slice
+            if self.first >= 0:
+                self.done.append((self.end_ns, self._message()))
+            self.received_ns = t.received_unix_ns
+            self.first, self.first_seq = step, reply.island_seq
+            self.queued_ns = self.ran_ns = 0
+        self.last, self.last_seq = step, reply.island_seq
+        self.loss = reply.loss
+        self.queued_ns += t.start_unix_ns - t.received_unix_ns
+        self.ran_ns += t.end_unix_ns - t.start_unix_ns
+        self.end_ns = t.end_unix_ns
+
+    def messages(self) -> list[tuple[int, str]]:
+        """(end time, line) of every slice since the last flush."""
+        return [*self.done, (self.end_ns, self._message())] if self.first >= 0 else self.done
+
+    def _message(self) -> str:
+        n = self.last - self.first + 1
+        queued_ms, ran_ms = self.queued_ns / 1e6 / n, self.ran_ns / 1e6 / n
+        if n == 1:
+            return (
+                f"step {self.first} (island_seq {self.first_seq}): loss {self.loss:.6f}, "
+                f"queued {queued_ms:.1f} ms, ran {ran_ms:.1f} ms"
+            )
+        return (
+            f"steps {self.first}-{self.last} (island_seq {self.first_seq}-{self.last_seq}, "
+            f"one slice): loss {self.loss:.6f} at step {self.last}, mean queued "
+            f"{queued_ms:.2f} ms, mean ran {ran_ms:.3f} ms"
+        )
+
+
+class _StepBatch:
+    """A job's completed steps not written yet."""
+
+    def __init__(self, started: float, mfu_per_token_s: float) -> None:
+        self.started = started
+        self.mfu_per_token_s = mfu_per_token_s
+        self.rows: list[tuple[int, float, float, float, float | None, str | None]] = []
+        self.hosts: dict[tuple[str, int], _HostLines] = {}
+
+    def host(self, island: str, host_index: int) -> _HostLines:
+        lines = self.hosts.get((island, host_index))
+        if lines is None:
+            lines = self.hosts[island, host_index] = _HostLines()
+        return lines
 
 
 @dataclasses.dataclass
@@ -437,9 +535,14 @@ class JobRunner:
                         self.cancel_requested or self.suspend_requested or self.drain_requested
                     ),
                     gate=p.scheduler,
+                    abandon=lambda: self.cancel_requested,
                 )
             finally:
                 p.scheduler.leave(self.job_id)
+                try:
+                    p.reporter.flush(self.job_id)
+                except StoreError:
+                    logger.exception("recording the steps of job %s", self.job_id)
             done = program.start_step + completed >= program.steps
             stop = self.cancel_requested or self.drain_requested
             if stop or done or not self.suspend_requested:
@@ -521,10 +624,14 @@ class JobRunner:
 
     def _step_done(self, report: StepReport) -> None:
         """Record the step, then register the checkpoints it reports committed."""
+        reporter = self.parts.reporter
         attempt = self._attempt
-        mixture = attempt.program.mixture if attempt is not None else None
-        self.parts.reporter.step(self.record, report, mixture)
-        if attempt is not None:
+        reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
+        if attempt is not None and report.checkpoints_committed:
+            if any(s not in attempt.registered for s in report.checkpoints_committed):
+                # Metrics first: a registered checkpoint never runs ahead of the recorded
+                # steps, so a crash's lost batch is run (and recorded) again from it.
+                reporter.flush(self.job_id)
             self.parts.recovery.on_step(attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1
         if every and done % every == 0 and done < self.record.spec.train.steps:

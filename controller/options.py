@@ -132,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="NAME:HOSTS:DEVICES_PER_HOST[:MEMORY_PER_DEVICE]; repeat for every island",
     )
-    p.add_argument("--window", type=int, default=2, help="steps in flight per job")
+    p.add_argument("--window", type=int, default=2, help="step slices in flight per job")
+    p.add_argument(
+        "--slice-ms",
+        type=float,
+        default=50.0,
+        help="how long a job's slice of consecutive steps lasts (K = this / its step time)",
+    )
     p.add_argument(
         "--peak-flops",
         type=parse_flops,

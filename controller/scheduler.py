@@ -9,11 +9,12 @@ fit (more islands than the cluster, more memory than any island's budget) is ref
 the rest wait (controller/admission.py orders them). Several jobs may be resident on one
 island as long as the sum of their demands fits its budget: `place` never exceeds it.
 
-Step slots. Jobs resident on shared islands take turns through `acquire`: every island has
-`slots` steps in flight at most (over all its jobs), and a free slot goes to the waiting job
-with the smallest stride-scheduling pass; a job's pass advances by (its measured step
-seconds) / weight per granted step, so device time follows the weights (`share_by="time"`),
-or by 1 / weight so step counts do (`share_by="steps"`). Time is the default: the step is
+Step slots. Jobs resident on shared islands take turns through `acquire`, slice by slice (a
+slot holds a slice of K consecutive steps, controller/dispatch.py): every island has `slots`
+slices in flight at most (over all its jobs), and a free slot goes to the waiting job with the
+smallest stride-scheduling pass; a job's pass advances by K x (its measured step seconds) /
+weight per granted slice, so device time follows the weights (`share_by="time"`), or by
+K / weight so step counts do (`share_by="steps"`). Time is the default: the slice is
 charged at grant time by the job's smoothed step seconds and corrected by what the hosts
 measured when it ends. A job first in pass order that is not asking for a moment (its
 controller loop is reading a reply) keeps its turn for up to HOLD_S while its islands are
@@ -77,6 +78,8 @@ class _Slots:
     step_s: float | None = None
     waiter: asyncio.Future | None = None
     inflight: int = 0
+    # Steps in the slice it is asking for.
+    asking: int = 1
     # Until when (event-loop time) a free slot is held for it while it is not asking.
     hold_until: float = 0.0
     # Costs charged at grant time for steps not finished yet (corrected by `done`).
@@ -312,18 +315,29 @@ class Scheduler:
             slots.waiter = None
         self._grant()
 
-    async def acquire(self, job_id: str) -> bool:
-        """Wait for a step slot on every island of `job_id`; False when interrupted."""
+    async def acquire(self, job_id: str, steps: int = 1) -> bool:
+        """Wait for a slot for a slice of `steps` steps on every island of `job_id`; False
+        when interrupted. The slice is charged `steps` times the job's step cost."""
         slots = self._jobs.get(job_id)
         if slots is None:
             return True  # not stride-scheduled (a job outside the arbiter)
+        slots.asking = max(1, steps)
         slots.waiter = asyncio.get_running_loop().create_future()
         waiter = slots.waiter
         self._grant()
-        return await waiter
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Granted just before the asker gave up: free the slot it will never use.
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.done(job_id, slots.islands, None, steps)
+            raise
 
-    def done(self, job_id: str, islands: Iterable[str], step_s: float | None) -> None:
-        """A granted step finished on its hosts: free its slots, learn its step time."""
+    def done(
+        self, job_id: str, islands: Iterable[str], step_s: float | None, steps: int = 1
+    ) -> None:
+        """A granted slice of `steps` steps finished on its hosts in `step_s` seconds in all
+        (None: failed or cut short): free its slots, learn its step time."""
         for island in islands:
             self._inflight[island] = max(0, self._inflight[island] - 1)
         slots = self._jobs.get(job_id)
@@ -336,10 +350,11 @@ class Scheduler:
                 # Charge what the step really took instead of the estimate granted on.
                 slots.pass_ += (step_s - charged) / slots.weight
             if step_s is not None and step_s > 0:
+                per_step = step_s / max(1, steps)
                 slots.step_s = (
-                    step_s
+                    per_step
                     if slots.step_s is None
-                    else (1 - STEP_TIME_EMA) * slots.step_s + STEP_TIME_EMA * step_s
+                    else (1 - STEP_TIME_EMA) * slots.step_s + STEP_TIME_EMA * per_step
                 )
         self._grant()
 
@@ -391,7 +406,7 @@ class Scheduler:
             for island in islands:
                 self._inflight[island] += 1
             slots.inflight += 1
-            cost = self._cost(slots)
+            cost = self._cost(slots) * slots.asking
             slots.charged.append(cost)
             slots.pass_ += cost / slots.weight
             slots.hold_until = now + HOLD_S

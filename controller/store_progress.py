@@ -122,6 +122,65 @@ class ProgressTables:
             )
         return True
 
+    def record_metrics_batch(
+        self,
+        job_id: str,
+        rows: list[tuple[int, float, float, float, float | None, str | None]],
+    ) -> int:
+        """Record consecutive completed steps in one transaction: `rows` of (step, loss,
+        tokens_per_s, step_time_s, mfu, sources) in step order (the controller batches a slice's
+        steps). Steps recorded before with the same loss are skipped (a replayed step), as
+        in `record_metrics`; returns how many rows were inserted.
+
+        Raises:
+            JobNotFoundError: no such job.
+            ValueError: a loss is not finite, or a step is negative.
+            MetricConflictError: a step was recorded with another loss, or the steps are not
+                consecutive from the next step to record.
+        """
+        if not rows:
+            return 0
+        for step, loss, *_ in rows:
+            if not math.isfinite(loss):
+                raise ValueError(f"loss={loss!r} of step {step} is not finite.")
+            if step < 0:
+                raise ValueError(f"step={step} must be >= 0.")
+        with self._transaction() as conn:
+            self._require_job(conn, job_id)
+            first, last = rows[0][0], rows[-1][0]
+            known = dict(
+                conn.execute(
+                    "SELECT step, loss FROM metrics WHERE job_id = ? AND step BETWEEN ? AND ?",
+                    (job_id, first, last),
+                ).fetchall()
+            )
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            new = []
+            for step, loss, tokens_per_s, step_time_s, mfu, sources in rows:
+                if step in known:
+                    if known[step] != loss:
+                        raise MetricConflictError(
+                            f"step {step} of job {job_id!r} was recorded with loss "
+                            f"{known[step]!r}, not {loss!r}."
+                        )
+                    continue
+                if step != count + len(new):
+                    raise MetricConflictError(
+                        f"step {step} of job {job_id!r} arrived out of order: the next step to "
+                        f"record is {count + len(new)}."
+                    )
+                new.append(
+                    (job_id, step, loss, tokens_per_s, step_time_s, self._clock_us(), mfu, sources)
+                )
+            conn.executemany(
+                "INSERT INTO metrics (job_id, step, loss, tokens_per_s, step_time_s, time_us, mfu,"
+                " sources) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                new,
+            )
+        return len(new)
+
     def truncate_metrics(self, job_id: str, from_step: int) -> int:
         """Forget the metrics of steps >= from_step (a rollback to a checkpoint); returns how
         many rows went."""

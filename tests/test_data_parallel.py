@@ -115,17 +115,17 @@ class Record:
 
 async def dispatch(addresses: list[str], spec, job_id: str, epoch: int = 1):
     """Load, run and unload a job with the controller's Dispatcher; the step reports and the
-    controller's RunStep bytes over the run."""
+    controller's RunSlice bytes over the run."""
     islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
     try:
         # A fresh epoch restarts the hosts' island sequence (as a new controller would).
         dispatcher = Dispatcher(epoch=epoch)
         program = palm_program(Record(job_id, spec))
         await dispatcher.load(program, islands)
-        before = RPC_BYTES.snapshot().get("RunStep", 0)
+        before = RPC_BYTES.snapshot().get("RunSlice", 0)
         reports = []
         await dispatcher.run(program, islands, on_step=reports.append)
-        run_bytes = RPC_BYTES.snapshot().get("RunStep", 0) - before
+        run_bytes = RPC_BYTES.snapshot().get("RunSlice", 0) - before
         digests = [
             await island.hosts[0].stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=job_id))
             for island in islands

@@ -3,6 +3,7 @@
 island_host.py      the island host Ray actor and its group (placement, jax.distributed)
 host.py             host facts: HostMetadata, devices, memory budget, worker wire version
 service.py          WorkerService: the controller's job operations on this host
+serving.py          `serve` and BackgroundServer: the host's port (worker, exchange, health)
 requests.py         decoding LoadJob into an IslandJobSpec (INVALID_ARGUMENT naming the field)
 ordering.py         StepOrder: epochs, island_seq, idempotent RunStep replay
 checkpoint.py       orbax checkpoints and the policy (who writes, when, restore)

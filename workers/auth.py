@@ -195,16 +195,19 @@ def refusal(
 
 class CredentialMetadata(grpc.aio.UnaryUnaryClientInterceptor):
     """Adds the credential's current secret to every unary call of a channel (the controller's
-    channels to its hosts; a rotation takes effect on the next call)."""
+    channels to its hosts; a rotation takes effect on the next call).
+    Server-streaming calls (RunSlice) pass the metadata themselves."""
 
     def __init__(self, credential: Credential) -> None:
         self._credential = credential
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    def _details(self, client_call_details):
         metadata = grpc.aio.Metadata(*(client_call_details.metadata or ()))
         metadata[METADATA_KEY] = bearer(self._credential.secret)
-        details = client_call_details._replace(metadata=metadata)
-        return await continuation(details, request)
+        return client_call_details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
 
 
 def host_auth(credential: Credential) -> AuthInterceptor:

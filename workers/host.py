@@ -19,7 +19,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 4: RunStep carries a mixture's weights and its reply the global (sum, count) loss stats; a
 #    mixture dataset folder is a LoadJob data source (an older host would ignore the weights).
 # 5: LoadJob init_from (parameters only) and the Evaluate rpc.
-WORKER_WIRE_VERSION = 5
+# 6: RunSlice: a slice of steps streamed back step by step (ExecutionEntry's
+#    received_unix_ns).
+WORKER_WIRE_VERSION = 6
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ import ray
 from .auth import Credential
 from .host import DeviceRecord, HostMetadata, default_memory_budget
 from .ray_cluster import NAMESPACE, island_resource
-from .service import BackgroundServer, WorkerServicer
+from .service import WorkerServicer
+from .serving import BackgroundServer
 from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)

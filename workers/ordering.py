@@ -41,6 +41,44 @@ MAX_RECORDED_STEPS = 1024
 SEQ_GAP_WAIT_S = 2.0
 
 Outcome = worker_pb2.RunStepReply | RpcRejection
+# How long the island_seq numbers of a slice's steps that were not run wait for their turn
+# to be skipped (the steps before them may still be queued behind other jobs' steps).
+SKIP_WAIT_S = 600.0
+
+
+def slice_steps(request: worker_pb2.RunSliceRequest) -> list[worker_pb2.RunStepRequest]:
+    """The steps of a RunSlice, in order: its explicit `steps`, or the compact range.
+
+    Raises:
+        RpcRejection: INVALID_ARGUMENT naming the field whose value does not fit the slice.
+    """
+    if request.steps:
+        for step in request.steps:
+            for field in ("job_id", "generation", "epoch"):
+                if getattr(step, field) != getattr(request, field):
+                    raise RpcRejection(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"steps[].{field}={getattr(step, field)!r} does not match the slice's "
+                        f"{field}={getattr(request, field)!r}.",
+                    )
+        return list(request.steps)
+    if request.count < 1:
+        raise RpcRejection(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"count={request.count} must be at least 1 (or give the steps).",
+        )
+    checkpoints = set(request.checkpoint_steps)
+    return [
+        worker_pb2.RunStepRequest(
+            job_id=request.job_id,
+            generation=request.generation,
+            step=request.first_step + i,
+            island_seq=request.first_island_seq + i,
+            epoch=request.epoch,
+            checkpoint=request.first_step + i in checkpoints,
+        )
+        for i in range(request.count)
+    ]
 
 
 class StepRecords:
@@ -110,6 +148,7 @@ class StepOrder:
         self.next_seq = 0
         # Set (and replaced) whenever next_seq or the epoch changes; RunSteps ahead wait on it.
         self._seq_event: asyncio.Event | None = None
+        self._skips: set[asyncio.Task] = set()
 
     def check_epoch(self, epoch: int) -> None:
         """Refuse a stale epoch; a newer one is adopted and starts a fresh island sequence.
@@ -159,6 +198,24 @@ class StepOrder:
                 await asyncio.wait_for(self._seq_event.wait(), left)
             except TimeoutError:
                 return
+
+    def skip_when_due(self, island_seqs: list[int], epoch: int) -> None:
+        """Skip `island_seqs` (ascending) as their turns come: the numbers of a slice's steps
+        that were not run (a failed step, a cancelled stream). Numbers already used are left
+        alone; a newer epoch drops the rest."""
+
+        async def skip_all() -> None:
+            for seq in island_seqs:
+                if seq > self.next_seq:
+                    await self._wait_for_seq(seq, epoch, SKIP_WAIT_S)
+                if epoch != self.newest_epoch or seq > self.next_seq:
+                    return
+                if seq == self.next_seq:
+                    self.skip(seq)
+
+        task = asyncio.get_running_loop().create_task(skip_all())
+        self._skips.add(task)
+        task.add_done_callback(self._skips.discard)
 
     def skip(self, island_seq: int) -> tuple[int, bool]:
         """Fill `island_seq` without running anything (an already filled one is a no-op).

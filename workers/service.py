@@ -5,7 +5,7 @@ ordering rules (workers/ordering.py: epochs, island_seq, idempotent RunStep), ru
 runtime's blocking JAX work on one runtime thread (compiles on a thread of their own), so
 Info and the standard health service answer while a step runs, and asks for checkpoints
 (workers/checkpoint.py). The peers' endpoint, ExchangeService (workers/exchange_service.py),
-is served beside it on the same port (`serve`). It knows nothing of Ray.
+is served beside it on the same port (workers/serving.py's `serve`). It knows nothing of Ray.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
-from . import exchange_service, rpc
-from .auth import Credential, host_auth
+from . import rpc
+from .auth import Credential
 from .checkpoint import CheckpointError, CheckpointWriteError, JobCheckpoints, init_job, restore_job
 from .exchange import (
-    MAX_MESSAGE_BYTES,
     DigestMismatchError,
     ExchangeAbortedError,
     ExchangeError,
@@ -38,16 +37,16 @@ from .exchange import (
 from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
-from .ordering import StepOrder, StepRecords, same_load
+from .ordering import StepOrder, StepRecords, same_load, slice_steps
 from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
 from .runtimes import RuntimeFactory, make_runtime
+from .serving import SERVICE_NAME, BackgroundServer, serve  # noqa: F401 (re-exported)
 from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Executed steps kept in the host's execution log (ExecutionLog rpc).
 EXECUTION_LOG_STEPS = 8192
 
@@ -140,6 +139,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_workers=1, thread_name_prefix="island-compile"
         )
         self._device_lock: asyncio.Lock | None = None
+        # The tasks running RunSlice streams' steps.
+        self._slices: set[asyncio.Future] = set()
         # Every executed step: (job, generation, step, island_seq, start, end, epoch).
         self.execution_log: collections.deque[worker_pb2.ExecutionEntry] = collections.deque(
             maxlen=EXECUTION_LOG_STEPS
@@ -318,7 +319,56 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @_rpc
     async def RunStep(self, request: worker_pb2.RunStepRequest, context) -> Any:
         """Run one step in island-sequence order; a retry returns the recorded result."""
+        return await self._run_step(request, time.time_ns())
+
+    @_rpc
+    async def RunSlice(self, request: worker_pb2.RunSliceRequest, context) -> Any:
+        """Run a slice of steps back to back, streaming each step's reply in step order.
+
+        Every step goes through RunStep's path (ordering, idempotency, checkpoints). The
+        stream ends at the first failed step with its status; the island_seq numbers of the
+        steps not run are skipped when their turn comes, so the island's next steps are not
+        held up by them.
+        """
         received_ns = time.time_ns()
+        check_job_id(request.job_id)
+        self.order.check_epoch(request.epoch)
+        steps = slice_steps(request)
+        # The steps run in a task of their own, back to back, while this handler writes
+        # their replies: a step never waits for the previous reply's write. When the stream
+        # goes (cancelled, or a step failed), the step in progress completes and is
+        # recorded, and the island_seq numbers of the steps not started are skipped.
+        replies: asyncio.Queue = asyncio.Queue()
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            for index, step in enumerate(steps):
+                if stop.is_set():
+                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
+                try:
+                    reply = await self._run_step(step, received_ns)
+                except BaseException as e:  # noqa: BLE001 - handed to the stream
+                    replies.put_nowait(e)
+                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
+                replies.put_nowait(reply)
+
+        producer = asyncio.ensure_future(produce())
+        self._slices.add(producer)
+        producer.add_done_callback(self._slices.discard)
+        try:
+            for _ in steps:
+                item = await replies.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    async def _run_step(
+        self, request: worker_pb2.RunStepRequest, received_ns: int
+    ) -> worker_pb2.RunStepReply:
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         job = self._job(request.job_id)
@@ -376,6 +426,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     start_unix_ns=start_ns,
                     end_unix_ns=end_ns,
                     epoch=request.epoch,
+                    received_unix_ns=received_ns,
                 )
             )
         return worker_pb2.RunStepReply(
@@ -576,76 +627,3 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             next_island_seq=self.order.next_seq,
             running_job=self._running_job,
         )
-
-
-# ---- serving -------------------------------------------------------------------------------
-
-
-async def serve(
-    servicer: WorkerServicer,
-    host: str,
-    port: int = 0,
-    *,
-    started: Callable[[int], None] | None = None,
-    stop: asyncio.Event | None = None,
-    grace_s: float = 5.0,
-) -> None:
-    """Serve WorkerService, ExchangeService, grpc.health.v1 and reflection on host:port
-    until `stop` is set (workers/rpc.py's `serve`).
-
-    Args:
-        servicer: The worker servicer (its `exchange` is the ExchangeService).
-        host: Address to bind (the node's IP).
-        port: Port to bind; 0 picks a free one.
-        started: Called with the bound port once the server accepts calls.
-        stop: Set to stop the server; None serves until cancelled.
-        grace_s: Seconds in-flight calls get to finish when stopping.
-    """
-    m = servicer.metadata
-    # The credential check comes first: a refused call never reaches the byte counter's
-    # deserializer, let alone a servicer.
-    interceptors: list[grpc.aio.ServerInterceptor] = [servicer.exchange.byte_counter]
-    if servicer.credential is not None:
-        interceptors.insert(0, host_auth(servicer.credential))
-    tls = servicer.tls
-    credentials = tls.server_credentials() if tls is not None and tls.wanted(host) else None
-    await rpc.serve(
-        f"worker service of island {m.island} host {m.host_index}",
-        {
-            SERVICE_NAME: servicer.add_to_server,
-            exchange_service.SERVICE_NAME: servicer.exchange.add_to_server,
-        },
-        host,
-        port,
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-        interceptors=interceptors,
-        credentials=credentials,
-        bound=servicer.set_port,
-        started=started,
-        stop=stop,
-        grace_s=grace_s,
-        stopped=servicer.exchange.peers.close,
-    )
-
-
-class BackgroundServer(rpc.ServerThread):
-    """Runs `serve()` on its own event loop in a daemon thread (inside the Ray actor).
-
-    Args:
-        servicer: The worker servicer.
-        host: Address to bind.
-        port: Port to bind; 0 picks a free one.
-    """
-
-    def __init__(self, servicer: WorkerServicer, host: str, port: int = 0) -> None:
-        self.servicer = servicer
-        super().__init__(
-            lambda started, stop: serve(servicer, host, port, started=started, stop=stop),
-            name="worker service",
-            thread_name="worker-grpc",
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop serving (in-flight calls get the grace period) and close the servicer."""
-        super().stop(timeout_s)
-        self.servicer.close()

@@ -1,0 +1,294 @@
+"""Step slices: K steps per RunSlice stream, sized by measured step time, cut at checkpoints,
+stopped within one slice plus the lead, and the island_seq numbers of steps not run skipped.
+
+A real grpc.aio worker service runs in this process (the probe job on one CPU device); the
+controller's Dispatcher drives it over gRPC exactly as the controller does. The store's batch
+of step rows and the scheduler's slice slots are exercised on their own objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import jax
+import pytest
+
+from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.islands import Island, connect_host
+from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
+from pathways_lite.controller.scheduler import Scheduler
+from pathways_lite.controller.store import JobStore
+from pathways_lite.controller.store_progress import MetricConflictError
+from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2
+from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+from pathways_lite.workers.service import WorkerServicer
+from pathways_lite.workers.serving import BackgroundServer
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def host():
+    devices = jax.devices()[:1]
+    meta = HostMetadata.in_process("slices", devices, 256 * 1024 * 1024)
+    server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
+    port = server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def program(job_id: str, steps: int, d: int = 8, **kw) -> StepProgram:
+    def load(at: HostLoad) -> worker_pb2.LoadJobRequest:
+        request = placement_request(at)
+        request.model.CopyFrom(common_pb2.ModelConfig(preset=PROBE_PRESET))
+        request.mesh.CopyFrom(common_pb2.MeshShape(data=1, model=1))
+        request.data_hash = PROBE_DATA_HASH
+        request.global_batch = 8
+        request.seq_len = 1
+        request.model.overrides.update({"d_in": d, "d_out": d, "learning_rate": 1e-3})
+        return request
+
+    return StepProgram(job_id=job_id, generation=0, steps=steps, tokens_per_step=8, load=load, **kw)
+
+
+async def run(address: str, job_id: str, epoch: int, steps: int, **dispatcher_kw):
+    island = Island("slices", [await connect_host(address)])
+    try:
+        dispatcher = Dispatcher(epoch, **dispatcher_kw)
+        prog = program(job_id, steps)
+        await dispatcher.load(prog, [island])
+        reports = []
+        await dispatcher.run(prog, [island], on_step=reports.append)
+        await dispatcher.unload(job_id, [island])
+        return reports
+    finally:
+        await island.close()
+
+
+def slices_of(reports) -> list[list[int]]:
+    """The steps each RunSlice carried (a slice's steps share the time it was received)."""
+    groups: dict[int, list[int]] = {}
+    for r in reports:
+        groups.setdefault(r.hosts[0].reply.timings.received_unix_ns, []).append(r.step)
+    return [groups[k] for k in sorted(groups)]
+
+
+def test_trivial_steps_go_in_slices_of_many_steps_with_the_losses_of_one_step_each(host):
+    sliced = asyncio.run(run(host, "sliced", 1, 300))
+    one_by_one = asyncio.run(run(host, "single", 2, 300, slice_s=0.0))
+    assert [r.step for r in sliced] == list(range(300))
+    assert [r.hosts[0].reply.island_seq for r in sliced] == list(range(300))
+    groups = slices_of(sliced)
+    # The first slice has one step (the step time is not measured yet), then they grow.
+    assert groups[0] == [0]
+    assert max(len(g) for g in groups) >= 10, [len(g) for g in groups]
+    assert all(g == list(range(g[0], g[0] + len(g))) for g in groups)
+    assert all(len(g) == 1 for g in slices_of(one_by_one))
+    # Per-step semantics are unchanged: the same losses step by step.
+    assert [r.loss for r in sliced] == [r.loss for r in one_by_one]
+    # One step at a time on the host, in order.
+    timings = [r.hosts[0].reply.timings for r in sliced]
+    assert all(timings[k + 1].start_unix_ns >= timings[k].end_unix_ns for k in range(299))
+
+
+def test_a_slice_ends_at_the_next_checkpoint_and_at_the_end():
+    dispatcher = Dispatcher(1, slice_s=0.05)
+    dispatcher._learn("j", 0.001)  # 1 ms steps: 50 a slice
+    prog = program("j", 120, checkpoint_every=30, checkpoint_dir="/nowhere")
+    assert dispatcher.slice_steps(prog, 0, 0.0) == 30  # steps 0..29, checkpoint after 29
+    assert dispatcher.slice_steps(prog, 30, 0.0) == 30
+    assert dispatcher.slice_steps(prog, 100, 0.0) == 20  # to the end
+    no_checkpoints = program("j", 120)
+    assert dispatcher.slice_steps(no_checkpoints, 0, 0.0) == 50
+    assert dispatcher.slice_steps(no_checkpoints, 100, 0.0) == 20
+    dispatcher._learn("k", 0.2)  # steps longer than a slice: one step each
+    assert dispatcher.slice_steps(program("k", 120), 0, 0.0) == 1
+
+
+def test_a_stop_takes_effect_within_one_slice_plus_the_lead(host):
+    async def main() -> tuple[int, int, float]:
+        island = Island("slices", [await connect_host(host)])
+        dispatcher = Dispatcher(3, slice_s=0.05)
+        prog = program("stopped", 1_000_000)
+        await dispatcher.load(prog, [island])
+        stop_at: list[float] = []
+        ends: list[int] = []
+
+        def on_step(report) -> None:
+            ends.append(report.hosts[0].reply.timings.end_unix_ns)
+            if len(ends) == 400:
+                stop_at.append(time.time_ns())
+
+        completed = await dispatcher.run(
+            prog, [island], on_step=on_step, should_stop=lambda: bool(stop_at)
+        )
+        step_s = dispatcher._step_s["stopped"]
+        await dispatcher.unload("stopped", [island])
+        await island.close()
+        return completed, (max(ends) - stop_at[0]), step_s
+
+    completed, latency_ns, step_s = asyncio.run(main())
+    assert 400 <= completed < 1_000_000
+    # Within one slice (50 ms) plus the lead (5 ms) plus a step, with room for a slow machine.
+    assert latency_ns / 1e9 <= 0.05 + 0.005 + step_s + 0.1, (latency_ns, step_s)
+
+
+def test_a_cancelled_slice_skips_the_island_seq_of_its_steps_not_run(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        heavy = program("cut", 1000, d=512)
+        await Dispatcher(4).load(heavy, [island])
+        call = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="cut", generation=0, epoch=4, first_step=0, count=200, first_island_seq=0
+            ),
+            timeout=60,
+        )
+        first = await call.read()
+        assert first.step == 0
+        call.cancel()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = await stub.Info(worker_pb2.InfoRequest())
+            if info.next_island_seq == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert info.next_island_seq == 200
+        ran = [
+            e
+            for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+            if e.job_id == "cut" and e.epoch == 4
+        ]
+        assert 1 <= len(ran) < 200
+        # The island goes on at the next number.
+        after = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="cut",
+                generation=0,
+                epoch=4,
+                first_step=len(ran),
+                count=2,
+                first_island_seq=200,
+            ),
+            timeout=60,
+        )
+        replies = [r async for r in after]
+        assert [r.island_seq for r in replies] == [200, 201]
+        await Dispatcher(4).unload("cut", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_slice_with_a_bad_count_or_mismatched_steps_names_the_field(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        for request, field in (
+            (worker_pb2.RunSliceRequest(job_id="x", epoch=5, count=0), "count=0"),
+            (
+                worker_pb2.RunSliceRequest(
+                    job_id="x",
+                    epoch=5,
+                    steps=[worker_pb2.RunStepRequest(job_id="y", epoch=5)],
+                ),
+                "steps[].job_id='y'",
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.RunSlice(request, timeout=10):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in err.value.details()
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_of_step_rows_is_one_transaction_and_replays_are_no_ops(tmp_path):
+    with JobStore(tmp_path / "jobs.db") as store:
+        job = store.create_job(controller_pb2.JobSpec(name="b"), job_id="b")
+        rows = [(k, 1.0 / (k + 1), 10.0, 0.001, None, None) for k in range(5)]
+        assert store.record_metrics_batch(job.id, rows) == 5
+        # The same steps again (a replayed slice) insert nothing; new ones after them do.
+        assert (
+            store.record_metrics_batch(job.id, rows[3:] + [(5, 0.1, 10.0, 0.001, 0.5, "{}")]) == 1
+        )
+        assert [m.step for m in store.metrics(job.id)] == list(range(6))
+        with pytest.raises(MetricConflictError, match="out of order"):
+            store.record_metrics_batch(job.id, [(7, 0.1, 1.0, 0.001, None, None)])
+        with pytest.raises(MetricConflictError, match="recorded with loss"):
+            store.record_metrics_batch(job.id, [(5, 0.2, 1.0, 0.001, None, None)])
+        assert len(store.metrics(job.id)) == 6  # a refused batch writes nothing
+
+
+def test_a_slot_granted_to_a_cancelled_asker_is_freed():
+    async def main() -> None:
+        sched = Scheduler(["island-0"], slots=1, share_by="steps")
+        sched.join("a", ["island-0"], 1.0)
+        sched.join("b", ["island-0"], 1.0)
+        assert await sched.acquire("a", 10)  # a holds the only slot
+        waiting = asyncio.ensure_future(sched.acquire("b", 10))
+        await asyncio.sleep(0)
+        sched.done("a", ["island-0"], 0.01, 10)  # granted to b ...
+        waiting.cancel()  # ... which gave up before it ran
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # The slot is free again: a gets it at once.
+        assert await asyncio.wait_for(sched.acquire("a", 10), 1.0)
+        # Slices are charged by their steps: a's pass advanced 10 per slice of 10.
+        assert sched.passes()["a"] == pytest.approx(20.0)
+
+    asyncio.run(main())
+
+
+def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(6, slice_s=0.2)  # long slices: cutting them short shows
+        prog = program("abandoned", 1_000_000, d=256)
+        await dispatcher.load(prog, [island])
+        cancel: list[int] = []
+        reports = []
+
+        def on_step(report) -> None:
+            reports.append(report)
+            if len(reports) == 150:
+                cancel.append(time.time_ns())
+
+        completed = await dispatcher.run(
+            prog,
+            [island],
+            on_step=on_step,
+            should_stop=lambda: bool(cancel),
+            abandon=lambda: bool(cancel),
+        )
+        assert completed == 150
+        assert max(len(g) for g in slices_of(reports)) > 10
+        # Every island_seq handed out was run or skipped: the island's next job is not held.
+        deadline = time.monotonic() + 10
+        while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != island.next_seq:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        ran = [
+            e
+            for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+            if e.job_id == "abandoned" and e.epoch == 6
+        ]
+        last_end = max(e.end_unix_ns for e in ran)
+        step_s = dispatcher._step_s["abandoned"]
+        # The host stopped after the step it was running (and one more at most in flight).
+        assert (last_end - cancel[0]) / 1e9 <= 3 * step_s + 0.05, (last_end - cancel[0], step_s)
+        after = program("abandoned", 153, d=256, start_step=len(ran))
+        assert await dispatcher.run(after, [island]) == 153 - len(ran)
+        await dispatcher.unload("abandoned", [island])
+        await island.close()
+
+    asyncio.run(main())
