@@ -408,6 +408,7 @@ class Controller:
         if runner is not None:
             runner.request_cancel()
         message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
+        self.reporter.flush(job_id)  # its steps so far are recorded before it ends
         record = self.reporter.transition(
             job_id, JobState.CANCELLED, reason="user_cancelled", message=message
         )

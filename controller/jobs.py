@@ -126,6 +126,11 @@ class Reporter:
             batch = self._batches[job_id] = _StepBatch(
                 time.monotonic(), self.views.mfu(record, 1.0)
             )
+            # Written within FLUSH_S even when no further step comes soon (slow steps).
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_S, self._flush_due, job_id, batch)
+            except RuntimeError:  # no loop (a direct call): the next step or flush writes it
+                pass
         mfu = batch.mfu_per_token_s * report.tokens_per_s
         sources = None
         if report.loss_stats and mixture is not None:
@@ -162,6 +167,14 @@ class Reporter:
             batch.host(host.island, host.host_index).add(report.step, reply)
         if time.monotonic() - batch.started >= FLUSH_S:
             self.flush(job_id)
+
+    def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
+        """The timer of `batch`: flush it if it is still the job's pending batch."""
+        if self._batches.get(job_id) is batch:
+            try:
+                self.flush(job_id)
+            except StoreError:
+                logger.exception("writing the steps of job %s", job_id)
 
     def flush(self, job_id: str) -> None:
         """Write a job's batched step rows (one transaction) and host log lines."""
@@ -455,6 +468,8 @@ class JobRunner:
             logger.exception("job %s failed", job_id)
             self._fail("internal", f"{type(e).__name__}: {e}")
         finally:
+            for task in list(self._evals):  # a failed or stopped run evaluates no further
+                task.cancel()
             self.loaded = False
             p.reporter.phase(job_id, "")
             p.reporter.job_memory.pop(job_id, None)
@@ -555,6 +570,8 @@ class JobRunner:
         """Move the job's state to host memory on every host, free its device memory, and
         wait until the scheduler resumes it (or it is cancelled)."""
         p = self.parts
+        if self._evals:  # a Suspend would queue behind them on the hosts
+            await asyncio.gather(*self._evals, return_exceptions=True)
         epoch = p.dispatcher.epoch
         await call_all(
             self.island_handles,

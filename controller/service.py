@@ -120,7 +120,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         record = self.store.find_job(request.job_id)
         queue = self.controller.events.subscribe(record.id)
         try:
-            record = self.store.get_job(record.id)  # after subscribing: nothing missed
+            # After subscribing, and with the batched steps written: nothing missed.
+            self.controller.reporter.flush(record.id)
+            record = self.store.get_job(record.id)
             yield controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
             last_step = request.from_step - 1
             for m in self.store.metrics(record.id, from_step=request.from_step):
@@ -140,6 +142,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 if dropped:
                     # It lagged and lost updates: the record again, then the steps it missed
                     # from the store (the live ones after them follow as usual).
+                    self.controller.reporter.flush(record.id)
                     record = self.store.get_job(record.id)
                     yield controller_pb2.WatchJobReply(
                         time=now(), job=self.views.job(record), dropped=dropped
@@ -149,7 +152,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         yield controller_pb2.WatchJobReply(
                             time=ts,
                             metrics=self.views.step_metrics(
-                                record, m.step, m.loss, m.tokens_per_s, m.step_time_s, ts, m.mfu
+                                record,
+                                m.step,
+                                m.loss,
+                                m.tokens_per_s,
+                                m.step_time_s,
+                                ts,
+                                m.mfu,
+                                m.sources,
                             ),
                         )
                         last_step = m.step
