@@ -384,7 +384,10 @@ class Admission:
 
     def expected_s(self, record: JobRecord) -> float | None:
         """How long the job is expected to run (its kind's seconds per step x its steps), or
-        None before a job of its kind has completed here."""
+        None before a job of its kind has completed here, and for an eval job (its length is
+        not a number of training steps)."""
+        if _job_kind(record) == "eval":
+            return None
         per_step = self.step_seconds.get(_kind(record))
         return None if per_step is None else per_step * max(0, record.spec.train.steps)
 
@@ -394,6 +397,8 @@ class Admission:
         if started is None:
             return math.inf
         kind, at, steps = started
+        if kind[0] == "eval":
+            return math.inf  # an eval job's length is not a number of training steps
         per_step = self.step_seconds.get(kind)
         return math.inf if per_step is None else at + per_step * steps
 
@@ -635,10 +640,18 @@ def _fits_now(room: list[float], islands: int, bytes_per_device: int) -> bool:
     return islands <= len(room) - bisect.bisect_left(room, bytes_per_device)
 
 
+def _job_kind(record: JobRecord) -> str:
+    """The job's `kind` (`train` unless set; the spec was checked on submission)."""
+    spec = record.spec
+    return spec.kind if spec.HasField("kind") else "train"
+
+
 def _kind(record: JobRecord) -> tuple:
-    """A job's kind for its step time: model, islands, devices, mesh, batch, length."""
+    """A job's kind for its step time: job kind (train, eval), model, islands, devices, mesh,
+    batch, length."""
     spec = record.spec
     return (
+        _job_kind(record),
         spec.model.SerializeToString(deterministic=True),
         spec.islands,
         spec.devices_per_island,

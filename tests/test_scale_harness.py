@@ -225,3 +225,61 @@ def test_up_with_simulated_islands_runs_a_gang_job_end_to_end(tmp_path) -> None:
         assert "is succeeded" in run("submit", str(spec), "--wait")
     finally:
         run("down")
+
+
+def test_a_simulated_hosts_slice_ends_at_a_failed_step_and_skips_the_rest() -> None:
+    """RunSlice on a simulated host as on the real one: a reply per step in order, the stream
+    ends at the failed step with its status, and the island_seq numbers of the steps not run
+    are skipped when due, so the next slice is not held up by them."""
+    import grpc
+
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.sim_host import SimIsland
+
+    async def run() -> None:
+        cluster = SimCluster(
+            [SimIsland("island-0", fail_steps={("*", 1): grpc.StatusCode.DATA_LOSS})]
+        )
+        address = (await cluster.start())["island-0"]
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                await stub.LoadJob(worker_pb2.LoadJobRequest(job_id="j", generation=1, epoch=1))
+                steps = []
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    async for reply in stub.RunSlice(
+                        worker_pb2.RunSliceRequest(
+                            job_id="j", generation=1, epoch=1, first_step=0, count=3
+                        ),
+                        timeout=10,
+                    ):
+                        steps.append((reply.step, reply.island_seq))
+                assert steps == [(0, 0)]
+                assert failed.value.code() == grpc.StatusCode.DATA_LOSS
+                after = [
+                    (r.step, r.island_seq)
+                    async for r in stub.RunSlice(
+                        worker_pb2.RunSliceRequest(
+                            job_id="j",
+                            generation=1,
+                            epoch=1,
+                            first_step=1,
+                            count=2,
+                            first_island_seq=3,
+                        ),
+                        timeout=10,
+                    )
+                ]
+                assert after == [(1, 3), (2, 4)]
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    async for _ in stub.RunSlice(
+                        worker_pb2.RunSliceRequest(job_id="j", generation=1, epoch=1, count=0),
+                        timeout=10,
+                    ):
+                        pass
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "count=0" in bad.value.details()
+        finally:
+            await cluster.stop()
+
+    asyncio.run(run())

@@ -297,3 +297,70 @@ def test_a_suspended_job_raised_above_its_islands_residents_preempts_them(tmp_pa
     c.suspend("urgent")
     c.admission.schedule()
     assert c.runners["low"].resume.is_set() and c.scheduler.islands_of("low") == ["island-0"]
+
+
+class ClockCluster(Cluster):
+    """Cluster with EASY backfill on a clock the test moves."""
+
+    def __init__(self, tmp_path, islands=("island-0",)) -> None:
+        super().__init__(tmp_path, islands)
+        self.now = 0.0
+        self.admission = Admission(
+            self.store,
+            self.scheduler,
+            self.runners,
+            self.resolve,
+            self.start,
+            lambda record: record,
+            backfill=True,
+            clock=lambda: self.now,
+        )
+
+    def submit_kind(self, name: str, nbytes: int, steps: int = 0, kind: str = "train") -> str:
+        spec = controller_pb2.JobSpec(name=name, islands=1, devices_per_island=1)
+        if kind != "train":
+            spec.kind = kind
+        if steps:
+            spec.train.steps = steps
+        self.store.create_job(spec, job_id=name)
+        self.bytes[name] = nbytes
+        return name
+
+    def learn_train_step_time(self) -> None:
+        """A train job of 10 steps runs 10 s and succeeds: 1 s per step for its kind."""
+        self.submit_kind("learn", 10, steps=10)
+        self.admission.schedule()
+        self.now += 10.0
+        self.finish("learn")
+        del self.runners["learn"]
+        self.admission.schedule()
+
+
+def test_an_eval_job_is_never_taken_for_a_zero_length_job_by_backfill(tmp_path):
+    """An eval job has no train.steps: its length is unknown (not 0 x the step time of a
+    train job of the same model), so it is not backfilled onto the head's reservation, and a
+    resident eval job does not make the head's islands look free now."""
+    c = ClockCluster(tmp_path)
+    c.learn_train_step_time()
+    assert c.admission.expected_s(c.store.get_job("learn")) == pytest.approx(10.0)
+    # A resident train job (100 steps: expected to end at t=110) and a head that waits on it.
+    c.submit_kind("resident", 50, steps=100)
+    c.admission.schedule()
+    c.submit_kind("head", 60, steps=10)
+    c.submit_kind("eval", 45, kind="eval")  # fits now, but would hold the head back
+    c.admission.schedule()
+    assert c.admission.reservation is not None and c.admission.reservation.job_id == "head"
+    assert c.admission.reservation.start == pytest.approx(110.0)
+    assert "eval" not in c.runners and "head" not in c.runners
+    assert c.admission.expected_s(c.store.get_job("eval")) is None
+
+    # A resident eval job: no expected end, so no reservation that says "free now".
+    d = ClockCluster(tmp_path / "second")
+    d.learn_train_step_time()
+    d.submit_kind("eval", 50, kind="eval")
+    d.admission.schedule()
+    d.submit_kind("head", 60, steps=10)
+    d.admission.schedule()
+    assert "head" not in d.runners
+    assert d.admission.reservation is None, d.admission.pending["head"]
+    assert "Holds a reservation" not in d.admission.pending["head"]

@@ -31,6 +31,8 @@ import grpc
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import WORKER_WIRE_VERSION
+from .ordering import SKIP_WAIT_S, slice_steps
+from .rpc import RpcRejection
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         self.steps_run = 0
         self._seq_changed = asyncio.Condition()
         self._device = asyncio.Lock()
+        # Tasks running RunSlice streams' steps, and skipping the numbers of steps not run.
+        self._tasks: set[asyncio.Future] = set()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -95,17 +99,46 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             self.newest_epoch = epoch
             self.next_seq = 0
 
-    async def _take_seq(self, seq: int, context) -> None:
+    async def _take_seq(self, seq: int) -> None:
         """Wait until `seq` is the next island_seq, as the real host orders steps."""
         async with self._seq_changed:
             await self._seq_changed.wait_for(lambda: self.next_seq >= seq)
             if self.next_seq > seq:
-                await context.abort(
+                raise RpcRejection(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"island_seq={seq} was already used (next is {self.next_seq}).",
                 )
             self.next_seq = seq + 1
             self._seq_changed.notify_all()
+
+    def _skip_when_due(self, island_seqs: list[int], epoch: int) -> None:
+        """Skip `island_seqs` (ascending) as their turns come, as the real host does for a
+        slice's steps not run: numbers already used are left alone; a newer epoch (or
+        SKIP_WAIT_S without their turn) drops the rest."""
+
+        async def skip_all() -> None:
+            for seq in island_seqs:
+                async with self._seq_changed:
+                    try:
+                        await asyncio.wait_for(
+                            self._seq_changed.wait_for(
+                                lambda s=seq: self.next_seq >= s or self.newest_epoch != epoch
+                            ),
+                            SKIP_WAIT_S,
+                        )
+                    except TimeoutError:
+                        return
+                    if self.newest_epoch != epoch:
+                        return
+                    if self.next_seq == seq:
+                        self.next_seq = seq + 1
+                        self._seq_changed.notify_all()
+
+        self._keep(asyncio.ensure_future(skip_all()))
+
+    def _keep(self, task: asyncio.Future) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _job_bytes(self) -> int:
         return self.island.job_bytes or self.island.budget // 2
@@ -163,21 +196,70 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def RunStep(self, request, context):
+        try:
+            return await self._run_step(request, time.time_ns())
+        except RpcRejection as e:
+            await context.abort(e.code, e.message)
+
+    async def RunSlice(self, request, context):
+        """The slice's steps through RunStep's path, back to back, streaming each reply in
+        step order; as the real host (workers/service.py): the stream ends at the first failed
+        step with its status, the step in progress when the stream goes completes, and the
+        island_seq numbers of the steps not run are skipped when their turn comes."""
         received = time.time_ns()
+        try:
+            steps = slice_steps(request)
+        except RpcRejection as e:
+            await context.abort(e.code, e.message)
         self._epoch(request.epoch)
-        await self._take_seq(request.island_seq, context)
+        replies: asyncio.Queue = asyncio.Queue()
+        stop = asyncio.Event()
+
+        async def produce() -> None:
+            for index, step in enumerate(steps):
+                if stop.is_set():
+                    self._skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
+                try:
+                    reply = await self._run_step(step, received)
+                except BaseException as e:  # noqa: BLE001 - handed to the stream
+                    replies.put_nowait(e)
+                    self._skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
+                    return
+                replies.put_nowait(reply)
+
+        self._keep(asyncio.ensure_future(produce()))
+        try:
+            for _ in steps:
+                item = await replies.get()
+                if isinstance(item, RpcRejection):
+                    await context.abort(item.code, item.message)
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    async def _run_step(self, request, received: int) -> worker_pb2.RunStepReply:
+        """One step (RunStep and each step of RunSlice).
+
+        Raises:
+            RpcRejection: the step was refused or failed (an injected failure).
+        """
+        self._epoch(request.epoch)
+        await self._take_seq(request.island_seq)
         job = self.jobs.get(request.job_id)
         if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+            raise RpcRejection(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
         if job.generation != request.generation:
-            await context.abort(
+            raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"generation={request.generation} but {job.generation} is loaded.",
             )
         for key in ((request.job_id, request.step), ("*", request.step)):
             code = self.island.fail_steps.pop(key, None)
             if code is not None:
-                await context.abort(code, f"injected failure at step {request.step}.")
+                raise RpcRejection(code, f"injected failure at step {request.step}.")
         async with self._device:
             self.running = request.job_id
             start = time.time_ns()
