@@ -393,12 +393,16 @@ class Dispatcher:
             if task.cancelled():
                 return
             if task.exception() is not None:
+                # Raised by the run loop: not a stop (the job must not end as completed).
                 state.stopped = True
+                state.error = task.exception()
                 return
             launch(task.result(), count, since)
 
         try:
             while True:
+                if state.error is not None:
+                    raise state.error
                 while (
                     state.acquiring is None
                     and not state.stopped
@@ -425,6 +429,8 @@ class Dispatcher:
                     if state.acquiring is not None:
                         await asyncio.wait([state.acquiring])
                         continue
+                    if state.error is not None:
+                        raise state.error
                     return completed
                 current = pending[0]
                 report = await self._collect(program, current)
@@ -599,6 +605,8 @@ class _RunState:
         self.acquiring: asyncio.Future | None = None
         self.stopped = False
         self.closed = False
+        # An exception of a grant or a send (in a done callback), raised by the run loop.
+        self.error: BaseException | None = None
 
 
 class _Slice:

@@ -292,3 +292,25 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
         await island.close()
 
     asyncio.run(main())
+
+
+class _FailingGate:
+    """A gate whose grant raises (a scheduler bug, a store error)."""
+
+    async def acquire(self, job_id: str, steps: int = 1) -> bool:
+        raise RuntimeError("the scheduler broke")
+
+    def done(self, job_id, islands, step_s, steps=1) -> None:
+        pass
+
+
+def test_an_error_of_the_gate_fails_the_run_rather_than_ending_it_as_completed(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        try:
+            with pytest.raises(RuntimeError, match="the scheduler broke"):
+                await Dispatcher(7).run(program("gate-error", 10), [island], gate=_FailingGate())
+        finally:
+            await island.close()
+
+    asyncio.run(main())
