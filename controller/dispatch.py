@@ -288,7 +288,15 @@ class Dispatcher:
         islands: Sequence[Island],
         checkpoint: int,
     ) -> _Slice:
-        calls = []
+        for island in islands:
+            if island.dead is not None:
+                raise DispatchError(
+                    "step_failed",
+                    f"step {first} of job {program.job_id!r}: island {island.id} is dead "
+                    f"({island.dead}).",
+                    grpc.StatusCode.UNAVAILABLE,
+                )
+        calls: list[tuple[str, int, Any]] = []
         for island in islands:
             seq = island.next_seq
             island.next_seq += count
@@ -320,9 +328,14 @@ class Dispatcher:
                     )
             RPC_BYTES.add("RunSlice", request.ByteSize() * len(island.hosts))
             for host in island.hosts:
-                call = host.stub.RunSlice(
-                    request, timeout=self.step_timeout_s, metadata=host.metadata()
-                )
+                try:
+                    call = host.stub.RunSlice(
+                        request, timeout=self.step_timeout_s, metadata=host.metadata()
+                    )
+                except Exception:
+                    for *_, opened in calls:
+                        opened.cancel()
+                    raise
                 calls.append((island.id, host.info.host_index, call))
         return _Slice(first, count, calls)
 
@@ -382,7 +395,16 @@ class Dispatcher:
             if program.checkpoint_after(last, since if count == 1 else 0.0):
                 checkpoint = last
                 state.last_checkpoint = time.monotonic()
-            sent = self._send(program, state.next_step, count, islands, checkpoint)
+            try:
+                sent = self._send(program, state.next_step, count, islands, checkpoint)
+            except Exception as e:  # noqa: BLE001 - raised by the run loop
+                # A closed channel (a dead island) raises here, in the grant's callback:
+                # free the slot and fail the run from its loop.
+                state.stopped = True
+                state.error = e
+                if gate is not None:
+                    gate.done(job_id, island_ids, None, count)
+                return
             sent.gate = gate
             sent.island_ids = island_ids
             pending.append(sent)
@@ -582,11 +604,28 @@ class Dispatcher:
         )
 
 
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+
+
 async def _read(call: Any) -> worker_pb2.RunStepReply:
-    """The next reply of a RunSlice stream (AioRpcError when the slice failed)."""
-    reply = await call.read()
+    """The next reply of a RunSlice stream (AioRpcError when the slice failed).
+
+    A closed channel (DeathWatch closes a dead island's, `Island.host_died`) cancels its
+    streams' reads: a cancellation this task did not ask for is the host's failure
+    (UNAVAILABLE), not a stop of the controller."""
+    try:
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            await call  # raises the stream's error status, if any
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() == 0:
+            raise _unavailable("the host's channel was closed (its island died)") from None
+        raise
     if reply is grpc.aio.EOF:
-        await call  # raises the stream's error status, if any
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.INTERNAL,
             grpc.aio.Metadata(),

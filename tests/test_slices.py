@@ -15,7 +15,7 @@ import grpc
 import jax
 import pytest
 
-from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError
 from pathways_lite.controller.islands import Island, connect_host
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.controller.scheduler import Scheduler
@@ -312,5 +312,36 @@ def test_an_error_of_the_gate_fails_the_run_rather_than_ending_it_as_completed(h
                 await Dispatcher(7).run(program("gate-error", 10), [island], gate=_FailingGate())
         finally:
             await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_dead_island_fails_the_step_as_unavailable_and_frees_its_slot(host):
+    """DeathWatch closes a dead island's channels: the reads in flight fail UNAVAILABLE (not
+    a controller stop), and a slice granted afterwards is not sent and frees its slot."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        dispatcher = Dispatcher(8, slice_s=0.05)
+        prog = program("dies", 1_000_000)
+        await dispatcher.load(prog, [island])
+        scheduler = Scheduler(["slices"], slots=2, share_by="steps")
+        scheduler.join("dies", ["slices"], 1.0)
+        reports = []
+
+        async def on_step(report) -> None:
+            reports.append(report)
+            if len(reports) == 50:
+                await island.host_died(island.generation, "test: the host died")
+
+        with pytest.raises(DispatchError) as failed:
+            await dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE, failed.value
+        # Every slot was freed: another job on the island gets them at once.
+        scheduler.leave("dies")
+        assert scheduler._inflight["slices"] == 0
+        scheduler.join("next", ["slices"], 1.0)
+        assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
+        assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
 
     asyncio.run(main())
