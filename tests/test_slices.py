@@ -23,6 +23,7 @@ from pathways_lite.controller.store import JobStore
 from pathways_lite.controller.store_progress import MetricConflictError
 from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2
 from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.ordering import SEQ_GAP_WAIT_S
 from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import WorkerServicer
 from pathways_lite.workers.serving import BackgroundServer
@@ -343,5 +344,30 @@ def test_a_dead_island_fails_the_step_as_unavailable_and_frees_its_slot(host):
         scheduler.join("next", ["slices"], 1.0)
         assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
         assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
+
+    asyncio.run(main())
+
+
+def test_a_slice_queued_behind_another_waits_longer_than_the_gap_wait(host):
+    """A slice whose island_seq numbers come after a slice still queued (another job's, an
+    Evaluate holding the device) waits while its stream lives, not SEQ_GAP_WAIT_S."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        await Dispatcher(9).load(program("queued", 10), [island])
+        await stub.Info(worker_pb2.InfoRequest())
+        call = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="queued", generation=0, epoch=9, first_step=0, count=2, first_island_seq=1
+            ),
+            timeout=60,
+        )
+        await asyncio.sleep(SEQ_GAP_WAIT_S + 1.0)  # island_seq 0 is late
+        await stub.SkipSeq(worker_pb2.SkipSeqRequest(island_seq=0, epoch=9, reason="late"))
+        replies = [r async for r in call]
+        assert [(r.step, r.island_seq) for r in replies] == [(0, 1), (1, 2)]
+        await Dispatcher(9).unload("queued", [island])
+        await island.close()
 
     asyncio.run(main())
