@@ -259,14 +259,18 @@ class Dispatcher:
     def slice_steps(self, program: StepProgram, next_step: int, since_checkpoint_s: float) -> int:
         """How many steps the next slice of `program` from `next_step` gets: about
         `slice_s` of the job's measured step time (1 while unmeasured or for steps longer
-        than that), ending at the program's end, at the next checkpoint and before a step
-        whose mixture weights wait on the losses of steps not read yet."""
+        than that), ending at the program's end, at the next checkpoint, after every
+        `eval_every`-th step (train.eval_every) and before a step whose mixture weights wait
+        on the losses of steps not read yet."""
         step_s = self._step_s.get(program.job_id)
         if step_s is None or step_s <= 0:
             k = 1
         else:
             k = max(1, min(self.max_slice_steps, int(self.slice_s / step_s)))
         k = min(k, program.steps - next_step)
+        if program.eval_every > 0:
+            # End at the next evaluation: it runs between the exact steps.
+            k = min(k, program.eval_every - next_step % program.eval_every)
         mixture = program.mixture
         if mixture is not None:
             # Dynamic mixture weights: only steps whose weights can be decided now.

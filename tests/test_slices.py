@@ -107,6 +107,12 @@ def test_a_slice_ends_at_the_next_checkpoint_and_at_the_end():
     no_checkpoints = program("j", 120)
     assert dispatcher.slice_steps(no_checkpoints, 0, 0.0) == 50
     assert dispatcher.slice_steps(no_checkpoints, 100, 0.0) == 20
+    # train.eval_every: a slice ends after every eval_every-th step (the evaluation runs
+    # between the exact steps).
+    evaluated = program("j", 120, eval_every=40)
+    assert dispatcher.slice_steps(evaluated, 0, 0.0) == 40
+    assert dispatcher.slice_steps(evaluated, 35, 0.0) == 5
+    assert dispatcher.slice_steps(evaluated, 40, 0.0) == 40
     dispatcher._learn("k", 0.2)  # steps longer than a slice: one step each
     assert dispatcher.slice_steps(program("k", 120), 0, 0.0) == 1
 
