@@ -15,7 +15,7 @@ import grpc
 import jax
 import pytest
 
-from pathways_lite.controller.dispatch import Dispatcher, DispatchError
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError, _Slice
 from pathways_lite.controller.islands import Island, connect_host
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.controller.scheduler import Scheduler
@@ -374,6 +374,46 @@ def test_a_slice_queued_behind_another_waits_longer_than_the_gap_wait(host):
         replies = [r async for r in call]
         assert [(r.step, r.island_seq) for r in replies] == [(0, 1), (1, 2)]
         await Dispatcher(9).unload("queued", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(host):
+    """Job a's slice holds island_seq 0..29 and runs them one at a time; job b's slice
+    (30..39) was cancelled before it arrived. Filling b's gap skips 30..39 when their turn
+    comes, never a's numbers still to run."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(10)
+        await dispatcher.load(program("a", 100, d=512), [island])
+        a = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="a", generation=0, epoch=10, first_step=0, count=30, first_island_seq=0
+            ),
+            timeout=60,
+        )
+        assert (await a.read()).island_seq == 0
+        b = _Slice(0, 10, [])
+        b.seqs.append((island, 30, 10))
+        island.next_seq = 40
+        await dispatcher.fill_gaps([b])
+        replies = [await a.read() for _ in range(29)]
+        assert [r.island_seq for r in replies] == list(range(1, 30))
+        deadline = time.monotonic() + 10
+        while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != 40:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        after = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="a", generation=0, epoch=10, first_step=30, count=2, first_island_seq=40
+            ),
+            timeout=60,
+        )
+        assert [r.island_seq async for r in after] == [40, 41]
+        await dispatcher.unload("a", [island])
         await island.close()
 
     asyncio.run(main())

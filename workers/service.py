@@ -478,8 +478,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def SkipSeq(self, request: worker_pb2.SkipSeqRequest, context) -> Any:
-        """Fill the next expected sequence number (an already filled one is a no-op)."""
+        """Fill the next expected sequence number (an already filled one is a no-op); with
+        `when_due`, fill `count` numbers from `island_seq` each when its turn comes."""
         self.order.check_epoch(request.epoch)
+        if request.when_due:
+            seqs = range(request.island_seq, request.island_seq + max(1, request.count))
+            self.order.skip_when_due(list(seqs), request.epoch)
+            logger.info(
+                "island_seq %d.. (%d) skipped when due: %s",
+                seqs[0],
+                len(seqs),
+                request.reason[:200],
+            )
+            return worker_pb2.SkipSeqReply(next_island_seq=self.order.next_seq)
         next_seq, already_filled = self.order.skip(request.island_seq)
         if not already_filled:
             logger.info("island_seq %d skipped: %s", request.island_seq, request.reason[:200])
