@@ -231,42 +231,47 @@ class Dispatcher:
             if isinstance(result, BaseException):
                 logger.warning("unloading job %s: %r", job_id, result)
 
-    async def fill_gaps(self, islands: Sequence[Island]) -> None:
-        """SkipSeq every island_seq a host has not received (a step whose RunStep never
-        arrived), so the island's next step is not held up by the hole."""
-        for island in islands:
-            infos = await island.call(
-                "Info", worker_pb2.InfoRequest(), timeout=INFO_TIMEOUT_S, return_exceptions=True
-            )
-            for index, (host, info) in enumerate(zip(island.hosts, infos, strict=True)):
-                try:
-                    if isinstance(info, BaseException):
-                        raise info
-                    if info.newest_epoch != self.epoch:
-                        continue
-                    for seq in range(info.next_island_seq, island.next_seq):
-                        await island.call_host(
-                            index,
-                            "SkipSeq",
-                            worker_pb2.SkipSeqRequest(
-                                island_seq=seq, epoch=self.epoch, reason="step not delivered"
-                            ),
-                            timeout=INFO_TIMEOUT_S,
+    async def fill_gaps(self, slices: Sequence[_Slice]) -> None:
+        """SkipSeq the island_seq numbers of cancelled slices on every host, each number
+        when its turn comes (`when_due`; a number already used is left alone), so the
+        island's next steps are not held up by a stream that never arrived. Only these
+        numbers: other jobs' slices granted since hold the numbers after them."""
+        for sent in slices:
+            for island, first_seq, count in sent.seqs:
+                request = worker_pb2.SkipSeqRequest(
+                    island_seq=first_seq,
+                    count=count,
+                    when_due=True,
+                    epoch=self.epoch,
+                    reason="slice cancelled",
+                )
+                for index, host in enumerate(island.hosts):
+                    try:
+                        await island.call_host(index, "SkipSeq", request, timeout=INFO_TIMEOUT_S)
+                    except grpc.aio.AioRpcError as e:
+                        logger.warning(
+                            "skipping island_seq %d..%d on %s: %s",
+                            first_seq,
+                            first_seq + count - 1,
+                            host.address,
+                            e.details(),
                         )
-                except grpc.aio.AioRpcError as e:
-                    logger.warning("filling island_seq gaps on %s: %s", host.address, e.details())
 
     def slice_steps(self, program: StepProgram, next_step: int, since_checkpoint_s: float) -> int:
         """How many steps the next slice of `program` from `next_step` gets: about
         `slice_s` of the job's measured step time (1 while unmeasured or for steps longer
-        than that), ending at the program's end, at the next checkpoint and before a step
-        whose mixture weights wait on the losses of steps not read yet."""
+        than that), ending at the program's end, at the next checkpoint, after every
+        `eval_every`-th step (train.eval_every) and before a step whose mixture weights wait
+        on the losses of steps not read yet."""
         step_s = self._step_s.get(program.job_id)
         if step_s is None or step_s <= 0:
             k = 1
         else:
             k = max(1, min(self.max_slice_steps, int(self.slice_s / step_s)))
         k = min(k, program.steps - next_step)
+        if program.eval_every > 0:
+            # End at the next evaluation: it runs between the exact steps.
+            k = min(k, program.eval_every - next_step % program.eval_every)
         mixture = program.mixture
         if mixture is not None:
             # Dynamic mixture weights: only steps whose weights can be decided now.
@@ -281,17 +286,23 @@ class Dispatcher:
         return k
 
     def _send(
-        self,
-        program: StepProgram,
-        first: int,
-        count: int,
-        islands: Sequence[Island],
-        checkpoint: int,
-    ) -> _Slice:
-        calls = []
+        self, program: StepProgram, sent: _Slice, islands: Sequence[Island], checkpoint: int
+    ) -> None:
+        """Open `sent`'s RunSlice stream on every host (recording its island_seq numbers)."""
+        first, count = sent.first, sent.count
+        for island in islands:
+            if island.dead is not None:
+                raise DispatchError(
+                    "step_failed",
+                    f"step {first} of job {program.job_id!r}: island {island.id} is dead "
+                    f"({island.dead}).",
+                    grpc.StatusCode.UNAVAILABLE,
+                )
+        calls = sent.calls
         for island in islands:
             seq = island.next_seq
             island.next_seq += count
+            sent.seqs.append((island, seq, count))
             request = worker_pb2.RunSliceRequest(
                 job_id=program.job_id,
                 generation=program.generation,
@@ -320,11 +331,15 @@ class Dispatcher:
                     )
             RPC_BYTES.add("RunSlice", request.ByteSize() * len(island.hosts))
             for host in island.hosts:
-                call = host.stub.RunSlice(
-                    request, timeout=self.step_timeout_s, metadata=host.metadata()
-                )
+                try:
+                    call = host.stub.RunSlice(
+                        request, timeout=self.step_timeout_s, metadata=host.metadata()
+                    )
+                except Exception:
+                    for *_, opened in calls:
+                        opened.cancel()
+                    raise
                 calls.append((island.id, host.info.host_index, call))
-        return _Slice(first, count, calls)
 
     async def run(
         self,
@@ -382,7 +397,18 @@ class Dispatcher:
             if program.checkpoint_after(last, since if count == 1 else 0.0):
                 checkpoint = last
                 state.last_checkpoint = time.monotonic()
-            sent = self._send(program, state.next_step, count, islands, checkpoint)
+            sent = _Slice(state.next_step, count, [])
+            try:
+                self._send(program, sent, islands, checkpoint)
+            except Exception as e:  # noqa: BLE001 - raised by the run loop
+                # A closed channel (a dead island) raises here, in the grant's callback:
+                # free the slot and fail the run from its loop.
+                state.stopped = True
+                state.error = e
+                state.cut.append(sent)
+                if gate is not None:
+                    gate.done(job_id, island_ids, None, count)
+                return
             sent.gate = gate
             sent.island_ids = island_ids
             pending.append(sent)
@@ -393,12 +419,16 @@ class Dispatcher:
             if task.cancelled():
                 return
             if task.exception() is not None:
+                # Raised by the run loop: not a stop (the job must not end as completed).
                 state.stopped = True
+                state.error = task.exception()
                 return
             launch(task.result(), count, since)
 
         try:
             while True:
+                if state.error is not None:
+                    raise state.error
                 while (
                     state.acquiring is None
                     and not state.stopped
@@ -425,6 +455,8 @@ class Dispatcher:
                     if state.acquiring is not None:
                         await asyncio.wait([state.acquiring])
                         continue
+                    if state.error is not None:
+                        raise state.error
                     return completed
                 current = pending[0]
                 report = await self._collect(program, current)
@@ -445,8 +477,9 @@ class Dispatcher:
                         for *_, call in sent.calls:
                             call.cancel()
                         sent.release(job_id)
+                    cut = list(pending)
                     pending.clear()
-                    await self.fill_gaps(islands)
+                    await self.fill_gaps(cut)
                     return completed
         except BaseException as e:
             state.closed = True
@@ -463,7 +496,7 @@ class Dispatcher:
                 for *_, call in sent.calls:
                     call.cancel()
                 sent.release(job_id)
-            await self.fill_gaps(islands)
+            await self.fill_gaps([*pending, *state.cut])
             raise
         finally:
             state.closed = True
@@ -576,11 +609,28 @@ class Dispatcher:
         )
 
 
+def _unavailable(details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
+    )
+
+
 async def _read(call: Any) -> worker_pb2.RunStepReply:
-    """The next reply of a RunSlice stream (AioRpcError when the slice failed)."""
-    reply = await call.read()
+    """The next reply of a RunSlice stream (AioRpcError when the slice failed).
+
+    A closed channel (DeathWatch closes a dead island's, `Island.host_died`) cancels its
+    streams' reads: a cancellation this task did not ask for is the host's failure
+    (UNAVAILABLE), not a stop of the controller."""
+    try:
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            await call  # raises the stream's error status, if any
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() == 0:
+            raise _unavailable("the host's channel was closed (its island died)") from None
+        raise
     if reply is grpc.aio.EOF:
-        await call  # raises the stream's error status, if any
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.INTERNAL,
             grpc.aio.Metadata(),
@@ -599,17 +649,33 @@ class _RunState:
         self.acquiring: asyncio.Future | None = None
         self.stopped = False
         self.closed = False
+        # An exception of a grant or a send (in a done callback), raised by the run loop.
+        self.error: BaseException | None = None
+        # Slices cut short before they were pending (a send that failed half way).
+        self.cut: list[_Slice] = []
 
 
 class _Slice:
     """A slice in flight: steps first .. first + count - 1, one RunSlice stream per host."""
 
-    __slots__ = ("first", "count", "calls", "reported", "busy_s", "gate", "island_ids", "_freed")
+    __slots__ = (
+        "first",
+        "count",
+        "calls",
+        "seqs",
+        "reported",
+        "busy_s",
+        "gate",
+        "island_ids",
+        "_freed",
+    )
 
     def __init__(self, first: int, count: int, calls: list[tuple[str, int, Any]]) -> None:
         self.first = first
         self.count = count
         self.calls = calls
+        # (island, first island_seq, count) of every island it was sent to.
+        self.seqs: list[tuple[Island, int, int]] = []
         self.reported = 0
         self.busy_s = 0.0
         self.gate: StepGate | None = None

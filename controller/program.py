@@ -77,6 +77,8 @@ class StepProgram:
             (0: none by time).
         mixture: a mixture job's MixtureSchedule (controller/mixture_weights.py): the source
             names and, for dynamic weights, the weights each step is sent with.
+        eval_every: train.eval_every: a slice ends after every `eval_every`-th step, so
+            the controller's evaluation runs between the exact steps (0: none).
     """
 
     job_id: str
@@ -90,6 +92,7 @@ class StepProgram:
     restore_from: str = ""
     checkpoint_every_s: float = 0.0
     mixture: Any = None
+    eval_every: int = 0
 
     def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
         """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after

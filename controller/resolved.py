@@ -310,6 +310,7 @@ def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
         load=functools.partial(load_request, job),
         checkpoint_every=max(0, job.spec.train.checkpoint_every),
         checkpoint_every_s=spec_lib.checkpoint_every_s(job.spec),
+        eval_every=max(0, job.spec.train.eval_every),
     )
 
 

@@ -15,7 +15,7 @@ import grpc
 import jax
 import pytest
 
-from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError, _Slice
 from pathways_lite.controller.islands import Island, connect_host
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.controller.scheduler import Scheduler
@@ -23,6 +23,7 @@ from pathways_lite.controller.store import JobStore
 from pathways_lite.controller.store_progress import MetricConflictError
 from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2
 from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.ordering import SEQ_GAP_WAIT_S
 from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import WorkerServicer
 from pathways_lite.workers.serving import BackgroundServer
@@ -106,6 +107,12 @@ def test_a_slice_ends_at_the_next_checkpoint_and_at_the_end():
     no_checkpoints = program("j", 120)
     assert dispatcher.slice_steps(no_checkpoints, 0, 0.0) == 50
     assert dispatcher.slice_steps(no_checkpoints, 100, 0.0) == 20
+    # train.eval_every: a slice ends after every eval_every-th step (the evaluation runs
+    # between the exact steps).
+    evaluated = program("j", 120, eval_every=40)
+    assert dispatcher.slice_steps(evaluated, 0, 0.0) == 40
+    assert dispatcher.slice_steps(evaluated, 35, 0.0) == 5
+    assert dispatcher.slice_steps(evaluated, 40, 0.0) == 40
     dispatcher._learn("k", 0.2)  # steps longer than a slice: one step each
     assert dispatcher.slice_steps(program("k", 120), 0, 0.0) == 1
 
@@ -289,6 +296,124 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
         after = program("abandoned", 153, d=256, start_step=len(ran))
         assert await dispatcher.run(after, [island]) == 153 - len(ran)
         await dispatcher.unload("abandoned", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+class _FailingGate:
+    """A gate whose grant raises (a scheduler bug, a store error)."""
+
+    async def acquire(self, job_id: str, steps: int = 1) -> bool:
+        raise RuntimeError("the scheduler broke")
+
+    def done(self, job_id, islands, step_s, steps=1) -> None:
+        pass
+
+
+def test_an_error_of_the_gate_fails_the_run_rather_than_ending_it_as_completed(host):
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        try:
+            with pytest.raises(RuntimeError, match="the scheduler broke"):
+                await Dispatcher(7).run(program("gate-error", 10), [island], gate=_FailingGate())
+        finally:
+            await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_dead_island_fails_the_step_as_unavailable_and_frees_its_slot(host):
+    """DeathWatch closes a dead island's channels: the reads in flight fail UNAVAILABLE (not
+    a controller stop), and a slice granted afterwards is not sent and frees its slot."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        dispatcher = Dispatcher(8, slice_s=0.05)
+        prog = program("dies", 1_000_000)
+        await dispatcher.load(prog, [island])
+        scheduler = Scheduler(["slices"], slots=2, share_by="steps")
+        scheduler.join("dies", ["slices"], 1.0)
+        reports = []
+
+        async def on_step(report) -> None:
+            reports.append(report)
+            if len(reports) == 50:
+                await island.host_died(island.generation, "test: the host died")
+
+        with pytest.raises(DispatchError) as failed:
+            await dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
+        assert failed.value.code == grpc.StatusCode.UNAVAILABLE, failed.value
+        # Every slot was freed: another job on the island gets them at once.
+        scheduler.leave("dies")
+        assert scheduler._inflight["slices"] == 0
+        scheduler.join("next", ["slices"], 1.0)
+        assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
+        assert await asyncio.wait_for(scheduler.acquire("next", 1), 5)
+
+    asyncio.run(main())
+
+
+def test_a_slice_queued_behind_another_waits_longer_than_the_gap_wait(host):
+    """A slice whose island_seq numbers come after a slice still queued (another job's, an
+    Evaluate holding the device) waits while its stream lives, not SEQ_GAP_WAIT_S."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        await Dispatcher(9).load(program("queued", 10), [island])
+        await stub.Info(worker_pb2.InfoRequest())
+        call = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="queued", generation=0, epoch=9, first_step=0, count=2, first_island_seq=1
+            ),
+            timeout=60,
+        )
+        await asyncio.sleep(SEQ_GAP_WAIT_S + 1.0)  # island_seq 0 is late
+        await stub.SkipSeq(worker_pb2.SkipSeqRequest(island_seq=0, epoch=9, reason="late"))
+        replies = [r async for r in call]
+        assert [(r.step, r.island_seq) for r in replies] == [(0, 1), (1, 2)]
+        await Dispatcher(9).unload("queued", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(host):
+    """Job a's slice holds island_seq 0..29 and runs them one at a time; job b's slice
+    (30..39) was cancelled before it arrived. Filling b's gap skips 30..39 when their turn
+    comes, never a's numbers still to run."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(10)
+        await dispatcher.load(program("a", 100, d=512), [island])
+        a = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="a", generation=0, epoch=10, first_step=0, count=30, first_island_seq=0
+            ),
+            timeout=60,
+        )
+        assert (await a.read()).island_seq == 0
+        b = _Slice(0, 10, [])
+        b.seqs.append((island, 30, 10))
+        island.next_seq = 40
+        await dispatcher.fill_gaps([b])
+        replies = [await a.read() for _ in range(29)]
+        assert [r.island_seq for r in replies] == list(range(1, 30))
+        deadline = time.monotonic() + 10
+        while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != 40:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        after = stub.RunSlice(
+            worker_pb2.RunSliceRequest(
+                job_id="a", generation=0, epoch=10, first_step=30, count=2, first_island_seq=40
+            ),
+            timeout=60,
+        )
+        assert [r.island_seq async for r in after] == [40, 41]
+        await dispatcher.unload("a", [island])
         await island.close()
 
     asyncio.run(main())

@@ -21,7 +21,8 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 5: LoadJob init_from (parameters only) and the Evaluate rpc.
 # 6: RunSlice: a slice of steps streamed back step by step (ExecutionEntry's
 #    received_unix_ns).
-WORKER_WIRE_VERSION = 6
+# 7: SkipSeq when_due/count: a cancelled slice's numbers skipped as their turns come.
+WORKER_WIRE_VERSION = 7
 
 
 @dataclass(frozen=True)

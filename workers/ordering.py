@@ -245,12 +245,14 @@ class StepOrder:
         island_seq: int,
         epoch: int,
         execute: Callable[[], Awaitable[Outcome]],
+        gap_wait_s: float | None = None,
     ) -> worker_pb2.RunStepReply:
         """Run a step in island-sequence order, exactly once per (generation, step).
 
         The caller checked the epoch. A retry of `key` returns the recorded reply; otherwise
-        the step takes `island_seq` (after waiting for the missing numbers before it) and
-        `execute` runs it; its outcome, or ABORTED when cancelled, is recorded.
+        the step takes `island_seq` (after waiting up to `gap_wait_s`, default the order's, for
+        the missing numbers before it) and `execute` runs it; its outcome, or ABORTED when
+        cancelled, is recorded.
 
         Raises:
             RpcRejection: a refused number, or the step's recorded rejection.
@@ -261,7 +263,8 @@ class StepOrder:
         if island_seq > self.next_seq:
             # A window of steps in flight: this one may have overtaken an earlier one on the
             # wire. Wait briefly for the missing numbers, then queue behind them in seq order.
-            await self._wait_for_seq(island_seq, epoch, self.gap_wait_s)
+            wait_s = self.gap_wait_s if gap_wait_s is None else gap_wait_s
+            await self._wait_for_seq(island_seq, epoch, wait_s)
             self.check_epoch(epoch)
             replay = await records.replay(key)
             if replay is not None:

@@ -334,6 +334,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         steps = slice_steps(request)
+        # A slice queued behind other slices (or an Evaluate holding the device) waits for
+        # its island_seq numbers as long as its stream lives, not the short gap wait of a
+        # lone RunStep that overtook another on the wire.
+        remaining = context.time_remaining() if context is not None else None
+        wait_until = time.monotonic() + (remaining if remaining is not None else 0.0)
         # The steps run in a task of their own, back to back, while this handler writes
         # their replies: a step never waits for the previous reply's write. When the stream
         # goes (cancelled, or a step failed), the step in progress completes and is
@@ -347,7 +352,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
                     return
                 try:
-                    reply = await self._run_step(step, received_ns)
+                    gap_wait_s = max(self.order.gap_wait_s, wait_until - time.monotonic())
+                    reply = await self._run_step(step, received_ns, gap_wait_s)
                 except BaseException as e:  # noqa: BLE001 - handed to the stream
                     replies.put_nowait(e)
                     self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
@@ -367,7 +373,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             stop.set()
 
     async def _run_step(
-        self, request: worker_pb2.RunStepRequest, received_ns: int
+        self,
+        request: worker_pb2.RunStepRequest,
+        received_ns: int,
+        gap_wait_s: float | None = None,
     ) -> worker_pb2.RunStepReply:
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
@@ -384,6 +393,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             request.island_seq,
             request.epoch,
             lambda: self._execute_step(job, request, received_ns),
+            gap_wait_s,
         )
 
     async def _execute_step(
@@ -468,8 +478,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def SkipSeq(self, request: worker_pb2.SkipSeqRequest, context) -> Any:
-        """Fill the next expected sequence number (an already filled one is a no-op)."""
+        """Fill the next expected sequence number (an already filled one is a no-op); with
+        `when_due`, fill `count` numbers from `island_seq` each when its turn comes."""
         self.order.check_epoch(request.epoch)
+        if request.when_due:
+            seqs = range(request.island_seq, request.island_seq + max(1, request.count))
+            self.order.skip_when_due(list(seqs), request.epoch)
+            logger.info(
+                "island_seq %d.. (%d) skipped when due: %s",
+                seqs[0],
+                len(seqs),
+                request.reason[:200],
+            )
+            return worker_pb2.SkipSeqReply(next_island_seq=self.order.next_seq)
         next_seq, already_filled = self.order.skip(request.island_seq)
         if not already_filled:
             logger.info("island_seq %d skipped: %s", request.island_seq, request.reason[:200])
