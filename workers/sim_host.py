@@ -90,7 +90,6 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         self._device = asyncio.Lock()
         # Tasks running RunSlice streams' steps, and skipping the numbers of steps not run.
         self._tasks: set[asyncio.Future] = set()
-        self._skips: set[asyncio.Task] = set()
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -301,9 +300,7 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         self._epoch(request.epoch)
         if request.when_due:
             seqs = range(request.island_seq, request.island_seq + max(1, request.count))
-            task = asyncio.get_running_loop().create_task(self._skip_when_due(seqs))
-            self._skips.add(task)
-            task.add_done_callback(self._skips.discard)
+            self._skip_when_due(list(seqs), request.epoch)
             return worker_pb2.SkipSeqReply(next_island_seq=self.next_seq)
         async with self._seq_changed:
             already = request.island_seq < self.next_seq
@@ -311,19 +308,6 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                 self.next_seq = request.island_seq + 1
                 self._seq_changed.notify_all()
         return worker_pb2.SkipSeqReply(next_island_seq=self.next_seq, already_filled=already)
-
-    async def _skip_when_due(self, seqs: range) -> None:
-        epoch = self.newest_epoch
-        for seq in seqs:
-            async with self._seq_changed:
-                await self._seq_changed.wait_for(
-                    lambda s=seq: self.next_seq >= s or self.newest_epoch != epoch
-                )
-                if self.newest_epoch != epoch:
-                    return
-                if self.next_seq == seq:
-                    self.next_seq = seq + 1
-                    self._seq_changed.notify_all()
 
     async def ParamDigest(self, request, context):
         job = self.jobs.get(request.job_id)
