@@ -212,21 +212,25 @@ def _table_rows(path: Path, fmt: str) -> Iterator[tuple[int, str, str]]:
             row += 1
 
 
+def _rows(path: Path) -> Iterator[tuple[int, str, str]]:
+    """The (row, inputs, targets) of a JSON Lines or table file, by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_rows(path)
+    if suffix in corpus_lib.PARQUET_SUFFIXES:
+        return _table_rows(path, corpus_lib.PARQUET_SUFFIXES[suffix])
+    known = sorted((*JSONL_SUFFIXES, *corpus_lib.PARQUET_SUFFIXES))
+    raise DataError(
+        f"data file {str(path)!r} is neither JSON Lines nor a table: "
+        f"data.source='text2text' reads files ending in {', '.join(known)}."
+    )
+
+
 def _text2text_pairs(paths: Sequence[str], split: str, max_bytes: int | None) -> list[TextPair]:
     out: list[TextPair] = []
     total = 0
     for path in corpus_lib.expand_paths(paths):
-        suffix = path.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            rows = _jsonl_rows(path)
-        elif suffix in corpus_lib.PARQUET_SUFFIXES:
-            rows = _table_rows(path, corpus_lib.PARQUET_SUFFIXES[suffix])
-        else:
-            known = sorted((*JSONL_SUFFIXES, *corpus_lib.PARQUET_SUFFIXES))
-            raise DataError(
-                f"data file {str(path)!r} is neither JSON Lines nor a table: "
-                f"data.source='text2text' reads files ending in {', '.join(known)}."
-            )
+        rows = _rows(path)
         for _, inputs, targets in rows:
             if _is_heldout(f"{inputs}\0{targets}") != (split == "heldout"):
                 continue
@@ -246,17 +250,7 @@ def check_task_files(paths: Sequence[str]) -> None:
         DataError: naming the file and the missing field.
     """
     for path in corpus_lib.expand_paths(paths):
-        suffix = path.suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            rows = _jsonl_rows(path)
-        elif suffix in corpus_lib.PARQUET_SUFFIXES:
-            rows = _table_rows(path, corpus_lib.PARQUET_SUFFIXES[suffix])
-        else:
-            known = sorted((*JSONL_SUFFIXES, *corpus_lib.PARQUET_SUFFIXES))
-            raise DataError(
-                f"data file {str(path)!r} is neither JSON Lines nor a table: "
-                f"data.source='text2text' reads files ending in {', '.join(known)}."
-            )
+        rows = _rows(path)
         next(iter(rows), None)
 
 

@@ -342,14 +342,8 @@ class PalmRuntime(JobRuntime):
             grads = unflatten_shards(reduced, layout, grads)
         params, opt_state = resident.apply_exec(state.params, state.opt_state, grads)
         resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
-        digest = b""
-        every = self.spec.digest_every
-        if every and (step + 1) % every == 0:
-            digest = self.shard_digest()
-            if self.exchange is not None:
-                t_d = time.perf_counter()
-                self.exchange.compare_digest(step, digest)
-                exchange_s += time.perf_counter() - t_d
+        digest, compare_s = self._step_digest(step)
+        exchange_s += compare_s
         t3 = time.perf_counter()
         loss_value = float(fetch_global(loss))
         t4 = time.perf_counter()
@@ -368,6 +362,19 @@ class PalmRuntime(JobRuntime):
             exchange_s=exchange_s,
             exchange_bytes_sent=sent,
         )
+
+    def _step_digest(self, step: int) -> tuple[bytes, float]:
+        """The parameter digest after `step` when one is due (else b""), compared with the
+        other islands'; and the seconds the comparison took."""
+        every = self.spec.digest_every
+        if not (every and (step + 1) % every == 0):
+            return b"", 0.0
+        digest = self.shard_digest()
+        if self.exchange is None:
+            return digest, 0.0
+        t_d = time.perf_counter()
+        self.exchange.compare_digest(step, digest)
+        return digest, time.perf_counter() - t_d
 
     def _run_masked_step(self, step: int, weights: Sequence[float] | None) -> StepResult:
         """A mixture step: gradients of the summed loss; the islands add (sum, count) and
@@ -401,14 +408,8 @@ class PalmRuntime(JobRuntime):
             state.params, state.opt_state, grads, np.float32(1.0 / count)
         )
         resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
-        digest = b""
-        every = self.spec.digest_every
-        if every and (step + 1) % every == 0:
-            digest = self.shard_digest()
-            if self.exchange is not None:
-                t_d = time.perf_counter()
-                self.exchange.compare_digest(step, digest)
-                exchange_s += time.perf_counter() - t_d
+        digest, compare_s = self._step_digest(step)
+        exchange_s += compare_s
         t3 = time.perf_counter()
         loss_value = float(stats_np[0]) / count
         islands = self.spec.num_islands if self.exchange is not None else 1
