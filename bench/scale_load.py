@@ -112,7 +112,7 @@ async def _load(args) -> None:
 
     async def watch(job_id: str) -> None:
         nonlocal lost, updates
-        got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id))
+        got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id, summary=True))
         request = controller_pb2.WatchJobRequest(job_id=job_id, from_step=got.job.steps_completed)
         call = stub.WatchJob(request)
         last = None

@@ -57,6 +57,9 @@ ABORT_TIMEOUT_S = 10.0
 # After one host of a step failed, how long the others get to answer before the step is
 # given up (they may be waiting on the failed one).
 FAIL_FAST_GRACE_S = 2.0
+# The longest a run consumes step replies already received without yielding to the event
+# loop (a message may carry a whole slice of fast steps).
+TURN_S = 0.0005
 _NOT_ANSWERED = object()
 
 
@@ -380,6 +383,8 @@ class Dispatcher:
         state = _RunState(program.start_step)
         completed = 0
         island_ids = [i.id for i in islands]
+        loop = asyncio.get_running_loop()
+        turn_start = loop.time()
         job_id = program.job_id
 
         def launch(granted: bool, count: int, since: float) -> None:
@@ -460,6 +465,11 @@ class Dispatcher:
                         raise state.error
                     return completed
                 current = pending[0]
+                if loop.time() - turn_start >= TURN_S:
+                    # Steps read from a message that carried many come without a wait:
+                    # let the loop serve the other jobs, the watchers and the RPCs.
+                    await asyncio.sleep(0)
+                    turn_start = loop.time()
                 report = await self._collect(program, current)
                 current.reported += 1
                 if program.mixture is not None:

@@ -73,9 +73,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     @_rpc
     async def GetJob(self, request: controller_pb2.GetJobRequest, context) -> Any:
-        """One job with its losses (named by id, unique name or unique id prefix)."""
+        """One job with its losses and events (named by id, unique name or unique id
+        prefix); without them when the request asks for a summary."""
         record = self.store.find_job(request.job_id)
-        return controller_pb2.GetJobReply(job=self.views.job(record))
+        return controller_pb2.GetJobReply(
+            job=self.views.job(record, include_losses=not request.summary)
+        )
 
     @_rpc
     async def ListJobs(self, request: controller_pb2.ListJobsRequest, context) -> Any:

@@ -248,8 +248,11 @@ class ControllerClient:
             jobs[i] = job
         return [jobs[i] for i in range(len(specs))]
 
-    def get(self, job_id: str) -> controller_pb2.Job:
-        return self._call(self._stub.GetJob, controller_pb2.GetJobRequest(job_id=job_id)).job
+    def get(self, job_id: str, *, summary: bool = False) -> controller_pb2.Job:
+        """The job's record; with `summary`, without its per-step losses and events (cheap
+        to poll however many steps the job has)."""
+        request = controller_pb2.GetJobRequest(job_id=job_id, summary=summary)
+        return self._call(self._stub.GetJob, request).job
 
     def list(
         self,
@@ -323,9 +326,8 @@ class ControllerClient:
                     pass
             except grpc.RpcError as e:
                 raise ClientError(_details(e, self.address), e.code()) from None
-            job = self.get(job_id)
-            if state_name(job.state) in TERMINAL:
-                return job
+            if state_name(self.get(job_id, summary=True).state) in TERMINAL:
+                return self.get(job_id)
 
     def islands(self, *, include_steps: bool = False) -> list[controller_pb2.Island]:
         """Every island and its hosts (and its recent steps, who ran when, with

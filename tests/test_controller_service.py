@@ -83,6 +83,15 @@ def test_watch_replays_metrics_and_ends_with_the_final_record(client, tiny_runs)
     assert losses == list(job.losses)[1:]
 
 
+def test_a_summary_get_leaves_out_the_losses_and_events(client, tiny_runs) -> None:
+    job, _ = tiny_runs
+    full, summary = client.get(job.id), client.get(job.id, summary=True)
+    assert len(full.losses) == job.spec.train.steps and full.events
+    assert not summary.losses and not summary.events
+    assert summary.steps_completed == full.steps_completed == job.spec.train.steps
+    assert summary.state == full.state and summary.id == full.id
+
+
 def test_logs_hold_controller_and_island_host_records(client, tiny_runs) -> None:
     job, _ = tiny_runs
     records = list(client.logs(job.id))
