@@ -284,6 +284,11 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
     request.digest_every = job.digest_every
     if job.init is not None:
         request.init_from = job.init.path
+    pipe = spec_lib.pipeline_settings(spec)
+    if pipe is not None:
+        from .pipeline import place_stage, stage_layout
+
+        place_stage(request, at, pipe, stage_layout(pipe, at.num_islands, configs.model))
     return request
 
 

@@ -84,6 +84,8 @@ class IslandJobSpec:
     peers: tuple[str, ...] = ()
     digest_every: int = 0
     exchange_timeout_s: float = 0.0
+    # A pipeline job's stage placement (workers/pipeline.py's PipelinePlacement), or None.
+    pipeline: Any = None
 
     @property
     def island_batch(self) -> int:

@@ -246,6 +246,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         runtime, expected_hash, estimate = await self._on_compile_thread(prepare)
         self.exchange.connect(runtime, asyncio.get_running_loop())
+        if spec.pipeline is not None:  # workers/pipeline.py: links to the other stages
+            self.exchange.mailbox.clear_abort(spec.job_id, spec.generation)
+            runtime.connect_stages(
+                self.exchange.mailbox, self.exchange.peers, asyncio.get_running_loop()
+            )
         if spec.data_hash != expected_hash:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -1,0 +1,77 @@
+"""A pipeline job's islands: which stage and replica each island is, and its load fields.
+
+The job's islands are laid out stage-major: island k holds stage k // R of replica k % R
+(R = islands / stages). Each island loads as a data-parallel job among its stage's replicas
+(island_index r, num_islands R, peers = host i of those R islands) plus its StagePlacement:
+the stage, the split of the blocks, and host i of replica r's island of every stage (its
+neighbours for activations and gradients, workers/stage_link.py). The dispatcher needs no
+other change: every island runs one step of every slice, and the hosts run the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from pathways_lite.v1 import worker_pb2
+
+from .program import HostLoad
+from .spec_configs import PipelineSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """Where each island of a pipeline job sits and which blocks each stage holds."""
+
+    stages: int
+    replicas: int
+    bounds: tuple[tuple[int, int], ...]
+
+    def stage_of(self, island: int) -> tuple[int, int]:
+        """(stage, replica) of the job's island `island`."""
+        return divmod(island, self.replicas)
+
+    def describe(self) -> str:
+        """One line per stage: its blocks and islands (what `status` and the logs show)."""
+        rows = []
+        for s, (lo, hi) in enumerate(self.bounds):
+            islands = [s * self.replicas + r for r in range(self.replicas)]
+            extra = " + embedding" if s == 0 else ""
+            extra += " + final norm, shared-embedding head" if s == self.stages - 1 else ""
+            rows.append(f"stage {s}: blocks {lo}..{hi - 1}{extra}; islands {islands}")
+        return "\n".join(rows)
+
+
+def stage_layout(pipe: PipelineSettings, islands: int, model_cfg: Any) -> StageLayout:
+    """The layout of a validated pipeline job on `islands` islands."""
+    from pathways_lite.model.pipeline import stage_split
+
+    return StageLayout(pipe.stages, islands // pipe.stages, stage_split(model_cfg, pipe.stages))
+
+
+def place_stage(
+    request: worker_pb2.LoadJobRequest, at: HostLoad, pipe: PipelineSettings, layout: StageLayout
+) -> None:
+    """Turn a data-parallel LoadJobRequest over all the job's islands (`at`) into the load of
+    one stage's island: replica placement, and the StagePlacement."""
+    stage, replica = layout.stage_of(at.island_index)
+    r = layout.replicas
+    peers = list(at.peers)
+    request.island_index = replica
+    request.num_islands = r
+    del request.peers[:]
+    if r > 1:
+        request.peers.extend(peers[stage * r : (stage + 1) * r])
+    request.pipeline.CopyFrom(
+        worker_pb2.StagePlacement(
+            stages=pipe.stages,
+            microbatches=pipe.microbatches,
+            schedule=pipe.schedule,
+            stage=stage,
+            stage_peers=[peers[t * r + replica] for t in range(pipe.stages)] if peers else [],
+            block_bounds=[b for pair in layout.bounds for b in pair],
+        )
+    )

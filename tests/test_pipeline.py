@@ -1,0 +1,236 @@
+"""Pipeline parallelism across islands: stages train as the single-process reference does.
+
+Island hosts are real worker services served in this process (one CPU device group each),
+driven by the controller's own Dispatcher and `palm_program`; activations and their
+gradients travel host to host over gRPC between the stages, the replicas of a stage
+exchange gradients as a data-parallel job's islands do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import grpc
+import jax
+import numpy as np
+import pytest
+
+from pathways_lite.controller import spec as spec_lib
+from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.islands import Island, connect_host
+from pathways_lite.controller.program import HostLoad
+from pathways_lite.controller.resolved import palm_program
+from pathways_lite.model.config import PalmConfig
+from pathways_lite.model.data import prepare_dataset
+from pathways_lite.model.pipeline import peak_stash, schedule_order, stage_split
+from pathways_lite.model.train import ReferenceTrainer
+from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.service import BackgroundServer, WorkerServicer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS, SEQ = 4, 32
+DATA = {"source": "stdlib", "vocab_size": 1024, "max_bytes": 1_000_000}
+BUDGET = 256 * 1024 * 1024
+
+
+def pipe_spec(
+    islands: int, devices: int, mesh: tuple[int, int], batch: int, stages: int, mb: int, sched: str
+) -> controller_pb2.JobSpec:
+    spec = controller_pb2.JobSpec(
+        name=f"pipe-{islands}",
+        islands=islands,
+        devices_per_island=devices,
+        mesh=controller_pb2.JobSpec.Mesh(data=mesh[0], model=mesh[1]),
+        train=controller_pb2.JobSpec.Train(steps=STEPS, global_batch=batch, seq_len=SEQ, seed=0),
+        data=controller_pb2.JobSpec.Data(**DATA),
+        pipeline=controller_pb2.JobSpec.Pipeline(stages=stages, microbatches=mb, schedule=sched),
+    )
+    spec.model.preset = "palm-tiny"
+    return spec
+
+
+def reference_losses(spec) -> list[float]:
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=SEQ)
+    train = configs.train
+    trainer = ReferenceTrainer(configs.model, configs.optim, train)
+    return trainer.losses(lambda s: dataset.global_batch(s, train.global_batch, train.seed)[0])
+
+
+def max_rel_diff(a, b) -> float:
+    a_, b_ = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a_ - b_) / np.abs(b_)))
+
+
+@dataclasses.dataclass
+class LocalHost:
+    server: BackgroundServer
+    address: str
+    channel: grpc.Channel
+    stub: worker_pb2_grpc.WorkerServiceStub
+
+
+def serve_hosts(device_groups: list[list[int]]) -> list[LocalHost]:
+    hosts = []
+    for index, ids in enumerate(device_groups):
+        devices = [jax.devices()[i] for i in ids]
+        meta = HostMetadata.in_process(f"pipe-{index}", devices, BUDGET)
+        server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
+        address = f"127.0.0.1:{server.start()}"
+        channel = grpc.insecure_channel(address)
+        hosts.append(
+            LocalHost(server, address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        )
+    return hosts
+
+
+def stop_hosts(hosts: list[LocalHost]) -> None:
+    for host in hosts:
+        host.channel.close()
+        host.server.stop()
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    spec: controller_pb2.JobSpec
+    generation: int = 0
+
+
+async def dispatch(addresses: list[str], spec, job_id: str, epoch: int):
+    """Load, run and unload a job with the controller's Dispatcher: its step reports and
+    every island's final ParamDigest."""
+    islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
+    try:
+        dispatcher = Dispatcher(epoch=epoch)
+        program = palm_program(Record(job_id, spec))
+        await dispatcher.load(program, islands)
+        reports = []
+        await dispatcher.run(program, islands, on_step=reports.append)
+        digests = [
+            await island.hosts[0].stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=job_id))
+            for island in islands
+        ]
+        await dispatcher.unload(job_id, islands)
+        return reports, digests
+    finally:
+        for island in islands:
+            await island.close()
+
+
+@pytest.fixture(scope="module")
+def four_hosts() -> Iterator[list[LocalHost]]:
+    hosts = serve_hosts([[0], [1], [2], [3]])
+    try:
+        yield hosts
+    finally:
+        stop_hosts(hosts)
+
+
+# ---- the split and the schedules (no hosts) -------------------------------------------------
+
+
+def test_split_is_contiguous_balanced_and_gives_the_ends_fewer_blocks() -> None:
+    cfg = PalmConfig.palm_small(n_layers=8)
+    bounds = stage_split(cfg, 4)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 8
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert min(sizes) >= 1 and sizes[-1] <= sizes[1], sizes  # the head costs the last stage
+    assert stage_split(PalmConfig.palm_tiny(), 2) == ((0, 1), (1, 2))
+
+
+def test_1f1b_stashes_at_most_stages_microbatches_and_gpipe_all() -> None:
+    for stage in range(3):
+        assert peak_stash("1f1b", stage, 4, 8) == 4 - stage
+        assert peak_stash("gpipe", stage, 4, 8) == 8
+        for sched in ("gpipe", "1f1b"):
+            order = schedule_order(sched, stage, 4, 8)
+            assert [m for k, m in order if k == "B"] == list(range(8))  # backward order fixed
+            assert sorted(m for k, m in order if k == "F") == list(range(8))
+
+
+# ---- distributed runs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_by_two_runs(four_hosts):
+    """palm-tiny (2 blocks) as 2 stages x 2 replicas, 1F1B then GPipe, on the same hosts."""
+    addresses = [h.address for h in four_hosts]
+    runs = {}
+    for epoch, sched in enumerate(("1f1b", "gpipe"), start=1):
+        spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched=sched)
+        runs[sched] = asyncio.run(dispatch(addresses, spec, f"pipe-{sched}", epoch))
+    return spec, runs
+
+
+def test_two_stages_two_replicas_match_the_reference_losses(two_by_two_runs) -> None:
+    spec, runs = two_by_two_runs
+    reference = reference_losses(spec)
+    losses = [r.loss for r in runs["1f1b"][0]]
+    assert len(losses) == STEPS == len(reference)
+    assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
+
+
+def test_gpipe_and_1f1b_give_bitwise_the_same_losses_and_parameters(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    assert [r.loss for r in runs["1f1b"][0]] == [r.loss for r in runs["gpipe"][0]]
+    assert [d.sha256 for d in runs["1f1b"][1]] == [d.sha256 for d in runs["gpipe"][1]]
+
+
+def test_stage_parameters_are_bitwise_identical_across_replicas(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    reports, digests = runs["1f1b"]
+    # Islands 0, 1: stage 0's replicas; islands 2, 3: stage 1's.
+    assert digests[0].sha256 == digests[1].sha256
+    assert digests[2].sha256 == digests[3].sha256
+    assert digests[0].sha256 != digests[2].sha256
+    assert {d.steps_applied for d in digests} == {STEPS}
+    for report in reports:
+        by_island = [h.reply.param_digest for h in report.hosts]
+        assert by_island[0] == by_island[1] and by_island[2] == by_island[3]
+        # Activations (and gradients back) moved between the stages' hosts every step.
+        assert all(h.reply.exchange_bytes_sent > 0 for h in report.hosts)
+
+
+def test_two_stages_on_a_model_parallel_mesh_match_the_reference(four_hosts) -> None:
+    hosts = serve_hosts([[0, 1], [2, 3]])
+    try:
+        spec = pipe_spec(2, 2, (1, 2), batch=8, stages=2, mb=2, sched="1f1b")
+        reports, digests = asyncio.run(dispatch([h.address for h in hosts], spec, "pipe-m2", 1))
+    finally:
+        stop_hosts(hosts)
+    assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
+
+
+def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts) -> None:
+    a, b = four_hosts[:2]
+    spec = pipe_spec(2, 1, (1, 1), batch=4, stages=2, mb=2, sched="1f1b")
+    program = palm_program(Record("hung", spec))
+    peers = (a.address, b.address)
+    for index, host in enumerate((a, b)):
+        request = program.load(
+            HostLoad("hung", epoch=9, island_index=index, num_islands=2, peers=peers)
+        )
+        request.exchange_timeout_s = 2.0
+        host.stub.LoadJob(request, timeout=240)
+    try:
+        seq = a.stub.Info(worker_pb2.InfoRequest(), timeout=10).next_island_seq
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # stage 1 (host b) never runs the step
+            a.stub.RunStep(
+                worker_pb2.RunStepRequest(job_id="hung", step=0, island_seq=seq, epoch=9),
+                timeout=60,
+            )
+        assert time.monotonic() - started < 30
+        details = err.value.details()
+        assert "stage 1" in details and b.address in details and "microbatch 0" in details
+        assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    finally:
+        for host in (a, b):
+            host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="hung", epoch=9), timeout=60)
