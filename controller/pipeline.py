@@ -75,3 +75,37 @@ def place_stage(
             block_bounds=[b for pair in layout.bounds for b in pair],
         )
     )
+
+
+def stage_bytes_per_device(
+    pipe: PipelineSettings, spec: Any, configs: Any, training_bytes: Any
+) -> int:
+    """What the largest stage of a pipeline job holds per device (admission's figure).
+
+    Each stage is estimated as a model of its own blocks (with the embedding: an upper bound
+    for the middle stages) training on one microbatch, plus the gradient sum it keeps across
+    the microbatches and the stage inputs its schedule stashes for backward: M microbatches
+    under GPipe, at most S - s under 1F1B.
+
+    Args:
+        training_bytes: the estimator, (model, (data, model) mesh, optim, examples per
+            device, seq_len) -> bytes (resolved.py's cached one).
+    """
+    from pathways_lite.model.estimates import memory_per_device
+    from pathways_lite.model.pipeline import peak_stash
+
+    model, optim, train = configs.model, configs.optim, configs.train
+    layout = stage_layout(pipe, spec.islands, model)
+    mesh = (spec.mesh.data, spec.mesh.model)
+    examples = train.global_batch // (layout.replicas * pipe.microbatches * spec.mesh.data)
+    worst = 0
+    for s, (lo, hi) in enumerate(layout.bounds):
+        stage_cfg = dataclasses.replace(model, n_layers=hi - lo)
+        base = training_bytes(stage_cfg, mesh, optim, examples, train.seq_len)
+        grad_sum = memory_per_device(stage_cfg, {"data": mesh[0], "model": mesh[1]}, optim)[
+            "params_bytes"
+        ]
+        stash = peak_stash(pipe.schedule, s, pipe.stages, pipe.microbatches)
+        stash_bytes = stash * examples * train.seq_len * model.d_model * 4
+        worst = max(worst, int(base + grad_sum + stash_bytes))
+    return worst

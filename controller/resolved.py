@@ -106,6 +106,13 @@ class ResolvedJob:
                 train.seq_len,
             )
             flops_per_token = estimates.flops_per_token(configs.model, train.seq_len)
+            pipe = spec_lib.pipeline_settings(spec)
+            if pipe is not None:  # admitted by its largest stage (controller/pipeline.py)
+                from .pipeline import stage_bytes_per_device
+
+                bytes_per_device = stage_bytes_per_device(
+                    pipe, spec, configs, _training_bytes_per_device
+                )
         except ValueError as e:
             raise spec_lib.SpecError("model", spec.model.preset, str(e)) from None
         digest_every = spec_lib.digest_every(spec)
@@ -167,6 +174,7 @@ class ResolvedJob:
             spec.mesh.model,
             train.global_batch // max(1, spec.islands),
             train.seq_len,
+            spec_lib.pipeline_settings(spec),
         )
 
     @property

@@ -234,3 +234,74 @@ def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts
     finally:
         for host in (a, b):
             host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="hung", epoch=9), timeout=60)
+
+
+# ---- the spec and admission (no hosts) -------------------------------------------------------
+
+ISSUE_SPEC = """
+name: pipe-2x2
+model: {preset: palm-tiny}
+islands: 4
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}
+train: {steps: 20, global_batch: 16, seq_len: 64, seed: 0}
+data: {source: stdlib}
+"""
+
+
+def test_the_issues_spec_parses_and_validates_with_its_pipeline() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    spec = load_spec_text(ISSUE_SPEC, validate=True)
+    pipe = spec_lib.pipeline_settings(spec)
+    assert (pipe.stages, pipe.microbatches, pipe.schedule) == (2, 8, "1f1b")
+
+
+@pytest.mark.parametrize(
+    "change, field, quoted",
+    [
+        ("pipeline: {stages: 3}", "pipeline.stages", "islands=4"),
+        ("pipeline: {stages: 2, microbatches: 3}", "train.global_batch", "microbatches=3"),
+        ("pipeline: {stages: 4}", "pipeline.stages", "n_layers=2"),
+        ("pipeline: {stages: 2, schedule: zigzag}", "pipeline.schedule", "zigzag"),
+        ("pipeline: {stages: 1}", "pipeline.stages", "stages=1"),
+        ("pipeline: {stages: 2, microbatches: 0}", "pipeline.microbatches", "=0"),
+    ],
+)
+def test_bad_pipeline_specs_name_the_field_and_value(change: str, field: str, quoted: str) -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace("pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}", change)
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    assert err.value.field == field, err.value
+    assert quoted in str(err.value), err.value
+
+
+def test_global_batch_message_names_replicas_microbatches_and_mesh_data() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace("global_batch: 16", "global_batch: 12")
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    message = str(err.value)
+    assert "replicas=2" in message and "microbatches=8" in message and "mesh.data=1" in message
+
+
+def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_stages() -> None:
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.spec import load_spec_text
+
+    big = ISSUE_SPEC.replace("{preset: palm-tiny}", "{preset: palm-small}")
+    big = big.replace("islands: 4", "islands: 2").replace("seq_len: 64", "seq_len: 128")
+    plain = load_spec_text(big.replace(ISSUE_SPEC.splitlines()[6], ""), validate=True)
+    piped = load_spec_text(big.replace("microbatches: 8", "microbatches: 4"), validate=True)
+    whole = ResolvedJob.resolve(plain).bytes_per_device
+    stage = ResolvedJob.resolve(piped).bytes_per_device
+    assert stage < 0.8 * whole, (stage, whole)
+    budget = (stage + whole) // 2
+    scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
+    assert scheduler.never_fits(plain.islands, whole) is not None
+    assert scheduler.never_fits(piped.islands, stage) is None
