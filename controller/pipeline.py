@@ -58,6 +58,8 @@ def place_stage(
     """Turn a data-parallel LoadJobRequest over all the job's islands (`at`) into the load of
     one stage's island: replica placement, and the StagePlacement."""
     stage, replica = layout.stage_of(at.island_index)
+    if at.island_index == 0:
+        logger.info("job %s pipeline layout:\n%s", at.job_id, layout.describe())
     r = layout.replicas
     peers = list(at.peers)
     request.island_index = replica
@@ -65,6 +67,13 @@ def place_stage(
     del request.peers[:]
     if r > 1:
         request.peers.extend(peers[stage * r : (stage + 1) * r])
+    # Each stage writes and restores its own checkpoints (replica 0 of every stage writes).
+    if request.checkpoint_dir:
+        root = request.checkpoint_dir.rstrip("/")
+        request.checkpoint_dir = f"{root}/stage{stage}"
+        if request.restore_from.startswith(root + "/"):
+            rest = request.restore_from[len(root) + 1 :]
+            request.restore_from = f"{root}/stage{stage}/{rest}"
     request.pipeline.CopyFrom(
         worker_pb2.StagePlacement(
             stages=pipe.stages,

@@ -208,6 +208,16 @@ def test_two_stages_on_a_model_parallel_mesh_match_the_reference(four_hosts) -> 
     assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
 
 
+def test_four_stages_of_one_block_each_match_the_reference(four_hosts) -> None:
+    spec = pipe_spec(4, 1, (1, 1), batch=8, stages=4, mb=4, sched="gpipe")
+    spec.model.overrides.update({"n_layers": 4})
+    reports, digests = asyncio.run(
+        dispatch([h.address for h in four_hosts], spec, "pipe-4x1", epoch=5)
+    )
+    assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
+    assert len({d.sha256 for d in digests}) == 4  # four different stages
+
+
 def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts) -> None:
     a, b = four_hosts[:2]
     spec = pipe_spec(2, 1, (1, 1), batch=4, stages=2, mb=2, sched="1f1b")
