@@ -183,6 +183,17 @@ def test_gpipe_and_1f1b_give_bitwise_the_same_losses_and_parameters(two_by_two_r
     assert [d.sha256 for d in runs["1f1b"][1]] == [d.sha256 for d in runs["gpipe"][1]]
 
 
+def test_stages_send_exactly_the_activations_and_1f1b_stashes_less(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    d_model = PalmConfig.palm_tiny().d_model
+    per_replica = 16 // 2 * SEQ * d_model * 4  # (B / R, T, D) float32, forward or backward
+    for report in runs["1f1b"][0]:
+        assert [h.reply.stage_bytes_sent for h in report.hosts] == [per_replica] * 4
+    peak = {s: max(h.reply.peak_stash_bytes for r in runs[s][0] for h in r.hosts) for s in runs}
+    # Stage 0 stashes its microbatches' inputs: 2 (= S) under 1F1B, all 4 under GPipe.
+    assert peak["1f1b"] * 2 == peak["gpipe"] > 0
+
+
 def test_stage_parameters_are_bitwise_identical_across_replicas(two_by_two_runs) -> None:
     _, runs = two_by_two_runs
     reports, digests = runs["1f1b"]

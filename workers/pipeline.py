@@ -278,6 +278,7 @@ class PipelineRuntime(PalmRuntime):
         acc = None
         losses: list[float] = []
         wait_s = 0.0
+        stash_bytes = peak_stash_bytes = 0
         t1 = time.perf_counter()
         with jax.set_mesh(fns.mesh):
             for kind, m in schedule_order(p.schedule, s, p.stages, p.microbatches):
@@ -293,6 +294,8 @@ class PipelineRuntime(PalmRuntime):
                 if kind == "F":
                     y = fns.fwd(params, x_in)
                     stash[m] = x_in
+                    stash_bytes += x_in.nbytes
+                    peak_stash_bytes = max(peak_stash_bytes, stash_bytes)
                     link.send(
                         s + 1, PHASE_ACT, m, fetch_global(y), f"activations of microbatch {m}"
                     )
@@ -304,6 +307,7 @@ class PipelineRuntime(PalmRuntime):
                     losses.append(float(fetch_global(loss)))
                 else:  # "B"
                     x_in = stash.pop(m)
+                    stash_bytes -= x_in.nbytes
                     w = time.perf_counter()
                     values = link.receive(
                         s + 1, PHASE_GRAD, m, f"activation gradients of microbatch {m}"
@@ -381,4 +385,8 @@ class PipelineRuntime(PalmRuntime):
             param_digest=digest,
             exchange_s=exchange_s,
             exchange_bytes_sent=sent + stage_sent,
+            pipeline_wait_s=wait_s,
+            stage_bytes_sent=link.activation_bytes_sent,
+            peak_stash_bytes=peak_stash_bytes,
+            pipeline_s=t2 - t1,
         )

@@ -141,6 +141,12 @@ class StepResult:
     # A masked (mixture) step's global stats: model.loss.masked_loss_sums's vector, summed
     # over every island.
     loss_stats: Sequence[float] = ()
+    # A pipeline stage's (workers/pipeline.py): schedule seconds waiting on the neighbours,
+    # activation bytes sent, the most stashed input bytes at once, the schedule's seconds.
+    pipeline_wait_s: float = 0.0
+    stage_bytes_sent: int = 0
+    peak_stash_bytes: int = 0
+    pipeline_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -106,13 +106,15 @@ class StageLink:
         self.deadline = 0.0
         self.step = 0
         self.bytes_sent = 0
-        self._sends: list[concurrent.futures.Future] = []
+        self.activation_bytes_sent = 0  # PHASE_ACT and PHASE_GRAD only
+        self._sends: list[tuple[int, concurrent.futures.Future]] = []
 
     def begin(self, step: int) -> None:
         """Start a step: its deadline runs from now."""
         self.step = step
         self.deadline = time.monotonic() + self.timeout_s
         self.bytes_sent = 0
+        self.activation_bytes_sent = 0
         self._sends = []
 
     def _head(self, phase: int) -> dict[str, Any]:
@@ -150,7 +152,7 @@ class StageLink:
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
         chunks = list(_chunks(self._head(phase), flat, part))
         self._sends.append(
-            asyncio.run_coroutine_threadsafe(self._send(stage, chunks, what), self.loop)
+            (phase, asyncio.run_coroutine_threadsafe(self._send(stage, chunks, what), self.loop))
         )
 
     async def _wait(self, key: tuple, stage: int, what: str) -> Any:
@@ -172,13 +174,16 @@ class StageLink:
 
     def finish(self) -> int:
         """Wait for this step's sends; returns the payload bytes sent."""
-        for future in self._sends:
-            self.bytes_sent += future.result()
+        for phase, future in self._sends:
+            sent = future.result()
+            self.bytes_sent += sent
+            if phase in (PHASE_ACT, PHASE_GRAD):
+                self.activation_bytes_sent += sent
         self._sends = []
         return self.bytes_sent
 
     def abandon(self) -> None:
         """A failed step: cancel its sends still in flight."""
-        for future in self._sends:
+        for _, future in self._sends:
             future.cancel()
         self._sends = []
