@@ -209,6 +209,45 @@ def test_stage_parameters_are_bitwise_identical_across_replicas(two_by_two_runs)
         assert all(h.reply.exchange_bytes_sent > 0 for h in report.hosts)
 
 
+def test_the_trace_has_a_track_per_host_with_steps_and_nested_microbatches(
+    four_hosts, two_by_two_runs
+) -> None:
+    import json
+
+    from pathways_lite.controller.trace import job_trace
+    from pathways_lite.trace import chrome_trace
+
+    async def collect():
+        islands = [
+            Island(f"island-{i}", [await connect_host(h.address)]) for i, h in enumerate(four_hosts)
+        ]
+        try:
+            return await job_trace("pipe-gpipe", islands)
+        finally:
+            for island in islands:
+                await island.close()
+
+    trace = json.loads(json.dumps(chrome_trace(asyncio.run(collect()), (1, 3))))
+    events = trace["traceEvents"]
+    tracks = {(e["pid"], e["tid"]) for e in events if e["ph"] == "M" and "tid" in e}
+    assert len(tracks) == 4
+    for pid, tid in tracks:
+        mine = [e for e in events if e["ph"] == "X" and (e["pid"], e["tid"]) == (pid, tid)]
+        steps = [e for e in mine if e["cat"] == "step"]
+        assert sorted(e["args"]["step"] for e in steps) == [1, 2]
+        for step in steps:
+            parts = [
+                e for e in mine if e["cat"] != "step" and e["args"]["step"] == step["args"]["step"]
+            ]
+            names = sorted(e["name"] for e in parts)
+            # 4 microbatches: forwards and backwards (the last stage's are fused "B"), exchange.
+            assert names.count("exchange") == 1 and len([n for n in names if n[0] == "B"]) == 4
+            for e in parts:  # nested inside the step's slice
+                assert (
+                    step["ts"] - 1 <= e["ts"] and e["ts"] + e["dur"] <= step["ts"] + step["dur"] + 1
+                )
+
+
 def test_two_stages_on_a_model_parallel_mesh_match_the_reference(four_hosts) -> None:
     hosts = serve_hosts([[0, 1], [2, 3]])
     try:

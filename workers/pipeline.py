@@ -115,7 +115,7 @@ class PipelineRuntime(PalmRuntime):
                 f"({spec.mesh.data})."
             )
         self.link: StageLink | None = None
-        self.timeline: list[tuple[str, int, int, int]] = []  # (kind, step, start, end) ns
+        self._slices: list[tuple[str, int, int]] = []  # this step's (name, start, end) ns
 
     @property
     def microbatch(self) -> int:
@@ -243,14 +243,14 @@ class PipelineRuntime(PalmRuntime):
         array = np.ascontiguousarray(array)
         return jax.make_array_from_callback(array.shape, sharding, lambda i: array[i])
 
-    def _mark(self, kind: str, step: int, start: float) -> None:
-        self.timeline.append((kind, step, int(start * 1e9), time.time_ns()))
-        del self.timeline[:-4096]
+    def _mark(self, name: str, start_ns: int) -> None:
+        self._slices.append((name, start_ns, time.time_ns()))
 
     def run_step(self, step: int, weights: Sequence[float] | None = None) -> StepResult:
         link = self.link
         assert link is not None, "connect_stages was not called"
         link.begin(step)
+        self._slices = []
         try:
             return self._run_pipeline_step(step, link)
         except BaseException:
@@ -282,7 +282,7 @@ class PipelineRuntime(PalmRuntime):
         t1 = time.perf_counter()
         with jax.set_mesh(fns.mesh):
             for kind, m in schedule_order(p.schedule, s, p.stages, p.microbatches):
-                started = time.time()
+                started = time.time_ns()
                 if kind in ("F", "FB"):
                     if s == 0:
                         x_in = self._place(mbs[m], fns.tokens_sharding)
@@ -299,7 +299,7 @@ class PipelineRuntime(PalmRuntime):
                     link.send(
                         s + 1, PHASE_ACT, m, fetch_global(y), f"activations of microbatch {m}"
                     )
-                    self._mark(f"F{m}", step, started)
+                    self._mark(f"F{m}", started)
                     continue
                 if kind == "FB":
                     tokens = self._place(mbs[m], fns.tokens_sharding)
@@ -325,9 +325,10 @@ class PipelineRuntime(PalmRuntime):
                         f"activation gradients of microbatch {m}",
                     )
                 acc = grads if acc is None else fns.add(acc, grads)
-                self._mark(f"B{m}", step, started)
+                self._mark(f"B{m}", started)
             acc = fns.scale(acc, np.float32(1.0 / p.microbatches))
             t2 = time.perf_counter()
+            exchange_start = time.time_ns()
             # The embedding's two contributions: first + last on both (the same bytes).
             if s in (0, last_stage):
                 other = last_stage if s == 0 else 0
@@ -371,6 +372,7 @@ class PipelineRuntime(PalmRuntime):
             )
         stage_sent = link.finish()
         digest, compare_s = self._step_digest(step)
+        self._mark("exchange", exchange_start)
         t3 = time.perf_counter()
         exchange_s = t3 - t2
         return StepResult(
@@ -389,4 +391,5 @@ class PipelineRuntime(PalmRuntime):
             stage_bytes_sent=link.activation_bytes_sent,
             peak_stash_bytes=peak_stash_bytes,
             pipeline_s=t2 - t1,
+            slices=tuple(self._slices),
         )

@@ -147,6 +147,8 @@ class StepResult:
     stage_bytes_sent: int = 0
     peak_stash_bytes: int = 0
     pipeline_s: float = 0.0
+    # (name, start ns, end ns) of the step's parts, for the execution log's trace slices.
+    slices: Sequence[tuple[str, int, int]] = ()
 
 
 @dataclass(frozen=True)

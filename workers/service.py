@@ -442,6 +442,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     end_unix_ns=end_ns,
                     epoch=request.epoch,
                     received_unix_ns=received_ns,
+                    slices=[
+                        worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
+                        for n, a, b in result.slices
+                    ],
                 )
             )
         return worker_pb2.RunStepReply(
