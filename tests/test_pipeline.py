@@ -33,7 +33,7 @@ from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-STEPS, SEQ = 4, 32
+STEPS, SEQ = 3, 32
 DATA = {"source": "stdlib", "vocab_size": 1024, "max_bytes": 1_000_000}
 BUDGET = 256 * 1024 * 1024
 
@@ -365,3 +365,37 @@ def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_sta
     scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
     assert scheduler.never_fits(plain.islands, whole) is not None
     assert scheduler.never_fits(piped.islands, stage) is None
+
+
+def test_the_trace_command_writes_a_chrome_trace_of_a_job(local_cluster, tmp_path, capsys):
+    """`pathways-lite trace` on the session's LocalCluster (a data-parallel job here)."""
+    import json
+
+    from pathways_lite import cli
+
+    spec = tmp_path / "tr.yaml"
+    spec.write_text(
+        "name: traced\nmodel: {preset: palm-tiny}\nislands: 1\ndevices_per_island: 2\n"
+        "mesh: {data: 1, model: 2}\ntrain: {steps: 3, global_batch: 4, seq_len: 64, seed: 1}\n"
+        "data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}\n"
+    )
+    state = ["--state-dir", str(local_cluster.state_dir)]
+    assert cli.main(["submit", str(spec), "--json", *state]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        cli.main(["status", job_id, "--json", *state])
+        record = json.loads(capsys.readouterr().out)
+        if record["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.3)
+    assert record["state"] == "succeeded", record
+    out = tmp_path / "trace.json"
+    assert cli.main(["trace", job_id, "--steps", "1:3", "-o", str(out), *state]) == 0
+    trace = json.loads(out.read_text())
+    steps = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "step"]
+    assert sorted(e["args"]["step"] for e in steps) == [1, 2]
+    assert all(e["args"]["job"] == job_id and e["dur"] > 0 for e in steps)
+    names = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
+    assert names and all("host 0" in e["args"]["name"] for e in names)
+    assert cli.main(["trace", job_id, "--steps", "3:1", "-o", str(out), *state]) != 0
