@@ -249,6 +249,19 @@ def _check_pipeline(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any)
             "pipeline jobs train a plain language model: data.mixture and data.task are not "
             "supported with pipeline.",
         )
+    if spec.HasField("init_from"):
+        raise SpecError(
+            "init_from",
+            None,
+            "init_from is not supported with pipeline: a pipeline job starts from its seed.",
+        )
+    if spec.train.eval_every > 0:
+        raise SpecError(
+            "train.eval_every",
+            spec.train.eval_every,
+            f"train.eval_every={spec.train.eval_every} is not supported with pipeline: "
+            "evaluation runs the whole model on one island.",
+        )
     return replicas
 
 

@@ -327,6 +327,8 @@ def test_the_issues_spec_parses_and_validates_with_its_pipeline() -> None:
         ("pipeline: {stages: 2, schedule: zigzag}", "pipeline.schedule", "zigzag"),
         ("pipeline: {stages: 1}", "pipeline.stages", "stages=1"),
         ("pipeline: {stages: 2, microbatches: 0}", "pipeline.microbatches", "=0"),
+        ("pipeline: {stages: 2}\nkind: eval", "pipeline", "kind='eval'"),
+        ("pipeline: {stages: 2}\ninit_from: {checkpoint: /x}", "init_from", "pipeline"),
     ],
 )
 def test_bad_pipeline_specs_name_the_field_and_value(change: str, field: str, quoted: str) -> None:
