@@ -52,6 +52,23 @@ def stage_layout(pipe: PipelineSettings, islands: int, model_cfg: Any) -> StageL
     return StageLayout(pipe.stages, islands // pipe.stages, stage_split(model_cfg, pipe.stages))
 
 
+def stage_lines(spec: Any, island_names: list[str]) -> list[str]:
+    """The stage layout of a pipeline job's spec (islands by name once placed)."""
+    from . import spec as spec_lib
+
+    try:
+        pipe = spec_lib.pipeline_settings(spec)
+        layout = stage_layout(pipe, spec.islands, spec_lib.model_config(spec))
+    except (spec_lib.SpecError, ValueError) as e:
+        return [f"no layout: {e}"]
+    lines = layout.describe().splitlines()
+    if len(island_names) == spec.islands:
+        for s in range(layout.stages):
+            names = island_names[s * layout.replicas : (s + 1) * layout.replicas]
+            lines[s] = lines[s].rsplit("; islands", 1)[0] + "; islands " + ", ".join(names)
+    return lines
+
+
 def place_stage(
     request: worker_pb2.LoadJobRequest, at: HostLoad, pipe: PipelineSettings, layout: StageLayout
 ) -> None:

@@ -45,6 +45,10 @@ def print_job(job, as_json: bool) -> None:
     if record["resumed_from_step"] is not None:
         rows.append(("resumed from step", record["resumed_from_step"]))
     print_table(rows, header=("field", "value"))
+    if job.stage_layout:
+        print("\npipeline stages:")
+        for line in job.stage_layout:
+            print(f"  {line}")
     if record["events"]:
         print("\nevents (newest last):")
         for event in record["events"][-EVENTS_SHOWN:]:

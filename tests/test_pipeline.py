@@ -401,3 +401,12 @@ def test_the_trace_command_writes_a_chrome_trace_of_a_job(local_cluster, tmp_pat
     names = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
     assert names and all("host 0" in e["args"]["name"] for e in names)
     assert cli.main(["trace", job_id, "--steps", "3:1", "-o", str(out), *state]) != 0
+
+
+def test_the_status_layout_names_each_stages_blocks_and_islands() -> None:
+    from pathways_lite.controller.pipeline import stage_lines
+
+    spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched="1f1b")
+    lines = stage_lines(spec, ["a", "b", "c", "d"])
+    assert lines[0] == "stage 0: blocks 0..0 + embedding; islands a, b"
+    assert lines[1].startswith("stage 1: blocks 1..1 + final norm") and lines[1].endswith("c, d")
