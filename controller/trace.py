@@ -54,3 +54,72 @@ async def job_trace(job_id: str, islands: Sequence[Island]) -> controller_pb2.Tr
                 ],
             )
     return reply
+
+
+def pipeline_gantt(
+    reply: controller_pb2.TraceReply, stages: int, microbatches: int, last_steps: int = 2
+) -> dict:
+    """The dashboard's pipeline chart of a pipeline job's trace (hosts in the job's island
+    order, stage-major): one row per stage (host 0 of replica 0's island), its microbatch
+    forwards and backwards of the newest `last_steps` steps as bars (ms from the first), and
+    the measured bubble beside the theoretical (S - 1) / (M + S - 1).
+
+    The measured bubble of a step: 1 - (a stage's microbatch busy time) / (the step's span
+    from the first microbatch start to the last microbatch end over all stages), averaged
+    over the stages and the steps shown.
+    """
+    job = reply.job_id
+    replicas = max(1, len({h.island for h in reply.hosts}) // max(stages, 1))
+    islands: list[str] = []
+    for h in reply.hosts:
+        if h.island not in islands:
+            islands.append(h.island)
+    rows: list[list] = []
+    for s in range(stages):
+        index = s * replicas
+        host = next(
+            (h for h in reply.hosts if index < len(islands) and h.island == islands[index]), None
+        )
+        steps = [e for e in (host.steps if host else []) if e.job_id == job and e.slices]
+        rows.append(steps)
+    shown = sorted({e.step for row in rows for e in row})[-last_steps:]
+    bars, bubbles = [], []
+    origin = min(
+        (p.start_unix_ns for row in rows for e in row if e.step in shown for p in e.slices),
+        default=0,
+    )
+    for step in shown:
+        parts = [
+            (s, p)
+            for s, row in enumerate(rows)
+            for e in row
+            if e.step == step
+            for p in e.slices
+            if p.name != "exchange"
+        ]
+        if not parts:
+            continue
+        span = max(p.end_unix_ns for _, p in parts) - min(p.start_unix_ns for _, p in parts)
+        for s in range(stages):
+            busy = sum(p.end_unix_ns - p.start_unix_ns for t, p in parts if t == s)
+            if span > 0:
+                bubbles.append(1.0 - busy / span)
+        for s, p in parts:
+            bars.append(
+                {
+                    "stage": s,
+                    "step": step,
+                    "name": p.name,
+                    "kind": "forward" if p.name.startswith("F") else "backward",
+                    "start_ms": (p.start_unix_ns - origin) / 1e6,
+                    "duration_ms": (p.end_unix_ns - p.start_unix_ns) / 1e6,
+                }
+            )
+    return {
+        "stages": stages,
+        "microbatches": microbatches,
+        "steps": shown,
+        "bars": bars,
+        "bubble_measured": sum(bubbles) / len(bubbles) if bubbles else None,
+        "bubble_theory": (stages - 1) / (microbatches + stages - 1),
+    }

@@ -227,7 +227,17 @@ def test_the_trace_has_a_track_per_host_with_steps_and_nested_microbatches(
             for island in islands:
                 await island.close()
 
-    trace = json.loads(json.dumps(chrome_trace(asyncio.run(collect()), (1, 3))))
+    reply = asyncio.run(collect())
+    trace = json.loads(json.dumps(chrome_trace(reply, (1, 3))))
+    # The dashboard's schedule chart of the same logs: a row per stage, 4 forwards and
+    # backwards each per step, the bubble measured beside the theoretical 1/5.
+    from pathways_lite.controller.trace import pipeline_gantt
+
+    gantt = pipeline_gantt(reply, stages=2, microbatches=4)
+    assert gantt["steps"] == [1, 2] and gantt["bubble_theory"] == pytest.approx(0.2)
+    assert {b["stage"] for b in gantt["bars"]} == {0, 1}
+    assert len([b for b in gantt["bars"] if b["stage"] == 0 and b["kind"] == "forward"]) == 8
+    assert 0.0 <= gantt["bubble_measured"] < 1.0
     events = trace["traceEvents"]
     tracks = {(e["pid"], e["tid"]) for e in events if e["ph"] == "M" and "tid" in e}
     assert len(tracks) == 4
