@@ -2,8 +2,9 @@
 
 The controller grants a job a *slice* of K consecutive steps and sends it to every host of the
 job's islands as one `RunSlice(job, generation, epoch, first_step, count, first_island_seq)`
-stream per host; the host runs the steps back to back and streams one RunStepReply per step,
-which the controller consumes in step order. K is chosen from the job's measured step time so
+stream per host; the host runs the steps back to back and streams their replies (coalesced:
+the replies ready when a message is written, about one message per millisecond at most), which
+the controller consumes step by step in step order. K is chosen from the job's measured step time so
 that a slice lasts about `slice_s` (default 50 ms; K = 1 for longer steps), and ends at the
 program's end and at the next checkpoint. The next slice is granted and sent while the current
 one still has about `lead_s` to go (a window of at most `window` slices in flight), so an
@@ -46,7 +47,7 @@ DEFAULT_WINDOW = 2
 # How long a slice lasts (the controller's `--slice-ms`): K = slice_s / measured step time.
 DEFAULT_SLICE_S = 0.05
 # The next slice is sent when the current one has about this much left to run.
-DEFAULT_LEAD_S = 0.005
+DEFAULT_LEAD_S = 0.015
 # The most steps in one slice (trivial steps).
 MAX_SLICE_STEPS = 4096
 # Deadlines of worker RPCs: a step may wait behind a compile of another job on the island.
@@ -339,7 +340,7 @@ class Dispatcher:
                     for *_, opened in calls:
                         opened.cancel()
                     raise
-                calls.append((island.id, host.info.host_index, call))
+                calls.append((island.id, host.info.host_index, _HostStream(call)))
 
     async def run(
         self,
@@ -525,11 +526,13 @@ class Dispatcher:
         calls = sent.calls
         if len(calls) == 1:
             try:
-                results: list[Any] = [await _read(calls[0][2])]
+                results: list[Any] = [await calls[0][2].next()]
             except grpc.aio.AioRpcError as e:
                 results = [e]
+        elif all(stream.ready() for *_, stream in calls):
+            results = [await stream.next() for *_, stream in calls]
         else:
-            tasks = [asyncio.ensure_future(_read(call)) for *_, call in calls]
+            tasks = [asyncio.ensure_future(stream.next()) for *_, stream in calls]
             _, waiting = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if waiting:
                 # A host failed: the others may wait on it (an exchange, a multi-host
@@ -615,8 +618,31 @@ def _unavailable(details: str) -> grpc.aio.AioRpcError:
     )
 
 
-async def _read(call: Any) -> worker_pb2.RunStepReply:
-    """The next reply of a RunSlice stream (AioRpcError when the slice failed).
+class _HostStream:
+    """One host's RunSlice stream, read step by step (a message may carry several steps)."""
+
+    __slots__ = ("call", "_ready")
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self._ready: collections.deque[worker_pb2.RunStepReply] = collections.deque()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    def ready(self) -> bool:
+        """Whether the next step's reply is here already (no read needed)."""
+        return bool(self._ready)
+
+    async def next(self) -> worker_pb2.RunStepReply:
+        """The next step's reply (AioRpcError when the slice failed)."""
+        if not self._ready:
+            self._ready.extend((await _read(self.call)).steps)
+        return self._ready.popleft()
+
+
+async def _read(call: Any) -> worker_pb2.RunSliceReply:
+    """The next message of a RunSlice stream (AioRpcError when the slice failed).
 
     A closed channel (DeathWatch closes a dead island's, `Island.host_died`) cancels its
     streams' reads: a cancellation this task did not ask for is the host's failure
@@ -630,12 +656,14 @@ async def _read(call: Any) -> worker_pb2.RunStepReply:
         if task is not None and task.cancelling() == 0:
             raise _unavailable("the host's channel was closed (its island died)") from None
         raise
-    if reply is grpc.aio.EOF:
+    if reply is grpc.aio.EOF or not reply.steps:
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.INTERNAL,
             grpc.aio.Metadata(),
             grpc.aio.Metadata(),
-            details="the host ended the slice's stream before its last step",
+            details="the host ended the slice's stream before its last step"
+            if reply is grpc.aio.EOF
+            else "the host sent a RunSlice message with no step",
         )
     return reply
 

@@ -228,7 +228,7 @@ def test_up_with_simulated_islands_runs_a_gang_job_end_to_end(tmp_path) -> None:
 
 
 def test_a_simulated_hosts_slice_ends_at_a_failed_step_and_skips_the_rest() -> None:
-    """RunSlice on a simulated host as on the real one: a reply per step in order, the stream
+    """RunSlice on a simulated host as on the real one: the steps' replies in order, the stream
     ends at the failed step with its status, and the island_seq numbers of the steps not run
     are skipped when due, so the next slice is not held up by them."""
     import grpc
@@ -247,18 +247,18 @@ def test_a_simulated_hosts_slice_ends_at_a_failed_step_and_skips_the_rest() -> N
                 await stub.LoadJob(worker_pb2.LoadJobRequest(job_id="j", generation=1, epoch=1))
                 steps = []
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    async for reply in stub.RunSlice(
+                    async for message in stub.RunSlice(
                         worker_pb2.RunSliceRequest(
                             job_id="j", generation=1, epoch=1, first_step=0, count=3
                         ),
                         timeout=10,
                     ):
-                        steps.append((reply.step, reply.island_seq))
+                        steps += [(r.step, r.island_seq) for r in message.steps]
                 assert steps == [(0, 0)]
                 assert failed.value.code() == grpc.StatusCode.DATA_LOSS
                 after = [
                     (r.step, r.island_seq)
-                    async for r in stub.RunSlice(
+                    async for message in stub.RunSlice(
                         worker_pb2.RunSliceRequest(
                             job_id="j",
                             generation=1,
@@ -269,6 +269,7 @@ def test_a_simulated_hosts_slice_ends_at_a_failed_step_and_skips_the_rest() -> N
                         ),
                         timeout=10,
                     )
+                    for r in message.steps
                 ]
                 assert after == [(1, 3), (2, 4)]
                 with pytest.raises(grpc.aio.AioRpcError) as bad:

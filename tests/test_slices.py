@@ -15,7 +15,7 @@ import grpc
 import jax
 import pytest
 
-from pathways_lite.controller.dispatch import Dispatcher, DispatchError, _Slice
+from pathways_lite.controller.dispatch import Dispatcher, DispatchError, _HostStream, _Slice
 from pathways_lite.controller.islands import Island, connect_host
 from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
 from pathways_lite.controller.scheduler import Scheduler
@@ -157,7 +157,7 @@ def test_a_cancelled_slice_skips_the_island_seq_of_its_steps_not_run(host):
             ),
             timeout=60,
         )
-        first = await call.read()
+        first = await _HostStream(call).next()
         assert first.step == 0
         call.cancel()
         deadline = time.monotonic() + 30
@@ -185,7 +185,7 @@ def test_a_cancelled_slice_skips_the_island_seq_of_its_steps_not_run(host):
             ),
             timeout=60,
         )
-        replies = [r async for r in after]
+        replies = [r async for m in after for r in m.steps]
         assert [r.island_seq for r in replies] == [200, 201]
         await Dispatcher(4).unload("cut", [island])
         await island.close()
@@ -371,7 +371,7 @@ def test_a_slice_queued_behind_another_waits_longer_than_the_gap_wait(host):
         )
         await asyncio.sleep(SEQ_GAP_WAIT_S + 1.0)  # island_seq 0 is late
         await stub.SkipSeq(worker_pb2.SkipSeqRequest(island_seq=0, epoch=9, reason="late"))
-        replies = [r async for r in call]
+        replies = [r async for m in call for r in m.steps]
         assert [(r.step, r.island_seq) for r in replies] == [(0, 1), (1, 2)]
         await Dispatcher(9).unload("queued", [island])
         await island.close()
@@ -395,12 +395,13 @@ def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(
             ),
             timeout=60,
         )
-        assert (await a.read()).island_seq == 0
+        a_steps = _HostStream(a)
+        assert (await a_steps.next()).island_seq == 0
         b = _Slice(0, 10, [])
         b.seqs.append((island, 30, 10))
         island.next_seq = 40
         await dispatcher.fill_gaps([b])
-        replies = [await a.read() for _ in range(29)]
+        replies = [await a_steps.next() for _ in range(29)]
         assert [r.island_seq for r in replies] == list(range(1, 30))
         deadline = time.monotonic() + 10
         while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != 40:
@@ -412,7 +413,7 @@ def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(
             ),
             timeout=60,
         )
-        assert [r.island_seq async for r in after] == [40, 41]
+        assert [r.island_seq async for m in after for r in m.steps] == [40, 41]
         await dispatcher.unload("a", [island])
         await island.close()
 

@@ -23,7 +23,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -44,6 +44,39 @@ Outcome = worker_pb2.RunStepReply | RpcRejection
 # How long the island_seq numbers of a slice's steps that were not run wait for their turn
 # to be skipped (the steps before them may still be queued behind other jobs' steps).
 SKIP_WAIT_S = 600.0
+
+
+# A RunSlice stream writes at most about one message per REPLY_HOLD_S: a step's reply ready
+# sooner after the previous message waits that long for the replies of the steps after it,
+# so fast steps cost the host and the controller one message per millisecond, not per step.
+REPLY_HOLD_S = 0.002
+
+
+async def coalesced_replies(
+    replies: asyncio.Queue, count: int, hold_s: float = REPLY_HOLD_S
+) -> AsyncIterator[worker_pb2.RunSliceReply]:
+    """A slice's `count` step outcomes, read from `replies` in step order, as RunSliceReply
+    messages. Each message carries the replies ready when it is written; a reply that comes
+    less than `hold_s` after the previous message waits out the rest of `hold_s` for more.
+    An outcome that is an exception ends the slice: it is raised after the replies of the
+    steps before it were yielded."""
+    loop = asyncio.get_running_loop()
+    left = count
+    last_write = -hold_s
+    while left > 0:
+        batch = [await replies.get()]
+        wait = last_write + hold_s - loop.time()
+        if wait > 0 and left > 1 and not isinstance(batch[0], BaseException):
+            await asyncio.sleep(wait)
+        while len(batch) < left and not isinstance(batch[-1], BaseException) and replies.qsize():
+            batch.append(replies.get_nowait())
+        error = batch.pop() if isinstance(batch[-1], BaseException) else None
+        if batch:
+            yield worker_pb2.RunSliceReply(steps=batch)
+            last_write = loop.time()
+            left -= len(batch)
+        if error is not None:
+            raise error
 
 
 def slice_steps(request: worker_pb2.RunSliceRequest) -> list[worker_pb2.RunStepRequest]:

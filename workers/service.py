@@ -37,7 +37,7 @@ from .exchange import (
 from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
-from .ordering import StepOrder, StepRecords, same_load, slice_steps
+from .ordering import StepOrder, StepRecords, coalesced_replies, same_load, slice_steps
 from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
@@ -328,7 +328,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def RunSlice(self, request: worker_pb2.RunSliceRequest, context) -> Any:
-        """Run a slice of steps back to back, streaming each step's reply in step order.
+        """Run a slice of steps back to back, streaming their replies in step order (coalesced:
+        `coalesced_replies`).
 
         Every step goes through RunStep's path (ordering, idempotency, checkpoints). The
         stream ends at the first failed step with its status; the island_seq numbers of the
@@ -369,11 +370,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._slices.add(producer)
         producer.add_done_callback(self._slices.discard)
         try:
-            for _ in steps:
-                item = await replies.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for message in coalesced_replies(replies, len(steps)):
+                yield message
         finally:
             stop.set()
 

@@ -31,7 +31,7 @@ import grpc
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import WORKER_WIRE_VERSION
-from .ordering import SKIP_WAIT_S, slice_steps
+from .ordering import SKIP_WAIT_S, coalesced_replies, slice_steps
 from .rpc import RpcRejection
 
 logger = logging.getLogger(__name__)
@@ -202,10 +202,11 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(e.code, e.message)
 
     async def RunSlice(self, request, context):
-        """The slice's steps through RunStep's path, back to back, streaming each reply in
-        step order; as the real host (workers/service.py): the stream ends at the first failed
-        step with its status, the step in progress when the stream goes completes, and the
-        island_seq numbers of the steps not run are skipped when their turn comes."""
+        """The slice's steps through RunStep's path, back to back, streaming their replies in
+        step order (coalesced); as the real host (workers/service.py): the stream ends at the
+        first failed step with its status, the step in progress when the stream goes
+        completes, and the island_seq numbers of the steps not run are skipped when their
+        turn comes."""
         received = time.time_ns()
         try:
             steps = slice_steps(request)
@@ -230,13 +231,10 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
 
         self._keep(asyncio.ensure_future(produce()))
         try:
-            for _ in steps:
-                item = await replies.get()
-                if isinstance(item, RpcRejection):
-                    await context.abort(item.code, item.message)
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for message in coalesced_replies(replies, len(steps)):
+                yield message
+        except RpcRejection as e:
+            await context.abort(e.code, e.message)
         finally:
             stop.set()
 
