@@ -139,6 +139,7 @@ class Dashboard:
         app.router.add_get("/api/jobs", self._api_jobs)
         app.router.add_get("/api/jobs/{job_id}", self._api_job)
         app.router.add_post("/api/jobs/{job_id}/cancel", self._api_cancel)
+        app.router.add_get("/api/jobs/{job_id}/pipeline", self._api_pipeline)
         app.router.add_get("/api/stream", self.streams.all_jobs)
         app.router.add_get("/api/jobs/{job_id}/stream", self._api_stream_job)
         app.router.add_get("/metrics", self._metrics)
@@ -417,6 +418,26 @@ class Dashboard:
             return web.json_response(self.job_detail(request.match_info["job_id"]))
         except JobNotFoundError as e:
             raise web.HTTPNotFound(text=str(e)) from None
+
+    async def _api_pipeline(self, request: web.Request) -> web.Response:
+        """A pipeline job's schedule from its hosts' execution logs (controller/trace.py)."""
+        from .trace import job_trace, pipeline_gantt
+
+        try:
+            record = self.controller.store.get_job(request.match_info["job_id"])
+        except JobNotFoundError as e:
+            raise web.HTTPNotFound(text=str(e)) from None
+        pipe = spec_lib.pipeline_settings(record.spec)
+        if pipe is None:
+            return web.json_response({"pipeline": None})
+        islands = self.controller.islands
+        names = [n for n in self.controller.views.job(record).islands if n in islands]
+        if not names:
+            return web.json_response({"pipeline": None})
+        reply = await job_trace(record.id, [islands[n] for n in names])
+        return web.json_response(
+            {"pipeline": pipeline_gantt(reply, pipe.stages, pipe.microbatches)}
+        )
 
     async def _api_cancel(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]

@@ -106,6 +106,13 @@ class ResolvedJob:
                 train.seq_len,
             )
             flops_per_token = estimates.flops_per_token(configs.model, train.seq_len)
+            pipe = spec_lib.pipeline_settings(spec)
+            if pipe is not None:  # admitted by its largest stage (controller/pipeline.py)
+                from .pipeline import stage_bytes_per_device
+
+                bytes_per_device = stage_bytes_per_device(
+                    pipe, spec, configs, _training_bytes_per_device
+                )
         except ValueError as e:
             raise spec_lib.SpecError("model", spec.model.preset, str(e)) from None
         digest_every = spec_lib.digest_every(spec)
@@ -167,6 +174,7 @@ class ResolvedJob:
             spec.mesh.model,
             train.global_batch // max(1, spec.islands),
             train.seq_len,
+            spec_lib.pipeline_settings(spec),
         )
 
     @property
@@ -284,6 +292,11 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
     request.digest_every = job.digest_every
     if job.init is not None:
         request.init_from = job.init.path
+    pipe = spec_lib.pipeline_settings(spec)
+    if pipe is not None:
+        from .pipeline import place_stage, stage_layout
+
+        place_stage(request, at, pipe, stage_layout(pipe, at.num_islands, configs.model))
     return request
 
 

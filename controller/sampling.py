@@ -17,6 +17,7 @@ import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 
+from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
 from .islands import Island
 from .jobs import JobRunner
@@ -109,6 +110,12 @@ class Sampler:
             ValueError for a bad prompt or setting; NoRoomError.
         """
         record = self.store.get_job(request.job_id)
+        pipe = spec_lib.pipeline_settings(record.spec)
+        if pipe is not None:  # the prompt would have to flow through the stages
+            raise IllegalTransitionError(
+                f"job {record.id!r} is a pipeline of pipeline.stages={pipe.stages}: sampling "
+                "through the stages is not supported yet."
+            )
         wire = sample_request(request)
         wire.job_id = record.id
         if record.state.terminal:

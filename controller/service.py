@@ -102,6 +102,16 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         return controller_pb2.DrainReply(jobs=await self.controller.drain())
 
     @_rpc
+    async def Trace(self, request: controller_pb2.TraceRequest, context) -> Any:
+        """The execution logs of the hosts of a job's islands (`pathways-lite trace`)."""
+        from .trace import job_trace
+
+        record = self.store.find_job(request.job_id)
+        islands = self.controller.islands
+        names = [n for n in self.views.job(record).islands if n in islands]
+        return await job_trace(record.id, [islands[n] for n in names] or list(islands.values()))
+
+    @_rpc
     async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:
         """Cancel a queued or running job."""
         job_id = self.store.find_job(request.job_id).id

@@ -26,6 +26,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     DEFAULT_WEIGHT,
     EvalSettings,
     JobConfigs,
+    PipelineSettings,
     checkpoint_every_s,
     data_spec,
     digest_every,
@@ -34,6 +35,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     model_config,
     model_overrides,
     optim_config,
+    pipeline_settings,
     priority,
     to_configs,
     train_config,
@@ -99,7 +101,8 @@ def validate_spec(spec: JobSpec, cluster: ClusterShape | None = None) -> None:
             f"devices, but devices_per_island={devices}.",
         )
 
-    _check_train(spec, islands, mesh_data, model_cfg)
+    replicas = _check_pipeline(spec, islands, mesh_data, model_cfg)
+    _check_train(spec, replicas, mesh_data, model_cfg)
     _check_data(spec, model_cfg)
     _check_optimizer(spec)
     _check_scheduling(spec)
@@ -200,6 +203,66 @@ def _check_train(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any) ->
             f"train.seq_len={seq_len} is longer than the model's max_seq_len={max_len} "
             f"(preset {spec.model.preset!r}; raise it with model.overrides.max_seq_len).",
         )
+
+
+def _check_pipeline(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any) -> int:
+    """The islands that split the global batch: the replicas of each stage of a pipeline
+    job (islands / stages), every island otherwise."""
+    pipe: PipelineSettings | None = pipeline_settings(spec)
+    if pipe is None:
+        return islands
+    if job_kind(spec) != "train":
+        raise SpecError(
+            "pipeline",
+            job_kind(spec),
+            f"pipeline is only for train jobs; this job is kind={quote(job_kind(spec))}.",
+        )
+    if islands % pipe.stages:
+        raise SpecError(
+            "pipeline.stages",
+            pipe.stages,
+            f"pipeline.stages={pipe.stages} does not divide islands={islands} "
+            "(islands = stages x data-parallel replicas).",
+        )
+    layers = getattr(model_cfg, "n_layers", None)
+    if layers is not None and layers < pipe.stages:
+        raise SpecError(
+            "pipeline.stages",
+            pipe.stages,
+            f"pipeline.stages={pipe.stages} is more than the model's n_layers={layers}: every "
+            "stage holds at least one block.",
+        )
+    replicas = islands // pipe.stages
+    batch = spec.train.global_batch
+    if spec.train.HasField("global_batch") and batch % (replicas * pipe.microbatches * mesh_data):
+        raise SpecError(
+            "train.global_batch",
+            batch,
+            f"train.global_batch={batch} is not divisible by replicas={replicas} x "
+            f"pipeline.microbatches={pipe.microbatches} x mesh.data={mesh_data} "
+            f"(= {replicas * pipe.microbatches * mesh_data}).",
+        )
+    if spec.data.mixture or spec.data.HasField("task"):
+        raise SpecError(
+            "pipeline",
+            spec.data.source,
+            "pipeline jobs train a plain language model: data.mixture and data.task are not "
+            "supported with pipeline.",
+        )
+    if spec.HasField("init_from"):
+        raise SpecError(
+            "init_from",
+            None,
+            "init_from is not supported with pipeline: a pipeline job starts from its seed.",
+        )
+    if spec.train.eval_every > 0:
+        raise SpecError(
+            "train.eval_every",
+            spec.train.eval_every,
+            f"train.eval_every={spec.train.eval_every} is not supported with pipeline: "
+            "evaluation runs the whole model on one island.",
+        )
+    return replicas
 
 
 def _check_data(spec: JobSpec, model_cfg: Any) -> None:

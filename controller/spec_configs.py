@@ -268,6 +268,53 @@ EVAL_MAX_SHOTS = 32
 EVAL_SPLITS = ("heldout", "train")
 
 
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+DEFAULT_PIPELINE_SCHEDULE = "1f1b"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSettings:
+    """`pipeline:` with its defaults: stages, microbatches (2 x stages), schedule (1f1b)."""
+
+    stages: int
+    microbatches: int
+    schedule: str = DEFAULT_PIPELINE_SCHEDULE
+
+
+def pipeline_settings(spec: JobSpec) -> PipelineSettings | None:
+    """The spec's `pipeline:` settings (None: not pipelined), defaults for unset fields.
+
+    Raises:
+        SpecError: a value out of range or an unknown schedule, naming the field.
+    """
+    if not spec.HasField("pipeline"):
+        return None
+    p = spec.pipeline
+    if not p.HasField("stages"):
+        raise SpecError(
+            "pipeline.stages", None, "pipeline.stages is missing: give at least 2 stages."
+        )
+    if p.stages < 2:
+        raise SpecError(
+            "pipeline.stages", p.stages, f"pipeline.stages={p.stages} must be at least 2."
+        )
+    microbatches = p.microbatches if p.HasField("microbatches") else 2 * p.stages
+    if microbatches < 1:
+        raise SpecError(
+            "pipeline.microbatches",
+            microbatches,
+            f"pipeline.microbatches={microbatches} must be a positive integer.",
+        )
+    schedule = p.schedule if p.HasField("schedule") else DEFAULT_PIPELINE_SCHEDULE
+    if schedule not in PIPELINE_SCHEDULES:
+        raise SpecError(
+            "pipeline.schedule",
+            schedule,
+            f"pipeline.schedule={quote(schedule)} is not one of {', '.join(PIPELINE_SCHEDULES)}.",
+        )
+    return PipelineSettings(p.stages, microbatches, schedule)
+
+
 def job_kind(spec: JobSpec) -> str:
     """`kind`: `train` (the default) or `eval`.
 

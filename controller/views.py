@@ -27,6 +27,7 @@ from pathways_lite.v1 import controller_pb2
 from . import lineage
 from . import spec as spec_lib
 from .islands import Island
+from .pipeline import stage_lines
 from .resolved import ResolvedJob
 from .scheduler import Scheduler
 from .states import JobState
@@ -330,6 +331,8 @@ class Views:
         job.islands.extend(self.scheduler.islands_of(record.id))
         if record.state == JobState.RUNNING:
             job.phase = self.phases.get(record.id, "")
+        if include_losses and record.spec.HasField("pipeline"):
+            job.stage_layout.extend(stage_lines(record.spec, list(job.islands)))
         if include_losses:  # the detailed view (GetJob, WatchJob) carries the events
             for event in self.store.events(record.id):
                 job.events.add(

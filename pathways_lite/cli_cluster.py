@@ -17,6 +17,7 @@ from pathways_lite.cli_follow import follow
 from pathways_lite.cli_jobs import (
     add_eval_command,
     add_job_listing_options,
+    add_trace_command,
     cmd_jobs,
     cmd_logs,
     cmd_status,
@@ -514,6 +515,7 @@ def add_cluster_commands(sub) -> None:
     sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_eval_command(add)
+    add_trace_command(add)
     dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)
     dash.add_argument("--open", action="store_true", help="also open it in a browser")
     health = add(

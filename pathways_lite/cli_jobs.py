@@ -45,6 +45,10 @@ def print_job(job, as_json: bool) -> None:
     if record["resumed_from_step"] is not None:
         rows.append(("resumed from step", record["resumed_from_step"]))
     print_table(rows, header=("field", "value"))
+    if job.stage_layout:
+        print("\npipeline stages:")
+        for line in job.stage_layout:
+            print(f"  {line}")
     if record["events"]:
         print("\nevents (newest last):")
         for event in record["events"][-EVENTS_SHOWN:]:
@@ -165,6 +169,34 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `logs JOB | head`: the reader has what it wanted
         quiet_stdout()
     return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Write the job's hosts' execution logs as a Chrome / Perfetto trace."""
+    from pathways_lite.cli_common import CliError
+    from pathways_lite.trace import chrome_trace, parse_steps
+
+    try:
+        steps = parse_steps(args.steps) if args.steps else (0, 1 << 62)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    reply = _client(args).trace(args.job)
+    trace = chrome_trace(reply, steps)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(trace, f)
+    spans = sum(1 for e in trace["traceEvents"] if e["ph"] == "X")
+    if args.json:
+        print(json.dumps({"job": reply.job_id, "path": args.output, "events": spans}))
+    else:
+        print(f"wrote {spans} slices of job {reply.job_id} to {args.output}")
+    return 0
+
+
+def add_trace_command(add) -> None:
+    trace = add("trace", "write a job's hosts' execution logs as a Chrome trace", cmd_trace)
+    trace.add_argument("job", help="the job: its id, its name or a unique id prefix")
+    trace.add_argument("--steps", default="", help="A:B: only steps A to B - 1")
+    trace.add_argument("-o", "--output", required=True, help="the trace file (JSON) to write")
 
 
 def quiet_stdout() -> None:

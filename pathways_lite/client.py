@@ -289,6 +289,11 @@ class ControllerClient:
         """Checkpoint and requeue every running and suspended job before a stop (Drain)."""
         return list(self._call(self._stub.Drain, controller_pb2.DrainRequest(), timeout_s).jobs)
 
+    def trace(self, job_id: str, timeout_s: float = 120.0) -> controller_pb2.TraceReply:
+        """The execution logs of the hosts of a job's islands (Trace)."""
+        request = controller_pb2.TraceRequest(job_id=job_id)
+        return self._call(self._stub.Trace, request, timeout_s)
+
     def cancel(self, job_id: str, reason: str = "") -> controller_pb2.Job:
         request = controller_pb2.CancelJobRequest(job_id=job_id, reason=reason)
         return self._call(self._stub.CancelJob, request).job

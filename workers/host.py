@@ -23,7 +23,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 #    received_unix_ns).
 # 7: SkipSeq when_due/count: a cancelled slice's numbers skipped as their turns come.
 # 8: RunSlice streams RunSliceReply: several steps' replies per message.
-WORKER_WIRE_VERSION = 8
+# 9: LoadJob pipeline (StagePlacement): an island runs one stage of a pipeline job; its
+#    activations and gradients travel host to host on ExchangeGradients phases 20-23.
+WORKER_WIRE_VERSION = 9
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathways_lite.v1 import worker_pb2
 
 from .exchange import DEFAULT_TIMEOUT_S
 from .rpc import RpcRejection
-from .runtime import JOB_ID_RE, IslandJobSpec, MeshSpec
+from .runtime import JOB_ID_RE, IslandJobSpec, JobSpecError, MeshSpec
 
 
 def _bad(message: str) -> RpcRejection:
@@ -74,7 +74,14 @@ def decode_load(request: worker_pb2.LoadJobRequest, island_device_count: int) ->
         data = json_format.MessageToDict(request.data, preserving_proto_field_name=True)
     except Exception as e:
         raise _bad(f"model, optimizer or data fields do not decode: {e}.") from e
+    from .pipeline import decode_placement
+
+    try:
+        pipeline = decode_placement(request)
+    except JobSpecError as e:
+        raise _bad(str(e)) from None
     return IslandJobSpec(
+        pipeline=pipeline,
         job_id=request.job_id,
         generation=request.generation,
         preset=request.model.preset,

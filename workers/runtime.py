@@ -84,6 +84,8 @@ class IslandJobSpec:
     peers: tuple[str, ...] = ()
     digest_every: int = 0
     exchange_timeout_s: float = 0.0
+    # A pipeline job's stage placement (workers/pipeline.py's PipelinePlacement), or None.
+    pipeline: Any = None
 
     @property
     def island_batch(self) -> int:
@@ -139,6 +141,14 @@ class StepResult:
     # A masked (mixture) step's global stats: model.loss.masked_loss_sums's vector, summed
     # over every island.
     loss_stats: Sequence[float] = ()
+    # A pipeline stage's (workers/pipeline.py): schedule seconds waiting on the neighbours,
+    # activation bytes sent, the most stashed input bytes at once, the schedule's seconds.
+    pipeline_wait_s: float = 0.0
+    stage_bytes_sent: int = 0
+    peak_stash_bytes: int = 0
+    pipeline_s: float = 0.0
+    # (name, start ns, end ns) of the step's parts, for the execution log's trace slices.
+    slices: Sequence[tuple[str, int, int]] = ()
 
 
 @dataclass(frozen=True)

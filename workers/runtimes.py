@@ -45,6 +45,10 @@ def make_runtime(spec: IslandJobSpec, devices: Sequence[Any]) -> JobRuntime:
         JobSpecError: an unknown preset, or a field the runtime cannot accept.
         RuntimeUnavailableError: no runtime for this model on this host yet.
     """
+    if spec.pipeline is not None and spec.preset in palm_presets():
+        from .pipeline import PipelineRuntime
+
+        return PipelineRuntime(spec, devices)
     for kind in KINDS:
         if spec.preset in kind.presets():
             return kind.factory(spec, devices)

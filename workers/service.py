@@ -246,6 +246,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         runtime, expected_hash, estimate = await self._on_compile_thread(prepare)
         self.exchange.connect(runtime, asyncio.get_running_loop())
+        if spec.pipeline is not None:  # workers/pipeline.py: links to the other stages
+            self.exchange.mailbox.clear_abort(spec.job_id, spec.generation)
+            runtime.connect_stages(
+                self.exchange.mailbox, self.exchange.peers, asyncio.get_running_loop()
+            )
         if spec.data_hash != expected_hash:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -435,6 +440,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     end_unix_ns=end_ns,
                     epoch=request.epoch,
                     received_unix_ns=received_ns,
+                    slices=[
+                        worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
+                        for n, a, b in result.slices
+                    ],
                 )
             )
         return worker_pb2.RunStepReply(
@@ -448,6 +457,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             ),
             example_ids=list(result.example_ids),
             loss_stats=list(result.loss_stats),
+            pipeline_wait_s=result.pipeline_wait_s,
+            stage_bytes_sent=result.stage_bytes_sent,
+            peak_stash_bytes=result.peak_stash_bytes,
+            pipeline_s=result.pipeline_s,
             param_digest=result.param_digest,
             exchange_s=result.exchange_s,
             exchange_bytes_sent=result.exchange_bytes_sent,

@@ -183,6 +183,40 @@
   }
   setInterval(flush, 500);
 
+  // A pipeline job: its schedule as a Gantt chart (one row per stage, forward and backward
+  // microbatches as bars) from the hosts' execution logs, with the bubble beside theory.
+  async function drawPipeline() {
+    if (!job || job.state !== "running") return;
+    let reply;
+    try {
+      reply = await api(`/api/jobs/${encodeURIComponent(jobId)}/pipeline`);
+    } catch (e) {
+      return;
+    }
+    const p = reply.pipeline;
+    if (!p || !p.bars.length) return;
+    document.getElementById("pipe-card").hidden = false;
+    const measured = p.bubble_measured == null ? "–" : p.bubble_measured.toFixed(2);
+    document.getElementById("pipe-hint").textContent =
+      `steps ${p.steps.join(", ")}: bubble ${measured} measured, ${p.bubble_theory.toFixed(2)} theory (S=${p.stages}, M=${p.microbatches})`;
+    const traces = ["forward", "backward"].map((kind) => {
+      const bars = p.bars.filter((b) => b.kind === kind);
+      return {
+        type: "bar", orientation: "h", name: kind,
+        y: bars.map((b) => `stage ${b.stage}`), x: bars.map((b) => b.duration_ms),
+        base: bars.map((b) => b.start_ms), text: bars.map((b) => b.name),
+        textposition: "inside", hovertemplate: "%{text}: %{base:.1f} ms + %{x:.1f} ms<extra></extra>",
+      };
+    });
+    const layout = Object.assign({}, chartLayout, {
+      barmode: "overlay",
+      xaxis: Object.assign({}, chartLayout.xaxis, { title: "ms" }),
+      yaxis: Object.assign({}, chartLayout.yaxis, { autorange: "reversed" }),
+    });
+    Plotly.react("pipe-chart", traces, layout, chartConfig);
+  }
+  setInterval(drawPipeline, 5000);
+
   document.getElementById("cancel").addEventListener("click", async () => {
     if (!job || !window.confirm(`Cancel job ${job.name} (${job.id})?`)) return;
     const button = document.getElementById("cancel");

@@ -1,0 +1,224 @@
+"""Pipeline parallelism across islands: S stages x M microbatches vs one island, in one run.
+
+Baseline: the same model as a non-pipelined job on ONE island host with the whole global
+batch. Ours: pipelines of S stages (one island host each, one replica), every schedule and
+microbatch count asked for. Every island host is its own process with one CPU device and
+one XLA thread, pinned with `taskset -c` to core k mod cores (bench/dp_scaling.py's hosts):
+where S exceeds the machine's cores, stages share cores and the efficiency says so.
+The controller side is this process (the Dispatcher and `palm_program`, over gRPC).
+
+Per run, from the hosts' own step reports after warm-up (medians over steps):
+- tokens/s; efficiency = tokens/s / (S x baseline tokens/s x (1 - theoretical bubble));
+- the measured bubble: the stages' mean share of their schedule time spent waiting for a
+  neighbour, beside the theoretical (S - 1) / (M + S - 1);
+- the activation and activation-gradient bytes the stages sent per step, beside the
+  analytic 2 (S - 1) x B x T x D x 4 bytes;
+- the peak stashed stage-input bytes (max over stages) of 1F1B vs GPipe.
+
+Run: .venv/bin/python bench/pipeline.py [--preset palm-small --batch 64 --stages 2,4
+     --microbatches 4,8,16 --schedules 1f1b,gpipe --steps 6 --warmup 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dp_scaling import spawn  # noqa: E402  (the pinned one-device host processes)
+
+logger = logging.getLogger(__name__)
+
+SEQ = 64
+
+
+@dataclasses.dataclass
+class Run:
+    stages: int
+    microbatches: int
+    schedule: str
+    tokens_per_s: float
+    bubble_measured: float
+    bubble_theory: float
+    stage_bytes_per_step: int
+    stage_bytes_analytic: int
+    peak_stash_bytes: int
+    efficiency_vs_ideal: float = 0.0
+
+
+def job_spec(args, islands: int, stages: int = 0, microbatches: int = 0, schedule: str = ""):
+    from pathways_lite.v1 import controller_pb2
+
+    spec = controller_pb2.JobSpec(
+        name=f"pipe-bench-{stages}-{microbatches}-{schedule or 'none'}",
+        islands=islands,
+        devices_per_island=1,
+        mesh=controller_pb2.JobSpec.Mesh(data=1, model=1),
+        train=controller_pb2.JobSpec.Train(
+            steps=args.steps, global_batch=args.batch, seq_len=SEQ, seed=0, digest_every=0
+        ),
+        data=controller_pb2.JobSpec.Data(source="stdlib", vocab_size=1024, max_bytes=1_000_000),
+    )
+    spec.model.preset = args.preset
+    if args.layers:
+        spec.model.overrides.update({"n_layers": args.layers})
+    if stages:
+        spec.pipeline.stages = stages
+        spec.pipeline.microbatches = microbatches
+        spec.pipeline.schedule = schedule
+    return spec
+
+
+async def run_job(addresses: list[str], spec, warmup: int, tag: str):
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.resolved import palm_program
+
+    @dataclasses.dataclass
+    class Record:
+        id: str
+        spec: object
+        generation: int = 0
+
+    islands = [Island(f"i{k}", [await connect_host(a)]) for k, a in enumerate(addresses)]
+    try:
+        program = palm_program(Record(f"pbench-{tag}", spec))
+        dispatcher = Dispatcher(epoch=int(time.time() * 1000) % (1 << 40), window=2)
+        await dispatcher.load(program, islands)
+        reports = []
+        await dispatcher.run(program, islands, on_step=reports.append)
+        await dispatcher.unload(program.job_id, islands)
+    finally:
+        for island in islands:
+            await island.close()
+    return reports[warmup:], program
+
+
+def measure(reports, stages, microbatches, schedule, batch, d_model) -> Run:
+    step_s = statistics.median(max(h.reply.step_s for h in r.hosts) for r in reports)
+    bubble = statistics.median(
+        statistics.mean(h.reply.pipeline_wait_s / max(h.reply.pipeline_s, 1e-9) for h in r.hosts)
+        for r in reports
+    )
+    sent = int(statistics.median(sum(h.reply.stage_bytes_sent for h in r.hosts) for r in reports))
+    peak = max(h.reply.peak_stash_bytes for r in reports for h in r.hosts)
+    return Run(
+        stages=stages,
+        microbatches=microbatches,
+        schedule=schedule,
+        tokens_per_s=batch * SEQ / step_s,
+        bubble_measured=bubble,
+        bubble_theory=(stages - 1) / (microbatches + stages - 1),
+        stage_bytes_per_step=sent,
+        stage_bytes_analytic=2 * (stages - 1) * batch * SEQ * d_model * 4,
+        peak_stash_bytes=peak,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="palm-small")
+    parser.add_argument("--layers", type=int, default=0, help="override n_layers (0: preset)")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (seq_len 64)")
+    parser.add_argument("--stages", default="2,4")
+    parser.add_argument("--microbatches", default="4,8,16")
+    parser.add_argument("--schedules", default="1f1b,gpipe")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from pathways_lite.controller import spec as spec_lib
+
+    stage_counts = [int(s) for s in args.stages.split(",")]
+    mb_counts = [int(m) for m in args.microbatches.split(",")]
+    schedules = args.schedules.split(",")
+    cores = os.cpu_count() or 1
+    d_model = spec_lib.to_configs(job_spec(args, 1)).model.d_model
+    procs, addresses = [], []
+    runs: list[Run] = []
+    try:
+        for k in range(max(stage_counts)):
+            proc, address = spawn("host", k % cores, f"i{k}")
+            procs.append(proc)
+            addresses.append(address)
+        reports, _ = asyncio.run(run_job(addresses[:1], job_spec(args, 1), args.warmup, "base"))
+        base_step = statistics.median(r.hosts[0].reply.step_s for r in reports)
+        base_tps = args.batch * SEQ / base_step
+        for stages in stage_counts:
+            for mb in mb_counts:
+                for schedule in schedules:
+                    spec = job_spec(args, stages, stages, mb, schedule)
+                    tag = f"{stages}-{mb}-{schedule}"
+                    reports, _ = asyncio.run(run_job(addresses[:stages], spec, args.warmup, tag))
+                    run = measure(reports, stages, mb, schedule, args.batch, d_model)
+                    run.efficiency_vs_ideal = run.tokens_per_s / (
+                        stages * base_tps * (1 - run.bubble_theory)
+                    )
+                    runs.append(run)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    ratios = []
+    for stages in stage_counts:
+        for mb in mb_counts:
+            by = {r.schedule: r for r in runs if r.stages == stages and r.microbatches == mb}
+            if "1f1b" in by and "gpipe" in by and by["gpipe"].peak_stash_bytes:
+                ratios.append(by["1f1b"].peak_stash_bytes / by["gpipe"].peak_stash_bytes)
+    peak_ratio = max(ratios) if ratios else None
+    if args.json:
+        out = {
+            "baseline_tokens_per_s": base_tps,
+            "runs": [
+                {
+                    k: getattr(r, k)
+                    for k in (
+                        "stages",
+                        "microbatches",
+                        "schedule",
+                        "tokens_per_s",
+                        "efficiency_vs_ideal",
+                        "bubble_measured",
+                        "bubble_theory",
+                        "stage_bytes_per_step",
+                        "stage_bytes_analytic",
+                    )
+                }
+                for r in runs
+            ],
+            "peak_activation_ratio_1f1b_to_gpipe": peak_ratio,
+            "cores": cores,
+        }
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"{args.preset}, global batch {args.batch} x seq {SEQ}, {args.steps} steps "
+        f"({args.warmup} warm-up); each island host: 1 CPU device, 1 XLA thread, core k mod "
+        f"{cores}"
+    )
+    print(f"baseline (1 island, not pipelined): {base_tps:10,.0f} tokens/s")
+    for r in runs:
+        print(
+            f"S={r.stages} M={r.microbatches:2d} {r.schedule:5s}: {r.tokens_per_s:10,.0f} "
+            f"tokens/s, efficiency {r.efficiency_vs_ideal:.2f} (goal >= 0.95 for S=2, M >= 2S), "
+            f"bubble {r.bubble_measured:.2f} measured vs {r.bubble_theory:.2f} theory, "
+            f"stage bytes/step {r.stage_bytes_per_step:,} vs analytic "
+            f"{r.stage_bytes_analytic:,}, peak stash {r.peak_stash_bytes:,} B"
+        )
+    if peak_ratio is not None:
+        print(f"peak stashed activations 1F1B / GPipe (worst S, M): {peak_ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""Pipeline stages of PaLM: the block split and each stage's compiled step pieces.
+
+A pipeline of S stages cuts the stack of parallel blocks into S contiguous ranges
+(`stage_split`, balanced by parameters and FLOPs per token). Stage 0 also embeds the tokens;
+stage S - 1 also applies the final norm and the output projection with the *shared* embedding,
+so the embedding matrix lives on two stages (Megatron's embedding group):
+
+    stage 0:      x_1 = blocks[0:b1](embed(tokens))
+    stage s:      x_{s+1} = blocks[b_s:b_{s+1}](x_s)
+    stage S - 1:  loss = lm_loss(embed.attend(final_norm(blocks[..](x_{S-1}))), targets)
+
+Each stage's parameters are cut out of the reference model's initialisation (`Palm` built
+from the same seed, under jit, so XLA keeps only this stage's draws): a pipeline starts from
+bitwise the reference's parameters. The backward of a non-last stage recomputes its forward
+from the stashed stage input (`bwd`): what a stage stashes per microbatch is its input
+activation only, (B_m, T, D).
+
+One step on one replica's batch of M microbatches: every stage sums its microbatch gradients
+in microbatch order 0..M-1 (both schedules run the backwards in that order, so GPipe and 1F1B
+give bitwise the same sums) and divides by M; the first and last stage add their two
+embedding contributions (each computes `first + last`, the same bytes on both); the replicas
+of a stage average (workers/exchange.py); the global gradient norm is the sum of the stages'
+squares (the embedding counted once) in stage order; `apply` clips by it exactly as
+`optax.clip_by_global_norm` does and runs the same Adafactor as the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from .config import PalmConfig
+from .loss import lm_loss
+from .optim import OptimConfig, make_optimizer
+from .palm import Palm
+from .sharding import logical_to_spec, make_mesh, state_shardings, tree_shardings_like_params
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("gpipe", "1f1b")
+MATMUL_PRECISION = "highest"  # as model/train.py: compared with the reference at 1e-5
+
+
+def stage_costs(cfg: PalmConfig) -> tuple[float, float, float]:
+    """(block, embedding-on-stage-0, head-on-last-stage) costs: the mean of the shares of
+    parameters and of FLOPs per token each part has in the whole model."""
+    d, v = cfg.d_model, cfg.vocab_size
+    block_params = d * (cfg.n_heads * cfg.head_dim) * 2 + 2 * d * cfg.head_dim + 3 * d * cfg.mlp_dim
+    embed_params = v * d
+    params_total = cfg.n_layers * block_params + embed_params
+    flops_total = cfg.n_layers * block_params + embed_params  # the lookup costs ~0
+    block = 0.5 * block_params / params_total + 0.5 * block_params / flops_total
+    first = 0.5 * embed_params / params_total  # holds the table, computes a gather
+    last = 0.5 * embed_params / params_total + 0.5 * embed_params / flops_total
+    return block, first, last
+
+
+def stage_split(cfg: PalmConfig, stages: int) -> tuple[tuple[int, int], ...]:
+    """The contiguous block range [lo, hi) of every stage, each non-empty, minimising the
+    largest stage cost (`stage_costs`); ties go to the split with earlier cuts.
+
+    Raises:
+        ValueError: fewer blocks than stages, or fewer than 2 stages.
+    """
+    n = cfg.n_layers
+    if stages < 2 or stages > n:
+        raise ValueError(f"pipeline.stages={stages} must be in [2, n_layers={n}].")
+    block, first, last = stage_costs(cfg)
+
+    def cost(s: int, lo: int, hi: int) -> float:
+        return (hi - lo) * block + (first if s == 0 else 0.0) + (last if s == stages - 1 else 0.0)
+
+    # best[s][i]: (max cost, cuts) of stages s.. over blocks i..n.
+    memo: dict[tuple[int, int], tuple[float, tuple[int, ...]]] = {}
+
+    def best(s: int, i: int) -> tuple[float, tuple[int, ...]]:
+        if (s, i) in memo:
+            return memo[(s, i)]
+        if s == stages - 1:
+            out = (cost(s, i, n), ())
+        else:
+            out = (float("inf"), ())
+            for hi in range(i + 1, n - (stages - 1 - s) + 1):
+                rest, cuts = best(s + 1, hi)
+                value = max(cost(s, i, hi), rest)
+                if value < out[0] - 1e-12:
+                    out = (value, (hi, *cuts))
+        memo[(s, i)] = out
+        return out
+
+    cuts = (0, *best(0, 0)[1], n)
+    return tuple((cuts[s], cuts[s + 1]) for s in range(stages))
+
+
+class StageModel(nnx.Module):
+    """One stage's modules, taken from a whole `Palm` (shared, not copied)."""
+
+    def __init__(self, full: Palm, lo: int, hi: int, *, first: bool, last: bool):
+        self.embed = full.embed if (first or last) else None
+        self.blocks = nnx.List([full.blocks[i] for i in range(lo, hi)])
+        self.final_norm = full.final_norm if last else None
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """A stage's place: its index, the stage count and the block ranges of all stages."""
+
+    stage: int
+    stages: int
+    bounds: tuple[tuple[int, int], ...]
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.stages - 1
+
+
+def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple]:
+    """The actions of one stage for one step: ("F", m) and ("B", m), in execution order.
+
+    GPipe: every forward, then every backward. 1F1B (PipeDream flush): stage s runs
+    min(S - s, M) warm-up forwards, then alternates one backward and one forward, then the
+    remaining backwards: at most S - s microbatches of activations are stashed at once. The
+    backwards run in microbatch order 0..M-1 in both (the gradient sums are bitwise equal).
+    The last stage's forward and backward are one fused action ("FB", m).
+    """
+    m_all = range(microbatches)
+    if stage == stages - 1:
+        return [("FB", m) for m in m_all]
+    if schedule == "gpipe":
+        return [("F", m) for m in m_all] + [("B", m) for m in m_all]
+    if schedule != "1f1b":
+        raise ValueError(f"pipeline.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    warm = min(stages - stage, microbatches)
+    order: list[tuple] = [("F", m) for m in range(warm)]
+    nxt = warm
+    for m in m_all:
+        order.append(("B", m))
+        if nxt < microbatches:
+            order.append(("F", nxt))
+            nxt += 1
+    return order
+
+
+def peak_stash(schedule: str, stage: int, stages: int, microbatches: int) -> int:
+    """Most microbatch inputs a stage holds at once under the schedule."""
+    live = peak = 0
+    for kind, _ in schedule_order(schedule, stage, stages, microbatches):
+        live += {"F": 1, "B": -1, "FB": 0}[kind]
+        peak = max(peak, live)
+    return peak
+
+
+class StageFunctions:
+    """The compiled pieces of one stage's step on an island's mesh.
+
+    Args:
+        model_cfg, optim_cfg: the model and optimizer (the reference's).
+        plan: this stage.
+        mesh: the island's devices; None: one device.
+    """
+
+    def __init__(
+        self,
+        model_cfg: PalmConfig,
+        optim_cfg: OptimConfig,
+        plan: StagePlan,
+        mesh: Mesh | None = None,
+    ):
+        self.model_cfg = model_cfg
+        self.optim_cfg = optim_cfg
+        self.plan = plan
+        self.mesh = mesh if mesh is not None else make_mesh(1, 1)
+        self.clip_norm = optim_cfg.clip_norm
+        # Clipping needs the norm of the whole model's gradients: applied here, by hand.
+        self.tx = make_optimizer(dataclasses.replace(optim_cfg, clip_norm=None))
+        lo, hi = plan.bounds[plan.stage]
+        self.lo, self.hi = lo, hi
+
+        abstract = nnx.eval_shape(lambda: self._stage(Palm(model_cfg, rngs=nnx.Rngs(0))))
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        self.param_shardings = state_shardings(abstract_params, self.mesh)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        self.opt_shardings = tree_shardings_like_params(abstract_opt, abstract_params, self.mesh)
+        self.tokens_sharding = NamedSharding(self.mesh, logical_to_spec(("batch", None)))
+        self.act_sharding = NamedSharding(
+            self.mesh, logical_to_spec(("batch", "length", "act_embed"))
+        )
+        self.replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        p, r = self.param_shardings, self.replicated
+        x_in = self.tokens_sharding if plan.first else self.act_sharding
+        self._init = jax.jit(
+            self._init_impl, static_argnums=0, out_shardings=(p, self.opt_shardings)
+        )
+        self.fwd = jax.jit(self._fwd_impl, in_shardings=(p, x_in), out_shardings=self.act_sharding)
+        self.bwd = jax.jit(
+            self._bwd_impl,
+            in_shardings=(p, x_in, self.act_sharding),
+            out_shardings=(p, None if plan.first else self.act_sharding),
+        )
+        self.fwdbwd = jax.jit(
+            self._fwdbwd_impl,
+            in_shardings=(p, self.act_sharding, self.tokens_sharding),
+            out_shardings=(r, p, self.act_sharding),
+        )
+        self.add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+        self.scale = jax.jit(
+            lambda g, s: jax.tree.map(lambda x: x * s.astype(x.dtype), g), donate_argnums=0
+        )
+        self.sumsq = jax.jit(self._sumsq_impl, out_shardings=r)
+        self.apply = jax.jit(
+            self._apply_impl,
+            in_shardings=(p, self.opt_shardings, p, r),
+            out_shardings=(p, self.opt_shardings),
+            donate_argnums=(0, 1),
+        )
+
+    def _stage(self, full: Palm) -> StageModel:
+        return StageModel(full, self.lo, self.hi, first=self.plan.first, last=self.plan.last)
+
+    # -- pure functions (traced under jit) ---------------------------------------------------
+
+    def _init_impl(self, seed: int):
+        _, params = nnx.split(self._stage(Palm(self.model_cfg, rngs=nnx.Rngs(seed))), nnx.Param)
+        return params, self.tx.init(params)
+
+    def _run_blocks(self, model: StageModel, x_btd):
+        for block in model.blocks:
+            x_btd = block(x_btd)
+        return x_btd
+
+    def _fwd_impl(self, params, x_in):
+        model = nnx.merge(self.graphdef, params)
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            x_btd = model.embed(x_in[:, :-1]) if self.plan.first else x_in
+            return self._run_blocks(model, x_btd)
+
+    def _bwd_impl(self, params, x_in, g_btd):
+        if self.plan.first:
+            _, vjp = jax.vjp(lambda p: self._fwd_impl(p, x_in), params)
+            return vjp(g_btd)[0], None
+        _, vjp = jax.vjp(self._fwd_impl, params, x_in)
+        return vjp(g_btd)
+
+    def _loss(self, params, x_btd, tokens_bt1):
+        model = nnx.merge(self.graphdef, params)
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            y_btd = self._run_blocks(model, x_btd)
+            logits_btv = model.embed.attend(model.final_norm(y_btd))
+            loss, _ = lm_loss(logits_btv, tokens_bt1[:, 1:], z_loss=self.model_cfg.z_loss)
+        return loss
+
+    def _fwdbwd_impl(self, params, x_btd, tokens_bt1):
+        loss, (g_params, g_x) = jax.value_and_grad(self._loss, argnums=(0, 1))(
+            params, x_btd, tokens_bt1
+        )
+        return loss, g_params, g_x
+
+    def _sumsq_impl(self, grads, skip_embed: bool = False):
+        leaves = jax.tree_util.tree_flatten_with_path(grads)[0]
+        total = jnp.float32(0.0)
+        for path, leaf in leaves:
+            if skip_embed and "embed" in jax.tree_util.keystr(path):
+                continue
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+        return total
+
+    def _apply_impl(self, params, opt_state, grads, g_norm):
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            if self.clip_norm is not None:
+                # optax.clip_by_global_norm, with the whole model's norm.
+                trigger = jnp.squeeze(g_norm < self.clip_norm)
+                grads = jax.tree.map(
+                    lambda t: jax.lax.select(
+                        trigger, t, (t / g_norm.astype(t.dtype)) * self.clip_norm
+                    ),
+                    grads,
+                )
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+        return params, opt_state
+
+    # -- the public API ----------------------------------------------------------------------
+
+    def init(self, seed: int) -> tuple[Any, Any]:
+        """This stage's (params, opt_state) of the reference model's initialisation."""
+        with jax.set_mesh(self.mesh):
+            return self._init(seed)
+
+    def grads_sumsq(self, grads) -> float:
+        """Sum of squares of this stage's gradients; the last stage leaves out the embedding
+        (stage 0 counts it), so the stages' sums add up to the whole model's once."""
+        skip = self.plan.last and not self.plan.first
+        fn = self._sumsq_skip if skip else self.sumsq
+        return float(np.asarray(jax.device_get(fn(grads))))
+
+    @property
+    def _sumsq_skip(self):
+        if not hasattr(self, "_skip_fn"):
+            self._skip_fn = jax.jit(
+                lambda g: self._sumsq_impl(g, True), out_shardings=self.replicated
+            )
+        return self._skip_fn
+
+    def embed_path(self) -> str:
+        return "embed"
+
+    def state_bytes_per_device(self) -> tuple[int, int]:
+        """(parameter bytes, optimizer-state bytes) one device holds for this stage."""
+        params_abs, opt_abs = jax.eval_shape(lambda: self._init_impl(0))
+
+        def per_device(tree: Any, shardings: Any) -> int:
+            total = 0
+            for leaf, sh in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True):
+                shard = sh.shard_shape(leaf.shape)
+                total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+            return total
+
+        return per_device(params_abs, self.param_shardings), per_device(opt_abs, self.opt_shardings)
+
+    def activation_shape(self, microbatch: int, seq_len: int) -> tuple[int, int, int]:
+        """(B_m, T, D): what goes between stages per microbatch."""
+        return (microbatch, seq_len, self.model_cfg.d_model)

@@ -1,0 +1,422 @@
+"""Pipeline parallelism across islands: stages train as the single-process reference does.
+
+Island hosts are real worker services served in this process (one CPU device group each),
+driven by the controller's own Dispatcher and `palm_program`; activations and their
+gradients travel host to host over gRPC between the stages, the replicas of a stage
+exchange gradients as a data-parallel job's islands do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import grpc
+import jax
+import numpy as np
+import pytest
+
+from pathways_lite.controller import spec as spec_lib
+from pathways_lite.controller.dispatch import Dispatcher
+from pathways_lite.controller.islands import Island, connect_host
+from pathways_lite.controller.program import HostLoad
+from pathways_lite.controller.resolved import palm_program
+from pathways_lite.model.config import PalmConfig
+from pathways_lite.model.data import prepare_dataset
+from pathways_lite.model.pipeline import peak_stash, schedule_order, stage_split
+from pathways_lite.model.train import ReferenceTrainer
+from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.host import HostMetadata
+from pathways_lite.workers.service import BackgroundServer, WorkerServicer
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS, SEQ = 3, 32
+DATA = {"source": "stdlib", "vocab_size": 1024, "max_bytes": 1_000_000}
+BUDGET = 256 * 1024 * 1024
+
+
+def pipe_spec(
+    islands: int, devices: int, mesh: tuple[int, int], batch: int, stages: int, mb: int, sched: str
+) -> controller_pb2.JobSpec:
+    spec = controller_pb2.JobSpec(
+        name=f"pipe-{islands}",
+        islands=islands,
+        devices_per_island=devices,
+        mesh=controller_pb2.JobSpec.Mesh(data=mesh[0], model=mesh[1]),
+        train=controller_pb2.JobSpec.Train(steps=STEPS, global_batch=batch, seq_len=SEQ, seed=0),
+        data=controller_pb2.JobSpec.Data(**DATA),
+        pipeline=controller_pb2.JobSpec.Pipeline(stages=stages, microbatches=mb, schedule=sched),
+    )
+    spec.model.preset = "palm-tiny"
+    return spec
+
+
+def reference_losses(spec) -> list[float]:
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=SEQ)
+    train = configs.train
+    trainer = ReferenceTrainer(configs.model, configs.optim, train)
+    return trainer.losses(lambda s: dataset.global_batch(s, train.global_batch, train.seed)[0])
+
+
+def max_rel_diff(a, b) -> float:
+    a_, b_ = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a_ - b_) / np.abs(b_)))
+
+
+@dataclasses.dataclass
+class LocalHost:
+    server: BackgroundServer
+    address: str
+    channel: grpc.Channel
+    stub: worker_pb2_grpc.WorkerServiceStub
+
+
+def serve_hosts(device_groups: list[list[int]]) -> list[LocalHost]:
+    hosts = []
+    for index, ids in enumerate(device_groups):
+        devices = [jax.devices()[i] for i in ids]
+        meta = HostMetadata.in_process(f"pipe-{index}", devices, BUDGET)
+        server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
+        address = f"127.0.0.1:{server.start()}"
+        channel = grpc.insecure_channel(address)
+        hosts.append(
+            LocalHost(server, address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        )
+    return hosts
+
+
+def stop_hosts(hosts: list[LocalHost]) -> None:
+    for host in hosts:
+        host.channel.close()
+        host.server.stop()
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    spec: controller_pb2.JobSpec
+    generation: int = 0
+
+
+async def dispatch(addresses: list[str], spec, job_id: str, epoch: int):
+    """Load, run and unload a job with the controller's Dispatcher: its step reports and
+    every island's final ParamDigest."""
+    islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
+    try:
+        dispatcher = Dispatcher(epoch=epoch)
+        program = palm_program(Record(job_id, spec))
+        await dispatcher.load(program, islands)
+        reports = []
+        await dispatcher.run(program, islands, on_step=reports.append)
+        digests = [
+            await island.hosts[0].stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=job_id))
+            for island in islands
+        ]
+        await dispatcher.unload(job_id, islands)
+        return reports, digests
+    finally:
+        for island in islands:
+            await island.close()
+
+
+@pytest.fixture(scope="module")
+def four_hosts() -> Iterator[list[LocalHost]]:
+    hosts = serve_hosts([[0], [1], [2], [3]])
+    try:
+        yield hosts
+    finally:
+        stop_hosts(hosts)
+
+
+# ---- the split and the schedules (no hosts) -------------------------------------------------
+
+
+def test_split_is_contiguous_balanced_and_gives_the_ends_fewer_blocks() -> None:
+    cfg = PalmConfig.palm_small(n_layers=8)
+    bounds = stage_split(cfg, 4)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 8
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert min(sizes) >= 1 and sizes[-1] <= sizes[1], sizes  # the head costs the last stage
+    assert stage_split(PalmConfig.palm_tiny(), 2) == ((0, 1), (1, 2))
+
+
+def test_1f1b_stashes_at_most_stages_microbatches_and_gpipe_all() -> None:
+    for stage in range(3):
+        assert peak_stash("1f1b", stage, 4, 8) == 4 - stage
+        assert peak_stash("gpipe", stage, 4, 8) == 8
+        for sched in ("gpipe", "1f1b"):
+            order = schedule_order(sched, stage, 4, 8)
+            assert [m for k, m in order if k == "B"] == list(range(8))  # backward order fixed
+            assert sorted(m for k, m in order if k == "F") == list(range(8))
+
+
+# ---- distributed runs -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_by_two_runs(four_hosts):
+    """palm-tiny (2 blocks) as 2 stages x 2 replicas, 1F1B then GPipe, on the same hosts."""
+    addresses = [h.address for h in four_hosts]
+    runs = {}
+    for epoch, sched in enumerate(("1f1b", "gpipe"), start=1):
+        spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched=sched)
+        runs[sched] = asyncio.run(dispatch(addresses, spec, f"pipe-{sched}", epoch))
+    return spec, runs
+
+
+def test_two_stages_two_replicas_match_the_reference_losses(two_by_two_runs) -> None:
+    spec, runs = two_by_two_runs
+    reference = reference_losses(spec)
+    losses = [r.loss for r in runs["1f1b"][0]]
+    assert len(losses) == STEPS == len(reference)
+    assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
+
+
+def test_gpipe_and_1f1b_give_bitwise_the_same_losses_and_parameters(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    assert [r.loss for r in runs["1f1b"][0]] == [r.loss for r in runs["gpipe"][0]]
+    assert [d.sha256 for d in runs["1f1b"][1]] == [d.sha256 for d in runs["gpipe"][1]]
+
+
+def test_stages_send_exactly_the_activations_and_1f1b_stashes_less(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    d_model = PalmConfig.palm_tiny().d_model
+    per_replica = 16 // 2 * SEQ * d_model * 4  # (B / R, T, D) float32, forward or backward
+    for report in runs["1f1b"][0]:
+        assert [h.reply.stage_bytes_sent for h in report.hosts] == [per_replica] * 4
+    peak = {s: max(h.reply.peak_stash_bytes for r in runs[s][0] for h in r.hosts) for s in runs}
+    # Stage 0 stashes its microbatches' inputs: 2 (= S) under 1F1B, all 4 under GPipe.
+    assert peak["1f1b"] * 2 == peak["gpipe"] > 0
+
+
+def test_stage_parameters_are_bitwise_identical_across_replicas(two_by_two_runs) -> None:
+    _, runs = two_by_two_runs
+    reports, digests = runs["1f1b"]
+    # Islands 0, 1: stage 0's replicas; islands 2, 3: stage 1's.
+    assert digests[0].sha256 == digests[1].sha256
+    assert digests[2].sha256 == digests[3].sha256
+    assert digests[0].sha256 != digests[2].sha256
+    assert {d.steps_applied for d in digests} == {STEPS}
+    for report in reports:
+        by_island = [h.reply.param_digest for h in report.hosts]
+        assert by_island[0] == by_island[1] and by_island[2] == by_island[3]
+        # Activations (and gradients back) moved between the stages' hosts every step.
+        assert all(h.reply.exchange_bytes_sent > 0 for h in report.hosts)
+
+
+def test_the_trace_has_a_track_per_host_with_steps_and_nested_microbatches(
+    four_hosts, two_by_two_runs
+) -> None:
+    import json
+
+    from pathways_lite.controller.trace import job_trace
+    from pathways_lite.trace import chrome_trace
+
+    async def collect():
+        islands = [
+            Island(f"island-{i}", [await connect_host(h.address)]) for i, h in enumerate(four_hosts)
+        ]
+        try:
+            return await job_trace("pipe-gpipe", islands)
+        finally:
+            for island in islands:
+                await island.close()
+
+    reply = asyncio.run(collect())
+    trace = json.loads(json.dumps(chrome_trace(reply, (1, 3))))
+    # The dashboard's schedule chart of the same logs: a row per stage, 4 forwards and
+    # backwards each per step, the bubble measured beside the theoretical 1/5.
+    from pathways_lite.controller.trace import pipeline_gantt
+
+    gantt = pipeline_gantt(reply, stages=2, microbatches=4)
+    assert gantt["steps"] == [1, 2] and gantt["bubble_theory"] == pytest.approx(0.2)
+    assert {b["stage"] for b in gantt["bars"]} == {0, 1}
+    assert len([b for b in gantt["bars"] if b["stage"] == 0 and b["kind"] == "forward"]) == 8
+    assert 0.0 <= gantt["bubble_measured"] < 1.0
+    events = trace["traceEvents"]
+    tracks = {(e["pid"], e["tid"]) for e in events if e["ph"] == "M" and "tid" in e}
+    assert len(tracks) == 4
+    for pid, tid in tracks:
+        mine = [e for e in events if e["ph"] == "X" and (e["pid"], e["tid"]) == (pid, tid)]
+        steps = [e for e in mine if e["cat"] == "step"]
+        assert sorted(e["args"]["step"] for e in steps) == [1, 2]
+        for step in steps:
+            parts = [
+                e for e in mine if e["cat"] != "step" and e["args"]["step"] == step["args"]["step"]
+            ]
+            names = sorted(e["name"] for e in parts)
+            # 4 microbatches: forwards and backwards (the last stage's are fused "B"), exchange.
+            assert names.count("exchange") == 1 and len([n for n in names if n[0] == "B"]) == 4
+            for e in parts:  # nested inside the step's slice
+                assert (
+                    step["ts"] - 1 <= e["ts"] and e["ts"] + e["dur"] <= step["ts"] + step["dur"] + 1
+                )
+
+
+def test_two_stages_on_a_model_parallel_mesh_match_the_reference(four_hosts) -> None:
+    hosts = serve_hosts([[0, 1], [2, 3]])
+    try:
+        spec = pipe_spec(2, 2, (1, 2), batch=8, stages=2, mb=2, sched="1f1b")
+        reports, digests = asyncio.run(dispatch([h.address for h in hosts], spec, "pipe-m2", 1))
+    finally:
+        stop_hosts(hosts)
+    assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
+
+
+def test_four_stages_of_one_block_each_match_the_reference(four_hosts) -> None:
+    spec = pipe_spec(4, 1, (1, 1), batch=8, stages=4, mb=4, sched="gpipe")
+    spec.model.overrides.update({"n_layers": 4})
+    reports, digests = asyncio.run(
+        dispatch([h.address for h in four_hosts], spec, "pipe-4x1", epoch=5)
+    )
+    assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
+    assert len({d.sha256 for d in digests}) == 4  # four different stages
+
+
+def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts) -> None:
+    a, b = four_hosts[:2]
+    spec = pipe_spec(2, 1, (1, 1), batch=4, stages=2, mb=2, sched="1f1b")
+    program = palm_program(Record("hung", spec))
+    peers = (a.address, b.address)
+    for index, host in enumerate((a, b)):
+        request = program.load(
+            HostLoad("hung", epoch=9, island_index=index, num_islands=2, peers=peers)
+        )
+        request.exchange_timeout_s = 2.0
+        host.stub.LoadJob(request, timeout=240)
+    try:
+        seq = a.stub.Info(worker_pb2.InfoRequest(), timeout=10).next_island_seq
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # stage 1 (host b) never runs the step
+            a.stub.RunStep(
+                worker_pb2.RunStepRequest(job_id="hung", step=0, island_seq=seq, epoch=9),
+                timeout=60,
+            )
+        assert time.monotonic() - started < 30
+        details = err.value.details()
+        assert "stage 1" in details and b.address in details and "microbatch 0" in details
+        assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    finally:
+        for host in (a, b):
+            host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="hung", epoch=9), timeout=60)
+
+
+# ---- the spec and admission (no hosts) -------------------------------------------------------
+
+ISSUE_SPEC = """
+name: pipe-2x2
+model: {preset: palm-tiny}
+islands: 4
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}
+train: {steps: 20, global_batch: 16, seq_len: 64, seed: 0}
+data: {source: stdlib}
+"""
+
+
+def test_the_issues_spec_parses_and_validates_with_its_pipeline() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    spec = load_spec_text(ISSUE_SPEC, validate=True)
+    pipe = spec_lib.pipeline_settings(spec)
+    assert (pipe.stages, pipe.microbatches, pipe.schedule) == (2, 8, "1f1b")
+
+
+@pytest.mark.parametrize(
+    "change, field, quoted",
+    [
+        ("pipeline: {stages: 3}", "pipeline.stages", "islands=4"),
+        ("pipeline: {stages: 2, microbatches: 3}", "train.global_batch", "microbatches=3"),
+        ("pipeline: {stages: 4}", "pipeline.stages", "n_layers=2"),
+        ("pipeline: {stages: 2, schedule: zigzag}", "pipeline.schedule", "zigzag"),
+        ("pipeline: {stages: 1}", "pipeline.stages", "stages=1"),
+        ("pipeline: {stages: 2, microbatches: 0}", "pipeline.microbatches", "=0"),
+        ("pipeline: {stages: 2}\nkind: eval", "pipeline", "kind='eval'"),
+        ("pipeline: {stages: 2}\ninit_from: {checkpoint: /x}", "init_from", "pipeline"),
+    ],
+)
+def test_bad_pipeline_specs_name_the_field_and_value(change: str, field: str, quoted: str) -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace("pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}", change)
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    assert err.value.field == field, err.value
+    assert quoted in str(err.value), err.value
+
+
+def test_global_batch_message_names_replicas_microbatches_and_mesh_data() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace("global_batch: 16", "global_batch: 12")
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    message = str(err.value)
+    assert "replicas=2" in message and "microbatches=8" in message and "mesh.data=1" in message
+
+
+def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_stages() -> None:
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.spec import load_spec_text
+
+    big = ISSUE_SPEC.replace("{preset: palm-tiny}", "{preset: palm-small}")
+    big = big.replace("islands: 4", "islands: 2").replace("seq_len: 64", "seq_len: 128")
+    plain = load_spec_text(big.replace(ISSUE_SPEC.splitlines()[6], ""), validate=True)
+    piped = load_spec_text(big.replace("microbatches: 8", "microbatches: 4"), validate=True)
+    whole = ResolvedJob.resolve(plain).bytes_per_device
+    stage = ResolvedJob.resolve(piped).bytes_per_device
+    assert stage < 0.8 * whole, (stage, whole)
+    budget = (stage + whole) // 2
+    scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
+    assert scheduler.never_fits(plain.islands, whole) is not None
+    assert scheduler.never_fits(piped.islands, stage) is None
+
+
+def test_the_trace_command_writes_a_chrome_trace_of_a_job(local_cluster, tmp_path, capsys):
+    """`pathways-lite trace` on the session's LocalCluster (a data-parallel job here)."""
+    import json
+
+    from pathways_lite import cli
+
+    spec = tmp_path / "tr.yaml"
+    spec.write_text(
+        "name: traced\nmodel: {preset: palm-tiny}\nislands: 1\ndevices_per_island: 2\n"
+        "mesh: {data: 1, model: 2}\ntrain: {steps: 3, global_batch: 4, seq_len: 64, seed: 1}\n"
+        "data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}\n"
+    )
+    state = ["--state-dir", str(local_cluster.state_dir)]
+    assert cli.main(["submit", str(spec), "--json", *state]) == 0
+    job_id = json.loads(capsys.readouterr().out)["id"]
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline:
+        cli.main(["status", job_id, "--json", *state])
+        record = json.loads(capsys.readouterr().out)
+        if record["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.3)
+    assert record["state"] == "succeeded", record
+    out = tmp_path / "trace.json"
+    assert cli.main(["trace", job_id, "--steps", "1:3", "-o", str(out), *state]) == 0
+    trace = json.loads(out.read_text())
+    steps = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "step"]
+    assert sorted(e["args"]["step"] for e in steps) == [1, 2]
+    assert all(e["args"]["job"] == job_id and e["dur"] > 0 for e in steps)
+    names = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"]
+    assert names and all("host 0" in e["args"]["name"] for e in names)
+    assert cli.main(["trace", job_id, "--steps", "3:1", "-o", str(out), *state]) != 0
+
+
+def test_the_status_layout_names_each_stages_blocks_and_islands() -> None:
+    from pathways_lite.controller.pipeline import stage_lines
+
+    spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched="1f1b")
+    lines = stage_lines(spec, ["a", "b", "c", "d"])
+    assert lines[0] == "stage 0: blocks 0..0 + embedding; islands a, b"
+    assert lines[1].startswith("stage 1: blocks 1..1 + final norm") and lines[1].endswith("c, d")
