@@ -97,7 +97,8 @@ class StepReport:
         tokens_per_s: tokens of the global batch over `step_time_s`.
         step_time_s: from the first host starting the step to the last one finishing it.
         hosts: every host's reply, island by island, host by host.
-        checkpoints_committed: steps of the checkpoints island 0's host 0 has committed.
+        checkpoints_committed: steps of the checkpoints host 0 of every writing island (the
+            program's checkpoint_islands) has committed.
         loss_stats: a mixture step's global (sum, count) stats (island 0's host 0).
     """
 
@@ -617,7 +618,7 @@ class Dispatcher:
             tokens_per_s=program.tokens_per_step / step_time_s,
             step_time_s=step_time_s,
             hosts=tuple(hosts),
-            checkpoints_committed=tuple(hosts[0].reply.checkpoints_committed),
+            checkpoints_committed=_committed(hosts, sent.island_ids, program.checkpoint_islands),
             loss_stats=tuple(hosts[0].reply.loss_stats),
         )
 
@@ -626,6 +627,20 @@ def _unavailable(details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
         grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
     )
+
+
+def _committed(
+    hosts: list[HostStep], island_ids: list[str], writers: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The checkpoints host 0 of every writing island committed (a pipeline's stages each
+    write their own part: a step counts once all of them have it)."""
+    ids = {island_ids[i] for i in writers if i < len(island_ids)} or {hosts[0].island}
+    steps: set[int] | None = None
+    for host in hosts:
+        if host.host_index == 0 and host.island in ids:
+            mine = set(host.reply.checkpoints_committed)
+            steps = mine if steps is None else steps & mine
+    return tuple(sorted(steps or ()))
 
 
 class _HostStream:

@@ -79,6 +79,9 @@ class StepProgram:
             names and, for dynamic weights, the weights each step is sent with.
         eval_every: train.eval_every: a slice ends after every `eval_every`-th step, so
             the controller's evaluation runs between the exact steps (0: none).
+        checkpoint_islands: positions, in the job's island order, of the islands whose
+            hosts write checkpoints (island 0; a pipeline's replica 0 of every stage): a
+            checkpoint counts as committed once host 0 of every one of them committed it.
     """
 
     job_id: str
@@ -93,6 +96,7 @@ class StepProgram:
     checkpoint_every_s: float = 0.0
     mixture: Any = None
     eval_every: int = 0
+    checkpoint_islands: tuple[int, ...] = (0,)
 
     def checkpoint_after(self, step: int, since_last_s: float = 0.0) -> bool:
         """Whether the hosts checkpoint the state after `step`, `since_last_s` seconds after

@@ -324,7 +324,18 @@ def step_program(job_id: str, generation: int, job: ResolvedJob) -> StepProgram:
         checkpoint_every=max(0, job.spec.train.checkpoint_every),
         checkpoint_every_s=spec_lib.checkpoint_every_s(job.spec),
         eval_every=max(0, job.spec.train.eval_every),
+        checkpoint_islands=checkpoint_islands(job.spec),
     )
+
+
+def checkpoint_islands(spec: Any) -> tuple[int, ...]:
+    """Positions of the job's islands that write its checkpoints: island 0, or a pipeline's
+    replica 0 of every stage (islands are stage-major: island k is stage k // replicas)."""
+    pipe = spec_lib.pipeline_settings(spec)
+    if pipe is None:
+        return (0,)
+    replicas = spec.islands // pipe.stages
+    return tuple(range(0, spec.islands, replicas))
 
 
 def palm_program(record: Any) -> StepProgram:

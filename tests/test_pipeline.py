@@ -420,3 +420,27 @@ def test_the_status_layout_names_each_stages_blocks_and_islands() -> None:
     lines = stage_lines(spec, ["a", "b", "c", "d"])
     assert lines[0] == "stage 0: blocks 0..0 + embedding; islands a, b"
     assert lines[1].startswith("stage 1: blocks 1..1 + final norm") and lines[1].endswith("c, d")
+
+
+def test_a_checkpoint_counts_once_every_stage_committed_its_part() -> None:
+    """Replica 0 of every stage writes its stage's checkpoint: the controller registers a
+    step only when host 0 of each of those islands reports it committed."""
+    from pathways_lite.controller.dispatch import HostStep, _committed
+    from pathways_lite.controller.resolved import checkpoint_islands
+
+    spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched="1f1b")
+    assert checkpoint_islands(spec) == (0, 2)  # stage-major: stage 0 = islands 0, 1
+    spec.ClearField("pipeline")
+    assert checkpoint_islands(spec) == (0,)
+    ids = ["i0", "i1", "i2", "i3"]
+
+    def hosts(*committed: list[int]) -> list:
+        return [
+            HostStep(i, 0, worker_pb2.RunStepReply(checkpoints_committed=c))
+            for i, c in zip(ids, committed, strict=True)
+        ]
+
+    assert _committed(hosts([4, 9], [], [4], []), ids, (0, 2)) == (4,)
+    assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0, 2)) == (4, 9)
+    assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0,)) == (4, 9)
+    assert _committed(hosts([4], [], [], []), ids, (0, 2)) == ()
