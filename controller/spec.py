@@ -26,6 +26,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     DEFAULT_WEIGHT,
     EvalSettings,
     JobConfigs,
+    ServeSettings,
     checkpoint_every_s,
     data_spec,
     digest_every,
@@ -35,6 +36,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     model_overrides,
     optim_config,
     priority,
+    serve_settings,
     to_configs,
     train_config,
     weight,
@@ -104,6 +106,7 @@ def validate_spec(spec: JobSpec, cluster: ClusterShape | None = None) -> None:
     _check_optimizer(spec)
     _check_scheduling(spec)
     _check_lifecycle(spec)
+    _check_serve(spec, model_cfg)
 
     if cluster is not None:
         if devices != cluster.devices_per_island:
@@ -354,6 +357,12 @@ def _check_lifecycle(spec: JobSpec) -> None:
             None,
             "kind='eval' needs init_from: the job or checkpoint whose parameters it evaluates.",
         )
+    elif kind == "serve":
+        raise SpecError(
+            "init_from",
+            None,
+            "kind='serve' needs init_from: the job or checkpoint whose parameters it serves.",
+        )
     seen = set()
     for i, ref in enumerate(spec.after):
         if not ref:
@@ -379,3 +388,28 @@ def _check_lifecycle(spec: JobSpec) -> None:
             "train.eval_every", every, f"train.eval_every={every} must be >= 0 (0: never)."
         )
     eval_settings(spec)  # each field's range
+
+
+def _check_serve(spec: JobSpec, model_cfg: Any) -> None:
+    """`serve:` (issue 18): only on serve jobs, each field in range; no pipeline stages."""
+    kind = job_kind(spec)
+    if kind != "serve":
+        if spec.HasField("serve"):
+            raise SpecError(
+                "serve", None, f"serve settings only apply to kind='serve'; this job is {kind!r}."
+            )
+        return
+    serve_settings(spec, model_cfg.max_seq_len)
+    for holder, path in ((spec, "pipeline"), (spec.mesh, "mesh.pipeline")):
+        field = holder.DESCRIPTOR.fields_by_name.get("pipeline")
+        if field is None:
+            continue
+        value = holder.pipeline
+        set_ = holder.HasField("pipeline") if field.has_presence else bool(value)
+        if set_ and value not in (0, 1):
+            raise SpecError(
+                path,
+                value,
+                f"{path}={value!r}: a serve job decodes on one island's mesh; pipeline "
+                "stages are not supported for kind='serve'.",
+            )
