@@ -186,18 +186,21 @@ class SlotDecoder:
         self.length_buckets = length_buckets(max_seq_len)
         self.row_buckets = row_buckets(max_batch)
         self.traces = 0  # programs compiled (each trace is one compile)
+        self.compiled: list[tuple[str, tuple[int, ...]]] = []  # (program, token shape)
         self.set_model(model)
         self.cache = model.init_cache(max_batch, max_seq_len)
         donate = (3,) if jax.default_backend() != "cpu" else ()
 
         def prefill(state, tokens_np, lengths_n, slots_n, cache, samp):
             self.traces += 1
+            self.compiled.append(("prefill", tuple(tokens_np.shape)))
             m = nnx.merge(self._graphdef, state)
             logits_nv, cache = _prefill_core(m, tokens_np, lengths_n, slots_n, cache)
             return logits_nv, sample_rows(logits_nv, *samp), cache
 
         def decode(state, tokens_b, pos_b, cache, samp):
             self.traces += 1
+            self.compiled.append(("decode", tuple(tokens_b.shape)))
             m = nnx.merge(self._graphdef, state)
             logits_bv, cache = _decode_core(m, tokens_b, pos_b, cache)
             return logits_bv, sample_rows(logits_bv, *samp), cache

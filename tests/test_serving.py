@@ -101,8 +101,9 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
         assert final["tokens"] == 16 or final["reason"] in ("stop", "eos")
         job = client.get(srv.id)
         assert state_name(job.state) == "running"
-        # The served greedy completion equals the one-off sample of the same checkpoint.
-        reference = client.sample(src.id, PROMPT, max_new_tokens=final["tokens"]).text
+        # The served greedy completion equals the one-off `sample` path's greedy decode
+        # (model/sampling.py) of the same resident parameters.
+        reference = client.sample(srv.id, PROMPT, max_new_tokens=final["tokens"]).text
         assert greedy == reference[: len(greedy)] and greedy
 
         # Bad input: clear errors, and the service keeps serving.

@@ -28,6 +28,19 @@ logger = logging.getLogger(__name__)
 LOADING = object()  # a job whose StartServe has not finished
 
 
+def _settle(runtime: Any) -> None:
+    """Wait for a runtime's dispatched update (its parameters) to be computed."""
+    loaded = getattr(runtime, "_loaded", None)
+    if loaded is None:
+        return
+    import jax
+
+    try:
+        jax.block_until_ready(loaded().state.params)
+    except Exception:  # noqa: BLE001 - unloaded or suspended meanwhile: nothing to wait for
+        logger.debug("settling a step", exc_info=True)
+
+
 class _ToLoop:
     """A thread-safe `put` into an asyncio queue (the engine's side of a stream)."""
 
@@ -50,11 +63,20 @@ class ServingHost:
         self.device_thread_lock = threading.Lock()
         self._engines: dict[str, Any] = {}
 
-    def training_step(self, fn: Any) -> Any:
-        """Run one training step (on the runtime thread) once no request is being served."""
-        self.gate.wait_for_training()
-        with self.device_thread_lock:
-            return fn()
+    def training_step(self, fn: Any, runtime: Any = None) -> Any:
+        """Run one training step (on the runtime thread) once no request is being served:
+        checked again under the device lock, so a step never starts after a request took
+        the island (it would stall that request's decoding)."""
+        while True:
+            self.gate.wait_for_training()
+            with self.device_thread_lock:
+                if not self.gate.wants():
+                    result = fn()
+                    if self._engines and runtime is not None:
+                        # With a service on the island the step ends on the devices before
+                        # the lock goes: its update never delays the next decode step.
+                        _settle(runtime)
+                    return result
 
     def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
         engine = self._engines.pop(job_id, None)

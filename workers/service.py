@@ -423,6 +423,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                 result: StepResult = await self._on_runtime_thread(
                     self.training_step,
                     functools.partial(job.runtime.run_step, request.step, **extra),
+                    job.runtime,
                 )
             except Exception as e:
                 return _step_rejection(e, request)
