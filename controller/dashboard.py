@@ -133,6 +133,7 @@ class Dashboard:
         app = web.Application(middlewares=[token_middleware(self.token)])
         app.router.add_get("/", self._page("index.html"))
         app.router.add_get("/jobs/{job_id}", self._page("job.html"))
+        app.router.add_get("/jobs/{job_id}/serve", self._page("serve.html"))
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         app.router.add_get("/api/overview", self._api_overview)

@@ -47,6 +47,7 @@ class Served:
     replicas: list[Replica]
     status: str = "loading"  # loading | serving
     kv_cache_bytes: int = 0
+    slots: int = 0  # cache slots over all replicas
     requests: int = 0
     tokens: int = 0
     # (unix seconds, ttft ms, ms per token, tokens) per finished request.
@@ -67,11 +68,12 @@ class ServeRouter:
         self.jobs[job_id] = served
         return served
 
-    def serving(self, job_id: str, kv_cache_bytes: int) -> None:
+    def serving(self, job_id: str, kv_cache_bytes: int, max_batch: int = 0) -> None:
         served = self.jobs.get(job_id)
         if served is not None:
             served.status = "serving"
             served.kv_cache_bytes = kv_cache_bytes
+            served.slots = max_batch * len(served.replicas)
 
     def stopped(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -96,6 +98,7 @@ class ServeRouter:
             "status": served.status,
             "replicas": [r.island.id for r in served.replicas],
             "inflight": sum(r.inflight for r in served.replicas),
+            "slots": served.slots,
             "requests": served.requests,
             "tokens": served.tokens,
             "requests_per_s": len(recent) / window_s,

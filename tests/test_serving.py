@@ -192,6 +192,15 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
             ).read()
         )
         assert stats["status"] == "serving" and stats["requests"] >= 8 and stats["kv_cache_bytes"]
+        assert stats["slots"] == 4 and stats["token_p99_ms"] > 0
+        page = urllib.request.urlopen(
+            urllib.request.Request(
+                client.dashboard_url().rstrip("/") + "/jobs/srv/serve",
+                headers={"Authorization": auth.bearer(token)},
+            ),
+            timeout=30,
+        ).read()
+        assert b"serve.js" in page
 
         # The CLI.
         capsys.readouterr()
