@@ -123,6 +123,10 @@ class ServeRouter:
         served = self.jobs.get(record.id)
         if served is None:
             kind = record.spec.kind if record.spec.HasField("kind") else "train"
+            if kind == "serve" and record.state.value == "running":
+                raise IllegalTransitionError(
+                    f"job {record.id!r} is loading its parameters; try again shortly."
+                )
             hint = (
                 " (use `pathways-lite sample` for a job that is not serving)"
                 if kind != "serve"
