@@ -89,7 +89,14 @@ def sample_rows(
         drawn = jax.random.categorical(key, jnp.where(keep_v, scaled_v, -jnp.inf))
         return jnp.where(temp > 0, drawn.astype(jnp.int32), greedy)
 
-    return jax.vmap(row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, count_b)
+    def sampled(_):
+        return jax.vmap(row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, count_b)
+
+    def greedy(_):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    # An all-greedy batch skips the sort over the vocabulary (the common serving case).
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, greedy, None)
 
 
 def _prefill_core(model, tokens_np, lengths_n, slots_n, cache: KVCache):
