@@ -12,6 +12,7 @@ resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest b
                     MemoryFigures (what jobs measured they hold, by model, mesh and batch)
 recovery.py         failure classes, retry budgets, checkpoint registry and rollback
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
+serve_router.py     kind: serve jobs' replicas and the Generate stream (least-loaded replica)
 mixture_weights.py  a mixture job's per-source weights (dynamic: from global losses), per step
 evaluation.py       a job's evaluation: the Evaluate rpc on its first island, stored per source
 lineage.py          job chains: `after` and `init_from` resolved at submit, what a queued job

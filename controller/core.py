@@ -31,6 +31,7 @@ from .recovery import Recovery
 from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
+from .serve_router import ServeRouter
 from .states import IllegalTransitionError, JobState
 from .store import JobRecord, JobStore
 from .views import Views
@@ -126,6 +127,7 @@ class Controller:
         )
         self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
+        self.serving = ServeRouter(store)
         self._parts = Collaborators(
             store=store,
             scheduler=self.scheduler,
@@ -136,6 +138,7 @@ class Controller:
             measure_peak=self.views.measure_peak,
             wake=self.wake,
             memory=self.memory,
+            serving=self.serving,
         )
         self.sampler = Sampler(
             store,

@@ -133,6 +133,7 @@ class Dashboard:
         app = web.Application(middlewares=[token_middleware(self.token)])
         app.router.add_get("/", self._page("index.html"))
         app.router.add_get("/jobs/{job_id}", self._page("job.html"))
+        app.router.add_get("/jobs/{job_id}/serve", self._page("serve.html"))
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         app.router.add_get("/api/overview", self._api_overview)
@@ -142,6 +143,8 @@ class Dashboard:
         app.router.add_get("/api/jobs/{job_id}/pipeline", self._api_pipeline)
         app.router.add_get("/api/stream", self.streams.all_jobs)
         app.router.add_get("/api/jobs/{job_id}/stream", self._api_stream_job)
+        app.router.add_get("/api/jobs/{job_id}/generate", self._api_generate)
+        app.router.add_get("/api/jobs/{job_id}/serve", self._api_serve)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -451,6 +454,76 @@ class Dashboard:
 
     # ---- server-sent events (dashboard_stream.py) ------------------------------------------
 
+    async def _api_serve(self, request: web.Request) -> web.Response:
+        """A serve job's requests/s, tokens/s, occupancy and latency percentiles (last 60 s)."""
+        try:
+            record = self.controller.store.find_job(request.match_info["job_id"])
+        except JobNotFoundError as e:
+            raise web.HTTPNotFound(text=str(e)) from None
+        return web.json_response(self.controller.serving.stats(record.id))
+
+    async def _api_generate(self, request: web.Request) -> web.StreamResponse:
+        """A serving job's generation as server-sent events: `token` events ({text, token}),
+        then `done` ({finish_reason, tokens, ttft_ms, ms_per_token, island}) or `error`
+        ({code, message}). Query: prompt, max_tokens, temperature, top_k, top_p, seed, stop
+        (repeatable). Errors before the first token are HTTP statuses."""
+        q = request.query
+        try:
+            wire = controller_pb2.GenerateJobRequest(
+                job_id=request.match_info["job_id"],
+                prompt=q.get("prompt", ""),
+                max_tokens=int(q.get("max_tokens", 64)),
+                temperature=float(q.get("temperature", 0.0)),
+                top_k=int(q.get("top_k", 0)),
+                top_p=float(q.get("top_p", 0.0)),
+                seed=int(q.get("seed", 0)),
+                stop=q.getall("stop", []),
+            )
+        except ValueError as e:
+            raise _bad(f"a query parameter is not a number: {e}") from None
+        replies = self.controller.serving.generate(wire)
+        try:
+            first = await replies.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:  # noqa: BLE001 - mapped to its status
+            raise _generate_error(e) from None
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+
+        async def send(event: str, data: dict[str, Any]) -> None:
+            await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+
+        async def reply_event(r: controller_pb2.GenerateJobReply) -> None:
+            if r.done:
+                await send(
+                    "done",
+                    {
+                        "finish_reason": r.finish_reason,
+                        "tokens": r.tokens,
+                        "ttft_ms": r.ttft_ms,
+                        "ms_per_token": r.ms_per_token,
+                        "island": r.island,
+                    },
+                )
+            else:
+                await send("token", {"text": r.text, "token": r.token})
+
+        try:
+            if first is not None:
+                await reply_event(first)
+            async for r in replies:
+                await reply_event(r)
+        except (ConnectionResetError, asyncio.CancelledError):
+            await replies.aclose()  # the client went away: its slot is freed
+            raise
+        except Exception as e:  # noqa: BLE001 - the stream's end, told to the client
+            code = getattr(getattr(e, "code", None), "name", None) or type(e).__name__
+            await send("error", {"code": code, "message": str(getattr(e, "message", e))})
+        return response
+
     async def _api_stream_job(self, request: web.Request) -> web.StreamResponse:
         """One job's state changes, steps and log records (the job page)."""
         job_id = request.match_info["job_id"]
@@ -523,6 +596,27 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive.")
     return seconds
+
+
+def _generate_error(e: Exception) -> web.HTTPException:
+    """A Generate refusal as an HTTP status."""
+    from pathways_lite.workers.rpc import RpcRejection
+
+    if isinstance(e, JobNotFoundError):
+        return web.HTTPNotFound(text=str(e) + "\n")
+    if isinstance(e, IllegalTransitionError):
+        return web.HTTPConflict(text=str(e) + "\n")
+    if isinstance(e, ValueError):
+        return _bad(str(e))
+    if isinstance(e, RpcRejection):
+        status = {
+            "INVALID_ARGUMENT": web.HTTPBadRequest,
+            "RESOURCE_EXHAUSTED": web.HTTPTooManyRequests,
+            "FAILED_PRECONDITION": web.HTTPConflict,
+            "NOT_FOUND": web.HTTPNotFound,
+        }.get(e.code.name, web.HTTPServiceUnavailable)
+        return status(text=e.message + "\n")
+    return web.HTTPInternalServerError(text=f"{type(e).__name__}: {e}\n")
 
 
 def _bad(message: str) -> web.HTTPBadRequest:

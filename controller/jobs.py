@@ -38,6 +38,7 @@ from .options import format_size
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
+from .serve_router import ServeRouter
 from .states import JobState, StoreError
 from .store import JobRecord, JobStore
 from .views import TimelineEntry, Views
@@ -45,6 +46,8 @@ from .views import TimelineEntry, Views
 logger = logging.getLogger(__name__)
 
 SUSPEND_TIMEOUT_S = 300.0
+# StartServe compiles the prefill and decode programs; StopServe waits for the loop.
+SERVE_START_TIMEOUT_S = 300.0
 
 
 class Reporter:
@@ -296,6 +299,8 @@ class Collaborators:
     wake: Callable[[], None]
     # Measured bytes per device by (model, mesh, batch), shared with admission.
     memory: MemoryFigures = dataclasses.field(default_factory=MemoryFigures)
+    # The serve jobs' replicas (kind: serve, issue 18).
+    serving: ServeRouter | None = None
 
 
 class JobRunner:
@@ -344,6 +349,8 @@ class JobRunner:
         self._attempt: Attempt | None = None
         # train.eval_every's evaluations in flight.
         self._evals: set[asyncio.Task] = set()
+        # Set by a cancel, suspend or drain request (a serve job waits on it).
+        self._poked = asyncio.Event()
 
     def start(self, on_exit: Callable[[JobRunner], None]) -> None:
         """Start the job's task; `on_exit` runs when it has released everything."""
@@ -360,15 +367,18 @@ class JobRunner:
         self.cancel_requested = True
         self.parts.scheduler.interrupt(self.job_id)
         self.resume.set()  # a suspended job wakes up to unload
+        self._poked.set()
 
     def request_drain(self) -> None:
         self.drain_requested = True
         self.parts.scheduler.interrupt(self.job_id)
         self.resume.set()  # a suspended job comes back to its devices to be checkpointed
+        self._poked.set()
 
     def request_suspend(self) -> None:
         self.suspend_requested = True
         self.parts.scheduler.interrupt(self.job_id)
+        self._poked.set()
 
     async def _run(self) -> None:
         p = self.parts
@@ -427,6 +437,9 @@ class JobRunner:
             if spec_lib.job_kind(self.record.spec) == "eval":
                 await self._end_eval_job(islands)
                 loaded = False
+                return
+            if spec_lib.job_kind(self.record.spec) == "serve":
+                await self._serve(islands)
                 return
             completed = await self._step_until_done(program)
             step = program.start_step + completed
@@ -533,6 +546,95 @@ class JobRunner:
             )
             + ".",
         )
+
+    async def _serve(self, islands: Sequence[Island]) -> None:
+        """kind: serve: start the service on every island (one replica each) and keep it
+        until a cancel or drain; a preemption stops it (its open streams end UNAVAILABLE),
+        suspends the job and starts it again on resume."""
+        p = self.parts
+        assert self.job is not None and p.serving is not None
+        settings = spec_lib.serve_settings(self.record.spec, self.job.configs.model.max_seq_len)
+        for island in islands:
+            if len(island.hosts) != 1:
+                raise DispatchError(
+                    "serve_failed",
+                    f"island {island.id} has {len(island.hosts)} hosts; a serve job decodes on "
+                    "single-host islands only.",
+                )
+        start = worker_pb2.StartServeRequest(
+            job_id=self.job_id,
+            max_batch=settings.max_batch,
+            max_seq_len=settings.max_seq_len,
+        )
+        while True:
+            p.serving.loading(self.job_id, islands)
+            p.reporter.phase(self.job_id, "starting service")
+            try:
+                replies = await asyncio.gather(
+                    *(
+                        i.call_host(0, "StartServe", start, timeout=SERVE_START_TIMEOUT_S)
+                        for i in islands
+                    )
+                )
+            except grpc.aio.AioRpcError as e:
+                p.serving.stopped(self.job_id)
+                raise DispatchError(
+                    "serve_failed", f"Starting the service failed: {e.details()}", code=e.code()
+                ) from None
+            kv = max(r.kv_cache_bytes for r in replies)
+            # The KV cache is held on the island beside the parameters: accounted.
+            p.scheduler.resize(self.job_id, self.demand_bytes + kv)
+            p.reporter.job_memory[self.job_id] = self.demand_bytes + kv
+            p.serving.serving(self.job_id, kv, settings.max_batch)
+            p.reporter.phase(self.job_id, "serving")
+            logger.info(
+                "job %s serving on %s (KV cache %s; compile %.1f s)",
+                self.job_id,
+                self.islands,
+                format_size(kv),
+                max(r.compile_s for r in replies),
+                extra={"job_id": self.job_id},
+            )
+            self._poked.clear()
+            while not (self.cancel_requested or self.suspend_requested or self.drain_requested):
+                await self._poked.wait()
+                self._poked.clear()
+            if self.cancel_requested:
+                reason = "the serve job was cancelled"
+            elif self.drain_requested:
+                reason = "the controller is stopping"
+            else:
+                reason = "the serve job was preempted by a higher-priority job"
+            await asyncio.gather(
+                *(
+                    i.call_host(
+                        0,
+                        "StopServe",
+                        worker_pb2.StopServeRequest(job_id=self.job_id, reason=reason),
+                        timeout=SERVE_START_TIMEOUT_S,
+                    )
+                    for i in islands
+                ),
+                return_exceptions=True,
+            )
+            p.serving.stopped(self.job_id)
+            if self.cancel_requested:
+                return
+            if self.drain_requested:
+                p.recovery.requeue(self.job_id)
+                p.reporter.transition(
+                    self.job_id,
+                    JobState.QUEUED,
+                    reason="controller_stopped",
+                    message="The controller stopped; the service starts again with the next.",
+                )
+                self.drained = controller_pb2.DrainedJob(
+                    job_id=self.job_id, name=self.record.name, message=reason
+                )
+                return
+            await self._suspend(0)
+            if self.cancel_requested or self.drain_requested:
+                return
 
     async def _step_until_done(self, program: Any) -> int:
         """Step the program to its end (or a cancel), suspending and resuming on the way;

@@ -115,6 +115,13 @@ class ResolvedJob:
                 )
         except ValueError as e:
             raise spec_lib.SpecError("model", spec.model.preset, str(e)) from None
+        if spec_lib.job_kind(spec) == "serve":  # its slot KV cache, beside the parameters
+            from pathways_lite.model.decode import SlotDecoder
+
+            serve = spec_lib.serve_settings(spec, configs.model.max_seq_len)
+            devices = max(1, spec.mesh.data * spec.mesh.model)
+            kv = SlotDecoder.kv_bytes(configs.model, serve.max_batch, serve.max_seq_len)
+            bytes_per_device += -(-kv // devices)
         digest_every = spec_lib.digest_every(spec)
         if digest_every is None:
             digest_every = default_digest_every(configs.model)

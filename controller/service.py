@@ -123,6 +123,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         job_id = self.store.find_job(request.job_id).id
         return controller_pb2.UpdateJobReply(job=self.controller.update(job_id, request.priority))
 
+    @_rpc
+    async def Generate(
+        self, request: controller_pb2.GenerateJobRequest, context
+    ) -> AsyncIterator[controller_pb2.GenerateJobReply]:
+        """Stream a generation from a serving job's least-loaded replica (issue 18)."""
+        async for reply in self.controller.serving.generate(request):
+            yield reply
+
     @_stream
     async def WatchJob(
         self, request: controller_pb2.WatchJobRequest, context

@@ -27,6 +27,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     EvalSettings,
     JobConfigs,
     PipelineSettings,
+    ServeSettings,
     checkpoint_every_s,
     data_spec,
     digest_every,
@@ -37,6 +38,7 @@ from .spec_configs import (  # noqa: F401  (re-exported)
     optim_config,
     pipeline_settings,
     priority,
+    serve_settings,
     to_configs,
     train_config,
     weight,
@@ -107,6 +109,7 @@ def validate_spec(spec: JobSpec, cluster: ClusterShape | None = None) -> None:
     _check_optimizer(spec)
     _check_scheduling(spec)
     _check_lifecycle(spec)
+    _check_serve(spec, model_cfg)
 
     if cluster is not None:
         if devices != cluster.devices_per_island:
@@ -417,6 +420,12 @@ def _check_lifecycle(spec: JobSpec) -> None:
             None,
             "kind='eval' needs init_from: the job or checkpoint whose parameters it evaluates.",
         )
+    elif kind == "serve":
+        raise SpecError(
+            "init_from",
+            None,
+            "kind='serve' needs init_from: the job or checkpoint whose parameters it serves.",
+        )
     seen = set()
     for i, ref in enumerate(spec.after):
         if not ref:
@@ -442,3 +451,15 @@ def _check_lifecycle(spec: JobSpec) -> None:
             "train.eval_every", every, f"train.eval_every={every} must be >= 0 (0: never)."
         )
     eval_settings(spec)  # each field's range
+
+
+def _check_serve(spec: JobSpec, model_cfg: Any) -> None:
+    """`serve:` (issue 18): only on serve jobs, each field in range."""
+    kind = job_kind(spec)
+    if kind != "serve":
+        if spec.HasField("serve"):
+            raise SpecError(
+                "serve", None, f"serve settings only apply to kind='serve'; this job is {kind!r}."
+            )
+        return
+    serve_settings(spec, model_cfg.max_seq_len)  # `pipeline` is refused by _check_pipeline

@@ -261,7 +261,10 @@ def _optim_value(name: str, value: Any) -> Any:
     return value
 
 
-KINDS = ("train", "eval")
+KINDS = ("train", "eval", "serve")
+DEFAULT_SERVE_MAX_BATCH = 8
+SERVE_MAX_BATCH = 256
+DEFAULT_SERVE_TARGET_P99_MS = 200.0
 DEFAULT_EVAL_SHOTS = 0
 DEFAULT_EVAL_MAX_EXAMPLES = 200
 EVAL_MAX_SHOTS = 32
@@ -316,7 +319,7 @@ def pipeline_settings(spec: JobSpec) -> PipelineSettings | None:
 
 
 def job_kind(spec: JobSpec) -> str:
-    """`kind`: `train` (the default) or `eval`.
+    """`kind`: `train` (the default), `eval` or `serve`.
 
     Raises:
         SpecError: another value.
@@ -449,3 +452,44 @@ def to_configs(spec: JobSpec, *, vocab_size: int | None = None) -> JobConfigs:
         train=train_config(spec),
         data=data,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """`serve:` with its defaults (issue 18): cache slots, positions per slot, latency target."""
+
+    max_batch: int
+    max_seq_len: int
+    target_p99_ms: float
+
+
+def serve_settings(spec: JobSpec, model_max_seq_len: int) -> ServeSettings:
+    """The spec's `serve:` settings, defaults for unset fields.
+
+    Raises:
+        SpecError: a value out of range, naming the field.
+    """
+    s = spec.serve
+    max_batch = s.max_batch if s.HasField("max_batch") else DEFAULT_SERVE_MAX_BATCH
+    if not 1 <= max_batch <= SERVE_MAX_BATCH:
+        raise SpecError(
+            "serve.max_batch",
+            max_batch,
+            f"serve.max_batch={max_batch} must be in [1, {SERVE_MAX_BATCH}].",
+        )
+    max_seq_len = s.max_seq_len if s.HasField("max_seq_len") else model_max_seq_len
+    if not 2 <= max_seq_len <= model_max_seq_len:
+        raise SpecError(
+            "serve.max_seq_len",
+            max_seq_len,
+            f"serve.max_seq_len={max_seq_len} must be in [2, the model's max_seq_len="
+            f"{model_max_seq_len}].",
+        )
+    target = s.target_p99_ms if s.HasField("target_p99_ms") else DEFAULT_SERVE_TARGET_P99_MS
+    if not math.isfinite(target) or target <= 0:
+        raise SpecError(
+            "serve.target_p99_ms",
+            target,
+            f"serve.target_p99_ms={target!r} must be a positive number of milliseconds.",
+        )
+    return ServeSettings(max_batch, max_seq_len, float(target))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,49 @@ def _cmd_why(args: argparse.Namespace) -> int:
         rows.append(("jobs ahead", ", ".join(job.jobs_ahead) or "none"))
     rows.append(("why", reason))
     print_table(rows, header=("field", "value"))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """`generate JOB "prompt"`: a serving job's completion, streamed with --stream."""
+    if args.max_tokens < 1:
+        raise CliError(f"--max-tokens={args.max_tokens} must be a positive integer.")
+    started = time.perf_counter()
+    text, tokens, final = [], [], None
+    for reply in _client(args).generate(
+        args.job,
+        args.prompt,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+    ):
+        if reply.done:
+            final = reply
+            continue
+        text.append(reply.text)
+        if reply.token >= 0:
+            tokens.append(int(reply.token))
+        if args.stream and not args.json:
+            print(reply.text, end="", flush=True)
+    wall_ms = (time.perf_counter() - started) * 1e3
+    if args.json:
+        print_json(
+            {
+                "text": "".join(text),
+                "tokens": tokens,
+                "ttft_ms": final.ttft_ms if final else wall_ms,
+                "ms_per_token": final.ms_per_token if final else 0.0,
+                "finish_reason": final.finish_reason if final else "",
+                "island": final.island if final else "",
+            }
+        )
+    elif args.stream:
+        print()
+    else:
+        print(args.prompt + "".join(text))
     return 0
 
 
@@ -510,10 +554,28 @@ def add_cluster_commands(sub) -> None:
     )
     sample.add_argument("job", help="the job: its id, its name or a unique id prefix")
     sample.add_argument("--prompt", required=True, help="the text to continue")
-    sample.add_argument("--max-new-tokens", type=int, default=64, help="tokens (default 64)")
+    sample.add_argument(
+        "--max-new-tokens", "--max-tokens", type=int, default=64, help="tokens (default 64)"
+    )
     sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen = add(
+        "generate",
+        "generate text from a serving job (kind: serve); `sample` is for jobs not serving",
+        _cmd_generate,
+    )
+    gen.add_argument("job", help="the serve job: its id, its name or a unique id prefix")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument(
+        "--max-tokens", "--max-new-tokens", type=int, default=64, help="tokens (default 64)"
+    )
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus mass (0 = off)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--stop", action="append", help="end before this string (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     add_eval_command(add)
     add_trace_command(add)
     dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,44 @@ class ControllerClient:
             seed=seed,
         )
         return self._call(self._stub.Sample, request, timeout_s=max(self.timeout_s, 300.0))
+
+    def generate(
+        self,
+        job_id: str,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> Iterator[controller_pb2.GenerateJobReply]:
+        """Stream a generation from a serving job (`kind: serve`): text pieces, then a final
+        reply with done=true, the token count and the latencies.
+
+        Raises:
+            ClientError: NOT_FOUND, FAILED_PRECONDITION (not serving, or "loading"),
+                RESOURCE_EXHAUSTED (its queue is full), INVALID_ARGUMENT, UNAVAILABLE (the
+                service stopped or was preempted).
+        """
+        request = controller_pb2.GenerateJobRequest(
+            job_id=job_id,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+        )
+        try:
+            yield from self._stub.Generate(
+                request, timeout=timeout_s or max(self.timeout_s, 600.0), metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            raise ClientError(_details(e, self.address), e.code()) from None
 
     def dashboard_url(self, *, with_token: bool = False) -> str:
         """The controller's dashboard URL (from controller.json); `with_token` appends the

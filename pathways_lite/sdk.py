@@ -26,6 +26,7 @@ Example (a local cluster of one island with two CPU devices, one tiny job)::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,41 @@ class Job:
             seed=seed,
         )
         return reply.text
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        stream: bool = False,
+    ) -> Any:
+        """Generate from this serving job (`kind: serve`, issue 18).
+
+        Returns:
+            The generated text; with `stream=True`, an iterator of text pieces.
+
+        Raises:
+            ClientError: FAILED_PRECONDITION when the job is not serving (or still "loading"),
+                RESOURCE_EXHAUSTED when its queue is full, INVALID_ARGUMENT for a bad prompt.
+        """
+        replies = self.client.raw.generate(
+            self.id,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+        )
+        if stream:
+            return (r.text for r in replies if r.text)
+        return "".join(r.text for r in replies)
 
     def cancel(self, reason: str = "") -> JobStatus:
         """Cancel the job (queued or running); returns its record."""

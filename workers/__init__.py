@@ -15,6 +15,8 @@ tls.py              the cluster CA, host certificates, TLS where an address want
 rpc.py              one gRPC server start-up and one error-to-status mapping (both servers)
 runtime.py          the JobRuntime interface; runtimes.py picks one per model preset
 probe_runtime.py    the linear probe job; palm_runtime.py the PaLM job; sampling.py generation
+serve_engine.py     kind: serve: the continuous batching loop over a slot KV cache; IslandGate
+serve_rpc.py        StartServe/StopServe/Generate; training steps wait while requests decode
 evaluation.py       the Evaluate rpc's host side: loss, perplexity, exact match, token F1 per source
 sim_host.py         simulated island hosts (worker.proto over real gRPC, no JAX) for scale tests
 ray_cluster.py, discovery.py   the local Ray cluster and island discovery

@@ -25,7 +25,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 8: RunSlice streams RunSliceReply: several steps' replies per message.
 # 9: LoadJob pipeline (StagePlacement): an island runs one stage of a pipeline job; its
 #    activations and gradients travel host to host on ExchangeGradients phases 20-23.
-WORKER_WIRE_VERSION = 9
+# 10: StartServe/StopServe/Generate (kind: serve); a training step waits while the host's
+#    service decodes.
+WORKER_WIRE_VERSION = 10
 
 
 @dataclass(frozen=True)

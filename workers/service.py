@@ -42,6 +42,7 @@ from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
 from .runtimes import RuntimeFactory, make_runtime
+from .serve_rpc import ServingHost
 from .serving import SERVICE_NAME, BackgroundServer, serve  # noqa: F401 (re-exported)
 from .tls import TlsConfig
 
@@ -94,7 +95,7 @@ def _step_rejection(error: Exception, request: worker_pb2.RunStepRequest) -> Rpc
     return RpcRejection(grpc.StatusCode.INTERNAL, f"{where} failed: {error!r}.")
 
 
-class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
     """The worker service of one island host.
 
     Args:
@@ -139,6 +140,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_workers=1, thread_name_prefix="island-compile"
         )
         self._device_lock: asyncio.Lock | None = None
+        self._serving_init()
         # The tasks running RunSlice streams' steps.
         self._slices: set[asyncio.Future] = set()
         # Every executed step: (job, generation, step, island_seq, start, end, epoch).
@@ -154,6 +156,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def close(self) -> None:
         """Unload every job and stop the runtime thread."""
+        self._stop_all_engines("the island host is stopping")
         for job in self._jobs.values():
             try:
                 job.checkpoints.close()
@@ -419,8 +422,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             try:
                 weights = tuple(request.mixture_weights)
                 extra = {"weights": weights} if weights else {}
+                # Serving goes first: the step waits while requests decode (issue 18).
                 result: StepResult = await self._on_runtime_thread(
-                    functools.partial(job.runtime.run_step, request.step, **extra)
+                    self.training_step,
+                    functools.partial(job.runtime.run_step, request.step, **extra),
+                    job.runtime,
                 )
             except Exception as e:
                 return _step_rejection(e, request)
@@ -525,6 +531,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Drop a job; unloading a job that is not loaded is a no-op."""
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
+        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
         job = self._jobs.pop(request.job_id, None)
         if job is None:
             return worker_pb2.UnloadJobReply(unloaded=False)
@@ -543,6 +550,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Move a job's state to host memory after the steps queued before this call."""
         self.order.check_epoch(request.epoch)
         job = self._job(request.job_id)
+        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was suspended")
         async with self._lock:
             if job.runtime.suspended:
                 return worker_pb2.SuspendReply(suspended=False, host_bytes=job.runtime.host_bytes())
@@ -578,6 +586,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             if e.epoch == self.order.newest_epoch and e.island_seq >= request.from_island_seq
         ]
         return worker_pb2.ExecutionLogReply(entries=entries, jobs=jobs, live_bytes_total=total)
+
+    StartServe = _rpc(ServingHost.StartServe)
+    StopServe = _rpc(ServingHost.StopServe)
+    Generate = _rpc(ServingHost.Generate)
 
     @_rpc
     async def Sample(self, request: worker_pb2.SampleRequest, context) -> Any:

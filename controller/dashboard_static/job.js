@@ -23,6 +23,9 @@
     const state = document.getElementById("job-state");
     state.className = `badge state-${j.state}`;
     state.textContent = j.phase ? `${j.state} · ${j.phase}` : j.state;
+    const serveLink = document.getElementById("serve-link");
+    serveLink.hidden = j.phase !== "serving";
+    serveLink.setAttribute("href", `/jobs/${encodeURIComponent(j.id)}/serve`);
     document.getElementById("cancel").hidden = ["succeeded", "failed", "cancelled"].includes(j.state);
     const message = document.getElementById("message");
     message.hidden = !j.message;

@@ -1,0 +1,270 @@
+"""Slot decoding for serving: a fixed (max_batch x max_seq_len) KV cache whose rows (slots)
+are filled and freed independently, so requests join and leave a running batch between steps.
+
+`Palm.decode_step` decodes a batch whose rows all sit at one position; here every slot has its
+own position. A `SlotDecoder` holds the cache and two compiled programs per shape bucket:
+
+- prefill: N newcomers' prompts, padded to a length bucket (and N to a power of two up to
+  max_batch), run through the model; their K/V are written into their slots' rows and each
+  newcomer's first token is sampled from the logits at its last prompt position.
+- decode: one token for every slot at its own position (inactive slots compute and are
+  ignored), the K/V written at that position, the next token sampled.
+
+Sampling is per slot (temperature, top-k, top-p, seed): the key of a request's n-th token is
+`fold_in(key(seed), n)`, so a request's tokens depend only on its prompt, the parameters and
+its seed, never on which slot it got or who shares the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import KVCache, LayerCache, causal_attention
+
+logger = logging.getLogger(__name__)
+
+MIN_PREFILL_BUCKET = 16
+
+
+def length_buckets(max_seq_len: int) -> tuple[int, ...]:
+    """Prompt-length buckets: powers of two from 16, capped by (and ending at) max_seq_len."""
+    out, n = [], MIN_PREFILL_BUCKET
+    while n < max_seq_len:
+        out.append(n)
+        n *= 2
+    out.append(max_seq_len)
+    return tuple(out)
+
+
+def row_buckets(max_batch: int) -> tuple[int, ...]:
+    """Prefill row-count buckets: powers of two up to (and ending at) max_batch."""
+    out, n = [], 1
+    while n < max_batch:
+        out.append(n)
+        n *= 2
+    out.append(max_batch)
+    return tuple(out)
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}.")
+
+
+def sample_rows(
+    logits_bv: jax.Array,
+    temperature_b: jax.Array,
+    top_k_b: jax.Array,
+    top_p_b: jax.Array,
+    seed_b: jax.Array,
+    count_b: jax.Array,
+) -> jax.Array:
+    """One token per row: argmax where temperature is 0, else a draw from softmax(logits / T)
+    restricted to the top k (0: all) and the top-p nucleus (0 or >= 1: all), with the key
+    fold_in(key(seed), count). Returns (B,) int32."""
+    vocab = logits_bv.shape[-1]
+
+    def row(logits_v, temp, top_k, top_p, seed, count):
+        greedy = jnp.argmax(logits_v).astype(jnp.int32)
+        scaled_v = logits_v.astype(jnp.float32) / jnp.where(temp > 0, temp, 1.0)
+        desc_v = jnp.sort(scaled_v)[::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        keep_v = scaled_v >= desc_v[k - 1]
+        in_k_v = jnp.arange(vocab) < k
+        probs_v = jax.nn.softmax(jnp.where(in_k_v, desc_v, -jnp.inf))
+        before_v = jnp.cumsum(probs_v) - probs_v  # mass strictly above each sorted entry
+        nucleus = jnp.sum((before_v < top_p) & in_k_v)
+        n_keep = jnp.where((top_p > 0) & (top_p < 1), jnp.maximum(nucleus, 1), k)
+        keep_v &= scaled_v >= desc_v[n_keep - 1]
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        drawn = jax.random.categorical(key, jnp.where(keep_v, scaled_v, -jnp.inf))
+        return jnp.where(temp > 0, drawn.astype(jnp.int32), greedy)
+
+    def sampled(_):
+        return jax.vmap(row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, count_b)
+
+    def greedy(_):
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    # An all-greedy batch skips the sort over the vocabulary (the common serving case).
+    return jax.lax.cond(jnp.any(temperature_b > 0), sampled, greedy, None)
+
+
+def _prefill_core(model, tokens_np, lengths_n, slots_n, cache: KVCache):
+    """The prompts (N, P) from position 0; K/V into rows `slots_n` (out of range: dropped).
+    Returns the logits at each prompt's last position (N, V) and the cache."""
+    n, p = tokens_np.shape
+    positions_np = jnp.broadcast_to(jnp.arange(p), (n, p))
+    x_npd = model.embed(tokens_np)
+    rows_n1, cols_1p = slots_n[:, None], jnp.arange(p)[None, :]
+    layers = []
+    for block, lc in zip(model.blocks, cache.layers, strict=True):
+        h_npd = block.norm(x_npd)
+        attn = block.attention
+        q, k, v = attn.project(h_npd, positions_np)
+        out = causal_attention(q, k, v, positions_np)
+        x_npd = x_npd + attn.output(out) + block.mlp(h_npd)
+        dt = lc.k_btkq.dtype
+        layers.append(
+            LayerCache(
+                k_btkq=lc.k_btkq.at[rows_n1, cols_1p].set(k.astype(dt), mode="drop"),
+                v_btkq=lc.v_btkq.at[rows_n1, cols_1p].set(v.astype(dt), mode="drop"),
+            )
+        )
+    last_n1d = jnp.take_along_axis(x_npd, (lengths_n - 1)[:, None, None], axis=1)
+    logits_nv = model.embed.attend(model.final_norm(last_n1d))[:, 0]
+    return logits_nv, KVCache(layers=tuple(layers))
+
+
+def _decode_core(model, tokens_b, pos_b, cache: KVCache):
+    """One token per slot at its own position; returns (B, V) logits and the cache."""
+    b = tokens_b.shape[0]
+    positions_b1 = pos_b[:, None]
+    rows_b = jnp.arange(b)
+    x_b1d = model.embed(tokens_b[:, None])
+    layers = []
+    for block, lc in zip(model.blocks, cache.layers, strict=True):
+        h_b1d = block.norm(x_b1d)
+        attn = block.attention
+        q, k, v = attn.project(h_b1d, positions_b1)
+        dt = lc.k_btkq.dtype
+        k_btkq = lc.k_btkq.at[rows_b, pos_b].set(k[:, 0].astype(dt))
+        v_btkq = lc.v_btkq.at[rows_b, pos_b].set(v[:, 0].astype(dt))
+        out = causal_attention(q, k_btkq, v_btkq, positions_b1)
+        x_b1d = x_b1d + attn.output(out) + block.mlp(h_b1d)
+        layers.append(LayerCache(k_btkq=k_btkq, v_btkq=v_btkq))
+    logits_bv = model.embed.attend(model.final_norm(x_b1d))[:, 0]
+    return logits_bv, KVCache(layers=tuple(layers))
+
+
+@dataclasses.dataclass
+class Sampling:
+    """Per-row sampling settings as arrays (B,)."""
+
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seed: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def zeros(cls, n: int) -> Sampling:
+        return cls(
+            temperature=np.zeros(n, np.float32),
+            top_k=np.zeros(n, np.int32),
+            top_p=np.zeros(n, np.float32),
+            seed=np.zeros(n, np.uint32),
+            count=np.zeros(n, np.int32),
+        )
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (self.temperature, self.top_k, self.top_p, self.seed, self.count)
+
+
+class SlotDecoder:
+    """The slot cache of one served model and its compiled prefill and decode programs.
+
+    Args:
+        model: a `Palm` model (its parameters are captured; call `set_model` for new ones).
+        max_batch: slots in the cache.
+        max_seq_len: positions per slot (<= the model's max_seq_len).
+    """
+
+    def __init__(self, model, max_batch: int, max_seq_len: int) -> None:
+        cfg = model.cfg
+        if not 1 <= max_batch:
+            raise ValueError(f"max_batch={max_batch} must be >= 1.")
+        if not 2 <= max_seq_len <= cfg.max_seq_len:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} must be in [2, the model's {cfg.max_seq_len}]."
+            )
+        self.cfg = cfg
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.length_buckets = length_buckets(max_seq_len)
+        self.row_buckets = row_buckets(max_batch)
+        self.traces = 0  # programs compiled (each trace is one compile)
+        self.compiled: list[tuple[str, tuple[int, ...]]] = []  # (program, token shape)
+        self.set_model(model)
+        self.cache = model.init_cache(max_batch, max_seq_len)
+        donate = (3,) if jax.default_backend() != "cpu" else ()
+
+        def prefill(state, tokens_np, lengths_n, slots_n, cache, samp):
+            self.traces += 1
+            self.compiled.append(("prefill", tuple(tokens_np.shape)))
+            m = nnx.merge(self._graphdef, state)
+            logits_nv, cache = _prefill_core(m, tokens_np, lengths_n, slots_n, cache)
+            return logits_nv, sample_rows(logits_nv, *samp), cache
+
+        def decode(state, tokens_b, pos_b, cache, samp):
+            self.traces += 1
+            self.compiled.append(("decode", tuple(tokens_b.shape)))
+            m = nnx.merge(self._graphdef, state)
+            logits_bv, cache = _decode_core(m, tokens_b, pos_b, cache)
+            return logits_bv, sample_rows(logits_bv, *samp), cache
+
+        self._prefill = jax.jit(prefill, donate_argnums=(4,) if donate else ())
+        self._decode = jax.jit(decode, donate_argnums=donate)
+
+    def set_model(self, model) -> None:
+        """Decode with these parameters from now on (same graph)."""
+        self._graphdef, self._state = nnx.split(model)
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], slots: Sequence[int], samp: Sampling
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run newcomers' prompts into their slots; returns (N, V) last-position logits and
+        (N,) first tokens. `samp` rows match `prompts`."""
+        n = len(prompts)
+        longest = max(len(p) for p in prompts)
+        if n == 0 or min(len(p) for p in prompts) == 0:
+            raise ValueError("prefill needs at least one non-empty prompt.")
+        if longest > self.max_seq_len:
+            raise ValueError(
+                f"a prompt of {longest} tokens exceeds max_seq_len={self.max_seq_len}."
+            )
+        rows = bucket_for(n, self.row_buckets)
+        plen = bucket_for(longest, self.length_buckets)
+        tokens = np.zeros((rows, plen), np.int32)
+        lengths = np.ones(rows, np.int32)
+        slot_ids = np.full(rows, self.max_batch, np.int32)  # padding rows: dropped writes
+        for i, (p, s) in enumerate(zip(prompts, slots, strict=True)):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+            slot_ids[i] = s
+        padded = Sampling.zeros(rows)
+        for name in ("temperature", "top_k", "top_p", "seed", "count"):
+            getattr(padded, name)[:n] = getattr(samp, name)[:n]
+        logits, first, self.cache = self._prefill(
+            self._state, tokens, lengths, slot_ids, self.cache, padded.arrays()
+        )
+        return np.asarray(logits)[:n], np.asarray(first)[:n]
+
+    def step(
+        self, tokens_b: np.ndarray, pos_b: np.ndarray, samp: Sampling
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decode step of every slot: (B,) input tokens at (B,) positions; returns (B, V)
+        logits and (B,) next tokens."""
+        logits, nxt, self.cache = self._decode(
+            self._state,
+            np.asarray(tokens_b, np.int32),
+            np.asarray(pos_b, np.int32),
+            self.cache,
+            samp.arrays(),
+        )
+        return np.asarray(logits), np.asarray(nxt)
+
+    @staticmethod
+    def kv_bytes(cfg, max_batch: int, max_seq_len: int) -> int:
+        """Bytes of the slot cache: K and V per layer, (B, T, 1, head_dim) each."""
+        itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+        return 2 * cfg.n_layers * max_batch * max_seq_len * cfg.head_dim * itemsize

@@ -1,0 +1,189 @@
+"""Slot KV-cache decoding and the continuous batching loop against a no-cache reference."""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathways_lite.model.config import PalmConfig
+from pathways_lite.model.decode import Sampling, SlotDecoder
+from pathways_lite.model.palm import Palm
+from pathways_lite.workers.serve_engine import Request, ServeEngine, ServeError
+
+pytestmark = pytest.mark.timeout(120)
+
+SEQ = 64
+TIE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model() -> Palm:
+    return Palm(PalmConfig.palm_tiny(max_seq_len=SEQ), rngs=nnx.Rngs(3))
+
+
+@pytest.fixture(scope="module")
+def dec(model) -> SlotDecoder:
+    """One slot decoder (4 slots) for every test: its programs compile once."""
+    return SlotDecoder(model, max_batch=4, max_seq_len=SEQ)
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    """No-cache logits at every position of a prompt padded to SEQ (causal: padding after
+    the prompt changes nothing before it)."""
+    fwd = nnx.jit(lambda m, t: m(t))
+
+    def logits(ids: list[int]) -> np.ndarray:
+        padded = np.zeros((1, SEQ), np.int32)
+        padded[0, : len(ids)] = ids
+        return np.asarray(fwd(model, jnp.asarray(padded)))[0, : len(ids)]
+
+    return logits
+
+
+def _text(ids) -> str:
+    return "".join(chr(97 + i % 26) for i in ids)
+
+
+def reference_greedy(forward, prompt: list[int], n: int) -> tuple[list[int], int]:
+    """The no-cache greedy continuation and how many of its tokens are decisive (the top
+    two logits differ by at least TIE; the comparison stops at the first near-tie)."""
+    ids, out, decisive = list(prompt), [], None
+    for _ in range(n):
+        last = forward(ids)[-1]
+        top2 = np.sort(last)[-2:]
+        if decisive is None and top2[1] - top2[0] < TIE:
+            decisive = len(out)
+        tok = int(np.argmax(last))
+        out.append(tok)
+        ids.append(tok)
+    return out, n if decisive is None else decisive
+
+
+def _prompts(seed: int, lengths) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, 500, n)] for n in lengths]
+
+
+def test_slot_cache_logits_equal_the_no_cache_forward(dec, forward):
+    prompts = _prompts(0, [5, 11])
+    slots = [3, 1]
+    logits, first = dec.prefill(prompts, slots, Sampling.zeros(2))
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(logits[i], forward(p)[-1], atol=1e-5, rtol=0)
+    seqs = [p + [int(f)] for p, f in zip(prompts, first, strict=True)]
+    tokens, pos = np.zeros(4, np.int32), np.zeros(4, np.int32)
+    for step in range(6):
+        for s, seq in zip(slots, seqs, strict=True):
+            tokens[s], pos[s] = seq[-1], len(seq) - 1
+        logits, nxt = dec.step(tokens, pos, Sampling.zeros(4))
+        for s, seq in zip(slots, seqs, strict=True):
+            np.testing.assert_allclose(logits[s], forward(seq)[-1], atol=1e-5, rtol=0)
+            seq.append(int(nxt[s]))
+        if step == 2:  # a newcomer joins mid-way in slot 0; the others are unaffected
+            [p0] = _prompts(1, [7])
+            logits0, f0 = dec.prefill([p0], [0], Sampling.zeros(1))
+            np.testing.assert_allclose(logits0[0], forward(p0)[-1], atol=1e-5, rtol=0)
+            slots, seqs = [*slots, 0], [*seqs, p0 + [int(f0[0])]]
+
+
+def _collect(req: Request, timeout_s: float = 60.0) -> tuple[list[int], str, str]:
+    deadline = time.monotonic() + timeout_s
+    toks = []
+    while True:
+        ev = req.events.get(timeout=max(0.1, deadline - time.monotonic()))
+        if ev[0] == "token":
+            if ev[1] >= 0:
+                toks.append(ev[1])
+        elif ev[0] == "end":
+            return toks, ev[1], ev[2]
+        else:
+            raise ServeError(ev[1], ev[2])
+
+
+@pytest.mark.parametrize("batching", ["continuous", "one_at_a_time"])
+def test_served_greedy_equals_the_reference_greedy(dec, forward, batching):
+    n = 12
+    prompts = _prompts(5, [4, 9, 6, 13, 3])
+    refs = [reference_greedy(forward, p, n) for p in prompts]
+    eng = ServeEngine(dec, _text)
+    traces = dec.traces
+    try:
+        outs = []
+        if batching == "continuous":
+            first = eng.submit(Request(prompts[0], max_tokens=n))
+            while len(first.tokens) < 3:  # the others join a batch already decoding
+                time.sleep(0.005)
+            rest = [eng.submit(Request(p, max_tokens=n)) for p in prompts[1:]]
+            outs = [_collect(r)[0] for r in [first, *rest]]
+        else:  # one request at a time: each waits for the previous one's end
+            outs = [_collect(eng.submit(Request(p, max_tokens=n)))[0] for p in prompts]
+    finally:
+        eng.stop("test over")
+    assert dec.traces - traces <= 2  # at most the 2- and 4-row prefill buckets are new
+    compared = 0
+    for out, (ref, decisive) in zip(outs, refs, strict=True):
+        assert len(out) == n
+        assert out[:decisive] == ref[:decisive]
+        compared += decisive
+    near_ties = sum(d < n for _, d in refs)
+    print(f"{batching}: {compared} tokens compared, {near_ties} comparisons cut at a near-tie")
+    assert compared >= 0.5 * n * len(prompts)
+
+
+def test_sampled_tokens_depend_only_on_prompt_and_seed(dec):
+    eng = ServeEngine(dec, _text)
+    try:
+        [p, q, r] = _prompts(9, [6, 8, 5])
+
+        def req(prompt, seed):
+            return Request(prompt, max_tokens=10, temperature=0.9, top_k=40, top_p=0.9, seed=seed)
+
+        alone = _collect(eng.submit(req(p, 7)))[0]
+        crowd = [eng.submit(req(q, 1)), eng.submit(req(p, 7)), eng.submit(req(r, 2))]
+        together = [_collect(x)[0] for x in crowd]
+        other_seed = _collect(eng.submit(req(p, 8)))[0]
+    finally:
+        eng.stop("test over")
+    assert together[1] == alone
+    assert other_seed != alone
+
+
+def test_stop_strings_limits_queue_and_stop(dec):
+    eng = ServeEngine(dec, _text)
+    try:
+        [p] = _prompts(2, [5])
+        full = _collect(eng.submit(Request(p, max_tokens=10)))
+        stop = full[2][3:5]
+        cut = _collect(eng.submit(Request(p, max_tokens=10, stop=(stop,))))
+        assert cut[1] == "stop" and cut[2] == full[2][: full[2].find(stop)]
+        with pytest.raises(ServeError, match="prompt is empty"):
+            eng.submit(Request([], max_tokens=1))
+        with pytest.raises(ServeError, match="max_seq_len=64"):
+            eng.submit(Request([1] * 64, max_tokens=1))
+        with pytest.raises(ServeError, match="max_tokens=60"):
+            eng.submit(Request([1] * 5, max_tokens=60))
+        # A cancelled (disconnected) client frees its slot; the others finish.
+        gone = eng.submit(Request(p, max_tokens=50))
+        gone.cancel()
+        kept = _collect(eng.submit(Request(p, max_tokens=10)))
+        assert kept[0] == full[0]
+        # Fill both slots and the queue (4 x 2): the next request is refused.
+        open_reqs = [eng.submit(Request(p, max_tokens=50)) for _ in range(4)]
+        while eng.load() and any(not r.tokens for r in open_reqs):
+            time.sleep(0.002)
+        queued = []
+        with pytest.raises(ServeError, match="queue is full") as refused:
+            for _ in range(30):
+                queued.append(eng.submit(Request(p, max_tokens=50)))
+        assert refused.value.code == "RESOURCE_EXHAUSTED"
+        assert len(queued) >= eng.queue_limit
+    finally:
+        eng.stop("preempted by job x")
+    with pytest.raises(ServeError, match="preempted by job x") as ended:
+        _collect(queued[-1])
+    assert ended.value.code == "UNAVAILABLE"

@@ -1,0 +1,258 @@
+"""A `kind: serve` job on a real cluster (issue 18): loaded from another job's checkpoint,
+answering Generate streams over real gRPC (and server-sent events, and the CLI) from the
+island host's continuous batching loop, beside a training job; its errors; its end."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+
+from pathways_lite import cli
+from pathways_lite.client import ClientError, ControllerClient, state_name
+from pathways_lite.controller import auth
+from pathways_lite.spec import SpecError, load_spec_text
+from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+COMMON = """\
+model: {preset: palm-tiny}
+islands: 1
+devices_per_island: 2
+mesh: {data: 1, model: 2}
+data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}
+"""
+SOURCE = f"""\
+name: srv-src
+{COMMON}train: {{steps: 3, global_batch: 4, seq_len: 64, seed: 1}}
+optimizer: {{learning_rate: 0.05, warmup_steps: 0}}
+"""
+SERVE = f"""\
+name: srv
+kind: serve
+{COMMON}init_from: {{job: srv-src}}
+train: {{global_batch: 4, seq_len: 64}}
+serve: {{max_batch: 4, max_seq_len: 128}}
+"""
+CO_TRAIN = f"""\
+name: srv-cotrain
+{COMMON}train: {{steps: 6, global_batch: 4, seq_len: 64, seed: 2}}
+"""
+PROMPT = "def main("
+
+
+def _text(client: ControllerClient, job: str, prompt: str = PROMPT, **kw) -> tuple[str, dict]:
+    pieces, final = [], {}
+    for r in client.generate(job, prompt, **kw):
+        if r.done:
+            final = {"reason": r.finish_reason, "tokens": r.tokens, "island": r.island}
+        else:
+            pieces.append(r.text)
+    return "".join(pieces), final
+
+
+def _code(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(ClientError) as e:
+        fn()
+    return e.value.code, str(e.value)
+
+
+def test_serve_spec_rules() -> None:
+    with pytest.raises(SpecError, match="kind='serve' needs init_from"):
+        load_spec_text(SERVE.replace("init_from: {job: srv-src}\n", ""), validate=True)
+    with pytest.raises(SpecError, match="serve.max_batch=0"):
+        load_spec_text(SERVE.replace("max_batch: 4", "max_batch: 0"), validate=True)
+    with pytest.raises(SpecError, match="serve.max_seq_len=4096"):
+        load_spec_text(SERVE.replace("max_seq_len: 128", "max_seq_len: 4096"), validate=True)
+    with pytest.raises(SpecError, match="serve settings only apply to kind='serve'"):
+        load_spec_text(SOURCE + "serve: {max_batch: 2}\n", validate=True)
+    with pytest.raises(SpecError, match="pipeline is only for train jobs"):
+        load_spec_text(SERVE + "pipeline: {stages: 2}\n", validate=True)
+    spec = load_spec_text(SERVE.replace("serve: {max_batch: 4, max_seq_len: 128}\n", ""))
+    from pathways_lite.controller import spec as spec_lib
+
+    assert spec_lib.serve_settings(spec, 256) == spec_lib.ServeSettings(8, 256, 200.0)
+
+
+def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> None:
+    state = str(local_cluster.state_dir)
+    with ControllerClient(state) as client:
+        src = client.submit(load_spec_text(SOURCE))
+        srv = client.submit(load_spec_text(SERVE))
+        assert state_name(client.wait(src.id, timeout_s=200).state) == "succeeded"
+        code, msg = _code(lambda: _text(client, src.id))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "sample" in msg
+        # Loading answers FAILED_PRECONDITION "loading" until the replicas have compiled.
+        deadline, seen = time.monotonic() + 200, set()
+        while True:
+            try:
+                greedy, final = _text(client, "srv", max_tokens=16)
+                break
+            except ClientError as e:
+                assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e
+                seen.add("loading" if "loading" in str(e) else "not serving")
+                assert time.monotonic() < deadline, e
+                time.sleep(0.2)
+        assert "loading" in seen  # the load and compile take seconds: the poll sees them
+        assert final["tokens"] == 16 or final["reason"] in ("stop", "eos")
+        job = client.get(srv.id)
+        assert state_name(job.state) == "running"
+        # The served greedy completion equals the one-off `sample` path's greedy decode
+        # (model/sampling.py) of the same resident parameters.
+        reference = client.sample(srv.id, PROMPT, max_new_tokens=final["tokens"]).text
+        assert greedy == reference[: len(greedy)] and greedy
+
+        # Bad input: clear errors, and the service keeps serving.
+        assert _code(lambda: _text(client, "srv", ""))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        code, msg = _code(lambda: _text(client, "srv", max_tokens=500))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_seq_len=128" in msg
+        code, msg = _code(lambda: _text(client, "srv", "x" * 20_000))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most" in msg
+        assert _code(lambda: _text(client, "no-such-job"))[0] == grpc.StatusCode.NOT_FOUND
+
+        # Continuous batching: 6 concurrent clients on 4 slots, one disconnecting mid-way;
+        # a seeded request's text depends only on its prompt and seed.
+        token = auth.read_token(auth.token_path(local_cluster.state_dir))
+        meta = ((auth.METADATA_KEY, auth.bearer(token)),)
+        channel = grpc.insecure_channel(local_cluster.address)
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        gone = stub.Generate(
+            controller_pb2.GenerateJobRequest(job_id="srv", prompt=PROMPT, max_tokens=100),
+            metadata=meta,
+            timeout=60,
+        )
+        next(gone)
+        gone.cancel()
+        sampled = dict(temperature=0.8, top_k=20, seed=5, max_tokens=12)
+        alone = _text(client, "srv", **sampled)[0]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_text, client, "srv", **sampled)] + [
+                pool.submit(_text, client, "srv", f"import {i}", max_tokens=20) for i in range(5)
+            ]
+            results = [f.result(timeout=120) for f in futures]
+        assert results[0][0] == alone
+        assert all(r[1]["reason"] for r in results)
+
+        # A full queue (4 slots + 4 x 4 waiting) answers RESOURCE_EXHAUSTED.
+        with channel:
+            calls = [
+                stub.Generate(
+                    controller_pb2.GenerateJobRequest(job_id="srv", prompt=PROMPT, max_tokens=110),
+                    metadata=meta,
+                    timeout=120,
+                )
+                for _ in range(30)
+            ]
+            codes = []
+            for call in calls:
+                try:
+                    for _ in call:
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        assert "queue is full" in e.details()
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            # Without the token: refused.
+            with pytest.raises(grpc.RpcError) as refused:
+                next(
+                    stub.Generate(
+                        controller_pb2.GenerateJobRequest(job_id="srv", prompt=PROMPT), timeout=10
+                    )
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        # Server-sent events on the dashboard, with the same token.
+        query = urllib.parse.urlencode({"prompt": PROMPT, "max_tokens": 16})
+        url = client.dashboard_url().rstrip("/") + f"/api/jobs/srv/generate?{query}"
+        with pytest.raises(urllib.error.HTTPError) as no_token:
+            urllib.request.urlopen(url, timeout=30)
+        assert no_token.value.code == 401
+        req = urllib.request.Request(url, headers={"Authorization": auth.bearer(token)})
+        body = urllib.request.urlopen(req, timeout=60).read().decode()
+        events = [b for b in body.split("\n\n") if b.strip()]
+        sse_text = "".join(
+            json.loads(e.split("data: ", 1)[1])["text"]
+            for e in events
+            if e.startswith("event: token")
+        )
+        assert events[-1].startswith("event: done") and sse_text == greedy
+        stats = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    client.dashboard_url().rstrip("/") + "/api/jobs/srv/serve",
+                    headers={"Authorization": auth.bearer(token)},
+                ),
+                timeout=30,
+            ).read()
+        )
+        assert stats["status"] == "serving" and stats["requests"] >= 8 and stats["kv_cache_bytes"]
+        assert stats["slots"] == 4 and stats["token_p99_ms"] > 0
+        page = urllib.request.urlopen(
+            urllib.request.Request(
+                client.dashboard_url().rstrip("/") + "/jobs/srv/serve",
+                headers={"Authorization": auth.bearer(token)},
+            ),
+            timeout=30,
+        ).read()
+        assert b"serve.js" in page
+
+        # The SDK, streamed and whole.
+        from pathways_lite.sdk import Client
+
+        with Client(local_cluster.state_dir) as sdk:
+            pieces = list(sdk.job("srv").generate(PROMPT, max_tokens=16, stream=True))
+            assert "".join(pieces) == greedy and len(pieces) > 1
+            assert sdk.job("srv").generate(PROMPT, max_tokens=16) == greedy
+
+        # The CLI.
+        capsys.readouterr()
+        code = cli.main(
+            ["generate", "srv", PROMPT, "--max-tokens", "16", "--json"] + ["--state-dir", state]
+        )
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0 and out["text"] == greedy and len(out["tokens"]) == 16
+        assert out["ttft_ms"] > 0
+
+        # Training beside the service: it runs to the end while requests keep coming.
+        co = client.submit(load_spec_text(CO_TRAIN))
+        while state_name(client.get(co.id).state) not in ("succeeded", "failed"):
+            assert _text(client, "srv", max_tokens=8)[1]["tokens"] >= 1
+        assert state_name(client.get(co.id).state) == "succeeded"
+
+        # Cancelling the serve job ends its open streams with UNAVAILABLE naming why (12
+        # streams on 4 slots: the waiting ones cannot finish before the cancel lands).
+        with grpc.insecure_channel(local_cluster.address) as channel:
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            streams = [
+                stub.Generate(
+                    controller_pb2.GenerateJobRequest(job_id="srv", prompt=PROMPT, max_tokens=110),
+                    metadata=meta,
+                    timeout=120,
+                )
+                for _ in range(12)
+            ]
+            next(streams[0])
+            client.cancel(srv.id, reason="done serving")
+            ends = []
+            for call in streams:
+                try:
+                    for _ in call:
+                        pass
+                    ends.append("ok")
+                except grpc.RpcError as e:
+                    # A call that reached the controller after the cancel: not serving.
+                    late = e.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE or late, e
+                    assert not late or "is not serving" in e.details(), e
+                    ends.append(e.details())
+            assert any("cancelled" in e for e in ends if e != "ok"), ends
+        assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"

@@ -1,0 +1,231 @@
+"""The worker service's serving rpcs (issue 18): StartServe, StopServe and Generate.
+
+A serving job keeps its parameters resident; StartServe builds a `SlotDecoder` over them and
+starts a `ServeEngine` (workers/serve_engine.py). The island's `IslandGate` is shared with the
+host's training steps: while requests are in flight, a training step waits at its step
+boundary (`ServingHost.training_step`); an idle service holds nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from pathways_lite.v1 import worker_pb2
+
+from .requests import check_job_id
+from .rpc import RpcRejection
+from .runtime import RuntimeUnavailableError
+from .serve_engine import IslandGate, Request, ServeEngine, ServeError
+
+logger = logging.getLogger(__name__)
+
+LOADING = object()  # a job whose StartServe has not finished
+
+
+def _settle(runtime: Any) -> None:
+    """Wait for a runtime's dispatched update (its parameters) to be computed."""
+    loaded = getattr(runtime, "_loaded", None)
+    if loaded is None:
+        return
+    import jax
+
+    try:
+        jax.block_until_ready(loaded().state.params)
+    except Exception:  # noqa: BLE001 - unloaded or suspended meanwhile: nothing to wait for
+        logger.debug("settling a step", exc_info=True)
+
+
+class _ToLoop:
+    """A thread-safe `put` into an asyncio queue (the engine's side of a stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop closed: the client is gone
+            pass
+
+
+class ServingHost:
+    """Mixed into WorkerServicer: the serving engines of this host's jobs."""
+
+    def _serving_init(self) -> None:
+        self.gate = IslandGate()
+        self.device_thread_lock = threading.Lock()
+        self._engines: dict[str, Any] = {}
+
+    def training_step(self, fn: Any, runtime: Any = None) -> Any:
+        """Run one training step (on the runtime thread) once no request is being served:
+        checked again under the device lock, so a step never starts after a request took
+        the island (it would stall that request's decoding)."""
+        while True:
+            self.gate.wait_for_training()
+            with self.device_thread_lock:
+                if not self.gate.wants():
+                    result = fn()
+                    if self._engines and runtime is not None:
+                        # With a service on the island the step ends on the devices before
+                        # the lock goes: its update never delays the next decode step.
+                        _settle(runtime)
+                    return result
+
+    def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
+        engine = self._engines.pop(job_id, None)
+        if isinstance(engine, ServeEngine):
+            engine.stop(reason)
+            return engine
+        return None
+
+    def _stop_all_engines(self, reason: str) -> None:
+        for job_id in list(self._engines):
+            self._stop_engine(job_id, reason)
+
+    async def StartServe(self, request: worker_pb2.StartServeRequest, context) -> Any:
+        from pathways_lite.model.decode import Sampling, SlotDecoder
+
+        job = self._job(request.job_id)
+        if isinstance(self._engines.get(request.job_id), ServeEngine):
+            engine = self._engines[request.job_id]
+            return worker_pb2.StartServeReply(
+                job_id=request.job_id,
+                kv_cache_bytes=SlotDecoder.kv_bytes(
+                    engine.decoder.cfg, engine.max_batch, engine.max_seq_len
+                ),
+            )
+        runtime = job.runtime
+        fns, dataset, loaded = (getattr(runtime, n, None) for n in ("fns", "dataset", "_loaded"))
+        if fns is None or dataset is None or loaded is None:
+            raise RuntimeUnavailableError(
+                f"job {request.job_id!r} (model {runtime.spec.preset!r}) has no language "
+                "model to serve."
+            )
+        self._engines[request.job_id] = LOADING
+        tokenizer = dataset.tokenizer
+
+        def build() -> tuple[ServeEngine, float]:
+            started = time.perf_counter()
+            with self.device_thread_lock:
+                decoder = SlotDecoder(
+                    fns.model(loaded().state), int(request.max_batch), int(request.max_seq_len)
+                )
+                decoder.prefill([[1]], [0], Sampling.zeros(1))  # compile the common programs
+                decoder.step(
+                    [0] * decoder.max_batch,
+                    [0] * decoder.max_batch,
+                    Sampling.zeros(decoder.max_batch),
+                )
+            engine = ServeEngine(
+                decoder,
+                tokenizer.decode,
+                eos_id=getattr(tokenizer, "eos_id", None),
+                gate=self.gate,
+                lock=self.device_thread_lock,
+            )
+            return engine, time.perf_counter() - started
+
+        try:
+            engine, compile_s = await asyncio.to_thread(build)
+        except ValueError as e:
+            self._engines.pop(request.job_id, None)
+            raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except BaseException:
+            self._engines.pop(request.job_id, None)
+            raise
+        if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
+            engine.stop("the service was stopped while loading")
+            raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
+        self._engines[request.job_id] = engine
+        logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)
+        return worker_pb2.StartServeReply(
+            job_id=request.job_id,
+            kv_cache_bytes=SlotDecoder.kv_bytes(
+                engine.decoder.cfg, engine.max_batch, engine.max_seq_len
+            ),
+            compile_s=compile_s,
+        )
+
+    async def StopServe(self, request: worker_pb2.StopServeRequest, context) -> Any:
+        check_job_id(request.job_id)
+        reason = request.reason or "the service stopped"
+        engine = await asyncio.to_thread(self._stop_engine, request.job_id, reason)
+        stats = engine.stats if engine is not None else None
+        return worker_pb2.StopServeReply(
+            job_id=request.job_id,
+            requests=stats.requests if stats else 0,
+            tokens=stats.tokens if stats else 0,
+        )
+
+    async def Generate(self, request: worker_pb2.GenerateRequest, context) -> Any:
+        check_job_id(request.job_id)
+        engine = self._engines.get(request.job_id)
+        if engine is LOADING:
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION, f"job {request.job_id!r} is loading."
+            )
+        if engine is None:
+            self._job(request.job_id)  # NOT_FOUND when not loaded here
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION, f"job {request.job_id!r} is not serving."
+            )
+        tokenizer = self._job(request.job_id).runtime.dataset.tokenizer
+        if not request.prompt:
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty; give some text to continue."
+            )
+        if not 0 <= request.temperature <= 10:
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"temperature={request.temperature} must be in [0, 10].",
+            )
+        if not 0 <= request.top_p <= 1:
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT, f"top_p={request.top_p} must be in [0, 1]."
+            )
+        out = _ToLoop(asyncio.get_running_loop())
+        req = Request(
+            prompt_ids=tokenizer.encode(request.prompt),
+            max_tokens=int(request.max_tokens),
+            temperature=float(request.temperature),
+            top_k=int(request.top_k),
+            top_p=float(request.top_p),
+            seed=int(request.seed),
+            stop=tuple(s for s in request.stop if s),
+            events=out,
+        )
+        try:
+            engine.submit(req)
+        except ServeError as e:
+            raise RpcRejection(getattr(grpc.StatusCode, e.code), str(e)) from None
+        try:
+            while True:
+                ev = await out.queue.get()
+                if ev[0] == "token":
+                    yield worker_pb2.GenerateReply(text=ev[2], token=ev[1])
+                elif ev[0] == "end":
+                    n = len(req.tokens)
+                    now = time.perf_counter()
+                    ttft = (req.first_token_at - req.submitted) * 1e3
+                    per = (now - req.first_token_at) * 1e3 / max(1, n - 1)
+                    yield worker_pb2.GenerateReply(
+                        done=True,
+                        token=-1,
+                        finish_reason=ev[1],
+                        tokens=n,
+                        prompt_tokens=len(req.prompt_ids),
+                        ttft_ms=ttft,
+                        ms_per_token=per,
+                    )
+                    return
+                else:
+                    raise RpcRejection(getattr(grpc.StatusCode, ev[1]), ev[2])
+        finally:
+            req.cancel()  # a client that went away frees its slot at the next step
