@@ -22,7 +22,8 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 6: RunSlice: a slice of steps streamed back step by step (ExecutionEntry's
 #    received_unix_ns).
 # 7: SkipSeq when_due/count: a cancelled slice's numbers skipped as their turns come.
-WORKER_WIRE_VERSION = 7
+# 8: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
+WORKER_WIRE_VERSION = 8
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,154 @@
+"""Peer restore's state transfer (workers/peer_restore.py) over real loopback gRPC: state
+larger than one gRPC message, resharded onto another host count, and a survivor that dies
+mid-transfer. The hosts of a two-host island are simulated in this process by serving each
+the shards of its own device (the test process has four CPU devices)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from pathways_lite.v1 import worker_pb2_grpc
+from pathways_lite.workers import rpc
+from pathways_lite.workers.exchange import MAX_MESSAGE_BYTES
+from pathways_lite.workers.exchange_service import SERVICE_NAME, ExchangeServicer
+from pathways_lite.workers.peer_restore import (
+    PeerRestoreError,
+    assemble,
+    fetch_state,
+    state_pieces,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+JOB = "peer-job"
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def make_state(devices):
+    """A state of 72 MiB on a 2-device mesh: a sharded matrix, a replicated vector, a
+    scalar, as a job's params and optimizer state are."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("model",))
+    rng = np.random.default_rng(0)
+    values = [
+        rng.standard_normal((4096, 4608), dtype=np.float32),  # 72 MiB, split over the mesh
+        rng.standard_normal((1000,), dtype=np.float32),  # replicated on both devices
+        np.array(7, np.int32),  # the optimizer's step count
+    ]
+    specs = [PartitionSpec("model", None), PartitionSpec(), PartitionSpec()]
+    return [
+        jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(values, specs, strict=True)
+    ], values
+
+
+class Survivor:
+    """One survivor host: an ExchangeService serving `leaves` (the shards on `devices`)."""
+
+    def __init__(self, leaves, devices=None, die_mid_transfer=False) -> None:
+        self.servicer = ExchangeServicer(lambda job_id: None)
+        self.servicer.state_source = self._source
+        self.leaves, self.devices, self.die = leaves, devices, die_mid_transfer
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    async def _source(self, request):
+        if self.die:  # the host goes away while its stream is being written
+            asyncio.get_running_loop().call_later(0.01, self.task.cancel)
+        return state_pieces(self.leaves, request, self.devices), len(self.leaves)
+
+    async def start(self) -> str:
+        port = asyncio.get_running_loop().create_future()
+        self.task = asyncio.ensure_future(
+            rpc.serve(
+                "survivor",
+                {SERVICE_NAME: self.servicer.add_to_server},
+                "127.0.0.1",
+                0,
+                options=OPTIONS,
+                started=port.set_result,
+                stop=self.stop,
+                grace_s=0.0,
+            )
+        )
+        return f"127.0.0.1:{await port}"
+
+    async def close(self) -> None:
+        self.stop.set()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+
+def like_on(leaves, devices):
+    """(shape, dtype, sharding) of `leaves` on a mesh of the same shape over `devices`."""
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.array(devices), ("model",))
+    return [
+        (tuple(x.shape), np.dtype(x.dtype), NamedSharding(mesh, x.sharding.spec)) for x in leaves
+    ]
+
+
+async def restore(survivors, like, chunk_bytes=0):
+    addresses = [await s.start() for s in survivors]
+    channels = [grpc.aio.insecure_channel(a, options=OPTIONS) for a in addresses]
+    try:
+        stubs = [worker_pb2_grpc.ExchangeServiceStub(c) for c in channels]
+        return await fetch_state(stubs, JOB, 7, like, chunk_bytes=chunk_bytes)
+    finally:
+        for c in channels:
+            await c.close()
+        for s in survivors:
+            await s.close()
+
+
+def test_a_state_larger_than_a_grpc_message_moves_between_hosts_bitwise():
+    import jax
+
+    devices = jax.devices()
+    leaves, values = make_state(devices[:2])
+    assert sum(v.nbytes for v in values) > MAX_MESSAGE_BYTES
+    like = like_on(leaves, devices[2:4])
+    fetched = asyncio.run(restore([Survivor(leaves)], like))
+    assert fetched.bytes >= sum(v.nbytes for v in values)
+    restored = assemble(fetched, like)
+    for got, want, (_, _, sharding) in zip(restored, values, like, strict=True):
+        assert got.sharding == sharding
+        assert np.array_equal(np.asarray(got), want)
+
+
+def test_the_state_of_a_two_host_island_is_resharded_onto_one_host_of_the_same_mesh():
+    import jax
+
+    devices = jax.devices()
+    leaves, values = make_state(devices[:2])
+    # Host 0 of the survivor holds device 0's shards, host 1 device 1's; the new island's
+    # single host needs both halves (same mesh shape, other host count).
+    hosts = [Survivor(leaves, {devices[0]}), Survivor(leaves, {devices[1]})]
+    like = like_on(leaves, devices[2:4])
+    fetched = asyncio.run(restore(hosts, like, chunk_bytes=1 << 20))
+    for got, want in zip(assemble(fetched, like), values, strict=True):
+        assert np.array_equal(np.asarray(got), want)
+    # Nothing was sent twice but the replicated leaves, which each host holds whole.
+    assert fetched.bytes < sum(v.nbytes for v in values) + 2 * values[1].nbytes + 64
+
+
+def test_a_survivor_dying_mid_transfer_fails_the_restore_with_the_reason():
+    import jax
+
+    devices = jax.devices()
+    leaves, _ = make_state(devices[:2])
+    with pytest.raises(PeerRestoreError, match="FetchState of job 'peer-job'"):
+        asyncio.run(
+            restore([Survivor(leaves, die_mid_transfer=True)], like_on(leaves, devices[2:4]))
+        )
