@@ -27,6 +27,7 @@ from .dispatch import DEFAULT_SLICE_S, DEFAULT_WINDOW, Dispatcher
 from .islands import DeathWatch, Island
 from .jobs import Collaborators, JobRunner, Reporter
 from .options import format_size
+from .peer_recovery import PeerRecovery
 from .recovery import Recovery
 from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
@@ -136,6 +137,7 @@ class Controller:
             measure_peak=self.views.measure_peak,
             wake=self.wake,
             memory=self.memory,
+            peers=PeerRecovery(store, self.dispatcher),
         )
         self.sampler = Sampler(
             store,

@@ -35,6 +35,7 @@ from .dispatch import Dispatcher, DispatchError, StepReport
 from .evaluation import evaluate_job
 from .islands import Island, call_all
 from .options import format_size
+from .peer_recovery import PeerRecovery
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
@@ -296,6 +297,8 @@ class Collaborators:
     wake: Callable[[], None]
     # Measured bytes per device by (model, mesh, batch), shared with admission.
     memory: MemoryFigures = dataclasses.field(default_factory=MemoryFigures)
+    # Recovers a data-parallel job from its surviving islands (set by the controller).
+    peers: PeerRecovery | None = None
 
 
 class JobRunner:
@@ -428,7 +431,19 @@ class JobRunner:
                 await self._end_eval_job(islands)
                 loaded = False
                 return
-            completed = await self._step_until_done(program)
+            while True:
+                try:
+                    completed = await self._step_until_done(program)
+                    break
+                except DispatchError as e:
+                    # A data-parallel job whose island died continues from a survivor's
+                    # state with no step lost (controller/peer_recovery.py); else roll back.
+                    attempt = None
+                    if not self.cancel_requested and p.peers is not None:
+                        attempt = await p.peers.recover(job_id, self._attempt, islands, e)
+                    if attempt is None:
+                        raise
+                    self._attempt, program = attempt, attempt.program
             step = program.start_step + completed
             if self._evals:
                 await asyncio.gather(*self._evals, return_exceptions=True)
