@@ -78,6 +78,13 @@ class PeerRecovery:
         survivors = [island for island in islands if island.id not in dead]
         if not survivors:
             return None
+        message = getattr(error, "message", None) or str(error)
+        self.store.add_event(
+            job_id,
+            "failure",
+            f"infrastructure failure (peer recovery from {', '.join(i.id for i in survivors)}): "
+            f"{message[:1000]}" + (f" Island(s) {', '.join(sorted(dead))} lost." if dead else ""),
+        )
         for island in islands:
             if island.id not in dead:
                 continue
@@ -90,6 +97,7 @@ class PeerRecovery:
                     "island %s could not be restarted for peer recovery: %s", island.id, e
                 )
                 return None
+            self.store.add_event(job_id, "island", f"Island {island.id} restarted.")
         restarted_s = time.monotonic() - started
         generation = self.store.bump_generation(job_id)
         self.store.truncate_metrics(job_id, resume)
@@ -97,8 +105,12 @@ class PeerRecovery:
             program, generation=generation, start_step=resume, restore_from=""
         )
         try:
+            t_load = time.monotonic()
             replies = await self._load(program, islands, dead, survivors[0], resume)
+            t_digest = time.monotonic()
             await self._check_digests(job_id, islands, resume)
+            digest_s = time.monotonic() - t_digest
+            load_s = t_digest - t_load
         except (grpc.aio.AioRpcError, PeerRecoveryError) as e:
             detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             logger.warning("job %s: peer recovery failed, rolling back: %s", job_id, detail)
@@ -122,8 +134,9 @@ class PeerRecovery:
                 if dead
                 else ""
             )
-            + f"; no step runs again ({time.monotonic() - started:.2f} s, "
-            f"{restarted_s:.2f} s of them restarting islands).",
+            + f"; no step runs again ({time.monotonic() - started:.2f} s: restart "
+            f"{restarted_s:.2f} s, load {load_s:.2f} s (compile "
+            f"{max(r.compile_s for r in replies):.2f} s), digests {digest_s:.2f} s).",
         )
         logger.warning(
             "job %s peer-recovered at step %d (generation %d) in %.2f s",

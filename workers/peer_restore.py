@@ -155,15 +155,28 @@ def state_chunks(
 
 @dataclasses.dataclass
 class _Target:
-    """One wanted box of one leaf: its values and which elements arrived."""
+    """One wanted box of one leaf: its values and which elements arrived (`whole`: the box
+    came as one piece; else a mask of the elements the pieces covered)."""
 
     box: Box
     values: np.ndarray
-    have: np.ndarray  # bool, same shape
+    whole: bool = False
+    have: np.ndarray | None = None
 
     @property
     def done(self) -> bool:
-        return bool(self.have.all())
+        return self.whole or (self.have is not None and bool(self.have.all()))
+
+    def put(self, box: Box, values: np.ndarray) -> None:
+        """Copy a piece's values into the box (the part of it inside)."""
+        part = _intersect(box, self.box)
+        if part is None:
+            return
+        at = _local(part, self.box)
+        self.values[at] = values[_local(part, box)]
+        if self.have is None:
+            self.have = np.zeros(self.values.shape, bool)
+        self.have[at] = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +216,7 @@ async def fetch_state(
         row = []
         for box in wanted_boxes(shape, sharding):
             dims = tuple(hi - lo for lo, hi in box)
-            row.append(_Target(box, np.empty(dims, dtype), np.zeros(dims, bool)))
+            row.append(_Target(box, np.empty(dims, dtype)))
         targets.append(row)
     by_box = [{t.box: t for t in row} for row in targets]
     received = 0
@@ -221,31 +234,38 @@ async def fetch_state(
             stream: AsyncIterator[worker_pb2.StateChunk] = stub.FetchState(
                 request, timeout=timeout_s, metadata=metadata
             )
-            piece: bytearray | None = None
+            # The piece being received: written straight into its target when it is one
+            # whole wanted box (host counts equal), else gathered and then spread.
+            piece: np.ndarray | None = None
+            exact: _Target | None = None
             async for chunk in stream:
                 if chunk.num_leaves != len(like):
                     raise PeerRestoreError(
                         f"the survivor's state has {chunk.num_leaves} leaves, this host's "
                         f"{len(like)}: not the same job."
                     )
-                if chunk.offset == 0:
-                    piece = bytearray(chunk.piece_bytes)
-                assert piece is not None
-                piece[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
-                received += len(chunk.data)
-                if chunk.offset + len(chunk.data) < chunk.piece_bytes:
-                    continue
                 box = tuple(zip(chunk.box.start, chunk.box.stop, strict=True))
-                dims = tuple(hi - lo for lo, hi in box)
-                values = np.frombuffer(piece, dtype=np.dtype(chunk.dtype)).reshape(dims)
-                for target in by_box[chunk.box.leaf].values():
-                    part = _intersect(box, target.box)
-                    if part is None:
-                        continue
-                    at = _local(part, target.box)
-                    target.values[at] = values[_local(part, box)]
-                    target.have[at] = True
-                piece = None
+                if chunk.offset == 0:
+                    exact = by_box[chunk.box.leaf].get(box)
+                    if exact is not None and exact.values.nbytes == chunk.piece_bytes:
+                        piece = exact.values.reshape(-1).view(np.uint8)
+                    else:
+                        exact, piece = None, np.empty(chunk.piece_bytes, np.uint8)
+                assert piece is not None
+                size = len(chunk.data)
+                piece[chunk.offset : chunk.offset + size] = np.frombuffer(chunk.data, np.uint8)
+                received += size
+                if chunk.offset + size < chunk.piece_bytes:
+                    continue
+                if exact is not None:
+                    exact.whole = True
+                else:
+                    dims = tuple(hi - lo for lo, hi in box)
+                    values = piece.view(np.dtype(chunk.dtype)).reshape(dims)
+                    for target in by_box[chunk.box.leaf].values():
+                        if not target.whole:
+                            target.put(box, values)
+                piece, exact = None, None
         except grpc.aio.AioRpcError as e:
             raise PeerRestoreError(
                 f"FetchState of job {job_id!r} from a survivor failed: {e.code().name} "
