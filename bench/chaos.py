@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 killed_us = time.time_ns() // 1000
                 what = f"island {target} host 0"
             restore = wait_for(lambda t=killed_us: restore_after(store, job, t), 600, "a restore")
-            step = wait_for(lambda t=killed_us: first_step_after(store, job, t), 600, "a step")
+            # The first step completed after the restore (steps finished before the kill may
+            # be recorded after it).
+            step = wait_for(
+                lambda t=restore.time_us: first_step_after(store, job, t), 600, "a step"
+            )
             record = {
                 "what": what,
                 "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),

@@ -406,7 +406,14 @@ class JobRunner:
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)
             # From the newest readable committed checkpoint (or the seed), new generation.
-            self._attempt, replies = await p.recovery.load(program, islands)
+            adopted = None
+            if p.peers is not None:  # after a controller restart: the hosts' own state
+                job_dir = p.recovery.job_dir(job_id)
+                adopted = await p.peers.adopt(program, islands, job_dir, self._step_done)
+            if adopted is None:
+                self._attempt, replies = await p.recovery.load(program, islands)
+            else:
+                self._attempt, replies = adopted
             program = self._attempt.program
             loaded = self.loaded = True
             # The compiled step's own memory analysis (what the job holds at the peak of its

@@ -25,14 +25,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .dispatch import LOAD_TIMEOUT_S, Dispatcher
+from .dispatch import LOAD_TIMEOUT_S, Dispatcher, HostStep, StepReport
 from .islands import Island, call_all, dead_islands
 from .program import HostLoad
 from .recovery import Attempt, FailureClass, classify
@@ -41,6 +41,35 @@ from .store import JobStore
 logger = logging.getLogger(__name__)
 
 DIGEST_TIMEOUT_S = 60.0
+# A restarted controller records at most this many steps from the hosts' replies (the hosts
+# keep their last 1024).
+MAX_REPLAYED_STEPS = 1000
+NO_SEQ = 1 << 62
+
+
+def _report(
+    program: Any, islands: Sequence[Island], step: int, replies: Sequence[Any]
+) -> StepReport:
+    """The StepReport of a step from its hosts' (replayed) replies, as the dispatcher builds
+    it: island order, host order; the mean of the islands' losses."""
+    hosts, index = [], 0
+    for island in islands:
+        for host_index in range(len(island.hosts)):
+            hosts.append(HostStep(island.id, host_index, replies[index]))
+            index += 1
+    losses = [h.reply.loss for h in hosts if h.host_index == 0]
+    start_ns = min(h.reply.timings.start_unix_ns for h in hosts)
+    end_ns = max(h.reply.timings.end_unix_ns for h in hosts)
+    step_time_s = max(end_ns - start_ns, 1) / 1e9
+    return StepReport(
+        step=step,
+        loss=sum(losses) / len(losses),
+        tokens_per_s=program.tokens_per_step / step_time_s,
+        step_time_s=step_time_s,
+        hosts=tuple(hosts),
+        checkpoints_committed=tuple(hosts[0].reply.checkpoints_committed),
+        loss_stats=tuple(hosts[0].reply.loss_stats),
+    )
 
 
 class PeerRecovery:
@@ -56,6 +85,8 @@ class PeerRecovery:
         self.dispatcher = dispatcher
         # job -> the step its last peer recovery resumed at (progress guard).
         self._resumed_at: dict[str, int] = {}
+        # job -> (generation loaded on its hosts, steps recorded) after a controller restart.
+        self.adoptable: dict[str, tuple[int, int]] = {}
 
     async def recover(
         self, job_id: str, attempt: Attempt | None, islands: Sequence[Island], error: Any
@@ -211,6 +242,87 @@ class PeerRecovery:
 
     def forget(self, job_id: str) -> None:
         self._resumed_at.pop(job_id, None)
+        self.adoptable.pop(job_id, None)
+
+    # ---- a restarted controller adopts the islands' resident state -----------------------
+
+    def remember(self, job_id: str, generation: int, recorded: int) -> None:
+        """A job the previous controller left running: loaded on its hosts in `generation`,
+        `recorded` steps in the store. Its runner tries `adopt` before a checkpoint."""
+        self.adoptable[job_id] = (generation, recorded)
+
+    async def adopt(
+        self,
+        program: Any,
+        islands: Sequence[Island],
+        checkpoint_dir: str,
+        on_step: Callable[[StepReport], Any],
+    ) -> tuple[Attempt, list[worker_pb2.LoadJobReply]] | None:
+        """Continue a job a dead controller left running from the state its hosts still hold
+        (the hosts outlive a controller): nothing is rolled back.
+
+        The hosts ran past the recorded steps (slices in flight, metrics not yet written):
+        their recorded replies of those steps (RunStep is idempotent on (generation, step):
+        a replay runs nothing) are recorded through `on_step`, then every host takes the new
+        generation with its state (keep_state) and the digests are compared. None when the
+        hosts do not hold the job as it was (the caller restores the checkpoint).
+        """
+        job_id = program.job_id
+        hint = self.adoptable.pop(job_id, None)
+        if hint is None or program.mixture is not None:
+            return None
+        old_generation, recorded = hint
+        started = time.monotonic()
+        # A step the dead controller sent to some islands only waits on the others: release.
+        await self.dispatcher.abort(job_id, old_generation, islands, "the controller restarted")
+        try:
+            digests = await call_all(
+                islands,
+                "ParamDigest",
+                worker_pb2.ParamDigestRequest(job_id=job_id),
+                timeout=DIGEST_TIMEOUT_S,
+            )
+            applied = {r.steps_applied for r in digests}
+            if len({r.sha256 for r in digests}) != 1 or len(applied) != 1:
+                raise PeerRecoveryError(f"the hosts hold different states ({sorted(applied)}).")
+            (held,) = applied
+            if not recorded <= held <= recorded + MAX_REPLAYED_STEPS:
+                raise PeerRecoveryError(f"the hosts hold {held} steps, {recorded} are recorded.")
+            for step in range(recorded, held):
+                replies = await call_all(
+                    islands,
+                    "RunStep",
+                    worker_pb2.RunStepRequest(
+                        job_id=job_id,
+                        generation=old_generation,
+                        step=step,
+                        # A replay takes no number; a step not recorded is refused, never run.
+                        island_seq=NO_SEQ,
+                        epoch=self.dispatcher.epoch,
+                    ),
+                    timeout=DIGEST_TIMEOUT_S,
+                )
+                if not all(r.replayed for r in replies):
+                    raise PeerRecoveryError(f"step {step} was not replayed.")
+                on_step(_report(program, islands, step, replies))
+            program = dataclasses.replace(
+                program, start_step=held, restore_from="", checkpoint_dir=checkpoint_dir
+            )
+            replies = await self._load(program, islands, set(), islands[0], held)
+            await self._check_digests(job_id, islands, held)
+        except (grpc.aio.AioRpcError, PeerRecoveryError) as e:
+            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            logger.warning("job %s: its hosts' state is not adopted: %s", job_id, detail)
+            return None
+        self.store.add_event(
+            job_id,
+            "restore",
+            f"Resumed at step {held} from the state its islands kept after the controller "
+            f"restart as generation {program.generation} ({held - recorded} steps run before "
+            f"the restart recorded from the hosts; {time.monotonic() - started:.2f} s); no "
+            "step runs again.",
+        )
+        return Attempt(program, None), replies
 
 
 class PeerRecoveryError(RuntimeError):

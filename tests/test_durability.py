@@ -8,9 +8,10 @@ CPU devices), `duo` (2 hosts x 1 device: one JAX runtime over two processes) and
    of duo mid-training: V and D roll back to their last committed checkpoint on restarted
    islands and complete; S keeps stepping meanwhile;
 2. the same V and D specs again, uninterrupted (the bitwise reference);
-3. jobs on a + b and on duo; SIGKILL the controller mid-training, corrupt V's newest
-   checkpoint, start a new controller on the same state dir: it takes a new epoch, re-attaches
-   to the live hosts, skips the corrupt checkpoint and completes every job;
+3. jobs on a + b and on duo; SIGKILL the controller mid-training and a host of a, corrupt
+   V's newest checkpoint, start a new controller on the same state dir: it takes a new
+   epoch, re-attaches to the live hosts, continues D from the state duo kept (no step run
+   again), skips V's corrupt checkpoint and completes every job;
 4. a job whose learning rate makes the loss NaN fails at once with the reason, no retry.
 
 The restore onto another layout (2 islands x 2 devices -> 1 island x 4) uses island hosts
@@ -130,9 +131,14 @@ def story():
             180,
             "two checkpoints of v2",
         )
+        v2_island = list(client.get(v2).islands)[0]
+        v2_host = host_pid(client, v2_island, 0)
         client.close()
         os.kill(cluster.controller_pid, signal.SIGKILL)
         out["controller_killed_at"] = time.time()
+        # V2 also loses a host while no controller runs: its state is not whole on its
+        # islands any more, so it restores its checkpoint; D2's hosts keep D2's state.
+        os.kill(v2_host, signal.SIGKILL)
         latest = store.latest_checkpoint(v2)
         # Corrupt the newest committed checkpoint: every array file inside is truncated.
         for path in Path(latest.path).rglob("*"):
@@ -233,6 +239,13 @@ def test_a_restarted_controller_resumes_every_job_and_skips_a_corrupt_checkpoint
     assert states[(corrupted.generation, corrupted.step)] == CheckpointState.CORRUPT
     (restore,) = _restore_events(store, v2)
     assert f"step {corrupted.step - EVERY} " in restore.message, restore.message
+    # D2's islands kept its state through the controller's death: no step ran again.
+    (restore,) = _restore_events(store, d2)
+    assert "the state its islands kept after the controller restart" in restore.message
+    assert all(
+        m.time_us < restore.time_us or m.step >= int(restore.message.split("step ")[1].split()[0])
+        for m in store.metrics(d2)
+    )
     # The resumed run is bitwise the uninterrupted one.
     v_ref, d_ref = story["ids_2"]
     assert store.losses(v2) == store.losses(v_ref)

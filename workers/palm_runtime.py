@@ -272,13 +272,15 @@ class PalmRuntime(JobRuntime):
         self._compiled = (fns, grad_exec, apply_exec, report)
         return report
 
-    def load(self, *, dry_run: bool) -> MemoryReport:
+    def load(self, *, dry_run: bool, state: Any = None) -> MemoryReport:
+        """Compile, then hold the seed's state (or `state`: a peer's, workers/peer_restore.py)."""
         report = self.compile()
         if dry_run:
             return report
         fns, grad_exec, apply_exec, _ = self._compiled
         self.fns = fns
-        self._resident = _Resident(fns.init(self.spec.seed), grad_exec, apply_exec)
+        state = fns.init(self.spec.seed) if state is None else state
+        self._resident = _Resident(state, grad_exec, apply_exec)
         return report
 
     def place_batch(self, tokens_bt1: np.ndarray) -> Any:

@@ -309,17 +309,33 @@ def _tree(state: Any) -> tuple[list[Any], Any]:
     return jax.tree_util.tree_flatten((state.params, state.opt_state))
 
 
-def like_of(runtime: Any) -> list[tuple[tuple[int, ...], np.dtype, Any]]:
-    """(shape, dtype, sharding) of every state leaf of a loaded PaLM runtime."""
+def abstract_like(runtime: Any) -> tuple[list[tuple[tuple[int, ...], np.dtype, Any]], Any]:
+    """(shape, dtype, sharding) of every state leaf of a compiled, not yet loaded PaLM
+    runtime, and the state's treedef: what a restarted host fetches without first building
+    the seed's state."""
     import jax
 
-    leaves, _ = _tree(runtime._loaded().state)
-    return [
-        (tuple(leaf.shape), np.dtype(leaf.dtype), leaf.sharding)
-        if isinstance(leaf, jax.Array)
-        else (np.shape(leaf), np.asarray(leaf).dtype, None)
-        for leaf in leaves
+    fns = runtime._compiled[0]
+    abstract = jax.eval_shape(lambda: fns._init_impl(0))
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    shardings = jax.tree_util.tree_leaves((fns.param_shardings, fns.opt_shardings))
+    if len(shardings) != len(leaves):
+        raise PeerRestoreError(
+            f"the state has {len(leaves)} leaves but {len(shardings)} shardings."
+        )
+    like = [
+        (tuple(a.shape), np.dtype(a.dtype), sharding)
+        for a, sharding in zip(leaves, shardings, strict=True)
     ]
+    return like, treedef
+
+
+def train_state(leaves: list[Any], treedef: Any, steps_applied: int) -> Any:
+    """The TrainState of fetched leaves (abstract_like's treedef)."""
+    from pathways_lite.model.train import TrainState
+
+    params, opt_state = treedef.unflatten(leaves)
+    return TrainState(params=params, opt_state=opt_state, step=steps_applied)
 
 
 def keep_pre_step(state: Any) -> Any:
@@ -378,17 +394,3 @@ def rollback(runtime: Any, steps_applied: int) -> bool:
         "job %s: the interrupted step %d is rolled back", runtime.spec.job_id, steps_applied
     )
     return True
-
-
-def install(runtime: Any, leaves: list[Any], steps_applied: int) -> None:
-    """Replace a freshly loaded runtime's state by the fetched leaves (runtime thread)."""
-    resident = runtime._loaded()
-    old, treedef = _tree(resident.state)
-    params, opt_state = treedef.unflatten(leaves)
-    resident.state = dataclasses.replace(
-        resident.state, params=params, opt_state=opt_state, step=steps_applied
-    )
-    runtime.pre_step = None
-    for leaf in old:
-        if hasattr(leaf, "delete") and not leaf.is_deleted():
-            leaf.delete()

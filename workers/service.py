@@ -40,13 +40,13 @@ from .memory import job_memory, live_bytes_total, memory_proto
 from .ordering import StepOrder, StepRecords, same_load, slice_steps
 from .peer_restore import (
     PeerRestoreError,
+    abstract_like,
     assemble,
     fetch_state,
-    install,
-    like_of,
     rollback,
     served_leaves,
     state_pieces,
+    train_state,
 )
 from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
@@ -316,14 +316,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     await self._on_runtime_thread(existing.checkpoints.close)
                     await self._on_runtime_thread(existing.runtime.unload)
                     self._jobs.pop(spec.job_id, None)
+                extra = {}
+                if request.restore_peers and not request.dry_run:
+                    # The survivors' state, fetched before any is built here.
+                    extra["state"], peer_s, peer_bytes = await self._fetch_from_peers(
+                        runtime, request
+                    )
                 try:
-                    report = await self._on_runtime_thread(runtime.load, dry_run=request.dry_run)
+                    report = await self._on_runtime_thread(
+                        runtime.load, dry_run=request.dry_run, **extra
+                    )
                 finally:
                     if request.dry_run:
                         await self._on_runtime_thread(runtime.unload)
-                compile_s = time.perf_counter() - started
-                if request.restore_peers and not request.dry_run:
-                    peer_s, peer_bytes = await self._restore_from_peers(runtime, request)
+                compile_s = time.perf_counter() - started - peer_s
+                if request.restore_peers:
+                    pass  # loaded with the survivors' state
                 elif request.restore_from and not request.dry_run:
                     await self._on_runtime_thread(restore_job, runtime, request.restore_from)
                 elif request.init_from and not request.dry_run:
@@ -390,13 +398,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         )
         return reply
 
-    async def _restore_from_peers(
+    async def _fetch_from_peers(
         self, runtime: JobRuntime, request: worker_pb2.LoadJobRequest
-    ) -> tuple[float, int]:
-        """Replace a freshly loaded job's state by a surviving replica's (FetchState from the
-        hosts in `restore_peers`); (seconds, bytes). UNAVAILABLE when a survivor fails."""
+    ) -> tuple[Any, float, int]:
+        """A compiled job's state from a surviving replica (FetchState from the hosts in
+        `restore_peers`) on this host's mesh; (state, seconds, bytes). UNAVAILABLE when a
+        survivor fails."""
+        if not hasattr(runtime, "pre_step"):
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"restore_peers: job {request.job_id!r}'s runtime cannot load a peer's state.",
+            )
         try:
-            like = await self._on_runtime_thread(like_of, runtime)
+            like, treedef = await self._on_compile_thread(abstract_like, runtime)
             peers = self.exchange.peers
             fetched = await fetch_state(
                 [peers.stub(address) for address in request.restore_peers],
@@ -406,7 +420,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 metadata=peers.metadata(),
             )
             leaves = await self._on_runtime_thread(assemble, fetched, like)
-            await self._on_runtime_thread(install, runtime, leaves, request.resume_step)
         except PeerRestoreError as e:
             await self._on_runtime_thread(runtime.unload)
             raise RpcRejection(grpc.StatusCode.UNAVAILABLE, str(e)) from e
@@ -416,7 +429,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             fetched.bytes,
             fetched.seconds,
         )
-        return fetched.seconds, fetched.bytes
+        state = train_state(leaves, treedef, request.resume_step)
+        return state, fetched.seconds, fetched.bytes
 
     async def _state_pieces(self, request: worker_pb2.FetchStateRequest) -> tuple[list, int]:
         """What a FetchState streams: the parts of the wanted boxes this host holds."""
