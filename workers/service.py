@@ -162,6 +162,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_workers=1, thread_name_prefix="island-compile"
         )
         self._device_lock: asyncio.Lock | None = None
+        # One LoadJob of a job at a time (created on the serving loop).
+        self._load_locks: dict[str, asyncio.Lock] = {}
         # The tasks running RunSlice streams' steps.
         self._slices: set[asyncio.Future] = set()
         # Every executed step: (job, generation, step, island_seq, start, end, epoch).
@@ -240,7 +242,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def LoadJob(self, request: worker_pb2.LoadJobRequest, context) -> Any:
-        """Validate, check memory, compile; keep the job unless dry_run."""
+        """Validate, check memory, compile; keep the job unless dry_run.
+
+        Loads of one job run one at a time, in arrival order: a new generation waits for
+        one still loading (a dead controller's), so every host of a multi-host island runs
+        their collective programs in the same order.
+        """
+        if request.dry_run:
+            return await self._load_job(request)
+        lock = self._load_locks.setdefault(request.job_id, asyncio.Lock())
+        async with lock:
+            return await self._load_job(request)
+
+    async def _load_job(self, request: worker_pb2.LoadJobRequest) -> Any:
         spec = decode_load(request, self.metadata.island_device_count)
         self.order.check_epoch(request.epoch)
         existing = self._jobs.get(spec.job_id)
