@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             "island restarted": ((island or failure).time_us - killed_us) / 1e6,
             "loaded + restored": (restore.time_us - (island or failure).time_us) / 1e6,
             "next step": (step.time_us - killed_us) / 1e6,
-            "lost": done_before - restored_at,
+            # Negative: the job resumed past the steps recorded at the kill (peer restore).
+            "lost": max(0, done_before - restored_at),
         }
 
         # 2. The controller dies.
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             "serving": (serving_us - t0) / 1e6,
             "loaded + restored": (restore.time_us - (queued or restore).time_us) / 1e6,
             "next step": (step.time_us - t0) / 1e6,
-            "lost": done_before - restored_at,
+            # Negative: steps the hosts ran past the recorded ones, recorded from them.
+            "lost": max(0, done_before - restored_at),
         }
         client = ControllerClient(state_dir)
         final = client.wait(job, timeout_s=600)
