@@ -11,6 +11,7 @@ program.py          StepProgram and HostLoad: what a host loads and runs
 resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest builder, and
                     MemoryFigures (what jobs measured they hold, by model, mesh and batch)
 recovery.py         failure classes, retry budgets, checkpoint registry and rollback
+peer_recovery.py    a data-parallel job resumed from its surviving islands (no step lost)
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
 serve_router.py     kind: serve jobs' replicas and the Generate stream (least-loaded replica)
 mixture_weights.py  a mixture job's per-source weights (dynamic: from global losses), per step

@@ -27,6 +27,7 @@ from .dispatch import DEFAULT_SLICE_S, DEFAULT_WINDOW, Dispatcher
 from .islands import DeathWatch, Island
 from .jobs import Collaborators, JobRunner, Reporter
 from .options import format_size
+from .peer_recovery import PeerRecovery
 from .recovery import Recovery
 from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
@@ -139,6 +140,7 @@ class Controller:
             wake=self.wake,
             memory=self.memory,
             serving=self.serving,
+            peers=PeerRecovery(store, self.dispatcher),
         )
         self.sampler = Sampler(
             store,
@@ -222,7 +224,15 @@ class Controller:
         self.logs.loop = asyncio.get_running_loop()
         logging.getLogger("pathways_lite").addHandler(self.logs)
         for record in self.store.jobs_in_states([JobState.RUNNING]):
-            step = self.recovery.requeue(record.id)
+            peers = self._parts.peers
+            if peers is not None and spec_lib.job_kind(record.spec) == "train":
+                # Its hosts may still hold its state (controller/peer_recovery.py's adopt);
+                # if not, its load truncates the metrics to the checkpoint it restores.
+                step = self.store.steps_completed(record.id)
+                peers.remember(record.id, record.generation, step)
+                self.store.bump_generation(record.id)
+            else:
+                step = self.recovery.requeue(record.id)
             self.reporter.transition(
                 record.id,
                 JobState.QUEUED,

@@ -35,6 +35,7 @@ from .dispatch import Dispatcher, DispatchError, StepReport
 from .evaluation import evaluate_job
 from .islands import Island, call_all
 from .options import format_size
+from .peer_recovery import PeerRecovery
 from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
@@ -301,6 +302,8 @@ class Collaborators:
     memory: MemoryFigures = dataclasses.field(default_factory=MemoryFigures)
     # The serve jobs' replicas (kind: serve, issue 18).
     serving: ServeRouter | None = None
+    # Recovers a data-parallel job from its surviving islands (set by the controller).
+    peers: PeerRecovery | None = None
 
 
 class JobRunner:
@@ -413,7 +416,14 @@ class JobRunner:
             p.reporter.phase(job_id, "compiling")
             await asyncio.to_thread(p.measure_peak)
             # From the newest readable committed checkpoint (or the seed), new generation.
-            self._attempt, replies = await p.recovery.load(program, islands)
+            adopted = None
+            if p.peers is not None:  # after a controller restart: the hosts' own state
+                job_dir = p.recovery.job_dir(job_id)
+                adopted = await p.peers.adopt(program, islands, job_dir, self._step_done)
+            if adopted is None:
+                self._attempt, replies = await p.recovery.load(program, islands)
+            else:
+                self._attempt, replies = adopted
             program = self._attempt.program
             loaded = self.loaded = True
             # The compiled step's own memory analysis (what the job holds at the peak of its
@@ -441,7 +451,24 @@ class JobRunner:
             if spec_lib.job_kind(self.record.spec) == "serve":
                 await self._serve(islands)
                 return
-            completed = await self._step_until_done(program)
+            while True:
+                try:
+                    completed = await self._step_until_done(program)
+                    break
+                except DispatchError as e:
+                    # A data-parallel job whose island died continues from a survivor's
+                    # state with no step lost (controller/peer_recovery.py); else (a
+                    # pipeline job too: its islands hold different stages) roll back.
+                    attempt = None
+                    if (
+                        not self.cancel_requested
+                        and p.peers is not None
+                        and spec_lib.pipeline_settings(self.record.spec) is None
+                    ):
+                        attempt = await p.peers.recover(job_id, self._attempt, islands, e)
+                    if attempt is None:
+                        raise
+                    self._attempt, program = attempt, attempt.program
             step = program.start_step + completed
             if self._evals:
                 await asyncio.gather(*self._evals, return_exceptions=True)

@@ -7,6 +7,7 @@ serving.py          `serve` and BackgroundServer: the host's port (worker, excha
 requests.py         decoding LoadJob into an IslandJobSpec (INVALID_ARGUMENT naming the field)
 ordering.py         StepOrder: epochs, island_seq, idempotent RunStep replay
 checkpoint.py       orbax checkpoints and the policy (who writes, when, restore)
+peer_restore.py     a job's state host to host from a surviving replica (FetchState)
 memory.py           device memory diagnostics (compiled and live bytes)
 exchange.py         the gradient exchange algorithm between islands (client side, mailbox)
 exchange_service.py ExchangeService: the peers' endpoint on the same port

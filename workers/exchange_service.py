@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -23,8 +23,9 @@ from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
 from .auth import Credential
 from .exchange import ByteCounter, ExchangeAbortedError, JobExchange, Mailbox, Peers
+from .peer_restore import state_chunks
 from .rpc import RpcRejection, error_mapping
-from .runtime import IslandJobSpec, JobRuntime, JobSpecError
+from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError
 from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ _rpc = error_mapping(
     (
         (ExchangeAbortedError, grpc.StatusCode.ABORTED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (RuntimeUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     ),
     log=logger,
 )
@@ -63,6 +65,9 @@ class ExchangeServicer(worker_pb2_grpc.ExchangeServiceServicer):
         self.mailbox = Mailbox()
         self.peers = Peers(credential, tls)
         self.byte_counter = ByteCounter()
+        # Set by the worker service: (the pieces of a job's state a FetchState asks for,
+        # the state's leaf count), read on its runtime thread (workers/peer_restore.py).
+        self.state_source: Callable[[Any], Awaitable[tuple[list, int]]] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         worker_pb2_grpc.add_ExchangeServiceServicer_to_server(self, server)
@@ -88,6 +93,17 @@ class ExchangeServicer(worker_pb2_grpc.ExchangeServiceServicer):
             self.mailbox.deliver(chunk)  # ABORTED after an Abort, INVALID_ARGUMENT if misfit
             accepted += len(chunk.data)
         return worker_pb2.ExchangeGradientsReply(bytes=accepted)
+
+    @_rpc
+    async def FetchState(self, request: worker_pb2.FetchStateRequest, context) -> Any:
+        """Stream a restarted peer the parts of a job's state it asks for, in chunks."""
+        if self.state_source is None:
+            raise RpcRejection(
+                grpc.StatusCode.UNIMPLEMENTED, "this host serves no job state to its peers."
+            )
+        pieces, num_leaves = await self.state_source(request)
+        for chunk in state_chunks(pieces, num_leaves, request.chunk_bytes):
+            yield chunk
 
     def connect(self, runtime: JobRuntime, loop: asyncio.AbstractEventLoop) -> None:
         """Give the runtime of a job on several islands its exchange with the peers (without

@@ -27,7 +27,8 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 #    activations and gradients travel host to host on ExchangeGradients phases 20-23.
 # 10: StartServe/StopServe/Generate (kind: serve); a training step waits while the host's
 #    service decodes.
-WORKER_WIRE_VERSION = 10
+# 11: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
+WORKER_WIRE_VERSION = 11
 
 
 @dataclass(frozen=True)

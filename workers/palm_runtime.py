@@ -186,6 +186,8 @@ class PalmRuntime(JobRuntime):
         self._compiled: tuple[Any, Any, Any, MemoryReport] | None = None
         # While suspended: (treedef, [(host value, sharding)]) of the train state.
         self._suspended_state: Any = None
+        # The state before the last step, kept while the job spans islands (peer_restore.py).
+        self.pre_step: Any = None
 
     # ---- checks before anything is allocated ------------------------------------------
 
@@ -270,13 +272,15 @@ class PalmRuntime(JobRuntime):
         self._compiled = (fns, grad_exec, apply_exec, report)
         return report
 
-    def load(self, *, dry_run: bool) -> MemoryReport:
+    def load(self, *, dry_run: bool, state: Any = None) -> MemoryReport:
+        """Compile, then hold the seed's state (or `state`: a peer's, workers/peer_restore.py)."""
         report = self.compile()
         if dry_run:
             return report
         fns, grad_exec, apply_exec, _ = self._compiled
         self.fns = fns
-        self._resident = _Resident(fns.init(self.spec.seed), grad_exec, apply_exec)
+        state = fns.init(self.spec.seed) if state is None else state
+        self._resident = _Resident(state, grad_exec, apply_exec)
         return report
 
     def place_batch(self, tokens_bt1: np.ndarray) -> Any:
@@ -319,6 +323,7 @@ class PalmRuntime(JobRuntime):
         from pathways_lite.model.train import TrainState
 
         from .exchange import flat_shards, unflatten_shards
+        from .peer_restore import keep_pre_step
 
         if self.masked:
             return self._run_masked_step(step, weights)
@@ -340,6 +345,7 @@ class PalmRuntime(JobRuntime):
             sent = self.exchange.bytes_sent
             exchange_s = time.perf_counter() - t2
             grads = unflatten_shards(reduced, layout, grads)
+            self.pre_step = keep_pre_step(state)  # a step half applied is rolled back
         params, opt_state = resident.apply_exec(state.params, state.opt_state, grads)
         resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
         digest, compare_s = self._step_digest(step)
@@ -383,6 +389,7 @@ class PalmRuntime(JobRuntime):
         from pathways_lite.model.train import TrainState
 
         from .exchange import flat_shards, unflatten_shards
+        from .peer_restore import keep_pre_step
 
         resident = self._loaded()
         t0 = time.perf_counter()
@@ -402,6 +409,7 @@ class PalmRuntime(JobRuntime):
             exchange_s = time.perf_counter() - t2
             grads = unflatten_shards(reduced[: flat.size], layout, grads)
             stats_np = reduced[flat.size :]
+            self.pre_step = keep_pre_step(state)  # a step half applied is rolled back
         # Means over islands of sums: their ratio is the global sum / global count.
         count = max(float(stats_np[1]), 1e-30)
         params, opt_state = resident.apply_exec(
@@ -503,6 +511,7 @@ class PalmRuntime(JobRuntime):
         resident = self._loaded()
         if self.suspended:
             return self.host_bytes()
+        self.pre_step = None  # a suspended job is not rolled back
         state = resident.state
         # TrainState is a plain dataclass (not a pytree): flatten its arrays explicitly.
         leaves, treedef = jax.tree_util.tree_flatten((state.params, state.opt_state))
@@ -626,6 +635,7 @@ class PalmRuntime(JobRuntime):
 
         self._suspended_state = None
         self.suspended = False
+        self.pre_step = None
         if self._resident is not None and self._resident.state is not None:
             for leaf in jax.tree_util.tree_leaves(
                 (self._resident.state.params, self._resident.state.opt_state)

@@ -38,6 +38,16 @@ from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
 from .ordering import StepOrder, StepRecords, coalesced_replies, same_load, slice_steps
+from .peer_restore import (
+    PeerRestoreError,
+    abstract_like,
+    assemble,
+    fetch_state,
+    rollback,
+    served_leaves,
+    state_pieces,
+    train_state,
+)
 from .requests import check_job_id, decode_load
 from .rpc import RpcRejection
 from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailableError, StepResult
@@ -75,6 +85,18 @@ class _Job:
 async def _run_on(executor: concurrent.futures.Executor, fn: Callable[..., Any], *args, **kw):
     """Await `fn(*args, **kw)` run on `executor` (off the event loop)."""
     return await asyncio.get_running_loop().run_in_executor(executor, lambda: fn(*args, **kw))
+
+
+def _same_job(a: worker_pb2.LoadJobRequest, b: worker_pb2.LoadJobRequest) -> bool:
+    """Whether two loads are one job's, apart from what a new generation may change."""
+    a2, b2 = type(a)(), type(b)()
+    for src, dst in ((a, a2), (b, b2)):
+        dst.CopyFrom(src)
+        for name in ("generation", "epoch", "peers", "keep_state", "resume_step"):
+            dst.ClearField(name)
+        for name in ("restore_from", "restore_peers", "init_from"):
+            dst.ClearField(name)
+    return a2 == b2
 
 
 def _step_rejection(error: Exception, request: worker_pb2.RunStepRequest) -> RpcRejection:
@@ -130,6 +152,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         # The peers' endpoint: the mailbox of received gradient parts, the channels to the
         # peers, and the interceptor that counts received exchange bytes.
         self.exchange = ExchangeServicer(lambda job_id: self._job(job_id).spec, credential, tls)
+        self.exchange.state_source = self._state_pieces
         # One thread runs every JAX call that touches the devices (steps, state in and out),
         # so they never overlap; loading a job's data and compiling its step touch no device
         # state and run on a thread of their own, so the island's other jobs keep stepping.
@@ -141,6 +164,8 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         )
         self._device_lock: asyncio.Lock | None = None
         self._serving_init()
+        # One LoadJob of a job at a time (created on the serving loop).
+        self._load_locks: dict[str, asyncio.Lock] = {}
         # The tasks running RunSlice streams' steps.
         self._slices: set[asyncio.Future] = set()
         # Every executed step: (job, generation, step, island_seq, start, end, epoch).
@@ -220,7 +245,19 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def LoadJob(self, request: worker_pb2.LoadJobRequest, context) -> Any:
-        """Validate, check memory, compile; keep the job unless dry_run."""
+        """Validate, check memory, compile; keep the job unless dry_run.
+
+        Loads of one job run one at a time, in arrival order: a new generation waits for
+        one still loading (a dead controller's), so every host of a multi-host island runs
+        their collective programs in the same order.
+        """
+        if request.dry_run:
+            return await self._load_job(request)
+        lock = self._load_locks.setdefault(request.job_id, asyncio.Lock())
+        async with lock:
+            return await self._load_job(request)
+
+    async def _load_job(self, request: worker_pb2.LoadJobRequest) -> Any:
         spec = decode_load(request, self.metadata.island_device_count)
         self.order.check_epoch(request.epoch)
         existing = self._jobs.get(spec.job_id)
@@ -239,6 +276,8 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                     f"job {spec.job_id!r} generation {spec.generation} is already loaded with "
                     "a different spec; bump the generation to replace it.",
                 )
+        if request.keep_state and not request.dry_run:
+            return await self._keep_state(spec, request, existing)
 
         def prepare() -> tuple[JobRuntime, str, int]:
             # Opening (or preparing) the dataset and estimating memory can take seconds:
@@ -272,6 +311,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                 f"than this island's budget of {budget} bytes per device.",
             )
         started = time.perf_counter()
+        peer_s, peer_bytes = 0.0, 0
         # The compile touches no device state: the island's other jobs keep stepping.
         report = await self._on_compile_thread(runtime.compile)
         # Checked before anything is allocated: the compiled step's own figure, or the
@@ -298,13 +338,23 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                     await self._on_runtime_thread(existing.checkpoints.close)
                     await self._on_runtime_thread(existing.runtime.unload)
                     self._jobs.pop(spec.job_id, None)
+                extra = {}
+                if request.restore_peers and not request.dry_run:
+                    # The survivors' state, fetched before any is built here.
+                    extra["state"], peer_s, peer_bytes = await self._fetch_from_peers(
+                        runtime, request
+                    )
                 try:
-                    report = await self._on_runtime_thread(runtime.load, dry_run=request.dry_run)
+                    report = await self._on_runtime_thread(
+                        runtime.load, dry_run=request.dry_run, **extra
+                    )
                 finally:
                     if request.dry_run:
                         await self._on_runtime_thread(runtime.unload)
-                compile_s = time.perf_counter() - started
-                if request.restore_from and not request.dry_run:
+                compile_s = time.perf_counter() - started - peer_s
+                if request.restore_peers:
+                    pass  # loaded with the survivors' state
+                elif request.restore_from and not request.dry_run:
                     await self._on_runtime_thread(restore_job, runtime, request.restore_from)
                 elif request.init_from and not request.dry_run:
                     await self._on_runtime_thread(init_job, runtime, request.init_from)
@@ -317,12 +367,103 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             estimate_bytes_per_device=estimate,
             budget_bytes_per_device=budget,
             compile_s=compile_s,
+            peer_restore_s=peer_s,
+            peer_restore_bytes=peer_bytes,
         )
         if not request.dry_run:
             checkpoints = JobCheckpoints(runtime, request.checkpoint_dir)
             self._jobs[spec.job_id] = _Job(runtime, spec, request, reply, checkpoints)
             logger.info("loaded job %s generation %d", spec.job_id, spec.generation)
         return reply
+
+    async def _keep_state(
+        self, spec: IslandJobSpec, request: worker_pb2.LoadJobRequest, existing: _Job | None
+    ) -> worker_pb2.LoadJobReply:
+        """LoadJob with keep_state: a survivor of a peer's death takes the new generation and
+        peers with its state resident, rolled back to `resume_step` (peer_restore.py)."""
+        where = f"keep_state of job {spec.job_id!r} generation {spec.generation}"
+        if (
+            existing is None
+            or existing.runtime.suspended
+            or not hasattr(existing.runtime, "pre_step")
+        ):
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{where}: the job's state is not resident on this host.",
+            )
+        if not _same_job(existing.request, request):
+            raise RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{where}: the job is loaded here with a different spec.",
+            )
+        # Steps of the old generation may wait on the dead peer: release them first.
+        self.exchange.mailbox.abort(
+            spec.job_id, existing.spec.generation, f"generation {spec.generation} keeps the state"
+        )
+        async with self._lock:
+            runtime = existing.runtime
+            await self._on_runtime_thread(rollback, runtime, request.resume_step)
+            await self._on_runtime_thread(existing.checkpoints.close)
+            runtime.spec = spec
+            runtime.exchange = None
+            self.exchange.connect(runtime, asyncio.get_running_loop())
+            reply = worker_pb2.LoadJobReply()
+            reply.CopyFrom(existing.reply)
+            reply.compile_s = 0.0
+            checkpoints = JobCheckpoints(runtime, request.checkpoint_dir)
+            self._jobs[spec.job_id] = _Job(runtime, spec, request, reply, checkpoints)
+        logger.info(
+            "job %s generation %d keeps its state after %d steps",
+            spec.job_id,
+            spec.generation,
+            request.resume_step,
+        )
+        return reply
+
+    async def _fetch_from_peers(
+        self, runtime: JobRuntime, request: worker_pb2.LoadJobRequest
+    ) -> tuple[Any, float, int]:
+        """A compiled job's state from a surviving replica (FetchState from the hosts in
+        `restore_peers`) on this host's mesh; (state, seconds, bytes). UNAVAILABLE when a
+        survivor fails."""
+        if not hasattr(runtime, "pre_step"):
+            raise RpcRejection(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"restore_peers: job {request.job_id!r}'s runtime cannot load a peer's state.",
+            )
+        try:
+            like, treedef = await self._on_compile_thread(abstract_like, runtime)
+            peers = self.exchange.peers
+            fetched = await fetch_state(
+                [peers.stub(address) for address in request.restore_peers],
+                request.job_id,
+                request.resume_step,
+                like,
+                metadata=peers.metadata(),
+            )
+            leaves = await self._on_runtime_thread(assemble, fetched, like)
+        except PeerRestoreError as e:
+            await self._on_runtime_thread(runtime.unload)
+            raise RpcRejection(grpc.StatusCode.UNAVAILABLE, str(e)) from e
+        logger.info(
+            "job %s: %d bytes of state from its peers in %.2f s",
+            request.job_id,
+            fetched.bytes,
+            fetched.seconds,
+        )
+        state = train_state(leaves, treedef, request.resume_step)
+        return state, fetched.seconds, fetched.bytes
+
+    async def _state_pieces(self, request: worker_pb2.FetchStateRequest) -> tuple[list, int]:
+        """What a FetchState streams: the parts of the wanted boxes this host holds."""
+        job = self._job(request.job_id)
+
+        def read() -> tuple[list, int]:
+            leaves = served_leaves(job.runtime, request.steps_applied)
+            return state_pieces(leaves, request), len(leaves)
+
+        async with self._lock:
+            return await self._on_runtime_thread(read)
 
     @_rpc
     async def RunStep(self, request: worker_pb2.RunStepRequest, context) -> Any:

@@ -1,0 +1,217 @@
+"""Goodput under chaos: random SIGKILLs of island hosts (and once the controller) mid-training.
+
+A local cluster (Ray on loopback, islands a, b, c of 1 host x 2 CPU devices, the controller as
+its own process) first trains palm-tiny data parallel on `--islands` islands uninterrupted
+(the reference: its losses, and its solo step time), then runs the same job again while the
+island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a run repeats),
+and once, half way, the controller (killed and restarted on the same state dir; off with
+`--no-controller-kill`). The next kill comes only after the previous recovery's first
+completed step, `--interval-s` (mean; exponential gaps, at least 1 s) later.
+
+Measured per kill, from the job's metrics and events in the controller's database:
+`kill_to_next_step_s` (the SIGKILL to the end of the next completed step, everything
+included: detection, restart, compile, transfer), the steps lost (steps recorded when the
+host died minus the step the job resumed at; 0 with a peer restore), and whether the job
+resumed from a surviving replica or from its checkpoint. At the end: goodput (steps kept x
+the reference's solo step time / the chaos run's wall time from its first step to its
+last), losses bitwise those of the reference, every step's metrics exactly once.
+
+    .venv/bin/python bench/chaos.py [--islands 2] [--kills 20] [--interval-s 30] [--json]
+    .venv/bin/python bench/chaos.py --kills 3 --interval-s 4 --steps 400   # a short check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+os.environ.setdefault("PATHWAYS_LITE_CACHE", str(REPO / ".cache" / "pathways_lite"))
+
+SPEC = """
+name: {name}
+model: {{preset: palm-tiny}}
+islands: {islands}
+devices_per_island: 2
+mesh: {{data: 2, model: 1}}
+train: {{steps: {steps}, global_batch: {batch}, seq_len: 64, seed: 0, checkpoint_every: {every}}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+"""
+
+
+def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def restore_after(store, job_id: str, after_us: int):
+    """The job's first restore (or resume from step 0) event after `after_us`."""
+    return next(
+        (
+            e
+            for e in store.events(job_id)
+            if e.kind in ("restore", "resume") and e.time_us >= after_us
+        ),
+        None,
+    )
+
+
+def first_step_after(store, job_id: str, after_us: int):
+    return next((m for m in store.metrics(job_id) if m.time_us > after_us), None)
+
+
+def resumed_at(event) -> int:
+    """The step a restore event resumed at ("resume" events: step 0)."""
+    if event.kind == "resume":
+        return 0
+    return int(event.message.split("step ")[1].split()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--islands", type=int, default=2, choices=(2, 3))
+    p.add_argument("--kills", type=int, default=20, help="island host kills")
+    p.add_argument("--interval-s", type=float, default=30.0, help="mean seconds between kills")
+    p.add_argument("--steps", type=int, default=0, help="job steps (0: enough for the kills)")
+    p.add_argument("--every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-controller-kill", action="store_true")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    from pathways_lite.client import ControllerClient, state_name
+    from pathways_lite.controller.store import DB_NAME, JobStore
+    from pathways_lite.local import LocalCluster
+    from pathways_lite.spec import load_spec_text
+
+    rng = random.Random(args.seed)
+    batch = 2 * args.islands
+    state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
+    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2", "c:1:2"])
+    kills: list[dict] = []
+    controller: dict = {}
+    try:
+        cluster.start()
+        store = JobStore(state_dir / DB_NAME)
+        client = ControllerClient(state_dir)
+
+        def spec(name: str, steps: int) -> object:
+            text = SPEC.format(
+                name=name, islands=args.islands, steps=steps, batch=batch, every=args.every
+            )
+            return load_spec_text(text)
+
+        # The reference: uninterrupted, a short run for the solo step time, then the losses.
+        probe = client.submit(spec("chaos-probe", 200)).id
+        client.wait(probe, timeout_s=600)
+        rows = store.metrics(probe)[20:]
+        solo_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
+        steps = args.steps or int(
+            (args.kills + 2) * (args.interval_s + 10) / max(solo_step_s, 1e-3)
+        )
+        ref = client.submit(spec("chaos-ref", steps)).id
+        ref_final = client.wait(ref, timeout_s=3600)
+        assert state_name(ref_final.state) == "succeeded", ref_final.message
+
+        job = client.submit(spec("chaos", steps)).id
+        islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
+        wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
+        controller_kill_at = None if args.no_controller_kill else max(1, args.kills // 2)
+        for n in range(args.kills + (controller_kill_at is not None)):
+            gap = max(1.0, rng.expovariate(1.0 / args.interval_s))
+            target = rng.choice(islands)
+            time.sleep(gap)
+            if store.steps_completed(job) >= steps - 2:
+                break
+            done_before = store.steps_completed(job)
+            if controller_kill_at is not None and n == controller_kill_at:
+                client.close()
+                os.kill(cluster.controller_pid, signal.SIGKILL)
+                killed_us = time.time_ns() // 1000
+                cluster.restart_controller()
+                client = ControllerClient(state_dir)
+                what = "controller"
+            else:
+                pid = next(int(i.hosts[0].pid) for i in client.islands() if i.id == target)
+                os.kill(pid, signal.SIGKILL)
+                killed_us = time.time_ns() // 1000
+                what = f"island {target} host 0"
+            restore = wait_for(lambda t=killed_us: restore_after(store, job, t), 600, "a restore")
+            # The first step completed after the restore (steps finished before the kill may
+            # be recorded after it).
+            step = wait_for(
+                lambda t=restore.time_us: first_step_after(store, job, t), 600, "a step"
+            )
+            record = {
+                "what": what,
+                "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),
+                "steps_lost": max(0, done_before - resumed_at(restore)),
+                "from": "replica" if "surviving island" in restore.message else "checkpoint",
+                "restore": restore.message,
+            }
+            if what == "controller":
+                controller = record
+            else:
+                kills.append(record)
+            if not args.json:
+                print(
+                    f"{what:<20} next step after {record['kill_to_next_step_s']:6.2f} s, "
+                    f"{record['steps_lost']} lost, from {record['from']}",
+                    flush=True,
+                )
+        final = client.wait(job, timeout_s=3600)
+        metrics = store.metrics(job)
+        chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
+        result = {
+            "islands": args.islands,
+            "steps": steps,
+            "seed": args.seed,
+            "kills": len(kills),
+            "survived": sum(1 for k in kills if k["from"] == "replica")
+            if state_name(final.state) == "succeeded"
+            else 0,
+            "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
+            "goodput": round(len(metrics) * solo_step_s / chaos_wall_s, 3),
+            "solo_step_s": round(solo_step_s, 4),
+            "kill_to_next_step_s_max": max((k["kill_to_next_step_s"] for k in kills), default=0),
+            "controller_kill_to_next_step_s": controller.get("kill_to_next_step_s"),
+            "controller_steps_lost": controller.get("steps_lost"),
+            "bitwise_equal": store.losses(job) == store.losses(ref),
+            "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
+            "job_state": state_name(final.state),
+        }
+        client.close()
+        store.close()
+    finally:
+        cluster.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<32} {value}")
+        print("per kill:")
+        for k in kills + ([controller] if controller else []):
+            print(f"  {k['what']}: {k['restore']}")
+    ok = result["bitwise_equal"] and result["metrics_exactly_once"]
+    return 0 if ok and result["job_state"] == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
