@@ -477,6 +477,13 @@ class JobRunner:
             if self.drain_requested and not self.cancel_requested and step < program.steps:
                 await self._drain(step)
                 return
+            if self.cancel_requested and len(islands) > 1:
+                # A host that started a step its peers' cancelled streams skip waits in the
+                # exchange (or a pipeline stage link) until its deadline: release it now,
+                # so the final checkpoint and the unload do not queue behind it.
+                await p.dispatcher.abort(
+                    job_id, program.generation, islands, "the job was cancelled"
+                )
             await p.recovery.finish(self._attempt, islands)
             if not self.cancel_requested:
                 # A job that says it ended has freed its memory on every island.

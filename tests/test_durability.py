@@ -41,7 +41,7 @@ from pathways_lite.spec import load_spec_text
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 STEPS, EVERY = 16, 4
-LONG = 48  # the steps of the jobs the controller's death interrupts
+LONG = 160  # the steps of the jobs the controller's death interrupts (still running then)
 
 
 def spec_text(name: str, islands: int, *, steps: int = STEPS, extra: str = "") -> str:
