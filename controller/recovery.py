@@ -97,6 +97,16 @@ def classify(error: BaseException) -> FailureClass:
     return FailureClass.USER if isinstance(error, ValueError) else FailureClass.INFRASTRUCTURE
 
 
+def remove_checkpoint(path: str) -> None:
+    """Delete a retired checkpoint: its folder `<job_dir>/g<g>-step<n>`, and, for a pipeline
+    job (each stage writes its own part), every `<job_dir>/stage<s>/g<g>-step<n>`."""
+    shutil.rmtree(path, ignore_errors=True)
+    folder = Path(path)
+    for stage in folder.parent.glob("stage*"):
+        if stage.name[len("stage") :].isdigit():
+            shutil.rmtree(stage / folder.name, ignore_errors=True)
+
+
 def _all_committed(replies: Sequence[Any]) -> list[int]:
     """The steps every reply reports committed (host 0 of each writing island)."""
     steps: set[int] | None = None
@@ -228,7 +238,7 @@ class Recovery:
             path = checkpoint_path(self.job_dir(program.job_id), program.generation, step)
             self.store.register_checkpoint(program.job_id, program.generation, step, path)
         for old in self.store.retire_checkpoints(program.job_id, self.keep):
-            shutil.rmtree(old.path, ignore_errors=True)
+            remove_checkpoint(old.path)
 
     def writers(self, program: StepProgram, islands: Sequence[Island]) -> list[Island]:
         """The islands that write the job's checkpoints: island 0, or a pipeline's replica 0

@@ -444,3 +444,28 @@ def test_a_checkpoint_counts_once_every_stage_committed_its_part() -> None:
     assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0, 2)) == (4, 9)
     assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0,)) == (4, 9)
     assert _committed(hosts([4], [], [], []), ids, (0, 2)) == ()
+
+
+def test_a_job_cannot_start_from_a_pipeline_jobs_split_checkpoint(tmp_path) -> None:
+    from pathways_lite.controller.lineage import resolve_references
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.spec import load_spec_text
+
+    source = load_spec_text(ISSUE_SPEC, validate=True)
+    tune = load_spec_text(
+        ISSUE_SPEC.replace("pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}\n", "")
+        + "init_from: {job: pipe-src}\n",
+        validate=True,
+    )
+    with JobStore(tmp_path / "jobs.db") as store:
+        job_id = store.create_job(source, job_id="pipe-src").id
+        store.register_checkpoint(job_id, 0, 4, str(tmp_path / "pipe-src" / "g0-step4"))
+        with pytest.raises(spec_lib.SpecError) as err:
+            resolve_references(tune, store)
+        assert err.value.field == "init_from.job" and "'pipe-src'" in str(err.value)
+        assert "split by stage" in str(err.value) and "pipeline.stages=2" in str(err.value)
+        tune.init_from.ClearField("job")
+        tune.init_from.checkpoint = str(tmp_path / "pipe-src" / "g0-step4")
+        with pytest.raises(spec_lib.SpecError) as err:
+            resolve_references(tune, store)
+        assert err.value.field == "init_from.checkpoint" and "split by stage" in str(err.value)

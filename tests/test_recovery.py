@@ -164,3 +164,17 @@ def test_final_and_drain_checkpoints_count_once_every_stage_committed_its_part(s
     assert drained and after_drain == [4, 9]
     assert 9 in committed[2] and committed[1] == committed[3] == []  # stage 1 saved it too
     assert [c.step for c in store.checkpoints("j")] == [4, 9]
+
+
+def test_retention_deletes_every_stage_part_of_a_pipeline_checkpoint(store, tmp_path):
+    """A pipeline's stages write `<job_dir>/stage<s>/g<g>-step<n>`; the store registers
+    `<job_dir>/g<g>-step<n>`: retiring it deletes each stage's part."""
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path, keep=1)
+    attempt = recovery.plan(dataclasses.replace(program(), checkpoint_islands=(0, 2)), None)
+    job_dir = Path(recovery.job_dir("j"))
+    for step in (2, 4):
+        for stage in ("stage0", "stage1"):
+            Path(checkpoint_path(str(job_dir / stage), 0, step)).mkdir(parents=True)
+        recovery.on_step(attempt, [s for s in (2, 4) if s <= step])
+    assert [c.step for c in store.checkpoints("j")] == [4]
+    assert sorted(p.name for p in job_dir.glob("stage*/*")) == ["g0-step4", "g0-step4"]
