@@ -469,3 +469,66 @@ def test_a_job_cannot_start_from_a_pipeline_jobs_split_checkpoint(tmp_path) -> N
         with pytest.raises(spec_lib.SpecError) as err:
             resolve_references(tune, store)
         assert err.value.field == "init_from.checkpoint" and "split by stage" in str(err.value)
+
+
+def test_each_stage_receive_has_its_own_deadline_from_when_it_starts_waiting() -> None:
+    """A step's compute longer than the link timeout uses up none of a receive's wait; a
+    receive that gets nothing fails after the timeout, naming stage, host and microbatch."""
+    import concurrent.futures
+    import threading
+    import types
+
+    from pathways_lite.workers.exchange_service import ExchangeServicer
+    from pathways_lite.workers.stage_link import PHASE_ACT, StageLink, StageTimeoutError
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servicer = ExchangeServicer(lambda job: types.SimpleNamespace(generation=0, num_islands=1))
+
+    async def serve() -> tuple[grpc.aio.Server, str]:
+        server = grpc.aio.server()
+        servicer.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, f"127.0.0.1:{port}"
+
+    server, address = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    try:
+        links = [
+            StageLink(
+                loop,
+                servicer.mailbox,
+                servicer.peers,
+                job_id="j",
+                generation=0,
+                replica=0,
+                stage=s,
+                addresses=[address, address],
+                timeout_s=1.0,
+            )
+            for s in (0, 1)
+        ]
+        for link in links:
+            link.begin(0)
+        time.sleep(1.2)  # stage 1 computes longer than the timeout before it waits
+        values = np.arange(6, dtype=np.float32)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            got = pool.submit(links[1].receive, 0, PHASE_ACT, 0, "activations of microbatch 0")
+            time.sleep(0.4)
+            links[0].send(1, PHASE_ACT, 0, values, "activations of microbatch 0")
+            assert links[0].finish() == values.nbytes
+            np.testing.assert_array_equal(got.result(10), values)
+        started = time.monotonic()
+        with pytest.raises(StageTimeoutError) as err:
+            links[1].receive(0, PHASE_ACT, 1, "activations of microbatch 1")
+        assert 0.9 <= time.monotonic() - started < 5
+        message = str(err.value)
+        assert "stage 1" in message and "from stage 0" in message and address in message
+        assert "microbatch 1" in message
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        asyncio.run_coroutine_threadsafe(servicer.peers.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
