@@ -351,6 +351,47 @@ def test_bad_pipeline_specs_name_the_field_and_value(change: str, field: str, qu
     assert quoted in str(err.value), err.value
 
 
+@pytest.mark.parametrize(
+    "data, field, value, quoted",
+    [
+        (
+            "data: {source: stdlib-tasks, task: name_from_docstring}",
+            "data.task",
+            "name_from_docstring",
+            "data.task='name_from_docstring'",
+        ),
+        (
+            "data: {mixture: [{source: stdlib}, {source: files, paths: [/x]}]}",
+            "data.mixture",
+            ["stdlib", "files"],
+            "['stdlib', 'files']",
+        ),
+    ],
+)
+def test_a_pipeline_refuses_task_and_mixture_data_naming_the_field_and_value(
+    data: str, field: str, value: object, quoted: str
+) -> None:
+    from pathways_lite.spec import load_spec_text
+
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(ISSUE_SPEC.replace("data: {source: stdlib}", data), validate=True)
+    assert (err.value.field, err.value.value) == (field, value), err.value
+    assert quoted in str(err.value) and "pipeline" in str(err.value)
+
+
+def test_a_pipeline_in_a_job_that_is_not_training_names_its_stages() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace(
+        "pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}",
+        "pipeline: {stages: 2}\nkind: eval",
+    )
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    assert (err.value.field, err.value.value) == ("pipeline", 2), err.value
+    assert "pipeline.stages=2" in str(err.value) and "kind='eval'" in str(err.value)
+
+
 def test_global_batch_message_names_replicas_microbatches_and_mesh_data() -> None:
     from pathways_lite.spec import load_spec_text
 
