@@ -96,8 +96,23 @@ def resolve_references(spec: controller_pb2.JobSpec, store: JobStore) -> control
                 "checkpoints in its events).",
             )
         source = store.get_job(found.job_id)
+        _refuse_pipeline(source, "init_from.checkpoint", init.checkpoint)
     check_same_model(spec, source.spec)
     return resolved
+
+
+def _refuse_pipeline(source: JobRecord, field: str, value: str) -> None:
+    """A pipeline job's checkpoint is split by stage (each stage's folder holds its own
+    blocks), so no whole-model job can start from it."""
+    pipe = spec_lib.pipeline_settings(source.spec)
+    if pipe is not None:
+        raise SpecError(
+            field,
+            value,
+            f"{field}={quote(value)} names pipeline job {source.id} (pipeline.stages="
+            f"{pipe.stages}): its checkpoint is split by stage, each stage's folder holding "
+            "only that stage's blocks, so a job cannot start from it.",
+        )
 
 
 def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
@@ -107,8 +122,10 @@ def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
         raise SpecError(
             field,
             init.job,
-            f"{field}={quote(init.job)} is an eval job ({source.id}): it writes no checkpoint.",
+            f"{field}={quote(init.job)} is a {spec_lib.job_kind(source.spec)} job "
+            f"({source.id}): it writes no checkpoint.",
         )
+    _refuse_pipeline(source, field, init.job)
     if init.HasField("step"):
         steps = source.spec.train.steps
         if init.step > steps:

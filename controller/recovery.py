@@ -17,12 +17,14 @@ event, and the previous committed one is used. Metrics from the restored step on
 truncated, so the metrics have neither duplicated nor missing steps.
 
 Checkpoints: the island hosts write them (workers/checkpoint.py) into
-`<state_dir>/checkpoints/<job_id>`; a checkpoint is registered in the store only once island
-0's host 0 reports it committed; retention keeps the newest `keep` of them.
+`<state_dir>/checkpoints/<job_id>`; a checkpoint is registered in the store only once host 0
+of every writing island (island 0; a pipeline's replica 0 of every stage) reports it
+committed; retention keeps the newest `keep` of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 import logging
@@ -93,6 +95,25 @@ def classify(error: BaseException) -> FailureClass:
         if error.code in _INFRA_CODES or error.reason == "silent_data_corruption":
             return FailureClass.INFRASTRUCTURE
     return FailureClass.USER if isinstance(error, ValueError) else FailureClass.INFRASTRUCTURE
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a retired checkpoint: its folder `<job_dir>/g<g>-step<n>`, and, for a pipeline
+    job (each stage writes its own part), every `<job_dir>/stage<s>/g<g>-step<n>`."""
+    shutil.rmtree(path, ignore_errors=True)
+    folder = Path(path)
+    for stage in folder.parent.glob("stage*"):
+        if stage.name[len("stage") :].isdigit():
+            shutil.rmtree(stage / folder.name, ignore_errors=True)
+
+
+def _all_committed(replies: Sequence[Any]) -> list[int]:
+    """The steps every reply reports committed (host 0 of each writing island)."""
+    steps: set[int] | None = None
+    for reply in replies:
+        mine = set(reply.checkpoints_committed)
+        steps = mine if steps is None else steps & mine
+    return sorted(steps or ())
 
 
 @dataclasses.dataclass
@@ -205,7 +226,7 @@ class Recovery:
             return attempt, replies
 
     def on_step(self, attempt: Attempt, committed: Sequence[int]) -> None:
-        """Register the checkpoints island 0 reports committed; apply retention."""
+        """Register the checkpoints the writing islands report committed; apply retention."""
         new = [s for s in committed if s not in attempt.registered]
         if not new or self.root is None:
             return
@@ -217,11 +238,17 @@ class Recovery:
             path = checkpoint_path(self.job_dir(program.job_id), program.generation, step)
             self.store.register_checkpoint(program.job_id, program.generation, step, path)
         for old in self.store.retire_checkpoints(program.job_id, self.keep):
-            shutil.rmtree(old.path, ignore_errors=True)
+            remove_checkpoint(old.path)
+
+    def writers(self, program: StepProgram, islands: Sequence[Island]) -> list[Island]:
+        """The islands that write the job's checkpoints: island 0, or a pipeline's replica 0
+        of every stage (each writes its own stage's part)."""
+        chosen = [islands[i] for i in program.checkpoint_islands if i < len(islands)]
+        return chosen or list(islands[:1])
 
     async def finish(self, attempt: Attempt, islands: Sequence[Island]) -> None:
-        """Wait until island 0's checkpoints in progress (the last step's) are committed and
-        register them."""
+        """Wait until the checkpoints in progress (the last step's) are committed on every
+        writing island and register those that all of them committed."""
         if self.root is None or not islands:
             return
         program = attempt.program
@@ -231,19 +258,27 @@ class Recovery:
             epoch=self.dispatcher.epoch,
             wait=True,
         )
+        writers = self.writers(program, islands)
         try:
-            reply = await islands[0].call_host(
-                0, "SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S
+            replies = await asyncio.gather(
+                *(
+                    island.call_host(
+                        0, "SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S
+                    )
+                    for island in writers
+                )
             )
         except grpc.aio.AioRpcError as e:
             logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
             return
-        self.on_step(attempt, reply.checkpoints_committed)
+        self.on_step(attempt, _all_committed(replies))
 
     async def checkpoint_now(self, attempt: Attempt, islands: Sequence[Island], step: int) -> bool:
         """Make sure a committed checkpoint holds the state after `step` applied steps (the
         job stopped there; a graceful controller stop): wait for the saves in progress, and
-        write one when none of them is that step's. Returns whether one is registered.
+        write one when none of them is that step's. Every writing island (a pipeline's
+        replica 0 of every stage) saves; a step counts once all of them committed it.
+        Returns whether one is registered.
 
         Raises:
             grpc.aio.AioRpcError: a host could not save.
@@ -251,6 +286,7 @@ class Recovery:
         program = attempt.program
         if self.root is None or not islands or step <= program.start_step:
             return step == program.start_step and attempt.restored is not None
+        writers = self.writers(program, islands)
         for save in (False, True):
             request = worker_pb2.SaveCheckpointRequest(
                 job_id=program.job_id,
@@ -259,11 +295,14 @@ class Recovery:
                 save=save,
                 wait=True,
             )
-            # Every host of island 0 writes its own shards of a checkpoint.
-            replies = await islands[0].call(
-                "SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S
+            # Every host of a writing island writes its own shards of a checkpoint.
+            replies = await asyncio.gather(
+                *(
+                    island.call("SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S)
+                    for island in writers
+                )
             )
-            self.on_step(attempt, replies[0].checkpoints_committed)
+            self.on_step(attempt, _all_committed([r[0] for r in replies]))
             if step in attempt.registered:
                 return True
         return False

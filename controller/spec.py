@@ -217,8 +217,9 @@ def _check_pipeline(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any)
     if job_kind(spec) != "train":
         raise SpecError(
             "pipeline",
-            job_kind(spec),
-            f"pipeline is only for train jobs; this job is kind={quote(job_kind(spec))}.",
+            pipe.stages,
+            f"pipeline is only for train jobs (pipeline.stages={pipe.stages}); this job is "
+            f"kind={quote(job_kind(spec))}.",
         )
     if islands % pipe.stages:
         raise SpecError(
@@ -245,12 +246,20 @@ def _check_pipeline(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any)
             f"pipeline.microbatches={pipe.microbatches} x mesh.data={mesh_data} "
             f"(= {replicas * pipe.microbatches * mesh_data}).",
         )
-    if spec.data.mixture or spec.data.HasField("task"):
+    if spec.data.mixture:
+        sources = [entry.source for entry in spec.data.mixture]
         raise SpecError(
-            "pipeline",
-            spec.data.source,
-            "pipeline jobs train a plain language model: data.mixture and data.task are not "
-            "supported with pipeline.",
+            "data.mixture",
+            sources,
+            f"data.mixture (sources {quote(sources)}) is not supported with pipeline: pipeline "
+            "jobs train a plain language model.",
+        )
+    if spec.data.HasField("task"):
+        raise SpecError(
+            "data.task",
+            spec.data.task,
+            f"data.task={quote(spec.data.task)} is not supported with pipeline: pipeline jobs "
+            "train a plain language model.",
         )
     if spec.HasField("init_from"):
         raise SpecError(

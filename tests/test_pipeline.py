@@ -351,6 +351,47 @@ def test_bad_pipeline_specs_name_the_field_and_value(change: str, field: str, qu
     assert quoted in str(err.value), err.value
 
 
+@pytest.mark.parametrize(
+    "data, field, value, quoted",
+    [
+        (
+            "data: {source: stdlib-tasks, task: name_from_docstring}",
+            "data.task",
+            "name_from_docstring",
+            "data.task='name_from_docstring'",
+        ),
+        (
+            "data: {mixture: [{source: stdlib}, {source: files, paths: [/x]}]}",
+            "data.mixture",
+            ["stdlib", "files"],
+            "['stdlib', 'files']",
+        ),
+    ],
+)
+def test_a_pipeline_refuses_task_and_mixture_data_naming_the_field_and_value(
+    data: str, field: str, value: object, quoted: str
+) -> None:
+    from pathways_lite.spec import load_spec_text
+
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(ISSUE_SPEC.replace("data: {source: stdlib}", data), validate=True)
+    assert (err.value.field, err.value.value) == (field, value), err.value
+    assert quoted in str(err.value) and "pipeline" in str(err.value)
+
+
+def test_a_pipeline_in_a_job_that_is_not_training_names_its_stages() -> None:
+    from pathways_lite.spec import load_spec_text
+
+    text = ISSUE_SPEC.replace(
+        "pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}",
+        "pipeline: {stages: 2}\nkind: eval",
+    )
+    with pytest.raises(spec_lib.SpecError) as err:
+        load_spec_text(text, validate=True)
+    assert (err.value.field, err.value.value) == ("pipeline", 2), err.value
+    assert "pipeline.stages=2" in str(err.value) and "kind='eval'" in str(err.value)
+
+
 def test_global_batch_message_names_replicas_microbatches_and_mesh_data() -> None:
     from pathways_lite.spec import load_spec_text
 
@@ -444,3 +485,91 @@ def test_a_checkpoint_counts_once_every_stage_committed_its_part() -> None:
     assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0, 2)) == (4, 9)
     assert _committed(hosts([4, 9], [], [4, 9], []), ids, (0,)) == (4, 9)
     assert _committed(hosts([4], [], [], []), ids, (0, 2)) == ()
+
+
+def test_a_job_cannot_start_from_a_pipeline_jobs_split_checkpoint(tmp_path) -> None:
+    from pathways_lite.controller.lineage import resolve_references
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.spec import load_spec_text
+
+    source = load_spec_text(ISSUE_SPEC, validate=True)
+    tune = load_spec_text(
+        ISSUE_SPEC.replace("pipeline: {stages: 2, microbatches: 8, schedule: 1f1b}\n", "")
+        + "init_from: {job: pipe-src}\n",
+        validate=True,
+    )
+    with JobStore(tmp_path / "jobs.db") as store:
+        job_id = store.create_job(source, job_id="pipe-src").id
+        store.register_checkpoint(job_id, 0, 4, str(tmp_path / "pipe-src" / "g0-step4"))
+        with pytest.raises(spec_lib.SpecError) as err:
+            resolve_references(tune, store)
+        assert err.value.field == "init_from.job" and "'pipe-src'" in str(err.value)
+        assert "split by stage" in str(err.value) and "pipeline.stages=2" in str(err.value)
+        tune.init_from.ClearField("job")
+        tune.init_from.checkpoint = str(tmp_path / "pipe-src" / "g0-step4")
+        with pytest.raises(spec_lib.SpecError) as err:
+            resolve_references(tune, store)
+        assert err.value.field == "init_from.checkpoint" and "split by stage" in str(err.value)
+
+
+def test_each_stage_receive_has_its_own_deadline_from_when_it_starts_waiting() -> None:
+    """A step's compute longer than the link timeout uses up none of a receive's wait; a
+    receive that gets nothing fails after the timeout, naming stage, host and microbatch."""
+    import concurrent.futures
+    import threading
+    import types
+
+    from pathways_lite.workers.exchange_service import ExchangeServicer
+    from pathways_lite.workers.stage_link import PHASE_ACT, StageLink, StageTimeoutError
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    servicer = ExchangeServicer(lambda job: types.SimpleNamespace(generation=0, num_islands=1))
+
+    async def serve() -> tuple[grpc.aio.Server, str]:
+        server = grpc.aio.server()
+        servicer.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, f"127.0.0.1:{port}"
+
+    server, address = asyncio.run_coroutine_threadsafe(serve(), loop).result(10)
+    try:
+        links = [
+            StageLink(
+                loop,
+                servicer.mailbox,
+                servicer.peers,
+                job_id="j",
+                generation=0,
+                replica=0,
+                stage=s,
+                addresses=[address, address],
+                timeout_s=1.0,
+            )
+            for s in (0, 1)
+        ]
+        for link in links:
+            link.begin(0)
+        time.sleep(1.2)  # stage 1 computes longer than the timeout before it waits
+        values = np.arange(6, dtype=np.float32)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            got = pool.submit(links[1].receive, 0, PHASE_ACT, 0, "activations of microbatch 0")
+            time.sleep(0.4)
+            links[0].send(1, PHASE_ACT, 0, values, "activations of microbatch 0")
+            assert links[0].finish() == values.nbytes
+            np.testing.assert_array_equal(got.result(10), values)
+        started = time.monotonic()
+        with pytest.raises(StageTimeoutError) as err:
+            links[1].receive(0, PHASE_ACT, 1, "activations of microbatch 1")
+        assert 0.9 <= time.monotonic() - started < 5
+        message = str(err.value)
+        assert "stage 1" in message and "from stage 0" in message and address in message
+        assert "microbatch 1" in message
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        asyncio.run_coroutine_threadsafe(servicer.peers.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -15,7 +15,7 @@ from pathways_lite.controller.dispatch import Dispatcher, DispatchError
 from pathways_lite.controller.program import StepProgram
 from pathways_lite.controller.recovery import FailureClass, Recovery, classify
 from pathways_lite.controller.store import JobStore
-from pathways_lite.v1 import controller_pb2
+from pathways_lite.v1 import controller_pb2, worker_pb2
 from pathways_lite.workers.checkpoint import checkpoint_path
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,3 +123,58 @@ def test_a_spec_checkpoints_every_300_seconds_unless_it_says_otherwise():
     assert spec_lib.checkpoint_every_s(spec) == 300.0
     spec.train.checkpoint_every_s = 0
     assert spec_lib.checkpoint_every_s(spec) == 0.0
+
+
+def test_final_and_drain_checkpoints_count_once_every_stage_committed_its_part(store, tmp_path):
+    """A pipeline's replica 0 of every stage (islands 0 and 2 of 4) writes its stage's part:
+    `finish` and `checkpoint_now` ask each of them and register only what all committed."""
+    from pathways_lite.workers.sim_host import SimCluster, connect_islands
+
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path)
+    pipe = dataclasses.replace(program(), checkpoint_islands=(0, 2))
+
+    async def run() -> tuple[list[int], list[int], bool, list[list[int]]]:
+        cluster = SimCluster.uniform(4)
+        islands = await connect_islands(await cluster.start())
+        try:
+            hosts = [cluster.hosts[i.id] for i in islands]
+            for host in hosts:
+                await host.LoadJob(
+                    worker_pb2.LoadJobRequest(job_id="j", checkpoint_dir=str(tmp_path)), None
+                )
+                host.jobs["j"].steps_applied = 9
+            hosts[0].jobs["j"].committed[:] = [4, 9]  # stage 0 has 9, stage 1 only 4
+            hosts[2].jobs["j"].committed[:] = [4]
+            attempt = recovery.plan(pipe, None)
+            await recovery.finish(attempt, islands)
+            after_finish = sorted(attempt.registered)
+            drained = await recovery.checkpoint_now(attempt, islands, 9)
+            return (
+                after_finish,
+                sorted(attempt.registered),
+                drained,
+                [h.jobs["j"].committed for h in hosts],
+            )
+        finally:
+            await asyncio.gather(*(h.close() for i in islands for h in i.hosts))
+            await cluster.stop()
+
+    after_finish, after_drain, drained, committed = asyncio.run(run())
+    assert after_finish == [4]  # stage 1 never committed 9: not registered
+    assert drained and after_drain == [4, 9]
+    assert 9 in committed[2] and committed[1] == committed[3] == []  # stage 1 saved it too
+    assert [c.step for c in store.checkpoints("j")] == [4, 9]
+
+
+def test_retention_deletes_every_stage_part_of_a_pipeline_checkpoint(store, tmp_path):
+    """A pipeline's stages write `<job_dir>/stage<s>/g<g>-step<n>`; the store registers
+    `<job_dir>/g<g>-step<n>`: retiring it deletes each stage's part."""
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path, keep=1)
+    attempt = recovery.plan(dataclasses.replace(program(), checkpoint_islands=(0, 2)), None)
+    job_dir = Path(recovery.job_dir("j"))
+    for step in (2, 4):
+        for stage in ("stage0", "stage1"):
+            Path(checkpoint_path(str(job_dir / stage), 0, step)).mkdir(parents=True)
+        recovery.on_step(attempt, [s for s in (2, 4) if s <= step])
+    assert [c.step for c in store.checkpoints("j")] == [4]
+    assert sorted(p.name for p in job_dir.glob("stage*/*")) == ["g0-step4", "g0-step4"]

@@ -13,7 +13,9 @@ the receiving host's `Mailbox` (workers/exchange.py) under phases of their own:
 
 `source_island` is the replica index (the same on both ends), so the worker service's check
 that it is below num_islands (the stage's replicas) holds. Nothing goes through the controller.
-Receives wait until the step's deadline; a peer that never sends fails the step with a
+Each receive waits at most `timeout_s` from the moment it starts waiting, and each send has
+`timeout_s` from the moment it starts (never one deadline for the whole step: a step's compute,
+however long, uses up none of its waits); a peer that never sends fails the step with a
 `StageTimeoutError` naming the stage, its host and the microbatch, and `Abort` (the mailbox's)
 releases the waits as it does the gradient exchange's.
 """
@@ -56,7 +58,7 @@ PHASE_NAMES = {
 
 
 class StageTimeoutError(ExchangeTimeoutError):
-    """A neighbouring stage sent nothing before the step's deadline."""
+    """A neighbouring stage sent nothing within the wait's deadline."""
 
 
 def _chunks(head: dict[str, Any], values: np.ndarray, part: int) -> Iterator[Any]:
@@ -78,7 +80,8 @@ class StageLink:
         replica: this island's replica index (the same in every stage's island it talks to).
         stage: this island's stage.
         addresses: host:port of this host's counterpart in every stage, stage order.
-        timeout_s: deadline of one step's pipeline traffic (sends and waits).
+        timeout_s: deadline of one receive (from when it starts waiting) and of one send
+            (from when it starts).
     """
 
     def __init__(
@@ -103,16 +106,14 @@ class StageLink:
         self.stage = stage
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self.deadline = 0.0
         self.step = 0
         self.bytes_sent = 0
         self.activation_bytes_sent = 0  # PHASE_ACT and PHASE_GRAD only
         self._sends: list[tuple[int, concurrent.futures.Future]] = []
 
     def begin(self, step: int) -> None:
-        """Start a step: its deadline runs from now."""
+        """Start a step."""
         self.step = step
-        self.deadline = time.monotonic() + self.timeout_s
         self.bytes_sent = 0
         self.activation_bytes_sent = 0
         self._sends = []
@@ -128,10 +129,9 @@ class StageLink:
 
     async def _send(self, stage: int, chunks: list[Any], what: str) -> int:
         address = self.addresses[stage]
-        left = self.deadline - time.monotonic()
         try:
             await self.peers.stub(address).ExchangeGradients(
-                iter(chunks), timeout=max(left, 0.001), metadata=self.peers.metadata()
+                iter(chunks), timeout=self.timeout_s, metadata=self.peers.metadata()
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -155,9 +155,9 @@ class StageLink:
             (phase, asyncio.run_coroutine_threadsafe(self._send(stage, chunks, what), self.loop))
         )
 
-    async def _wait(self, key: tuple, stage: int, what: str) -> Any:
+    async def _wait(self, key: tuple, stage: int, what: str, deadline: float) -> Any:
         try:
-            return await self.mailbox.wait(key, self.deadline - time.monotonic())
+            return await self.mailbox.wait(key, deadline - time.monotonic())
         except ExchangeTimeoutError:
             raise StageTimeoutError(
                 f"job {self.job_id!r} step {self.step}: stage {self.stage} (replica "
@@ -167,9 +167,11 @@ class StageLink:
             ) from None
 
     def receive(self, stage: int, phase: int, part: int, what: str) -> np.ndarray:
-        """The float32 values `stage` sent under (phase, part) this step (blocking)."""
+        """The float32 values `stage` sent under (phase, part) this step (blocking; waits
+        at most `timeout_s` from now)."""
         key = (self.job_id, self.generation, self.step, phase, self.replica, part)
-        future = asyncio.run_coroutine_threadsafe(self._wait(key, stage, what), self.loop)
+        deadline = time.monotonic() + self.timeout_s
+        future = asyncio.run_coroutine_threadsafe(self._wait(key, stage, what, deadline), self.loop)
         return future.result()
 
     def finish(self) -> int:
