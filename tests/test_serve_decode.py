@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jax.numpy as jnp
@@ -187,3 +188,60 @@ def test_stop_strings_limits_queue_and_stop(dec):
     with pytest.raises(ServeError, match="preempted by job x") as ended:
         _collect(queued[-1])
     assert ended.value.code == "UNAVAILABLE"
+
+
+class _Freed:
+    """The slot decoder whose parameters a suspend freed: every later call fails, as a read
+    of a deleted device buffer does."""
+
+    def __init__(self, dec: SlotDecoder) -> None:
+        self.dec, self.freed = dec, False
+        self.max_batch, self.max_seq_len = dec.max_batch, dec.max_seq_len
+
+    def prefill(self, *a):
+        if self.freed:
+            raise RuntimeError("Array has been deleted")
+        return self.dec.prefill(*a)
+
+    def step(self, *a):
+        if self.freed:
+            raise RuntimeError("Array has been deleted")
+        return self.dec.step(*a)
+
+
+def test_stop_waits_for_a_decode_step_blocked_on_the_device_lock(dec):
+    """A stop returns only after the loop ended (a co-resident training step holds the device
+    lock for longer than any fixed join), and a failure after the stop keeps its reason."""
+    lock = threading.Lock()
+    freed = _Freed(dec)
+    eng = ServeEngine(freed, _text, lock=lock)
+    [p] = _prompts(4, [5])
+    req = eng.submit(Request(p, max_tokens=50))
+    while len(req.tokens) < 2:
+        time.sleep(0.002)
+    lock.acquire()  # the training step: the next decode step waits for it
+    stopper = threading.Thread(target=eng.stop, args=("the serve job was preempted",))
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive()  # still waiting for the loop
+    freed.freed = True  # what the suspend would do if stop had returned
+    lock.release()
+    stopper.join(30)
+    assert not stopper.is_alive() and not eng.running
+    with pytest.raises(ServeError, match="the serve job was preempted"):
+        _collect(req)
+    assert eng.failure is None
+
+
+def test_a_failed_loop_is_not_running_and_names_its_failure(dec):
+    freed = _Freed(dec)
+    freed.freed = True
+    eng = ServeEngine(freed, _text)
+    [p] = _prompts(4, [5])
+    with pytest.raises(ServeError, match="serve loop failed") as ended:
+        _collect(eng.submit(Request(p, max_tokens=5)))
+    assert ended.value.code == "UNAVAILABLE"
+    eng._thread.join(10)
+    assert not eng.running and "Array has been deleted" in eng.failure
+    with pytest.raises(ServeError, match="serve loop failed"):
+        eng.submit(Request(p, max_tokens=5))

@@ -78,6 +78,12 @@ class ServingHost:
                         _settle(runtime)
                     return result
 
+    def device_locked(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` under the device lock (on the runtime thread): a runtime's suspend or
+        unload never frees buffers while a serve engine's prefill or decode reads them."""
+        with self.device_thread_lock:
+            return fn(*args)
+
     def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
         engine = self._engines.pop(job_id, None)
         if isinstance(engine, ServeEngine):
@@ -141,7 +147,7 @@ class ServingHost:
             self._engines.pop(request.job_id, None)
             raise
         if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
-            engine.stop("the service was stopped while loading")
+            await asyncio.to_thread(engine.stop, "the service was stopped while loading")
             raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
         self._engines[request.job_id] = engine
         logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)

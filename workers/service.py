@@ -335,8 +335,11 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         if report is None or not request.dry_run:
             async with self._lock:
                 if existing is not None and not request.dry_run:
+                    await asyncio.to_thread(
+                        self._stop_engine, spec.job_id, f"generation {spec.generation} loads"
+                    )
                     await self._on_runtime_thread(existing.checkpoints.close)
-                    await self._on_runtime_thread(existing.runtime.unload)
+                    await self._on_runtime_thread(self.device_locked, existing.runtime.unload)
                     self._jobs.pop(spec.job_id, None)
                 extra = {}
                 if request.restore_peers and not request.dry_run:
@@ -672,16 +675,20 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         """Drop a job; unloading a job that is not loaded is a no-op."""
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
-        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
         job = self._jobs.pop(request.job_id, None)
+        if job is not None:
+            # A step of the job may wait on a peer that is gone: release it before queueing
+            # (and before the serve engine, which may wait behind that step, is joined).
+            self.exchange.mailbox.abort(
+                job.spec.job_id, job.spec.generation, "the job was unloaded"
+            )
+        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
         if job is None:
             return worker_pb2.UnloadJobReply(unloaded=False)
-        # A step of the job may wait on a peer that is gone: release it before queueing.
-        self.exchange.mailbox.abort(job.spec.job_id, job.spec.generation, "the job was unloaded")
         async with self._lock:
             # The checkpoint in progress is committed first.
             await self._on_runtime_thread(job.checkpoints.close)
-            await self._on_runtime_thread(job.runtime.unload)
+            await self._on_runtime_thread(self.device_locked, job.runtime.unload)
         self.exchange.mailbox.forget(request.job_id)
         logger.info("unloaded job %s", request.job_id)
         return worker_pb2.UnloadJobReply(unloaded=True)
@@ -695,7 +702,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         async with self._lock:
             if job.runtime.suspended:
                 return worker_pb2.SuspendReply(suspended=False, host_bytes=job.runtime.host_bytes())
-            host_bytes = await self._on_runtime_thread(job.runtime.suspend)
+            host_bytes = await self._on_runtime_thread(self.device_locked, job.runtime.suspend)
         return worker_pb2.SuspendReply(suspended=True, host_bytes=host_bytes)
 
     @_rpc
