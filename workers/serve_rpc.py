@@ -99,8 +99,16 @@ class ServingHost:
         from pathways_lite.model.decode import Sampling, SlotDecoder
 
         job = self._job(request.job_id)
-        if isinstance(self._engines.get(request.job_id), ServeEngine):
-            engine = self._engines[request.job_id]
+        engine = self._engines.get(request.job_id)
+        if isinstance(engine, ServeEngine) and not engine.running:
+            # A loop that failed on its own (or ended) is dropped: never handed back as
+            # serving. The caller learns why; the next StartServe builds a new one.
+            self._engines.pop(request.job_id, None)
+            raise RpcRejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"job {request.job_id!r}: {engine.failure or 'the service had stopped'}",
+            )
+        if isinstance(engine, ServeEngine):
             return worker_pb2.StartServeReply(
                 job_id=request.job_id,
                 kv_cache_bytes=SlotDecoder.kv_bytes(
