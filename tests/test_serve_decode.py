@@ -245,3 +245,27 @@ def test_a_failed_loop_is_not_running_and_names_its_failure(dec):
     assert not eng.running and "Array has been deleted" in eng.failure
     with pytest.raises(ServeError, match="serve loop failed"):
         eng.submit(Request(p, max_tokens=5))
+
+
+def test_a_training_step_starts_after_its_wait_at_the_serve_gate():
+    """The step's start timestamp (its timings, the scheduler's charge) leaves out the time
+    the island served requests."""
+    from pathways_lite.workers.serve_rpc import ServingHost
+
+    host = ServingHost()
+    host._serving_init()
+    host.gate.set_serving(True)  # a request is decoding
+    marks: dict[str, float] = {}
+    stepper = threading.Thread(
+        target=host.training_step,
+        args=(lambda: marks.setdefault("ran", time.monotonic()),),
+        kwargs={"on_start": lambda: marks.setdefault("start", time.monotonic())},
+    )
+    stepper.start()
+    time.sleep(0.3)
+    assert not marks  # waiting at the gate
+    released = time.monotonic()
+    host.gate.set_serving(False)
+    stepper.join(10)
+    assert released <= marks["start"] <= marks["ran"]
+    assert host.gate.training_waits == 1

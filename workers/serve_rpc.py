@@ -63,14 +63,17 @@ class ServingHost:
         self.device_thread_lock = threading.Lock()
         self._engines: dict[str, Any] = {}
 
-    def training_step(self, fn: Any, runtime: Any = None) -> Any:
+    def training_step(self, fn: Any, runtime: Any = None, on_start: Any = None) -> Any:
         """Run one training step (on the runtime thread) once no request is being served:
         checked again under the device lock, so a step never starts after a request took
-        the island (it would stall that request's decoding)."""
+        the island (it would stall that request's decoding). `on_start()` is called when
+        the step really starts, after its wait at the gate (the step's start timestamp)."""
         while True:
             self.gate.wait_for_training()
             with self.device_thread_lock:
                 if not self.gate.wants():
+                    if on_start is not None:
+                        on_start()
                     result = fn()
                     if self._engines and runtime is not None:
                         # With a service on the island the step ends on the devices before

@@ -562,21 +562,24 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                     f"job_id={request.job_id!r} was unloaded while step {request.step} was queued.",
                 )
             self._running_job = request.job_id
-            start_ns = time.time_ns()
+            started = [time.time_ns()]
             try:
                 weights = tuple(request.mixture_weights)
                 extra = {"weights": weights} if weights else {}
-                # Serving goes first: the step waits while requests decode (issue 18).
+                # Serving goes first: the step waits while requests decode (issue 18). Its
+                # start is taken after that wait: the serve job's time is not the step's.
                 result: StepResult = await self._on_runtime_thread(
                     self.training_step,
                     functools.partial(job.runtime.run_step, request.step, **extra),
                     job.runtime,
+                    lambda: started.__setitem__(0, time.time_ns()),
                 )
             except Exception as e:
                 return _step_rejection(e, request)
             finally:
                 self._running_job = ""
             end_ns = time.time_ns()
+            start_ns = started[0]
             if request.checkpoint and job.checkpoints.writes:
                 await self._on_runtime_thread(job.checkpoints.save_after_step, request.step)
             committed = job.checkpoints.committed
