@@ -306,6 +306,19 @@ class Collaborators:
     peers: PeerRecovery | None = None
 
 
+def check_serve_islands(islands: Sequence[Island]) -> None:
+    """A serve job decodes on single-host islands only: refused before its load, as the
+    user's failure (`serve_multi_host` is a user reason: no retry)."""
+    for island in islands:
+        if len(island.hosts) != 1:
+            raise DispatchError(
+                "serve_multi_host",
+                f"island {island.id} has {len(island.hosts)} hosts; a serve job decodes on "
+                "single-host islands only.",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
+
 class JobRunner:
     """Runs one placed job on its islands (`start` makes its task).
 
@@ -396,6 +409,8 @@ class JobRunner:
             )
             if self.job is None:  # its spec no longer resolves: fail it with the reason
                 self.job = self.admitted_as = ResolvedJob.resolve(self.record.spec)
+            if spec_lib.job_kind(self.record.spec) == "serve":
+                check_serve_islands(islands)  # before the load, never retried
             p.reporter.phase(job_id, "preparing data")
             try:
                 # init_from: its checkpoint, and the tokenizer the new data is read with.
@@ -581,13 +596,6 @@ class JobRunner:
         p = self.parts
         assert self.job is not None and p.serving is not None
         settings = spec_lib.serve_settings(self.record.spec, self.job.configs.model.max_seq_len)
-        for island in islands:
-            if len(island.hosts) != 1:
-                raise DispatchError(
-                    "serve_failed",
-                    f"island {island.id} has {len(island.hosts)} hosts; a serve job decodes on "
-                    "single-host islands only.",
-                )
         start = worker_pb2.StartServeRequest(
             job_id=self.job_id,
             max_batch=settings.max_batch,

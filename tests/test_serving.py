@@ -81,6 +81,17 @@ def test_serve_spec_rules() -> None:
     assert spec_lib.serve_settings(spec, 256) == spec_lib.ServeSettings(8, 256, 200.0)
 
 
+def test_a_serve_job_on_a_multi_host_island_is_refused_as_the_users_failure() -> None:
+    from pathways_lite.controller.islands import Island
+    from pathways_lite.controller.jobs import check_serve_islands
+    from pathways_lite.controller.recovery import FailureClass, classify
+
+    check_serve_islands([Island("island-0", [None])])
+    with pytest.raises(Exception, match="island-1 has 2 hosts") as refused:
+        check_serve_islands([Island("island-0", [None]), Island("island-1", [None, None])])
+    assert classify(refused.value) == FailureClass.USER  # failed at once, never retried
+
+
 def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> None:
     state = str(local_cluster.state_dir)
     with ControllerClient(state) as client:
