@@ -183,6 +183,12 @@ def test_stop_strings_limits_queue_and_stop(dec):
                 queued.append(eng.submit(Request(p, max_tokens=50)))
         assert refused.value.code == "RESOURCE_EXHAUSTED"
         assert len(queued) >= eng.queue_limit
+        # Clients that went away while queued free their places at once.
+        for r in queued[:3]:
+            r.cancel()
+        queued += [eng.submit(Request(p, max_tokens=50)) for _ in range(3)]
+        with pytest.raises(ServeError, match="queue is full"):
+            eng.submit(Request(p, max_tokens=50))
     finally:
         eng.stop("preempted by job x")
     with pytest.raises(ServeError, match="preempted by job x") as ended:

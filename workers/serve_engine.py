@@ -171,6 +171,11 @@ class ServeEngine:
             if self._stop_reason is not None:
                 raise ServeError("UNAVAILABLE", self._stop_reason)
             if len(self._waiting) >= self.queue_limit:
+                # Requests whose clients went away hold no place in the queue.
+                self._waiting = collections.deque(
+                    r for r in self._waiting if not r.cancelled.is_set()
+                )
+            if len(self._waiting) >= self.queue_limit:
                 raise ServeError(
                     "RESOURCE_EXHAUSTED",
                     f"the serve queue is full ({self.queue_limit} requests = 4 x "
