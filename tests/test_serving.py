@@ -92,6 +92,49 @@ def test_a_serve_job_on_a_multi_host_island_is_refused_as_the_users_failure() ->
     assert classify(refused.value) == FailureClass.USER  # failed at once, never retried
 
 
+def test_the_router_skips_dead_islands_and_never_leaks_inflight(tmp_path) -> None:
+    """A replica on a dead island is never chosen; a host whose channel closed answers
+    UNAVAILABLE and its in-flight count comes back (least-loaded routing stays right)."""
+    import asyncio
+
+    from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.serve_router import ServeRouter
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.rpc import RpcRejection
+
+    store = JobStore(tmp_path / "controller.db")
+    record = store.create_job(load_spec_text(SERVE))
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel("localhost:1")
+        await channel.close()
+        host = HostHandle(
+            "localhost:1",
+            channel,
+            worker_pb2_grpc.WorkerServiceStub(channel),
+            worker_pb2.InfoReply(),
+        )
+        dead, closed = Island("island-0", [host], dead="host 0 died"), Island("island-1", [host])
+        router = ServeRouter(store)
+        router.loading(record.id, [dead, closed])
+        router.serving(record.id, 0, 4)
+        request = controller_pb2.GenerateJobRequest(job_id=record.id, prompt="hi")
+        for _ in range(3):
+            with pytest.raises(RpcRejection, match="island-1 .* not reachable") as e:
+                async for _ in router.generate(request):
+                    pass
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert [r.inflight for r in router.jobs[record.id].replicas] == [0, 0]
+        closed.dead = "host 0 died"
+        with pytest.raises(RpcRejection, match="dead island"):
+            async for _ in router.generate(request):
+                pass
+
+    asyncio.run(main())
+    store.close()
+
+
 def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> None:
     state = str(local_cluster.state_dir)
     with ControllerClient(state) as client:
