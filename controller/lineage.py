@@ -103,11 +103,14 @@ def resolve_references(spec: controller_pb2.JobSpec, store: JobStore) -> control
 def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
     """init_from.job's source can (still) give the checkpoint asked for."""
     field = "init_from.job"
-    if spec_lib.job_kind(source.spec) != "train":
+    kind = spec_lib.job_kind(source.spec)
+    article = "an" if kind[:1] in "aeiou" else "a"
+    if kind != "train":
         raise SpecError(
             field,
             init.job,
-            f"{field}={quote(init.job)} is an eval job ({source.id}): it writes no checkpoint.",
+            f"{field}={quote(init.job)} is {article} {kind} job ({source.id}): it writes no "
+            "checkpoint.",
         )
     if init.HasField("step"):
         steps = source.spec.train.steps

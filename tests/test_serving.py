@@ -92,6 +92,19 @@ def test_a_serve_job_on_a_multi_host_island_is_refused_as_the_users_failure() ->
     assert classify(refused.value) == FailureClass.USER  # failed at once, never retried
 
 
+def test_a_job_started_from_a_serve_job_names_its_kind(tmp_path) -> None:
+    from pathways_lite.controller import lineage
+    from pathways_lite.controller.spec_errors import SpecError as ControllerSpecError
+    from pathways_lite.controller.store import JobStore
+
+    store = JobStore(tmp_path / "controller.db")
+    source = store.create_job(load_spec_text(SERVE), job_id="srv-1")
+    init = load_spec_text(SERVE.replace("srv-src", "srv-1")).init_from
+    with pytest.raises(ControllerSpecError, match="init_from.job='srv-1' is a serve job"):
+        lineage._check_source(source, init, store)
+    store.close()
+
+
 def test_the_router_skips_dead_islands_and_never_leaks_inflight(tmp_path) -> None:
     """A replica on a dead island is never chosen; a host whose channel closed answers
     UNAVAILABLE and its in-flight count comes back (least-loaded routing stays right)."""
