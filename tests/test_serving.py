@@ -105,12 +105,15 @@ def test_a_job_started_from_a_serve_job_names_its_kind(tmp_path) -> None:
     store.close()
 
 
-def test_the_router_skips_dead_islands_and_never_leaks_inflight(tmp_path) -> None:
+def test_the_router_and_the_probe_skip_dead_islands_and_never_leak_inflight(tmp_path) -> None:
     """A replica on a dead island is never chosen; a host whose channel closed answers
     UNAVAILABLE and its in-flight count comes back (least-loaded routing stays right)."""
     import asyncio
 
+    from pathways_lite.controller.dispatch import DispatchError
     from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.jobs import probe_serve
+    from pathways_lite.controller.recovery import FailureClass, classify
     from pathways_lite.controller.serve_router import ServeRouter
     from pathways_lite.controller.store import JobStore
     from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
@@ -139,7 +142,16 @@ def test_the_router_skips_dead_islands_and_never_leaks_inflight(tmp_path) -> Non
                     pass
             assert e.value.code == grpc.StatusCode.UNAVAILABLE
         assert [r.inflight for r in router.jobs[record.id].replicas] == [0, 0]
+        # The serve job's liveness probe: a channel closed, a restart, a death: UNAVAILABLE,
+        # an infrastructure failure (recovered, or failed when its budget is spent).
+        start = worker_pb2.StartServeRequest(job_id=record.id, max_batch=4, max_seq_len=128)
+        for why, generation in (("not reachable|closed", 0), ("restarted", 1)):
+            with pytest.raises(DispatchError, match=why) as stopped:
+                await probe_serve([closed], [generation], start)
+            assert classify(stopped.value) == FailureClass.INFRASTRUCTURE
         closed.dead = "host 0 died"
+        with pytest.raises(DispatchError, match="host 0 died"):
+            await probe_serve([closed], [0], start)
         with pytest.raises(RpcRejection, match="dead island"):
             async for _ in router.generate(request):
                 pass
