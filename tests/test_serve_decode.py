@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -275,3 +276,32 @@ def test_a_training_step_starts_after_its_wait_at_the_serve_gate():
     stepper.join(10)
     assert released <= marks["start"] <= marks["ran"]
     assert host.gate.training_waits == 1
+
+
+def test_a_multi_island_step_waits_at_the_serve_gate_at_most_a_share_of_its_deadline():
+    """Its peers wait for it in the exchange: past GATE_WAIT_SHARE of their deadline it runs
+    beside the service instead of timing them out (review finding 4)."""
+    import types
+
+    from pathways_lite.workers.runtime import IslandJobSpec
+    from pathways_lite.workers.serve_rpc import GATE_WAIT_SHARE, ServingHost
+
+    host = ServingHost()
+    host._serving_init()
+    host.gate.set_serving(True)  # the service never goes idle
+    spec = IslandJobSpec(job_id="dp", generation=0, preset="palm-tiny", num_islands=2)
+    spec = dataclasses.replace(spec, exchange_timeout_s=0.8)
+    started = time.monotonic()
+    host.training_step(lambda: None, types.SimpleNamespace(spec=spec))
+    waited = time.monotonic() - started
+    assert GATE_WAIT_SHARE * 0.8 <= waited < 0.8
+    alone = dataclasses.replace(spec, num_islands=1)  # a one-island step waits for the gate
+    stepper = threading.Thread(
+        target=host.training_step, args=(lambda: None, types.SimpleNamespace(spec=alone))
+    )
+    stepper.start()
+    stepper.join(0.5)
+    assert stepper.is_alive()
+    host.gate.set_serving(False)
+    stepper.join(10)
+    assert not stepper.is_alive()

@@ -18,6 +18,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
+from .exchange import DEFAULT_TIMEOUT_S
 from .requests import check_job_id
 from .rpc import RpcRejection
 from .runtime import RuntimeUnavailableError
@@ -26,6 +27,8 @@ from .serve_engine import IslandGate, Request, ServeEngine, ServeError
 logger = logging.getLogger(__name__)
 
 LOADING = object()  # a job whose StartServe has not finished
+# The share of a multi-island step's exchange deadline it may wait at the serve gate.
+GATE_WAIT_SHARE = 0.25
 
 
 def _settle(runtime: Any) -> None:
@@ -68,10 +71,30 @@ class ServingHost:
         checked again under the device lock, so a step never starts after a request took
         the island (it would stall that request's decoding). `on_start()` is called when
         the step really starts, after its wait at the gate (the step's start timestamp)."""
+        # A step of a multi-island job (gradient exchange, pipeline stage links) is a
+        # collective: its peers may already wait for it. Its wait at this host's gate is
+        # bounded to a quarter of their deadline; past that it runs beside the service (a
+        # decode step waits for it) rather than time its peers out (review finding 4).
+        spec = getattr(runtime, "spec", None)
+        bound = None
+        if spec is not None and (
+            getattr(spec, "num_islands", 1) > 1 or getattr(spec, "pipeline", None) is not None
+        ):
+            bound = GATE_WAIT_SHARE * (spec.exchange_timeout_s or DEFAULT_TIMEOUT_S)
+        deadline = None if bound is None else time.monotonic() + bound
         while True:
-            self.gate.wait_for_training()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.gate.wait_for_training(left)
             with self.device_thread_lock:
-                if not self.gate.wants():
+                overdue = deadline is not None and time.monotonic() >= deadline
+                if overdue and self.gate.wants():
+                    logger.warning(
+                        "a step of multi-island job %s waited %.0f s at the serve gate; it "
+                        "runs beside the service so its peers do not time out",
+                        getattr(spec, "job_id", "?"),
+                        bound,
+                    )
+                if overdue or not self.gate.wants():
                     if on_start is not None:
                         on_start()
                     result = fn()
