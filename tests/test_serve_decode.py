@@ -14,7 +14,7 @@ from flax import nnx
 from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.decode import Sampling, SlotDecoder
 from pathways_lite.model.palm import Palm
-from pathways_lite.workers.serve_engine import Request, ServeEngine, ServeError
+from pathways_lite.workers.serve_engine import IslandGate, Request, ServeEngine, ServeError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -219,14 +219,15 @@ class _Freed:
 def test_stop_waits_for_a_decode_step_blocked_on_the_device_lock(dec):
     """A stop returns only after the loop ended (a co-resident training step holds the device
     lock for longer than any fixed join), and a failure after the stop keeps its reason."""
-    lock = threading.Lock()
+    lock, gate = threading.Lock(), IslandGate()
     freed = _Freed(dec)
-    eng = ServeEngine(freed, _text, lock=lock)
+    eng = ServeEngine(freed, _text, lock=lock, gate=gate)
     [p] = _prompts(4, [5])
+    lock.acquire()  # the training step: the request's prefill waits for it
     req = eng.submit(Request(p, max_tokens=50))
-    while len(req.tokens) < 2:
+    while not gate.wants():  # the loop took the island; it goes on to the device lock
         time.sleep(0.002)
-    lock.acquire()  # the training step: the next decode step waits for it
+    time.sleep(0.1)
     stopper = threading.Thread(target=eng.stop, args=("the serve job was preempted",))
     stopper.start()
     stopper.join(0.5)
