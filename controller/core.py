@@ -347,6 +347,9 @@ class Controller:
                 return
             for job_id in self.scheduler.jobs_on(island.id):
                 self.store.add_event(job_id, "island", f"Island {island.id}: {reason}.")
+                runner = self.runners.get(job_id)
+                if runner is not None:
+                    runner.poke()  # a serving job has no step to fail: it checks now
 
         task = asyncio.ensure_future(handle())
         self._deaths.add(task)

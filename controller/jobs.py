@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 SUSPEND_TIMEOUT_S = 300.0
 # StartServe compiles the prefill and decode programs; StopServe waits for the loop.
 SERVE_START_TIMEOUT_S = 300.0
+# A serving job checks its replicas this often (StartServe is idempotent: a live engine
+# answers at once; a failed engine or a restarted host answers an error).
+SERVE_PROBE_S = 5.0
+SERVE_PROBE_TIMEOUT_S = 30.0
 
 
 class Reporter:
@@ -306,6 +310,53 @@ class Collaborators:
     peers: PeerRecovery | None = None
 
 
+def check_serve_islands(islands: Sequence[Island]) -> None:
+    """A serve job decodes on single-host islands only: refused before its load, as the
+    user's failure (`serve_multi_host` is a user reason: no retry)."""
+    for island in islands:
+        if len(island.hosts) != 1:
+            raise DispatchError(
+                "serve_multi_host",
+                f"island {island.id} has {len(island.hosts)} hosts; a serve job decodes on "
+                "single-host islands only.",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+
+
+async def probe_serve(
+    islands: Sequence[Island],
+    generations: Sequence[int],
+    start: worker_pb2.StartServeRequest,
+) -> None:
+    """A serving job's liveness check: a dead or restarted island, a host that lost the
+    job, or a serve loop that failed raises DispatchError (UNAVAILABLE: the job goes
+    through the normal recover-or-fail path)."""
+    for island, generation in zip(islands, generations, strict=True):
+        why = None
+        if island.dead is not None:
+            why = f"a host of island {island.id} died: {island.dead}"
+        elif island.generation != generation:
+            why = f"island {island.id} was restarted under the service"
+        if why is not None:
+            raise DispatchError(
+                "serve_failed", f"Serving stopped: {why}.", code=grpc.StatusCode.UNAVAILABLE
+            )
+    try:
+        await asyncio.gather(
+            *(i.call_host(0, "StartServe", start, timeout=SERVE_PROBE_TIMEOUT_S) for i in islands)
+        )
+    except grpc.aio.AioRpcError as e:
+        raise DispatchError(
+            "serve_failed",
+            f"Serving stopped: {e.details() or e.code().name}",
+            code=grpc.StatusCode.UNAVAILABLE,
+        ) from None
+    except grpc.aio.UsageError as e:  # a channel closed under the service
+        raise DispatchError(
+            "serve_failed", f"Serving stopped: {e}", code=grpc.StatusCode.UNAVAILABLE
+        ) from None
+
+
 class JobRunner:
     """Runs one placed job on its islands (`start` makes its task).
 
@@ -378,6 +429,11 @@ class JobRunner:
         self.resume.set()  # a suspended job comes back to its devices to be checkpointed
         self._poked.set()
 
+    def poke(self) -> None:
+        """Something changed under the job (a host of its island died): a serving job
+        checks its replicas now."""
+        self._poked.set()
+
     def request_suspend(self) -> None:
         self.suspend_requested = True
         self.parts.scheduler.interrupt(self.job_id)
@@ -396,6 +452,8 @@ class JobRunner:
             )
             if self.job is None:  # its spec no longer resolves: fail it with the reason
                 self.job = self.admitted_as = ResolvedJob.resolve(self.record.spec)
+            if spec_lib.job_kind(self.record.spec) == "serve":
+                check_serve_islands(islands)  # before the load, never retried
             p.reporter.phase(job_id, "preparing data")
             try:
                 # init_from: its checkpoint, and the tokenizer the new data is read with.
@@ -588,13 +646,6 @@ class JobRunner:
         p = self.parts
         assert self.job is not None and p.serving is not None
         settings = spec_lib.serve_settings(self.record.spec, self.job.configs.model.max_seq_len)
-        for island in islands:
-            if len(island.hosts) != 1:
-                raise DispatchError(
-                    "serve_failed",
-                    f"island {island.id} has {len(island.hosts)} hosts; a serve job decodes on "
-                    "single-host islands only.",
-                )
         start = worker_pb2.StartServeRequest(
             job_id=self.job_id,
             max_batch=settings.max_batch,
@@ -630,9 +681,20 @@ class JobRunner:
                 extra={"job_id": self.job_id},
             )
             self._poked.clear()
+            generations = [i.generation for i in islands]
             while not (self.cancel_requested or self.suspend_requested or self.drain_requested):
-                await self._poked.wait()
+                try:
+                    await asyncio.wait_for(self._poked.wait(), SERVE_PROBE_S)
+                except TimeoutError:
+                    pass
                 self._poked.clear()
+                if self.cancel_requested or self.suspend_requested or self.drain_requested:
+                    break
+                try:
+                    await probe_serve(islands, generations, start)
+                except DispatchError:
+                    p.serving.stopped(self.job_id)  # the runner's recovery unloads it
+                    raise
             if self.cancel_requested:
                 reason = "the serve job was cancelled"
             elif self.drain_requested:

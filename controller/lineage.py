@@ -118,12 +118,14 @@ def _refuse_pipeline(source: JobRecord, field: str, value: str) -> None:
 def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
     """init_from.job's source can (still) give the checkpoint asked for."""
     field = "init_from.job"
-    if spec_lib.job_kind(source.spec) != "train":
+    kind = spec_lib.job_kind(source.spec)
+    article = "an" if kind[:1] in "aeiou" else "a"
+    if kind != "train":
         raise SpecError(
             field,
             init.job,
-            f"{field}={quote(init.job)} is a {spec_lib.job_kind(source.spec)} job "
-            f"({source.id}): it writes no checkpoint.",
+            f"{field}={quote(init.job)} is {article} {kind} job ({source.id}): it writes no "
+            "checkpoint.",
         )
     _refuse_pipeline(source, field, init.job)
     if init.HasField("step"):

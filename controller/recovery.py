@@ -67,7 +67,7 @@ DEFAULT_BUDGETS = {
     FailureClass.PREEMPTION: 100,
     FailureClass.USER: 0,
 }
-_USER_REASONS = {"nan_loss", "invalid_spec"}
+_USER_REASONS = {"nan_loss", "invalid_spec", "serve_multi_host"}
 _USER_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _INFRA_CODES = {
     grpc.StatusCode.UNAVAILABLE,

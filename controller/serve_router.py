@@ -148,7 +148,14 @@ class ServeRouter:
             raise ValueError(f"max_tokens={request.max_tokens} must be >= 1.")
         if request.top_k < 0:
             raise ValueError(f"top_k={request.top_k} must be >= 0.")
-        replica = min(served.replicas, key=lambda r: r.inflight)
+        live = [r for r in served.replicas if r.island.dead is None]
+        if not live:
+            raise RpcRejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"every replica of job {record.id!r} is on a dead island "
+                f"({served.replicas[0].island.dead}); the job recovers or fails shortly.",
+            )
+        replica = min(live, key=lambda r: r.inflight)
         host = replica.island.hosts[0]
         wire = worker_pb2.GenerateRequest(
             job_id=record.id,
@@ -160,10 +167,11 @@ class ServeRouter:
             seed=max(0, request.seed),
             stop=list(request.stop),
         )
+        call = None
         replica.inflight += 1
-        served.requests += 1
-        call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
         try:
+            served.requests += 1
+            call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
             async for reply in call:
                 if reply.done:
                     served.tokens += reply.tokens
@@ -186,6 +194,12 @@ class ServeRouter:
             if code == grpc.StatusCode.NOT_FOUND:  # unloaded under us: not serving any more
                 code = grpc.StatusCode.UNAVAILABLE
             raise RpcRejection(code, e.details() or str(code)) from None
+        except grpc.aio.UsageError as e:  # the host's channel closed (its island died)
+            raise RpcRejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"island {replica.island.id} of job {record.id!r} is not reachable: {e}",
+            ) from None
         finally:
             replica.inflight -= 1
-            call.cancel()  # a client that went away frees its slot on the host
+            if call is not None:
+                call.cancel()  # a client that went away frees its slot on the host

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ from flax import nnx
 from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.decode import Sampling, SlotDecoder
 from pathways_lite.model.palm import Palm
-from pathways_lite.workers.serve_engine import Request, ServeEngine, ServeError
+from pathways_lite.workers.serve_engine import IslandGate, Request, ServeEngine, ServeError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,8 +184,125 @@ def test_stop_strings_limits_queue_and_stop(dec):
                 queued.append(eng.submit(Request(p, max_tokens=50)))
         assert refused.value.code == "RESOURCE_EXHAUSTED"
         assert len(queued) >= eng.queue_limit
+        # Clients that went away while queued free their places at once.
+        for r in queued[:3]:
+            r.cancel()
+        queued += [eng.submit(Request(p, max_tokens=50)) for _ in range(3)]
+        with pytest.raises(ServeError, match="queue is full"):
+            eng.submit(Request(p, max_tokens=50))
     finally:
         eng.stop("preempted by job x")
     with pytest.raises(ServeError, match="preempted by job x") as ended:
         _collect(queued[-1])
     assert ended.value.code == "UNAVAILABLE"
+
+
+class _Freed:
+    """The slot decoder whose parameters a suspend freed: every later call fails, as a read
+    of a deleted device buffer does."""
+
+    def __init__(self, dec: SlotDecoder) -> None:
+        self.dec, self.freed = dec, False
+        self.max_batch, self.max_seq_len = dec.max_batch, dec.max_seq_len
+
+    def prefill(self, *a):
+        if self.freed:
+            raise RuntimeError("Array has been deleted")
+        return self.dec.prefill(*a)
+
+    def step(self, *a):
+        if self.freed:
+            raise RuntimeError("Array has been deleted")
+        return self.dec.step(*a)
+
+
+def test_stop_waits_for_a_decode_step_blocked_on_the_device_lock(dec):
+    """A stop returns only after the loop ended (a co-resident training step holds the device
+    lock for longer than any fixed join), and a failure after the stop keeps its reason."""
+    lock, gate = threading.Lock(), IslandGate()
+    freed = _Freed(dec)
+    eng = ServeEngine(freed, _text, lock=lock, gate=gate)
+    [p] = _prompts(4, [5])
+    lock.acquire()  # the training step: the request's prefill waits for it
+    req = eng.submit(Request(p, max_tokens=50))
+    while not gate.wants():  # the loop took the island; it goes on to the device lock
+        time.sleep(0.002)
+    time.sleep(0.1)
+    stopper = threading.Thread(target=eng.stop, args=("the serve job was preempted",))
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive()  # still waiting for the loop
+    freed.freed = True  # what the suspend would do if stop had returned
+    lock.release()
+    stopper.join(30)
+    assert not stopper.is_alive() and not eng.running
+    with pytest.raises(ServeError, match="the serve job was preempted"):
+        _collect(req)
+    assert eng.failure is None
+
+
+def test_a_failed_loop_is_not_running_and_names_its_failure(dec):
+    freed = _Freed(dec)
+    freed.freed = True
+    eng = ServeEngine(freed, _text)
+    [p] = _prompts(4, [5])
+    with pytest.raises(ServeError, match="serve loop failed") as ended:
+        _collect(eng.submit(Request(p, max_tokens=5)))
+    assert ended.value.code == "UNAVAILABLE"
+    eng._thread.join(10)
+    assert not eng.running and "Array has been deleted" in eng.failure
+    with pytest.raises(ServeError, match="serve loop failed"):
+        eng.submit(Request(p, max_tokens=5))
+
+
+def test_a_training_step_starts_after_its_wait_at_the_serve_gate():
+    """The step's start timestamp (its timings, the scheduler's charge) leaves out the time
+    the island served requests."""
+    from pathways_lite.workers.serve_rpc import ServingHost
+
+    host = ServingHost()
+    host._serving_init()
+    host.gate.set_serving(True)  # a request is decoding
+    marks: dict[str, float] = {}
+    stepper = threading.Thread(
+        target=host.training_step,
+        args=(lambda: marks.setdefault("ran", time.monotonic()),),
+        kwargs={"on_start": lambda: marks.setdefault("start", time.monotonic())},
+    )
+    stepper.start()
+    time.sleep(0.3)
+    assert not marks  # waiting at the gate
+    released = time.monotonic()
+    host.gate.set_serving(False)
+    stepper.join(10)
+    assert released <= marks["start"] <= marks["ran"]
+    assert host.gate.training_waits == 1
+
+
+def test_a_multi_island_step_waits_at_the_serve_gate_at_most_a_share_of_its_deadline():
+    """Its peers wait for it in the exchange: past GATE_WAIT_SHARE of their deadline it runs
+    beside the service instead of timing them out (review finding 4)."""
+    import types
+
+    from pathways_lite.workers.runtime import IslandJobSpec
+    from pathways_lite.workers.serve_rpc import GATE_WAIT_SHARE, ServingHost
+
+    host = ServingHost()
+    host._serving_init()
+    host.gate.set_serving(True)  # the service never goes idle
+    spec = IslandJobSpec(job_id="dp", generation=0, preset="palm-tiny", num_islands=2)
+    spec = dataclasses.replace(spec, exchange_timeout_s=0.8)
+    started = time.monotonic()
+    host.training_step(lambda: None, types.SimpleNamespace(spec=spec))
+    waited = time.monotonic() - started
+    assert GATE_WAIT_SHARE * 0.8 <= waited < 0.8
+    alone = dataclasses.replace(spec, num_islands=1)  # a one-island step waits for the gate
+    stepper = threading.Thread(
+        target=host.training_step, args=(lambda: None, types.SimpleNamespace(spec=alone))
+    )
+    stepper.start()
+    stepper.join(0.5)
+    assert stepper.is_alive()
+    host.gate.set_serving(False)
+    stepper.join(10)
+    assert not stepper.is_alive()

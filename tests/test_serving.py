@@ -81,6 +81,85 @@ def test_serve_spec_rules() -> None:
     assert spec_lib.serve_settings(spec, 256) == spec_lib.ServeSettings(8, 256, 200.0)
 
 
+def test_a_serve_job_on_a_multi_host_island_is_refused_as_the_users_failure() -> None:
+    from pathways_lite.controller.islands import Island
+    from pathways_lite.controller.jobs import check_serve_islands
+    from pathways_lite.controller.recovery import FailureClass, classify
+
+    check_serve_islands([Island("island-0", [None])])
+    with pytest.raises(Exception, match="island-1 has 2 hosts") as refused:
+        check_serve_islands([Island("island-0", [None]), Island("island-1", [None, None])])
+    assert classify(refused.value) == FailureClass.USER  # failed at once, never retried
+
+
+def test_a_job_started_from_a_serve_job_names_its_kind(tmp_path) -> None:
+    from pathways_lite.controller import lineage
+    from pathways_lite.controller.spec_errors import SpecError as ControllerSpecError
+    from pathways_lite.controller.store import JobStore
+
+    store = JobStore(tmp_path / "controller.db")
+    source = store.create_job(load_spec_text(SERVE), job_id="srv-1")
+    init = load_spec_text(SERVE.replace("srv-src", "srv-1")).init_from
+    with pytest.raises(ControllerSpecError, match="init_from.job='srv-1' is a serve job"):
+        lineage._check_source(source, init, store)
+    store.close()
+
+
+def test_the_router_and_the_probe_skip_dead_islands_and_never_leak_inflight(tmp_path) -> None:
+    """A replica on a dead island is never chosen; a host whose channel closed answers
+    UNAVAILABLE and its in-flight count comes back (least-loaded routing stays right)."""
+    import asyncio
+
+    from pathways_lite.controller.dispatch import DispatchError
+    from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.jobs import probe_serve
+    from pathways_lite.controller.recovery import FailureClass, classify
+    from pathways_lite.controller.serve_router import ServeRouter
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.rpc import RpcRejection
+
+    store = JobStore(tmp_path / "controller.db")
+    record = store.create_job(load_spec_text(SERVE))
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel("localhost:1")
+        await channel.close()
+        host = HostHandle(
+            "localhost:1",
+            channel,
+            worker_pb2_grpc.WorkerServiceStub(channel),
+            worker_pb2.InfoReply(),
+        )
+        dead, closed = Island("island-0", [host], dead="host 0 died"), Island("island-1", [host])
+        router = ServeRouter(store)
+        router.loading(record.id, [dead, closed])
+        router.serving(record.id, 0, 4)
+        request = controller_pb2.GenerateJobRequest(job_id=record.id, prompt="hi")
+        for _ in range(3):
+            with pytest.raises(RpcRejection, match="island-1 .* not reachable") as e:
+                async for _ in router.generate(request):
+                    pass
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert [r.inflight for r in router.jobs[record.id].replicas] == [0, 0]
+        # The serve job's liveness probe: a channel closed, a restart, a death: UNAVAILABLE,
+        # an infrastructure failure (recovered, or failed when its budget is spent).
+        start = worker_pb2.StartServeRequest(job_id=record.id, max_batch=4, max_seq_len=128)
+        for why, generation in (("not reachable|closed", 0), ("restarted", 1)):
+            with pytest.raises(DispatchError, match=why) as stopped:
+                await probe_serve([closed], [generation], start)
+            assert classify(stopped.value) == FailureClass.INFRASTRUCTURE
+        closed.dead = "host 0 died"
+        with pytest.raises(DispatchError, match="host 0 died"):
+            await probe_serve([closed], [0], start)
+        with pytest.raises(RpcRejection, match="dead island"):
+            async for _ in router.generate(request):
+                pass
+
+    asyncio.run(main())
+    store.close()
+
+
 def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> None:
     state = str(local_cluster.state_dir)
     with ControllerClient(state) as client:

@@ -138,6 +138,7 @@ class ServeEngine:
         self._next = np.zeros(self.max_batch, np.int32)
         self._pos = np.zeros(self.max_batch, np.int32)
         self._stop_reason: str | None = None
+        self._failure: str | None = None
         self._holding = False
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
         self._thread.start()
@@ -170,6 +171,11 @@ class ServeEngine:
             if self._stop_reason is not None:
                 raise ServeError("UNAVAILABLE", self._stop_reason)
             if len(self._waiting) >= self.queue_limit:
+                # Requests whose clients went away hold no place in the queue.
+                self._waiting = collections.deque(
+                    r for r in self._waiting if not r.cancelled.is_set()
+                )
+            if len(self._waiting) >= self.queue_limit:
                 raise ServeError(
                     "RESOURCE_EXHAUSTED",
                     f"the serve queue is full ({self.queue_limit} requests = 4 x "
@@ -180,8 +186,23 @@ class ServeEngine:
             self._cond.notify_all()
         return req
 
-    def stop(self, reason: str, timeout_s: float = 10.0) -> None:
-        """End every open request with UNAVAILABLE naming `reason`; stop the loop."""
+    @property
+    def running(self) -> bool:
+        """The loop is alive and was neither stopped nor failed."""
+        return self._thread.is_alive() and self._stop_reason is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the loop failed on its own (None while running or after a `stop`)."""
+        return self._failure
+
+    def stop(self, reason: str, timeout_s: float | None = None) -> None:
+        """End every open request with UNAVAILABLE naming `reason`; stop the loop.
+
+        Waits for the loop's thread to end (by default without a limit): a prefill or
+        decode step in progress (or waiting for the device lock) finishes before the caller
+        may free the parameters it reads.
+        """
         with self._cond:
             if self._stop_reason is None:
                 self._stop_reason = reason
@@ -218,9 +239,12 @@ class ServeEngine:
                     if not self._waiting and all(r is None for r in self._slots):
                         self._hold(False)
         except Exception as e:  # the loop's own failure ends every request
-            logger.exception("serve loop failed")
             with self._cond:
-                self._stop_reason = f"the serve loop failed: {e!r}"
+                if self._stop_reason is None:  # a stop's own reason stays (finding 5)
+                    logger.exception("serve loop failed")
+                    self._failure = self._stop_reason = f"the serve loop failed: {e!r}"
+                else:
+                    logger.warning("serve loop ended (%s) with %r", self._stop_reason, e)
         finally:
             self._end_all()
 

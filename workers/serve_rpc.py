@@ -18,6 +18,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
+from .exchange import DEFAULT_TIMEOUT_S
 from .requests import check_job_id
 from .rpc import RpcRejection
 from .runtime import RuntimeUnavailableError
@@ -26,6 +27,8 @@ from .serve_engine import IslandGate, Request, ServeEngine, ServeError
 logger = logging.getLogger(__name__)
 
 LOADING = object()  # a job whose StartServe has not finished
+# The share of a multi-island step's exchange deadline it may wait at the serve gate.
+GATE_WAIT_SHARE = 0.25
 
 
 def _settle(runtime: Any) -> None:
@@ -63,20 +66,49 @@ class ServingHost:
         self.device_thread_lock = threading.Lock()
         self._engines: dict[str, Any] = {}
 
-    def training_step(self, fn: Any, runtime: Any = None) -> Any:
+    def training_step(self, fn: Any, runtime: Any = None, on_start: Any = None) -> Any:
         """Run one training step (on the runtime thread) once no request is being served:
         checked again under the device lock, so a step never starts after a request took
-        the island (it would stall that request's decoding)."""
+        the island (it would stall that request's decoding). `on_start()` is called when
+        the step really starts, after its wait at the gate (the step's start timestamp)."""
+        # A step of a multi-island job (gradient exchange, pipeline stage links) is a
+        # collective: its peers may already wait for it. Its wait at this host's gate is
+        # bounded to a quarter of their deadline; past that it runs beside the service (a
+        # decode step waits for it) rather than time its peers out (review finding 4).
+        spec = getattr(runtime, "spec", None)
+        bound = None
+        if spec is not None and (
+            getattr(spec, "num_islands", 1) > 1 or getattr(spec, "pipeline", None) is not None
+        ):
+            bound = GATE_WAIT_SHARE * (spec.exchange_timeout_s or DEFAULT_TIMEOUT_S)
+        deadline = None if bound is None else time.monotonic() + bound
         while True:
-            self.gate.wait_for_training()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.gate.wait_for_training(left)
             with self.device_thread_lock:
-                if not self.gate.wants():
+                overdue = deadline is not None and time.monotonic() >= deadline
+                if overdue and self.gate.wants():
+                    logger.warning(
+                        "a step of multi-island job %s waited %.0f s at the serve gate; it "
+                        "runs beside the service so its peers do not time out",
+                        getattr(spec, "job_id", "?"),
+                        bound,
+                    )
+                if overdue or not self.gate.wants():
+                    if on_start is not None:
+                        on_start()
                     result = fn()
                     if self._engines and runtime is not None:
                         # With a service on the island the step ends on the devices before
                         # the lock goes: its update never delays the next decode step.
                         _settle(runtime)
                     return result
+
+    def device_locked(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` under the device lock (on the runtime thread): a runtime's suspend or
+        unload never frees buffers while a serve engine's prefill or decode reads them."""
+        with self.device_thread_lock:
+            return fn(*args)
 
     def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
         engine = self._engines.pop(job_id, None)
@@ -93,8 +125,16 @@ class ServingHost:
         from pathways_lite.model.decode import Sampling, SlotDecoder
 
         job = self._job(request.job_id)
-        if isinstance(self._engines.get(request.job_id), ServeEngine):
-            engine = self._engines[request.job_id]
+        engine = self._engines.get(request.job_id)
+        if isinstance(engine, ServeEngine) and not engine.running:
+            # A loop that failed on its own (or ended) is dropped: never handed back as
+            # serving. The caller learns why; the next StartServe builds a new one.
+            self._engines.pop(request.job_id, None)
+            raise RpcRejection(
+                grpc.StatusCode.UNAVAILABLE,
+                f"job {request.job_id!r}: {engine.failure or 'the service had stopped'}",
+            )
+        if isinstance(engine, ServeEngine):
             return worker_pb2.StartServeReply(
                 job_id=request.job_id,
                 kv_cache_bytes=SlotDecoder.kv_bytes(
@@ -141,7 +181,7 @@ class ServingHost:
             self._engines.pop(request.job_id, None)
             raise
         if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
-            engine.stop("the service was stopped while loading")
+            await asyncio.to_thread(engine.stop, "the service was stopped while loading")
             raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
         self._engines[request.job_id] = engine
         logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)

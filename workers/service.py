@@ -335,8 +335,11 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         if report is None or not request.dry_run:
             async with self._lock:
                 if existing is not None and not request.dry_run:
+                    await asyncio.to_thread(
+                        self._stop_engine, spec.job_id, f"generation {spec.generation} loads"
+                    )
                     await self._on_runtime_thread(existing.checkpoints.close)
-                    await self._on_runtime_thread(existing.runtime.unload)
+                    await self._on_runtime_thread(self.device_locked, existing.runtime.unload)
                     self._jobs.pop(spec.job_id, None)
                 extra = {}
                 if request.restore_peers and not request.dry_run:
@@ -559,21 +562,24 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                     f"job_id={request.job_id!r} was unloaded while step {request.step} was queued.",
                 )
             self._running_job = request.job_id
-            start_ns = time.time_ns()
+            started = [time.time_ns()]
             try:
                 weights = tuple(request.mixture_weights)
                 extra = {"weights": weights} if weights else {}
-                # Serving goes first: the step waits while requests decode (issue 18).
+                # Serving goes first: the step waits while requests decode (issue 18). Its
+                # start is taken after that wait: the serve job's time is not the step's.
                 result: StepResult = await self._on_runtime_thread(
                     self.training_step,
                     functools.partial(job.runtime.run_step, request.step, **extra),
                     job.runtime,
+                    lambda: started.__setitem__(0, time.time_ns()),
                 )
             except Exception as e:
                 return _step_rejection(e, request)
             finally:
                 self._running_job = ""
             end_ns = time.time_ns()
+            start_ns = started[0]
             if request.checkpoint and job.checkpoints.writes:
                 await self._on_runtime_thread(job.checkpoints.save_after_step, request.step)
             committed = job.checkpoints.committed
@@ -672,16 +678,20 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         """Drop a job; unloading a job that is not loaded is a no-op."""
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
-        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
         job = self._jobs.pop(request.job_id, None)
+        if job is not None:
+            # A step of the job may wait on a peer that is gone: release it before queueing
+            # (and before the serve engine, which may wait behind that step, is joined).
+            self.exchange.mailbox.abort(
+                job.spec.job_id, job.spec.generation, "the job was unloaded"
+            )
+        await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
         if job is None:
             return worker_pb2.UnloadJobReply(unloaded=False)
-        # A step of the job may wait on a peer that is gone: release it before queueing.
-        self.exchange.mailbox.abort(job.spec.job_id, job.spec.generation, "the job was unloaded")
         async with self._lock:
             # The checkpoint in progress is committed first.
             await self._on_runtime_thread(job.checkpoints.close)
-            await self._on_runtime_thread(job.runtime.unload)
+            await self._on_runtime_thread(self.device_locked, job.runtime.unload)
         self.exchange.mailbox.forget(request.job_id)
         logger.info("unloaded job %s", request.job_id)
         return worker_pb2.UnloadJobReply(unloaded=True)
@@ -695,7 +705,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         async with self._lock:
             if job.runtime.suspended:
                 return worker_pb2.SuspendReply(suspended=False, host_bytes=job.runtime.host_bytes())
-            host_bytes = await self._on_runtime_thread(job.runtime.suspend)
+            host_bytes = await self._on_runtime_thread(self.device_locked, job.runtime.suspend)
         return worker_pb2.SuspendReply(suspended=True, host_bytes=host_bytes)
 
     @_rpc
