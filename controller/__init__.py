@@ -12,6 +12,8 @@ resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest b
                     MemoryFigures (what jobs measured they hold, by model, mesh and batch)
 recovery.py         failure classes, retry budgets, checkpoint registry and rollback
 peer_recovery.py    a data-parallel job resumed from its surviving islands (no step lost)
+pipeline.py         pipeline jobs: stage-major islands, a stage's load, per-stage memory, layout
+trace.py            a job's hosts' execution logs (the Trace rpc) and the pipeline Gantt data
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
 serve_router.py     kind: serve jobs' replicas and the Generate stream (least-loaded replica)
 mixture_weights.py  a mixture job's per-source weights (dynamic: from global losses), per step

@@ -16,6 +16,8 @@ tls.py              the cluster CA, host certificates, TLS where an address want
 rpc.py              one gRPC server start-up and one error-to-status mapping (both servers)
 runtime.py          the JobRuntime interface; runtimes.py picks one per model preset
 probe_runtime.py    the linear probe job; palm_runtime.py the PaLM job; sampling.py generation
+pipeline.py         PipelineRuntime: one stage of a pipeline job, GPipe or 1F1B per step
+stage_link.py       activations and their gradients host to host between neighbouring stages
 serve_engine.py     kind: serve: the continuous batching loop over a slot KV cache; IslandGate
 serve_rpc.py        StartServe/StopServe/Generate; training steps wait while requests decode
 evaluation.py       the Evaluate rpc's host side: loss, perplexity, exact match, token F1 per source
