@@ -26,13 +26,11 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import numpy as np
-
-from pathways_lite.v1 import worker_pb2
 
 from .exchange import (
     ExchangeAbortedError,
@@ -40,6 +38,7 @@ from .exchange import (
     ExchangeTimeoutError,
     Mailbox,
     Peers,
+    _chunks,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,15 +58,6 @@ PHASE_NAMES = {
 
 class StageTimeoutError(ExchangeTimeoutError):
     """A neighbouring stage sent nothing within the wait's deadline."""
-
-
-def _chunks(head: dict[str, Any], values: np.ndarray, part: int) -> Iterator[Any]:
-    size = int(values.size)
-    for offset in range(0, max(size, 1), CHUNK_ELEMENTS):
-        piece = values[offset : offset + CHUNK_ELEMENTS]
-        yield worker_pb2.GradientChunk(
-            **head, part=part, offset=offset, part_size=size, data=piece.tobytes()
-        )
 
 
 class StageLink:
