@@ -22,7 +22,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 6: RunSlice: a slice of steps streamed back step by step (ExecutionEntry's
 #    received_unix_ns).
 # 7: SkipSeq when_due/count: a cancelled slice's numbers skipped as their turns come.
-WORKER_WIRE_VERSION = 7
+# 8: GradientChunk.bucket: the gradient exchange in buckets overlapped with the backward pass
+#    (LoadJob exchange_bucket_bytes, exchange_after_backward).
+WORKER_WIRE_VERSION = 8
 
 
 @dataclass(frozen=True)
