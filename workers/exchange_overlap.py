@@ -204,6 +204,18 @@ class OverlappedGrad:
         with jax.set_mesh(fns.mesh):
             return program.lower(params_abs, fns.batch_shape(batch_size, seq_len)).compile()
 
+    def compiled_step(self) -> Any:
+        """A `CompiledStep` of this gradient program (it returns the loss only: the
+        gradients leave through the callbacks) and the step's compiled update."""
+        import jax
+
+        from pathways_lite.model.train import CompiledStep
+
+        params_abs, opt_abs = jax.eval_shape(lambda: self.fns._init_impl(0))
+        with jax.set_mesh(self.fns.mesh):
+            apply = self.fns._apply.lower(params_abs, opt_abs, params_abs).compile()
+        return CompiledStep(grad=self.exec, apply=apply)
+
     # ---- the callback (on XLA's thread) --------------------------------------------------
 
     def _sink(self, bucket: int, *grads: np.ndarray) -> None:

@@ -261,7 +261,12 @@ class PalmRuntime(JobRuntime):
             num_sources=self.dataset.num_sources if masked else 0,
             segmented=bool(masked and self.dataset.segmented),
         )
-        compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
+        self._overlap = self._overlapped_grad(fns)
+        if self._overlap is not None:
+            # The tapped gradient program replaces the plain one (one compile, not two).
+            compiled = self._overlap.compiled_step()
+        else:
+            compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
         report = compiled_memory(fns, compiled)
         logger.info(
@@ -272,7 +277,6 @@ class PalmRuntime(JobRuntime):
             report.total_bytes,
         )
         self._compiled = (fns, grad_exec, apply_exec, report)
-        self._overlap = self._overlapped_grad(fns)
         return report
 
     def _overlapped_grad(self, fns: Any) -> Any:
@@ -351,7 +355,12 @@ class PalmRuntime(JobRuntime):
         t1 = time.perf_counter()
         state = resident.state
         exchange_s, sent = 0.0, 0
-        if self.exchange is not None and self._overlap is not None:
+        if self._overlap is not None:
+            if self.exchange is None:
+                raise RuntimeUnavailableError(
+                    f"job {self.spec.job_id!r} spans {self.spec.num_islands} islands but has "
+                    "no exchange with its peers."
+                )
             # Buckets exchanged while the backward pass runs; exchange_s is the wait after it.
             loss, grads, times = self._overlap.step(state.params, batch, step, self.exchange)
             exchange_s, sent = times.exposed_s, self.exchange.bytes_sent
