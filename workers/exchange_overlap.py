@@ -2,7 +2,7 @@
 
 The gradient program is the step's own loss and `jax.value_and_grad`, with one change: the
 parameters go into the loss through an identity (`jax.custom_vjp`) per bucket of leaves,
-whose backward rule hands the bucket's finished gradients to the host (`io_callback`) and
+whose backward rule hands the bucket's finished gradients to the host (a host callback) and
 returns them unchanged. Reverse-mode differentiation reaches that rule once every use of
 the bucket's parameters has been differentiated, so the buckets leave in the order the
 backward pass finishes them: the last layers first, the tied embedding (used first and
@@ -47,6 +47,58 @@ from .exchange import ExchangeError
 logger = logging.getLogger(__name__)
 
 _BLOCK = re.compile(r"\['blocks'\]\[(\d+)\]")
+
+_TAP: Any = None
+
+
+def _tap_primitive() -> Any:
+    """`gradient_tap(*arrays, sink=f)`: calls f with the arrays as numpy views of XLA's buffers,
+    from inside the compiled program.
+
+    Like `io_callback` without its `device_put` of the operands: that copy waits for the CPU
+    device, which is busy running the very program that waits for the callback -- a deadlock
+    with one XLA CPU thread (seen in bench/dp_scaling.py's pinned hosts). The lowering is
+    io_callback's (`emit_python_callback`, unordered IO effect, not DCE'd).
+    """
+    global _TAP
+    if _TAP is not None:
+        return _TAP
+    from jax._src import callback as jcallback
+    from jax._src.interpreters import mlir
+    from jax.extend.core import Primitive
+
+    tap = Primitive("gradient_tap")
+    tap.multiple_results = True
+
+    def abstract_eval(*avals, sink):
+        del avals, sink
+        return [], {jcallback._IOEffect}
+
+    def lowering(ctx, *args, sink):
+        def call(*flat):
+            sink(*flat)
+            return ()
+
+        sharding = jcallback._callback_op_sharding(
+            ctx.module_context.axis_context, None, ctx.avals_out
+        )
+        jcallback.emit_python_callback(
+            ctx,
+            call,
+            None,
+            list(args),
+            ctx.avals_in,
+            [],
+            has_side_effect=True,
+            returns_token=False,
+            sharding=sharding,
+        )
+        return []
+
+    tap.def_effectful_abstract_eval(abstract_eval)
+    mlir.register_lowering(tap, lowering, cacheable=False)
+    _TAP = tap
+    return tap
 
 
 def backward_rank(path: str, n_blocks: int) -> int:
@@ -158,7 +210,8 @@ class OverlappedGrad:
 
     def _tap(self, bucket: int) -> Any:
         import jax
-        from jax.experimental import io_callback
+
+        primitive = _tap_primitive()
 
         @jax.custom_vjp
         def ident(leaves):
@@ -168,7 +221,7 @@ class OverlappedGrad:
             return leaves, None
 
         def bwd(_, grads):
-            io_callback(functools.partial(self._sink, bucket), None, *grads, ordered=False)
+            primitive.bind(*grads, sink=functools.partial(self._sink, bucket))
             return (grads,)
 
         ident.defvjp(fwd, bwd)
