@@ -3,7 +3,7 @@
 Baseline: ONE island host with the whole global batch. Ours: TWO island hosts, each with half
 of the same global batch, exchanging gradients host to host (workers/exchange.py), with the
 exchange overlapped with the backward pass (workers/exchange_overlap.py) and without (the
-whole gradient after the backward pass, LoadJob exchange_after_backward). Every island host
+whole gradient after the backward pass, LoadJob exchange_overlap false). Every island host
 is its own process with one CPU device, pinned to its own core with `taskset -c` and limited
 to one XLA CPU thread (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`),
 so each island host has the same CPU threads in every run. The controller side is this
@@ -167,7 +167,7 @@ async def run_job(
 
         def with_exchange(at):
             request = load(at)
-            request.exchange_after_backward = not overlap
+            request.exchange_overlap = overlap
             request.exchange_bucket_bytes = bucket_bytes
             return request
 

@@ -126,6 +126,7 @@ def load_request(job_id: str, island: int, peers: list[str], timeout_s: float):
         exchange_timeout_s=timeout_s,
         # Small buckets: several leave during the backward pass of palm-tiny.
         exchange_bucket_bytes=64 << 10,
+        exchange_overlap=True,
     )
 
 

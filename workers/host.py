@@ -23,7 +23,7 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 #    received_unix_ns).
 # 7: SkipSeq when_due/count: a cancelled slice's numbers skipped as their turns come.
 # 8: GradientChunk.bucket: the gradient exchange in buckets overlapped with the backward pass
-#    (LoadJob exchange_bucket_bytes, exchange_after_backward).
+#    (LoadJob exchange_bucket_bytes, exchange_overlap).
 WORKER_WIRE_VERSION = 8
 
 

@@ -98,5 +98,5 @@ def decode_load(request: worker_pb2.LoadJobRequest, island_device_count: int) ->
         digest_every=request.digest_every,
         exchange_timeout_s=request.exchange_timeout_s or DEFAULT_TIMEOUT_S,
         exchange_bucket_bytes=request.exchange_bucket_bytes or DEFAULT_BUCKET_BYTES,
-        exchange_overlap=not request.exchange_after_backward,
+        exchange_overlap=request.exchange_overlap,
     )

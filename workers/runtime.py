@@ -87,7 +87,7 @@ class IslandJobSpec:
     digest_every: int = 0
     exchange_timeout_s: float = 0.0
     exchange_bucket_bytes: int = 0
-    exchange_overlap: bool = True
+    exchange_overlap: bool = False
 
     @property
     def island_batch(self) -> int:
