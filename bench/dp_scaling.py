@@ -1,24 +1,29 @@
 """Data parallelism across islands: 2 islands with half the global batch each vs 1 island.
 
 Baseline: ONE island host with the whole global batch. Ours: TWO island hosts, each with half
-of the same global batch, exchanging gradients host to host (workers/exchange.py). Every
-island host is its own process with one CPU device, pinned to its own core with `taskset -c`
-and limited to one XLA CPU thread (`--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=1`), so each island host has the same CPU threads in both runs.
-The controller side is this process: the controller's Dispatcher and `palm_program`, over
-gRPC, as in production.
+of the same global batch, exchanging gradients host to host (workers/exchange.py), with the
+exchange overlapped with the backward pass (workers/exchange_overlap.py) and without (the
+whole gradient after the backward pass, LoadJob exchange_overlap false). Every island host
+is its own process with one CPU device, pinned to its own core with `taskset -c` and limited
+to one XLA CPU thread (`--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`),
+so each island host has the same CPU threads in every run. The controller side is this
+process: the controller's Dispatcher and `palm_program`, over gRPC, as in production.
 
-Printed, all measured in this one run:
-- throughput ratio: tokens/s of 2 islands over tokens/s of 1 island (PaLM: 1.95x; goal
-  >= 1.95x), from the hosts' own step times after warm-up;
-- the share of the 2-island step time spent in the exchange (reported by the hosts);
-- exchange bandwidth: payload bytes each host sent plus received per second of exchange,
-  over the bandwidth of one raw gRPC client stream of the same total size on loopback
-  (1 MiB chunks into a server that drops them), measured between two processes pinned the
-  same way (goal >= 0.8).
-No overlap of the exchange with the backward pass is implemented (PaLM did not overlap).
+Printed, all measured in this one run, the three runs interleaved in 3 rounds (medians):
+- `ratio`: tokens/s of 2 islands (overlapped) over tokens/s of 1 island, from the hosts'
+  own step times after warm-up (PaLM: 1.95x; goal >= 1.97x at batch 64, 1.8x at 16);
+  `ratio_without_overlap` the same with the exchange after the backward pass;
+- `hidden_fraction` = 1 - (overlapped step - compute-only step) / (exchange time without
+  overlap), where the compute-only step is the non-overlapped step less its exchange, all
+  from the hosts' timings;
+- `exchange_vs_raw`: the exchange path alone (bench/exchange_alone.py: the same buckets, no
+  compute, two processes pinned the same way), payload bytes each host sent plus received
+  per second, over one raw gRPC client stream of the same total on loopback (1 MiB chunks
+  into a server that drops them; goal >= 0.8);
+- `copied_per_gradient_byte`: bytes a host copies on the exchange path per gradient byte
+  (counted by workers/exchange.py), beside main's count by the same rule.
 
-Run: .venv/bin/python bench/dp_scaling.py [--steps 12 --batch 16]
+Run: .venv/bin/python bench/dp_scaling.py [--batch 64 --steps 8 --json]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -113,30 +119,40 @@ def spawn(mode: str, core: int, island: str = "") -> tuple[subprocess.Popen, str
 class Run:
     tokens_per_s: float
     step_s: float
-    exchange_share: float
-    exchange_bytes_per_s: float
-    moved_bytes: int
+    exchange_s: float  # the hosts' exchange time (overlapped: the wait after the backward)
 
 
-async def run_job(addresses: list[str], steps: int, batch: int, warmup: int, tag: str) -> Run:
-    from pathways_lite.controller.dispatch import Dispatcher
-    from pathways_lite.controller.islands import Island, connect_host
-    from pathways_lite.controller.resolved import palm_program
-    from pathways_lite.v1 import controller_pb2, worker_pb2
-    from pathways_lite.workers.exchange import expected_payload_bytes
+def job_spec(islands: int, steps: int, batch: int, preset: str):
+    from pathways_lite.v1 import controller_pb2
 
-    n_islands = len(addresses)
     spec = controller_pb2.JobSpec(
-        name=f"dp-bench-{tag}",
-        islands=n_islands,
+        name=f"dp-bench-{islands}",
+        islands=islands,
         devices_per_island=1,
         mesh=controller_pb2.JobSpec.Mesh(data=1, model=1),
         train=controller_pb2.JobSpec.Train(steps=steps, global_batch=batch, seq_len=64, seed=0),
         data=controller_pb2.JobSpec.Data(source="stdlib", vocab_size=1024, max_bytes=1_000_000),
     )
-    spec.model.preset = "palm-tiny"
+    spec.model.preset = preset
     # The digest costs a parameter read-back per step: compare once at the end instead.
     spec.train.digest_every = steps
+    return spec
+
+
+async def run_job(
+    addresses: list[str],
+    args: argparse.Namespace,
+    tag: str,
+    *,
+    overlap: bool = True,
+    bucket_bytes: int = 0,
+) -> Run:
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.resolved import palm_program
+
+    n_islands, steps, batch = len(addresses), args.steps, args.batch
+    spec = job_spec(n_islands, steps, batch, args.preset)
 
     @dataclasses.dataclass
     class Record:
@@ -147,35 +163,39 @@ async def run_job(addresses: list[str], steps: int, batch: int, warmup: int, tag
     islands = [Island(f"i{k}", [await connect_host(a)]) for k, a in enumerate(addresses)]
     try:
         program = palm_program(Record(f"bench-{tag}", spec))
-        dispatcher = Dispatcher(epoch=int(time.time()), window=2)
+        load = program.load
+
+        def with_exchange(at):
+            request = load(at)
+            request.exchange_overlap = overlap
+            request.exchange_bucket_bytes = bucket_bytes
+            return request
+
+        program = dataclasses.replace(program, load=with_exchange)
+        dispatcher = Dispatcher(epoch=int(time.time() * 1000) % (1 << 31), window=2)
         await dispatcher.load(program, islands)
         reports = []
         await dispatcher.run(program, islands, on_step=reports.append)
-        digest = (
-            await islands[0]
-            .hosts[0]
-            .stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=program.job_id))
-        )
         await dispatcher.unload(program.job_id, islands)
     finally:
         for island in islands:
             await island.close()
-    timed = reports[warmup:]
+    timed = reports[args.warmup :]
     # A step's time on the hosts: the slowest host's own step time (they run in lockstep).
     step_s = statistics.median(max(h.reply.step_s for h in r.hosts) for r in timed)
-    share = statistics.median(
-        max(h.reply.exchange_s for h in r.hosts) / max(h.reply.step_s for h in r.hosts)
-        for r in timed
-    )
-    moved = sum(expected_payload_bytes(digest.num_params, n_islands, 0))
-    ex_s = statistics.median(r.hosts[0].reply.exchange_s for r in timed) if n_islands > 1 else 0
-    return Run(
-        tokens_per_s=batch * 64 / step_s,
-        step_s=step_s,
-        exchange_share=share if n_islands > 1 else 0.0,
-        exchange_bytes_per_s=moved / ex_s if ex_s else 0.0,
-        moved_bytes=moved,
-    )
+    exchange_s = statistics.median(max(h.reply.exchange_s for h in r.hosts) for r in timed)
+    return Run(tokens_per_s=batch * 64 / step_s, step_s=step_s, exchange_s=exchange_s)
+
+
+def main_copies_per_gradient_byte(islands: int) -> float:
+    """What main (before this change) copied per gradient byte, counted by the same rule as
+    workers/exchange.py: the concatenation, `tobytes` and `SerializeToString` of every sent
+    value, the receive into the part, the reduction's copy of its first term and its copy
+    into the output, the gathered parts into the output, `astype` and the device copy."""
+    own = 1 / islands
+    sent = (1 - own) + own * (islands - 1)
+    received = own * (islands - 1) + (1 - own)
+    return 1 + 2 * sent + received + own + own + (1 - own) + 1 + 1
 
 
 async def raw_stream_bytes_per_s(address: str, total: int, repeats: int = 5) -> float:
@@ -200,9 +220,19 @@ async def raw_stream_bytes_per_s(address: str, total: int, repeats: int = 5) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16, help="global batch (seq_len 64)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--preset", default="palm-small")
+    parser.add_argument("--bucket-bytes", type=int, default=0, help="0: the hosts' default")
+    parser.add_argument(
+        "--bucket-sweep",
+        default="",
+        help="comma-separated bucket sizes in bytes: one overlapped round each (the default's "
+        "measurement) instead of the comparison",
+    )
+    parser.add_argument("--json", action="store_true")
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--island", default="bench", help=argparse.SUPPRESS)
@@ -218,33 +248,110 @@ def main() -> int:
     if cores < 2:
         print("dp_scaling needs 2 CPU cores (one per island host).")
         return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import exchange_alone
+
+    from pathways_lite.controller import spec as spec_lib
+    from pathways_lite.workers.exchange import DEFAULT_BUCKET_BYTES
+    from pathways_lite.workers.exchange_overlap import param_bucket_sizes
+
+    bucket_bytes = args.bucket_bytes or DEFAULT_BUCKET_BYTES
+    model_cfg = spec_lib.to_configs(job_spec(2, args.steps, args.batch, args.preset)).model
+    buckets = param_bucket_sizes(model_cfg, bucket_bytes)
     procs = []
+    one, ov, plain, sweep = [], [], [], {}
+    load_before = os.getloadavg()[0]
     try:
         p0, a0 = spawn("host", 0, "i0")
         p1, a1 = spawn("host", 1, "i1")
         procs += [p0, p1]
-        one = asyncio.run(run_job([a0], args.steps, args.batch, args.warmup, "one"))
-        two = asyncio.run(run_job([a0, a1], args.steps, args.batch, args.warmup, "two"))
-        raw_proc, raw_address = spawn("raw", 1)
-        procs.append(raw_proc)
-        raw = asyncio.run(raw_stream_bytes_per_s(raw_address, two.moved_bytes))
+        if args.bucket_sweep:
+            for size in (int(x) for x in args.bucket_sweep.split(",")):
+                run = asyncio.run(run_job([a0, a1], args, f"b{size}", bucket_bytes=size))
+                sweep[size] = run.step_s
+        else:
+            for r in range(args.rounds):
+                one.append(asyncio.run(run_job([a0], args, f"one{r}")))
+                ov.append(asyncio.run(run_job([a0, a1], args, f"ov{r}", bucket_bytes=bucket_bytes)))
+                plain.append(asyncio.run(run_job([a0, a1], args, f"plain{r}", overlap=False)))
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
-    ratio = two.tokens_per_s / one.tokens_per_s
+    if sweep:
+        for size, step_s in sweep.items():
+            print(f"bucket {size / 2**20:7.2f} MiB: overlapped 2-island step {step_s * 1e3:.1f} ms")
+        return 0
+    alone = exchange_alone.run(buckets)
+    moved = alone[0]["sent"] + alone[0]["received"]
+    exchange_alone_s = max(h["exchange_s"] for h in alone)
+    raw_proc, raw_address = spawn("raw", 1)
+    try:
+        raw = asyncio.run(raw_stream_bytes_per_s(raw_address, moved))
+    finally:
+        raw_proc.kill()
+        raw_proc.wait()
+    med = statistics.median
+    result = {
+        "batch": args.batch,
+        "preset": args.preset,
+        "ratio": med(o.tokens_per_s / b.tokens_per_s for o, b in zip(ov, one, strict=True)),
+        "ratio_without_overlap": med(
+            p.tokens_per_s / b.tokens_per_s for p, b in zip(plain, one, strict=True)
+        ),
+        "hidden_fraction": med(
+            1 - (o.step_s - (p.step_s - p.exchange_s)) / p.exchange_s
+            for o, p in zip(ov, plain, strict=True)
+        ),
+        "exchange_vs_raw": (moved / exchange_alone_s) / raw,
+        "copied_per_gradient_byte": alone[0]["copied_bytes"] / alone[0]["gradient_bytes"],
+        "main_copied_per_gradient_byte": main_copies_per_gradient_byte(2),
+        "step_ms": {
+            "one_island": med(r.step_s for r in one) * 1e3,
+            "two_islands_overlapped": med(r.step_s for r in ov) * 1e3,
+            "two_islands_after_backward": med(r.step_s for r in plain) * 1e3,
+            "exchange_after_backward": med(r.exchange_s for r in plain) * 1e3,
+            "exposed_exchange_overlapped": med(r.exchange_s for r in ov) * 1e3,
+            "exchange_alone": exchange_alone_s * 1e3,
+        },
+        "buckets": len(buckets),
+        "bucket_bytes": bucket_bytes,
+        "gradient_bytes": alone[0]["gradient_bytes"],
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    st = result["step_ms"]
     print(
-        f"palm-tiny (vocab 1024), global batch {args.batch} x seq 64, {args.steps} steps "
-        f"({args.warmup} warm-up); each island host: 1 CPU device, 1 XLA thread, own core"
+        f"{args.preset} (vocab 1024), global batch {args.batch} x seq 64, {args.steps} steps "
+        f"({args.warmup} warm-up), {args.rounds} interleaved rounds; each island host: 1 CPU "
+        f"device, 1 XLA thread, own core; load average {load_before:.1f}"
     )
-    for name, run in (("1 island  (all of the batch)", one), ("2 islands (half each)       ", two)):
-        print(f"{name}: {run.tokens_per_s:10,.0f} tokens/s, step {run.step_s * 1e3:.1f} ms")
-    print(f"throughput ratio 2 islands / 1 island: {ratio:.2f}x (PaLM 1.95x; goal >= 1.95x)")
-    print(f"exchange share of the 2-island step time: {two.exchange_share:.1%}")
+    print(f"1 island  (all of the batch):           step {st['one_island']:8.1f} ms")
+    print(f"2 islands (half each), overlapped:      step {st['two_islands_overlapped']:8.1f} ms")
     print(
-        f"exchange bandwidth {two.exchange_bytes_per_s / 1e6:,.0f} MB/s (sent + received per "
-        f"host, {two.moved_bytes / 1e6:.1f} MB a step) vs raw gRPC stream on loopback "
-        f"{raw / 1e6:,.0f} MB/s: ratio {two.exchange_bytes_per_s / raw:.2f} (goal >= 0.8)"
+        f"2 islands (half each), after backward:  step {st['two_islands_after_backward']:8.1f} ms"
+    )
+    print(
+        f"throughput ratio 2 islands / 1 island: {result['ratio']:.2f}x overlapped, "
+        f"{result['ratio_without_overlap']:.2f}x without (PaLM 1.95x; goal >= 1.97x at 64)"
+    )
+    print(
+        f"exchange hidden under the backward pass: {result['hidden_fraction']:.0%} "
+        f"(exchange {st['exchange_after_backward']:.1f} ms after the backward, "
+        f"{st['exposed_exchange_overlapped']:.1f} ms exposed when overlapped; "
+        f"{len(buckets)} buckets of {bucket_bytes / 2**20:.0f} MiB)"
+    )
+    print(
+        f"exchange alone {moved / exchange_alone_s / 1e6:,.0f} MB/s (sent + received per host, "
+        f"{moved / 1e6:.1f} MB a step) vs raw gRPC stream {raw / 1e6:,.0f} MB/s: ratio "
+        f"{result['exchange_vs_raw']:.2f} (goal >= 0.8)"
+    )
+    print(
+        f"bytes copied per gradient byte on the exchange path: "
+        f"{result['copied_per_gradient_byte']:.1f} (main: "
+        f"{result['main_copied_per_gradient_byte']:.1f}, same counting rule)"
     )
     return 0
 

@@ -18,6 +18,16 @@ stay bitwise identical (checked with digests, phase 3).
 A host sends (N - N/I) + N/I * (I - 1) elements per step, about 2 N (I - 1) / I, instead of the
 N (I - 1) of sending everything to everyone: the traffic per host stays under 2 N for any I.
 
+The gradients travel in buckets (workers/exchange_overlap.py cuts them as the backward pass
+produces them); every bucket is reduced on its own by the algorithm above, its parts keyed by
+(step, bucket, part). The reduction is elementwise, so the bucketing changes no value: the
+bytes are those of one whole-vector exchange, whatever the bucket size.
+
+No needless copies: a chunk goes on the wire serialized by hand from a view of the host's
+buffer (one copy, into the message bytes; `encode_chunk`), the reduction writes straight into
+the output vector, and `copied_bytes` counts what the host copies per step (see
+bench/dp_scaling.py's bytes-copied figure).
+
 Nothing here goes through Ray, files or the controller; streams carry chunks of at most
 `CHUNK_ELEMENTS` values. Waits have deadlines, and `Mailbox.abort(job, generation)` releases
 them (the Abort rpc) without touching other jobs.
@@ -27,11 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -50,6 +61,9 @@ PHASE_DIGEST = 3
 # float32 values per chunk message (1 MiB of payload).
 CHUNK_ELEMENTS = 1 << 18
 DEFAULT_TIMEOUT_S = 120.0
+# Gradient bytes per bucket of the overlapped exchange (measured: bench/dp_scaling.py
+# --bucket-sweep on palm-small; README).
+DEFAULT_BUCKET_BYTES = 4 << 20
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # (job, step) byte counts kept by the interceptor.
 MAX_STATS_ENTRIES = 4096
@@ -83,14 +97,21 @@ def part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def expected_payload_bytes(n: int, islands: int, island: int) -> tuple[int, int]:
-    """(sent, received) gradient payload bytes of one host on one step for n float32 values."""
+def expected_payload_bytes(
+    n: int, islands: int, island: int, bucket_sizes: Sequence[int] | None = None
+) -> tuple[int, int]:
+    """(sent, received) gradient payload bytes of one host on one step for n float32 values,
+    exchanged in buckets of `bucket_sizes` values (default: one bucket of n)."""
     if islands < 2:
         return 0, 0
-    start, stop = part_bounds(n, islands)[island]
-    own = stop - start
-    sent = (n - own) + own * (islands - 1)
-    received = own * (islands - 1) + (n - own)
+    sizes = [n] if bucket_sizes is None else list(bucket_sizes)
+    assert sum(sizes) == n, (sum(sizes), n)
+    sent = received = 0
+    for size in sizes:
+        start, stop = part_bounds(size, islands)[island]
+        own = stop - start
+        sent += (size - own) + own * (islands - 1)
+        received += own * (islands - 1) + (size - own)
     return 4 * sent, 4 * received
 
 
@@ -136,7 +157,9 @@ def unflatten_shards(flat: np.ndarray, layout: list[tuple[int, Any, tuple]], tre
         for key in keys:
             shape = tuple(stop - start for start, stop in key)
             size = int(np.prod(shape, dtype=np.int64))
-            values[key] = flat[offset : offset + size].reshape(shape).astype(original.dtype)
+            values[key] = (
+                flat[offset : offset + size].reshape(shape).astype(original.dtype, copy=False)
+            )
             offset += size
         arrays = []
         for shard in original.addressable_shards:
@@ -202,6 +225,7 @@ class Mailbox:
             chunk.phase,
             chunk.source_island,
             chunk.part,
+            chunk.bucket,
         )
         slot = self._slot(key)
         if slot.future.done():
@@ -332,7 +356,51 @@ class Peers:
         self.credential = credential
         self.tls = tls
         self._stubs: dict[str, worker_pb2_grpc.ExchangeServiceStub] = {}
+        self._raw: dict[str, Any] = {}
+        self._channel_of: dict[str, grpc.aio.Channel] = {}
         self._channels: list[grpc.aio.Channel] = []
+
+    def raw_exchange(self, address: str) -> Any:
+        """ExchangeGradients taking chunks already serialized (`encode_chunk`)."""
+        call = self._raw.get(address)
+        if call is None:
+            self.stub(address)
+            call = self._raw[address] = self._channel_of[address].stream_unary(
+                EXCHANGE_METHOD,
+                request_serializer=None,
+                response_deserializer=worker_pb2.ExchangeGradientsReply.FromString,
+            )
+        return call
+
+    async def send_serialized(self, address: str, chunks: Sequence[bytes], timeout: float) -> None:
+        """Stream chunks serialized by `encode_chunk` (`_chunks`) to `address`.
+
+        gRPC's aio client swallows an error raised while it writes the request stream (a chunk
+        that is not `bytes` fails its write) and only cancels the call: the caller's await
+        then ends in CancelledError, nothing reaches the peer, and the peer's wait runs to its
+        deadline. Both are turned into an ExchangeError here, at once, naming the cause.
+
+        Raises:
+            grpc.aio.AioRpcError: the call failed (the callers map its status).
+            ExchangeError: a chunk is not serialized bytes; gRPC cancelled the stream.
+        """
+        for chunk in chunks:
+            if not isinstance(chunk, bytes):
+                raise ExchangeError(
+                    f"a chunk for {address} is a {type(chunk).__name__}, not serialized bytes "
+                    "(exchange._chunks / encode_chunk)."
+                )
+        call = self.raw_exchange(address)(iter(chunks), timeout=timeout, metadata=self.metadata())
+        try:
+            await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our own cancellation (a failed step, an abort)
+            raise ExchangeError(
+                f"the stream to {address} was cancelled by gRPC before it finished (a chunk "
+                "could not be written)."
+            ) from None
 
     def stub(self, address: str) -> worker_pb2_grpc.ExchangeServiceStub:
         stub = self._stubs.get(address)
@@ -346,6 +414,7 @@ class Peers:
                 ],
             )
             self._channels.append(channel)
+            self._channel_of[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.ExchangeServiceStub(channel)
         return stub
 
@@ -358,18 +427,44 @@ class Peers:
             await channel.close()
         self._channels.clear()
         self._stubs.clear()
+        self._raw.clear()
+        self._channel_of.clear()
 
 
-def _chunks(
-    head: dict[str, Any], values: np.ndarray, part: int
-) -> Iterator[worker_pb2.GradientChunk]:
+_DATA_TAG = b"\x4a"  # GradientChunk.data: field 9, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_chunk(head: worker_pb2.GradientChunk, data: memoryview) -> bytes:
+    """One serialized GradientChunk: `head`'s fields, then `data` copied once into the
+    message (protobuf lets the fields come in any order), instead of `tobytes()` and then
+    SerializeToString's second copy."""
+    return b"".join((head.SerializeToString(), _DATA_TAG, _varint(len(data)), data))
+
+
+def _chunks(head: dict[str, Any], values: np.ndarray, part: int, bucket: int = 0) -> list[bytes]:
     data = np.ascontiguousarray(values, dtype="<f4")
     size = data.size
-    for offset in range(0, max(size, 1), CHUNK_ELEMENTS):
-        piece = data[offset : offset + CHUNK_ELEMENTS]
-        yield worker_pb2.GradientChunk(
-            **head, part=part, offset=offset, part_size=size, data=piece.tobytes()
+    raw = memoryview(data).cast("B")
+    return [
+        encode_chunk(
+            worker_pb2.GradientChunk(
+                **head, part=part, offset=offset, part_size=size, bucket=bucket
+            ),
+            raw[4 * offset : 4 * min(offset + CHUNK_ELEMENTS, size)],
         )
+        for offset in range(0, max(size, 1), CHUNK_ELEMENTS)
+    ]
 
 
 class JobExchange:
@@ -407,6 +502,20 @@ class JobExchange:
         self.islands = len(self.addresses)
         self.timeout_s = timeout_s
         self.bytes_sent = 0
+        # Bytes this host copied for the exchange since the last `reset_counters` (staging,
+        # serialization, receiving, reduction output); bench/dp_scaling.py reports them.
+        self.copied_bytes = 0
+        self._lock = threading.Lock()
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.bytes_sent = 0
+            self.copied_bytes = 0
+
+    def count(self, *, sent: int = 0, copied: int = 0) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.copied_bytes += copied
 
     def _head(self, step: int, phase: int) -> dict[str, Any]:
         return dict(
@@ -417,12 +526,13 @@ class JobExchange:
             phase=phase,
         )
 
-    async def _send(self, island: int, chunks: list[worker_pb2.GradientChunk], deadline: float):
+    async def _send(
+        self, island: int, chunks: list[bytes], deadline: float, payload: int = 0
+    ) -> None:
+        """Stream serialized chunks (`_chunks`) to `island`; `payload`: their data bytes."""
         left = deadline - time.monotonic()
         try:
-            await self.peers.stub(self.addresses[island]).ExchangeGradients(
-                iter(chunks), timeout=max(left, 0.001), metadata=self.peers.metadata()
-            )
+            await self.peers.send_serialized(self.addresses[island], chunks, max(left, 0.001))
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ExchangeTimeoutError(
@@ -435,7 +545,7 @@ class JobExchange:
                 f"sending to island {island} ({self.addresses[island]}) failed: "
                 f"{e.code().name}: {e.details()}"
             ) from None
-        self.bytes_sent += sum(len(c.data) for c in chunks)
+        self.count(sent=payload)
 
     async def _gather_all(self, aws: list) -> list:
         """Await all; on the first failure cancel the rest and raise it."""
@@ -448,44 +558,40 @@ class JobExchange:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _allreduce(self, step: int, flat: np.ndarray) -> np.ndarray:
+    async def _allreduce(self, step: int, flat: np.ndarray, bucket: int = 0) -> np.ndarray:
         deadline = time.monotonic() + self.timeout_s
         n, me, islands = flat.size, self.island, self.islands
         bounds = part_bounds(n, islands)
         lo, hi = bounds[me]
+        key = (self.job_id, self.generation, step)
         # 1. reduce-scatter: part j of our gradients to island j; the others' part `me` here.
-        sends = [
-            self._send(j, list(_chunks(self._head(step, PHASE_SCATTER), flat[a:b], j)), deadline)
-            for j, (a, b) in enumerate(bounds)
-            if j != me
-        ]
+        sends = []
+        for j, (a, b) in enumerate(bounds):
+            if j != me:
+                chunks = _chunks(self._head(step, PHASE_SCATTER), flat[a:b], j, bucket)
+                sends.append(self._send(j, chunks, deadline, 4 * (b - a)))
         waits = [
-            self.mailbox.wait(
-                (self.job_id, self.generation, step, PHASE_SCATTER, j, me),
-                deadline - time.monotonic(),
-            )
+            self.mailbox.wait((*key, PHASE_SCATTER, j, me, bucket), deadline - time.monotonic())
             for j in range(islands)
             if j != me
         ]
         results = await self._gather_all(sends + waits)
         received = iter(results[len(sends) :])
         contributions = [flat[lo:hi] if j == me else next(received) for j in range(islands)]
-        # Island order 0, 1, ..., I - 1, float32 throughout: the same bytes wherever computed.
-        reduced = np.array(contributions[0], dtype=np.float32, copy=True)
-        for part in contributions[1:]:
+        # Island order 0, 1, ..., I - 1, float32 throughout: the same bytes wherever computed;
+        # written straight into our part of the output (no staging copy).
+        out = np.empty(n, np.float32)
+        reduced = out[lo:hi]
+        np.add(contributions[0], contributions[1], out=reduced)
+        for part in contributions[2:]:
             np.add(reduced, part, out=reduced)
         np.divide(reduced, np.float32(islands), out=reduced)
         # 2. all-gather: our reduced part to everyone; theirs here.
-        out = np.empty(n, np.float32)
-        out[lo:hi] = reduced
-        chunks = list(_chunks(self._head(step, PHASE_GATHER), reduced, me))
-        sends = [self._send(j, chunks, deadline) for j in range(islands) if j != me]
+        chunks = _chunks(self._head(step, PHASE_GATHER), reduced, me, bucket)
         others = [j for j in range(islands) if j != me]
+        sends = [self._send(j, chunks, deadline, 4 * (hi - lo)) for j in others]
         waits = [
-            self.mailbox.wait(
-                (self.job_id, self.generation, step, PHASE_GATHER, j, j),
-                deadline - time.monotonic(),
-            )
+            self.mailbox.wait((*key, PHASE_GATHER, j, j, bucket), deadline - time.monotonic())
             for j in others
         ]
         results = await self._gather_all(sends + waits)
@@ -494,19 +600,25 @@ class JobExchange:
             if part.size != b - a:
                 raise ExchangeError(
                     f"island {j} sent a reduced part of {part.size} values for job "
-                    f"{self.job_id!r} step {step}, expected {b - a}: the layouts differ."
+                    f"{self.job_id!r} step {step} bucket {bucket}, expected {b - a}: the "
+                    "layouts differ."
                 )
             out[a:b] = part
+        # Serialized once per destination message, received once into the mailbox's part,
+        # gathered parts copied into `out`.
+        sent_values = (n - (hi - lo)) + (hi - lo) * (islands - 1)
+        received_values = (hi - lo) * (islands - 1) + (n - (hi - lo))
+        self.count(copied=4 * (sent_values + 2 * received_values - (hi - lo) * (islands - 1)))
         return out
 
     async def _compare(self, step: int, digest: bytes) -> None:
         deadline = time.monotonic() + self.timeout_s
         chunk = worker_pb2.GradientChunk(**self._head(step, PHASE_DIGEST), data=digest)
         others = [j for j in range(self.islands) if j != self.island]
-        sends = [self._send(j, [chunk], deadline) for j in others]
+        sends = [self._send(j, [chunk.SerializeToString()], deadline) for j in others]
         waits = [
             self.mailbox.wait(
-                (self.job_id, self.generation, step, PHASE_DIGEST, j, 0),
+                (self.job_id, self.generation, step, PHASE_DIGEST, j, 0, 0),
                 deadline - time.monotonic(),
             )
             for j in others
@@ -529,8 +641,16 @@ class JobExchange:
         Raises:
             ExchangeError (and its subclasses): a peer failed, a deadline passed, an abort.
         """
-        self.bytes_sent = 0
+        self.reset_counters()
         return self._run(self._allreduce(step, np.asarray(flat, np.float32)))
+
+    def start_allreduce(
+        self, step: int, bucket: int, flat: np.ndarray
+    ) -> concurrent.futures.Future:
+        """Start the islands' mean of one bucket (`flat` must stay unchanged until done) on
+        the service's loop and return at once: the future's result is the reduced bucket,
+        bitwise equal on every island; its exception an ExchangeError."""
+        return asyncio.run_coroutine_threadsafe(self._allreduce(step, flat, bucket), self.loop)
 
     def compare_digest(self, step: int, digest: bytes) -> None:
         """Send this host's parameter digest to the other islands and compare theirs.

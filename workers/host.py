@@ -28,7 +28,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 10: StartServe/StopServe/Generate (kind: serve); a training step waits while the host's
 #    service decodes.
 # 11: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
-WORKER_WIRE_VERSION = 11
+# 12: GradientChunk.bucket: the gradient exchange in buckets overlapped with the backward pass
+#    (LoadJob exchange_bucket_bytes, exchange_overlap).
+WORKER_WIRE_VERSION = 12
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .exchange import DEFAULT_BUCKET_BYTES as DEFAULT_BUCKET
 from .runtime import (
     Digest,
     IslandJobSpec,
@@ -184,6 +185,9 @@ class PalmRuntime(JobRuntime):
         self._resident: _Resident | None = None
         # (step functions, grad and apply executables, memory report) once compiled.
         self._compiled: tuple[Any, Any, Any, MemoryReport] | None = None
+        # The gradient program whose buckets leave during the backward pass, when the job
+        # spans islands (workers/exchange_overlap.py).
+        self._overlap: Any = None
         # While suspended: (treedef, [(host value, sharding)]) of the train state.
         self._suspended_state: Any = None
         # The state before the last step, kept while the job spans islands (peer_restore.py).
@@ -259,7 +263,12 @@ class PalmRuntime(JobRuntime):
             num_sources=self.dataset.num_sources if masked else 0,
             segmented=bool(masked and self.dataset.segmented),
         )
-        compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
+        self._overlap = self._overlapped_grad(fns)
+        if self._overlap is not None:
+            # The tapped gradient program replaces the plain one (one compile, not two).
+            compiled = self._overlap.compiled_step()
+        else:
+            compiled = fns.compile(self.spec.island_batch, self.spec.seq_len)
         grad_exec, apply_exec = compiled.grad, compiled.apply
         report = compiled_memory(fns, compiled)
         logger.info(
@@ -271,6 +280,23 @@ class PalmRuntime(JobRuntime):
         )
         self._compiled = (fns, grad_exec, apply_exec, report)
         return report
+
+    def _overlapped_grad(self, fns: Any) -> Any:
+        """The bucketed, overlapped gradient program where it applies: a job on several
+        islands, not a mixture, on devices all of this process (else None: the exchange
+        runs after the backward pass)."""
+        import jax
+
+        spec = self.spec
+        if spec.num_islands < 2 or not spec.peers or not spec.exchange_overlap or self.masked:
+            return None
+        if any(d.process_index != jax.process_index() for d in self.devices):
+            return None
+        from .exchange_overlap import OverlappedGrad
+
+        return OverlappedGrad(
+            fns, spec.island_batch, spec.seq_len, spec.exchange_bucket_bytes or DEFAULT_BUCKET
+        )
 
     def load(self, *, dry_run: bool, state: Any = None) -> MemoryReport:
         """Compile, then hold the seed's state (or `state`: a peer's, workers/peer_restore.py)."""
@@ -333,10 +359,20 @@ class PalmRuntime(JobRuntime):
         batch = self.place_batch(tokens_bt1)
         t1 = time.perf_counter()
         state = resident.state
-        loss, _, grads = resident.grad_exec(state.params, batch)
         exchange_s, sent = 0.0, 0
+        if self._overlap is not None:
+            if self.exchange is None:
+                raise RuntimeUnavailableError(
+                    f"job {self.spec.job_id!r} spans {self.spec.num_islands} islands but has "
+                    "no exchange with its peers."
+                )
+            # Buckets exchanged while the backward pass runs; exchange_s is the wait after it.
+            loss, grads, times = self._overlap.step(state.params, batch, step, self.exchange)
+            exchange_s, sent = times.exposed_s, self.exchange.bytes_sent
+        else:
+            loss, _, grads = resident.grad_exec(state.params, batch)
         t2 = time.perf_counter()
-        if self.exchange is not None:
+        if self.exchange is not None and self._overlap is None:
             # Data parallelism across islands: this host's gradient shards, averaged with
             # host i of every other island (reduce-scatter + all-gather, island order).
             flat, layout = flat_shards(grads)
@@ -345,6 +381,7 @@ class PalmRuntime(JobRuntime):
             sent = self.exchange.bytes_sent
             exchange_s = time.perf_counter() - t2
             grads = unflatten_shards(reduced, layout, grads)
+        if self.exchange is not None:
             self.pre_step = keep_pre_step(state)  # a step half applied is rolled back
         params, opt_state = resident.apply_exec(state.params, state.opt_state, grads)
         resident.state = TrainState(params=params, opt_state=opt_state, step=state.step + 1)
@@ -645,3 +682,4 @@ class PalmRuntime(JobRuntime):
         self._resident = None
         self.fns = None
         self._compiled = None
+        self._overlap = None

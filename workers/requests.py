@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from pathways_lite.v1 import worker_pb2
 
-from .exchange import DEFAULT_TIMEOUT_S
+from .exchange import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S
 from .rpc import RpcRejection
 from .runtime import JOB_ID_RE, IslandJobSpec, JobSpecError, MeshSpec
 
@@ -67,6 +67,11 @@ def decode_load(request: worker_pb2.LoadJobRequest, island_device_count: int) ->
         )
     if not request.exchange_timeout_s >= 0:
         raise _bad(f"exchange_timeout_s={request.exchange_timeout_s!r} must be >= 0.")
+    if request.exchange_bucket_bytes % 4:
+        raise _bad(
+            f"exchange_bucket_bytes={request.exchange_bucket_bytes} must be a whole number of "
+            "float32 values (a multiple of 4)."
+        )
     try:
         overrides = json_format.MessageToDict(request.model.overrides)
         model_config = json_format.MessageToDict(request.model.config)
@@ -99,4 +104,6 @@ def decode_load(request: worker_pb2.LoadJobRequest, island_device_count: int) ->
         peers=peers,
         digest_every=request.digest_every,
         exchange_timeout_s=request.exchange_timeout_s or DEFAULT_TIMEOUT_S,
+        exchange_bucket_bytes=request.exchange_bucket_bytes or DEFAULT_BUCKET_BYTES,
+        exchange_overlap=request.exchange_overlap,
     )

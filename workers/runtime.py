@@ -65,6 +65,8 @@ class IslandJobSpec:
         peers: host:port of this host's counterpart in every island (island order).
         digest_every: compare parameter digests with the peers every this many steps.
         exchange_timeout_s: deadline of one gradient exchange.
+        exchange_bucket_bytes: gradient bucket size of the overlapped exchange.
+        exchange_overlap: exchange buckets during the backward pass (else after it).
     """
 
     job_id: str
@@ -84,6 +86,8 @@ class IslandJobSpec:
     peers: tuple[str, ...] = ()
     digest_every: int = 0
     exchange_timeout_s: float = 0.0
+    exchange_bucket_bytes: int = 0
+    exchange_overlap: bool = False
     # A pipeline job's stage placement (workers/pipeline.py's PipelinePlacement), or None.
     pipeline: Any = None
 

@@ -117,12 +117,10 @@ class StageLink:
             phase=phase,
         )
 
-    async def _send(self, stage: int, chunks: list[Any], what: str) -> int:
+    async def _send(self, stage: int, chunks: list[bytes], payload: int, what: str) -> int:
         address = self.addresses[stage]
         try:
-            await self.peers.stub(address).ExchangeGradients(
-                iter(chunks), timeout=self.timeout_s, metadata=self.peers.metadata()
-            )
+            await self.peers.send_serialized(address, chunks, self.timeout_s)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise StageTimeoutError(
@@ -135,15 +133,14 @@ class StageLink:
                 f"sending {what} of job {self.job_id!r} step {self.step} to stage {stage} "
                 f"(host {address}) failed: {e.code().name}: {e.details()}"
             ) from None
-        return sum(len(c.data) for c in chunks)
+        return payload
 
     def send(self, stage: int, phase: int, part: int, values: np.ndarray, what: str) -> None:
         """Start sending `values` (float32) to `stage`; `finish` waits for every send."""
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-        chunks = list(_chunks(self._head(phase), flat, part))
-        self._sends.append(
-            (phase, asyncio.run_coroutine_threadsafe(self._send(stage, chunks, what), self.loop))
-        )
+        chunks = _chunks(self._head(phase), flat, part)
+        send = self._send(stage, chunks, 4 * flat.size, what)
+        self._sends.append((phase, asyncio.run_coroutine_threadsafe(send, self.loop)))
 
     async def _wait(self, key: tuple, stage: int, what: str, deadline: float) -> Any:
         try:
@@ -159,7 +156,7 @@ class StageLink:
     def receive(self, stage: int, phase: int, part: int, what: str) -> np.ndarray:
         """The float32 values `stage` sent under (phase, part) this step (blocking; waits
         at most `timeout_s` from now)."""
-        key = (self.job_id, self.generation, self.step, phase, self.replica, part)
+        key = (self.job_id, self.generation, self.step, phase, self.replica, part, 0)
         deadline = time.monotonic() + self.timeout_s
         future = asyncio.run_coroutine_threadsafe(self._wait(key, stage, what, deadline), self.loop)
         return future.result()
