@@ -30,6 +30,7 @@ after the backward pass, as before.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -49,6 +50,31 @@ logger = logging.getLogger(__name__)
 _BLOCK = re.compile(r"\['blocks'\]\[(\d+)\]")
 
 _TAP: Any = None
+
+# Compiled tapped programs of this process, by (lowered program text, devices): XLA never
+# writes a program with host callbacks to JAX's persistent compilation cache, so without this
+# every load of an overlapped job compiles afresh (tens of seconds for palm-small on a loaded
+# core); a second job of the same shapes on the same devices, or the same job loaded again,
+# reuses the executable here. Each entry: (executable, its `_Router`).
+_PROGRAMS_MAX = 8
+_programs: collections.OrderedDict[tuple, tuple[Any, _Router]] = collections.OrderedDict()
+_programs_lock = threading.Lock()
+_compiling: dict[tuple, threading.Lock] = {}
+
+
+class _Router:
+    """Where a compiled tapped program's callbacks go: the `OverlappedGrad` whose step runs
+    it. The jobs sharing one executable (one host's runtime thread steps one job at a time)
+    take `lock` for a whole step."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.target: OverlappedGrad | None = None
+
+    def sink(self, bucket: int, *grads: np.ndarray) -> None:
+        target = self.target
+        if target is not None:
+            target._sink(bucket, *grads)
 
 
 def _tap_primitive() -> Any:
@@ -204,11 +230,11 @@ class OverlappedGrad:
         self._futures: list[concurrent.futures.Future | None] = []
         self._started = 0.0
         self._first_at = 0.0
-        self.exec = self._compile(batch_size, seq_len)
+        self.exec, self._router = self._compile(batch_size, seq_len)
 
     # ---- the program ---------------------------------------------------------------------
 
-    def _tap(self, bucket: int) -> Any:
+    def _tap(self, bucket: int, router: _Router) -> Any:
         import jax
 
         primitive = _tap_primitive()
@@ -221,19 +247,22 @@ class OverlappedGrad:
             return leaves, None
 
         def bwd(_, grads):
-            primitive.bind(*grads, sink=functools.partial(self._sink, bucket))
+            primitive.bind(*grads, sink=functools.partial(router.sink, bucket))
             return (grads,)
 
         ident.defvjp(fwd, bwd)
         return ident
 
-    def _compile(self, batch_size: int, seq_len: int) -> Any:
+    def _compile(self, batch_size: int, seq_len: int) -> tuple[Any, _Router]:
+        """The tapped program's executable and router: this process's compiled one when
+        the lowered program and devices are the same (`_programs`), else compiled now."""
         import jax
 
         from pathways_lite.model.train import MATMUL_PRECISION
 
         fns = self.fns
-        taps = [self._tap(b) for b in range(len(self.buckets))]
+        router = _Router()
+        taps = [self._tap(b, router) for b in range(len(self.buckets))]
 
         def tapped_loss(params, batch):
             leaves = list(jax.tree_util.tree_leaves(params))
@@ -255,7 +284,29 @@ class OverlappedGrad:
         )
         params_abs, _ = jax.eval_shape(lambda: fns._init_impl(0))
         with jax.set_mesh(fns.mesh):
-            return program.lower(params_abs, fns.batch_shape(batch_size, seq_len)).compile()
+            lowered = program.lower(params_abs, fns.batch_shape(batch_size, seq_len))
+        # The callbacks are referred to by index in the program text: equal texts on equal
+        # devices are the same program, whichever router their callbacks were bound to.
+        devices = tuple(int(d.id) for d in np.asarray(fns.mesh.devices).reshape(-1))
+        key = (lowered.as_text(), devices, tuple(fns.mesh.axis_names))
+        with _programs_lock:
+            gate = _compiling.setdefault(key, threading.Lock())
+        with gate:  # one compile of a program at a time: a second load waits for it
+            with _programs_lock:
+                hit = _programs.get(key)
+                if hit is not None:
+                    _programs.move_to_end(key)
+                    _compiling.pop(key, None)
+                    logger.info("tapped gradient program reused (compiled in this process)")
+                    return hit
+            with jax.set_mesh(fns.mesh):
+                executable = lowered.compile()
+            with _programs_lock:
+                _programs[key] = (executable, router)
+                while len(_programs) > _PROGRAMS_MAX:
+                    _programs.popitem(last=False)
+                _compiling.pop(key, None)
+        return executable, router
 
     def compiled_step(self) -> Any:
         """A `CompiledStep` of this gradient program (it returns the loss only: the
@@ -306,6 +357,16 @@ class OverlappedGrad:
             ExchangeError: a bucket failed; every other bucket of the step is cancelled and
                 nothing is returned to update with.
         """
+        with self._router.lock:
+            self._router.target = self
+            try:
+                return self._step_routed(params, batch, step, exchange)
+            finally:
+                self._router.target = None
+
+    def _step_routed(
+        self, params: Any, batch: Any, step: int, exchange: Any
+    ) -> tuple[Any, Any, OverlapTimes]:
         import jax
 
         with self._lock:
