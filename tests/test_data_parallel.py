@@ -32,7 +32,12 @@ from pathways_lite.model.data import prepare_dataset
 from pathways_lite.model.optim import OptimConfig
 from pathways_lite.model.train import ReferenceTrainer
 from pathways_lite.v1 import common_pb2, controller_pb2, worker_pb2, worker_pb2_grpc
-from pathways_lite.workers.exchange import expected_payload_bytes, part_bounds
+from pathways_lite.workers.exchange import (
+    DEFAULT_BUCKET_BYTES,
+    expected_payload_bytes,
+    part_bounds,
+)
+from pathways_lite.workers.exchange_overlap import param_bucket_sizes
 from pathways_lite.workers.host import HostMetadata
 from pathways_lite.workers.service import BackgroundServer, WorkerServicer
 
@@ -191,24 +196,30 @@ def test_parameters_are_bitwise_identical_on_every_island_after_every_step(
 
 
 def test_exchange_bytes_equal_the_reduce_scatter_all_gather_algorithm(three_island_run) -> None:
-    _, reports, _, digests, stats = three_island_run
+    spec, reports, _, digests, stats = three_island_run
     n = digests[0].num_params
     islands = 3
+    # The overlapped exchange reduces every bucket on its own (workers/exchange_overlap.py).
+    buckets = param_bucket_sizes(spec_lib.to_configs(spec).model, DEFAULT_BUCKET_BYTES)
+    assert len(buckets) >= 2 and sum(buckets) == n
     for island, stat in enumerate(stats):
-        sent, received = expected_payload_bytes(n, islands, island)
+        sent, received = expected_payload_bytes(n, islands, island, buckets)
         # Each host sends N (I - 1) / I twice (its parts out, its reduced part back): under
         # 2 N, never the N (I - 1) of sending every gradient to every island.
-        own = part_bounds(n, islands)[island]
-        assert sent == 4 * ((n - (own[1] - own[0])) + (own[1] - own[0]) * (islands - 1))
+        owns = [part_bounds(size, islands)[island] for size in buckets]
+        assert sent == 4 * sum(
+            (s - (b - a)) + (b - a) * (islands - 1) for s, (a, b) in zip(buckets, owns, strict=True)
+        )
         assert sent < 2 * 4 * n
         assert [s.step for s in stat.steps] == list(range(STEPS))
         for entry in stat.steps:
             # Gradient parts plus one 32-byte digest from every other island.
             assert entry.payload_bytes == received + 32 * (islands - 1), entry
             assert entry.payload_bytes < entry.wire_bytes < entry.payload_bytes + 64 * entry.chunks
+    sent_of = [expected_payload_bytes(n, islands, i, buckets)[0] for i in range(islands)]
     for report in reports:
         for island, host in enumerate(report.hosts):
-            assert host.reply.exchange_bytes_sent == expected_payload_bytes(n, islands, island)[0]
+            assert host.reply.exchange_bytes_sent == sent_of[island]
             assert 0 < host.reply.exchange_s < host.reply.step_s
 
 
