@@ -34,6 +34,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import logging
 import re
 import threading
@@ -288,7 +289,8 @@ class OverlappedGrad:
         # The callbacks are referred to by index in the program text: equal texts on equal
         # devices are the same program, whichever router their callbacks were bound to.
         devices = tuple(int(d.id) for d in np.asarray(fns.mesh.devices).reshape(-1))
-        key = (lowered.as_text(), devices, tuple(fns.mesh.axis_names))
+        text = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+        key = (text, devices, tuple(fns.mesh.axis_names))
         with _programs_lock:
             gate = _compiling.setdefault(key, threading.Lock())
         with gate:  # one compile of a program at a time: a second load waits for it
