@@ -86,8 +86,21 @@ class IslandSpec:
     def resource(self) -> str:
         return self.ray_resource or island_resource(self.name)
 
-    def actor_name(self, host_index: int) -> str:
-        return f"island-{self.name}-host-{host_index}"
+    def actor_name(self, host_index: int, incarnation: int = 0) -> str:
+        """The named actor of host `host_index`; every restart (or promoted spare) of the
+        island is a new incarnation with names of its own (no wait for a dead one's)."""
+        base = f"island-{self.name}-host-{host_index}"
+        return base if incarnation == 0 else f"{base}-r{incarnation}"
+
+    def parse_actor_name(self, name: str) -> tuple[int, int] | None:
+        """(host index, incarnation) of one of this island's actor names, else None."""
+        prefix = f"island-{self.name}-host-"
+        if not name.startswith(prefix):
+            return None
+        index, _, incarnation = name[len(prefix) :].partition("-r")
+        if not index.isdigit() or (incarnation and not incarnation.isdigit()):
+            return None
+        return int(index), int(incarnation or 0)
 
     def env_vars(self) -> dict[str, str]:
         """Environment of a host process (set through Ray's runtime_env)."""
@@ -115,10 +128,30 @@ class IslandHost:
         self._server: BackgroundServer | None = None
         self._distributed = False
         self._credential: Credential | None = None
+        # `warm` and `start` run on the actor's threads: one at a time.
+        self._start_lock = threading.Lock()
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
         return self.node_ip, os.getpid()
+
+    def warm(self) -> None:
+        """What a warm spare does before it is needed (`IslandHostGroup` spares): import JAX
+        and the model code and, on a one-host island, bring up the devices, so that a
+        `start` after its island's host died only serves."""
+        with self._start_lock:
+            import jax
+
+            import pathways_lite.model.data  # noqa: F401
+            import pathways_lite.model.estimates  # noqa: F401
+            import pathways_lite.model.train  # noqa: F401
+
+            if self.island.num_hosts == 1:  # jax.distributed must come before the devices
+                jax.devices()
+
+    def started(self) -> bool:
+        """Whether `start` ran (a host), or not (a spare)."""
+        return self._metadata is not None
 
     def watch(self) -> None:
         """Never returns: the controller keeps one call pending, so Ray fails it the moment
@@ -149,9 +182,22 @@ class IslandHost:
         required on every call (TLS with `tls`'s certificate where it wants it, on this
         node's address); return metadata."""
         self.set_credential(credential)
+        with self._start_lock:
+            return self._start(coordinator, tls, init_timeout_s)
+
+    def _start(self, coordinator: str | None, tls: TlsConfig | None, init_timeout_s: int):
         if self._metadata is not None:
             return self._metadata
         import jax
+
+        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+            # A restarted host compiles its jobs again: every program from the persistent
+            # cache (where one is set), not only those that took a second to compile.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if not jax.config.jax_compilation_cache_dir:
+            from pathways_lite.model.tokenizer import default_cache_dir
+
+            jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
 
         if self.island.num_hosts > 1:
             if self.island.platform == "cpu":
@@ -284,6 +330,10 @@ class IslandHostGroup:
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
         namespace: Ray namespace of the named actors.
         max_restarts: Ray restarts of a dead host actor (0: the controller decides).
+        spares: keep a warm spare per host (CPU islands): a process started beside the host
+            on its node, JAX and the model code imported, that `restart` promotes when the
+            island dies, so no new process starts on the way back. A GPU island has none
+            (its host holds the node's GPUs).
     """
 
     def __init__(
@@ -296,6 +346,7 @@ class IslandHostGroup:
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
         max_restarts: int = 0,
+        spares: bool = False,
     ) -> None:
         self.island = island
         self.credential = credential
@@ -306,15 +357,18 @@ class IslandHostGroup:
         self.max_restarts = max_restarts
         self.actors: list[Any] = []
         self.metadata: list[HostMetadata] = []
+        self.spares_wanted = spares and island.platform == "cpu"
+        # Not started hosts, one per host index, ready to be promoted (`promote_spares`).
+        self.spares: list[Any] = []
+        self.spare_incarnation = 0
+        # The incarnation of the current hosts; the next one a restart or spare takes.
+        self.incarnation = 0
+        self.next_incarnation = 0
+        # Spares are prepared off the controller's loop while a restart may promote them.
+        self._spares_lock = threading.Lock()
 
-    def start(self) -> list[HostMetadata]:
-        """Place the hosts, start them, and return their metadata in host order.
-
-        Raises:
-            IslandPlacementError: a host was not placed within `placement_timeout_s`.
-        """
+    def _options(self) -> dict[str, Any]:
         island = self.island
-        actor_cls = ray.remote(IslandHost)
         options: dict[str, Any] = {
             "namespace": self.namespace,
             "lifetime": "detached",
@@ -328,10 +382,84 @@ class IslandHostGroup:
         }
         if island.platform == "gpu":
             options["num_gpus"] = island.devices_per_host
+        return options
+
+    def start(self) -> list[HostMetadata]:
+        """Place the hosts, start them, and return their metadata in host order.
+
+        Raises:
+            IslandPlacementError: a host was not placed within `placement_timeout_s`.
+        """
+        island = self.island
+        actor_cls = ray.remote(IslandHost)
+        options = self._options()
+        incarnation = self.next_incarnation
         try:
             for i in range(island.num_hosts):
-                actor = actor_cls.options(name=island.actor_name(i), **options).remote(island, i)
+                name = island.actor_name(i, incarnation)
+                actor = actor_cls.options(name=name, **options).remote(island, i)
                 self.actors.append(actor)
+            self.incarnation, self.next_incarnation = incarnation, incarnation + 1
+            return self._start_placed()
+        except BaseException:
+            self._kill()
+            raise
+
+    def prepare_spares(self) -> None:
+        """Start a warm spare for every host (once; nothing without `spares`): placed on the
+        host's node, holding none of its resources, it imports JAX and the model code now
+        (`IslandHost.warm`) and starts serving only when promoted."""
+        with self._spares_lock:
+            if self.spares_wanted and not self.spares and self.metadata:
+                self._prepare_spares()
+
+    def _prepare_spares(self) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        island = self.island
+        actor_cls = ray.remote(IslandHost)
+        options = {**self._options(), "resources": {}}
+        incarnation = self.next_incarnation
+        spares = []
+        try:
+            for i, meta in enumerate(self.metadata):
+                strategy = NodeAffinitySchedulingStrategy(node_id=meta.node_id, soft=False)
+                spare = actor_cls.options(
+                    name=island.actor_name(i, incarnation),
+                    scheduling_strategy=strategy,
+                    **options,
+                ).remote(island, i)
+                spares.append(spare)
+                spare.warm.remote()
+        except Exception:
+            logger.exception("island %s: no warm spares", island.name)
+            _kill_actors(spares)
+            return
+        self.spares, self.spare_incarnation = spares, incarnation
+        self.next_incarnation = incarnation + 1
+
+    def promote_spares(self) -> bool:
+        """Replace the hosts with the warm spares and start those (the island restarts
+        without a new process). False when there are none or they cannot start (they are
+        gone then; the caller starts new hosts)."""
+        with self._spares_lock:
+            if not self.spares:
+                return False
+            old, self.actors, self.spares = self.actors, self.spares, []
+        self.shutdown_actors(old, patience_s=1.0)
+        try:
+            self.incarnation = self.spare_incarnation
+            self._start_placed()
+        except Exception as e:  # noqa: BLE001 - e.g. the spare's node died too
+            logger.warning("island %s: its spares did not start: %r", self.island.name, e)
+            self._kill()
+            return False
+        return True
+
+    def _start_placed(self) -> list[HostMetadata]:
+        """Wait until `actors` are placed, start them (one JAX runtime), gather metadata."""
+        island = self.island
+        try:
             placed = self._wait_placed()
             tls = [self.issue_tls(ip) if self.issue_tls else None for ip, _ in placed]
             coordinator = None
@@ -379,21 +507,36 @@ class IslandHostGroup:
         """Call `method` on every host and wait; results in host order."""
         return ray.get(self.execute_async(method, *args, **kwargs), timeout=timeout_s)
 
-    def shutdown(self, patience_s: float = 10.0) -> None:
-        """Stop every host's service gracefully, then kill the actors (they are detached)."""
-        if self.actors:
-            refs = self.execute_async("shutdown", min(5.0, patience_s))
-            ray.wait(refs, num_returns=len(refs), timeout=patience_s)
+    def shutdown(self, patience_s: float = 10.0, *, spares: bool = True) -> None:
+        """Stop every host's service gracefully, then kill the actors (they are detached),
+        and the spares unless `spares` is False (a restart that promotes them)."""
+        self.shutdown_actors(self.actors, patience_s)
         self._kill()
+        if spares:
+            with self._spares_lock:
+                _kill_actors(self.spares)
+                self.spares = []
+
+    @staticmethod
+    def shutdown_actors(actors: list[Any], patience_s: float = 1.0) -> None:
+        """Stop `actors` gracefully (`patience_s`), then kill them."""
+        if actors:
+            refs = [a.shutdown.remote(min(5.0, patience_s)) for a in actors]
+            ray.wait(refs, num_returns=len(refs), timeout=patience_s)
+        _kill_actors(actors)
 
     def _kill(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already dead
-                logger.debug("actor already gone", exc_info=True)
+        _kill_actors(self.actors)
         self.actors = []
         self.metadata = []
+
+
+def _kill_actors(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            logger.debug("actor already gone", exc_info=True)
 
 
 def wait_for_resource(name: str, amount: float, timeout_s: float = 30.0) -> None:
