@@ -130,15 +130,19 @@ class IslandHost:
         self._credential: Credential | None = None
         # `warm` and `start` run on the actor's threads: one at a time.
         self._start_lock = threading.Lock()
+        # A warm spare's jobs compiled ahead (workers/warm_spare.py), until it starts.
+        self._precompiled: Any = None
+        self._stop_precompile = threading.Event()
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
         return self.node_ip, os.getpid()
 
-    def warm(self) -> None:
+    def warm(self, host: Any = None) -> None:
         """What a warm spare does before it is needed (`IslandHostGroup` spares): import JAX
-        and the model code and, on a one-host island, bring up the devices, so that a
-        `start` after its island's host died only serves."""
+        and the model code and, on a one-host CPU island, bring up the devices and compile
+        ahead the training jobs its `host` (the actor it stands in for) holds
+        (workers/warm_spare.py), so that a `start` after the host died only serves."""
         with self._start_lock:
             import jax
 
@@ -146,8 +150,29 @@ class IslandHost:
             import pathways_lite.model.estimates  # noqa: F401
             import pathways_lite.model.train  # noqa: F401
 
-            if self.island.num_hosts == 1:  # jax.distributed must come before the devices
-                jax.devices()
+            if self.island.num_hosts > 1:  # jax.distributed must come before the devices
+                return
+            _cache_every_compile(jax)
+            devices = sorted(jax.devices(), key=lambda d: d.id)
+            if host is None or self.island.platform != "cpu" or self._metadata is not None:
+                return
+            from .warm_spare import PrecompiledRuntimes, precompile_loop
+
+            self._precompiled = PrecompiledRuntimes(devices)
+            threading.Thread(
+                target=precompile_loop,
+                args=(
+                    self._precompiled,
+                    lambda: ray.get(host.train_loads.remote(), timeout=30),
+                    self._stop_precompile,
+                ),
+                name="warm-spare-precompile",
+                daemon=True,
+            ).start()
+
+    def train_loads(self) -> list[bytes]:
+        """The LoadJob requests of the training jobs this host holds (for its warm spare)."""
+        return [] if self._server is None else self._server.servicer.train_loads()
 
     def started(self) -> bool:
         """Whether `start` ran (a host), or not (a spare)."""
@@ -190,14 +215,8 @@ class IslandHost:
             return self._metadata
         import jax
 
-        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-            # A restarted host compiles its jobs again: every program from the persistent
-            # cache (where one is set), not only those that took a second to compile.
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        if not jax.config.jax_compilation_cache_dir:
-            from pathways_lite.model.tokenizer import default_cache_dir
-
-            jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+        self._stop_precompile.set()
+        _cache_every_compile(jax)
 
         if self.island.num_hosts > 1:
             if self.island.platform == "cpu":
@@ -241,7 +260,12 @@ class IslandHost:
             memory_budget_bytes_per_device=int(budget),
             peak_flops_per_device=peak,
         )
-        servicer = WorkerServicer(metadata, devices, credential=self._credential, tls=tls)
+        factory = (
+            {} if self._precompiled is None else {"runtime_factory": self._precompiled.factory}
+        )
+        servicer = WorkerServicer(
+            metadata, devices, credential=self._credential, tls=tls, **factory
+        )
         self._server = BackgroundServer(servicer, self.node_ip, 0)
         self._server.start()
         self._metadata = servicer.metadata
@@ -315,6 +339,18 @@ class IslandHost:
             except Exception:  # a peer that is already gone must not block our exit
                 logger.exception("jax.distributed.shutdown failed")
             self._distributed = False
+
+
+def _cache_every_compile(jax: Any) -> None:
+    """A restarted host (or a spare) compiles its jobs again: every program from the
+    persistent cache, not only those that took a second; a default cache folder where none
+    is set (the per-machine cache, model/tokenizer.py's `default_cache_dir`)."""
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not jax.config.jax_compilation_cache_dir:
+        from pathways_lite.model.tokenizer import default_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
 
 
 class IslandHostGroup:
@@ -430,7 +466,7 @@ class IslandHostGroup:
                     **options,
                 ).remote(island, i)
                 spares.append(spare)
-                spare.warm.remote()
+                spare.warm.remote(self.actors[i])
         except Exception:
             logger.exception("island %s: no warm spares", island.name)
             _kill_actors(spares)
