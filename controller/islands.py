@@ -187,6 +187,8 @@ class Island:
     # Set when Ray reports the current generation's hosts dead (`host_died`).
     _died: asyncio.Event | None = dataclasses.field(default=None, repr=False)
     _spares_timer: asyncio.TimerHandle | None = dataclasses.field(default=None, repr=False)
+    # How the last restart went (a warm spare promoted), for the job's events.
+    restart_note: str = ""
     _spares_task: asyncio.Future | None = dataclasses.field(default=None, repr=False)
 
     def death(self) -> asyncio.Event:
@@ -314,7 +316,18 @@ class Island:
                     await host.close()
                 except Exception:  # a channel to a dead host
                     logger.debug("closing a channel", exc_info=True)
-            logger.warning("island %s restarted in %.1f s", self.id, time.monotonic() - started)
+            promoted = getattr(self.group, "promoted", None)
+            self.restart_note = (
+                ""
+                if promoted is None
+                else f"its warm spare took over (compiled ahead: {', '.join(promoted) or 'none'})"
+            )
+            logger.warning(
+                "island %s restarted in %.1f s%s",
+                self.id,
+                time.monotonic() - started,
+                f"; {self.restart_note}" if self.restart_note else "",
+            )
             self.prepare_spares(SPARE_DELAY_S)
 
     def prepare_spares(self, delay_s: float = 0.0) -> None:

@@ -170,6 +170,10 @@ class IslandHost:
                 daemon=True,
             ).start()
 
+    def compiled_ahead(self) -> list[str]:
+        """The jobs a warm spare holds compiled ahead (workers/warm_spare.py)."""
+        return [] if self._precompiled is None else self._precompiled.job_ids()
+
     def train_loads(self) -> list[bytes]:
         """The LoadJob requests of the training jobs this host holds (for its warm spare)."""
         return [] if self._server is None else self._server.servicer.train_loads()
@@ -397,6 +401,8 @@ class IslandHostGroup:
         # Not started hosts, one per host index, ready to be promoted (`promote_spares`).
         self.spares: list[Any] = []
         self.spare_incarnation = 0
+        # After a promotion: the jobs its spares had compiled ahead; None after a fresh start.
+        self.promoted: list[str] | None = None
         # The incarnation of the current hosts; the next one a restart or spare takes.
         self.incarnation = 0
         self.next_incarnation = 0
@@ -436,6 +442,7 @@ class IslandHostGroup:
                 actor = actor_cls.options(name=name, **options).remote(island, i)
                 self.actors.append(actor)
             self.incarnation, self.next_incarnation = incarnation, incarnation + 1
+            self.promoted = None
             return self._start_placed()
         except BaseException:
             self._kill()
@@ -482,6 +489,11 @@ class IslandHostGroup:
             if not self.spares:
                 return False
             old, self.actors, self.spares = self.actors, self.spares, []
+            try:
+                ahead = ray.get([a.compiled_ahead.remote() for a in self.actors], timeout=10)
+                self.promoted = sorted({job for jobs in ahead for job in jobs})
+            except Exception:  # noqa: BLE001 - said by the start below
+                self.promoted = []
         self.shutdown_actors(old, patience_s=1.0)
         try:
             self.incarnation = self.spare_incarnation

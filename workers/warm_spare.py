@@ -94,6 +94,10 @@ class PrecompiledRuntimes:
             return runtime
         return self._build(spec, devices)
 
+    def job_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._runtimes)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._runtimes)
