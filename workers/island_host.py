@@ -489,12 +489,10 @@ class IslandHostGroup:
             if not self.spares:
                 return False
             old, self.actors, self.spares = self.actors, self.spares, []
-            try:
-                ahead = ray.get([a.compiled_ahead.remote() for a in self.actors], timeout=10)
-                self.promoted = sorted({job for jobs in ahead for job in jobs})
-            except Exception:  # noqa: BLE001 - said by the start below
-                self.promoted = []
-        self.shutdown_actors(old, patience_s=1.0)
+        started = time.monotonic()
+        # The old hosts are dead or about to be replaced: no graceful stop to wait for.
+        _kill_actors(old)
+        ahead = [a.compiled_ahead.remote() for a in self.actors]
         try:
             self.incarnation = self.spare_incarnation
             self._start_placed()
@@ -502,6 +500,15 @@ class IslandHostGroup:
             logger.warning("island %s: its spares did not start: %r", self.island.name, e)
             self._kill()
             return False
+        try:
+            self.promoted = sorted({j for jobs in ray.get(ahead, timeout=10) for j in jobs})
+        except Exception:  # noqa: BLE001 - only a note
+            self.promoted = []
+        logger.info(
+            "island %s: warm spares promoted in %.2f s",
+            self.island.name,
+            time.monotonic() - started,
+        )
         return True
 
     def _start_placed(self) -> list[HostMetadata]:
