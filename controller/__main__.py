@@ -29,7 +29,8 @@ logger = logging.getLogger("pathways_lite.controller.main")
 def _start_islands(specs, credential, issue_tls, spares: bool):
     """Attach to each island's named host actors if they all answer, else (re)start the
     island as a unit (controller/recovery.py); either way the hosts get `credential`. With
-    `spares`, every CPU island keeps a warm spare per host (workers/island_host.py)."""
+    `spares`, a CPU island keeps a warm spare per host once it holds a data-parallel job
+    (controller/islands.py, workers/island_host.py)."""
     from .islands import attach_or_start
 
     groups, started = [], []
@@ -39,8 +40,6 @@ def _start_islands(specs, credential, issue_tls, spares: bool):
             started.append(group)
             logger.info("started island %s", spec.name)
         groups.append(group)
-    for group in groups:
-        group.prepare_spares()  # their processes start meanwhile (nothing waits for them)
     return groups, started
 
 

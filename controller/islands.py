@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 30.0
 # How long a host may take to answer Info before its island counts as dead.
 PROBE_TIMEOUT_S = 3.0
-# A restarted island's next warm spares start this long after it is back: their process
-# start and imports would slow the job's reload and first step on the island's node.
+# An island's warm spares start this long after a data-parallel job's load: their process
+# start and imports would slow the load's compile and first steps on the island's node.
 SPARE_DELAY_S = 3.0
 
 
@@ -241,6 +241,9 @@ class Island:
                 futures.append(asyncio.ensure_future(self._unavailable(method)))
                 continue
             message = request(index, host) if callable(request) else request
+            if method == "LoadJob" and index == 0 and _data_parallel(message):
+                # A job that recovers from a peer island: keep warm spares ready for it.
+                self.prepare_spares(SPARE_DELAY_S)
             futures.append(
                 asyncio.ensure_future(getattr(host.stub, method)(message, timeout=timeout))
             )
@@ -328,13 +331,13 @@ class Island:
                 time.monotonic() - started,
                 f"; {self.restart_note}" if self.restart_note else "",
             )
-            self.prepare_spares(SPARE_DELAY_S)
 
     def prepare_spares(self, delay_s: float = 0.0) -> None:
         """Start the island's warm spares (workers/island_host.py) in `delay_s`, off the
-        loop; nothing when its group keeps none or has them already."""
+        loop; nothing when its group keeps none or has them already. An island gets them
+        once it holds a data-parallel job (whose recovery waits for its restart)."""
         group = self.group
-        if group is None or not getattr(group, "spares_wanted", False):
+        if group is None or not getattr(group, "spares_wanted", False) or group.spares:
             return
 
         def later() -> None:
@@ -352,6 +355,12 @@ class Island:
             await asyncio.gather(self._spares_task, return_exceptions=True)
         for host in self.hosts:
             await host.close()
+
+
+def _data_parallel(message: Any) -> bool:
+    """Whether a LoadJob request loads a job spread over islands as replicas (not a dry
+    run, not a pipeline's stage)."""
+    return message.num_islands > 1 and not message.dry_run and not message.HasField("pipeline")
 
 
 async def call_all(

@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--spare-hosts",
         choices=("on", "off"),
         default="on",
-        help="keep a warm spare process beside every CPU island host (JAX imported, not "
-        "serving) that a restart promotes when the host dies: the island is back without a "
-        "process start",
+        help="keep a warm spare process beside every host of a CPU island that holds a "
+        "data-parallel job (JAX imported, the job compiled ahead, not serving) that a restart "
+        "promotes when the host dies: the island is back without a process start or compile",
     )
     p.add_argument(
         "--simulate-islands",

@@ -495,7 +495,8 @@ class IslandHostGroup:
         ahead = [a.compiled_ahead.remote() for a in self.actors]
         try:
             self.incarnation = self.spare_incarnation
-            self._start_placed()
+            # Each spare sits on its host's node (node affinity): no placement to wait for.
+            self._start_placed([m.node_ip for m in self.metadata] or None)
         except Exception as e:  # noqa: BLE001 - e.g. the spare's node died too
             logger.warning("island %s: its spares did not start: %r", self.island.name, e)
             self._kill()
@@ -511,11 +512,14 @@ class IslandHostGroup:
         )
         return True
 
-    def _start_placed(self) -> list[HostMetadata]:
-        """Wait until `actors` are placed, start them (one JAX runtime), gather metadata."""
+    def _start_placed(self, node_ips: list[str] | None = None) -> list[HostMetadata]:
+        """Wait until `actors` are placed (unless their `node_ips` are known: spares placed
+        beside the hosts long ago), start them (one JAX runtime), gather metadata."""
         island = self.island
+        t0 = time.monotonic()
         try:
-            placed = self._wait_placed()
+            placed = [(ip, 0) for ip in node_ips] if node_ips else self._wait_placed()
+            t_placed = time.monotonic()
             tls = [self.issue_tls(ip) if self.issue_tls else None for ip, _ in placed]
             coordinator = None
             if island.num_hosts > 1:
@@ -528,6 +532,12 @@ class IslandHostGroup:
         except BaseException:
             self._kill()
             raise
+        logger.info(
+            "island %s: hosts placed in %.2f s, started in %.2f s",
+            island.name,
+            t_placed - t0,
+            time.monotonic() - t_placed,
+        )
         return self.metadata
 
     def _wait_placed(self) -> list[tuple[str, int]]:
