@@ -288,3 +288,30 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
         for server, _, channel, _ in hosts:
             channel.close()
             server.stop()
+
+
+def test_a_failed_step_stops_waiting_for_the_other_hosts_once_ray_reports_an_island_dead():
+    """The dispatcher's fail-fast grace (the other hosts may be stuck on the failed one) is
+    cut short by Ray's death report of an island of the step, and runs out without one."""
+    import asyncio
+
+    from pathways_lite.controller.islands import Island, wait_unless_dead
+
+    async def waited(report_death: bool) -> tuple[int, float]:
+        island = Island("a", [])
+        stuck = asyncio.ensure_future(asyncio.Event().wait())  # a host waiting on its peer
+        loop = asyncio.get_running_loop()
+        if report_death:
+            loop.call_later(0.05, lambda: asyncio.ensure_future(island.host_died(0, "Ray")))
+        started = loop.time()
+        pending = await wait_unless_dead(
+            {stuck}, [island], timeout_s=0.2 if not report_death else 30
+        )
+        took = loop.time() - started
+        stuck.cancel()
+        return len(pending), took
+
+    pending, took = asyncio.run(waited(report_death=True))
+    assert pending == 1 and took < 5  # not the 30 s grace
+    pending, took = asyncio.run(waited(report_death=False))
+    assert pending == 1 and took >= 0.2
