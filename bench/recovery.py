@@ -20,13 +20,15 @@ Goals (issue 8): death -> next step <= 10 s, and restart -> next step <= 15 s, e
 the restore itself (the job's load: compile + reading the checkpoint). Every number is
 measured in this run; nothing is assumed.
 
-    .venv/bin/python bench/recovery.py [--steps 60] [--every 5]
+    .venv/bin/python bench/recovery.py [--steps 400] [--every 5] [--settle-s 12] [--json] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -72,10 +74,44 @@ def first_step_after(store, job_id: str, after_us: int):
     return next((m for m in store.metrics(job_id) if m.time_us > after_us), None)
 
 
+def restore_parts(message: str) -> dict[str, float]:
+    """The phase seconds a peer recovery's restore event reports (controller/peer_recovery.py)."""
+    parts = {}
+    for key, pattern in (
+        ("restart", r"restart ([\d.]+) s"),
+        ("load", r"load ([\d.]+) s"),
+        ("compile", r"compile ([\d.]+) s"),
+        ("transfer", r"bytes in ([\d.]+) s"),
+        ("digests", r"digests ([\d.]+) s"),
+    ):
+        found = re.search(pattern, message)
+        if found:
+            parts[key] = float(found.group(1))
+    return parts
+
+
+def timeline(store, job_id: str, t0_us: int, until_us: int) -> list[tuple[float, str, str]]:
+    """The job's events between a kill and the next step: (seconds after t0, kind, text)."""
+    return [
+        ((e.time_us - t0_us) / 1e6, e.kind, e.message)
+        for e in store.events(job_id)
+        if t0_us <= e.time_us <= until_us
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=12.0,
+        help="the job runs this long before the first kill: its islands' warm spares start "
+        "(3 s after the load) and compile it ahead, as in steady state (0: kill at once)",
+    )
     p.add_argument("--every", type=int, default=5)
+    p.add_argument("--keep", action="store_true", help="keep the state dir (logs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
 
     from pathways_lite.client import ControllerClient, state_name
@@ -93,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
 
         # 1. An island host dies.
+        wait_for(lambda: store.steps_completed(job) >= 1, 300, "the first step")
+        time.sleep(args.settle_s)
         ckpt = wait_for(lambda: store.latest_checkpoint(job), 300, "a checkpoint")
         wait_for(lambda: store.steps_completed(job) >= ckpt.step + 2, 120, "steps past it")
         pid = next(int(i.hosts[0].pid) for i in client.islands() if i.id == islands[0])
@@ -104,15 +142,36 @@ def main(argv: list[str] | None = None) -> int:
         )
         step = wait_for(lambda: first_step_after(store, job, restore.time_us), 120, "a step")
         failure = event_after(store, job, "failure", killed_us)
-        island = event_after(store, job, "island", killed_us)
+        ray_death = event_after(store, job, "island", killed_us, "Ray reports")
+        island = event_after(store, job, "island", killed_us, "restarted")
         restored_at = int(restore.message.split("step ")[1].split()[0])
+
+        def after_kill(event) -> float | None:
+            return None if event is None else round((event.time_us - killed_us) / 1e6, 3)
+
+        parts = restore_parts(restore.message)
         host = {
-            "noticed": (failure.time_us - killed_us) / 1e6,
-            "island restarted": ((island or failure).time_us - killed_us) / 1e6,
+            "noticed": after_kill(failure),
+            "island restarted": after_kill(island or failure),
             "loaded + restored": (restore.time_us - (island or failure).time_us) / 1e6,
             "next step": (step.time_us - killed_us) / 1e6,
             # Negative: the job resumed past the steps recorded at the kill (peer restore).
             "lost": max(0, done_before - restored_at),
+            "events": timeline(store, job, killed_us, step.time_us),
+            "breakdown": {
+                "ray_death_reported_s": after_kill(ray_death),
+                "recovery_started_s": after_kill(failure),
+                "island_restarted_s": after_kill(island),
+                "restored_s": after_kill(restore),
+                "next_step_done_s": round((step.time_us - killed_us) / 1e6, 3),
+                "restart_s": parts.get("restart"),
+                "load_job_s": parts.get("load"),
+                "compile_s": parts.get("compile"),
+                "transfer_s": parts.get("transfer"),
+                "digests_s": parts.get("digests"),
+                "first_step_s": round(step.step_time_s, 3),
+                "restart": island.message if island is not None else "",
+            },
         }
 
         # 2. The controller dies.
@@ -132,12 +191,26 @@ def main(argv: list[str] | None = None) -> int:
         step = wait_for(lambda: first_step_after(store, job, restore.time_us), 120, "a step")
         restored_at = int(restore.message.split("step ")[1].split()[0])
         queued = event_after(store, job, "state", t0, "controller_restarted")
+        running = event_after(store, job, "state", t0, "scheduled")
+
+        def after_restart(event) -> float | None:
+            return None if event is None else round((event.time_us - t0) / 1e6, 3)
+
         ctrl = {
             "serving": (serving_us - t0) / 1e6,
             "loaded + restored": (restore.time_us - (queued or restore).time_us) / 1e6,
             "next step": (step.time_us - t0) / 1e6,
             # Negative: steps the hosts ran past the recorded ones, recorded from them.
             "lost": max(0, done_before - restored_at),
+            "events": timeline(store, job, t0, step.time_us),
+            "breakdown": {
+                "serving_s": round((serving_us - t0) / 1e6, 3),
+                "job_requeued_s": after_restart(queued),
+                "job_running_s": after_restart(running),
+                "adopted_s": after_restart(restore),
+                "next_step_done_s": round((step.time_us - t0) / 1e6, 3),
+                "first_step_s": round(step.step_time_s, 3),
+            },
         }
         client = ControllerClient(state_dir)
         final = client.wait(job, timeout_s=600)
@@ -146,7 +219,35 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     finally:
         cluster.down()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if args.keep:
+            print(f"state dir kept: {state_dir}")
+        else:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    ok = state_name(final.state) == "succeeded" and steps == list(range(args.steps))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "kill_to_next_step_s": round(host["next step"], 3),
+                    "steps_lost": host["lost"],
+                    "controller_restart_to_next_step_s": round(ctrl["next step"], 3),
+                    "controller_steps_lost": ctrl["lost"],
+                    "kill_goal_s": 2.0,
+                    "controller_goal_s": 3.0,
+                    "kill_goal_met": host["next step"] <= 2.0,
+                    "controller_goal_met": ctrl["next step"] <= 3.0,
+                    "host_breakdown": host["breakdown"],
+                    "controller_breakdown": ctrl["breakdown"],
+                    "metrics_exactly_once": ok,
+                }
+            )
+        )
+        return 0 if ok else 1
+    for name, r in (("island host SIGKILL", host), ("controller SIGKILL", ctrl)):
+        print(f"{name}: the job's events (seconds after the kill)")
+        for at, kind, text in r["events"]:
+            print(f"  {at:6.2f} {kind:<8} {text[:300]}")
+        print(f"  breakdown: {r['breakdown']}")
 
     print(f"palm-tiny on islands a + b (1 host x 2 CPU devices), checkpoint every {args.every}")
     print("island host SIGKILL -> (seconds after the kill)")
@@ -175,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
             f"steps lost ({name}): {r['lost']} (checkpoint interval {args.every}; "
             f"{r['lost'] / args.every:.2f} intervals)"
         )
-    ok = state_name(final.state) == "succeeded" and steps == list(range(args.steps))
     print(f"job {state_name(final.state)}; metrics steps 0..{args.steps - 1} exactly once: {ok}")
     return 0 if ok else 1
 

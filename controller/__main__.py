@@ -26,14 +26,16 @@ from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 logger = logging.getLogger("pathways_lite.controller.main")
 
 
-def _start_islands(specs, credential, issue_tls):
+def _start_islands(specs, credential, issue_tls, spares: bool):
     """Attach to each island's named host actors if they all answer, else (re)start the
-    island as a unit (controller/recovery.py); either way the hosts get `credential`."""
+    island as a unit (controller/recovery.py); either way the hosts get `credential`. With
+    `spares`, a CPU island keeps a warm spare per host once it holds a data-parallel job
+    (controller/islands.py, workers/island_host.py)."""
     from .islands import attach_or_start
 
     groups, started = [], []
     for spec in specs:
-        group, fresh = attach_or_start(spec, credential, issue_tls)
+        group, fresh = attach_or_start(spec, credential, issue_tls, spares=spares)
         if fresh:
             started.append(group)
             logger.info("started island %s", spec.name)
@@ -182,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
 
         credential = cluster_credential(args.state_dir)
         tls, issue_tls = _cluster_tls(args)
-        groups, started = _start_islands(islands, credential, issue_tls)
+        groups, started = _start_islands(
+            islands, credential, issue_tls, spares=args.spare_hosts == "on"
+        )
         asyncio.run(_serve(args, store, groups, credential, tls))
         return 0
     except Exception as e:

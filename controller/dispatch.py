@@ -37,7 +37,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .islands import INFO_TIMEOUT_S, RPC_BYTES, Island, call_all
+from .islands import INFO_TIMEOUT_S, RPC_BYTES, Island, call_all, wait_unless_dead
 from .program import HostLoad, StepProgram
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ STEP_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 900.0
 ABORT_TIMEOUT_S = 10.0
 # After one host of a step failed, how long the others get to answer before the step is
-# given up (they may be waiting on the failed one).
+# given up (they may be waiting on the failed one); not waited once Ray reports a host dead.
 FAIL_FAST_GRACE_S = 2.0
 # The longest a run consumes step replies already received without yielding to the event
 # loop (a message may carry a whole slice of fast steps).
@@ -547,9 +547,10 @@ class Dispatcher:
             _, waiting = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             if waiting:
                 # A host failed: the others may wait on it (an exchange, a multi-host
-                # island's collective). Give them a moment, then stop waiting: `run` aborts
-                # the exchanges.
-                _, waiting = await asyncio.wait(waiting, timeout=FAIL_FAST_GRACE_S)
+                # island's collective). Give them a moment (none once Ray reports an island
+                # of the slice dead), then stop waiting: `run` aborts the exchanges.
+                islands = [island for island, *_ in sent.seqs]
+                waiting = await wait_unless_dead(waiting, islands, FAIL_FAST_GRACE_S)
                 for task in waiting:
                     task.cancel()
                 await asyncio.gather(*waiting, return_exceptions=True)

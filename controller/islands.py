@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 INFO_TIMEOUT_S = 30.0
 # How long a host may take to answer Info before its island counts as dead.
 PROBE_TIMEOUT_S = 3.0
+# An island's warm spares start this long after a data-parallel job's load: their process
+# start and imports would slow the load's compile and first steps on the island's node.
+SPARE_DELAY_S = 3.0
 
 
 class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
@@ -181,6 +184,20 @@ class Island:
     generation: int = 0
     dead: str | None = None
     _restart_lock: asyncio.Lock | None = dataclasses.field(default=None, repr=False)
+    # Set when Ray reports the current generation's hosts dead (`host_died`).
+    _died: asyncio.Event | None = dataclasses.field(default=None, repr=False)
+    _spares_timer: asyncio.TimerHandle | None = dataclasses.field(default=None, repr=False)
+    # How the last restart went (a warm spare promoted), for the job's events.
+    restart_note: str = ""
+    _spares_task: asyncio.Future | None = dataclasses.field(default=None, repr=False)
+
+    def death(self) -> asyncio.Event:
+        """Set once Ray reported a host of the current generation dead."""
+        if self._died is None:
+            self._died = asyncio.Event()
+            if self.dead is not None:
+                self._died.set()
+        return self._died
 
     def watched_actors(self) -> list[Any]:
         """The Ray actors of its hosts (none: an island outside Ray)."""
@@ -194,6 +211,7 @@ class Island:
         if generation != self.generation or self.dead is not None:
             return False
         self.dead = reason
+        self.death().set()
         logger.warning("island %s: a host died (%s)", self.id, reason)
         for host in self.hosts:
             try:
@@ -223,6 +241,9 @@ class Island:
                 futures.append(asyncio.ensure_future(self._unavailable(method)))
                 continue
             message = request(index, host) if callable(request) else request
+            if method == "LoadJob" and index == 0 and _data_parallel(message):
+                # A job that recovers from a peer island: keep warm spares ready for it.
+                self.prepare_spares(SPARE_DELAY_S)
             futures.append(
                 asyncio.ensure_future(getattr(host.stub, method)(message, timeout=timeout))
             )
@@ -292,16 +313,54 @@ class Island:
             self.next_seq = 0
             self.generation += 1
             self.dead = None
+            self._died = None
             for host in old:
                 try:
                     await host.close()
                 except Exception:  # a channel to a dead host
                     logger.debug("closing a channel", exc_info=True)
-            logger.warning("island %s restarted in %.1f s", self.id, time.monotonic() - started)
+            promoted = getattr(self.group, "promoted", None)
+            self.restart_note = (
+                ""
+                if promoted is None
+                else f"its warm spare took over (compiled ahead: {', '.join(promoted) or 'none'})"
+            )
+            logger.warning(
+                "island %s restarted in %.1f s%s",
+                self.id,
+                time.monotonic() - started,
+                f"; {self.restart_note}" if self.restart_note else "",
+            )
+
+    def prepare_spares(self, delay_s: float = 0.0) -> None:
+        """Start the island's warm spares (workers/island_host.py) in `delay_s`, off the
+        loop; nothing when its group keeps none or has them already. An island gets them
+        once it holds a data-parallel job (whose recovery waits for its restart)."""
+        group = self.group
+        if group is None or not getattr(group, "spares_wanted", False) or group.spares:
+            return
+
+        def later() -> None:
+            self._spares_task = asyncio.ensure_future(asyncio.to_thread(group.prepare_spares))
+
+        loop = asyncio.get_running_loop()
+        if self._spares_timer is not None:
+            self._spares_timer.cancel()
+        self._spares_timer = loop.call_later(delay_s, later)
 
     async def close(self) -> None:
+        if self._spares_timer is not None:
+            self._spares_timer.cancel()
+        if self._spares_task is not None:
+            await asyncio.gather(self._spares_task, return_exceptions=True)
         for host in self.hosts:
             await host.close()
+
+
+def _data_parallel(message: Any) -> bool:
+    """Whether a LoadJob request loads a job spread over islands as replicas (not a dry
+    run, not a pipeline's stage)."""
+    return message.num_islands > 1 and not message.dry_run and not message.HasField("pipeline")
 
 
 async def call_all(
@@ -322,6 +381,32 @@ async def call_all(
         )
         futures += island.call_async(method, per_host, timeout=timeout)
     return await asyncio.gather(*futures, return_exceptions=return_exceptions)
+
+
+async def wait_unless_dead(
+    tasks: set[asyncio.Future], islands: Sequence[Island], timeout_s: float
+) -> set[asyncio.Future]:
+    """Wait up to `timeout_s` for `tasks`, but no longer once Ray reports a host of one of
+    `islands` dead (the tasks may wait on it: no point waiting). Returns those not done."""
+    pending = {t for t in tasks if not t.done()}
+    if not pending or any(island.dead is not None for island in islands):
+        return pending
+    deaths = [asyncio.ensure_future(island.death().wait()) for island in islands]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while pending and not any(d.done() for d in deaths):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            done, _ = await asyncio.wait(
+                pending | set(deaths), timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending -= done
+    finally:
+        for d in deaths:
+            d.cancel()
+    return pending
 
 
 class DeathWatch:
@@ -426,6 +511,8 @@ def restart_group(group: Any, *, attempts: int = 50) -> Any:
 
     from pathways_lite.workers.island_host import IslandPlacementError
 
+    if group.promote_spares():  # warm spares: no new process on the way back
+        return group
     group.shutdown(patience_s=1.0)
     island = group.island
     total = ray.cluster_resources().get(island.resource, 0)
@@ -447,33 +534,67 @@ def restart_group(group: Any, *, attempts: int = 50) -> Any:
 
 
 def attach_or_start(
-    spec: Any, credential: Credential, issue_tls: Callable[[str], TlsConfig] | None = None
+    spec: Any,
+    credential: Credential,
+    issue_tls: Callable[[str], TlsConfig] | None = None,
+    *,
+    spares: bool = False,
 ) -> tuple[Any, bool]:
     """An island's host group: attached to its live named actors (a restarted controller,
     which hands them `credential` again: the state dir's secret, perhaps rotated meanwhile),
     or started afresh with it (killing survivors of a partly dead island first). Returns
     (group, whether it was started here). `issue_tls` makes a started host's certificate; an
-    attached host keeps the one it has (the CA lives in the state dir too)."""
+    attached host keeps the one it has (the CA lives in the state dir too). With `spares`,
+    the group keeps a warm spare per host (a previous controller's, or `prepare_spares`'s).
+
+    The live actors are found by name (every incarnation: `IslandSpec.actor_name`): one
+    whole started incarnation is attached; anything else (a partly dead island, two started
+    incarnations) is killed and the island starts afresh."""
     import ray
 
     from pathways_lite.workers.island_host import IslandHostGroup
     from pathways_lite.workers.ray_cluster import NAMESPACE
 
-    group = IslandHostGroup(spec, credential, issue_tls=issue_tls)
-    handles = []
-    for i in range(spec.num_hosts):
+    group = IslandHostGroup(spec, credential, issue_tls=issue_tls, spares=spares)
+    # Every live actor of the island, by incarnation: the started ones are its hosts, the
+    # others a previous controller's warm spares.
+    found: dict[int, dict[int, Any]] = collections.defaultdict(dict)
+    for name in ray.util.list_named_actors():
+        parsed = spec.parse_actor_name(name)
+        if parsed is not None:
+            try:
+                found[parsed[1]][parsed[0]] = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:  # gone meanwhile
+                pass
+    group.next_incarnation = max(found, default=-1) + 1
+    try:
+        started = {
+            k: ray.get([a.started.remote() for a in actors.values()], timeout=30)
+            for k, actors in found.items()
+        }
+    except Exception as e:  # noqa: BLE001 - an actor that died meanwhile
+        logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
+        started = {}
+    hosts = [k for k, flags in started.items() if any(flags)]
+    spare = [k for k, flags in started.items() if not any(flags)]
+    if len(hosts) == 1 and len(found[hosts[0]]) == spec.num_hosts and all(started[hosts[0]]):
+        k = hosts[0]
+        handles = [found[k][i] for i in range(spec.num_hosts)]
         try:
-            handles.append(ray.get_actor(spec.actor_name(i), namespace=NAMESPACE))
-        except ValueError:
-            break
-    if len(handles) == spec.num_hosts:
-        try:
-            group.actors = handles
+            group.actors, group.incarnation = handles, k
             group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
             ray.get([h.set_credential.remote(credential) for h in handles], timeout=30)
+            if len(spare) == 1 and len(found[spare[0]]) == spec.num_hosts:
+                group.spares = [found[spare[0]][i] for i in range(spec.num_hosts)]
+                group.spare_incarnation = spare[0]
+                spare = []
+            for k in spare:
+                group.shutdown_actors(list(found[k].values()))
             logger.info("attached to island %s", spec.name)
             return group, False
         except Exception as e:
             logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
-    group.actors = handles
+    # Kill what is left of it (a partly dead island restarts as a unit) and start afresh.
+    group.actors = [a for actors in found.values() for a in actors.values()]
+    group.spares = []
     return restart_group(group), True

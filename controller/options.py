@@ -175,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
     )
     p.add_argument(
+        "--spare-hosts",
+        choices=("on", "off"),
+        default="on",
+        help="keep a warm spare process beside every host of a CPU island that holds a "
+        "data-parallel job (JAX imported, the job compiled ahead, not serving) that a restart "
+        "promotes when the host dies: the island is back without a process start or compile",
+    )
+    p.add_argument(
         "--simulate-islands",
         type=int,
         default=0,

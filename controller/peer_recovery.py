@@ -128,7 +128,8 @@ class PeerRecovery:
                     "island %s could not be restarted for peer recovery: %s", island.id, e
                 )
                 return None
-            self.store.add_event(job_id, "island", f"Island {island.id} restarted.")
+            note = f" ({island.restart_note})" if island.restart_note else ""
+            self.store.add_event(job_id, "island", f"Island {island.id} restarted{note}.")
         restarted_s = time.monotonic() - started
         generation = self.store.bump_generation(job_id)
         self.store.truncate_metrics(job_id, resume)

@@ -7,6 +7,8 @@ island_solo: 1), node 127.0.0.3 (island_east: 1), node 127.0.0.4 (island_west: 1
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 
 import grpc
@@ -14,6 +16,7 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pathways_lite.controller.islands import attach_or_start, restart_group
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
@@ -63,6 +66,40 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
     finally:
         for g in groups:
             g.shutdown()
+
+
+def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it(
+    ray_cluster,
+) -> None:
+    """A CPU island's warm spare (on its host's node, JAX imported, not serving) is promoted
+    when the host is SIGKILLed: the island is back without a new process, under the next
+    incarnation's name; a restarted controller finds it by name and keeps its spare."""
+    spec = IslandSpec("west", devices_per_host=1)
+    group = IslandHostGroup(spec, CREDENTIAL, spares=True)
+    try:
+        (meta,) = group.start()
+        group.prepare_spares()
+        (spare,) = group.spares
+        spare_ip, spare_pid = ray.get(spare.ready.remote(), timeout=60)
+        assert spare_ip == "127.0.0.4" and spare_pid != meta.pid  # on the host's node
+        assert ray.get(spare.started.remote(), timeout=30) is False  # not serving
+        os.kill(meta.pid, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(group.actors[0].ready.remote(), timeout=60)
+        restart_group(group)
+        (new,) = group.metadata
+        assert new.pid == spare_pid and group.incarnation == 1 and group.spares == []
+        with host_channel(new.address, CREDENTIAL) as channel:
+            info = worker_pb2_grpc.WorkerServiceStub(channel).Info(
+                worker_pb2.InfoRequest(), timeout=10
+            )
+        assert info.pid == spare_pid and info.island == "west"
+        group.prepare_spares()  # the next one
+        attached, fresh = attach_or_start(spec, CREDENTIAL, spares=True)
+        assert not fresh and attached.metadata == group.metadata
+        assert len(attached.spares) == 1 and attached.next_incarnation == 3
+    finally:
+        group.shutdown()
 
 
 def test_unplaceable_island_fails_fast_naming_the_resource(ray_cluster) -> None:

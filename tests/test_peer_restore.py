@@ -157,7 +157,7 @@ def test_a_survivor_dying_mid_transfer_fails_the_restore_with_the_reason():
 # ---- the worker service: rollback of a half-applied step, restore from a survivor ----------
 
 
-def _serve_host(index: int, device_ids: list[int]):
+def _serve_host(index: int, device_ids: list[int], **servicer):
     import jax
 
     from pathways_lite.workers.host import HostMetadata
@@ -165,7 +165,7 @@ def _serve_host(index: int, device_ids: list[int]):
 
     devices = [jax.devices()[i] for i in device_ids]
     meta = HostMetadata.in_process(f"peer-{index}", devices, 256 * 1024 * 1024)
-    server = BackgroundServer(WorkerServicer(meta, devices), "127.0.0.1", 0)
+    server = BackgroundServer(WorkerServicer(meta, devices, **servicer), "127.0.0.1", 0)
     address = f"127.0.0.1:{server.start()}"
     channel = grpc.insecure_channel(address)
     return server, address, channel, worker_pb2_grpc.WorkerServiceStub(channel)
@@ -220,8 +220,12 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
 ):
     """Island A applied step 2, island B died during it: A rolls step 2 back (keep_state),
     B's replacement loads A's state (restore_peers), digests equal, step 2 runs again
-    bitwise as it first did."""
+    bitwise as it first did. The replacement is B's warm spare, which compiled B's job
+    ahead from B's loads (workers/warm_spare.py): its LoadJob compiles nothing."""
+    import jax
+
     from pathways_lite.v1 import worker_pb2
+    from pathways_lite.workers.warm_spare import PrecompiledRuntimes
 
     hosts = [_serve_host(0, [0, 1]), _serve_host(1, [2, 3])]
     stubs = [h[3] for h in hosts]
@@ -250,8 +254,15 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
         first = steps(0, 2)
         after_2 = digest(stubs[0])
         assert after_2.steps_applied == 3 and after_2.sha256 != after_1.sha256
-        # B "dies": its replacement is a fresh host (the job unloaded there).
-        stubs[1].UnloadJob(worker_pb2.UnloadJobRequest(job_id=job, epoch=1), timeout=60)
+        # B's warm spare compiles B's job ahead, then B "dies": the spare replaces it.
+        spare = PrecompiledRuntimes([jax.devices()[i] for i in (2, 3)])
+        assert spare.compile_ahead(hosts[1][0].servicer.train_loads()) == [job]
+        assert spare.compile_ahead(hosts[1][0].servicer.train_loads()) == []  # once
+        server, _, channel, _ = hosts[1]
+        channel.close()
+        server.stop()
+        hosts[1] = _serve_host(1, [2, 3], runtime_factory=spare.factory)
+        stubs[1], peers[1] = hosts[1][3], hosts[1][1]
         kept = stubs[0].LoadJob(
             _load_request(job, 0, peers, 1, keep_state=True, resume_step=2), timeout=60
         )
@@ -261,6 +272,7 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
             _load_request(job, 1, peers, 1, restore_peers=[peers[0]], resume_step=2), timeout=240
         )
         assert restored.peer_restore_bytes > 0
+        assert spare.reused == 1 and len(spare) == 0  # its runtime compiled ahead, taken once
         assert digest(stubs[1]).sha256 == after_1.sha256
         assert digest(stubs[1]).steps_applied == 2
         again = steps(1, 2)
@@ -276,3 +288,30 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
         for server, _, channel, _ in hosts:
             channel.close()
             server.stop()
+
+
+def test_a_failed_step_stops_waiting_for_the_other_hosts_once_ray_reports_an_island_dead():
+    """The dispatcher's fail-fast grace (the other hosts may be stuck on the failed one) is
+    cut short by Ray's death report of an island of the step, and runs out without one."""
+    import asyncio
+
+    from pathways_lite.controller.islands import Island, wait_unless_dead
+
+    async def waited(report_death: bool) -> tuple[int, float]:
+        island = Island("a", [])
+        stuck = asyncio.ensure_future(asyncio.Event().wait())  # a host waiting on its peer
+        loop = asyncio.get_running_loop()
+        if report_death:
+            loop.call_later(0.05, lambda: asyncio.ensure_future(island.host_died(0, "Ray")))
+        started = loop.time()
+        pending = await wait_unless_dead(
+            {stuck}, [island], timeout_s=0.2 if not report_death else 30
+        )
+        took = loop.time() - started
+        stuck.cancel()
+        return len(pending), took
+
+    pending, took = asyncio.run(waited(report_death=True))
+    assert pending == 1 and took < 5  # not the 30 s grace
+    pending, took = asyncio.run(waited(report_death=False))
+    assert pending == 1 and took >= 0.2

@@ -1,6 +1,7 @@
 """Island hosts: the Ray actor, its gRPC services and the per-job runtimes.
 
-island_host.py      the island host Ray actor and its group (placement, jax.distributed)
+island_host.py      the island host Ray actor and its group (placement, jax.distributed, spares)
+warm_spare.py       a warm spare compiles its host's training jobs ahead (promoted on a death)
 host.py             host facts: HostMetadata, devices, memory budget, worker wire version
 service.py          WorkerService: the controller's job operations on this host
 serving.py          `serve` and BackgroundServer: the host's port (worker, exchange, health)

@@ -86,8 +86,21 @@ class IslandSpec:
     def resource(self) -> str:
         return self.ray_resource or island_resource(self.name)
 
-    def actor_name(self, host_index: int) -> str:
-        return f"island-{self.name}-host-{host_index}"
+    def actor_name(self, host_index: int, incarnation: int = 0) -> str:
+        """The named actor of host `host_index`; every restart (or promoted spare) of the
+        island is a new incarnation with names of its own (no wait for a dead one's)."""
+        base = f"island-{self.name}-host-{host_index}"
+        return base if incarnation == 0 else f"{base}-r{incarnation}"
+
+    def parse_actor_name(self, name: str) -> tuple[int, int] | None:
+        """(host index, incarnation) of one of this island's actor names, else None."""
+        prefix = f"island-{self.name}-host-"
+        if not name.startswith(prefix):
+            return None
+        index, _, incarnation = name[len(prefix) :].partition("-r")
+        if not index.isdigit() or (incarnation and not incarnation.isdigit()):
+            return None
+        return int(index), int(incarnation or 0)
 
     def env_vars(self) -> dict[str, str]:
         """Environment of a host process (set through Ray's runtime_env)."""
@@ -115,10 +128,59 @@ class IslandHost:
         self._server: BackgroundServer | None = None
         self._distributed = False
         self._credential: Credential | None = None
+        # `warm` and `start` run on the actor's threads: one at a time.
+        self._start_lock = threading.Lock()
+        # A warm spare's jobs compiled ahead (workers/warm_spare.py), until it starts.
+        self._precompiled: Any = None
+        self._stop_precompile = threading.Event()
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
         return self.node_ip, os.getpid()
+
+    def warm(self, host: Any = None) -> None:
+        """What a warm spare does before it is needed (`IslandHostGroup` spares): import JAX
+        and the model code and, on a one-host CPU island, bring up the devices and compile
+        ahead the training jobs its `host` (the actor it stands in for) holds
+        (workers/warm_spare.py), so that a `start` after the host died only serves."""
+        with self._start_lock:
+            import jax
+
+            import pathways_lite.model.data  # noqa: F401
+            import pathways_lite.model.estimates  # noqa: F401
+            import pathways_lite.model.train  # noqa: F401
+
+            if self.island.num_hosts > 1:  # jax.distributed must come before the devices
+                return
+            _cache_every_compile(jax)
+            devices = sorted(jax.devices(), key=lambda d: d.id)
+            if host is None or self.island.platform != "cpu" or self._metadata is not None:
+                return
+            from .warm_spare import PrecompiledRuntimes, precompile_loop
+
+            self._precompiled = PrecompiledRuntimes(devices)
+            threading.Thread(
+                target=precompile_loop,
+                args=(
+                    self._precompiled,
+                    lambda: ray.get(host.train_loads.remote(), timeout=30),
+                    self._stop_precompile,
+                ),
+                name="warm-spare-precompile",
+                daemon=True,
+            ).start()
+
+    def compiled_ahead(self) -> list[str]:
+        """The jobs a warm spare holds compiled ahead (workers/warm_spare.py)."""
+        return [] if self._precompiled is None else self._precompiled.job_ids()
+
+    def train_loads(self) -> list[bytes]:
+        """The LoadJob requests of the training jobs this host holds (for its warm spare)."""
+        return [] if self._server is None else self._server.servicer.train_loads()
+
+    def started(self) -> bool:
+        """Whether `start` ran (a host), or not (a spare)."""
+        return self._metadata is not None
 
     def watch(self) -> None:
         """Never returns: the controller keeps one call pending, so Ray fails it the moment
@@ -149,9 +211,16 @@ class IslandHost:
         required on every call (TLS with `tls`'s certificate where it wants it, on this
         node's address); return metadata."""
         self.set_credential(credential)
+        with self._start_lock:
+            return self._start(coordinator, tls, init_timeout_s)
+
+    def _start(self, coordinator: str | None, tls: TlsConfig | None, init_timeout_s: int):
         if self._metadata is not None:
             return self._metadata
         import jax
+
+        self._stop_precompile.set()
+        _cache_every_compile(jax)
 
         if self.island.num_hosts > 1:
             if self.island.platform == "cpu":
@@ -195,7 +264,12 @@ class IslandHost:
             memory_budget_bytes_per_device=int(budget),
             peak_flops_per_device=peak,
         )
-        servicer = WorkerServicer(metadata, devices, credential=self._credential, tls=tls)
+        factory = (
+            {} if self._precompiled is None else {"runtime_factory": self._precompiled.factory}
+        )
+        servicer = WorkerServicer(
+            metadata, devices, credential=self._credential, tls=tls, **factory
+        )
         self._server = BackgroundServer(servicer, self.node_ip, 0)
         self._server.start()
         self._metadata = servicer.metadata
@@ -271,6 +345,18 @@ class IslandHost:
             self._distributed = False
 
 
+def _cache_every_compile(jax: Any) -> None:
+    """A restarted host (or a spare) compiles its jobs again: every program from the
+    persistent cache, not only those that took a second; a default cache folder where none
+    is set (the per-machine cache, model/tokenizer.py's `default_cache_dir`)."""
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not jax.config.jax_compilation_cache_dir:
+        from pathways_lite.model.tokenizer import default_cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jax"))
+
+
 class IslandHostGroup:
     """The hosts of one island as Ray actors (after Ray's worker_group.py).
 
@@ -284,6 +370,10 @@ class IslandHostGroup:
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
         namespace: Ray namespace of the named actors.
         max_restarts: Ray restarts of a dead host actor (0: the controller decides).
+        spares: keep a warm spare per host (CPU islands): a process started beside the host
+            on its node, JAX and the model code imported, that `restart` promotes when the
+            island dies, so no new process starts on the way back. A GPU island has none
+            (its host holds the node's GPUs).
     """
 
     def __init__(
@@ -296,6 +386,7 @@ class IslandHostGroup:
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
         max_restarts: int = 0,
+        spares: bool = False,
     ) -> None:
         self.island = island
         self.credential = credential
@@ -306,15 +397,20 @@ class IslandHostGroup:
         self.max_restarts = max_restarts
         self.actors: list[Any] = []
         self.metadata: list[HostMetadata] = []
+        self.spares_wanted = spares and island.platform == "cpu"
+        # Not started hosts, one per host index, ready to be promoted (`promote_spares`).
+        self.spares: list[Any] = []
+        self.spare_incarnation = 0
+        # After a promotion: the jobs its spares had compiled ahead; None after a fresh start.
+        self.promoted: list[str] | None = None
+        # The incarnation of the current hosts; the next one a restart or spare takes.
+        self.incarnation = 0
+        self.next_incarnation = 0
+        # Spares are prepared off the controller's loop while a restart may promote them.
+        self._spares_lock = threading.Lock()
 
-    def start(self) -> list[HostMetadata]:
-        """Place the hosts, start them, and return their metadata in host order.
-
-        Raises:
-            IslandPlacementError: a host was not placed within `placement_timeout_s`.
-        """
+    def _options(self) -> dict[str, Any]:
         island = self.island
-        actor_cls = ray.remote(IslandHost)
         options: dict[str, Any] = {
             "namespace": self.namespace,
             "lifetime": "detached",
@@ -328,11 +424,102 @@ class IslandHostGroup:
         }
         if island.platform == "gpu":
             options["num_gpus"] = island.devices_per_host
+        return options
+
+    def start(self) -> list[HostMetadata]:
+        """Place the hosts, start them, and return their metadata in host order.
+
+        Raises:
+            IslandPlacementError: a host was not placed within `placement_timeout_s`.
+        """
+        island = self.island
+        actor_cls = ray.remote(IslandHost)
+        options = self._options()
+        incarnation = self.next_incarnation
         try:
             for i in range(island.num_hosts):
-                actor = actor_cls.options(name=island.actor_name(i), **options).remote(island, i)
+                name = island.actor_name(i, incarnation)
+                actor = actor_cls.options(name=name, **options).remote(island, i)
                 self.actors.append(actor)
-            placed = self._wait_placed()
+            self.incarnation, self.next_incarnation = incarnation, incarnation + 1
+            self.promoted = None
+            return self._start_placed()
+        except BaseException:
+            self._kill()
+            raise
+
+    def prepare_spares(self) -> None:
+        """Start a warm spare for every host (once; nothing without `spares`): placed on the
+        host's node, holding none of its resources, it imports JAX and the model code now
+        (`IslandHost.warm`) and starts serving only when promoted."""
+        with self._spares_lock:
+            if self.spares_wanted and not self.spares and self.metadata:
+                self._prepare_spares()
+
+    def _prepare_spares(self) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        island = self.island
+        actor_cls = ray.remote(IslandHost)
+        options = {**self._options(), "resources": {}}
+        incarnation = self.next_incarnation
+        spares = []
+        try:
+            for i, meta in enumerate(self.metadata):
+                strategy = NodeAffinitySchedulingStrategy(node_id=meta.node_id, soft=False)
+                spare = actor_cls.options(
+                    name=island.actor_name(i, incarnation),
+                    scheduling_strategy=strategy,
+                    **options,
+                ).remote(island, i)
+                spares.append(spare)
+                spare.warm.remote(self.actors[i])
+        except Exception:
+            logger.exception("island %s: no warm spares", island.name)
+            _kill_actors(spares)
+            return
+        self.spares, self.spare_incarnation = spares, incarnation
+        self.next_incarnation = incarnation + 1
+
+    def promote_spares(self) -> bool:
+        """Replace the hosts with the warm spares and start those (the island restarts
+        without a new process). False when there are none or they cannot start (they are
+        gone then; the caller starts new hosts)."""
+        with self._spares_lock:
+            if not self.spares:
+                return False
+            old, self.actors, self.spares = self.actors, self.spares, []
+        started = time.monotonic()
+        # The old hosts are dead or about to be replaced: no graceful stop to wait for.
+        _kill_actors(old)
+        ahead = [a.compiled_ahead.remote() for a in self.actors]
+        try:
+            self.incarnation = self.spare_incarnation
+            # Each spare sits on its host's node (node affinity): no placement to wait for.
+            self._start_placed([m.node_ip for m in self.metadata] or None)
+        except Exception as e:  # noqa: BLE001 - e.g. the spare's node died too
+            logger.warning("island %s: its spares did not start: %r", self.island.name, e)
+            self._kill()
+            return False
+        try:
+            self.promoted = sorted({j for jobs in ray.get(ahead, timeout=10) for j in jobs})
+        except Exception:  # noqa: BLE001 - only a note
+            self.promoted = []
+        logger.info(
+            "island %s: warm spares promoted in %.2f s",
+            self.island.name,
+            time.monotonic() - started,
+        )
+        return True
+
+    def _start_placed(self, node_ips: list[str] | None = None) -> list[HostMetadata]:
+        """Wait until `actors` are placed (unless their `node_ips` are known: spares placed
+        beside the hosts long ago), start them (one JAX runtime), gather metadata."""
+        island = self.island
+        t0 = time.monotonic()
+        try:
+            placed = [(ip, 0) for ip in node_ips] if node_ips else self._wait_placed()
+            t_placed = time.monotonic()
             tls = [self.issue_tls(ip) if self.issue_tls else None for ip, _ in placed]
             coordinator = None
             if island.num_hosts > 1:
@@ -345,6 +532,12 @@ class IslandHostGroup:
         except BaseException:
             self._kill()
             raise
+        logger.info(
+            "island %s: hosts placed in %.2f s, started in %.2f s",
+            island.name,
+            t_placed - t0,
+            time.monotonic() - t_placed,
+        )
         return self.metadata
 
     def _wait_placed(self) -> list[tuple[str, int]]:
@@ -379,21 +572,36 @@ class IslandHostGroup:
         """Call `method` on every host and wait; results in host order."""
         return ray.get(self.execute_async(method, *args, **kwargs), timeout=timeout_s)
 
-    def shutdown(self, patience_s: float = 10.0) -> None:
-        """Stop every host's service gracefully, then kill the actors (they are detached)."""
-        if self.actors:
-            refs = self.execute_async("shutdown", min(5.0, patience_s))
-            ray.wait(refs, num_returns=len(refs), timeout=patience_s)
+    def shutdown(self, patience_s: float = 10.0, *, spares: bool = True) -> None:
+        """Stop every host's service gracefully, then kill the actors (they are detached),
+        and the spares unless `spares` is False (a restart that promotes them)."""
+        self.shutdown_actors(self.actors, patience_s)
         self._kill()
+        if spares:
+            with self._spares_lock:
+                _kill_actors(self.spares)
+                self.spares = []
+
+    @staticmethod
+    def shutdown_actors(actors: list[Any], patience_s: float = 1.0) -> None:
+        """Stop `actors` gracefully (`patience_s`), then kill them."""
+        if actors:
+            refs = [a.shutdown.remote(min(5.0, patience_s)) for a in actors]
+            ray.wait(refs, num_returns=len(refs), timeout=patience_s)
+        _kill_actors(actors)
 
     def _kill(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already dead
-                logger.debug("actor already gone", exc_info=True)
+        _kill_actors(self.actors)
         self.actors = []
         self.metadata = []
+
+
+def _kill_actors(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            logger.debug("actor already gone", exc_info=True)
 
 
 def wait_for_resource(name: str, amount: float, timeout_s: float = 30.0) -> None:

@@ -307,6 +307,12 @@ class PalmRuntime(JobRuntime):
         self.fns = fns
         state = fns.init(self.spec.seed) if state is None else state
         self._resident = _Resident(state, grad_exec, apply_exec)
+        if self.spec.num_islands > 1:
+            # The pre-step copy's program compiles here, not in the first step (a host
+            # restarted after its island died is waited for by every island).
+            from .peer_restore import keep_pre_step
+
+            keep_pre_step(state)
         return report
 
     def place_batch(self, tokens_bt1: np.ndarray) -> Any:

@@ -346,6 +346,16 @@ def keep_pre_step(state: Any) -> Any:
     return dataclasses.replace(state, params=params, opt_state=opt_state)
 
 
+def compile_pre_step(runtime: Any) -> None:
+    """Compile `keep_pre_step`'s program for a compiled, not loaded PaLM runtime's state
+    (from its shapes: nothing is allocated), as a warm spare does ahead of its first step."""
+    import jax
+
+    like, treedef = abstract_like(runtime)
+    abstract = [jax.ShapeDtypeStruct(shape, dtype, sharding=s) for shape, dtype, s in like]
+    _copy_tree().lower(treedef.unflatten(abstract)).compile()
+
+
 @functools.cache
 def _copy_tree() -> Any:
     import jax

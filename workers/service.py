@@ -203,6 +203,17 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             raise KeyError(f"job_id={job_id!r} is not loaded on this host.")
         return job.runtime
 
+    def train_loads(self) -> list[bytes]:
+        """The serialized LoadJob requests of the data-parallel training jobs loaded here
+        (what a warm spare compiles ahead, workers/warm_spare.py; not a wire operation)."""
+        return [
+            job.request.SerializeToString()
+            for job in list(self._jobs.values())
+            if hasattr(job.runtime, "pre_step")
+            and job.spec.num_islands > 1
+            and job.spec.pipeline is None
+        ]
+
     # ---- helpers -------------------------------------------------------------------------
 
     @property
