@@ -335,3 +335,100 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
                     ends.append(e.details())
             assert any("cancelled" in e for e in ends if e != "ok"), ends
         assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
+
+
+def test_a_request_cuts_a_two_island_job_on_both_islands_at_one_step_until_it_is_served():
+    """The controller decides once per step for the whole training job (review finding 4):
+    a request arriving on island A of a two-island job cuts its slices on both islands at
+    the same step, no step of it starts on either island while the request is served, and
+    it goes on from that step when A's service is idle (every step run once, in order).
+    Real worker services (the probe job) over gRPC, the real Dispatcher, Scheduler and
+    ServeArbiter; the request's decoding is the time between `enter` and `leave`."""
+    import asyncio
+
+    import jax
+
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
+    from pathways_lite.controller.scheduler import Demand, Scheduler
+    from pathways_lite.controller.serve_router import ServeArbiter
+    from pathways_lite.v1 import common_pb2, worker_pb2
+    from pathways_lite.workers.host import HostMetadata
+    from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+    from pathways_lite.workers.service import WorkerServicer
+    from pathways_lite.workers.serving import BackgroundServer
+
+    steps, ids = 3000, ["cut-a", "cut-b"]
+
+    def load(at: HostLoad) -> worker_pb2.LoadJobRequest:
+        request = placement_request(at)
+        request.ClearField("peers")  # the probe trains each island's slice alone
+        request.model.CopyFrom(common_pb2.ModelConfig(preset=PROBE_PRESET))
+        request.mesh.CopyFrom(common_pb2.MeshShape(data=1, model=1))
+        request.data_hash = PROBE_DATA_HASH
+        request.global_batch = 8
+        request.seq_len = 1
+        request.model.overrides.update({"d_in": 8, "d_out": 8, "learning_rate": 1e-3})
+        return request
+
+    servicers = [
+        WorkerServicer(HostMetadata.in_process(i, [d], 256 << 20), [d])
+        for i, d in zip(ids, jax.devices()[:2], strict=True)
+    ]
+    servers = [BackgroundServer(s, "127.0.0.1", 0) for s in servicers]
+    addresses = [f"127.0.0.1:{server.start()}" for server in servers]
+    periods: list[tuple] = []
+    marks: dict[str, int] = {}
+
+    async def main() -> tuple[list[int], int | None]:
+        islands = [Island(i, [await connect_host(a)]) for i, a in zip(ids, addresses, strict=True)]
+        scheduler = Scheduler(ids)
+        dispatcher = Dispatcher(5, slice_s=0.05)
+        arbiter = ServeArbiter(scheduler, dispatcher, lambda *period: periods.append(period))
+        prog = StepProgram(job_id="train", generation=0, steps=steps, tokens_per_step=8, load=load)
+        await dispatcher.load(prog, islands)
+        scheduler.place(Demand("train", 2, 0), ids)
+        scheduler.join("train", ids, 1.0)
+        reports: list[int] = []
+
+        async def request() -> None:
+            while len(reports) < 300:
+                await asyncio.sleep(0.001)
+            await arbiter.enter("cut-a", "srv", 200.0)
+            marks["served"] = time.time_ns()
+            await asyncio.sleep(0.4)  # the request decodes
+            marks["idle"] = time.time_ns()
+            arbiter.leave("cut-a", (5.0, 2.0, 10))
+
+        served = asyncio.ensure_future(request())
+        try:
+            await dispatcher.run(
+                prog, islands, on_step=lambda r: reports.append(r.step), gate=scheduler
+            )
+            await served
+            await dispatcher.unload("train", islands)
+        finally:
+            for island in islands:
+                await island.close()
+        return reports, arbiter.stats("cut-a")["training_cuts"]
+
+    try:
+        reports, cuts = asyncio.run(main())
+    finally:
+        for server in servers:
+            server.stop()
+    assert reports == list(range(steps)) and cuts == 1
+    logs = [[e for e in s.execution_log if e.job_id == "train"] for s in servicers]
+    for log in logs:
+        assert sorted(e.step for e in log) == list(range(steps))  # each step once per host
+    # Both islands stopped before the same step (the steps before it ended before the
+    # request went to the host) and started none while it was served.
+    before = [{e.step for e in log if e.start_unix_ns < marks["served"]} for log in logs]
+    cut = len(before[0])
+    assert before[0] == before[1] == set(range(cut)) and 300 <= cut < steps
+    assert not [
+        e.step for log in logs for e in log if marks["served"] <= e.start_unix_ns < marks["idle"]
+    ]
+    assert all(e.step >= cut for log in logs for e in log if e.start_unix_ns >= marks["idle"])
+    assert [(p[0], p[1]) for p in periods] == [("cut-a", "srv")]

@@ -28,7 +28,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 10: StartServe/StopServe/Generate (kind: serve); a training step waits while the host's
 #    service decodes.
 # 11: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
-WORKER_WIRE_VERSION = 11
+# 14: CutSlice (a job's slices cut at one step boundary on all its islands, for serving);
+#    only a single-island job's step waits at the host's serve gate.
+WORKER_WIRE_VERSION = 14
 
 
 @dataclass(frozen=True)
