@@ -39,11 +39,11 @@ name: srv
 kind: serve
 {COMMON}init_from: {{job: srv-src}}
 train: {{global_batch: 4, seq_len: 64}}
-serve: {{max_batch: 4, max_seq_len: 128}}
+serve: {{max_batch: 4, max_seq_len: 128, target_p99_ms: 5000}}
 """
 CO_TRAIN = f"""\
 name: srv-cotrain
-{COMMON}train: {{steps: 6, global_batch: 4, seq_len: 64, seed: 2}}
+{COMMON}train: {{steps: 12, global_batch: 4, seq_len: 64, seed: 2}}
 """
 PROMPT = "def main("
 
@@ -75,7 +75,9 @@ def test_serve_spec_rules() -> None:
         load_spec_text(SOURCE + "serve: {max_batch: 2}\n", validate=True)
     with pytest.raises(SpecError, match="pipeline is only for train jobs"):
         load_spec_text(SERVE + "pipeline: {stages: 2}\n", validate=True)
-    spec = load_spec_text(SERVE.replace("serve: {max_batch: 4, max_seq_len: 128}\n", ""))
+    spec = load_spec_text(
+        SERVE.replace("serve: {max_batch: 4, max_seq_len: 128, target_p99_ms: 5000}\n", "")
+    )
     from pathways_lite.controller import spec as spec_lib
 
     assert spec_lib.serve_settings(spec, 256) == spec_lib.ServeSettings(8, 256, 200.0)
@@ -301,11 +303,45 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
         assert code == 0 and out["text"] == greedy and len(out["tokens"]) == 16
         assert out["ttft_ms"] > 0
 
-        # Training beside the service: it runs to the end while requests keep coming.
+        # Training beside the service, through the controller: while a request decodes, no
+        # step of the co-resident job runs (its slices are cut at a step boundary before the
+        # request goes to the host), and it resumes once the service is idle.
         co = client.submit(load_spec_text(CO_TRAIN))
+        co_started = time.monotonic()
+        spans: list[tuple[int, int]] = []
         while state_name(client.get(co.id).state) not in ("succeeded", "failed"):
-            assert _text(client, "srv", max_tokens=8)[1]["tokens"] >= 1
+            if not client.metrics(co.id) or len(spans) >= 8:
+                time.sleep(0.05)
+                continue
+            first = None
+            for _ in client.generate("srv", PROMPT, max_tokens=16):
+                first = first or time.time_ns()
+            spans.append((first, time.time_ns()))
+            time.sleep(0.2)  # the island goes back to training
         assert state_name(client.get(co.id).state) == "succeeded"
+        print(f"co-resident training: {time.monotonic() - co_started:.1f} s, {len(spans)} requests")
+        island = client.islands(include_steps=True)[0]
+        steps = [(e.start_unix_ns, e.end_unix_ns) for e in island.recent_steps if e.job_id == co.id]
+        assert len(steps) == 12 and spans
+        overlapping = [(a, b, f, e) for a, b in steps for f, e in spans if a < e and b > f]
+        assert not overlapping, overlapping
+        # Paused and resumed: some request has the job's steps before it and after it.
+        assert any(
+            any(b <= f for _, b in steps) and any(a >= e for a, _ in steps) for f, e in spans
+        )
+        served = [e for e in island.recent_steps if e.job_id == srv.id]
+        assert served  # serving's busy periods on the island's timeline, beside training
+        stats = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    client.dashboard_url().rstrip("/") + "/api/jobs/srv/serve",
+                    headers={"Authorization": auth.bearer(token)},
+                ),
+                timeout=30,
+            ).read()
+        )
+        shared = stats["islands"][island.id]
+        assert shared["training_cuts"] >= 1 and shared["busy_periods"] >= len(spans), stats
 
         # Cancelling the serve job ends its open streams with UNAVAILABLE naming why (12
         # streams on 4 slots: the waiting ones cannot finish before the cancel lands).
