@@ -468,3 +468,38 @@ def test_a_request_cuts_a_two_island_job_on_both_islands_at_one_step_until_it_is
     ]
     assert all(e.step >= cut for log in logs for e in log if e.start_unix_ns >= marks["idle"])
     assert [(p[0], p[1]) for p in periods] == [("cut-a", "srv")]
+
+
+def test_the_latency_policy_holds_training_off_longer_over_the_target_and_relaxes_under_it():
+    """serve.target_p99_ms: over it, training waits longer after the island's last request
+    (holdoff doubles up to its cap); under half of it, holdoff halves back to 0. The p99 is
+    of the wait for each token, the first one (its time to first token) included."""
+    import asyncio
+
+    from pathways_lite.controller import serve_router
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.serve_router import ServeArbiter, token_latency_p99
+
+    # 1 request in 30 waits 900 ms for its first token (a training step in progress), the
+    # other tokens come every 10 ms: 1 wait in 30 x 16 tokens is under 1%, 1 in 3 x 16 not.
+    assert token_latency_p99([(900.0, 10.0, 16)] + [(10.0, 10.0, 16)] * 29) == 10.0
+    assert token_latency_p99([(900.0, 10.0, 16)] + [(10.0, 10.0, 16)] * 2) == 900.0
+
+    async def main() -> list[float]:
+        scheduler = Scheduler(["i0"])
+        arbiter = ServeArbiter(scheduler, Dispatcher(1))
+        holdoffs = []
+        for ttft in [900.0] * 6 + [10.0] * 400:
+            await arbiter.enter("i0", "srv", 200.0)
+            assert "i0" in scheduler.serving  # no training slice while it is served
+            arbiter.leave("i0", (ttft, 10.0, 16))
+            holdoffs.append(arbiter.islands["i0"].holdoff_s)
+        await asyncio.sleep(holdoffs[-1] + 0.01)
+        assert "i0" not in scheduler.serving  # idle: training has the island back
+        return holdoffs
+
+    holdoffs = asyncio.run(main())
+    top = serve_router.HOLDOFF_MAX_S
+    assert holdoffs[:6] == [0.05, 0.1, 0.2, 0.4, 0.8, top]
+    assert max(holdoffs) == top and holdoffs[-1] == 0.0  # relaxed once the p99 fell
