@@ -496,8 +496,12 @@ class Dispatcher:
             if not granted:
                 state.stopped = True
                 return
-            if run.cutting is not None and not (state.closed or should_stop()):
-                # Granted while its slices are being cut: give the slot back, ask again.
+            blocked = getattr(gate, "blocked", None)
+            if (run.cutting is not None or (blocked is not None and blocked(job_id))) and not (
+                state.closed or should_stop()
+            ):
+                # Granted just before an island of it began to serve (or while its slices
+                # are being cut): give the slot back and ask again.
                 if gate is not None:
                     gate.done(job_id, island_ids, None, count)
                 return

@@ -314,6 +314,12 @@ class Scheduler:
             self.serving.discard(island)
             self._grant()
 
+    def blocked(self, job_id: str) -> bool:
+        """Whether an island of `job_id` serves now (a slice granted before the hold began
+        is not sent: controller/dispatch.py asks again)."""
+        slots = self._jobs.get(job_id)
+        return slots is not None and bool(set(slots.islands) & self.serving)
+
     def leave(self, job_id: str) -> None:
         """Stop giving `job_id` slots; a pending `acquire` returns False."""
         slots = self._jobs.pop(job_id, None)
