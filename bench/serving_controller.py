@@ -195,7 +195,8 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
     bench = Bench(state_dir, model, max_batch, max_seq_len)
     try:
         bench.start_service()
-        bench.clients(max_batch, 2.0, 4)  # warm-up: the prefill buckets the runs use
+        for n in (1, 2, 4, 8, 16, 32, max_batch):  # warm-up: every prefill row bucket
+            bench.clients(n, 1.0, 4)
         runs = {n: bench.clients(n, seconds, tokens) for n in (1, 8, 32)}
         bench.start_training()
         with_training = bench.clients(8, seconds, tokens)

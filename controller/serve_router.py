@@ -15,8 +15,9 @@ place, so no training step starts while it decodes (the step in progress ends fi
 request's time to first token includes at most the rest of one step). When the island's last
 request ends, training gets the island back after `holdoff_s`, the latency policy's one knob:
 
-  - a client's per-token latency is the wait for each token, the first one included (its
-    time to first token, then ms_per_token for each later one);
+  - a request's per-token latency is its whole time over its tokens, its wait for the first
+    token included (time to first token + ms_per_token x the later tokens, over the tokens):
+    training costs a request at most the rest of one step, before its first token;
   - at each end of a busy period, the p99 of that latency over the island's last
     POLICY_REQUESTS requests is compared with the smallest `serve.target_p99_ms` of the serve
     jobs there: above it, holdoff doubles (from HOLDOFF_MIN_S, at most HOLDOFF_MAX_S), so
@@ -61,24 +62,13 @@ HOLDOFF_MAX_S = 1.0
 
 
 def token_latency_p99(samples: Sequence[tuple[float, float, int]]) -> float:
-    """The p99 of the wait for each token over requests of (ttft ms, ms per later token,
-    tokens): each request counts its time to first token once and ms_per_token for each of
-    its other tokens."""
-    weighted = []
-    for ttft, per, n in samples:
-        weighted.append((ttft, 1))
-        if n > 1:
-            weighted.append((per, n - 1))
-    total = sum(w for _, w in weighted)
-    if not total:
+    """The p99 over requests of (ttft ms, ms per later token, tokens) of their per-token
+    latency: a request's whole time (its wait for the first token included) over its
+    tokens."""
+    if not samples:
         return 0.0
-    weighted.sort()
-    rank, seen = 0.99 * total, 0
-    for value, w in weighted:
-        seen += w
-        if seen >= rank:
-            return value
-    return weighted[-1][0]
+    values = sorted((ttft + max(0, n - 1) * per) / max(1, n) for ttft, per, n in samples)
+    return values[min(len(values) - 1, int(0.99 * len(values)))]
 
 
 @dataclasses.dataclass
