@@ -25,8 +25,9 @@ request ends, training gets the island back after `holdoff_s`, the latency polic
     training step in progress; below half of it, holdoff halves (under HOLDOFF_MIN_S: 0, an
     idle service costs training nothing).
 
-Each busy period is recorded on the island's timeline under the serve job's id (with the
-training steps the hosts timed), so the dashboard's shares show serving beside training.
+Each busy period (from the moment training has yielded the island to the end of its last
+request) is recorded on the island's timeline under the serve job's id, beside the training
+steps the hosts timed, so the dashboard's shares show serving beside training.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ServeArbiter:
             st.release.cancel()
             st.release = None
         if st.busy == 1:
-            st.since_ns, st.jobs = time.time_ns(), set()
+            st.since_ns, st.jobs = 0, set()
             if not st.held:
                 st.held = True
                 self.scheduler.hold_for_serving(island, True)
@@ -132,6 +133,8 @@ class ServeArbiter:
         st.targets[job_id] = target_ms
         if st.cut is not None and not st.cut.done():
             await asyncio.shield(st.cut)
+        if not st.since_ns:  # the island is serving's from now (training's steps ended)
+            st.since_ns = time.time_ns()
 
     async def _cut_training(self, island: str, st: IslandService) -> None:
         jobs = [
@@ -161,6 +164,7 @@ class ServeArbiter:
         if st.busy:
             return
         end = time.time_ns()
+        st.since_ns = st.since_ns or end  # left before its cut ended (a client gone)
         st.served_s += (end - st.since_ns) / 1e9
         st.periods += 1
         if self.record is not None:
