@@ -70,7 +70,8 @@ class SliceCut:
     HOLD: the job's steps from the first one this host has not started wait (at most until
     `hold_until`); CUT(before): its steps before `before` run, the others do not
     (`StepNotRun`: the slice ends there). Only steps of `generation` under island_seq
-    `seq_below` are concerned, so the slices sent after the cut run normally.
+    `seq_below` of the cut's controller epoch are concerned, so the slices sent after the cut
+    (or by a later controller, whose island sequence starts again at 0) run normally.
     """
 
     def __init__(self) -> None:
@@ -78,6 +79,7 @@ class SliceCut:
         self.generation = -1
         self.next_step = 0
         self.cut_generation = -1
+        self.cut_epoch = -1
         self.seq_below = 0
         self.hold_from: int | None = None
         self.hold_until = 0.0
@@ -88,14 +90,20 @@ class SliceCut:
         """Apply a CutSlice phase; returns the first step of the job not started here."""
         phase = worker_pb2.CutSliceRequest
         started = self.next_step if self.generation == request.generation else 0
+        if request.phase in (phase.HOLD, phase.CUT) and (
+            request.generation != self.cut_generation or request.epoch != self.cut_epoch
+        ):
+            self.seq_below = 0
         if request.phase == phase.HOLD:
             self.cut_generation = request.generation
+            self.cut_epoch = request.epoch
             self.seq_below = request.seq_below
             self.before = None
             self.hold_from = started
             self.hold_until = time.monotonic() + max(0.0, request.hold_s or 5.0)
         elif request.phase == phase.CUT:
             self.cut_generation = request.generation
+            self.cut_epoch = request.epoch
             self.seq_below = max(self.seq_below, request.seq_below)
             self.before = int(request.before_step)
             self.hold_from = None
@@ -105,13 +113,17 @@ class SliceCut:
         self._changed = asyncio.Event()
         return started
 
-    async def admit(self, generation: int, step: int, island_seq: int) -> None:
+    async def admit(self, generation: int, step: int, island_seq: int, epoch: int) -> None:
         """Wait while the step is held; mark it started.
 
         Raises:
             StepNotRun: the step is cut (its slice ends before it).
         """
-        while generation == self.cut_generation and island_seq < self.seq_below:
+        while (
+            generation == self.cut_generation
+            and epoch == self.cut_epoch
+            and island_seq < self.seq_below
+        ):
             if self.before is not None and step >= self.before:
                 raise StepNotRun(f"step {step} was cut (serving); it runs in a later slice.")
             if self.hold_from is None or step < self.hold_from:

@@ -570,7 +570,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
     ) -> worker_pb2.RunStepReply | RpcRejection:
         # A cut for serving (CutSlice) holds or ends the slice at this step boundary.
         await self.slice_cut(request.job_id).admit(
-            request.generation, request.step, request.island_seq
+            request.generation, request.step, request.island_seq, request.epoch
         )
         async with self._lock:
             if self.order.is_stale(request.epoch):
