@@ -307,17 +307,15 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
         # step of the co-resident job runs (its slices are cut at a step boundary before the
         # request goes to the host), and it resumes once the service is idle.
         co = client.submit(load_spec_text(CO_TRAIN))
-        firsts: list[int] = []  # when each request's first token came (client clock)
+        requests = 0
         while state_name(client.get(co.id).state) not in ("succeeded", "failed"):
-            if not client.metrics(co.id) or len(firsts) >= 8:
+            if not client.metrics(co.id) or requests >= 8:
                 time.sleep(0.05)
                 continue
-            first = None
-            for _ in client.generate("srv", PROMPT, max_tokens=16):
-                first = first or time.time_ns()
-            firsts.append(first)
+            assert _text(client, "srv", max_tokens=16)[1]["tokens"] >= 1
+            requests += 1
             time.sleep(0.2)  # the island goes back to training
-        assert state_name(client.get(co.id).state) == "succeeded"
+        assert state_name(client.get(co.id).state) == "succeeded" and requests
         island = client.islands(include_steps=True)[0]
         steps = [(e.start_unix_ns, e.end_unix_ns) for e in island.recent_steps if e.job_id == co.id]
         # Each request's busy period as the controller timed it: from when training had
@@ -326,15 +324,14 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
         periods = [
             (e.start_unix_ns, e.end_unix_ns) for e in island.recent_steps if e.job_id == srv.id
         ]
-        spans = [(f, next(e for s, e in periods if s <= f <= e)) for f in firsts]
-        assert len(steps) == 12 and spans
-        # No step of the job runs while a request is in the island's hands (the step in
-        # progress when it arrived ended before).
+        assert len(steps) == 12
+        # No step of the job ran while a request was in the island's hands (the step in
+        # progress when it arrived had ended before).
         overlapping = [(a, b, s, e) for a, b in steps for s, e in periods if a < e and b > s]
         assert not overlapping, overlapping
         # Paused and resumed: some request has the job's steps before it and after it.
         assert any(
-            any(b <= f for _, b in steps) and any(a >= e for a, _ in steps) for f, e in spans
+            any(b <= s for _, b in steps) and any(a >= e for a, _ in steps) for s, e in periods
         )
         stats = json.loads(
             urllib.request.urlopen(
@@ -346,7 +343,7 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
             ).read()
         )
         shared = stats["islands"][island.id]
-        assert shared["training_cuts"] >= 1 and shared["busy_periods"] >= len(spans), stats
+        assert shared["training_cuts"] >= 1 and shared["busy_periods"] >= requests, stats
 
         # Cancelling the serve job ends its open streams with UNAVAILABLE naming why (12
         # streams on 4 slots: the waiting ones cannot finish before the cancel lands).
