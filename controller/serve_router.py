@@ -137,11 +137,16 @@ class ServeArbiter:
             st.since_ns = time.time_ns()
 
     async def _cut_training(self, island: str, st: IslandService) -> None:
-        jobs = [
-            j
-            for j in self.scheduler.jobs_on(island)
-            if self.dispatcher.running(j) and j not in st.targets
-        ]
+        """Cut the slices of the training jobs resident on `island` (never fails: a request
+        is served even when a cut could not be made)."""
+        try:
+            jobs = [
+                j
+                for j in self.scheduler.jobs_on(island)
+                if self.dispatcher.running(j) and j not in st.targets
+            ]
+        except KeyError:  # an island the scheduler does not know: nothing to cut
+            return
         if not jobs:
             return
         results = await asyncio.gather(
