@@ -5,7 +5,8 @@ service.py          ControllerService (gRPC): the servicer and `serve`
 jobs.py             JobRunner: one job's load, steps, suspend/resume, recovery, end; Reporter
 admission.py        which queued/suspended job starts, resumes or waits (and why); preemption
 scheduler.py        memory-aware gang placement and stride-scheduled step slots
-dispatch.py         a job's steps on its islands with a bounded window in flight (StepGate)
+dispatch.py         a job's steps on its islands with a bounded window in flight (StepGate);
+                    its slices cut at one step for serving
 islands.py          the island handle: every worker RPC, host fan-out, restart via Ray
 program.py          StepProgram and HostLoad: what a host loads and runs
 resolved.py         ResolvedJob (a spec resolved once), the one LoadJobRequest builder, and
@@ -15,7 +16,8 @@ peer_recovery.py    a data-parallel job resumed from its surviving islands (no s
 pipeline.py         pipeline jobs: stage-major islands, a stage's load, per-stage memory, layout
 trace.py            a job's hosts' execution logs (the Trace rpc) and the pipeline Gantt data
 sampling.py         SampleJob: text from a running job or an ended job's checkpoint
-serve_router.py     kind: serve jobs' replicas and the Generate stream (least-loaded replica)
+serve_router.py     kind: serve jobs' replicas, the Generate stream (least-loaded replica);
+                    ServeArbiter: training cut and held off while an island serves
 mixture_weights.py  a mixture job's per-source weights (dynamic: from global losses), per step
 evaluation.py       a job's evaluation: the Evaluate rpc on its first island, stored per source
 lineage.py          job chains: `after` and `init_from` resolved at submit, what a queued job

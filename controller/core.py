@@ -32,10 +32,10 @@ from .recovery import Recovery
 from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
-from .serve_router import ServeRouter
+from .serve_router import ServeArbiter, ServeRouter
 from .states import IllegalTransitionError, JobState
 from .store import JobRecord, JobStore
-from .views import Views
+from .views import TimelineEntry, Views
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,10 @@ class Controller:
         )
         self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
-        self.serving = ServeRouter(store)
+        # Serving before training on shared islands (their slices cut, the island held).
+        self.serving = ServeRouter(
+            store, ServeArbiter(self.scheduler, self.dispatcher, self._serve_period)
+        )
         self._parts = Collaborators(
             store=store,
             scheduler=self.scheduler,
@@ -185,6 +188,13 @@ class Controller:
     @property
     def timeline(self) -> dict[str, Any]:
         return self.views.timeline
+
+    def _serve_period(self, island: str, job_id: str, start_ns: int, end_ns: int, n: int) -> None:
+        """A serve job's busy period on `island`, on the island's timeline beside the
+        training steps its hosts timed (the dashboard's shares)."""
+        timeline = self.views.timeline.get(island)
+        if timeline is not None:
+            timeline.append(TimelineEntry(job_id, n, start_ns, end_ns))
 
     @property
     def pending(self) -> dict[str, str]:

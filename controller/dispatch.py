@@ -20,6 +20,14 @@ host i of the others (`peers`).
 Jobs sharing islands take turns slice by slice through a `StepGate` (controller/scheduler.py's
 Scheduler): every slice waits for a slot on all of the job's islands and frees it when its
 hosts finish.
+
+Serving cuts slices short (`cut`, issue 18): when a request arrives for a serve job on an
+island a training job shares, the job's slices in flight end at one step boundary on every
+host of all its islands. Phase one (CutSlice HOLD) stops every host before the first step it
+has not started and answers that step; the cut step S is the largest answer (a step one host
+started must run on all of them: they exchange its gradients); phase two (CUT before S) lets
+the steps before S run and ends the slices there. The run goes on from S when the scheduler
+grants it a slice again (not while the island serves).
 """
 
 from __future__ import annotations
@@ -60,6 +68,11 @@ FAIL_FAST_GRACE_S = 2.0
 # The longest a run consumes step replies already received without yielding to the event
 # loop (a message may carry a whole slice of fast steps).
 TURN_S = 0.0005
+# How long a host holds a job's steps for the second phase of a cut at most (a controller
+# that died between the phases must not stop the job's hosts for good).
+CUT_HOLD_S = 5.0
+# Deadline of one CutSlice phase.
+CUT_TIMEOUT_S = 5.0
 _NOT_ANSWERED = object()
 
 
@@ -164,6 +177,8 @@ class Dispatcher:
         self.max_slice_steps = max_slice_steps
         # Each job's smoothed step seconds (host-measured), which sizes its slices.
         self._step_s: dict[str, float] = {}
+        # The runs in progress (what `cut` acts on).
+        self._runs: dict[str, _Run] = {}
 
     async def load(
         self, program: StepProgram, islands: Sequence[Island], *, dry_run: bool = False
@@ -290,6 +305,91 @@ class Dispatcher:
                     return i + 1
         return k
 
+    def running(self, job_id: str) -> bool:
+        """Whether `job_id` has a step program running (slices may be in flight)."""
+        return job_id in self._runs
+
+    async def cut(self, job_id: str) -> int | None:
+        """Cut the slices in flight of `job_id` at one step boundary on every host of all
+        its islands (two CutSlice phases, see the module docstring) and wait until the steps
+        before the cut have ended on all of them (their replies read); returns the step the
+        job goes on from, or None when nothing was cut (no run, nothing in flight, or a
+        host did not answer the first phase: the job's steps then go on as sent).
+
+        Concurrent calls for one job share one cut. The run grants itself no slice while a
+        cut is in progress."""
+        run = self._runs.get(job_id)
+        if run is None or run.state.closed or not run.pending:
+            return None
+        if run.cutting is not None:
+            return await asyncio.shield(run.cutting)
+        run.cutting = asyncio.get_running_loop().create_future()
+        result: int | None = None
+        try:
+            result = await self._cut(run)
+        finally:
+            run.cutting.set_result(result)
+            run.cutting = None
+        return result
+
+    async def _cut(self, run: _Run) -> int | None:
+        program, islands = run.program, run.islands
+        seq_below = [island.next_seq for island in islands]
+        phase = worker_pb2.CutSliceRequest
+
+        def request(kind: int, before: int = 0):
+            return lambda i, _h, _host: worker_pb2.CutSliceRequest(
+                job_id=program.job_id,
+                generation=program.generation,
+                epoch=self.epoch,
+                phase=kind,
+                before_step=before,
+                seq_below=seq_below[i],
+                hold_s=CUT_HOLD_S,
+            )
+
+        held = await call_all(
+            islands, "CutSlice", request(phase.HOLD), timeout=CUT_TIMEOUT_S, return_exceptions=True
+        )
+        failed = [r for r in held if isinstance(r, BaseException)]
+        if failed or run.state.closed or not run.pending:
+            if failed:
+                logger.warning("cutting the slices of job %s: %r", program.job_id, failed[0])
+            await call_all(
+                islands,
+                "CutSlice",
+                request(phase.RELEASE),
+                timeout=CUT_TIMEOUT_S,
+                return_exceptions=True,
+            )
+            return None
+        first = run.pending[0]
+        # Steps the controller has read ran on every host: the cut is never before them.
+        cut = max([r.next_step for r in held] + [first.first + first.reported])
+        # The run reads its slices up to the cut only (before the hosts end their streams
+        # there), and grants its next slice from it.
+        for sent in run.pending:
+            sent.count = max(sent.reported, min(sent.count, cut - sent.first))
+        run.state.next_step = min(run.state.next_step, cut)
+        done = await call_all(
+            islands,
+            "CutSlice",
+            request(phase.CUT, cut),
+            timeout=CUT_TIMEOUT_S,
+            return_exceptions=True,
+        )
+        for result in done:
+            if isinstance(result, BaseException):
+                # That host's hold lapses and it runs on: the job fails and recovers.
+                logger.warning("cutting the slices of job %s: %r", program.job_id, result)
+        # The steps before the cut end on every island (a step one island started is a
+        # collective of all of them) before the island is handed over.
+        while run.read < cut and not run.state.closed:
+            run.progress = run.progress or asyncio.get_running_loop().create_future()
+            await asyncio.shield(run.progress)
+        logger.info("job %s: slices cut before step %d (serving)", program.job_id, cut)
+        return cut
+
     def _send(
         self, program: StepProgram, sent: _Slice, islands: Sequence[Island], checkpoint: int
     ) -> None:
@@ -387,12 +487,23 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         turn_start = loop.time()
         job_id = program.job_id
+        run = _Run(program, list(islands), state, pending, read=program.start_step)
+        self._runs[job_id] = run
 
         def launch(granted: bool, count: int, since: float) -> None:
             """Send a granted slice to every island at once (no await: every island sees
             the jobs' slices in the one order the scheduler granted them)."""
             if not granted:
                 state.stopped = True
+                return
+            blocked = getattr(gate, "blocked", None)
+            if (run.cutting is not None or (blocked is not None and blocked(job_id))) and not (
+                state.closed or should_stop()
+            ):
+                # Granted just before an island of it began to serve (or while its slices
+                # are being cut): give the slot back and ask again.
+                if gate is not None:
+                    gate.done(job_id, island_ids, None, count)
                 return
             if state.closed or should_stop():
                 state.stopped = True
@@ -458,12 +569,19 @@ class Dispatcher:
                     task = asyncio.ensure_future(gate.acquire(job_id, count))
                     task.add_done_callback(lambda t, c=count, s=since: granted(t, c, s))
                     state.acquiring = task
+                while pending and pending[0].reported >= pending[0].count:
+                    pending.popleft().release(job_id)  # cut short (serving): read to its end
                 if not pending:
                     if state.acquiring is not None:
                         await asyncio.wait([state.acquiring])
                         continue
+                    if run.cutting is not None:
+                        await asyncio.shield(run.cutting)
+                        continue
                     if state.error is not None:
                         raise state.error
+                    if state.next_step < program.steps and not state.stopped:
+                        continue  # cut (serving): its next slice is asked for from the cut
                     return completed
                 current = pending[0]
                 if loop.time() - turn_start >= TURN_S:
@@ -471,8 +589,14 @@ class Dispatcher:
                     # let the loop serve the other jobs, the watchers and the RPCs.
                     await asyncio.sleep(0)
                     turn_start = loop.time()
-                report = await self._collect(program, current)
+                try:
+                    report = await self._collect(program, current)
+                except DispatchError:
+                    if current.reported >= current.count:
+                        continue  # cut at this step while it was read: its streams ended
+                    raise
                 current.reported += 1
+                run.advanced(report.step + 1)
                 if program.mixture is not None:
                     program.mixture.observe(report.step, report.loss_stats)
                 completed += 1
@@ -512,6 +636,9 @@ class Dispatcher:
             raise
         finally:
             state.closed = True
+            run.advanced(run.read)
+            if self._runs.get(job_id) is run:
+                del self._runs[job_id]
             if state.acquiring is not None:
                 state.acquiring.cancel()
 
@@ -707,6 +834,27 @@ class _RunState:
         self.error: BaseException | None = None
         # Slices cut short before they were pending (a send that failed half way).
         self.cut: list[_Slice] = []
+
+
+@dataclasses.dataclass
+class _Run:
+    """A `Dispatcher.run` in progress, as `Dispatcher.cut` sees it."""
+
+    program: StepProgram
+    islands: list[Island]
+    state: _RunState
+    pending: collections.deque
+    # Set while a cut is in progress (its result: the step the run goes on from).
+    cutting: asyncio.Future | None = None
+    # The first step whose replies were not read yet, and a future set when it advances.
+    read: int = 0
+    progress: asyncio.Future | None = None
+
+    def advanced(self, read: int) -> None:
+        self.read = read
+        if self.progress is not None and not self.progress.done():
+            self.progress.set_result(None)
+        self.progress = None
 
 
 class _Slice:

@@ -25,6 +25,11 @@ jobs on disjoint islands proceed at once. The controller sends a granted step to
 job's islands in one synchronous call, so every island sees the jobs' steps in the one
 order in which they were granted (per-island island_seq): no two jobs can wait on each other
 across islands.
+
+Serving (issue 18). While an island's service answers requests (controller/serve_router.py's
+ServeArbiter holds it: `hold_for_serving`), no slice is granted to a job on that island, on
+any of its islands; the job reserves nothing meanwhile, so the jobs that do not share the
+serving island use its other islands.
 """
 
 from __future__ import annotations
@@ -128,6 +133,8 @@ class Scheduler:
         # Islands that are lost (their hosts could not be restarted), with the reason: no job
         # is placed on them until they are back (`mark_up`).
         self.down: dict[str, str] = {}
+        # Islands whose service holds them (`hold_for_serving`): their jobs get no slice.
+        self.serving: set[str] = set()
 
     # ---- memory and placement --------------------------------------------------------------
 
@@ -298,6 +305,21 @@ class Scheduler:
             step_s=previous.step_s if previous else None,
         )
 
+    def hold_for_serving(self, island: str, on: bool) -> None:
+        """Grant no slice to a job on `island` while `on` (its service answers requests);
+        off: its jobs take turns again at once."""
+        if on:
+            self.serving.add(island)
+        else:
+            self.serving.discard(island)
+            self._grant()
+
+    def blocked(self, job_id: str) -> bool:
+        """Whether an island of `job_id` serves now (a slice granted before the hold began
+        is not sent: controller/dispatch.py asks again)."""
+        slots = self._jobs.get(job_id)
+        return slots is not None and bool(set(slots.islands) & self.serving)
+
     def leave(self, job_id: str) -> None:
         """Stop giving `job_id` slots; a pending `acquire` returns False."""
         slots = self._jobs.pop(job_id, None)
@@ -395,6 +417,8 @@ class Scheduler:
         for _, _, job_id in turns:
             slots = self._jobs[job_id]
             islands = set(slots.islands)
+            if islands & self.serving:
+                continue  # an island of it serves: no turn, and nothing reserved
             if slots.waiter is None or slots.waiter.done():
                 # First in pass order but not asking right now: keep its slot a moment.
                 reserved |= islands

@@ -1,19 +1,44 @@
-"""Serving (issue 18): which serve jobs answer requests, on which islands, and the Generate
-stream routed to the least-loaded replica.
+"""Serving (issue 18): which serve jobs answer requests, on which islands, the Generate
+stream routed to the least-loaded replica, and the island time serving takes from training.
 
 A `kind: serve` job's runner (jobs.py) registers its replicas (one per island) as loading,
 then as serving once every replica's StartServe has compiled; preemption, cancel or a drain
 stop them, ending the open streams with UNAVAILABLE naming why (the hosts do that). Tokens come
 from the island hosts (workers/serve_rpc.py); the controller only routes and relays.
+
+Sharing an island with training (`ServeArbiter`). The router sees every request of an island
+begin and end. When a request arrives at an island whose service is idle, the island is held
+for serving (controller/scheduler.py grants no slice to a job on it) and the slices in flight
+of every training job resident there are cut at one step boundary on all their islands
+(controller/dispatch.py's `Dispatcher.cut`); the request goes to the host once the cut is in
+place, so no training step starts while it decodes (the step in progress ends first: a
+request's time to first token includes at most the rest of one step). When the island's last
+request ends, training gets the island back after `holdoff_s`, the latency policy's one knob:
+
+  - a request's per-token latency is its whole time over its tokens, its wait for the first
+    token included (time to first token + ms_per_token x the later tokens, over the tokens):
+    training costs a request at most the rest of one step, before its first token;
+  - at each end of a busy period, the p99 of that latency over the island's last
+    POLICY_REQUESTS requests is compared with the smallest `serve.target_p99_ms` of the serve
+    jobs there: above it, holdoff doubles (from HOLDOFF_MIN_S, at most HOLDOFF_MAX_S), so
+    training yields more: requests that come soon after others find the island free, not a
+    training step in progress; below half of it, holdoff halves (under HOLDOFF_MIN_S: 0, an
+    idle service costs training nothing).
+
+Each busy period (from the moment training has yielded the island to the end of its last
+request) is recorded on the island's timeline under the serve job's id, beside the training
+steps the hosts timed, so the dashboard's shares show serving beside training.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -31,6 +56,169 @@ MAX_PROMPT_CHARS = 10_000
 GENERATE_TIMEOUT_S = 600.0
 # Latency samples kept per job (the dashboard's serve page and `why`).
 WINDOW = 4096
+# The latency policy (module docstring): requests it looks back over, and holdoff's range.
+POLICY_REQUESTS = 200
+HOLDOFF_MIN_S = 0.05
+HOLDOFF_MAX_S = 1.0
+
+
+def token_latency_p99(samples: Sequence[tuple[float, float, int]]) -> float:
+    """The p99 over requests of (ttft ms, ms per later token, tokens) of their per-token
+    latency: a request's whole time (its wait for the first token included) over its
+    tokens."""
+    if not samples:
+        return 0.0
+    values = sorted((ttft + max(0, n - 1) * per) / max(1, n) for ttft, per, n in samples)
+    return values[min(len(values) - 1, int(0.99 * len(values)))]
+
+
+@dataclasses.dataclass
+class IslandService:
+    """One island's serving as the controller sees it (ServeArbiter)."""
+
+    busy: int = 0  # requests in flight to the island's serve replicas
+    held: bool = False  # the scheduler grants its jobs no slice
+    since_ns: int = 0  # when the current busy period began
+    jobs: set[str] = dataclasses.field(default_factory=set)  # serve jobs in the period
+    targets: dict[str, float] = dataclasses.field(default_factory=dict)
+    holdoff_s: float = 0.0
+    cut: asyncio.Future | None = None
+    release: asyncio.TimerHandle | None = None
+    served_s: float = 0.0
+    periods: int = 0
+    cuts: int = 0
+    # (ttft ms, ms per token, tokens) of the island's recent requests.
+    latency: collections.deque = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=POLICY_REQUESTS)
+    )
+
+
+class ServeArbiter:
+    """Serving before training on shared islands (the module docstring's policy).
+
+    Args:
+        scheduler: holds an island's jobs back while it serves (`hold_for_serving`,
+            `jobs_on`).
+        dispatcher: cuts a training job's slices in flight (`running`, `cut`).
+        record: called with (island, serve job, start ns, end ns, requests) for each busy
+            period (the island timeline), or None.
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        dispatcher: Any,
+        record: Callable[[str, str, int, int, int], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.dispatcher = dispatcher
+        self.record = record
+        self.islands: dict[str, IslandService] = {}
+
+    async def enter(self, island: str, job_id: str, target_ms: float) -> None:
+        """A request of `job_id` is about to go to `island`: returns once no training step
+        of a job resident there can start (their slices cut, the island held)."""
+        st = self.islands.setdefault(island, IslandService())
+        st.busy += 1
+        if st.release is not None:
+            st.release.cancel()
+            st.release = None
+        if st.busy == 1:
+            st.since_ns, st.jobs = 0, set()
+            if not st.held:
+                st.held = True
+                self.scheduler.hold_for_serving(island, True)
+                st.cut = asyncio.ensure_future(self._cut_training(island, st))
+        st.jobs.add(job_id)
+        st.targets[job_id] = target_ms
+        if st.cut is not None and not st.cut.done():
+            await asyncio.shield(st.cut)
+        if not st.since_ns:  # the island is serving's from now (training's steps ended)
+            st.since_ns = time.time_ns()
+
+    async def _cut_training(self, island: str, st: IslandService) -> None:
+        """Cut the slices of the training jobs resident on `island` (never fails: a request
+        is served even when a cut could not be made)."""
+        try:
+            jobs = [
+                j
+                for j in self.scheduler.jobs_on(island)
+                if self.dispatcher.running(j) and j not in st.targets
+            ]
+        except KeyError:  # an island the scheduler does not know: nothing to cut
+            return
+        if not jobs:
+            return
+        results = await asyncio.gather(
+            *(self.dispatcher.cut(j) for j in jobs), return_exceptions=True
+        )
+        for job_id, result in zip(jobs, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("cutting job %s for serving on %s: %r", job_id, island, result)
+            elif result is not None:
+                st.cuts += 1
+
+    def leave(self, island: str, sample: tuple[float, float, int] | None) -> None:
+        """A request on `island` ended (its latency `sample`, when it finished)."""
+        st = self.islands.get(island)
+        if st is None or st.busy <= 0:
+            return
+        if sample is not None:
+            st.latency.append(sample)
+        st.busy -= 1
+        if st.busy:
+            return
+        end = time.time_ns()
+        st.since_ns = st.since_ns or end  # left before its cut ended (a client gone)
+        st.served_s += (end - st.since_ns) / 1e9
+        st.periods += 1
+        if self.record is not None:
+            for job_id in sorted(st.jobs):
+                self.record(island, job_id, st.since_ns, end, st.periods)
+        self._adapt(st)
+        if st.holdoff_s <= 0:
+            self._release(island)
+        else:
+            st.release = asyncio.get_running_loop().call_later(st.holdoff_s, self._release, island)
+
+    def _adapt(self, st: IslandService) -> None:
+        targets = [t for j, t in st.targets.items() if t > 0]
+        if not targets or not st.latency:
+            return
+        p99 = token_latency_p99(st.latency)
+        target = min(targets)
+        if p99 > target:
+            st.holdoff_s = min(HOLDOFF_MAX_S, max(HOLDOFF_MIN_S, 2 * st.holdoff_s))
+        elif p99 < target / 2 and st.holdoff_s > 0:
+            st.holdoff_s = st.holdoff_s / 2 if st.holdoff_s / 2 >= HOLDOFF_MIN_S else 0.0
+
+    def _release(self, island: str) -> None:
+        st = self.islands.get(island)
+        if st is None:
+            return
+        st.release = None
+        if st.busy == 0 and st.held:
+            st.held = False
+            self.scheduler.hold_for_serving(island, False)
+
+    def forget(self, job_id: str) -> None:
+        """A serve job stopped: its target no longer counts."""
+        for st in self.islands.values():
+            st.targets.pop(job_id, None)
+
+    def stats(self, island: str) -> dict:
+        st = self.islands.get(island)
+        if st is None:
+            return {}
+        return {
+            "busy": st.busy,
+            "held": st.held,
+            "holdoff_ms": st.holdoff_s * 1e3,
+            "served_s": st.served_s,
+            "busy_periods": st.periods,
+            "training_cuts": st.cuts,
+            "token_latency_p99_ms": token_latency_p99(st.latency),
+        }
 
 
 @dataclasses.dataclass
@@ -48,6 +236,7 @@ class Served:
     status: str = "loading"  # loading | serving
     kv_cache_bytes: int = 0
     slots: int = 0  # cache slots over all replicas
+    target_p99_ms: float = 0.0
     requests: int = 0
     tokens: int = 0
     # (unix seconds, ttft ms, ms per token, tokens) per finished request.
@@ -59,8 +248,9 @@ class Served:
 class ServeRouter:
     """The controller's serving jobs and the Generate stream."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, arbiter: ServeArbiter | None = None) -> None:
         self.store = store
+        self.arbiter = arbiter
         self.jobs: dict[str, Served] = {}
 
     def loading(self, job_id: str, islands: Sequence[Island]) -> Served:
@@ -68,15 +258,20 @@ class ServeRouter:
         self.jobs[job_id] = served
         return served
 
-    def serving(self, job_id: str, kv_cache_bytes: int, max_batch: int = 0) -> None:
+    def serving(
+        self, job_id: str, kv_cache_bytes: int, max_batch: int = 0, target_p99_ms: float = 0.0
+    ) -> None:
         served = self.jobs.get(job_id)
         if served is not None:
             served.status = "serving"
             served.kv_cache_bytes = kv_cache_bytes
             served.slots = max_batch * len(served.replicas)
+            served.target_p99_ms = target_p99_ms
 
     def stopped(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
+        if self.arbiter is not None:
+            self.arbiter.forget(job_id)
 
     def stats(self, job_id: str, window_s: float = 60.0) -> dict:
         """Requests/s, tokens/s, occupancy and latency percentiles over the last window."""
@@ -108,6 +303,12 @@ class ServeRouter:
             "token_p50_ms": pct(per, 0.5),
             "token_p99_ms": pct(per, 0.99),
             "kv_cache_bytes": served.kv_cache_bytes,
+            "target_p99_ms": served.target_p99_ms,
+            "islands": {
+                r.island.id: self.arbiter.stats(r.island.id)
+                for r in served.replicas
+                if self.arbiter is not None
+            },
         }
 
     async def generate(
@@ -168,9 +369,15 @@ class ServeRouter:
             stop=list(request.stop),
         )
         call = None
+        sample = None
+        entered = False
         replica.inflight += 1
         try:
             served.requests += 1
+            if self.arbiter is not None:
+                # Training on the island yields first (its slices cut at a step boundary).
+                entered = True
+                await self.arbiter.enter(replica.island.id, record.id, served.target_p99_ms)
             call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
             async for reply in call:
                 if reply.done:
@@ -178,6 +385,7 @@ class ServeRouter:
                     served.finished.append(
                         (time.time(), reply.ttft_ms, reply.ms_per_token, reply.tokens)
                     )
+                    sample = (reply.ttft_ms, reply.ms_per_token, reply.tokens)
                 yield controller_pb2.GenerateJobReply(
                     text=reply.text,
                     token=reply.token,
@@ -201,5 +409,7 @@ class ServeRouter:
             ) from None
         finally:
             replica.inflight -= 1
+            if entered and self.arbiter is not None:
+                self.arbiter.leave(replica.island.id, sample)
             if call is not None:
                 call.cancel()  # a client that went away frees its slot on the host

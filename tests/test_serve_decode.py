@@ -279,23 +279,22 @@ def test_a_training_step_starts_after_its_wait_at_the_serve_gate():
     assert host.gate.training_waits == 1
 
 
-def test_a_multi_island_step_waits_at_the_serve_gate_at_most_a_share_of_its_deadline():
-    """Its peers wait for it in the exchange: past GATE_WAIT_SHARE of their deadline it runs
-    beside the service instead of timing them out (review finding 4)."""
+def test_a_multi_island_step_never_waits_at_one_hosts_serve_gate():
+    """Its peers would wait for it in the exchange (review finding 4): the controller cuts
+    the whole job at one step instead; a one-island step still waits at the gate (the
+    host's backstop)."""
     import types
 
     from pathways_lite.workers.runtime import IslandJobSpec
-    from pathways_lite.workers.serve_rpc import GATE_WAIT_SHARE, ServingHost
+    from pathways_lite.workers.serve_rpc import ServingHost
 
     host = ServingHost()
     host._serving_init()
     host.gate.set_serving(True)  # the service never goes idle
     spec = IslandJobSpec(job_id="dp", generation=0, preset="palm-tiny", num_islands=2)
-    spec = dataclasses.replace(spec, exchange_timeout_s=0.8)
     started = time.monotonic()
-    host.training_step(lambda: None, types.SimpleNamespace(spec=spec))
-    waited = time.monotonic() - started
-    assert GATE_WAIT_SHARE * 0.8 <= waited < 0.8
+    assert host.training_step(lambda: 7, types.SimpleNamespace(spec=spec)) == 7
+    assert time.monotonic() - started < 0.5
     alone = dataclasses.replace(spec, num_islands=1)  # a one-island step waits for the gate
     stepper = threading.Thread(
         target=host.training_step, args=(lambda: None, types.SimpleNamespace(spec=alone))
@@ -306,3 +305,49 @@ def test_a_multi_island_step_waits_at_the_serve_gate_at_most_a_share_of_its_dead
     host.gate.set_serving(False)
     stepper.join(10)
     assert not stepper.is_alive()
+
+
+def test_a_hosts_slice_cut_holds_cuts_releases_and_lapses_only_for_its_own_slices():
+    """CutSlice on one host (workers/serve_rpc.py's SliceCut): HOLD stops the job's steps
+    from the first one not started and answers it; CUT lets the steps before it run and
+    refuses the rest (StepNotRun); RELEASE lets a held step go; a hold whose CUT never
+    comes lapses; slices sent after the cut (a higher island_seq, or a later controller's
+    epoch) are never concerned."""
+    import asyncio
+
+    from pathways_lite.v1 import worker_pb2
+    from pathways_lite.workers.ordering import StepNotRun
+    from pathways_lite.workers.serve_rpc import SliceCut
+
+    Phase = worker_pb2.CutSliceRequest
+
+    def phase(kind: int, before: int = 0, hold_s: float = 5.0, epoch: int = 1):
+        return worker_pb2.CutSliceRequest(
+            generation=0, epoch=epoch, phase=kind, before_step=before, seq_below=10, hold_s=hold_s
+        )
+
+    async def main() -> None:
+        cut = SliceCut()
+        for step in range(3):
+            await cut.admit(0, step, step, 1)
+        assert cut.apply(phase(Phase.HOLD)) == 3
+        held = asyncio.ensure_future(cut.admit(0, 3, 3, 1))
+        await asyncio.sleep(0.05)
+        assert not held.done()  # held before step 3
+        await cut.admit(0, 3, 12, 1)  # a slice sent after the cut runs
+        await cut.admit(0, 3, 3, 2)  # so does a later controller's
+        cut.apply(phase(Phase.CUT, before=4))
+        await asyncio.wait_for(held, 1)  # step 3 runs (a peer had started it)
+        with pytest.raises(StepNotRun):
+            await cut.admit(0, 4, 4, 1)
+        assert cut.apply(phase(Phase.HOLD)) == 4
+        released = asyncio.ensure_future(cut.admit(0, 4, 5, 1))
+        await asyncio.sleep(0.02)
+        cut.apply(phase(Phase.RELEASE))
+        await asyncio.wait_for(released, 1)
+        cut.apply(phase(Phase.HOLD, hold_s=0.1))
+        started = time.monotonic()
+        await asyncio.wait_for(cut.admit(0, 5, 6, 1), 2)  # lapses without its cut
+        assert time.monotonic() - started >= 0.09
+
+    asyncio.run(main())

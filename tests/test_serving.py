@@ -39,11 +39,11 @@ name: srv
 kind: serve
 {COMMON}init_from: {{job: srv-src}}
 train: {{global_batch: 4, seq_len: 64}}
-serve: {{max_batch: 4, max_seq_len: 128}}
+serve: {{max_batch: 4, max_seq_len: 128, target_p99_ms: 5000}}
 """
 CO_TRAIN = f"""\
 name: srv-cotrain
-{COMMON}train: {{steps: 6, global_batch: 4, seq_len: 64, seed: 2}}
+{COMMON}train: {{steps: 12, global_batch: 4, seq_len: 64, seed: 2}}
 """
 PROMPT = "def main("
 
@@ -75,7 +75,9 @@ def test_serve_spec_rules() -> None:
         load_spec_text(SOURCE + "serve: {max_batch: 2}\n", validate=True)
     with pytest.raises(SpecError, match="pipeline is only for train jobs"):
         load_spec_text(SERVE + "pipeline: {stages: 2}\n", validate=True)
-    spec = load_spec_text(SERVE.replace("serve: {max_batch: 4, max_seq_len: 128}\n", ""))
+    spec = load_spec_text(
+        SERVE.replace("serve: {max_batch: 4, max_seq_len: 128, target_p99_ms: 5000}\n", "")
+    )
     from pathways_lite.controller import spec as spec_lib
 
     assert spec_lib.serve_settings(spec, 256) == spec_lib.ServeSettings(8, 256, 200.0)
@@ -301,11 +303,47 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
         assert code == 0 and out["text"] == greedy and len(out["tokens"]) == 16
         assert out["ttft_ms"] > 0
 
-        # Training beside the service: it runs to the end while requests keep coming.
+        # Training beside the service, through the controller: while a request decodes, no
+        # step of the co-resident job runs (its slices are cut at a step boundary before the
+        # request goes to the host), and it resumes once the service is idle.
         co = client.submit(load_spec_text(CO_TRAIN))
+        requests = 0
         while state_name(client.get(co.id).state) not in ("succeeded", "failed"):
-            assert _text(client, "srv", max_tokens=8)[1]["tokens"] >= 1
-        assert state_name(client.get(co.id).state) == "succeeded"
+            if not client.metrics(co.id) or requests >= 8:
+                time.sleep(0.05)
+                continue
+            assert _text(client, "srv", max_tokens=16)[1]["tokens"] >= 1
+            requests += 1
+            time.sleep(0.2)  # the island goes back to training
+        assert state_name(client.get(co.id).state) == "succeeded" and requests
+        island = client.islands(include_steps=True)[0]
+        steps = [(e.start_unix_ns, e.end_unix_ns) for e in island.recent_steps if e.job_id == co.id]
+        # Each request's busy period as the controller timed it: from when training had
+        # yielded the island (its slices cut, the steps before the cut ended) to the end of
+        # the request's stream (before training gets the island back).
+        periods = [
+            (e.start_unix_ns, e.end_unix_ns) for e in island.recent_steps if e.job_id == srv.id
+        ]
+        assert len(steps) == 12
+        # No step of the job ran while a request was in the island's hands (the step in
+        # progress when it arrived had ended before).
+        overlapping = [(a, b, s, e) for a, b in steps for s, e in periods if a < e and b > s]
+        assert not overlapping, overlapping
+        # Paused and resumed: some request has the job's steps before it and after it.
+        assert any(
+            any(b <= s for _, b in steps) and any(a >= e for a, _ in steps) for s, e in periods
+        )
+        stats = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    client.dashboard_url().rstrip("/") + "/api/jobs/srv/serve",
+                    headers={"Authorization": auth.bearer(token)},
+                ),
+                timeout=30,
+            ).read()
+        )
+        shared = stats["islands"][island.id]
+        assert shared["training_cuts"] >= 1 and shared["busy_periods"] >= requests, stats
 
         # Cancelling the serve job ends its open streams with UNAVAILABLE naming why (12
         # streams on 4 slots: the waiting ones cannot finish before the cancel lands).
@@ -335,3 +373,137 @@ def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> N
                     ends.append(e.details())
             assert any("cancelled" in e for e in ends if e != "ok"), ends
         assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
+
+
+def test_a_request_cuts_a_two_island_job_on_both_islands_at_one_step_until_it_is_served():
+    """The controller decides once per step for the whole training job (review finding 4):
+    a request arriving on island A of a two-island job cuts its slices on both islands at
+    the same step, no step of it starts on either island while the request is served, and
+    it goes on from that step when A's service is idle (every step run once, in order).
+    Real worker services (the probe job) over gRPC, the real Dispatcher, Scheduler and
+    ServeArbiter; the request's decoding is the time between `enter` and `leave`."""
+    import asyncio
+
+    import jax
+
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.islands import Island, connect_host
+    from pathways_lite.controller.program import HostLoad, StepProgram, placement_request
+    from pathways_lite.controller.scheduler import Demand, Scheduler
+    from pathways_lite.controller.serve_router import ServeArbiter
+    from pathways_lite.v1 import common_pb2, worker_pb2
+    from pathways_lite.workers.host import HostMetadata
+    from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
+    from pathways_lite.workers.service import WorkerServicer
+    from pathways_lite.workers.serving import BackgroundServer
+
+    steps, ids = 600, ["cut-a", "cut-b"]
+
+    def load(at: HostLoad) -> worker_pb2.LoadJobRequest:
+        request = placement_request(at)
+        request.ClearField("peers")  # the probe trains each island's slice alone
+        request.model.CopyFrom(common_pb2.ModelConfig(preset=PROBE_PRESET))
+        request.mesh.CopyFrom(common_pb2.MeshShape(data=1, model=1))
+        request.data_hash = PROBE_DATA_HASH
+        request.global_batch = 8
+        request.seq_len = 1
+        request.model.overrides.update({"d_in": 8, "d_out": 8, "learning_rate": 1e-3})
+        return request
+
+    servicers = [
+        WorkerServicer(HostMetadata.in_process(i, [d], 256 << 20), [d])
+        for i, d in zip(ids, jax.devices()[:2], strict=True)
+    ]
+    servers = [BackgroundServer(s, "127.0.0.1", 0) for s in servicers]
+    addresses = [f"127.0.0.1:{server.start()}" for server in servers]
+    periods: list[tuple] = []
+    marks: dict[str, int] = {}
+
+    async def main() -> tuple[list[int], int | None]:
+        islands = [Island(i, [await connect_host(a)]) for i, a in zip(ids, addresses, strict=True)]
+        scheduler = Scheduler(ids)
+        dispatcher = Dispatcher(5, slice_s=0.05)
+        arbiter = ServeArbiter(scheduler, dispatcher, lambda *period: periods.append(period))
+        prog = StepProgram(job_id="train", generation=0, steps=steps, tokens_per_step=8, load=load)
+        await dispatcher.load(prog, islands)
+        scheduler.place(Demand("train", 2, 0), ids)
+        scheduler.join("train", ids, 1.0)
+        reports: list[int] = []
+
+        async def request() -> None:
+            while len(reports) < 100:
+                await asyncio.sleep(0.001)
+            await arbiter.enter("cut-a", "srv", 200.0)
+            marks["served"] = time.time_ns()
+            await asyncio.sleep(0.3)  # the request decodes
+            marks["idle"] = time.time_ns()
+            arbiter.leave("cut-a", (5.0, 2.0, 10))
+
+        served = asyncio.ensure_future(request())
+        try:
+            await dispatcher.run(
+                prog, islands, on_step=lambda r: reports.append(r.step), gate=scheduler
+            )
+            await served
+            await dispatcher.unload("train", islands)
+        finally:
+            for island in islands:
+                await island.close()
+        return reports, arbiter.stats("cut-a")["training_cuts"]
+
+    try:
+        reports, cuts = asyncio.run(main())
+    finally:
+        for server in servers:
+            server.stop()
+    assert reports == list(range(steps)) and cuts == 1
+    logs = [[e for e in s.execution_log if e.job_id == "train"] for s in servicers]
+    for log in logs:
+        assert sorted(e.step for e in log) == list(range(steps))  # each step once per host
+    # Both islands stopped before the same step (the steps before it ended before the
+    # request went to the host) and started none while it was served.
+    before = [{e.step for e in log if e.start_unix_ns < marks["served"]} for log in logs]
+    cut = len(before[0])
+    assert before[0] == before[1] == set(range(cut)) and 100 <= cut < steps
+    assert not [
+        e.step for log in logs for e in log if marks["served"] <= e.start_unix_ns < marks["idle"]
+    ]
+    assert all(e.step >= cut for log in logs for e in log if e.start_unix_ns >= marks["idle"])
+    assert [(p[0], p[1]) for p in periods] == [("cut-a", "srv")]
+
+
+def test_the_latency_policy_holds_training_off_longer_over_the_target_and_relaxes_under_it():
+    """serve.target_p99_ms: over it, training waits longer after the island's last request
+    (holdoff doubles up to its cap); under half of it, holdoff halves back to 0. A request's
+    per-token latency is its whole time, its wait for the first token included, over its
+    tokens; the p99 is over the island's recent requests."""
+    import asyncio
+
+    from pathways_lite.controller import serve_router
+    from pathways_lite.controller.dispatch import Dispatcher
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.serve_router import ServeArbiter, token_latency_p99
+
+    # A request that waited 900 ms for its first token (a long training step in progress),
+    # then 10 ms per token: (900 + 15 x 10) / 16 ms per token; its batch-mates 10.
+    slow, fast = (900.0, 10.0, 16), (10.0, 10.0, 16)
+    assert token_latency_p99([slow] + [fast] * 29) == 1050 / 16
+    assert token_latency_p99([slow] + [fast] * 199) == 10.0  # under 1% of the requests
+
+    async def main() -> list[float]:
+        scheduler = Scheduler(["i0"])
+        arbiter = ServeArbiter(scheduler, Dispatcher(1))
+        holdoffs = []
+        for ttft in [900.0] * 6 + [10.0] * 400:
+            await arbiter.enter("i0", "srv", 50.0)
+            assert "i0" in scheduler.serving  # no training slice while it is served
+            arbiter.leave("i0", (ttft, 10.0, 16))
+            holdoffs.append(arbiter.islands["i0"].holdoff_s)
+        await asyncio.sleep(holdoffs[-1] + 0.01)
+        assert "i0" not in scheduler.serving  # idle: training has the island back
+        return holdoffs
+
+    holdoffs = asyncio.run(main())
+    top = serve_router.HOLDOFF_MAX_S
+    assert holdoffs[:6] == [0.05, 0.1, 0.2, 0.4, 0.8, top]
+    assert max(holdoffs) == top and holdoffs[-1] == 0.0  # relaxed once the p99 fell

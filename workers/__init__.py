@@ -20,7 +20,7 @@ probe_runtime.py    the linear probe job; palm_runtime.py the PaLM job; sampling
 pipeline.py         PipelineRuntime: one stage of a pipeline job, GPipe or 1F1B per step
 stage_link.py       activations and their gradients host to host between neighbouring stages
 serve_engine.py     kind: serve: the continuous batching loop over a slot KV cache; IslandGate
-serve_rpc.py        StartServe/StopServe/Generate; training steps wait while requests decode
+serve_rpc.py        StartServe/StopServe/Generate; CutSlice (a job's slices cut at one step)
 evaluation.py       the Evaluate rpc's host side: loss, perplexity, exact match, token F1 per source
 sim_host.py         simulated island hosts (worker.proto over real gRPC, no JAX) for scale tests
 ray_cluster.py, discovery.py   the local Ray cluster and island discovery

@@ -30,7 +30,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 11: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
 # 12: GradientChunk.bucket: the gradient exchange in buckets overlapped with the backward pass
 #    (LoadJob exchange_bucket_bytes, exchange_overlap).
-WORKER_WIRE_VERSION = 12
+# 14: CutSlice (a job's slices cut at one step boundary on all its islands, for serving);
+#    only a single-island job's step waits at the host's serve gate.
+WORKER_WIRE_VERSION = 14
 
 
 @dataclass(frozen=True)

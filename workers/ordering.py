@@ -41,6 +41,15 @@ MAX_RECORDED_STEPS = 1024
 SEQ_GAP_WAIT_S = 2.0
 
 Outcome = worker_pb2.RunStepReply | RpcRejection
+
+
+class StepNotRun(Exception):
+    """A step cut before it started (CutSlice): its island_seq number is used, nothing is
+    recorded (the controller sends the step again later), and its slice ends there."""
+
+
+# Put in a slice's reply queue: the slice ends here, without an error (a cut).
+SLICE_END = object()
 # How long the island_seq numbers of a slice's steps that were not run wait for their turn
 # to be skipped (the steps before them may still be queued behind other jobs' steps).
 SKIP_WAIT_S = 600.0
@@ -59,24 +68,30 @@ async def coalesced_replies(
     messages. Each message carries the replies ready when it is written; a reply that comes
     less than `hold_s` after the previous message waits out the rest of `hold_s` for more.
     An outcome that is an exception ends the slice: it is raised after the replies of the
-    steps before it were yielded."""
+    steps before it were yielded; SLICE_END ends it there without an error (a cut)."""
     loop = asyncio.get_running_loop()
     left = count
     last_write = -hold_s
+
+    def ends(item: object) -> bool:
+        return item is SLICE_END or isinstance(item, BaseException)
+
     while left > 0:
         batch = [await replies.get()]
         wait = last_write + hold_s - loop.time()
-        if wait > 0 and left > 1 and not isinstance(batch[0], BaseException):
+        if wait > 0 and left > 1 and not ends(batch[0]):
             await asyncio.sleep(wait)
-        while len(batch) < left and not isinstance(batch[-1], BaseException) and replies.qsize():
+        while len(batch) < left and not ends(batch[-1]) and replies.qsize():
             batch.append(replies.get_nowait())
-        error = batch.pop() if isinstance(batch[-1], BaseException) else None
+        end = batch.pop() if ends(batch[-1]) else None
         if batch:
             yield worker_pb2.RunSliceReply(steps=batch)
             last_write = loop.time()
             left -= len(batch)
-        if error is not None:
-            raise error
+        if isinstance(end, BaseException):
+            raise end
+        if end is SLICE_END:
+            return
 
 
 def slice_steps(request: worker_pb2.RunSliceRequest) -> list[worker_pb2.RunStepRequest]:
@@ -317,9 +332,13 @@ class StepOrder:
         self._advanced()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         records.inflight[key] = future
-        outcome: Outcome
+        outcome: Outcome | None = None
         try:
             outcome = await execute()
+        except StepNotRun as e:
+            # Cut before it started: nothing to replay, the step comes again in a later slice.
+            future.set_result(RpcRejection(grpc.StatusCode.ABORTED, str(e)))
+            raise
         except BaseException as e:  # cancelled while queued: later retries see the error
             outcome = RpcRejection(
                 grpc.StatusCode.ABORTED, f"step {key[1]} did not complete: {e!r}."
@@ -327,8 +346,9 @@ class StepOrder:
             raise
         finally:
             records.inflight.pop(key, None)
-            records.record(key, outcome)
-            future.set_result(outcome)
+            if outcome is not None:
+                records.record(key, outcome)
+                future.set_result(outcome)
         if isinstance(outcome, RpcRejection):
             raise outcome
         return outcome

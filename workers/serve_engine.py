@@ -7,8 +7,9 @@ string, the end-of-document token, the slot's last position, or when its client 
 
 Tokens go to each request's own unbounded queue and are never waited on: a slow or vanished
 client cannot stall the batch. While any request waits or decodes the loop holds the island
-(`IslandGate.serving`), so co-resident training pauses at its next step boundary; an idle
-service holds nothing.
+(`IslandGate.serving`): the host's backstop for a single-island training job's next step (the
+controller has cut co-resident training before it forwards a request,
+workers/serve_rpc.py); an idle service holds nothing.
 """
 
 from __future__ import annotations

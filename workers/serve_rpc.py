@@ -1,9 +1,17 @@
-"""The worker service's serving rpcs (issue 18): StartServe, StopServe and Generate.
+"""The worker service's serving rpcs (issue 18): StartServe, StopServe, Generate, CutSlice.
 
 A serving job keeps its parameters resident; StartServe builds a `SlotDecoder` over them and
-starts a `ServeEngine` (workers/serve_engine.py). The island's `IslandGate` is shared with the
-host's training steps: while requests are in flight, a training step waits at its step
-boundary (`ServingHost.training_step`); an idle service holds nothing.
+starts a `ServeEngine` (workers/serve_engine.py).
+
+Training beside it: the controller decides, once per step for a whole training job, when it
+yields to serving. Before it forwards a request to an island whose service is idle, it cuts
+the slices of the training jobs resident there at one step boundary on every host of all
+their islands (CutSlice, two phases: `SliceCut`), and grants them no slice until the island's
+service is idle again (controller/serve_router.py). The island's `IslandGate` (held by the
+engine while requests are in flight) stays as the host's backstop for single-island jobs
+only: a step of such a job that would start while a request decodes waits at its step
+boundary (`ServingHost.training_step`). A step of a multi-island job never waits at one
+host's gate: its peers would wait for it in the gradient exchange (review finding 4).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .exchange import DEFAULT_TIMEOUT_S
+from .ordering import StepNotRun
 from .requests import check_job_id
 from .rpc import RpcRejection
 from .runtime import RuntimeUnavailableError
@@ -27,8 +35,6 @@ from .serve_engine import IslandGate, Request, ServeEngine, ServeError
 logger = logging.getLogger(__name__)
 
 LOADING = object()  # a job whose StartServe has not finished
-# The share of a multi-island step's exchange deadline it may wait at the serve gate.
-GATE_WAIT_SHARE = 0.25
 
 
 def _settle(runtime: Any) -> None:
@@ -58,6 +64,84 @@ class _ToLoop:
             pass
 
 
+class SliceCut:
+    """One job's slices cut at a step boundary on this host (CutSlice).
+
+    HOLD: the job's steps from the first one this host has not started wait (at most until
+    `hold_until`); CUT(before): its steps before `before` run, the others do not
+    (`StepNotRun`: the slice ends there). Only steps of `generation` under island_seq
+    `seq_below` of the cut's controller epoch are concerned, so the slices sent after the cut
+    (or by a later controller, whose island sequence starts again at 0) run normally.
+    """
+
+    def __init__(self) -> None:
+        # The generation of the steps admitted so far and the first step not started.
+        self.generation = -1
+        self.next_step = 0
+        self.cut_generation = -1
+        self.cut_epoch = -1
+        self.seq_below = 0
+        self.hold_from: int | None = None
+        self.hold_until = 0.0
+        self.before: int | None = None
+        self._changed = asyncio.Event()
+
+    def apply(self, request: worker_pb2.CutSliceRequest) -> int:
+        """Apply a CutSlice phase; returns the first step of the job not started here."""
+        phase = worker_pb2.CutSliceRequest
+        started = self.next_step if self.generation == request.generation else 0
+        if request.phase in (phase.HOLD, phase.CUT) and (
+            request.generation != self.cut_generation or request.epoch != self.cut_epoch
+        ):
+            self.seq_below = 0
+        if request.phase == phase.HOLD:
+            self.cut_generation = request.generation
+            self.cut_epoch = request.epoch
+            self.seq_below = request.seq_below
+            self.before = None
+            self.hold_from = started
+            self.hold_until = time.monotonic() + max(0.0, request.hold_s or 5.0)
+        elif request.phase == phase.CUT:
+            self.cut_generation = request.generation
+            self.cut_epoch = request.epoch
+            self.seq_below = max(self.seq_below, request.seq_below)
+            self.before = int(request.before_step)
+            self.hold_from = None
+        else:
+            self.hold_from = None
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return started
+
+    async def admit(self, generation: int, step: int, island_seq: int, epoch: int) -> None:
+        """Wait while the step is held; mark it started.
+
+        Raises:
+            StepNotRun: the step is cut (its slice ends before it).
+        """
+        while (
+            generation == self.cut_generation
+            and epoch == self.cut_epoch
+            and island_seq < self.seq_below
+        ):
+            if self.before is not None and step >= self.before:
+                raise StepNotRun(f"step {step} was cut (serving); it runs in a later slice.")
+            if self.hold_from is None or step < self.hold_from:
+                break
+            left = self.hold_until - time.monotonic()
+            if left <= 0:  # the cut never came (the controller went away): go on
+                logger.warning("a hold of step %d lapsed without its cut", step)
+                self.hold_from = None
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                pass
+        if generation != self.generation:
+            self.generation, self.next_step = generation, 0
+        self.next_step = max(self.next_step, step + 1)
+
+
 class ServingHost:
     """Mixed into WorkerServicer: the serving engines of this host's jobs."""
 
@@ -65,36 +149,37 @@ class ServingHost:
         self.gate = IslandGate()
         self.device_thread_lock = threading.Lock()
         self._engines: dict[str, Any] = {}
+        self._cuts: dict[str, SliceCut] = {}
+
+    def slice_cut(self, job_id: str) -> SliceCut:
+        """The job's cut state on this host (created on first use)."""
+        cut = self._cuts.get(job_id)
+        if cut is None:
+            cut = self._cuts[job_id] = SliceCut()
+        return cut
+
+    def forget_cut(self, job_id: str) -> None:
+        self._cuts.pop(job_id, None)
 
     def training_step(self, fn: Any, runtime: Any = None, on_start: Any = None) -> Any:
-        """Run one training step (on the runtime thread) once no request is being served:
-        checked again under the device lock, so a step never starts after a request took
-        the island (it would stall that request's decoding). `on_start()` is called when
-        the step really starts, after its wait at the gate (the step's start timestamp)."""
-        # A step of a multi-island job (gradient exchange, pipeline stage links) is a
-        # collective: its peers may already wait for it. Its wait at this host's gate is
-        # bounded to a quarter of their deadline; past that it runs beside the service (a
-        # decode step waits for it) rather than time its peers out (review finding 4).
+        """Run one training step (on the runtime thread) under the device lock; `on_start()`
+        is called when the step really starts (the step's start timestamp).
+
+        A step of a single-island job waits at its step boundary while a request is being
+        served (checked again under the device lock, so a step never starts after a request
+        took the island). This is the backstop: the controller has cut the job's slices
+        before it forwarded the request. A step of a multi-island job (gradient exchange,
+        pipeline stage links) never waits here: it is a collective whose peers may already
+        wait for it; the controller's cut stops it on all its islands at one step."""
         spec = getattr(runtime, "spec", None)
-        bound = None
-        if spec is not None and (
+        collective = spec is not None and (
             getattr(spec, "num_islands", 1) > 1 or getattr(spec, "pipeline", None) is not None
-        ):
-            bound = GATE_WAIT_SHARE * (spec.exchange_timeout_s or DEFAULT_TIMEOUT_S)
-        deadline = None if bound is None else time.monotonic() + bound
+        )
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self.gate.wait_for_training(left)
+            if not collective:
+                self.gate.wait_for_training()
             with self.device_thread_lock:
-                overdue = deadline is not None and time.monotonic() >= deadline
-                if overdue and self.gate.wants():
-                    logger.warning(
-                        "a step of multi-island job %s waited %.0f s at the serve gate; it "
-                        "runs beside the service so its peers do not time out",
-                        getattr(spec, "job_id", "?"),
-                        bound,
-                    )
-                if overdue or not self.gate.wants():
+                if collective or not self.gate.wants():
                     if on_start is not None:
                         on_start()
                     result = fn()
@@ -192,6 +277,14 @@ class ServingHost:
             ),
             compile_s=compile_s,
         )
+
+    async def CutSlice(self, request: worker_pb2.CutSliceRequest, context) -> Any:
+        """One phase of a cut of the job's slices at a step boundary (see `SliceCut`)."""
+        check_job_id(request.job_id)
+        self.order.check_epoch(request.epoch)  # type: ignore[attr-defined]
+        self._job(request.job_id)  # NOT_FOUND when not loaded here
+        next_step = self.slice_cut(request.job_id).apply(request)
+        return worker_pb2.CutSliceReply(job_id=request.job_id, next_step=next_step)
 
     async def StopServe(self, request: worker_pb2.StopServeRequest, context) -> Any:
         check_job_id(request.job_id)

@@ -37,7 +37,15 @@ from .exchange import (
 from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
-from .ordering import StepOrder, StepRecords, coalesced_replies, same_load, slice_steps
+from .ordering import (
+    SLICE_END,
+    StepNotRun,
+    StepOrder,
+    StepRecords,
+    coalesced_replies,
+    same_load,
+    slice_steps,
+)
 from .peer_restore import (
     PeerRestoreError,
     abstract_like,
@@ -482,7 +490,10 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
     @_rpc
     async def RunStep(self, request: worker_pb2.RunStepRequest, context) -> Any:
         """Run one step in island-sequence order; a retry returns the recorded result."""
-        return await self._run_step(request, time.time_ns())
+        try:
+            return await self._run_step(request, time.time_ns())
+        except StepNotRun as e:
+            raise RpcRejection(grpc.StatusCode.ABORTED, str(e)) from None
 
     @_rpc
     async def RunSlice(self, request: worker_pb2.RunSliceRequest, context) -> Any:
@@ -518,6 +529,14 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                 try:
                     gap_wait_s = max(self.order.gap_wait_s, wait_until - time.monotonic())
                     reply = await self._run_step(step, received_ns, gap_wait_s)
+                except StepNotRun:
+                    # Cut for serving (CutSlice): the slice ends before this step, whose
+                    # number was used; the numbers of the steps after it are skipped.
+                    self.order.skip_when_due(
+                        [s.island_seq for s in steps[index + 1 :]], request.epoch
+                    )
+                    replies.put_nowait(SLICE_END)
+                    return
                 except BaseException as e:  # noqa: BLE001 - handed to the stream
                     replies.put_nowait(e)
                     self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
@@ -560,6 +579,10 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
     async def _execute_step(
         self, job: _Job, request: worker_pb2.RunStepRequest, received_ns: int
     ) -> worker_pb2.RunStepReply | RpcRejection:
+        # A cut for serving (CutSlice) holds or ends the slice at this step boundary.
+        await self.slice_cut(request.job_id).admit(
+            request.generation, request.step, request.island_seq, request.epoch
+        )
         async with self._lock:
             if self.order.is_stale(request.epoch):
                 return RpcRejection(
@@ -697,6 +720,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
                 job.spec.job_id, job.spec.generation, "the job was unloaded"
             )
         await asyncio.to_thread(self._stop_engine, request.job_id, "the job was unloaded")
+        self.forget_cut(request.job_id)
         if job is None:
             return worker_pb2.UnloadJobReply(unloaded=False)
         async with self._lock:
@@ -751,6 +775,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
 
     StartServe = _rpc(ServingHost.StartServe)
     StopServe = _rpc(ServingHost.StopServe)
+    CutSlice = _rpc(ServingHost.CutSlice)
     Generate = _rpc(ServingHost.Generate)
 
     @_rpc
