@@ -597,10 +597,11 @@ devices_per_island: 1
 mesh: {{data: 1, model: 1}}
 priority: 0
 pipeline: {{stages: 2, microbatches: 2, schedule: 1f1b}}
-train: {{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2}}
+train: {{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2, checkpoint_every: 4}}
 data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
 """
-RAY_PIPE_STEPS = 40
+# Runs until cancelled; its losses are compared once it has at least RAY_PIPE_MIN_STEPS.
+RAY_PIPE_STEPS, RAY_PIPE_MIN_STEPS = 5000, 9
 
 
 def ray_spec(name: str, steps: int = RAY_PIPE_STEPS, *, whole: bool = False, **changes: str):
@@ -622,8 +623,8 @@ def ray_spec(name: str, steps: int = RAY_PIPE_STEPS, *, whole: bool = False, **c
 def ray_pipe_cluster(ray_cluster, stdlib_dataset):
     """The controller joined to the session's Ray cluster with two one-device islands on its
     two worker nodes (east on 127.0.0.3, west on 127.0.0.4: the stages on different nodes).
-    Each device's budget holds a stage of the pipeline but not a stage beside the
-    high-priority job (which then preempts the pipeline)."""
+    A device's budget holds the whole model alone (the high-priority job, a sampling load),
+    or a stage of the pipeline, but not both at once (the high-priority job preempts)."""
     import shutil
     import tempfile
 
@@ -631,9 +632,10 @@ def ray_pipe_cluster(ray_cluster, stdlib_dataset):
     from pathways_lite.local import LocalCluster
     from pathways_lite.workers.ray_cluster import alive
 
-    high = ResolvedJob.resolve(ray_spec("high", whole=True, train=HIGH_TRAIN)).bytes_per_device
+    whole = ResolvedJob.resolve(ray_spec("high", whole=True)).bytes_per_device
     stage = ResolvedJob.resolve(ray_spec("p")).bytes_per_device
-    budget = max(high, stage) + 256 * 1024
+    assert stage < whole
+    budget = whole + 256 * 1024
     state_dir = tempfile.mkdtemp(prefix="plpipe-", dir="/tmp")
     cluster = LocalCluster(
         state_dir=state_dir,
@@ -653,13 +655,10 @@ def ray_pipe_cluster(ray_cluster, stdlib_dataset):
     assert not alive(started), alive(started)
 
 
-HIGH_TRAIN = "{steps: 2, global_batch: 32, seq_len: 32, seed: 4}"
-
-
 def assembled_palm(checkpoint: str, model_cfg: PalmConfig, stages: int):
     """The reference `Palm` holding a pipeline checkpoint's parameters, read independently of
     the hosts' reader: each stage part restored into that stage's `StageModel` view of one
-    `Palm` (the views share the whole model's modules)."""
+    `Palm` (the views share the whole model's modules). Returns (model, step)."""
     from pathlib import Path
 
     import orbax.checkpoint as ocp
@@ -674,8 +673,7 @@ def assembled_palm(checkpoint: str, model_cfg: PalmConfig, stages: int):
     steps = set()
     for s, (lo, hi) in enumerate(bounds):
         view = StageModel(full, lo, hi, first=s == 0, last=s == stages - 1)
-        state = nnx.state(view, nnx.Param)
-        leaves, treedef = jax.tree_util.tree_flatten(state)
+        leaves, treedef = jax.tree_util.tree_flatten(nnx.state(view, nnx.Param))
         with ocp.PyTreeCheckpointer() as checkpointer:
             stored = checkpointer.restore(str(path.parent / f"stage{s}" / path.name))
         assert len(stored["params"]) == len(leaves)
@@ -686,119 +684,126 @@ def assembled_palm(checkpoint: str, model_cfg: PalmConfig, stages: int):
     return full, steps.pop()
 
 
-def test_a_pipeline_job_on_ray_is_preempted_resumed_sampled_cancelled_and_fine_tuned_from(
-    ray_pipe_cluster, tmp_path, capsys
+def held(client, credential) -> list:
+    """What still holds the islands: their jobs, every host's loaded jobs and live bytes."""
+    from pathways_lite.workers.auth import host_channel
+
+    out = []
+    for island in client.islands():
+        out += list(island.job_ids)
+        for host in island.hosts:
+            with host_channel(host.address, credential) as channel:
+                log = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
+                    worker_pb2.ExecutionLogRequest(), timeout=60
+                )
+            out += [j.job_id for j in log.jobs] + [log.live_bytes_total or ""]
+    return [x for x in out if x]
+
+
+def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
+    ray_pipe_cluster, capsys
 ) -> None:
-    """Through the real controller, hosts on two Ray nodes: a pipeline job preempted by a
-    higher-priority job resumes and still matches the reference trainer; `why` and the job's
-    logs speak of it; `sample` reads its stage checkpoint parts as one model (greedy text
-    equals the reference model's with the same parameters); a whole-model job starts from
-    it (its losses are the reference's from those parameters); a cancelled pipeline job ends
-    with its islands free."""
+    """Through the real controller, its two stages' hosts on two Ray nodes: a pipeline job
+    preempted by a higher-priority job resumes and matches the reference trainer's losses;
+    `why` and the job's logs speak of it; cancelled, it ends and frees its islands; `sample`
+    (the CLI) reads its stage checkpoint parts as one model: greedy text equals the
+    reference model's with the same parameters."""
     import json
+
+    from flax import nnx
 
     from pathways_lite import cli
     from pathways_lite.client import ControllerClient, state_name
+    from pathways_lite.controller.auth import read_cluster_credential
     from pathways_lite.model.sampling import generate
+    from pathways_lite.workers.checkpoint import CheckpointError
+    from pathways_lite.workers.pipeline import read_stage_parts
 
     state = ["--state-dir", str(ray_pipe_cluster.state_dir)]
-    pipe_spec_ = ray_spec("pipe-ray")
-    configs = spec_lib.to_configs(pipe_spec_)
+    spec = ray_spec("pipe-ray")
+    configs = spec_lib.to_configs(spec)
     dataset = prepare_dataset(configs.data, seq_len=32)
+    prompt = "def "
     with ControllerClient(ray_pipe_cluster.state_dir) as client:
         islands = {i.id: {h.node for h in i.hosts} for i in client.islands()}
         assert islands == {"east": {"127.0.0.3"}, "west": {"127.0.0.4"}}, islands
-        job = client.submit(pipe_spec_)
+        job = client.submit(spec)
+        # Loading: no checkpoint yet, and a pipeline job is sampled from its checkpoints.
+        assert cli.main(["sample", job.id, "--prompt", prompt, *state]) != 0
+        assert "committed none yet" in capsys.readouterr().err
         while not client.get(job.id).losses:
             assert state_name(client.get(job.id).state) in ("queued", "running")
             time.sleep(0.05)
-        high = client.submit(ray_spec("high", whole=True, train=HIGH_TRAIN, priority="5"))
+        high = client.submit(ray_spec("high", 2, whole=True, priority="5"))
         deadline = time.monotonic() + 120
-        while state_name(client.get(job.id).state) != "suspended":
-            assert time.monotonic() < deadline, client.get(job.id)
-            assert state_name(client.get(job.id).state) == "running", client.get(job.id)
+        while (now := state_name(client.get(job.id).state)) != "suspended":
+            assert now == "running" and time.monotonic() < deadline, client.get(job.id)
             time.sleep(0.02)
         assert cli.main(["why", job.id, "--json", *state]) == 0
         why = json.loads(capsys.readouterr().out)
-        assert why["state"] == "suspended", why
-        high_done, done = client.wait(high.id, timeout_s=120), client.wait(job.id, timeout_s=120)
-        assert state_name(high_done.state) == "succeeded", high_done.message
-        assert state_name(done.state) == "succeeded", done.message
-        losses = list(done.losses)
-        assert len(losses) == RAY_PIPE_STEPS
-        reference = reference_losses_of(pipe_spec_, dataset)
-        assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
+        assert why["state"] == "suspended" and why["reason"], why
+        assert state_name(client.wait(high.id, timeout_s=120).state) == "succeeded"
+        while len(client.get(job.id).losses) < RAY_PIPE_MIN_STEPS:  # resumed
+            assert state_name(client.get(job.id).state) in ("suspended", "running")
+            time.sleep(0.05)
+        client.cancel(job.id, reason="test")
+        ended = client.wait(job.id, timeout_s=60)
+        assert state_name(ended.state) == "cancelled", ended
+        credential = read_cluster_credential(client.state_dir)
+        deadline = time.monotonic() + 30  # its hosts unload it after its last checkpoint
+        while held(client, credential):
+            assert time.monotonic() < deadline, held(client, credential)
+            time.sleep(0.1)
         logged = [r.message for r in client.logs(job.id)]
         assert any("pipeline layout" in m and "stage 1: blocks 1..1" in m for m in logged)
 
-        # Sampling: the CLI's path, the whole model read from the stage parts on one island.
-        prompt = "def "
-        assert (
-            cli.main(
-                ["sample", job.id, "--prompt", prompt, "--max-new-tokens", "8"] + ["--json", *state]
-            )
-            == 0
-        )
+        losses = list(ended.losses)
+        assert RAY_PIPE_MIN_STEPS <= len(losses) < RAY_PIPE_STEPS
+        train = dataclasses.replace(configs.train, steps=len(losses))
+        trainer = ReferenceTrainer(configs.model, configs.optim, train)
+        reference = trainer.losses(lambda s: dataset.global_batch(s, 8, train.seed)[0])
+        assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
+
+        # Sampling (the CLI's path): the whole model read from the stage parts on one island.
+        argv = ["sample", job.id, "--prompt", prompt, "--max-new-tokens", "8", "--json"]
+        assert cli.main(argv + state) == 0
         sampled = json.loads(capsys.readouterr().out)
-        assert sampled["steps_applied"] == RAY_PIPE_STEPS, sampled
-        assert sampled["checkpoint"].endswith(f"g0-step{RAY_PIPE_STEPS}"), sampled
-        model, step = assembled_palm(sampled["checkpoint"], configs.model, 2)
-        assert step == RAY_PIPE_STEPS
-        tokens = generate(model, dataset.tokenizer.encode(prompt), 8)
-        assert sampled["text"] == dataset.tokenizer.decode([int(t) for t in tokens])
-
-        # A whole-model job fine-tuned from the pipeline job: the reference from its params.
-        tune = client.submit(ray_spec("tune", 2, whole=True, init_from=f"{{job: {job.id}}}"))
-        cancel = client.submit(ray_spec("pipe-cancel", 500))
-        tuned = client.wait(tune.id, timeout_s=120)
-        assert state_name(tuned.state) == "succeeded", tuned.message
-        trainer = ReferenceTrainer(
-            configs.model, configs.optim, spec_lib.to_configs(ray_spec("tune", 2, whole=True)).train
+    model, step = assembled_palm(sampled["checkpoint"], configs.model, 2)
+    assert step == sampled["steps_applied"] and step % 4 == 0 and step >= 8, sampled
+    tokens = generate(model, dataset.tokenizer.encode(prompt), 8)
+    assert sampled["text"] == dataset.tokenizer.decode([int(t) for t in tokens])
+    # The hosts' reader alone (init_from's path: parameters only) gives the same arrays.
+    params = nnx.state(model, nnx.Param)
+    like = jax.eval_shape(lambda: params)
+    opt_like = jax.eval_shape(trainer.fns.tx.init, params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shard = lambda tree: jax.tree.map(lambda _: device, tree)  # noqa: E731
+    bounds = stage_split(configs.model, 2)
+    read, _, read_step = read_stage_parts(
+        sampled["checkpoint"],
+        bounds,
+        configs.model,
+        configs.optim,
+        like,
+        opt_like,
+        shard(like),
+        shard(opt_like),
+        params_only=True,
+    )
+    assert read_step == step
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(params), strict=True)
+    )
+    with pytest.raises(CheckpointError, match="stage"):  # another split is refused
+        read_stage_parts(
+            sampled["checkpoint"],
+            ((0, 2), (2, 2)),
+            configs.model,
+            configs.optim,
+            like,
+            opt_like,
+            shard(like),
+            shard(opt_like),
+            params_only=True,
         )
-        from flax import nnx
-
-        trainer.state = dataclasses.replace(trainer.state, params=nnx.state(model, nnx.Param))
-        tuned_reference = trainer.losses(lambda s: dataset.global_batch(s, 8, 2)[0])
-        assert max_rel_diff(list(tuned.losses), tuned_reference) <= 1e-5
-
-        # A running pipeline job without a checkpoint yet cannot be sampled (it says why);
-        # cancelled, it ends and leaves its islands free.
-        while len(client.get(cancel.id).losses) < 2:
-            assert state_name(client.get(cancel.id).state) in ("queued", "running")
-            time.sleep(0.05)
-        code = cli.main(["sample", cancel.id, "--prompt", prompt, *state])
-        err = capsys.readouterr().err
-        assert code != 0 and "committed none yet" in err, err
-        client.cancel(cancel.id, reason="test")
-        ended = client.wait(cancel.id, timeout_s=60)
-        assert state_name(ended.state) == "cancelled", ended
-        assert len(ended.losses) < 500
-        from pathways_lite.controller.auth import read_cluster_credential
-        from pathways_lite.workers.auth import host_channel
-
-        credential = read_cluster_credential(client.state_dir)
-
-        def held() -> list:
-            """The islands' jobs, and every host's loaded jobs and live device bytes."""
-            out = []
-            for island in client.islands():
-                out += list(island.job_ids)
-                for host in island.hosts:
-                    with host_channel(host.address, credential) as channel:
-                        log = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
-                            worker_pb2.ExecutionLogRequest(), timeout=60
-                        )
-                    out += [j.job_id for j in log.jobs] + [log.live_bytes_total or ""]
-            return [x for x in out if x]
-
-        deadline = time.monotonic() + 30  # its hosts unload it after its final checkpoint
-        while held():
-            assert time.monotonic() < deadline, held()
-            time.sleep(0.1)
-
-
-def reference_losses_of(spec, dataset) -> list[float]:
-    configs = spec_lib.to_configs(spec)
-    train = configs.train
-    trainer = ReferenceTrainer(configs.model, configs.optim, train)
-    return trainer.losses(lambda s: dataset.global_batch(s, train.global_batch, train.seed)[0])

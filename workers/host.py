@@ -28,7 +28,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 # 10: StartServe/StopServe/Generate (kind: serve); a training step waits while the host's
 #    service decodes.
 # 11: peer restore: LoadJob keep_state, resume_step, restore_peers; ExchangeService FetchState.
-WORKER_WIRE_VERSION = 11
+# 15: LoadJob restore_stage_bounds / init_stage_bounds: restore_from / init_from is a pipeline
+#    job's checkpoint split by stage, read whole (12-14 are other branches').
+WORKER_WIRE_VERSION = 15
 
 
 @dataclass(frozen=True)
