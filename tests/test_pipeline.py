@@ -9,6 +9,7 @@ exchange gradients as a data-parallel job's islands do.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -600,8 +601,9 @@ pipeline: {{stages: 2, microbatches: 2, schedule: 1f1b}}
 train: {{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2, checkpoint_every: 4}}
 data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
 """
-# Runs until cancelled; its losses are compared once it has at least RAY_PIPE_MIN_STEPS.
-RAY_PIPE_STEPS, RAY_PIPE_MIN_STEPS = 5000, 9
+# Runs until cancelled once it has at least RAY_PIPE_MIN_STEPS losses; the reference runs
+# RAY_PIPE_REF_STEPS meanwhile (the job cannot pass it between a poll and the cancel).
+RAY_PIPE_STEPS, RAY_PIPE_MIN_STEPS, RAY_PIPE_REF_STEPS = 5000, 9, 40
 
 
 def ray_spec(name: str, steps: int = RAY_PIPE_STEPS, *, whole: bool = False, **changes: str):
@@ -724,6 +726,11 @@ def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
     configs = spec_lib.to_configs(spec)
     dataset = prepare_dataset(configs.data, seq_len=32)
     prompt = "def "
+    train = dataclasses.replace(configs.train, steps=RAY_PIPE_REF_STEPS)
+    trainer = ReferenceTrainer(configs.model, configs.optim, train)
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # the reference while the job runs
+    reference_of = pool.submit(trainer.losses, lambda s: dataset.global_batch(s, 8, 2)[0])
+    pool.shutdown(wait=False)
     with ControllerClient(ray_pipe_cluster.state_dir) as client:
         islands = {i.id: {h.node for h in i.hosts} for i in client.islands()}
         assert islands == {"east": {"127.0.0.3"}, "west": {"127.0.0.4"}}, islands
@@ -758,10 +765,8 @@ def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
         assert any("pipeline layout" in m and "stage 1: blocks 1..1" in m for m in logged)
 
         losses = list(ended.losses)
-        assert RAY_PIPE_MIN_STEPS <= len(losses) < RAY_PIPE_STEPS
-        train = dataclasses.replace(configs.train, steps=len(losses))
-        trainer = ReferenceTrainer(configs.model, configs.optim, train)
-        reference = trainer.losses(lambda s: dataset.global_batch(s, 8, train.seed)[0])
+        assert RAY_PIPE_MIN_STEPS <= len(losses) <= RAY_PIPE_REF_STEPS
+        reference = reference_of.result(timeout=120)[: len(losses)]
         assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
 
         # Sampling (the CLI's path): the whole model read from the stage parts on one island.
