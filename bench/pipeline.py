@@ -3,8 +3,14 @@
 Baseline: the same model as a non-pipelined job on ONE island host with the whole global
 batch. Ours: pipelines of S stages (one island host each, one replica), every schedule and
 microbatch count asked for. Every island host is its own process with one CPU device and
-one XLA thread, pinned with `taskset -c` to core k mod cores (bench/dp_scaling.py's hosts):
-where S exceeds the machine's cores, stages share cores and the efficiency says so.
+one XLA thread, pinned with `taskset -c` to core k mod cores (bench/dp_scaling.py's hosts).
+
+Equal CPU per island: where S exceeds the cores, up to share = ceil(S / cores) stage hosts
+share a core, so the baseline of that S is measured at the same share: `share` copies of
+the baseline job run at once on hosts pinned to one core, and the baseline's tokens/s is
+their mean (a copy's tokens/s at 1/share of a core). With S <= cores the share is 1: one
+baseline host alone on its core. Each run reports the share and the baseline it is
+compared with.
 The controller side is this process (the Dispatcher and `palm_program`, over gRPC).
 
 Per run, from the hosts' own step reports after warm-up (medians over steps):
@@ -15,8 +21,10 @@ Per run, from the hosts' own step reports after warm-up (medians over steps):
   analytic 2 (S - 1) x B x T x D x 4 bytes;
 - the peak stashed stage-input bytes (max over stages) of 1F1B vs GPipe.
 
-Run: .venv/bin/python bench/pipeline.py [--preset palm-small --batch 64 --stages 2,4
-     --microbatches 4,8,16 --schedules 1f1b,gpipe --steps 6 --warmup 2] [--json]
+Run (the defaults are the issue's: palm-small, global batch 64 x 64, S in {2, 4}, M in
+{4, 8, 16}, both schedules): .venv/bin/python bench/pipeline.py --json
+     [--preset palm-small --batch 64 --stages 2,4 --microbatches 4,8,16
+      --schedules 1f1b,gpipe --steps 6 --warmup 2]
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ class Run:
     stage_bytes_analytic: int
     peak_stash_bytes: int
     efficiency_vs_ideal: float = 0.0
+    # Stage hosts per core (the baseline is measured at the same share) and its tokens/s.
+    cpu_share: int = 1
+    baseline_tokens_per_s: float = 0.0
 
 
 def job_spec(args, islands: int, stages: int = 0, microbatches: int = 0, schedule: str = ""):
@@ -103,6 +114,19 @@ async def run_job(addresses: list[str], spec, warmup: int, tag: str):
     return reports[warmup:], program
 
 
+async def baseline(args, addresses: list[str]) -> float:
+    """Tokens/s of the non-pipelined job on one island, `len(addresses)` copies of it running
+    at once on hosts that share one core (each copy at that share of the core): the mean."""
+    runs = await asyncio.gather(
+        *(
+            run_job([address], job_spec(args, 1), args.warmup, f"base{len(addresses)}-{k}")
+            for k, address in enumerate(addresses)
+        )
+    )
+    steps = [statistics.median(r.hosts[0].reply.step_s for r in reports) for reports, _ in runs]
+    return statistics.mean(args.batch * SEQ / s for s in steps)
+
+
 def measure(reports, stages, microbatches, schedule, batch, d_model) -> Run:
     step_s = statistics.median(max(h.reply.step_s for h in r.hosts) for r in reports)
     bubble = statistics.median(
@@ -142,7 +166,8 @@ def main() -> int:
     stage_counts = [int(s) for s in args.stages.split(",")]
     mb_counts = [int(m) for m in args.microbatches.split(",")]
     schedules = args.schedules.split(",")
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = max(1, cores or 1)
     d_model = spec_lib.to_configs(job_spec(args, 1)).model.d_model
     procs, addresses = [], []
     runs: list[Run] = []
@@ -151,10 +176,14 @@ def main() -> int:
             proc, address = spawn("host", k % cores, f"i{k}")
             procs.append(proc)
             addresses.append(address)
-        reports, _ = asyncio.run(run_job(addresses[:1], job_spec(args, 1), args.warmup, "base"))
-        base_step = statistics.median(r.hosts[0].reply.step_s for r in reports)
-        base_tps = args.batch * SEQ / base_step
+        baselines: dict[int, float] = {}  # tokens/s of one island, by hosts per core
         for stages in stage_counts:
+            share = -(-stages // cores)
+            if share not in baselines:
+                # Hosts 0, cores, 2 cores... are all pinned to core 0.
+                on_core0 = addresses[0 : share * cores : cores]
+                baselines[share] = asyncio.run(baseline(args, on_core0))
+            base_tps = baselines[share]
             for mb in mb_counts:
                 for schedule in schedules:
                     spec = job_spec(args, stages, stages, mb, schedule)
@@ -164,6 +193,7 @@ def main() -> int:
                     run.efficiency_vs_ideal = run.tokens_per_s / (
                         stages * base_tps * (1 - run.bubble_theory)
                     )
+                    run.cpu_share, run.baseline_tokens_per_s = share, base_tps
                     runs.append(run)
     finally:
         for proc in procs:
@@ -178,7 +208,7 @@ def main() -> int:
     peak_ratio = max(ratios) if ratios else None
     if args.json:
         out = {
-            "baseline_tokens_per_s": base_tps,
+            "baseline_tokens_per_s": baselines.get(1, next(iter(baselines.values()))),
             "runs": [
                 {
                     k: getattr(r, k)
@@ -192,6 +222,8 @@ def main() -> int:
                         "bubble_theory",
                         "stage_bytes_per_step",
                         "stage_bytes_analytic",
+                        "cpu_share",
+                        "baseline_tokens_per_s",
                     )
                 }
                 for r in runs
@@ -206,14 +238,16 @@ def main() -> int:
         f"({args.warmup} warm-up); each island host: 1 CPU device, 1 XLA thread, core k mod "
         f"{cores}"
     )
-    print(f"baseline (1 island, not pipelined): {base_tps:10,.0f} tokens/s")
+    for share, tps in sorted(baselines.items()):
+        print(f"baseline (1 island, not pipelined) at 1/{share} of a core: {tps:10,.0f} tokens/s")
     for r in runs:
         print(
             f"S={r.stages} M={r.microbatches:2d} {r.schedule:5s}: {r.tokens_per_s:10,.0f} "
             f"tokens/s, efficiency {r.efficiency_vs_ideal:.2f} (goal >= 0.95 for S=2, M >= 2S), "
             f"bubble {r.bubble_measured:.2f} measured vs {r.bubble_theory:.2f} theory, "
             f"stage bytes/step {r.stage_bytes_per_step:,} vs analytic "
-            f"{r.stage_bytes_analytic:,}, peak stash {r.peak_stash_bytes:,} B"
+            f"{r.stage_bytes_analytic:,}, peak stash {r.peak_stash_bytes:,} B, "
+            f"{r.cpu_share} stage host(s) per core"
         )
     if peak_ratio is not None:
         print(f"peak stashed activations 1F1B / GPipe (worst S, M): {peak_ratio:.2f}")

@@ -698,6 +698,8 @@ class Dispatcher:
                     f"{host_index}: {result.details()}",
                     result.code(),
                 )
+        # The host that failed is named before those that did not answer after it (a
+        # pipeline stage that timed out names the stage it waited for).
         for (island, host_index, _), result in zip(calls, results, strict=True):
             if isinstance(result, grpc.aio.AioRpcError):
                 raise DispatchError(
@@ -706,6 +708,7 @@ class Dispatcher:
                     f"{host_index}: {result.details()}",
                     result.code(),
                 )
+        for (island, host_index, _), result in zip(calls, results, strict=True):
             if result is _NOT_ANSWERED:
                 raise DispatchError(
                     "step_failed",

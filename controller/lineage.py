@@ -96,23 +96,8 @@ def resolve_references(spec: controller_pb2.JobSpec, store: JobStore) -> control
                 "checkpoints in its events).",
             )
         source = store.get_job(found.job_id)
-        _refuse_pipeline(source, "init_from.checkpoint", init.checkpoint)
     check_same_model(spec, source.spec)
     return resolved
-
-
-def _refuse_pipeline(source: JobRecord, field: str, value: str) -> None:
-    """A pipeline job's checkpoint is split by stage (each stage's folder holds its own
-    blocks), so no whole-model job can start from it."""
-    pipe = spec_lib.pipeline_settings(source.spec)
-    if pipe is not None:
-        raise SpecError(
-            field,
-            value,
-            f"{field}={quote(value)} names pipeline job {source.id} (pipeline.stages="
-            f"{pipe.stages}): its checkpoint is split by stage, each stage's folder holding "
-            "only that stage's blocks, so a job cannot start from it.",
-        )
 
 
 def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
@@ -127,7 +112,6 @@ def _check_source(source: JobRecord, init: Any, store: JobStore) -> None:
             f"{field}={quote(init.job)} is {article} {kind} job ({source.id}): it writes no "
             "checkpoint.",
         )
-    _refuse_pipeline(source, field, init.job)
     if init.HasField("step"):
         steps = source.spec.train.steps
         if init.step > steps:
@@ -276,8 +260,12 @@ def with_init(store: JobStore, record: JobRecord, job: ResolvedJob) -> ResolvedJ
         f"{INIT_EVENT_PREFIX}{init.path} (job {init.source.id}, step {init.step}); "
         "fresh optimizer state.",
     )
+    # A pipeline job's checkpoint is split by stage: the hosts read the whole model from
+    # its stage parts (LoadJobRequest.init_stage_bounds).
+    pipe = spec_lib.pipeline_settings(init.source.spec)
+    stages = pipe.stages if pipe is not None else 0
     return dataclasses.replace(
-        job, init=InitRef(init.path, init.step, init.source.id, str(tokenizer))
+        job, init=InitRef(init.path, init.step, init.source.id, str(tokenizer), stages)
     )
 
 

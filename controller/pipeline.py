@@ -76,7 +76,12 @@ def place_stage(
     one stage's island: replica placement, and the StagePlacement."""
     stage, replica = layout.stage_of(at.island_index)
     if at.island_index == 0:
-        logger.info("job %s pipeline layout:\n%s", at.job_id, layout.describe())
+        logger.info(  # in the job's own logs too (`pathways-lite logs JOB`)
+            "job %s pipeline layout:\n%s",
+            at.job_id,
+            layout.describe(),
+            extra={"job_id": at.job_id},
+        )
     r = layout.replicas
     peers = list(at.peers)
     request.island_index = replica
@@ -135,3 +140,36 @@ def stage_bytes_per_device(
         stash_bytes = stash * examples * train.seq_len * model.d_model * 4
         worst = max(worst, int(base + grad_sum + stash_bytes))
     return worst
+
+
+def flat_bounds(model_cfg: Any, stages: int) -> list[int]:
+    """The block ranges of a pipeline of `stages` stages of the model, flat (lo, hi, ...): what
+    LoadJobRequest.restore_stage_bounds / init_stage_bounds carry to read its checkpoints."""
+    from pathways_lite.model.pipeline import stage_split
+
+    return [b for pair in stage_split(model_cfg, stages) for b in pair]
+
+
+def whole_model_job(job: Any) -> Any:
+    """A pipeline job as one non-pipelined job on one island (its ResolvedJob, the dataset
+    kept): what samples its checkpoints, read whole from the stage parts."""
+    from .resolved import ResolvedJob
+
+    spec = type(job.spec)()
+    spec.CopyFrom(job.spec)
+    spec.ClearField("pipeline")
+    spec.islands = 1
+    whole = ResolvedJob.resolve(spec, vocab_size=job.configs.model.vocab_size)
+    return dataclasses.replace(whole, dataset=job.dataset, init=job.init)
+
+
+def reading_stage_parts(load: Any, bounds: list[int]) -> Any:
+    """A StepProgram's `load` whose hosts read `restore_from` from a pipeline job's stage
+    parts (`bounds`: flat_bounds)."""
+
+    def request(at: HostLoad) -> worker_pb2.LoadJobRequest:
+        req = load(at)
+        req.restore_stage_bounds.extend(bounds)
+        return req
+
+    return request

@@ -61,6 +61,9 @@ class InitRef:
     step: int
     source_id: str
     tokenizer_path: str
+    # The source's pipeline.stages when it is a pipeline job (its checkpoint is split by
+    # stage; the hosts read the whole model from the parts); 0 otherwise.
+    stages: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +302,10 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
     request.digest_every = job.digest_every
     if job.init is not None:
         request.init_from = job.init.path
+        if job.init.stages:  # a pipeline job's checkpoint: read whole from its stage parts
+            from .pipeline import flat_bounds
+
+            request.init_stage_bounds.extend(flat_bounds(configs.model, job.init.stages))
     pipe = spec_lib.pipeline_settings(spec)
     if pipe is None and at.num_islands > 1 and spec_lib.job_kind(spec) == "train":
         # Data parallel across islands: gradient buckets leave during the backward pass

@@ -4,6 +4,11 @@ A running job is sampled where it is resident: every host of its first island ru
 SPMD decode and host 0 answers. An ended job is sampled from its newest committed checkpoint:
 it is loaded on one island with room under a load key of its own (so it never meets a run of
 the job), sampled, and unloaded again whatever happens.
+
+A pipeline job (controller/pipeline.py) holds different blocks on different islands, so it is
+always sampled from its newest committed checkpoint, running or ended: the whole model is
+loaded on one island as a non-pipelined job that reads its parameters from the stage parts
+(`<dir>/stage<s>/`, LoadJobRequest.restore_stage_bounds) and decodes as any job does.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
 from .islands import Island
 from .jobs import JobRunner
+from .pipeline import flat_bounds, reading_stage_parts, whole_model_job
 from .resolved import ResolvedJob, step_program
 from .scheduler import Demand, Scheduler
 from .states import IllegalTransitionError, JobState
@@ -103,22 +109,17 @@ class Sampler:
     async def sample(
         self, request: controller_pb2.SampleJobRequest
     ) -> controller_pb2.SampleJobReply:
-        """Generate from a job's current parameters (or its newest checkpoint once ended).
+        """Generate from a job's current parameters (or its newest checkpoint once ended, and
+        always for a pipeline job).
 
         Raises:
             JobNotFoundError; IllegalTransitionError when the job holds no parameters;
             ValueError for a bad prompt or setting; NoRoomError.
         """
         record = self.store.get_job(request.job_id)
-        pipe = spec_lib.pipeline_settings(record.spec)
-        if pipe is not None:  # the prompt would have to flow through the stages
-            raise IllegalTransitionError(
-                f"job {record.id!r} is a pipeline of pipeline.stages={pipe.stages}: sampling "
-                "through the stages is not supported yet."
-            )
         wire = sample_request(request)
         wire.job_id = record.id
-        if record.state.terminal:
+        if record.state.terminal or spec_lib.pipeline_settings(record.spec) is not None:
             return await self._sample_checkpoint(record, request, wire)
         runner = self.runners.get(record.id)
         if runner is None or not runner.loaded:
@@ -156,16 +157,24 @@ class Sampler:
         request: controller_pb2.SampleJobRequest,
         wire: worker_pb2.SampleRequest,
     ) -> controller_pb2.SampleJobReply:
-        """Sample an ended job from its newest committed checkpoint: load it on one island
-        with room (under a load key of its own, so it never meets a run of the job), run
-        Sample, and unload it again whatever happens.
+        """Sample an ended job (or any pipeline job) from its newest committed checkpoint:
+        load it on one island with room (under a load key of its own, so it never meets a run
+        of the job; a pipeline job's whole model read from its stage parts), run Sample, and
+        unload it again whatever happens.
 
         Raises:
-            IllegalTransitionError: the job ended without a committed checkpoint, or the
-                checkpoint cannot be loaded.
+            IllegalTransitionError: the job has no committed checkpoint, or the checkpoint
+                cannot be loaded.
             NoRoomError: no island has room for it now.
         """
+        pipe = spec_lib.pipeline_settings(record.spec)
         checkpoint = self.store.latest_checkpoint(record.id)
+        if checkpoint is None and not record.state.terminal:  # a pipeline job
+            raise IllegalTransitionError(
+                f"job {record.id!r} is a pipeline (pipeline.stages={pipe.stages}) and "
+                f"{record.state.value}: it is sampled from its newest committed checkpoint, "
+                "and it has committed none yet (train.checkpoint_every sets how often)."
+            )
         if checkpoint is None:
             raise IllegalTransitionError(
                 f"job {record.id!r} has ended ({record.state.value}) without a committed "
@@ -174,14 +183,17 @@ class Sampler:
         job = self._resolve(record)
         if job is None:
             raise IllegalTransitionError(f"job {record.id!r}'s spec no longer resolves.")
+        if pipe is not None:  # the whole model on one island, read from the stage parts
+            job = whole_model_job(job)
         self._loads += 1
         key = f"{record.id[:100]}.sample-{self._loads}"
         devices = record.spec.mesh.data * record.spec.mesh.model
         demand = Demand(key, 1, job.bytes_per_device, record.priority)
         room = [i for i in self.scheduler.candidates(demand) if self.islands[i].devices == devices]
         if not room or self.scheduler.place(demand, room[:1]) is None:
+            whole = " (the whole model, on one island)" if pipe is not None else ""
             raise NoRoomError(
-                f"job {record.id!r} has ended ({record.state.value}); sampling its checkpoint "
+                f"job {record.id!r} is {record.state.value}; sampling its checkpoint{whole} "
                 f"at step {checkpoint.step} needs {demand.bytes_per_device} bytes per device on "
                 f"an island of {devices} devices, and none has room now; try again later."
             )
@@ -197,6 +209,11 @@ class Sampler:
             )
             # Reads the checkpoint, writes none.
             program = step_program(key, record.generation, job)
+            if pipe is not None:
+                bounds = flat_bounds(job.configs.model, pipe.stages)
+                program = dataclasses.replace(
+                    program, load=reading_stage_parts(program.load, bounds)
+                )
             try:
                 await self.dispatcher.load(
                     dataclasses.replace(program, restore_from=checkpoint.path), [island]

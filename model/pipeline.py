@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any
 
 import jax
@@ -332,3 +333,80 @@ class StageFunctions:
     def activation_shape(self, microbatch: int, seq_len: int) -> tuple[int, int, int]:
         """(B_m, T, D): what goes between stages per microbatch."""
         return (microbatch, seq_len, self.model_cfg.d_model)
+
+
+# -- the whole model from its stages' parts (sampling a pipeline job, init_from one) --------
+
+_BLOCK_RE = re.compile(r"\['blocks'\]\[(\d+)\]")
+
+
+def _stage_trees(model_cfg: PalmConfig, optim_cfg: OptimConfig, lo: int, hi: int, first, last):
+    """(params, optimizer state) of one stage, abstract, as StageFunctions holds them."""
+    tx = make_optimizer(dataclasses.replace(optim_cfg, clip_norm=None))
+    model = nnx.eval_shape(
+        lambda: StageModel(Palm(model_cfg, rngs=nnx.Rngs(0)), lo, hi, first=first, last=last)
+    )
+    params = nnx.split(model, nnx.Param)[1]
+    return params, jax.eval_shape(tx.init, params)
+
+
+def _keys(tree: Any) -> list[str]:
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def whole_from_stages(
+    model_cfg: PalmConfig,
+    optim_cfg: OptimConfig,
+    bounds: tuple[tuple[int, int], ...],
+    params_like: Any,
+    opt_like: Any,
+) -> tuple[list[tuple[int, list[int], list[int]]], int, int]:
+    """Where every leaf of the whole model's state lives in a pipeline's stage checkpoints.
+
+    A stage's tree is the whole model's with only its blocks (renumbered from 0; stage 0
+    also the embedding, the last stage the final norm and its copy of the embedding); its
+    optimizer state is Adafactor's alone (the stages clip by hand), where the whole model's
+    sits behind the global-norm clip as the second element of a chain. Every whole leaf is
+    taken from the first stage that holds it (the embedding and its optimizer state from
+    stage 0: the two copies are bitwise equal).
+
+    Args:
+        bounds: the block range [lo, hi) of every stage (`stage_split`).
+        params_like, opt_like: the whole model's (abstract) parameters and optimizer state.
+
+    Returns:
+        (for each stage: (stage, whole parameter index of each of its parameter leaves,
+        whole optimizer-state index of each of its optimizer leaves)), the whole model's
+        parameter and optimizer leaf counts. Every whole leaf is the target of one stage
+        leaf at least.
+
+    Raises:
+        ValueError: the stages do not make up the whole model (another model or split).
+    """
+    whole_p = {k: i for i, k in enumerate(_keys(params_like))}
+    whole_o = {k: i for i, k in enumerate(_keys(opt_like))}
+    opt_prefix = "[1]" if optim_cfg.clip_norm is not None else ""
+    stages = len(bounds)
+    out = []
+    seen_p: set[int] = set()
+    seen_o: set[int] = set()
+    for s, (lo, hi) in enumerate(bounds):
+        params, opt = _stage_trees(model_cfg, optim_cfg, lo, hi, s == 0, s == stages - 1)
+
+        def renumber(key: str, lo: int = lo) -> str:
+            return _BLOCK_RE.sub(lambda m: f"['blocks'][{lo + int(m.group(1))}]", key)
+
+        try:
+            p_idx = [whole_p[renumber(k)] for k in _keys(params)]
+            o_idx = [whole_o[opt_prefix + renumber(k)] for k in _keys(opt)]
+        except KeyError as e:
+            raise ValueError(
+                f"stage {s} (blocks {lo}..{hi - 1}) has a leaf {e} the whole model lacks."
+            ) from None
+        seen_p.update(p_idx)
+        seen_o.update(o_idx)
+        out.append((s, p_idx, o_idx))
+    missing = (len(whole_p) - len(seen_p)) + (len(whole_o) - len(seen_o))
+    if missing:
+        raise ValueError(f"{missing} leaves of the whole model are in no stage: split {bounds}.")
+    return out, len(whole_p), len(whole_o)

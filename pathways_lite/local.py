@@ -106,9 +106,10 @@ class LocalCluster:
         min_islands: when joining, wait until the cluster advertises this many islands.
         simulate_islands: run this many simulated islands instead (workers/sim_host.py: no
             JAX, no Ray; the scale harness); the island shape arguments are not used.
-        island_specs: islands of any shapes, as `NAME:HOSTS:DEVICES_PER_HOST` (the
+        island_specs: islands of any shapes, as `NAME:HOSTS:DEVICES_PER_HOST[:MEMORY]` (the
             controller's --island); when given, `islands`, `devices_per_island` and
-            `hosts_per_island` are not used.
+            `hosts_per_island` are not used. With `ray_address`, these islands' hosts go to
+            the nodes that advertise their `island_NAME` resource (no discovery).
         tls: TLS between the controller and island hosts and between peers (the
             controller's `--tls`): "on", "off", or "auto" (on where an address is not
             loopback; a local cluster stays on loopback, so plaintext).
@@ -246,12 +247,11 @@ class LocalCluster:
             from pathways_lite.workers.discovery import driver_node_ip
 
             node_ip = self.node_ip or driver_node_ip(self.ray_address) or AUTO_NODE_IP
-            cmd += [
-                f"--ray-address={self.ray_address}",
-                f"--node-ip={node_ip}",
-                "--discover",
-                f"--min-islands={self.min_islands}",
-            ]
+            cmd += [f"--ray-address={self.ray_address}", f"--node-ip={node_ip}"]
+            if self.island_specs:  # these islands, on the nodes that advertise their resource
+                cmd += [f"--island={spec}" for spec in self.island_specs]
+            else:
+                cmd += ["--discover", f"--min-islands={self.min_islands}"]
             if self.ray_token_file is not None:
                 cmd.append(f"--ray-token-file={self.ray_token_file}")
         else:

@@ -9,6 +9,7 @@ exchange gradients as a data-parallel job's islands do.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -487,8 +488,13 @@ def test_a_checkpoint_counts_once_every_stage_committed_its_part() -> None:
     assert _committed(hosts([4], [], [], []), ids, (0, 2)) == ()
 
 
-def test_a_job_cannot_start_from_a_pipeline_jobs_split_checkpoint(tmp_path) -> None:
-    from pathways_lite.controller.lineage import resolve_references
+def test_a_job_started_from_a_pipeline_job_reads_the_whole_model_from_its_stage_parts(
+    tmp_path,
+) -> None:
+    """init_from a pipeline job (or one of its checkpoints) is accepted at submit, and the
+    hosts' load names the stage split to read the whole model from (init_stage_bounds)."""
+    from pathways_lite.controller.lineage import resolve_references, with_init
+    from pathways_lite.controller.resolved import DatasetRef, ResolvedJob, load_request
     from pathways_lite.controller.store import JobStore
     from pathways_lite.spec import load_spec_text
 
@@ -498,18 +504,25 @@ def test_a_job_cannot_start_from_a_pipeline_jobs_split_checkpoint(tmp_path) -> N
         + "init_from: {job: pipe-src}\n",
         validate=True,
     )
+    folder = tmp_path / "pipe-src"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_text("")  # with_init needs it beside the checkpoint
     with JobStore(tmp_path / "jobs.db") as store:
         job_id = store.create_job(source, job_id="pipe-src").id
-        store.register_checkpoint(job_id, 0, 4, str(tmp_path / "pipe-src" / "g0-step4"))
-        with pytest.raises(spec_lib.SpecError) as err:
-            resolve_references(tune, store)
-        assert err.value.field == "init_from.job" and "'pipe-src'" in str(err.value)
-        assert "split by stage" in str(err.value) and "pipeline.stages=2" in str(err.value)
-        tune.init_from.ClearField("job")
-        tune.init_from.checkpoint = str(tmp_path / "pipe-src" / "g0-step4")
-        with pytest.raises(spec_lib.SpecError) as err:
-            resolve_references(tune, store)
-        assert err.value.field == "init_from.checkpoint" and "split by stage" in str(err.value)
+        store.register_checkpoint(job_id, 0, 4, str(folder / "g0-step4"))
+        resolved = resolve_references(tune, store)
+        by_path = controller_pb2.JobSpec()
+        by_path.CopyFrom(tune)
+        by_path.init_from.checkpoint = str(folder / "g0-step4")
+        resolve_references(by_path, store)  # accepted too
+        record = store.create_job(resolved, job_id="tune")
+        job = with_init(store, record, ResolvedJob.resolve(resolved))
+    assert job.init.stages == 2 and job.init.path == str(folder / "g0-step4")
+    job = dataclasses.replace(job, dataset=DatasetRef("/d", "h", "t", 1))
+    request = load_request(job, HostLoad("tune"))
+    bounds = stage_split(job.configs.model, 2)
+    assert list(request.init_stage_bounds) == [b for pair in bounds for b in pair]
+    assert request.init_from == str(folder / "g0-step4") and not request.restore_stage_bounds
 
 
 def test_each_stage_receive_has_its_own_deadline_from_when_it_starts_waiting() -> None:
@@ -573,3 +586,229 @@ def test_each_stage_receive_has_its_own_deadline_from_when_it_starts_waiting() -
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+# ---- a pipeline job through the real controller, its hosts on the session's Ray nodes ---------
+
+RAY_PIPE = """
+name: {name}
+model: {{preset: palm-tiny}}
+islands: 2
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+priority: 0
+pipeline: {{stages: 2, microbatches: 2, schedule: 1f1b}}
+train: {{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2, checkpoint_every: 4}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+"""
+# Runs until cancelled once it has at least RAY_PIPE_MIN_STEPS losses; the reference runs
+# RAY_PIPE_REF_STEPS meanwhile (the job cannot pass it between a poll and the cancel).
+RAY_PIPE_STEPS, RAY_PIPE_MIN_STEPS, RAY_PIPE_REF_STEPS = 5000, 9, 40
+
+
+def ray_spec(name: str, steps: int = RAY_PIPE_STEPS, *, whole: bool = False, **changes: str):
+    """The pipeline job's spec; `whole`: the same model as a one-island job; `changes`
+    replace whole lines by their key (`train`, `priority`...) or add them."""
+    from pathways_lite.spec import load_spec_text
+
+    lines = RAY_PIPE.format(name=name, steps=steps).strip().splitlines()
+    if whole:
+        lines = [line for line in lines if not line.startswith("pipeline:")]
+        lines = ["islands: 1" if line.startswith("islands:") else line for line in lines]
+    for key, value in changes.items():
+        lines = [line for line in lines if not line.startswith(f"{key}:")]
+        lines.append(f"{key}: {value}")
+    return load_spec_text("\n".join(lines) + "\n", validate=True)
+
+
+@pytest.fixture(scope="module")
+def ray_pipe_cluster(ray_cluster, stdlib_dataset):
+    """The controller joined to the session's Ray cluster with two one-device islands on its
+    two worker nodes (east on 127.0.0.3, west on 127.0.0.4: the stages on different nodes).
+    A device's budget holds the whole model alone (the high-priority job, a sampling load),
+    or a stage of the pipeline, but not both at once (the high-priority job preempts)."""
+    import shutil
+    import tempfile
+
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.local import LocalCluster
+    from pathways_lite.workers.ray_cluster import alive
+
+    whole = ResolvedJob.resolve(ray_spec("high", whole=True)).bytes_per_device
+    stage = ResolvedJob.resolve(ray_spec("p")).bytes_per_device
+    assert stage < whole
+    budget = whole + 256 * 1024
+    state_dir = tempfile.mkdtemp(prefix="plpipe-", dir="/tmp")
+    cluster = LocalCluster(
+        state_dir=state_dir,
+        ray_address=ray_cluster.address,
+        ray_token_file=ray_cluster.token_path,
+        island_specs=[f"east:1:1:{budget}", f"west:1:1:{budget}"],
+    )
+    started: list[int] = []
+    try:
+        cluster.start()
+        started = cluster.pids()
+        yield cluster
+    finally:
+        started = sorted(set(started) | set(cluster.pids()))
+        cluster.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    assert not alive(started), alive(started)
+
+
+def assembled_palm(checkpoint: str, model_cfg: PalmConfig, stages: int):
+    """The reference `Palm` holding a pipeline checkpoint's parameters, read independently of
+    the hosts' reader: each stage part restored into that stage's `StageModel` view of one
+    `Palm` (the views share the whole model's modules). Returns (model, step)."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from pathways_lite.model.palm import Palm
+    from pathways_lite.model.pipeline import StageModel
+
+    full = Palm(model_cfg, rngs=nnx.Rngs(0))
+    bounds = stage_split(model_cfg, stages)
+    path = Path(checkpoint)
+    steps = set()
+    for s, (lo, hi) in enumerate(bounds):
+        view = StageModel(full, lo, hi, first=s == 0, last=s == stages - 1)
+        leaves, treedef = jax.tree_util.tree_flatten(nnx.state(view, nnx.Param))
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            stored = checkpointer.restore(str(path.parent / f"stage{s}" / path.name))
+        assert len(stored["params"]) == len(leaves)
+        loaded = [np.asarray(stored["params"][f"{i:05d}"]) for i in range(len(leaves))]
+        nnx.update(view, jax.tree_util.tree_unflatten(treedef, loaded))
+        steps.add(int(np.asarray(stored["step"])))
+    assert len(steps) == 1, steps
+    return full, steps.pop()
+
+
+def held(client, credential) -> list:
+    """What still holds the islands: their jobs, every host's loaded jobs and live bytes."""
+    from pathways_lite.workers.auth import host_channel
+
+    out = []
+    for island in client.islands():
+        out += list(island.job_ids)
+        for host in island.hosts:
+            with host_channel(host.address, credential) as channel:
+                log = worker_pb2_grpc.WorkerServiceStub(channel).ExecutionLog(
+                    worker_pb2.ExecutionLogRequest(), timeout=60
+                )
+            out += [j.job_id for j in log.jobs] + [log.live_bytes_total or ""]
+    return [x for x in out if x]
+
+
+def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
+    ray_pipe_cluster, capsys
+) -> None:
+    """Through the real controller, its two stages' hosts on two Ray nodes: a pipeline job
+    preempted by a higher-priority job resumes and matches the reference trainer's losses;
+    `why` and the job's logs speak of it; cancelled, it ends and frees its islands; `sample`
+    (the CLI) reads its stage checkpoint parts as one model: greedy text equals the
+    reference model's with the same parameters."""
+    import json
+
+    from flax import nnx
+
+    from pathways_lite import cli
+    from pathways_lite.client import ControllerClient, state_name
+    from pathways_lite.controller.auth import read_cluster_credential
+    from pathways_lite.model.sampling import generate
+    from pathways_lite.workers.checkpoint import CheckpointError
+    from pathways_lite.workers.pipeline import read_stage_parts
+
+    state = ["--state-dir", str(ray_pipe_cluster.state_dir)]
+    spec = ray_spec("pipe-ray")
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=32)
+    prompt = "def "
+    train = dataclasses.replace(configs.train, steps=RAY_PIPE_REF_STEPS)
+    trainer = ReferenceTrainer(configs.model, configs.optim, train)
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # the reference while the job runs
+    reference_of = pool.submit(trainer.losses, lambda s: dataset.global_batch(s, 8, 2)[0])
+    pool.shutdown(wait=False)
+    with ControllerClient(ray_pipe_cluster.state_dir) as client:
+        islands = {i.id: {h.node for h in i.hosts} for i in client.islands()}
+        assert islands == {"east": {"127.0.0.3"}, "west": {"127.0.0.4"}}, islands
+        job = client.submit(spec)
+        # Loading: no checkpoint yet, and a pipeline job is sampled from its checkpoints.
+        assert cli.main(["sample", job.id, "--prompt", prompt, *state]) != 0
+        assert "committed none yet" in capsys.readouterr().err
+        while not client.get(job.id).losses:
+            assert state_name(client.get(job.id).state) in ("queued", "running")
+            time.sleep(0.05)
+        high = client.submit(ray_spec("high", 2, whole=True, priority="5"))
+        deadline = time.monotonic() + 120
+        while (now := state_name(client.get(job.id).state)) != "suspended":
+            assert now == "running" and time.monotonic() < deadline, client.get(job.id)
+            time.sleep(0.02)
+        assert cli.main(["why", job.id, "--json", *state]) == 0
+        why = json.loads(capsys.readouterr().out)
+        assert why["state"] == "suspended" and why["reason"], why
+        assert state_name(client.wait(high.id, timeout_s=120).state) == "succeeded"
+        while len(client.get(job.id).losses) < RAY_PIPE_MIN_STEPS:  # resumed
+            assert state_name(client.get(job.id).state) in ("suspended", "running")
+            time.sleep(0.05)
+        client.cancel(job.id, reason="test")
+        ended = client.wait(job.id, timeout_s=60)
+        assert state_name(ended.state) == "cancelled", ended
+        credential = read_cluster_credential(client.state_dir)
+        deadline = time.monotonic() + 30  # its hosts unload it after its last checkpoint
+        while held(client, credential):
+            assert time.monotonic() < deadline, held(client, credential)
+            time.sleep(0.1)
+        logged = [r.message for r in client.logs(job.id)]
+        assert any("pipeline layout" in m and "stage 1: blocks 1..1" in m for m in logged)
+
+        losses = list(ended.losses)
+        assert RAY_PIPE_MIN_STEPS <= len(losses) <= RAY_PIPE_REF_STEPS
+        reference = reference_of.result(timeout=120)[: len(losses)]
+        assert max_rel_diff(losses, reference) <= 1e-5, (losses, reference)
+
+        # Sampling (the CLI's path): the whole model read from the stage parts on one island.
+        argv = ["sample", job.id, "--prompt", prompt, "--max-new-tokens", "8", "--json"]
+        assert cli.main(argv + state) == 0
+        sampled = json.loads(capsys.readouterr().out)
+    model, step = assembled_palm(sampled["checkpoint"], configs.model, 2)
+    assert step == sampled["steps_applied"] and step % 4 == 0 and step >= 8, sampled
+    tokens = generate(model, dataset.tokenizer.encode(prompt), 8)
+    assert sampled["text"] == dataset.tokenizer.decode([int(t) for t in tokens])
+    # The hosts' reader alone (init_from's path: parameters only) gives the same arrays.
+    params = nnx.state(model, nnx.Param)
+    like = jax.eval_shape(lambda: params)
+    opt_like = jax.eval_shape(trainer.fns.tx.init, params)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shard = lambda tree: jax.tree.map(lambda _: device, tree)  # noqa: E731
+    bounds = stage_split(configs.model, 2)
+    read, _, read_step = read_stage_parts(
+        sampled["checkpoint"],
+        bounds,
+        configs.model,
+        configs.optim,
+        like,
+        opt_like,
+        shard(like),
+        shard(opt_like),
+        params_only=True,
+    )
+    assert read_step == step
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(read), jax.tree.leaves(params), strict=True)
+    )
+    with pytest.raises(CheckpointError, match="stage"):  # another split is refused
+        read_stage_parts(
+            sampled["checkpoint"],
+            ((0, 2), (2, 2)),
+            configs.model,
+            configs.optim,
+            like,
+            opt_like,
+            shard(like),
+            shard(opt_like),
+            params_only=True,
+        )

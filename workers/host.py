@@ -32,7 +32,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 #    (LoadJob exchange_bucket_bytes, exchange_overlap).
 # 14: CutSlice (a job's slices cut at one step boundary on all its islands, for serving);
 #    only a single-island job's step waits at the host's serve gate.
-WORKER_WIRE_VERSION = 14
+# 15: LoadJob restore_stage_bounds / init_stage_bounds: restore_from / init_from is a pipeline
+#    job's checkpoint split by stage, read whole (13 unused).
+WORKER_WIRE_VERSION = 15
 
 
 @dataclass(frozen=True)

@@ -637,9 +637,23 @@ class PalmRuntime(JobRuntime):
         resident = self._loaded()
         old = resident.state
         params_like, opt_like = jax.eval_shape(lambda: (old.params, old.opt_state))
-        params, opt_state, step = restore(
-            path, params_like, opt_like, self.fns.param_shardings, self.fns.opt_shardings
-        )
+        if self.spec.restore_stage_bounds:  # a pipeline job's, split by stage
+            from .pipeline import read_stage_parts
+
+            params, opt_state, step = read_stage_parts(
+                path,
+                self.spec.restore_stage_bounds,
+                self.model_cfg,
+                self.optim_cfg,
+                params_like,
+                opt_like,
+                self.fns.param_shardings,
+                self.fns.opt_shardings,
+            )
+        else:
+            params, opt_state, step = restore(
+                path, params_like, opt_like, self.fns.param_shardings, self.fns.opt_shardings
+            )
         resident.state = TrainState(params=params, opt_state=opt_state, step=step)
         for leaf in jax.tree_util.tree_leaves((old.params, old.opt_state)):
             if hasattr(leaf, "delete") and not leaf.is_deleted():
@@ -663,7 +677,23 @@ class PalmRuntime(JobRuntime):
         resident = self._loaded()
         old = resident.state
         params_like = jax.eval_shape(lambda: old.params)
-        params, step = restore_params(path, params_like, self.fns.param_shardings)
+        if self.spec.init_stage_bounds:  # a pipeline job's, split by stage
+            from .pipeline import read_stage_parts
+
+            opt_like = jax.eval_shape(lambda: old.opt_state)
+            params, _, step = read_stage_parts(
+                path,
+                self.spec.init_stage_bounds,
+                self.model_cfg,
+                self.optim_cfg,
+                params_like,
+                opt_like,
+                self.fns.param_shardings,
+                self.fns.opt_shardings,
+                params_only=True,
+            )
+        else:
+            params, step = restore_params(path, params_like, self.fns.param_shardings)
         for leaf in jax.tree_util.tree_leaves(old.params):
             if hasattr(leaf, "delete") and not leaf.is_deleted():
                 leaf.delete()

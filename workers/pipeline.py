@@ -90,6 +90,28 @@ def decode_placement(request: Any) -> PipelinePlacement | None:
     )
 
 
+def decode_stage_bounds(field: str, flat: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """LoadJobRequest's restore_stage_bounds / init_stage_bounds as (lo, hi) pairs, checked:
+    contiguous non-empty ranges from block 0, at least two.
+
+    Raises:
+        JobSpecError: a malformed list (the message names the field and its values).
+    """
+    flat = [int(b) for b in flat]
+    if not flat:
+        return ()
+    pairs = tuple(zip(flat[0::2], flat[1::2], strict=False))
+    ok = len(flat) % 2 == 0 and len(pairs) >= 2 and pairs[0][0] == 0
+    ok = ok and all(lo < hi for lo, hi in pairs)
+    ok = ok and all(a[1] == b[0] for a, b in zip(pairs, pairs[1:], strict=False))
+    if not ok:
+        raise JobSpecError(
+            f"{field}={flat} must be (lo, hi) block ranges of at least 2 stages, contiguous "
+            "from block 0."
+        )
+    return pairs
+
+
 class PipelineRuntime(PalmRuntime):
     """One stage of a pipeline job on an island (`spec.pipeline` is set).
 
@@ -393,3 +415,87 @@ class PipelineRuntime(PalmRuntime):
             pipeline_s=t2 - t1,
             slices=tuple(self._slices),
         )
+
+
+def stage_part(path: str, stage: int) -> str:
+    """Stage `stage`'s part of a pipeline job's checkpoint `<dir>/<name>`: its folder
+    `<dir>/stage<stage>/<name>` (controller/pipeline.py's place_stage writes it there)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p.parent / f"stage{stage}" / p.name)
+
+
+def read_stage_parts(
+    path: str,
+    bounds: tuple[tuple[int, int], ...],
+    model_cfg: Any,
+    optim_cfg: Any,
+    params_like: Any,
+    opt_like: Any,
+    param_shardings: Any,
+    opt_shardings: Any,
+    *,
+    params_only: bool = False,
+) -> tuple[Any, Any, int]:
+    """The whole model's state read from a pipeline job's checkpoint split by stage.
+
+    Each stage's part is read onto this island's mesh with the shardings of the whole-model
+    leaves its leaves are (`model/pipeline.py`'s whole_from_stages), then every whole leaf is
+    taken from the first stage that holds it. The parts must be of one step.
+
+    Args:
+        path: the job-level checkpoint `<dir>/g<g>-step<n>` (its parts in `<dir>/stage<s>/`).
+        bounds: the block range of every stage.
+        params_like, opt_like: the whole model's (abstract) parameters and optimizer state.
+        param_shardings, opt_shardings: their shardings on this island's mesh.
+        params_only: read only the parameters (init_from); the optimizer state is None.
+
+    Returns:
+        (params, opt_state or None, step), the trees of `params_like` and `opt_like`.
+
+    Raises:
+        CheckpointError: a part is missing, unreadable, of another model or split, or the
+            parts are of different steps.
+    """
+    import jax
+
+    from pathways_lite.model.pipeline import whole_from_stages
+
+    from .checkpoint import CheckpointError, restore, restore_params
+
+    try:
+        plan, n_params, n_opt = whole_from_stages(
+            model_cfg, optim_cfg, bounds, params_like, opt_like
+        )
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path!r} split by stage {list(bounds)}: {e}") from e
+    p_like, p_def = jax.tree_util.tree_flatten(params_like)
+    o_like, o_def = jax.tree_util.tree_flatten(opt_like)
+    p_sh = jax.tree_util.tree_leaves(param_shardings)
+    o_sh = jax.tree_util.tree_leaves(opt_shardings)
+    params: list[Any] = [None] * n_params
+    opt: list[Any] = [None] * n_opt
+    steps = {}
+    for stage, p_idx, o_idx in plan:
+        part = stage_part(path, stage)
+        p_abs = [p_like[j] for j in p_idx]
+        p_shard = [p_sh[j] for j in p_idx]
+        if params_only:
+            got_p, steps[stage] = restore_params(part, p_abs, p_shard)
+            got_o = []
+        else:
+            got_p, got_o, steps[stage] = restore(
+                part, p_abs, [o_like[j] for j in o_idx], p_shard, [o_sh[j] for j in o_idx]
+            )
+        for target, idx, got in ((params, p_idx, got_p), (opt, o_idx, got_o)):
+            for j, leaf in zip(idx, got, strict=False):
+                if target[j] is None:
+                    target[j] = leaf
+                else:  # the last stage's copy of the embedding (and its optimizer state)
+                    leaf.delete()
+    if len(set(steps.values())) != 1:
+        raise CheckpointError(f"checkpoint {path!r}: its stage parts are of steps {steps}.")
+    whole_params = jax.tree_util.tree_unflatten(p_def, params)
+    whole_opt = None if params_only else jax.tree_util.tree_unflatten(o_def, opt)
+    return whole_params, whole_opt, next(iter(steps.values()))

@@ -79,14 +79,18 @@ def decode_load(request: worker_pb2.LoadJobRequest, island_device_count: int) ->
         data = json_format.MessageToDict(request.data, preserving_proto_field_name=True)
     except Exception as e:
         raise _bad(f"model, optimizer or data fields do not decode: {e}.") from e
-    from .pipeline import decode_placement
+    from .pipeline import decode_placement, decode_stage_bounds
 
     try:
         pipeline = decode_placement(request)
+        restore_stages = decode_stage_bounds("restore_stage_bounds", request.restore_stage_bounds)
+        init_stages = decode_stage_bounds("init_stage_bounds", request.init_stage_bounds)
     except JobSpecError as e:
         raise _bad(str(e)) from None
     return IslandJobSpec(
         pipeline=pipeline,
+        restore_stage_bounds=restore_stages,
+        init_stage_bounds=init_stages,
         job_id=request.job_id,
         generation=request.generation,
         preset=request.model.preset,

@@ -90,6 +90,10 @@ class IslandJobSpec:
     exchange_overlap: bool = False
     # A pipeline job's stage placement (workers/pipeline.py's PipelinePlacement), or None.
     pipeline: Any = None
+    # restore_from / init_from is a pipeline job's checkpoint split by stage: the block range
+    # of every stage (workers/pipeline.py's read_stage_parts); () for a whole model's.
+    restore_stage_bounds: tuple[tuple[int, int], ...] = ()
+    init_stage_bounds: tuple[tuple[int, int], ...] = ()
 
     @property
     def island_batch(self) -> int:

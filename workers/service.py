@@ -102,7 +102,13 @@ def _same_job(a: worker_pb2.LoadJobRequest, b: worker_pb2.LoadJobRequest) -> boo
         dst.CopyFrom(src)
         for name in ("generation", "epoch", "peers", "keep_state", "resume_step"):
             dst.ClearField(name)
-        for name in ("restore_from", "restore_peers", "init_from"):
+        for name in (
+            "restore_from",
+            "restore_peers",
+            "init_from",
+            "restore_stage_bounds",
+            "init_stage_bounds",
+        ):
             dst.ClearField(name)
     return a2 == b2
 
