@@ -9,6 +9,7 @@ docker-compose.yml against `build_parser()`.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 # Where a running controller records its address, pid and dashboard URL for clients
@@ -177,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spare-hosts",
         choices=("on", "off"),
-        default="on",
-        help="keep a warm spare process beside every host of a CPU island that holds a "
+        default=os.environ.get("PATHWAYS_LITE_SPARE_HOSTS", "on"),
+        help="(default: $PATHWAYS_LITE_SPARE_HOSTS, else on) keep a warm spare process beside "
+        "every host of a CPU island that holds a "
         "data-parallel job (JAX imported, the job compiled ahead, not serving) that a restart "
         "promotes when the host dies: the island is back without a process start or compile",
     )

@@ -22,6 +22,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("PATHWAYS_LITE_CACHE", str(CACHE / "pathways_lite"))
 # Our test processes stay on loopback and never phone home.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Controllers the tests start keep no warm spare hosts (two cores: a spare process per host
+# imports JAX and compiles ahead); the tests of spares and the durability story turn them on.
+os.environ.setdefault("PATHWAYS_LITE_SPARE_HOSTS", "off")
 
 
 # --- Data fixtures (tokenizer and data pipeline) -------------------------------------------
