@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathways_lite.local import LocalCluster
     from pathways_lite.spec import load_spec_text
 
+    # A timeout's SIGTERM unwinds through the finally below: the cluster goes down with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
     batch = 2 * args.islands
     state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
@@ -169,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 controller = record
             else:
                 kills.append(record)
-            if not args.json:
-                print(
-                    f"{what:<20} next step after {record['kill_to_next_step_s']:6.2f} s, "
-                    f"{record['steps_lost']} lost, from {record['from']}",
-                    flush=True,
-                )
+            # Progress on a long run (stderr with --json: stdout stays one JSON object).
+            print(
+                f"{what:<20} next step after {record['kill_to_next_step_s']:6.2f} s, "
+                f"{record['steps_lost']} lost, from {record['from']}",
+                file=sys.stderr if args.json else sys.stdout,
+                flush=True,
+            )
         final = client.wait(job, timeout_s=3600)
         metrics = store.metrics(job)
         chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
