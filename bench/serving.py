@@ -32,11 +32,14 @@ Run: .venv/bin/python bench/serving.py [--json] [--model palm-small] [--seconds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +49,48 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def closed_loop(
+    n: int,
+    seconds: float,
+    request: Callable[[Any, random.Random], tuple[float, list[float], int]],
+    connect: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> dict:
+    """n closed-loop clients for `seconds`, each on its own `connect()`ion, sending
+    `request(connection, rng)` -> (ttft ms, per-token gaps ms, tokens) back to back: tokens/s
+    and latency percentiles."""
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    count = [0]
+    lock = threading.Lock()
+    end = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        with connect() as connection:
+            while time.perf_counter() < end:
+                t, g, k = request(connection, rng)
+                with lock:
+                    ttfts.append(t)
+                    gaps.extend(g)
+                    count[0] += k
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {
+        "tokens_per_s": count[0] / wall,
+        "ttft_p50_ms": pct(ttfts, 0.5),
+        "ttft_p99_ms": pct(ttfts, 0.99),
+        "token_p50_ms": pct(gaps, 0.5),
+        "token_p99_ms": pct(gaps, 0.99),
+        "requests": len(ttfts),
+    }
 
 
 class Island:
@@ -140,34 +185,7 @@ class Island:
 
     def clients(self, n: int, seconds: float, tokens: int) -> dict:
         """n closed-loop clients for `seconds`: tokens/s and latency percentiles."""
-        ttfts, gaps, counts = [], [], [0]
-        lock = threading.Lock()
-        end = time.perf_counter() + seconds
-
-        def client(i: int) -> None:
-            rng = random.Random(i)
-            while time.perf_counter() < end:
-                t, g, k = self.request(rng, tokens)
-                with lock:
-                    ttfts.append(t)
-                    gaps.extend(g)
-                    counts[0] += k
-
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        return {
-            "tokens_per_s": counts[0] / wall,
-            "ttft_p50_ms": pct(ttfts, 0.5),
-            "ttft_p99_ms": pct(ttfts, 0.99),
-            "token_p50_ms": pct(gaps, 0.5),
-            "token_p99_ms": pct(gaps, 0.99),
-            "requests": len(ttfts),
-        }
+        return closed_loop(n, seconds, lambda _, rng: self.request(rng, tokens))
 
     def open_loop(self, rate: float, seconds: float, tokens: int) -> int:
         """Requests at `rate` per second for `seconds` (each in its own thread)."""

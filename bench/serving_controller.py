@@ -27,13 +27,6 @@ import time
 DEVICES = 2
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 def _spec(name: str, model: str, body: str) -> str:
     return (
         f"name: {name}\nmodel: {{preset: {model}}}\nislands: 1\ndevices_per_island: {DEVICES}\n"
@@ -134,39 +127,17 @@ class Bench:
         return ((first or time.perf_counter()) - sent) * 1e3, gaps, n
 
     def clients(self, n: int, seconds: float, tokens: int) -> dict:
+        """n closed-loop clients, each on its own controller connection."""
+        from serving import closed_loop
+
         from pathways_lite.client import ControllerClient
 
-        ttfts: list[float] = []
-        gaps: list[float] = []
-        count = [0]
-        lock = threading.Lock()
-        end = time.perf_counter() + seconds
-
-        def client(i: int) -> None:
-            rng = random.Random(i)
-            with ControllerClient(self.state_dir) as c:
-                while time.perf_counter() < end:
-                    t, g, k = self.request(c, rng, tokens)
-                    with lock:
-                        ttfts.append(t)
-                        gaps.extend(g)
-                        count[0] += k
-
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        return {
-            "tokens_per_s": count[0] / wall,
-            "ttft_p50_ms": _pct(ttfts, 0.5),
-            "ttft_p99_ms": _pct(ttfts, 0.99),
-            "token_p50_ms": _pct(gaps, 0.5),
-            "token_p99_ms": _pct(gaps, 0.99),
-            "requests": len(ttfts),
-        }
+        return closed_loop(
+            n,
+            seconds,
+            lambda c, rng: self.request(c, rng, tokens),
+            connect=lambda: ControllerClient(self.state_dir),
+        )
 
     def open_loop(self, rate: float, seconds: float, tokens: int) -> None:
         """Requests at `rate` per second for `seconds`, each in its own thread."""
