@@ -67,6 +67,7 @@ async def _serve(args, store, groups, credential, tls) -> None:
         state_dir=args.state_dir,
         window=args.window,
         slice_s=args.slice_ms / 1e3,
+        exchange_overlap=args.exchange_overlap,
         peak_flops=args.peak_flops or (1e12 if args.simulate_islands else None),
         **({"prepare": _simulated_data} if args.simulate_islands else {}),
     )

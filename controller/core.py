@@ -66,6 +66,8 @@ class Controller:
         backfill: EASY backfill (False: strict priority order; controller/admission.py).
         watch_ray: act on island host deaths as Ray reports them (False: only the gRPC
             errors and deadlines of the steps tell).
+        exchange_overlap: "auto", "on" or "off": data-parallel jobs exchange gradients
+            during the backward pass (auto: only on islands with accelerators).
     """
 
     def __init__(
@@ -80,11 +82,14 @@ class Controller:
         peak_flops: float | None = None,
         backfill: bool = True,
         watch_ray: bool = True,
+        exchange_overlap: str = "auto",
     ) -> None:
         self.store = store
         self.islands = {island.id: island for island in islands}
         self.state_dir = str(state_dir)
-        self.dispatcher = Dispatcher(store.epoch, window=window, slice_s=slice_s)
+        self.dispatcher = Dispatcher(
+            store.epoch, window=window, slice_s=slice_s, exchange_overlap=exchange_overlap
+        )
         self.scheduler = Scheduler(
             [island.id for island in islands],
             {

@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "promotes when the host dies: the island is back without a process start or compile",
     )
     p.add_argument(
+        "--exchange-overlap",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("PATHWAYS_LITE_EXCHANGE_OVERLAP", "auto"),
+        help="(default: $PATHWAYS_LITE_EXCHANGE_OVERLAP, else auto) data-parallel jobs "
+        "exchange gradient buckets during the backward pass: on, off, or auto (on only where "
+        "every island of the job has accelerators; measured no gain on CPU islands, whose "
+        "cores the exchange and the backward pass share)",
+    )
+    p.add_argument(
         "--simulate-islands",
         type=int,
         default=0,

@@ -32,7 +32,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .dispatch import LOAD_TIMEOUT_S, Dispatcher, HostStep, StepReport
+from .dispatch import LOAD_TIMEOUT_S, Dispatcher, HostStep, StepReport, overlap_for
 from .islands import Island, call_all, dead_islands
 from .program import HostLoad
 from .recovery import Attempt, FailureClass, classify
@@ -205,6 +205,7 @@ class PeerRecovery:
                     num_islands=len(islands),
                     peers=tuple(peers[host_index]),
                     checkpoint_dir=program.checkpoint_dir,
+                    exchange_overlap=overlap_for(self.dispatcher.exchange_overlap, islands),
                 )
             )
             message.resume_step = resume

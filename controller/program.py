@@ -29,6 +29,8 @@ class HostLoad:
         checkpoint_dir: where the hosts write checkpoints ("" writes none).
         restore_from: the checkpoint to restore ("" starts from the seed).
         dry_run: compile and report memory without allocating.
+        exchange_overlap: a data-parallel job exchanges its gradients during the backward
+            pass (the dispatcher's `exchange_overlap` setting for the job's islands).
     """
 
     job_id: str
@@ -40,6 +42,7 @@ class HostLoad:
     checkpoint_dir: str = ""
     restore_from: str = ""
     dry_run: bool = False
+    exchange_overlap: bool = False
 
 
 def placement_request(at: HostLoad) -> worker_pb2.LoadJobRequest:

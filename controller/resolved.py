@@ -308,10 +308,11 @@ def load_request(job: ResolvedJob, at: HostLoad) -> worker_pb2.LoadJobRequest:
             request.init_stage_bounds.extend(flat_bounds(configs.model, job.init.stages))
     pipe = spec_lib.pipeline_settings(spec)
     if pipe is None and at.num_islands > 1 and spec_lib.job_kind(spec) == "train":
-        # Data parallel across islands: gradient buckets leave during the backward pass
-        # (workers/exchange_overlap.py; the host keeps the exchange after the backward pass
+        # Data parallel across islands: gradient buckets leave during the backward pass where
+        # the dispatcher's setting says so (controller/dispatch.overlap_for;
+        # workers/exchange_overlap.py; the host keeps the exchange after the backward pass
         # for a mixture or an island of several processes).
-        request.exchange_overlap = True
+        request.exchange_overlap = at.exchange_overlap
     if pipe is not None:
         from .pipeline import place_stage, stage_layout
 

@@ -149,3 +149,23 @@ def test_wire_version_mismatch_is_a_clear_error(host: str) -> None:
             await connect_host(host, wire_version=999)
 
     asyncio.run(main())
+
+
+def test_exchange_overlap_auto_is_on_only_where_every_island_has_accelerators(host: str) -> None:
+    from pathways_lite.controller.dispatch import overlap_for
+
+    async def cpu_islands() -> list[Island]:
+        return [Island("cpu", [await connect_host(host)])]
+
+    islands = asyncio.run(cpu_islands())
+    try:
+        # A real host of this process: CPU devices, so "auto" keeps the exchange after the
+        # backward pass; "on" and "off" are what they say.
+        assert {d.platform for d in islands[0].hosts[0].info.devices} == {"cpu"}
+        assert not overlap_for("auto", islands)
+        assert overlap_for("on", islands) and not overlap_for("off", islands)
+        assert not overlap_for("auto", [])
+    finally:
+        asyncio.run(islands[0].close())
+    with pytest.raises(ValueError, match=r"exchange_overlap='sometimes' must be one of auto"):
+        Dispatcher(1, exchange_overlap="sometimes")

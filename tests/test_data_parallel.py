@@ -118,13 +118,14 @@ class Record:
     generation: int = 0
 
 
-async def dispatch(addresses: list[str], spec, job_id: str, epoch: int = 1):
+async def dispatch(addresses: list[str], spec, job_id: str, epoch: int = 1, overlap="auto"):
     """Load, run and unload a job with the controller's Dispatcher; the step reports and the
-    controller's RunSlice bytes over the run."""
+    controller's RunSlice bytes over the run. `overlap`: the dispatcher's exchange_overlap
+    ("auto" is the exchange after the backward pass on these CPU islands)."""
     islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
     try:
         # A fresh epoch restarts the hosts' island sequence (as a new controller would).
-        dispatcher = Dispatcher(epoch=epoch)
+        dispatcher = Dispatcher(epoch=epoch, exchange_overlap=overlap)
         program = palm_program(Record(job_id, spec))
         await dispatcher.load(program, islands)
         before = RPC_BYTES.snapshot().get("RunSlice", 0)
@@ -154,8 +155,9 @@ def three_hosts() -> Iterator[list[LocalHost]]:
 @pytest.fixture(scope="module")
 def three_island_run(three_hosts):
     spec = job_spec(3, 1, (1, 1), batch=6, steps=STEPS)
+    # The overlapped exchange (off by default on CPU islands: controller/dispatch.overlap_for).
     reports, run_bytes, digests = asyncio.run(
-        dispatch([h.address for h in three_hosts], spec, "dp3")
+        dispatch([h.address for h in three_hosts], spec, "dp3", overlap="on")
     )
     stats = [
         h.stub.ExchangeStats(worker_pb2.ExchangeStatsRequest(job_id="dp3"), timeout=30)
