@@ -40,6 +40,10 @@ from .service import WorkerServicer
 from .serving import BackgroundServer
 from .tls import TlsConfig
 
+# How long the cluster may lack an island's resource while its hosts wait to be placed before
+# the placement fails (rather than waiting out the whole placement timeout).
+MISSING_RESOURCE_GRACE_S = 3.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -541,12 +545,33 @@ class IslandHostGroup:
         return self.metadata
 
     def _wait_placed(self) -> list[tuple[str, int]]:
-        """(node IP, pid) of every host once placed."""
+        """(node IP, pid) of every host once placed.
+
+        Fails before `placement_timeout_s` once the cluster has had too little of the
+        island's resource for `MISSING_RESOURCE_GRACE_S` (its node is gone: Ray's view of the
+        resources may lag a node's death by a moment, so a restart's check before placing
+        can pass and the node's loss show only while the hosts wait).
+        """
         refs = [a.ready.remote() for a in self.actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.placement_timeout_s)
-        if len(ready) == len(refs):
-            return ray.get(refs)  # surfaces a constructor error
         name = self.island.resource
+        started = time.monotonic()
+        deadline = started + self.placement_timeout_s
+        short_since: float | None = None
+        while True:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, min(1.0, left)))
+            if len(ready) == len(refs):
+                return ray.get(refs)  # surfaces a constructor error
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if ray.cluster_resources().get(name, 0) >= self.island.num_hosts:
+                short_since = None
+            elif short_since is None:
+                short_since = now
+            elif now - short_since >= MISSING_RESOURCE_GRACE_S:
+                break
+        waited = time.monotonic() - started
         total = ray.cluster_resources().get(name, 0)
         if total < self.island.num_hosts:
             why = (
@@ -560,8 +585,8 @@ class IslandHostGroup:
                 f"{len(refs) - len(ready)} host(s) did not start (busy, or runtime_env failed)"
             )
         raise IslandPlacementError(
-            f"island {self.island.name!r} could not be placed within "
-            f"{self.placement_timeout_s:g} s: {why}."
+            f"island {self.island.name!r} could not be placed (waited {waited:.0f} s of "
+            f"{self.placement_timeout_s:g} s): {why}."
         )
 
     def execute_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
