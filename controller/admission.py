@@ -154,6 +154,11 @@ class Admission:
         self.notes: dict[str, str] = {}
         # The head of the queue's reservation, as of the last pass.
         self.reservation: Reservation | None = None
+        # The latest backfills: (the job started, the head it went ahead of, the head's
+        # reservation start then): what shows whether a backfill ever delayed a head.
+        self.backfills: collections.deque[tuple[str, str, float]] = collections.deque(
+            maxlen=DECISIONS_KEPT
+        )
         # Latency (ms) of each pass from the event that asked for it.
         self.decisions_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
         # The same, the pass's own work only (without waiting for the event loop).
@@ -392,7 +397,10 @@ class Admission:
         return None if per_step is None else per_step * max(0, record.spec.train.steps)
 
     def _expected_end(self, job_id: str) -> float:
-        """When a resident job is expected to end (clock seconds; inf when unknown)."""
+        """When a resident job is expected to end (clock seconds; inf when unknown): from
+        its progress once it has stepped (the steps left at its kind's pace), else from its
+        start; never before now (a job late on its estimate is expected any moment, not in
+        the past)."""
         started = self._started.get(job_id)
         if started is None:
             return math.inf
@@ -400,7 +408,14 @@ class Admission:
         if kind[0] == "eval":
             return math.inf  # an eval job's length is not a number of training steps
         per_step = self.step_seconds.get(kind)
-        return math.inf if per_step is None else at + per_step * steps
+        if per_step is None:
+            return math.inf
+        now = self.clock()
+        runner = self.runners.get(job_id)
+        done = min(steps, getattr(runner, "steps_done", 0)) if runner is not None else 0
+        if done > 0:
+            return now + per_step * (steps - done)
+        return max(now, at + per_step * steps)
 
     def _reserve(self, demand: Demand) -> Reservation | None:
         """The head's reservation: the earliest time `demand.islands` islands have room for
@@ -462,6 +477,7 @@ class Admission:
                 f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
             )
             self.store.add_event(record.id, "scheduler", self.notes[record.id])
+            self.backfills.append((record.id, r.job_id, r.start))
             logger.info(
                 "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
                 record.id,

@@ -158,6 +158,9 @@ class Controller:
         # Lost islands being brought back, by island id.
         self._revivers: dict[str, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
+        # The loop the controller's state lives on (set by `start`); the service's thread
+        # hands work over to it (`on_loop`).
+        self._loop: asyncio.AbstractEventLoop | None = None
         # A graceful stop is under way (`drain`): nothing new is started.
         self.draining = False
         self._loop_task: asyncio.Task | None = None
@@ -231,7 +234,7 @@ class Controller:
 
     async def start(self) -> None:
         """Requeue jobs a previous controller left running, then start scheduling."""
-        self.logs.loop = asyncio.get_running_loop()
+        self._loop = self.logs.loop = asyncio.get_running_loop()
         logging.getLogger("pathways_lite").addHandler(self.logs)
         for record in self.store.jobs_in_states([JobState.RUNNING]):
             peers = self._parts.peers
@@ -393,7 +396,10 @@ class Controller:
     # -- users' requests -----------------------------------------------------------------
 
     def submit(self, request: controller_pb2.SubmitJobRequest) -> controller_pb2.Job:
-        """Validate, resolve and queue a job.
+        """Validate, resolve and queue a job. Safe to call from the service's thread
+        (controller/service.py): it reads the cluster's shape and budgets, writes only the
+        store (thread-safe), and hands the rest to the controller's loop; the job is in the
+        store (committed) when this returns.
 
         Raises:
             spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
@@ -413,10 +419,29 @@ class Controller:
                 name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=now()
             )
         record = self.store.create_job(spec, request_id=request.request_id or None)
-        self._resolved.setdefault(record.id, job)
         logger.info("job %s queued", record.id, extra={"job_id": record.id})
-        self.wake()
+        self.on_loop(self._queued, record.id, job)
         return self.views.job(record)
+
+    def _queued(self, job_id: str, job: ResolvedJob) -> None:
+        self._resolved.setdefault(job_id, job)
+        self.wake()
+
+    def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the controller's loop: now when called there (or before the
+        loop is known), else handed over (the next turn of that loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fn(*args)
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
 
     def cancel(self, job_id: str, reason: str) -> controller_pb2.Job:
         """Cancel a queued or running job (its steps in flight finish on the hosts).
