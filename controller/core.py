@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 LOGS_DIR = "logs"
 # How often the controller tries to restart an island it lost (its node may come back).
 REVIVE_EVERY_S = 15.0
+
+
+_UNKNOWN = object()  # not resolved yet (None: does not resolve)
 
 
 def prepare_data(record: JobRecord, job: ResolvedJob) -> ResolvedJob:
@@ -161,6 +165,7 @@ class Controller:
         # The loop the controller's state lives on (set by `start`); the service's thread
         # hands work over to it (`on_loop`).
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         # A graceful stop is under way (`drain`): nothing new is started.
         self.draining = False
         self._loop_task: asyncio.Task | None = None
@@ -216,13 +221,18 @@ class Controller:
         return self.views.why(record)
 
     def resolved(self, record: JobRecord) -> ResolvedJob | None:
-        """The job's spec resolved once (None when it no longer resolves)."""
-        if record.id not in self._resolved:
-            try:
-                self._resolved[record.id] = ResolvedJob.resolve(record.spec)
-            except (spec_lib.SpecError, ValueError):
-                self._resolved[record.id] = None
-        return self._resolved[record.id]
+        """The job's spec resolved once (None when it no longer resolves); kept only when
+        asked on the controller's loop (the service's thread reads, never writes)."""
+        job = self._resolved.get(record.id, _UNKNOWN)
+        if job is not _UNKNOWN:
+            return job
+        try:
+            job = ResolvedJob.resolve(record.spec)
+        except (spec_lib.SpecError, ValueError):
+            job = None
+        if self._loop_thread in (None, threading.get_ident()):
+            self._resolved[record.id] = job
+        return job
 
     def cluster_shape(self) -> spec_lib.ClusterShape | None:
         devices = {island.devices for island in self.islands.values()}
@@ -235,6 +245,7 @@ class Controller:
     async def start(self) -> None:
         """Requeue jobs a previous controller left running, then start scheduling."""
         self._loop = self.logs.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         logging.getLogger("pathways_lite").addHandler(self.logs)
         for record in self.store.jobs_in_states([JobState.RUNNING]):
             peers = self._parts.peers
