@@ -111,7 +111,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 yield reply
         finally:
             # Its `finally` (unsubscribing) runs on the controller's loop; nobody waits.
-            asyncio.run_coroutine_threadsafe(_close(stream), self._loop)
+            try:
+                asyncio.run_coroutine_threadsafe(_close(stream), self._loop)
+            except RuntimeError:  # that loop is closed: the controller has stopped
+                pass
 
     @_rpc
     async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
