@@ -86,8 +86,20 @@ class Reasons(dict):
 
     def __init__(self) -> None:
         super().__init__()
-        # The queue as of the last pass: job id -> index, and the first job.
-        self.order: dict[str, int] = {}
+        # The queue as of the last pass (never changed once set: a pass sets a new list),
+        # and its index (job id -> place), built when first asked for.
+        self.queue: list[JobRecord] = []
+        self._order: tuple[list[JobRecord], dict[str, int]] = ([], {})
+
+    @property
+    def order(self) -> dict[str, int]:
+        """The queue as of the last pass: job id -> index (the first job first)."""
+        queue, order = self._order
+        if queue is not self.queue:
+            queue = self.queue  # read once: a pass may set another meanwhile
+            order = {r.id: n for n, r in enumerate(queue)}
+            self._order = (queue, order)  # one assignment: readers on other threads
+        return order
 
     def get(self, job_id: str, default: str | None = None) -> str | None:  # type: ignore[override]
         if job_id in self:
@@ -154,10 +166,18 @@ class Admission:
         self.notes: dict[str, str] = {}
         # The head of the queue's reservation, as of the last pass.
         self.reservation: Reservation | None = None
+        # The latest backfills: (the job started, the head it went ahead of, the head's
+        # reservation start then): what shows whether a backfill ever delayed a head.
+        self.backfills: collections.deque[tuple[str, str, float]] = collections.deque(
+            maxlen=DECISIONS_KEPT
+        )
         # Latency (ms) of each pass from the event that asked for it.
         self.decisions_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
         # The same, the pass's own work only (without waiting for the event loop).
         self.pass_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
+        # The same in this thread's CPU time: what the pass costs whatever else the machine
+        # runs (on a shared machine the wall-clock figures include other processes' turns).
+        self.pass_cpu_ms: collections.deque[float] = collections.deque(maxlen=DECISIONS_KEPT)
         # When the first event since the last pass asked for one (`wake`), clock seconds.
         self._asked_at: float | None = None
         # Seconds per step learned by job kind, and the jobs started: (kind, start, steps).
@@ -167,6 +187,10 @@ class Admission:
         # the demands of those not placed (read again when the record or a figure changed).
         self._records: dict[str, tuple[int, JobRecord]] = {}
         self._demands: dict[str, tuple[tuple, Demand]] = {}
+        # Whether each queued job names jobs it runs after (`_has_dependencies`), and its
+        # kind for step times (`_kind_of`).
+        self._deps: dict[str, bool] = {}
+        self._kinds: dict[str, tuple] = {}
         self._keys: list | None = None
         self._queue: list[JobRecord] = []
         # Per pass: bytes per device that backfilled jobs hold on each island, and how many
@@ -211,16 +235,33 @@ class Admission:
             return self._queue  # the jobs table did not change since the last pass
         records = {}
         out = []
-        for job_id, *key in keys:
-            cached = self._records.get(job_id)
-            if cached is None or cached[0] != key:
-                cached = (key, self.store.get_job(job_id))
-            records[job_id] = cached
+        cache = self._records
+        for row in keys:  # (id, updated_us, state, priority)
+            cached = cache.get(row[0])
+            if cached is None or cached[0] != row:
+                cached = (row, self.store.get_job(row[0]))
+            records[row[0]] = cached
             out.append(cached[1])
         self._records = records
-        self._demands = {j: d for j, d in self._demands.items() if j in records}
+        # Per-job caches pruned now and then (when twice the queue), not at every pass.
+        keep = 2 * len(records) + 64
+        if len(self._demands) > keep:
+            self._demands = {j: d for j, d in self._demands.items() if j in records}
+        if len(self._deps) > keep:
+            self._deps = {j: d for j, d in self._deps.items() if j in records}
+        if len(self._kinds) > keep + len(self._started):
+            self._kinds = {
+                j: k for j, k in self._kinds.items() if j in records or j in self._started
+            }
         self._keys, self._queue = keys, out
         return out
+
+    def _has_dependencies(self, record: JobRecord) -> bool:
+        """Whether the job names jobs it runs after (its spec never changes: kept)."""
+        has = self._deps.get(record.id)
+        if has is None:
+            has = self._deps[record.id] = bool(lineage.dependencies(record.spec))
+        return has
 
     def schedule(self) -> None:
         """One scheduling pass over the queued and suspended jobs, priority then submission:
@@ -228,6 +269,7 @@ class Admission:
         backfill: the head's reservation), resume suspended jobs whose islands have room,
         suspend lower-priority jobs for the first job that waits, and say why the rest wait."""
         began = time.perf_counter()
+        began_cpu = time.thread_time()
         asked, self._asked_at = self._asked_at, None
         self._learn()
         self._backfilled = {j for j in self._backfilled if self.scheduler.held(j)}
@@ -240,12 +282,24 @@ class Admission:
         never_fits: dict[tuple, str | None] = {}
         placed = 0
         waiting = self._waiting()
-        self.pending.order = {r.id: n for n, r in enumerate(waiting)}
+        self.pending.queue = waiting
+        queued_state = JobState.QUEUED
         for record in waiting:
             runner = self.runners.get(record.id)
-            if runner is not None and record.state == JobState.QUEUED:
+            queued = record.state == queued_state
+            if runner is not None and queued:
                 continue  # placed on this pass or an earlier one; its task starts it
-            if record.state == JobState.QUEUED and self.waits_on_dependencies(record):
+            if (
+                queued
+                and len(ahead) >= DETAILED_REASONS
+                and (not room or room[-1] <= 0)
+                and not self._has_dependencies(record)
+            ):
+                # Every island is full: nothing behind can start; its place, when asked.
+                # (The most common case on a long queue: as cheap as can be.)
+                self.pending.pop(record.id, None)
+                continue
+            if queued and self._has_dependencies(record) and self.waits_on_dependencies(record):
                 continue  # holds nobody back: it could not start if it fitted
             if (
                 len(ahead) >= DETAILED_REASONS
@@ -294,7 +348,7 @@ class Admission:
                 else:
                     self._start(record, islands)
                     self._started[record.id] = (
-                        _kind(record),
+                        self._kind_of(record),
                         self.clock(),
                         max(0, record.spec.train.steps),
                     )
@@ -327,6 +381,7 @@ class Admission:
         took_ms = (ended - (asked or began)) * 1e3
         self.decisions_ms.append(took_ms)
         self.pass_ms.append((ended - began) * 1e3)
+        self.pass_cpu_ms.append((time.thread_time() - began_cpu) * 1e3)
         logger.log(
             logging.INFO if took_ms > SLOW_PASS_MS else logging.DEBUG,
             "scheduling pass: %d placed, %d waiting, %.2f ms from the event",
@@ -382,17 +437,28 @@ class Admission:
                 old = self.step_seconds.get(kind)
                 self.step_seconds[kind] = per_step if old is None else 0.7 * old + 0.3 * per_step
 
+    def _kind_of(self, record: JobRecord) -> tuple:
+        """`_kind(record)`, kept per job (what it reads of the spec never changes)."""
+        kind = self._kinds.get(record.id)
+        if kind is None:
+            kind = self._kinds[record.id] = _kind(record)
+        return kind
+
     def expected_s(self, record: JobRecord) -> float | None:
         """How long the job is expected to run (its kind's seconds per step x its steps), or
         None before a job of its kind has completed here, and for an eval job (its length is
         not a number of training steps)."""
-        if _job_kind(record) == "eval":
+        kind = self._kind_of(record)
+        if kind[0] == "eval":
             return None
-        per_step = self.step_seconds.get(_kind(record))
+        per_step = self.step_seconds.get(kind)
         return None if per_step is None else per_step * max(0, record.spec.train.steps)
 
     def _expected_end(self, job_id: str) -> float:
-        """When a resident job is expected to end (clock seconds; inf when unknown)."""
+        """When a resident job is expected to end (clock seconds; inf when unknown): from
+        its progress once it has stepped (the steps left at its kind's pace), else from its
+        start; never before now (a job late on its estimate is expected any moment, not in
+        the past)."""
         started = self._started.get(job_id)
         if started is None:
             return math.inf
@@ -400,7 +466,14 @@ class Admission:
         if kind[0] == "eval":
             return math.inf  # an eval job's length is not a number of training steps
         per_step = self.step_seconds.get(kind)
-        return math.inf if per_step is None else at + per_step * steps
+        if per_step is None:
+            return math.inf
+        now = self.clock()
+        runner = self.runners.get(job_id)
+        done = min(steps, getattr(runner, "steps_done", 0)) if runner is not None else 0
+        if done > 0:
+            return now + per_step * (steps - done)
+        return max(now, at + per_step * steps)
 
     def _reserve(self, demand: Demand) -> Reservation | None:
         """The head's reservation: the earliest time `demand.islands` islands have room for
@@ -462,6 +535,7 @@ class Admission:
                 f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
             )
             self.store.add_event(record.id, "scheduler", self.notes[record.id])
+            self.backfills.append((record.id, r.job_id, r.start))
             logger.info(
                 "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
                 record.id,
@@ -526,11 +600,13 @@ class Admission:
         """Placements changed: what backfilled jobs hold per island, read again."""
         self._held_back.clear()
         sched = self.scheduler
-        self._staying = {
-            i: sum(sched.held(j) for j in sched.jobs_on(i) if j in self._backfilled)
-            for i in sched.island_ids
-        }
         self._could = {}
+        staying = dict.fromkeys(sched.island_ids, 0)
+        for job_id in self._backfilled:  # a few jobs, not every island's residents
+            held = sched.held(job_id)
+            for island in sched.islands_of(job_id):
+                staying[island] += held
+        self._staying = staying
 
     def _ahead_still_fit(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 LOGS_DIR = "logs"
 # How often the controller tries to restart an island it lost (its node may come back).
 REVIVE_EVERY_S = 15.0
+
+
+_UNKNOWN = object()  # not resolved yet (None: does not resolve)
 
 
 def prepare_data(record: JobRecord, job: ResolvedJob) -> ResolvedJob:
@@ -163,6 +167,10 @@ class Controller:
         # Lost islands being brought back, by island id.
         self._revivers: dict[str, asyncio.Task] = {}
         self._wake: asyncio.Event | None = None
+        # The loop the controller's state lives on (set by `start`); the service's thread
+        # hands work over to it (`on_loop`).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
         # A graceful stop is under way (`drain`): nothing new is started.
         self.draining = False
         self._loop_task: asyncio.Task | None = None
@@ -218,13 +226,18 @@ class Controller:
         return self.views.why(record)
 
     def resolved(self, record: JobRecord) -> ResolvedJob | None:
-        """The job's spec resolved once (None when it no longer resolves)."""
-        if record.id not in self._resolved:
-            try:
-                self._resolved[record.id] = ResolvedJob.resolve(record.spec)
-            except (spec_lib.SpecError, ValueError):
-                self._resolved[record.id] = None
-        return self._resolved[record.id]
+        """The job's spec resolved once (None when it no longer resolves); kept only when
+        asked on the controller's loop (the service's thread reads, never writes)."""
+        job = self._resolved.get(record.id, _UNKNOWN)
+        if job is not _UNKNOWN:
+            return job
+        try:
+            job = ResolvedJob.resolve(record.spec)
+        except (spec_lib.SpecError, ValueError):
+            job = None
+        if self._loop_thread in (None, threading.get_ident()):
+            self._resolved[record.id] = job
+        return job
 
     def cluster_shape(self) -> spec_lib.ClusterShape | None:
         devices = {island.devices for island in self.islands.values()}
@@ -236,7 +249,8 @@ class Controller:
 
     async def start(self) -> None:
         """Requeue jobs a previous controller left running, then start scheduling."""
-        self.logs.loop = asyncio.get_running_loop()
+        self._loop = self.logs.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         logging.getLogger("pathways_lite").addHandler(self.logs)
         for record in self.store.jobs_in_states([JobState.RUNNING]):
             peers = self._parts.peers
@@ -398,7 +412,10 @@ class Controller:
     # -- users' requests -----------------------------------------------------------------
 
     def submit(self, request: controller_pb2.SubmitJobRequest) -> controller_pb2.Job:
-        """Validate, resolve and queue a job.
+        """Validate, resolve and queue a job. Safe to call from the service's thread
+        (controller/service.py): it reads the cluster's shape and budgets, writes only the
+        store (thread-safe), and hands the rest to the controller's loop; the job is in the
+        store (committed) when this returns.
 
         Raises:
             spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
@@ -418,10 +435,29 @@ class Controller:
                 name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=now()
             )
         record = self.store.create_job(spec, request_id=request.request_id or None)
-        self._resolved.setdefault(record.id, job)
         logger.info("job %s queued", record.id, extra={"job_id": record.id})
-        self.wake()
+        self.on_loop(self._queued, record.id, job)
         return self.views.job(record)
+
+    def _queued(self, job_id: str, job: ResolvedJob) -> None:
+        self._resolved.setdefault(job_id, job)
+        self.wake()
+
+    def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the controller's loop: now when called there (or before the
+        loop is known), else handed over (the next turn of that loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fn(*args)
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
 
     def cancel(self, job_id: str, reason: str) -> controller_pb2.Job:
         """Cancel a queued or running job (its steps in flight finish on the hosts).

@@ -396,6 +396,9 @@ class JobRunner:
         self.suspended = False
         self.resume = asyncio.Event()
         self.loaded = False
+        # Steps completed so far (the next step to run): admission re-estimates the job's
+        # end from it (controller/admission.py's reservations).
+        self.steps_done = 0
         self.demand_bytes = 0 if job is None else parts.memory.bytes_per_device(job)
         # The job as resolved at submit: the key its measured memory is kept under.
         self.admitted_as = job
@@ -842,6 +845,7 @@ class JobRunner:
         reporter = self.parts.reporter
         attempt = self._attempt
         reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
+        self.steps_done = report.step + 1
         if attempt is not None and report.checkpoints_committed:
             if any(s not in attempt.registered for s in report.checkpoints_committed):
                 # Metrics first: a registered checkpoint never runs ahead of the recorded

@@ -9,6 +9,7 @@ docker-compose.yml against `build_parser()`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 
@@ -57,6 +58,7 @@ def parse_flops(text: str) -> float:
     return value
 
 
+@functools.lru_cache(maxsize=4096)  # the scheduler's sentences repeat a few sizes often
 def format_size(nbytes: float) -> str:
     """A byte count for people, in binary units: `17.0 MiB`, `-1.97 MiB`, `512 B`."""
     magnitude = abs(nbytes)

@@ -170,7 +170,7 @@ class ResolvedJob:
         )
         return dataclasses.replace(resolved, dataset=ref)
 
-    @property
+    @functools.cached_property  # asked at every scheduling pass of a queued job
     def memory_key(self) -> tuple | None:
         """What its compiled step's memory depends on: model, optimizer, mesh, and the
         batch one island runs (examples x tokens); None without configs."""
@@ -227,9 +227,10 @@ class MemoryFigures:
                 bytes_per_device,
                 job.bytes_per_device,
             )
-        if job.memory_key is not None:
-            self._measured[job.memory_key] = int(bytes_per_device)
-            self.version += 1
+        key = job.memory_key
+        if key is not None and self._measured.get(key) != int(bytes_per_device):
+            self._measured[key] = int(bytes_per_device)
+            self.version += 1  # only when a figure changed: demands cached stay good
 
 
 @functools.lru_cache(maxsize=1024)

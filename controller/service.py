@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -59,16 +60,66 @@ _stream = rpc.error_mapping(
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    """controller.proto's ControllerService over a `Controller`."""
+    """controller.proto's ControllerService over a `Controller`.
 
-    def __init__(self, controller: Controller) -> None:
+    The server may run on a loop of its own (`serve`: a thread apart from the controller's
+    loop, so a busy controller does not slow the acceptance of calls). SubmitJob, GetJob,
+    ListJobs and Info are answered on the server's loop: they read what is safe to read from
+    another thread (the store, which is thread-safe; the cluster's shape and budgets; dict
+    lookups) and SubmitJob writes only the store, handing the rest to the controller's loop
+    (`Controller.submit`). Every other rpc runs on the controller's loop (`_on_controller`;
+    a stream is pulled from there one reply at a time, so a slow reader still slows only
+    itself).
+
+    Args:
+        controller: the controller.
+        loop: the controller's loop; None when the server shares it.
+    """
+
+    def __init__(
+        self, controller: Controller, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self.controller = controller
         self.store = controller.store
         self.views = controller.views
+        self._loop = loop
+
+    async def _on_controller(self, coro: Any) -> Any:
+        """Await `coro` on the controller's loop (a cancel reaches it there)."""
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def _stream_on_controller(self, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The replies of `stream`, which runs on the controller's loop, one at a time."""
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            async for reply in stream:
+                yield reply
+            return
+
+        async def next_reply() -> tuple[bool, Any]:
+            try:
+                return True, await anext(stream)
+            except StopAsyncIteration:
+                return False, None
+
+        try:
+            while True:
+                more, reply = await self._on_controller(next_reply())
+                if not more:
+                    return
+                yield reply
+        finally:
+            # Its `finally` (unsubscribing) runs on the controller's loop; nobody waits.
+            try:
+                asyncio.run_coroutine_threadsafe(_close(stream), self._loop)
+            except RuntimeError:  # that loop is closed: the controller has stopped
+                pass
 
     @_rpc
     async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
-        """Validate the spec (INVALID_ARGUMENT naming the field) and queue the job."""
+        """Validate the spec (INVALID_ARGUMENT naming the field) and queue the job (in the
+        store when the reply leaves)."""
         return controller_pb2.SubmitJobReply(job=self.controller.submit(request))
 
     @_rpc
@@ -99,11 +150,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @_rpc
     async def Drain(self, request: controller_pb2.DrainRequest, context) -> Any:
         """Checkpoint and requeue every running and suspended job before a stop."""
-        return controller_pb2.DrainReply(jobs=await self.controller.drain())
+        return controller_pb2.DrainReply(jobs=await self._on_controller(self.controller.drain()))
 
     @_rpc
     async def Trace(self, request: controller_pb2.TraceRequest, context) -> Any:
         """The execution logs of the hosts of a job's islands (`pathways-lite trace`)."""
+        return await self._on_controller(self._trace(request))
+
+    async def _trace(self, request: controller_pb2.TraceRequest) -> Any:
         from .trace import job_trace
 
         record = self.store.find_job(request.job_id)
@@ -115,20 +169,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def CancelJob(self, request: controller_pb2.CancelJobRequest, context) -> Any:
         """Cancel a queued or running job."""
         job_id = self.store.find_job(request.job_id).id
-        return controller_pb2.CancelJobReply(job=self.controller.cancel(job_id, request.reason))
+        return controller_pb2.CancelJobReply(
+            job=await self._on_controller(_call(self.controller.cancel, job_id, request.reason))
+        )
 
     @_rpc
     async def UpdateJob(self, request: controller_pb2.UpdateJobRequest, context) -> Any:
         """Re-prioritise a queued, running or suspended job."""
         job_id = self.store.find_job(request.job_id).id
-        return controller_pb2.UpdateJobReply(job=self.controller.update(job_id, request.priority))
+        return controller_pb2.UpdateJobReply(
+            job=await self._on_controller(_call(self.controller.update, job_id, request.priority))
+        )
 
     @_rpc
     async def Generate(
         self, request: controller_pb2.GenerateJobRequest, context
     ) -> AsyncIterator[controller_pb2.GenerateJobReply]:
         """Stream a generation from a serving job's least-loaded replica (issue 18)."""
-        async for reply in self.controller.serving.generate(request):
+        async for reply in self._stream_on_controller(self.controller.serving.generate(request)):
             yield reply
 
     @_stream
@@ -136,6 +194,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self, request: controller_pb2.WatchJobRequest, context
     ) -> AsyncIterator[controller_pb2.WatchJobReply]:
         """The job's record, its recorded metrics from from_step, then live updates."""
+        async for reply in self._stream_on_controller(self._watch(request)):
+            yield reply
+
+    async def _watch(
+        self, request: controller_pb2.WatchJobRequest
+    ) -> AsyncIterator[controller_pb2.WatchJobReply]:
         if request.from_step < 0:
             raise ValueError(f"from_step={request.from_step} must be >= 0.")
         record = self.store.find_job(request.job_id)
@@ -199,15 +263,22 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     @_rpc
     async def ListIslands(self, request: controller_pb2.ListIslandsRequest, context) -> Any:
         """Every island and its hosts."""
-        return controller_pb2.ListIslandsReply(
-            islands=self.views.island_list(include_steps=request.include_steps)
+        islands = await self._on_controller(
+            _call(self.views.island_list, include_steps=request.include_steps)
         )
+        return controller_pb2.ListIslandsReply(islands=islands)
 
     @_stream
     async def StreamLogs(
         self, request: controller_pb2.StreamLogsRequest, context
     ) -> AsyncIterator[controller_pb2.StreamLogsReply]:
         """The job's buffered records (the newest `tail`), then new ones with follow."""
+        async for reply in self._stream_on_controller(self._logs(request)):
+            yield reply
+
+    async def _logs(
+        self, request: controller_pb2.StreamLogsRequest
+    ) -> AsyncIterator[controller_pb2.StreamLogsReply]:
         if request.tail < 0:
             raise ValueError(f"tail={request.tail} must be >= 0.")
         record = self.store.find_job(request.job_id)
@@ -241,7 +312,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def Sample(self, request: controller_pb2.SampleJobRequest, context) -> Any:
         """Text from a running job's current parameters."""
         request.job_id = self.store.find_job(request.job_id).id
-        return await self.controller.sample(request)
+        return await self._on_controller(self.controller.sample(request))
 
     @_rpc
     async def Info(self, request: controller_pb2.ControllerInfoRequest, context) -> Any:
@@ -253,6 +324,20 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             state_dir=self.controller.state_dir,
             started_at=self.controller.started_at,
         )
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` as a coroutine (to run a plain call on the controller's loop)."""
+    return fn(*args, **kwargs)
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except RuntimeError:  # still running: the cancel of its pending reply ends it
+            pass
 
 
 async def serve(
@@ -267,11 +352,18 @@ async def serve(
 ) -> None:
     """Serve the controller, grpc.health.v1 and reflection on host:port until `stop` is set.
 
+    The controller runs on the calling loop; the gRPC server on a loop of its own in a thread
+    ("controller-rpc"): grpc.aio accepts one new call per turn of its loop, and a turn of a
+    controller loop busy dispatching steps lasts up to hundreds of milliseconds, so on the
+    same loop a burst of submissions would wait seconds to be accepted.
+    `ControllerServicer` says which rpcs are answered on the server's thread.
+
     Args:
         controller: the controller (started here, stopped on the way out).
         host: the address to bind (127.0.0.1 unless a user asks otherwise).
         port: the port; 0 picks a free one.
-        started: called with the bound port once the server accepts calls.
+        started: called (on the calling loop) with the bound port once the server accepts
+            calls.
         stop: set to stop serving; None serves until cancelled.
         grace_s: seconds in-flight calls get when stopping.
         token: the access token every call but health and reflection must carry
@@ -282,25 +374,70 @@ async def serve(
     """
     from .auth import TokenInterceptor
 
+    loop = asyncio.get_running_loop()
+    server_loop = asyncio.new_event_loop()
+    server_stop = asyncio.Event()  # the server loop's (bound to it when first awaited)
+    finished: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def on_controller(coro: Any) -> Any:
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
     def on_started(bound: int) -> None:
         logger.info("controller on %s:%d (epoch %d)", host, bound, controller.epoch)
         if started is not None:
-            started(bound)
+            loop.call_soon_threadsafe(started, bound)
 
     def register(server: grpc.aio.Server) -> None:
-        servicer = ControllerServicer(controller)
+        servicer = ControllerServicer(controller, loop)
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
 
-    await rpc.serve(
-        "the controller service",
-        {SERVICE_NAME: register},
-        host,
-        port,
-        options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
-        interceptors=[TokenInterceptor(token)] if token is not None else (),
-        bound=lambda _: controller.start(),
-        started=on_started,
-        stop=stop,
-        grace_s=grace_s,
-        stopped=controller.stop,
-    )
+    def run() -> None:
+        asyncio.set_event_loop(server_loop)
+        error: BaseException | None = None
+        try:
+            server_loop.run_until_complete(
+                rpc.serve(
+                    "the controller service",
+                    {SERVICE_NAME: register},
+                    host,
+                    port,
+                    options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+                    interceptors=[TokenInterceptor(token)] if token is not None else (),
+                    bound=lambda _: on_controller(controller.start()),
+                    started=on_started,
+                    stop=server_stop,
+                    grace_s=grace_s,
+                    stopped=lambda: on_controller(controller.stop()),
+                )
+            )
+        except BaseException as e:  # noqa: BLE001 - raised again on the calling loop
+            error = e
+        finally:
+            server_loop.run_until_complete(server_loop.shutdown_asyncgens())
+            server_loop.close()
+            loop.call_soon_threadsafe(_settle, finished, error)
+
+    thread = threading.Thread(target=run, name="controller-rpc", daemon=True)
+    thread.start()
+    try:
+        if stop is None:
+            await asyncio.shield(finished)
+        else:
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({stopping, finished}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+    finally:
+        try:
+            server_loop.call_soon_threadsafe(server_stop.set)
+        except RuntimeError:  # its loop is closed: it stopped already
+            pass
+        # The server's `stopped` stops the controller on this loop: wait without blocking it.
+        error = await asyncio.shield(finished)
+        await asyncio.to_thread(thread.join)
+    if error is not None:
+        raise error
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(error)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 DB_NAME = "controller.db"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Changes of the jobs table remembered for queue_keys' incremental answers.
+QUEUE_CHANGES_KEPT = 4096
 _JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -113,6 +117,12 @@ class Event:
     message: str
 
 
+def _queue_order(row: tuple) -> tuple:
+    """A queue_keys row's place: priority (higher first), then submission, then id (the
+    order of its SQL; ids are ASCII, so Python and SQLite compare them alike)."""
+    return (-row[3], row[4], row[0])
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -137,7 +147,12 @@ class JobStore(ProgressTables):
         # Bumped at every change of the jobs table (not of events or metrics): the
         # scheduling queue is read again only after one.
         self.jobs_version = 0
-        self._queue_cache: tuple[int, tuple, list] | None = None
+        # queue_keys' answers by states: (jobs_version, rows), patched from the changes.
+        self._queue_cache: dict[tuple, tuple[int, list]] = {}
+        # The jobs table's latest changes: (jobs_version, the job changed; None: many).
+        self._changes: collections.deque[tuple[int, str | None]] = collections.deque(
+            maxlen=QUEUE_CHANGES_KEPT
+        )
         self._lock: StateDirLock | None = None
         self._epoch = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +281,7 @@ class JobStore(ProgressTables):
                     raise StoreError(f"job_id={job_id!r} is already taken.")
             else:  # pragma: no cover (eight random collisions in a row)
                 raise StoreError("could not find a free job id.")
-            self.jobs_version += 1
+            self._jobs_changed(new_id)
             conn.execute(
                 "INSERT INTO jobs (id, name, spec, state, priority, weight, created_us, "
                 "updated_us, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -463,7 +478,7 @@ class JobStore(ProgressTables):
         their events and metrics: the history retention. Returns how many jobs went."""
         terminal = sorted(s.value for s in TERMINAL_STATES)
         with self._transaction() as conn:
-            self.jobs_version += 1
+            self._jobs_changed(None)
             cur = conn.execute(
                 f"DELETE FROM jobs WHERE created_us < ? AND state IN "
                 f"({', '.join('?' * len(terminal))})",
@@ -484,25 +499,62 @@ class JobStore(ProgressTables):
             ).fetchall()
         return [_job_from_row(r) for r in rows]
 
-    def queue_keys(self, states: Iterable[JobState]) -> list[tuple[str, int, str, int]]:
-        """(id, updated_us, state, priority) of every job in one of `states`, in scheduling
-        order, without parsing specs: admission reads again only the records that changed."""
-        values = sorted({JobState(s).value for s in states})
+    def queue_keys(self, states: Iterable[JobState]) -> list[tuple[str, int, str, int, int]]:
+        """(id, updated_us, state, priority, created_us) of every job in one of `states`, in
+        scheduling order (priority, then submission), without parsing specs: admission reads
+        again only the records that changed. Incremental: the previous answer for the same
+        states is patched with the rows of the jobs changed since (a full read only after
+        many changes); an answer is never changed once returned."""
+        values = tuple(sorted({JobState(s).value for s in states}))
         if not values:
             return []
-        cached = self._queue_cache
-        if cached is not None and cached[:2] == (self.jobs_version, tuple(values)):
-            return cached[2]
+        cached = self._queue_cache.get(values)
+        if cached is not None and cached[0] == self.jobs_version:
+            return cached[1]
         with self._mutex:
             version = self.jobs_version
-            rows = self._conn.execute(
-                "SELECT id, updated_us, state, priority FROM jobs"
-                f" WHERE state IN ({', '.join('?' * len(values))})"
-                " ORDER BY priority DESC, created_us, id",
-                values,
-            ).fetchall()
-        self._queue_cache = (version, tuple(values), rows)
+            cached = self._queue_cache.get(values)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            rows = None
+            changed = None if cached is None else self._changed_since(cached[0])
+            marks = ", ".join("?" * len(values))
+            if cached is not None and changed is not None and len(changed) <= 500:
+                fresh = self._conn.execute(
+                    "SELECT id, updated_us, state, priority, created_us FROM jobs"
+                    f" WHERE state IN ({marks}) AND id IN ({', '.join('?' * len(changed))})",
+                    (*values, *changed),
+                ).fetchall()
+                rows = [r for r in cached[1] if r[0] not in changed]
+                for row in fresh:
+                    bisect.insort(rows, row, key=_queue_order)
+            else:
+                rows = self._conn.execute(
+                    "SELECT id, updated_us, state, priority, created_us FROM jobs"
+                    f" WHERE state IN ({marks})"
+                    " ORDER BY priority DESC, created_us, id",
+                    values,
+                ).fetchall()
+            self._queue_cache[values] = (version, rows)
         return rows
+
+    def _jobs_changed(self, job_id: str | None) -> None:
+        """A change of the jobs table (in a transaction): of `job_id`, or of many (None)."""
+        self.jobs_version += 1
+        self._changes.append((self.jobs_version, job_id))
+
+    def _changed_since(self, version: int) -> set[str] | None:
+        """The jobs changed after `version`, or None when not all are known."""
+        changed: set[str] = set()
+        expected = self.jobs_version
+        for v, job_id in reversed(self._changes):
+            if v <= version:
+                break
+            if job_id is None or v != expected:
+                return None  # many at once, or a change the log no longer holds
+            changed.add(job_id)
+            expected -= 1
+        return changed if expected == version else None
 
     def transition(
         self,
@@ -543,7 +595,7 @@ class JobStore(ProgressTables):
                     f"(allowed: {allowed})."
                 )
             now = self._clock_us()
-            self.jobs_version += 1
+            self._jobs_changed(job_id)
             conn.execute(
                 "UPDATE jobs SET state = ?, updated_us = ?, reason = ?, message = ?, "
                 "started_us = CASE WHEN ? AND started_us IS NULL THEN ? ELSE started_us END, "
@@ -589,7 +641,7 @@ class JobStore(ProgressTables):
             spec = record.spec
             spec.priority = int(priority)
             now = self._clock_us()
-            self.jobs_version += 1
+            self._jobs_changed(job_id)
             conn.execute(
                 "UPDATE jobs SET priority = ?, spec = ?, updated_us = ? WHERE id = ?",
                 (int(priority), spec.SerializeToString(deterministic=True), now, job_id),
@@ -607,7 +659,7 @@ class JobStore(ProgressTables):
             JobNotFoundError: no such job.
         """
         with self._transaction() as conn:
-            self.jobs_version += 1
+            self._jobs_changed(job_id)
             cur = conn.execute(
                 "UPDATE jobs SET generation = generation + 1, updated_us = ? WHERE id = ?",
                 (self._clock_us(), job_id),

@@ -284,3 +284,69 @@ def test_a_simulated_hosts_slice_ends_at_a_failed_step_and_skips_the_rest() -> N
             await cluster.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
+    tmp_path,
+) -> None:
+    """The gRPC server has a thread and loop of its own (controller/service.py): with the
+    controller's loop blocked for 2 s, 20 SubmitJob calls are still answered well within it,
+    every acknowledged job is in the store, and the jobs run once the loop is free again."""
+    import threading
+    import time
+
+    import grpc
+
+    from pathways_lite.controller.service import serve
+    from pathways_lite.v1 import controller_pb2_grpc
+
+    async def main() -> None:
+        sim = SimCluster.uniform(1, step_s=0.0)
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        server = asyncio.create_task(
+            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+        )
+        try:
+            address = f"127.0.0.1:{await port}"
+            latencies: list[float] = []
+            ids: list[str] = []
+            go = threading.Event()
+
+            def submit_all() -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    # Connected, and the spec machinery imported (a first submission's
+                    # one-off cost), before the loop is blocked.
+                    warm = controller_pb2.SubmitJobRequest(spec=_spec("w", 1, 2))
+                    ids.append(stub.SubmitJob(warm, timeout=30).job.id)
+                    go.wait()
+                    for n in range(20):
+                        t = time.perf_counter()
+                        request = controller_pb2.SubmitJobRequest(spec=_spec(f"s{n}", 1, 2))
+                        ids.append(stub.SubmitJob(request, timeout=30).job.id)
+                        latencies.append(time.perf_counter() - t)
+
+            client = threading.Thread(target=submit_all)
+            client.start()
+            await _until(lambda: ids)
+            go.set()
+            time.sleep(2.0)  # the controller's loop (this one) is blocked meanwhile
+            await asyncio.to_thread(client.join, 30)
+            assert len(ids) == 21, ids
+            assert max(latencies) < 1.0, latencies
+            assert sum(latencies) < 2.0, latencies  # all answered while the loop was blocked
+            assert {store.get_job(j).id for j in ids} == set(ids)  # acknowledged = stored
+            await _until(lambda: all(store.get_job(j).state.terminal for j in ids))
+            assert {store.get_job(j).state for j in ids} == {JobState.SUCCEEDED}
+        finally:
+            stop.set()
+            await server
+            await sim.stop()
+            store.close()
+
+    asyncio.run(main())

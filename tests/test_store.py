@@ -261,6 +261,52 @@ def test_scheduling_order_is_priority_then_submission(store):
     assert [j.id for j in store.jobs_in_states([JobState.QUEUED])] == [high, low, low2]
 
 
+@pytest.mark.timeout(60)
+def test_the_incremental_queue_equals_a_full_read_after_any_changes(store):
+    """queue_keys patches its last answer with the changed jobs; after random submissions,
+    transitions, re-prioritisations and a prune it equals the SQL order read in full, and an
+    answer already returned never changes."""
+    import random
+
+    rng = random.Random(7)
+    states = [JobState.QUEUED, JobState.SUSPENDED]
+
+    def full() -> list[tuple]:
+        return store._conn.execute(
+            "SELECT id, updated_us, state, priority, created_us FROM jobs WHERE state IN "
+            "('queued', 'suspended') ORDER BY priority DESC, created_us, id"
+        ).fetchall()
+
+    ids: list[str] = []
+    for round_ in range(60):
+        before = store.queue_keys(states)
+        frozen = list(before)
+        for _ in range(rng.randint(1, 6)):
+            op = rng.random()
+            live = [j for j in ids if not store.get_job(j).state.terminal]
+            if op < 0.4 or not live:
+                spec = controller_pb2.JobSpec()
+                spec.CopyFrom(SPEC)
+                spec.priority = rng.randint(0, 3)
+                ids.append(store.create_job(spec).id)
+            elif op < 0.6:
+                store.set_priority(rng.choice(live), rng.randint(0, 3))
+            else:
+                job = store.get_job(rng.choice(live))
+                nxt = {
+                    JobState.QUEUED: [JobState.RUNNING, JobState.CANCELLED],
+                    JobState.RUNNING: [JobState.SUSPENDED, JobState.SUCCEEDED, JobState.QUEUED],
+                    JobState.SUSPENDED: [JobState.RUNNING, JobState.QUEUED],
+                }[job.state]
+                store.transition(job.id, rng.choice(nxt), reason="test")
+        if round_ == 30:
+            store.prune_finished(10**18)  # many at once: a full read follows
+            ids = [r[0] for r in full()]
+        assert store.queue_keys(states) == full()
+        assert before == frozen  # the earlier answer was not changed in place
+    assert store.queue_keys([JobState.QUEUED]) == [r for r in full() if r[2] == "queued"]
+
+
 # -- events and metrics ------------------------------------------------------------------
 
 
