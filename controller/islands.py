@@ -45,8 +45,9 @@ INFO_TIMEOUT_S = 30.0
 # How long a host may take to answer Info before its island counts as dead.
 PROBE_TIMEOUT_S = 3.0
 # An island's warm spares start this long after a data-parallel job's load: their process
-# start and imports would slow the load's compile and first steps on the island's node.
-SPARE_DELAY_S = 3.0
+# start (before the spare lowers its priority, workers/island_host.py's SPARE_NICE) would
+# slow the load's compile and first steps on the island's node.
+SPARE_DELAY_S = 1.0
 
 
 class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):

@@ -20,7 +20,12 @@ from pathways_lite.controller.islands import attach_or_start, restart_group
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
-from pathways_lite.workers.island_host import IslandHostGroup, IslandPlacementError, IslandSpec
+from pathways_lite.workers.island_host import (
+    SPARE_NICE,
+    IslandHostGroup,
+    IslandPlacementError,
+    IslandSpec,
+)
 from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import SERVICE_NAME
 
@@ -83,6 +88,13 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
         spare_ip, spare_pid = ray.get(spare.ready.remote(), timeout=60)
         assert spare_ip == "127.0.0.4" and spare_pid != meta.pid  # on the host's node
         assert ray.get(spare.started.remote(), timeout=30) is False  # not serving
+        # It warms up at a low priority, the host it stands in for at its own.
+        deadline = time.monotonic() + 30
+        while (nice := ray.get(spare.niceness.remote(), timeout=30)) != SPARE_NICE:
+            assert time.monotonic() < deadline, f"the warm spare stays at nice {nice}"
+            time.sleep(0.1)
+        host_nice = ray.get(group.actors[0].niceness.remote(), timeout=30)
+        assert host_nice < SPARE_NICE
         os.kill(meta.pid, signal.SIGKILL)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(group.actors[0].ready.remote(), timeout=60)
@@ -94,6 +106,8 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
                 worker_pb2.InfoRequest(), timeout=10
             )
         assert info.pid == spare_pid and info.island == "west"
+        # Promoted, it serves at the priority the killed host had (every thread).
+        assert ray.get(group.actors[0].niceness.remote(), timeout=30) == host_nice
         group.prepare_spares()  # the next one
         attached, fresh = attach_or_start(spec, CREDENTIAL, spares=True)
         assert not fresh and attached.metadata == group.metadata

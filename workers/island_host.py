@@ -42,6 +42,51 @@ from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
+# A warm spare runs at this nice value (the lowest priority) until it is promoted, every thread
+# of its process: its imports and compile-ahead take the CPU its node's serving hosts leave
+# rather than slowing their steps (bench/chaos.py). Promoted, it serves at its original
+# priority. (Ray starts worker processes, the hosts included, at nice 15: its
+# `worker_niceness`; a nice-15 host weighs 36 against a spare's 15 in Linux's scheduler.)
+SPARE_NICE = 19
+
+
+def _thread_ids() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: the calling thread only
+        return [0]
+
+
+def process_niceness() -> int:
+    """The highest nice value of this process's threads (Linux nices per thread)."""
+    values = []
+    for tid in _thread_ids():
+        try:
+            values.append(os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # a thread that just ended
+            continue
+    return max(values, default=os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def renice_process(value: int) -> None:
+    """Set every thread of this process to nice `value`; threads started later inherit their
+    creator's. Raises OSError when not permitted (lowering needs CAP_SYS_NICE or RLIMIT_NICE)."""
+    for tid in _thread_ids():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except ProcessLookupError:  # a thread that just ended
+            continue
+
+
+def _can_renice_back(base: int) -> bool:
+    """Whether this process may return to nice `base` after raising it."""
+    import resource
+
+    if os.geteuid() == 0:
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or 20 - soft <= base
+
 
 class IslandPlacementError(RuntimeError):
     """An island host could not be placed on any node (the message names the resource)."""
@@ -133,6 +178,11 @@ class IslandHost:
         # A warm spare's jobs compiled ahead (workers/warm_spare.py), until it starts.
         self._precompiled: Any = None
         self._stop_precompile = threading.Event()
+        # A warm spare's nice value before `warm` lowered its priority (None: not lowered);
+        # once `start` was called, it is never lowered again.
+        self._base_nice: int | None = None
+        self._serving = False
+        self._nice_lock = threading.Lock()
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
@@ -142,7 +192,9 @@ class IslandHost:
         """What a warm spare does before it is needed (`IslandHostGroup` spares): import JAX
         and the model code and, on a one-host CPU island, bring up the devices and compile
         ahead the training jobs its `host` (the actor it stands in for) holds
-        (workers/warm_spare.py), so that a `start` after the host died only serves."""
+        (workers/warm_spare.py), so that a `start` after the host died only serves. All of
+        it at nice SPARE_NICE (where the process may return to its priority when promoted)."""
+        self._lower_priority()
         with self._start_lock:
             import jax
 
@@ -169,6 +221,35 @@ class IslandHost:
                 name="warm-spare-precompile",
                 daemon=True,
             ).start()
+
+    def _lower_priority(self) -> None:
+        with self._nice_lock:
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            if self._serving or self._base_nice is not None or base >= SPARE_NICE:
+                return
+            if not _can_renice_back(base):
+                return
+            try:
+                renice_process(SPARE_NICE)
+            except OSError as e:
+                logger.warning("warm spare: its priority stays (nice %d): %r", base, e)
+                return
+            self._base_nice = base
+
+    def _restore_priority(self) -> None:
+        with self._nice_lock:
+            self._serving = True
+            if self._base_nice is None:
+                return
+            try:
+                renice_process(self._base_nice)
+            except OSError as e:
+                logger.warning("promoted spare: nice %d not restored: %r", self._base_nice, e)
+            self._base_nice = None
+
+    def niceness(self) -> int:
+        """The highest nice value of this actor's process's threads."""
+        return process_niceness()
 
     def compiled_ahead(self) -> list[str]:
         """The jobs a warm spare holds compiled ahead (workers/warm_spare.py)."""
@@ -211,6 +292,8 @@ class IslandHost:
         required on every call (TLS with `tls`'s certificate where it wants it, on this
         node's address); return metadata."""
         self.set_credential(credential)
+        # A promoted spare: its priority back first (a `warm` still importing finishes sooner).
+        self._restore_priority()
         with self._start_lock:
             return self._start(coordinator, tls, init_timeout_s)
 

@@ -108,9 +108,12 @@ def precompile_loop(
     requests: Callable[[], list[bytes]],
     stop: threading.Event,
 ) -> None:
-    """Until `stop`: every POLL_S, compile ahead what `requests()` (the host's loaded jobs)
-    lists; ends when the host no longer answers (it died: the spare is promoted next)."""
-    while not stop.wait(POLL_S):
+    """Until `stop`: at once, then every POLL_S, compile ahead what `requests()` (the host's
+    loaded jobs) lists; ends when the host no longer answers (it died: the spare is promoted
+    next)."""
+    wait_s = 0.0
+    while not stop.wait(wait_s):
+        wait_s = POLL_S
         try:
             listed = requests()
         except Exception as e:  # noqa: BLE001 - the host died: nothing more to follow
