@@ -21,6 +21,7 @@ from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
 from pathways_lite.workers.island_host import (
+    SPARE_DEPTH,
     SPARE_NICE,
     IslandHostGroup,
     IslandPlacementError,
@@ -76,15 +77,18 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
 def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it(
     ray_cluster,
 ) -> None:
-    """A CPU island's warm spare (on its host's node, JAX imported, not serving) is promoted
-    when the host is SIGKILLed: the island is back without a new process, under the next
-    incarnation's name; a restarted controller finds it by name and keeps its spare."""
+    """A CPU island's warm spares (on its host's node, JAX imported at nice 19, not serving,
+    SPARE_DEPTH of them): the oldest is promoted when the host is SIGKILLed and serves at the
+    host's priority: the island is back without a new process, under that incarnation's
+    name, the next spare in line; a restarted controller finds them by name and keeps them."""
     spec = IslandSpec("west", devices_per_host=1)
     group = IslandHostGroup(spec, CREDENTIAL, spares=True)
     try:
         (meta,) = group.start()
         group.prepare_spares()
+        assert SPARE_DEPTH == 2 and [k for k, _ in group.spare_sets] == [1, 2]
         (spare,) = group.spares
+        (second,) = group.spare_sets[1][1]
         spare_ip, spare_pid = ray.get(spare.ready.remote(), timeout=60)
         assert spare_ip == "127.0.0.4" and spare_pid != meta.pid  # on the host's node
         assert ray.get(spare.started.remote(), timeout=30) is False  # not serving
@@ -100,7 +104,7 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
             ray.get(group.actors[0].ready.remote(), timeout=60)
         restart_group(group)
         (new,) = group.metadata
-        assert new.pid == spare_pid and group.incarnation == 1 and group.spares == []
+        assert new.pid == spare_pid and group.incarnation == 1 and group.spares == [second]
         with host_channel(new.address, CREDENTIAL) as channel:
             info = worker_pb2_grpc.WorkerServiceStub(channel).Info(
                 worker_pb2.InfoRequest(), timeout=10
@@ -108,10 +112,11 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
         assert info.pid == spare_pid and info.island == "west"
         # Promoted, it serves at the priority the killed host had (every thread).
         assert ray.get(group.actors[0].niceness.remote(), timeout=30) == host_nice
-        group.prepare_spares()  # the next one
+        group.prepare_spares()  # the next one, behind `second`
+        assert [k for k, _ in group.spare_sets] == [2, 3]
         attached, fresh = attach_or_start(spec, CREDENTIAL, spares=True)
         assert not fresh and attached.metadata == group.metadata
-        assert len(attached.spares) == 1 and attached.next_incarnation == 3
+        assert [k for k, _ in attached.spare_sets] == [2, 3] and attached.next_incarnation == 4
     finally:
         group.shutdown()
 

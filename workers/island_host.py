@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 # priority. (Ray starts worker processes, the hosts included, at nice 15: its
 # `worker_niceness`; a nice-15 host weighs 36 against a spare's 15 in Linux's scheduler.)
 SPARE_NICE = 19
+# Warm spares kept per host with `spares=True`: a second kill of an island soon after the first
+# promotes the next one, compiled ahead long ago, while the replacement still warms up.
+SPARE_DEPTH = 2
 
 
 def _thread_ids() -> list[int]:
@@ -453,10 +456,11 @@ class IslandHostGroup:
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
         namespace: Ray namespace of the named actors.
         max_restarts: Ray restarts of a dead host actor (0: the controller decides).
-        spares: keep a warm spare per host (CPU islands): a process started beside the host
-            on its node, JAX and the model code imported, that `restart` promotes when the
-            island dies, so no new process starts on the way back. A GPU island has none
-            (its host holds the node's GPUs).
+        spares: keep warm spares per host (CPU islands; True: SPARE_DEPTH of them, or a
+            number): processes started beside the host on its node, JAX and the model code
+            imported, that `restart` promotes (the oldest first) when the island dies, so
+            no new process starts on the way back. A GPU island has none (its host holds
+            the node's GPUs).
     """
 
     def __init__(
@@ -469,7 +473,7 @@ class IslandHostGroup:
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
         max_restarts: int = 0,
-        spares: bool = False,
+        spares: bool | int = False,
     ) -> None:
         self.island = island
         self.credential = credential
@@ -480,10 +484,12 @@ class IslandHostGroup:
         self.max_restarts = max_restarts
         self.actors: list[Any] = []
         self.metadata: list[HostMetadata] = []
-        self.spares_wanted = spares and island.platform == "cpu"
-        # Not started hosts, one per host index, ready to be promoted (`promote_spares`).
-        self.spares: list[Any] = []
-        self.spare_incarnation = 0
+        depth = SPARE_DEPTH if spares is True else int(spares)
+        self.spare_depth = depth if island.platform == "cpu" else 0
+        self.spares_wanted = self.spare_depth > 0
+        # Sets of not started hosts (one per host index), each an incarnation, the oldest
+        # first: the next to promote (`promote_spares`).
+        self.spare_sets: list[tuple[int, list[Any]]] = []
         # After a promotion: the jobs its spares had compiled ahead; None after a fresh start.
         self.promoted: list[str] | None = None
         # The incarnation of the current hosts; the next one a restart or spare takes.
@@ -491,6 +497,15 @@ class IslandHostGroup:
         self.next_incarnation = 0
         # Spares are prepared off the controller's loop while a restart may promote them.
         self._spares_lock = threading.Lock()
+
+    @property
+    def spares(self) -> list[Any]:
+        """The spares the next restart promotes, one per host index ([]: none)."""
+        return self.spare_sets[0][1] if self.spare_sets else []
+
+    @property
+    def spares_full(self) -> bool:
+        return len(self.spare_sets) >= self.spare_depth
 
     def _options(self) -> dict[str, Any]:
         island = self.island
@@ -532,14 +547,16 @@ class IslandHostGroup:
             raise
 
     def prepare_spares(self) -> None:
-        """Start a warm spare for every host (once; nothing without `spares`): placed on the
-        host's node, holding none of its resources, it imports JAX and the model code now
-        (`IslandHost.warm`) and starts serving only when promoted."""
+        """Start warm spares for every host until it has `spare_depth` (nothing without
+        `spares`): placed on the host's node, holding none of its resources, each imports
+        JAX and the model code now (`IslandHost.warm`, at a low priority) and starts serving
+        only when promoted."""
         with self._spares_lock:
-            if self.spares_wanted and not self.spares and self.metadata:
-                self._prepare_spares()
+            while self.spares_wanted and not self.spares_full and self.metadata:
+                if not self._prepare_spares():
+                    return
 
-    def _prepare_spares(self) -> None:
+    def _prepare_spares(self) -> bool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         island = self.island
@@ -560,24 +577,26 @@ class IslandHostGroup:
         except Exception:
             logger.exception("island %s: no warm spares", island.name)
             _kill_actors(spares)
-            return
-        self.spares, self.spare_incarnation = spares, incarnation
+            return False
+        self.spare_sets.append((incarnation, spares))
         self.next_incarnation = incarnation + 1
+        return True
 
     def promote_spares(self) -> bool:
         """Replace the hosts with the warm spares and start those (the island restarts
         without a new process). False when there are none or they cannot start (they are
         gone then; the caller starts new hosts)."""
         with self._spares_lock:
-            if not self.spares:
+            if not self.spare_sets:
                 return False
-            old, self.actors, self.spares = self.actors, self.spares, []
+            (incarnation, spares), *self.spare_sets = self.spare_sets
+            old, self.actors = self.actors, spares
         started = time.monotonic()
         # The old hosts are dead or about to be replaced: no graceful stop to wait for.
         _kill_actors(old)
         ahead = [a.compiled_ahead.remote() for a in self.actors]
         try:
-            self.incarnation = self.spare_incarnation
+            self.incarnation = incarnation
             # Each spare sits on its host's node (node affinity): no placement to wait for.
             self._start_placed([m.node_ip for m in self.metadata] or None)
         except Exception as e:  # noqa: BLE001 - e.g. the spare's node died too
@@ -662,8 +681,9 @@ class IslandHostGroup:
         self._kill()
         if spares:
             with self._spares_lock:
-                _kill_actors(self.spares)
-                self.spares = []
+                for _, spares in self.spare_sets:
+                    _kill_actors(spares)
+                self.spare_sets = []
 
     @staticmethod
     def shutdown_actors(actors: list[Any], patience_s: float = 1.0) -> None:
