@@ -74,6 +74,14 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
             g.shutdown()
 
 
+def wait_nice(actor, value: int, timeout_s: float = 30.0) -> None:
+    """Wait until every thread of `actor`'s process is at nice `value` (at most)."""
+    deadline = time.monotonic() + timeout_s
+    while (nice := ray.get(actor.niceness.remote(), timeout=30)) != value:
+        assert time.monotonic() < deadline, f"nice {nice}, not {value}"
+        time.sleep(0.1)
+
+
 def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it(
     ray_cluster,
 ) -> None:
@@ -92,13 +100,12 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
         spare_ip, spare_pid = ray.get(spare.ready.remote(), timeout=60)
         assert spare_ip == "127.0.0.4" and spare_pid != meta.pid  # on the host's node
         assert ray.get(spare.started.remote(), timeout=30) is False  # not serving
-        # It warms up at a low priority, the host it stands in for at its own.
-        deadline = time.monotonic() + 30
-        while (nice := ray.get(spare.niceness.remote(), timeout=30)) != SPARE_NICE:
-            assert time.monotonic() < deadline, f"the warm spare stays at nice {nice}"
-            time.sleep(0.1)
+        # The spare behind the next one warms up at a low priority; the next one (it must be
+        # ready soon) at the host's own.
         host_nice = ray.get(group.actors[0].niceness.remote(), timeout=30)
         assert host_nice < SPARE_NICE
+        wait_nice(second, SPARE_NICE)
+        wait_nice(spare, host_nice)
         os.kill(meta.pid, signal.SIGKILL)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(group.actors[0].ready.remote(), timeout=60)
@@ -110,8 +117,10 @@ def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it
                 worker_pb2.InfoRequest(), timeout=10
             )
         assert info.pid == spare_pid and info.island == "west"
-        # Promoted, it serves at the priority the killed host had (every thread).
+        # Promoted, it serves at the priority the killed host had (every thread); the spare
+        # behind it is next in line now.
         assert ray.get(group.actors[0].niceness.remote(), timeout=30) == host_nice
+        wait_nice(second, host_nice)
         group.prepare_spares()  # the next one, behind `second`
         assert [k for k, _ in group.spare_sets] == [2, 3]
         attached, fresh = attach_or_start(spec, CREDENTIAL, spares=True)

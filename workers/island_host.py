@@ -42,9 +42,10 @@ from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
 
-# A warm spare runs at this nice value (the lowest priority) until it is promoted, every thread
-# of its process: its imports and compile-ahead take the CPU its node's serving hosts leave
-# rather than slowing their steps (bench/chaos.py). Promoted, it serves at its original
+# A warm spare behind another (SPARE_DEPTH) runs at this nice value (the lowest priority) until
+# it is next in line, every thread of its process: its imports and compile-ahead take the CPU
+# its node's serving hosts leave rather than slowing their steps (bench/chaos.py). Next in
+# line (the one a kill promotes: it must be ready soon) or promoted, it has its original
 # priority. (Ray starts worker processes, the hosts included, at nice 15: its
 # `worker_niceness`; a nice-15 host weighs 36 against a spare's 15 in Linux's scheduler.)
 SPARE_NICE = 19
@@ -182,9 +183,9 @@ class IslandHost:
         self._precompiled: Any = None
         self._stop_precompile = threading.Event()
         # A warm spare's nice value before `warm` lowered its priority (None: not lowered);
-        # once `start` was called, it is never lowered again.
+        # once `start` or `next_in_line` was called, it is never lowered again.
         self._base_nice: int | None = None
-        self._serving = False
+        self._keep_priority = False
         self._nice_lock = threading.Lock()
 
     def ready(self) -> tuple[str, int]:
@@ -228,7 +229,7 @@ class IslandHost:
     def _lower_priority(self) -> None:
         with self._nice_lock:
             base = os.getpriority(os.PRIO_PROCESS, 0)
-            if self._serving or self._base_nice is not None or base >= SPARE_NICE:
+            if self._keep_priority or self._base_nice is not None or base >= SPARE_NICE:
                 return
             if not _can_renice_back(base):
                 return
@@ -239,9 +240,14 @@ class IslandHost:
                 return
             self._base_nice = base
 
+    def next_in_line(self) -> None:
+        """This spare is the next one its island promotes (none warm ahead of it): it warms
+        up at the priority it had, so that it is ready soon; only spares behind it yield."""
+        self._restore_priority()
+
     def _restore_priority(self) -> None:
         with self._nice_lock:
-            self._serving = True
+            self._keep_priority = True
             if self._base_nice is None:
                 return
             try:
@@ -580,6 +586,8 @@ class IslandHostGroup:
             return False
         self.spare_sets.append((incarnation, spares))
         self.next_incarnation = incarnation + 1
+        if len(self.spare_sets) == 1:
+            _next_in_line(spares)
         return True
 
     def promote_spares(self) -> bool:
@@ -591,6 +599,8 @@ class IslandHostGroup:
                 return False
             (incarnation, spares), *self.spare_sets = self.spare_sets
             old, self.actors = self.actors, spares
+            if self.spare_sets:
+                _next_in_line(self.spare_sets[0][1])
         started = time.monotonic()
         # The old hosts are dead or about to be replaced: no graceful stop to wait for.
         _kill_actors(old)
@@ -697,6 +707,15 @@ class IslandHostGroup:
         _kill_actors(self.actors)
         self.actors = []
         self.metadata = []
+
+
+def _next_in_line(spares: list[Any]) -> None:
+    """Tell `spares` they are the next ones promoted (`IslandHost.next_in_line`; no wait)."""
+    for spare in spares:
+        try:
+            spare.next_in_line.remote()
+        except Exception:  # noqa: BLE001 - a dead spare: its promotion will say so
+            logger.debug("spare gone", exc_info=True)
 
 
 def _kill_actors(actors: list[Any]) -> None:
