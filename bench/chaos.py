@@ -184,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 "what": what,
                 "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),
                 "steps_lost": max(0, done_before - resumed_at(restore)),
-                "from": "replica" if "surviving island" in restore.message else "checkpoint",
+                "from": "replica"
+                if "surviving island" in restore.message
+                else "kept state"  # a controller restart: the islands kept theirs
+                if "islands kept" in restore.message
+                else "checkpoint",
                 "restore": restore.message,
             }
             if what == "controller":

@@ -182,6 +182,8 @@ class IslandHost:
         # A warm spare's jobs compiled ahead (workers/warm_spare.py), until it starts.
         self._precompiled: Any = None
         self._stop_precompile = threading.Event()
+        # The host actor a warm spare stands in for (it compiles that host's jobs ahead).
+        self._host: Any = None
         # A warm spare's nice value before `warm` lowered its priority (None: not lowered);
         # once `start` or `next_in_line` was called, it is never lowered again.
         self._base_nice: int | None = None
@@ -212,6 +214,8 @@ class IslandHost:
             devices = sorted(jax.devices(), key=lambda d: d.id)
             if host is None or self.island.platform != "cpu" or self._metadata is not None:
                 return
+            if self._host is None:  # `next_in_line` may have named a newer one already
+                self._host = host
             from .warm_spare import PrecompiledRuntimes, precompile_loop
 
             self._precompiled = PrecompiledRuntimes(devices)
@@ -219,7 +223,7 @@ class IslandHost:
                 target=precompile_loop,
                 args=(
                     self._precompiled,
-                    lambda: ray.get(host.train_loads.remote(), timeout=30),
+                    lambda: ray.get(self._host.train_loads.remote(), timeout=30),
                     self._stop_precompile,
                 ),
                 name="warm-spare-precompile",
@@ -240,9 +244,13 @@ class IslandHost:
                 return
             self._base_nice = base
 
-    def next_in_line(self) -> None:
+    def next_in_line(self, host: Any = None) -> None:
         """This spare is the next one its island promotes (none warm ahead of it): it warms
-        up at the priority it had, so that it is ready soon; only spares behind it yield."""
+        up at the priority it had, so that it is ready soon; only spares behind it yield.
+        With `host`, it stands in for that host now (the one promoted ahead of it): it
+        compiles that host's jobs ahead."""
+        if host is not None:
+            self._host = host
         self._restore_priority()
 
     def _restore_priority(self) -> None:
@@ -587,7 +595,7 @@ class IslandHostGroup:
         self.spare_sets.append((incarnation, spares))
         self.next_incarnation = incarnation + 1
         if len(self.spare_sets) == 1:
-            _next_in_line(spares)
+            _next_in_line(spares, self.actors)
         return True
 
     def promote_spares(self) -> bool:
@@ -599,8 +607,8 @@ class IslandHostGroup:
                 return False
             (incarnation, spares), *self.spare_sets = self.spare_sets
             old, self.actors = self.actors, spares
-            if self.spare_sets:
-                _next_in_line(self.spare_sets[0][1])
+            if self.spare_sets:  # the next spares follow the hosts promoted now
+                _next_in_line(self.spare_sets[0][1], spares)
         started = time.monotonic()
         # The old hosts are dead or about to be replaced: no graceful stop to wait for.
         _kill_actors(old)
@@ -709,11 +717,12 @@ class IslandHostGroup:
         self.metadata = []
 
 
-def _next_in_line(spares: list[Any]) -> None:
-    """Tell `spares` they are the next ones promoted (`IslandHost.next_in_line`; no wait)."""
-    for spare in spares:
+def _next_in_line(spares: list[Any], hosts: list[Any]) -> None:
+    """Tell `spares` they are the next ones promoted, standing in for `hosts` (in host
+    order; `IslandHost.next_in_line`; no wait)."""
+    for spare, host in zip(spares, hosts, strict=True):
         try:
-            spare.next_in_line.remote()
+            spare.next_in_line.remote(host)
         except Exception:  # noqa: BLE001 - a dead spare: its promotion will say so
             logger.debug("spare gone", exc_info=True)
 
