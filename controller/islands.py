@@ -270,10 +270,20 @@ class Island:
         )
 
     async def call_host(self, index: int, method: str, request: Message, *, timeout: float) -> Any:
-        """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints)."""
+        """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints).
+
+        A call whose channel `host_died` closes under it fails UNAVAILABLE: a cancellation
+        the calling task did not ask for is the host's failure, not a stop of the controller
+        (a job's task must not take it for one: controller/jobs.py requeues on those)."""
         if self.dead is not None:
             return await self._unavailable(method)
-        return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
+        try:
+            return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0 and self.dead is not None:
+                return await self._unavailable(method)
+            raise
 
     async def answers(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         """Whether every host answers Info (gRPC health of the host processes); False at once
