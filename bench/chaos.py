@@ -23,6 +23,7 @@ last), losses bitwise those of the reference, every step's metrics exactly once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -58,6 +59,17 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
             return value
         time.sleep(every_s)
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# What the run's length allows per kill: the next kill waits for the recovery's first step.
+RECOVERY_ALLOWANCE_S = 2.0
+CONTROLLER_ALLOWANCE_S = 10.0
+
+
+def median_step_s(metrics) -> float:
+    """The median time between consecutive recorded steps (recoveries are the outliers)."""
+    gaps = sorted(b.time_us - a.time_us for a, b in itertools.pairwise(metrics))
+    return gaps[len(gaps) // 2] / 1e6 if gaps else 0.0
 
 
 def restore_after(store, job_id: str, after_us: int):
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
     batch = 2 * args.islands
+    started = time.monotonic()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
     cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2", "c:1:2"])
     kills: list[dict] = []
@@ -119,14 +133,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             return load_spec_text(text)
 
+        # The kills, drawn ahead from the seed: when (gaps) and which island's host.
+        controller_kill_at = None if args.no_controller_kill else max(1, args.kills // 2)
+        schedule = [
+            (max(1.0, rng.expovariate(1.0 / args.interval_s)), rng.randrange(args.islands))
+            for _ in range(args.kills + (controller_kill_at is not None))
+        ]
         # The reference: uninterrupted, a short run for the solo step time, then the losses.
         probe = client.submit(spec("chaos-probe", 200)).id
         client.wait(probe, timeout_s=600)
         rows = store.metrics(probe)[20:]
         solo_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
-        steps = args.steps or int(
-            (args.kills + 2) * (args.interval_s + 10) / max(solo_step_s, 1e-3)
-        )
+        # Steps for the schedule's gaps, a recovery per kill (the controller's longer) and a
+        # tail, at the solo step time (the chaos job's steps are no faster: enough steps).
+        chaos_s = sum(g for g, _ in schedule) + RECOVERY_ALLOWANCE_S * args.kills + 15.0
+        chaos_s += CONTROLLER_ALLOWANCE_S if controller_kill_at is not None else 0.0
+        steps = args.steps or int(chaos_s / max(solo_step_s, 1e-3))
         ref = client.submit(spec("chaos-ref", steps)).id
         ref_final = client.wait(ref, timeout_s=3600)
         assert state_name(ref_final.state) == "succeeded", ref_final.message
@@ -134,10 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         job = client.submit(spec("chaos", steps)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
-        controller_kill_at = None if args.no_controller_kill else max(1, args.kills // 2)
-        for n in range(args.kills + (controller_kill_at is not None)):
-            gap = max(1.0, rng.expovariate(1.0 / args.interval_s))
-            target = rng.choice(islands)
+        for n, (gap, island_index) in enumerate(schedule):
+            target = islands[island_index]
             time.sleep(gap)
             if store.steps_completed(job) >= steps - 2:
                 break
@@ -164,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                 "what": what,
                 "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),
                 "steps_lost": max(0, done_before - resumed_at(restore)),
-                "from": "replica" if "surviving island" in restore.message else "checkpoint",
+                "from": "replica"
+                if "surviving island" in restore.message
+                else "kept state"  # a controller restart: the islands kept theirs
+                if "islands kept" in restore.message
+                else "checkpoint",
                 "restore": restore.message,
             }
             if what == "controller":
@@ -192,12 +216,20 @@ def main(argv: list[str] | None = None) -> int:
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
             "goodput": round(len(metrics) * solo_step_s / chaos_wall_s, 3),
             "solo_step_s": round(solo_step_s, 4),
+            # The steps' own speed (medians: recoveries left out), the chaos job's against
+            # the reference's: what the warm spares' start-ups cost the job's steps.
+            "step_s_median": round(median_step_s(metrics), 4),
+            "ref_step_s_median": round(median_step_s(store.metrics(ref)), 4),
             "kill_to_next_step_s_max": max((k["kill_to_next_step_s"] for k in kills), default=0),
             "controller_kill_to_next_step_s": controller.get("kill_to_next_step_s"),
             "controller_steps_lost": controller.get("steps_lost"),
             "bitwise_equal": store.losses(job) == store.losses(ref),
             "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
             "job_state": state_name(final.state),
+            "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "bench_wall_s": round(time.monotonic() - started, 1),
+            "per_kill_s": [k["kill_to_next_step_s"] for k in kills],
         }
         client.close()
         store.close()

@@ -26,10 +26,15 @@ from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 logger = logging.getLogger("pathways_lite.controller.main")
 
 
-def _start_islands(specs, credential, issue_tls, spares: bool):
+def _spare_depth(value: str) -> bool | int:
+    """--spare-hosts: on (the default depth), off, or how many spares per host."""
+    return {"on": True, "off": False}[value] if value in ("on", "off") else int(value)
+
+
+def _start_islands(specs, credential, issue_tls, spares: bool | int):
     """Attach to each island's named host actors if they all answer, else (re)start the
     island as a unit (controller/recovery.py); either way the hosts get `credential`. With
-    `spares`, a CPU island keeps a warm spare per host once it holds a data-parallel job
+    `spares`, a CPU island keeps warm spares per host once it holds a data-parallel job
     (controller/islands.py, workers/island_host.py)."""
     from .islands import attach_or_start
 
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         credential = cluster_credential(args.state_dir)
         tls, issue_tls = _cluster_tls(args)
         groups, started = _start_islands(
-            islands, credential, issue_tls, spares=args.spare_hosts == "on"
+            islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
         )
         asyncio.run(_serve(args, store, groups, credential, tls))
         return 0

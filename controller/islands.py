@@ -45,8 +45,9 @@ INFO_TIMEOUT_S = 30.0
 # How long a host may take to answer Info before its island counts as dead.
 PROBE_TIMEOUT_S = 3.0
 # An island's warm spares start this long after a data-parallel job's load: their process
-# start and imports would slow the load's compile and first steps on the island's node.
-SPARE_DELAY_S = 3.0
+# start (before the spare lowers its priority, workers/island_host.py's SPARE_NICE) would
+# slow the load's compile and first steps on the island's node.
+SPARE_DELAY_S = 1.0
 
 
 class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
@@ -269,10 +270,20 @@ class Island:
         )
 
     async def call_host(self, index: int, method: str, request: Message, *, timeout: float) -> Any:
-        """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints)."""
+        """Rpc `method` on host `index` alone (island 0's host 0 answers for checkpoints).
+
+        A call whose channel `host_died` closes under it fails UNAVAILABLE: a cancellation
+        the calling task did not ask for is the host's failure, not a stop of the controller
+        (a job's task must not take it for one: controller/jobs.py requeues on those)."""
         if self.dead is not None:
             return await self._unavailable(method)
-        return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
+        try:
+            return await getattr(self.hosts[index].stub, method)(request, timeout=timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0 and self.dead is not None:
+                return await self._unavailable(method)
+            raise
 
     async def answers(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
         """Whether every host answers Info (gRPC health of the host processes); False at once
@@ -337,7 +348,7 @@ class Island:
         loop; nothing when its group keeps none or has them already. An island gets them
         once it holds a data-parallel job (whose recovery waits for its restart)."""
         group = self.group
-        if group is None or not getattr(group, "spares_wanted", False) or group.spares:
+        if group is None or not getattr(group, "spares_wanted", False) or group.spares_full:
             return
 
         def later() -> None:
@@ -538,14 +549,14 @@ def attach_or_start(
     credential: Credential,
     issue_tls: Callable[[str], TlsConfig] | None = None,
     *,
-    spares: bool = False,
+    spares: bool | int = False,
 ) -> tuple[Any, bool]:
     """An island's host group: attached to its live named actors (a restarted controller,
     which hands them `credential` again: the state dir's secret, perhaps rotated meanwhile),
     or started afresh with it (killing survivors of a partly dead island first). Returns
     (group, whether it was started here). `issue_tls` makes a started host's certificate; an
     attached host keeps the one it has (the CA lives in the state dir too). With `spares`,
-    the group keeps a warm spare per host (a previous controller's, or `prepare_spares`'s).
+    the group keeps warm spares per host (a previous controller's, or `prepare_spares`'s).
 
     The live actors are found by name (every incarnation: `IslandSpec.actor_name`): one
     whole started incarnation is attached; anything else (a partly dead island, two started
@@ -584,10 +595,11 @@ def attach_or_start(
             group.actors, group.incarnation = handles, k
             group.metadata = ray.get([h.metadata.remote() for h in handles], timeout=30)
             ray.get([h.set_credential.remote(credential) for h in handles], timeout=30)
-            if len(spare) == 1 and len(found[spare[0]]) == spec.num_hosts:
-                group.spares = [found[spare[0]][i] for i in range(spec.num_hosts)]
-                group.spare_incarnation = spare[0]
-                spare = []
+            # Whole spare sets, the oldest first, as many as the group keeps.
+            whole = [k for k in sorted(spare) if len(found[k]) == spec.num_hosts]
+            for k in whole[: group.spare_depth]:
+                group.spare_sets.append((k, [found[k][i] for i in range(spec.num_hosts)]))
+                spare.remove(k)
             for k in spare:
                 group.shutdown_actors(list(found[k].values()))
             logger.info("attached to island %s", spec.name)
@@ -596,5 +608,5 @@ def attach_or_start(
             logger.warning("island %s does not answer (%r); restarting it", spec.name, e)
     # Kill what is left of it (a partly dead island restarts as a unit) and start afresh.
     group.actors = [a for actors in found.values() for a in actors.values()]
-    group.spares = []
+    group.spare_sets = []
     return restart_group(group), True

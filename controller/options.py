@@ -179,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--spare-hosts",
-        choices=("on", "off"),
+        choices=("on", "off", "1", "2", "3"),
         default=os.environ.get("PATHWAYS_LITE_SPARE_HOSTS", "on"),
-        help="(default: $PATHWAYS_LITE_SPARE_HOSTS, else on) keep a warm spare process beside "
+        help="(default: $PATHWAYS_LITE_SPARE_HOSTS, else on) keep warm spare processes beside "
         "every host of a CPU island that holds a "
-        "data-parallel job (JAX imported, the job compiled ahead, not serving) that a restart "
-        "promotes when the host dies: the island is back without a process start or compile",
+        "data-parallel job (JAX imported, the job compiled ahead, not serving, at nice 19) "
+        "that a restart promotes when the host dies: the island is back without a process "
+        "start or compile. on: 2 per host (a second kill soon after the first finds one "
+        "ready), or how many",
     )
     p.add_argument(
         "--exchange-overlap",

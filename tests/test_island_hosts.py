@@ -20,7 +20,13 @@ from pathways_lite.controller.islands import attach_or_start, restart_group
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.auth import Credential, host_channel
 from pathways_lite.workers.host import WORKER_WIRE_VERSION
-from pathways_lite.workers.island_host import IslandHostGroup, IslandPlacementError, IslandSpec
+from pathways_lite.workers.island_host import (
+    SPARE_DEPTH,
+    SPARE_NICE,
+    IslandHostGroup,
+    IslandPlacementError,
+    IslandSpec,
+)
 from pathways_lite.workers.probe_runtime import PROBE_DATA_HASH, PROBE_PRESET
 from pathways_lite.workers.service import SERVICE_NAME
 
@@ -68,36 +74,58 @@ def test_each_island_host_lands_on_the_node_that_advertises_it(ray_cluster) -> N
             g.shutdown()
 
 
+def wait_nice(actor, value: int, timeout_s: float = 30.0) -> None:
+    """Wait until every thread of `actor`'s process is at nice `value` (at most)."""
+    deadline = time.monotonic() + timeout_s
+    while (nice := ray.get(actor.niceness.remote(), timeout=30)) != value:
+        assert time.monotonic() < deadline, f"nice {nice}, not {value}"
+        time.sleep(0.1)
+
+
 def test_a_warm_spare_replaces_a_killed_host_and_a_new_controller_attaches_to_it(
     ray_cluster,
 ) -> None:
-    """A CPU island's warm spare (on its host's node, JAX imported, not serving) is promoted
-    when the host is SIGKILLed: the island is back without a new process, under the next
-    incarnation's name; a restarted controller finds it by name and keeps its spare."""
+    """A CPU island's warm spares (on its host's node, JAX imported at nice 19, not serving,
+    SPARE_DEPTH of them): the oldest is promoted when the host is SIGKILLed and serves at the
+    host's priority: the island is back without a new process, under that incarnation's
+    name, the next spare in line; a restarted controller finds them by name and keeps them."""
     spec = IslandSpec("west", devices_per_host=1)
     group = IslandHostGroup(spec, CREDENTIAL, spares=True)
     try:
         (meta,) = group.start()
         group.prepare_spares()
+        assert SPARE_DEPTH == 2 and [k for k, _ in group.spare_sets] == [1, 2]
         (spare,) = group.spares
+        (second,) = group.spare_sets[1][1]
         spare_ip, spare_pid = ray.get(spare.ready.remote(), timeout=60)
         assert spare_ip == "127.0.0.4" and spare_pid != meta.pid  # on the host's node
         assert ray.get(spare.started.remote(), timeout=30) is False  # not serving
+        # The spare behind the next one warms up at a low priority; the next one (it must be
+        # ready soon) at the host's own.
+        host_nice = ray.get(group.actors[0].niceness.remote(), timeout=30)
+        assert host_nice < SPARE_NICE
+        wait_nice(second, SPARE_NICE)
+        wait_nice(spare, host_nice)
         os.kill(meta.pid, signal.SIGKILL)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(group.actors[0].ready.remote(), timeout=60)
         restart_group(group)
         (new,) = group.metadata
-        assert new.pid == spare_pid and group.incarnation == 1 and group.spares == []
+        assert new.pid == spare_pid and group.incarnation == 1 and group.spares == [second]
         with host_channel(new.address, CREDENTIAL) as channel:
             info = worker_pb2_grpc.WorkerServiceStub(channel).Info(
                 worker_pb2.InfoRequest(), timeout=10
             )
         assert info.pid == spare_pid and info.island == "west"
-        group.prepare_spares()  # the next one
+        # Promoted, it serves at the priority the killed host had (every thread); the spare
+        # behind it is next in line now.
+        assert ray.get(group.actors[0].niceness.remote(), timeout=30) == host_nice
+        wait_nice(second, host_nice)
+        group.prepare_spares()  # the next one, behind `second`
+        assert [k for k, _ in group.spare_sets] == [2, 3]
         attached, fresh = attach_or_start(spec, CREDENTIAL, spares=True)
         assert not fresh and attached.metadata == group.metadata
-        assert len(attached.spares) == 1 and attached.next_incarnation == 3
+        assert [k for k, _ in attached.spare_sets] == [2, 3] and attached.next_incarnation == 4
     finally:
         group.shutdown()
 

@@ -258,6 +258,8 @@ def test_a_half_applied_step_is_rolled_back_and_a_replacement_loads_the_survivor
         spare = PrecompiledRuntimes([jax.devices()[i] for i in (2, 3)])
         assert spare.compile_ahead(hosts[1][0].servicer.train_loads()) == [job]
         assert spare.compile_ahead(hosts[1][0].servicer.train_loads()) == []  # once
+        # A host just promoted lists no job yet: what was compiled ahead stays.
+        assert spare.compile_ahead([]) == [] and spare.job_ids() == [job]
         server, _, channel, _ = hosts[1]
         channel.close()
         server.stop()

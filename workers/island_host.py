@@ -46,6 +46,55 @@ MISSING_RESOURCE_GRACE_S = 3.0
 
 logger = logging.getLogger(__name__)
 
+# A warm spare behind another (SPARE_DEPTH) runs at this nice value (the lowest priority) until
+# it is next in line, every thread of its process: its imports and compile-ahead take the CPU
+# its node's serving hosts leave rather than slowing their steps (bench/chaos.py). Next in
+# line (the one a kill promotes: it must be ready soon) or promoted, it has its original
+# priority. (Ray starts worker processes, the hosts included, at nice 15: its
+# `worker_niceness`; a nice-15 host weighs 36 against a spare's 15 in Linux's scheduler.)
+SPARE_NICE = 19
+# Warm spares kept per host with `spares=True`: a second kill of an island soon after the first
+# promotes the next one, compiled ahead long ago, while the replacement still warms up.
+SPARE_DEPTH = 2
+
+
+def _thread_ids() -> list[int]:
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no procfs: the calling thread only
+        return [0]
+
+
+def process_niceness() -> int:
+    """The highest nice value of this process's threads (Linux nices per thread)."""
+    values = []
+    for tid in _thread_ids():
+        try:
+            values.append(os.getpriority(os.PRIO_PROCESS, tid))
+        except OSError:  # a thread that just ended
+            continue
+    return max(values, default=os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def renice_process(value: int) -> None:
+    """Set every thread of this process to nice `value`; threads started later inherit their
+    creator's. Raises OSError when not permitted (lowering needs CAP_SYS_NICE or RLIMIT_NICE)."""
+    for tid in _thread_ids():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, value)
+        except ProcessLookupError:  # a thread that just ended
+            continue
+
+
+def _can_renice_back(base: int) -> bool:
+    """Whether this process may return to nice `base` after raising it."""
+    import resource
+
+    if os.geteuid() == 0:
+        return True
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    return soft == resource.RLIM_INFINITY or 20 - soft <= base
+
 
 class IslandPlacementError(RuntimeError):
     """An island host could not be placed on any node (the message names the resource)."""
@@ -137,6 +186,13 @@ class IslandHost:
         # A warm spare's jobs compiled ahead (workers/warm_spare.py), until it starts.
         self._precompiled: Any = None
         self._stop_precompile = threading.Event()
+        # The host actor a warm spare stands in for (it compiles that host's jobs ahead).
+        self._host: Any = None
+        # A warm spare's nice value before `warm` lowered its priority (None: not lowered);
+        # once `start` or `next_in_line` was called, it is never lowered again.
+        self._base_nice: int | None = None
+        self._keep_priority = False
+        self._nice_lock = threading.Lock()
 
     def ready(self) -> tuple[str, int]:
         """(node IP, pid) once the actor is placed and constructed."""
@@ -146,7 +202,9 @@ class IslandHost:
         """What a warm spare does before it is needed (`IslandHostGroup` spares): import JAX
         and the model code and, on a one-host CPU island, bring up the devices and compile
         ahead the training jobs its `host` (the actor it stands in for) holds
-        (workers/warm_spare.py), so that a `start` after the host died only serves."""
+        (workers/warm_spare.py), so that a `start` after the host died only serves. All of
+        it at nice SPARE_NICE (where the process may return to its priority when promoted)."""
+        self._lower_priority()
         with self._start_lock:
             import jax
 
@@ -160,6 +218,8 @@ class IslandHost:
             devices = sorted(jax.devices(), key=lambda d: d.id)
             if host is None or self.island.platform != "cpu" or self._metadata is not None:
                 return
+            if self._host is None:  # `next_in_line` may have named a newer one already
+                self._host = host
             from .warm_spare import PrecompiledRuntimes, precompile_loop
 
             self._precompiled = PrecompiledRuntimes(devices)
@@ -167,12 +227,50 @@ class IslandHost:
                 target=precompile_loop,
                 args=(
                     self._precompiled,
-                    lambda: ray.get(host.train_loads.remote(), timeout=30),
+                    lambda: ray.get(self._host.train_loads.remote(), timeout=30),
                     self._stop_precompile,
                 ),
                 name="warm-spare-precompile",
                 daemon=True,
             ).start()
+
+    def _lower_priority(self) -> None:
+        with self._nice_lock:
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            if self._keep_priority or self._base_nice is not None or base >= SPARE_NICE:
+                return
+            if not _can_renice_back(base):
+                return
+            try:
+                renice_process(SPARE_NICE)
+            except OSError as e:
+                logger.warning("warm spare: its priority stays (nice %d): %r", base, e)
+                return
+            self._base_nice = base
+
+    def next_in_line(self, host: Any = None) -> None:
+        """This spare is the next one its island promotes (none warm ahead of it): it warms
+        up at the priority it had, so that it is ready soon; only spares behind it yield.
+        With `host`, it stands in for that host now (the one promoted ahead of it): it
+        compiles that host's jobs ahead."""
+        if host is not None:
+            self._host = host
+        self._restore_priority()
+
+    def _restore_priority(self) -> None:
+        with self._nice_lock:
+            self._keep_priority = True
+            if self._base_nice is None:
+                return
+            try:
+                renice_process(self._base_nice)
+            except OSError as e:
+                logger.warning("promoted spare: nice %d not restored: %r", self._base_nice, e)
+            self._base_nice = None
+
+    def niceness(self) -> int:
+        """The highest nice value of this actor's process's threads."""
+        return process_niceness()
 
     def compiled_ahead(self) -> list[str]:
         """The jobs a warm spare holds compiled ahead (workers/warm_spare.py)."""
@@ -215,6 +313,8 @@ class IslandHost:
         required on every call (TLS with `tls`'s certificate where it wants it, on this
         node's address); return metadata."""
         self.set_credential(credential)
+        # A promoted spare: its priority back first (a `warm` still importing finishes sooner).
+        self._restore_priority()
         with self._start_lock:
             return self._start(coordinator, tls, init_timeout_s)
 
@@ -374,10 +474,11 @@ class IslandHostGroup:
         start_timeout_s: How long joining the JAX runtime and starting the service may take.
         namespace: Ray namespace of the named actors.
         max_restarts: Ray restarts of a dead host actor (0: the controller decides).
-        spares: keep a warm spare per host (CPU islands): a process started beside the host
-            on its node, JAX and the model code imported, that `restart` promotes when the
-            island dies, so no new process starts on the way back. A GPU island has none
-            (its host holds the node's GPUs).
+        spares: keep warm spares per host (CPU islands; True: SPARE_DEPTH of them, or a
+            number): processes started beside the host on its node, JAX and the model code
+            imported, that `restart` promotes (the oldest first) when the island dies, so
+            no new process starts on the way back. A GPU island has none (its host holds
+            the node's GPUs).
     """
 
     def __init__(
@@ -390,7 +491,7 @@ class IslandHostGroup:
         start_timeout_s: float = 180.0,
         namespace: str = NAMESPACE,
         max_restarts: int = 0,
-        spares: bool = False,
+        spares: bool | int = False,
     ) -> None:
         self.island = island
         self.credential = credential
@@ -401,10 +502,12 @@ class IslandHostGroup:
         self.max_restarts = max_restarts
         self.actors: list[Any] = []
         self.metadata: list[HostMetadata] = []
-        self.spares_wanted = spares and island.platform == "cpu"
-        # Not started hosts, one per host index, ready to be promoted (`promote_spares`).
-        self.spares: list[Any] = []
-        self.spare_incarnation = 0
+        depth = SPARE_DEPTH if spares is True else int(spares)
+        self.spare_depth = depth if island.platform == "cpu" else 0
+        self.spares_wanted = self.spare_depth > 0
+        # Sets of not started hosts (one per host index), each an incarnation, the oldest
+        # first: the next to promote (`promote_spares`).
+        self.spare_sets: list[tuple[int, list[Any]]] = []
         # After a promotion: the jobs its spares had compiled ahead; None after a fresh start.
         self.promoted: list[str] | None = None
         # The incarnation of the current hosts; the next one a restart or spare takes.
@@ -412,6 +515,15 @@ class IslandHostGroup:
         self.next_incarnation = 0
         # Spares are prepared off the controller's loop while a restart may promote them.
         self._spares_lock = threading.Lock()
+
+    @property
+    def spares(self) -> list[Any]:
+        """The spares the next restart promotes, one per host index ([]: none)."""
+        return self.spare_sets[0][1] if self.spare_sets else []
+
+    @property
+    def spares_full(self) -> bool:
+        return len(self.spare_sets) >= self.spare_depth
 
     def _options(self) -> dict[str, Any]:
         island = self.island
@@ -453,14 +565,16 @@ class IslandHostGroup:
             raise
 
     def prepare_spares(self) -> None:
-        """Start a warm spare for every host (once; nothing without `spares`): placed on the
-        host's node, holding none of its resources, it imports JAX and the model code now
-        (`IslandHost.warm`) and starts serving only when promoted."""
+        """Start warm spares for every host until it has `spare_depth` (nothing without
+        `spares`): placed on the host's node, holding none of its resources, each imports
+        JAX and the model code now (`IslandHost.warm`, at a low priority) and starts serving
+        only when promoted."""
         with self._spares_lock:
-            if self.spares_wanted and not self.spares and self.metadata:
-                self._prepare_spares()
+            while self.spares_wanted and not self.spares_full and self.metadata:
+                if not self._prepare_spares():
+                    return
 
-    def _prepare_spares(self) -> None:
+    def _prepare_spares(self) -> bool:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         island = self.island
@@ -481,24 +595,30 @@ class IslandHostGroup:
         except Exception:
             logger.exception("island %s: no warm spares", island.name)
             _kill_actors(spares)
-            return
-        self.spares, self.spare_incarnation = spares, incarnation
+            return False
+        self.spare_sets.append((incarnation, spares))
         self.next_incarnation = incarnation + 1
+        if len(self.spare_sets) == 1:
+            _next_in_line(spares, self.actors)
+        return True
 
     def promote_spares(self) -> bool:
         """Replace the hosts with the warm spares and start those (the island restarts
         without a new process). False when there are none or they cannot start (they are
         gone then; the caller starts new hosts)."""
         with self._spares_lock:
-            if not self.spares:
+            if not self.spare_sets:
                 return False
-            old, self.actors, self.spares = self.actors, self.spares, []
+            (incarnation, spares), *self.spare_sets = self.spare_sets
+            old, self.actors = self.actors, spares
+            if self.spare_sets:  # the next spares follow the hosts promoted now
+                _next_in_line(self.spare_sets[0][1], spares)
         started = time.monotonic()
         # The old hosts are dead or about to be replaced: no graceful stop to wait for.
         _kill_actors(old)
         ahead = [a.compiled_ahead.remote() for a in self.actors]
         try:
-            self.incarnation = self.spare_incarnation
+            self.incarnation = incarnation
             # Each spare sits on its host's node (node affinity): no placement to wait for.
             self._start_placed([m.node_ip for m in self.metadata] or None)
         except Exception as e:  # noqa: BLE001 - e.g. the spare's node died too
@@ -604,8 +724,9 @@ class IslandHostGroup:
         self._kill()
         if spares:
             with self._spares_lock:
-                _kill_actors(self.spares)
-                self.spares = []
+                for _, spares in self.spare_sets:
+                    _kill_actors(spares)
+                self.spare_sets = []
 
     @staticmethod
     def shutdown_actors(actors: list[Any], patience_s: float = 1.0) -> None:
@@ -619,6 +740,16 @@ class IslandHostGroup:
         _kill_actors(self.actors)
         self.actors = []
         self.metadata = []
+
+
+def _next_in_line(spares: list[Any], hosts: list[Any]) -> None:
+    """Tell `spares` they are the next ones promoted, standing in for `hosts` (in host
+    order; `IslandHost.next_in_line`; no wait)."""
+    for spare, host in zip(spares, hosts, strict=True):
+        try:
+            spare.next_in_line.remote(host)
+        except Exception:  # noqa: BLE001 - a dead spare: its promotion will say so
+            logger.debug("spare gone", exc_info=True)
 
 
 def _kill_actors(actors: list[Any]) -> None:

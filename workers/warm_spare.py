@@ -59,7 +59,10 @@ class PrecompiledRuntimes:
 
     def compile_ahead(self, requests: Sequence[bytes]) -> list[str]:
         """Build and compile the runtime of every request not compiled yet (blocking);
-        forget the jobs no longer listed. Returns the job ids compiled now."""
+        forget the jobs no longer listed, unless none is (a host just promoted that has not
+        loaded its jobs yet). Returns the job ids compiled now."""
+        if not requests:
+            return []
         wanted = {}
         for raw in requests:
             request = worker_pb2.LoadJobRequest.FromString(raw)
@@ -108,14 +111,22 @@ def precompile_loop(
     requests: Callable[[], list[bytes]],
     stop: threading.Event,
 ) -> None:
-    """Until `stop`: every POLL_S, compile ahead what `requests()` (the host's loaded jobs)
-    lists; ends when the host no longer answers (it died: the spare is promoted next)."""
-    while not stop.wait(POLL_S):
+    """Until `stop`: at once, then every POLL_S, compile ahead what `requests()` (the loaded
+    jobs of the host the spare stands in for) lists. A host that does not answer (it died)
+    is asked again: a spare behind another one follows the host promoted in its place
+    (`IslandHost.next_in_line`)."""
+    wait_s = 0.0
+    silent = False
+    while not stop.wait(wait_s):
+        wait_s = POLL_S
         try:
             listed = requests()
-        except Exception as e:  # noqa: BLE001 - the host died: nothing more to follow
-            logger.info("warm spare: its host does not answer (%r); compiling ahead stops", e)
-            return
+        except Exception as e:  # noqa: BLE001 - the host died: the next one is followed
+            if not silent:
+                logger.info("warm spare: its host does not answer (%r)", e)
+            silent = True
+            continue
+        silent = False
         if stop.is_set():
             return
         try:
