@@ -198,7 +198,8 @@ class ServingHost:
     def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
         engine = self._engines.pop(job_id, None)
         if isinstance(engine, ServeEngine):
-            engine.stop(reason)
+            engine.stop(reason)  # its loop has ended: nothing reads the cache any more
+            engine.decoder.close()
             return engine
         return None
 
@@ -214,7 +215,7 @@ class ServingHost:
         if isinstance(engine, ServeEngine) and not engine.running:
             # A loop that failed on its own (or ended) is dropped: never handed back as
             # serving. The caller learns why; the next StartServe builds a new one.
-            self._engines.pop(request.job_id, None)
+            await asyncio.to_thread(self._stop_engine, request.job_id, "the service had stopped")
             raise RpcRejection(
                 grpc.StatusCode.UNAVAILABLE,
                 f"job {request.job_id!r}: {engine.failure or 'the service had stopped'}",
@@ -267,6 +268,7 @@ class ServingHost:
             raise
         if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
             await asyncio.to_thread(engine.stop, "the service was stopped while loading")
+            engine.decoder.close()
             raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
         self._engines[request.job_id] = engine
         logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)
