@@ -8,7 +8,9 @@ job shares the island, its slices cut by the controller while requests decode
 each with its own controller channel; latencies are measured on the client side.
 
 Measured side by side in one run, as the in-process mode measures them:
-- tokens/s with 1, 8 and 32 closed-loop clients (speedup: over the one-client figure);
+- tokens/s with 1, 8 and 32 closed-loop clients (speedup: over the one-client figure, the
+  mean of two one-client runs that bracket the others: this machine's load drifts between
+  runs, and one lucky or unlucky baseline would move the ratio);
 - ttft and per-token latency p50/p99 with 8 clients, alone and with the training job on the
   island (the "alone" figure is the mean of two runs that bracket the shared one);
 - the training job's steps/s alone and while the service gets 1 request/s (its retained
@@ -17,6 +19,7 @@ Measured side by side in one run, as the in-process mode measures them:
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import tempfile
@@ -168,7 +171,9 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
         bench.start_service()
         for n in (1, 2, 4, 8, 16, 32, max_batch):  # warm-up: every prefill row bucket
             bench.clients(n, 1.0, 4)
+        load = [os.getloadavg()]
         runs = {n: bench.clients(n, seconds, tokens) for n in (1, 8, 32)}
+        one_again = bench.clients(1, seconds, tokens)
         bench.start_training()
         with_training = bench.clients(8, seconds, tokens)
         bench.stop_training()
@@ -179,10 +184,11 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
         train_alone.append(bench.train_rate(seconds))
         bench.stop_training()
         islands = bench.client.islands(include_steps=True)
+        load.append(os.getloadavg())
     finally:
         bench.close()
         shutil.rmtree(state_dir, ignore_errors=True)
-    base = runs[1]["tokens_per_s"]
+    base = (runs[1]["tokens_per_s"] + one_again["tokens_per_s"]) / 2
     token_p99_alone = (runs[8]["token_p99_ms"] + alone_again["token_p99_ms"]) / 2
     alone = sum(train_alone) / 2
     return {
@@ -191,6 +197,7 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
         "max_batch": max_batch,
         "tokens_per_request": tokens,
         "tokens_per_s_1_client": base,
+        "tokens_per_s_1_client_runs": [runs[1]["tokens_per_s"], one_again["tokens_per_s"]],
         "tokens_per_s_8_clients": runs[8]["tokens_per_s"],
         "tokens_per_s_32_clients": runs[32]["tokens_per_s"],
         "speedup_8_clients": runs[8]["tokens_per_s"] / base,
@@ -209,4 +216,6 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
         "training_steps_per_s_at_1_rps": train_shared,
         "training_retained_fraction": train_shared / alone if alone else float("nan"),
         "island_timeline_entries": sum(len(i.recent_steps) for i in islands),
+        # This machine is shared: its load average (1, 5, 15 min) before and after.
+        "load_average": load,
     }

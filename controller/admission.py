@@ -701,7 +701,7 @@ class Admission:
         for island in room[: len(own) if own else demand.islands]:
             chosen.update(victims.get(island, []))
         for job_id in sorted(chosen):
-            self.runners[job_id].request_suspend()
+            self.runners[job_id].request_suspend(by=demand.job_id)
             logger.info(
                 "suspending job %s for higher-priority job %s",
                 job_id,

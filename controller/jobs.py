@@ -364,6 +364,7 @@ class JobRunner:
         job_id, islands: the job and the ids of its islands.
         cancel_requested: a user cancelled it; it unloads at the next step boundary.
         suspend_requested: preemption asked it to move to host memory and wait on `resume`.
+        suspended_for: the higher-priority job it was suspended for ("" when unknown).
         resume: set when its islands have room again (or to finish a cancel).
         priority: what preemption compares.
         drain_requested: the controller is stopping gracefully: checkpoint at the next step
@@ -391,6 +392,7 @@ class JobRunner:
         self.priority = record.priority
         self.cancel_requested = False
         self.suspend_requested = False
+        self.suspended_for = ""
         self.drain_requested = False
         self.drained: controller_pb2.DrainedJob | None = None
         self.suspended = False
@@ -437,8 +439,10 @@ class JobRunner:
         checks its replicas now."""
         self._poked.set()
 
-    def request_suspend(self) -> None:
+    def request_suspend(self, by: str = "") -> None:
+        """Preemption: suspend the job (for the higher-priority job `by`)."""
         self.suspend_requested = True
+        self.suspended_for = by
         self.parts.scheduler.interrupt(self.job_id)
         self._poked.set()
 
@@ -654,86 +658,103 @@ class JobRunner:
             max_batch=settings.max_batch,
             max_seq_len=settings.max_seq_len,
         )
-        while True:
-            p.serving.loading(self.job_id, islands)
-            p.reporter.phase(self.job_id, "starting service")
-            try:
-                replies = await asyncio.gather(
-                    *(
-                        i.call_host(0, "StartServe", start, timeout=SERVE_START_TIMEOUT_S)
-                        for i in islands
+        try:
+            while True:
+                await self._serve_until_stopped(islands, settings, start)
+                if self.cancel_requested:
+                    return
+                if self.drain_requested:
+                    p.recovery.requeue(self.job_id)
+                    p.reporter.transition(
+                        self.job_id,
+                        JobState.QUEUED,
+                        reason="controller_stopped",
+                        message="The controller stopped; the service starts again with the next.",
                     )
-                )
-            except grpc.aio.AioRpcError as e:
-                p.serving.stopped(self.job_id)
-                raise DispatchError(
-                    "serve_failed", f"Starting the service failed: {e.details()}", code=e.code()
-                ) from None
-            kv = max(r.kv_cache_bytes for r in replies)
-            # The KV cache is held on the island beside the parameters: accounted.
-            p.scheduler.resize(self.job_id, self.demand_bytes + kv)
-            p.reporter.job_memory[self.job_id] = self.demand_bytes + kv
-            p.serving.serving(self.job_id, kv, settings.max_batch, settings.target_p99_ms)
-            p.reporter.phase(self.job_id, "serving")
-            logger.info(
-                "job %s serving on %s (KV cache %s; compile %.1f s)",
-                self.job_id,
-                self.islands,
-                format_size(kv),
-                max(r.compile_s for r in replies),
-                extra={"job_id": self.job_id},
-            )
-            self._poked.clear()
-            generations = [i.generation for i in islands]
-            while not (self.cancel_requested or self.suspend_requested or self.drain_requested):
-                try:
-                    await asyncio.wait_for(self._poked.wait(), SERVE_PROBE_S)
-                except TimeoutError:
-                    pass
-                self._poked.clear()
-                if self.cancel_requested or self.suspend_requested or self.drain_requested:
-                    break
-                try:
-                    await probe_serve(islands, generations, start)
-                except DispatchError:
-                    p.serving.stopped(self.job_id)  # the runner's recovery unloads it
-                    raise
-            if self.cancel_requested:
-                reason = "the serve job was cancelled"
-            elif self.drain_requested:
-                reason = "the controller is stopping"
-            else:
-                reason = "the serve job was preempted by a higher-priority job"
-            await asyncio.gather(
-                *(
-                    i.call_host(
-                        0,
-                        "StopServe",
-                        worker_pb2.StopServeRequest(job_id=self.job_id, reason=reason),
-                        timeout=SERVE_START_TIMEOUT_S,
+                    self.drained = controller_pb2.DrainedJob(
+                        job_id=self.job_id,
+                        name=self.record.name,
+                        message="the controller is stopping",
                     )
-                    for i in islands
-                ),
-                return_exceptions=True,
-            )
+                    return
+                # Preempted: the router answers the job's requests UNAVAILABLE naming the
+                # preemption while it waits in host memory; on resume it serves again.
+                await self._suspend(None)
+                if self.cancel_requested or self.drain_requested:
+                    return
+        finally:
             p.serving.stopped(self.job_id)
-            if self.cancel_requested:
-                return
-            if self.drain_requested:
-                p.recovery.requeue(self.job_id)
-                p.reporter.transition(
-                    self.job_id,
-                    JobState.QUEUED,
-                    reason="controller_stopped",
-                    message="The controller stopped; the service starts again with the next.",
+
+    async def _serve_until_stopped(
+        self,
+        islands: Sequence[Island],
+        settings: spec_lib.ServeSettings,
+        start: worker_pb2.StartServeRequest,
+    ) -> None:
+        """Start the service on every island and keep it until a cancel, drain or
+        preemption; then stop it (its open streams end UNAVAILABLE naming why)."""
+        p = self.parts
+        assert p.serving is not None
+        p.serving.loading(self.job_id, islands)
+        p.reporter.phase(self.job_id, "starting service")
+        try:
+            replies = await asyncio.gather(
+                *(
+                    i.call_host(0, "StartServe", start, timeout=SERVE_START_TIMEOUT_S)
+                    for i in islands
                 )
-                self.drained = controller_pb2.DrainedJob(
-                    job_id=self.job_id, name=self.record.name, message=reason
+            )
+        except grpc.aio.AioRpcError as e:
+            raise DispatchError(
+                "serve_failed", f"Starting the service failed: {e.details()}", code=e.code()
+            ) from None
+        kv = max(r.kv_cache_bytes for r in replies)
+        # The KV cache is held on the island beside the parameters: accounted.
+        p.scheduler.resize(self.job_id, self.demand_bytes + kv)
+        p.reporter.job_memory[self.job_id] = self.demand_bytes + kv
+        p.serving.serving(self.job_id, kv, settings.max_batch, settings.target_p99_ms)
+        p.reporter.phase(self.job_id, "serving")
+        logger.info(
+            "job %s serving on %s (KV cache %s; compile %.1f s)",
+            self.job_id,
+            self.islands,
+            format_size(kv),
+            max(r.compile_s for r in replies),
+            extra={"job_id": self.job_id},
+        )
+        self._poked.clear()
+        generations = [i.generation for i in islands]
+        while not (self.cancel_requested or self.suspend_requested or self.drain_requested):
+            try:
+                await asyncio.wait_for(self._poked.wait(), SERVE_PROBE_S)
+            except TimeoutError:
+                pass
+            self._poked.clear()
+            if self.cancel_requested or self.suspend_requested or self.drain_requested:
+                break
+            await probe_serve(islands, generations, start)  # the runner's recovery unloads it
+        if self.cancel_requested:
+            reason = "the serve job was cancelled"
+        elif self.drain_requested:
+            reason = "the controller is stopping"
+        else:
+            by = f" {self.suspended_for}" if self.suspended_for else ""
+            reason = f"the serve job was preempted by higher-priority job{by}"
+        # The router refuses new requests first (UNAVAILABLE naming why), then the hosts end
+        # the open streams.
+        p.serving.stopping(self.job_id, reason)
+        await asyncio.gather(
+            *(
+                i.call_host(
+                    0,
+                    "StopServe",
+                    worker_pb2.StopServeRequest(job_id=self.job_id, reason=reason),
+                    timeout=SERVE_START_TIMEOUT_S,
                 )
-                return
-            await self._suspend(0)
-            if self.cancel_requested or self.drain_requested:
-                return
+                for i in islands
+            ),
+            return_exceptions=True,
+        )
 
     async def _step_until_done(self, program: Any) -> int:
         """Step the program to its end (or a cancel), suspending and resuming on the way;
@@ -767,10 +788,14 @@ class JobRunner:
             if self.cancel_requested or self.drain_requested:
                 return completed
 
-    async def _suspend(self, step: int) -> None:
+    async def _suspend(self, step: int | None) -> None:
         """Move the job's state to host memory on every host, free its device memory, and
-        wait until the scheduler resumes it (or it is cancelled)."""
+        wait until the scheduler resumes it (or it is cancelled). `step`: where a training
+        job stopped (None: a service)."""
         p = self.parts
+        where = "Suspended" if step is None else f"Suspended at step {step}"
+        back = "Resumed; the service starts again." if step is None else f"Resumed at step {step}."
+        by = f"higher-priority job {self.suspended_for}" if self.suspended_for else None
         if self._evals:  # a Suspend would queue behind them on the hosts
             await asyncio.gather(*self._evals, return_exceptions=True)
         epoch = p.dispatcher.epoch
@@ -786,13 +811,14 @@ class JobRunner:
             self.job_id,
             JobState.SUSPENDED,
             reason="preempted",
-            message=f"Suspended at step {step} for a higher-priority job; state in host memory.",
+            message=f"{where} for {by or 'a higher-priority job'}; state in host memory.",
         )
         p.wake()
         self.suspended = True
         await self.resume.wait()
         self.suspended = False
         self.suspend_requested = False
+        self.suspended_for = ""
         if self.cancel_requested:
             return
         await call_all(
@@ -803,9 +829,7 @@ class JobRunner:
         )
         if self.drain_requested:
             return  # back on its devices only to be checkpointed
-        p.reporter.transition(
-            self.job_id, JobState.RUNNING, reason="resumed", message=f"Resumed at step {step}."
-        )
+        p.reporter.transition(self.job_id, JobState.RUNNING, reason="resumed", message=back)
 
     async def _drain(self, step: int) -> None:
         """The controller stops gracefully: make sure a committed checkpoint holds `step`,

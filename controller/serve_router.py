@@ -3,7 +3,11 @@ stream routed to the least-loaded replica, and the island time serving takes fro
 
 A `kind: serve` job's runner (jobs.py) registers its replicas (one per island) as loading,
 then as serving once every replica's StartServe has compiled; preemption, cancel or a drain
-stop them, ending the open streams with UNAVAILABLE naming why (the hosts do that). Tokens come
+stop them: the router marks the job stopping with the reason first, so a new request, one
+waiting for its island's cut, or one that reaches a host whose service has just stopped ends
+UNAVAILABLE naming why; the hosts end the open streams the same way. A preempted job stays
+stopping (requests answered UNAVAILABLE naming the preemption) while it waits suspended, until
+it loads again on resume. Tokens come
 from the island hosts (workers/serve_rpc.py); the controller only routes and relays.
 
 Sharing an island with training (`ServeArbiter`). The router sees every request of an island
@@ -233,7 +237,8 @@ class Served:
 
     job_id: str
     replicas: list[Replica]
-    status: str = "loading"  # loading | serving
+    status: str = "loading"  # loading | serving | stopping
+    reason: str = ""  # why it is stopping
     kv_cache_bytes: int = 0
     slots: int = 0  # cache slots over all replicas
     target_p99_ms: float = 0.0
@@ -267,6 +272,21 @@ class ServeRouter:
             served.kv_cache_bytes = kv_cache_bytes
             served.slots = max_batch * len(served.replicas)
             served.target_p99_ms = target_p99_ms
+
+    def stopping(self, job_id: str, reason: str) -> None:
+        """The job's service stops (`reason`: cancelled, preempted, the controller stopping):
+        no request is routed to it any more; it is answered UNAVAILABLE naming the reason."""
+        served = self.jobs.get(job_id)
+        if served is not None:
+            served.status, served.reason = "stopping", reason
+        if self.arbiter is not None:
+            self.arbiter.forget(job_id)
+
+    def _stopped_error(self, served: Served) -> RpcRejection:
+        return RpcRejection(
+            grpc.StatusCode.UNAVAILABLE,
+            f"job {served.job_id!r} is not serving: {served.reason}.",
+        )
 
     def stopped(self, job_id: str) -> None:
         self.jobs.pop(job_id, None)
@@ -338,6 +358,8 @@ class ServeRouter:
             )
         if served.status == "loading":
             raise IllegalTransitionError(f"job {record.id!r} is loading; try again shortly.")
+        if served.status == "stopping":
+            raise self._stopped_error(served)
         if not request.prompt:
             raise ValueError("prompt is empty; give some text to continue.")
         if len(request.prompt) > MAX_PROMPT_CHARS:
@@ -378,6 +400,8 @@ class ServeRouter:
                 # Training on the island yields first (its slices cut at a step boundary).
                 entered = True
                 await self.arbiter.enter(replica.island.id, record.id, served.target_p99_ms)
+            if served.status == "stopping":  # stopped while training yielded the island
+                raise self._stopped_error(served)
             call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
             async for reply in call:
                 if reply.done:
@@ -399,6 +423,10 @@ class ServeRouter:
                 )
         except grpc.aio.AioRpcError as e:
             code = e.code()
+            if served.status == "stopping" and served.reason not in (e.details() or ""):
+                # It reached the host as its service stopped: the reason, not the host's
+                # "not serving" or "unloaded".
+                raise self._stopped_error(served) from None
             if code == grpc.StatusCode.NOT_FOUND:  # unloaded under us: not serving any more
                 code = grpc.StatusCode.UNAVAILABLE
             raise RpcRejection(code, e.details() or str(code)) from None

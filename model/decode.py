@@ -263,6 +263,18 @@ class SlotDecoder:
         )
         return np.asarray(logits), np.asarray(nxt)
 
+    def close(self) -> None:
+        """Free the slot cache's device memory now. The compiled programs' closures keep
+        this object in a reference cycle, so dropping it frees the cache only at the next
+        garbage collection: a preempted service's cache would hold the memory the scheduler
+        has given to the job that preempted it. The decoder cannot be used afterwards (the
+        parameters it read are not freed: they are the job's)."""
+        for leaf in jax.tree.leaves(self.cache):
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+        self.cache = None
+        self._state = None
+
     @staticmethod
     def kv_bytes(cfg, max_batch: int, max_seq_len: int) -> int:
         """Bytes of the slot cache: K and V per layer, (B, T, 1, head_dim) each."""

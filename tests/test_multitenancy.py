@@ -210,6 +210,123 @@ def test_preempted_job_resumes_bitwise_and_memory_is_accounted(client, hosts) ->
         assert not reply.jobs and reply.live_bytes_total == 0, reply
 
 
+def _serve_spec(name: str, source: str):
+    return load_spec_text(f"""
+name: {name}
+kind: serve
+init_from: {{job: {source}}}
+model: {{preset: palm-tiny, overrides: {{d_model: 64}}}}
+islands: 1
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{global_batch: 2, seq_len: 32}}
+serve: {{max_batch: 2, max_seq_len: 256, target_p99_ms: 5000}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+""")
+
+
+def _greedy(client, job_id: str) -> str:
+    return "".join(r.text for r in client.generate(job_id, "def main(", max_tokens=12))
+
+
+def test_a_preempted_serve_job_ends_its_streams_naming_it_then_suspends_and_serves_again(
+    client, cluster, hosts
+) -> None:
+    """Issue 18: preempting a `kind: serve` job ends its open streams (decoding or queued)
+    with UNAVAILABLE naming the preemption and the job it yields to; the router refuses its
+    requests the same way while it waits suspended in host memory; once the higher-priority
+    job ends it resumes and serves the same completions from the same parameters."""
+    from pathways_lite.controller import auth
+    from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
+
+    src = client.submit(spec("serve-src", islands=1, steps=2, seed=8))
+    assert state_name(client.wait(src.id, timeout_s=200).state) == "succeeded"
+    srv = client.submit(_serve_spec("served", src.id))
+    deadline = time.monotonic() + 200
+    while True:
+        try:
+            before = _greedy(client, srv.id)
+            break
+        except ClientError as e:
+            assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e  # loading
+            assert time.monotonic() < deadline, e
+            time.sleep(0.2)
+    assert before
+    island = client.get(srv.id).islands[0]
+
+    # Eight long streams on two slots: six wait in the host's queue, two decode.
+    token = auth.read_token(auth.token_path(cluster.state_dir))
+    meta = ((auth.METADATA_KEY, auth.bearer(token)),)
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        streams = [
+            stub.Generate(
+                controller_pb2.GenerateJobRequest(job_id=srv.id, prompt="import", max_tokens=240),
+                metadata=meta,
+                timeout=120,
+            )
+            for _ in range(8)
+        ]
+        next(streams[0])
+        # Both islands, a big batch: the serve job's island has no room for it beside.
+        high = client.submit(spec("high-srv", steps=3, priority=5, global_batch=BIG_BATCH, seed=9))
+        ends = []
+        for call in streams:
+            try:
+                for _ in call:
+                    pass
+                ends.append("ok")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                ends.append(e.details())
+    preempted = f"preempted by higher-priority job {high.id}"
+    assert sum(preempted in e for e in ends) >= 6 and all(
+        e == "ok" or preempted in e for e in ends
+    ), ends
+
+    # Suspended: its parameters in host memory, nothing of it on the device; the router
+    # refuses its requests naming the preemption (none reaches a host).
+    deadline = time.monotonic() + 60
+    while state_name((job := client.get(srv.id)).state) != "suspended":
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert high.id in job.message, job.message
+    mem = {m.job_id: m for m in logs(hosts)[island].jobs}
+    assert mem[srv.id].suspended and mem[srv.id].live_bytes == 0, mem[srv.id]
+    with pytest.raises(ClientError) as refused:
+        _greedy(client, srv.id)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert preempted in str(refused.value), refused.value
+
+    # The higher-priority job ends; the service comes back with the same parameters.
+    assert state_name(client.wait(high.id, timeout_s=200).state) == "succeeded"
+    deadline = time.monotonic() + 200
+    while True:
+        try:
+            after = _greedy(client, srv.id)
+            break
+        except ClientError as e:
+            # Suspended still (its resume not done yet), then loading.
+            assert e.code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ), e
+            assert time.monotonic() < deadline, e
+            time.sleep(0.2)
+    assert after == before
+    assert state_name(client.get(srv.id).state) == "running"
+    client.cancel(srv.id, reason="done")
+    assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        replies = logs(hosts)
+        if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"islands not back to zero (a KV cache left?): {replies}")
+
+
 def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
     """A job that cannot fit waits with its position, the jobs ahead and what it lacks;
     `pathways-lite why` prints them; UpdateJob moves a queued job ahead of another."""

@@ -350,3 +350,73 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
             store.close()
 
     asyncio.run(main())
+
+
+def test_a_simulated_hosts_slice_is_cut_for_serving_as_on_a_real_host() -> None:
+    """CutSlice on a simulated host (so the scale harness can serve): HOLD answers the first
+    step not started, CUT before it ends the slice's stream there without an error, the
+    numbers of the steps not run are skipped, and the slice sent after the cut runs."""
+    import grpc
+
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.sim_host import SimIsland
+
+    phase = worker_pb2.CutSliceRequest
+
+    async def run() -> None:
+        cluster = SimCluster([SimIsland("island-0", step_s=0.02)])
+        address = (await cluster.start())["island-0"]
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await stub.CutSlice(worker_pb2.CutSliceRequest(job_id="j", epoch=1))
+                assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+                await stub.LoadJob(worker_pb2.LoadJobRequest(job_id="j", generation=1, epoch=1))
+                call = stub.RunSlice(
+                    worker_pb2.RunSliceRequest(
+                        job_id="j", generation=1, epoch=1, first_step=0, count=50
+                    ),
+                    timeout=30,
+                )
+                steps = [r.step for r in (await call.read()).steps]
+
+                def cut(kind: int, before: int = 0) -> worker_pb2.CutSliceRequest:
+                    return worker_pb2.CutSliceRequest(
+                        job_id="j",
+                        generation=1,
+                        epoch=1,
+                        phase=kind,
+                        before_step=before,
+                        seq_below=50,
+                        hold_s=5.0,
+                    )
+
+                held = await stub.CutSlice(cut(phase.HOLD))
+                assert steps[-1] < held.next_step < 50
+                await asyncio.sleep(0.1)  # held: no step past it starts meanwhile
+                await stub.CutSlice(cut(phase.CUT, held.next_step))
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    steps += [r.step for r in message.steps]
+                assert steps == list(range(held.next_step)), (steps, held.next_step)
+                assert await call.code() == grpc.StatusCode.OK
+                after = [
+                    (r.step, r.island_seq)
+                    async for message in stub.RunSlice(
+                        worker_pb2.RunSliceRequest(
+                            job_id="j",
+                            generation=1,
+                            epoch=1,
+                            first_step=held.next_step,
+                            count=2,
+                            first_island_seq=50,
+                        ),
+                        timeout=10,
+                    )
+                    for r in message.steps
+                ]
+                assert after == [(held.next_step, 50), (held.next_step + 1, 51)]
+        finally:
+            await cluster.stop()
+
+    asyncio.run(run())

@@ -351,3 +351,49 @@ def test_a_hosts_slice_cut_holds_cuts_releases_and_lapses_only_for_its_own_slice
         assert time.monotonic() - started >= 0.09
 
     asyncio.run(main())
+
+
+def test_a_closed_decoder_frees_its_slot_cache_at_once(model):
+    """A stopped service's KV cache is freed when the host closes its decoder, not at the
+    next garbage collection (its compiled programs' closures hold it in a cycle)."""
+    import jax
+
+    dec = SlotDecoder(model, max_batch=2, max_seq_len=16)
+    leaves = [x for x in jax.tree.leaves(dec.cache) if isinstance(x, jax.Array)]
+    assert leaves and not any(x.is_deleted() for x in leaves)
+    dec.close()
+    assert all(x.is_deleted() for x in leaves)
+
+
+def test_the_engine_threads_events_reach_each_stream_in_order_in_few_loop_wakeups():
+    import asyncio
+
+    from pathways_lite.workers.serve_rpc import _Inbox, _ToLoop
+
+    async def main() -> tuple[list[list[int]], int]:
+        loop = asyncio.get_running_loop()
+        inbox = _Inbox(loop)
+        wakeups = [0]
+        deliver = inbox._deliver
+
+        def counted() -> None:
+            wakeups[0] += 1
+            deliver()
+
+        inbox._deliver = counted
+        streams = [_ToLoop(inbox) for _ in range(8)]
+
+        def engine() -> None:  # 50 decode steps of 8 streams, from another thread
+            for n in range(50):
+                for s in streams:
+                    s.put(n)
+
+        await asyncio.to_thread(engine)
+        got = []
+        for s in streams:
+            got.append([await asyncio.wait_for(s.queue.get(), 10) for _ in range(50)])
+        return got, wakeups[0]
+
+    got, wakeups = asyncio.run(main())
+    assert got == [list(range(50))] * 8
+    assert wakeups < 8 * 50  # the loop is woken per batch of events, not per event

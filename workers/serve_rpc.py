@@ -50,18 +50,42 @@ def _settle(runtime: Any) -> None:
         logger.debug("settling a step", exc_info=True)
 
 
-class _ToLoop:
-    """A thread-safe `put` into an asyncio queue (the engine's side of a stream)."""
+class _Inbox:
+    """The engine thread's tokens into the host's event loop: one loop wake-up carries every
+    event put since the last one (a decode step of N streams wakes the loop once, not N
+    times: per-token cost on the host at many concurrent clients)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a wake-up is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop closed: the clients are gone
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+class _ToLoop:
+    """A thread-safe `put` into an asyncio queue (the engine's side of a stream)."""
+
+    def __init__(self, inbox: _Inbox) -> None:
+        self.inbox = inbox
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the loop closed: the client is gone
-            pass
+        self.inbox.put(self.queue, item)
 
 
 class SliceCut:
@@ -150,6 +174,7 @@ class ServingHost:
         self.device_thread_lock = threading.Lock()
         self._engines: dict[str, Any] = {}
         self._cuts: dict[str, SliceCut] = {}
+        self._inbox: _Inbox | None = None
 
     def slice_cut(self, job_id: str) -> SliceCut:
         """The job's cut state on this host (created on first use)."""
@@ -198,7 +223,8 @@ class ServingHost:
     def _stop_engine(self, job_id: str, reason: str) -> ServeEngine | None:
         engine = self._engines.pop(job_id, None)
         if isinstance(engine, ServeEngine):
-            engine.stop(reason)
+            engine.stop(reason)  # its loop has ended: nothing reads the cache any more
+            engine.decoder.close()
             return engine
         return None
 
@@ -214,7 +240,7 @@ class ServingHost:
         if isinstance(engine, ServeEngine) and not engine.running:
             # A loop that failed on its own (or ended) is dropped: never handed back as
             # serving. The caller learns why; the next StartServe builds a new one.
-            self._engines.pop(request.job_id, None)
+            await asyncio.to_thread(self._stop_engine, request.job_id, "the service had stopped")
             raise RpcRejection(
                 grpc.StatusCode.UNAVAILABLE,
                 f"job {request.job_id!r}: {engine.failure or 'the service had stopped'}",
@@ -267,6 +293,7 @@ class ServingHost:
             raise
         if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
             await asyncio.to_thread(engine.stop, "the service was stopped while loading")
+            engine.decoder.close()
             raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
         self._engines[request.job_id] = engine
         logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)
@@ -323,7 +350,10 @@ class ServingHost:
             raise RpcRejection(
                 grpc.StatusCode.INVALID_ARGUMENT, f"top_p={request.top_p} must be in [0, 1]."
             )
-        out = _ToLoop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if self._inbox is None or self._inbox.loop is not loop:
+            self._inbox = _Inbox(loop)
+        out = _ToLoop(self._inbox)
         req = Request(
             prompt_ids=tokenizer.encode(request.prompt),
             max_tokens=int(request.max_tokens),

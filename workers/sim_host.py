@@ -2,9 +2,10 @@
 
 A `SimHost` answers every WorkerService rpc the controller makes the way a real host does
 (island_seq order, generations, epochs, suspend/resume, execution log, checkpoints "committed"
-on request) but a step is a sleep of the island's configured step time, a job's memory is the
-configured figure, and failures are injected (`fail_step`: a step of a job that fails once on
-this host; `kill`: the server stops answering). `SimCluster` serves many such islands, one
+on request, slices cut short for serving by CutSlice) but a step is a sleep of the island's
+configured step time, a job's memory is the configured figure, and failures are injected
+(`fail_step`: a step of a job that fails once on this host; `kill`: the server stops
+answering). `SimCluster` serves many such islands, one
 host each, each on its own loopback port, in the calling event loop; `serve_main` runs a
 cluster in a process of its own (`python -m pathways_lite.workers.sim_host --islands 64`)
 and writes the hosts' addresses to a file, so the controller process runs alone.
@@ -31,8 +32,9 @@ import grpc
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import WORKER_WIRE_VERSION
-from .ordering import SKIP_WAIT_S, coalesced_replies, slice_steps
+from .ordering import SKIP_WAIT_S, SLICE_END, StepNotRun, coalesced_replies, slice_steps
 from .rpc import RpcRejection
+from .serve_rpc import SliceCut
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         self._device = asyncio.Lock()
         # Tasks running RunSlice streams' steps, and skipping the numbers of steps not run.
         self._tasks: set[asyncio.Future] = set()
+        # Each job's CutSlice state (the real host's `SliceCut`, workers/serve_rpc.py).
+        self._cuts: dict[str, SliceCut] = {}
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -200,6 +204,22 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             return await self._run_step(request, time.time_ns())
         except RpcRejection as e:
             await context.abort(e.code, e.message)
+        except StepNotRun as e:
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
+
+    async def CutSlice(self, request, context):
+        """A phase of a cut of the job's slices at a step boundary, as the real host."""
+        if request.epoch < self.newest_epoch:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"epoch={request.epoch} is older than the newest controller epoch "
+                f"{self.newest_epoch}.",
+            )
+        self._epoch(request.epoch)
+        if request.job_id not in self.jobs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        next_step = self._cuts.setdefault(request.job_id, SliceCut()).apply(request)
+        return worker_pb2.CutSliceReply(job_id=request.job_id, next_step=next_step)
 
     async def RunSlice(self, request, context):
         """The slice's steps through RunStep's path, back to back, streaming their replies in
@@ -223,6 +243,11 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                     return
                 try:
                     reply = await self._run_step(step, received)
+                except StepNotRun:
+                    # Cut for serving: the slice ends before this step (its number used).
+                    self._skip_when_due([s.island_seq for s in steps[index + 1 :]], request.epoch)
+                    replies.put_nowait(SLICE_END)
+                    return
                 except BaseException as e:  # noqa: BLE001 - handed to the stream
                     replies.put_nowait(e)
                     self._skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
@@ -243,12 +268,17 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
 
         Raises:
             RpcRejection: the step was refused or failed (an injected failure).
+            StepNotRun: a cut for serving ends its slice before it (CutSlice).
         """
         self._epoch(request.epoch)
         await self._take_seq(request.island_seq)
         job = self.jobs.get(request.job_id)
         if job is None:
             raise RpcRejection(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        # Held or ended here by a cut; marks the step started (what a HOLD answers).
+        await self._cuts.setdefault(request.job_id, SliceCut()).admit(
+            request.generation, request.step, request.island_seq, request.epoch
+        )
         if job.generation != request.generation:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -316,6 +346,7 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def UnloadJob(self, request, context):
+        self._cuts.pop(request.job_id, None)
         return worker_pb2.UnloadJobReply(unloaded=self.jobs.pop(request.job_id, None) is not None)
 
     async def Abort(self, request, context):
