@@ -225,6 +225,17 @@ data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
 """)
 
 
+def wait_islands_empty(hosts, why: str = "", timeout_s: float = 30) -> None:
+    """Wait until no host holds a job or live device bytes (fails naming what is left)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replies = logs(hosts)
+        if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"islands not back to zero{f' ({why})' if why else ''}: {replies}")
+
+
 def _greedy(client, job_id: str) -> str:
     return "".join(r.text for r in client.generate(job_id, "def main(", max_tokens=12))
 
@@ -328,14 +339,7 @@ def test_a_preempted_serve_job_ends_its_streams_naming_it_then_suspends_and_serv
         assert state_name(client.get(srv.id).state) == "running"
         client.cancel(srv.id, reason="done")
         assert state_name(client.wait(srv.id, timeout_s=60).state) == "cancelled"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            replies = logs(hosts)
-            if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(f"islands not back to zero (a KV cache left?): {replies}")
+        wait_islands_empty(hosts, "a KV cache left?")
     finally:
         for job_id in started:
             if state_name(client.get(job_id).state) not in ("succeeded", "failed", "cancelled"):
@@ -436,11 +440,4 @@ def test_churn_ends_every_job_terminal_without_deadlock(client, hosts, jobs) -> 
         assert state_name(job.state) in TERMINAL, job
         if not cancel:
             assert state_name(job.state) == "succeeded", job.message
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        replies = logs(hosts)
-        if all(not r.jobs and r.live_bytes_total == 0 for r in replies.values()):
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(f"islands not back to zero: {replies}")
+    wait_islands_empty(hosts)
