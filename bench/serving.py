@@ -27,6 +27,7 @@ slices the controller cuts while requests decode (bench/serving_controller.py).
 
 Run: .venv/bin/python bench/serving.py [--json] [--model palm-small] [--seconds 6]
      .venv/bin/python bench/serving.py --through-controller [--json] [--model palm-tiny]
+         [--devices-per-island 2]
 """
 
 from __future__ import annotations
@@ -229,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure through a local cluster's controller (real gRPC, the controller's cut)",
     )
+    parser.add_argument(
+        "--devices-per-island",
+        type=int,
+        default=2,
+        help="with --through-controller: the island's CPU devices, both jobs model parallel "
+        "over all of them (default 2, as the test cluster)",
+    )
     args = parser.parse_args(argv)
     if args.through_controller:
         return through_controller(args)
@@ -329,12 +337,20 @@ def main(argv: list[str] | None = None) -> int:
 def through_controller(args: argparse.Namespace) -> int:
     from serving_controller import run
 
-    out = run(args.model, args.max_batch, args.max_seq_len, args.tokens, args.seconds)
+    out = run(
+        args.model,
+        args.max_batch,
+        args.max_seq_len,
+        args.tokens,
+        args.seconds,
+        args.devices_per_island,
+    )
     if args.json:
         print(json.dumps(out))
         return 0
     print(
-        f"through the controller: model {args.model}, {args.max_batch} slots, {args.tokens} tokens"
+        f"through the controller: model {args.model}, {args.max_batch} slots, {args.tokens} tokens,"
+        f" one island of {args.devices_per_island} device(s)"
     )
     for n in (1, 8, 32):
         key = f"tokens_per_s_{n}_client" + ("s" if n > 1 else "")

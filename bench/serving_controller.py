@@ -26,25 +26,29 @@ import tempfile
 import threading
 import time
 
-# The serve job's islands: one island of 2 devices (as the test cluster).
+# The serve job's island: one island of 2 devices (as the test cluster) unless told otherwise;
+# both jobs use every device of it, model parallel (`mesh: {data: 1, model: N}`).
 DEVICES = 2
 
 
-def _spec(name: str, model: str, body: str) -> str:
+def _spec(name: str, model: str, body: str, devices: int) -> str:
     return (
-        f"name: {name}\nmodel: {{preset: {model}}}\nislands: 1\ndevices_per_island: {DEVICES}\n"
-        f"mesh: {{data: 1, model: {DEVICES}}}\n"
+        f"name: {name}\nmodel: {{preset: {model}}}\nislands: 1\ndevices_per_island: {devices}\n"
+        f"mesh: {{data: 1, model: {devices}}}\n"
         "data: {source: stdlib, vocab_size: 1024, max_bytes: 1000000}\n" + body
     )
 
 
 class Bench:
-    def __init__(self, state_dir: str, model: str, max_batch: int, max_seq_len: int) -> None:
+    def __init__(
+        self, state_dir: str, model: str, max_batch: int, max_seq_len: int, devices: int
+    ) -> None:
         from pathways_lite.client import ControllerClient
         from pathways_lite.local import LocalCluster
 
         self.state_dir = state_dir
-        self.cluster = LocalCluster(islands=1, devices_per_island=DEVICES, state_dir=state_dir)
+        self.devices = devices
+        self.cluster = LocalCluster(islands=1, devices_per_island=devices, state_dir=state_dir)
         self.cluster.start()
         self.client = ControllerClient(state_dir)
         self.model = model
@@ -62,7 +66,12 @@ class Bench:
 
         src = self.client.submit(
             load_spec_text(
-                _spec("bench-src", self.model, "train: {steps: 2, global_batch: 4, seq_len: 64}\n")
+                _spec(
+                    "bench-src",
+                    self.model,
+                    "train: {steps: 2, global_batch: 4, seq_len: 64}\n",
+                    self.devices,
+                )
             )
         )
         state = state_name(self.client.wait(src.id, timeout_s=900).state)
@@ -73,6 +82,7 @@ class Bench:
             self.model,
             "kind: serve\ninit_from: {job: bench-src}\ntrain: {global_batch: 4, seq_len: 64}\n"
             f"serve: {{max_batch: {self.max_batch}, max_seq_len: {self.max_seq_len}}}\n",
+            self.devices,
         )
         self.serve_id = self.client.submit(load_spec_text(serve)).id
         deadline = time.monotonic() + 900
@@ -91,7 +101,7 @@ class Bench:
 
         body = "train: {steps: 1000000, global_batch: 8, seq_len: 64, seed: 3}\n"
         self.train_id = self.client.submit(
-            load_spec_text(_spec("bench-train", self.model, body))
+            load_spec_text(_spec("bench-train", self.model, body, self.devices))
         ).id
         while self.steps() < 3:  # loaded, compiled, stepping
             time.sleep(0.2)
@@ -163,10 +173,17 @@ class Bench:
             t.join()
 
 
-def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: float) -> dict:
+def run(
+    model: str,
+    max_batch: int,
+    max_seq_len: int,
+    tokens: int,
+    seconds: float,
+    devices: int = DEVICES,
+) -> dict:
     """The figures through the controller (bench/serving.py's keys, plus `mode`)."""
     state_dir = tempfile.mkdtemp(prefix="plbench-", dir="/tmp")
-    bench = Bench(state_dir, model, max_batch, max_seq_len)
+    bench = Bench(state_dir, model, max_batch, max_seq_len, devices)
     try:
         bench.start_service()
         for n in (1, 2, 4, 8, 16, 32, max_batch):  # warm-up: every prefill row bucket
@@ -195,6 +212,7 @@ def run(model: str, max_batch: int, max_seq_len: int, tokens: int, seconds: floa
         "mode": "controller",
         "model": model,
         "max_batch": max_batch,
+        "devices_per_island": devices,
         "tokens_per_request": tokens,
         "tokens_per_s_1_client": base,
         "tokens_per_s_1_client_runs": [runs[1]["tokens_per_s"], one_again["tokens_per_s"]],

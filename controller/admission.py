@@ -495,14 +495,16 @@ class Admission:
                         at = end
                         break
             ready.append((at, n, island))
-        if len(ready) < demand.islands:
-            return None
         ready.sort()
-        chosen = ready[: demand.islands]
-        start = chosen[-1][0]
+        # The earliest islands of one host count.
+        chosen = sched.same_hosts([i for _, _, i in ready], demand.islands)
+        if chosen is None:
+            return None
+        at_of = {island: at for at, _, island in ready}
+        start = max(at_of[i] for i in chosen)
         if math.isinf(start):
             return None
-        return Reservation(demand.job_id, start, tuple(i for _, _, i in chosen))
+        return Reservation(demand.job_id, start, tuple(chosen))
 
     def _reservation_sentence(self, r: Reservation) -> str:
         wait = max(0.0, r.start - self.clock())
@@ -526,9 +528,10 @@ class Admission:
         room = sched.candidates(demand)
         # Islands the head does not need first: they hold it back in no case.
         room.sort(key=lambda i: i in r.islands)
-        if len(room) < demand.islands:
+        room = sched.same_hosts(room, demand.islands)
+        if room is None:
             return None
-        islands = sched.place(demand, sorted(room[: demand.islands], key=sched.island_ids.index))
+        islands = sched.place(demand, sorted(room, key=sched.island_ids.index))
         if islands is not None:
             self.notes[record.id] = (
                 f"Backfilled ahead of {r.job_id}: expected to end in about {length:.0f} s, "
@@ -584,12 +587,16 @@ class Admission:
             if any(i in sched.down for i in chosen):
                 return None
         else:
+            # Islands of one host count (host i of each island exchanges with host i).
+            groups: dict[int, list[str]] = {}
             chosen = []
             for island in sched.candidates(demand):
-                if len(chosen) == demand.islands:
-                    break
-                if self._ahead_still_fit(ahead, demand, [*chosen, island]):
-                    chosen.append(island)
+                group = groups.setdefault(sched.hosts[island], [])
+                if self._ahead_still_fit(ahead, demand, [*group, island]):
+                    group.append(island)
+                    if len(group) == demand.islands:
+                        chosen = group
+                        break
             if len(chosen) < demand.islands:
                 return None
         if not self._ahead_still_fit(ahead, demand, chosen):
@@ -694,11 +701,13 @@ class Admission:
             if len(room) < len(own):
                 return []
         else:
-            room = self.scheduler.candidates(demand, reclaim=reclaim)
-            if len(room) < demand.islands:
+            room = self.scheduler.same_hosts(
+                self.scheduler.candidates(demand, reclaim=reclaim), demand.islands
+            )
+            if room is None:
                 return []
         chosen = set()
-        for island in room[: len(own) if own else demand.islands]:
+        for island in room:
             chosen.update(victims.get(island, []))
         for job_id in sorted(chosen):
             self.runners[job_id].request_suspend(by=demand.job_id)

@@ -103,6 +103,7 @@ class Controller:
                 for island in islands
             },
             slots=max(2, window),
+            hosts={island.id: len(island.hosts) for island in islands},
         )
         self.events = EventBus()
         # Job logs persist in `<state_dir>/logs` (rotated per job), so restarts keep them.

@@ -109,6 +109,7 @@ class Scheduler:
         *,
         slots: int = 2,
         share_by: str | None = None,
+        hosts: Mapping[str, int] | None = None,
     ) -> None:
         # PATHWAYS_LITE_SHARE_BY=steps makes slot counts (not seconds) follow the weights.
         share_by = share_by or os.environ.get("PATHWAYS_LITE_SHARE_BY", "time")
@@ -118,6 +119,9 @@ class Scheduler:
             raise ValueError(f"slots={slots} must be at least 1.")
         self.island_ids = list(island_ids)
         self.budgets = {i: int((budgets or {}).get(i, 0)) for i in self.island_ids}
+        # Hosts per island: a job's islands all have as many (host i of each island exchanges
+        # with host i of the others).
+        self.hosts = {i: int((hosts or {}).get(i, 1)) for i in self.island_ids}
         self.slots = slots
         self.share_by = share_by
         # job -> (islands, bytes per device held on each).
@@ -188,6 +192,18 @@ class Scheduler:
                 f"{islands} island(s), but only {sum(b >= bytes_per_device for b in big)} "
                 f"island(s) have that budget (largest: {format_size(max(big))} per device)."
             )
+        counts = collections.Counter(
+            self.hosts[i]
+            for i in self.island_ids
+            if (self.budgets[i] or float("inf")) >= bytes_per_device
+        )
+        if islands > 1 and max(counts.values()) < islands:
+            return (
+                f"the job needs islands={islands} with the same number of hosts (host i of "
+                "each island exchanges with host i), but the cluster's islands with room have "
+                + ", ".join(f"{n} x {h} host(s)" for h, n in sorted(counts.items()))
+                + "."
+            )
         return None
 
     def fits_ever(self, islands: int, bytes_per_device: int = 0) -> bool:
@@ -207,13 +223,25 @@ class Scheduler:
         ]
         return sorted(room, key=lambda i: (len(self._on[i]), self._index[i]))
 
+    def same_hosts(self, room: Sequence[str], islands: int) -> list[str] | None:
+        """The first `islands` islands of `room` (in its order) that have one host count, or
+        None: a job's islands all have as many hosts."""
+        groups: dict[int, list[str]] = {}
+        for island in room:
+            group = groups.setdefault(self.hosts[island], [])
+            group.append(island)
+            if len(group) == islands:
+                return group
+        return None
+
     def place(self, demand: Demand, islands: Sequence[str] | None = None) -> list[str] | None:
-        """Hold `demand` on `islands` (or the best free ones): all of them, or None."""
+        """Hold `demand` on `islands` (or the best free ones of one host count): all of them,
+        or None."""
         if islands is None:
-            room = self.candidates(demand)
-            if len(room) < demand.islands:
+            room = self.same_hosts(self.candidates(demand), demand.islands)
+            if room is None:
                 return None
-            chosen = sorted(room[: demand.islands], key=self._index.__getitem__)
+            chosen = sorted(room, key=self._index.__getitem__)
         else:
             if any(self.free_bytes(i) < demand.bytes_per_device or i in self.down for i in islands):
                 return None

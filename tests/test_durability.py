@@ -8,7 +8,8 @@ CPU devices), `duo` (2 hosts x 1 device: one JAX runtime over two processes) and
    of duo mid-training: V and D roll back to their last committed checkpoint on restarted
    islands and complete; S keeps stepping meanwhile;
 2. the same V and D specs again, uninterrupted (the bitwise reference);
-3. jobs on a + b and on duo; SIGKILL the controller mid-training and a host of a, corrupt
+3. a job on duo, then one on two of a, b, c (the NaN job below takes the third); SIGKILL the
+   controller mid-training and a host of the second job, corrupt
    V's newest checkpoint, start a new controller on the same state dir: it takes a new
    epoch, re-attaches to the live hosts, continues D from the state duo kept (no step run
    again), skips V's corrupt checkpoint and completes every job;
@@ -41,7 +42,10 @@ from pathways_lite.spec import load_spec_text
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 STEPS, EVERY = 16, 4
-LONG = 160  # the steps of the jobs the controller's death interrupts (still running then)
+# The steps of the jobs the controller's death interrupts, sized so both still run then: D2
+# (on the two-host island) starts first and keeps stepping while V2 loads and commits two
+# checkpoints; V2 is killed a few steps past its second.
+LONG_V, LONG_D = 40, 80
 
 
 def spec_text(name: str, islands: int, *, steps: int = STEPS, extra: str = "") -> str:
@@ -93,7 +97,9 @@ def story():
     from pathways_lite.local import LocalCluster
 
     state_dir = Path(tempfile.mkdtemp(prefix="pld-", dir="/tmp"))
-    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2", "duo:2:1", "c:1:2"])
+    # duo first: a job of one island goes to the free island of the lowest rank (D and D2 to
+    # duo); a job of two goes to two islands of one host count (V and V2 to two of a, b, c).
+    cluster = LocalCluster(state_dir=state_dir, island_specs=["duo:2:1", "a:1:2", "b:1:2", "c:1:2"])
     # Warm spare hosts for the islands of data-parallel jobs, as a user gets them, one per
     # host (the default keeps two; tests/test_island_hosts.py covers the second: here it
     # would only cost the two cores a process start per host).
@@ -129,19 +135,17 @@ def story():
         # 3. controller death.
         # Longer than the references (the learning rate does not depend on the total steps:
         # their first STEPS losses are the references'), so both still run at the kill.
-        v2 = client.submit(load_spec_text(spec_text("victim", 2, steps=LONG))).id
-        d2 = client.submit(load_spec_text(spec_text("duo", 1, steps=LONG))).id
+        # D2 first: it is loaded and stepping (a two-host island whose LoadJob the
+        # controller's death cuts off mid-compile is not this story) before V2 starts, so
+        # V2 runs only a few steps past its second checkpoint before the kill.
+        d2 = client.submit(load_spec_text(spec_text("duo", 1, steps=LONG_D))).id
         # 4. a NaN loss (on the free island c).
         nan_spec = spec_text("nan", 1, extra="optimizer: {learning_rate: 1.0e+30}")
         nan = client.submit(load_spec_text(nan_spec)).id
-        wait_for(
-            lambda: len(store.checkpoints(v2)) >= 2,
-            180,
-            "two checkpoints of v2",
-        )
-        # D2 is loaded (a two-host island whose LoadJob the controller's death cuts off
-        # mid-compile is not this story).
         wait_for(lambda: store.steps_completed(d2) >= 1, 180, "d2 stepping")
+        v2 = client.submit(load_spec_text(spec_text("victim", 2, steps=LONG_V))).id
+        wait_for(lambda: len(store.checkpoints(v2)) >= 2, 180, "two checkpoints of v2")
+        out["steps_at_controller_kill"] = (store.steps_completed(v2), store.steps_completed(d2))
         v2_island = list(client.get(v2).islands)[0]
         v2_host = host_pid(client, v2_island, 0)
         client.close()
@@ -167,6 +171,7 @@ def story():
         client.close()
         t0 = out["times"][0][1]
         print("story times:", [(name, round(t - t0, 1)) for name, t in out["times"]])
+        print("steps (v2, d2) at the controller's kill:", out["steps_at_controller_kill"])
         yield out
     finally:
         if spares_before is None:
@@ -240,10 +245,10 @@ def test_a_restarted_controller_resumes_every_job_and_skips_a_corrupt_checkpoint
     store = story["store"]
     assert story["epoch_2"] > story["epoch_1"]
     v2, d2 = story["ids_3"]
-    for job_id in (v2, d2):
+    for job_id, steps in ((v2, LONG_V), (d2, LONG_D)):
         job = story["jobs_3"][job_id]
         assert state_name(job.state) == "succeeded", (job_id, job.message)
-        assert [m.step for m in store.metrics(job_id)] == list(range(LONG))
+        assert [m.step for m in store.metrics(job_id)] == list(range(steps))
         assert any(
             e.message.startswith("Job queued (controller_restarted)") for e in store.events(job_id)
         ), [e.message for e in store.events(job_id)]

@@ -88,6 +88,23 @@ def test_down_islands_take_no_jobs_until_they_are_back() -> None:
     assert sched.place(Demand("c", 2, 10)) == ["island-0", "island-1"]
 
 
+def test_a_jobs_islands_all_have_the_same_number_of_hosts() -> None:
+    """Host i of each island of a job exchanges with host i of the others: a 2-island job is
+    never placed on a 1-host and a 2-host island (found when such a job was placed on them
+    and failed its load), and a job that no host count has enough islands for can never run."""
+    ids = ["a", "b", "duo", "c"]
+    sched = Scheduler(ids, {i: 100 for i in ids}, hosts={"a": 1, "b": 1, "duo": 2, "c": 1})
+    assert sched.place(Demand("d", 1, 100), ["a"]) == ["a"]
+    assert sched.place(Demand("n", 1, 100), ["b"]) == ["b"]
+    assert sched.place(Demand("v", 2, 100)) is None  # free: duo (2 hosts) and c (1 host)
+    sched.release("n")
+    assert sched.place(Demand("v", 2, 100)) == ["b", "c"]
+    never = sched.never_fits(4, 100)
+    assert never is not None and "islands=4 with the same number of hosts" in never, never
+    assert "3 x 1 host(s), 1 x 2 host(s)" in never, never
+    assert sched.never_fits(3, 100) is None
+
+
 # ---- admission over a real store -----------------------------------------------------------
 
 BUDGET = 100
@@ -97,9 +114,9 @@ class Cluster:
     """Admission on two islands of BUDGET bytes per device, with a real store and scheduler;
     placed jobs get real (unstarted) runners, as the controller's `start` makes them."""
 
-    def __init__(self, tmp_path, islands=("island-0", "island-1")) -> None:
+    def __init__(self, tmp_path, islands=("island-0", "island-1"), hosts=None) -> None:
         self.store = JobStore(tmp_path / "jobs.db")
-        self.scheduler = Scheduler(list(islands), {i: BUDGET for i in islands})
+        self.scheduler = Scheduler(list(islands), {i: BUDGET for i in islands}, hosts=hosts)
         self.runners: dict[str, JobRunner] = {}
         self.bytes: dict[str, int] = {}
         self.admission = Admission(
@@ -179,6 +196,27 @@ def test_a_job_behind_a_waiting_one_starts_only_when_it_cannot_hold_that_one_bac
     c.store.transition("big", JobState.SUCCEEDED, reason="completed")
     c.admission.schedule()
     assert "wide" in c.runners and "greedy" not in c.runners
+
+
+def test_admission_and_preemption_pick_islands_of_one_host_count(tmp_path):
+    """A 2-island job waits while the only free islands differ in host count, starts on two
+    1-host islands once they are free, and preempts lower-priority jobs only on islands of one
+    host count."""
+    ids = ("a", "duo", "c")
+    c = Cluster(tmp_path, islands=ids, hosts={"a": 1, "duo": 2, "c": 1})
+    c.submit("first", 1, 80)
+    c.admission.schedule()
+    assert c.scheduler.islands_of("first") == ["a"]
+    c.submit("wide", 2, 80)
+    c.admission.schedule()
+    assert "wide" not in c.runners  # duo + c are free, but of different host counts
+    c.finish("first")
+    c.admission.schedule()
+    assert c.scheduler.islands_of("wide") == ["a", "c"]
+    c.submit("urgent", 2, 80, priority=5)
+    c.admission.schedule()
+    assert "wide" in c.runners and c.runners["wide"].suspend_requested
+    assert "urgent" not in c.runners
 
 
 def test_the_sum_of_an_islands_residents_never_exceeds_its_budget(tmp_path):
