@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 
@@ -222,6 +223,20 @@ def test_a_restarted_controller_runs_pipelines_on_hosts_that_hold_its_predecesso
     assert [r.step for r in reports] == [STEPS - 1]
     assert reports[0].loss == runs["1f1b"][0][-1].loss
     assert [d.sha256 for d in digests] == [d.sha256 for d in runs["1f1b"][1]]
+
+
+def test_a_restarted_controller_restores_a_pipeline_from_its_checkpoint() -> None:
+    """A restarted controller does not adopt a pipeline's state from its hosts (its stages'
+    digests never agree, its stage links are bound to the loaded generation): `adopt` declines
+    at once, before any host is asked, and the job restores its checkpoint (as above)."""
+    from pathways_lite.controller.peer_recovery import PeerRecovery
+
+    recovery = PeerRecovery(store=None, dispatcher=None)  # neither may be used
+    program = palm_program(Record("p", pipe_spec(2, 1, (1, 1), 8, stages=2, mb=2, sched="1f1b")))
+    assert program.checkpoint_islands == (0, 1)
+    recovery.remember("p", 0, 2)
+    assert asyncio.run(recovery.adopt(program, [], "", lambda report: None)) is None
+    assert "p" not in recovery.adoptable
 
 
 def test_two_stages_two_replicas_match_the_reference_losses(two_by_two_runs) -> None:
@@ -944,3 +959,63 @@ def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
             shard(opt_like),
             params_only=True,
         )
+
+
+def test_the_job_page_draws_a_running_pipelines_schedule_in_chromium(ray_pipe_cluster) -> None:
+    """The dashboard's page of a running pipeline job, in headless Chromium (Playwright, as
+    tests/test_dashboard_browser.py): the schedule chart (plotly) has a row per stage, stage
+    0's forward bars and both stages' backward bars (the last stage's forward is fused into its
+    backward), M per step for the two steps shown, and the hint gives the measured bubble
+    beside the theoretical (S-1)/(M+S-1) = 1/3."""
+    import json
+    import subprocess
+    import sys
+
+    from test_dashboard_browser import ARGS, ARTIFACTS, CHROMIUM
+
+    from pathways_lite.client import ControllerClient, state_name
+
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)."
+    from playwright.sync_api import sync_playwright
+
+    state = str(ray_pipe_cluster.state_dir)
+    dashboard = subprocess.run(
+        [sys.executable, "-m", "pathways_lite.cli", "dashboard", "--json", "--state-dir", state],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    url = json.loads(dashboard.stdout)["url_with_token"]
+    with ControllerClient(state) as client:
+        job = client.submit(ray_spec("pipe-gantt"))
+        try:
+            while len(client.get(job.id).losses) < 2:
+                assert state_name(client.get(job.id).state) in ("queued", "running")
+                time.sleep(0.05)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda e: errors.append(str(e)))
+                    page.goto(url)  # trades the token for a cookie
+                    page.goto(url.split("?")[0] + f"jobs/{job.id}")
+                    page.wait_for_selector("#pipe-card:not([hidden])", timeout=60_000)
+                    traces = page.evaluate(
+                        "document.getElementById('pipe-chart').data.map("
+                        "t => [t.name, Array.from(new Set(t.y)).sort(), t.x.length])"
+                    )
+                    hint = page.inner_text("#pipe-hint")
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    page.screenshot(path=str(ARTIFACTS / "dashboard-pipeline.png"), full_page=True)
+                finally:
+                    browser.close()
+        finally:
+            client.cancel(job.id, reason="test")
+        assert state_name(client.wait(job.id, timeout_s=60).state) == "cancelled"
+    assert traces == [
+        ["forward", ["stage 0"], 2 * 2],
+        ["backward", ["stage 0", "stage 1"], 2 * 2 * 2],
+    ], traces
+    assert "theory" in hint and "0.33 theory" in hint and "S=2, M=2" in hint, hint
+    assert errors == []
