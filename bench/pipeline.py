@@ -13,8 +13,19 @@ baseline host alone on its core. Each run reports the share and the baseline it 
 compared with.
 The controller side is this process (the Dispatcher and `palm_program`, over gRPC).
 
+A second baseline separates pipelining from microbatching: on a CPU a smaller batch can run
+faster per token (palm-small's logits at 64 x 64 tokens are 4096 x 8192 floats, 134 MB,
+while a microbatch's stay nearer the caches), so a pipeline can beat S x the whole-batch
+baseline without any pipelining merit. `efficiency_vs_microbatch` divides by S x the tokens/s
+of the same non-pipelined island at the microbatch's batch (global batch / M, one update per
+microbatch: a slightly pessimistic baseline, it applies the optimizer M times per global
+batch) x (1 - theoretical bubble). Both baselines are measured again right before each
+(S, M) pair of runs, at the same CPU share; the machine's load average (`os.getloadavg()`)
+is recorded beside every figure (a shared machine: compare figures of one run only).
+
 Per run, from the hosts' own step reports after warm-up (medians over steps):
-- tokens/s; efficiency = tokens/s / (S x baseline tokens/s x (1 - theoretical bubble));
+- tokens/s; efficiency = tokens/s / (S x baseline tokens/s x (1 - theoretical bubble)), and
+  the same against the microbatch-sized baseline;
 - the measured bubble: the stages' mean share of their schedule time spent waiting for a
   neighbour, beside the theoretical (S - 1) / (M + S - 1);
 - the activation and activation-gradient bytes the stages sent per step, beside the
@@ -64,9 +75,21 @@ class Run:
     # Stage hosts per core (the baseline is measured at the same share) and its tokens/s.
     cpu_share: int = 1
     baseline_tokens_per_s: float = 0.0
+    # The non-pipelined island at the microbatch's batch (global batch / M), same share.
+    microbatch_baseline_tokens_per_s: float = 0.0
+    efficiency_vs_microbatch: float = 0.0
+    # os.getloadavg() when the run ended (1, 5, 15 minutes).
+    load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-def job_spec(args, islands: int, stages: int = 0, microbatches: int = 0, schedule: str = ""):
+def job_spec(
+    args,
+    islands: int,
+    stages: int = 0,
+    microbatches: int = 0,
+    schedule: str = "",
+    batch: int = 0,
+):
     from pathways_lite.v1 import controller_pb2
 
     spec = controller_pb2.JobSpec(
@@ -75,7 +98,7 @@ def job_spec(args, islands: int, stages: int = 0, microbatches: int = 0, schedul
         devices_per_island=1,
         mesh=controller_pb2.JobSpec.Mesh(data=1, model=1),
         train=controller_pb2.JobSpec.Train(
-            steps=args.steps, global_batch=args.batch, seq_len=SEQ, seed=0, digest_every=0
+            steps=args.steps, global_batch=batch or args.batch, seq_len=SEQ, seed=0, digest_every=0
         ),
         data=controller_pb2.JobSpec.Data(source="stdlib", vocab_size=1024, max_bytes=1_000_000),
     )
@@ -114,17 +137,24 @@ async def run_job(addresses: list[str], spec, warmup: int, tag: str):
     return reports[warmup:], program
 
 
-async def baseline(args, addresses: list[str]) -> float:
-    """Tokens/s of the non-pipelined job on one island, `len(addresses)` copies of it running
-    at once on hosts that share one core (each copy at that share of the core): the mean."""
+async def baseline(args, addresses: list[str], batch: int = 0) -> float:
+    """Tokens/s of the non-pipelined job (global batch `batch`, default the run's) on one
+    island, `len(addresses)` copies of it running at once on hosts that share one core (each
+    copy at that share of the core): the mean."""
+    batch = batch or args.batch
     runs = await asyncio.gather(
         *(
-            run_job([address], job_spec(args, 1), args.warmup, f"base{len(addresses)}-{k}")
+            run_job(
+                [address],
+                job_spec(args, 1, batch=batch),
+                args.warmup,
+                f"base{len(addresses)}-b{batch}-{k}",
+            )
             for k, address in enumerate(addresses)
         )
     )
     steps = [statistics.median(r.hosts[0].reply.step_s for r in reports) for reports, _ in runs]
-    return statistics.mean(args.batch * SEQ / s for s in steps)
+    return statistics.mean(batch * SEQ / s for s in steps)
 
 
 def measure(reports, stages, microbatches, schedule, batch, d_model) -> Run:
@@ -159,6 +189,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--no-microbatch-baseline",
+        dest="microbatch_baseline",
+        action="store_false",
+        help="skip the baseline at the microbatch's batch (global batch / M)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from pathways_lite.controller import spec as spec_lib
@@ -176,24 +212,45 @@ def main() -> int:
             proc, address = spawn("host", k % cores, f"i{k}")
             procs.append(proc)
             addresses.append(address)
-        baselines: dict[int, float] = {}  # tokens/s of one island, by hosts per core
+        baselines: dict[int, float] = {}  # the first whole-batch baseline, by hosts per core
         for stages in stage_counts:
             share = -(-stages // cores)
-            if share not in baselines:
-                # Hosts 0, cores, 2 cores... are all pinned to core 0.
-                on_core0 = addresses[0 : share * cores : cores]
-                baselines[share] = asyncio.run(baseline(args, on_core0))
-            base_tps = baselines[share]
+            # Hosts 0, cores, 2 cores... are all pinned to core 0.
+            on_core0 = addresses[0 : share * cores : cores]
             for mb in mb_counts:
+                # Measured again right before each (S, M) pair of runs: on a shared machine
+                # the load moves within minutes, and a baseline taken once at a busier moment
+                # made later pipelines "beat" S x baseline (efficiency 1.1-2.9 seen).
+                base_tps = asyncio.run(baseline(args, on_core0))
+                baselines.setdefault(share, base_tps)
+                mb_tps = 0.0
+                if args.microbatch_baseline:
+                    mb_tps = asyncio.run(baseline(args, on_core0, args.batch // mb))
+                logger.warning(
+                    "baselines at 1/%d of a core before S=%d M=%d: %.0f tokens/s (batch %d), "
+                    "%.0f tokens/s (batch %d); load %s",
+                    share,
+                    stages,
+                    mb,
+                    base_tps,
+                    args.batch,
+                    mb_tps,
+                    args.batch // mb,
+                    os.getloadavg(),
+                )
                 for schedule in schedules:
                     spec = job_spec(args, stages, stages, mb, schedule)
                     tag = f"{stages}-{mb}-{schedule}"
                     reports, _ = asyncio.run(run_job(addresses[:stages], spec, args.warmup, tag))
                     run = measure(reports, stages, mb, schedule, args.batch, d_model)
-                    run.efficiency_vs_ideal = run.tokens_per_s / (
-                        stages * base_tps * (1 - run.bubble_theory)
-                    )
+                    ideal = stages * (1 - run.bubble_theory)
+                    run.efficiency_vs_ideal = run.tokens_per_s / (ideal * base_tps)
                     run.cpu_share, run.baseline_tokens_per_s = share, base_tps
+                    run.microbatch_baseline_tokens_per_s = mb_tps
+                    if mb_tps:
+                        run.efficiency_vs_microbatch = run.tokens_per_s / (ideal * mb_tps)
+                    run.load_avg = tuple(round(x, 2) for x in os.getloadavg())
+                    logger.warning("%s", run)
                     runs.append(run)
     finally:
         for proc in procs:
@@ -224,12 +281,16 @@ def main() -> int:
                         "stage_bytes_analytic",
                         "cpu_share",
                         "baseline_tokens_per_s",
+                        "microbatch_baseline_tokens_per_s",
+                        "efficiency_vs_microbatch",
+                        "load_avg",
                     )
                 }
                 for r in runs
             ],
             "peak_activation_ratio_1f1b_to_gpipe": peak_ratio,
             "cores": cores,
+            "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         }
         print(json.dumps(out, indent=1))
         return 0
@@ -247,7 +308,9 @@ def main() -> int:
             f"bubble {r.bubble_measured:.2f} measured vs {r.bubble_theory:.2f} theory, "
             f"stage bytes/step {r.stage_bytes_per_step:,} vs analytic "
             f"{r.stage_bytes_analytic:,}, peak stash {r.peak_stash_bytes:,} B, "
-            f"{r.cpu_share} stage host(s) per core"
+            f"{r.cpu_share} stage host(s) per core; vs the microbatch-sized baseline "
+            f"({r.microbatch_baseline_tokens_per_s:,.0f} tokens/s): "
+            f"{r.efficiency_vs_microbatch:.2f}; load {r.load_avg}"
         )
     if peak_ratio is not None:
         print(f"peak stashed activations 1F1B / GPipe (worst S, M): {peak_ratio:.2f}")

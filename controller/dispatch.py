@@ -438,8 +438,7 @@ class Dispatcher:
                 )
         calls = sent.calls
         for island in islands:
-            seq = island.next_seq
-            island.next_seq += count
+            seq = island.take_seqs(count, self.epoch)
             sent.seqs.append((island, seq, count))
             request = worker_pb2.RunSliceRequest(
                 job_id=program.job_id,

@@ -162,12 +162,14 @@ class Island:
     """An island as the controller drives it: its hosts, its island_seq counter, its group.
 
     Every host of an island receives the same island_seq for a step; the numbers are
-    contiguous per island within one controller epoch (the hosts restart at 0 on a new one).
+    contiguous per island within one controller epoch (the hosts restart at 0 on a new one,
+    and so does the counter: `take_seqs`).
 
     Attributes:
         id: the island's name.
         hosts: connections to its hosts, in host order.
         next_seq: the island_seq the next step gets.
+        seq_epoch: the controller epoch `next_seq` counts in (None: no step numbered yet).
         group: the island's Ray host group (workers/island_host.py), if it can be restarted.
         credential: the cluster credential its hosts require (a restart reconnects with it).
         tls: the cluster's TLS setting and CA for the channels to its hosts.
@@ -176,6 +178,7 @@ class Island:
     id: str
     hosts: list[HostHandle]
     next_seq: int = 0
+    seq_epoch: int | None = None
     group: Any = None
     credential: Credential | None = None
     tls: TlsConfig | None = None
@@ -229,9 +232,19 @@ class Island:
     def restartable(self) -> bool:
         return self.group is not None
 
-    def take_seq(self) -> int:
+    def take_seqs(self, count: int, epoch: int) -> int:
+        """The first of `count` contiguous island_seq numbers for steps sent under `epoch`.
+
+        A host restarts its sequence at 0 when it adopts a newer epoch, so the counter does
+        too when a dispatcher of another epoch numbers steps on this island (a handle kept
+        across dispatchers: a bench's next run, a script's second controller); counting on
+        from the old epoch's numbers, the hosts would wait for numbers that never come.
+        """
+        if self.seq_epoch is not None and self.seq_epoch != epoch:
+            self.next_seq = 0
+        self.seq_epoch = epoch
         seq = self.next_seq
-        self.next_seq += 1
+        self.next_seq += count
         return seq
 
     def call_async(self, method: str, request: Request, *, timeout: float) -> list[asyncio.Future]:
@@ -321,7 +334,7 @@ class Island:
                 for m in self.group.metadata
             ]
             old, self.hosts = self.hosts, hosts
-            self.next_seq = 0
+            self.next_seq, self.seq_epoch = 0, None
             self.generation += 1
             self.dead = None
             self._died = None

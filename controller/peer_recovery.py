@@ -271,7 +271,10 @@ class PeerRecovery:
         """
         job_id = program.job_id
         hint = self.adoptable.pop(job_id, None)
-        if hint is None or program.mixture is not None:
+        # A pipeline's stages hold different parameters (their digests never agree) and its
+        # stage links are bound to the loaded generation: it restores its checkpoint.
+        pipeline = len(program.checkpoint_islands) > 1
+        if hint is None or program.mixture is not None or pipeline:
             return None
         old_generation, recorded = hint
         started = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 
@@ -26,7 +27,7 @@ from pathways_lite.controller.program import HostLoad
 from pathways_lite.controller.resolved import palm_program
 from pathways_lite.model.config import PalmConfig
 from pathways_lite.model.data import prepare_dataset
-from pathways_lite.model.pipeline import peak_stash, schedule_order, stage_split
+from pathways_lite.model.pipeline import SCHEDULES, peak_stash, schedule_order, stage_split
 from pathways_lite.model.train import ReferenceTrainer
 from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
 from pathways_lite.workers.host import HostMetadata
@@ -108,20 +109,27 @@ async def dispatch(addresses: list[str], spec, job_id: str, epoch: int):
     every island's final ParamDigest."""
     islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
     try:
-        dispatcher = Dispatcher(epoch=epoch)
         program = palm_program(Record(job_id, spec))
-        await dispatcher.load(program, islands)
-        reports = []
-        await dispatcher.run(program, islands, on_step=reports.append)
-        digests = [
-            await island.hosts[0].stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=job_id))
-            for island in islands
-        ]
-        await dispatcher.unload(job_id, islands)
-        return reports, digests
+        return await dispatch_on(islands, Dispatcher(epoch=epoch), program)
     finally:
         for island in islands:
             await island.close()
+
+
+async def dispatch_on(islands: list[Island], dispatcher: Dispatcher, program, *, unload=True):
+    """Load and run `program` on `islands` (within 120 s: a step that never starts fails
+    here, not at the module's timeout), then unload it unless `unload` is False: its step
+    reports and every island's ParamDigest."""
+    await dispatcher.load(program, islands)
+    reports: list = []
+    await asyncio.wait_for(dispatcher.run(program, islands, on_step=reports.append), 120)
+    digests = [
+        await island.hosts[0].stub.ParamDigest(worker_pb2.ParamDigestRequest(job_id=program.job_id))
+        for island in islands
+    ]
+    if unload:
+        await dispatcher.unload(program.job_id, islands)
+    return reports, digests
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +168,75 @@ def test_1f1b_stashes_at_most_stages_microbatches_and_gpipe_all() -> None:
 
 
 @pytest.fixture(scope="module")
-def two_by_two_runs(four_hosts):
-    """palm-tiny (2 blocks) as 2 stages x 2 replicas, 1F1B then GPipe, on the same hosts."""
-    addresses = [h.address for h in four_hosts]
-    runs = {}
-    for epoch, sched in enumerate(("1f1b", "gpipe"), start=1):
-        spec = pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched=sched)
-        runs[sched] = asyncio.run(dispatch(addresses, spec, f"pipe-{sched}", epoch))
-    return spec, runs
+def two_by_two_runs(four_hosts, tmp_path_factory):
+    """palm-tiny (2 blocks) as 2 stages x 2 replicas on the same hosts: 1F1B under controller
+    epoch 1, checkpointing after step 2; its controller then dies (the job stays loaded on the
+    hosts) and a restarted one (epoch 2, on the same island handles) runs GPipe, then the 1F1B
+    job again as generation 1 restored from the step-2 checkpoint (`1f1b-restarted`)."""
+    from pathways_lite.workers.checkpoint import is_committed
+
+    folder = str(tmp_path_factory.mktemp("pipe-2x2"))
+    specs = {s: pipe_spec(4, 1, (1, 1), batch=16, stages=2, mb=4, sched=s) for s in SCHEDULES}
+
+    async def main() -> dict:
+        islands = [
+            Island(f"local-{i}", [await connect_host(h.address)]) for i, h in enumerate(four_hosts)
+        ]
+        try:
+            first = dataclasses.replace(
+                palm_program(Record("pipe-1f1b", specs["1f1b"])),
+                checkpoint_dir=folder,
+                checkpoint_every=2,
+            )
+            runs = {"1f1b": await dispatch_on(islands, Dispatcher(1), first, unload=False)}
+            deadline = time.monotonic() + 60
+            while not all(is_committed(f"{folder}/stage{s}/g0-step2") for s in (0, 1)):
+                assert time.monotonic() < deadline, "the step-2 checkpoint was not committed"
+                await asyncio.sleep(0.05)
+            restarted = Dispatcher(2)
+            gpipe = palm_program(Record("pipe-gpipe", specs["gpipe"]))
+            runs["gpipe"] = await dispatch_on(islands, restarted, gpipe)
+            again = dataclasses.replace(
+                palm_program(Record("pipe-1f1b", specs["1f1b"], generation=1)),
+                checkpoint_dir=folder,  # its stage parts: <folder>/stage<s>/
+                restore_from=f"{folder}/g0-step2",
+                start_step=2,
+            )
+            runs["1f1b-restarted"] = await dispatch_on(islands, restarted, again)
+            return runs
+        finally:
+            for island in islands:
+                await island.close()
+
+    return specs["1f1b"], asyncio.run(main())
+
+
+def test_a_restarted_controller_runs_pipelines_on_hosts_that_hold_its_predecessors_job(
+    two_by_two_runs,
+) -> None:
+    """After a controller restart (new epoch, the dead controller's job still loaded) every
+    stage steps again: a new job runs (GPipe: the other tests check it), and the job itself,
+    reloaded as a new generation from its step-2 checkpoint, gives bitwise the losses and
+    parameters of its uninterrupted run."""
+    _, runs = two_by_two_runs
+    reports, digests = runs["1f1b-restarted"]
+    assert [r.step for r in reports] == [STEPS - 1]
+    assert reports[0].loss == runs["1f1b"][0][-1].loss
+    assert [d.sha256 for d in digests] == [d.sha256 for d in runs["1f1b"][1]]
+
+
+def test_a_restarted_controller_restores_a_pipeline_from_its_checkpoint() -> None:
+    """A restarted controller does not adopt a pipeline's state from its hosts (its stages'
+    digests never agree, its stage links are bound to the loaded generation): `adopt` declines
+    at once, before any host is asked, and the job restores its checkpoint (as above)."""
+    from pathways_lite.controller.peer_recovery import PeerRecovery
+
+    recovery = PeerRecovery(store=None, dispatcher=None)  # neither may be used
+    program = palm_program(Record("p", pipe_spec(2, 1, (1, 1), 8, stages=2, mb=2, sched="1f1b")))
+    assert program.checkpoint_islands == (0, 1)
+    recovery.remember("p", 0, 2)
+    assert asyncio.run(recovery.adopt(program, [], "", lambda report: None)) is None
+    assert "p" not in recovery.adoptable
 
 
 def test_two_stages_two_replicas_match_the_reference_losses(two_by_two_runs) -> None:
@@ -190,7 +259,9 @@ def test_stages_send_exactly_the_activations_and_1f1b_stashes_less(two_by_two_ru
     per_replica = 16 // 2 * SEQ * d_model * 4  # (B / R, T, D) float32, forward or backward
     for report in runs["1f1b"][0]:
         assert [h.reply.stage_bytes_sent for h in report.hosts] == [per_replica] * 4
-    peak = {s: max(h.reply.peak_stash_bytes for r in runs[s][0] for h in r.hosts) for s in runs}
+    peak = {
+        s: max(h.reply.peak_stash_bytes for r in runs[s][0] for h in r.hosts) for s in SCHEDULES
+    }
     # Stage 0 stashes its microbatches' inputs: 2 (= S) under 1F1B, all 4 under GPipe.
     assert peak["1f1b"] * 2 == peak["gpipe"] > 0
 
@@ -305,6 +376,82 @@ def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts
     finally:
         for host in (a, b):
             host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="hung", epoch=9), timeout=60)
+
+
+async def dispatch_beside(addresses: list[str], jobs: list[tuple], epoch: int) -> dict:
+    """Load several jobs on the same islands and run them at once as the controller does:
+    one Dispatcher, the islands shared, the controller's Scheduler granting step slots
+    (counted in steps) by weight. `jobs`: (job_id, spec, weight). Returns each job's losses."""
+    from pathways_lite.controller.scheduler import Scheduler
+
+    islands = [Island(f"local-{i}", [await connect_host(a)]) for i, a in enumerate(addresses)]
+    ids = [island.id for island in islands]
+    scheduler = Scheduler(ids, slots=2, share_by="steps")
+    dispatcher = Dispatcher(epoch=epoch, slice_s=0.0)  # one step per slice
+    losses: dict[str, list[float]] = {}
+
+    async def run(program, weight: float) -> None:
+        scheduler.join(program.job_id, ids, weight)
+        reports: list = []
+        try:
+            await dispatcher.run(program, islands, on_step=reports.append, gate=scheduler)
+        finally:
+            scheduler.leave(program.job_id)
+        losses[program.job_id] = [r.loss for r in reports]
+
+    try:
+        programs = [(palm_program(Record(job_id, spec)), w) for job_id, spec, w in jobs]
+        for program, _ in programs:
+            await dispatcher.load(program, islands)
+        await asyncio.gather(*(run(program, w) for program, w in programs))
+        for program, _ in programs:
+            await dispatcher.unload(program.job_id, islands)
+        return losses
+    finally:
+        for island in islands:
+            await island.close()
+
+
+def test_a_pipeline_job_shares_its_islands_with_another_job_by_weight(four_hosts) -> None:
+    """A two-stage pipeline (weight 2) and a data-parallel job (weight 1) resident on the same
+    two islands: while both run, each island's own execution log holds two pipeline steps per
+    data-parallel step, both islands ran the jobs' steps in one order, and the pipeline's
+    losses are still the reference trainer's."""
+    hosts = four_hosts[2:]
+    pipe = pipe_spec(2, 1, (1, 1), batch=8, stages=2, mb=2, sched="1f1b")
+    pipe.train.steps = 16
+    dp = pipe_spec(2, 1, (1, 1), batch=8, stages=2, mb=2, sched="1f1b")
+    dp.ClearField("pipeline")
+    dp.train.steps = 8
+    losses = asyncio.run(
+        dispatch_beside(
+            [h.address for h in hosts], [("share-pipe", pipe, 2.0), ("share-dp", dp, 1.0)], 10
+        )
+    )
+    assert max_rel_diff(losses["share-pipe"], reference_losses(pipe)) <= 1e-5
+    assert len(losses["share-dp"]) == 8
+    orders = []
+    for host in hosts:
+        log = host.stub.ExecutionLog(worker_pb2.ExecutionLogRequest(), timeout=60)
+        entries = sorted(
+            (e for e in log.entries if e.job_id in ("share-pipe", "share-dp")),
+            key=lambda e: e.island_seq,
+        )
+        orders.append([(e.job_id, e.step) for e in entries])
+        spans = {
+            j: (
+                min(e.start_unix_ns for e in entries if e.job_id == j),
+                max(e.end_unix_ns for e in entries if e.job_id == j),
+            )
+            for j in ("share-pipe", "share-dp")
+        }
+        first = max(lo for lo, _ in spans.values())
+        last = min(hi for _, hi in spans.values())
+        both = [e for e in entries if e.start_unix_ns >= first and e.end_unix_ns <= last]
+        n_pipe = sum(e.job_id == "share-pipe" for e in both)
+        n_dp = sum(e.job_id == "share-dp" for e in both)
+        assert n_dp >= 5 and abs(n_pipe / n_dp - 2.0) <= 0.25, (n_pipe, n_dp, orders[-1])
+    assert orders[0] == orders[1]
 
 
 # ---- the spec and admission (no hosts) -------------------------------------------------------
@@ -812,3 +959,63 @@ def test_a_pipeline_job_on_ray_is_preempted_resumed_cancelled_and_sampled_whole(
             shard(opt_like),
             params_only=True,
         )
+
+
+def test_the_job_page_draws_a_running_pipelines_schedule_in_chromium(ray_pipe_cluster) -> None:
+    """The dashboard's page of a running pipeline job, in headless Chromium (Playwright, as
+    tests/test_dashboard_browser.py): the schedule chart (plotly) has a row per stage, stage
+    0's forward bars and both stages' backward bars (the last stage's forward is fused into its
+    backward), M per step for the two steps shown, and the hint gives the measured bubble
+    beside the theoretical (S-1)/(M+S-1) = 1/3."""
+    import json
+    import subprocess
+    import sys
+
+    from test_dashboard_browser import ARGS, ARTIFACTS, CHROMIUM
+
+    from pathways_lite.client import ControllerClient, state_name
+
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing (apt-get install chromium)."
+    from playwright.sync_api import sync_playwright
+
+    state = str(ray_pipe_cluster.state_dir)
+    dashboard = subprocess.run(
+        [sys.executable, "-m", "pathways_lite.cli", "dashboard", "--json", "--state-dir", state],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    url = json.loads(dashboard.stdout)["url_with_token"]
+    with ControllerClient(state) as client:
+        job = client.submit(ray_spec("pipe-gantt"))
+        try:
+            while len(client.get(job.id).losses) < 2:
+                assert state_name(client.get(job.id).state) in ("queued", "running")
+                time.sleep(0.05)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda e: errors.append(str(e)))
+                    page.goto(url)  # trades the token for a cookie
+                    page.goto(url.split("?")[0] + f"jobs/{job.id}")
+                    page.wait_for_selector("#pipe-card:not([hidden])", timeout=60_000)
+                    traces = page.evaluate(
+                        "document.getElementById('pipe-chart').data.map("
+                        "t => [t.name, Array.from(new Set(t.y)).sort(), t.x.length])"
+                    )
+                    hint = page.inner_text("#pipe-hint")
+                    ARTIFACTS.mkdir(exist_ok=True)
+                    page.screenshot(path=str(ARTIFACTS / "dashboard-pipeline.png"), full_page=True)
+                finally:
+                    browser.close()
+        finally:
+            client.cancel(job.id, reason="test")
+        assert state_name(client.wait(job.id, timeout_s=60).state) == "cancelled"
+    assert traces == [
+        ["forward", ["stage 0"], 2 * 2],
+        ["backward", ["stage 0", "stage 1"], 2 * 2 * 2],
+    ], traces
+    assert "theory" in hint and "0.33 theory" in hint and "S=2, M=2" in hint, hint
+    assert errors == []
