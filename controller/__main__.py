@@ -19,11 +19,37 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 
 logger = logging.getLogger("pathways_lite.controller.main")
+
+
+def _import_jax_ahead() -> threading.Thread:
+    """Import JAX and the model's estimators on a thread of their own, started first thing:
+    the controller's first scheduling pass resolves each job's spec with them (a restarted
+    controller: the jobs its islands kept), and the import (~3 s of a 2-core machine's time)
+    then overlaps the store's opening, the Ray connection, the attaching of the island hosts
+    and the gRPC connections (all waiting on sockets) instead of following them. Nothing else
+    imports JAX until `_serve` joins this thread (two threads importing it at once can meet a
+    half-initialised module); a failure here is left to that later import to raise."""
+
+    def run() -> None:
+        began = time.monotonic()
+        try:
+            # estimates: jax, flax, optax; train: the configs spec_configs resolves into.
+            from pathways_lite.model import estimates, train  # noqa: F401
+        except Exception as e:  # the later import in Controller.start raises it
+            logger.warning("importing JAX ahead failed: %s", e)
+            return
+        logger.info("JAX imported ahead in %.2f s", time.monotonic() - began)
+
+    thread = threading.Thread(target=run, name="import-jax", daemon=True)
+    thread.start()
+    return thread
 
 
 def _spare_depth(value: str) -> bool | int:
@@ -48,7 +74,7 @@ def _start_islands(specs, credential, issue_tls, spares: bool | int):
     return groups, started
 
 
-async def _serve(args, store, groups, credential, tls) -> None:
+async def _serve(args, store, groups, credential, tls, imports: threading.Thread) -> None:
     from .core import Controller
     from .islands import Island, connect_host
     from .service import serve
@@ -125,6 +151,8 @@ async def _serve(args, store, groups, credential, tls) -> None:
         os.replace(tmp, address_file)
 
     try:
+        # Controller.start (in serve) resolves jobs: JAX must be whole before it imports it.
+        await asyncio.to_thread(imports.join)
         await serve(controller, args.host, args.port, started=started, stop=stop, token=token)
     finally:
         address_file.unlink(missing_ok=True)
@@ -154,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logger.info("controller process %d starting", os.getpid())
+    imports = _import_jax_ahead()
     from pathways_lite.workers.ray_cluster import connect
 
     from .states import StoreError
@@ -171,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate_islands:  # no Ray: the simulated hosts live in this process
             from .auth import cluster_credential
 
-            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None))
+            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None, imports))
             return 0
         node_ip = None if args.node_ip == AUTO_NODE_IP else args.node_ip
         if args.join_ray_node:
@@ -193,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         groups, started = _start_islands(
             islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
         )
-        asyncio.run(_serve(args, store, groups, credential, tls))
+        asyncio.run(_serve(args, store, groups, credential, tls, imports))
         return 0
     except Exception as e:
         logger.exception("controller failed")
