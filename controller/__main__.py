@@ -74,11 +74,49 @@ def _start_islands(specs, credential, issue_tls, spares: bool | int):
     return groups, started
 
 
+def _resolve_ahead(store, imports: threading.Thread) -> threading.Thread:
+    """Once `imports` (JAX) is done, resolve the specs of the training jobs a previous
+    controller left running, on a thread of their own: their memory estimate traces the
+    optimizer's state shapes (0.1-0.4 s per model, then cached), which the first scheduling
+    pass of a restarted controller would otherwise do before it adopts them. Started once the
+    main thread has imported the controller's modules (the threads import nothing in common);
+    a spec that does not resolve is left to the scheduling pass to report."""
+
+    def run() -> None:
+        imports.join()
+        from .resolved import ResolvedJob
+        from .spec import SpecError, job_kind
+        from .states import JobState
+
+        for record in store.jobs_in_states([JobState.RUNNING]):
+            if job_kind(record.spec) == "train":
+                try:
+                    ResolvedJob.resolve(record.spec)
+                except (SpecError, ValueError):
+                    pass
+                except Exception:  # noqa: BLE001 - only a head start
+                    logger.debug("resolving job %s ahead", record.id, exc_info=True)
+
+    thread = threading.Thread(target=run, name="resolve-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
 async def _serve(args, store, groups, credential, tls, imports: threading.Thread) -> None:
+    from .auth import (
+        Credential,
+        answer_rotation,
+        cluster_secret_path,
+        ensure_token,
+        rotate_secrets,
+        token_path,
+    )
     from .core import Controller
+    from .dashboard import Dashboard, parse_duration
     from .islands import Island, connect_host
     from .service import serve
 
+    resolving = _resolve_ahead(store, imports)
     islands = []
     if args.simulate_islands:
         from pathways_lite.workers.sim_host import SimCluster, connect_islands
@@ -102,16 +140,6 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         peak_flops=args.peak_flops or (1e12 if args.simulate_islands else None),
         **({"prepare": _simulated_data} if args.simulate_islands else {}),
     )
-    from .auth import (
-        Credential,
-        answer_rotation,
-        cluster_secret_path,
-        ensure_token,
-        rotate_secrets,
-        token_path,
-    )
-    from .dashboard import Dashboard, parse_duration
-
     token_file = Path(args.token_file or token_path(args.state_dir)).resolve()
     # A Credential, not a str: `pathways-lite rotate-secret` replaces it in place (SIGHUP).
     token = Credential(ensure_token(token_file))
@@ -152,7 +180,7 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
 
     try:
         # Controller.start (in serve) resolves jobs: JAX must be whole before it imports it.
-        await asyncio.to_thread(imports.join)
+        await asyncio.to_thread(resolving.join)
         await serve(controller, args.host, args.port, started=started, stop=stop, token=token)
     finally:
         address_file.unlink(missing_ok=True)
