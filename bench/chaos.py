@@ -8,7 +8,7 @@ and once, half way, the controller (killed and restarted on the same state dir; 
 `--no-controller-kill`). The next kill comes only after the previous recovery's first
 completed step, `--interval-s` later on average (exponential gaps of at least 1 s, scaled
 so that their mean is exactly `--interval-s`). The job's length is sized to the drawn gaps
-at the reference's step time (its steps 100-400; the reference is submitted long and
+at the reference's step time (its steps 300-600; the reference is submitted long and
 cancelled once it has the steps needed: no separate probe run).
 
 The reference's losses and step time are cached (bench/chaos_reference.py: keyed by the spec,
@@ -76,9 +76,11 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
 RECOVERY_ALLOWANCE_S = 2.0
 CONTROLLER_ALLOWANCE_S = 10.0
 ISLAND_SPECS = ["a:1:2", "b:1:2", "c:1:2"]
-# The reference sizes the run from its steps SIZE_FROM..SIZE_TO; submitted this long, it is
-# cancelled once it has the steps the chaos run needs.
-SIZE_FROM, SIZE_TO = 100, 400
+# The reference sizes the run from its steps SIZE_FROM..SIZE_TO (after the warm spares'
+# start-up) with a SIZE_MARGIN (a run sized short would end before its last kills);
+# submitted MAX_STEPS long, it is cancelled once it has the steps the chaos run needs.
+SIZE_FROM, SIZE_TO = 300, 600
+SIZE_MARGIN = 1.05
 MAX_STEPS = 100_000
 
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps:
             steps = args.steps
         elif cached is not None:
-            steps = int(chaos_s / cached["solo_step_s"])
+            steps = int(SIZE_MARGIN * chaos_s / cached["solo_step_s"])
         if cached is not None and len(cached["losses"]) >= steps:
             ref = None
             ref_losses = cached["losses"][:steps]
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for(lambda: store.steps_completed(ref) >= SIZE_TO, 900, "sizing steps", 0.5)
                 rows = store.metrics(ref)[SIZE_FROM:SIZE_TO]
                 sizing_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
-                steps = int(chaos_s / sizing_step_s)
+                steps = int(SIZE_MARGIN * chaos_s / sizing_step_s)
                 wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
                 client.cancel(ref, reason="the reference has the steps the chaos run needs")
             ref_final = client.wait(ref, timeout_s=3600)
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
             "goodput": round((len(metrics) - 1) * ref_step_s / chaos_wall_s, 3),
             "solo_step_s": round(ref_step_s, 4),
-            # The step time the job was sized with (the reference's steps 100-400; None: the
+            # The step time the job was sized with (the reference's steps 300-600; None: the
             # steps came from --steps or the cache).
             "probe_step_s": None if sizing_step_s is None else round(sizing_step_s, 4),
             "reference": reference,
