@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
                 reference += f" (kept in the cache as {cache_file.name})"
         print(f"reference: {reference}; {steps} steps", file=progress, flush=True)
 
+        # Every island free first (a cancelled reference is still unloading for a moment):
+        # the job goes where a restarted controller would place it again (the lowest free
+        # islands), so the controller kill tests adoption, not a move to other islands.
+        wait_for(lambda: not any(i.job_ids for i in client.islands()), 120, "free islands", 0.2)
         job = client.submit(spec("chaos", steps)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
