@@ -6,7 +6,15 @@ its own process) first trains palm-tiny data parallel on `--islands` islands uni
 island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a run repeats),
 and once, half way, the controller (killed and restarted on the same state dir; off with
 `--no-controller-kill`). The next kill comes only after the previous recovery's first
-completed step, `--interval-s` (mean; exponential gaps, at least 1 s) later.
+completed step, `--interval-s` later on average (exponential gaps of at least 1 s, scaled
+so that their mean is exactly `--interval-s`). The job's length is sized to the drawn gaps
+at the reference's step time (its steps 300-600; the reference is submitted long and
+cancelled once it has the steps needed: no separate probe run).
+
+The reference's losses and step time are cached (bench/chaos_reference.py: keyed by the spec,
+the island layout, the versions, the CPU and a hash of the sources; `--no-reference-cache`
+runs it anyway): a rerun with nothing changed skips it and takes about half the time. The
+output says where the reference came from (`reference`, `reference_from_cache`).
 
 Measured per kill, from the job's metrics and events in the controller's database:
 `kill_to_next_step_s` (the SIGKILL to the end of the next completed step, everything
@@ -34,6 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import chaos_reference
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -65,6 +75,22 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
 # What the run's length allows per kill: the next kill waits for the recovery's first step.
 RECOVERY_ALLOWANCE_S = 2.0
 CONTROLLER_ALLOWANCE_S = 10.0
+ISLAND_SPECS = ["a:1:2", "b:1:2", "c:1:2"]
+# The reference sizes the run from its steps SIZE_FROM..SIZE_TO (after the warm spares'
+# start-up) with a SIZE_MARGIN (a run sized short would end before its last kills);
+# submitted MAX_STEPS long, it is cancelled once it has the steps the chaos run needs.
+SIZE_FROM, SIZE_TO = 300, 600
+SIZE_MARGIN = 1.05
+MAX_STEPS = 100_000
+
+
+def draw_schedule(rng: random.Random, n: int, interval_s: float, islands: int) -> list:
+    """n (gap in seconds, island index) draws: exponential gaps (at least 1 s), scaled so that
+    their mean is `interval_s` exactly (a run of n kills lasts n intervals, whatever the seed),
+    and uniformly drawn islands."""
+    draws = [(rng.expovariate(1.0 / interval_s), rng.randrange(islands)) for _ in range(n)]
+    scale = interval_s * n / max(sum(g for g, _ in draws), 1e-9)
+    return [(max(1.0, g * scale), island) for g, island in draws]
 
 
 def median_step_s(metrics) -> float:
@@ -105,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-controller-kill", action="store_true")
+    p.add_argument(
+        "--no-reference-cache",
+        action="store_true",
+        help="run the uninterrupted reference even if cached (and do not cache it)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -116,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     # A timeout's SIGTERM unwinds through the finally below: the cluster goes down with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
+    progress = sys.stderr if args.json else sys.stdout  # stdout stays one JSON object
     batch = 2 * args.islands
     started = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
     state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
-    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2", "c:1:2"])
+    cluster = LocalCluster(state_dir=state_dir, island_specs=ISLAND_SPECS)
     kills: list[dict] = []
     controller: dict = {}
     try:
@@ -136,24 +168,77 @@ def main(argv: list[str] | None = None) -> int:
 
         # The kills, drawn ahead from the seed: when (gaps) and which island's host.
         controller_kill_at = None if args.no_controller_kill else max(1, args.kills // 2)
-        schedule = [
-            (max(1.0, rng.expovariate(1.0 / args.interval_s)), rng.randrange(args.islands))
-            for _ in range(args.kills + (controller_kill_at is not None))
-        ]
-        # The reference: uninterrupted, a short run for the solo step time, then the losses.
-        probe = client.submit(spec("chaos-probe", 200)).id
-        client.wait(probe, timeout_s=600)
-        rows = store.metrics(probe)[20:]
-        solo_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
-        # Steps for the schedule's gaps, a recovery per kill (the controller's longer) and a
-        # tail, at the solo step time (the chaos job's steps are no faster: enough steps).
+        schedule = draw_schedule(
+            rng, args.kills + (controller_kill_at is not None), args.interval_s, args.islands
+        )
+        # Seconds of steps for the schedule's gaps, a recovery per kill (the controller's
+        # longer) and a tail (the chaos job's steps are no faster than the reference's).
         chaos_s = sum(g for g, _ in schedule) + RECOVERY_ALLOWANCE_S * args.kills + 15.0
         chaos_s += CONTROLLER_ALLOWANCE_S if controller_kill_at is not None else 0.0
-        steps = args.steps or int(chaos_s / max(solo_step_s, 1e-3))
-        ref = client.submit(spec("chaos-ref", steps)).id
-        ref_final = client.wait(ref, timeout_s=3600)
-        assert state_name(ref_final.state) == "succeeded", ref_final.message
 
+        # The reference: the same job uninterrupted (its losses; its wall time per step is the
+        # solo step time), from the cache when nothing it depends on changed
+        # (bench/chaos_reference.py), else run here and kept for the next run.
+        key_fields = chaos_reference.determinants(
+            SPEC.format(name="-", islands=args.islands, steps="-", batch=batch, every=args.every),
+            ISLAND_SPECS,
+        )
+        cache_file = chaos_reference.cache_path(key_fields)
+        cached = None if args.no_reference_cache else chaos_reference.load(cache_file)
+        if args.steps:
+            steps = args.steps
+        elif cached is not None:
+            steps = int(SIZE_MARGIN * chaos_s / cached["solo_step_s"])
+        if cached is not None and len(cached["losses"]) >= steps:
+            ref = None
+            ref_losses = cached["losses"][:steps]
+            ref_step_s, ref_step_s_median = cached["solo_step_s"], cached["step_s_median"]
+            sizing_step_s = None
+            reference = (
+                f"cache {cache_file.name} (run {cached['created']}, load {cached['loadavg']})"
+            )
+        else:
+            # Sized from its own steps when --steps is not given: it is submitted long,
+            # timed over steps SIZE_FROM..SIZE_TO (the warm spares' start-up is over by
+            # then), and cancelled once past the steps the chaos run needs (a step's loss
+            # does not depend on the total: bench/chaos_reference.py).
+            ref = client.submit(spec("chaos-ref", args.steps or MAX_STEPS)).id
+            sizing_step_s = None
+            if not args.steps:
+                wait_for(lambda: store.steps_completed(ref) >= SIZE_TO, 900, "sizing steps", 0.5)
+                rows = store.metrics(ref)[SIZE_FROM:SIZE_TO]
+                sizing_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
+                steps = int(SIZE_MARGIN * chaos_s / sizing_step_s)
+                wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
+                client.cancel(ref, reason="the reference has the steps the chaos run needs")
+            ref_final = client.wait(ref, timeout_s=3600)
+            ended = state_name(ref_final.state)
+            assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
+            ref_metrics = store.metrics(ref)
+            assert [m.step for m in ref_metrics[:steps]] == list(range(steps)), "ref steps"
+            ref_losses = [m.loss for m in ref_metrics[:steps]]
+            # The solo step time goodput counts kept steps at: the reference's own wall
+            # time per step over the same steps (checkpoints included).
+            first, last = ref_metrics[0], ref_metrics[steps - 1]
+            ref_step_s = (last.time_us - first.time_us) / 1e6 / (steps - 1)
+            ref_step_s_median = median_step_s(ref_metrics[:steps])
+            reference = "run now"
+            if not args.no_reference_cache:
+                chaos_reference.save(
+                    cache_file,
+                    key_fields,
+                    [m.loss for m in ref_metrics],
+                    solo_step_s=ref_step_s,
+                    step_s_median=ref_step_s_median,
+                    loadavg=[round(x, 2) for x in os.getloadavg()],
+                )
+                reference += f" (kept in the cache as {cache_file.name})"
+        print(f"reference: {reference}; {steps} steps", file=progress, flush=True)
+
+        # Every island free first (a cancelled reference is still unloading for a moment):
+        # the job goes where a restarted controller would place it again (the lowest free
+        # islands), so the controller kill tests adoption, not a move to other islands.
+        wait_for(lambda: not any(i.job_ids for i in client.islands()), 120, "free islands", 0.2)
         job = client.submit(spec("chaos", steps)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
@@ -199,18 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             # Progress on a long run (stderr with --json: stdout stays one JSON object).
             print(
                 f"{what:<20} next step after {record['kill_to_next_step_s']:6.2f} s, "
-                f"{record['steps_lost']} lost, from {record['from']}",
-                file=sys.stderr if args.json else sys.stdout,
+                f"{record['steps_lost']} lost, from {record['from']} "
+                f"(load {os.getloadavg()[0]:.2f})",
+                file=progress,
                 flush=True,
             )
         final = client.wait(job, timeout_s=3600)
         metrics = store.metrics(job)
         chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
-        # The solo step time goodput counts kept steps at: the uninterrupted reference's own
-        # wall time per step over the same steps (checkpoints included). The short probe run
-        # only sizes the job: its steps ran slower than the reference's (a goodput above 1).
-        ref_metrics = store.metrics(ref)
-        ref_step_s = (ref_metrics[-1].time_us - ref_metrics[0].time_us) / 1e6 / (steps - 1)
         result = {
             "islands": args.islands,
             "steps": steps,
@@ -222,15 +303,19 @@ def main(argv: list[str] | None = None) -> int:
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
             "goodput": round((len(metrics) - 1) * ref_step_s / chaos_wall_s, 3),
             "solo_step_s": round(ref_step_s, 4),
-            "probe_step_s": round(solo_step_s, 4),
+            # The step time the job was sized with (the reference's steps 300-600; None: the
+            # steps came from --steps or the cache).
+            "probe_step_s": None if sizing_step_s is None else round(sizing_step_s, 4),
+            "reference": reference,
+            "reference_from_cache": ref is None,
             # The steps' own speed (medians: recoveries left out), the chaos job's against
             # the reference's: what the warm spares' start-ups cost the job's steps.
             "step_s_median": round(median_step_s(metrics), 4),
-            "ref_step_s_median": round(median_step_s(store.metrics(ref)), 4),
+            "ref_step_s_median": round(ref_step_s_median, 4),
             "kill_to_next_step_s_max": max((k["kill_to_next_step_s"] for k in kills), default=0),
             "controller_kill_to_next_step_s": controller.get("kill_to_next_step_s"),
             "controller_steps_lost": controller.get("steps_lost"),
-            "bitwise_equal": store.losses(job) == store.losses(ref),
+            "bitwise_equal": store.losses(job) == ref_losses,
             "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
             "job_state": state_name(final.state),
             "loadavg_start": load_start,

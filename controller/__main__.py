@@ -19,11 +19,37 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 
 logger = logging.getLogger("pathways_lite.controller.main")
+
+
+def _import_jax_ahead() -> threading.Thread:
+    """Import JAX and the model's estimators on a thread of their own, started first thing:
+    the controller's first scheduling pass resolves each job's spec with them (a restarted
+    controller: the jobs its islands kept), and the import (~3 s of a 2-core machine's time)
+    then overlaps the store's opening, the Ray connection, the attaching of the island hosts
+    and the gRPC connections (all waiting on sockets) instead of following them. Nothing else
+    imports JAX until `_serve` joins this thread (two threads importing it at once can meet a
+    half-initialised module); a failure here is left to that later import to raise."""
+
+    def run() -> None:
+        began = time.monotonic()
+        try:
+            # estimates: jax, flax, optax; train: the configs spec_configs resolves into.
+            from pathways_lite.model import estimates, train  # noqa: F401
+        except Exception as e:  # the later import in Controller.start raises it
+            logger.warning("importing JAX ahead failed: %s", e)
+            return
+        logger.info("JAX imported ahead in %.2f s", time.monotonic() - began)
+
+    thread = threading.Thread(target=run, name="import-jax", daemon=True)
+    thread.start()
+    return thread
 
 
 def _spare_depth(value: str) -> bool | int:
@@ -48,11 +74,49 @@ def _start_islands(specs, credential, issue_tls, spares: bool | int):
     return groups, started
 
 
-async def _serve(args, store, groups, credential, tls) -> None:
+def _resolve_ahead(store, imports: threading.Thread) -> threading.Thread:
+    """Once `imports` (JAX) is done, resolve the specs of the training jobs a previous
+    controller left running, on a thread of their own: their memory estimate traces the
+    optimizer's state shapes (0.1-0.4 s per model, then cached), which the first scheduling
+    pass of a restarted controller would otherwise do before it adopts them. Started once the
+    main thread has imported the controller's modules (the threads import nothing in common);
+    a spec that does not resolve is left to the scheduling pass to report."""
+
+    def run() -> None:
+        imports.join()
+        from .resolved import ResolvedJob
+        from .spec import SpecError, job_kind
+        from .states import JobState
+
+        for record in store.jobs_in_states([JobState.RUNNING]):
+            if job_kind(record.spec) == "train":
+                try:
+                    ResolvedJob.resolve(record.spec)
+                except (SpecError, ValueError):
+                    pass
+                except Exception:  # noqa: BLE001 - only a head start
+                    logger.debug("resolving job %s ahead", record.id, exc_info=True)
+
+    thread = threading.Thread(target=run, name="resolve-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+async def _serve(args, store, groups, credential, tls, imports: threading.Thread) -> None:
+    from .auth import (
+        Credential,
+        answer_rotation,
+        cluster_secret_path,
+        ensure_token,
+        rotate_secrets,
+        token_path,
+    )
     from .core import Controller
+    from .dashboard import Dashboard, parse_duration
     from .islands import Island, connect_host
     from .service import serve
 
+    resolving = _resolve_ahead(store, imports)
     islands = []
     if args.simulate_islands:
         from pathways_lite.workers.sim_host import SimCluster, connect_islands
@@ -76,16 +140,6 @@ async def _serve(args, store, groups, credential, tls) -> None:
         peak_flops=args.peak_flops or (1e12 if args.simulate_islands else None),
         **({"prepare": _simulated_data} if args.simulate_islands else {}),
     )
-    from .auth import (
-        Credential,
-        answer_rotation,
-        cluster_secret_path,
-        ensure_token,
-        rotate_secrets,
-        token_path,
-    )
-    from .dashboard import Dashboard, parse_duration
-
     token_file = Path(args.token_file or token_path(args.state_dir)).resolve()
     # A Credential, not a str: `pathways-lite rotate-secret` replaces it in place (SIGHUP).
     token = Credential(ensure_token(token_file))
@@ -125,6 +179,8 @@ async def _serve(args, store, groups, credential, tls) -> None:
         os.replace(tmp, address_file)
 
     try:
+        # Controller.start (in serve) resolves jobs: JAX must be whole before it imports it.
+        await asyncio.to_thread(resolving.join)
         await serve(controller, args.host, args.port, started=started, stop=stop, token=token)
     finally:
         address_file.unlink(missing_ok=True)
@@ -154,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logger.info("controller process %d starting", os.getpid())
+    imports = _import_jax_ahead()
     from pathways_lite.workers.ray_cluster import connect
 
     from .states import StoreError
@@ -171,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.simulate_islands:  # no Ray: the simulated hosts live in this process
             from .auth import cluster_credential
 
-            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None))
+            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None, imports))
             return 0
         node_ip = None if args.node_ip == AUTO_NODE_IP else args.node_ip
         if args.join_ray_node:
@@ -193,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         groups, started = _start_islands(
             islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
         )
-        asyncio.run(_serve(args, store, groups, credential, tls))
+        asyncio.run(_serve(args, store, groups, credential, tls, imports))
         return 0
     except Exception as e:
         logger.exception("controller failed")

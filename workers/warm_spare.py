@@ -31,7 +31,11 @@ from .runtimes import make_runtime
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 2.0
+# How often a spare asks its host what it holds: a spare that became next in line after a
+# promotion compiles the new host's jobs within this of the host's load (at 2 s a third kill
+# of an island soon after two others could find its spare idle, waiting for its next poll).
+# A poll is one small Ray call; a spare with nothing new to compile does nothing else.
+POLL_S = 0.5
 # What a new generation of the same job may change without changing the compiled runtime.
 _PER_GENERATION = ("generation", "peers")
 

@@ -1,0 +1,67 @@
+"""bench/chaos.py's kill schedule and its cached reference (bench/chaos_reference.py): the gaps
+average exactly the interval asked, and a cached reference gives back exactly the losses kept
+(bitwise), only for the same determinants and only when it has the steps asked."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def bench_modules(monkeypatch, tmp_path):
+    """bench/chaos.py and bench/chaos_reference.py, imported with the environment they set
+    undone afterwards, the cache in `tmp_path`."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    saved = dict(os.environ)
+    monkeypatch.setenv("PATHWAYS_LITE_CACHE", str(tmp_path))
+    try:
+        yield importlib.import_module("chaos"), importlib.import_module("chaos_reference")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for name in ("chaos", "chaos_reference"):
+            sys.modules.pop(name, None)
+
+
+def test_kill_gaps_average_exactly_the_interval_and_repeat_with_the_seed(bench_modules):
+    chaos, _ = bench_modules
+    for seed in range(5):
+        schedule = chaos.draw_schedule(random.Random(seed), 21, 30.0, 2)
+        gaps = [g for g, _ in schedule]
+        assert min(gaps) >= 1.0
+        # Scaled to a mean of 30 s (the 1 s floor may add a little).
+        assert 30.0 * 21 - 1e-6 <= sum(gaps) <= 30.0 * 21 + 21
+        assert {i for _, i in schedule} <= {0, 1}
+        assert schedule == chaos.draw_schedule(random.Random(seed), 21, 30.0, 2)
+    assert chaos.draw_schedule(random.Random(0), 21, 30.0, 2) != chaos.draw_schedule(
+        random.Random(1), 21, 30.0, 2
+    )
+
+
+def test_a_cached_reference_gives_back_its_losses_bitwise_for_the_same_determinants_only(
+    bench_modules, tmp_path
+):
+    _, reference = bench_modules
+    fields = reference.determinants("model: {preset: palm-tiny}", ["a:1:2", "b:1:2"])
+    assert fields["sources"] and fields["packages"]["jax"] != "absent"
+    path = reference.cache_path(fields)
+    assert path.is_relative_to(tmp_path)
+    losses = [random.Random(0).random() * 7 for _ in range(50)] + [1e-300, 6.931471805599453]
+    reference.save(path, fields, losses, solo_step_s=0.1, step_s_median=0.09, loadavg=[1, 2, 3])
+    entry = reference.load(path, steps_needed=len(losses))
+    assert entry["losses"] == losses  # floats through JSON: exact
+    assert entry["solo_step_s"] == 0.1
+    assert reference.load(path, steps_needed=len(losses) + 1) is None  # too short
+    other = reference.determinants("model: {preset: palm-tiny}", ["a:2:1", "b:2:1"])
+    assert reference.cache_path(other) != path  # another island layout: another reference
+    assert reference.load(reference.cache_path(other)) is None
