@@ -164,6 +164,10 @@ class Admission:
         self.clock = clock
         # Running jobs' notes for `why` (backfilled ahead of whom, until when).
         self.notes: dict[str, str] = {}
+        # Jobs a previous controller left running, with the islands whose hosts still hold
+        # them (controller/core.py's `start`): placed there first, so that their state is
+        # adopted (controller/peer_recovery.py) instead of restored from a checkpoint.
+        self.kept_on: dict[str, tuple[str, ...]] = {}
         # The head of the queue's reservation, as of the last pass.
         self.reservation: Reservation | None = None
         # The latest backfills: (the job started, the head it went ahead of, the head's
@@ -283,6 +287,8 @@ class Admission:
         placed = 0
         waiting = self._waiting()
         self.pending.queue = waiting
+        if self.kept_on:  # before any job could take the islands that hold their state
+            waiting = sorted(waiting, key=lambda r: r.id not in self.kept_on)
         queued_state = JobState.QUEUED
         for record in waiting:
             runner = self.runners.get(record.id)
@@ -318,6 +324,8 @@ class Admission:
                 continue
             demand = self.demand(record)
             own = tuple(runner.islands) if suspended and runner is not None else None
+            if own is None and self.kept_on:
+                own = self._kept(record.id, demand)
             if (
                 own is None
                 and len(ahead) >= DETAILED_REASONS
@@ -346,6 +354,7 @@ class Admission:
                     assert runner is not None
                     runner.resume.set()
                 else:
+                    self.kept_on.pop(record.id, None)
                     self._start(record, islands)
                     self._started[record.id] = (
                         self._kind_of(record),
@@ -389,6 +398,23 @@ class Admission:
             len(ahead),
             took_ms,
         )
+
+    def _kept(self, job_id: str, demand: Demand) -> tuple[str, ...] | None:
+        """The islands that still hold the job's state when it can be placed on them now;
+        else None (and the hint is dropped: it goes wherever it fits, from a checkpoint)."""
+        kept = self.kept_on.get(job_id)
+        if kept is None:
+            return None
+        sched = self.scheduler
+        if len(kept) == demand.islands and all(
+            i in sched.hosts
+            and i not in sched.down
+            and sched.free_bytes(i) >= demand.bytes_per_device
+            for i in kept
+        ):
+            return kept
+        del self.kept_on[job_id]
+        return None
 
     def _admit(
         self,

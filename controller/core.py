@@ -260,6 +260,14 @@ class Controller:
                 # if not, its load truncates the metrics to the checkpoint it restores.
                 step = self.store.steps_completed(record.id)
                 peers.remember(record.id, record.generation, step)
+                # Placed on the islands whose hosts hold it (their Info at attach), if whole.
+                kept = tuple(
+                    island.id
+                    for island in self.islands.values()
+                    if island.hosts and all(record.id in h.info.loaded_jobs for h in island.hosts)
+                )
+                if len(kept) == record.spec.islands:
+                    self.admission.kept_on[record.id] = kept
                 self.store.bump_generation(record.id)
             else:
                 step = self.recovery.requeue(record.id)

@@ -8,8 +8,8 @@ CPU devices), `duo` (2 hosts x 1 device: one JAX runtime over two processes) and
    of duo mid-training: V and D roll back to their last committed checkpoint on restarted
    islands and complete; S keeps stepping meanwhile;
 2. the same V and D specs again, uninterrupted (the bitwise reference);
-3. a job on duo, then one on two of a, b, c (the NaN job below takes the third); SIGKILL the
-   controller mid-training and a host of the second job, corrupt
+3. a job on duo (the NaN job below holds a meanwhile), then one on two of a, b, c; SIGKILL
+   the controller mid-training and a host of the second job, corrupt
    V's newest checkpoint, start a new controller on the same state dir: it takes a new
    epoch, re-attaches to the live hosts, continues D from the state duo kept (no step run
    again), skips V's corrupt checkpoint and completes every job;
@@ -97,9 +97,11 @@ def story():
     from pathways_lite.local import LocalCluster
 
     state_dir = Path(tempfile.mkdtemp(prefix="pld-", dir="/tmp"))
-    # duo first: a job of one island goes to the free island of the lowest rank (D and D2 to
-    # duo); a job of two goes to two islands of one host count (V and V2 to two of a, b, c).
-    cluster = LocalCluster(state_dir=state_dir, island_specs=["duo:2:1", "a:1:2", "b:1:2", "c:1:2"])
+    # A job of one island goes to the free island of the lowest rank, a job of two to two
+    # islands of one host count (V, V2 to two of a, b, c): D goes to duo as V holds a; D2
+    # too, as the NaN job holds a, so that a restarted controller's first fit (a) is not
+    # where D2's state is (duo).
+    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "duo:2:1", "b:1:2", "c:1:2"])
     # Warm spare hosts for the islands of data-parallel jobs, as a user gets them, one per
     # host (the default keeps two; tests/test_island_hosts.py covers the second: here it
     # would only cost the two cores a process start per host).
@@ -135,13 +137,16 @@ def story():
         # 3. controller death.
         # Longer than the references (the learning rate does not depend on the total steps:
         # their first STEPS losses are the references'), so both still run at the kill.
-        # D2 first: it is loaded and stepping (a two-host island whose LoadJob the
+        # 4. a NaN loss, on a: submitted first, it holds a while D2 is placed on duo.
+        nan_spec = spec_text("nan", 1, extra="optimizer: {learning_rate: 1.0e+30}")
+        nan = client.submit(load_spec_text(nan_spec)).id
+        nan_islands = wait_for(lambda: list(client.get(nan).islands), 60, "nan placed")
+        # D2 next: it is loaded and stepping (a two-host island whose LoadJob the
         # controller's death cuts off mid-compile is not this story) before V2 starts, so
         # V2 runs only a few steps past its second checkpoint before the kill.
         d2 = client.submit(load_spec_text(spec_text("duo", 1, steps=LONG_D))).id
-        # 4. a NaN loss (on the free island c).
-        nan_spec = spec_text("nan", 1, extra="optimizer: {learning_rate: 1.0e+30}")
-        nan = client.submit(load_spec_text(nan_spec)).id
+        d2_islands = wait_for(lambda: list(client.get(d2).islands), 60, "d2 placed")
+        out["placement_3"] = (nan_islands, d2_islands)
         wait_for(lambda: store.steps_completed(d2) >= 1, 180, "d2 stepping")
         v2 = client.submit(load_spec_text(spec_text("victim", 2, steps=LONG_V))).id
         wait_for(lambda: len(store.checkpoints(v2)) >= 2, 180, "two checkpoints of v2")
@@ -259,8 +264,10 @@ def test_a_restarted_controller_resumes_every_job_and_skips_a_corrupt_checkpoint
     assert states[(corrupted.generation, corrupted.step)] == CheckpointState.CORRUPT
     (restore,) = _restore_events(store, v2)
     assert f"step {corrupted.step - EVERY} " in restore.message, restore.message
-    # D2's island (duo, two hosts) kept its state through the controller's death: it
-    # continued from there, no step ran again.
+    # D2's island (duo, two hosts) kept its state through the controller's death: the new
+    # controller placed D2 there (not on a, its first fit) and it continued from there, no
+    # step ran again.
+    assert story["placement_3"] == (["a"], ["duo"]), story["placement_3"]
     (restore,) = _restore_events(store, d2)
     assert "the state its islands kept after the controller restart" in restore.message
     resumed = int(restore.message.split("step ")[1].split()[0])

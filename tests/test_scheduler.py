@@ -219,6 +219,22 @@ def test_admission_and_preemption_pick_islands_of_one_host_count(tmp_path):
     assert "urgent" not in c.runners
 
 
+def test_a_job_left_running_goes_back_to_the_islands_that_hold_its_state(tmp_path):
+    """After a controller restart a job whose hosts still hold it is placed on those islands
+    (its state is adopted there), before a job ahead of it in the queue could take them and
+    not by first fit; when they cannot take it now the hint is dropped (first fit)."""
+    c = Cluster(tmp_path, islands=("a", "b", "c"))
+    c.submit("ahead", 1, 80)
+    c.submit("left", 2, 80)
+    c.submit("other", 2, 80)
+    c.admission.kept_on.update({"left": ("b", "c"), "other": ("a", "c")})
+    c.admission.schedule()
+    assert c.scheduler.islands_of("left") == ["b", "c"]
+    assert c.scheduler.islands_of("ahead") == ["a"]
+    # "other"'s islands are taken: its hint is dropped, it waits like any job.
+    assert "other" not in c.runners and c.admission.kept_on == {}
+
+
 def test_the_sum_of_an_islands_residents_never_exceeds_its_budget(tmp_path):
     """Jobs are placed by what they hold; the measured figure of a kind replaces the
     estimate for the next job of that kind, and no placement overfills an island."""
