@@ -192,12 +192,14 @@ class Scheduler:
                 f"{islands} island(s), but only {sum(b >= bytes_per_device for b in big)} "
                 f"island(s) have that budget (largest: {format_size(max(big))} per device)."
             )
+        if islands == 1:
+            return None
         counts = collections.Counter(
             self.hosts[i]
             for i in self.island_ids
             if (self.budgets[i] or float("inf")) >= bytes_per_device
         )
-        if islands > 1 and max(counts.values()) < islands:
+        if max(counts.values()) < islands:
             return (
                 f"the job needs islands={islands} with the same number of hosts (host i of "
                 "each island exchanges with host i), but the cluster's islands with room have "
