@@ -21,9 +21,16 @@ Measured per kill, from the job's metrics and events in the controller's databas
 included: detection, restart, compile, transfer), the steps lost (steps recorded when the
 host died minus the step the job resumed at; 0 with a peer restore), and whether the job
 resumed from a surviving replica or from its checkpoint. At the end: goodput (steps kept x
-the solo step time, the uninterrupted reference run's wall time per step / the chaos run's
-wall time from its first step to its last), losses bitwise those of the reference, every
-step's metrics exactly once.
+the solo step time / the chaos run's wall time from its first step to its last), losses bitwise
+those of the reference, every step's metrics exactly once.
+
+The solo step time is measured in this run, on the chaos job itself: its mean wall time per
+step (checkpoints included) over the steps clear of every kill, i.e. from `SETTLE_S` after its
+first step (its warm spares' start-up) and outside each kill's window (the kill to its
+recovery's first step, plus `SETTLE_S` for the new warm spares). The first kill waits until
+`--solo-s` seconds of such steps have run, so there are always some. A reference's step time
+(cached: another time, another load) would bias goodput; it is used only when the run has too
+few clear steps (`--solo-s 0` and kills close together), and `solo_step_source` says which.
 
     .venv/bin/python bench/chaos.py [--islands 2] [--kills 20] [--interval-s 30] [--json]
     .venv/bin/python bench/chaos.py --kills 3 --interval-s 4 --steps 400   # a short check
@@ -75,6 +82,12 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
 # What the run's length allows per kill: the next kill waits for the recovery's first step.
 RECOVERY_ALLOWANCE_S = 2.0
 CONTROLLER_ALLOWANCE_S = 10.0
+# Steps this long after the job's first step, or after a recovery's first step, are not counted
+# for the solo step time: the island's warm spares start (SPARE_DELAY_S after the load, then
+# JAX and the job's compile, at nice 19) and share the 2 cores with the steps meanwhile.
+SETTLE_S = 10.0
+# Fewer clear steps than this and the solo step time falls back to the reference's.
+MIN_SOLO_STEPS = 20
 ISLAND_SPECS = ["a:1:2", "b:1:2", "c:1:2"]
 # The reference sizes the run from its steps SIZE_FROM..SIZE_TO (after the warm spares'
 # start-up) with a SIZE_MARGIN (a run sized short would end before its last kills);
@@ -91,6 +104,48 @@ def draw_schedule(rng: random.Random, n: int, interval_s: float, islands: int) -
     draws = [(rng.expovariate(1.0 / interval_s), rng.randrange(islands)) for _ in range(n)]
     scale = interval_s * n / max(sum(g for g, _ in draws), 1e-9)
     return [(max(1.0, g * scale), island) for g, island in draws]
+
+
+def undisturbed_step_s(
+    times_us: list[int], quiet_from_us: int, kills: list[tuple[int, int]], settle_s: float
+) -> tuple[float | None, int]:
+    """The mean wall time per step over the gaps between consecutive steps clear of any kill.
+
+    Args:
+        times_us: when each step was recorded, in step order.
+        quiet_from_us: gaps that begin earlier are not counted (the job's start-up).
+        kills: (the kill, its recovery's first step) times; a gap that overlaps a kill's
+            window, from the kill to `settle_s` after that step, is not counted.
+        settle_s: how long a recovery disturbs the steps after its first one.
+
+    Returns:
+        (seconds per step, or None without a clear gap; how many gaps were counted).
+    """
+    windows = [(kill, recovered + int(settle_s * 1e6)) for kill, recovered in kills]
+    gaps = [
+        b - a
+        for a, b in itertools.pairwise(times_us)
+        if a >= quiet_from_us and not any(a < end and b > kill for kill, end in windows)
+    ]
+    return (sum(gaps) / len(gaps) / 1e6 if gaps else None, len(gaps))
+
+
+def solo_step_time(
+    times_us: list[int], kills: list[tuple[int, int]], ref_step_s: float, ref_source: str
+) -> tuple[float, str, int]:
+    """Goodput's solo step time: (seconds per step, its source, the steps it was measured on).
+
+    The chaos job's own steps clear of its start-up and of every kill's window
+    (`undisturbed_step_s` with `SETTLE_S`), source "chaos_run"; with fewer than
+    `MIN_SOLO_STEPS` of them, the reference's `ref_step_s` under `ref_source`."""
+    if not times_us:
+        return ref_step_s, ref_source, 0
+    step_s, counted = undisturbed_step_s(
+        times_us, times_us[0] + int(SETTLE_S * 1e6), kills, SETTLE_S
+    )
+    if step_s is None or counted < MIN_SOLO_STEPS:
+        return ref_step_s, ref_source, counted
+    return step_s, "chaos_run", counted
 
 
 def median_step_s(metrics) -> float:
@@ -130,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="job steps (0: enough for the kills)")
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--solo-s",
+        type=float,
+        default=20.0,
+        help="seconds of undisturbed steps (after the job's start-up) before the first kill: "
+        "the solo step time goodput uses is measured on them and on the other clear steps",
+    )
     p.add_argument("--no-controller-kill", action="store_true")
     p.add_argument(
         "--no-reference-cache",
@@ -175,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         # longer) and a tail (the chaos job's steps are no faster than the reference's).
         chaos_s = sum(g for g, _ in schedule) + RECOVERY_ALLOWANCE_S * args.kills + 15.0
         chaos_s += CONTROLLER_ALLOWANCE_S if controller_kill_at is not None else 0.0
+        chaos_s += SETTLE_S + args.solo_s  # the undisturbed steps before the first kill
 
         # The reference: the same job uninterrupted (its losses; its wall time per step is the
-        # solo step time), from the cache when nothing it depends on changed
-        # (bench/chaos_reference.py), else run here and kept for the next run.
+        # solo step time only if the chaos run has too few clear steps), from the cache when
+        # nothing it depends on changed (bench/chaos_reference.py), else run here and kept.
         key_fields = chaos_reference.determinants(
             SPEC.format(name="-", islands=args.islands, steps="-", batch=batch, every=args.every),
             ISLAND_SPECS,
@@ -217,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             ref_metrics = store.metrics(ref)
             assert [m.step for m in ref_metrics[:steps]] == list(range(steps)), "ref steps"
             ref_losses = [m.loss for m in ref_metrics[:steps]]
-            # The solo step time goodput counts kept steps at: the reference's own wall
-            # time per step over the same steps (checkpoints included).
+            # Its wall time per step over the same steps (checkpoints included): goodput's
+            # solo step time only if the chaos run has too few undisturbed steps.
             first, last = ref_metrics[0], ref_metrics[steps - 1]
             ref_step_s = (last.time_us - first.time_us) / 1e6 / (steps - 1)
             ref_step_s_median = median_step_s(ref_metrics[:steps])
@@ -242,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         job = client.submit(spec("chaos", steps)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
+        first_step_us = store.metrics(job)[0].time_us
+        # The solo segment: --solo-s of steps past the start-up before the first kill.
+        solo_until = first_step_us / 1e6 + SETTLE_S + args.solo_s
+        recovered: list[tuple[int, int]] = []  # (kill, its recovery's first step) times
         for n, (gap, island_index) in enumerate(schedule):
             target = islands[island_index]
-            time.sleep(gap)
+            time.sleep(max(gap, solo_until - time.time()) if n == 0 else gap)
             if store.steps_completed(job) >= steps - 2:
                 break
             done_before = store.steps_completed(job)
@@ -266,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             step = wait_for(
                 lambda t=restore.time_us: first_step_after(store, job, t), 600, "a step"
             )
+            recovered.append((killed_us, step.time_us))
             record = {
                 "what": what,
                 "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),
@@ -292,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         final = client.wait(job, timeout_s=3600)
         metrics = store.metrics(job)
         chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
+        solo_step_s, solo_source, solo_steps = solo_step_time(
+            [m.time_us for m in metrics],
+            recovered,
+            ref_step_s,
+            "reference_cache" if ref is None else "reference_run",
+        )
         result = {
             "islands": args.islands,
             "steps": steps,
@@ -301,8 +375,16 @@ def main(argv: list[str] | None = None) -> int:
             if state_name(final.state) == "succeeded"
             else 0,
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
-            "goodput": round((len(metrics) - 1) * ref_step_s / chaos_wall_s, 3),
-            "solo_step_s": round(ref_step_s, 4),
+            "goodput": round((len(metrics) - 1) * solo_step_s / chaos_wall_s, 3),
+            # The solo step time goodput counts kept steps at, and where it was measured:
+            # "chaos_run" (this job's steps clear of every kill: `solo_steps` of them), else
+            # the reference's ("reference_run" now, "reference_cache" another time).
+            "solo_step_s": round(solo_step_s, 4),
+            "solo_step_source": solo_source,
+            "solo_steps": solo_steps,
+            # The reference's wall time per step, and goodput had it been the solo step time.
+            "ref_step_s": round(ref_step_s, 4),
+            "goodput_at_ref_step_s": round((len(metrics) - 1) * ref_step_s / chaos_wall_s, 3),
             # The step time the job was sized with (the reference's steps 300-600; None: the
             # steps came from --steps or the cache).
             "probe_step_s": None if sizing_step_s is None else round(sizing_step_s, 4),

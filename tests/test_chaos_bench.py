@@ -65,3 +65,42 @@ def test_a_cached_reference_gives_back_its_losses_bitwise_for_the_same_determina
     other = reference.determinants("model: {preset: palm-tiny}", ["a:2:1", "b:2:1"])
     assert reference.cache_path(other) != path  # another island layout: another reference
     assert reference.load(reference.cache_path(other)) is None
+
+
+def test_the_solo_step_time_comes_from_the_chaos_runs_steps_clear_of_every_kill(bench_modules):
+    chaos, _ = bench_modules
+    settle_us = int(chaos.SETTLE_S * 1e6)
+    # A job's steps: a slow start-up (0.5 s steps for SETTLE_S), then 0.1 s steps; a kill
+    # stalls it 3 s, and the steps are 0.3 s while the new warm spares start (SETTLE_S).
+    times, t = [], 0
+    while t < settle_us:
+        times.append(t)
+        t += 500_000
+    for _ in range(200):
+        times.append(t)
+        t += 100_000
+    kill = t - 50_000  # mid-step
+    t += 3_000_000
+    recovered = t
+    while t < recovered + settle_us:
+        times.append(t)
+        t += 300_000
+    for _ in range(100):
+        times.append(t)
+        t += 100_000
+    kills = [(kill, recovered)]
+
+    step_s, source, counted = chaos.solo_step_time(times, kills, 0.25, "reference_cache")
+    assert source == "chaos_run"
+    assert step_s == pytest.approx(0.1)  # neither the start-up, the stall nor the settling
+    assert counted == 199 + 99
+    # Everything counted (the bias this avoids): a slower figure.
+    assert chaos.undisturbed_step_s(times, times[0], [], 0.0)[0] > 0.13
+
+    # Too few clear steps (kills close together): the reference's, and it says so.
+    crowded = [(times[i], times[i + 1]) for i in range(0, len(times) - 1, 2)]
+    assert chaos.solo_step_time(times, crowded, 0.25, "reference_cache") == (
+        0.25,
+        "reference_cache",
+        0,
+    )
