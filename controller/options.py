@@ -178,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-hosts", action="store_true", help="leave the island hosts running on exit"
     )
     p.add_argument(
+        "--standby",
+        action="store_true",
+        help="a standby controller: import everything (JAX too) and connect to Ray, then wait "
+        "for the state dir's lock and take over the moment the controller holding it is gone "
+        "(a restart without the process start and imports); it acts on nothing before",
+    )
+    p.add_argument(
         "--spare-hosts",
         choices=("on", "off", "1", "2", "3"),
         default=os.environ.get("PATHWAYS_LITE_SPARE_HOSTS", "on"),

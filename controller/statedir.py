@@ -3,7 +3,9 @@
 A controller holds an exclusive `fcntl.flock` on `<state_dir>/controller.lock` for its whole
 life, so a second controller on the same directory gets a clear error instead of sharing the
 database. The lock belongs to the open file: the kernel drops it when the process dies, so a
-crashed controller never leaves a stale lock behind.
+crashed controller never leaves a stale lock behind. A standby controller (`--standby`)
+waits on the same lock: it takes over the moment the holder's process is gone, and never
+while it lives.
 """
 
 from __future__ import annotations
@@ -37,18 +39,22 @@ class StateDirLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
-        """Take the lock without waiting.
+    def acquire(self, *, wait: bool = False) -> None:
+        """Take the lock; without `wait`, only if it is free now.
+
+        Args:
+            wait: block until the holder releases it or dies (a standby controller).
 
         Raises:
-            StateDirLockedError: another process (or another StateDirLock) holds it.
+            StateDirLockedError: without `wait`, another process (or another StateDirLock)
+                holds it.
         """
         if self._fd is not None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)

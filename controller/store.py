@@ -170,15 +170,19 @@ class JobStore(ProgressTables):
             raise
 
     @classmethod
-    def open_controller(cls, state_dir: str | Path, **kwargs) -> JobStore:
+    def open_controller(cls, state_dir: str | Path, *, wait: bool = False, **kwargs) -> JobStore:
         """Lock `state_dir`, open its database and start a new epoch.
 
+        Args:
+            wait: wait for the lock while another controller holds it (a standby controller)
+                instead of raising.
+
         Raises:
-            StateDirLockedError: another controller holds the state directory.
+            StateDirLockedError: another controller holds the state directory (no `wait`).
             SchemaVersionError: the database is newer than this code.
         """
         lock = StateDirLock(state_dir)
-        lock.acquire()
+        lock.acquire(wait=wait)
         try:
             store = cls(Path(state_dir) / DB_NAME, **kwargs)
         except BaseException:

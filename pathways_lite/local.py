@@ -113,6 +113,11 @@ class LocalCluster:
         tls: TLS between the controller and island hosts and between peers (the
             controller's `--tls`): "on", "off", or "auto" (on where an address is not
             loopback; a local cluster stays on loopback, so plaintext).
+        standby_controller: keep a standby controller beside the controller (its
+            `--standby`: imports done, Ray connected, waiting on the state dir's lock), which
+            takes over the moment the controller dies; `restart_controller` then waits for
+            it instead of starting a process, and starts the next standby. It costs a
+            process with JAX imported (~0.3 GB) and its start-up's CPU.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class LocalCluster:
         island_specs: list[str] | None = None,
         tls: str = "auto",
         simulate_islands: int = 0,
+        standby_controller: bool = False,
     ) -> None:
         for name, value in (
             ("islands", islands),
@@ -163,9 +169,11 @@ class LocalCluster:
         if simulate_islands < 0:
             raise ValueError(f"simulate_islands={simulate_islands!r} must be >= 0.")
         self.simulate_islands = simulate_islands
+        self.standby_controller = standby_controller
         self.address: str | None = None
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None
+        self._standby: subprocess.Popen | None = None
 
     def island_names(self) -> list[str]:
         return [f"island-{i}" for i in range(self.islands)]
@@ -239,6 +247,24 @@ class LocalCluster:
         os.replace(tmp, path)
 
     def _start_controller(self, record: dict[str, Any]) -> None:
+        """Start the controller process, wait until it serves, then start a standby beside it
+        (`standby_controller`)."""
+        (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+        self._controller = self._spawn(self._controller_command(record))
+        record["controller_pid"] = self._controller.pid
+        self._write_record(record)
+        self._wait_serving(self._controller)
+        self._start_standby(record)
+
+    def _start_standby(self, record: dict[str, Any]) -> None:
+        """A standby controller (`--standby`), recorded as `standby_pid` in cluster.json."""
+        if not self.standby_controller:
+            return
+        self._standby = self._spawn([*self._controller_command(record), "--standby"])
+        record["standby_pid"] = self._standby.pid
+        self._write_record(record)
+
+    def _controller_command(self, record: dict[str, Any]) -> list[str]:
         cmd = [sys.executable, "-m", "pathways_lite.controller", f"--state-dir={self.state_dir}"]
         cmd.append(f"--tls={self.tls}")
         if self.simulate_islands:
@@ -266,11 +292,13 @@ class LocalCluster:
             for name in [] if self.island_specs else self.island_names():
                 cmd.append(f"--island={name}:{self.hosts_per_island}:{per_host}{memory}")
             cmd += [f"--island={spec}" for spec in self.island_specs]
-        log_path = self.state_dir / "controller.log"
-        (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+        return cmd
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        """A controller process (or standby) logging to `<state_dir>/controller.log`."""
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
-        with open(log_path, "ab") as log:
-            self._controller = subprocess.Popen(
+        with open(self.state_dir / "controller.log", "ab") as log:
+            return subprocess.Popen(
                 cmd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -278,21 +306,23 @@ class LocalCluster:
                 env=env,
                 start_new_session=True,
             )
-        record["controller_pid"] = self._controller.pid
-        self._write_record(record)
+
+    def _wait_serving(self, controller: subprocess.Popen) -> None:
+        """Wait until `controller` has written its address to the state dir."""
+        log_path = self.state_dir / "controller.log"
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             try:
                 info = json.loads((self.state_dir / ADDRESS_FILE).read_text())
-                if info.get("pid") == self._controller.pid:
+                if info.get("pid") == controller.pid:
                     self.address = info["address"]
                     return
             except (OSError, ValueError):
                 pass
-            if self._controller.poll() is not None:
+            if controller.poll() is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
                 raise ClusterError(
-                    f"the controller exited with {self._controller.returncode} while starting: "
+                    f"the controller exited with {controller.returncode} while starting: "
                     f"{tail[0] if tail else 'no output'} (log {log_path})."
                 )
             if time.monotonic() > deadline:
@@ -300,7 +330,7 @@ class LocalCluster:
                     f"the controller did not start within {self.start_timeout_s:g} s; see "
                     f"{log_path}."
                 )
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     @property
     def controller_pid(self) -> int | None:
@@ -309,7 +339,9 @@ class LocalCluster:
 
     def restart_controller(self) -> None:
         """Start a new controller on the same state dir and Ray cluster (after the previous
-        one died: it attaches to the live island hosts and resumes every job)."""
+        one died: it attaches to the live island hosts and resumes every job). With a live
+        standby controller, that one has taken over already: wait until it serves, then start
+        the next standby."""
         if self._controller is not None:
             try:
                 self._controller.wait(10)
@@ -318,7 +350,16 @@ class LocalCluster:
                     f"the controller (pid {self._controller.pid}) is still running."
                 ) from None
         record = json.loads((self.state_dir / CLUSTER_FILE).read_text())
-        self._start_controller(record)
+        standby, self._standby = self._standby, None
+        record.pop("standby_pid", None)
+        if standby is None or standby.poll() is not None:
+            self._start_controller(record)
+            return
+        self._controller = standby
+        record["controller_pid"] = standby.pid
+        self._write_record(record)
+        self._wait_serving(standby)
+        self._start_standby(record)
 
     def pids(self) -> list[int]:
         """Live processes this cluster started (Ray nodes and their children, controller)."""
@@ -335,9 +376,12 @@ class LocalCluster:
             With `checkpoint`, what was done to each job (DrainedJob); else [].
         """
         drained = drain(self.state_dir) if checkpoint and self.address else []
-        stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
+        stop_recorded(
+            self.state_dir, ray=self._ray, controller=self._controller, standby=self._standby
+        )
         self._ray = None
         self._controller = None
+        self._standby = None
         self.address = None
         return drained
 
@@ -385,9 +429,16 @@ def recorded_pids(state_dir: str | Path) -> list[int]:
     except (OSError, ValueError):
         return []
     leaders = list(record.get("ray_pids", []))
-    if record.get("controller_pid"):
-        leaders.append(record["controller_pid"])
+    leaders += [record[k] for k in ("controller_pid", "standby_pid") if record.get(k)]
     return live_processes_of(leaders)
+
+
+def _serving_pid(state_dir: Path) -> int:
+    """The pid in the state dir's address file (the controller serving), else 0."""
+    try:
+        return int(json.loads((state_dir / ADDRESS_FILE).read_text()).get("pid", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -402,13 +453,17 @@ def stop_recorded(
     *,
     ray: Any = None,
     controller: subprocess.Popen | None = None,
+    standby: subprocess.Popen | None = None,
     patience_s: float = 30.0,
 ) -> bool:
     """Stop what a state dir's cluster.json says its cluster started; returns whether there
     was anything to stop.
 
-    The controller gets SIGTERM first (it shuts its island hosts down), then the Ray nodes;
-    whatever remains of their process groups and descendants after `patience_s` is killed.
+    A standby controller is killed first (else it would take over from the stopping
+    controller), unless it has taken over already (the address file names it): then it is
+    the controller. The controller gets SIGTERM first (it shuts its island hosts down), then
+    the Ray nodes; whatever remains of their process groups and descendants after
+    `patience_s` is killed.
     """
     from pathways_lite.workers.ray_cluster import alive
 
@@ -425,6 +480,19 @@ def stop_recorded(
     if ray is not None:
         tracked |= set(ray.pids())
     pid = record.get("controller_pid") or (controller.pid if controller else 0)
+    standby_pid = record.get("standby_pid") or (standby.pid if standby else 0)
+    if standby_pid and _alive(standby_pid):
+        if standby_pid == _serving_pid(state_dir):  # it took over: it is the controller
+            pid, controller = standby_pid, standby
+        else:  # holds nothing: no grace needed
+            _killpg(standby_pid, signal.SIGKILL)
+            deadline = time.monotonic() + patience_s
+            while _alive(standby_pid) and time.monotonic() < deadline:
+                if standby is not None:
+                    standby.poll()
+                time.sleep(0.05)
+            if standby is not None:
+                standby.wait(5)
     if pid and _alive(pid):
         _killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + patience_s

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -440,6 +441,43 @@ def test_lock_of_a_killed_controller_is_released(tmp_path):
     holder.wait(timeout=30)
     with JobStore.open_controller(state_dir) as store:
         assert store.epoch == 2
+
+
+STANDBY = textwrap.dedent(
+    """
+    import sys
+    from pathways_lite.controller.store import JobStore
+    print("waiting", flush=True)
+    store = JobStore.open_controller(sys.argv[1], wait=True)
+    print(store.epoch, flush=True)
+    store.close()
+    """
+)
+
+
+def test_a_standby_takes_the_lock_only_once_its_holder_is_killed(tmp_path):
+    state_dir = tmp_path / "state"
+    holder, _ = _start_holder(state_dir)
+    standby = subprocess.Popen(
+        [sys.executable, "-c", STANDBY, str(state_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert standby.stdout.readline() == "waiting\n"
+        time.sleep(1.0)
+        # Still waiting while the holder lives: no epoch started, nothing printed.
+        assert standby.poll() is None
+        with JobStore(state_dir / DB_NAME) as store:
+            assert store.stored_epoch() == 1
+        holder.kill()
+        holder.wait(timeout=30)
+        # The kernel dropped the dead holder's lock: the standby has it, in the next epoch.
+        assert standby.stdout.readline() == "2\n"
+        assert standby.wait(timeout=30) == 0
+    finally:
+        for proc in (holder, standby):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 def test_epoch_increases_on_every_open(tmp_path):
