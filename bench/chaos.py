@@ -1,15 +1,16 @@
 """Goodput under chaos: random SIGKILLs of island hosts (and once the controller) mid-training.
 
 A local cluster (Ray on loopback, islands a, b, c of 1 host x 2 CPU devices, the controller as
-its own process) first trains palm-tiny data parallel on `--islands` islands uninterrupted
-(the reference: its losses, and its solo step time), then runs the same job again while the
-island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a run repeats),
-and once, half way, the controller (killed and restarted on the same state dir; off with
-`--no-controller-kill`). The next kill comes only after the previous recovery's first
-completed step, `--interval-s` later on average (exponential gaps of at least 1 s, scaled
-so that their mean is exactly `--interval-s`). The job's length is sized to the drawn gaps
-at the reference's step time (its steps 300-600; the reference is submitted long and
-cancelled once it has the steps needed: no separate probe run).
+its own process beside a standby controller) first trains palm-tiny data parallel on
+`--islands` islands uninterrupted (the reference: its losses), then runs the same job again
+while the island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a run
+repeats), and once, half way, the controller (killed; its standby takes over the state dir, or
+with `--no-standby` a new controller starts cold; off with `--no-controller-kill`). The next
+kill comes only after the previous recovery's first completed step, `--interval-s` later on
+average (exponential gaps of at least 1 s, scaled so that their mean is exactly
+`--interval-s`). The job's length is sized to the drawn gaps at the reference's step time
+(its steps 300-600; the reference is submitted long and cancelled once it has the steps
+needed: no separate probe run).
 
 The reference's losses and step time are cached (bench/chaos_reference.py: keyed by the spec,
 the island layout, the versions, the CPU and a hash of the sources; `--no-reference-cache`
@@ -199,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the uninterrupted reference even if cached (and do not cache it)",
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="no standby controller: the controller kill is followed by a cold start (a new "
+        "process imports everything) instead of the standby's takeover",
+    )
     args = p.parse_args(argv)
 
     from pathways_lite.client import ControllerClient, state_name
@@ -214,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
     state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
-    cluster = LocalCluster(state_dir=state_dir, island_specs=ISLAND_SPECS)
+    cluster = LocalCluster(
+        state_dir=state_dir, island_specs=ISLAND_SPECS, standby_controller=not args.no_standby
+    )
     kills: list[dict] = []
     controller: dict = {}
     try:
@@ -397,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "kill_to_next_step_s_max": max((k["kill_to_next_step_s"] for k in kills), default=0),
             "controller_kill_to_next_step_s": controller.get("kill_to_next_step_s"),
             "controller_steps_lost": controller.get("steps_lost"),
+            "standby_controller": not args.no_standby,
             "bitwise_equal": store.losses(job) == ref_losses,
             "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
             "job_state": state_name(final.state),

@@ -7,8 +7,10 @@ as its own process) trains palm-tiny data parallel on both islands with a checkp
 1. SIGKILLs island a's host two steps after a committed checkpoint and times, from the job's
    events and metrics in the controller's database: death -> failure noticed -> island
    restarted -> checkpoint restored (job loaded again) -> next completed step;
-2. SIGKILLs the controller two steps after a later checkpoint, starts a new one on the same
-   state dir and times: restart -> controller serving -> checkpoint restored -> next step;
+2. SIGKILLs the controller two steps after a later checkpoint; its standby controller (imports
+   done, waiting on the state dir's lock: controller/__main__.py `--standby`) takes over, or
+   with `--no-standby` a new one starts cold on the same state dir; and times: restart ->
+   controller serving -> job adopted (or restored) -> next step;
 3. counts the steps lost (run again) against the checkpoint interval.
 
 Since issue 20 the job continues from island b's resident state after a's death (peer
@@ -21,6 +23,7 @@ the restore itself (the job's load: compile + reading the checkpoint). Every num
 measured in this run; nothing is assumed.
 
     .venv/bin/python bench/recovery.py [--steps 400] [--every 5] [--settle-s 12] [--json] [--keep]
+                                       [--no-standby]
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--keep", action="store_true", help="keep the state dir (logs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="no standby controller: the controller kill is followed by a cold start (a new "
+        "process imports everything) instead of the standby's takeover",
+    )
     args = p.parse_args(argv)
 
     from pathways_lite.client import ControllerClient, state_name
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     from pathways_lite.spec import load_spec_text
 
     state_dir = Path(tempfile.mkdtemp(prefix="plbr-", dir="/tmp"))
-    cluster = LocalCluster(state_dir=state_dir, island_specs=["a:1:2", "b:1:2"])
+    cluster = LocalCluster(
+        state_dir=state_dir, island_specs=["a:1:2", "b:1:2"], standby_controller=not args.no_standby
+    )
     try:
         cluster.start()
         store = JobStore(state_dir / DB_NAME)
@@ -232,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps_lost": host["lost"],
                     "controller_restart_to_next_step_s": round(ctrl["next step"], 3),
                     "controller_steps_lost": ctrl["lost"],
+                    "standby_controller": not args.no_standby,
                     "kill_goal_s": 2.0,
                     "controller_goal_s": 3.0,
                     "kill_goal_met": host["next step"] <= 2.0,
