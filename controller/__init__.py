@@ -33,5 +33,6 @@ store.py, store_progress.py, schema.py, statedir.py   SQLite store, migrations, 
 wire.py, options.py the controller's wire version; its flags and ports (no side effects)
 auth.py             the access token (gRPC interceptor, file) and the hosts' cluster secret file
 dashboard.py, dashboard_auth.py, dashboard_stream.py, prometheus.py   the web dashboard
-__main__.py         `python -m pathways_lite.controller`: start islands, serve
+__main__.py         `python -m pathways_lite.controller`: start islands, serve (`--standby`: wait
+                    on the state dir's lock, everything imported, and take over)
 """
