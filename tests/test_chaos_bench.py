@@ -1,6 +1,8 @@
-"""bench/chaos.py's kill schedule and its cached reference (bench/chaos_reference.py): the gaps
-average exactly the interval asked, and a cached reference gives back exactly the losses kept
-(bitwise), only for the same determinants and only when it has the steps asked."""
+"""bench/chaos.py's kill schedule, its solo step time and its cached reference
+(bench/chaos_reference.py): the gaps average exactly the interval asked; the solo step time is
+the chaos job's own steps clear of its start-up and of every kill (the reference's only when
+too few are); a cached reference gives back exactly the losses kept (bitwise), only for the
+same determinants and only when it has the steps asked."""
 
 from __future__ import annotations
 
