@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run the uninterrupted reference even if cached (and do not cache it)",
     )
     p.add_argument("--json", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the state dir (logs)")
     p.add_argument(
         "--no-standby",
         action="store_true",
@@ -419,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     finally:
         cluster.down()
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if args.keep:
+            print(f"state dir kept: {state_dir}", file=progress, flush=True)
+        else:
+            shutil.rmtree(state_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
     else:
