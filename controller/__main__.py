@@ -224,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     # This process runs JAX on CPU only (estimates), whatever accelerators the machine has;
     # set before anything imports JAX, and only here, when a controller process starts.
     os.environ["JAX_PLATFORMS"] = "cpu"
-    # First thing: parsing --island already imports Ray and the island host's modules.
-    imports = _import_jax_ahead()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.simulate_islands < 0:
@@ -238,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "controller process %d starting%s", os.getpid(), " (standby)" if args.standby else ""
     )
+    # Started after parse_args, which imports Ray and the island host's modules (--island):
+    # started before it, the two threads' imports share the GIL and the restart is no faster
+    # (measured: kill -> next step 3.65-4.24 s at load 7-11 vs 3.78-3.94 s at load ~8).
+    imports = _import_jax_ahead()
     from pathways_lite.workers.ray_cluster import connect
 
     from .states import StoreError
