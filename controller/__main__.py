@@ -6,7 +6,9 @@ the cluster credential of `<state_dir>/cluster_secret` (controller/auth.py) and,
 is wanted (`--tls`), a certificate of the cluster CA in `<state_dir>/tls`, checks their
 wire versions over gRPC, serves the ControllerService, and writes its address to
 `<state_dir>/controller.json`. SIGTERM or SIGINT stops it: running jobs go back to the queue,
-and the island hosts it started are shut down. Its flags are in controller/options.py.
+and its island hosts are shut down, those it attached to at start (a restarted controller's)
+as well as those it started (`--keep-hosts` leaves them all). Its flags are in
+controller/options.py.
 
 With `--standby` it is a standby controller: it imports everything a controller runs (JAX,
 the model's estimators, the controller's modules) and connects to Ray, then waits for the
@@ -87,14 +89,13 @@ def _start_islands(specs, credential, issue_tls, spares: bool | int):
     (controller/islands.py, workers/island_host.py)."""
     from .islands import attach_or_start
 
-    groups, started = [], []
+    groups = []
     for spec in specs:
         group, fresh = attach_or_start(spec, credential, issue_tls, spares=spares)
         if fresh:
-            started.append(group)
             logger.info("started island %s", spec.name)
         groups.append(group)
-    return groups, started
+    return groups
 
 
 def _resolve_ahead(store, imports: threading.Thread) -> threading.Thread:
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if args.standby:
         logger.info("standby: took over the state dir")
-    started = []
+    groups = []
     try:
         if args.simulate_islands:  # no Ray: the simulated hosts live in this process
             from .auth import cluster_credential
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
         credential = cluster_credential(args.state_dir)
         tls, issue_tls = _cluster_tls(args)
-        groups, started = _start_islands(
+        groups = _start_islands(
             islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
         )
         asyncio.run(_serve(args, store, groups, credential, tls, imports))
@@ -303,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if not args.keep_hosts:
-            for group in started:
+            # Every island's hosts, attached ones too: left running, a restarted controller's
+            # hosts would outlive it (a `down` after a restart then waited ~20 s for Ray to
+            # give up on them).
+            for group in groups:
                 group.shutdown()
         if ray_node is not None:
             _leave_ray_node(ray_node)

@@ -99,7 +99,7 @@ class LocalCluster:
         ray_address: join this running Ray cluster (`host:port` of its head) instead of
             starting one; the islands then come from the cluster's node resources and
             `islands`, `devices_per_island`, `hosts_per_island` and `island_memory` are not
-            used. `down` stops only the controller (and the island hosts it started).
+            used. `down` stops only the controller (and its island hosts).
         ray_token_file: the joined cluster's Ray auth token file (None: no token auth).
         node_ip: the controller's Ray node address when joining; None takes the head's
             address for a loopback cluster and lets Ray pick otherwise.
