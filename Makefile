@@ -25,12 +25,9 @@ demo: install
 demo-lifecycle: install
 	$(VENV)/bin/pathways-lite demo --lifecycle
 
-# Two test processes (tests/conftest.py groups the files: each file, and every user of the
-# session's clusters, runs in one of them); TEST_WORKERS=0 runs the suite in this process.
-TEST_WORKERS ?= 2
 test: install
 	$(PY) tests/ensure_tools.py
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest
 
 lint: install
 	$(VENV)/bin/ruff check .

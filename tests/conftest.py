@@ -7,7 +7,6 @@ test starts (island hosts, Ray workers), so they share the same compilation cach
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -127,26 +126,3 @@ def local_cluster():
 
 
 # --- end of local cluster fixture ----------------------------------------------------------
-
-
-# --- Two test processes (`make test`: pytest -n 2 --dist loadgroup) ------------------------
-# The suite is CPU-bound on two cores, but a single test process leaves one idle while it
-# waits (a compile in one island host, a process start, a poll). With pytest-xdist each file
-# runs whole in one of two test processes, so its module fixtures (clusters) start once, and
-# every file that uses the session's Ray cluster or local cluster runs in the same process, so
-# each of those still starts once for the whole suite.
-SESSION_CLUSTERS = {"ray_cluster", "local_cluster"}
-SESSION_CLUSTERS_GROUP = "session-clusters"
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Put every test in an xdist group: its file's, or the session clusters' group."""
-    by_file = defaultdict(list)
-    for item in items:
-        by_file[item.path].append(item)
-    for path, file_items in by_file.items():
-        shared = any(SESSION_CLUSTERS & set(item.fixturenames) for item in file_items)
-        group = SESSION_CLUSTERS_GROUP if shared else path.stem
-        for item in file_items:
-            item.add_marker(pytest.mark.xdist_group(group))
