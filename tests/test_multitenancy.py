@@ -296,15 +296,22 @@ def test_a_preempted_serve_job_ends_its_streams_naming_it_then_suspends_and_serv
                         pass
                     ends.append("ok")
                 except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.UNAVAILABLE, (e.code(), e.details())
+                    assert e.code() in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    ), (e.code(), e.details())
                     ends.append(e.details())
         preempted = f"preempted by higher-priority job {high.id}"
+        full = "the serve queue is full"
         # Every stream either ran to its end before the service stopped or ended naming the
         # preemption (how many finished first depends on the machine's speed): none is cut
-        # silently, and the ones still open or queued at the stop are told why.
+        # silently, and the ones still open or queued at the stop are told why. The ten
+        # requests fill the host's two slots and its queue of eight only once the slots have
+        # taken their first two: one that comes before is refused, saying so (a CI run saw it).
         assert any(preempted in e for e in ends) and all(
-            e == "ok" or preempted in e for e in ends
+            e == "ok" or preempted in e or full in e for e in ends
         ), ends
+        assert sum(full in e for e in ends) <= 2, ends
 
         # Suspended: its parameters in host memory, nothing of it on the device; the router
         # refuses its requests naming the preemption (none reaches a host).
