@@ -441,6 +441,19 @@ def _serving_pid(state_dir: Path) -> int:
         return 0
 
 
+def _signal_and_wait(
+    pid: int, sig: int, process: subprocess.Popen | None, patience_s: float
+) -> None:
+    """Send `sig` to `pid`'s process group; wait up to `patience_s` for `pid` to exit
+    (reaping it when it is our child, `process`)."""
+    _killpg(pid, sig)
+    deadline = time.monotonic() + patience_s
+    while _alive(pid) and time.monotonic() < deadline:
+        if process is not None:
+            process.poll()
+        time.sleep(0.05)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -485,21 +498,11 @@ def stop_recorded(
         if standby_pid == _serving_pid(state_dir):  # it took over: it is the controller
             pid, controller = standby_pid, standby
         else:  # holds nothing: no grace needed
-            _killpg(standby_pid, signal.SIGKILL)
-            deadline = time.monotonic() + patience_s
-            while _alive(standby_pid) and time.monotonic() < deadline:
-                if standby is not None:
-                    standby.poll()
-                time.sleep(0.05)
+            _signal_and_wait(standby_pid, signal.SIGKILL, standby, patience_s)
             if standby is not None:
                 standby.wait(5)
     if pid and _alive(pid):
-        _killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + patience_s
-        while _alive(pid) and time.monotonic() < deadline:
-            if controller is not None:
-                controller.poll()
-            time.sleep(0.1)
+        _signal_and_wait(pid, signal.SIGTERM, controller, patience_s)
         _killpg(pid, signal.SIGKILL)
         if controller is not None:
             try:
