@@ -304,14 +304,18 @@ class ControllerClient:
         return self._call(self._stub.UpdateJob, request).job
 
     def watch(self, job_id: str, from_step: int = 0) -> Iterator[controller_pb2.WatchJobReply]:
-        """The job's updates until it finishes (see WatchJob)."""
+        """The job's updates until it finishes (see WatchJob). A caller that stops early
+        (Ctrl-C, `break`) cancels the stream: none is left open on the channel."""
+        call = self._stub.WatchJob(
+            controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step),
+            metadata=self._metadata,
+        )
         try:
-            yield from self._stub.WatchJob(
-                controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step),
-                metadata=self._metadata,
-            )
+            yield from call
         except grpc.RpcError as e:
             raise ClientError(_details(e, self.address), e.code()) from None
+        finally:
+            call.cancel()
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> controller_pb2.Job:
         """Follow the job until it finishes; returns its final record.
