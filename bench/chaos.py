@@ -1,21 +1,33 @@
 """Goodput under chaos: random SIGKILLs of island hosts (and once the controller) mid-training.
 
 A local cluster (Ray on loopback, islands a, b, c of 1 host x 2 CPU devices, the controller as
-its own process beside a standby controller) first trains palm-tiny data parallel on
-`--islands` islands uninterrupted (the reference: its losses), then runs the same job again
-while the island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a run
-repeats), and once, half way, the controller (killed; its standby takes over the state dir, or
-with `--no-standby` a new controller starts cold; off with `--no-controller-kill`). The next
-kill comes only after the previous recovery's first completed step, `--interval-s` later on
-average (exponential gaps of at least 1 s, scaled so that their mean is exactly
-`--interval-s`). The job's length is sized to the drawn gaps at the reference's step time
-(its steps 300-600; the reference is submitted long and cancelled once it has the steps
-needed: no separate probe run).
+its own process beside a standby controller) trains palm-tiny data parallel on `--islands`
+islands while the island hosts of the job are SIGKILLed at random, seeded times (`--seed`: a
+run repeats), and once, half way, the controller (killed; its standby takes over the state
+dir, or with `--no-standby` a new controller starts cold; off with `--no-controller-kill`).
+The next kill comes only after the previous recovery's first completed step, `--interval-s`
+later on average (exponential gaps of at least 1 s, scaled so that their mean is exactly
+`--interval-s`).
 
-The reference's losses and step time are cached (bench/chaos_reference.py: keyed by the spec,
-the island layout, the versions, the CPU and a hash of the sources; `--no-reference-cache`
-runs it anyway): a rerun with nothing changed skips it and takes about half the time. The
-output says where the reference came from (`reference`, `reference_from_cache`).
+The reference (the losses the chaos job must reproduce bitwise) is the same job, uninterrupted,
+run **beside** the chaos job on a cluster of its own (its own Ray, controller and islands of
+the same layout: no kill touches it), from the chaos job's start to its end: a first run takes
+its kills' time, not twice it (the issue's run, 20 kills 30 s apart: ~14 min, against ~28 min
+with the reference first). The two share the machine's cores, so the chaos job's steps and
+recoveries are measured under the reference's load, and goodput's solo step time comes from the
+chaos job's own clear steps under that same load. Without `--steps` the chaos job is open-ended:
+it is cancelled once its last kill's recovery has settled (`SETTLE_S`) and `TAIL_S` more
+seconds of steps ran (`job_state` "cancelled", `job_ended_as_asked`), and the reference
+once it has the chaos job's steps (a step's loss does not depend on the job's total: its
+learning-rate schedule has no horizon and each step's batch is a function of the step).
+
+`--reference-first` runs the reference alone before the chaos job instead (the chaos job then
+has the machine to itself): sized to the drawn gaps at the reference's step time (its steps
+300-600; it is submitted long and cancelled once it has the steps needed), and cached
+(bench/chaos_reference.py: keyed by the spec, the island layout, the versions, the CPU and a
+hash of the sources; `--no-reference-cache` runs it anyway), so that a rerun with nothing
+changed skips it. The output says where the reference came from (`reference`,
+`reference_beside`, `reference_from_cache`).
 
 Measured per kill, from the job's metrics and events in the controller's database:
 `kill_to_next_step_s` (the SIGKILL to the end of the next completed step, everything
@@ -34,7 +46,8 @@ recovery's first step, plus `SETTLE_S` for the new warm spares). The first kill 
 few clear steps (`--solo-s 0` and kills close together), and `solo_step_source` says which.
 
     .venv/bin/python bench/chaos.py [--islands 2] [--kills 20] [--interval-s 30] [--json]
-    .venv/bin/python bench/chaos.py --kills 3 --interval-s 4 --steps 400   # a short check
+    .venv/bin/python bench/chaos.py --kills 2 --interval-s 8 --json   # a short check
+    .venv/bin/python bench/chaos.py --reference-first [--no-reference-cache]
 """
 
 from __future__ import annotations
@@ -82,6 +95,8 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.02):
 
 # What the run's length allows per kill: the next kill waits for the recovery's first step.
 RECOVERY_ALLOWANCE_S = 2.0
+# Seconds of clear steps after the last recovery has settled (an open-ended run stops then).
+TAIL_S = 15.0
 CONTROLLER_ALLOWANCE_S = 10.0
 # Steps this long after the job's first step, or after a recovery's first step, are not counted
 # for the solo step time: the island's warm spares start (SPARE_DELAY_S after the load, then
@@ -178,12 +193,87 @@ def resumed_at(event) -> int:
     return int(event.message.split("step ")[1].split()[0])
 
 
+def reference_first(args, client, store, spec, chaos_s: float) -> tuple:
+    """`--reference-first`: the reference alone before the chaos job, from the cache when
+    nothing it depends on changed (bench/chaos_reference.py), else run now and kept.
+
+    Without `--steps` it is submitted long, timed over its steps SIZE_FROM..SIZE_TO (the warm
+    spares' start-up is over by then) to size the chaos job to `chaos_s` seconds of steps,
+    and cancelled once past them (a step's loss does not depend on the total).
+
+    Returns:
+        (the chaos job's steps, the reference's losses over them, its wall time per step, its
+        median step time, the step time the job was sized with or None, where it came from).
+    """
+    from pathways_lite.client import state_name
+
+    key_fields = chaos_reference.determinants(
+        SPEC.format(
+            name="-", islands=args.islands, steps="-", batch=2 * args.islands, every=args.every
+        ),
+        ISLAND_SPECS,
+    )
+    cache_file = chaos_reference.cache_path(key_fields)
+    cached = None if args.no_reference_cache else chaos_reference.load(cache_file)
+    steps = args.steps
+    if not steps and cached is not None:
+        steps = int(SIZE_MARGIN * chaos_s / cached["solo_step_s"])
+    if cached is not None and len(cached["losses"]) >= steps:
+        where = f"cache {cache_file.name} (run {cached['created']}, load {cached['loadavg']})"
+        step_s, median = cached["solo_step_s"], cached["step_s_median"]
+        return steps, cached["losses"][:steps], step_s, median, None, where
+    ref = client.submit(spec("chaos-ref", args.steps or MAX_STEPS)).id
+    sizing_step_s = None
+    if not args.steps:
+        wait_for(lambda: store.steps_completed(ref) >= SIZE_TO, 900, "sizing steps", 0.5)
+        rows = store.metrics(ref)[SIZE_FROM:SIZE_TO]
+        sizing_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
+        steps = int(SIZE_MARGIN * chaos_s / sizing_step_s)
+        wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
+        client.cancel(ref, reason="the reference has the steps the chaos run needs")
+    ref_final = client.wait(ref, timeout_s=3600)
+    ended = state_name(ref_final.state)
+    assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
+    ref_metrics = store.metrics(ref)
+    losses, step_s, median = reference_figures(ref_metrics, steps)
+    where = "run now"
+    if not args.no_reference_cache:
+        chaos_reference.save(
+            cache_file,
+            key_fields,
+            [m.loss for m in ref_metrics],
+            solo_step_s=step_s,
+            step_s_median=median,
+            loadavg=[round(x, 2) for x in os.getloadavg()],
+        )
+        where += f" (kept in the cache as {cache_file.name})"
+    return steps, losses, step_s, median, sizing_step_s, where
+
+
+def reference_figures(metrics, steps: int) -> tuple[list[float], float, float]:
+    """A reference's losses over its first `steps` steps, its wall time per step over them
+    (checkpoints included) and their median step time.
+
+    Raises:
+        AssertionError: the reference does not have steps 0..steps-1 exactly once.
+    """
+    assert [m.step for m in metrics[:steps]] == list(range(steps)), "the reference's steps"
+    first, last = metrics[0], metrics[steps - 1]
+    step_s = (last.time_us - first.time_us) / 1e6 / max(steps - 1, 1)
+    return [m.loss for m in metrics[:steps]], step_s, median_step_s(metrics[:steps])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--islands", type=int, default=2, choices=(2, 3))
     p.add_argument("--kills", type=int, default=20, help="island host kills")
     p.add_argument("--interval-s", type=float, default=30.0, help="mean seconds between kills")
-    p.add_argument("--steps", type=int, default=0, help="job steps (0: enough for the kills)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="job steps (0: the chaos job runs until its last kill's recovery has settled)",
+    )
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -195,12 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-controller-kill", action="store_true")
     p.add_argument(
+        "--reference-first",
+        action="store_true",
+        help="run the uninterrupted reference alone before the chaos job (its losses cached "
+        "for reruns) instead of beside it on a cluster of its own: the chaos job then has the "
+        "machine to itself, and a first run takes about twice as long",
+    )
+    p.add_argument(
         "--no-reference-cache",
         action="store_true",
-        help="run the uninterrupted reference even if cached (and do not cache it)",
+        help="with --reference-first: run the reference even if cached (and do not cache it)",
     )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--keep", action="store_true", help="keep the state dir (logs)")
+    p.add_argument("--keep", action="store_true", help="keep the state dirs (logs)")
     p.add_argument(
         "--no-standby",
         action="store_true",
@@ -214,23 +311,30 @@ def main(argv: list[str] | None = None) -> int:
     from pathways_lite.local import LocalCluster
     from pathways_lite.spec import load_spec_text
 
-    # A timeout's SIGTERM unwinds through the finally below: the cluster goes down with us.
+    # A timeout's SIGTERM unwinds through the finally below: the clusters go down with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rng = random.Random(args.seed)
     progress = sys.stderr if args.json else sys.stdout  # stdout stays one JSON object
     batch = 2 * args.islands
+    beside = not args.reference_first
     started = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
     state_dir = Path(tempfile.mkdtemp(prefix="plch-", dir="/tmp"))
     cluster = LocalCluster(
         state_dir=state_dir, island_specs=ISLAND_SPECS, standby_controller=not args.no_standby
     )
+    # The reference beside the chaos job: the same job on a cluster of its own (its own Ray,
+    # controller and islands of the same layout), so no kill, not even the controller's,
+    # touches it.
+    ref_dir = Path(tempfile.mkdtemp(prefix="plch-ref-", dir="/tmp")) if beside else None
+    ref_cluster = (
+        LocalCluster(state_dir=ref_dir, island_specs=ISLAND_SPECS[: args.islands])
+        if beside
+        else None
+    )
     kills: list[dict] = []
     controller: dict = {}
     try:
-        cluster.start()
-        store = JobStore(state_dir / DB_NAME)
-        client = ControllerClient(state_dir)
 
         def spec(name: str, steps: int) -> object:
             text = SPEC.format(
@@ -238,81 +342,39 @@ def main(argv: list[str] | None = None) -> int:
             )
             return load_spec_text(text)
 
+        if ref_cluster is not None:
+            ref_cluster.start()
+            ref_store = JobStore(ref_dir / DB_NAME)
+            ref_client = ControllerClient(ref_dir)
+            ref = ref_client.submit(spec("chaos-ref", args.steps or MAX_STEPS)).id
+            print("reference: beside, on a cluster of its own", file=progress, flush=True)
+        cluster.start()
+        store = JobStore(state_dir / DB_NAME)
+        client = ControllerClient(state_dir)
+
         # The kills, drawn ahead from the seed: when (gaps) and which island's host.
         controller_kill_at = None if args.no_controller_kill else max(1, args.kills // 2)
         schedule = draw_schedule(
             rng, args.kills + (controller_kill_at is not None), args.interval_s, args.islands
         )
-        # Seconds of steps for the schedule's gaps, a recovery per kill (the controller's
-        # longer) and a tail (the chaos job's steps are no faster than the reference's).
-        chaos_s = sum(g for g, _ in schedule) + RECOVERY_ALLOWANCE_S * args.kills + 15.0
-        chaos_s += CONTROLLER_ALLOWANCE_S if controller_kill_at is not None else 0.0
-        chaos_s += SETTLE_S + args.solo_s  # the undisturbed steps before the first kill
-
-        # The reference: the same job uninterrupted (its losses; its wall time per step is the
-        # solo step time only if the chaos run has too few clear steps), from the cache when
-        # nothing it depends on changed (bench/chaos_reference.py), else run here and kept.
-        key_fields = chaos_reference.determinants(
-            SPEC.format(name="-", islands=args.islands, steps="-", batch=batch, every=args.every),
-            ISLAND_SPECS,
-        )
-        cache_file = chaos_reference.cache_path(key_fields)
-        cached = None if args.no_reference_cache else chaos_reference.load(cache_file)
-        if args.steps:
-            steps = args.steps
-        elif cached is not None:
-            steps = int(SIZE_MARGIN * chaos_s / cached["solo_step_s"])
-        if cached is not None and len(cached["losses"]) >= steps:
-            ref = None
-            ref_losses = cached["losses"][:steps]
-            ref_step_s, ref_step_s_median = cached["solo_step_s"], cached["step_s_median"]
-            sizing_step_s = None
-            reference = (
-                f"cache {cache_file.name} (run {cached['created']}, load {cached['loadavg']})"
-            )
-        else:
-            # Sized from its own steps when --steps is not given: it is submitted long,
-            # timed over steps SIZE_FROM..SIZE_TO (the warm spares' start-up is over by
-            # then), and cancelled once past the steps the chaos run needs (a step's loss
-            # does not depend on the total: bench/chaos_reference.py).
-            ref = client.submit(spec("chaos-ref", args.steps or MAX_STEPS)).id
-            sizing_step_s = None
-            if not args.steps:
-                wait_for(lambda: store.steps_completed(ref) >= SIZE_TO, 900, "sizing steps", 0.5)
-                rows = store.metrics(ref)[SIZE_FROM:SIZE_TO]
-                sizing_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
-                steps = int(SIZE_MARGIN * chaos_s / sizing_step_s)
-                wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
-                client.cancel(ref, reason="the reference has the steps the chaos run needs")
-            ref_final = client.wait(ref, timeout_s=3600)
-            ended = state_name(ref_final.state)
-            assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
-            ref_metrics = store.metrics(ref)
-            assert [m.step for m in ref_metrics[:steps]] == list(range(steps)), "ref steps"
-            ref_losses = [m.loss for m in ref_metrics[:steps]]
-            # Its wall time per step over the same steps (checkpoints included): goodput's
-            # solo step time only if the chaos run has too few undisturbed steps.
-            first, last = ref_metrics[0], ref_metrics[steps - 1]
-            ref_step_s = (last.time_us - first.time_us) / 1e6 / (steps - 1)
-            ref_step_s_median = median_step_s(ref_metrics[:steps])
-            reference = "run now"
-            if not args.no_reference_cache:
-                chaos_reference.save(
-                    cache_file,
-                    key_fields,
-                    [m.loss for m in ref_metrics],
-                    solo_step_s=ref_step_s,
-                    step_s_median=ref_step_s_median,
-                    loadavg=[round(x, 2) for x in os.getloadavg()],
-                )
-                reference += f" (kept in the cache as {cache_file.name})"
-        print(f"reference: {reference}; {steps} steps", file=progress, flush=True)
-
-        # Every island free first (a cancelled reference is still unloading for a moment):
-        # the job goes where a restarted controller would place it again (the lowest free
-        # islands), so the controller kill tests adoption, not a move to other islands.
-        wait_for(lambda: not any(i.job_ids for i in client.islands()), 120, "free islands", 0.2)
-        job = client.submit(spec("chaos", steps)).id
+        steps, sizing_step_s, ref_from_cache = args.steps, None, False
+        if not beside:
+            # Seconds of steps for the schedule's gaps, a recovery per kill (the
+            # controller's longer) and a tail (the chaos job's steps are no faster than the
+            # reference's).
+            chaos_s = sum(g for g, _ in schedule) + RECOVERY_ALLOWANCE_S * args.kills + TAIL_S
+            chaos_s += CONTROLLER_ALLOWANCE_S if controller_kill_at is not None else 0.0
+            chaos_s += SETTLE_S + args.solo_s  # the undisturbed steps before the first kill
+            first = reference_first(args, client, store, spec, chaos_s)
+            steps, ref_losses, ref_step_s, ref_step_s_median, sizing_step_s, reference = first
+            ref_from_cache = reference.startswith("cache")
+            print(f"reference: {reference}; {steps} steps", file=progress, flush=True)
+            # Every island free first (a cancelled reference is still unloading for a
+            # moment): the job goes where a restarted controller would place it again (the
+            # lowest free islands), so the controller kill tests adoption, not a move.
+            wait_for(lambda: not any(i.job_ids for i in client.islands()), 120, "free islands", 0.2)
+        open_ended = not steps  # beside, without --steps: stopped after its last kill
+        job = client.submit(spec("chaos", steps or MAX_STEPS)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
         first_step_us = store.metrics(job)[0].time_us
@@ -322,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, (gap, island_index) in enumerate(schedule):
             target = islands[island_index]
             time.sleep(max(gap, solo_until - time.time()) if n == 0 else gap)
-            if store.steps_completed(job) >= steps - 2:
+            if steps and store.steps_completed(job) >= steps - 2:
                 break
             done_before = store.steps_completed(job)
             if controller_kill_at is not None and n == controller_kill_at:
@@ -367,28 +429,51 @@ def main(argv: list[str] | None = None) -> int:
                 file=progress,
                 flush=True,
             )
+        if open_ended:
+            # Open-ended: stopped once the last recovery's new warm spare has started and a
+            # tail of clear steps has run.
+            time.sleep(SETTLE_S + TAIL_S)
+            client.cancel(job, reason="the chaos run's kills are done")
         final = client.wait(job, timeout_s=3600)
         metrics = store.metrics(job)
+        steps = steps or (metrics[-1].step + 1 if metrics else 0)
+        if ref_cluster is not None:
+            # The reference has run beside all along; it stops once it has the chaos job's
+            # steps (a step's loss does not depend on the total: bench/chaos_reference.py).
+            wait_for(lambda: ref_store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
+            if not args.steps:
+                ref_client.cancel(ref, reason="the reference has the chaos job's steps")
+            ref_final = ref_client.wait(ref, timeout_s=600)
+            ended = state_name(ref_final.state)
+            assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
+            ref_metrics = ref_store.metrics(ref)
+            ref_losses, ref_step_s, ref_step_s_median = reference_figures(ref_metrics, steps)
+            reference = f"run beside on a cluster of its own ({len(ref_metrics)} steps)"
+            ref_client.close()
+            ref_store.close()
         chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
-        solo_step_s, solo_source, solo_steps = solo_step_time(
-            [m.time_us for m in metrics],
-            recovered,
-            ref_step_s,
-            "reference_cache" if ref is None else "reference_run",
+        ref_source = (
+            "reference_beside"
+            if beside
+            else "reference_cache"
+            if ref_from_cache
+            else "reference_run"
         )
+        solo_step_s, solo_source, solo_steps = solo_step_time(
+            [m.time_us for m in metrics], recovered, ref_step_s, ref_source
+        )
+        ended_as_asked = state_name(final.state) == ("cancelled" if open_ended else "succeeded")
         result = {
             "islands": args.islands,
             "steps": steps,
             "seed": args.seed,
             "kills": len(kills),
-            "survived": sum(1 for k in kills if k["from"] == "replica")
-            if state_name(final.state) == "succeeded"
-            else 0,
+            "survived": sum(1 for k in kills if k["from"] == "replica") if ended_as_asked else 0,
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
             "goodput": round((len(metrics) - 1) * solo_step_s / chaos_wall_s, 3),
             # The solo step time goodput counts kept steps at, and where it was measured:
             # "chaos_run" (this job's steps clear of every kill: `solo_steps` of them), else
-            # the reference's ("reference_run" now, "reference_cache" another time).
+            # the reference's ("reference_beside", "reference_run" or "reference_cache").
             "solo_step_s": round(solo_step_s, 4),
             "solo_step_source": solo_source,
             "solo_steps": solo_steps,
@@ -399,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
             # steps came from --steps or the cache).
             "probe_step_s": None if sizing_step_s is None else round(sizing_step_s, 4),
             "reference": reference,
-            "reference_from_cache": ref is None,
+            # The reference ran beside the chaos job (on its own cluster, same 2 cores: the
+            # chaos job's steps and recoveries were measured under its load), else before it.
+            "reference_beside": beside,
+            "reference_from_cache": ref_from_cache,
             # The steps' own speed (medians: recoveries left out), the chaos job's against
             # the reference's: what the warm spares' start-ups cost the job's steps.
             "step_s_median": round(median_step_s(metrics), 4),
@@ -410,7 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             "standby_controller": not args.no_standby,
             "bitwise_equal": store.losses(job) == ref_losses,
             "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
+            # "succeeded", or "cancelled" by this benchmark once its kills were done (an
+            # open-ended run: without --steps, the reference beside).
             "job_state": state_name(final.state),
+            "job_ended_as_asked": ended_as_asked,
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "bench_wall_s": round(time.monotonic() - started, 1),
@@ -419,11 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         store.close()
     finally:
-        cluster.down()
-        if args.keep:
-            print(f"state dir kept: {state_dir}", file=progress, flush=True)
-        else:
-            shutil.rmtree(state_dir, ignore_errors=True)
+        for each, folder in ((cluster, state_dir), (ref_cluster, ref_dir)):
+            if each is None:
+                continue
+            each.down()
+            if args.keep:
+                print(f"state dir kept: {folder}", file=progress, flush=True)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
     else:
@@ -433,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in kills + ([controller] if controller else []):
             print(f"  {k['what']}: {k['restore']}")
     ok = result["bitwise_equal"] and result["metrics_exactly_once"]
-    return 0 if ok and result["job_state"] == "succeeded" else 1
+    return 0 if ok and result["job_ended_as_asked"] else 1
 
 
 if __name__ == "__main__":
