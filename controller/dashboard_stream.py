@@ -13,8 +13,10 @@ page that lagged behind gets a `resync` event with the count of updates it lost 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -27,6 +29,15 @@ from .bus import ALL_JOBS
 from .dashboard_auth import secure
 
 SSE_HEARTBEAT_S = 15.0
+# A cluster page's stream sends at most one overview per OVERVIEW_EVERY_S (a busy cluster steps
+# many times a second; the islands view needs no more) and one, exact, once its bus goes quiet;
+# its streams share one overview computed at most once per OVERVIEW_SHARED_S while busy.
+OVERVIEW_EVERY_S = 0.5
+OVERVIEW_SHARED_S = 0.25
+# Updates one write of a cluster page's stream carries at most (a busy bus is read in batches).
+BATCH_MAX = 512
+# Encoded updates kept for the cluster page's streams (each is encoded once for all of them).
+ENCODED_KEPT = 4096
 
 # (event name, JSON-able data) pairs of one bus update, as the pages consume them.
 Translate = Callable[[str, controller_pb2.WatchJobReply], list[tuple[str, dict[str, Any]]]]
@@ -61,6 +72,10 @@ class EventStreams:
         self._why = why
         self._log_dict = log_dict
         self._streams: set[asyncio.Task] = set()
+        # Shared by the cluster page's streams: each bus update's events encoded once, and the
+        # overview last computed as (monotonic time, the bus update it reflects, its event).
+        self._encoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._overview_cache: tuple[float, int, bytes] = (-math.inf, -1, b"")
 
     def close(self) -> None:
         """End every open stream (the server is stopping)."""
@@ -70,32 +85,77 @@ class EventStreams:
     async def all_jobs(self, request: web.Request) -> web.StreamResponse:
         """Every job's state changes and steps, and the overview (the cluster page)."""
 
-        async def events() -> AsyncIterator[tuple[str, Any]]:
+        async def chunks() -> AsyncIterator[bytes]:
             queue = self._events.subscribe(ALL_JOBS)
+            owed = 0  # the newest update read whose overview is not sent yet (0: none)
+            sent_at = -math.inf
             try:
                 while True:
-                    item = await _get(queue, SSE_HEARTBEAT_S)
-                    dropped = queue.take_dropped() if hasattr(queue, "take_dropped") else 0
-                    if dropped:  # it lagged: the page reloads what it shows
-                        yield "resync", {"dropped": dropped, "seq": queue.last_seq}
-                    if item is None:
-                        yield "overview", self._overview()
+                    now = time.monotonic()
+                    wait_s = max(0.0, sent_at + OVERVIEW_EVERY_S - now) if owed else None
+                    item = await _get(queue, SSE_HEARTBEAT_S if wait_s is None else wait_s)
+                    if item is None:  # quiet: the overview owed, exact, or a heartbeat's
+                        yield self._overview_bytes(owed)
+                        owed, sent_at = 0, time.monotonic()
                         continue
-                    job_id, update = item
-                    for kind, data in self._translate(job_id, update):
-                        # The bus's sequence number: a gap proves lost updates.
-                        yield kind, {**data, "seq": queue.last_seq}
-                    if update.HasField("metrics") or update.HasField("job"):
-                        yield "overview", self._overview()
+                    # A busy bus is read in batches: one write per batch, not per update.
+                    parts = []
+                    for _ in range(BATCH_MAX):
+                        seq = queue.last_seq
+                        dropped = queue.take_dropped()
+                        if dropped:  # it lagged: the page reloads what it shows
+                            parts.append(_sse("resync", {"dropped": dropped, "seq": seq}))
+                        job_id, update = item
+                        parts.append(self._update_bytes(seq, job_id, update))
+                        if update.HasField("metrics") or update.HasField("job"):
+                            owed = seq
+                        if queue.empty():
+                            break
+                        item = queue.get_nowait()
+                    if owed and time.monotonic() - sent_at >= OVERVIEW_EVERY_S:
+                        parts.append(self._overview_bytes(0))
+                        sent_at = time.monotonic()
+                        # A shared overview older than the newest update stays owed: the
+                        # stream's next quiet moment sends an exact one.
+                        owed = 0 if self._overview_cache[1] >= owed else owed
+                    yield b"".join(parts)
             finally:
                 self._events.unsubscribe(ALL_JOBS, queue)
 
-        return await self._serve(request, _coalesce_overview(events()))
+        return await self._serve(request, chunks())
+
+    def _update_bytes(self, seq: int, job_id: str, update: Any) -> bytes:
+        """The cluster page's events of the bus update `seq`, encoded once for every stream
+        (the bus numbers ALL_JOBS updates alike for all of its followers)."""
+        encoded = self._encoded.get(seq)
+        if encoded is None:
+            encoded = b"".join(
+                # The bus's sequence number: a gap proves lost updates.
+                _sse(kind, {**data, "seq": seq})
+                for kind, data in self._translate(job_id, update)
+            )
+            self._encoded[seq] = encoded
+            if len(self._encoded) > ENCODED_KEPT:
+                self._encoded.popitem(last=False)
+        return encoded
+
+    def _overview_bytes(self, owed: int) -> bytes:
+        """The overview event, shared by every stream: the one computed last if it reflects
+        bus update `owed` or later (0: if it is younger than OVERVIEW_SHARED_S), else one
+        computed now."""
+        at, reflects, encoded = self._overview_cache
+        young = time.monotonic() - at < OVERVIEW_SHARED_S
+        if encoded and (reflects >= owed if owed else young):
+            return encoded
+        reflects = self._events.seq[ALL_JOBS]
+        encoded = _sse("overview", self._overview())
+        self._overview_cache = (time.monotonic(), reflects, encoded)
+        return encoded
 
     async def one_job(self, request: web.Request, job_id: str) -> web.StreamResponse:
         """One job's state changes, steps and log records (the job page)."""
 
-        async def events() -> AsyncIterator[tuple[str, Any]]:
+        async def chunks() -> AsyncIterator[bytes]:
             updates = self._events.subscribe(job_id)
             logs = self._logs.subscribe(job_id)
             try:
@@ -110,24 +170,24 @@ class EventStreams:
                     for future in pending:
                         future.cancel()
                     if not done:
-                        yield "ping", {"time": time.time()}
+                        yield _sse("ping", {"time": time.time()})
                         continue
                     for future in done:
                         if getters[future] == "log":
-                            yield "log", self._log_dict(future.result())
+                            yield _sse("log", self._log_dict(future.result()))
                             continue
                         for kind, data in self._translate(job_id, future.result()):
-                            yield kind, data
+                            yield _sse(kind, data)
                             if kind == "job":
-                                yield "why", {"why": self._why(job_id)}
+                                yield _sse("why", {"why": self._why(job_id)})
             finally:
                 self._events.unsubscribe(job_id, updates)
                 self._logs.unsubscribe(job_id, logs)
 
-        return await self._serve(request, events())
+        return await self._serve(request, chunks())
 
     async def _serve(
-        self, request: web.Request, events: AsyncIterator[tuple[str, Any]]
+        self, request: web.Request, chunks: AsyncIterator[bytes]
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -143,9 +203,8 @@ class EventStreams:
         self._streams.add(task)
         try:
             await response.write(b"retry: 2000\n\n")
-            async for kind, data in events:
-                payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
-                await response.write(f"event: {kind}\ndata: {payload}\n\n".encode())
+            async for chunk in chunks:
+                await response.write(chunk)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
@@ -160,16 +219,7 @@ async def _get(queue: asyncio.Queue, timeout_s: float) -> Any:
     return None
 
 
-async def _coalesce_overview(
-    events: AsyncIterator[tuple[str, Any]], min_interval_s: float = 0.5
-) -> AsyncIterator[tuple[str, Any]]:
-    """Pass events through, but at most one `overview` per `min_interval_s` (a busy cluster
-    steps many times a second; the islands view needs no more)."""
-    last = 0.0
-    async for kind, data in events:
-        if kind == "overview":
-            now = time.monotonic()
-            if now - last < min_interval_s:
-                continue
-            last = now
-        yield kind, data
+def _sse(kind: str, data: Any) -> bytes:
+    """One server-sent event."""
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return f"event: {kind}\ndata: {payload}\n\n".encode()
