@@ -81,9 +81,7 @@ def test_many_pages_get_every_update_and_share_the_overview() -> None:
         port = site._server.sockets[0].getsockname()[1]
         url = f"http://127.0.0.1:{port}/api/stream"
         ready, opened = asyncio.Event(), []
-        pages = [
-            asyncio.create_task(_read_page(url, ready, opened, UPDATES)) for _ in range(PAGES)
-        ]
+        pages = [asyncio.create_task(_read_page(url, ready, opened, UPDATES)) for _ in range(PAGES)]
         await asyncio.wait_for(ready.wait(), 20)
         while len(bus._queues.get(ALL_JOBS, ())) < PAGES:  # every stream subscribed
             await asyncio.sleep(0.01)
