@@ -72,9 +72,9 @@ def model_overrides(spec: JobSpec) -> dict[str, Any]:
     Raises:
         SpecError: an override is not a PalmConfig field or has a value of the wrong kind.
     """
-    from pathways_lite.model.config import PalmConfig
+    from pathways_lite.model.config import PalmConfig, field_hints
 
-    hints = typing.get_type_hints(PalmConfig)
+    hints = field_hints(PalmConfig)
     fields = [f.name for f in dataclasses.fields(PalmConfig)]
     overrides: dict[str, Any] = {}
     for key, value in sorted(spec.model.overrides.fields.items()):

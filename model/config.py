@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import typing
 from collections.abc import Callable, Mapping
@@ -20,6 +21,13 @@ AUTO_DTYPE = "auto"
 ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
+@functools.cache
+def field_hints(cls: type) -> dict[str, Any]:
+    """A config dataclass's resolved field types (`typing.get_type_hints`, resolved once per
+    class: every submitted spec is checked against them)."""
+    return typing.get_type_hints(cls)
+
+
 def config_from_dict(cls: type, values: Mapping[str, Any], path: str) -> Any:
     """A config dataclass from its field dict (as decoded from JSON or a protobuf Struct).
 
@@ -35,7 +43,7 @@ def config_from_dict(cls: type, values: Mapping[str, Any], path: str) -> Any:
         ValueError: an unknown key, a value of the wrong kind, or the class's own checks; the
             message names the field (`model.config.d_modle: unknown key ...`).
     """
-    hints = typing.get_type_hints(cls)
+    hints = field_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in sorted(values.items()):
