@@ -9,6 +9,7 @@ reflection, and the access token (controller/auth.py) on every other call.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,8 @@ from .wire import CONTROLLER_WIRE_VERSION
 
 logger = logging.getLogger(__name__)
 
+# Replies a stream served on the controller's loop may run ahead of its caller.
+STREAM_AHEAD = 256
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
 
@@ -91,30 +94,75 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
     async def _stream_on_controller(self, stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The replies of `stream`, which runs on the controller's loop, one at a time."""
+        """The replies of `stream`, which runs on the controller's loop, handed over in
+        batches: a pump there reads them as they come into a buffer (at most STREAM_AHEAD
+        ahead of this caller) and wakes this loop once per batch, not once per reply (200
+        busy watchers cost the controller's loop a cross-thread hand-off per reply before)."""
         if self._loop is None or self._loop is asyncio.get_running_loop():
             async for reply in stream:
                 yield reply
             return
+        here = asyncio.get_running_loop()
+        lock = threading.Lock()
+        buffer: collections.deque[Any] = collections.deque()
+        ended: list[BaseException | None] = []  # [None] or [the error] once it ended
+        flags = {"woken": False, "full": False}
+        ready = asyncio.Event()  # this loop's: replies (or the end) are waiting
+        room = asyncio.Event()  # the controller loop's: the buffer has room again
 
-        async def next_reply() -> tuple[bool, Any]:
+        def wake() -> None:  # on the controller's loop, `lock` held
+            if not flags["woken"]:
+                flags["woken"] = True
+                here.call_soon_threadsafe(ready.set)
+
+        async def pump() -> None:
             try:
-                return True, await anext(stream)
-            except StopAsyncIteration:
-                return False, None
+                async for reply in stream:
+                    while True:
+                        with lock:
+                            if len(buffer) < STREAM_AHEAD:
+                                buffer.append(reply)
+                                wake()
+                                break
+                            flags["full"] = True
+                            room.clear()
+                        await room.wait()
+            except BaseException as e:  # its caller raises it (a cancel: it went away)
+                with lock:
+                    ended.append(e)
+                    wake()
+                # Cancelled while the buffer was full: `stream` waits at a yield; end it.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                return
+            with lock:
+                ended.append(None)
+                wake()
 
+        pumping = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         try:
             while True:
-                more, reply = await self._on_controller(next_reply())
-                if not more:
+                await ready.wait()
+                with lock:
+                    ready.clear()
+                    flags["woken"] = False
+                    batch = list(buffer)
+                    buffer.clear()
+                    end = ended[0] if ended else False
+                    if flags["full"]:
+                        flags["full"] = False
+                        self._loop.call_soon_threadsafe(room.set)
+                for reply in batch:
+                    yield reply
+                if end is None:
                     return
-                yield reply
+                if end is not False:
+                    raise end
         finally:
-            # Its `finally` (unsubscribing) runs on the controller's loop; nobody waits.
-            try:
-                asyncio.run_coroutine_threadsafe(_close(stream), self._loop)
-            except RuntimeError:  # that loop is closed: the controller has stopped
-                pass
+            # Cancelled on the controller's loop: `stream`'s `finally` (unsubscribing) runs
+            # there; nobody waits.
+            pumping.cancel()
 
     @_rpc
     async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
@@ -329,15 +377,6 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """`fn(*args, **kwargs)` as a coroutine (to run a plain call on the controller's loop)."""
     return fn(*args, **kwargs)
-
-
-async def _close(stream: AsyncIterator[Any]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except RuntimeError:  # still running: the cancel of its pending reply ends it
-            pass
 
 
 async def serve(

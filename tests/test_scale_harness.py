@@ -420,3 +420,82 @@ def test_a_simulated_hosts_slice_is_cut_for_serving_as_on_a_real_host() -> None:
             await cluster.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(90)
+def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behind(
+    tmp_path,
+) -> None:
+    """WatchJob streams are served from the controller's loop in batches
+    (controller/service.py `_stream_on_controller`): watchers of a job stepping as fast as the
+    controller dispatches get its live updates without a gap (or with the gap announced by a
+    resync), one that stops reading for a while holds its pump back instead of losing
+    updates, and a watcher that goes away leaves no follower on the controller's bus."""
+    import threading
+    import time
+
+    import grpc
+
+    from pathways_lite.controller.service import STREAM_AHEAD, serve
+    from pathways_lite.v1 import controller_pb2_grpc
+
+    wanted = 4 * STREAM_AHEAD
+
+    async def main() -> None:
+        sim = SimCluster.uniform(1, step_s=0.0)
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        server = asyncio.create_task(
+            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+        )
+        try:
+            address = f"127.0.0.1:{await port}"
+            results: list[tuple[int, int, int]] = []
+
+            def watch(job_id: str, pause_s: float) -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    call = stub.WatchJob(controller_pb2.WatchJobRequest(job_id=job_id))
+                    seen = gaps = resyncs = 0
+                    last = None
+                    for reply in call:
+                        if reply.dropped:
+                            resyncs += 1
+                            last = None
+                        if not reply.seq:
+                            continue
+                        if last is not None and reply.seq != last + 1:
+                            gaps += 1
+                        last, seen = reply.seq, seen + 1
+                        if seen == 10 and pause_s:
+                            time.sleep(pause_s)  # not reading: the pump waits for room
+                        if seen >= wanted:
+                            break
+                    call.cancel()
+                    results.append((seen, gaps, resyncs))
+
+            job_id = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("busy", 1, 10**7))).id
+            await _until(lambda: store.steps_completed(job_id) > 10)
+            watchers = [
+                threading.Thread(target=watch, args=(job_id, 1.0 if n == 0 else 0.0))
+                for n in range(4)
+            ]
+            for t in watchers:
+                t.start()
+            await asyncio.to_thread(lambda: [t.join(60) for t in watchers])
+            assert len(results) == 4, results
+            for seen, gaps, _resyncs in results:
+                assert seen >= wanted and gaps == 0, results
+            # Every watcher went away: none of their followers stays on the bus.
+            await _until(lambda: not c.events.followed(job_id), 10)
+            c.cancel(job_id, "done")
+        finally:
+            stop.set()
+            await server
+            await sim.stop()
+            store.close()
+
+    asyncio.run(main())
