@@ -106,8 +106,9 @@ class StandbyKeeper:
         return None if standby is None else standby.pid
 
     def start(self) -> None:
-        """Spawn the standby and start watching it; call once this controller serves."""
-        self._spawn()
+        """Spawn the standby and watch it, on a thread of its own (the caller, the serving
+        controller's event loop, does not wait for the fork); call once this controller
+        serves."""
         self._thread = threading.Thread(target=self._watch, name="standby-keeper", daemon=True)
         self._thread.start()
 
@@ -124,6 +125,7 @@ class StandbyKeeper:
         logger.info("standby controller pid %d started", self._standby.pid)
 
     def _watch(self) -> None:
+        self._spawn()
         delay_s = self.poll_s
         while not self._stopping.wait(self.poll_s):
             standby = self._standby

@@ -5,7 +5,10 @@ every island's resource, then the controller process in the background, which st
 island hosts. With `ray_address` it joins an existing Ray cluster instead: it starts only the
 controller, whose islands are the ones the cluster's nodes advertise (workers/discovery.py).
 What it started is written to `<state_dir>/cluster.json`, so `down` (this object, or
-`pathways-lite down` from another process) stops exactly those processes and no others.
+`pathways-lite down` from another process) stops exactly those processes and no others; a
+controller that keeps its own standby (`standby_controller`, the controller's `--keep-standby`)
+records it in `<state_dir>/standby.pid`, and `down` finds it and the controller that took
+over there (and through the state dir's lock).
 This is the SDK's `pathways_lite.LocalCluster` (its `client()` is a `pathways_lite.Client`).
 """
 
@@ -364,9 +367,14 @@ class LocalCluster:
             return
         self._controller_pid = successor
         record["controller_pid"] = successor
+        record.pop("standby_pid", None)
         self._write_record(record)
         self._wait_serving(successor)
-        self._record_standby(record)
+        # Not waited for (the benches time this call): the view catches up if it is there.
+        standby = read_standby_pid(self.state_dir)
+        if standby != successor and _controller_of(standby, self.state_dir):
+            record["standby_pid"] = standby
+            self._write_record(record)
 
     def _successor(self, dead: int | None) -> int:
         """The controller that took over from `dead`, or the live standby about to, else 0:
