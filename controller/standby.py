@@ -20,6 +20,11 @@ start does not cost a process start every few seconds forever.
 `stop` (the controller's clean stop: SIGTERM, SIGINT, a failed start) SIGKILLs the standby
 (it holds nothing and wrote nothing) and waits for it before the controller releases the
 lock; otherwise the standby would take the state dir over the moment the lock drops.
+
+Whoever stops or waits on a cluster from outside (pathways_lite/local.py) finds its processes
+with `read_standby_pid`, `lock_holder` (a standby that took over wrote its pid there) and
+`controller_of`, which checks that a pid read from a file is still a controller of this
+state dir before anything signals it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import time
 from pathlib import Path
 
 from .options import STANDBY_FILE
+from .statedir import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,47 @@ def read_standby_pid(state_dir: str | Path) -> int:
         return int((Path(state_dir) / STANDBY_FILE).read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+def controller_of(pid: int, state_dir: str | Path) -> bool:
+    """Whether `pid` is a live controller (or standby) process of `state_dir`: a pid read
+    from a file of the state dir may be stale and, by now, another process's."""
+    if not _alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    if "pathways_lite.controller" not in args:
+        return False
+    for i, arg in enumerate(args):
+        value = arg.removeprefix("--state-dir=") if arg.startswith("--state-dir=") else None
+        if arg == "--state-dir" and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None:
+            return (cwd / value).resolve() == Path(state_dir).resolve()
+    return False
+
+
+def lock_holder(state_dir: str | Path) -> int:
+    """The pid the state dir's lock names (the controller that took it last; it may have
+    died since), else 0."""
+    try:
+        return int((Path(state_dir) / LOCK_NAME).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def standby_command(argv: list[str]) -> list[str]:

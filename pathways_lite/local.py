@@ -27,8 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP, STANDBY_FILE
-from pathways_lite.controller.standby import read_standby_pid, spawn_controller
-from pathways_lite.controller.statedir import LOCK_NAME
+from pathways_lite.controller.standby import (
+    controller_of,
+    lock_holder,
+    read_standby_pid,
+    spawn_controller,
+)
 
 if TYPE_CHECKING:
     from pathways_lite.sdk import Client
@@ -372,7 +376,7 @@ class LocalCluster:
         self._wait_serving(successor)
         # Not waited for (the benches time this call): the view catches up if it is there.
         standby = read_standby_pid(self.state_dir)
-        if standby != successor and _controller_of(standby, self.state_dir):
+        if standby != successor and controller_of(standby, self.state_dir):
             record["standby_pid"] = standby
             self._write_record(record)
 
@@ -380,8 +384,8 @@ class LocalCluster:
         """The controller that took over from `dead`, or the live standby about to, else 0:
         the lock's holder (a standby that took over), then the standby `dead` recorded (or
         the next one, if the successor recorded its own already)."""
-        for pid in (_lock_holder(self.state_dir), read_standby_pid(self.state_dir)):
-            if pid and pid != dead and _controller_of(pid, self.state_dir):
+        for pid in (lock_holder(self.state_dir), read_standby_pid(self.state_dir)):
+            if pid and pid != dead and controller_of(pid, self.state_dir):
                 return pid
         return 0
 
@@ -464,44 +468,15 @@ def _wait_for(predicate, timeout_s: float) -> Any:
     return value
 
 
-def _controller_of(pid: int, state_dir: Path) -> bool:
-    """Whether `pid` is a live controller (or standby) process of `state_dir`: a pid read
-    from a file of the state dir may be stale and, by now, another process's."""
-    if not _alive(pid):
-        return False
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-    except OSError:
-        return False
-    if "pathways_lite.controller" not in args:
-        return False
-    for i, arg in enumerate(args):
-        value = arg.removeprefix("--state-dir=") if arg.startswith("--state-dir=") else None
-        if arg == "--state-dir" and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None:
-            return (cwd / value).resolve() == Path(state_dir).resolve()
-    return False
-
-
-def _lock_holder(state_dir: Path) -> int:
-    """The pid the state dir's lock names (the controller that took it last), else 0."""
-    try:
-        return int((state_dir / LOCK_NAME).read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
-
-
 def _controllers_of(state_dir: Path, record: dict[str, Any]) -> list[int]:
     """The live controller and standby processes of a state dir: the one cluster.json
     records, the lock's holder and the address file's (a standby that took over since), and
     the standby the serving controller recorded in standby.pid."""
     candidates = [record.get("controller_pid", 0), record.get("standby_pid", 0)]
-    candidates += [_lock_holder(state_dir), _serving_pid(state_dir), read_standby_pid(state_dir)]
+    candidates += [lock_holder(state_dir), _serving_pid(state_dir), read_standby_pid(state_dir)]
     found = []
     for pid in candidates:
-        if pid and pid not in found and _controller_of(pid, state_dir):
+        if pid and pid not in found and controller_of(pid, state_dir):
             found.append(pid)
     return found
 
@@ -575,14 +550,14 @@ def stop_recorded(
     pid = next(
         (
             p
-            for p in (_lock_holder(state_dir), _serving_pid(state_dir))
-            if _controller_of(p, state_dir)
+            for p in (lock_holder(state_dir), _serving_pid(state_dir))
+            if controller_of(p, state_dir)
         ),
         record.get("controller_pid") or (controller.pid if controller else 0),
     )
     process = controller if controller is not None and controller.pid == pid else None
     standby_pid = read_standby_pid(state_dir)
-    if standby_pid != pid and _controller_of(standby_pid, state_dir):  # holds nothing
+    if standby_pid != pid and controller_of(standby_pid, state_dir):  # holds nothing
         _signal_and_wait(standby_pid, signal.SIGKILL, None, patience_s)
     if pid and _alive(pid):
         _signal_and_wait(pid, signal.SIGTERM, process, patience_s)
