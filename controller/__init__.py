@@ -35,4 +35,6 @@ auth.py             the access token (gRPC interceptor, file) and the hosts' clu
 dashboard.py, dashboard_auth.py, dashboard_stream.py, prometheus.py   the web dashboard
 __main__.py         `python -m pathways_lite.controller`: start islands, serve (`--standby`: wait
                     on the state dir's lock, everything imported, and take over)
+standby.py          `--keep-standby`: a serving controller spawns, records, replaces and stops
+                    its own standby (`<state_dir>/standby.pid`)
 """

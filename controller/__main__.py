@@ -16,8 +16,12 @@ state directory's lock (controller/statedir.py) and goes on as above the moment 
 controller holding it is gone: a restart that skips the ~3 s of process start and imports
 (kill -> first log line alone was 1.3 s under load). Until it holds the lock it reads and
 writes nothing of the state directory and calls no island host, so two controllers never
-act on one state directory at once. `pathways_lite.LocalCluster(standby_controller=True)`
-keeps one beside its controller.
+act on one state directory at once. With `--keep-standby` a serving controller keeps such a
+standby itself (controller/standby.py): it spawns it, records its pid in
+`<state_dir>/standby.pid`, replaces it when it dies, and kills it first on a clean stop; the
+standby carries the flag too, so after a takeover it keeps the next one.
+`pathways_lite.LocalCluster(standby_controller=True)` and `pathways-lite up
+--standby-controller` start the controller with it.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ def _resolve_ahead(store, imports: threading.Thread) -> threading.Thread:
     return thread
 
 
-async def _serve(args, store, groups, credential, tls, imports: threading.Thread) -> None:
+async def _serve(args, store, groups, credential, tls, imports: threading.Thread, keeper) -> None:
     from .auth import (
         Credential,
         answer_rotation,
@@ -201,6 +205,8 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         tmp = address_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, address_file)
+        if keeper is not None:  # serving, the lock held: now the next standby may wait on it
+            keeper.start()
 
     try:
         # Controller.start (in serve) resolves jobs: JAX must be whole before it imports it.
@@ -226,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     # set before anything imports JAX, and only here, when a controller process starts.
     os.environ["JAX_PLATFORMS"] = "cpu"
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.simulate_islands < 0:
         parser.error(f"--simulate-islands={args.simulate_islands} must be >= 0.")
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                     ray_node, node_ip = _join_ray_node(args, node_ip)
                 connect(args.ray_address, node_ip=node_ip, token_path=args.ray_token_file)
             _import_serving_modules(imports)
-            logger.info("standby: waiting for the state dir's lock")
+            logger.info("standby controller pid %d: waiting for the state dir's lock", os.getpid())
         store = JobStore.open_controller(args.state_dir, wait=args.standby)
     except BaseException as e:
         if ray_node is not None:
@@ -268,13 +275,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if args.standby:
-        logger.info("standby: took over the state dir")
+        logger.info("standby controller pid %d took over the state dir", os.getpid())
     groups = []
+    keeper = None
+    if args.keep_standby:
+        from .standby import StandbyKeeper
+
+        keeper = StandbyKeeper(args.state_dir, argv)
     try:
         if args.simulate_islands:  # no Ray: the simulated hosts live in this process
             from .auth import cluster_credential
 
-            asyncio.run(_serve(args, store, [], cluster_credential(args.state_dir), None, imports))
+            credential = cluster_credential(args.state_dir)
+            asyncio.run(_serve(args, store, [], credential, None, imports, keeper))
             return 0
         if not args.standby:  # a standby is connected already
             if args.join_ray_node:
@@ -296,13 +309,15 @@ def main(argv: list[str] | None = None) -> int:
         groups = _start_islands(
             islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
         )
-        asyncio.run(_serve(args, store, groups, credential, tls, imports))
+        asyncio.run(_serve(args, store, groups, credential, tls, imports, keeper))
         return 0
     except Exception as e:
         logger.exception("controller failed")
         print(f"controller: error: {e}", file=sys.stderr)
         return 1
     finally:
+        if keeper is not None:  # first: it would take the state dir over once the lock drops
+            keeper.stop()
         if not args.keep_hosts:
             # Every island's hosts, attached ones too: left running, a restarted controller's
             # hosts would outlive it (a `down` after a restart then waited ~20 s for Ray to

@@ -16,6 +16,8 @@ import re
 # Where a running controller records its address, pid and dashboard URL for clients
 # (`<state_dir>/controller.json`).
 ADDRESS_FILE = "controller.json"
+# The pid of the standby controller a `--keep-standby` controller keeps (controller/standby.py).
+STANDBY_FILE = "standby.pid"
 # Deployment ports (docker-compose.yml, README): the one place that names them. A local
 # cluster (`pathways-lite up`) picks free ports instead.
 CONTROLLER_PORT = 50051  # the ControllerService (gRPC, with grpc.health.v1)
@@ -183,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a standby controller: import everything (JAX too) and connect to Ray, then wait "
         "for the state dir's lock and take over the moment the controller holding it is gone "
         "(a restart without the process start and imports); it acts on nothing before",
+    )
+    p.add_argument(
+        "--keep-standby",
+        action="store_true",
+        help="once serving, keep a standby controller (this command line plus --standby, in "
+        "its own session, logging to <state-dir>/controller.log, its pid in "
+        "<state-dir>/standby.pid), and start another when it dies; the standby keeps the next "
+        "one in turn once it takes over. A clean stop kills the standby first",
     )
     p.add_argument(
         "--spare-hosts",

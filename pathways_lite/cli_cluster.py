@@ -37,6 +37,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from pathways_lite.local import LocalCluster
 
     if args.simulate_islands is not None:
+        if args.standby_controller:
+            raise CliError(
+                "--standby-controller cannot be combined with --simulate-islands: the "
+                "simulated islands live in the controller's process, so a standby could not "
+                "adopt them."
+            )
         cluster = LocalCluster(
             state_dir=args.state_dir, simulate_islands=args.simulate_islands, tls=args.tls
         )
@@ -68,6 +74,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             ray_token_file=args.ray_token_file,
             node_ip=args.node_ip,
             tls=args.tls,
+            standby_controller=args.standby_controller,
         )
         cluster.start()
         if args.json:
@@ -102,6 +109,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             island_memory=memory,
             state_dir=args.state_dir,
             tls=args.tls,
+            standby_controller=args.standby_controller,
         )
     except ValueError as e:
         raise CliError(str(e)) from None
@@ -114,16 +122,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def up_info(cluster) -> dict[str, Any]:
-    """What `up --json` prints: the controller, dashboard and token file of a cluster."""
+    """What `up --json` prints: the controller, dashboard and token file of a cluster, and
+    its standby controller's pid where it keeps one (`--standby-controller`)."""
     from pathways_lite.controller.options import ADDRESS_FILE
+    from pathways_lite.controller.standby import read_standby_pid
 
     info = json.loads((cluster.state_dir / ADDRESS_FILE).read_text())
-    return {
+    up = {
         "controller": cluster.address,
         "state_dir": str(cluster.state_dir),
         "dashboard": info.get("dashboard", ""),
         "token_file": info.get("token_file", ""),
     }
+    standby = read_standby_pid(cluster.state_dir)
+    if standby and standby != info.get("pid"):
+        up["standby_pid"] = standby
+    return up
 
 
 def _print_up(cluster) -> None:
@@ -134,6 +148,7 @@ def _print_up(cluster) -> None:
             ("dashboard", info["dashboard"]),
             ("state dir", info["state_dir"]),
             ("token file", info["token_file"]),
+            *([("standby pid", str(info["standby_pid"]))] if "standby_pid" in info else []),
         ],
         header=("", ""),
     )
@@ -498,6 +513,13 @@ def add_cluster_commands(sub) -> None:
         choices=("on", "off", "auto"),
         default="auto",
         help="TLS between the controller, island hosts and peers (auto: off loopback)",
+    )
+    up.add_argument(
+        "--standby-controller",
+        action="store_true",
+        help="keep a standby controller (imports done, Ray connected) that takes over the "
+        "moment the controller dies, then keeps the next standby itself (not with "
+        "--simulate-islands)",
     )
     down = add(
         "down",

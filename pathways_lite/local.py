@@ -5,7 +5,10 @@ every island's resource, then the controller process in the background, which st
 island hosts. With `ray_address` it joins an existing Ray cluster instead: it starts only the
 controller, whose islands are the ones the cluster's nodes advertise (workers/discovery.py).
 What it started is written to `<state_dir>/cluster.json`, so `down` (this object, or
-`pathways-lite down` from another process) stops exactly those processes and no others.
+`pathways-lite down` from another process) stops exactly those processes and no others; a
+controller that keeps its own standby (`standby_controller`, the controller's `--keep-standby`)
+records it in `<state_dir>/standby.pid`, and `down` finds it and the controller that took
+over there (and through the state dir's lock).
 This is the SDK's `pathways_lite.LocalCluster` (its `client()` is a `pathways_lite.Client`).
 """
 
@@ -23,7 +26,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP
+from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP, STANDBY_FILE
+from pathways_lite.controller.standby import (
+    controller_of,
+    lock_holder,
+    read_standby_pid,
+    spawn_controller,
+)
 
 if TYPE_CHECKING:
     from pathways_lite.sdk import Client
@@ -113,11 +122,13 @@ class LocalCluster:
         tls: TLS between the controller and island hosts and between peers (the
             controller's `--tls`): "on", "off", or "auto" (on where an address is not
             loopback; a local cluster stays on loopback, so plaintext).
-        standby_controller: keep a standby controller beside the controller (its
-            `--standby`: imports done, Ray connected, waiting on the state dir's lock), which
-            takes over the moment the controller dies; `restart_controller` then waits for
-            it instead of starting a process, and starts the next standby. It costs a
-            process with JAX imported (~0.3 GB) and its start-up's CPU.
+        standby_controller: start the controller with `--keep-standby`: it keeps a standby
+            controller beside itself (`--standby`: imports done, Ray connected, waiting on the
+            state dir's lock; its pid in `<state_dir>/standby.pid`), which takes over the
+            moment the controller dies and then keeps the next standby itself, so takeovers
+            follow one another without this object. `restart_controller` then waits for the
+            takeover instead of starting a process. It costs a process with JAX imported
+            (~0.3 GB) and its start-up's CPU.
     """
 
     def __init__(
@@ -172,8 +183,8 @@ class LocalCluster:
         self.standby_controller = standby_controller
         self.address: str | None = None
         self._ray: Any = None
-        self._controller: subprocess.Popen | None = None
-        self._standby: subprocess.Popen | None = None
+        self._controller: subprocess.Popen | None = None  # the controller it spawned last
+        self._controller_pid: int | None = None  # the controller serving (a standby, later)
 
     def island_names(self) -> list[str]:
         return [f"island-{i}" for i in range(self.islands)]
@@ -247,21 +258,38 @@ class LocalCluster:
         os.replace(tmp, path)
 
     def _start_controller(self, record: dict[str, Any]) -> None:
-        """Start the controller process, wait until it serves, then start a standby beside it
-        (`standby_controller`)."""
+        """Start the controller process and wait until it serves (with `standby_controller`,
+        until its standby is recorded too)."""
         (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
-        self._controller = self._spawn(self._controller_command(record))
+        (self.state_dir / STANDBY_FILE).unlink(missing_ok=True)
+        cmd = self._controller_command(record)
+        if self.standby_controller:
+            cmd.append("--keep-standby")
+        self._controller = spawn_controller(cmd, self.state_dir)
+        self._controller_pid = self._controller.pid
         record["controller_pid"] = self._controller.pid
+        record.pop("standby_pid", None)
         self._write_record(record)
-        self._wait_serving(self._controller)
-        self._start_standby(record)
+        self._wait_serving(self._controller.pid, self._controller)
+        self._record_standby(record)
 
-    def _start_standby(self, record: dict[str, Any]) -> None:
-        """A standby controller (`--standby`), recorded as `standby_pid` in cluster.json."""
+    def _record_standby(self, record: dict[str, Any]) -> None:
+        """Wait for the serving controller's standby (`standby_controller`) and copy its pid
+        into cluster.json as `standby_pid` (a view: `<state_dir>/standby.pid`, which the
+        controller writes, is the truth)."""
         if not self.standby_controller:
             return
-        self._standby = self._spawn([*self._controller_command(record), "--standby"])
-        record["standby_pid"] = self._standby.pid
+        pid = _wait_for(
+            lambda: (p := read_standby_pid(self.state_dir)) != self._controller_pid and p,
+            10.0,
+        )
+        if not pid:
+            raise ClusterError(
+                f"the controller (pid {self._controller_pid}) recorded no standby in "
+                f"{self.state_dir / STANDBY_FILE} within 10 s; see "
+                f"{self.state_dir / 'controller.log'}."
+            )
+        record["standby_pid"] = pid
         self._write_record(record)
 
     def _controller_command(self, record: dict[str, Any]) -> list[str]:
@@ -294,35 +322,20 @@ class LocalCluster:
             cmd += [f"--island={spec}" for spec in self.island_specs]
         return cmd
 
-    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
-        """A controller process (or standby) logging to `<state_dir>/controller.log`."""
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
-        with open(self.state_dir / "controller.log", "ab") as log:
-            return subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-
-    def _wait_serving(self, controller: subprocess.Popen) -> None:
-        """Wait until `controller` has written its address to the state dir."""
+    def _wait_serving(self, pid: int, process: subprocess.Popen | None = None) -> None:
+        """Wait until controller `pid` (our child `process`, if it is one) has written its
+        address to the state dir."""
         log_path = self.state_dir / "controller.log"
         deadline = time.monotonic() + self.start_timeout_s
         while True:
-            try:
-                info = json.loads((self.state_dir / ADDRESS_FILE).read_text())
-                if info.get("pid") == controller.pid:
-                    self.address = info["address"]
-                    return
-            except (OSError, ValueError):
-                pass
-            if controller.poll() is not None:
+            if _serving_pid(self.state_dir) == pid:
+                self.address = read_address(self.state_dir)
+                return
+            if (process.poll() is not None) if process is not None else not _alive(pid):
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                code = process.returncode if process is not None else "?"
                 raise ClusterError(
-                    f"the controller exited with {controller.returncode} while starting: "
+                    f"the controller (pid {pid}) exited with {code} while starting: "
                     f"{tail[0] if tail else 'no output'} (log {log_path})."
                 )
             if time.monotonic() > deadline:
@@ -334,32 +347,47 @@ class LocalCluster:
 
     @property
     def controller_pid(self) -> int | None:
-        """The pid of the controller process this object started last."""
-        return None if self._controller is None else self._controller.pid
+        """The pid of the controller process serving (the standby that took over, after
+        `restart_controller`)."""
+        return self._controller_pid
 
     def restart_controller(self) -> None:
-        """Start a new controller on the same state dir and Ray cluster (after the previous
-        one died: it attaches to the live island hosts and resumes every job). With a live
-        standby controller, that one has taken over already: wait until it serves, then start
-        the next standby."""
-        if self._controller is not None:
+        """After the controller died: with `standby_controller`, wait until the standby it
+        kept has taken over and serves (that controller keeps the next standby itself);
+        otherwise, or when no standby lives, start a new controller on the same state dir and
+        Ray cluster. Either way it attaches to the live island hosts and resumes every job."""
+        dead = self._controller_pid
+        if self._controller is not None and self._controller.pid == dead:
             try:
-                self._controller.wait(10)
+                self._controller.wait(10)  # reap our child
             except subprocess.TimeoutExpired:
-                raise ClusterError(
-                    f"the controller (pid {self._controller.pid}) is still running."
-                ) from None
+                pass
+        if dead is not None and not _wait_for(lambda: not _alive(dead), 10.0):
+            raise ClusterError(f"the controller (pid {dead}) is still running.")
         record = json.loads((self.state_dir / CLUSTER_FILE).read_text())
-        standby, self._standby = self._standby, None
-        record.pop("standby_pid", None)
-        if standby is None or standby.poll() is not None:
+        successor = self._successor(dead) if self.standby_controller else 0
+        if not successor:
             self._start_controller(record)
             return
-        self._controller = standby
-        record["controller_pid"] = standby.pid
+        self._controller_pid = successor
+        record["controller_pid"] = successor
+        record.pop("standby_pid", None)
         self._write_record(record)
-        self._wait_serving(standby)
-        self._start_standby(record)
+        self._wait_serving(successor)
+        # Not waited for (the benches time this call): the view catches up if it is there.
+        standby = read_standby_pid(self.state_dir)
+        if standby != successor and controller_of(standby, self.state_dir):
+            record["standby_pid"] = standby
+            self._write_record(record)
+
+    def _successor(self, dead: int | None) -> int:
+        """The controller that took over from `dead`, or the live standby about to, else 0:
+        the lock's holder (a standby that took over), then the standby `dead` recorded (or
+        the next one, if the successor recorded its own already)."""
+        for pid in (lock_holder(self.state_dir), read_standby_pid(self.state_dir)):
+            if pid and pid != dead and controller_of(pid, self.state_dir):
+                return pid
+        return 0
 
     def pids(self) -> list[int]:
         """Live processes this cluster started (Ray nodes and their children, controller)."""
@@ -376,12 +404,10 @@ class LocalCluster:
             With `checkpoint`, what was done to each job (DrainedJob); else [].
         """
         drained = drain(self.state_dir) if checkpoint and self.address else []
-        stop_recorded(
-            self.state_dir, ray=self._ray, controller=self._controller, standby=self._standby
-        )
+        stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
         self._ray = None
         self._controller = None
-        self._standby = None
+        self._controller_pid = None
         self.address = None
         return drained
 
@@ -429,8 +455,30 @@ def recorded_pids(state_dir: str | Path) -> list[int]:
     except (OSError, ValueError):
         return []
     leaders = list(record.get("ray_pids", []))
-    leaders += [record[k] for k in ("controller_pid", "standby_pid") if record.get(k)]
+    leaders += _controllers_of(Path(state_dir), record)
     return live_processes_of(leaders)
+
+
+def _wait_for(predicate, timeout_s: float) -> Any:
+    """Poll `predicate` every 50 ms until it returns something true (returned) or
+    `timeout_s` passes (returns what it returned last)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def _controllers_of(state_dir: Path, record: dict[str, Any]) -> list[int]:
+    """The live controller and standby processes of a state dir: the one cluster.json
+    records, the lock's holder and the address file's (a standby that took over since), and
+    the standby the serving controller recorded in standby.pid."""
+    candidates = [record.get("controller_pid", 0), record.get("standby_pid", 0)]
+    candidates += [lock_holder(state_dir), _serving_pid(state_dir), read_standby_pid(state_dir)]
+    found = []
+    for pid in candidates:
+        if pid and pid not in found and controller_of(pid, state_dir):
+            found.append(pid)
+    return found
 
 
 def _serving_pid(state_dir: Path) -> int:
@@ -466,17 +514,24 @@ def stop_recorded(
     *,
     ray: Any = None,
     controller: subprocess.Popen | None = None,
-    standby: subprocess.Popen | None = None,
     patience_s: float = 30.0,
 ) -> bool:
     """Stop what a state dir's cluster.json says its cluster started; returns whether there
     was anything to stop.
 
-    A standby controller is killed first (else it would take over from the stopping
-    controller), unless it has taken over already (the address file names it): then it is
-    the controller. The controller gets SIGTERM first (it shuts its island hosts down), then
-    the Ray nodes; whatever remains of their process groups and descendants after
+    The controller is the one serving now: the lock's holder, which is a standby that took
+    over when the recorded one died. Its standby (`<state_dir>/standby.pid`, read now: the
+    controller spawned it) is killed first, else it would take over from the stopping
+    controller; the controller kills it on a clean stop too, and this also covers one that
+    does not stop cleanly. The controller gets SIGTERM first (it shuts its island hosts down),
+    then the Ray nodes; whatever remains of their process groups and descendants after
     `patience_s` is killed.
+
+    Args:
+        state_dir: the cluster's state directory.
+        ray: the LocalRayCluster this process started (else cluster.json's Ray pids).
+        controller: the controller process this process spawned, to reap it.
+        patience_s: how long each stop may take before its processes are killed.
     """
     from pathways_lite.workers.ray_cluster import alive
 
@@ -492,23 +547,31 @@ def stop_recorded(
     tracked = set(recorded_pids(state_dir))
     if ray is not None:
         tracked |= set(ray.pids())
-    pid = record.get("controller_pid") or (controller.pid if controller else 0)
-    standby_pid = record.get("standby_pid") or (standby.pid if standby else 0)
-    if standby_pid and _alive(standby_pid):
-        if standby_pid == _serving_pid(state_dir):  # it took over: it is the controller
-            pid, controller = standby_pid, standby
-        else:  # holds nothing: no grace needed
-            _signal_and_wait(standby_pid, signal.SIGKILL, standby, patience_s)
-            if standby is not None:
-                standby.wait(5)
+    pid = next(
+        (
+            p
+            for p in (lock_holder(state_dir), _serving_pid(state_dir))
+            if controller_of(p, state_dir)
+        ),
+        record.get("controller_pid") or (controller.pid if controller else 0),
+    )
+    process = controller if controller is not None and controller.pid == pid else None
+    standby_pid = read_standby_pid(state_dir)
+    if standby_pid != pid and controller_of(standby_pid, state_dir):  # holds nothing
+        _signal_and_wait(standby_pid, signal.SIGKILL, None, patience_s)
     if pid and _alive(pid):
-        _signal_and_wait(pid, signal.SIGTERM, controller, patience_s)
+        _signal_and_wait(pid, signal.SIGTERM, process, patience_s)
         _killpg(pid, signal.SIGKILL)
-        if controller is not None:
-            try:
-                controller.wait(5)
-            except subprocess.TimeoutExpired:
-                logger.error("controller pid %d did not exit", pid)
+    if controller is not None:
+        try:
+            controller.wait(5)
+        except subprocess.TimeoutExpired:
+            logger.error("controller pid %d did not exit", controller.pid)
+    # A controller killed before it stopped its standby (or one that spawned another after
+    # the kill above) leaves a standby that takes the state dir over: kill what is left.
+    for leftover in _controllers_of(state_dir, record):
+        logger.warning("killing controller process %d left running", leftover)
+        _killpg(leftover, signal.SIGKILL)
     if ray is not None:
         ray.stop()
     else:
@@ -534,4 +597,5 @@ def stop_recorded(
         shutil.rmtree(record["ray_dir"], ignore_errors=True)
     path.unlink(missing_ok=True)
     (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+    (state_dir / STANDBY_FILE).unlink(missing_ok=True)
     return True

@@ -139,15 +139,40 @@ def test_commands_without_a_cluster_fail_in_one_line(tmp_path, capsys) -> None:
         assert code != 0 and err.count("\n") == 1, (args, err)
 
 
+def test_up_refuses_a_standby_controller_for_simulated_islands(tmp_path, capsys) -> None:
+    code, out, err = main(
+        capsys,
+        "up",
+        "--simulate-islands",
+        "2",
+        "--standby-controller",
+        "--state-dir",
+        str(tmp_path),
+    )
+    assert code != 0 and out == "" and err.count("\n") == 1
+    assert "--standby-controller" in err and "--simulate-islands" in err
+    assert not (tmp_path / "cluster.json").exists()
+
+
 def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys) -> None:
     other = Path(tempfile.mkdtemp(prefix="plc2-", dir="/tmp"))
     try:
         up = run_cli(
-            "up", "--islands", "1", "--devices-per-island", "1", "--state-dir", str(other), "--json"
+            "up",
+            "--islands",
+            "1",
+            "--devices-per-island",
+            "1",
+            "--state-dir",
+            str(other),
+            "--standby-controller",
+            "--json",
         )
         assert up.returncode == 0, up.stderr
         info = json.loads(up.stdout)
         assert info["state_dir"] == str(other) and info["controller"] != local_cluster.address
+        # The controller keeps its standby itself (the CLI process has exited).
+        assert alive([info["standby_pid"]]) == [info["standby_pid"]]
         record = json.loads((other / "cluster.json").read_text())
         code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(other))
         assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 1
@@ -157,7 +182,7 @@ def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys
         from pathways_lite.local import recorded_pids
 
         pids = recorded_pids(other)
-        assert record["controller_pid"] in pids and len(pids) > 3
+        assert record["controller_pid"] in pids and info["standby_pid"] in pids and len(pids) > 3
     finally:
         down = run_cli("down", "--state-dir", str(other))
     assert down.returncode == 0, down.stderr

@@ -1,9 +1,11 @@
 """A standby controller: it waits on the state dir's lock while the controller lives (acting on
-nothing) and takes over when the controller is SIGKILLed, adopting the job its islands hold.
+nothing) and takes over when the controller is SIGKILLed, adopting the job its islands hold;
+the controller that took over keeps the next standby itself (`--keep-standby`).
 
 Real processes, real kill: a local cluster (Ray on loopback, islands a, b of 1 host x 2 CPU
 devices) with `standby_controller=True` trains palm-tiny data parallel on a + b; the controller
-is SIGKILLed mid-training.
+is SIGKILLed mid-training, then the controller that took over, then (its controller alive) the
+standby the second one keeps.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from pathways_lite.client import ControllerClient
+from pathways_lite.controller.options import ADDRESS_FILE
+from pathways_lite.controller.standby import read_standby_pid
 from pathways_lite.controller.store import DB_NAME, JobStore
 from pathways_lite.local import CLUSTER_FILE, LocalCluster, recorded_pids
 from pathways_lite.spec import load_spec_text
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SPEC = """
 name: standby
@@ -54,37 +58,67 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def test_a_standby_controller_takes_over_a_killed_controller_and_adopts_its_job(monkeypatch):
+def serving_pid(state_dir: Path) -> int:
+    """The pid the address file names, if that process lives (a SIGKILLed controller leaves
+    its address file behind)."""
+    try:
+        pid = json.loads((state_dir / ADDRESS_FILE).read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return pid if alive(pid) else 0
+
+
+def next_standby(state_dir: Path, *not_these: int) -> int:
+    """The standby the serving controller recorded, once it is a new, live process."""
+    return wait_for(
+        lambda: (p := read_standby_pid(state_dir)) not in not_these and alive(p) and p,
+        60,
+        f"a standby other than {not_these}",
+    )
+
+
+def ready(log: Path, pid: int) -> bool:
+    return f"pid {pid}: waiting for the state dir's lock" in log.read_text()
+
+
+def test_standby_controllers_take_over_twice_in_a_row_and_keep_the_next_standby(monkeypatch):
+    """The controller keeps its standby itself (`--keep-standby`): after each SIGKILL the
+    standby takes over, adopting the job its islands hold, and starts the next standby; the
+    takeovers are observed through the state dir only (what a `pathways-lite up` user gets),
+    `restart_controller` then just catches up with them."""
     monkeypatch.setenv("PATHWAYS_LITE_SPARE_HOSTS", "off")  # not this test's subject: CPU
     state_dir = Path(tempfile.mkdtemp(prefix="plsb-", dir="/tmp"))
     log = state_dir / "controller.log"
     cluster = LocalCluster(
         state_dir=state_dir, island_specs=["a:1:2", "b:1:2"], standby_controller=True
     )
+    seen: list[int] = []
     try:
         cluster.start()
         record = json.loads((state_dir / CLUSTER_FILE).read_text())
         primary, standby = record["controller_pid"], record["standby_pid"]
+        seen += [primary, standby]
+        assert primary == cluster.controller_pid and standby == read_standby_pid(state_dir)
         assert primary != standby and alive(standby)
         store = JobStore(state_dir / DB_NAME)
         client = ControllerClient(state_dir)
         job = client.submit(load_spec_text(SPEC)).id
         wait_for(lambda: store.steps_completed(job) >= 5, 180, "the first steps")
-        wait_for(lambda: "waiting for the state dir's lock" in log.read_text(), 120, "standby")
+        wait_for(lambda: ready(log, standby), 120, "the standby")
         # The standby, ready, has acted on nothing: the controller's epoch is still the first.
         assert client.info().epoch == 1 and store.stored_epoch() == 1
         client.close()
         done_before = store.steps_completed(job)
         os.kill(primary, signal.SIGKILL)
         killed_us = time.time_ns() // 1000
-        cluster.restart_controller()
-        # The standby took over (no new process) in the next epoch, and a new standby waits.
-        assert cluster.controller_pid == standby
+        # The standby takes over (no new process) in the next epoch, and keeps a new standby.
+        wait_for(lambda: serving_pid(state_dir) == standby, 60, "the first takeover")
+        second = next_standby(state_dir, primary, standby)
+        seen.append(second)
         client = ControllerClient(state_dir)
         assert client.info().epoch == 2
-        record = json.loads((state_dir / CLUSTER_FILE).read_text())
-        assert record["controller_pid"] == standby
-        assert record["standby_pid"] not in (primary, standby) and alive(record["standby_pid"])
+        cluster.restart_controller()  # the benches' call: finds the takeover done
+        assert cluster.controller_pid == standby
         # The job's state was adopted where its islands kept it: not a step run again.
         restore = wait_for(
             lambda: next(
@@ -103,11 +137,28 @@ def test_a_standby_controller_takes_over_a_killed_controller_and_adopts_its_job(
         steps = [m.step for m in store.metrics(job)]
         assert steps == list(range(len(steps)))  # every step's metrics exactly once
         client.close()
+        # The second takeover, by the standby the first one started.
+        wait_for(lambda: ready(log, second), 120, "the second standby")
+        os.kill(standby, signal.SIGKILL)
+        wait_for(lambda: serving_pid(state_dir) == second, 60, "the second takeover")
+        third = next_standby(state_dir, *seen)
+        seen.append(third)
+        with ControllerClient(state_dir) as client:
+            assert client.info().epoch == 3
+        assert store.stored_epoch() == 3
+        cluster.restart_controller()
+        assert cluster.controller_pid == second
+        assert f"standby controller pid {second} took over" in log.read_text()
+        # A standby that dies while its controller lives (it took nothing over) is replaced.
+        os.kill(third, signal.SIGKILL)
+        seen.append(next_standby(state_dir, *seen))
+        assert f"standby controller pid {third} exited" in log.read_text()
         store.close()
         leftover = recorded_pids(state_dir)
+        assert second in leftover and seen[-1] in leftover, (leftover, seen)
     finally:
         cluster.down()
         shutil.copy(log, Path(tempfile.gettempdir()) / "plsb-last.log")
         shutil.rmtree(state_dir, ignore_errors=True)
-    # down stopped both controllers (the standby first: it would take over otherwise).
-    assert not any(alive(pid) for pid in leftover)
+    # down stopped the controller and its standby (the standby first: it would take over).
+    assert not any(alive(pid) for pid in [*leftover, *seen])
