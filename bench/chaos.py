@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     kills: list[dict] = []
     controller: dict = {}
+    result: dict = {}
     try:
 
         def spec(name: str, steps: int) -> object:
@@ -435,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(SETTLE_S + TAIL_S)
             client.cancel(job, reason="the chaos run's kills are done")
         final = client.wait(job, timeout_s=3600)
+        # A cancelled job's steps in flight finish on the hosts and are recorded after its
+        # state changed: read its metrics once it has left its islands.
+        wait_for(lambda: not any(job in i.job_ids for i in client.islands()), 120, "unload", 0.2)
         metrics = store.metrics(job)
         steps = steps or (metrics[-1].step + 1 if metrics else 0)
         if ref_cluster is not None:
@@ -451,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = f"run beside on a cluster of its own ({len(ref_metrics)} steps)"
             ref_client.close()
             ref_store.close()
+        losses = [m.loss for m in metrics]
         chaos_wall_s = (metrics[-1].time_us - metrics[0].time_us) / 1e6
         ref_source = (
             "reference_beside"
@@ -496,7 +501,12 @@ def main(argv: list[str] | None = None) -> int:
             "controller_kill_to_next_step_s": controller.get("kill_to_next_step_s"),
             "controller_steps_lost": controller.get("steps_lost"),
             "standby_controller": not args.no_standby,
-            "bitwise_equal": store.losses(job) == ref_losses,
+            "bitwise_equal": losses == ref_losses,
+            # The first step whose loss differs from the reference's (None: none does).
+            "first_mismatch_step": next(
+                (n for n, (x, y) in enumerate(zip(losses, ref_losses, strict=False)) if x != y),
+                None if len(losses) == len(ref_losses) else min(len(losses), len(ref_losses)),
+            ),
             "metrics_exactly_once": [m.step for m in metrics] == list(range(steps)),
             # "succeeded", or "cancelled" by this benchmark once its kills were done (an
             # open-ended run: without --steps, the reference beside).
@@ -514,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             if each is None:
                 continue
             each.down()
-            if args.keep:
+            if args.keep or not result.get("bitwise_equal", True):  # kept to look into
                 print(f"state dir kept: {folder}", file=progress, flush=True)
             else:
                 shutil.rmtree(folder, ignore_errors=True)
