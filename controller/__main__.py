@@ -206,7 +206,8 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         tmp.write_text(json.dumps(info))
         os.replace(tmp, address_file)
         if keeper is not None:  # serving, the lock held: now the next standby may wait on it
-            keeper.start()
+            # After a takeover, the jobs' resumption first: the standby's imports take CPU.
+            keeper.start(args.standby_after_s if args.standby else 0.0)
 
     try:
         # Controller.start (in serve) resolves jobs: JAX must be whole before it imports it.

@@ -195,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         "one in turn once it takes over. A clean stop kills the standby first",
     )
     p.add_argument(
+        "--standby-after-s",
+        type=float,
+        default=5.0,
+        help="with --keep-standby: a controller that took over (a standby) starts its own "
+        "standby this many seconds after it serves, not at once: the new standby's imports "
+        "(seconds of CPU) would slow the takeover's resumption of the jobs (default 5)",
+    )
+    p.add_argument(
         "--spare-hosts",
         choices=("on", "off", "1", "2", "3"),
         default=os.environ.get("PATHWAYS_LITE_SPARE_HOSTS", "on"),

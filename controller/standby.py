@@ -152,11 +152,13 @@ class StandbyKeeper:
         standby = self._standby
         return None if standby is None else standby.pid
 
-    def start(self) -> None:
-        """Spawn the standby and watch it, on a thread of its own (the caller, the serving
-        controller's event loop, does not wait for the fork); call once this controller
-        serves."""
-        self._thread = threading.Thread(target=self._watch, name="standby-keeper", daemon=True)
+    def start(self, after_s: float = 0.0) -> None:
+        """Spawn the standby `after_s` from now and watch it, on a thread of its own (the
+        caller, the serving controller's event loop, does not wait for the fork); call once
+        this controller serves."""
+        self._thread = threading.Thread(
+            target=self._watch, args=(after_s,), name="standby-keeper", daemon=True
+        )
         self._thread.start()
 
     def _spawn(self) -> None:
@@ -171,7 +173,9 @@ class StandbyKeeper:
             self._started = time.monotonic()
         logger.info("standby controller pid %d started", self._standby.pid)
 
-    def _watch(self) -> None:
+    def _watch(self, after_s: float) -> None:
+        if self._stopping.wait(after_s):
+            return
         self._spawn()
         delay_s = self.poll_s
         while not self._stopping.wait(self.poll_s):
