@@ -12,10 +12,14 @@ later on average (exponential gaps of at least 1 s, scaled so that their mean is
 The reference (the losses the chaos job must reproduce bitwise) is the same job, uninterrupted,
 run **beside** the chaos job on a cluster of its own (its own Ray, controller and islands of
 the same layout: no kill touches it), from the chaos job's start to its end: a first run takes
-its kills' time, not twice it (the issue's run, 20 kills 30 s apart: ~14 min, against ~28 min
-with the reference first). The two share the machine's cores, so the chaos job's steps and
-recoveries are measured under the reference's load, and goodput's solo step time comes from the
-chaos job's own clear steps under that same load. Without `--steps` the chaos job is open-ended:
+about its kills' time, not twice it (~28 min with the reference first). The two share the
+machine's cores, so the reference is paused (SIGSTOP of its island hosts, `ReferencePause`)
+while the chaos job starts and from each kill to `SETTLE_S` after the recovery's first step:
+recoveries (and the warm spares that start after them) are measured without its load, which
+otherwise turned some into cold starts of 3-6 s. Goodput then counts each step at the solo
+step time of its conditions: the chaos job's clear steps with the reference paused (its start)
+for the steps run while it was, its clear steps beside the running reference
+(`beside_step_s`) for the others. Without `--steps` the chaos job is open-ended:
 it is cancelled once its last kill's recovery has settled (`SETTLE_S`) and `TAIL_S` more
 seconds of steps ran (`job_state` "cancelled", `job_ended_as_asked`), and the reference
 once it has the chaos job's steps (a step's loss does not depend on the job's total: its
@@ -53,6 +57,7 @@ few clear steps (`--solo-s 0` and kills close together), and `solo_step_source` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -123,7 +128,12 @@ def draw_schedule(rng: random.Random, n: int, interval_s: float, islands: int) -
 
 
 def undisturbed_step_s(
-    times_us: list[int], quiet_from_us: int, kills: list[tuple[int, int]], settle_s: float
+    times_us: list[int],
+    quiet_from_us: int,
+    kills: list[tuple[int, int]],
+    settle_s: float,
+    paused: list[tuple[int, int]] | None = None,
+    in_pause: bool = True,
 ) -> tuple[float | None, int]:
     """The mean wall time per step over the gaps between consecutive steps clear of any kill.
 
@@ -133,6 +143,8 @@ def undisturbed_step_s(
         kills: (the kill, its recovery's first step) times; a gap that overlaps a kill's
             window, from the kill to `settle_s` after that step, is not counted.
         settle_s: how long a recovery disturbs the steps after its first one.
+        paused: (start, end) times the reference beside was paused; with them, only the gaps
+            inside one (`in_pause`) or only those clear of all of them are counted.
 
     Returns:
         (seconds per step, or None without a clear gap; how many gaps were counted).
@@ -141,27 +153,78 @@ def undisturbed_step_s(
     gaps = [
         b - a
         for a, b in itertools.pairwise(times_us)
-        if a >= quiet_from_us and not any(a < end and b > kill for kill, end in windows)
+        if a >= quiet_from_us
+        and not any(a < end and b > kill for kill, end in windows)
+        and (paused is None or within(a, b, paused) == in_pause)
     ]
     return (sum(gaps) / len(gaps) / 1e6 if gaps else None, len(gaps))
 
 
+def within(a: int, b: int, intervals: list[tuple[int, int]]) -> bool:
+    """Whether [a, b] lies inside one of `intervals`."""
+    return any(start <= a and b <= end for start, end in intervals)
+
+
 def solo_step_time(
-    times_us: list[int], kills: list[tuple[int, int]], ref_step_s: float, ref_source: str
+    times_us: list[int],
+    kills: list[tuple[int, int]],
+    ref_step_s: float,
+    ref_source: str,
+    paused: list[tuple[int, int]] | None = None,
+    in_pause: bool = True,
 ) -> tuple[float, str, int]:
     """Goodput's solo step time: (seconds per step, its source, the steps it was measured on).
 
     The chaos job's own steps clear of its start-up and of every kill's window
-    (`undisturbed_step_s` with `SETTLE_S`), source "chaos_run"; with fewer than
-    `MIN_SOLO_STEPS` of them, the reference's `ref_step_s` under `ref_source`."""
+    (`undisturbed_step_s` with `SETTLE_S`; with `paused`, those inside the reference's
+    pauses or, `in_pause` False, those beside it running), source "chaos_run"; with fewer
+    than `MIN_SOLO_STEPS` of them, `ref_step_s` under `ref_source`."""
     if not times_us:
         return ref_step_s, ref_source, 0
     step_s, counted = undisturbed_step_s(
-        times_us, times_us[0] + int(SETTLE_S * 1e6), kills, SETTLE_S
+        times_us, times_us[0] + int(SETTLE_S * 1e6), kills, SETTLE_S, paused, in_pause
     )
     if step_s is None or counted < MIN_SOLO_STEPS:
         return ref_step_s, ref_source, counted
     return step_s, "chaos_run", counted
+
+
+def ideal_s(
+    times_us: list[int], paused: list[tuple[int, int]], alone_s: float, beside_s: float
+) -> float:
+    """The time the run's steps take undisturbed: `alone_s` per step inside the reference's
+    pauses (or across a pause's edge: the smaller cost, so goodput is not flattered), else
+    `beside_s` per step."""
+    return sum(
+        beside_s if not any(a < end and b > start for start, end in paused) else alone_s
+        for a, b in itertools.pairwise(times_us)
+    )
+
+
+class ReferencePause:
+    """The reference's island hosts stopped (SIGSTOP) while the chaos job starts and recovers:
+    its load would otherwise be measured as part of each recovery (cold starts of warm spares
+    that could not warm up at nice 19 beside two jobs' steps). Its gRPC deadlines (a slice
+    600 s, an exchange 120 s) are far longer than a pause."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = [p for p in pids if p > 0]
+        self.intervals: list[tuple[int, int]] = []  # (start, end) times, microseconds
+        self._since: int | None = None
+
+    def stop(self) -> None:
+        if self._since is None:
+            for pid in self.pids:
+                os.kill(pid, signal.SIGSTOP)
+            self._since = time.time_ns() // 1000
+
+    def resume(self) -> None:
+        if self._since is not None:
+            for pid in self.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            self.intervals.append((self._since, time.time_ns() // 1000))
+            self._since = None
 
 
 def median_step_s(metrics) -> float:
@@ -335,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     kills: list[dict] = []
     controller: dict = {}
     result: dict = {}
+    pause: ReferencePause | None = None
     try:
 
         def spec(name: str, steps: int) -> object:
@@ -378,15 +442,27 @@ def main(argv: list[str] | None = None) -> int:
         job = client.submit(spec("chaos", steps or MAX_STEPS)).id
         islands = list(wait_for(lambda: client.get(job).islands, 120, "placement"))
         wait_for(lambda: store.steps_completed(job) >= 5, 300, "the first steps")
+        # The reference beside is paused while the chaos job starts (its solo segment) and
+        # from each kill to SETTLE_S after the recovery's first step (ReferencePause).
+        if ref_cluster is not None:
+            pause = ReferencePause([int(h.pid) for i in ref_client.islands() for h in i.hosts])
+            pause.stop()
+        resume_at = None  # when the reference runs again after a recovery
         first_step_us = store.metrics(job)[0].time_us
         # The solo segment: --solo-s of steps past the start-up before the first kill.
         solo_until = first_step_us / 1e6 + SETTLE_S + args.solo_s
         recovered: list[tuple[int, int]] = []  # (kill, its recovery's first step) times
         for n, (gap, island_index) in enumerate(schedule):
             target = islands[island_index]
-            time.sleep(max(gap, solo_until - time.time()) if n == 0 else gap)
+            kill_at = time.time() + (max(gap, solo_until - time.time()) if n == 0 else gap)
+            if pause is not None and resume_at is not None and resume_at < kill_at:
+                time.sleep(max(0.0, resume_at - time.time()))
+                pause.resume()
+            time.sleep(max(0.0, kill_at - time.time()))
             if steps and store.steps_completed(job) >= steps - 2:
                 break
+            if pause is not None:
+                pause.stop()
             done_before = store.steps_completed(job)
             if controller_kill_at is not None and n == controller_kill_at:
                 client.close()
@@ -407,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda t=restore.time_us: first_step_after(store, job, t), 600, "a step"
             )
             recovered.append((killed_us, step.time_us))
+            resume_at = step.time_us / 1e6 + SETTLE_S
             record = {
                 "what": what,
                 "kill_to_next_step_s": round((step.time_us - killed_us) / 1e6, 3),
@@ -430,10 +507,13 @@ def main(argv: list[str] | None = None) -> int:
                 file=progress,
                 flush=True,
             )
+        if pause is not None:
+            time.sleep(max(0.0, (resume_at or 0.0) - time.time()))
+            pause.resume()
         if open_ended:
             # Open-ended: stopped once the last recovery's new warm spare has started and a
             # tail of clear steps has run.
-            time.sleep(SETTLE_S + TAIL_S)
+            time.sleep(TAIL_S if pause is not None else SETTLE_S + TAIL_S)
             client.cancel(job, reason="the chaos run's kills are done")
         final = client.wait(job, timeout_s=3600)
         # A cancelled job's steps in flight finish on the hosts and are recorded after its
@@ -464,9 +544,19 @@ def main(argv: list[str] | None = None) -> int:
             if ref_from_cache
             else "reference_run"
         )
+        times_us = [m.time_us for m in metrics]
+        paused = pause.intervals if pause is not None else None
         solo_step_s, solo_source, solo_steps = solo_step_time(
-            [m.time_us for m in metrics], recovered, ref_step_s, ref_source
+            times_us, recovered, ref_step_s, ref_source, paused
         )
+        ideal = (len(metrics) - 1) * solo_step_s
+        beside_step_s, beside_steps = None, 0
+        if paused is not None:
+            # Steps beside the running reference count at its cost: their own clear steps'.
+            beside_step_s, _, beside_steps = solo_step_time(
+                times_us, recovered, solo_step_s, solo_source, paused, in_pause=False
+            )
+            ideal = ideal_s(times_us, paused, solo_step_s, beside_step_s)
         ended_as_asked = state_name(final.state) == ("cancelled" if open_ended else "succeeded")
         result = {
             "islands": args.islands,
@@ -475,13 +565,20 @@ def main(argv: list[str] | None = None) -> int:
             "kills": len(kills),
             "survived": sum(1 for k in kills if k["from"] == "replica") if ended_as_asked else 0,
             "steps_lost": sum(k["steps_lost"] for k in kills) + controller.get("steps_lost", 0),
-            "goodput": round((len(metrics) - 1) * solo_step_s / chaos_wall_s, 3),
+            "goodput": round(ideal / chaos_wall_s, 3),
             # The solo step time goodput counts kept steps at, and where it was measured:
             # "chaos_run" (this job's steps clear of every kill: `solo_steps` of them), else
             # the reference's ("reference_beside", "reference_run" or "reference_cache").
             "solo_step_s": round(solo_step_s, 4),
             "solo_step_source": solo_source,
             "solo_steps": solo_steps,
+            # With the reference beside: the chaos job's clear steps while it ran (goodput
+            # counts the steps run beside it at this cost), and how long it was paused.
+            "beside_step_s": None if beside_step_s is None else round(beside_step_s, 4),
+            "beside_steps": beside_steps,
+            "reference_paused_s": None
+            if paused is None
+            else round(sum(b - a for a, b in paused) / 1e6, 1),
             # The reference's wall time per step, and goodput had it been the solo step time.
             "ref_step_s": round(ref_step_s, 4),
             "goodput_at_ref_step_s": round((len(metrics) - 1) * ref_step_s / chaos_wall_s, 3),
@@ -520,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         store.close()
     finally:
+        if pause is not None:
+            pause.resume()  # a stopped host would hold its cluster's stop up
         for each, folder in ((cluster, state_dir), (ref_cluster, ref_dir)):
             if each is None:
                 continue
