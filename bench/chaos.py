@@ -155,7 +155,7 @@ def undisturbed_step_s(
         for a, b in itertools.pairwise(times_us)
         if a >= quiet_from_us
         and not any(a < end and b > kill for kill, end in windows)
-        and (paused is None or within(a, b, paused) == in_pause)
+        and (paused is None or (within(a, b, paused) if in_pause else not overlaps(a, b, paused)))
     ]
     return (sum(gaps) / len(gaps) / 1e6 if gaps else None, len(gaps))
 
@@ -163,6 +163,11 @@ def undisturbed_step_s(
 def within(a: int, b: int, intervals: list[tuple[int, int]]) -> bool:
     """Whether [a, b] lies inside one of `intervals`."""
     return any(start <= a and b <= end for start, end in intervals)
+
+
+def overlaps(a: int, b: int, intervals: list[tuple[int, int]]) -> bool:
+    """Whether (a, b) overlaps one of `intervals`."""
+    return any(a < end and b > start for start, end in intervals)
 
 
 def solo_step_time(
@@ -196,8 +201,7 @@ def ideal_s(
     pauses (or across a pause's edge: the smaller cost, so goodput is not flattered), else
     `beside_s` per step."""
     return sum(
-        beside_s if not any(a < end and b > start for start, end in paused) else alone_s
-        for a, b in itertools.pairwise(times_us)
+        alone_s if overlaps(a, b, paused) else beside_s for a, b in itertools.pairwise(times_us)
     )
 
 

@@ -106,3 +106,43 @@ def test_the_solo_step_time_comes_from_the_chaos_runs_steps_clear_of_every_kill(
         "reference_cache",
         0,
     )
+
+
+def test_goodput_counts_each_step_at_the_solo_cost_of_its_conditions(bench_modules):
+    """With the reference beside (paused from each kill to its recovery's settling), steps run
+    while it was paused count at the job's clear steps alone, the others at its clear steps
+    beside it; a steady run scores 1 and a stall costs exactly its length."""
+    chaos, _ = bench_modules
+    times, t = [], 0
+    for _ in range(300):  # the start, reference paused: 0.1 s steps
+        times.append(t)
+        t += 100_000
+    paused = [(0, t - 50_000)]
+    for _ in range(200):  # beside the running reference: 0.2 s steps
+        times.append(t)
+        t += 200_000
+    kill = t - 100_000
+    start = kill
+    t += 2_000_000  # the recovery's stall, paused
+    recovered = t
+    for _ in range(int(chaos.SETTLE_S / 0.1) + 1):  # settling, still paused
+        times.append(t)
+        t += 100_000
+    paused.append((start, t - 50_000))
+    for _ in range(100):
+        times.append(t)
+        t += 200_000
+    kills = [(kill, recovered)]
+
+    alone, source, n_alone = chaos.solo_step_time(times, kills, 9.9, "x", paused)
+    beside, _, n_beside = chaos.solo_step_time(times, kills, 9.9, "x", paused, in_pause=False)
+    assert source == "chaos_run"
+    assert alone == pytest.approx(0.1) and beside == pytest.approx(0.2)
+    assert n_alone > 150 and n_beside > 250
+    ideal = chaos.ideal_s(times, paused, alone, beside)
+    wall = (times[-1] - times[0]) / 1e6
+    # The stall (2 s, plus the step it interrupted) is what the run lost.
+    assert wall - ideal == pytest.approx(2.0 + 0.1 - 0.1, abs=0.25)
+    assert ideal / wall < 1.0
+    # Without pauses it reduces to one solo step time for every step.
+    assert chaos.ideal_s(times, [], alone, beside) == pytest.approx(beside * (len(times) - 1))
