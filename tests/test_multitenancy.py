@@ -155,12 +155,22 @@ def test_weights_one_to_two_give_step_slots_one_to_two(client, hosts) -> None:
 
 
 def test_disjoint_islands_run_at_the_same_time(client, hosts) -> None:
-    # Long enough (a few seconds of steps) that one job cannot finish while the other is
-    # still compiling on its own island when the machine is loaded.
-    a = client.submit(spec("solo-a", islands=1, steps=300, seed=1))
-    b = client.submit(spec("solo-b", islands=1, steps=300, seed=2))
+    # Open-ended jobs, cancelled once both have stepped: on a loaded machine a job of a fixed
+    # length could finish while the other one was still compiling on its own island (a CI run
+    # saw it with 300 steps).
+    a = client.submit(spec("solo-a", islands=1, steps=100_000, seed=1))
+    b = client.submit(spec("solo-b", islands=1, steps=100_000, seed=2))
+    deadline = time.monotonic() + 240
+    while not all(client.get(j.id).steps_completed >= 5 for j in (a, b)):
+        assert time.monotonic() < deadline, "the two jobs did not both start stepping"
+        time.sleep(0.2)
+    for j in (a, b):
+        client.cancel(j.id, reason="both ran")
     jobs = wait_all(client, [a.id, b.id])
-    assert [state_name(j.state) for j in jobs] == ["succeeded", "succeeded"]
+    assert [state_name(j.state) for j in jobs] == ["cancelled", "cancelled"]
+    while any(i.job_ids for i in client.islands()):  # unloaded before the next test
+        assert time.monotonic() < deadline + 60, "the cancelled jobs stayed loaded"
+        time.sleep(0.2)
     spans = {}
     for island, reply in logs(hosts).items():
         for e in reply.entries:
