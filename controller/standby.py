@@ -80,7 +80,7 @@ def read_standby_pid(state_dir: str | Path) -> int:
 def controller_of(pid: int, state_dir: str | Path) -> bool:
     """Whether `pid` is a live controller (or standby) process of `state_dir`: a pid read
     from a file of the state dir may be stale and, by now, another process's."""
-    if not _alive(pid):
+    if not alive(pid):
         return False
     try:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -107,7 +107,7 @@ def lock_holder(state_dir: str | Path) -> int:
         return 0
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie counts as gone)."""
     if pid <= 0:
         return False

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pathways_lite.controller.options import ADDRESS_FILE, AUTO_NODE_IP, STANDBY_FILE
 from pathways_lite.controller.standby import (
+    alive,
     controller_of,
     lock_holder,
     read_standby_pid,
@@ -68,22 +69,12 @@ def read_address(state_dir: str | Path) -> str:
             f"no controller is running for state dir {str(state_dir)!r} (no {ADDRESS_FILE}); "
             "start one with `pathways-lite up`."
         ) from None
-    if not _alive(int(info.get("pid", 0))):
+    if not alive(int(info.get("pid", 0))):
         raise ClusterError(
             f"the controller of state dir {str(state_dir)!r} (pid {info.get('pid')}) is not "
             "running; start one with `pathways-lite up`."
         )
     return str(info["address"])
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 class LocalCluster:
@@ -331,7 +322,7 @@ class LocalCluster:
             if _serving_pid(self.state_dir) == pid:
                 self.address = read_address(self.state_dir)
                 return
-            if (process.poll() is not None) if process is not None else not _alive(pid):
+            if (process.poll() is not None) if process is not None else not alive(pid):
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
                 code = process.returncode if process is not None else "?"
                 raise ClusterError(
@@ -362,7 +353,7 @@ class LocalCluster:
                 self._controller.wait(10)  # reap our child
             except subprocess.TimeoutExpired:
                 pass
-        if dead is not None and not _wait_for(lambda: not _alive(dead), 10.0):
+        if dead is not None and not _wait_for(lambda: not alive(dead), 10.0):
             raise ClusterError(f"the controller (pid {dead}) is still running.")
         record = json.loads((self.state_dir / CLUSTER_FILE).read_text())
         successor = self._successor(dead) if self.standby_controller else 0
@@ -496,7 +487,7 @@ def _signal_and_wait(
     (reaping it when it is our child, `process`)."""
     _killpg(pid, sig)
     deadline = time.monotonic() + patience_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         if process is not None:
             process.poll()
         time.sleep(0.05)
@@ -533,7 +524,7 @@ def stop_recorded(
         controller: the controller process this process spawned, to reap it.
         patience_s: how long each stop may take before its processes are killed.
     """
-    from pathways_lite.workers.ray_cluster import alive
+    from pathways_lite.workers.ray_cluster import alive as alive_of
 
     state_dir = Path(state_dir)
     path = state_dir / CLUSTER_FILE
@@ -559,7 +550,7 @@ def stop_recorded(
     standby_pid = read_standby_pid(state_dir)
     if standby_pid != pid and controller_of(standby_pid, state_dir):  # holds nothing
         _signal_and_wait(standby_pid, signal.SIGKILL, None, patience_s)
-    if pid and _alive(pid):
+    if pid and alive(pid):
         _signal_and_wait(pid, signal.SIGTERM, process, patience_s)
         _killpg(pid, signal.SIGKILL)
     if controller is not None:
@@ -575,19 +566,19 @@ def stop_recorded(
     if ray is not None:
         ray.stop()
     else:
-        leaders = [p for p in record.get("ray_pids", []) if _alive(p)]
+        leaders = [p for p in record.get("ray_pids", []) if alive(p)]
         for leader in leaders:
             try:
                 os.kill(leader, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + patience_s
-        while any(_alive(p) for p in leaders) and time.monotonic() < deadline:
+        while any(alive(p) for p in leaders) and time.monotonic() < deadline:
             time.sleep(0.1)
         for leader in record.get("ray_pids", []):
             _killpg(leader, signal.SIGKILL)
     time.sleep(0.2)
-    for leftover in alive(sorted(tracked)):
+    for leftover in alive_of(sorted(tracked)):
         logger.warning("killing leftover process %d", leftover)
         try:
             os.kill(leftover, signal.SIGKILL)
