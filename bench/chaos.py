@@ -272,7 +272,6 @@ def reference_first(args, client, store, spec, chaos_s: float) -> tuple:
         (the chaos job's steps, the reference's losses over them, its wall time per step, its
         median step time, the step time the job was sized with or None, where it came from).
     """
-    from pathways_lite.client import state_name
 
     key_fields = chaos_reference.determinants(
         SPEC.format(
@@ -296,12 +295,7 @@ def reference_first(args, client, store, spec, chaos_s: float) -> tuple:
         rows = store.metrics(ref)[SIZE_FROM:SIZE_TO]
         sizing_step_s = (rows[-1].time_us - rows[0].time_us) / 1e6 / (len(rows) - 1)
         steps = int(SIZE_MARGIN * chaos_s / sizing_step_s)
-        wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
-        client.cancel(ref, reason="the reference has the steps the chaos run needs")
-    ref_final = client.wait(ref, timeout_s=3600)
-    ended = state_name(ref_final.state)
-    assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
-    ref_metrics = store.metrics(ref)
+    ref_metrics = finish_reference(client, store, ref, steps, fixed=bool(args.steps))
     losses, step_s, median = reference_figures(ref_metrics, steps)
     where = "run now"
     if not args.no_reference_cache:
@@ -315,6 +309,20 @@ def reference_first(args, client, store, spec, chaos_s: float) -> tuple:
         )
         where += f" (kept in the cache as {cache_file.name})"
     return steps, losses, step_s, median, sizing_step_s, where
+
+
+def finish_reference(client, store, ref: str, steps: int, fixed: bool) -> list:
+    """The reference's metrics once it has `steps` steps and has ended: it succeeds when its
+    length was `fixed` (--steps), else it is cancelled here (a step's loss does not depend on
+    the job's total: bench/chaos_reference.py)."""
+    from pathways_lite.client import state_name
+
+    wait_for(lambda: store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
+    if not fixed:
+        client.cancel(ref, reason="the reference has the steps the chaos run needs")
+    final = client.wait(ref, timeout_s=3600)
+    assert state_name(final.state) == ("succeeded" if fixed else "cancelled"), final.message
+    return store.metrics(ref)
 
 
 def reference_figures(metrics, steps: int) -> tuple[list[float], float, float]:
@@ -528,13 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref_cluster is not None:
             # The reference has run beside all along; it stops once it has the chaos job's
             # steps (a step's loss does not depend on the total: bench/chaos_reference.py).
-            wait_for(lambda: ref_store.steps_completed(ref) >= steps, 3600, "the reference", 0.5)
-            if not args.steps:
-                ref_client.cancel(ref, reason="the reference has the chaos job's steps")
-            ref_final = ref_client.wait(ref, timeout_s=600)
-            ended = state_name(ref_final.state)
-            assert ended == ("succeeded" if args.steps else "cancelled"), ref_final.message
-            ref_metrics = ref_store.metrics(ref)
+            ref_metrics = finish_reference(ref_client, ref_store, ref, steps, bool(args.steps))
             ref_losses, ref_step_s, ref_step_s_median = reference_figures(ref_metrics, steps)
             reference = f"run beside on a cluster of its own ({len(ref_metrics)} steps)"
             ref_client.close()
