@@ -34,6 +34,8 @@ SUBMITTERS = 100
 SSE_CLIENTS = 20
 # Each submitter submits one job this often (SUBMITTERS at once: bursts of concurrent ones).
 SUBMIT_EVERY_S = 2.0
+# The watchers ask for live steps in batches (WatchJobRequest.batch_steps), as the client does.
+BATCH_STEPS = True
 
 
 def _spec(name: str, steps: int):
@@ -113,7 +115,9 @@ async def _load(args) -> None:
     async def watch(job_id: str) -> None:
         nonlocal lost, updates
         got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id, summary=True))
-        request = controller_pb2.WatchJobRequest(job_id=job_id, from_step=got.job.steps_completed)
+        request = controller_pb2.WatchJobRequest(
+            job_id=job_id, from_step=got.job.steps_completed, batch_steps=BATCH_STEPS
+        )
         call = stub.WatchJob(request)
         last = None
         try:
@@ -125,10 +129,11 @@ async def _load(args) -> None:
                     last = None  # resynced from the store
                 if not reply.seq:
                     continue
-                updates += 1
+                count = 1 + len(reply.more_metrics)  # a batch's steps: seq, seq + 1, ...
+                updates += count
                 if last is not None and reply.seq != last + 1:
                     lost += reply.seq - last - 1
-                last = reply.seq
+                last = reply.seq + count - 1
         finally:
             call.cancel()
 
@@ -260,6 +265,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
                 f"--ready-file={ready_file}",
                 f"--result-file={result_file}",
                 f"--seconds={seconds + 3}",
+                *([] if BATCH_STEPS else ["--watch-unbatched"]),
             ]
         )
         procs.append(load)
@@ -277,6 +283,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
             dispatch_under_load_ratio=loaded / unloaded if unloaded else 0.0,
             bus_dropped_total=int(float(rows[-1])) if rows else 0,
             controller_pinned=bool(pin),
+            watch_batch_steps=BATCH_STEPS,
         )
         return result
     finally:
@@ -304,7 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     ):
         parser.add_argument(flag)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--watch-unbatched",
+        action="store_true",
+        help="watchers ask for one reply per update (WatchJob without batch_steps)",
+    )
     args = parser.parse_args(argv)
+    global BATCH_STEPS
+    BATCH_STEPS = not args.watch_unbatched
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.role == "controller":
         import logging

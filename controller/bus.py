@@ -22,6 +22,7 @@ import collections
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +47,7 @@ ALL_JOBS = "*"
 def now() -> timestamp_pb2.Timestamp:
     """The current time as a protobuf Timestamp."""
     ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
+    ts.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through datetime: 3x slower
     return ts
 
 
@@ -80,6 +81,21 @@ class Follower(asyncio.Queue):
             lost = True
         self.put_nowait((seq, item))
         return lost
+
+    def take_steps(self, limit: int) -> list[Any]:
+        """Take at most `limit` step updates (WatchJobReply with `metrics`) from the head of
+        the queue while each one's sequence number follows the last read; none after a drop
+        (the caller resyncs first)."""
+        taken: list[Any] = []
+        queue = self._queue
+        while queue and len(taken) < limit and not self.dropped:
+            seq, item = queue[0]
+            if seq != self.last_seq + 1 or not item.HasField("metrics"):
+                break
+            queue.popleft()
+            self.last_seq = seq
+            taken.append(item)
+        return taken
 
     def take_dropped(self) -> int:
         """How many updates were lost since the last call (0: none; resync when not)."""

@@ -150,17 +150,18 @@ class Reporter:
         )
         self.steps_total += 1
         if self.events.followed(job_id):
+            ts = now()
             metrics = self.views.step_metrics(
                 record,
                 report.step,
                 report.loss,
                 report.tokens_per_s,
                 report.step_time_s,
-                now(),
+                ts,
                 mfu=mfu,
                 sources=sources,
             )
-            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), metrics=metrics))
+            self.events.publish(job_id, controller_pb2.WatchJobReply(time=ts, metrics=metrics))
         for host in report.hosts:
             reply = host.reply
             t = reply.timings

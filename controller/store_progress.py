@@ -56,6 +56,15 @@ class Checkpoint:
 # ------------------------------------------------------------------------------------------
 
 
+def _steps_recorded(conn: sqlite3.Connection, job_id: str) -> int:
+    """How many steps of the job are recorded: its steps are 0, 1, ... without a gap (they
+    are recorded in order and forgotten only from a step on), so the newest step + 1, one
+    seek of the (job_id, step) key; COUNT(*) read every row of the job (4.8 ms at 200,000
+    steps, on every batch of steps written)."""
+    (last,) = conn.execute("SELECT MAX(step) FROM metrics WHERE job_id = ?", (job_id,)).fetchone()
+    return 0 if last is None else int(last) + 1
+
+
 class ProgressTables:
     """The metrics, checkpoints and retries tables of a `JobStore` (a mixin)."""
 
@@ -107,9 +116,7 @@ class ProgressTables:
                     f"step {step} of job {job_id!r} was recorded with loss {row[0]!r}, "
                     f"not {loss!r}."
                 )
-            (count,) = conn.execute(
-                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
-            ).fetchone()
+            count = _steps_recorded(conn, job_id)
             if step != count:
                 raise MetricConflictError(
                     f"step {step} of job {job_id!r} arrived out of order: the next step to "
@@ -154,9 +161,7 @@ class ProgressTables:
                     (job_id, first, last),
                 ).fetchall()
             )
-            (count,) = conn.execute(
-                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
-            ).fetchone()
+            count = _steps_recorded(conn, job_id)
             new = []
             for step, loss, tokens_per_s, step_time_s, mfu, sources in rows:
                 if step in known:
@@ -211,10 +216,7 @@ class ProgressTables:
     def steps_completed(self, job_id: str) -> int:
         """How many steps of the job are recorded."""
         with self._mutex:
-            (count,) = self._conn.execute(
-                "SELECT COUNT(*) FROM metrics WHERE job_id = ?", (job_id,)
-            ).fetchone()
-        return int(count)
+            return _steps_recorded(self._conn, job_id)
 
     # -- checkpoint registry and retry budgets ------------------------------------------
 

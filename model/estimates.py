@@ -44,8 +44,10 @@ def abstract_params(cfg: PalmConfig) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
 
+@functools.lru_cache(maxsize=256)
 def param_count(cfg: PalmConfig) -> int:
-    """Number of parameters of the model, counted from abstract shapes."""
+    """Number of parameters of the model, counted from abstract shapes (cached: every
+    submission asks, and a config is frozen)."""
     leaves = jax.tree.leaves(abstract_params(cfg))
     return int(sum(math.prod(x.shape) for x in leaves))
 

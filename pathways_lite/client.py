@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,22 @@ def island_to_dict(island: controller_pb2.Island) -> dict[str, Any]:
             for h in island.hosts
         ],
     }
+
+
+def unbatched(
+    replies: Iterable[controller_pb2.WatchJobReply],
+) -> Iterator[controller_pb2.WatchJobReply]:
+    """WatchJob's replies with every step of a batched one (`more_metrics`) as a reply of its
+    own, numbered on from the batch's `seq` (0 stays 0: replayed)."""
+    for reply in replies:
+        if not reply.more_metrics:
+            yield reply
+            continue
+        yield controller_pb2.WatchJobReply(time=reply.time, metrics=reply.metrics, seq=reply.seq)
+        for i, m in enumerate(reply.more_metrics, 1):
+            yield controller_pb2.WatchJobReply(
+                time=m.time, metrics=m, seq=reply.seq + i if reply.seq else 0
+            )
 
 
 class ControllerClient:
@@ -307,11 +323,11 @@ class ControllerClient:
         """The job's updates until it finishes (see WatchJob). A caller that stops early
         (Ctrl-C, `break`) cancels the stream: none is left open on the channel."""
         call = self._stub.WatchJob(
-            controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step),
+            controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step, batch_steps=True),
             metadata=self._metadata,
         )
         try:
-            yield from call
+            yield from unbatched(call)
         except grpc.RpcError as e:
             raise ClientError(_details(e, self.address), e.code()) from None
         finally:
@@ -328,7 +344,7 @@ class ControllerClient:
             try:
                 kwargs = {} if deadline is None else {"timeout": deadline - time.monotonic()}
                 for _ in self._stub.WatchJob(
-                    controller_pb2.WatchJobRequest(job_id=job_id),
+                    controller_pb2.WatchJobRequest(job_id=job_id, batch_steps=True),
                     metadata=self._metadata,
                     **kwargs,
                 ):
@@ -362,10 +378,11 @@ class ControllerClient:
         if want == 0:
             return out
         call = self._stub.WatchJob(
-            controller_pb2.WatchJobRequest(job_id=job_id), metadata=self._metadata
+            controller_pb2.WatchJobRequest(job_id=job_id, batch_steps=True),
+            metadata=self._metadata,
         )
         try:
-            for update in call:
+            for update in unbatched(call):
                 if update.HasField("metrics"):
                     out.append(update.metrics)
                     if len(out) >= want:

@@ -40,3 +40,43 @@ def test_a_job_log_is_rotated_and_bounded(tmp_path, monkeypatch) -> None:
     kept = [r.message for r in logs.records("job-a")]
     assert kept[-1] == "m499" and 10 < len(kept) < 500
     assert kept == [f"m{i}" for i in range(500 - len(kept), 500)]  # the newest, in order
+
+
+def step(n: int) -> controller_pb2.WatchJobReply:
+    return controller_pb2.WatchJobReply(metrics=controller_pb2.StepMetrics(step=n, loss=1.0))
+
+
+def test_batched_watch_steps_follow_each_other_or_start_a_new_reply() -> None:
+    """WatchJob's batch_steps (controller/service.py): the bus hands a watcher the step
+    updates that follow the last one it read, up to a state change or a lost update; a reply
+    carries only consecutive steps with consecutive sequence numbers, and the client's
+    `unbatched` gives back each step with its own number."""
+    from pathways_lite.client import unbatched
+    from pathways_lite.controller.service import _step_batches
+
+    events = bus.EventBus(queue_size=8)
+    follower = events.subscribe("j")
+    for n in range(3):
+        events.publish("j", step(n))
+    events.publish("j", controller_pb2.WatchJobReply(job=controller_pb2.Job(id="j")))
+    events.publish("j", step(3))
+    first = follower.get_nowait()
+    taken = follower.take_steps(10)
+    assert [u.metrics.step for u in taken] == [1, 2]  # not past the state change
+    assert follower.last_seq == 3
+    assert follower.get_nowait().HasField("job") and follower.take_steps(10)[0].seq == 5
+    # A step run again (already sent) is left out and starts a new reply.
+    again = [step(1), step(2), step(1), step(3)]
+    for seq, update in enumerate(again, 2):
+        update.seq = seq
+    first.seq = 1
+    replies = _step_batches(first, again)
+    assert [[r.metrics.step, *(m.step for m in r.more_metrics)] for r in replies] == [
+        [0, 1, 2],
+        [3],
+    ]
+    assert [(r.seq, r.metrics.step) for r in unbatched(replies)] == [(1, 0), (2, 1), (3, 2), (5, 3)]
+    # Lagging: updates lost are never taken past; the watcher resyncs first.
+    for n in range(10, 20):
+        events.publish("j", step(n))
+    assert follower.take_steps(10) == [] and follower.take_dropped() == 2

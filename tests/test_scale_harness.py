@@ -430,19 +430,25 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
     (controller/service.py `_stream_on_controller`): watchers of a job stepping as fast as the
     controller dispatches get its live updates without a gap (or with the gap announced by a
     resync), one that stops reading for a while holds its pump back instead of losing
-    updates, and a watcher that goes away leaves no follower on the controller's bus."""
+    updates, and a watcher that goes away leaves no follower on the controller's bus. Watchers
+    that ask for `batch_steps` get the same steps, in order and numbered without a gap, in
+    far fewer replies (several steps per reply)."""
     import threading
     import time
 
     import grpc
 
+    from pathways_lite.client import unbatched
     from pathways_lite.controller.service import STREAM_AHEAD, serve
     from pathways_lite.v1 import controller_pb2_grpc
 
     wanted = 4 * STREAM_AHEAD
 
     async def main() -> None:
-        sim = SimCluster.uniform(1, step_s=0.0)
+        # 1 ms steps: at 0 ms the controller dispatches a job's steps faster (~40,000/s) than a
+        # watcher reading one reply per step can follow: it lags, resyncs from the store, and
+        # lags again while the replay runs (correct, never blocking, but never live).
+        sim = SimCluster.uniform(1, step_s=0.001)
         islands = await connect_islands(await sim.start())
         store = JobStore.open_controller(tmp_path / "state")
         c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
@@ -453,15 +459,23 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
         )
         try:
             address = f"127.0.0.1:{await port}"
-            results: list[tuple[int, int, int]] = []
+            results: list[tuple[bool, int, int, int, int]] = []
 
-            def watch(job_id: str, pause_s: float) -> None:
+            def watch(job_id: str, pause_s: float, batch: bool) -> None:
                 with grpc.insecure_channel(address) as channel:
                     stub = controller_pb2_grpc.ControllerServiceStub(channel)
-                    call = stub.WatchJob(controller_pb2.WatchJobRequest(job_id=job_id))
+                    request = controller_pb2.WatchJobRequest(job_id=job_id, batch_steps=batch)
+                    call = stub.WatchJob(request)
                     seen = gaps = resyncs = 0
-                    last = None
-                    for reply in call:
+                    last = last_step = None
+                    messages = [0]
+
+                    def counted(replies):
+                        for reply in replies:
+                            messages[0] += 1
+                            yield reply
+
+                    for reply in unbatched(counted(call)):
                         if reply.dropped:
                             resyncs += 1
                             last = None
@@ -469,26 +483,31 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
                             continue
                         if last is not None and reply.seq != last + 1:
                             gaps += 1
-                        last, seen = reply.seq, seen + 1
+                        if last_step is not None and reply.metrics.step != last_step + 1:
+                            gaps += 1
+                        last, last_step, seen = reply.seq, reply.metrics.step, seen + 1
                         if seen == 10 and pause_s:
                             time.sleep(pause_s)  # not reading: the pump waits for room
                         if seen >= wanted:
                             break
                     call.cancel()
-                    results.append((seen, gaps, resyncs))
+                    results.append((batch, seen, gaps, resyncs, messages[0]))
 
             job_id = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("busy", 1, 10**7))).id
             await _until(lambda: store.steps_completed(job_id) > 10)
+            # Unbatched and batched, each once pausing and once reading on.
             watchers = [
-                threading.Thread(target=watch, args=(job_id, 1.0 if n == 0 else 0.0))
+                threading.Thread(target=watch, args=(job_id, 1.0 if n % 2 else 0.0, n >= 2))
                 for n in range(4)
             ]
             for t in watchers:
                 t.start()
             await asyncio.to_thread(lambda: [t.join(60) for t in watchers])
             assert len(results) == 4, results
-            for seen, gaps, _resyncs in results:
+            for batch, seen, gaps, _resyncs, messages in results:
                 assert seen >= wanted and gaps == 0, results
+                if batch:
+                    assert messages * 4 <= seen, results  # several steps per reply
             # Every watcher went away: none of their followers stays on the bus.
             await _until(lambda: not c.events.followed(job_id), 10)
             c.cancel(job_id, "done")
