@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         "jobs_page_ms": page_ms,
         "lost_events": load["lost_events"],
         "watched_updates": load["watched_updates"],
+        "watch_batch_steps": load["watch_batch_steps"],
+        "sse_events": load["sse_events"],
+        "load_errors": load["load_errors"],
         "submit_p50_ms": load["submit_p50_ms"],
         "submit_p99_ms": load["submit_p99_ms"],
         "dispatch_steps_per_s_unloaded": load["dispatch_steps_per_s_unloaded"],
@@ -450,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{load['submit_p50_ms']:.0f}/{load['submit_p99_ms']:.0f} ms; dispatch "
             f"{load['dispatch_steps_per_s_loaded']:.0f} vs "
             f"{load['dispatch_steps_per_s_unloaded']:.0f} steps/s unloaded "
-            f"(ratio {load['dispatch_under_load_ratio']:.2f})"
+            f"(ratio {load['dispatch_under_load_ratio']:.2f}); SSE events received "
+            f"{load['sse_events']}; load clients failed: {load['load_errors'] or 'none'}"
         )
         print(
             f"host actor killed -> recovery starts: {death_s:.3f} s with Ray's report, "

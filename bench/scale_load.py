@@ -12,7 +12,11 @@ The watchers are spread over the 50 jobs; each checks that the live updates' seq
 follow one another (a gap not announced by a `dropped` resync counts as lost, and so does
 every dropped update); `lost_events` sums them over the watchers and the SSE clients' resyncs.
 Submissions are 1-island jobs that queue behind the running ones, 100 at once every
-SUBMIT_EVERY_S; `submit_p99_ms` is the client-side latency of SubmitJob.
+SUBMIT_EVERY_S; `submit_p99_ms` is the client-side latency of SubmitJob. The watchers ask for
+live steps in batches (`batch_steps`, as the client does; `--watch-unbatched`: one reply per
+step). The SSE clients count the events they receive by kind (`sse_events`), and a load client
+that fails is reported (`load_errors`, else []): before stop 32 the SSE clients died on their
+first 2.4 MB overview event unnoticed, so earlier ratios were measured without them.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ async def _load(args) -> None:
     lost = 0
     updates = 0
     submits: list[float] = []
+    sse_events: dict[str, int] = {}  # events the SSE clients received, by kind
 
     async def watch(job_id: str) -> None:
         nonlocal lost, updates
@@ -149,17 +154,26 @@ async def _load(args) -> None:
             await asyncio.sleep(max(0.0, SUBMIT_EVERY_S - (time.perf_counter() - t)))
 
     async def sse(session: aiohttp.ClientSession) -> None:
-        nonlocal lost
         async with session.get(info["dashboard"] + "api/stream") as response:
-            event = ""
-            async for raw in response.content:
+            response.raise_for_status()
+            event, pending = "", b""
+            # Read in chunks, not lines (aiohttp refuses a line over 512 KiB; a browser does not).
+            async for chunk in response.content.iter_any():
                 if stop.is_set():
                     break
-                line = raw.decode().strip()
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                elif line.startswith("data:") and event == "resync":
-                    lost += json.loads(line.split(":", 1)[1])["dropped"]
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    event = _sse_line(raw.decode().strip(), event)
+
+    def _sse_line(line: str, event: str) -> str:
+        """Count one line of the SSE stream; returns the event it belongs to."""
+        nonlocal lost
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+            sse_events[event] = sse_events.get(event, 0) + 1
+        elif line.startswith("data:") and event == "resync":
+            lost += json.loads(line.split(":", 1)[1])["dropped"]
+        return event
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         tasks = [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
@@ -170,7 +184,9 @@ async def _load(args) -> None:
         stop.set()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    # A load client that failed (a refused stream, a broken call) is reported, not ignored.
+    errors = sorted({repr(e) for e in outcomes if isinstance(e, Exception) and not _cancelled(e)})
     await channel.close()
     submits.sort()
     Path(args.result_file).write_text(
@@ -178,12 +194,21 @@ async def _load(args) -> None:
             {
                 "lost_events": lost,
                 "watched_updates": updates,
+                "sse_events": sse_events,
+                "load_errors": errors,
                 "submits": len(submits),
                 "submit_p50_ms": submits[len(submits) // 2] if submits else None,
                 "submit_p99_ms": submits[int(len(submits) * 0.99)] if submits else None,
             }
         )
     )
+
+
+def _cancelled(error: BaseException) -> bool:
+    """A call ended by the load generator's own cancel at the end of the run."""
+    import grpc
+
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.CANCELLED
 
 
 def _rate(steps_file: Path, since: float, until: float) -> float:

@@ -51,6 +51,14 @@ def now() -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _first_seq(item: Any, last: int) -> int:
+    """The first sequence number of a queued item whose last is `last` (a reply of several
+    steps takes several)."""
+    if isinstance(item, controller_pb2.WatchJobReply) and item.more_metrics:
+        return item.seq
+    return last
+
+
 class Follower(asyncio.Queue):
     """A follower's bounded queue of updates, each kept with its sequence number.
 
@@ -71,14 +79,14 @@ class Follower(asyncio.Queue):
         self.last_seq, item = self._queue.popleft()
         return item
 
-    def offer(self, seq: int, item: Any) -> bool:
-        """Enqueue without blocking; when full, drop the oldest (counted). True if one was
-        dropped."""
-        lost = False
+    def offer(self, seq: int, item: Any) -> int:
+        """Enqueue without blocking (`seq`: the item's last sequence number); when full, drop
+        the oldest (counted by the updates it stood for). Returns how many were dropped."""
+        lost = 0
         if self.full():
-            self._queue.popleft()
-            self.dropped += 1
-            lost = True
+            last, oldest = self._queue.popleft()
+            lost = last - _first_seq(oldest, last) + 1
+            self.dropped += lost
         self.put_nowait((seq, item))
         return lost
 
@@ -90,7 +98,7 @@ class Follower(asyncio.Queue):
         queue = self._queue
         while queue and len(taken) < limit and not self.dropped:
             seq, item = queue[0]
-            if seq != self.last_seq + 1 or not item.HasField("metrics"):
+            if not item.HasField("metrics") or item.seq != self.last_seq + 1:
                 break
             queue.popleft()
             self.last_seq = seq
@@ -133,12 +141,14 @@ class EventBus:
         """Whether anyone follows `key` (directly or through ALL_JOBS)."""
         return bool(self._queues.get(key)) or bool(self._queues.get(ALL_JOBS))
 
-    def publish(self, key: str, item: Any) -> None:
+    def publish(self, key: str, item: Any, count: int = 1) -> None:
         """Hand `item` to the followers of `key`, and `(key, item)` to those of ALL_JOBS,
-        each with the next sequence number of its key."""
-        self.seq[key] += 1
+        each with the next sequence number of its key. An item that stands for `count`
+        updates (a reply of consecutive steps: `metrics`, then `more_metrics`) takes as many
+        numbers of its job's, the first on the item; one of ALL_JOBS's."""
+        self.seq[key] += count
         if isinstance(item, controller_pb2.WatchJobReply):
-            item.seq = self.seq[key]  # the same for every follower of the job
+            item.seq = self.seq[key] - count + 1  # the same for every follower of the job
         for queue in self._queues.get(key, ()):
             self.dropped_total += queue.offer(self.seq[key], item)
         if key != ALL_JOBS:

@@ -40,7 +40,9 @@ BATCH_MAX = 512
 ENCODED_KEPT = 4096
 
 # (event name, JSON-able data) pairs of one bus update, as the pages consume them.
-Translate = Callable[[str, controller_pb2.WatchJobReply], list[tuple[str, dict[str, Any]]]]
+# (job id, bus update, latest_only) -> the page's events; latest_only: of a batch of steps,
+# only the last (the cluster page shows each job's latest step; a job page charts every one).
+Translate = Callable[[str, controller_pb2.WatchJobReply, bool], list[tuple[str, dict[str, Any]]]]
 
 
 class EventStreams:
@@ -132,7 +134,7 @@ class EventStreams:
             encoded = b"".join(
                 # The bus's sequence number: a gap proves lost updates.
                 _sse(kind, {**data, "seq": seq})
-                for kind, data in self._translate(job_id, update)
+                for kind, data in self._translate(job_id, update, True)
             )
             self._encoded[seq] = encoded
             if len(self._encoded) > ENCODED_KEPT:
@@ -176,7 +178,7 @@ class EventStreams:
                         if getters[future] == "log":
                             yield _sse("log", self._log_dict(future.result()))
                             continue
-                        for kind, data in self._translate(job_id, future.result()):
+                        for kind, data in self._translate(job_id, future.result(), False):
                             yield _sse(kind, data)
                             if kind == "job":
                                 yield _sse("why", {"why": self._why(job_id)})

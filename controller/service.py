@@ -308,21 +308,20 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     if record.state.terminal:
                         return
                 if update.HasField("metrics"):
-                    if update.metrics.step <= last_step:
-                        continue
-                    last_step = update.metrics.step
+                    # A bus update carries the steps of a batch (jobs.py's Reporter).
+                    updates = [update]
                     if batch:
                         # At most one reply per BATCH_STEPS_S while steps keep coming: wait
                         # out the rest of it, then take the steps that came meanwhile.
                         wait = sent_at + BATCH_STEPS_S - loop.time()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                        taken = queue.take_steps(BATCH_STEPS_MAX)
-                        for reply in _step_batches(update, taken):
-                            last_step = _last_step(reply)
-                            yield reply
+                        updates += queue.take_steps(BATCH_STEPS_MAX)
                         sent_at = loop.time()
-                        continue
+                    for reply in _step_replies(updates, last_step, batch):
+                        last_step = _last_step(reply)
+                        yield reply
+                    continue
                 yield update
                 if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
                     return
@@ -524,16 +523,10 @@ def _set_all(events: list[asyncio.Event]) -> None:
         event.set()
 
 
-def _batched_reply(steps: list[Any], first: Any = None) -> controller_pb2.WatchJobReply:
-    """One reply of consecutive steps: `first`'s time and seq (0 when replayed), the first
-    step in `metrics`, the others in `more_metrics`."""
-    if first is not None and len(steps) == 1:
-        return first  # the bus's own reply, shared by its followers: no copy
-    reply = controller_pb2.WatchJobReply(
-        time=steps[0].time if first is None else first.time,
-        seq=0 if first is None else first.seq,
-        metrics=steps[0],
-    )
+def _batched_reply(steps: list[Any], seq: int = 0) -> controller_pb2.WatchJobReply:
+    """One reply of consecutive steps: the first in `metrics` (its time the reply's), the
+    others in `more_metrics`; `seq` the first step's sequence number (0: replayed)."""
+    reply = controller_pb2.WatchJobReply(time=steps[0].time, seq=seq, metrics=steps[0])
     reply.more_metrics.extend(steps[1:])
     return reply
 
@@ -543,22 +536,44 @@ def _last_step(reply: controller_pb2.WatchJobReply) -> int:
     return (reply.more_metrics[-1] if reply.more_metrics else reply.metrics).step
 
 
-def _step_batches(first: Any, taken: list[Any]) -> list[controller_pb2.WatchJobReply]:
-    """`first` (a live step update) and the step updates `taken` after it, as replies of
-    consecutive steps with consecutive sequence numbers; a step not past the one before it (a
-    step run again after a rollback, already sent) is left out and starts a new reply."""
+def _step_replies(
+    updates: list[Any], last_step: int, batch: bool
+) -> list[controller_pb2.WatchJobReply]:
+    """Live step updates of the bus as a watcher's replies: the steps after `last_step` (a step
+    run again after a rollback was sent already), each step a reply of its own, or with
+    `batch` as few replies as carry consecutive steps numbered without a gap. An update passed
+    whole is the bus's own reply, shared by its followers (no copy)."""
+    if len(updates) == 1:
+        only = updates[0]  # its steps follow each other: all are new if the first is
+        if only.metrics.step > last_step and (batch or not only.more_metrics):
+            return [only]
+    steps = [
+        (update.seq + i, m)
+        for update in updates
+        for i, m in enumerate([update.metrics, *update.more_metrics])
+    ]
+    if not batch:
+        out, last = [], last_step
+        for seq, m in steps:
+            if m.step > last:
+                out.append(controller_pb2.WatchJobReply(time=m.time, metrics=m, seq=seq))
+                last = m.step
+        return out
     replies: list[controller_pb2.WatchJobReply] = []
-    run, head = [first.metrics], first
-    last_step, last_seq = first.metrics.step, first.seq
-    for update in taken:
-        if update.metrics.step <= last_step:
+    run: list[Any] = []
+    first_seq = last_seq = 0
+    for seq, m in steps:
+        if m.step <= last_step:
             continue
-        if update.seq != last_seq + 1 or update.metrics.step != last_step + 1:
-            replies.append(_batched_reply(run, head))
-            run, head = [], update
-        run.append(update.metrics)
-        last_step, last_seq = update.metrics.step, update.seq
-    replies.append(_batched_reply(run, head))
+        if run and (seq != last_seq + 1 or m.step != last_step + 1):
+            replies.append(_batched_reply(run, first_seq))
+            run = []
+        if not run:
+            first_seq = seq
+        run.append(m)
+        last_step, last_seq = m.step, seq
+    if run:
+        replies.append(_batched_reply(run, first_seq))
     return replies
 
 

@@ -42,41 +42,59 @@ def test_a_job_log_is_rotated_and_bounded(tmp_path, monkeypatch) -> None:
     assert kept == [f"m{i}" for i in range(500 - len(kept), 500)]  # the newest, in order
 
 
-def step(n: int) -> controller_pb2.WatchJobReply:
-    return controller_pb2.WatchJobReply(metrics=controller_pb2.StepMetrics(step=n, loss=1.0))
+def steps(*ns: int) -> controller_pb2.WatchJobReply:
+    """One bus update carrying the steps `ns` (the first in `metrics`, as the Reporter
+    publishes a batch)."""
+    reply = controller_pb2.WatchJobReply(metrics=controller_pb2.StepMetrics(step=ns[0], loss=1.0))
+    reply.more_metrics.extend(controller_pb2.StepMetrics(step=n, loss=1.0) for n in ns[1:])
+    return reply
 
 
-def test_batched_watch_steps_follow_each_other_or_start_a_new_reply() -> None:
-    """WatchJob's batch_steps (controller/service.py): the bus hands a watcher the step
-    updates that follow the last one it read, up to a state change or a lost update; a reply
-    carries only consecutive steps with consecutive sequence numbers, and the client's
-    `unbatched` gives back each step with its own number."""
+def test_step_batches_are_numbered_step_by_step_and_replied_without_a_gap() -> None:
+    """The Reporter publishes a job's steps once per flush, as one bus update numbered like as
+    many updates; WatchJob (controller/service.py) takes the step updates that follow the last
+    one read, up to a state change or a lost update, and replies with consecutive steps only,
+    in batches or one per step; the client's `unbatched` gives back each step with its
+    number."""
     from pathways_lite.client import unbatched
-    from pathways_lite.controller.service import _step_batches
+    from pathways_lite.controller.service import _step_replies
 
-    events = bus.EventBus(queue_size=8)
+    events = bus.EventBus(queue_size=4)
     follower = events.subscribe("j")
-    for n in range(3):
-        events.publish("j", step(n))
+    events.publish("j", steps(0, 1, 2), count=3)
+    events.publish("j", steps(3), count=1)
     events.publish("j", controller_pb2.WatchJobReply(job=controller_pb2.Job(id="j")))
-    events.publish("j", step(3))
+    events.publish("j", steps(4, 5), count=2)
     first = follower.get_nowait()
+    assert (first.seq, follower.last_seq) == (1, 3)
     taken = follower.take_steps(10)
-    assert [u.metrics.step for u in taken] == [1, 2]  # not past the state change
-    assert follower.last_seq == 3
-    assert follower.get_nowait().HasField("job") and follower.take_steps(10)[0].seq == 5
-    # A step run again (already sent) is left out and starts a new reply.
-    again = [step(1), step(2), step(1), step(3)]
-    for seq, update in enumerate(again, 2):
-        update.seq = seq
-    first.seq = 1
-    replies = _step_batches(first, again)
-    assert [[r.metrics.step, *(m.step for m in r.more_metrics)] for r in replies] == [
-        [0, 1, 2],
-        [3],
+    assert [u.seq for u in taken] == [4] and follower.last_seq == 4  # not past the record
+    assert follower.get_nowait().HasField("job") and follower.take_steps(10)[0].seq == 6
+    # Batched: one reply while steps follow each other; whole updates are passed as they are.
+    (reply,) = _step_replies([first, *taken], -1, batch=True)
+    assert [reply.metrics.step, *(m.step for m in reply.more_metrics)] == [0, 1, 2, 3]
+    assert _step_replies([first], -1, batch=True)[0] is first
+    # Steps already sent (run again after a rollback) are left out; a gap in the steps or
+    # their numbers starts a new reply.
+    again = steps(2, 3)
+    again.seq = 5
+    later = steps(5)
+    later.seq = 8
+    replies = _step_replies([first, again, later], 1, batch=True)
+    assert [(r.seq, r.metrics.step, len(r.more_metrics)) for r in replies] == [
+        (3, 2, 0),
+        (6, 3, 0),
+        (8, 5, 0),
     ]
-    assert [(r.seq, r.metrics.step) for r in unbatched(replies)] == [(1, 0), (2, 1), (3, 2), (5, 3)]
-    # Lagging: updates lost are never taken past; the watcher resyncs first.
-    for n in range(10, 20):
-        events.publish("j", step(n))
+    assert [(r.seq, r.metrics.step) for r in unbatched(replies)] == [(3, 2), (6, 3), (8, 5)]
+    following = steps(3, 4)
+    following.seq = 4
+    together = _step_replies([first, following], 1, batch=True)
+    assert [(r.seq, r.metrics.step, len(r.more_metrics)) for r in together] == [(3, 2, 2)]
+    one_each = _step_replies([first], 0, batch=False)
+    assert [(r.seq, r.metrics.step) for r in one_each] == [(2, 1), (3, 2)]
+    # Lagging: a dropped update counts its steps, and nothing is taken past the loss.
+    for n in range(10, 18, 2):
+        events.publish("j", steps(n, n + 1), count=2)
+    events.publish("j", steps(20, 21, 22), count=3)
     assert follower.take_steps(10) == [] and follower.take_dropped() == 2

@@ -132,6 +132,24 @@ def test_the_time_multiplexing_shares_are_measured_beside_the_weights() -> None:
     assert timeline_shares([], {}) == []
 
 
+def test_a_jobs_back_to_back_steps_are_one_bar_of_the_timeline() -> None:
+    from pathways_lite.controller.dashboard import merged_timeline
+
+    steps = [
+        {"job_id": "a", "step": n, "start": n * 1e-3, "end": (n + 1) * 1e-3} for n in range(600)
+    ]
+    steps += [{"job_id": "b", "step": 0, "start": 0.7, "end": 0.8}]
+    steps += [{"job_id": "a", "step": 600, "start": 0.8, "end": 0.9}]  # after b: a bar again
+    steps += [{"job_id": "a", "step": 601, "start": 1.5, "end": 1.6}]  # a pause: a bar again
+    bars = merged_timeline(steps)
+    assert [(b["job_id"], b["step"], b["last_step"], b["start"], b["end"]) for b in bars] == [
+        ("a", 0, 599, 0.0, 0.6),
+        ("b", 0, 0, 0.7, 0.8),
+        ("a", 600, 600, 0.8, 0.9),
+        ("a", 601, 601, 1.5, 1.6),
+    ]
+
+
 def test_metrics_are_read_from_the_store_at_each_scrape_never_accumulated(tmp_path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -222,3 +240,18 @@ def test_metrics_and_live_stream_on_a_running_cluster(local_cluster, tmp_path) -
         assert "pathways_lite_job_failures_total" in text
     finally:
         job.cancel()
+
+
+def test_a_batch_of_steps_is_every_step_for_a_job_page_and_the_last_for_the_cluster_page(
+    tmp_path,
+) -> None:
+    store = JobStore(tmp_path / "controller.db")
+    record = store.create_job(_spec(0))
+    dashboard = Dashboard(Controller(store, []), token=None)
+    batch = controller_pb2.WatchJobReply(metrics=controller_pb2.StepMetrics(step=4, loss=2.0))
+    batch.more_metrics.extend(controller_pb2.StepMetrics(step=n, loss=1.0 / n) for n in range(5, 8))
+    every = dashboard._update(record.id, batch)
+    assert [(kind, data["step"]) for kind, data in every] == [("metrics", n) for n in range(4, 8)]
+    (latest,) = dashboard._update(record.id, batch, latest_only=True)
+    assert latest[1]["step"] == 7 and latest[1]["loss"] == pytest.approx(1 / 7)
+    store.close()

@@ -61,7 +61,7 @@ def test_many_pages_get_every_update_and_share_the_overview() -> None:
             calls.append(1)
             return {"bus_seq": bus.seq[ALL_JOBS], "computed": len(calls)}
 
-        def translate(job_id: str, update: controller_pb2.WatchJobReply) -> list:
+        def translate(job_id: str, update: controller_pb2.WatchJobReply, latest: bool) -> list:
             return [("step", {"job": job_id, "step": update.metrics.step})]
 
         streams = EventStreams(

@@ -70,7 +70,7 @@
         t.y.push(island.id);
         t.base.push(new Date(e.start * 1000).toISOString());
         t.x.push(Math.max(1, (e.end - e.start) * 1000));
-        t.text.push(`${e.job_id} step ${e.step}`);
+        t.text.push(e.last_step > e.step ? `${e.job_id} steps ${e.step}-${e.last_step}` : `${e.job_id} step ${e.step}`);
       }
     }
     const traces = [...byJob.entries()].map(([job, t]) => ({
