@@ -176,9 +176,12 @@ async def _load(args) -> None:
         return event
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
-        tasks = [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
-        tasks += [asyncio.create_task(sse(session)) for _ in range(SSE_CLIENTS)]
-        tasks += [asyncio.create_task(submit(n)) for n in range(SUBMITTERS)]
+        tasks = []
+        if args.part in ("all", "streams"):
+            tasks += [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
+            tasks += [asyncio.create_task(sse(session)) for _ in range(SSE_CLIENTS)]
+        if args.part in ("all", "submit"):
+            tasks += [asyncio.create_task(submit(n)) for n in range(SUBMITTERS)]
         Path(args.ready_file).write_text("ready")
         await asyncio.sleep(args.seconds)
         stop.set()
@@ -281,26 +284,40 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
         t0 = time.monotonic()
         time.sleep(seconds)
         unloaded = _rate(steps_file, t0, time.monotonic())
-        load = subprocess.Popen(
-            [
-                *me,
-                "load",
-                f"--port-file={port_file}",
-                f"--jobs-file={jobs_file}",
-                f"--ready-file={ready_file}",
-                f"--result-file={result_file}",
-                f"--seconds={seconds + 3}",
-                *([] if BATCH_STEPS else ["--watch-unbatched"]),
-            ]
-        )
-        procs.append(load)
-        _wait_file(ready_file, load)
+        # Two load generators: the streams' clients, and the submitters in a process of
+        # their own (the streams' replies kept one process's loop busy enough to add its lag
+        # to every submission's latency).
+        loads = []
+        for part in ("streams", "submit"):
+            loads.append(
+                subprocess.Popen(
+                    [
+                        *me,
+                        "load",
+                        f"--part={part}",
+                        f"--port-file={port_file}",
+                        f"--jobs-file={jobs_file}",
+                        f"--ready-file={ready_file}.{part}",
+                        f"--result-file={result_file}.{part}",
+                        f"--seconds={seconds + 3}",
+                        *([] if BATCH_STEPS else ["--watch-unbatched"]),
+                    ]
+                )
+            )
+            procs.append(loads[-1])
+        for part, load in zip(("streams", "submit"), loads, strict=True):
+            _wait_file(Path(f"{ready_file}.{part}"), load)
         time.sleep(2.0)  # streams open
         t1 = time.monotonic()
         time.sleep(seconds)
         loaded = _rate(steps_file, t1, time.monotonic())
-        load.wait(120)
-        result = json.loads(result_file.read_text())
+        for load in loads:
+            load.wait(120)
+        streams = json.loads(Path(f"{result_file}.streams").read_text())
+        result = json.loads(Path(f"{result_file}.submit").read_text())
+        for key in ("lost_events", "watched_updates", "sse_events"):
+            result[key] = streams[key]
+        result["load_errors"] = sorted({*streams["load_errors"], *result["load_errors"]})
         rows = steps_file.read_text().split()
         result.update(
             dispatch_steps_per_s_unloaded=unloaded,
@@ -336,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         parser.add_argument(flag)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--part",
+        choices=["all", "streams", "submit"],
+        default="all",
+        help="load role: the WatchJob and SSE clients, the submitters, or both",
+    )
     parser.add_argument(
         "--watch-unbatched",
         action="store_true",
