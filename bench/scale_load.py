@@ -2,10 +2,11 @@
 20 dashboard SSE clients, against the controller's step dispatch rate unloaded (bench/scale.py
 runs it and prints its figures beside the others).
 
-Three processes: the simulated island hosts (workers/sim_host.py, 0 ms steps), the
+Four processes: the simulated island hosts (workers/sim_host.py, 0 ms steps), the
 controller (this file's `controller` role: the real Controller, its gRPC service and its
-dashboard, pinned to one core where `taskset` exists), and the load generator (this file's
-`load` role). 50 one-island jobs with many steps run on 50 islands; the controller writes its
+dashboard, pinned to one core where `taskset` exists), and two load generators (this file's
+`load` role: `--part streams`, the watchers and SSE clients; `--part submit`, the submitters).
+50 one-island jobs with many steps run on 50 islands; the controller writes its
 steps total every 0.25 s. The dispatch rate is steps per second over a window without load,
 then over the same window with the load running; its ratio is `dispatch_under_load_ratio`.
 The watchers are spread over the 50 jobs; each checks that the live updates' sequence numbers
