@@ -153,7 +153,10 @@ class Reporter:
             (report.step, report.loss, report.tokens_per_s, report.step_time_s, mfu, sources)
         )
         self.steps_total += 1
-        if self.events.followed(job_id):
+        pending = self._unpublished.get(job_id)
+        # A batch begun goes on while its job has no follower (a page's stream may come back
+        # within the flush): its steps stay consecutive.
+        if pending is not None or self.events.followed(job_id):
             ts = now()
             metrics = self.views.step_metrics(
                 record,
@@ -166,7 +169,6 @@ class Reporter:
                 sources=sources,
             )
             # Told to followers with the batch's other steps (one bus update per flush).
-            pending = self._unpublished.get(job_id)
             if pending is None:
                 self._unpublished[job_id] = controller_pb2.WatchJobReply(time=ts, metrics=metrics)
             else:
@@ -224,12 +226,6 @@ class Reporter:
                         message=message,
                     ),
                 )
-
-    def discard(self, job_id: str) -> None:
-        """Forget a job's batched steps (its metrics are being rolled back); its followers
-        were told them (they skip a step run again)."""
-        self.publish_steps(job_id)
-        self._batches.pop(job_id, None)
 
 
 # Longest time a job's step rows and host log lines wait to be written.

@@ -544,8 +544,14 @@ def _step_replies(
     `batch` as few replies as carry consecutive steps numbered without a gap. An update passed
     whole is the bus's own reply, shared by its followers (no copy)."""
     if len(updates) == 1:
-        only = updates[0]  # its steps follow each other: all are new if the first is
-        if only.metrics.step > last_step and (batch or not only.more_metrics):
+        only = updates[0]
+        more = only.more_metrics
+        whole = not more or (
+            batch  # consecutive steps, not too many: all are new if the first is
+            and len(more) < BATCH_STEPS_MAX
+            and more[-1].step - only.metrics.step == len(more)
+        )
+        if whole and only.metrics.step > last_step:
             return [only]
     steps = [
         (update.seq + i, m)
@@ -565,7 +571,7 @@ def _step_replies(
     for seq, m in steps:
         if m.step <= last_step:
             continue
-        if run and (seq != last_seq + 1 or m.step != last_step + 1):
+        if run and (seq != last_seq + 1 or m.step != last_step + 1 or len(run) == BATCH_STEPS_MAX):
             replies.append(_batched_reply(run, first_seq))
             run = []
         if not run:

@@ -98,3 +98,25 @@ def test_step_batches_are_numbered_step_by_step_and_replied_without_a_gap() -> N
         events.publish("j", steps(n, n + 1), count=2)
     events.publish("j", steps(20, 21, 22), count=3)
     assert follower.take_steps(10) == [] and follower.take_dropped() == 2
+
+
+def test_a_reply_carries_at_most_batch_steps_max_steps_and_never_a_step_twice() -> None:
+    """A watcher that lagged takes many flushes at once: its replies stay under gRPC's message
+    limit (BATCH_STEPS_MAX steps each); a batch whose steps do not follow each other (a
+    rollback inside it) is never passed on whole."""
+    from pathways_lite.controller.service import BATCH_STEPS_MAX, _step_replies
+
+    big = steps(*range(BATCH_STEPS_MAX + 10))
+    big.seq = 1
+    replies = _step_replies([big], -1, batch=True)
+    assert [(r.seq, r.metrics.step, len(r.more_metrics)) for r in replies] == [
+        (1, 0, BATCH_STEPS_MAX - 1),
+        (BATCH_STEPS_MAX + 1, BATCH_STEPS_MAX, 9),
+    ]
+    rolled_back = steps(48, 49, 50, 45, 46, 51)
+    rolled_back.seq = 100
+    replies = _step_replies([rolled_back], 47, batch=True)
+    assert [(r.seq, [r.metrics.step, *(m.step for m in r.more_metrics)]) for r in replies] == [
+        (100, [48, 49, 50]),
+        (105, [51]),
+    ]
