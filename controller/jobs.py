@@ -502,7 +502,13 @@ class JobRunner:
             adopted = None
             if p.peers is not None:  # after a controller restart: the hosts' own state
                 job_dir = p.recovery.job_dir(job_id)
-                adopted = await p.peers.adopt(program, islands, job_dir, self._step_done)
+                adopted = await p.peers.adopt(
+                    program,
+                    islands,
+                    job_dir,
+                    self._step_done,
+                    flush=lambda: p.reporter.flush(job_id),
+                )
             if adopted is None:
                 self._attempt, replies = await p.recovery.load(program, islands)
             else:

@@ -259,15 +259,17 @@ class PeerRecovery:
         islands: Sequence[Island],
         checkpoint_dir: str,
         on_step: Callable[[StepReport], Any],
+        flush: Callable[[], Any] = lambda: None,
     ) -> tuple[Attempt, list[worker_pb2.LoadJobReply]] | None:
         """Continue a job a dead controller left running from the state its hosts still hold
         (the hosts outlive a controller): nothing is rolled back.
 
         The hosts ran past the recorded steps (slices in flight, metrics not yet written):
         their recorded replies of those steps (RunStep is idempotent on (generation, step):
-        a replay runs nothing) are recorded through `on_step`, then every host takes the new
-        generation with its state (keep_state) and the digests are compared. None when the
-        hosts do not hold the job as it was (the caller restores the checkpoint).
+        a replay runs nothing) are recorded through `on_step` and written (`flush`) before
+        the `restore` event, then every host takes the new generation with its state
+        (keep_state) and the digests are compared. None when the hosts do not hold the job
+        as it was (the caller restores the checkpoint).
         """
         job_id = program.job_id
         hint = self.adoptable.pop(job_id, None)
@@ -310,6 +312,7 @@ class PeerRecovery:
                 if not all(r.replayed for r in replies):
                     raise PeerRecoveryError(f"step {step} was not replayed.")
                 on_step(_report(program, islands, step, replies))
+            flush()  # in the store before the event that says they were run before
             program = dataclasses.replace(
                 program, start_step=held, restore_from="", checkpoint_dir=checkpoint_dir
             )
