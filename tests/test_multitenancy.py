@@ -149,7 +149,9 @@ def test_weights_one_to_two_give_step_slots_one_to_two(client, hosts) -> None:
         n_light = sum(e.job_id == light.id for e in both)
         n_heavy = sum(e.job_id == heavy.id for e in both)
         assert n_light >= 5, (n_light, n_heavy)
-        assert abs(n_heavy / n_light - 2.0) <= 0.1, (n_light, n_heavy)
+        # 1:2 up to the one slot the window's ends can cut (a CI run saw 9:19: 2.11, a ratio
+        # within 0.1 of 2 asked more than one slot allows at 9).
+        assert abs(n_heavy - 2 * n_light) <= 1, (n_light, n_heavy)
     # Both islands ran the two jobs' steps in the one order the controller assigned.
     assert orders[0] == orders[1]
 
