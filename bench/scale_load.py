@@ -302,6 +302,9 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
                         f"--result-file={result_file}.{part}",
                         f"--seconds={seconds + 3}",
                         *([] if BATCH_STEPS else ["--watch-unbatched"]),
+                        f"--watchers={WATCHERS}",
+                        f"--submitters={SUBMITTERS}",
+                        f"--sse-clients={SSE_CLIENTS}",
                     ]
                 )
             )
@@ -327,6 +330,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
             bus_dropped_total=int(float(rows[-1])) if rows else 0,
             controller_pinned=bool(pin),
             watch_batch_steps=BATCH_STEPS,
+            load={"watchers": WATCHERS, "submitters": SUBMITTERS, "sse_clients": SSE_CLIENTS},
         )
         return result
     finally:
@@ -365,9 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="watchers ask for one reply per update (WatchJob without batch_steps)",
     )
+    # One part of the load alone (e.g. `--submitters 0 --sse-clients 0`): what each costs.
+    parser.add_argument("--watchers", type=int, default=WATCHERS)
+    parser.add_argument("--submitters", type=int, default=SUBMITTERS)
+    parser.add_argument("--sse-clients", type=int, default=SSE_CLIENTS)
     args = parser.parse_args(argv)
-    global BATCH_STEPS
+    global BATCH_STEPS, WATCHERS, SUBMITTERS, SSE_CLIENTS
     BATCH_STEPS = not args.watch_unbatched
+    WATCHERS, SUBMITTERS, SSE_CLIENTS = args.watchers, args.submitters, args.sse_clients
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.role == "controller":
         import logging

@@ -229,7 +229,7 @@ class Reporter:
 
 
 # Longest time a job's step rows and host log lines wait to be written.
-FLUSH_S = 0.05
+FLUSH_S = 0.1
 
 
 class _HostLines:

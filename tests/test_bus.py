@@ -70,12 +70,12 @@ def test_step_batches_are_numbered_step_by_step_and_replied_without_a_gap() -> N
     taken = follower.take_steps(10)
     assert [u.seq for u in taken] == [4] and follower.last_seq == 4  # not past the record
     assert follower.get_nowait().HasField("job") and follower.take_steps(10)[0].seq == 6
-    # Batched: one reply while steps follow each other; whole updates are passed as they are.
-    (reply,) = _step_replies([first, *taken], -1, batch=True)
-    assert [reply.metrics.step, *(m.step for m in reply.more_metrics)] == [0, 1, 2, 3]
-    assert _step_replies([first], -1, batch=True)[0] is first
-    # Steps already sent (run again after a rollback) are left out; a gap in the steps or
-    # their numbers starts a new reply.
+    # Batched: a reply per update; whole updates are passed as they are (shared, no copy).
+    replies = _step_replies([first, *taken], -1, batch=True)
+    assert [r is u for r, u in zip(replies, [first, *taken], strict=True)] == [True, True]
+    assert [(r.seq, r.metrics.step) for r in unbatched(replies)] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    # Steps already sent (run again after a rollback) are left out (the rest of the update
+    # copied into a reply of its own); a gap in the steps starts a new reply.
     again = steps(2, 3)
     again.seq = 5
     later = steps(5)
@@ -90,7 +90,11 @@ def test_step_batches_are_numbered_step_by_step_and_replied_without_a_gap() -> N
     following = steps(3, 4)
     following.seq = 4
     together = _step_replies([first, following], 1, batch=True)
-    assert [(r.seq, r.metrics.step, len(r.more_metrics)) for r in together] == [(3, 2, 2)]
+    assert [(r.seq, r.metrics.step, len(r.more_metrics)) for r in together] == [
+        (3, 2, 0),
+        (4, 3, 1),
+    ]
+    assert together[1] is following
     one_each = _step_replies([first], 0, batch=False)
     assert [(r.seq, r.metrics.step) for r in one_each] == [(2, 1), (3, 2)]
     # Lagging: a dropped update counts its steps, and nothing is taken past the loss.
