@@ -345,6 +345,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BATCH_STEPS, WATCHERS, SUBMITTERS, SSE_CLIENTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("role", nargs="?", default="bench", choices=["bench", "controller", "load"])
     for flag in (
@@ -374,7 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submitters", type=int, default=SUBMITTERS)
     parser.add_argument("--sse-clients", type=int, default=SSE_CLIENTS)
     args = parser.parse_args(argv)
-    global BATCH_STEPS, WATCHERS, SUBMITTERS, SSE_CLIENTS
     BATCH_STEPS = not args.watch_unbatched
     WATCHERS, SUBMITTERS, SSE_CLIENTS = args.watchers, args.submitters, args.sse_clients
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
