@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from .dashboard_stream import EventStreams
 from .prometheus import controller_registry
 from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
 from .store import JobRecord
-from .views import eval_json, eval_protos, job_summary, step_point
+from .views import TimelineEntry, eval_json, eval_protos, job_summary, step_point
 
 logger = logging.getLogger(__name__)
 
@@ -72,37 +73,49 @@ def plotly_js() -> Path:
     return path
 
 
-def merged_timeline(
-    timeline: list[dict[str, Any]], gap_s: float = TIMELINE_MERGE_GAP_S
-) -> list[dict[str, Any]]:
-    """The timeline's bars: a job's steps that follow each other on the island within `gap_s`
-    drawn as one bar (`step` to `last_step`). Finer than the chart shows, and it keeps the
-    overview small at any step rate (50 islands of 600 sub-millisecond steps each made every
-    overview event 2.4 MB)."""
+def island_timeline(
+    entries: Iterable[TimelineEntry], since_ns: int, gap_s: float = TIMELINE_MERGE_GAP_S
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """An island's timeline since `since_ns` as the chart's bars, and each job's busy seconds.
+
+    A job's steps that follow each other on the island within `gap_s` are one bar (`step` to
+    `last_step`): finer than the chart shows, and it keeps the overview small at any step
+    rate (50 islands of 600 sub-millisecond steps each made every overview event 2.4 MB).
+    One pass over the entries, no object per step (the overview is built a few times a
+    second while the cluster page is open)."""
     bars: list[dict[str, Any]] = []
-    for e in timeline:
-        last = bars[-1] if bars else None
-        if last is not None and last["job_id"] == e["job_id"] and e["start"] - last["end"] < gap_s:
-            last["end"] = max(last["end"], e["end"])
-            last["last_step"] = e["step"]
+    busy: dict[str, float] = {}
+    gap_ns = gap_s * 1e9
+    last: dict[str, Any] | None = None
+    last_end_ns = 0
+    for e in entries:
+        if e.end_ns < since_ns:
             continue
-        bars.append({**e, "last_step": e["step"]})
-    return bars
+        job_id = e.job_id
+        busy[job_id] = busy.get(job_id, 0.0) + max(0, e.end_ns - e.start_ns) / 1e9
+        if last is not None and last["job_id"] == job_id and e.start_ns - last_end_ns < gap_ns:
+            last_end_ns = max(last_end_ns, e.end_ns)
+            last["last_step"] = e.step
+            continue
+        if last is not None:
+            last["end"] = last_end_ns / 1e9
+        last = {"job_id": job_id, "step": e.step, "last_step": e.step, "start": e.start_ns / 1e9}
+        last_end_ns = e.end_ns
+        bars.append(last)
+    if last is not None:
+        last["end"] = last_end_ns / 1e9
+    return bars, busy
 
 
-def timeline_shares(
-    timeline: list[dict[str, Any]], weights: dict[str, float]
-) -> list[dict[str, Any]]:
-    """Each job's measured share of an island's device time in its timeline window, next to
-    its weight and the share the weights ask for (the stripes alone do not show 1:2).
+def timeline_shares(busy: dict[str, float], weights: dict[str, float]) -> list[dict[str, Any]]:
+    """Each job's measured share of an island's device time in its timeline window (`busy`:
+    seconds per job, `island_timeline`'s), next to its weight and the share the weights ask
+    for (the stripes alone do not show 1:2).
 
     Returns:
         One {job_id, weight, share, weight_share} per job, in order of first appearance;
         shares are fractions of the busy time (0..1).
     """
-    busy: dict[str, float] = {}
-    for e in timeline:
-        busy[e["job_id"]] = busy.get(e["job_id"], 0.0) + max(0.0, e["end"] - e["start"])
     total = sum(busy.values())
     total_weight = sum(weights.get(j, 1.0) for j in busy)
     return [
@@ -225,9 +238,9 @@ class Dashboard:
 
     # ---- data --------------------------------------------------------------------------
 
-    def _weights(self, timeline: list[dict[str, Any]]) -> dict[str, float]:
+    def _weights(self, job_ids: Iterable[str]) -> dict[str, float]:
         weights = {}
-        for job_id in {e["job_id"] for e in timeline}:
+        for job_id in job_ids:
             try:
                 weights[job_id] = spec_lib.weight(self.controller.store.get_job(job_id).spec)
             except StoreError:  # deleted by retention meanwhile
@@ -243,16 +256,7 @@ class Dashboard:
             budget = sum(h.memory_bytes for h in island.hosts)
             jobs = list(island.job_ids)
             per_device = sum(self.controller.job_memory.get(j, 0) for j in jobs)
-            timeline = [
-                {
-                    "job_id": e.job_id,
-                    "step": e.step,
-                    "start": e.start_ns / 1e9,
-                    "end": e.end_ns / 1e9,
-                }
-                for e in self.controller.timeline.get(island.id, ())
-                if e.end_ns >= since_ns
-            ]
+            bars, busy = island_timeline(self.controller.timeline.get(island.id, ()), since_ns)
             out.append(
                 {
                     "id": island.id,
@@ -274,8 +278,8 @@ class Dashboard:
                     "memory_budget_bytes": budget,
                     "peak_flops": island.peak_flops or None,
                     "peak_flops_source": island.peak_flops_source,
-                    "timeline": merged_timeline(timeline),
-                    "shares": timeline_shares(timeline, self._weights(timeline)),
+                    "timeline": bars,
+                    "shares": timeline_shares(busy, self._weights(busy)),
                 }
             )
         return out

@@ -121,33 +121,46 @@ def test_job_json_is_the_controllers_job_record(tmp_path) -> None:
 
 
 def test_the_time_multiplexing_shares_are_measured_beside_the_weights() -> None:
-    from pathways_lite.controller.dashboard import timeline_shares
+    from pathways_lite.controller.dashboard import island_timeline, timeline_shares
+    from pathways_lite.controller.views import TimelineEntry
 
-    timeline = [{"job_id": "a", "start": t, "end": t + 1.0} for t in range(0, 20, 3)]
-    timeline += [{"job_id": "b", "start": t + 1.0, "end": t + 3.0} for t in range(0, 20, 3)]
-    shares = {s["job_id"]: s for s in timeline_shares(timeline, {"a": 1.0, "b": 2.0})}
+    sec = 10**9
+    timeline = [
+        TimelineEntry("a", n, t * sec, t * sec + sec) for n, t in enumerate(range(0, 20, 3))
+    ]
+    timeline += [
+        TimelineEntry("b", n, t * sec + sec, t * sec + 3 * sec)
+        for n, t in enumerate(range(0, 20, 3))
+    ]
+    timeline.sort(key=lambda e: e.start_ns)
+    bars, busy = island_timeline(timeline, since_ns=0)
+    assert busy == {"a": 7.0, "b": 14.0}
+    shares = {s["job_id"]: s for s in timeline_shares(busy, {"a": 1.0, "b": 2.0})}
     assert shares["a"]["share"] == pytest.approx(1 / 3) and shares["a"]["weight"] == 1.0
     assert shares["b"]["share"] == pytest.approx(2 / 3) and shares["b"]["weight"] == 2.0
     assert shares["b"]["weight_share"] == pytest.approx(2 / 3)
-    assert timeline_shares([], {}) == []
+    assert timeline_shares({}, {}) == []
+    # Only the window counts: the steps ended before `since_ns` are left out.
+    assert island_timeline(timeline, since_ns=19 * sec)[1] == {"a": 1.0, "b": 2.0}
 
 
 def test_a_jobs_back_to_back_steps_are_one_bar_of_the_timeline() -> None:
-    from pathways_lite.controller.dashboard import merged_timeline
+    from pathways_lite.controller.dashboard import island_timeline
+    from pathways_lite.controller.views import TimelineEntry
 
-    steps = [
-        {"job_id": "a", "step": n, "start": n * 1e-3, "end": (n + 1) * 1e-3} for n in range(600)
-    ]
-    steps += [{"job_id": "b", "step": 0, "start": 0.7, "end": 0.8}]
-    steps += [{"job_id": "a", "step": 600, "start": 0.8, "end": 0.9}]  # after b: a bar again
-    steps += [{"job_id": "a", "step": 601, "start": 1.5, "end": 1.6}]  # a pause: a bar again
-    bars = merged_timeline(steps)
+    ms = 10**6
+    steps = [TimelineEntry("a", n, n * ms, (n + 1) * ms) for n in range(600)]
+    steps += [TimelineEntry("b", 0, 700 * ms, 800 * ms)]
+    steps += [TimelineEntry("a", 600, 800 * ms, 900 * ms)]  # after b: a bar again
+    steps += [TimelineEntry("a", 601, 1500 * ms, 1600 * ms)]  # a pause: a bar again
+    bars, busy = island_timeline(steps, since_ns=0)
     assert [(b["job_id"], b["step"], b["last_step"], b["start"], b["end"]) for b in bars] == [
         ("a", 0, 599, 0.0, 0.6),
         ("b", 0, 0, 0.7, 0.8),
         ("a", 600, 600, 0.8, 0.9),
         ("a", 601, 601, 1.5, 1.6),
     ]
+    assert busy == pytest.approx({"a": 0.8, "b": 0.1})
 
 
 def test_metrics_are_read_from_the_store_at_each_scrape_never_accumulated(tmp_path) -> None:
