@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,6 +74,8 @@ class Reporter:
         self.failures_total = 0
         self.job_memory: dict[str, int] = {}
         self._batches: dict[str, _StepBatch] = {}
+        # When each job's steps were last written (monotonic): a batch is due FLUSH_S after.
+        self._flushed_at: dict[str, float] = {}
         # Per followed job, its steps since the last flush as one reply (`publish_steps`).
         self._unpublished: dict[str, controller_pb2.WatchJobReply] = {}
 
@@ -87,6 +90,8 @@ class Reporter:
             extra={"job_id": job_id},
         )
         self.publish_steps(job_id)  # its followers see every step before the change
+        if state.terminal:
+            self._flushed_at.pop(job_id, None)
         self.events.publish(
             job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
         )
@@ -124,25 +129,28 @@ class Reporter:
         """Record a completed step: metrics, followers, the islands' timeline, host logs.
 
         The step's store row and its hosts' log lines are batched: written at most every
-        FLUSH_S (one transaction, one log line per host for the steps since), and whenever
-        `flush` is called (before a checkpoint is registered and when the job's steps stop),
-        so a crash loses at most steps after the newest registered checkpoint, which the
-        job runs again from there: every step's metrics are recorded exactly once.
+        FLUSH_S (one transaction, one log line per host for the steps since; a step that
+        comes FLUSH_S or more after the last write is written at once), and whenever `flush`
+        is called (before a checkpoint is registered and when the job's steps stop), so a
+        crash loses at most steps after the newest registered checkpoint, which the job runs
+        again from there: every step's metrics are recorded exactly once.
         """
         job_id = record.id
         if job_id in self.views.phases:
             self.phase(job_id, "")
         batch = self._batches.get(job_id)
         if batch is None:
+            # Due FLUSH_S after the last write: slow steps go at once, fast ones in batches.
+            due = self._flushed_at.get(job_id, -math.inf) + FLUSH_S
             # MFU is linear in tokens/s: one figure per batch, not a view's work per step.
-            batch = self._batches[job_id] = _StepBatch(
-                time.monotonic(), self.views.mfu(record, 1.0)
-            )
-            # Written within FLUSH_S even when no further step comes soon (slow steps).
-            try:
-                asyncio.get_running_loop().call_later(FLUSH_S, self._flush_due, job_id, batch)
-            except RuntimeError:  # no loop (a direct call): the next step or flush writes it
-                pass
+            batch = self._batches[job_id] = _StepBatch(due, self.views.mfu(record, 1.0))
+            # Written when due even when no further step comes (a pause, a slow step).
+            wait_s = due - time.monotonic()
+            if wait_s > 0:
+                try:
+                    asyncio.get_running_loop().call_later(wait_s, self._flush_due, job_id, batch)
+                except RuntimeError:  # no loop (a direct call): the next step or flush writes it
+                    pass
         mfu = batch.mfu_per_token_s * report.tokens_per_s
         sources = None
         if report.loss_stats and mixture is not None:
@@ -185,7 +193,7 @@ class Reporter:
                         )
                     )
             batch.host(host.island, host.host_index).add(report.step, reply)
-        if time.monotonic() - batch.started >= FLUSH_S:
+        if time.monotonic() >= batch.due:
             self.flush(job_id)
 
     def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
@@ -211,6 +219,7 @@ class Reporter:
         batch = self._batches.pop(job_id, None)
         if batch is None:
             return
+        self._flushed_at[job_id] = time.monotonic()
         self.store.record_metrics_batch(job_id, batch.rows)
         for (island, host_index), lines in batch.hosts.items():
             for end_ns, message in lines.messages():
@@ -229,7 +238,7 @@ class Reporter:
 
 
 # Longest time a job's step rows and host log lines wait to be written.
-FLUSH_S = 0.1
+FLUSH_S = 0.25
 
 
 class _HostLines:
@@ -292,8 +301,8 @@ class _HostLines:
 class _StepBatch:
     """A job's completed steps not written yet."""
 
-    def __init__(self, started: float, mfu_per_token_s: float) -> None:
-        self.started = started
+    def __init__(self, due: float, mfu_per_token_s: float) -> None:
+        self.due = due  # when it is written (monotonic)
         self.mfu_per_token_s = mfu_per_token_s
         self.rows: list[tuple[int, float, float, float, float | None, str | None]] = []
         self.hosts: dict[tuple[str, int], _HostLines] = {}
