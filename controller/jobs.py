@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import timestamp_pb2
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 
@@ -77,7 +78,8 @@ class Reporter:
         # When each job's steps were last written (monotonic): a batch is due FLUSH_S after.
         self._flushed_at: dict[str, float] = {}
         # Per followed job, its steps since the last flush as one reply (`publish_steps`).
-        self._unpublished: dict[str, controller_pb2.WatchJobReply] = {}
+        # (the record and each step's row and end time, made into the reply when published).
+        self._unpublished: dict[str, tuple[JobRecord, list[tuple[Any, ...]]]] = {}
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         """Move a job to `state` in the store, log it and tell its followers."""
@@ -163,24 +165,12 @@ class Reporter:
         self.steps_total += 1
         pending = self._unpublished.get(job_id)
         # A batch begun goes on while its job has no follower (a page's stream may come back
-        # within the flush): its steps stay consecutive.
-        if pending is not None or self.events.followed(job_id):
-            ts = now()
-            metrics = self.views.step_metrics(
-                record,
-                report.step,
-                report.loss,
-                report.tokens_per_s,
-                report.step_time_s,
-                ts,
-                mfu=mfu,
-                sources=sources,
-            )
-            # Told to followers with the batch's other steps (one bus update per flush).
-            if pending is None:
-                self._unpublished[job_id] = controller_pb2.WatchJobReply(time=ts, metrics=metrics)
-            else:
-                pending.more_metrics.append(metrics)
+        # within the flush): its steps stay consecutive. The step's row and time only: the
+        # reply is made once per flush (`publish_steps`), not a message per step.
+        if pending is None and self.events.followed(job_id):
+            pending = self._unpublished[job_id] = (record, [])
+        if pending is not None:
+            pending[1].append((*batch.rows[-1], time.time_ns()))
         for host in report.hosts:
             reply = host.reply
             t = reply.timings
@@ -209,8 +199,18 @@ class Reporter:
         consecutive steps (a step per update cost the controller a reply, a queue entry and a
         wake-up per follower per step: most of its time under 200 watchers)."""
         pending = self._unpublished.pop(job_id, None)
-        if pending is not None:
-            self.events.publish(job_id, pending, count=1 + len(pending.more_metrics))
+        if pending is None:
+            return
+        record, steps = pending
+        metrics = [
+            self.views.step_metrics(
+                record, step, loss, tps, step_time_s, _timestamp(ns), mfu=mfu, sources=sources
+            )
+            for step, loss, tps, step_time_s, mfu, sources, ns in steps
+        ]
+        reply = controller_pb2.WatchJobReply(time=metrics[0].time, metrics=metrics[0])
+        reply.more_metrics.extend(metrics[1:])
+        self.events.publish(job_id, reply, count=len(metrics))
 
     def flush(self, job_id: str) -> None:
         """Write a job's batched step rows (one transaction) and host log lines, and tell its
@@ -235,6 +235,12 @@ class Reporter:
                         message=message,
                     ),
                 )
+
+
+def _timestamp(ns: int) -> Any:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
 
 
 # Longest time a job's step rows and host log lines wait to be written.
