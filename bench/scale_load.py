@@ -64,7 +64,7 @@ def _prepare(record, job):
 
 
 async def _controller(args) -> None:
-    from pathways_lite.controller.core import Controller
+    from pathways_lite.controller.core import Controller, settle_heap
     from pathways_lite.controller.dashboard import Dashboard
     from pathways_lite.controller.service import serve
     from pathways_lite.controller.store import JobStore
@@ -85,6 +85,7 @@ async def _controller(args) -> None:
                 await asyncio.sleep(0.25)
 
     def started(port: int) -> None:
+        settle_heap()  # as the controller's own entry point does
         info = {"grpc": f"127.0.0.1:{port}", "dashboard": dashboard.url}
         Path(args.port_file).write_text(json.dumps(info))
 

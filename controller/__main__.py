@@ -139,7 +139,7 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         rotate_secrets,
         token_path,
     )
-    from .core import Controller
+    from .core import Controller, settle_heap
     from .dashboard import Dashboard, parse_duration
     from .islands import Island, connect_host
     from .service import serve
@@ -205,6 +205,7 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         tmp = address_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, address_file)
+        settle_heap()
         if keeper is not None:  # serving, the lock held: now the next standby may wait on it
             # After a takeover, the jobs' resumption first: the standby's imports take CPU.
             keeper.start(args.standby_after_s if args.standby else 0.0)

@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pathways_lite.v1 import controller_pb2
@@ -52,6 +52,8 @@ MAX_PAGE_SIZE = 1000
 # Changes of the jobs table remembered for queue_keys' incremental answers.
 QUEUE_CHANGES_KEPT = 4096
 _JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The event every new job starts with.
+QUEUED_EVENT = "Job queued."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,43 +269,65 @@ class JobStore(ProgressTables):
                 f"job_id={spec_lib.quote(job_id)} must be 1-128 characters of letters, digits, "
                 "'.', '_' or '-'."
             )
-        blob = spec.SerializeToString(deterministic=True)
         with self._transaction() as conn:
-            if request_id:
-                row = conn.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE request_id = ?", (request_id,)
-                ).fetchone()
-                if row is not None:
-                    return _job_from_row(row)
-            (last,) = conn.execute("SELECT MAX(created_us) FROM jobs").fetchone()
-            now = max(self._clock_us(), (last or 0) + 1)  # strictly increasing
-            for _ in range(8):
-                new_id = job_id or f"{spec.name or 'job'}-{secrets.token_hex(4)}"
-                if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is None:
-                    break
-                if job_id is not None:
-                    raise StoreError(f"job_id={job_id!r} is already taken.")
-            else:  # pragma: no cover (eight random collisions in a row)
-                raise StoreError("could not find a free job id.")
-            self._jobs_changed(new_id)
-            conn.execute(
-                "INSERT INTO jobs (id, name, spec, state, priority, weight, created_us, "
-                "updated_us, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new_id,
-                    spec.name,
-                    blob,
-                    JobState.QUEUED.value,
-                    spec_lib.priority(spec),
-                    spec_lib.weight(spec),
-                    now,
-                    now,
-                    request_id or None,
-                ),
-            )
-            self._insert_event(conn, new_id, now, "state", "Job queued.")
-            row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (new_id,))
-            return _job_from_row(row.fetchone())
+            return self._create_job(conn, spec, job_id, request_id)
+
+    def create_jobs(
+        self, jobs: Sequence[tuple[controller_pb2.JobSpec, str | None]]
+    ) -> list[tuple[JobRecord, bool]]:
+        """Record new queued jobs, each (spec, request_id) as `create_job` with a new id, in
+        one transaction (a burst of submissions commits once). Each record comes with
+        whether it is new (False: the job of its request_id, recorded before)."""
+        with self._transaction() as conn:
+            out = []
+            for spec, request_id in jobs:
+                before = self.jobs_version
+                record = self._create_job(conn, spec, None, request_id)
+                out.append((record, self.jobs_version != before))
+            return out
+
+    def _create_job(
+        self,
+        conn: sqlite3.Connection,
+        spec: controller_pb2.JobSpec,
+        job_id: str | None,
+        request_id: str | None,
+    ) -> JobRecord:
+        if request_id:
+            row = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            if row is not None:
+                return _job_from_row(row)
+        (last,) = conn.execute("SELECT MAX(created_us) FROM jobs").fetchone()
+        now = max(self._clock_us(), (last or 0) + 1)  # strictly increasing
+        for _ in range(8):
+            new_id = job_id or f"{spec.name or 'job'}-{secrets.token_hex(4)}"
+            if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is None:
+                break
+            if job_id is not None:
+                raise StoreError(f"job_id={job_id!r} is already taken.")
+        else:  # pragma: no cover (eight random collisions in a row)
+            raise StoreError("could not find a free job id.")
+        self._jobs_changed(new_id)
+        conn.execute(
+            "INSERT INTO jobs (id, name, spec, state, priority, weight, created_us, "
+            "updated_us, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new_id,
+                spec.name,
+                spec.SerializeToString(deterministic=True),
+                JobState.QUEUED.value,
+                spec_lib.priority(spec),
+                spec_lib.weight(spec),
+                now,
+                now,
+                request_id or None,
+            ),
+        )
+        self._insert_event(conn, new_id, now, "state", QUEUED_EVENT)
+        row = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (new_id,))
+        return _job_from_row(row.fetchone())
 
     def get_job(self, job_id: str) -> JobRecord:
         """One job by id.

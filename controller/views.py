@@ -31,7 +31,7 @@ from .pipeline import stage_lines
 from .resolved import ResolvedJob
 from .scheduler import Scheduler
 from .states import JobState
-from .store import JobRecord, JobStore
+from .store import QUEUED_EVENT, JobRecord, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,10 @@ def timestamp_us(us: int) -> timestamp_pb2.Timestamp:
 
 
 def job_record_proto(
-    store: JobStore, record: JobRecord, *, include_losses: bool = True
+    store: JobStore, record: JobRecord, *, include_losses: bool = True, new: bool = False
 ) -> controller_pb2.Job:
     """The wire record of a stored job (queue position and islands are the scheduler's to
-    fill)."""
+    fill); `new`: a job just created, with nothing recorded (the store is not read)."""
     job = controller_pb2.Job(
         id=record.id,
         name=record.name,
@@ -68,11 +68,11 @@ def job_record_proto(
         reason=record.reason,
         message=record.message,
         generation=record.generation,
-        steps_completed=store.steps_completed(record.id),
+        steps_completed=0 if new else store.steps_completed(record.id),
     )
     job.spec.CopyFrom(record.spec)
     job.depends_on.extend(lineage.dependencies(record.spec))
-    if include_losses:
+    if include_losses and not new:
         job.losses.extend(store.losses(record.id))
         job.evals.extend(eval_protos(store.evals(record.id)))
     job.created_at.CopyFrom(timestamp_us(record.created_us))
@@ -318,6 +318,7 @@ class Views:
         *,
         include_losses: bool = True,
         queued: Sequence[JobRecord] | None = None,
+        new: bool = False,
     ) -> controller_pb2.Job:
         """The job as the wire and the dashboard show it.
 
@@ -326,14 +327,18 @@ class Views:
             include_losses: whether to carry every step's loss.
             queued: the queued jobs in scheduling order, when the caller builds many views
                 at once (a page of jobs); None reads them from the store when it is queued.
+            new: a job just created (store.create_jobs): its only event is its queuing, and
+                the store is not read for steps, losses, evals or events.
         """
-        job = job_record_proto(self.store, record, include_losses=include_losses)
+        job = job_record_proto(self.store, record, include_losses=include_losses, new=new)
         job.islands.extend(self.scheduler.islands_of(record.id))
         if record.state == JobState.RUNNING:
             job.phase = self.phases.get(record.id, "")
         if include_losses and record.spec.HasField("pipeline"):
             job.stage_layout.extend(stage_lines(record.spec, list(job.islands)))
-        if include_losses:  # the detailed view (GetJob, WatchJob) carries the events
+        if include_losses and new:
+            job.events.add(time=timestamp_us(record.created_us), kind="state", message=QUEUED_EVENT)
+        elif include_losses:  # the detailed view (GetJob, WatchJob) carries the events
             for event in self.store.events(record.id):
                 job.events.add(
                     time=timestamp_us(event.time_us), kind=event.kind, message=event.message

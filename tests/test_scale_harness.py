@@ -352,6 +352,74 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
     asyncio.run(main())
 
 
+def test_a_burst_of_submissions_is_each_answered_with_its_view_and_stored(tmp_path) -> None:
+    """30 concurrent SubmitJob calls (5 repeating a request id) and a bad one: each answered
+    with its new job's view as GetJob gives it (made without reading the store), a repeated
+    request id with the same job, the bad one refused alone; every job is stored and runs."""
+    import grpc
+
+    from pathways_lite.controller.service import serve
+    from pathways_lite.v1 import controller_pb2_grpc
+
+    async def main() -> None:
+        sim = SimCluster.uniform(2, step_s=0.0)
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        server = asyncio.create_task(
+            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+                stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                requests = [
+                    controller_pb2.SubmitJobRequest(
+                        spec=_spec(f"b{n}", 1, 2), request_id=f"r{n % 25}"
+                    )
+                    for n in range(30)
+                ]
+                bad = controller_pb2.SubmitJobRequest(spec=_spec("bad", 1, 2))
+                bad.spec.mesh.model = 3
+                replies = await asyncio.gather(
+                    *(stub.SubmitJob(r, timeout=30) for r in [*requests, bad]),
+                    return_exceptions=True,
+                )
+                *answers, refused = replies
+                assert isinstance(refused, grpc.aio.AioRpcError), refused
+                assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused
+                assert "mesh.model=3" in refused.details()
+                jobs = [a.job for a in answers]
+                for n, job in enumerate(jobs[25:]):
+                    assert job.id == jobs[n].id  # the same request id: the same job
+                assert len({job.id for job in jobs}) == 25
+                # The reply to the call that created the job (in either order: concurrent).
+                created = [j for j, r in zip(jobs, requests, strict=True) if j.name == r.spec.name]
+                assert len(created) == 25
+                for job in created:
+                    got = (await stub.GetJob(controller_pb2.GetJobRequest(job_id=job.id))).job
+                    assert job.state == controller_pb2.JOB_STATE_QUEUED
+                    assert [(e.kind, e.message) for e in job.events] == [("state", "Job queued.")]
+                    assert job.events[0].time == got.events[0].time
+                    assert (job.spec, job.created_at, job.steps_completed) == (
+                        got.spec,
+                        got.created_at,
+                        0,
+                    )
+                    assert job.queue_position >= 1
+            await _until(lambda: all(store.get_job(j.id).state.terminal for j in jobs))
+            assert {store.get_job(j.id).state for j in jobs} == {JobState.SUCCEEDED}
+            assert len(store.list_jobs()[0]) == 25
+        finally:
+            stop.set()
+            await server
+            await sim.stop()
+            store.close()
+
+    asyncio.run(main())
+
+
 def test_a_simulated_hosts_slice_is_cut_for_serving_as_on_a_real_host() -> None:
     """CutSlice on a simulated host (so the scale harness can serve): HOLD answers the first
     step not started, CUT before it ends the slice's stream there without an error, the

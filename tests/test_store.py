@@ -202,6 +202,22 @@ def test_request_id_makes_submission_idempotent(store):
     assert len(store.list_jobs()[0]) == 2
 
 
+def test_a_burst_of_jobs_is_created_in_one_transaction_with_request_ids_kept(store):
+    """create_jobs (a burst of SubmitJob calls): each job as create_job makes it, a request id
+    seen before (in the store or earlier in the burst) giving back its job, marked not new;
+    a new job's view made without reading the store equals the one read from it."""
+    from pathways_lite.controller.views import job_record_proto
+
+    before = store.create_job(SPEC, request_id="req-0")
+    created = store.create_jobs([(SPEC, "req-0"), (SPEC, "req-1"), (SPEC, None), (SPEC, "req-1")])
+    assert [new for _, new in created] == [False, True, True, False]
+    (r0, _), (r1, _), (r2, _), (r1_again, _) = created
+    assert r0.id == before.id and r1_again.id == r1.id and len({r0.id, r1.id, r2.id}) == 3
+    assert r1.created_us < r2.created_us  # submission order kept
+    assert len(store.list_jobs()[0]) == 3
+    assert job_record_proto(store, r2, new=True) == job_record_proto(store, r2)
+
+
 def test_explicit_job_ids_are_checked_and_unique(store):
     assert store.create_job(SPEC, job_id="my-job").id == "my-job"
     with pytest.raises(Exception, match="already taken"):
