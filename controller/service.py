@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Replies a stream served on the controller's loop may run ahead of its caller.
 STREAM_AHEAD = 256
-# WatchJob with batch_steps: at most one reply of live steps per BATCH_STEPS_S per watcher
-# while steps keep coming, and at most BATCH_STEPS_MAX steps in one reply.
+# WatchJob with batch_steps: a reply per update of the bus (a flush of the job's steps, passed
+# on whole), sent at most every BATCH_STEPS_S while steps keep coming (the updates that came
+# meanwhile go together), and at most BATCH_STEPS_MAX steps in one reply.
 BATCH_STEPS_S = 0.1
 BATCH_STEPS_MAX = 512
 # Streams' replies made on the controller's loop are handed to the server's loop at most once
@@ -315,8 +316,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     # A bus update carries the steps of a batch (jobs.py's Reporter).
                     updates = [update]
                     if batch:
-                        # At most one reply per BATCH_STEPS_S while steps keep coming: wait
-                        # out the rest of it, then take the steps that came meanwhile.
+                        # Replies at most every BATCH_STEPS_S while steps keep coming: wait
+                        # out the rest of it, then take the updates that came meanwhile.
                         wait = sent_at + BATCH_STEPS_S - loop.time()
                         if wait > 0:
                             await asyncio.sleep(wait)
