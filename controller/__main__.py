@@ -42,6 +42,10 @@ from .options import ADDRESS_FILE, AUTO_NODE_IP, build_parser
 
 logger = logging.getLogger("pathways_lite.controller.main")
 
+# Seconds after serving starts that the heap of the controller's imports is frozen out of the
+# garbage collector (controller/core.py `settle_heap`).
+SETTLE_HEAP_AFTER_S = 10.0
+
 
 def _import_jax_ahead() -> threading.Thread:
     """Import JAX and the model's estimators on a thread of their own, started first thing:
@@ -205,7 +209,9 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
         tmp = address_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         os.replace(tmp, address_file)
-        settle_heap()
+        # Once the jobs have resumed (a takeover's first seconds): its full collection holds
+        # the GIL ~100 ms.
+        asyncio.get_running_loop().call_later(SETTLE_HEAP_AFTER_S, settle_heap)
         if keeper is not None:  # serving, the lock held: now the next standby may wait on it
             # After a takeover, the jobs' resumption first: the standby's imports take CPU.
             keeper.start(args.standby_after_s if args.standby else 0.0)

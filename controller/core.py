@@ -460,8 +460,9 @@ class Controller:
         if new:
             logger.info("job %s queued", record.id, extra={"job_id": record.id})
         self.on_loop(self._queued, record.id, job)
-        # A new job's view reads nothing from the store (every SQLite call on the server's
-        # thread lets the busy controller thread take the GIL, which it then waits to get back).
+        # A new job's view reads no steps, losses, evals or events from the store (every SQLite
+        # call on the server's thread lets the busy controller thread take the GIL, which it
+        # then waits to get back).
         return self.views.job(record, new=new)
 
     def _queued(self, job_id: str, job: ResolvedJob) -> None:

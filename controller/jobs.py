@@ -78,7 +78,8 @@ class Reporter:
         # When each job's steps were last written (monotonic): a batch is due FLUSH_S after.
         self._flushed_at: dict[str, float] = {}
         # Per followed job, its steps since the last flush as one reply (`publish_steps`).
-        # (the record and each step's row and end time, made into the reply when published).
+        # (the record, and each step's row and the time it was recorded; the reply is made when
+        # published).
         self._unpublished: dict[str, tuple[JobRecord, list[tuple[Any, ...]]]] = {}
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
@@ -92,8 +93,6 @@ class Reporter:
             extra={"job_id": job_id},
         )
         self.publish_steps(job_id)  # its followers see every step before the change
-        if state.terminal:
-            self._flushed_at.pop(job_id, None)
         self.events.publish(
             job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
         )
@@ -219,7 +218,12 @@ class Reporter:
         batch = self._batches.pop(job_id, None)
         if batch is None:
             return
-        self._flushed_at[job_id] = time.monotonic()
+        now_s = time.monotonic()
+        self._flushed_at[job_id] = now_s
+        if len(self._flushed_at) > FLUSHED_KEPT:  # older than FLUSH_S: as good as never
+            for old_id, at in list(self._flushed_at.items()):
+                if at < now_s - FLUSH_S:
+                    del self._flushed_at[old_id]
         self.store.record_metrics_batch(job_id, batch.rows)
         for (island, host_index), lines in batch.hosts.items():
             for end_ns, message in lines.messages():
@@ -245,6 +249,8 @@ def _timestamp(ns: int) -> Any:
 
 # Longest time a job's step rows and host log lines wait to be written.
 FLUSH_S = 0.25
+# Jobs whose last write time is kept past this many, only while under FLUSH_S old.
+FLUSHED_KEPT = 1024
 
 
 class _HostLines:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,7 +41,8 @@ BATCH_STEPS_S = 0.1
 BATCH_STEPS_MAX = 512
 # Streams' replies made on the controller's loop are handed to the server's loop at most once
 # per WAKE_EVERY_S, all streams' at once: each hand-off is a self-pipe write and a GIL hand-over
-# from the controller's thread (once per turn of its loop, it was 6% of it under 200 watchers).
+# from the controller's thread (done once per turn of its loop, it was 6% of it under 200
+# watchers).
 WAKE_EVERY_S = 0.01
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 
@@ -95,8 +97,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self.store = controller.store
         self.views = controller.views
         self._loop = loop
-        # Streams' `ready` events to set on the server's loop, handed over once per turn of
-        # the controller's loop for all of them (`_wake_soon`).
+        # Streams' `ready` events to set on the server's loop, handed over together at most
+        # every WAKE_EVERY_S (`_wake_soon`).
         self._to_wake: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def _on_controller(self, coro: Any) -> Any:
@@ -177,22 +179,23 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             pumping.cancel()
 
     def _wake_soon(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
-        """Set `event` on `loop` (the server's) at the end of this turn of the controller's
-        loop, in one cross-thread hand-off with every other stream woken in the same turn: a
-        hand-off per stream cost the controller's loop a self-pipe write each (10% of it under
-        200 watchers)."""
+        """Set `event` on `loop` (the server's) within WAKE_EVERY_S, in one cross-thread
+        hand-off with every other stream woken meanwhile: a hand-off per stream cost the
+        controller's loop a self-pipe write each (10% of it under 200 watchers)."""
         if not self._to_wake:
             asyncio.get_running_loop().call_later(WAKE_EVERY_S, self._hand_over_wakes)
         self._to_wake.append((loop, event))
 
     def _hand_over_wakes(self) -> None:
-        """On the controller's loop: hand the events woken in this turn to their loops."""
+        """On the controller's loop: hand the events woken since the last hand-off to their
+        loops."""
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
         for loop, event in self._to_wake:
             by_loop.setdefault(loop, []).append(event)
         self._to_wake = []
         for loop, events in by_loop.items():
-            loop.call_soon_threadsafe(_set_all, events)
+            with contextlib.suppress(RuntimeError):  # that loop closed (the server stopped)
+                loop.call_soon_threadsafe(_set_all, events)
 
     @_rpc
     async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
@@ -553,9 +556,10 @@ def _step_replies(
     replies: list[controller_pb2.WatchJobReply] = []
     for update in updates:
         more = update.more_metrics
-        whole = batch and (
-            not more
-            or (len(more) < BATCH_STEPS_MAX and more[-1].step - update.metrics.step == len(more))
+        whole = not more or (
+            batch
+            and len(more) < BATCH_STEPS_MAX
+            and more[-1].step - update.metrics.step == len(more)
         )
         if whole and update.metrics.step > last_step:
             replies.append(update)

@@ -276,8 +276,8 @@ class JobStore(ProgressTables):
         self, jobs: Sequence[tuple[controller_pb2.JobSpec, str | None]]
     ) -> list[tuple[JobRecord, bool]]:
         """Record new queued jobs, each (spec, request_id) as `create_job` with a new id, in
-        one transaction (a burst of submissions commits once). Each record comes with
-        whether it is new (False: the job of its request_id, recorded before)."""
+        one transaction. Each record comes with whether it is new (False: the job of its
+        request_id, recorded before), which the caller's view of it needs."""
         with self._transaction() as conn:
             out = []
             for spec, request_id in jobs:

@@ -97,6 +97,7 @@ def test_step_batches_are_numbered_step_by_step_and_replied_without_a_gap() -> N
     assert together[1] is following
     one_each = _step_replies([first], 0, batch=False)
     assert [(r.seq, r.metrics.step) for r in one_each] == [(2, 1), (3, 2)]
+    assert _step_replies([later], 4, batch=False)[0] is later  # one step: passed as it is
     # Lagging: a dropped update counts its steps, and nothing is taken past the loss.
     for n in range(10, 18, 2):
         events.publish("j", steps(n, n + 1), count=2)

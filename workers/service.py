@@ -81,6 +81,14 @@ _rpc = rpc.error_mapping(
 )
 
 
+def _collect_garbage() -> int:
+    """A full collection, on the runtime thread (no step creates or deletes arrays meanwhile);
+    returns the bytes of arrays it freed."""
+    held = live_bytes_total()
+    gc.collect()
+    return held - live_bytes_total()
+
+
 @dataclass
 class _Job:
     runtime: JobRuntime
@@ -740,9 +748,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         # gradients and stash) are freed now, not at the next full collection, which an idle
         # host may not run for minutes: the next job gets the device memory (a test saw a
         # cancelled pipeline stage's 600 KB still live on its host 30 s after the unload).
-        held = live_bytes_total()
-        gc.collect()
-        freed = held - live_bytes_total()
+        freed = await self._on_runtime_thread(_collect_garbage)
         logger.info(
             "unloaded job %s%s",
             request.job_id,
