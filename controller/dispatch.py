@@ -838,7 +838,13 @@ async def _read(call: Any) -> worker_pb2.RunSliceReply:
     try:
         reply = await call.read()
         if reply is grpc.aio.EOF:
-            await call  # raises the stream's error status, if any
+            # The stream's error status, if any (a stream call is not awaitable: a CI run
+            # met `await call` here as a TypeError when a cut slice's stream ended first).
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                raise grpc.aio.AioRpcError(
+                    code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details()
+                )
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling() == 0:

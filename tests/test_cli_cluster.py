@@ -174,11 +174,11 @@ def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys
         # The controller keeps its standby itself (the CLI process has exited).
         assert alive([info["standby_pid"]]) == [info["standby_pid"]]
         record = json.loads((other / "cluster.json").read_text())
-        code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(other))
-        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 1
+        code, out, err = main(capsys, "islands", "--json", "--state-dir", str(other))
+        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 1, err
         first = str(local_cluster.state_dir)
-        code, out, _ = main(capsys, "islands", "--json", "--state-dir", first)
-        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 2
+        code, out, err = main(capsys, "islands", "--json", "--state-dir", first)
+        assert code == 0 and json.loads(out)[0]["hosts"][0]["devices"] == 2, err
         from pathways_lite.local import recorded_pids
 
         pids = recorded_pids(other)
@@ -189,8 +189,8 @@ def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys
     assert alive(pids) == []
     assert not (other / "cluster.json").exists()
     # The first cluster is untouched.
-    code, out, _ = main(capsys, "islands", "--json", "--state-dir", str(local_cluster.state_dir))
-    assert code == 0 and json.loads(out)
+    code, out, err = main(capsys, "islands", "--json", "--state-dir", str(local_cluster.state_dir))
+    assert code == 0 and json.loads(out), err
 
 
 def test_down_checkpoints_a_running_job_and_up_resumes_it_with_its_logs(tmp_path, capsys) -> None:
