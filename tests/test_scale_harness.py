@@ -7,6 +7,7 @@ sequence numbers with a lagging watcher's dropped updates counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import pytest
@@ -41,6 +42,30 @@ data: {{source: stdlib, vocab_size: 1024}}
 
 def _prepare(record, job):
     return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+
+
+@contextlib.asynccontextmanager
+async def _served(tmp_path, islands: int):
+    """A controller over `islands` simulated 0 ms islands, its gRPC service on a thread of its
+    own (controller/service.py `serve`): yields (its store, the service's address)."""
+    from pathways_lite.controller.service import serve
+
+    sim = SimCluster.uniform(islands, step_s=0.0)
+    hosts = await connect_islands(await sim.start())
+    store = JobStore.open_controller(tmp_path / "state")
+    c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12)
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+    )
+    try:
+        yield store, f"127.0.0.1:{await port}"
+    finally:
+        stop.set()
+        await server
+        await sim.stop()
+        store.close()
 
 
 async def _until(predicate, timeout_s: float = 60.0) -> None:
@@ -298,21 +323,10 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
 
     import grpc
 
-    from pathways_lite.controller.service import serve
     from pathways_lite.v1 import controller_pb2_grpc
 
     async def main() -> None:
-        sim = SimCluster.uniform(1, step_s=0.0)
-        islands = await connect_islands(await sim.start())
-        store = JobStore.open_controller(tmp_path / "state")
-        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
-        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        server = asyncio.create_task(
-            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
-        )
-        try:
-            address = f"127.0.0.1:{await port}"
+        async with _served(tmp_path, 1) as (store, address):
             latencies: list[float] = []
             ids: list[str] = []
             go = threading.Event()
@@ -343,11 +357,6 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
             assert {store.get_job(j).id for j in ids} == set(ids)  # acknowledged = stored
             await _until(lambda: all(store.get_job(j).state.terminal for j in ids))
             assert {store.get_job(j).state for j in ids} == {JobState.SUCCEEDED}
-        finally:
-            stop.set()
-            await server
-            await sim.stop()
-            store.close()
 
     asyncio.run(main())
 
@@ -358,21 +367,11 @@ def test_a_burst_of_submissions_is_each_answered_with_its_view_and_stored(tmp_pa
     request id with the same job, the bad one refused alone; every job is stored and runs."""
     import grpc
 
-    from pathways_lite.controller.service import serve
     from pathways_lite.v1 import controller_pb2_grpc
 
     async def main() -> None:
-        sim = SimCluster.uniform(2, step_s=0.0)
-        islands = await connect_islands(await sim.start())
-        store = JobStore.open_controller(tmp_path / "state")
-        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
-        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        server = asyncio.create_task(
-            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
-        )
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{await port}") as channel:
+        async with _served(tmp_path, 2) as (store, address):
+            async with grpc.aio.insecure_channel(address) as channel:
                 stub = controller_pb2_grpc.ControllerServiceStub(channel)
                 requests = [
                     controller_pb2.SubmitJobRequest(
@@ -411,11 +410,6 @@ def test_a_burst_of_submissions_is_each_answered_with_its_view_and_stored(tmp_pa
             await _until(lambda: all(store.get_job(j.id).state.terminal for j in jobs))
             assert {store.get_job(j.id).state for j in jobs} == {JobState.SUCCEEDED}
             assert len(store.list_jobs()[0]) == 25
-        finally:
-            stop.set()
-            await server
-            await sim.stop()
-            store.close()
 
     asyncio.run(main())
 
