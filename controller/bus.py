@@ -46,8 +46,13 @@ ALL_JOBS = "*"
 
 def now() -> timestamp_pb2.Timestamp:
     """The current time as a protobuf Timestamp."""
+    return timestamp_ns(time.time_ns())  # GetCurrentTime goes through datetime: 3x slower
+
+
+def timestamp_ns(ns: int) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of `ns` nanoseconds since the epoch."""
     ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through datetime: 3x slower
+    ts.FromNanoseconds(ns)
     return ts
 
 

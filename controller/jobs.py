@@ -26,13 +26,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 
 from . import lineage
 from . import spec as spec_lib
-from .bus import EventBus, LogBuffer, now
+from .bus import EventBus, LogBuffer, now, timestamp_ns
 from .dispatch import Dispatcher, DispatchError, StepReport
 from .evaluation import evaluate_job
 from .islands import Island, call_all
@@ -203,7 +202,7 @@ class Reporter:
         record, steps = pending
         metrics = [
             self.views.step_metrics(
-                record, step, loss, tps, step_time_s, _timestamp(ns), mfu=mfu, sources=sources
+                record, step, loss, tps, step_time_s, timestamp_ns(ns), mfu=mfu, sources=sources
             )
             for step, loss, tps, step_time_s, mfu, sources, ns in steps
         ]
@@ -227,24 +226,16 @@ class Reporter:
         self.store.record_metrics_batch(job_id, batch.rows)
         for (island, host_index), lines in batch.hosts.items():
             for end_ns, message in lines.messages():
-                ts = now()
-                ts.FromNanoseconds(end_ns)
                 self.logs.add(
                     job_id,
                     controller_pb2.LogRecord(
-                        time=ts,
+                        time=timestamp_ns(end_ns),
                         source=f"{island}/{host_index}",
                         level="INFO",
                         logger="pathways_lite.workers.service",
                         message=message,
                     ),
                 )
-
-
-def _timestamp(ns: int) -> Any:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(ns)
-    return ts
 
 
 # Longest time a job's step rows and host log lines wait to be written.
