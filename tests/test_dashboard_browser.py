@@ -141,6 +141,16 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
         assert page.text_content("#job-state") == "running"
         page.screenshot(path=str(ARTIFACTS / "dashboard-job-running.png"), full_page=True)
 
+        # A user string full of markup (the cancel reason), on a job that waits for this one
+        # (`after`): it never steps, whatever the timing (cancelled at once, as the first
+        # job still runs).
+        spec.write_text(SPEC.format(name="browser-xss") + f"after: [{job_id}]\n")
+        xss = cli("submit", str(spec), "--json", "--state-dir", state)
+        assert xss.returncode == 0, xss.stderr
+        xss_id = json.loads(xss.stdout)["id"]
+        cancelled = cli("cancel", xss_id, "--reason", XSS, "--state-dir", state)
+        assert cancelled.returncode == 0, cancelled.stderr
+
         page.click("#cancel")
         page.wait_for_function(
             "document.getElementById('job-state').textContent === 'cancelled'", timeout=30_000
@@ -152,11 +162,7 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
     finally:
         cli("cancel", job_id, "--state-dir", state)
 
-    # A user string full of markup (the cancel reason) is shown as text and never runs.
-    spec.write_text(SPEC.format(name="browser-xss"))
-    xss_id = json.loads(cli("submit", str(spec), "--json", "--state-dir", state).stdout)["id"]
-    cancelled = cli("cancel", xss_id, "--reason", XSS, "--state-dir", state)
-    assert cancelled.returncode == 0, cancelled.stderr
+    # The cancel reason full of markup is shown as text and never runs.
     dialogs.clear()
     page.goto(url.split("?")[0] + f"jobs/{xss_id}")
     page.wait_for_selector("#events tbody tr", timeout=30_000)

@@ -22,6 +22,7 @@ served in this process (real gRPC, no Ray), like tests/test_data_parallel.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -269,9 +270,17 @@ def test_a_dead_island_does_not_stall_a_job_on_another_island(story):
     v, _, s = story["ids_1"]
     (restore,) = _restore_events(store, v)
     killed_us = int(story["kill_v"]["killed_at"] * 1e6)
-    during = [m for m in store.metrics(s) if killed_us <= m.time_us <= restore.time_us]
-    # The bystander kept completing steps while the victim's island was restarted.
-    assert len(during) >= 3, (len(during), (restore.time_us - killed_us) / 1e6)
+    # The bystander kept completing steps while the victim's island was restarted: from its
+    # last step before the kill to its first after the restore, no gap near a stall (a
+    # dead host seen only at a gRPC deadline, or a restart holding every island). A count
+    # of steps in the window would fail when the recovery is fast (0.3 s in a CI run).
+    times = sorted(m.time_us for m in store.metrics(s))
+    before = [t for t in times if t < killed_us]
+    after = [t for t in times if t > restore.time_us]
+    assert before and after, (len(before), len(after))
+    window = [before[-1], *(t for t in times if killed_us <= t <= restore.time_us), after[0]]
+    gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(window)]
+    assert max(gaps) < 3.0, (gaps, (restore.time_us - killed_us) / 1e6)
 
 
 def test_a_restarted_controller_resumes_every_job_and_skips_a_corrupt_checkpoint(story):

@@ -224,7 +224,9 @@ def test_bad_references_are_refused_naming_the_field_and_value(local_cluster) ->
         assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "after[0]='no-such-job-xyz'" in str(e.value)
 
-        source = client.submit(load_spec_text(SMALL.replace("life-small", "life-src")))
+        # Long enough to be still running at its cancel below, whatever the machine.
+        source_text = SMALL.replace("life-small", "life-src").replace("steps: 1,", "steps: 5000,")
+        source = client.submit(load_spec_text(source_text))
         wider = load_spec_text(
             tune("life-wide", source.id).replace(
                 "palm-tiny}", "palm-tiny, overrides: {n_layers: 3}}"
@@ -235,10 +237,10 @@ def test_bad_references_are_refused_naming_the_field_and_value(local_cluster) ->
         assert "model.n_layers=3 differs from the checkpoint's n_layers=2" in str(e.value)
 
         late = load_spec_text(tune("life-late", source.id))
-        late.init_from.step = 5
+        late.init_from.step = 6000
         with pytest.raises(ClientError) as e:
             client.submit(late, validate_only=True)
-        assert "init_from.step=5 is past job" in str(e.value)
+        assert "init_from.step=6000 is past job" in str(e.value)
 
         client.cancel(source.id)
         with pytest.raises(ClientError) as e:

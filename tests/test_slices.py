@@ -292,7 +292,8 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
         last_end = max(e.end_unix_ns for e in ran)
         step_s = dispatcher._step_s["abandoned"]
         # The host stopped after the step it was running (and one more at most in flight).
-        assert (last_end - cancel[0]) / 1e9 <= 3 * step_s + 0.05, (last_end - cancel[0], step_s)
+        # (+0.2 s: the host shares this process's GIL, on a busy 2-core machine.)
+        assert (last_end - cancel[0]) / 1e9 <= 3 * step_s + 0.2, (last_end - cancel[0], step_s)
         after = program("abandoned", 153, d=256, start_step=len(ran))
         assert await dispatcher.run(after, [island]) == 153 - len(ran)
         await dispatcher.unload("abandoned", [island])
