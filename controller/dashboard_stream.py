@@ -3,7 +3,8 @@
 The streams follow the in-memory bus that WatchJob follows (every state change and completed
 step is published there) and the log buffer's followers, never the database: a page that is
 open costs nothing until something happens. The cluster page's stream carries every job's
-updates and a fresh overview after each (at most one overview per half second); a job page's
+updates and a fresh overview after each (at most one overview per half second), in one
+write per tenth of a second at most while the bus is busy; a job page's
 stream carries that job's updates, a new "why" after each state change, and its log records.
 A quiet stream sends a heartbeat every SSE_HEARTBEAT_S, so proxies keep it open and a closed
 page is noticed. The cluster page's job updates carry the bus's sequence number (`seq`); a
@@ -33,9 +34,14 @@ SSE_HEARTBEAT_S = 15.0
 # many times a second; the islands view needs no more) and one, exact, once its bus goes quiet;
 # its streams share one overview computed at most once per OVERVIEW_SHARED_S while busy.
 OVERVIEW_EVERY_S = 0.5
-OVERVIEW_SHARED_S = 0.25
+OVERVIEW_SHARED_S = 0.5
 # Updates one write of a cluster page's stream carries at most (a busy bus is read in batches).
 BATCH_MAX = 512
+# A cluster page's stream writes at most once per WRITE_EVERY_S: what comes meanwhile waits
+# in its queue and goes in one write (50 busy jobs are 200 bus updates a second: one wake and
+# one write each, for each of 20 pages, cost the controller's thread more than a quarter of
+# its step dispatch).
+WRITE_EVERY_S = 0.1
 # Encoded updates kept for the cluster page's streams (each is encoded once for all of them).
 ENCODED_KEPT = 4096
 
@@ -90,10 +96,13 @@ class EventStreams:
         async def chunks() -> AsyncIterator[bytes]:
             queue = self._events.subscribe(ALL_JOBS)
             owed = 0  # the newest update read whose overview is not sent yet (0: none)
-            sent_at = -math.inf
+            sent_at = written_at = -math.inf
             try:
                 while True:
                     now = time.monotonic()
+                    if now < written_at + WRITE_EVERY_S:
+                        await asyncio.sleep(written_at + WRITE_EVERY_S - now)
+                        now = time.monotonic()
                     wait_s = max(0.0, sent_at + OVERVIEW_EVERY_S - now) if owed else None
                     item = await _get(queue, SSE_HEARTBEAT_S if wait_s is None else wait_s)
                     if item is None:  # quiet: the overview owed, exact, or a heartbeat's
@@ -102,7 +111,11 @@ class EventStreams:
                         continue
                     # A busy bus is read in batches: one write per batch, not per update.
                     parts = []
-                    for _ in range(BATCH_MAX):
+                    for n in range(BATCH_MAX):
+                        if n:  # (taken only when it goes in this batch)
+                            if queue.empty():
+                                break
+                            item = queue.get_nowait()
                         seq = queue.last_seq
                         dropped = queue.take_dropped()
                         if dropped:  # it lagged: the page reloads what it shows
@@ -111,15 +124,14 @@ class EventStreams:
                         parts.append(self._update_bytes(seq, job_id, update))
                         if update.HasField("metrics") or update.HasField("job"):
                             owed = seq
-                        if queue.empty():
-                            break
-                        item = queue.get_nowait()
                     if owed and time.monotonic() - sent_at >= OVERVIEW_EVERY_S:
                         parts.append(self._overview_bytes(0))
                         sent_at = time.monotonic()
                         # A shared overview older than the newest update stays owed: the
                         # stream's next quiet moment sends an exact one.
                         owed = 0 if self._overview_cache[1] >= owed else owed
+                    # A batch cut at BATCH_MAX leaves a backlog: the next one goes at once.
+                    written_at = time.monotonic() if queue.empty() else -math.inf
                     yield b"".join(parts)
             finally:
                 self._events.unsubscribe(ALL_JOBS, queue)
@@ -216,6 +228,8 @@ class EventStreams:
 
 async def _get(queue: asyncio.Queue, timeout_s: float) -> Any:
     """The queue's next item, or None after `timeout_s` (a heartbeat)."""
+    if not queue.empty():
+        return queue.get_nowait()  # no task, no timer
     with contextlib.suppress(TimeoutError):
         return await asyncio.wait_for(queue.get(), timeout_s)
     return None
