@@ -298,19 +298,32 @@ class Views:
     ) -> controller_pb2.StepMetrics:
         """One step's metrics as the wire carries them (MFU computed when not given;
         `sources`: a mixture step's per-source JSON as the store keeps it)."""
-        metrics = controller_pb2.StepMetrics(
-            step=step,
-            loss=loss,
-            tokens_per_s=tokens_per_s,
-            step_time_s=step_time_s,
-            time=time,
-            mfu=self.mfu(record, tokens_per_s) if mfu is None else mfu,
-        )
+        metrics = controller_pb2.StepMetrics(time=time)
+        self.fill_step_metrics(metrics, record, step, loss, tokens_per_s, step_time_s, mfu, sources)
+        return metrics
+
+    def fill_step_metrics(
+        self,
+        into: controller_pb2.StepMetrics,
+        record: JobRecord,
+        step: int,
+        loss: float,
+        tokens_per_s: float,
+        step_time_s: float,
+        mfu: float | None = None,
+        sources: str | None = None,
+    ) -> None:
+        """`step_metrics` but its time, filled in place (a reply's repeated field built where
+        it lies: a built message would be copied into it, at 2 us a step)."""
+        into.step = step
+        into.loss = loss
+        into.tokens_per_s = tokens_per_s
+        into.step_time_s = step_time_s
+        into.mfu = self.mfu(record, tokens_per_s) if mfu is None else mfu
         if sources:
             d = json.loads(sources)
-            metrics.source_loss.update(d.get("loss", {}))
-            metrics.source_tokens.update(d.get("tokens", {}))
-        return metrics
+            into.source_loss.update(d.get("loss", {}))
+            into.source_tokens.update(d.get("tokens", {}))
 
     def job(
         self,
