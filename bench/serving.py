@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     isl = Island(args.model, args.max_batch, args.max_seq_len, args.train_batch)
     secs, tok = args.seconds, args.tokens
     # Warm-up: the training step, the one-off path, then every prefill bucket the runs use
-    # and the decode program (the service's programs last: after a first training step one
+    # and every decode bucket (the service's programs last: after a first training step one
     # prefill program was seen to compile again).
     from pathways_lite.model.decode import Sampling
 
@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(2):
         for rows in isl.decoder.row_buckets:
             isl.decoder.prefill([[1] * 16] * rows, list(range(rows)), Sampling.zeros(rows))
+        isl.decoder.warm()  # every decode bucket
         isl.clients(args.max_batch, 1.0, 4)
         isl.clients(1, 0.5, 4)
     traces = isl.decoder.traces

@@ -29,8 +29,11 @@ def model() -> Palm:
 
 @pytest.fixture(scope="module")
 def dec(model) -> SlotDecoder:
-    """One slot decoder (4 slots) for every test: its programs compile once."""
-    return SlotDecoder(model, max_batch=4, max_seq_len=SEQ)
+    """One slot decoder (4 slots) for every test: its programs compile once (the decode
+    buckets here, as a service's do when it loads)."""
+    dec = SlotDecoder(model, max_batch=4, max_seq_len=SEQ)
+    dec.warm()
+    return dec
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +354,34 @@ def test_a_hosts_slice_cut_holds_cuts_releases_and_lapses_only_for_its_own_slice
         assert time.monotonic() - started >= 0.09
 
     asyncio.run(main())
+
+
+def test_a_decode_of_the_first_rows_equals_the_whole_caches_and_keeps_the_rest(model):
+    """A step of a decode bucket (the slots up to the last occupied one) gives those slots
+    the logits and the cache rows that a step of every slot gives them, and leaves the
+    other slots' rows as they were."""
+    import jax
+
+    assert SlotDecoder(model, max_batch=32, max_seq_len=16).decode_buckets == (1, 4, 16, 32)
+    whole, part = (SlotDecoder(model, max_batch=4, max_seq_len=16) for _ in range(2))
+    assert whole.decode_buckets == (1, 4)
+    prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5], [3, 5]]
+    for d in (whole, part):
+        d.prefill(prompts, [0, 1, 2, 3], Sampling.zeros(4))
+    tokens = np.array([7, 8, 9, 10], np.int32)
+    pos = np.array([len(p) for p in prompts], np.int32)
+    logits_all, next_all = whole.step(tokens, pos, Sampling.zeros(4))
+    before = [np.asarray(x) for x in jax.tree.leaves(part.cache)]
+    logits_one, next_one = part.step(tokens, pos, Sampling.zeros(4), rows=1)
+    assert logits_one.shape == (1, logits_all.shape[1]) and next_one.shape == (1,)
+    np.testing.assert_allclose(logits_one[0], logits_all[0], rtol=1e-5, atol=1e-5)
+    assert next_one[0] == next_all[0]
+    for old, new, ref in zip(
+        before, jax.tree.leaves(part.cache), jax.tree.leaves(whole.cache), strict=True
+    ):
+        new, ref = np.asarray(new), np.asarray(ref)
+        np.testing.assert_allclose(new[0], ref[0], rtol=1e-6, atol=1e-6)  # row 0 written
+        np.testing.assert_array_equal(new[1:], old[1:])  # the others untouched
 
 
 def test_a_closed_decoder_frees_its_slot_cache_at_once(model):

@@ -301,8 +301,10 @@ class ServeEngine:
         reqs = list(self._slots)
         samp = self._sampling(reqs)
         t0 = time.perf_counter()
+        # The slots up to the last occupied one (requests take the lowest free slots).
+        rows = max((i for i, r in enumerate(reqs) if r is not None), default=0) + 1
         with self.lock:
-            _, nxt = self.decoder.step(self._next, self._pos, samp)
+            _, nxt = self.decoder.step(self._next, self._pos, samp, rows=rows)
         now = time.perf_counter()
         self.stats.steps += 1
         occupied = [r for r in reqs if r is not None]

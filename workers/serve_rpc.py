@@ -233,7 +233,7 @@ class ServingHost:
             self._stop_engine(job_id, reason)
 
     async def StartServe(self, request: worker_pb2.StartServeRequest, context) -> Any:
-        from pathways_lite.model.decode import Sampling, SlotDecoder
+        from pathways_lite.model.decode import SlotDecoder
 
         job = self._job(request.job_id)
         engine = self._engines.get(request.job_id)
@@ -268,12 +268,7 @@ class ServingHost:
                 decoder = SlotDecoder(
                     fns.model(loaded().state), int(request.max_batch), int(request.max_seq_len)
                 )
-                decoder.prefill([[1]], [0], Sampling.zeros(1))  # compile the common programs
-                decoder.step(
-                    [0] * decoder.max_batch,
-                    [0] * decoder.max_batch,
-                    Sampling.zeros(decoder.max_batch),
-                )
+                decoder.warm()  # every decode bucket and the common prefill
             engine = ServeEngine(
                 decoder,
                 tokenizer.decode,
