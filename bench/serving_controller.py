@@ -92,7 +92,9 @@ class Bench:
                     pass
                 return self.serve_id
             except ClientError as e:
-                if time.monotonic() > deadline or "loading" not in str(e) + "not serving":
+                # Queued ("not serving") or compiling ("loading") yet: ask again.
+                waiting = "loading" in str(e) or "not serving" in str(e)
+                if time.monotonic() > deadline or not waiting:
                     raise
                 time.sleep(0.5)
 
