@@ -92,8 +92,8 @@ class Bench:
                     pass
                 return self.serve_id
             except ClientError as e:
-                # Queued ("not serving") or compiling ("loading") yet: ask again.
-                waiting = "loading" in str(e) or "not serving" in str(e)
+                # Queued or compiling yet: ask again (a failed or stopped service: raise).
+                waiting = "loading" in str(e) or "(serve, queued)" in str(e)
                 if time.monotonic() > deadline or not waiting:
                     raise
                 time.sleep(0.5)

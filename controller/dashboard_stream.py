@@ -100,7 +100,9 @@ class EventStreams:
             try:
                 while True:
                     now = time.monotonic()
-                    if now < written_at + WRITE_EVERY_S:
+                    if written_at == -math.inf:
+                        await asyncio.sleep(0)  # a backlog: the loop's other work between batches
+                    elif now < written_at + WRITE_EVERY_S:
                         await asyncio.sleep(written_at + WRITE_EVERY_S - now)
                         now = time.monotonic()
                     wait_s = max(0.0, sent_at + OVERVIEW_EVERY_S - now) if owed else None

@@ -15,7 +15,11 @@ own position. A `SlotDecoder` holds the cache and two compiled programs per shap
 
 Sampling is per slot (temperature, top-k, top-p, seed): the key of a request's n-th token is
 `fold_in(key(seed), n)`, so a request's tokens depend only on its prompt, the parameters and
-its seed, never on which slot it got or who shares the batch.
+its seed, never on which slot it got or who shares the batch, up to the last bits of floating
+point: programs of different row counts (the prefill and decode buckets) may round
+differently (palm-small on CPU: logits within 5e-6 of the 32-row program's at 1 and 4 rows,
+bitwise equal at 16), which can change a token only where its top two logits nearly tie
+(the equivalence tests stop comparing there).
 """
 
 from __future__ import annotations
@@ -274,6 +278,8 @@ class SlotDecoder:
         decode bucket R: (B,) input tokens at (B,) positions, B >= R, and `samp` of B rows;
         returns (R, V) logits and (R,) next tokens (a slot's row is its index)."""
         r = bucket_for(self.max_batch if rows is None else max(rows, 1), self.decode_buckets)
+        if len(tokens_b) < r or len(pos_b) < r:
+            raise ValueError(f"a decode of {r} rows needs {r} tokens and positions.")
         logits, nxt, self.cache = self._decode(
             self._state,
             np.asarray(tokens_b[:r], np.int32),

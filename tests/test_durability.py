@@ -103,7 +103,8 @@ def kill_each_past_checkpoint(client, store, targets: dict) -> dict:
             checkpoint = None if job_id in killed else store.latest_checkpoint(job_id)
             if checkpoint is None or store.steps_completed(job_id) < checkpoint.step + 2:
                 continue
-            assert checkpoint.step + 2 < STEPS, (job_id, checkpoint.step, "too late to kill")
+            done = store.steps_completed(job_id)
+            assert checkpoint.step + 2 < STEPS and done < STEPS, (job_id, checkpoint.step, done)
             pid = host_pid(client, island, host_index)
             os.kill(pid, signal.SIGKILL)
             killed[job_id] = {

@@ -259,7 +259,8 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
     async def main() -> None:
         island = Island("slices", [await connect_host(host)])
         stub = island.hosts[0].stub
-        dispatcher = Dispatcher(6, slice_s=0.2)  # long slices: cutting them short shows
+        # Long slices (1 s, well over the 0.2 s of slack below): cutting them short shows.
+        dispatcher = Dispatcher(6, slice_s=1.0)
         prog = program("abandoned", 1_000_000, d=256)
         await dispatcher.load(prog, [island])
         cancel: list[int] = []
