@@ -45,12 +45,13 @@ def _prepare(record, job):
 
 
 @contextlib.asynccontextmanager
-async def _served(tmp_path, islands: int):
-    """A controller over `islands` simulated 0 ms islands, its gRPC service on a thread of its
-    own (controller/service.py `serve`): yields (its store, the service's address)."""
+async def _served(tmp_path, islands: int, step_s: float = 0.0):
+    """A controller over `islands` simulated islands of `step_s` steps, its gRPC service on a
+    thread of its own (controller/service.py `serve`): yields (the controller, its store, the
+    service's address)."""
     from pathways_lite.controller.service import serve
 
-    sim = SimCluster.uniform(islands, step_s=0.0)
+    sim = SimCluster.uniform(islands, step_s=step_s)
     hosts = await connect_islands(await sim.start())
     store = JobStore.open_controller(tmp_path / "state")
     c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12)
@@ -60,7 +61,7 @@ async def _served(tmp_path, islands: int):
         serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
     )
     try:
-        yield store, f"127.0.0.1:{await port}"
+        yield c, store, f"127.0.0.1:{await port}"
     finally:
         stop.set()
         await server
@@ -326,7 +327,7 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
     from pathways_lite.v1 import controller_pb2_grpc
 
     async def main() -> None:
-        async with _served(tmp_path, 1) as (store, address):
+        async with _served(tmp_path, 1) as (_, store, address):
             latencies: list[float] = []
             ids: list[str] = []
             go = threading.Event()
@@ -370,7 +371,7 @@ def test_a_burst_of_submissions_is_each_answered_with_its_view_and_stored(tmp_pa
     from pathways_lite.v1 import controller_pb2_grpc
 
     async def main() -> None:
-        async with _served(tmp_path, 2) as (store, address):
+        async with _served(tmp_path, 2) as (_, store, address):
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = controller_pb2_grpc.ControllerServiceStub(channel)
                 requests = [
@@ -501,7 +502,7 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
     import grpc
 
     from pathways_lite.client import unbatched
-    from pathways_lite.controller.service import STREAM_AHEAD, serve
+    from pathways_lite.controller.service import STREAM_AHEAD
     from pathways_lite.v1 import controller_pb2_grpc
 
     wanted = 4 * STREAM_AHEAD
@@ -510,17 +511,7 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
         # 1 ms steps: at 0 ms the controller dispatches a job's steps faster (~40,000/s) than a
         # watcher reading one reply per step can follow: it lags, resyncs from the store, and
         # lags again while the replay runs (correct, never blocking, but never live).
-        sim = SimCluster.uniform(1, step_s=0.001)
-        islands = await connect_islands(await sim.start())
-        store = JobStore.open_controller(tmp_path / "state")
-        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
-        port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        stop = asyncio.Event()
-        server = asyncio.create_task(
-            serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
-        )
-        try:
-            address = f"127.0.0.1:{await port}"
+        async with _served(tmp_path, 1, step_s=0.001) as (c, store, address):
             results: list[tuple[bool, int, int, int, int]] = []
 
             def watch(job_id: str, pause_s: float, batch: bool) -> None:
@@ -573,10 +564,5 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
             # Every watcher went away: none of their followers stays on the bus.
             await _until(lambda: not c.events.followed(job_id), 10)
             c.cancel(job_id, "done")
-        finally:
-            stop.set()
-            await server
-            await sim.stop()
-            store.close()
 
     asyncio.run(main())
