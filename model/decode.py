@@ -40,24 +40,24 @@ logger = logging.getLogger(__name__)
 MIN_PREFILL_BUCKET = 16
 
 
+def _geometric(first: int, factor: int, last: int) -> tuple[int, ...]:
+    """first, first * factor, ... while below `last`, then `last`."""
+    out, n = [], first
+    while n < last:
+        out.append(n)
+        n *= factor
+    out.append(last)
+    return tuple(out)
+
+
 def length_buckets(max_seq_len: int) -> tuple[int, ...]:
     """Prompt-length buckets: powers of two from 16, capped by (and ending at) max_seq_len."""
-    out, n = [], MIN_PREFILL_BUCKET
-    while n < max_seq_len:
-        out.append(n)
-        n *= 2
-    out.append(max_seq_len)
-    return tuple(out)
+    return _geometric(MIN_PREFILL_BUCKET, 2, max_seq_len)
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:
     """Prefill row-count buckets: powers of two up to (and ending at) max_batch."""
-    out, n = [], 1
-    while n < max_batch:
-        out.append(n)
-        n *= 2
-    out.append(max_batch)
-    return tuple(out)
+    return _geometric(1, 2, max_batch)
 
 
 def decode_buckets(max_batch: int) -> tuple[int, ...]:
@@ -65,12 +65,7 @@ def decode_buckets(max_batch: int) -> tuple[int, ...]:
     cores palm-small decodes 1 row in 1.6 ms, 4 in 2.5, 16 in 5.0 and 32 in 7.4: a lone
     request paid for every slot of the cache before. Powers of four, not two: each bucket
     is one more program compiled when the service loads (about 1 s each there)."""
-    out, n = [], 1
-    while n < max_batch:
-        out.append(n)
-        n *= 4
-    out.append(max_batch)
-    return tuple(out)
+    return _geometric(1, 4, max_batch)
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
