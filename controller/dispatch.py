@@ -635,8 +635,9 @@ class Dispatcher:
                         continue  # cut (serving): its next slice is asked for from the cut
                     return completed
                 current = pending[0]
-                yield_gil(loop.time())
-                if loop.time() - turn_start >= TURN_S:
+                now = loop.time()
+                yield_gil(now)
+                if now - turn_start >= TURN_S:
                     # Steps read from a message that carried many come without a wait:
                     # let the loop serve the other jobs, the watchers and the RPCs.
                     await asyncio.sleep(0)
