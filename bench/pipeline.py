@@ -30,12 +30,13 @@ Per run, from the hosts' own step reports after warm-up (medians over steps):
   neighbour, beside the theoretical (S - 1) / (M + S - 1);
 - the activation and activation-gradient bytes the stages sent per step, beside the
   analytic 2 (S - 1) x B x T x D x 4 bytes;
-- the peak stashed stage-input bytes (max over stages) of 1F1B vs GPipe.
+- the peak stashed bytes (max over stages: the forwards' residuals, or with `--recompute on`
+  the stage inputs) of 1F1B vs GPipe.
 
 Run (the defaults are the issue's: palm-small, global batch 64 x 64, S in {2, 4}, M in
 {4, 8, 16}, both schedules): .venv/bin/python bench/pipeline.py --json
      [--preset palm-small --batch 64 --stages 2,4 --microbatches 4,8,16
-      --schedules 1f1b,gpipe --steps 6 --warmup 2]
+      --schedules 1f1b,gpipe --recompute off|on|both --steps 6 --warmup 2]
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Run:
     efficiency_vs_microbatch: float = 0.0
     # os.getloadavg() when the run ended (1, 5, 15 minutes).
     load_avg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # The stages ran the forward again in the backward (pipeline.recompute).
+    recompute: bool = False
 
 
 def job_spec(
@@ -89,6 +92,7 @@ def job_spec(
     microbatches: int = 0,
     schedule: str = "",
     batch: int = 0,
+    recompute: bool = False,
 ):
     from pathways_lite.v1 import controller_pb2
 
@@ -109,6 +113,7 @@ def job_spec(
         spec.pipeline.stages = stages
         spec.pipeline.microbatches = microbatches
         spec.pipeline.schedule = schedule
+        spec.pipeline.recompute = recompute
     return spec
 
 
@@ -188,6 +193,12 @@ def main() -> int:
     parser.add_argument("--schedules", default="1f1b,gpipe")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--recompute",
+        choices=("off", "on", "both"),
+        default="off",
+        help="pipeline.recompute of the pipelines (both: each layout twice, side by side)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--no-microbatch-baseline",
@@ -202,6 +213,7 @@ def main() -> int:
     stage_counts = [int(s) for s in args.stages.split(",")]
     mb_counts = [int(m) for m in args.microbatches.split(",")]
     schedules = args.schedules.split(",")
+    recomputes = {"off": (False,), "on": (True,), "both": (False, True)}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = max(1, cores or 1)
     d_model = spec_lib.to_configs(job_spec(args, 1)).model.d_model
@@ -238,11 +250,14 @@ def main() -> int:
                     args.batch // mb,
                     os.getloadavg(),
                 )
-                for schedule in schedules:
-                    spec = job_spec(args, stages, stages, mb, schedule)
-                    tag = f"{stages}-{mb}-{schedule}"
+                for schedule, recompute in (
+                    (s, r) for s in schedules for r in recomputes[args.recompute]
+                ):
+                    spec = job_spec(args, stages, stages, mb, schedule, recompute=recompute)
+                    tag = f"{stages}-{mb}-{schedule}{'-r' if recompute else ''}"
                     reports, _ = asyncio.run(run_job(addresses[:stages], spec, args.warmup, tag))
                     run = measure(reports, stages, mb, schedule, args.batch, d_model)
+                    run.recompute = recompute
                     ideal = stages * (1 - run.bubble_theory)
                     run.efficiency_vs_ideal = run.tokens_per_s / (ideal * base_tps)
                     run.cpu_share, run.baseline_tokens_per_s = share, base_tps
@@ -259,9 +274,14 @@ def main() -> int:
     ratios = []
     for stages in stage_counts:
         for mb in mb_counts:
-            by = {r.schedule: r for r in runs if r.stages == stages and r.microbatches == mb}
-            if "1f1b" in by and "gpipe" in by and by["gpipe"].peak_stash_bytes:
-                ratios.append(by["1f1b"].peak_stash_bytes / by["gpipe"].peak_stash_bytes)
+            for recompute in (False, True):
+                by = {
+                    r.schedule: r
+                    for r in runs
+                    if (r.stages, r.microbatches, r.recompute) == (stages, mb, recompute)
+                }
+                if "1f1b" in by and "gpipe" in by and by["gpipe"].peak_stash_bytes:
+                    ratios.append(by["1f1b"].peak_stash_bytes / by["gpipe"].peak_stash_bytes)
     peak_ratio = max(ratios) if ratios else None
     if args.json:
         out = {
@@ -273,12 +293,14 @@ def main() -> int:
                         "stages",
                         "microbatches",
                         "schedule",
+                        "recompute",
                         "tokens_per_s",
                         "efficiency_vs_ideal",
                         "bubble_measured",
                         "bubble_theory",
                         "stage_bytes_per_step",
                         "stage_bytes_analytic",
+                        "peak_stash_bytes",
                         "cpu_share",
                         "baseline_tokens_per_s",
                         "microbatch_baseline_tokens_per_s",
@@ -303,7 +325,8 @@ def main() -> int:
         print(f"baseline (1 island, not pipelined) at 1/{share} of a core: {tps:10,.0f} tokens/s")
     for r in runs:
         print(
-            f"S={r.stages} M={r.microbatches:2d} {r.schedule:5s}: {r.tokens_per_s:10,.0f} "
+            f"S={r.stages} M={r.microbatches:2d} {r.schedule:5s}"
+            f"{' recompute' if r.recompute else ''}: {r.tokens_per_s:10,.0f} "
             f"tokens/s, efficiency {r.efficiency_vs_ideal:.2f} (goal >= 0.95 for S=2, M >= 2S), "
             f"bubble {r.bubble_measured:.2f} measured vs {r.bubble_theory:.2f} theory, "
             f"stage bytes/step {r.stage_bytes_per_step:,} vs analytic "

@@ -101,6 +101,7 @@ def place_stage(
             stages=pipe.stages,
             microbatches=pipe.microbatches,
             schedule=pipe.schedule,
+            recompute=pipe.recompute,
             stage=stage,
             stage_peers=[peers[t * r + replica] for t in range(pipe.stages)] if peers else [],
             block_bounds=[b for pair in layout.bounds for b in pair],
@@ -115,14 +116,15 @@ def stage_bytes_per_device(
 
     Each stage is estimated as a model of its own blocks (with the embedding: an upper bound
     for the middle stages) training on one microbatch, plus the gradient sum it keeps across
-    the microbatches and the stage inputs its schedule stashes for backward: M microbatches
-    under GPipe, at most S - s under 1F1B.
+    the microbatches and what its schedule stashes for backward (the forwards' residuals, or
+    with `recompute` their inputs only): M microbatches under GPipe, at most S - s under
+    1F1B.
 
     Args:
         training_bytes: the estimator, (model, (data, model) mesh, optim, examples per
             device, seq_len) -> bytes (resolved.py's cached one).
     """
-    from pathways_lite.model.estimates import memory_per_device
+    from pathways_lite.model.estimates import memory_per_device, stash_bytes_per_microbatch
     from pathways_lite.model.pipeline import peak_stash
 
     model, optim, train = configs.model, configs.optim, configs.train
@@ -137,7 +139,15 @@ def stage_bytes_per_device(
             "params_bytes"
         ]
         stash = peak_stash(pipe.schedule, s, pipe.stages, pipe.microbatches)
-        stash_bytes = stash * examples * train.seq_len * model.d_model * 4
+        per_microbatch = stash_bytes_per_microbatch(
+            model,
+            {"data": mesh[0], "model": mesh[1]},
+            examples_per_device=examples,
+            seq_len=train.seq_len,
+            layers=hi - lo,
+            recompute=pipe.recompute,
+        )
+        stash_bytes = stash * per_microbatch
         worst = max(worst, int(base + grad_sum + stash_bytes))
     return worst
 

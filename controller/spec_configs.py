@@ -277,11 +277,13 @@ DEFAULT_PIPELINE_SCHEDULE = "1f1b"
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
-    """`pipeline:` with its defaults: stages, microbatches (2 x stages), schedule (1f1b)."""
+    """`pipeline:` with its defaults: stages, microbatches (2 x stages), schedule (1f1b),
+    recompute (false: a stage stashes its forwards' residuals for the backwards)."""
 
     stages: int
     microbatches: int
     schedule: str = DEFAULT_PIPELINE_SCHEDULE
+    recompute: bool = False
 
 
 def pipeline_settings(spec: JobSpec) -> PipelineSettings | None:
@@ -315,7 +317,7 @@ def pipeline_settings(spec: JobSpec) -> PipelineSettings | None:
             schedule,
             f"pipeline.schedule={quote(schedule)} is not one of {', '.join(PIPELINE_SCHEDULES)}.",
         )
-    return PipelineSettings(p.stages, microbatches, schedule)
+    return PipelineSettings(p.stages, microbatches, schedule, p.recompute)
 
 
 def job_kind(spec: JobSpec) -> str:

@@ -155,21 +155,55 @@ def activation_bytes_per_device(
     sizes = _check_mesh_shape(mesh_shape)
     m = sizes.get("model", 1)
     b, t = examples_per_device, seq_len
-    item = 4  # float32 on the CPU; attention scores are float32 everywhere
-    heads = _split(cfg.n_heads, m)
-    per_layer = (
-        ACTIVATION_COPIES["stream"] * b * t * cfg.d_model
-        + ACTIVATION_COPIES["mlp"] * b * t * _split(cfg.mlp_dim, m)
-        + ACTIVATION_COPIES["scores"] * b * heads * t * t
-        + ACTIVATION_COPIES["heads"] * b * t * heads * cfg.head_dim
-    )
+    per_layer = _layer_bytes(cfg, m, b, t, ACTIVATION_COPIES)
     vocab = _split(cfg.vocab_size, m)
     gathered = (
         GATHERED_EMBEDDING_COPIES * vocab * cfg.d_model * cfg.storage_dtype.itemsize
         if sizes.get("data", 1) > 1
         else 0.0
     )
-    return int(item * (cfg.n_layers * per_layer + LOGITS_COPIES * b * t * vocab) + gathered)
+    return int(cfg.n_layers * per_layer + 4 * LOGITS_COPIES * b * t * vocab + gathered)
+
+
+def _layer_bytes(cfg: PalmConfig, model: int, b: int, t: int, copies: Mapping[str, float]) -> float:
+    """One block's `copies` of its activations on one device, float32 (on the CPU; attention
+    scores are float32 everywhere), split over `model` as the logical rules split them."""
+    heads = _split(cfg.n_heads, model)
+    return 4 * (
+        copies["stream"] * b * t * cfg.d_model
+        + copies["mlp"] * b * t * _split(cfg.mlp_dim, model)
+        + copies["scores"] * b * heads * t * t
+        + copies["heads"] * b * t * heads * cfg.head_dim
+        + copies.get("kv", 0.0) * b * t * cfg.head_dim
+    )
+
+
+# The residuals of one block's forward that its backward takes (model/pipeline.py's stage
+# forward returns them), counted on palm-tiny and palm-small stages: 4 copies of the residual
+# stream (B, T, D), 6 of the MLP hidden, 3 of the attention scores plus their mask (a bool,
+# counted as a float), 2 of the per-head values, 4 (B, T, head_dim) for the shared key and
+# value and the rotary tables; the stream's 0.2 covers the per-token and per-head scalars.
+RESIDUAL_COPIES = {"stream": 4.2, "mlp": 6.0, "scores": 4.0, "heads": 2.0, "kv": 4.0}
+
+
+def stash_bytes_per_microbatch(
+    cfg: PalmConfig,
+    mesh_shape: Mapping[str, int],
+    *,
+    examples_per_device: int,
+    seq_len: int,
+    layers: int,
+    recompute: bool = False,
+) -> int:
+    """Bytes one device keeps per microbatch a pipeline stage of `layers` blocks has run
+    forward and not yet backward: the residuals its backward takes (RESIDUAL_COPIES, an
+    upper bound; the stage's compile replaces it by the compiled programs' figure), or with
+    `recompute` the stage input (B, T, D) only."""
+    m = _check_mesh_shape(mesh_shape).get("model", 1)
+    b, t = examples_per_device, seq_len
+    if recompute:
+        return 4 * b * t * cfg.d_model
+    return int(layers * _layer_bytes(cfg, m, b, t, RESIDUAL_COPIES))
 
 
 def training_bytes_per_device(

@@ -11,9 +11,13 @@ so the embedding matrix lives on two stages (Megatron's embedding group):
 
 Each stage's parameters are cut out of the reference model's initialisation (`Palm` built
 from the same seed, under jit, so XLA keeps only this stage's draws): a pipeline starts from
-bitwise the reference's parameters. The backward of a non-last stage recomputes its forward
-from the stashed stage input (`bwd`): what a stage stashes per microbatch is its input
-activation only, (B_m, T, D).
+bitwise the reference's parameters. The forward of a non-last stage returns the residuals of
+its VJP that are not parameters (the activations its backward needs, XLA's choice), and the
+backward (`bwd`) takes them: what a stage stashes per microbatch is those residuals, and the
+forward runs once. With `recompute` (the spec's pipeline.recompute) a stage stashes only its
+input (B_m, T, D) and the backward runs the forward again: far less memory (palm-small's
+blocks keep ~36 MB of residuals per block at 16 x 64 tokens against the 1 MB input), about a
+third more work on the non-last stages (bench/pipeline.py, S=2, M=4: 5% fewer tokens/s).
 
 One step on one replica's batch of M microbatches: every stage sums its microbatch gradients
 in microbatch order 0..M-1 (both schedules run the backwards in that order, so GPipe and 1F1B
@@ -112,11 +116,14 @@ class StageModel(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
-    """A stage's place: its index, the stage count and the block ranges of all stages."""
+    """A stage's place: its index, the stage count and the block ranges of all stages; and
+    whether its backward runs the forward again from the stage input (`recompute`) instead of
+    taking the forward's residuals."""
 
     stage: int
     stages: int
     bounds: tuple[tuple[int, int], ...]
+    recompute: bool = False
 
     @property
     def first(self) -> bool:
@@ -204,11 +211,16 @@ class StageFunctions:
         self._init = jax.jit(
             self._init_impl, static_argnums=0, out_shardings=(p, self.opt_shardings)
         )
-        self.fwd = jax.jit(self._fwd_impl, in_shardings=(p, x_in), out_shardings=self.act_sharding)
+        # (batch, length) of a microbatch -> how the forward's VJP flattens: its treedef and,
+        # per leaf, the index of the parameter it is (-1: a residual `fwd` returns).
+        self._vjp_layouts: dict[tuple[int, int], tuple[Any, list[int]]] = {}
+        # The forward returns its output and the residuals its backward needs (the stash);
+        # the backward takes them, with the parameters, as committed arrays.
+        self.fwd = jax.jit(
+            self._fwd_impl, in_shardings=(p, x_in), out_shardings=(self.act_sharding, None)
+        )
         self.bwd = jax.jit(
-            self._bwd_impl,
-            in_shardings=(p, x_in, self.act_sharding),
-            out_shardings=(p, None if plan.first else self.act_sharding),
+            self._bwd_impl, out_shardings=(p, None if plan.first else self.act_sharding)
         )
         self.fwdbwd = jax.jit(
             self._fwdbwd_impl,
@@ -241,18 +253,55 @@ class StageFunctions:
             x_btd = block(x_btd)
         return x_btd
 
-    def _fwd_impl(self, params, x_in):
+    def _stage_out(self, params, x_in):
         model = nnx.merge(self.graphdef, params)
         with jax.default_matmul_precision(MATMUL_PRECISION):
             x_btd = model.embed(x_in[:, :-1]) if self.plan.first else x_in
             return self._run_blocks(model, x_btd)
 
-    def _bwd_impl(self, params, x_in, g_btd):
+    def _fwd_impl(self, params, x_in):
+        """(the stage's output, what its backward takes: the residuals of its VJP that are not
+        parameters, or with `recompute` the stage input alone)."""
+        if self.plan.recompute:
+            return self._stage_out(params, x_in), [x_in]
         if self.plan.first:
-            _, vjp = jax.vjp(lambda p: self._fwd_impl(p, x_in), params)
-            return vjp(g_btd)[0], None
-        _, vjp = jax.vjp(self._fwd_impl, params, x_in)
-        return vjp(g_btd)
+            y, vjp = jax.vjp(lambda p: self._stage_out(p, x_in), params)
+        else:
+            y, vjp = jax.vjp(self._stage_out, params, x_in)
+        leaves, treedef = jax.tree.flatten(vjp)
+        param_leaves = jax.tree.leaves(params)
+        where = [next((i for i, p in enumerate(param_leaves) if leaf is p), -1) for leaf in leaves]
+        self._vjp_layouts[tuple(y.shape[:2])] = (treedef, where)
+        return y, [leaf for leaf, i in zip(leaves, where, strict=True) if i < 0]
+
+    def _bwd_impl(self, params, residuals, g_btd):
+        """The gradients of the parameters (and of the stage input, None on stage 0) from
+        the forward's residuals (the forward is not run again), or with `recompute` from the
+        stage input (the forward runs again)."""
+        if self.plan.recompute:
+            (x_in,) = residuals
+            if self.plan.first:
+                _, vjp = jax.vjp(lambda p: self._stage_out(p, x_in), params)
+                return vjp(g_btd)[0], None
+            _, vjp = jax.vjp(self._stage_out, params, x_in)
+            return vjp(g_btd)
+        key = tuple(g_btd.shape[:2])
+        if key not in self._vjp_layouts:  # traced before any forward of this shape
+            b, t = key
+            x_in = (
+                jax.ShapeDtypeStruct((b, t + 1), jnp.int32)
+                if self.plan.first
+                else jax.ShapeDtypeStruct(g_btd.shape, g_btd.dtype)
+            )
+            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+            jax.eval_shape(self._fwd_impl, abstract, x_in)
+        treedef, where = self._vjp_layouts[key]
+        param_leaves, rest = jax.tree.leaves(params), iter(residuals)
+        vjp = jax.tree.unflatten(
+            treedef, [param_leaves[i] if i >= 0 else next(rest) for i in where]
+        )
+        grads = vjp(g_btd)
+        return (grads[0], None) if self.plan.first else grads
 
     def _loss(self, params, x_btd, tokens_bt1):
         model = nnx.merge(self.graphdef, params)

@@ -165,6 +165,73 @@ def test_1f1b_stashes_at_most_stages_microbatches_and_gpipe_all() -> None:
             assert sorted(m for k, m in order if k == "F") == list(range(8))
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_backward_from_the_forwards_residuals_equals_one_that_runs_the_forward_again(
+    stage: int,
+) -> None:
+    """Stage 0 (embedding + block) and a middle stage (blocks only) of a 3-stage palm-tiny:
+    the gradients `bwd` computes from the residuals `fwd` stashed, with the parameters left
+    out of the stash, are those of a VJP that runs the stage's forward again."""
+    from pathways_lite.model.optim import OptimConfig
+    from pathways_lite.model.pipeline import StageFunctions, StagePlan
+
+    cfg = PalmConfig.palm_tiny(n_layers=3)
+    fns = StageFunctions(cfg, OptimConfig(), StagePlan(stage, 3, stage_split(cfg, 3)))
+    params, _ = fns.init(0)
+    rng = np.random.default_rng(stage)
+    b, t = 2, 16
+    if stage == 0:
+        x_in = jax.numpy.asarray(rng.integers(0, cfg.vocab_size, (b, t + 1)), np.int32)
+    else:
+        x_in = jax.numpy.asarray(rng.standard_normal((b, t, cfg.d_model)), np.float32)
+    g = jax.numpy.asarray(rng.standard_normal((b, t, cfg.d_model)), np.float32)
+    with jax.set_mesh(fns.mesh):
+        y, residuals = fns.fwd(params, x_in)
+        grads, g_x = fns.bwd(params, residuals, g)
+    # The parameters are passed to the backward, not copied into the stash.
+    weights = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim >= 2}
+    assert residuals and not {r.shape for r in residuals} & weights
+    if stage == 0:
+        y_again, vjp = jax.vjp(lambda p: fns._stage_out(p, x_in), params)
+        want, want_x = vjp(g)[0], None
+    else:
+        y_again, vjp = jax.vjp(fns._stage_out, params, x_in)
+        want, want_x = vjp(g)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_again), rtol=1e-6, atol=1e-6)
+    pairs = list(zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True))
+    assert (g_x is None) == (stage == 0)
+    if want_x is not None:
+        pairs.append((g_x, want_x))
+    for got, exp in pairs:  # equal up to float rounding (another program, other fusions)
+        exp = np.asarray(exp)
+        scale = float(np.abs(exp).max())
+        np.testing.assert_allclose(np.asarray(got), exp, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize(
+    ("preset", "batch", "seq"),
+    [("palm-tiny", 4, 64), ("palm-small", 4, 128), ("palm-small", 16, 64)],
+)
+def test_the_stash_estimate_bounds_a_stages_residuals_within_a_quarter(preset, batch, seq) -> None:
+    """Admission's figure per stashed microbatch (model/estimates.py) against the residuals
+    the stage's forward really returns (shapes only, nothing computed)."""
+    from pathways_lite.model.estimates import stash_bytes_per_microbatch
+    from pathways_lite.model.optim import OptimConfig
+    from pathways_lite.model.pipeline import StageFunctions, StagePlan
+
+    cfg = PalmConfig.from_preset(preset)
+    bounds = stage_split(cfg, 2)
+    fns = StageFunctions(cfg, OptimConfig(), StagePlan(0, 2, bounds))
+    params, _ = jax.eval_shape(lambda: fns._init_impl(0))
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32)
+    _, residuals = jax.eval_shape(fns._fwd_impl, params, tokens)
+    real = sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in residuals)
+    estimate = stash_bytes_per_microbatch(
+        cfg, {"data": 1, "model": 1}, examples_per_device=batch, seq_len=seq, layers=bounds[0][1]
+    )
+    assert real <= estimate <= 1.25 * real, (real, estimate)
+
+
 # ---- distributed runs -----------------------------------------------------------------------
 
 
@@ -245,7 +312,8 @@ def test_stages_send_exactly_the_activations_and_1f1b_stashes_less(two_by_two_ru
     peak = {
         s: max(h.reply.peak_stash_bytes for r in runs[s][0] for h in r.hosts) for s in SCHEDULES
     }
-    # Stage 0 stashes its microbatches' inputs: 2 (= S) under 1F1B, all 4 under GPipe.
+    # Stage 0 stashes its forwards' residuals: 2 (= S) microbatches under 1F1B, all 4 under
+    # GPipe.
     assert peak["1f1b"] * 2 == peak["gpipe"] > 0
 
 
@@ -324,13 +392,17 @@ def test_two_stages_on_a_model_parallel_mesh_match_the_reference(four_hosts) -> 
 
 
 def test_four_stages_of_one_block_each_match_the_reference(four_hosts) -> None:
+    """With `recompute`: the stages stash their inputs only and run the forward again."""
     spec = pipe_spec(4, 1, (1, 1), batch=8, stages=4, mb=4, sched="gpipe")
     spec.model.overrides.update({"n_layers": 4})
+    spec.pipeline.recompute = True
     reports, digests = asyncio.run(
         dispatch([h.address for h in four_hosts], spec, "pipe-4x1", epoch=5)
     )
     assert max_rel_diff([r.loss for r in reports], reference_losses(spec)) <= 1e-5
     assert len({d.sha256 for d in digests}) == 4  # four different stages
+    # Stage 0 stashes the tokens of its 4 microbatches (2 x 33 int32 each), nothing more.
+    assert max(h.reply.peak_stash_bytes for r in reports for h in r.hosts[:1]) == 4 * 2 * 33 * 4
 
 
 def test_a_hung_stage_fails_the_step_naming_stage_host_and_microbatch(four_hosts) -> None:
@@ -541,10 +613,16 @@ def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_sta
     big = ISSUE_SPEC.replace("{preset: palm-tiny}", "{preset: palm-small}")
     big = big.replace("islands: 4", "islands: 2").replace("seq_len: 64", "seq_len: 128")
     plain = load_spec_text(big.replace(ISSUE_SPEC.splitlines()[6], ""), validate=True)
-    piped = load_spec_text(big.replace("microbatches: 8", "microbatches: 4"), validate=True)
+    # Activations dominate here: the stage keeps its inputs only (`recompute`).
+    piped = load_spec_text(
+        big.replace("microbatches: 8", "microbatches: 4, recompute: true"), validate=True
+    )
+    stashing = load_spec_text(big.replace("microbatches: 8", "microbatches: 4"), validate=True)
     whole = ResolvedJob.resolve(plain).bytes_per_device
     stage = ResolvedJob.resolve(piped).bytes_per_device
     assert stage < 0.8 * whole, (stage, whole)
+    # Two microbatches of three blocks' residuals (1F1B, stage 0) against their inputs.
+    assert ResolvedJob.resolve(stashing).bytes_per_device > stage + 50 * 2**20
     budget = (stage + whole) // 2
     scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
     assert scheduler.never_fits(plain.islands, whole) is not None

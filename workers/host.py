@@ -34,7 +34,9 @@ from pathways_lite.v1 import common_pb2, worker_pb2
 #    only a single-island job's step waits at the host's serve gate.
 # 15: LoadJob restore_stage_bounds / init_stage_bounds: restore_from / init_from is a pipeline
 #    job's checkpoint split by stage, read whole (13 unused).
-WORKER_WIRE_VERSION = 15
+# 16: StagePlacement.recompute; without it a stage stashes its forward's residuals (hosts of
+#    15 always ran the forward again from the stage input).
+WORKER_WIRE_VERSION = 16
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ replica. One step (one step of the controller's slice, like any job's) on this i
    into M microbatches: a forward takes its input from the previous stage (stage 0: the
    tokens), sends its output to the next; a backward takes the output's gradient from the
    next stage (the last stage computes its loss and gradients as soon as the activation
-   arrives), recomputes the forward from the stashed input, and sends the input's gradient
+   arrives), runs from the residuals its forward stashed, and sends the input's gradient
    to the previous stage (workers/stage_link.py: host to host, never the controller);
 2. sum the microbatch gradients in microbatch order and divide by M; the first and last
    stage swap their embedding gradients and both add `first + last` (bitwise the same);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -54,6 +55,7 @@ class PipelinePlacement:
     stage: int
     stage_peers: tuple[str, ...]
     bounds: tuple[tuple[int, int], ...]
+    recompute: bool = False
 
 
 def decode_placement(request: Any) -> PipelinePlacement | None:
@@ -86,7 +88,7 @@ def decode_placement(request: Any) -> PipelinePlacement | None:
         )
     bounds = tuple((flat[2 * s], flat[2 * s + 1]) for s in range(p.stages))
     return PipelinePlacement(
-        p.stages, p.microbatches, p.schedule, p.stage, tuple(p.stage_peers), bounds
+        p.stages, p.microbatches, p.schedule, p.stage, tuple(p.stage_peers), bounds, p.recompute
     )
 
 
@@ -164,16 +166,24 @@ class PipelineRuntime(PalmRuntime):
 
     # ---- memory and compile --------------------------------------------------------------
 
-    def _stash_bytes(self) -> int:
-        """Bytes per device of the stage inputs the schedule keeps for backward."""
+    def _stash_bytes(self, per_microbatch: int | None = None) -> int:
+        """Bytes per device of the forwards' residuals the schedule keeps for backward, at
+        `per_microbatch` bytes each (default: the estimate, model/estimates.py)."""
+        from pathways_lite.model.estimates import stash_bytes_per_microbatch
         from pathways_lite.model.pipeline import peak_stash
 
         p = self.placement
-        stash = peak_stash(p.schedule, p.stage, p.stages, p.microbatches)
-        per_mb = (
-            (self.microbatch // self.spec.mesh.data) * self.spec.seq_len * self.model_cfg.d_model
-        )
-        return stash * per_mb * 4
+        if per_microbatch is None:
+            lo, hi = p.bounds[p.stage]
+            per_microbatch = stash_bytes_per_microbatch(
+                self.model_cfg,
+                {"data": self.spec.mesh.data, "model": self.spec.mesh.model},
+                examples_per_device=self.microbatch // self.spec.mesh.data,
+                seq_len=self.spec.seq_len,
+                layers=hi - lo,
+                recompute=p.recompute,
+            )
+        return peak_stash(p.schedule, p.stage, p.stages, p.microbatches) * per_microbatch
 
     def estimate_bytes_per_device(self) -> int:
         """This stage's state (parameters, optimizer, gradients and their sum) plus the
@@ -183,7 +193,12 @@ class PipelineRuntime(PalmRuntime):
         fns = StageFunctions(
             self.model_cfg,
             self.optim_cfg,
-            StagePlan(self.placement.stage, self.placement.stages, self.placement.bounds),
+            StagePlan(
+                self.placement.stage,
+                self.placement.stages,
+                self.placement.bounds,
+                self.placement.recompute,
+            ),
             self._mesh(),
         )
         params, opt = fns.state_bytes_per_device()
@@ -209,25 +224,43 @@ class PipelineRuntime(PalmRuntime):
         started = time.perf_counter()
         p = self.placement
         fns = StageFunctions(
-            self.model_cfg, self.optim_cfg, StagePlan(p.stage, p.stages, p.bounds), self._mesh()
+            self.model_cfg,
+            self.optim_cfg,
+            StagePlan(p.stage, p.stages, p.bounds, p.recompute),
+            self._mesh(),
         )
         params_abs, opt_abs = jax.eval_shape(lambda: fns._init_impl(0))
         b, t = self.microbatch, self.spec.seq_len
         tokens = jax.ShapeDtypeStruct((b, t + 1), np.int32)
         act = jax.ShapeDtypeStruct((b, t, self.model_cfg.d_model), np.float32)
+        per_microbatch = 0  # the last stage stashes nothing (its forward and backward are one)
         with jax.set_mesh(fns.mesh):
             if p.stage == p.stages - 1:
                 programs = [fns.fwdbwd.lower(params_abs, act, tokens).compile()]
             else:
                 x_in = tokens if p.stage == 0 else act
-                programs = [
-                    fns.fwd.lower(params_abs, x_in).compile(),
-                    fns.bwd.lower(params_abs, x_in, act).compile(),
+                fwd = fns.fwd.lower(params_abs, x_in).compile()
+                residuals = [
+                    jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=sharding)
+                    for r, sharding in zip(
+                        jax.tree.leaves(fwd.out_info[1]), fwd.output_shardings[1], strict=True
+                    )
                 ]
+                placed = jax.tree.map(
+                    lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                    params_abs,
+                    fns.param_shardings,
+                )
+                g = jax.ShapeDtypeStruct(act.shape, act.dtype, sharding=fns.act_sharding)
+                programs = [fwd, fns.bwd.lower(placed, residuals, g).compile()]
+                per_microbatch = sum(
+                    math.prod(r.sharding.shard_shape(r.shape)) * r.dtype.itemsize for r in residuals
+                )
             g_norm = jax.ShapeDtypeStruct((), np.float32)
             apply = fns.apply.lower(params_abs, opt_abs, params_abs, g_norm).compile()
         param_bytes, opt_bytes = fns.state_bytes_per_device()
-        beside = opt_bytes + param_bytes + self._stash_bytes()  # + the gradient sum
+        # + the gradient sum and the residuals stashed
+        beside = opt_bytes + param_bytes + self._stash_bytes(per_microbatch)
         report = max(
             [dataclasses.replace(memory_report(c), resident_bytes=beside) for c in programs]
             + [memory_report(apply)],
@@ -314,9 +347,8 @@ class PipelineRuntime(PalmRuntime):
                         wait_s += time.perf_counter() - w
                         x_in = self._place(values.reshape(shape), fns.act_sharding)
                 if kind == "F":
-                    y = fns.fwd(params, x_in)
-                    stash[m] = x_in
-                    stash_bytes += x_in.nbytes
+                    y, stash[m] = fns.fwd(params, x_in)
+                    stash_bytes += sum(r.nbytes for r in stash[m])
                     peak_stash_bytes = max(peak_stash_bytes, stash_bytes)
                     link.send(
                         s + 1, PHASE_ACT, m, fetch_global(y), f"activations of microbatch {m}"
@@ -328,15 +360,15 @@ class PipelineRuntime(PalmRuntime):
                     loss, grads, g_x = fns.fwdbwd(params, x_in, tokens)
                     losses.append(float(fetch_global(loss)))
                 else:  # "B"
-                    x_in = stash.pop(m)
-                    stash_bytes -= x_in.nbytes
+                    residuals = stash.pop(m)
+                    stash_bytes -= sum(r.nbytes for r in residuals)
                     w = time.perf_counter()
                     values = link.receive(
                         s + 1, PHASE_GRAD, m, f"activation gradients of microbatch {m}"
                     )
                     wait_s += time.perf_counter() - w
                     grads, g_x = fns.bwd(
-                        params, x_in, self._place(values.reshape(shape), fns.act_sharding)
+                        params, residuals, self._place(values.reshape(shape), fns.act_sharding)
                     )
                 if s > 0:
                     link.send(

@@ -150,7 +150,8 @@ class StepResult:
     # over every island.
     loss_stats: Sequence[float] = ()
     # A pipeline stage's (workers/pipeline.py): schedule seconds waiting on the neighbours,
-    # activation bytes sent, the most stashed input bytes at once, the schedule's seconds.
+    # activation bytes sent, the most bytes of forward residuals stashed at once, the schedule's
+    # seconds.
     pipeline_wait_s: float = 0.0
     stage_bytes_sent: int = 0
     peak_stash_bytes: int = 0
