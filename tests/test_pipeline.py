@@ -1086,3 +1086,41 @@ def test_the_job_page_draws_a_running_pipelines_schedule_in_chromium(ray_pipe_cl
     assert n_fwd in (2, 4) and n_bwd in (4, 6, 8), traces
     assert "theory" in hint and "0.33 theory" in hint and "S=2, M=2" in hint, hint
     assert errors == []
+
+
+def test_a_pipeline_job_on_ray_rolls_back_when_a_stage_host_is_killed(ray_pipe_cluster) -> None:
+    """SIGKILL of stage 1's island host (west, on its own Ray node) two steps past a committed
+    checkpoint: every stage rolls back to that checkpoint and the job ends with the reference
+    trainer's losses, what an uninterrupted run gives (runs last: it kills a host)."""
+    import signal
+
+    from pathways_lite.client import ControllerClient, state_name
+    from pathways_lite.controller.store import DB_NAME, JobStore
+
+    steps = 30
+    train = f"{{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2, checkpoint_every: 4}}"
+    spec = ray_spec("pipe-kill", steps, train=train)
+    configs = spec_lib.to_configs(spec)
+    dataset = prepare_dataset(configs.data, seq_len=32)
+    store = JobStore(Path(ray_pipe_cluster.state_dir) / DB_NAME)
+    with ControllerClient(ray_pipe_cluster.state_dir) as client:
+        job = client.submit(spec)
+        deadline = time.monotonic() + 240
+        while (checkpoint := store.latest_checkpoint(job.id)) is None or (
+            done := store.steps_completed(job.id)
+        ) < checkpoint.step + 2:
+            assert time.monotonic() < deadline, "no checkpoint and two steps after it"
+            time.sleep(0.02)
+        assert done < steps, (checkpoint.step, done)  # the kill lands while the job runs
+        pid = next(int(i.hosts[0].pid) for i in client.islands() if i.id == "west")
+        os.kill(pid, signal.SIGKILL)
+        ended = client.wait(job.id, timeout_s=240)
+    assert state_name(ended.state) == "succeeded", ended
+    restores = [e for e in store.events(job.id) if e.kind == "restore"]
+    assert restores, store.events(job.id)
+    restored = int(restores[0].message.split("step ")[1].split()[0])
+    assert checkpoint.step <= restored < steps, restores[0].message
+    trainer = ReferenceTrainer(configs.model, configs.optim, configs.train)
+    reference = trainer.losses(lambda s: dataset.global_batch(s, 8, 2)[0])
+    assert len(ended.losses) == steps
+    assert max_rel_diff(list(ended.losses), list(reference)) <= 1e-5
