@@ -19,13 +19,14 @@ which both jobs were resident and running (from the later first step to the earl
 The scheduler shares by measured step time unless PATHWAYS_LITE_SHARE_BY=steps (then step
 counts follow the weights and the time shares follow the step-time ratio instead).
 
-Run: .venv/bin/python bench/multitenant.py [--steps 100 --islands 1]
+Run: .venv/bin/python bench/multitenant.py [--steps 100 --islands 1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -87,7 +88,7 @@ def host_entries(client, job_ids: set[str]) -> list[Entry]:
     ]
 
 
-def solo_rate(client, spec) -> float:
+def solo_rate(client, spec, say=print) -> float:
     """Tokens per wall second of `spec` running alone, after its warm-up steps."""
     from pathways_lite.client import state_name
 
@@ -98,7 +99,7 @@ def solo_rate(client, spec) -> float:
     wall_s = (entries[-1].end_ns - entries[0].start_ns) / 1e9
     rate = len(entries) * tokens_per_step(spec) / wall_s
     step_s = sorted((e.end_ns - e.start_ns) / 1e9 for e in entries)[len(entries) // 2]
-    print(
+    say(
         f"  solo {spec.name}: {len(entries)} steps in {wall_s:.2f} s -> {rate:,.0f} tokens/s "
         f"(median step {step_s * 1e3:.1f} ms)",
         flush=True,
@@ -112,7 +113,18 @@ def main() -> int:
     parser.add_argument("--islands", type=int, default=1, help="islands (each job uses all)")
     parser.add_argument("--small", type=int, default=64, help="d_model of the small job")
     parser.add_argument("--large", type=int, default=128, help="d_model of the large job")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures as one JSON object (the text goes to stderr)",
+    )
     args = parser.parse_args()
+    # With --json the text goes to stderr and stdout holds the one JSON object.
+    out_text = sys.stderr if args.json else sys.stdout
+
+    def say(*parts: object, **kw: object) -> None:
+        print(*parts, file=out_text, **kw)
+
     logging.basicConfig(level=logging.WARNING)
 
     from pathways_lite.client import ControllerClient, state_name
@@ -131,8 +143,8 @@ def main() -> int:
     try:
         cluster.start()
         with ControllerClient(state_dir) as client:
-            print(f"multitenant bench: {args.islands} island(s), share_by={share_by}", flush=True)
-            before = {"small": solo_rate(client, small), "large": solo_rate(client, large)}
+            say(f"multitenant bench: {args.islands} island(s), share_by={share_by}", flush=True)
+            before = {n: solo_rate(client, j, say) for n, j in (("small", small), ("large", large))}
             jobs = {s.name: client.submit(s) for s in (small, large)}
             ends = [client.wait(j.id, timeout_s=1800) for j in jobs.values()]
             for job in ends:
@@ -140,7 +152,7 @@ def main() -> int:
                     raise RuntimeError(f"{job.id} ended {state_name(job.state)}: {job.message}")
             ids = {j.id: name for name, j in jobs.items()}
             entries = [e for e in host_entries(client, set(ids)) if e.step >= WARMUP_STEPS]
-            after = {"large": solo_rate(client, large), "small": solo_rate(client, small)}
+            after = {n: solo_rate(client, j, say) for n, j in (("large", large), ("small", small))}
     finally:
         cluster.down()
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -163,20 +175,35 @@ def main() -> int:
     efficiency = solo_s / window_s
     total_busy = sum(busy.values())
     error = 0.0
-    print(f"co-resident window: {window_s:.2f} s", flush=True)
+    shares = {}
+    say(f"co-resident window: {window_s:.2f} s", flush=True)
     for name in spec_of:
-        share = busy[name] / total_busy
+        share = shares[name] = busy[name] / total_busy
         target = weights[name] / sum(weights.values())
         error = max(error, abs(share - target))
-        print(
+        say(
             f"  {name}: {count[name]} steps, device time {busy[name]:.2f} s, share "
             f"{share:.3f} (weight share {target:.3f}), steps share "
             f"{count[name] / max(1, len(both)):.3f}",
             flush=True,
         )
-    print(f"efficiency: {efficiency:.3f} (goal >= 0.97; solo rates varied {spread:.0%})")
-    print(f"share error: {error * 100:.1f}% (goal <= 2%)")
-    print(f"bench wall time: {time.monotonic() - started:.0f} s")
+    say(f"efficiency: {efficiency:.3f} (goal >= 0.97; solo rates varied {spread:.0%})")
+    say(f"share error: {error * 100:.1f}% (goal <= 2%)")
+    say(f"bench wall time: {time.monotonic() - started:.0f} s")
+    if args.json:
+        out = {
+            "efficiency": efficiency,
+            "share_error": error,
+            "shares": shares,
+            "weight_shares": {n: w / sum(weights.values()) for n, w in weights.items()},
+            "solo_tokens_per_s": rates,
+            "solo_spread": spread,
+            "co_resident_steps": count,
+            "window_s": window_s,
+            "share_by": share_by,
+            "wall_s": time.monotonic() - started,
+        }
+        print(json.dumps(out))
     return 0
 
 
