@@ -147,7 +147,8 @@ def stage_bytes_per_device(
             layers=hi - lo,
             recompute=pipe.recompute,
         )
-        stash_bytes = stash * per_microbatch
+        # One microbatch's residuals are its forward's own activations, already in `base`.
+        stash_bytes = (stash if pipe.recompute else max(stash - 1, 0)) * per_microbatch
         worst = max(worst, int(base + grad_sum + stash_bytes))
     return worst
 

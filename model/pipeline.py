@@ -162,12 +162,19 @@ def schedule_order(schedule: str, stage: int, stages: int, microbatches: int) ->
 
 
 def peak_stash(schedule: str, stage: int, stages: int, microbatches: int) -> int:
-    """Most microbatch inputs a stage holds at once under the schedule."""
+    """Most microbatches a stage holds stashed at once under the schedule (their forwards'
+    residuals, or with `recompute` their inputs)."""
     live = peak = 0
     for kind, _ in schedule_order(schedule, stage, stages, microbatches):
         live += {"F": 1, "B": -1, "FB": 0}[kind]
         peak = max(peak, live)
     return peak
+
+
+def _save_all_but_casts(prim: Any, *_: Any, **__: Any) -> bool:
+    """A `jax.checkpoint` policy: keep every intermediate for the backward except the
+    results of dtype conversions (cheap to redo; the weights' casts would be stashed)."""
+    return prim is not jax.lax.convert_element_type_p
 
 
 class StageFunctions:
@@ -264,10 +271,14 @@ class StageFunctions:
         parameters, or with `recompute` the stage input alone)."""
         if self.plan.recompute:
             return self._stage_out(params, x_in), [x_in]
+        # Every intermediate is saved except dtype conversions, which the backward redoes:
+        # with bf16 compute the parameters' bf16 casts would otherwise be stashed per
+        # microbatch (copies of the weights the identity match below cannot see).
+        stage_out = jax.checkpoint(self._stage_out, policy=_save_all_but_casts)
         if self.plan.first:
-            y, vjp = jax.vjp(lambda p: self._stage_out(p, x_in), params)
+            y, vjp = jax.vjp(lambda p: stage_out(p, x_in), params)
         else:
-            y, vjp = jax.vjp(self._stage_out, params, x_in)
+            y, vjp = jax.vjp(stage_out, params, x_in)
         leaves, treedef = jax.tree.flatten(vjp)
         param_leaves = jax.tree.leaves(params)
         where = [next((i for i, p in enumerate(param_leaves) if leaf is p), -1) for leaf in leaves]
@@ -296,6 +307,11 @@ class StageFunctions:
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
             jax.eval_shape(self._fwd_impl, abstract, x_in)
         treedef, where = self._vjp_layouts[key]
+        if len(residuals) != where.count(-1):
+            raise ValueError(
+                f"{len(residuals)} residuals for a stage forward of {key} that stashes "
+                f"{where.count(-1)}."
+            )
         param_leaves, rest = jax.tree.leaves(params), iter(residuals)
         vjp = jax.tree.unflatten(
             treedef, [param_leaves[i] if i >= 0 else next(rest) for i in where]

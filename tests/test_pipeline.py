@@ -209,27 +209,38 @@ def test_a_backward_from_the_forwards_residuals_equals_one_that_runs_the_forward
 
 
 @pytest.mark.parametrize(
-    ("preset", "batch", "seq"),
-    [("palm-tiny", 4, 64), ("palm-small", 4, 128), ("palm-small", 16, 64)],
+    ("preset", "batch", "seq", "dtype"),
+    [
+        ("palm-tiny", 4, 64, "float32"),
+        ("palm-small", 4, 128, "float32"),
+        ("palm-small", 16, 64, "float32"),
+        ("palm-small", 1, 32, "float32"),
+        ("palm-small", 1, 32, "bfloat16"),
+        ("palm-small", 16, 64, "bfloat16"),
+    ],
 )
-def test_the_stash_estimate_bounds_a_stages_residuals_within_a_quarter(preset, batch, seq) -> None:
+def test_the_stash_estimate_bounds_a_stages_residuals(preset, batch, seq, dtype) -> None:
     """Admission's figure per stashed microbatch (model/estimates.py) against the residuals
-    the stage's forward really returns (shapes only, nothing computed)."""
+    the stage's forward really returns (shapes only, nothing computed): never below, within
+    a quarter above in float32 (bf16 residuals are smaller: the estimate counts 4 bytes);
+    no residual is a copy of a weight (with bf16 compute, the weights' casts)."""
     from pathways_lite.model.estimates import stash_bytes_per_microbatch
     from pathways_lite.model.optim import OptimConfig
     from pathways_lite.model.pipeline import StageFunctions, StagePlan
 
-    cfg = PalmConfig.from_preset(preset)
+    cfg = PalmConfig.from_preset(preset, dtype=dtype)
     bounds = stage_split(cfg, 2)
     fns = StageFunctions(cfg, OptimConfig(), StagePlan(0, 2, bounds))
     params, _ = jax.eval_shape(lambda: fns._init_impl(0))
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), np.int32)
     _, residuals = jax.eval_shape(fns._fwd_impl, params, tokens)
+    weights = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim >= 2}
+    assert not {r.shape for r in residuals} & weights
     real = sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in residuals)
     estimate = stash_bytes_per_microbatch(
         cfg, {"data": 1, "model": 1}, examples_per_device=batch, seq_len=seq, layers=bounds[0][1]
     )
-    assert real <= estimate <= 1.25 * real, (real, estimate)
+    assert real <= estimate <= (1.25 if dtype == "float32" else 2.5) * real, (real, estimate)
 
 
 # ---- distributed runs -----------------------------------------------------------------------
@@ -621,8 +632,9 @@ def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_sta
     whole = ResolvedJob.resolve(plain).bytes_per_device
     stage = ResolvedJob.resolve(piped).bytes_per_device
     assert stage < 0.8 * whole, (stage, whole)
-    # Two microbatches of three blocks' residuals (1F1B, stage 0) against their inputs.
-    assert ResolvedJob.resolve(stashing).bytes_per_device > stage + 50 * 2**20
+    # A second microbatch of three blocks' residuals (1F1B, stage 0; the first is the
+    # forward's own activations) against two inputs.
+    assert ResolvedJob.resolve(stashing).bytes_per_device > stage + 25 * 2**20
     budget = (stage + whole) // 2
     scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
     assert scheduler.never_fits(plain.islands, whole) is not None
@@ -1097,7 +1109,7 @@ def test_a_pipeline_job_on_ray_rolls_back_when_a_stage_host_is_killed(ray_pipe_c
     from pathways_lite.client import ControllerClient, state_name
     from pathways_lite.controller.store import DB_NAME, JobStore
 
-    steps = 30
+    steps = 60
     train = f"{{steps: {steps}, global_batch: 8, seq_len: 32, seed: 2, checkpoint_every: 4}}"
     spec = ray_spec("pipe-kill", steps, train=train)
     configs = spec_lib.to_configs(spec)
@@ -1113,7 +1125,9 @@ def test_a_pipeline_job_on_ray_rolls_back_when_a_stage_host_is_killed(ray_pipe_c
             time.sleep(0.02)
         assert done < steps, (checkpoint.step, done)  # the kill lands while the job runs
         pid = next(int(i.hosts[0].pid) for i in client.islands() if i.id == "west")
+        assert pid > 0, pid  # (0 would signal this whole process group)
         os.kill(pid, signal.SIGKILL)
+        assert store.steps_completed(job.id) < steps, "the job ended before the kill landed"
         ended = client.wait(job.id, timeout_s=240)
     assert state_name(ended.state) == "succeeded", ended
     restores = [e for e in store.events(job.id) if e.kind == "restore"]

@@ -183,7 +183,10 @@ class PipelineRuntime(PalmRuntime):
                 layers=hi - lo,
                 recompute=p.recompute,
             )
-        return peak_stash(p.schedule, p.stage, p.stages, p.microbatches) * per_microbatch
+        peak = peak_stash(p.schedule, p.stage, p.stages, p.microbatches)
+        # One microbatch's residuals are the forward's output (bwd's argument): the compiled
+        # programs' figures (and the estimate's own activations) already hold them.
+        return (peak if p.recompute else max(peak - 1, 0)) * per_microbatch
 
     def estimate_bytes_per_device(self) -> int:
         """This stage's state (parameters, optimizer, gradients and their sum) plus the
