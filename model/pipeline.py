@@ -266,6 +266,18 @@ class StageFunctions:
             x_btd = model.embed(x_in[:, :-1]) if self.plan.first else x_in
             return self._run_blocks(model, x_btd)
 
+    def _vjp(self, stage_out, params, x_in):
+        """`jax.vjp` of `stage_out` at (params, x_in): with respect to the parameters only on
+        stage 0 (its input is tokens), to both elsewhere."""
+        if self.plan.first:
+            return jax.vjp(lambda p: stage_out(p, x_in), params)
+        return jax.vjp(stage_out, params, x_in)
+
+    def _grads(self, vjp, g_btd):
+        """(parameter gradients, input gradient or None on stage 0) of a `_vjp` function."""
+        grads = vjp(g_btd)
+        return (grads[0], None) if self.plan.first else grads
+
     def _fwd_impl(self, params, x_in):
         """(the stage's output, what its backward takes: the residuals of its VJP that are not
         parameters, or with `recompute` the stage input alone)."""
@@ -275,10 +287,7 @@ class StageFunctions:
         # with bf16 compute the parameters' bf16 casts would otherwise be stashed per
         # microbatch (copies of the weights the identity match below cannot see).
         stage_out = jax.checkpoint(self._stage_out, policy=_save_all_but_casts)
-        if self.plan.first:
-            y, vjp = jax.vjp(lambda p: stage_out(p, x_in), params)
-        else:
-            y, vjp = jax.vjp(stage_out, params, x_in)
+        y, vjp = self._vjp(stage_out, params, x_in)
         leaves, treedef = jax.tree.flatten(vjp)
         param_leaves = jax.tree.leaves(params)
         where = [next((i for i, p in enumerate(param_leaves) if leaf is p), -1) for leaf in leaves]
@@ -291,11 +300,7 @@ class StageFunctions:
         stage input (the forward runs again)."""
         if self.plan.recompute:
             (x_in,) = residuals
-            if self.plan.first:
-                _, vjp = jax.vjp(lambda p: self._stage_out(p, x_in), params)
-                return vjp(g_btd)[0], None
-            _, vjp = jax.vjp(self._stage_out, params, x_in)
-            return vjp(g_btd)
+            return self._grads(self._vjp(self._stage_out, params, x_in)[1], g_btd)
         key = tuple(g_btd.shape[:2])
         if key not in self._vjp_layouts:  # traced before any forward of this shape
             b, t = key
@@ -316,8 +321,7 @@ class StageFunctions:
         vjp = jax.tree.unflatten(
             treedef, [param_leaves[i] if i >= 0 else next(rest) for i in where]
         )
-        grads = vjp(g_btd)
-        return (grads[0], None) if self.plan.first else grads
+        return self._grads(vjp, g_btd)
 
     def _loss(self, params, x_btd, tokens_bt1):
         model = nnx.merge(self.graphdef, params)
