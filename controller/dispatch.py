@@ -56,7 +56,7 @@ DEFAULT_WINDOW = 2
 # How long a slice lasts (the controller's `--slice-ms`): K = slice_s / measured step time.
 DEFAULT_SLICE_S = 0.05
 # The next slice is sent when the current one has about this much left to run.
-DEFAULT_LEAD_S = 0.015
+DEFAULT_LEAD_S = 0.025
 # The most steps in one slice (trivial steps).
 MAX_SLICE_STEPS = 4096
 # Deadlines of worker RPCs: a step may wait behind a compile of another job on the island.

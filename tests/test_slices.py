@@ -295,8 +295,10 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
         # The host stopped after the step it was running (and one more at most in flight).
         # (+0.2 s: the host shares this process's GIL, on a busy 2-core machine.)
         assert (last_end - cancel[0]) / 1e9 <= 3 * step_s + 0.2, (last_end - cancel[0], step_s)
-        after = program("abandoned", 153, d=256, start_step=len(ran))
-        assert await dispatcher.run(after, [island]) == 153 - len(ran)
+        # The job goes on from the host's last step (a few past the 150 the dispatcher had
+        # read when it stopped: replies come coalesced, REPLY_HOLD_S).
+        after = program("abandoned", len(ran) + 3, d=256, start_step=len(ran))
+        assert await dispatcher.run(after, [island]) == 3
         await dispatcher.unload("abandoned", [island])
         await island.close()
 
@@ -417,6 +419,79 @@ def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(
         )
         assert [r.island_seq async for m in after for r in m.steps] == [40, 41]
         await dispatcher.unload("a", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_slice_run_back_to_back_keeps_run_steps_replays_and_stops_at_an_unload(host):
+    """The host runs a slice's steps back to back on its runtime thread (workers/slices.py):
+    a RunStep retry of a step of the slice, run or still to run, gets its recorded reply
+    (replayed); an UnloadJob in the middle of a slice stops it at the next step boundary
+    with NOT_FOUND, and the island goes on at the next number."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(30)
+        await dispatcher.load(program("b2b", 100_000, d=512), [island])
+
+        def slice_request(first_step: int, count: int, first_seq: int):
+            return worker_pb2.RunSliceRequest(
+                job_id="b2b",
+                generation=0,
+                epoch=30,
+                first_step=first_step,
+                count=count,
+                first_island_seq=first_seq,
+            )
+
+        call = stub.RunSlice(slice_request(0, 300, 0), timeout=60)
+        stream = _HostStream(call)
+        first = await stream.next()
+
+        def retry(step: int):
+            return stub.RunStep(
+                worker_pb2.RunStepRequest(
+                    job_id="b2b", generation=0, step=step, island_seq=step, epoch=30
+                ),
+                timeout=60,
+            )
+
+        # Step 299 has not run yet: its retry waits for it and gets its reply.
+        late = asyncio.ensure_future(retry(299))
+        early = await retry(0)
+        assert early.replayed and early.loss == first.loss and early.island_seq == 0
+        replies = [first] + [await stream.next() for _ in range(299)]
+        assert [r.step for r in replies] == list(range(300))
+        assert not any(r.replayed for r in replies)
+        assert (await late).replayed and (await late).loss == replies[-1].loss
+        assert (await stub.Info(worker_pb2.InfoRequest())).next_island_seq == 300
+
+        # An unload in the middle of a long slice stops it at a step boundary.
+        call = stub.RunSlice(slice_request(300, 50_000, 300), timeout=60)
+        stream = _HostStream(call)
+        assert (await stream.next()).step == 300
+        unloaded = time.time_ns()
+        await dispatcher.unload("b2b", [island])
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            while True:
+                await stream.next()
+        assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "unloaded" in failed.value.details()
+        ran = [
+            e
+            for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+            if e.job_id == "b2b" and e.epoch == 30
+        ]
+        assert 301 <= len(ran) < 300 + 50_000
+        assert max(e.start_unix_ns for e in ran) < unloaded
+        # Every number of the slice was used: the island's next job is not held up.
+        assert (await stub.Info(worker_pb2.InfoRequest())).next_island_seq == 300 + 50_000
+        await dispatcher.load(program("next", 10), [island])
+        island.next_seq = 300 + 50_000  # the raw RunSlices above were not the dispatcher's
+        assert await dispatcher.run(program("next", 10), [island]) == 10
+        await dispatcher.unload("next", [island])
         await island.close()
 
     asyncio.run(main())

@@ -58,7 +58,7 @@ SKIP_WAIT_S = 600.0
 # A RunSlice stream writes at most about one message per REPLY_HOLD_S: a step's reply ready
 # sooner after the previous message waits that long for the replies of the steps after it,
 # so fast steps cost the host and the controller one message per millisecond, not per step.
-REPLY_HOLD_S = 0.002
+REPLY_HOLD_S = 0.010
 
 
 async def coalesced_replies(
@@ -151,10 +151,68 @@ class StepRecords:
             return _replayed(await asyncio.shield(self.inflight[key]))
         return None
 
+    def known(self, key: tuple[int, int]) -> bool:
+        """Whether `key` ran or is queued or running."""
+        return key in self.results or key in self.inflight
+
+    def claim(self, key: tuple[int, int]) -> asyncio.Future:
+        """Mark `key` in flight; returns the future its retries wait on."""
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.inflight[key] = future
+        return future
+
     def record(self, key: tuple[int, int], outcome: Outcome) -> None:
         self.results[key] = outcome
         while len(self.results) > self.limit:
             self.results.popitem(last=False)
+
+    def settle(self, key: tuple[int, int], outcome: Outcome, future: asyncio.Future) -> None:
+        """`key` ended with `outcome`: recorded, and its retries get it."""
+        self.inflight.pop(key, None)
+        self.record(key, outcome)
+        if not future.done():
+            future.set_result(outcome)
+
+    def release(self, key: tuple[int, int], future: asyncio.Future, why: str) -> None:
+        """`key` will not run (its number was used): nothing recorded, a waiting retry gets
+        ABORTED naming `why`."""
+        self.inflight.pop(key, None)
+        if not future.done():
+            future.set_result(RpcRejection(grpc.StatusCode.ABORTED, why))
+
+    async def run(
+        self,
+        key: tuple[int, int],
+        execute: Callable[[], Awaitable[Outcome]],
+        future: asyncio.Future,
+    ) -> worker_pb2.RunStepReply:
+        """Run a step whose number was taken (`future`: its in-flight future, `claim`):
+        `execute` it and record its outcome (ABORTED when cancelled; nothing when it was cut,
+        StepNotRun).
+
+        Raises:
+            RpcRejection: the step's rejection.
+        """
+        outcome: Outcome | None = None
+        try:
+            outcome = await execute()
+        except StepNotRun as e:
+            # Cut before it started: nothing to replay, the step comes again in a later slice.
+            future.set_result(RpcRejection(grpc.StatusCode.ABORTED, str(e)))
+            raise
+        except BaseException as e:  # cancelled while queued: later retries see the error
+            outcome = RpcRejection(
+                grpc.StatusCode.ABORTED, f"step {key[1]} did not complete: {e!r}."
+            )
+            raise
+        finally:
+            self.inflight.pop(key, None)
+            if outcome is not None:
+                self.record(key, outcome)
+                future.set_result(outcome)
+        if isinstance(outcome, RpcRejection):
+            raise outcome
+        return outcome
 
 
 def _replayed(outcome: Outcome) -> worker_pb2.RunStepReply:
@@ -233,7 +291,7 @@ class StepOrder:
             self._seq_event.set()
             self._seq_event = None
 
-    async def _wait_for_seq(self, island_seq: int, epoch: int, timeout_s: float) -> None:
+    async def wait_turn(self, island_seq: int, epoch: int, timeout_s: float) -> None:
         """Wait until every number before `island_seq` was received (or the epoch changed)."""
         deadline = time.monotonic() + timeout_s
         while island_seq > self.next_seq and epoch == self.newest_epoch:
@@ -255,7 +313,7 @@ class StepOrder:
         async def skip_all() -> None:
             for seq in island_seqs:
                 if seq > self.next_seq:
-                    await self._wait_for_seq(seq, epoch, SKIP_WAIT_S)
+                    await self.wait_turn(seq, epoch, SKIP_WAIT_S)
                 if epoch != self.newest_epoch or seq > self.next_seq:
                     return
                 if seq == self.next_seq:
@@ -312,7 +370,7 @@ class StepOrder:
             # A window of steps in flight: this one may have overtaken an earlier one on the
             # wire. Wait briefly for the missing numbers, then queue behind them in seq order.
             wait_s = self.gap_wait_s if gap_wait_s is None else gap_wait_s
-            await self._wait_for_seq(island_seq, epoch, wait_s)
+            await self.wait_turn(island_seq, epoch, wait_s)
             self.check_epoch(epoch)
             replay = await records.replay(key)
             if replay is not None:
@@ -330,25 +388,14 @@ class StepOrder:
             )
         self.next_seq += 1
         self._advanced()
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        records.inflight[key] = future
-        outcome: Outcome | None = None
-        try:
-            outcome = await execute()
-        except StepNotRun as e:
-            # Cut before it started: nothing to replay, the step comes again in a later slice.
-            future.set_result(RpcRejection(grpc.StatusCode.ABORTED, str(e)))
-            raise
-        except BaseException as e:  # cancelled while queued: later retries see the error
-            outcome = RpcRejection(
-                grpc.StatusCode.ABORTED, f"step {key[1]} did not complete: {e!r}."
-            )
-            raise
-        finally:
-            records.inflight.pop(key, None)
-            if outcome is not None:
-                records.record(key, outcome)
-                future.set_result(outcome)
-        if isinstance(outcome, RpcRejection):
-            raise outcome
-        return outcome
+        return await records.run(key, execute, records.claim(key))
+
+    def claim(self, records: StepRecords, keys: list[tuple[int, int]], island_seq: int) -> list:
+        """Take the numbers `island_seq`.. for `keys` (steps not run nor in flight, the
+        first one's turn now), as many RunSteps would one after the other; returns each
+        key's in-flight future (for `StepRecords.run`, `settle` or `release`)."""
+        if island_seq != self.next_seq:
+            raise ValueError(f"island_seq={island_seq} is not the next one ({self.next_seq})")
+        self.next_seq += len(keys)
+        self._advanced()
+        return [records.claim(key) for key in keys]

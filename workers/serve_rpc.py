@@ -109,9 +109,19 @@ class SliceCut:
         self.hold_until = 0.0
         self.before: int | None = None
         self._changed = asyncio.Event()
+        # A slice running back to back on the runtime thread checks the cut and marks its
+        # steps started under this lock (`start_now`), so `apply` never misses a step.
+        self._mutex = threading.Lock()
 
     def apply(self, request: worker_pb2.CutSliceRequest) -> int:
         """Apply a CutSlice phase; returns the first step of the job not started here."""
+        with self._mutex:
+            started = self._apply(request)
+        self._changed.set()
+        self._changed = asyncio.Event()
+        return started
+
+    def _apply(self, request: worker_pb2.CutSliceRequest) -> int:
         phase = worker_pb2.CutSliceRequest
         started = self.next_step if self.generation == request.generation else 0
         if request.phase in (phase.HOLD, phase.CUT) and (
@@ -133,9 +143,28 @@ class SliceCut:
             self.hold_from = None
         else:
             self.hold_from = None
-        self._changed.set()
-        self._changed = asyncio.Event()
         return started
+
+    def _concerns(self, generation: int, island_seq: int, epoch: int) -> bool:
+        return (
+            generation == self.cut_generation
+            and epoch == self.cut_epoch
+            and island_seq < self.seq_below
+        )
+
+    def _started(self, generation: int, step: int) -> None:
+        if generation != self.generation:
+            self.generation, self.next_step = generation, 0
+        self.next_step = max(self.next_step, step + 1)
+
+    def start_now(self, generation: int, step: int, island_seq: int, epoch: int) -> bool:
+        """Mark the step started unless a cut concerns it (then False: it goes through
+        `admit` on the event loop). Thread-safe: the runtime thread's check."""
+        with self._mutex:
+            if self._concerns(generation, island_seq, epoch):
+                return False
+            self._started(generation, step)
+            return True
 
     async def admit(self, generation: int, step: int, island_seq: int, epoch: int) -> None:
         """Wait while the step is held; mark it started.
@@ -143,11 +172,7 @@ class SliceCut:
         Raises:
             StepNotRun: the step is cut (its slice ends before it).
         """
-        while (
-            generation == self.cut_generation
-            and epoch == self.cut_epoch
-            and island_seq < self.seq_below
-        ):
+        while self._concerns(generation, island_seq, epoch):
             if self.before is not None and step >= self.before:
                 raise StepNotRun(f"step {step} was cut (serving); it runs in a later slice.")
             if self.hold_from is None or step < self.hold_from:
@@ -161,9 +186,8 @@ class SliceCut:
                 await asyncio.wait_for(self._changed.wait(), left)
             except TimeoutError:
                 pass
-        if generation != self.generation:
-            self.generation, self.next_step = generation, 0
-        self.next_step = max(self.next_step, step + 1)
+        with self._mutex:
+            self._started(generation, step)
 
 
 class ServingHost:

@@ -39,7 +39,6 @@ from .exchange_service import ExchangeServicer
 from .host import HostMetadata, info_reply
 from .memory import job_memory, live_bytes_total, memory_proto
 from .ordering import (
-    SLICE_END,
     StepNotRun,
     StepOrder,
     StepRecords,
@@ -63,6 +62,7 @@ from .runtime import IslandJobSpec, JobRuntime, JobSpecError, RuntimeUnavailable
 from .runtimes import RuntimeFactory, make_runtime
 from .serve_rpc import ServingHost
 from .serving import SERVICE_NAME, BackgroundServer, serve  # noqa: F401 (re-exported)
+from .slices import SliceRun
 from .tls import TlsConfig
 
 logger = logging.getLogger(__name__)
@@ -515,57 +515,31 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         """Run a slice of steps back to back, streaming their replies in step order (coalesced:
         `coalesced_replies`).
 
-        Every step goes through RunStep's path (ordering, idempotency, checkpoints). The
-        stream ends at the first failed step with its status; the island_seq numbers of the
-        steps not run are skipped when their turn comes, so the island's next steps are not
-        held up by them.
+        The steps run back to back on the runtime thread where they can, one at a time
+        through RunStep's path where they cannot (workers/slices.py); either way each has
+        RunStep's semantics (ordering, idempotency, checkpoints). The stream ends at the
+        first failed step with its status; the island_seq numbers of the steps not run are
+        skipped, so the island's next steps are not held up by them.
         """
         received_ns = time.time_ns()
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
         steps = slice_steps(request)
         # A slice queued behind other slices (or an Evaluate holding the device) waits for
-        # its island_seq numbers as long as its stream lives, not the short gap wait of a
-        # lone RunStep that overtook another on the wire.
+        # its island_seq numbers as long as its stream lives.
         remaining = context.time_remaining() if context is not None else None
         wait_until = time.monotonic() + (remaining if remaining is not None else 0.0)
-        # The steps run in a task of their own, back to back, while this handler writes
-        # their replies: a step never waits for the previous reply's write. When the stream
-        # goes (cancelled, or a step failed), the step in progress completes and is
-        # recorded, and the island_seq numbers of the steps not started are skipped.
-        replies: asyncio.Queue = asyncio.Queue()
-        stop = asyncio.Event()
-
-        async def produce() -> None:
-            for index, step in enumerate(steps):
-                if stop.is_set():
-                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
-                    return
-                try:
-                    gap_wait_s = max(self.order.gap_wait_s, wait_until - time.monotonic())
-                    reply = await self._run_step(step, received_ns, gap_wait_s)
-                except StepNotRun:
-                    # Cut for serving (CutSlice): the slice ends before this step, whose
-                    # number was used; the numbers of the steps after it are skipped.
-                    self.order.skip_when_due(
-                        [s.island_seq for s in steps[index + 1 :]], request.epoch
-                    )
-                    replies.put_nowait(SLICE_END)
-                    return
-                except BaseException as e:  # noqa: BLE001 - handed to the stream
-                    replies.put_nowait(e)
-                    self.order.skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
-                    return
-                replies.put_nowait(reply)
-
-        producer = asyncio.ensure_future(produce())
+        # The steps run in a task of their own while this handler writes their replies: a
+        # step never waits for the previous reply's write.
+        run = SliceRun(self, steps, request.epoch, received_ns, wait_until)
+        producer = asyncio.ensure_future(run.produce())
         self._slices.add(producer)
         producer.add_done_callback(self._slices.discard)
         try:
-            async for message in coalesced_replies(replies, len(steps)):
+            async for message in coalesced_replies(run.replies, len(steps)):
                 yield message
         finally:
-            stop.set()
+            run.stop()
 
     async def _run_step(
         self,
@@ -599,55 +573,72 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             request.generation, request.step, request.island_seq, request.epoch
         )
         async with self._lock:
-            if self.order.is_stale(request.epoch):
-                return RpcRejection(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"epoch={request.epoch} became older than the newest controller epoch "
-                    f"{self.order.newest_epoch} while step {request.step} was queued.",
-                )
-            if self._jobs.get(request.job_id) is not job:
-                return RpcRejection(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"job_id={request.job_id!r} was unloaded while step {request.step} was queued.",
-                )
-            self._running_job = request.job_id
-            started = [time.time_ns()]
-            try:
-                weights = tuple(request.mixture_weights)
-                extra = {"weights": weights} if weights else {}
-                # Serving goes first: the step waits while requests decode (issue 18). Its
-                # start is taken after that wait: the serve job's time is not the step's.
-                result: StepResult = await self._on_runtime_thread(
-                    self.training_step,
-                    functools.partial(job.runtime.run_step, request.step, **extra),
-                    job.runtime,
-                    lambda: started.__setitem__(0, time.time_ns()),
-                )
-            except Exception as e:
-                return _step_rejection(e, request)
-            finally:
-                self._running_job = ""
-            end_ns = time.time_ns()
-            start_ns = started[0]
-            if request.checkpoint and job.checkpoints.writes:
-                await self._on_runtime_thread(job.checkpoints.save_after_step, request.step)
-            committed = job.checkpoints.committed
-            self.execution_log.append(
-                worker_pb2.ExecutionEntry(
-                    job_id=request.job_id,
-                    generation=request.generation,
-                    step=request.step,
-                    island_seq=request.island_seq,
-                    start_unix_ns=start_ns,
-                    end_unix_ns=end_ns,
-                    epoch=request.epoch,
-                    received_unix_ns=received_ns,
-                    slices=[
-                        worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
-                        for n, a, b in result.slices
-                    ],
-                )
+            refused = self._refusal(job, request)
+            if refused is not None:
+                return refused
+            return await self._on_runtime_thread(self.step_on_thread, job, request, received_ns)
+
+    def _refusal(self, job: _Job, request: worker_pb2.RunStepRequest) -> RpcRejection | None:
+        """Why a queued step may not run now (a newer controller, the job unloaded), or None."""
+        if self.order.is_stale(request.epoch):
+            return RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"epoch={request.epoch} became older than the newest controller epoch "
+                f"{self.order.newest_epoch} while step {request.step} was queued.",
             )
+        if self._jobs.get(request.job_id) is not job:
+            return RpcRejection(
+                grpc.StatusCode.NOT_FOUND,
+                f"job_id={request.job_id!r} was unloaded while step {request.step} was queued.",
+            )
+        return None
+
+    def step_on_thread(
+        self, job: _Job, request: worker_pb2.RunStepRequest, received_ns: int
+    ) -> worker_pb2.RunStepReply | RpcRejection:
+        """Run one admitted step on the runtime thread (under the device lock): the step, its
+        checkpoint, its execution-log entry; returns its reply or its rejection.
+
+        Raises:
+            CheckpointWriteError: the step's checkpoint could not be written.
+        """
+        self._running_job = request.job_id
+        started = [time.time_ns()]
+        try:
+            weights = tuple(request.mixture_weights)
+            extra = {"weights": weights} if weights else {}
+            # Serving goes first: the step waits while requests decode (issue 18). Its
+            # start is taken after that wait: the serve job's time is not the step's.
+            result: StepResult = self.training_step(
+                functools.partial(job.runtime.run_step, request.step, **extra),
+                job.runtime,
+                lambda: started.__setitem__(0, time.time_ns()),
+            )
+        except Exception as e:
+            return _step_rejection(e, request)
+        finally:
+            self._running_job = ""
+        end_ns = time.time_ns()
+        start_ns = started[0]
+        if request.checkpoint and job.checkpoints.writes:
+            job.checkpoints.save_after_step(request.step)
+        committed = job.checkpoints.committed
+        self.execution_log.append(
+            worker_pb2.ExecutionEntry(
+                job_id=request.job_id,
+                generation=request.generation,
+                step=request.step,
+                island_seq=request.island_seq,
+                start_unix_ns=start_ns,
+                end_unix_ns=end_ns,
+                epoch=request.epoch,
+                received_unix_ns=received_ns,
+                slices=[
+                    worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
+                    for n, a, b in result.slices
+                ],
+            )
+        )
         return worker_pb2.RunStepReply(
             job_id=request.job_id,
             generation=request.generation,
