@@ -2,9 +2,10 @@
 
 The controller grants a job a *slice* of K consecutive steps and sends it to every host of the
 job's islands as one `RunSlice(job, generation, epoch, first_step, count, first_island_seq)`
-stream per host; the host runs the steps back to back and streams their replies (coalesced:
-the replies ready when a message is written, about one message per millisecond at most), which
-the controller consumes step by step in step order. K is chosen from the job's measured step time so
+stream per host; the host runs the steps back to back on its runtime thread
+(workers/slices.py) and streams their replies (coalesced: the replies ready when a message is
+written, about one message per 10 ms at most, REPLY_HOLD_S), which the controller consumes
+step by step in step order. K is chosen from the job's measured step time so
 that a slice lasts about `slice_s` (default 50 ms; K = 1 for longer steps), and ends at the
 program's end and at the next checkpoint. The next slice is granted and sent while the current
 one still has about `lead_s` to go (a window of at most `window` slices in flight), so an

@@ -472,8 +472,8 @@ def test_a_slice_run_back_to_back_keeps_run_steps_replays_and_stops_at_an_unload
         call = stub.RunSlice(slice_request(300, 50_000, 300), timeout=60)
         stream = _HostStream(call)
         assert (await stream.next()).step == 300
-        unloaded = time.time_ns()
         await dispatcher.unload("b2b", [island])
+        unloaded = time.time_ns()
         with pytest.raises(grpc.aio.AioRpcError) as failed:
             while True:
                 await stream.next()
@@ -492,6 +492,71 @@ def test_a_slice_run_back_to_back_keeps_run_steps_replays_and_stops_at_an_unload
         island.next_seq = 300 + 50_000  # the raw RunSlices above were not the dispatcher's
         assert await dispatcher.run(program("next", 10), [island]) == 10
         await dispatcher.unload("next", [island])
+        await island.close()
+
+    asyncio.run(main())
+
+
+def test_a_slice_held_by_a_serving_cut_keeps_the_island_order(host):
+    """A cut's HOLD reaches a slice running back to back: the slice's steps after it wait
+    under the device lock, so another job's slice, whose numbers come after, does not run
+    while they are held; after the CUT the steps before it run, the slice ends there, and
+    the other job's slice runs. The island's steps ran in island_seq order throughout."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(31)
+        for job_id in ("held", "other"):
+            await dispatcher.load(program(job_id, 100_000, d=512), [island])
+
+        def slice_request(job_id: str, count: int, first_seq: int):
+            return worker_pb2.RunSliceRequest(
+                job_id=job_id,
+                generation=0,
+                epoch=31,
+                first_step=0,
+                count=count,
+                first_island_seq=first_seq,
+            )
+
+        def cut(phase, **kw):
+            return stub.CutSlice(
+                worker_pb2.CutSliceRequest(
+                    job_id="held", generation=0, epoch=31, phase=phase, seq_below=100_000, **kw
+                ),
+                timeout=10,
+            )
+
+        held = _HostStream(stub.RunSlice(slice_request("held", 100_000, 0), timeout=60))
+        assert (await held.next()).step == 0
+        other_call = stub.RunSlice(slice_request("other", 5, 100_000), timeout=60)
+        other_read = asyncio.ensure_future(_HostStream(other_call).next())
+        phase = worker_pb2.CutSliceRequest
+        started = (await cut(phase.HOLD, hold_s=30)).next_step
+        await asyncio.sleep(0.5)
+        assert not other_read.done()  # the held slice's numbers come first
+        log = (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+        assert not [e for e in log if e.job_id == "other" and e.epoch == 31]
+        await cut(phase.CUT, before_step=started + 3)
+        replies = []
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # the held slice ends at the cut...
+            while True:
+                replies.append(await held.next())
+        assert "ended the slice's stream before its last step" in ended.value.details()
+        assert replies[-1].step == started + 2
+        assert (await other_read).step == 0  # ...and the other job's slice runs after it
+        other_call.cancel()
+        log = [
+            e
+            for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+            if e.epoch == 31
+        ]
+        by_start = sorted(log, key=lambda e: e.start_unix_ns)
+        assert [e.island_seq for e in by_start] == sorted(e.island_seq for e in log)
+        assert max(e.step for e in log if e.job_id == "held") == started + 2
+        for job_id in ("held", "other"):
+            await dispatcher.unload(job_id, [island])
         await island.close()
 
     asyncio.run(main())

@@ -180,3 +180,28 @@ def test_the_ordering_rules_import_no_jax() -> None:
         "assert 'jax' not in sys.modules, 'ordering imported jax'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_claimed_steps_that_never_run_are_run_by_a_call_waiting_for_them() -> None:
+    """A slice takes its numbers at once (`claim`); a step its slice ended before (released)
+    is run by a RunStep that was waiting for it, under its own number, not refused."""
+
+    async def main():
+        order, records, steps = StepOrder(), StepRecords(), Steps()
+        order.check_epoch(1)
+        futures = order.claim(records, [(0, 0), (0, 1), (0, 2)], 0)
+        assert order.next_seq == 3 and records.known((0, 2))
+        ran = await records.run((0, 0), steps(0), futures[0])
+        assert ran.step == 0
+        waiting = asyncio.ensure_future(order.run_step(records, (0, 1), 3, 1, steps(1)))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # step 1 is in flight in the slice
+        for key, future in zip([(0, 1), (0, 2)], futures[1:], strict=True):
+            records.release(key, future)
+        reply = await waiting
+        assert reply.step == 1 and not reply.replayed
+        assert steps.ran == [0, 1] and order.next_seq == 4
+        assert not records.known((0, 2))  # released: nothing recorded
+        assert (await order.run_step(records, (0, 0), 4, 1, steps(0))).replayed
+
+    run(main())

@@ -566,20 +566,34 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def _execute_step(
-        self, job: _Job, request: worker_pb2.RunStepRequest, received_ns: int
+        self,
+        job: _Job,
+        request: worker_pb2.RunStepRequest,
+        received_ns: int,
+        locked: bool = False,
     ) -> worker_pb2.RunStepReply | RpcRejection:
+        """Admit a step (a serving cut), then run it under the device lock (`locked`: the
+        caller holds it, a slice's step, workers/slices.py)."""
         # A cut for serving (CutSlice) holds or ends the slice at this step boundary.
         await self.slice_cut(request.job_id).admit(
             request.generation, request.step, request.island_seq, request.epoch
         )
+        if locked:
+            return await self._step_now(job, request, received_ns)
         async with self._lock:
-            refused = self._refusal(job, request)
-            if refused is not None:
-                return refused
-            return await self._on_runtime_thread(self.step_on_thread, job, request, received_ns)
+            return await self._step_now(job, request, received_ns)
+
+    async def _step_now(
+        self, job: _Job, request: worker_pb2.RunStepRequest, received_ns: int
+    ) -> worker_pb2.RunStepReply | RpcRejection:
+        refused = self._refusal(job, request)
+        if refused is not None:
+            return refused
+        return await self._on_runtime_thread(self.step_on_thread, job, request, received_ns)
 
     def _refusal(self, job: _Job, request: worker_pb2.RunStepRequest) -> RpcRejection | None:
-        """Why a queued step may not run now (a newer controller, the job unloaded), or None."""
+        """Why a queued step may not run now (a newer controller, the job unloaded or
+        suspended), or None."""
         if self.order.is_stale(request.epoch):
             return RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -590,6 +604,12 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             return RpcRejection(
                 grpc.StatusCode.NOT_FOUND,
                 f"job_id={request.job_id!r} was unloaded while step {request.step} was queued.",
+            )
+        if job.runtime.suspended:
+            return RpcRejection(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job {request.job_id!r} was suspended while step {request.step} was queued; "
+                "Resume it first.",
             )
         return None
 

@@ -2,14 +2,18 @@
 nothing needs the event loop, one at a time through RunStep's path when something does.
 
 Back to back: the slice's island_seq numbers are taken at once (its first one's turn come,
-none of its steps run or in flight), the device lock is held for the slice, and the runtime
-thread runs step after step without returning to the event loop in between; each outcome is
-recorded and streamed as it comes (one loop wake-up carries every outcome ready since the
-last). The thread stops at a step boundary when the stream goes, a step fails, a newer
-controller epoch is adopted, the job is unloaded, or a serving cut concerns the next step
-(SliceCut.start_now); in the last three cases the steps left go one at a time, where the
-cut's hold and the refusals are handled. Per-step semantics are RunStep's (workers/ordering.py):
-idempotent on (generation, step), recorded outcomes, checkpoints at their steps.
+none of its steps run or in flight), the device lock is held for the whole slice, and the
+runtime thread runs step after step without returning to the event loop in between; each
+outcome is recorded and streamed as it comes (one loop wake-up carries every outcome ready
+since the last). The thread stops at a step boundary when the stream goes, a step fails, a
+newer controller epoch is adopted, the job is unloaded or suspended, or a serving cut
+concerns the next step (SliceCut.start_now); in the last four cases the steps left go one at
+a time on the event loop, still under the device lock, where the cut's hold and the refusals
+are handled: the island's steps run in island_seq order whatever happens (another slice,
+whose numbers come after this one's, waits for the lock). Per-step semantics are RunStep's
+(workers/ordering.py): idempotent on (generation, step), recorded outcomes, checkpoints at
+their steps. RPCs that need the device (Suspend, SaveCheckpoint, Evaluate...) wait for the
+slice in progress, as they waited for the steps queued before them.
 """
 
 from __future__ import annotations
@@ -102,96 +106,68 @@ class SliceRun:
         self.wait_until = wait_until
         self.replies: asyncio.Queue = asyncio.Queue()
         self._halt = threading.Event()
-        self.back_to_back = 0  # steps run back to back (for the tests)
+        # Whether the stream's end stops the slice run back to back (`_stops`).
+        self._collective = False
 
     def stop(self) -> None:
         """The stream is gone: the step in progress completes and is recorded; the steps
-        not started do not run."""
+        not started do not run (a collective job's slice run back to back runs to its end,
+        `_stops`)."""
         self._halt.set()
+
+    def _stops(self) -> bool:
+        """Whether the slice stops here because its stream went. A step of a collective job
+        (the hosts of a multi-host island in one XLA program, islands exchanging gradients,
+        pipeline stages) is run by every host of the job, and their streams end at different
+        moments (a controller's death): each stopping at its own step boundary would leave
+        one host in a collective its peers never join (a CI run saw a two-host island's
+        host die so). Their slices, the same steps on every host, run to their end, so the
+        hosts stop at one step; a failed or aborted step still ends the slice at once."""
+        return self._halt.is_set() and not self._collective
 
     def _gap_wait_s(self) -> float:
         return max(self.host.order.gap_wait_s, self.wait_until - time.monotonic())
 
     async def produce(self) -> None:
-        start, claimed = 0, None
-        if _consecutive(self.steps):
-            start, claimed = await self._back_to_back()
-            if start is None:
-                return
-        await self._one_at_a_time(start, claimed)
+        if _consecutive(self.steps) and await self._back_to_back():
+            return
+        await self._one_at_a_time()
 
     # ---- one at a time (RunStep's path) --------------------------------------------------
 
-    async def _one_at_a_time(self, start: int, claimed: list[asyncio.Future] | None) -> None:
-        """Steps `start`.. one at a time; `claimed`: their in-flight futures when their
-        numbers were taken (back to back stopped), else None."""
-        for index in range(start, len(self.steps)):
-            step = self.steps[index]
+    async def _one_at_a_time(self) -> None:
+        """The steps one at a time through RunStep's path (a slice that could not start back
+        to back: a retried one, numbers not consecutive; that path gives the refusals)."""
+        order = self.host.order
+        for index, step in enumerate(self.steps):
             if self._halt.is_set():
-                self._give_up(index, start, claimed)
+                order.skip_when_due([s.island_seq for s in self.steps[index:]], self.epoch)
                 return
             try:
-                if claimed is None:
-                    reply = await self.host._run_step(step, self.received_ns, self._gap_wait_s())
-                else:
-                    reply = await self._run_claimed(step, claimed[index - start])
+                reply = await self.host._run_step(step, self.received_ns, self._gap_wait_s())
             except StepNotRun:
                 # Cut for serving (CutSlice): the slice ends before this step, whose number
                 # was used; the numbers of the steps after it are skipped.
-                self._give_up(index + 1, start, claimed)
+                order.skip_when_due([s.island_seq for s in self.steps[index + 1 :]], self.epoch)
                 self.replies.put_nowait(SLICE_END)
                 return
             except BaseException as e:  # noqa: BLE001 - handed to the stream
                 self.replies.put_nowait(e)
-                self._give_up(index, start, claimed)
+                order.skip_when_due([s.island_seq for s in self.steps[index:]], self.epoch)
                 return
             self.replies.put_nowait(reply)
 
-    async def _run_claimed(
-        self, step: worker_pb2.RunStepRequest, future: asyncio.Future
-    ) -> worker_pb2.RunStepReply:
-        host, job = self.host, self._job
-        if job.runtime.suspended:
-            raise RpcRejection(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"job {step.job_id!r} is suspended; Resume it before step {step.step}.",
-            )
-        return await job.records.run(
-            (step.generation, step.step),
-            lambda: host._execute_step(job, step, self.received_ns),
-            future,
-        )
-
-    def _give_up(self, index: int, start: int, claimed: list[asyncio.Future] | None) -> None:
-        """Steps `index`.. will not run: their numbers are skipped when their turns come (or
-        were taken already: their waiting retries get ABORTED)."""
-        rest = self.steps[index:]
-        if claimed is None:
-            self.host.order.skip_when_due([s.island_seq for s in rest], self.epoch)
-            return
-        for i, step in enumerate(rest, start=index):
-            self._records.release(
-                (step.generation, step.step),
-                claimed[i - start],
-                f"step {step.step} did not run: its slice ended before it.",
-            )
-
     # ---- back to back --------------------------------------------------------------------
 
-    async def _back_to_back(self) -> tuple[int | None, list[asyncio.Future] | None]:
-        """Run the steps back to back on the runtime thread, as far as they go.
-
-        Returns:
-            (None, None) when the slice ended (every step ran, one failed, or the stream
-            went); (0, None) when it could not start (the steps go one at a time, RunStep's
-            path, which gives the refusals); (index, their in-flight futures) when the steps
-            from `index` go one at a time with their numbers taken.
-        """
+    async def _back_to_back(self) -> bool:
+        """Run the slice with its numbers taken at once and the device lock held: back to
+        back on the runtime thread as far as it goes, the rest one at a time (module
+        docstring). Returns False when it could not start (nothing was taken)."""
         host, order, steps = self.host, self.host.order, self.steps
         first = steps[0]
         job = host._jobs.get(first.job_id)
         if job is None or job.spec.generation != first.generation:
-            return 0, None
+            return False
         if first.island_seq > order.next_seq:
             await order.wait_turn(first.island_seq, self.epoch, self._gap_wait_s())
         keys = [(s.generation, s.step) for s in steps]
@@ -203,10 +179,15 @@ class SliceRun:
             or job.runtime.suspended
             or any(job.records.known(key) for key in keys)
         ):
-            return 0, None
+            return False
         futures = order.claim(job.records, keys, first.island_seq)
-        self._job, self._records = job, job.records
         cut = host.slice_cut(first.job_id)
+        spec = job.spec
+        self._collective = (
+            host.metadata.num_hosts > 1
+            or getattr(spec, "num_islands", 1) > 1
+            or getattr(spec, "pipeline", None) is not None
+        )
 
         def deliver(index: int, outcome: Outcome | BaseException) -> None:
             recorded = outcome
@@ -218,31 +199,30 @@ class SliceRun:
             self.replies.put_nowait(outcome)
 
         outbox = _Outbox(asyncio.get_running_loop(), deliver)
-        index, why = 0, _ONE_AT_A_TIME
         try:
             async with host._lock:
+                index, why = 0, _ONE_AT_A_TIME
                 if host._refusal(job, first) is None:
                     index, why = await host._on_runtime_thread(self._run, job, cut, outbox)
+                outbox.drain()
+                if why == _ONE_AT_A_TIME:
+                    index = await self._rest_under_lock(job, index, keys, futures)
         except BaseException as e:  # noqa: BLE001 - handed to the stream
+            self._collective = False  # the thread stops at its next step boundary
+            self._halt.set()
             outbox.drain()
             self.replies.put_nowait(e)
-            for key, future in zip(keys, futures, strict=True):
-                job.records.release(key, future, f"step {key[1]} did not run: {e!r}.")
-            return None, None
-        outbox.drain()
-        self.back_to_back = index
-        if why == _ONE_AT_A_TIME:
-            return index, futures[index:]
+            index = 0
         for key, future in zip(keys[index:], futures[index:], strict=True):
-            job.records.release(key, future, f"step {key[1]} did not run: its slice ended.")
-        return None, None
+            job.records.release(key, future)
+        return True
 
     def _run(self, job: Any, cut: Any, outbox: _Outbox) -> tuple[int, str]:
         """On the runtime thread: the steps, back to back, until one needs the event loop.
         Returns (the first step not run, why it stopped)."""
         host = self.host
         for index, step in enumerate(self.steps):
-            if self._halt.is_set():
+            if self._stops():
                 return index, _HALTED
             if host._refusal(job, step) is not None or not cut.start_now(
                 step.generation, step.step, step.island_seq, step.epoch
@@ -257,6 +237,32 @@ class SliceRun:
             if isinstance(outcome, RpcRejection):
                 return index + 1, _FAILED
         return len(self.steps), _DONE
+
+    async def _rest_under_lock(
+        self, job: Any, start: int, keys: list[tuple[int, int]], futures: list[asyncio.Future]
+    ) -> int:
+        """Steps `start`.. one at a time under the device lock (a cut's hold, a refusal);
+        returns the first step not run."""
+        host = self.host
+        for index in range(start, len(self.steps)):
+            step = self.steps[index]
+            if self._stops():
+                return index
+            try:
+                reply = await job.records.run(
+                    keys[index],
+                    lambda step=step: host._execute_step(job, step, self.received_ns, locked=True),
+                    futures[index],
+                )
+            except StepNotRun:
+                # Cut for serving (CutSlice): the slice ends before this step.
+                self.replies.put_nowait(SLICE_END)
+                return index + 1
+            except BaseException as e:  # noqa: BLE001 - handed to the stream
+                self.replies.put_nowait(e)
+                return index + 1
+            self.replies.put_nowait(reply)
+        return len(self.steps)
 
 
 def _consecutive(steps: list[worker_pb2.RunStepRequest]) -> bool:
