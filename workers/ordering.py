@@ -59,11 +59,13 @@ SKIP_WAIT_S = 600.0
 
 # A RunSlice stream writes at most about one message per REPLY_HOLD_S: a step's reply ready
 # sooner after the previous message waits that long for the replies of the steps after it,
-# so fast steps cost the host and the controller one message per 10 ms, not per step (trivial
-# PaLM steps through the controller: 875 steps/s with 2 ms, 1,030 with 10 ms, the same with
-# 25 ms; each message is event-loop work on both sides that takes the GIL from the step). The
-# dispatcher sends the next slice DEFAULT_LEAD_S (25 ms) ahead, more than this lag.
-REPLY_HOLD_S = 0.010
+# so fast steps cost the host and the controller one message per 25 ms, not per step. Each
+# message is event-loop work on both sides that takes the GIL and a core from the step
+# (trivial PaLM steps through the controller, bench/dispatch.py's job, interleaved with
+# in-process JAX: 875 steps/s at 2 ms, 0.65-0.69 of in-process at 10 ms, 0.72-0.73 at 25 and
+# at 50 ms; a step longer than this is written at once). The dispatcher sends the next slice
+# DEFAULT_LEAD_S (40 ms) ahead, more than this lag.
+REPLY_HOLD_S = 0.025
 
 
 async def coalesced_replies(
