@@ -364,6 +364,20 @@ class Dispatcher:
         """Whether `job_id` has a step program running (slices may be in flight)."""
         return job_id in self._runs
 
+    def abandon(self, job_id: str) -> None:
+        """Apply the `abandon` of `job_id`'s run now, not at its next step read (the hosts'
+        replies come about one message per REPLY_HOLD_S: a cancel waited up to two of them,
+        50-60 ms): its slices' streams are cancelled at once, so each host stops after the
+        step it is running; the run ends as an abandoned one when it next reads. A no-op
+        without a run, or while the run's `abandon` is false."""
+        run = self._runs.get(job_id)
+        if run is None or run.state.closed or not run.abandon():
+            return
+        run.abandoned = True
+        for sent in run.pending:
+            for *_, call in sent.calls:
+                call.cancel()
+
     async def cut(self, job_id: str) -> int | None:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
         its islands (two CutSlice phases, see the module docstring) and wait until the steps
@@ -519,10 +533,11 @@ class Dispatcher:
         and a stop takes effect within one slice plus the lead.
 
         `abandon` (a cancelled job) cuts the slices in flight short: checked after every
-        step read, it cancels their streams (each host stops after the step it is running
-        and skips the island_seq numbers of the rest; `fill_gaps` covers a stream that
-        never arrived), so a cancel takes effect within about one step. The steps such a
-        host ran are not reported; use it only for a job whose state is discarded.
+        step read, and at once by `Dispatcher.abandon(job_id)` (the caller's cancel), it
+        cancels their streams (each host stops after the step it is running and skips the
+        island_seq numbers of the rest; `fill_gaps` covers a stream that never arrived), so
+        a cancel takes effect within about one step. The steps such a host ran are not
+        reported; use it only for a job whose state is discarded.
 
         With a `gate` (controller/scheduler.py's Scheduler), every slice first waits for a
         slot on all of the job's islands (`gate.acquire(job_id, K)`; False stops the
@@ -541,7 +556,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         turn_start = loop.time()
         job_id = program.job_id
-        run = _Run(program, list(islands), state, pending, read=program.start_step)
+        run = _Run(program, list(islands), state, pending, read=program.start_step, abandon=abandon)
         self._runs[job_id] = run
 
         def launch(granted: bool, count: int, since: float) -> None:
@@ -585,6 +600,19 @@ class Dispatcher:
             sent.island_ids = island_ids
             pending.append(sent)
             state.next_step += count
+
+        async def abandon_now() -> int:
+            """Cut the slices in flight: their streams cancelled, the numbers of the steps
+            not run skipped (`fill_gaps` covers a stream that never arrived)."""
+            state.closed = True
+            for sent in pending:
+                for *_, call in sent.calls:
+                    call.cancel()
+                sent.release(job_id)
+            cut = list(pending)
+            pending.clear()
+            await self.fill_gaps(cut)
+            return completed
 
         def granted(task: asyncio.Future, count: int, since: float) -> None:
             state.acquiring = None
@@ -650,6 +678,8 @@ class Dispatcher:
                 except DispatchError:
                     if current.reported >= current.count:
                         continue  # cut at this step while it was read: its streams ended
+                    if run.abandoned:  # its streams cancelled by `abandon`: not a failure
+                        return await abandon_now()
                     raise
                 current.reported += 1
                 run.advanced(report.step + 1)
@@ -664,15 +694,7 @@ class Dispatcher:
                     if inspect.isawaitable(result):
                         await result
                 if pending and abandon():
-                    state.closed = True
-                    for sent in pending:
-                        for *_, call in sent.calls:
-                            call.cancel()
-                        sent.release(job_id)
-                    cut = list(pending)
-                    pending.clear()
-                    await self.fill_gaps(cut)
-                    return completed
+                    return await abandon_now()
         except BaseException as e:
             state.closed = True
             # Release hosts waiting in an exchange on a peer whose step will not come.
@@ -914,6 +936,9 @@ class _Run:
     # The first step whose replies were not read yet, and a future set when it advances.
     read: int = 0
     progress: asyncio.Future | None = None
+    # The run's `abandon` predicate, and whether `Dispatcher.abandon` cancelled its streams.
+    abandon: Callable[[], bool] = lambda: False
+    abandoned: bool = False
 
     def advanced(self, read: int) -> None:
         self.read = read

@@ -457,6 +457,7 @@ class JobRunner:
     def request_cancel(self) -> None:
         self.cancel_requested = True
         self.parts.scheduler.interrupt(self.job_id)
+        self.parts.dispatcher.abandon(self.job_id)  # its slices in flight cut now
         self.resume.set()  # a suspended job wakes up to unload
         self._poked.set()
 

@@ -315,6 +315,67 @@ class _FailingGate:
         pass
 
 
+def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
+    """`Dispatcher.abandon` (a cancel) cancels the streams while the run waits for a reply:
+    no step after it is read, and the host stops after the step it was running (before, the
+    cut waited for the next reply: up to two REPLY_HOLD_S, 50-60 ms, on trivial steps)."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    step_s = 0.15
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("abandon", step_s=step_s)])
+        (island,) = await connect_islands(await sims.start())
+        try:
+            dispatcher = Dispatcher(3, slice_s=10.0)
+            prog = program("abandon-now", 1000)
+            await dispatcher.load(prog, [island])
+            loop = asyncio.get_running_loop()
+            reports: list = []
+            cancel: list[tuple[int, int]] = []
+
+            def abandon_now() -> None:
+                cancel.append((len(reports), time.time_ns()))
+                dispatcher.abandon("abandon-now")
+
+            def on_step(report) -> None:
+                reports.append(report)
+                if len(reports) == 4:  # mid-step: the next reply is ~0.14 s away
+                    loop.call_later(0.01, abandon_now)
+
+            completed = await dispatcher.run(
+                prog,
+                [island],
+                on_step=on_step,
+                should_stop=lambda: bool(cancel),
+                abandon=lambda: bool(cancel),
+            )
+            returned_ns = time.time_ns()
+            (read, cancel_ns) = cancel[0]
+            assert completed == read == len(reports) == 4
+            # The run ended before the step in progress did (it did not wait for its reply).
+            assert (returned_ns - cancel_ns) / 1e9 < step_s / 2, returned_ns - cancel_ns
+            stub = island.hosts[0].stub
+            deadline = time.monotonic() + 10
+            while (await stub.Info(worker_pb2.InfoRequest())).next_island_seq != island.next_seq:
+                assert time.monotonic() < deadline, "a number of the cut slice was not skipped"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(2 * step_s)  # the step in progress ends
+            ran = [
+                e
+                for e in (await stub.ExecutionLog(worker_pb2.ExecutionLogRequest())).entries
+                if e.job_id == "abandon-now"
+            ]
+            # The step in progress completed; none started after the abandon.
+            assert len(ran) == 5, [e.step for e in ran]
+            assert max(e.start_unix_ns for e in ran) < cancel_ns
+        finally:
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
 def test_an_error_of_the_gate_fails_the_run_rather_than_ending_it_as_completed(host):
     async def main() -> None:
         island = Island("slices", [await connect_host(host)])
