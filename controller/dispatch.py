@@ -603,14 +603,23 @@ class Dispatcher:
 
         async def abandon_now() -> int:
             """Cut the slices in flight: their streams cancelled, the numbers of the steps
-            not run skipped (`fill_gaps` covers a stream that never arrived)."""
+            not run skipped (`fill_gaps` covers a stream that never arrived, and a slice
+            whose send failed half way, `state.cut`). A job on several islands is aborted
+            too: an island whose host had started a step (a collective one runs to its
+            slice's end) while another's stream went before it started must not wait out
+            the exchange's deadline for a peer that will not send."""
             state.closed = True
             for sent in pending:
                 for *_, call in sent.calls:
                     call.cancel()
                 sent.release(job_id)
-            cut = list(pending)
+            cut = [*pending, *state.cut]
             pending.clear()
+            state.cut.clear()
+            if len(islands) > 1:
+                await self.abort(
+                    program.job_id, program.generation, islands, "the job was cancelled"
+                )
             await self.fill_gaps(cut)
             return completed
 

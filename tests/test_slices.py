@@ -321,7 +321,7 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
     cut waited for the next reply: up to two REPLY_HOLD_S, 50-60 ms, on trivial steps)."""
     from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
-    step_s = 0.15
+    step_s = 0.3
 
     async def main() -> None:
         sims = SimCluster([SimIsland("abandon", step_s=step_s)])
@@ -340,7 +340,7 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
 
             def on_step(report) -> None:
                 reports.append(report)
-                if len(reports) == 4:  # mid-step: the next reply is ~0.14 s away
+                if len(reports) == 4:  # mid-step: the next reply is ~0.29 s away
                     loop.call_later(0.01, abandon_now)
 
             completed = await dispatcher.run(
