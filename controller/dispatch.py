@@ -373,10 +373,8 @@ class Dispatcher:
         run = self._runs.get(job_id)
         if run is None or run.state.closed or not run.abandon():
             return
-        run.abandoned = True
         for sent in run.pending:
-            for *_, call in sent.calls:
-                call.cancel()
+            sent.cancel()
 
     async def cut(self, job_id: str) -> int | None:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
@@ -509,8 +507,7 @@ class Dispatcher:
                         request, timeout=self.step_timeout_s, metadata=host.metadata()
                     )
                 except Exception:
-                    for *_, opened in calls:
-                        opened.cancel()
+                    sent.cancel()
                     raise
                 calls.append((island.id, host.info.host_index, _HostStream(call)))
 
@@ -610,8 +607,7 @@ class Dispatcher:
             the exchange's deadline for a peer that will not send."""
             state.closed = True
             for sent in pending:
-                for *_, call in sent.calls:
-                    call.cancel()
+                sent.cancel()
                 sent.release(job_id)
             cut = [*pending, *state.cut]
             pending.clear()
@@ -687,7 +683,7 @@ class Dispatcher:
                 except DispatchError:
                     if current.reported >= current.count:
                         continue  # cut at this step while it was read: its streams ended
-                    if run.abandoned:  # its streams cancelled by `abandon`: not a failure
+                    if abandon():  # its streams cancelled by `Dispatcher.abandon`: no failure
                         return await abandon_now()
                     raise
                 current.reported += 1
@@ -716,8 +712,7 @@ class Dispatcher:
                 )
             # Cancel the slices in flight: the hosts skip their steps not run yet.
             for sent in pending:
-                for *_, call in sent.calls:
-                    call.cancel()
+                sent.cancel()
                 sent.release(job_id)
             await self.fill_gaps([*pending, *state.cut])
             raise
@@ -945,9 +940,8 @@ class _Run:
     # The first step whose replies were not read yet, and a future set when it advances.
     read: int = 0
     progress: asyncio.Future | None = None
-    # The run's `abandon` predicate, and whether `Dispatcher.abandon` cancelled its streams.
+    # The run's `abandon` predicate (`Dispatcher.abandon` applies it at once).
     abandon: Callable[[], bool] = lambda: False
-    abandoned: bool = False
 
     def advanced(self, read: int) -> None:
         self.read = read
@@ -982,6 +976,11 @@ class _Slice:
         self.gate: StepGate | None = None
         self.island_ids: list[str] = []
         self._freed = False
+
+    def cancel(self) -> None:
+        """Cancel the slice's streams (each host stops after the step it is running)."""
+        for *_, stream in self.calls:
+            stream.cancel()
 
     def release(self, job_id: str) -> None:
         """Free the slice's slot on the gate once (with its host-measured seconds when
