@@ -368,13 +368,27 @@ class Dispatcher:
         """Apply the `abandon` of `job_id`'s run now, not at its next step read (the hosts'
         replies come about one message per REPLY_HOLD_S: a cancel waited up to two of them,
         50-60 ms): its slices' streams are cancelled at once, so each host stops after the
-        step it is running; the run ends as an abandoned one when it next reads. A no-op
-        without a run, or while the run's `abandon` is false."""
+        step it is running; the run ends as an abandoned one when it next reads (on an
+        island of several hosts: cut at one step, `_cut_abandoned`). A no-op without a run,
+        or while the run's `abandon` is false."""
         run = self._runs.get(job_id)
         if run is None or run.state.closed or not run.abandon():
             return
+        if run.one_program:
+            self._cut_abandoned(run)
+            return
         for sent in run.pending:
             sent.cancel()
+
+    def _cut_abandoned(self, run: _Run) -> None:
+        """Abandon a run whose island has several hosts by a cut (`cut`), not by cancelled
+        streams. Those hosts run each step as one XLA program, and a cancel reaches each at
+        its own moment: one host could start the next slice (a collective job's slice runs
+        to its end) while another skips it, leaving the first inside a collective its peer
+        never joins, where no Abort reaches. The cut stops every host at one step; the run
+        reads the steps before it and ends. Once per run."""
+        if run.abandon_cut is None and run.pending:
+            run.abandon_cut = asyncio.ensure_future(self.cut(run.program.job_id))
 
     async def cut(self, job_id: str) -> int | None:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
@@ -454,7 +468,7 @@ class Dispatcher:
         while run.read < cut and not run.state.closed:
             run.progress = run.progress or asyncio.get_running_loop().create_future()
             await asyncio.shield(run.progress)
-        logger.info("job %s: slices cut before step %d (serving)", program.job_id, cut)
+        logger.info("job %s: slices cut before step %d", program.job_id, cut)
         return cut
 
     def _send(
@@ -534,7 +548,9 @@ class Dispatcher:
         cancels their streams (each host stops after the step it is running and skips the
         island_seq numbers of the rest; `fill_gaps` covers a stream that never arrived), so
         a cancel takes effect within about one step. The steps such a host ran are not
-        reported; use it only for a job whose state is discarded.
+        reported; use it only for a job whose state is discarded. A run on an island of
+        several hosts is cut instead (`cut`: every host stops at one step, whose steps
+        before it are read), within about a step and two CutSlice round trips.
 
         With a `gate` (controller/scheduler.py's Scheduler), every slice first waits for a
         slot on all of the job's islands (`gate.acquire(job_id, K)`; False stops the
@@ -553,8 +569,19 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         turn_start = loop.time()
         job_id = program.job_id
-        run = _Run(program, list(islands), state, pending, read=program.start_step, abandon=abandon)
+        run = _Run(
+            program,
+            list(islands),
+            state,
+            pending,
+            read=program.start_step,
+            abandon=abandon,
+            one_program=any(len(island.hosts) > 1 for island in islands),
+        )
         self._runs[job_id] = run
+
+        def stopping() -> bool:
+            return should_stop() or run.abandon_cut is not None
 
         def launch(granted: bool, count: int, since: float) -> None:
             """Send a granted slice to every island at once (no await: every island sees
@@ -564,14 +591,14 @@ class Dispatcher:
                 return
             blocked = getattr(gate, "blocked", None)
             if (run.cutting is not None or (blocked is not None and blocked(job_id))) and not (
-                state.closed or should_stop()
+                state.closed or stopping()
             ):
                 # Granted just before an island of it began to serve (or while its slices
                 # are being cut): give the slot back and ask again.
                 if gate is not None:
                     gate.done(job_id, island_ids, None, count)
                 return
-            if state.closed or should_stop():
+            if state.closed or stopping():
                 state.stopped = True
                 if gate is not None:
                     gate.done(job_id, island_ids, None, count)
@@ -640,7 +667,7 @@ class Dispatcher:
                     and state.next_step < program.steps
                     and self._wants_slice(job_id, pending)
                 ):
-                    if should_stop():
+                    if stopping():
                         state.stopped = True
                         break
                     mixture = program.mixture
@@ -699,7 +726,9 @@ class Dispatcher:
                     if inspect.isawaitable(result):
                         await result
                 if pending and abandon():
-                    return await abandon_now()
+                    if not run.one_program:
+                        return await abandon_now()
+                    self._cut_abandoned(run)  # read on to the cut
         except BaseException as e:
             state.closed = True
             # Release hosts waiting in an exchange on a peer whose step will not come.
@@ -942,6 +971,10 @@ class _Run:
     progress: asyncio.Future | None = None
     # The run's `abandon` predicate (`Dispatcher.abandon` applies it at once).
     abandon: Callable[[], bool] = lambda: False
+    # Whether an island of the run has several hosts (one XLA program across them): it is
+    # abandoned by a cut (`Dispatcher._cut_abandoned`), and that cut in progress.
+    one_program: bool = False
+    abandon_cut: asyncio.Future | None = None
 
     def advanced(self, read: int) -> None:
         self.read = read

@@ -305,6 +305,78 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
     asyncio.run(main())
 
 
+async def run_and_cancel(dispatcher, prog, islands, after: int):
+    """Run `prog`, cancelling it (`Dispatcher.abandon`, as the controller's cancel does)
+    10 ms after its `after`-th step is read; returns (steps completed, steps read when the
+    cancel came, the cancel's time, the run's end), times in ns."""
+    loop = asyncio.get_running_loop()
+    reports: list = []
+    cancel: list[tuple[int, int]] = []
+
+    def cancel_now() -> None:
+        cancel.append((len(reports), time.time_ns()))
+        dispatcher.abandon(prog.job_id)
+
+    def on_step(report) -> None:
+        reports.append(report)
+        if len(reports) == after:
+            loop.call_later(0.01, cancel_now)
+
+    completed = await dispatcher.run(
+        prog,
+        islands,
+        on_step=on_step,
+        should_stop=lambda: bool(cancel),
+        abandon=lambda: bool(cancel),
+    )
+    assert completed == len(reports)
+    return completed, *cancel[0], time.time_ns()
+
+
+def test_an_abandon_stops_every_host_of_a_two_host_island_at_one_step():
+    """The hosts of a multi-host island run each step as one XLA program: an abandon (a
+    cancel) must stop them at the same step, whichever is ahead, or one is left in a
+    collective its peer never joins. Cancelled streams reach each host at its own moment;
+    the cut (two CutSlice phases) stops both at one step. Two simulated hosts form the
+    island, one twice as fast as the other (magnifying the up-to-a-step skew of real
+    hosts): with the streams cancelled, each stopped where it was and their steps differ."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("fast", step_s=0.04), SimIsland("slow", step_s=0.08)])
+        addresses = await sims.start()
+        hosts = [await connect_host(addresses[name]) for name in ("fast", "slow")]
+        island = Island("two-host", hosts)
+        try:
+            dispatcher = Dispatcher(4, slice_s=0.25)
+            prog = program("one-program", 1000)
+            await dispatcher.load(prog, [island])
+            # A few slices in: the fast host is ahead.
+            completed, _, cancel_ns, returned_ns = await run_and_cancel(
+                dispatcher, prog, [island], 12
+            )
+            await asyncio.sleep(0.3)  # a step a host might (wrongly) still run ends
+            ran = []
+            for host in hosts:
+                log = await host.stub.ExecutionLog(worker_pb2.ExecutionLogRequest())
+                ran.append([e for e in log.entries if e.job_id == "one-program"])
+                info = await host.stub.Info(worker_pb2.InfoRequest())
+                # Every island_seq handed out was run or skipped: the island is not held.
+                assert info.next_island_seq == island.next_seq, (info, island.next_seq)
+            fast, slow = ([e.step for e in entries] for entries in ran)
+            # Both hosts ran the same steps, and the controller read every one of them.
+            assert fast == slow == list(range(completed)), (fast, slow, completed)
+            assert completed > 12
+            # Within the window's slices (two of 0.25 s at the slow host's pace) and margin.
+            assert (returned_ns - cancel_ns) / 1e9 < 1.5, returned_ns - cancel_ns
+            assert max(e.start_unix_ns for entries in ran for e in entries) < returned_ns
+        finally:
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
 class _FailingGate:
     """A gate whose grant raises (a scheduler bug, a store error)."""
 
@@ -330,29 +402,11 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
             dispatcher = Dispatcher(3, slice_s=10.0)
             prog = program("abandon-now", 1000)
             await dispatcher.load(prog, [island])
-            loop = asyncio.get_running_loop()
-            reports: list = []
-            cancel: list[tuple[int, int]] = []
-
-            def abandon_now() -> None:
-                cancel.append((len(reports), time.time_ns()))
-                dispatcher.abandon("abandon-now")
-
-            def on_step(report) -> None:
-                reports.append(report)
-                if len(reports) == 4:  # mid-step: the next reply is ~0.29 s away
-                    loop.call_later(0.01, abandon_now)
-
-            completed = await dispatcher.run(
-                prog,
-                [island],
-                on_step=on_step,
-                should_stop=lambda: bool(cancel),
-                abandon=lambda: bool(cancel),
+            # Mid-step: the next reply is ~0.29 s away.
+            completed, read, cancel_ns, returned_ns = await run_and_cancel(
+                dispatcher, prog, [island], 4
             )
-            returned_ns = time.time_ns()
-            (read, cancel_ns) = cancel[0]
-            assert completed == read == len(reports) == 4
+            assert completed == read == 4
             # The run ended before the step in progress did (it did not wait for its reply).
             assert (returned_ns - cancel_ns) / 1e9 < step_s / 2, returned_ns - cancel_ns
             stub = island.hosts[0].stub
