@@ -78,11 +78,16 @@ TURN_S = 0.0005
 # 100 submissions at once beside 50 jobs at 0 ms steps: submit p50 141 -> 61-68 ms, p99
 # 383 -> 155-203 ms; the dispatch rate the same).
 YIELD_GIL_S = 0.0002
-# How long a host holds a job's steps for the second phase of a cut at most (a controller
-# that died between the phases must not stop the job's hosts for good).
-CUT_HOLD_S = 5.0
 # Deadline of one CutSlice phase.
 CUT_TIMEOUT_S = 5.0
+# How long a host holds a job's steps for the second phase of a cut at most (a controller
+# that died between the phases must not stop the job's hosts for good): longer than both
+# phases' deadlines, or a host held at once could run on past a cut its peers keep to.
+CUT_HOLD_S = 3 * CUT_TIMEOUT_S
+# A run abandoned by a cut (an island of several hosts) whose hosts stop answering for this
+# long (or three of its steps, when longer) has its streams cancelled: a wedged step must not
+# keep a cancelled job on its islands until the stream's deadline.
+ABANDON_GRACE_S = 30.0
 _NOT_ANSWERED = object()
 
 
@@ -388,7 +393,30 @@ class Dispatcher:
         never joins, where no Abort reaches. The cut stops every host at one step; the run
         reads the steps before it and ends. Once per run."""
         if run.abandon_cut is None and run.pending:
-            run.abandon_cut = asyncio.ensure_future(self.cut(run.program.job_id))
+            run.abandon_cut = asyncio.ensure_future(self._abandon_by_cut(run))
+            run.abandon_cut.add_done_callback(_log_failure)
+
+    async def _abandon_by_cut(self, run: _Run) -> None:
+        """The cut of an abandoned run, and a watch on its reads meanwhile: hosts that give
+        no step for ABANDON_GRACE_S (or three steps) are stuck, and the run's streams are
+        cancelled (its next read fails and it ends as an abandoned run)."""
+        cut = asyncio.ensure_future(self.cut(run.program.job_id))
+        cut.add_done_callback(_log_failure)
+        loop = asyncio.get_running_loop()
+        grace = max(ABANDON_GRACE_S, 3 * self._step_s.get(run.program.job_id, 0.0))
+        while not run.state.closed:
+            run.progress = run.progress or loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(run.progress), grace)
+            except TimeoutError:
+                logger.warning(
+                    "job %s: no step read for %.0f s after its cut; its streams are cancelled",
+                    run.program.job_id,
+                    grace,
+                )
+                for sent in run.pending:
+                    sent.cancel()
+                return
 
     async def cut(self, job_id: str) -> int | None:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
@@ -863,6 +891,11 @@ class Dispatcher:
             checkpoints_committed=_committed(hosts, sent.island_ids, program.checkpoint_islands),
             loss_stats=tuple(hosts[0].reply.loss_stats),
         )
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("a background cut failed", exc_info=task.exception())
 
 
 def _unavailable(details: str) -> grpc.aio.AioRpcError:
