@@ -835,6 +835,9 @@ class JobRunner:
         where = "Suspended" if step is None else f"Suspended at step {step}"
         back = "Resumed; the service starts again." if step is None else f"Resumed at step {step}."
         by = f"higher-priority job {self.suspended_for}" if self.suspended_for else None
+        # Cleared before the waits below: a cancel or a drain that comes during them sets it
+        # again (cleared after, a drain would be lost and the job wait suspended for good).
+        self.resume.clear()
         if self._evals:  # a Suspend would queue behind them on the hosts
             await asyncio.gather(*self._evals, return_exceptions=True)
         epoch = p.dispatcher.epoch
@@ -844,18 +847,18 @@ class JobRunner:
             worker_pb2.SuspendRequest(job_id=self.job_id, epoch=epoch),
             timeout=SUSPEND_TIMEOUT_S,
         )
-        self.resume.clear()
         p.scheduler.release(self.job_id)
-        p.reporter.transition(
-            self.job_id,
-            JobState.SUSPENDED,
-            reason="preempted",
-            message=f"{where} for {by or 'a higher-priority job'}; state in host memory.",
-        )
         p.wake()
-        self.suspended = True
-        await self.resume.wait()
-        self.suspended = False
+        if not (self.cancel_requested or self.drain_requested):
+            p.reporter.transition(
+                self.job_id,
+                JobState.SUSPENDED,
+                reason="preempted",
+                message=f"{where} for {by or 'a higher-priority job'}; state in host memory.",
+            )
+            self.suspended = True
+            await self.resume.wait()
+            self.suspended = False
         self.suspend_requested = False
         self.suspended_for = ""
         if self.cancel_requested:

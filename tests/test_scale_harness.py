@@ -165,6 +165,49 @@ def test_a_lagging_follower_is_told_how_many_updates_it_lost_and_never_blocks() 
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("stop", ["drain", "cancel"])
+def test_a_drain_or_cancel_while_a_job_is_being_suspended_ends_it(tmp_path, stop) -> None:
+    """A drain (`pathways-lite down`) or a cancel that comes while a preempted job's Suspend
+    is in flight on its hosts: the job is drained (back to the queue) or cancelled, not left
+    suspended with the drain waiting for it for good (its wake-up was cleared after the
+    Suspend returned), nor failed as an internal error."""
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.workers.sim_host import SimIsland
+
+    budget = ResolvedJob.resolve(_spec("x", 1, 2)).bytes_per_device
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland("island-0", STEP_S, budget, budget, suspend_s=2.0)])
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            low = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("low", 1, 10_000))).id
+            await _until(lambda: bool(store.metrics(low, from_step=3)))
+            c.submit(controller_pb2.SubmitJobRequest(spec=_spec("high", 1, 4, priority=5)))
+            await _until(lambda: low in c.runners and c.runners[low].suspend_requested)
+            await asyncio.sleep(0.5)  # its slices end; the Suspend (2 s) is in flight
+            assert store.get_job(low).state == JobState.RUNNING
+            if stop == "drain":
+                drained = await asyncio.wait_for(c.drain(), 20)
+                assert [d.job_id for d in drained] == [low], drained
+                assert store.get_job(low).state == JobState.QUEUED
+            else:
+                task = c.runners[low].task
+                c.cancel(low, "while suspending")
+                await asyncio.wait_for(asyncio.shield(task), 20)
+                assert store.get_job(low).state == JobState.CANCELLED
+            failures = [e.message for e in store.events(low) if e.kind == "failure"]
+            assert not failures, failures
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
+
+
 def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
     ray_cluster, tmp_path
 ) -> None:

@@ -56,6 +56,7 @@ class SimIsland:
         devices: devices on the island (one host owns them all).
         fail_steps: steps that fail once on this host (an injected fault, per job id "*" or
             the job's id), mapped to the gRPC code they fail with.
+        suspend_s: seconds a Suspend takes (moving a job's state to host memory).
     """
 
     name: str
@@ -64,6 +65,7 @@ class SimIsland:
     job_bytes: int = 0
     devices: int = 1
     fail_steps: dict[tuple[str, int], grpc.StatusCode] = dataclasses.field(default_factory=dict)
+    suspend_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -359,6 +361,8 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         job = self.jobs.get(request.job_id)
         if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        if self.island.suspend_s > 0:
+            await asyncio.sleep(self.island.suspend_s)
         was = job.suspended
         job.suspended = True
         return worker_pb2.SuspendReply(suspended=not was, host_bytes=self._job_bytes())
