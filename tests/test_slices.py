@@ -726,3 +726,44 @@ def test_a_slice_held_by_a_serving_cut_keeps_the_island_order(host):
         await island.close()
 
     asyncio.run(main())
+
+
+def test_a_slices_steps_already_run_are_replayed_and_their_numbers_skipped(host):
+    """A slice that repeats steps this host already ran (sent again from a cut whose second
+    phase never reached the host: its hold lapsed and it ran on) gets their recorded
+    replies, and their island_seq numbers are skipped when due: the slice's later steps and
+    the island's next ones are not held up until the stream's deadline."""
+
+    async def main() -> None:
+        island = Island("slices", [await connect_host(host)])
+        stub = island.hosts[0].stub
+        dispatcher = Dispatcher(32)
+        await dispatcher.load(program("again", 100), [island])
+
+        async def run_slice(first_step: int, count: int, first_seq: int) -> list:
+            request = worker_pb2.RunSliceRequest(
+                job_id="again",
+                generation=0,
+                epoch=32,
+                first_step=first_step,
+                count=count,
+                first_island_seq=first_seq,
+            )
+            return [r async for m in stub.RunSlice(request, timeout=20) for r in m.steps]
+
+        assert [r.step for r in await run_slice(0, 5, 0)] == [0, 1, 2, 3, 4]
+        started = time.monotonic()
+        replies = await run_slice(3, 5, 5)
+        assert time.monotonic() - started < 5
+        assert [(r.step, r.replayed) for r in replies] == [
+            (3, True),
+            (4, True),
+            (5, False),
+            (6, False),
+            (7, False),
+        ]
+        assert (await stub.Info(worker_pb2.InfoRequest())).next_island_seq == 10
+        await dispatcher.unload("again", [island])
+        await island.close()
+
+    asyncio.run(main())

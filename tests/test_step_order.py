@@ -182,6 +182,32 @@ def test_the_ordering_rules_import_no_jax() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_a_step_cut_while_queued_is_run_by_the_later_slice_waiting_for_it() -> None:
+    """A slice's step queued (behind an Evaluate, say) is cut for serving (StepNotRun) while
+    the job's next slice, granted from the cut, already waits for it (`replay`): that call
+    runs the step under its own number, it is not refused with the cut's ABORTED."""
+    from pathways_lite.workers.ordering import StepNotRun
+
+    async def main():
+        order, records, steps = StepOrder(), StepRecords(), Steps()
+        order.check_epoch(1)
+        (future,) = order.claim(records, [(0, 5)], 0)
+        waiting = asyncio.ensure_future(order.run_step(records, (0, 5), 1, 1, steps(5)))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # step 5 is in flight in the first slice
+
+        async def cut():
+            raise StepNotRun("step 5 was cut (serving); it runs in a later slice.")
+
+        with pytest.raises(StepNotRun):
+            await records.run((0, 5), cut, future)
+        reply = await waiting
+        assert reply.step == 5 and not reply.replayed
+        assert steps.ran == [5] and order.next_seq == 2
+
+    run(main())
+
+
 def test_claimed_steps_that_never_run_are_run_by_a_call_waiting_for_them() -> None:
     """A slice takes its numbers at once (`claim`); a step its slice ended before (released)
     is run by a RunStep that was waiting for it, under its own number, not refused."""

@@ -207,9 +207,10 @@ class StepRecords:
         outcome: Outcome | None = None
         try:
             outcome = await execute()
-        except StepNotRun as e:
-            # Cut before it started: nothing to replay, the step comes again in a later slice.
-            future.set_result(RpcRejection(grpc.StatusCode.ABORTED, str(e)))
+        except StepNotRun:
+            # Cut before it started: nothing to replay, the step comes again in a later slice
+            # (one waiting for it already, `replay`, runs it itself).
+            future.set_result(NOT_RUN)
             raise
         except BaseException as e:  # cancelled while queued: later retries see the error
             outcome = RpcRejection(

@@ -155,6 +155,10 @@ class SliceRun:
                 self.replies.put_nowait(e)
                 order.skip_when_due([s.island_seq for s in self.steps[index:]], self.epoch)
                 return
+            if reply.replayed:
+                # The step ran before (its recorded reply) and did not take its number here:
+                # skipped when due, or the slice's later steps and the island's wait for it.
+                order.skip_when_due([step.island_seq], self.epoch)
             self.replies.put_nowait(reply)
 
     # ---- back to back --------------------------------------------------------------------
