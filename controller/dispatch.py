@@ -489,7 +489,9 @@ class Dispatcher:
         )
         for result in done:
             if isinstance(result, BaseException):
-                # That host's hold lapses and it runs on: the job fails and recovers.
+                # That host's hold lapses (CUT_HOLD_S) and it runs on past the cut: the
+                # job's next slice from the cut gets those steps replayed (their numbers
+                # skipped); a collective job's peers, which stopped, fail the step.
                 logger.warning("cutting the slices of job %s: %r", program.job_id, result)
         # The steps before the cut end on every island (a step one island started is a
         # collective of all of them) before the island is handed over.
