@@ -491,7 +491,9 @@ class Dispatcher:
             if isinstance(result, BaseException):
                 # That host's hold lapses (CUT_HOLD_S) and it runs on past the cut: the
                 # job's next slice from the cut gets those steps replayed (their numbers
-                # skipped); a collective job's peers, which stopped, fail the step.
+                # skipped). A collective job's host that runs on alone waits for peers that
+                # stopped: an exchange's deadline fails it, inside one XLA program nothing
+                # does (the hold outlasts both phases' deadlines to make that unlikely).
                 logger.warning("cutting the slices of job %s: %r", program.job_id, result)
         # The steps before the cut end on every island (a step one island started is a
         # collective of all of them) before the island is handed over.
