@@ -401,10 +401,19 @@ class Controller:
                 runner = self.runners.get(job_id)
                 if runner is not None:
                     runner.poke()  # a serving job has no step to fail: it checks now
+            self._suspended_state_lost(island, f"a host of island {island.id} died ({reason})")
 
         task = asyncio.ensure_future(handle())
         self._deaths.add(task)
         task.add_done_callback(self._deaths.discard)
+
+    def _suspended_state_lost(self, island: Island, reason: str) -> None:
+        """The jobs suspended on `island` (not its scheduler's: they released their slots)
+        lost the state they kept in its hosts' memory: each rolls back now."""
+        for runner in list(self.runners.values()):
+            if runner.suspended and island.id in runner.islands:
+                self.store.add_event(runner.job_id, "island", f"Island {island.id}: {reason}.")
+                runner.request_lost(reason)
 
     def _island_lost(self, island: Island, reason: str) -> None:
         """An island's hosts could not be restarted: place nothing there (jobs go to free
@@ -413,6 +422,7 @@ class Controller:
             return
         self.scheduler.mark_down(island.id, reason)
         logger.warning("island %s is down: %s", island.id, reason)
+        self._suspended_state_lost(island, f"island {island.id} is down ({reason})")
         self._revivers[island.id] = asyncio.create_task(
             self._revive(island), name=f"revive-{island.id}"
         )
@@ -505,6 +515,10 @@ class Controller:
         record = self.reporter.transition(
             job_id, JobState.CANCELLED, reason="user_cancelled", message=message
         )
+        # A queued job held the jobs behind it back (it may have been the queue's head with
+        # no runner: between two attempts, or never placed): a pass now, not at the next
+        # event.
+        self.wake()
         return self.views.job(record)
 
     def update(self, job_id: str, priority: int) -> controller_pb2.Job:

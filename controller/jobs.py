@@ -429,6 +429,9 @@ class JobRunner:
         self.drained: controller_pb2.DrainedJob | None = None
         self.suspended = False
         self.resume = asyncio.Event()
+        # Why the job's state held in host memory while suspended is gone (a host of its
+        # island died or the island is down): it rolls back instead of resuming.
+        self.suspended_state_lost = ""
         self.loaded = False
         # Steps completed so far (the next step to run): admission re-estimates the job's
         # end from it (controller/admission.py's reservations).
@@ -466,6 +469,14 @@ class JobRunner:
         self.parts.scheduler.interrupt(self.job_id)
         self.resume.set()  # a suspended job comes back to its devices to be checkpointed
         self._poked.set()
+
+    def request_lost(self, reason: str) -> None:
+        """A host of the island holding this suspended job's state died (or the island is
+        down): the job wakes up and rolls back to its checkpoint (recovery), rather than
+        waiting to resume state that is gone, on an island nothing may be placed on."""
+        if self.suspended and not self.suspended_state_lost:
+            self.suspended_state_lost = reason
+            self.resume.set()
 
     def poke(self) -> None:
         """Something changed under the job (a host of its island died): a serving job
@@ -841,12 +852,7 @@ class JobRunner:
         if self._evals:  # a Suspend would queue behind them on the hosts
             await asyncio.gather(*self._evals, return_exceptions=True)
         epoch = p.dispatcher.epoch
-        await call_all(
-            self.island_handles,
-            "Suspend",
-            worker_pb2.SuspendRequest(job_id=self.job_id, epoch=epoch),
-            timeout=SUSPEND_TIMEOUT_S,
-        )
+        await self._on_hosts("Suspend", worker_pb2.SuspendRequest(job_id=self.job_id, epoch=epoch))
         p.scheduler.release(self.job_id)
         p.wake()
         if not (self.cancel_requested or self.drain_requested):
@@ -863,15 +869,34 @@ class JobRunner:
         self.suspended_for = ""
         if self.cancel_requested:
             return
-        await call_all(
-            self.island_handles,
-            "Resume",
-            worker_pb2.ResumeRequest(job_id=self.job_id, epoch=epoch),
-            timeout=SUSPEND_TIMEOUT_S,
-        )
+        lost, self.suspended_state_lost = self.suspended_state_lost, ""
+        if lost:
+            raise DispatchError(
+                "step_failed",
+                f"job {self.job_id!r} was suspended in host memory: {lost}",
+                grpc.StatusCode.UNAVAILABLE,
+            )
+        await self._on_hosts("Resume", worker_pb2.ResumeRequest(job_id=self.job_id, epoch=epoch))
         if self.drain_requested:
             return  # back on its devices only to be checkpointed
         p.reporter.transition(self.job_id, JobState.RUNNING, reason="resumed", message=back)
+
+    async def _on_hosts(self, rpc: str, request: Any) -> None:
+        """Suspend or Resume on every host of the job; a host that fails it (dead, restarted
+        without the job) is an infrastructure failure (recovery rolls the job back), not an
+        internal error.
+
+        Raises:
+            DispatchError: UNAVAILABLE, naming the rpc and the host's status.
+        """
+        try:
+            await call_all(self.island_handles, rpc, request, timeout=SUSPEND_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            raise DispatchError(
+                "step_failed",
+                f"{rpc} of job {self.job_id!r} failed on a host: {e.code().name}: {e.details()}",
+                grpc.StatusCode.UNAVAILABLE,
+            ) from e
 
     async def _drain(self, step: int) -> None:
         """The controller stops gracefully: make sure a committed checkpoint holds `step`,

@@ -208,6 +208,87 @@ def test_a_drain_or_cancel_while_a_job_is_being_suspended_ends_it(tmp_path, stop
     asyncio.run(run())
 
 
+def _ray_sim_actors(prefix: str, step_s: float, budget: int, job_bytes: int = 0):
+    """Two simulated island hosts as Ray actors: (the actors, {island: address})."""
+    import ray
+
+    from pathways_lite.workers.sim_host import SimHostActor
+
+    actor_cls = ray.remote(max_concurrency=4)(SimHostActor)
+    actors = [actor_cls.remote(f"{prefix}{i}", step_s, budget, job_bytes) for i in range(2)]
+    addresses = {
+        f"{prefix}{i}": ray.get(a.address.remote(), timeout=60) for i, a in enumerate(actors)
+    }
+    return actors, addresses
+
+
+@contextlib.asynccontextmanager
+async def _ray_sim_controller(actors, addresses, state_dir):
+    """A started controller over the actors' islands (each island knows its actor: Ray's
+    death reports reach it): yields (the controller, its store)."""
+    islands = await connect_islands(addresses)
+    for island, actor in zip(islands, actors, strict=True):
+        island.actors = [actor]
+    store = JobStore.open_controller(state_dir)
+    c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+    await c.start()
+    try:
+        yield c, store
+    finally:
+        await c.stop()
+        store.close()
+
+
+def _run_then_kill(main, actors) -> None:
+    import ray
+
+    try:
+        asyncio.run(main())
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def test_a_job_suspended_on_an_island_whose_host_dies_runs_again_elsewhere(
+    ray_cluster, tmp_path
+) -> None:
+    """Simulated hosts as Ray actors. A low-priority job is suspended (state in host memory)
+    on island r0 for a 2-island job; r0's host process is killed: Ray's report marks r0
+    down, and the suspended job, whose state died with the host, rolls back at once and
+    runs on island r1, rather than waiting for good to resume on an island nothing is
+    placed on (the 2-island job cannot run on the one island left)."""
+    import os
+    import signal
+
+    import ray
+
+    from pathways_lite.controller.resolved import ResolvedJob
+
+    budget = max(ResolvedJob.resolve(_spec("x", k, 2)).bytes_per_device for k in (1, 2))
+    actors, addresses = _ray_sim_actors("island-s", STEP_S, budget, budget)
+
+    async def run() -> None:
+        async with _ray_sim_controller(actors, addresses, tmp_path / "state") as (c, store):
+            low = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("low", 1, 60))).id
+            await _until(lambda: bool(store.metrics(low, from_step=3)))
+            (first,) = c.scheduler.islands_of(low)
+            high = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("high", 2, 10_000, 5))).id
+            await _until(lambda: store.get_job(low).state == JobState.SUSPENDED)
+            await _until(lambda: bool(store.metrics(high, from_step=2)))
+            victim = actors[int(first[-1])]
+            os.kill(ray.get(victim.pid.remote(), timeout=30), signal.SIGKILL)
+            await _until(lambda: store.get_job(low).state != JobState.SUSPENDED, 10)
+            assert first in c.scheduler.down
+            messages = [e.message for e in store.events(low)]
+            assert any("was suspended in host memory" in m for m in messages), messages
+            c.cancel(high, "it needs the island that is down")
+            await _until(lambda: store.get_job(low).state.terminal, 60)
+            assert store.get_job(low).state == JobState.SUCCEEDED
+            assert c.scheduler.islands_of(low) in ([], [f"island-s{1 - int(first[-1])}"])
+
+    _run_then_kill(run, actors)
+
+
 def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
     ray_cluster, tmp_path
 ) -> None:
@@ -222,23 +303,13 @@ def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
     import ray
 
     from pathways_lite.controller.resolved import ResolvedJob
-    from pathways_lite.workers.sim_host import SimHostActor
 
     budget = ResolvedJob.resolve(_spec("x", 1, 2)).bytes_per_device
-    actor_cls = ray.remote(max_concurrency=4)(SimHostActor)
-    actors = [actor_cls.remote(f"island-r{i}", 0.02, budget) for i in range(2)]
-    addresses = {
-        f"island-r{i}": ray.get(a.address.remote(), timeout=60) for i, a in enumerate(actors)
-    }
+    actors, addresses = _ray_sim_actors("island-r", 0.02, budget)
 
     async def run() -> None:
-        islands = await connect_islands(addresses)
-        for island, actor in zip(islands, actors, strict=True):
-            island.actors = [actor]
-        store = JobStore.open_controller(tmp_path / "death")
-        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
-        await c.start()
-        try:
+        async with _ray_sim_controller(actors, addresses, tmp_path / "death") as (c, store):
+            islands = list(c.islands.values())
             job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("victim", 1, 120))).id
             await _until(lambda: bool(store.metrics(job, from_step=3)))
             assert c.scheduler.islands_of(job) == ["island-r0"]
@@ -253,15 +324,8 @@ def test_a_host_actor_death_reported_by_ray_starts_recovery_at_once_and_once(
             assert "island-r0" in c.scheduler.down
             # A late report of the same death changes nothing.
             assert not await islands[0].host_died(islands[0].generation, "again")
-        finally:
-            await c.stop()
-            store.close()
 
-    try:
-        asyncio.run(run())
-    finally:
-        for a in actors:
-            ray.kill(a)
+    _run_then_kill(run, actors)
 
 
 def test_up_with_simulated_islands_runs_a_gang_job_end_to_end(tmp_path) -> None:

@@ -458,11 +458,15 @@ class SimHostActor:
     its gRPC server runs on a loop of its own thread; `watch` never returns, as the real
     host's (controller/islands.py's DeathWatch keeps it pending to learn of a death)."""
 
-    def __init__(self, name: str, step_s: float = 0.0, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(
+        self, name: str, step_s: float = 0.0, budget: int = DEFAULT_BUDGET, job_bytes: int = 0
+    ) -> None:
         import threading
 
         self._loop = asyncio.new_event_loop()
-        self._cluster = SimCluster([SimIsland(name, step_s=step_s, budget=budget)])
+        self._cluster = SimCluster(
+            [SimIsland(name, step_s=step_s, budget=budget, job_bytes=job_bytes)]
+        )
         threading.Thread(target=self._loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(self._cluster.start(), self._loop).result(60)
 
