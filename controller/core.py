@@ -379,14 +379,19 @@ class Controller:
         self.wake()
 
     def _requeue_suspended(self, record: JobRecord) -> JobRecord:
+        """A job suspended under an earlier controller: its copy in host memory is not
+        adopted; it runs again from its newest committed checkpoint (the metrics after it
+        forgotten, those before kept), in a new generation (hosts that still hold the old
+        state drop it rather than refuse the load)."""
+        step = self.recovery.resume_step(record.id)
         self.reporter.transition(
             record.id,
             JobState.QUEUED,
             reason="controller_restarted",
             message="The controller restarted while the job was suspended; it runs "
-            "again from step 0.",
+            f"again from step {step}.",
         )
-        self.store.truncate_metrics(record.id, 0)
+        self.recovery.requeue(record.id)
         return self.store.get_job(record.id)
 
     def _host_died(self, island: Island, generation: int, reason: str) -> None:

@@ -208,6 +208,43 @@ def test_a_drain_or_cancel_while_a_job_is_being_suspended_ends_it(tmp_path, stop
     asyncio.run(run())
 
 
+def test_a_job_suspended_under_an_earlier_controller_runs_again_from_its_checkpoint(
+    tmp_path,
+) -> None:
+    """A job the store shows SUSPENDED when the controller starts (the one that suspended it
+    died: its copy in host memory is not adopted) runs again from its newest committed
+    checkpoint, its steps before it kept and every step recorded once, in a new generation
+    (hosts that still hold the old state drop it). Before, its metrics were forgotten from
+    step 0 while it resumed from the checkpoint: steps 0..9 were lost for good."""
+
+    async def run() -> None:
+        sim = SimCluster.uniform(1, step_s=0.0)
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        ((record, _),) = store.create_jobs([(_spec("old", 1, 20), None)])
+        store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        for step in range(12):
+            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        path = str(tmp_path / "ckpt" / f"g{record.generation}-step10")
+        store.register_checkpoint(record.id, record.generation, 10, path)
+        store.transition(record.id, JobState.SUSPENDED, reason="preempted")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            await _until(lambda: store.get_job(record.id).state.terminal, 30)
+            assert store.get_job(record.id).state == JobState.SUCCEEDED
+            assert [m.step for m in store.metrics(record.id)] == list(range(20))
+            assert store.get_job(record.id).generation > record.generation
+            messages = [e.message for e in store.events(record.id)]
+            assert any("it runs again from step 10" in m for m in messages), messages
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
+
+
 def _ray_sim_actors(prefix: str, step_s: float, budget: int, job_bytes: int = 0):
     """Two simulated island hosts as Ray actors: (the actors, {island: address})."""
     import ray
