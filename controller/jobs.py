@@ -970,6 +970,8 @@ class JobRunner:
         except Exception:
             logger.exception("recovering job %s", self.job_id)
             retry = False
+        if self.cancel_requested:
+            return  # cancelled while it was rolled back: it stays cancelled, not queued
         if not retry:
             user = classify(error) == FailureClass.USER
             self._fail(reason, ("User error, not retried: " if user else "") + error.message)
