@@ -47,6 +47,11 @@ from .views import TimelineEntry, Views
 
 logger = logging.getLogger(__name__)
 
+# The DispatchError reason of a suspended job whose state in host memory is gone, or whose
+# Suspend or Resume failed on a host: an infrastructure failure, rolled back to its
+# checkpoint (no peer recovery: the other islands' copies are suspended, not running).
+SUSPEND_FAILED = "suspend_failed"
+
 SUSPEND_TIMEOUT_S = 300.0
 # StartServe compiles the prefill and decode programs; StopServe waits for the loop.
 SERVE_START_TIMEOUT_S = 300.0
@@ -578,6 +583,7 @@ class JobRunner:
                     if (
                         not self.cancel_requested
                         and p.peers is not None
+                        and e.reason != SUSPEND_FAILED  # no survivor runs: states suspended
                         and spec_lib.pipeline_settings(self.record.spec) is None
                     ):
                         attempt = await p.peers.recover(job_id, self._attempt, islands, e)
@@ -872,7 +878,7 @@ class JobRunner:
         lost, self.suspended_state_lost = self.suspended_state_lost, ""
         if lost:
             raise DispatchError(
-                "step_failed",
+                SUSPEND_FAILED,
                 f"job {self.job_id!r} was suspended in host memory: {lost}",
                 grpc.StatusCode.UNAVAILABLE,
             )
@@ -893,7 +899,7 @@ class JobRunner:
             await call_all(self.island_handles, rpc, request, timeout=SUSPEND_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise DispatchError(
-                "step_failed",
+                SUSPEND_FAILED,
                 f"{rpc} of job {self.job_id!r} failed on a host: {e.code().name}: {e.details()}",
                 grpc.StatusCode.UNAVAILABLE,
             ) from e
