@@ -402,12 +402,10 @@ class Dispatcher:
         cancelled (its next read fails and it ends as an abandoned run)."""
         cut = asyncio.ensure_future(self.cut(run.program.job_id))
         cut.add_done_callback(_log_failure)
-        loop = asyncio.get_running_loop()
         grace = max(ABANDON_GRACE_S, 3 * self._step_s.get(run.program.job_id, 0.0))
         while not run.state.closed:
-            run.progress = run.progress or loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(run.progress), grace)
+                await run.wait_progress(grace)
             except TimeoutError:
                 logger.warning(
                     "job %s: no step read for %.0f s after its cut; its streams are cancelled",
@@ -498,8 +496,7 @@ class Dispatcher:
         # The steps before the cut end on every island (a step one island started is a
         # collective of all of them) before the island is handed over.
         while run.read < cut and not run.state.closed:
-            run.progress = run.progress or asyncio.get_running_loop().create_future()
-            await asyncio.shield(run.progress)
+            await run.wait_progress()
         logger.info("job %s: slices cut before step %d", program.job_id, cut)
         return cut
 
@@ -1012,6 +1009,11 @@ class _Run:
     # abandoned by a cut (`Dispatcher._cut_abandoned`), and that cut in progress.
     one_program: bool = False
     abandon_cut: asyncio.Future | None = None
+
+    async def wait_progress(self, timeout: float | None = None) -> None:
+        """Until the run reads a step or ends (`advanced`); TimeoutError after `timeout`."""
+        self.progress = self.progress or asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(asyncio.shield(self.progress), timeout)
 
     def advanced(self, read: int) -> None:
         self.read = read

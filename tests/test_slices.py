@@ -314,9 +314,10 @@ def test_an_abandoned_run_stops_within_a_step_and_leaves_no_gap(host):
 
 
 async def run_and_cancel(dispatcher, prog, islands, after: int):
-    """Run `prog`, cancelling it (`Dispatcher.abandon`, as the controller's cancel does)
-    10 ms after its `after`-th step is read; returns (steps completed, steps read when the
-    cancel came, the cancel's time, the run's end), times in ns."""
+    """Load and run `prog`, cancelling it (`Dispatcher.abandon`, as the controller's cancel
+    does) 10 ms after its `after`-th step is read; returns (steps completed, steps read when
+    the cancel came, the cancel's time, the run's end), times in ns."""
+    await dispatcher.load(prog, islands)
     loop = asyncio.get_running_loop()
     reports: list = []
     cancel: list[tuple[int, int]] = []
@@ -358,7 +359,6 @@ def test_an_abandon_stops_every_host_of_a_two_host_island_at_one_step():
         try:
             dispatcher = Dispatcher(4, slice_s=0.25)
             prog = program("one-program", 1000)
-            await dispatcher.load(prog, [island])
             # A few slices in: the fast host is ahead.
             completed, _, cancel_ns, returned_ns = await run_and_cancel(
                 dispatcher, prog, [island], 12
@@ -452,7 +452,6 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
         try:
             dispatcher = Dispatcher(3, slice_s=10.0)
             prog = program("abandon-now", 1000)
-            await dispatcher.load(prog, [island])
             # Mid-step: the next reply is ~0.29 s away.
             completed, read, cancel_ns, returned_ns = await run_and_cancel(
                 dispatcher, prog, [island], 4
