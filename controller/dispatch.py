@@ -420,16 +420,23 @@ class Dispatcher:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
         its islands (two CutSlice phases, see the module docstring) and wait until the steps
         before the cut have ended on all of them (their replies read); returns the step the
-        job goes on from, or None when nothing was cut (no run, nothing in flight, or a
-        host did not answer the first phase: the job's steps then go on as sent).
+        job goes on from, or None when nothing was cut (no run, a run at its end, or a host
+        did not answer the first phase: the job's steps then go on as sent). A run between
+        two slices (nothing in flight, or its last steps read while the hosts were asked to
+        hold) is cut where it stands, at its next step.
 
         Concurrent calls for one job share one cut. The run grants itself no slice while a
         cut is in progress."""
         run = self._runs.get(job_id)
-        if run is None or run.state.closed or not run.pending:
+        if run is None or run.state.closed:
             return None
         if run.cutting is not None:
             return await asyncio.shield(run.cutting)
+        if not run.pending:
+            state = run.state
+            return (
+                None if state.stopped or state.next_step >= run.program.steps else state.next_step
+            )
         run.cutting = asyncio.get_running_loop().create_future()
         result: int | None = None
         try:
@@ -459,7 +466,7 @@ class Dispatcher:
             islands, "CutSlice", request(phase.HOLD), timeout=CUT_TIMEOUT_S, return_exceptions=True
         )
         failed = [r for r in held if isinstance(r, BaseException)]
-        if failed or run.state.closed or not run.pending:
+        if failed or run.state.closed:
             if failed:
                 logger.warning("cutting the slices of job %s: %r", program.job_id, failed[0])
             await call_all(
@@ -470,9 +477,11 @@ class Dispatcher:
                 return_exceptions=True,
             )
             return None
-        first = run.pending[0]
         # Steps the controller has read ran on every host: the cut is never before them.
-        cut = max([r.next_step for r in held] + [first.first + first.reported])
+        read = run.state.next_step
+        if run.pending:
+            read = run.pending[0].first + run.pending[0].reported
+        cut = max([r.next_step for r in held] + [read])
         # The run reads its slices up to the cut only (before the hosts end their streams
         # there), and grants its next slice from it.
         for sent in run.pending:
