@@ -329,20 +329,35 @@ class Controller:
         """Prepare a graceful stop (`pathways-lite down`): start nothing new, checkpoint every
         running job at its next step boundary, unload it and queue it again; then the same
         for the suspended ones (back on their devices once the running ones have left).
-        Returns what it did to each job, in job id order."""
+        Returns what it did to each job, in job id order.
+
+        A drain its caller gives up on (`pathways-lite down` interrupted, its deadline
+        passed) is undone: the jobs asked to drain finish their drain (checkpointed, queued:
+        their runners are not cancelled) and the controller schedules again."""
         self.draining = True
         drained: list[controller_pb2.DrainedJob] = []
         runners = list(self.runners.values())
-        for group in (
-            [r for r in runners if not r.suspended],
-            [r for r in runners if r.suspended],
-        ):
-            for runner in group:
-                runner.request_drain()
-            await asyncio.gather(
-                *(r.task for r in group if r.task is not None), return_exceptions=True
+        try:
+            for group in (
+                [r for r in runners if not r.suspended],
+                [r for r in runners if r.suspended],
+            ):
+                for runner in group:
+                    runner.request_drain()
+                await asyncio.shield(
+                    asyncio.gather(
+                        *(r.task for r in group if r.task is not None), return_exceptions=True
+                    )
+                )
+                drained += [r.drained for r in group if r.drained is not None]
+        except asyncio.CancelledError:
+            logger.warning(
+                "the drain was given up by its caller: scheduling again (the jobs it drained "
+                "are queued)"
             )
-            drained += [r.drained for r in group if r.drained is not None]
+            self.draining = False
+            self.wake()
+            raise
         logger.info("drained: %s", ", ".join(f"{d.job_id}@{d.step}" for d in drained) or "none")
         return sorted(drained, key=lambda d: d.job_id)
 

@@ -710,3 +710,43 @@ def test_watchers_of_a_busy_job_get_every_update_in_order_and_leave_nothing_behi
             c.cancel(job_id, "done")
 
     asyncio.run(main())
+
+
+def test_a_drain_its_caller_gives_up_on_is_undone_and_scheduling_goes_on(tmp_path) -> None:
+    """`pathways-lite down` interrupted (or its Drain deadline passed) cancels the drain on
+    the controller: the jobs it asked to drain still finish their drain (checkpointed and
+    queued, not cut off by the cancel), and the controller schedules again, so they run on
+    and a job submitted after is placed. Before, `draining` stayed set: every scheduling
+    pass was skipped for good while the controller kept accepting jobs."""
+
+    async def run() -> None:
+        sim = SimCluster.uniform(1, step_s=STEP_S)
+        islands = await connect_islands(await sim.start())
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("long", 1, 60))).id
+            await _until(lambda: bool(store.metrics(job, from_step=3)))
+            drain = asyncio.create_task(c.drain())
+            await asyncio.sleep(0)  # it asked the job to drain and waits for it
+            assert c.runners[job].drain_requested
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            after = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("after", 1, 5))).id
+            await _until(lambda: store.get_job(after).state.terminal, 60)
+            await _until(lambda: store.get_job(job).state.terminal, 60)
+            assert store.get_job(after).state == JobState.SUCCEEDED
+            assert store.get_job(job).state == JobState.SUCCEEDED
+            messages = [e.message for e in store.events(job)]
+            # Its drain was finished (not cut off: "The controller stopped; the job will run
+            # again." is the message of a runner cancelled by the controller's stop).
+            assert any("The controller stopped at step" in m for m in messages), messages
+            assert [m.step for m in store.metrics(job)] == list(range(60))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
