@@ -168,6 +168,8 @@ class Admission:
         # them (controller/core.py's `start`): placed there first, so that their state is
         # adopted (controller/peer_recovery.py) instead of restored from a checkpoint.
         self.kept_on: dict[str, tuple[str, ...]] = {}
+        # Hints dropped (the job goes elsewhere): its copies there are unloaded at its start.
+        self.kept_dropped: dict[str, tuple[str, ...]] = {}
         # The head of the queue's reservation, as of the last pass.
         self.reservation: Reservation | None = None
         # The latest backfills: (the job started, the head it went ahead of, the head's
@@ -413,7 +415,7 @@ class Admission:
             for i in kept
         ):
             return kept
-        del self.kept_on[job_id]
+        self.kept_dropped[job_id] = self.kept_on.pop(job_id)
         return None
 
     def _admit(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pathways_lite.v1 import controller_pb2
+from pathways_lite.v1 import controller_pb2, worker_pb2
 
 from . import lineage
 from . import spec as spec_lib
@@ -180,6 +180,7 @@ class Controller:
         )
         # Lost islands being brought back, by island id.
         self._revivers: dict[str, asyncio.Task] = {}
+        self._unloads: set[asyncio.Future] = set()
         self._wake: asyncio.Event | None = None
         # The loop the controller's state lives on (set by `start`); the service's thread
         # hands work over to it (`on_loop`).
@@ -290,6 +291,7 @@ class Controller:
                 reason="controller_restarted",
                 message=f"The controller restarted; the job resumes from step {step}.",
             )
+        await self._unload_leftovers()
         self._wake = asyncio.Event()
         self._loop_task = asyncio.create_task(self._schedule_loop(), name="scheduler")
         # Island host deaths as Ray reports them, acted on at once (controller/islands.py).
@@ -304,6 +306,48 @@ class Controller:
             self._peak_task = asyncio.create_task(asyncio.to_thread(self.views.measure_peak))
         self.wake()
 
+    async def _unload_leftovers(self) -> None:
+        """Unload what an earlier controller left on the hosts (their Info at attach) and
+        this one will not adopt: all but the RUNNING training jobs kept where they are
+        (`admission.kept_on`). A job suspended at its crash, cancelled or placed elsewhere
+        since, a serve job's replica, a one-off sample: device (or host) memory the scheduler
+        does not count, which the next job placed there could run out of. Done before the
+        first scheduling pass: an unload names no generation, and must not reach a host
+        after a new load of the same job there."""
+        request = worker_pb2.UnloadJobRequest
+        calls, names = [], []
+        for island in self.islands.values():
+            if island.dead is not None:
+                continue
+            for index, host in enumerate(island.hosts):
+                for job_id in host.info.loaded_jobs:
+                    if island.id in self.admission.kept_on.get(job_id, ()):
+                        continue
+                    unload = request(job_id=job_id, epoch=self.dispatcher.epoch)
+                    calls.append(island.call_host(index, "UnloadJob", unload, timeout=60))
+                    names.append(f"{job_id} on {island.id}/{index}")
+        if not calls:
+            return
+        logger.info("unloading what an earlier controller left: %s", ", ".join(names))
+        for name, result in zip(
+            names, await asyncio.gather(*calls, return_exceptions=True), strict=True
+        ):
+            if isinstance(result, BaseException):
+                logger.warning("unloading %s: %r", name, result)
+
+    def _unload_kept(self, job_id: str, keep: Sequence[str] = ()) -> None:
+        """A job whose state hosts kept from an earlier controller (`admission.kept_on`)
+        that will not be adopted there (placed elsewhere, cancelled while queued): unload
+        it from those islands (but `keep`, where its new load replaces it)."""
+        kept = self.admission.kept_on.pop(job_id, None) or self.admission.kept_dropped.pop(
+            job_id, None
+        )
+        islands = [self.islands[i] for i in kept or () if i not in keep and i in self.islands]
+        if islands:
+            task = asyncio.ensure_future(self.dispatcher.unload(job_id, islands))
+            self._unloads.add(task)
+            task.add_done_callback(self._unloads.discard)
+
     async def stop(self) -> None:
         """Stop dispatching; running jobs go back to the queue (a restart resumes them)."""
         if self._death_watch is not None:
@@ -313,6 +357,7 @@ class Controller:
             await asyncio.gather(self._loop_task, return_exceptions=True)
         if self._peak_task is not None:
             await asyncio.gather(self._peak_task, return_exceptions=True)
+        await asyncio.gather(*self._unloads, return_exceptions=True)
         for task in self._revivers.values():
             task.cancel()
         await asyncio.gather(*self._revivers.values(), return_exceptions=True)
@@ -380,6 +425,7 @@ class Controller:
                 logger.exception("scheduling failed")
 
     def _start_job(self, record: JobRecord, island_ids: list[str]) -> None:
+        self._unload_kept(record.id, keep=island_ids)
         islands = [self.islands[i] for i in island_ids]
         runner = JobRunner(record, self.resolved(record), islands, self._parts)
         self.runners[record.id] = runner
@@ -530,6 +576,8 @@ class Controller:
         runner = self.runners.get(job_id)
         if runner is not None:
             runner.request_cancel()
+        else:
+            self._unload_kept(job_id)
         message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
         self.reporter.flush(job_id)  # its steps so far are recorded before it ends
         record = self.reporter.transition(

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 
+import grpc
 import pytest
 
 from pathways_lite.controller.bus import EventBus
@@ -744,6 +745,84 @@ def test_a_drain_its_caller_gives_up_on_is_undone_and_scheduling_goes_on(tmp_pat
             # again." is the message of a runner cancelled by the controller's stop).
             assert any("The controller stopped at step" in m for m in messages), messages
             assert [m.step for m in store.metrics(job)] == list(range(60))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
+
+
+def test_what_an_earlier_controller_left_on_the_hosts_is_unloaded_unless_adopted(
+    tmp_path,
+) -> None:
+    """Jobs the hosts still hold from an earlier controller (device memory the scheduler does
+    not count) are unloaded at start, all but the RUNNING training job kept where it is (its
+    state is adopted there); that one is unloaded when it is cancelled while still queued.
+    Before, a cancelled job's copy, an unknown job's and a kept job's stayed loaded for
+    good."""
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+    async def run() -> None:
+        sim = SimCluster.uniform(2, step_s=STEP_S)
+        addresses = await sim.start()
+        store = JobStore.open_controller(tmp_path / "state")
+        (kept, _), (gone, _) = store.create_jobs(
+            [(_spec("kept", 1, 20), None), (_spec("gone", 1, 20), None)]
+        )
+        store.transition(kept.id, JobState.RUNNING, reason="scheduled")
+        store.transition(gone.id, JobState.CANCELLED, reason="user_cancelled")
+        left = {"island-0": [gone.id, "ghost.sample-1"], "island-1": [kept.id, "ghost.sample-1"]}
+        for island, jobs in left.items():
+            async with grpc.aio.insecure_channel(addresses[island]) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                for job_id in jobs:
+                    await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=job_id, generation=1))
+        c = Controller(store, await connect_islands(addresses), prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            # No pass has run yet: the leftovers are gone, the kept job waits to be adopted.
+            assert set(sim.hosts["island-0"].jobs) == set()
+            assert set(sim.hosts["island-1"].jobs) == {kept.id}
+            assert store.get_job(kept.id).state == JobState.QUEUED
+            c.cancel(kept.id, "not wanted any more")
+            await _until(lambda: not sim.hosts["island-1"].jobs, 10)
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
+
+
+def test_a_kept_job_placed_elsewhere_is_unloaded_where_it_was_kept(tmp_path) -> None:
+    """Two jobs an earlier controller left running on one island that holds one: the first
+    is adopted there, the second (its hint dropped: no room) starts on the other island and
+    its copy on the first is unloaded (it stayed for good before)."""
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.sim_host import SimIsland
+
+    budget = ResolvedJob.resolve(_spec("x", 1, 2)).bytes_per_device
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland(f"island-{i}", STEP_S, budget, budget) for i in range(2)])
+        addresses = await sim.start()
+        store = JobStore.open_controller(tmp_path / "state")
+        records = store.create_jobs([(_spec(f"k{i}", 1, 1000), None) for i in range(2)])
+        async with grpc.aio.insecure_channel(addresses["island-1"]) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            for record, _ in records:
+                store.transition(record.id, JobState.RUNNING, reason="scheduled")
+                await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=record.id, generation=1))
+        c = Controller(store, await connect_islands(addresses), prepare=_prepare, peak_flops=1e12)
+        await c.start()
+        try:
+            ids = {r.id for r, _ in records}
+            hosts = sim.hosts
+            await _until(lambda: len(hosts["island-0"].jobs) == 1, 10)
+            await _until(lambda: len(hosts["island-1"].jobs) == 1, 10)
+            assert set(hosts["island-0"].jobs) | set(hosts["island-1"].jobs) == ids
         finally:
             await c.stop()
             await sim.stop()
