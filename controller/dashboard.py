@@ -492,20 +492,10 @@ class Dashboard:
         then `done` ({finish_reason, tokens, ttft_ms, ms_per_token, island}) or `error`
         ({code, message}). Query: prompt, max_tokens, temperature, top_k, top_p, seed, stop
         (repeatable). Errors before the first token are HTTP statuses."""
-        q = request.query
         try:
-            wire = controller_pb2.GenerateJobRequest(
-                job_id=request.match_info["job_id"],
-                prompt=q.get("prompt", ""),
-                max_tokens=int(q.get("max_tokens", 64)),
-                temperature=float(q.get("temperature", 0.0)),
-                top_k=int(q.get("top_k", 0)),
-                top_p=float(q.get("top_p", 0.0)),
-                seed=int(q.get("seed", 0)),
-                stop=q.getall("stop", []),
-            )
+            wire = generate_request(request.match_info["job_id"], request.query)
         except ValueError as e:
-            raise _bad(f"a query parameter is not a number: {e}") from None
+            raise _bad(str(e)) from None
         replies = self.controller.serving.generate(wire)
         try:
             first = await replies.__anext__()
@@ -639,6 +629,43 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive.")
     return seconds
+
+
+# The generate endpoint's numeric query parameters: (parse, default, bits of a signed integer).
+_GENERATE_NUMBERS: dict[str, tuple[type, float, int]] = {
+    "max_tokens": (int, 64, 32),
+    "temperature": (float, 0.0, 0),
+    "top_k": (int, 0, 32),
+    "top_p": (float, 0.0, 0),
+    "seed": (int, 0, 64),
+}
+
+
+def generate_request(job_id: str, query: Any) -> controller_pb2.GenerateJobRequest:
+    """The generate endpoint's query as a GenerateJobRequest (the router checks the ranges).
+
+    Raises:
+        ValueError: a parameter that is not a number or does not fit its field, naming it.
+    """
+    numbers: dict[str, Any] = {}
+    for name, (parse, default, bits) in _GENERATE_NUMBERS.items():
+        text = query.get(name)
+        if text is None:
+            numbers[name] = default
+            continue
+        kind = "an integer" if parse is int else "a number"
+        try:
+            value = parse(text)
+        except ValueError:
+            raise ValueError(f"query parameter {name}={text!r} is not {kind}.") from None
+        if bits and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            raise ValueError(
+                f"query parameter {name}={text} is out of range (a {bits}-bit integer)."
+            )
+        numbers[name] = value
+    return controller_pb2.GenerateJobRequest(
+        job_id=job_id, prompt=query.get("prompt", ""), stop=query.getall("stop", []), **numbers
+    )
 
 
 def _generate_error(e: Exception) -> web.HTTPException:

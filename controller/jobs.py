@@ -768,7 +768,13 @@ class JobRunner:
         # The KV cache is held on the island beside the parameters: accounted.
         p.scheduler.resize(self.job_id, self.demand_bytes + kv)
         p.reporter.job_memory[self.job_id] = self.demand_bytes + kv
-        p.serving.serving(self.job_id, kv, settings.max_batch, settings.target_p99_ms)
+        p.serving.serving(
+            self.job_id,
+            kv,
+            settings.max_batch,
+            settings.target_p99_ms,
+            max_seq_len=settings.max_seq_len,
+        )
         p.reporter.phase(self.job_id, "serving")
         logger.info(
             "job %s serving on %s (KV cache %s; compile %.1f s)",

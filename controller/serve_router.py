@@ -21,13 +21,22 @@ request ends, training gets the island back after `holdoff_s`, the latency polic
 
   - a request's per-token latency is its whole time over its tokens, its wait for the first
     token included (time to first token + ms_per_token x the later tokens, over the tokens):
-    training costs a request at most the rest of one step, before its first token;
+    training costs a request at most the rest of one step, before its first token. The time
+    to first token is the router's, from before the island's cut to the first reply from the
+    host: the wait for training to yield is in it (the host's own count starts after);
   - at each end of a busy period, the p99 of that latency over the island's last
     POLICY_REQUESTS requests is compared with the smallest `serve.target_p99_ms` of the serve
     jobs there: above it, holdoff doubles (from HOLDOFF_MIN_S, at most HOLDOFF_MAX_S), so
     training yields more: requests that come soon after others find the island free, not a
     training step in progress; below half of it, holdoff halves (under HOLDOFF_MIN_S: 0, an
     idle service costs training nothing).
+
+A request is checked before anything happens to an island (its settings and stop strings,
+workers/serve_engine.py's `check_sampling`; max_tokens against the job's serve.max_seq_len once
+it serves): a request the host would refuse never cuts training. Only the prompt's length in
+tokens is left to the host (the controller has no tokenizer). The host's stream is read by its
+own task, whether or not the client reads the replies: the island is left (`leave`) when the
+host's last reply arrives, not when a slow client has read it.
 
 Each busy period (from the moment training has yielded the island to the end of its last
 request) is recorded on the island's timeline under the serve job's id, beside the training
@@ -48,6 +57,7 @@ import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 from pathways_lite.workers.rpc import RpcRejection
+from pathways_lite.workers.serve_engine import check_sampling
 
 from .islands import Island
 from .states import IllegalTransitionError
@@ -241,6 +251,7 @@ class Served:
     reason: str = ""  # why it is stopping
     kv_cache_bytes: int = 0
     slots: int = 0  # cache slots over all replicas
+    max_seq_len: int = 0  # positions per slot (serve.max_seq_len); 0: not told
     target_p99_ms: float = 0.0
     requests: int = 0
     tokens: int = 0
@@ -264,14 +275,23 @@ class ServeRouter:
         return served
 
     def serving(
-        self, job_id: str, kv_cache_bytes: int, max_batch: int = 0, target_p99_ms: float = 0.0
+        self,
+        job_id: str,
+        kv_cache_bytes: int,
+        max_batch: int = 0,
+        target_p99_ms: float = 0.0,
+        *,
+        max_seq_len: int = 0,
     ) -> None:
+        """The job's replicas serve (`max_seq_len`: serve.max_seq_len, which requests are
+        checked against here; 0 leaves that check to the hosts)."""
         served = self.jobs.get(job_id)
         if served is not None:
             served.status = "serving"
             served.kv_cache_bytes = kv_cache_bytes
             served.slots = max_batch * len(served.replicas)
             served.target_p99_ms = target_p99_ms
+            served.max_seq_len = max_seq_len
 
     def stopping(self, job_id: str, reason: str) -> None:
         """The job's service stops (`reason`: cancelled, preempted, the controller stopping):
@@ -340,6 +360,7 @@ class ServeRouter:
             JobNotFoundError (unknown job), IllegalTransitionError (not serving, loading),
             ValueError (bad prompt or setting), RpcRejection (the host's own answer).
         """
+        max_tokens = check_request(request)
         record = self.store.find_job(request.job_id)
         served = self.jobs.get(record.id)
         if served is None:
@@ -360,17 +381,12 @@ class ServeRouter:
             raise IllegalTransitionError(f"job {record.id!r} is loading; try again shortly.")
         if served.status == "stopping":
             raise self._stopped_error(served)
-        if not request.prompt:
-            raise ValueError("prompt is empty; give some text to continue.")
-        if len(request.prompt) > MAX_PROMPT_CHARS:
+        if served.max_seq_len and max_tokens >= served.max_seq_len:
             raise ValueError(
-                f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}."
+                f"max_tokens={max_tokens} leaves no room for a prompt in serve.max_seq_len="
+                f"{served.max_seq_len} (at most {served.max_seq_len - 1}, less the prompt's "
+                "tokens)."
             )
-        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens={request.max_tokens} must be >= 1.")
-        if request.top_k < 0:
-            raise ValueError(f"top_k={request.top_k} must be >= 0.")
         live = [r for r in served.replicas if r.island.dead is None]
         if not live:
             raise RpcRejection(
@@ -379,7 +395,6 @@ class ServeRouter:
                 f"({served.replicas[0].island.dead}); the job recovers or fails shortly.",
             )
         replica = min(live, key=lambda r: r.inflight)
-        host = replica.island.hosts[0]
         wire = worker_pb2.GenerateRequest(
             job_id=record.id,
             prompt=request.prompt,
@@ -387,39 +402,78 @@ class ServeRouter:
             temperature=request.temperature,
             top_k=request.top_k,
             top_p=request.top_p,
-            seed=max(0, request.seed),
+            seed=request.seed,
             stop=list(request.stop),
         )
-        call = None
-        sample = None
-        entered = False
+        async for reply in self._relay(served, replica, wire):
+            yield reply
+
+    async def _relay(
+        self, served: Served, replica: Replica, wire: worker_pb2.GenerateRequest
+    ) -> AsyncIterator[controller_pb2.GenerateJobReply]:
+        """The host's stream to the caller. A task reads it (`pump`), so the island is left
+        and the replica's count drops when the host's part ends (`host_done`, once), however
+        slowly the caller reads."""
+        island = replica.island.id
+        host = replica.island.hosts[0]
+        replies: asyncio.Queue = asyncio.Queue()  # (reply, ttft ms), an error, None: the end
+        entered = done = False
+        started = time.perf_counter()  # before the cut: the wait for training counts
+
+        def host_done(sample: tuple[float, float, int] | None) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            replica.inflight -= 1
+            if entered and self.arbiter is not None:
+                self.arbiter.leave(island, sample)
+
+        async def pump(call: Any) -> None:
+            ttft_ms: float | None = None
+            sample = None
+            try:
+                async for reply in call:
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - started) * 1e3
+                    if reply.done:
+                        sample = (ttft_ms, reply.ms_per_token, reply.tokens)
+                        served.tokens += reply.tokens
+                        served.finished.append((time.time(), *sample))
+                        host_done(sample)
+                    replies.put_nowait((reply, ttft_ms))
+            except Exception as e:  # noqa: BLE001 - raised to the caller in order
+                replies.put_nowait(e)
+            finally:
+                host_done(sample)
+                replies.put_nowait(None)
+
+        call = pumping = None
         replica.inflight += 1
+        served.requests += 1
         try:
-            served.requests += 1
             if self.arbiter is not None:
                 # Training on the island yields first (its slices cut at a step boundary).
                 entered = True
-                await self.arbiter.enter(replica.island.id, record.id, served.target_p99_ms)
+                await self.arbiter.enter(island, served.job_id, served.target_p99_ms)
             if served.status == "stopping":  # stopped while training yielded the island
                 raise self._stopped_error(served)
             call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
-            async for reply in call:
-                if reply.done:
-                    served.tokens += reply.tokens
-                    served.finished.append(
-                        (time.time(), reply.ttft_ms, reply.ms_per_token, reply.tokens)
-                    )
-                    sample = (reply.ttft_ms, reply.ms_per_token, reply.tokens)
+            pumping = asyncio.ensure_future(pump(call))
+            while (item := await replies.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                reply, ttft_ms = item
                 yield controller_pb2.GenerateJobReply(
                     text=reply.text,
                     token=reply.token,
                     done=reply.done,
                     finish_reason=reply.finish_reason,
                     tokens=reply.tokens,
-                    ttft_ms=reply.ttft_ms,
+                    ttft_ms=ttft_ms if reply.done else 0.0,
                     ms_per_token=reply.ms_per_token,
-                    island=replica.island.id,
-                    job_id=record.id,
+                    island=island,
+                    job_id=served.job_id,
                 )
         except grpc.aio.AioRpcError as e:
             code = e.code()
@@ -433,11 +487,35 @@ class ServeRouter:
         except grpc.aio.UsageError as e:  # the host's channel closed (its island died)
             raise RpcRejection(
                 grpc.StatusCode.UNAVAILABLE,
-                f"island {replica.island.id} of job {record.id!r} is not reachable: {e}",
+                f"island {island} of job {served.job_id!r} is not reachable: {e}",
             ) from None
         finally:
-            replica.inflight -= 1
-            if entered and self.arbiter is not None:
-                self.arbiter.leave(replica.island.id, sample)
+            if pumping is not None:
+                pumping.cancel()
             if call is not None:
                 call.cancel()  # a client that went away frees its slot on the host
+            host_done(None)
+
+
+def check_request(request: controller_pb2.GenerateJobRequest) -> int:
+    """A request's own fields, before its job is looked up or any island cut; returns its
+    max_tokens (0 asks for DEFAULT_MAX_TOKENS).
+
+    Raises:
+        ValueError: naming the field and its value.
+    """
+    if not request.prompt:
+        raise ValueError("prompt is empty; give some text to continue.")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}.")
+    max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens={request.max_tokens} must be >= 1 (0: {DEFAULT_MAX_TOKENS}).")
+    check_sampling(
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+    )
+    return max_tokens

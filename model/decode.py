@@ -14,12 +14,15 @@ own position. A `SlotDecoder` holds the cache and two compiled programs per shap
   position, the next token sampled.
 
 Sampling is per slot (temperature, top-k, top-p, seed): the key of a request's n-th token is
-`fold_in(key(seed), n)`, so a request's tokens depend only on its prompt, the parameters and
-its seed, never on which slot it got or who shares the batch, up to the last bits of floating
-point: programs of different row counts (the prefill and decode buckets) may round
-differently (palm-small on CPU: logits within 5e-6 of the 32-row program's at 1 and 4 rows,
-bitwise equal at 16), which can change a token only where its top two logits nearly tie
-(the equivalence tests stop comparing there).
+`fold_in(key(seed), n)` (the seed's 64 bits are the threefry key's two words, so a seed below
+2**32 gives `jax.random.key(seed)`), so a request's tokens depend only on its prompt, the
+parameters and its seed, never on which slot it got or who shares the batch, up to the last
+bits of floating point: programs of different row counts (the prefill and decode buckets) may
+round differently (palm-small on CPU: logits within 5e-6 of the 32-row program's at 1 and 4
+rows, bitwise equal at 16), which can change a token only where its top two logits nearly tie
+(the equivalence tests stop comparing there). Only ids below the tokenizer's vocabulary are
+ever chosen (`vocab_size`): a model may embed more ids than its tokenizer has pieces
+(`model.overrides.vocab_size`), and an id the tokenizer cannot decode would end the request.
 """
 
 from __future__ import annotations
@@ -81,12 +84,22 @@ def sample_rows(
     temperature_b: jax.Array,
     top_k_b: jax.Array,
     top_p_b: jax.Array,
-    seed_b: jax.Array,
+    seed_b2: jax.Array,
     count_b: jax.Array,
+    *,
+    vocab_size: int | None = None,
 ) -> jax.Array:
     """One token per row: argmax where temperature is 0, else a draw from softmax(logits / T)
     restricted to the top k (0: all) and the top-p nucleus (0 or >= 1: all), with the key
-    fold_in(key(seed), count). Returns (B,) int32."""
+    fold_in(key(seed), count). Returns (B,) int32.
+
+    Args:
+        seed_b2: each row's 64-bit seed as (high, low) uint32 words, the threefry key's data.
+        vocab_size: only ids below it are chosen, greedy or sampled (the tokenizer's
+            vocabulary; None: every id of the logits).
+    """
+    if vocab_size is not None:
+        logits_bv = logits_bv[:, :vocab_size]  # (B, V') the ids the tokenizer can decode
     vocab = logits_bv.shape[-1]
 
     def row(logits_v, temp, top_k, top_p, seed, count):
@@ -101,12 +114,12 @@ def sample_rows(
         nucleus = jnp.sum((before_v < top_p) & in_k_v)
         n_keep = jnp.where((top_p > 0) & (top_p < 1), jnp.maximum(nucleus, 1), k)
         keep_v &= scaled_v >= desc_v[n_keep - 1]
-        key = jax.random.fold_in(jax.random.key(seed), count)
+        key = jax.random.fold_in(jax.random.wrap_key_data(seed, impl="threefry2x32"), count)
         drawn = jax.random.categorical(key, jnp.where(keep_v, scaled_v, -jnp.inf))
         return jnp.where(temp > 0, drawn.astype(jnp.int32), greedy)
 
     def sampled(_):
-        return jax.vmap(row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, count_b)
+        return jax.vmap(row)(logits_bv, temperature_b, top_k_b, top_p_b, seed_b2, count_b)
 
     def greedy(_):
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -165,7 +178,8 @@ def _decode_core(model, tokens_b, pos_b, cache: KVCache):
 
 @dataclasses.dataclass
 class Sampling:
-    """Per-row sampling settings as arrays (B,)."""
+    """Per-row sampling settings as arrays (B,); `seed` is (B, 2): each 64-bit seed's high
+    and low uint32 words."""
 
     temperature: np.ndarray
     top_k: np.ndarray
@@ -179,7 +193,7 @@ class Sampling:
             temperature=np.zeros(n, np.float32),
             top_k=np.zeros(n, np.int32),
             top_p=np.zeros(n, np.float32),
-            seed=np.zeros(n, np.uint32),
+            seed=np.zeros((n, 2), np.uint32),
             count=np.zeros(n, np.int32),
         )
 
@@ -194,9 +208,13 @@ class SlotDecoder:
         model: a `Palm` model (its parameters are captured; call `set_model` for new ones).
         max_batch: slots in the cache.
         max_seq_len: positions per slot (<= the model's max_seq_len).
+        vocab_size: the tokenizer's vocabulary (<= the model's): no id at or above it is
+            ever chosen. None: the model's.
     """
 
-    def __init__(self, model, max_batch: int, max_seq_len: int) -> None:
+    def __init__(
+        self, model, max_batch: int, max_seq_len: int, *, vocab_size: int | None = None
+    ) -> None:
         cfg = model.cfg
         if not 1 <= max_batch:
             raise ValueError(f"max_batch={max_batch} must be >= 1.")
@@ -204,7 +222,13 @@ class SlotDecoder:
             raise ValueError(
                 f"max_seq_len={max_seq_len} must be in [2, the model's {cfg.max_seq_len}]."
             )
+        if vocab_size is not None and not 1 <= vocab_size <= cfg.vocab_size:
+            raise ValueError(
+                f"the tokenizer's vocab_size={vocab_size} must be in [1, the model's "
+                f"{cfg.vocab_size}]."
+            )
         self.cfg = cfg
+        self.vocab_size = vocab_size
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.length_buckets = length_buckets(max_seq_len)
@@ -224,14 +248,14 @@ class SlotDecoder:
             self.compiled.append(("prefill", tuple(tokens_np.shape)))
             m = nnx.merge(self._graphdef, state)
             logits_nv, cache = _prefill_core(m, tokens_np, lengths_n, slots_n, cache)
-            return logits_nv, sample_rows(logits_nv, *samp), cache
+            return logits_nv, sample_rows(logits_nv, *samp, vocab_size=vocab_size), cache
 
         def decode(state, tokens_b, pos_b, cache, samp):
             self.traces += 1
             self.compiled.append(("decode", tuple(tokens_b.shape)))
             m = nnx.merge(self._graphdef, state)
             logits_bv, cache = _decode_core(m, tokens_b, pos_b, cache)
-            return logits_bv, sample_rows(logits_bv, *samp), cache
+            return logits_bv, sample_rows(logits_bv, *samp, vocab_size=vocab_size), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(4,))
         self._decode = jax.jit(decode, donate_argnums=(3,))

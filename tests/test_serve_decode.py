@@ -428,3 +428,130 @@ def test_the_engine_threads_events_reach_each_stream_in_order_in_few_loop_wakeup
     got, wakeups = asyncio.run(main())
     assert got == [list(range(50))] * 8
     assert wakeups < 8 * 50  # the loop is woken per batch of events, not per event
+
+
+def test_no_id_at_or_above_the_tokenizers_vocabulary_is_ever_chosen(model, dec):
+    """A model may embed more ids than its tokenizer has pieces (model.overrides.vocab_size):
+    greedy and sampled tokens alike come from the tokenizer's ids only."""
+    from pathways_lite.model.decode import sample_rows
+
+    rows = 64
+    logits_bv = np.tile(np.arange(12, dtype=np.float32), (rows, 1))  # id 11 the most likely
+    drawn = sample_rows(
+        logits_bv,
+        np.where(np.arange(rows) < 2, 0.0, 5.0).astype(np.float32),  # 2 greedy rows
+        np.arange(rows, dtype=np.int32) % 3 * 10,  # top_k 0 (all), 10, 20
+        np.where(np.arange(rows) % 2, 0.99, 0.0).astype(np.float32),
+        np.zeros((rows, 2), np.uint32),
+        np.arange(rows, dtype=np.int32),
+        vocab_size=8,
+    )
+    assert list(drawn[:2]) == [7, 7] and all(0 <= t < 8 for t in drawn), drawn
+    assert len(set(drawn.tolist())) > 3  # sampled, not all greedy
+    # The slot decoder samples below its `vocab_size`: its greedy first token is the best
+    # of the ids below the unrestricted one.
+    prompts = _prompts(11, [5, 7, 9, 4])
+    logits, first = dec.prefill(prompts, [0, 1, 2, 3], Sampling.zeros(4))
+    i = int(np.argmax(first))
+    limit = int(first[i])
+    assert limit > 0
+    narrow = SlotDecoder(model, max_batch=1, max_seq_len=16, vocab_size=limit)
+    _, [tok] = narrow.prefill([prompts[i]], [0], Sampling.zeros(1))
+    assert tok == int(np.argmax(logits[i][:limit]))
+
+
+def test_a_request_whose_text_fails_ends_alone_and_the_batch_goes_on(dec):
+    """An exception of one request's own (its tokens' text) ends that stream INTERNAL naming
+    why and frees its slot; the other requests and the loop go on."""
+    [p, q] = _prompts(12, [6, 8])
+    eng = ServeEngine(dec, _text)
+    try:
+        alone = [_collect(eng.submit(Request(x, max_tokens=8)))[0] for x in (p, q)]
+    finally:
+        eng.stop("test over")
+    assert alone[0][0] != alone[1][0]
+    bad = alone[0][0]
+
+    def decode(ids) -> str:  # as Tokenizer.decode does for an id it has no piece for
+        if ids[0] == bad:
+            raise ValueError(f"token id {bad} is outside this tokenizer's vocabulary of 7.")
+        return _text(ids)
+
+    eng = ServeEngine(dec, decode)
+    try:
+        failing, other = (eng.submit(Request(x, max_tokens=8)) for x in (p, q))
+        with pytest.raises(ServeError, match=f"token id {bad} is outside") as ended:
+            _collect(failing)
+        assert ended.value.code == "INTERNAL"
+        assert _collect(other)[0] == alone[1]
+        assert eng.running and eng.load() == 0
+        assert _collect(eng.submit(Request(q, max_tokens=8)))[0] == alone[1]
+    finally:
+        eng.stop("test over")
+
+
+def test_a_seeds_64_bits_all_choose_its_tokens_and_bad_seeds_are_refused(dec):
+    eng = ServeEngine(dec, _text)
+    [p] = _prompts(13, [6])
+
+    def tokens(seed: int) -> list[int]:
+        req = Request(p, max_tokens=10, temperature=1.0, seed=seed)
+        return _collect(eng.submit(req))[0]
+
+    try:
+        low = tokens(5)
+        assert tokens(5 + 2**32) != low  # the high word counts
+        assert tokens(5) == low
+        for seed in (-1, 2**64):
+            with pytest.raises(ServeError, match=f"seed={seed} must be in") as refused:
+                eng.submit(Request(p, max_tokens=1, seed=seed))
+            assert refused.value.code == "INVALID_ARGUMENT"
+    finally:
+        eng.stop("test over")
+
+
+def test_stop_strings_are_bounded_in_number_and_length_naming_the_bad_one(dec):
+    eng = ServeEngine(dec, _text)
+    [p] = _prompts(14, [4])
+    try:
+        for stop, message in (
+            (("x",) * 17, "stop has 17 strings; at most 16"),
+            (("a", "b", "c", "y" * 300), r"stop\[3\] is 300 characters long; at most 256"),
+            (("a", ""), r"stop\[1\] is empty"),
+        ):
+            with pytest.raises(ServeError, match=message) as refused:
+                eng.submit(Request(p, max_tokens=4, stop=stop))
+            assert refused.value.code == "INVALID_ARGUMENT"
+        assert Request(p, max_tokens=4, stop=("abc", "de")).hold == 2  # once per request
+    finally:
+        eng.stop("test over")
+
+
+def test_streamed_text_never_holds_a_character_whose_bytes_are_still_coming(dec):
+    """Byte-fallback tokens: a character's first UTF-8 bytes decode to U+FFFD until its
+    last one comes. Only text the decoder can no longer change is sent; the pieces make the
+    final text."""
+
+    def decode(ids) -> str:  # each token one byte of "ééé...": every other one ends a char
+        return ("é" * len(ids)).encode()[: len(ids)].decode("utf-8", errors="replace")
+
+    eng = ServeEngine(dec, decode)
+    [p] = _prompts(15, [5])
+    try:
+        req = eng.submit(Request(p, max_tokens=7))
+        pieces, final = [], None
+        while final is None:
+            ev = req.events.get(timeout=60)
+            if ev[0] == "token":
+                pieces.append(ev[2])
+            else:
+                assert ev[0] == "end", ev
+                final = ev[2]
+    finally:
+        eng.stop("test over")
+    assert final == "ééé\ufffd"  # the last character's second byte never came
+    sent = ""
+    for piece in pieces:
+        sent += piece
+        assert final.startswith(sent), (sent, final)
+    assert sent == final

@@ -6,10 +6,17 @@ runs one decode step for every occupied slot. A request leaves its slot at max t
 string, the end-of-document token, the slot's last position, or when its client goes away.
 
 Tokens go to each request's own unbounded queue and are never waited on: a slow or vanished
-client cannot stall the batch. While any request waits or decodes the loop holds the island
-(`IslandGate.serving`): the host's backstop for a single-island training job's next step (the
-controller has cut co-resident training before it forwards a request,
+client cannot stall the batch. A request's own failure (its text could not be made) ends that
+request INTERNAL and frees its slot; the others go on. While any request waits or decodes the
+loop holds the island (`IslandGate.serving`): the host's backstop for a single-island training
+job's next step (the controller has cut co-resident training before it forwards a request,
 workers/serve_rpc.py); an idle service holds nothing.
+
+Streaming: after each token the request's tokens are decoded again; the text that can no
+longer change is sent: not the last (longest stop string - 1) characters, which may still
+become a stop string, nor a trailing U+FFFD (a character whose UTF-8 bytes, byte-fallback
+tokens, have not all come yet: its later bytes change it). At the end the rest is sent, so
+the pieces make the final text.
 """
 
 from __future__ import annotations
@@ -27,6 +34,40 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 QUEUE_FACTOR = 4
+# What one request may ask (checked by the controller's router and again here).
+MAX_TEMPERATURE = 10.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_LIMIT = 2**64
+REPLACEMENT = "\ufffd"  # what a half-received UTF-8 character decodes to
+
+
+def check_sampling(
+    *, temperature: float, top_k: int, top_p: float, seed: int, stop: Sequence[str]
+) -> None:
+    """A request's sampling settings and stop strings within what the engine serves.
+
+    Every stop string is searched for after every token on the batch's one thread: their
+    number and length are bounded.
+
+    Raises:
+        ValueError: naming the field and its value.
+    """
+    if not 0 <= temperature <= MAX_TEMPERATURE:  # NaN fails too
+        raise ValueError(f"temperature={temperature} must be in [0, {MAX_TEMPERATURE:g}].")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in [0, 1].")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0: every token).")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed} must be in [0, 2**64).")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS}.")
+    for i, s in enumerate(stop):
+        if not s:
+            raise ValueError(f"stop[{i}] is empty; a stop string needs a character.")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop[{i}] is {len(s)} characters long; at most {MAX_STOP_CHARS}.")
 
 
 class ServeError(Exception):
@@ -85,6 +126,11 @@ class Request:
     text: str = ""
     sent_chars: int = 0
     slot: int = -1
+    # The characters held back while they may still become a stop string.
+    hold: int = dataclasses.field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.hold = max((len(s) - 1 for s in self.stop), default=0)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -153,6 +199,16 @@ class ServeEngine:
 
     def submit(self, req: Request) -> Request:
         """Queue a request (checked against the slot size). Raises ServeError."""
+        try:
+            check_sampling(
+                temperature=req.temperature,
+                top_k=req.top_k,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop,
+            )
+        except ValueError as e:
+            raise ServeError("INVALID_ARGUMENT", str(e)) from None
         if not req.prompt_ids:
             raise ServeError("INVALID_ARGUMENT", "prompt is empty; give some text to continue.")
         if len(req.prompt_ids) >= self.max_seq_len:
@@ -280,7 +336,7 @@ class ServeEngine:
                 samp.temperature[i] = r.temperature
                 samp.top_k[i] = r.top_k
                 samp.top_p[i] = r.top_p
-                samp.seed[i] = r.seed & 0xFFFFFFFF
+                samp.seed[i] = (r.seed >> 32, r.seed & 0xFFFFFFFF)
                 samp.count[i] = len(r.tokens)
         return samp
 
@@ -315,11 +371,19 @@ class ServeEngine:
             self._emit(r, int(nxt[r.slot]), now)
 
     def _emit(self, r: Request, tok: int, now: float) -> None:
-        """Record a sampled token; stream the text that can no longer become a stop string;
-        free the slot when the request is done."""
+        """Record a sampled token and stream what it settles; free the slot when the request
+        is done. A failure of this request's own (its text) ends it alone, INTERNAL."""
         if r.cancelled.is_set():
             self._free(r)
             return
+        try:
+            self._advance(r, tok)
+        except Exception as e:  # noqa: BLE001 - this request ends; the batch goes on
+            logger.exception("a request in slot %d failed at token %d", r.slot, tok)
+            r.events.put(("error", "INTERNAL", f"the generation failed at token {tok}: {e}"))
+            self._free(r)
+
+    def _advance(self, r: Request, tok: int) -> None:
         done = None
         if self.eos_id is not None and tok == self.eos_id:
             done = "eos"
@@ -328,16 +392,20 @@ class ServeEngine:
             self.stats.tokens += 1
             self._next[r.slot] = tok
             r.text = self.decode_text(r.tokens)
-            for s in r.stop:
-                at = r.text.find(s)
-                if s and at >= 0:
-                    r.text, done = r.text[:at], "stop"
+            # A stop string wholly in the text sent so far would have ended the request when
+            # its last character came: search only from there.
+            found = [at for s in r.stop if (at := r.text.find(s, r.sent_chars)) >= 0]
+            if found:
+                r.text, done = r.text[: min(found)], "stop"
             if done is None and len(r.tokens) >= r.max_tokens:
                 done = "length"
             if done is None and self._pos[r.slot] + 1 >= self.max_seq_len:
                 done = "length"
-        hold = 0 if done else max((len(s) - 1 for s in r.stop), default=0)
-        upto = max(r.sent_chars, len(r.text) - hold)
+        if done:
+            upto = len(r.text)
+        else:
+            settled = min(len(r.text) - r.hold, len(r.text.rstrip(REPLACEMENT)))
+            upto = max(r.sent_chars, settled)
         piece = r.text[r.sent_chars : upto]
         r.sent_chars = upto
         if done != "eos":

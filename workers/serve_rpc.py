@@ -290,7 +290,10 @@ class ServingHost:
             started = time.perf_counter()
             with self.device_thread_lock:
                 decoder = SlotDecoder(
-                    fns.model(loaded().state), int(request.max_batch), int(request.max_seq_len)
+                    fns.model(loaded().state),
+                    int(request.max_batch),
+                    int(request.max_seq_len),
+                    vocab_size=tokenizer.vocab_size,  # the model's may be larger
                 )
                 decoder.warm()  # every decode bucket and the common prefill
             engine = ServeEngine(
@@ -360,15 +363,6 @@ class ServingHost:
             raise RpcRejection(
                 grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty; give some text to continue."
             )
-        if not 0 <= request.temperature <= 10:
-            raise RpcRejection(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"temperature={request.temperature} must be in [0, 10].",
-            )
-        if not 0 <= request.top_p <= 1:
-            raise RpcRejection(
-                grpc.StatusCode.INVALID_ARGUMENT, f"top_p={request.top_p} must be in [0, 1]."
-            )
         loop = asyncio.get_running_loop()
         if self._inbox is None or self._inbox.loop is not loop:
             self._inbox = _Inbox(loop)
@@ -380,10 +374,10 @@ class ServingHost:
             top_k=int(request.top_k),
             top_p=float(request.top_p),
             seed=int(request.seed),
-            stop=tuple(s for s in request.stop if s),
+            stop=tuple(request.stop),
             events=out,
         )
-        try:
+        try:  # the settings and the stop strings are checked here again (`check_sampling`)
             engine.submit(req)
         except ServeError as e:
             raise RpcRejection(getattr(grpc.StatusCode, e.code), str(e)) from None
