@@ -231,9 +231,12 @@ class Recovery:
         if not new or self.root is None:
             return
         program = attempt.program
+        restored = attempt.restored
         for step in new:
             attempt.registered.add(step)
-            if step <= program.start_step:
+            if step < program.start_step or (
+                step == program.start_step and restored is not None and restored.step == step
+            ):
                 continue  # the restored one, or one of before it
             path = checkpoint_path(self.job_dir(program.job_id), program.generation, step)
             self.store.register_checkpoint(program.job_id, program.generation, step, path)
@@ -284,8 +287,13 @@ class Recovery:
             grpc.aio.AioRpcError: a host could not save.
         """
         program = attempt.program
-        if self.root is None or not islands or step <= program.start_step:
-            return step == program.start_step and attempt.restored is not None
+        restored = attempt.restored
+        if step == program.start_step and restored is not None and restored.step == step:
+            return True  # it stopped where its checkpoint put it: nothing new to save
+        if self.root is None or not islands or step <= 0 or step < program.start_step:
+            return False
+        # An attempt that started from state not saved at its start step (adopted from the
+        # hosts, or a peer's after an island died) saves it even with no step run since.
         writers = self.writers(program, islands)
         for save in (False, True):
             request = worker_pb2.SaveCheckpointRequest(

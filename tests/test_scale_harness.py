@@ -829,3 +829,58 @@ def test_a_kept_job_placed_elsewhere_is_unloaded_where_it_was_kept(tmp_path) -> 
             store.close()
 
     asyncio.run(run())
+
+
+def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_there(
+    tmp_path,
+) -> None:
+    """A job an earlier controller left running, adopted from its hosts' state at step 12
+    (its newest checkpoint: step 10), then drained before it runs a step: the drain saves
+    step 12 (the state held), so the next controller resumes there. Before, the drain saved
+    nothing (no step run since the attempt began) and the job went back to step 10: the
+    adopted steps were lost."""
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.sim_host import SimIsland
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland("island-0", 1.0, load_s=0.5)])
+        addresses = await sim.start()
+        store = JobStore.open_controller(tmp_path / "state")
+        ((record, _),) = store.create_jobs([(_spec("adopted", 1, 100), None)])
+        store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        for step in range(12):
+            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        old = tmp_path / "state" / "checkpoints" / record.id
+        store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
+        async with grpc.aio.insecure_channel(addresses["island-0"]) as channel:
+            await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
+                worker_pb2.LoadJobRequest(
+                    job_id=record.id,
+                    generation=record.generation,
+                    restore_from=str(old / "g1-step12"),  # the host holds 12 steps
+                    checkpoint_dir=str(old),
+                )
+            )
+        c = Controller(
+            store,
+            await connect_islands(addresses),
+            prepare=_prepare,
+            peak_flops=1e12,
+            state_dir=tmp_path / "state",
+        )
+        await c.start()
+        try:
+            await _until(lambda: record.id in c.runners, 10)
+            await asyncio.sleep(0.2)  # its adoption's load (0.5 s) is in flight
+            (drained,) = await asyncio.wait_for(c.drain(), 20)
+            messages = [e.message for e in store.events(record.id)]
+            assert any("Resumed at step 12 from the state" in m for m in messages), messages
+            assert (drained.step, drained.checkpointed) == (12, True), drained
+            assert store.get_job(record.id).state == JobState.QUEUED
+            assert [m.step for m in store.metrics(record.id)] == list(range(12))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())

@@ -57,6 +57,7 @@ class SimIsland:
         fail_steps: steps that fail once on this host (an injected fault, per job id "*" or
             the job's id), mapped to the gRPC code they fail with.
         suspend_s: seconds a Suspend takes (moving a job's state to host memory).
+        load_s: seconds a LoadJob takes (compiling).
     """
 
     name: str
@@ -66,6 +67,7 @@ class SimIsland:
     devices: int = 1
     fail_steps: dict[tuple[str, int], grpc.StatusCode] = dataclasses.field(default_factory=dict)
     suspend_s: float = 0.0
+    load_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -183,10 +185,15 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                 f"job {request.job_id!r} needs {nbytes} bytes per device; the budget is "
                 f"{self.island.budget}.",
             )
+        if self.island.load_s > 0:
+            await asyncio.sleep(self.island.load_s)
         if not request.dry_run:
             start = 0
             if request.restore_from:
                 start = int(request.restore_from.rsplit("step", 1)[-1] or 0)
+            held = self.jobs.get(request.job_id)
+            if request.keep_state and held is not None:
+                start = held.steps_applied  # a new generation of the state it holds
             self.jobs[request.job_id] = _Loaded(
                 request.generation,
                 steps_applied=start,
