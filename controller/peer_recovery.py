@@ -280,6 +280,7 @@ class PeerRecovery:
             return None
         old_generation, recorded = hint
         started = time.monotonic()
+        loading = False
         # A step the dead controller sent to some islands only waits on the others: release.
         await self.dispatcher.abort(job_id, old_generation, islands, "the controller restarted")
         try:
@@ -316,11 +317,16 @@ class PeerRecovery:
             program = dataclasses.replace(
                 program, start_step=held, restore_from="", checkpoint_dir=checkpoint_dir
             )
+            loading = True
             replies = await self._load(program, islands, set(), islands[0], held)
             await self._check_digests(job_id, islands, held)
         except (grpc.aio.AioRpcError, PeerRecoveryError) as e:
             detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
             logger.warning("job %s: its hosts' state is not adopted: %s", job_id, detail)
+            if loading:
+                # Hosts that took the new generation with their state would refuse the
+                # checkpoint's load of that generation (a different load): dropped first.
+                await self.dispatcher.unload(job_id, islands)
             return None
         self.store.add_event(
             job_id,

@@ -884,3 +884,58 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
             store.close()
 
     asyncio.run(run())
+
+
+def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_retry(
+    tmp_path,
+) -> None:
+    """A two-island job an earlier controller left running: one island takes the new
+    generation with its state, the other's host cannot keep it. The job then restores its
+    checkpoint, in that same generation, on both: the island that took the adoption's load
+    has dropped it first, so the load is not refused as "a different spec" (which cost a
+    retry before, and failed a job with no retries left)."""
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.sim_host import SimIsland
+
+    async def run() -> None:
+        sim = SimCluster(
+            [SimIsland("island-0", STEP_S), SimIsland("island-1", STEP_S, keep_state_fails=True)]
+        )
+        addresses = await sim.start()
+        store = JobStore.open_controller(tmp_path / "state")
+        ((record, _),) = store.create_jobs([(_spec("two", 2, 30), None)])
+        store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        for step in range(12):
+            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        old = tmp_path / "state" / "checkpoints" / record.id
+        store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
+        for address in addresses.values():
+            async with grpc.aio.insecure_channel(address) as channel:
+                await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
+                    worker_pb2.LoadJobRequest(
+                        job_id=record.id,
+                        generation=record.generation,
+                        restore_from=str(old / "g1-step12"),
+                    )
+                )
+        c = Controller(
+            store,
+            await connect_islands(addresses),
+            prepare=_prepare,
+            peak_flops=1e12,
+            state_dir=tmp_path / "state",
+        )
+        await c.start()
+        try:
+            await _until(lambda: store.get_job(record.id).state.terminal, 30)
+            events = [(e.kind, e.message) for e in store.events(record.id)]
+            assert store.get_job(record.id).state == JobState.SUCCEEDED, events
+            assert not [m for k, m in events if k == "failure"], events
+            assert any("steps 10 to 29 run again" in m for _, m in events), events
+            assert [m.step for m in store.metrics(record.id)] == list(range(30))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())

@@ -32,7 +32,14 @@ import grpc
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .host import WORKER_WIRE_VERSION
-from .ordering import SKIP_WAIT_S, SLICE_END, StepNotRun, coalesced_replies, slice_steps
+from .ordering import (
+    SKIP_WAIT_S,
+    SLICE_END,
+    StepNotRun,
+    coalesced_replies,
+    same_load,
+    slice_steps,
+)
 from .rpc import RpcRejection
 from .serve_rpc import SliceCut
 
@@ -58,6 +65,8 @@ class SimIsland:
             the job's id), mapped to the gRPC code they fail with.
         suspend_s: seconds a Suspend takes (moving a job's state to host memory).
         load_s: seconds a LoadJob takes (compiling).
+        keep_state_fails: a load that asks to keep the state held (a restarted controller's
+            adoption) is refused, as by a host whose state could not be kept.
     """
 
     name: str
@@ -68,6 +77,7 @@ class SimIsland:
     fail_steps: dict[tuple[str, int], grpc.StatusCode] = dataclasses.field(default_factory=dict)
     suspend_s: float = 0.0
     load_s: float = 0.0
+    keep_state_fails: bool = False
 
 
 @dataclasses.dataclass
@@ -77,6 +87,7 @@ class _Loaded:
     steps_applied: int = 0
     committed: list[int] = dataclasses.field(default_factory=list)
     checkpoint_dir: str = ""
+    request: worker_pb2.LoadJobRequest | None = None
 
 
 class SimHost(worker_pb2_grpc.WorkerServiceServicer):
@@ -192,13 +203,28 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             if request.restore_from:
                 start = int(request.restore_from.rsplit("step", 1)[-1] or 0)
             held = self.jobs.get(request.job_id)
-            if request.keep_state and held is not None:
+            if held is not None and held.generation == request.generation:
+                # As the real host: a retried load is answered again, another is refused.
+                if held.request is None or not same_load(held.request, request):
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"job {request.job_id!r} generation {request.generation} is already "
+                        "loaded with a different spec; bump the generation to replace it.",
+                    )
+            elif request.keep_state and self.island.keep_state_fails:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the state of job {request.job_id!r} could not be kept (simulated).",
+                )
+            elif request.keep_state and held is not None:
                 start = held.steps_applied  # a new generation of the state it holds
-            self.jobs[request.job_id] = _Loaded(
-                request.generation,
-                steps_applied=start,
-                checkpoint_dir=request.checkpoint_dir,
-            )
+            if held is None or held.generation != request.generation:
+                self.jobs[request.job_id] = _Loaded(
+                    request.generation,
+                    steps_applied=start,
+                    checkpoint_dir=request.checkpoint_dir,
+                    request=request,
+                )
         return worker_pb2.LoadJobReply(
             job_id=request.job_id,
             loaded=not request.dry_run,
