@@ -922,6 +922,8 @@ class JobRunner:
                 "checkpointing job %s: %r", self.job_id, e, extra={"job_id": self.job_id}
             )
             saved = False
+        if self.cancel_requested:
+            return  # cancelled while it saved: it ends cancelled, its steps all recorded
         resume_step = p.recovery.requeue(self.job_id)
         if saved:
             message = (

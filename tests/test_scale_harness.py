@@ -20,7 +20,7 @@ from pathways_lite.controller.states import JobState
 from pathways_lite.controller.store import JobStore
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2
-from pathways_lite.workers.sim_host import SimCluster, connect_islands
+from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -933,6 +933,52 @@ def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_
             assert not [m for k, m in events if k == "failure"], events
             assert any("steps 10 to 29 run again" in m for _, m in events), events
             assert [m.step for m in store.metrics(record.id)] == list(range(30))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
+
+
+def test_a_job_cancelled_while_its_drain_saves_ends_cancelled_with_its_steps_kept(
+    tmp_path,
+) -> None:
+    """A cancel that comes while a drain's checkpoint is being written: the job ends
+    CANCELLED with every step it ran recorded, no failure and no requeue. Before, the drain
+    went on: the job was requeued (a new generation; the metrics after its newest checkpoint
+    trimmed, all of them had the save failed) and its move back to QUEUED failed inside the
+    runner."""
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland("island-0", STEP_S, save_s=1.0)])
+        store = JobStore.open_controller(tmp_path / "state")
+        c = Controller(
+            store,
+            await connect_islands(await sim.start()),
+            prepare=_prepare,
+            peak_flops=1e12,
+            state_dir=tmp_path / "state",
+        )
+        await c.start()
+        try:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("long", 1, 1000))).id
+            await _until(lambda: bool(store.metrics(job, from_step=5)))
+            task = c.runners[job].task
+            generation = store.get_job(job).generation
+            drain = asyncio.create_task(c.drain())
+            await asyncio.sleep(0.5)  # its checkpoint (1 s) is being written
+            c.cancel(job, "while draining")
+            drained = await asyncio.wait_for(drain, 20)
+            await asyncio.wait_for(asyncio.shield(task), 20)
+            assert store.get_job(job).state == JobState.CANCELLED
+            assert job not in [d.job_id for d in drained], drained
+            events = [(e.kind, e.message) for e in store.events(job)]
+            assert not [m for k, m in events if k == "failure"], events
+            steps = [m.step for m in store.metrics(job)]
+            assert steps == list(range(len(steps))) and len(steps) >= 5, steps
+            assert c.runners.get(job) is None
+            assert store.get_job(job).generation == generation  # not requeued
         finally:
             await c.stop()
             await sim.stop()

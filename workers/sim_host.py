@@ -65,6 +65,7 @@ class SimIsland:
             the job's id), mapped to the gRPC code they fail with.
         suspend_s: seconds a Suspend takes (moving a job's state to host memory).
         load_s: seconds a LoadJob takes (compiling).
+        save_s: seconds a SaveCheckpoint that saves takes.
         keep_state_fails: a load that asks to keep the state held (a restarted controller's
             adoption) is refused, as by a host whose state could not be kept.
     """
@@ -78,6 +79,7 @@ class SimIsland:
     suspend_s: float = 0.0
     load_s: float = 0.0
     keep_state_fails: bool = False
+    save_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -426,6 +428,8 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
         if request.save and job.checkpoint_dir:
+            if self.island.save_s > 0:
+                await asyncio.sleep(self.island.save_s)
             job.committed.append(job.steps_applied)
         return worker_pb2.SaveCheckpointReply(
             job_id=request.job_id,
