@@ -720,26 +720,33 @@ class JobRunner:
                 if self.cancel_requested:
                     return
                 if self.drain_requested:
-                    p.recovery.requeue(self.job_id)
-                    p.reporter.transition(
-                        self.job_id,
-                        JobState.QUEUED,
-                        reason="controller_stopped",
-                        message="The controller stopped; the service starts again with the next.",
-                    )
-                    self.drained = controller_pb2.DrainedJob(
-                        job_id=self.job_id,
-                        name=self.record.name,
-                        message="the controller is stopping",
-                    )
+                    self._drain_service()
                     return
                 # Preempted: the router answers the job's requests UNAVAILABLE naming the
                 # preemption while it waits in host memory; on resume it serves again.
                 await self._suspend(None)
-                if self.cancel_requested or self.drain_requested:
+                if self.cancel_requested:
+                    return
+                if self.drain_requested:  # drained while suspended
+                    self._drain_service()
                     return
         finally:
             p.serving.stopped(self.job_id)
+
+    def _drain_service(self) -> None:
+        """The controller stops gracefully: the serve job goes back to the queue (the next
+        controller starts its service again)."""
+        p = self.parts
+        p.recovery.requeue(self.job_id)
+        p.reporter.transition(
+            self.job_id,
+            JobState.QUEUED,
+            reason="controller_stopped",
+            message="The controller stopped; the service starts again with the next.",
+        )
+        self.drained = controller_pb2.DrainedJob(
+            job_id=self.job_id, name=self.record.name, message="the controller is stopping"
+        )
 
     async def _serve_until_stopped(
         self,

@@ -985,3 +985,60 @@ def test_a_job_cancelled_while_its_drain_saves_ends_cancelled_with_its_steps_kep
             store.close()
 
     asyncio.run(run())
+
+
+def test_a_serve_job_drained_while_preempted_goes_back_to_the_queue(tmp_path) -> None:
+    """A serve job suspended for a higher-priority job, then the controller drained: the
+    serve job is queued again and named in the drain's report (the next controller starts
+    its service). Before, it stayed SUSPENDED in the store, missing from the report."""
+    from pathways_lite.controller.lineage import TOKENIZER_FILE
+    from pathways_lite.controller.resolved import ResolvedJob
+
+    async def run() -> None:
+        store = JobStore.open_controller(tmp_path / "state")
+        ((source, _),) = store.create_jobs([(_spec("src", 1, 5), None)])
+        src_dir = tmp_path / "src"
+        src_dir.mkdir()
+        (src_dir / TOKENIZER_FILE).write_bytes(b"sim")
+        store.register_checkpoint(source.id, source.generation, 5, str(src_dir / "g0-step5"))
+        store.transition(source.id, JobState.RUNNING, reason="scheduled")
+        store.transition(source.id, JobState.SUCCEEDED, reason="completed")
+        serve = load_spec_text(f"""
+name: srv
+kind: serve
+model: {{preset: palm-tiny}}
+islands: 1
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+init_from: {{job: {source.id}}}
+train: {{global_batch: 8, seq_len: 64}}
+data: {{source: stdlib, vocab_size: 1024}}
+serve: {{max_batch: 2, max_seq_len: 64}}
+""")
+        # Room for the service or the training job, not both (a loaded job measures 90%).
+        budget = ResolvedJob.resolve(serve).bytes_per_device
+        sim = SimCluster([SimIsland("island-0", STEP_S, budget, budget * 9 // 10)])
+        c = Controller(
+            store, await connect_islands(await sim.start()), prepare=_prepare, peak_flops=1e12
+        )
+        await c.start()
+        try:
+            srv = c.submit(controller_pb2.SubmitJobRequest(spec=serve)).id
+            await _until(
+                lambda: (
+                    c.serving.jobs.get(srv) is not None and c.serving.jobs[srv].status == "serving"
+                ),
+                20,
+            )
+            high = _spec("high", 1, 10_000, priority=5)
+            c.submit(controller_pb2.SubmitJobRequest(spec=high))
+            await _until(lambda: store.get_job(srv).state == JobState.SUSPENDED, 20)
+            drained = await asyncio.wait_for(c.drain(), 20)
+            assert srv in [d.job_id for d in drained], drained
+            assert store.get_job(srv).state == JobState.QUEUED
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())

@@ -439,6 +439,18 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             checkpoints_committed=job.committed,
         )
 
+    async def StartServe(self, request, context):
+        """A simulated service: nothing decodes (Generate is not served); its KV cache is a
+        tenth of a loaded job's bytes."""
+        if request.job_id not in self.jobs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        return worker_pb2.StartServeReply(
+            job_id=request.job_id, kv_cache_bytes=self._job_bytes() // 10
+        )
+
+    async def StopServe(self, request, context):
+        return worker_pb2.StopServeReply(job_id=request.job_id)
+
     async def Sample(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "a simulated host does not sample.")
 
