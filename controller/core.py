@@ -35,7 +35,7 @@ from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .serve_router import ServeArbiter, ServeRouter
-from .states import IllegalTransitionError, JobState
+from .states import IllegalTransitionError, JobState, StoreUnavailableError
 from .store import JobRecord, JobStore
 from .views import TimelineEntry, Views
 
@@ -579,7 +579,10 @@ class Controller:
         else:
             self._unload_kept(job_id)
         message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
-        self.reporter.flush(job_id)  # its steps so far are recorded before it ends
+        try:
+            self.reporter.flush(job_id)  # its steps so far are recorded before it ends
+        except StoreUnavailableError as e:
+            logger.warning("%s", e)
         record = self.reporter.transition(
             job_id, JobState.CANCELLED, reason="user_cancelled", message=message
         )

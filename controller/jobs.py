@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ from .recovery import Attempt, FailureClass, Recovery, classify
 from .resolved import MemoryFigures, ResolvedJob, step_program
 from .scheduler import Scheduler
 from .serve_router import ServeRouter
-from .states import JobState, StoreError
+from .states import JobState, StoreError, StoreUnavailableError
 from .store import JobRecord, JobStore
 from .views import TimelineEntry, Views
 
@@ -187,7 +188,10 @@ class Reporter:
                     )
             batch.host(host.island, host.host_index).add(report.step, reply)
         if time.monotonic() >= batch.due:
-            self.flush(job_id)
+            try:
+                self.flush(job_id)
+            except StoreUnavailableError as e:  # kept: the next step's flush writes them
+                logger.warning("%s", e)
 
     def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
         """The timer of `batch`: flush it if it is still the job's pending batch."""
@@ -230,7 +234,17 @@ class Reporter:
             for old_id, at in list(self._flushed_at.items()):
                 if at < now_s - FLUSH_S:
                     del self._flushed_at[old_id]
-        self.store.record_metrics_batch(job_id, batch.rows)
+        try:
+            self.store.record_metrics_batch(job_id, batch.rows)
+        except sqlite3.Error as e:
+            # Not written (the database locked past its timeout, a full disk): the rows stay
+            # the job's batch, first in line (no step came since the pop), for the next
+            # flush. Dropped, every later batch would be refused as out of order.
+            self._batches[job_id] = batch
+            raise StoreUnavailableError(
+                f"writing steps {batch.rows[0][0]}..{batch.rows[-1][0]} of job {job_id!r} "
+                f"failed ({e}); they are written with the next flush."
+            ) from e
         for (island, host_index), lines in batch.hosts.items():
             for end_ns, message in lines.messages():
                 self.logs.add(
@@ -959,11 +973,17 @@ class JobRunner:
         reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
         self.steps_done = report.step + 1
         if attempt is not None and report.checkpoints_committed:
+            registering = True
             if any(s not in attempt.registered for s in report.checkpoints_committed):
                 # Metrics first: a registered checkpoint never runs ahead of the recorded
                 # steps, so a crash's lost batch is run (and recorded) again from it.
-                reporter.flush(self.job_id)
-            self.parts.recovery.on_step(attempt, report.checkpoints_committed)
+                try:
+                    reporter.flush(self.job_id)
+                except StoreUnavailableError as e:
+                    logger.warning("%s; checkpoint not registered", e)
+                    registering = False
+            if registering:
+                self.parts.recovery.on_step(attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1
         if every and done % every == 0 and done < self.record.spec.train.steps:
             # Between steps on the hosts (the Evaluate rpc queues behind the steps in flight):

@@ -26,6 +26,11 @@ class AmbiguousJobError(StoreError, ValueError):
     message lists them."""
 
 
+class StoreUnavailableError(StoreError):
+    """The database could not be written now (locked past its timeout, disk full); what
+    was to be written is kept for the next try."""
+
+
 class IllegalTransitionError(StoreError):
     """A state change that the job life cycle does not allow (FAILED_PRECONDITION)."""
 

@@ -1042,3 +1042,39 @@ serve: {{max_batch: 2, max_seq_len: 64}}
             store.close()
 
     asyncio.run(run())
+
+
+def test_steps_whose_write_failed_are_written_with_the_next_flush(tmp_path) -> None:
+    """The database locked past its timeout while a job runs (another process writing, a
+    full disk): the batch of steps that could not be written stays pending and goes with
+    the next flush, so the job succeeds with every step recorded once. Before, the batch
+    was dropped and every later one was refused as out of order: the job's metrics stopped
+    there for good (and the job failed as an internal error)."""
+    import sqlite3
+
+    async def run() -> None:
+        sim = SimCluster.uniform(1, step_s=STEP_S)
+        store = JobStore.open_controller(tmp_path / "state")
+        store._conn.execute("PRAGMA busy_timeout = 50")  # fail fast while locked (10 s)
+        c = Controller(
+            store, await connect_islands(await sim.start()), prepare=_prepare, peak_flops=1e12
+        )
+        await c.start()
+        other = sqlite3.connect(store.path, isolation_level=None)
+        try:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("locked", 1, 80))).id
+            await _until(lambda: bool(store.metrics(job, from_step=10)))
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+            await asyncio.sleep(0.8)  # a few flushes fail meanwhile
+            other.execute("ROLLBACK")
+            await _until(lambda: store.get_job(job).state.terminal, 30)
+            events = [(e.kind, e.message) for e in store.events(job)]
+            assert store.get_job(job).state == JobState.SUCCEEDED, events
+            assert [m.step for m in store.metrics(job)] == list(range(80))
+        finally:
+            other.close()
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())
