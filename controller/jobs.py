@@ -221,6 +221,11 @@ class Reporter:
         reply.time.CopyFrom(reply.metrics.time)
         self.events.publish(job_id, reply, count=len(steps))
 
+    def discard(self, job_id: str) -> None:
+        """Forget a job's steps not written yet (an attempt rolled back before they were)."""
+        self._batches.pop(job_id, None)
+        self._unpublished.pop(job_id, None)
+
     def flush(self, job_id: str) -> None:
         """Write a job's batched step rows (one transaction) and host log lines, and tell its
         followers its steps."""
@@ -555,6 +560,9 @@ class JobRunner:
                     flush=lambda: p.reporter.flush(job_id),
                 )
             if adopted is None:
+                # Steps a failed adoption replayed before it gave up are rolled back with the
+                # rest: not written after the restore's truncation (out of order for good).
+                p.reporter.discard(job_id)
                 self._attempt, replies = await p.recovery.load(program, islands)
             else:
                 self._attempt, replies = adopted

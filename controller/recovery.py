@@ -209,6 +209,9 @@ class Recovery:
                 )
                 logger.warning("job %s: %s", program.job_id, message)
                 self.store.mark_checkpoint(checkpoint, CheckpointState.CORRUPT, message)
+                # Islands that read their part (a pipeline's other stages, say) hold this
+                # generation: they would refuse the previous checkpoint's load of it.
+                await self.dispatcher.unload(program.job_id, islands)
                 continue
             if checkpoint is not None:
                 self.store.add_event(

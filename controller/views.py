@@ -374,8 +374,14 @@ class Views:
             job.pending_reason = self.pending.get(record.id, WAITING)
         elif record.state == JobState.SUSPENDED:
             job.pending_reason = self.pending.get(record.id, "")
-        if job.steps_completed:
-            (last,) = self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
+        # The count and the last row are two reads: a rollback on the controller's thread
+        # may truncate the metrics between them (this runs on the service's thread).
+        latest = (
+            self.store.metrics(record.id, from_step=job.steps_completed - 1)[-1:]
+            if job.steps_completed
+            else []
+        )
+        for last in latest:
             job.last_metrics.CopyFrom(
                 self.step_metrics(
                     record,

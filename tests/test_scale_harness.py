@@ -1078,3 +1078,46 @@ def test_steps_whose_write_failed_are_written_with_the_next_flush(tmp_path) -> N
             store.close()
 
     asyncio.run(run())
+
+
+def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path) -> None:
+    """A two-island job restoring its newest checkpoint, whose part one island cannot read
+    (DATA_LOSS: marked corrupt): the other island had loaded it in the attempt's generation,
+    and is unloaded before the previous checkpoint's load of that generation (it refused it
+    before, "already loaded with a different spec": a retry charged, the job failed with
+    none left)."""
+
+    async def run() -> None:
+        sim = SimCluster(
+            [SimIsland("island-0", STEP_S), SimIsland("island-1", STEP_S, unreadable={20})]
+        )
+        store = JobStore.open_controller(tmp_path / "state")
+        ((record, _),) = store.create_jobs([(_spec("two", 2, 30), None)])
+        store.transition(record.id, JobState.RUNNING, reason="scheduled")
+        for step in range(22):
+            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        old = tmp_path / "state" / "checkpoints" / record.id
+        for step in (10, 20):
+            store.register_checkpoint(record.id, 0, step, str(old / f"g0-step{step}"))
+        c = Controller(
+            store,
+            await connect_islands(await sim.start()),
+            prepare=_prepare,
+            peak_flops=1e12,
+            state_dir=tmp_path / "state",
+        )
+        await c.start()
+        try:
+            await _until(lambda: store.get_job(record.id).state.terminal, 30)
+            events = [(e.kind, e.message) for e in store.events(record.id)]
+            assert store.get_job(record.id).state == JobState.SUCCEEDED, events
+            assert not [m for k, m in events if k == "failure"], events
+            assert any("step 20" in m and "unreadable" in m for _, m in events), events
+            assert any("steps 10 to 29 run again" in m for _, m in events), events
+            assert [m.step for m in store.metrics(record.id)] == list(range(30))
+        finally:
+            await c.stop()
+            await sim.stop()
+            store.close()
+
+    asyncio.run(run())

@@ -66,6 +66,7 @@ class SimIsland:
         suspend_s: seconds a Suspend takes (moving a job's state to host memory).
         load_s: seconds a LoadJob takes (compiling).
         save_s: seconds a SaveCheckpoint that saves takes.
+        unreadable: checkpoint steps this host cannot restore (DATA_LOSS: a corrupt part).
         keep_state_fails: a load that asks to keep the state held (a restarted controller's
             adoption) is refused, as by a host whose state could not be kept.
     """
@@ -80,6 +81,7 @@ class SimIsland:
     load_s: float = 0.0
     keep_state_fails: bool = False
     save_s: float = 0.0
+    unreadable: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass
@@ -204,6 +206,11 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             start = 0
             if request.restore_from:
                 start = int(request.restore_from.rsplit("step", 1)[-1] or 0)
+                if start in self.island.unreadable:
+                    await context.abort(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"checkpoint {request.restore_from} is unreadable here (simulated).",
+                    )
             held = self.jobs.get(request.job_id)
             if held is not None and held.generation == request.generation:
                 # As the real host: a retried load is answered again, another is refused.
