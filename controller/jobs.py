@@ -556,7 +556,7 @@ class JobRunner:
                     program,
                     islands,
                     job_dir,
-                    self._step_done,
+                    functools.partial(self._step_done, replayed=True),
                     flush=lambda: p.reporter.flush(job_id),
                 )
             if adopted is None:
@@ -974,8 +974,10 @@ class JobRunner:
             message=message,
         )
 
-    def _step_done(self, report: StepReport) -> None:
-        """Record the step, then register the checkpoints it reports committed."""
+    def _step_done(self, report: StepReport, replayed: bool = False) -> None:
+        """Record the step, then register the checkpoints it reports committed (`replayed`:
+        a step an earlier controller ran, recorded from the hosts: its parameters are gone,
+        so no evaluation is due)."""
         reporter = self.parts.reporter
         attempt = self._attempt
         reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
@@ -993,7 +995,7 @@ class JobRunner:
             if registering:
                 self.parts.recovery.on_step(attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1
-        if every and done % every == 0 and done < self.record.spec.train.steps:
+        if every and done % every == 0 and done < self.record.spec.train.steps and not replayed:
             # Between steps on the hosts (the Evaluate rpc queues behind the steps in flight):
             # the result names the steps its parameters had applied.
             task = asyncio.create_task(self._eval_logged(done), name=f"eval-{self.job_id}")

@@ -187,12 +187,14 @@ class ProgressTables:
         return len(new)
 
     def truncate_metrics(self, job_id: str, from_step: int) -> int:
-        """Forget the metrics of steps >= from_step (a rollback to a checkpoint); returns how
-        many rows went."""
+        """Forget the metrics of steps >= from_step (a rollback to a checkpoint), and the
+        evaluations of parameters after more steps than from_step (they are evaluated again
+        when the steps are run again); returns how many metric rows went."""
         with self._transaction() as conn:
             cur = conn.execute(
                 "DELETE FROM metrics WHERE job_id = ? AND step >= ?", (job_id, from_step)
             )
+            conn.execute("DELETE FROM evals WHERE job_id = ? AND step > ?", (job_id, from_step))
         return cur.rowcount
 
     def metrics(self, job_id: str, *, from_step: int = 0) -> list[MetricRow]:

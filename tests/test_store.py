@@ -372,6 +372,21 @@ def test_metrics_are_unique_per_step_and_in_order(store, tmp_path):
     assert store.losses(job_id) == [5.5, 4.0]
 
 
+def test_a_rollback_forgets_the_evaluations_of_the_steps_it_forgets(store):
+    """Evaluations of parameters after the checkpoint's step go with the steps a rollback
+    forgets (run again, they are evaluated again: recorded twice before); the one at the
+    checkpoint's own step stays."""
+    from pathways_lite.controller.store import EvalRow
+
+    job_id = store.create_job(SPEC).id
+    for step in range(12):
+        store.record_metrics(job_id, step, 1.0)
+    for step in (5, 10, 12):
+        store.record_eval(job_id, step, 0, [EvalRow("held-out", 2.0, 7.4, None, None, 8)])
+    store.truncate_metrics(job_id, 10)
+    assert [e.step for e in store.evals(job_id)] == [5, 10]
+
+
 def test_a_steps_mfu_is_stored_with_it_and_steps_from_before_read_as_unknown(store):
     job_id = store.create_job(SPEC).id
     store.record_metrics(job_id, 0, 5.5, tokens_per_s=100.0, mfu=0.25)
