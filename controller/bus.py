@@ -7,7 +7,8 @@ Every update carries a sequence number (per job; the ALL_JOBS followers see the 
 kept beside it in the follower's queue: a follower reads them (`last_seq`) to prove that
 nothing was lost, and one that lagged is told how many updates it lost (`take_dropped`) so it
 resyncs from the store (WatchJob sends the record again and replays the metrics it missed; the
-dashboard's streams send a `resync` event). `dropped_total` counts them over the process.
+dashboard's streams send a `resync` event); a log follower that lagged gets a line saying how
+many records it lost (`dropped_logs_record`). `dropped_total` counts them over the process.
 WatchJob follows the bus, not the database. The log buffer keeps the newest records of each
 job, fed by the controller's own loggers and by the island hosts' step reports; with a folder
 (`<state_dir>/logs`) it writes them there too, one JSON line per record in `<job_id>.log`,
@@ -54,6 +55,17 @@ def timestamp_ns(ns: int) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(ns)
     return ts
+
+
+def dropped_logs_record(count: int) -> controller_pb2.LogRecord:
+    """The line a log follower gets in place of `count` records it lagged too far to get."""
+    return controller_pb2.LogRecord(
+        time=now(),
+        source="controller",
+        level="WARNING",
+        logger=__name__,
+        message=f"... {count} log records dropped (the reader was too slow) ...",
+    )
 
 
 def _first_seq(item: Any, last: int) -> int:

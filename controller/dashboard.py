@@ -37,7 +37,7 @@ from pathways_lite.v1 import controller_pb2
 from . import lineage
 from . import spec as spec_lib
 from .core import Controller
-from .dashboard_auth import token_middleware
+from .dashboard_auth import secure_every_response, token_middleware
 from .dashboard_stream import EventStreams
 from .prometheus import controller_registry
 from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
@@ -156,6 +156,7 @@ class Dashboard:
             controller.logs.followers,
             overview=self.overview,
             translate=self._update,
+            recorded=self._recorded_steps,
             why=lambda job_id: controller.why(controller.store.get_job(job_id)),
             log_dict=_log,
         )
@@ -165,6 +166,7 @@ class Dashboard:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[token_middleware(self.token)])
+        secure_every_response(app)
         app.router.add_get("/", self._page("index.html"))
         app.router.add_get("/jobs/{job_id}", self._page("job.html"))
         app.router.add_get("/jobs/{job_id}/serve", self._page("serve.html"))
@@ -540,13 +542,42 @@ class Dashboard:
         return response
 
     async def _api_stream_job(self, request: web.Request) -> web.StreamResponse:
-        """One job's state changes, steps and log records (the job page)."""
+        """One job's state changes, steps and log records (the job page). Query: from_step,
+        the first step the page lacks (a reconnecting EventSource's Last-Event-ID, the last
+        step it got, asks for the one after it)."""
         job_id = request.match_info["job_id"]
         try:
             self.controller.store.get_job(job_id)
         except JobNotFoundError as e:
             raise web.HTTPNotFound(text=str(e)) from None
-        return await self.streams.one_job(request, job_id)
+        from_step = _step_number("query parameter from_step", request.query.get("from_step", "0"))
+        last_id = request.headers.get("Last-Event-ID")
+        if last_id:
+            from_step = max(from_step, _step_number("header Last-Event-ID", last_id) + 1)
+        return await self.streams.one_job(request, job_id, from_step)
+
+    def _recorded_steps(self, job_id: str, from_step: int) -> list[dict[str, Any]]:
+        """The job's recorded steps from `from_step` as the pages' `metrics` events, its
+        batched steps written first (as WatchJob does: a step batched before a stream
+        subscribed was handed to no follower)."""
+        self.controller.reporter.flush(job_id)
+        try:
+            record = self.controller.store.get_job(job_id)
+        except JobNotFoundError:
+            return []
+        return [
+            self._step_event(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6, m.mfu)
+            for m in self.controller.store.metrics(job_id, from_step=from_step)
+        ]
+
+    def _step_event(
+        self, record: JobRecord, step: int, loss: float, tps: float, t: float, mfu: float | None
+    ) -> dict[str, Any]:
+        return {
+            "job_id": record.id,
+            **self._metric(record, step, loss, tps, t, mfu),
+            "steps": record.spec.train.steps,
+        }
 
     def _update(
         self, job_id: str, update: controller_pb2.WatchJobReply, latest_only: bool = False
@@ -556,22 +587,12 @@ class Dashboard:
         except JobNotFoundError:
             return []
         if update.HasField("metrics"):  # a batch of steps: one event each, or its last
-            steps = record.spec.train.steps
             return [
                 (
                     "metrics",
-                    {
-                        "job_id": job_id,
-                        **self._metric(
-                            record,
-                            m.step,
-                            m.loss,
-                            m.tokens_per_s,
-                            m.time.ToNanoseconds() / 1e9,
-                            m.mfu,
-                        ),
-                        "steps": steps,
-                    },
+                    self._step_event(
+                        record, m.step, m.loss, m.tokens_per_s, m.time.ToNanoseconds() / 1e9, m.mfu
+                    ),
                 )
                 for m in (
                     update.more_metrics[-1:] or [update.metrics]
@@ -687,6 +708,21 @@ def _generate_error(e: Exception) -> web.HTTPException:
         }.get(e.code.name, web.HTTPServiceUnavailable)
         return status(text=e.message + "\n")
     return web.HTTPInternalServerError(text=f"{type(e).__name__}: {e}\n")
+
+
+def _step_number(name: str, text: str) -> int:
+    """A step number given as `name`.
+
+    Raises:
+        web.HTTPBadRequest: not an integer >= 0, quoting it.
+    """
+    try:
+        step = int(text)
+    except ValueError:
+        raise _bad(f"{name}={text[:40]!r} is not an integer.") from None
+    if step < 0:
+        raise _bad(f"{name}={step} must be >= 0.")
+    return step
 
 
 def _bad(message: str) -> web.HTTPBadRequest:

@@ -5,7 +5,9 @@ Every route needs the controller's access token (controller/auth.py): `Authoriza
 and a redirect to the same page without it (the token leaves the address bar and the history).
 State-changing requests (cancel) also need the header `X-Pathways-Lite: 1`, which a cross-site
 form cannot send. Every response carries headers that forbid framing, sniffing and scripts
-from other origins, so an injected `<script>` would not run.
+from other origins, so an injected `<script>` would not run: they are added as each response
+is prepared (`secure_every_response`), so the refusals raised here (401, 302, 403), the errors
+raised by handlers and the event streams their handlers prepare themselves have them too.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ SECURITY_HEADERS = {
 }
 
 
-def secure(response: web.StreamResponse) -> web.StreamResponse:
-    """Add the security headers a response does not set itself."""
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
+def secure_every_response(app: web.Application) -> None:
+    """Add the security headers a response does not set itself to every response of `app`,
+    as it is prepared (a middleware sees neither a raised response nor the headers of a
+    stream its handler has sent already)."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+
+    app.on_response_prepare.append(on_prepare)
 
 
 def token_middleware(token: str | auth.Credential | None):
@@ -42,7 +49,7 @@ def token_middleware(token: str | auth.Credential | None):
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
         if token is None:
-            return secure(await handler(request))
+            return await handler(request)
         query_token = request.query.get("token")
         if query_token is not None and request.method == "GET":
             if not auth.matches(auth.bearer(query_token), token):
@@ -65,7 +72,7 @@ def token_middleware(token: str | auth.Credential | None):
             raise web.HTTPForbidden(
                 text=f"state-changing requests need the header '{CSRF_HEADER}: 1'.\n"
             )
-        return secure(await handler(request))
+        return await handler(request)
 
     return middleware
 

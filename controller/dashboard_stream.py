@@ -9,6 +9,14 @@ stream carries that job's updates, a new "why" after each state change, and its 
 A quiet stream sends a heartbeat every SSE_HEARTBEAT_S, so proxies keep it open and a closed
 page is noticed. The cluster page's job updates carry the bus's sequence number (`seq`); a
 page that lagged behind gets a `resync` event with the count of updates it lost and reloads.
+
+A job page charts every step once, as WatchJob sends them: its stream subscribes, then has the
+job's batched steps written (a step batched before it subscribed was handed to no follower)
+and sends the recorded steps from the page's `from_step` (the step after the last one its
+chart holds; each step event carries its step as the event id, so a reconnecting EventSource
+asks from there itself); the live steps follow, each after the last one sent. A page that
+lagged gets a `resync` event, the steps it lost from the store, and no update older than
+what it refetches; a log record it lost is told as a line in the log.
 """
 
 from __future__ import annotations
@@ -26,8 +34,7 @@ from aiohttp import web
 
 from pathways_lite.v1 import controller_pb2
 
-from .bus import ALL_JOBS
-from .dashboard_auth import secure
+from .bus import ALL_JOBS, dropped_logs_record
 
 SSE_HEARTBEAT_S = 15.0
 # A cluster page's stream sends at most one overview per OVERVIEW_EVERY_S (a busy cluster steps
@@ -49,6 +56,9 @@ ENCODED_KEPT = 4096
 # (job id, bus update, latest_only) -> the page's events; latest_only: of a batch of steps,
 # only the last (the cluster page shows each job's latest step; a job page charts every one).
 Translate = Callable[[str, controller_pb2.WatchJobReply, bool], list[tuple[str, dict[str, Any]]]]
+# (job id, from_step) -> the job's `metrics` events of its recorded steps from from_step, its
+# batched steps written first.
+Recorded = Callable[[str, int], list[dict[str, Any]]]
 
 
 class EventStreams:
@@ -59,6 +69,7 @@ class EventStreams:
         logs: the bus of log records, keyed by job id, with the same interface.
         overview: the cluster page's data now.
         translate: the page events of one job update (an empty list to skip it).
+        recorded: a job's recorded steps from a step on, as a job page's `metrics` events.
         why: one sentence on why a job is (not) running.
         log_dict: one log record as the job page shows it.
     """
@@ -70,6 +81,7 @@ class EventStreams:
         *,
         overview: Callable[[], dict[str, Any]],
         translate: Translate,
+        recorded: Recorded,
         why: Callable[[str], str],
         log_dict: Callable[[controller_pb2.LogRecord], dict[str, Any]],
     ) -> None:
@@ -77,6 +89,7 @@ class EventStreams:
         self._logs = logs
         self._overview = overview
         self._translate = translate
+        self._recorded = recorded
         self._why = why
         self._log_dict = log_dict
         self._streams: set[asyncio.Task] = set()
@@ -168,13 +181,30 @@ class EventStreams:
         self._overview_cache = (time.monotonic(), reflects, encoded)
         return encoded
 
-    async def one_job(self, request: web.Request, job_id: str) -> web.StreamResponse:
-        """One job's state changes, steps and log records (the job page)."""
+    async def one_job(
+        self, request: web.Request, job_id: str, from_step: int
+    ) -> web.StreamResponse:
+        """One job's state changes, steps from `from_step`, and log records (the job page)."""
 
         async def chunks() -> AsyncIterator[bytes]:
             updates = self._events.subscribe(job_id)
             logs = self._logs.subscribe(job_id)
+            last_step = from_step - 1
+            # The bus's last update of the job that the page's refetch after a resync reflects
+            # at least (an update queued before it would take the page back).
+            synced_seq = 0
+
+            def replay(after: int) -> bytes:  # subscribed: no step is missed
+                nonlocal last_step
+                events = self._recorded(job_id, after + 1)
+                if events:
+                    last_step = events[-1]["step"]
+                return b"".join(_sse("metrics", data, data["step"]) for data in events)
+
             try:
+                replayed = replay(last_step)
+                if replayed:
+                    yield replayed
                 while True:
                     getters = {
                         asyncio.ensure_future(updates.get()): "update",
@@ -190,9 +220,25 @@ class EventStreams:
                         continue
                     for future in done:
                         if getters[future] == "log":
+                            dropped = logs.take_dropped()
+                            if dropped:
+                                yield _sse("log", self._log_dict(dropped_logs_record(dropped)))
                             yield _sse("log", self._log_dict(future.result()))
                             continue
-                        for kind, data in self._translate(job_id, future.result(), False):
+                        update = future.result()
+                        dropped = updates.take_dropped()
+                        if dropped:  # it lagged: the page refetches, the steps come from here
+                            replayed = replay(last_step)
+                            synced_seq = self._events.seq[job_id]
+                            yield _sse("resync", {"dropped": dropped}) + replayed
+                        if update.seq <= synced_seq and not update.HasField("metrics"):
+                            continue
+                        for kind, data in self._translate(job_id, update, False):
+                            if kind == "metrics":
+                                if data["step"] > last_step:  # not sent already
+                                    last_step = data["step"]
+                                    yield _sse(kind, data, last_step)
+                                continue
                             yield _sse(kind, data)
                             if kind == "job":
                                 yield _sse("why", {"why": self._why(job_id)})
@@ -212,7 +258,6 @@ class EventStreams:
                 "X-Accel-Buffering": "no",
             }
         )
-        secure(response)
         await response.prepare(request)
         task = asyncio.current_task()
         assert task is not None
@@ -237,7 +282,9 @@ async def _get(queue: asyncio.Queue, timeout_s: float) -> Any:
     return None
 
 
-def _sse(kind: str, data: Any) -> bytes:
-    """One server-sent event."""
+def _sse(kind: str, data: Any, event_id: int | None = None) -> bytes:
+    """One server-sent event (with `event_id`: the id a reconnecting EventSource sends back
+    as Last-Event-ID)."""
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    return f"event: {kind}\ndata: {payload}\n\n".encode()
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {kind}\ndata: {payload}\n\n".encode()

@@ -23,7 +23,7 @@ from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from pathways_lite.workers import rpc
 
 from . import spec as spec_lib
-from .bus import now
+from .bus import Follower, dropped_logs_record, now
 from .core import Controller
 from .sampling import NoRoomError
 from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
@@ -299,6 +299,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 return
             loop = asyncio.get_running_loop()
             sent_at = -BATCH_STEPS_S
+            # The bus's last update of the job that the record sent last reflects: an update
+            # of the record queued before it (seq not above) would take the watcher back.
+            synced_seq = 0
             while True:
                 update = await queue.get()
                 dropped = queue.take_dropped()
@@ -306,6 +309,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     # It lagged and lost updates: the record again, then the steps it missed
                     # from the store (the live ones after them follow as usual).
                     self.controller.reporter.flush(record.id)
+                    synced_seq = self.controller.events.seq[record.id]
                     record = self.store.get_job(record.id)
                     yield controller_pb2.WatchJobReply(
                         time=now(), job=self.views.job(record), dropped=dropped
@@ -329,6 +333,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     for reply in _step_replies(updates, last_step, batch):
                         last_step = _last_step(reply)
                         yield reply
+                    continue
+                if update.seq <= synced_seq:
                     continue
                 yield update
                 if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
@@ -397,9 +403,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         if pending not in done:
                             pending.cancel()
                     if getter in done:
-                        yield controller_pb2.StreamLogsReply(record=getter.result())
+                        for item in _with_dropped(queue, getter.result()):
+                            yield controller_pb2.StreamLogsReply(record=item)
                 while not queue.empty():
-                    yield controller_pb2.StreamLogsReply(record=queue.get_nowait())
+                    for item in _with_dropped(queue, queue.get_nowait()):
+                        yield controller_pb2.StreamLogsReply(record=item)
             finally:
                 self.controller.events.unsubscribe(record.id, events)
         finally:
@@ -529,6 +537,13 @@ async def serve(
 def _set_all(events: list[asyncio.Event]) -> None:
     for event in events:
         event.set()
+
+
+def _with_dropped(queue: Follower, record: controller_pb2.LogRecord) -> list[Any]:
+    """A log record just taken from `queue`, after a line saying how many records before it
+    were dropped while its reader lagged (if any were)."""
+    dropped = queue.take_dropped()
+    return [dropped_logs_record(dropped), record] if dropped else [record]
 
 
 def _batched_reply(steps: list[Any], seq: int = 0) -> controller_pb2.WatchJobReply:

@@ -3,16 +3,19 @@
 The cluster page shows the islands; a job submitted from the CLI appears without a reload; its
 page's loss chart gains points while it trains, without a navigation; the cancel button ends
 it. A cancel reason full of markup is shown as text (the spec's name validation refuses markup
-in job names, so the reason is the user string that reaches the page). Screenshots go to
-test-artifacts/.
+in job names, so the reason is the user string that reaches the page). A fast job's chart holds
+every step once. Screenshots go to test-artifacts/.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,3 +179,57 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
     assert dialogs == [] and errors == []
     page.screenshot(path=str(ARTIFACTS / "dashboard-escaping.png"), full_page=True)
     page.close()
+
+
+def test_a_job_pages_chart_holds_every_step_once_in_chromium(browser, tmp_path) -> None:
+    """A fast job (simulated island: no JAX) whose page opens while it runs: once it ends,
+    its loss chart holds every step, once, in order (the steps the controller had batched
+    but not written when the page loaded its detail reach it too)."""
+    from test_dashboard_job_stream import _dashboard, _spec  # tests/ is on sys.path
+
+    from pathways_lite.v1 import controller_pb2
+
+    steps = 1000
+    served: dict = {}
+    ready = threading.Event()
+
+    async def serve() -> None:
+        served["loop"], served["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        async with _dashboard(tmp_path, step_s=0.002) as (c, url):
+            served["controller"], served["url"] = c, url
+            ready.set()
+            await served["stop"].wait()
+
+    def on_loop(fn, *args):
+        async def call():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(call(), served["loop"]).result(30)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="controller")
+    thread.start()
+    try:
+        assert ready.wait(60), "the controller did not start"
+        c = served["controller"]
+        request = controller_pb2.SubmitJobRequest(spec=_spec("chart", steps))
+        job_id = on_loop(c.submit, request).id
+        _wait(lambda: on_loop(c.store.steps_completed, job_id) > 50, 30, "the job's steps")
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{served['url']}jobs/{job_id}")
+        page.wait_for_function(
+            "document.getElementById('job-state').textContent === 'succeeded'", timeout=60_000
+        )
+        points = "document.getElementById('loss-chart').data[0].x"
+        with contextlib.suppress(AssertionError):  # (the page draws twice a second)
+            _wait(lambda: page.evaluate(f"{points}.length") >= steps, 3, "every step drawn")
+        charted = page.evaluate(f"Array.from({points})")
+        missing = sorted(set(range(steps)) - set(charted))
+        assert charted == list(range(steps)), f"{len(charted)} points, missing {missing[:20]}"
+        assert errors == []
+        page.close()
+    finally:
+        if "stop" in served:
+            served["loop"].call_soon_threadsafe(served["stop"].set)
+        thread.join(30)

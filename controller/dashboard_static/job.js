@@ -233,6 +233,29 @@
     }
   });
 
+  // The job's record, why, events, logs, spec, chain and evaluations (on load, and again when
+  // its stream says the page lagged and lost updates).
+  function renderDetail(detail) {
+    peakFlops = detail.peak_flops;
+    renderJob(detail.job);
+    renderWhy(detail.why, detail.jobs_ahead);
+    clear(document.querySelector("#events tbody"));
+    for (const e of detail.events.slice().reverse()) addEvent(e, false);
+    clear(document.getElementById("logs"));
+    for (const r of detail.logs) addLog(r);
+    document.getElementById("spec").textContent = JSON.stringify(detail.spec, null, 2);
+    renderChain(detail.chain);
+    renderEvals(detail.evals);
+  }
+
+  async function resync() {
+    try {
+      renderDetail(await api(`/api/jobs/${encodeURIComponent(jobId)}`));
+    } catch (e) {
+      // The stream's next resync (or a reload) tries again.
+    }
+  }
+
   window.addEventListener("DOMContentLoaded", async () => {
     let detail;
     try {
@@ -243,17 +266,16 @@
       document.getElementById("message").textContent = String(e.message || e);
       return;
     }
-    peakFlops = detail.peak_flops;
-    renderJob(detail.job);
-    renderWhy(detail.why, detail.jobs_ahead);
-    for (const e of detail.events.slice().reverse()) addEvent(e, false);
-    for (const r of detail.logs) addLog(r);
-    document.getElementById("spec").textContent = JSON.stringify(detail.spec, null, 2);
-    renderChain(detail.chain);
-    renderEvals(detail.evals);
+    renderDetail(detail);
     initCharts(detail.metrics, detail.evals);
     for (const m of pendingPoints.splice(0)) onMetrics(m);
-    stream(`/api/jobs/${encodeURIComponent(jobId)}/stream`, {
+    // The stream sends the steps after the detail's (those recorded since, and those the
+    // controller batched before the stream began); a reconnect asks from the last one it got
+    // (the events' ids). After a reconnect or a lag (a resync event) the steps it missed come
+    // on the stream, the rest is refetched.
+    const metrics = detail.metrics;
+    const fromStep = metrics.length ? metrics[metrics.length - 1].step + 1 : 0;
+    const source = stream(`/api/jobs/${encodeURIComponent(jobId)}/stream?from_step=${fromStep}`, {
       job: (j) => {
         renderJob(j);
         addEvent({ time: Date.now() / 1000, kind: "state",
@@ -263,6 +285,12 @@
       log: addLog,
       why: (w) => renderWhy(w.why, []),
       event: (e) => addEvent(e, true),
+      resync,
+    });
+    let opened = false;
+    source.addEventListener("open", () => {
+      if (opened) resync();
+      opened = true;
     });
   });
 })();

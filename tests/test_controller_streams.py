@@ -1,0 +1,158 @@
+"""WatchJob and StreamLogs of a follower that lagged, on the real controller service
+(controller/service.py `serve`, over real gRPC) over a simulated island (workers/sim_host.py,
+no JAX): a watcher that lost updates gets the record again and no older record after it; a
+log follower that lost records is told how many, in the stream, where they were.
+
+The lag is made exact: the follower's queue is small and the updates come in one burst on the
+controller's loop, as a busy controller publishes them between its loop's turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+
+import grpc
+import pytest
+
+from pathways_lite.controller.core import Controller
+from pathways_lite.controller.resolved import DatasetRef
+from pathways_lite.controller.states import JobState
+from pathways_lite.controller.store import JobStore
+from pathways_lite.spec import load_spec_text
+from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
+from pathways_lite.workers.sim_host import SimCluster, connect_islands
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _spec(name: str, steps: int) -> controller_pb2.JobSpec:
+    return load_spec_text(f"""
+name: {name}
+model: {{preset: palm-tiny}}
+islands: 1
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{steps: {steps}, global_batch: 8, seq_len: 64}}
+data: {{source: stdlib, vocab_size: 1024}}
+""")
+
+
+def _prepare(record, job):
+    return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+
+
+@contextlib.asynccontextmanager
+async def _waiting_job(tmp_path):
+    """The controller's service over one simulated island, with a job running and one that
+    waits for it (queued: its record changes only when the test changes it): yields (the
+    controller, the service's address, the waiting job's id)."""
+    from pathways_lite.controller.service import serve
+
+    sim = SimCluster.uniform(1, step_s=0.01)
+    hosts = await connect_islands(await sim.start())
+    store = JobStore.open_controller(tmp_path / "state")
+    c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12)
+    port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    server = asyncio.create_task(
+        serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+    )
+    try:
+        address = f"127.0.0.1:{await port}"
+        ahead = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("ahead", 10**7))).id
+        spec = _spec("waits", 10)
+        spec.after.append(ahead)
+        job_id = c.submit(controller_pb2.SubmitJobRequest(spec=spec)).id
+        await _until(lambda: store.get_job(ahead).state == JobState.RUNNING)
+        assert store.get_job(job_id).state == JobState.QUEUED
+        yield c, address, job_id
+    finally:
+        stop.set()
+        await server
+        await sim.stop()
+        store.close()
+
+
+async def _until(predicate, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_watcher_that_lagged_gets_the_record_again_and_no_older_one_after_it(
+    tmp_path,
+) -> None:
+    async def main() -> None:
+        async with _waiting_job(tmp_path) as (c, address, job_id):
+            replies: list[controller_pb2.WatchJobReply] = []
+            resynced = threading.Event()
+
+            def watch() -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    for reply in stub.WatchJob(controller_pb2.WatchJobRequest(job_id=job_id)):
+                        replies.append(reply)
+                        if reply.dropped:
+                            resynced.set()
+
+            c.events.queue_size = 4  # the watcher's, small
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            await _until(lambda: len(replies) == 1)  # its record: it follows the bus
+            # 10 updates of the record in one burst into a queue of 4: 6 are lost. (Each is
+            # its priority then: a phase change publishes the record, which UpdateJob does not.)
+            for n in range(10):
+                c.update(job_id, n)
+                c.reporter.phase(job_id, f"phase-{n}")
+            await _until(resynced.is_set)
+            await asyncio.sleep(0.2)  # what it would send after the record, it sends now
+            c.cancel(job_id, "done")
+            await asyncio.to_thread(watcher.join, 30)
+            assert not watcher.is_alive()
+            (resync,) = [n for n, r in enumerate(replies) if r.dropped]
+            assert replies[resync].dropped == 6
+            assert replies[resync].job.spec.priority == 9  # the record as it is now
+            # After it: the job's end only (the updates queued before it are older).
+            after = [(r.job.state, r.job.spec.priority) for r in replies[resync + 1 :]]
+            assert after == [(controller_pb2.JOB_STATE_CANCELLED, 9)], after
+
+    asyncio.run(main())
+
+
+def test_a_log_follower_that_lagged_is_told_how_many_records_it_lost(tmp_path) -> None:
+    async def main() -> None:
+        async with _waiting_job(tmp_path) as (c, address, job_id):
+            messages: list[str] = []
+            followed = threading.Event()
+
+            def follow() -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    request = controller_pb2.StreamLogsRequest(job_id=job_id, follow=True)
+                    call = stub.StreamLogs(request)
+                    followed.set()
+                    for reply in call:
+                        if reply.record.source == "test" or "dropped" in reply.record.message:
+                            messages.append(reply.record.message)
+                        if reply.record.message == "line 9":
+                            break
+                    call.cancel()
+
+            c.logs.followers.queue_size = 4  # the follower's, small
+            reader = threading.Thread(target=follow)
+            reader.start()
+            await _until(lambda: followed.is_set() and job_id in c.logs.followers._queues)
+            # 10 records in one burst into a queue of 4: 6 are lost.
+            for n in range(10):
+                c.logs.add(job_id, controller_pb2.LogRecord(source="test", message=f"line {n}"))
+            await asyncio.to_thread(reader.join, 30)
+            assert not reader.is_alive()
+            lost = "... 6 log records dropped (the reader was too slow) ..."
+            assert messages == [lost, "line 6", "line 7", "line 8", "line 9"], messages
+
+    asyncio.run(main())
