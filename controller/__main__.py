@@ -7,7 +7,9 @@ is wanted (`--tls`), a certificate of the cluster CA in `<state_dir>/tls`, check
 wire versions over gRPC, serves the ControllerService, and writes its address to
 `<state_dir>/controller.json`. SIGTERM or SIGINT stops it: running jobs go back to the queue,
 and its island hosts are shut down, those it attached to at start (a restarted controller's)
-as well as those it started (`--keep-hosts` leaves them all). Its flags are in
+as well as those it started (`--keep-hosts` leaves them all). A SIGTERM before it serves
+(importing, connecting to Ray, starting islands) unwinds the start the same way, so the
+island hosts started so far (named, detached Ray actors) do not outlive it. Its flags are in
 controller/options.py.
 
 With `--standby` it is a standby controller: it imports everything a controller runs (JAX,
@@ -90,20 +92,19 @@ def _spare_depth(value: str) -> bool | int:
     return {"on": True, "off": False}[value] if value in ("on", "off") else int(value)
 
 
-def _start_islands(specs, credential, issue_tls, spares: bool | int):
+def _start_islands(specs, credential, issue_tls, spares: bool | int, groups: list) -> None:
     """Attach to each island's named host actors if they all answer, else (re)start the
-    island as a unit (controller/recovery.py); either way the hosts get `credential`. With
-    `spares`, a CPU island keeps warm spares per host once it holds a data-parallel job
+    island as a unit (controller/recovery.py); either way the hosts get `credential`. Each
+    group joins `groups` as soon as it is up, so a stop part way shuts down those started.
+    With `spares`, a CPU island keeps warm spares per host once it holds a data-parallel job
     (controller/islands.py, workers/island_host.py)."""
     from .islands import attach_or_start
 
-    groups = []
     for spec in specs:
         group, fresh = attach_or_start(spec, credential, issue_tls, spares=spares)
         if fresh:
             logger.info("started island %s", spec.name)
         groups.append(group)
-    return groups
 
 
 def _resolve_ahead(store, imports: threading.Thread) -> threading.Thread:
@@ -234,8 +235,17 @@ def _simulated_data(record, job):
     return dataclasses.replace(job, dataset=DatasetRef("/simulated", "sim", "sim", 1 << 20))
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Until `_serve` takes SIGTERM over: unwind the start (its `finally` shuts down the
+    islands started so far) instead of dying at once, as SIGTERM's default action would."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the unwinding is not interrupted
+    logger.warning("SIGTERM while starting: stopping")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a controller until SIGTERM or SIGINT; returns the process's exit status."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # This process runs JAX on CPU only (estimates), whatever accelerators the machine has;
     # set before anything imports JAX, and only here, when a controller process starts.
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -314,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
         credential = cluster_credential(args.state_dir)
         tls, issue_tls = _cluster_tls(args)
-        groups = _start_islands(
-            islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts)
+        _start_islands(
+            islands, credential, issue_tls, spares=_spare_depth(args.spare_hosts), groups=groups
         )
         asyncio.run(_serve(args, store, groups, credential, tls, imports, keeper))
         return 0
@@ -324,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"controller: error: {e}", file=sys.stderr)
         return 1
     finally:
+        # The loop put SIGTERM's default action back when it closed: a second SIGTERM must
+        # not cut the islands' shutdown short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if keeper is not None:  # first: it would take the state dir over once the lock drops
             keeper.stop()
         if not args.keep_hosts:

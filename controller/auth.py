@@ -219,6 +219,8 @@ def request_rotation(state_dir: str | Path, grace_s: float, timeout_s: float = 6
     Raises:
         TokenError: no controller runs there, or it did not answer within `timeout_s`.
     """
+    from .standby import controller_of
+
     state_dir = Path(state_dir)
     try:
         pid = int(json.loads((state_dir / "controller.json").read_text())["pid"])
@@ -226,13 +228,25 @@ def request_rotation(state_dir: str | Path, grace_s: float, timeout_s: float = 6
         raise TokenError(
             f"no controller is running for state dir {str(state_dir)!r}: {e}."
         ) from None
+    # A stale controller.json's pid may be another process's by now: signal only ours.
+    if not controller_of(pid, state_dir):
+        raise TokenError(
+            f"no controller is running for state dir {str(state_dir)!r}: its controller.json "
+            f"names pid {pid}, which is not a controller of that state dir (a stale record); "
+            "start one with `pathways-lite up`."
+        )
     request_id = secrets.token_hex(8)
     result_path = state_dir / ROTATE_RESULT
     result_path.unlink(missing_ok=True)
     tmp = state_dir / f".{ROTATE_REQUEST}"
     tmp.write_text(json.dumps({"id": request_id, "grace_s": grace_s}))
     os.replace(tmp, state_dir / ROTATE_REQUEST)
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise TokenError(
+            f"the controller of state dir {str(state_dir)!r} (pid {pid}) stopped."
+        ) from None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:

@@ -181,51 +181,68 @@ def _cmd_down(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pathways_lite.client import state_name
+    """`submit a.yaml [b.yaml ...]`; `--json` prints one document: the job's record for one
+    file, {"jobs": [records in file order]} for several (with "error" when the controller
+    refused one part way: the jobs submitted before it are listed, and the exit is non-zero)."""
+    from pathways_lite.client import ChainError, job_to_dict, state_name
     from pathways_lite.spec import load_spec_file
 
     specs = [load_spec_file(path, validate=True) for path in args.spec]
     client = _client(args)
-    if len(specs) > 1:  # a chain: later files may name earlier ones in after / init_from
-        jobs = client.submit_chain(specs)
-        for job in jobs[:-1]:
-            if not args.json:
+    try:
+        # A chain: later files may name earlier ones in after / init_from.
+        jobs = client.submit_chain(specs) if len(specs) > 1 else [client.submit(specs[0])]
+    except ChainError as e:
+        if args.json:
+            print_json({"jobs": [job_to_dict(j) for j in e.submitted], "error": e.message})
+        else:
+            for job in e.submitted:
                 print(f"submitted {job.id} ({state_name(job.state)})")
-            elif not (args.wait or args.follow):
-                print_job(job, True)
-            if args.wait and not args.follow:
-                client.wait(job.id)
-        job = jobs[-1]
-    else:
-        job = client.submit(specs[0])
+        raise CliError(e.message) from None
     if not args.json:
-        print(f"submitted {job.id} ({state_name(job.state)})")
+        for job in jobs:
+            print(f"submitted {job.id} ({state_name(job.state)})")
     if args.follow and not args.json:
-        job = follow(client, job)
-        if job is None:
+        last = follow(client, jobs[-1])
+        if last is None:  # Ctrl-C stopped following, not the jobs
             return 0
+        jobs = [client.wait(job.id) for job in jobs[:-1]] + [last]
     elif args.wait or args.follow:
         if args.json:
-            job = client.wait(job.id)
+            jobs = [client.wait(job.id) for job in jobs]
         else:
-            for update in client.watch(job.id):
-                if update.HasField("metrics"):
-                    m = update.metrics
-                    print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
-                elif update.HasField("job"):
-                    phase = f" ({update.job.phase})" if update.job.phase else ""
-                    print(f"{update.job.id} is {state_name(update.job.state)}{phase}")
-            job = client.get(job.id)
+            for job in jobs[:-1]:
+                client.wait(job.id)
+            _print_updates(client, jobs[-1].id)
+            jobs = [client.get(job.id) for job in jobs]
     if args.json:
-        print_job(job, True)
-    if (args.wait or args.follow) and state_name(job.state) != "succeeded":
-        if not args.json:
+        if len(jobs) == 1:
+            print_job(jobs[0], True)
+        else:
+            print_json({"jobs": [job_to_dict(job) for job in jobs]})
+    if not (args.wait or args.follow):
+        return 0
+    failed = [job for job in jobs if state_name(job.state) != "succeeded"]
+    if not args.json:
+        for job in failed:
             print(
                 f"pathways-lite: error: job {job.id} {state_name(job.state)}: {job.message}",
                 file=sys.stderr,
             )
-        return 1
-    return 0
+    return 1 if failed else 0
+
+
+def _print_updates(client, job_id: str) -> None:
+    """Print a job's steps and state changes until it ends (`submit --wait`)."""
+    from pathways_lite.client import state_name
+
+    for update in client.watch(job_id):
+        if update.HasField("metrics"):
+            m = update.metrics
+            print(f"step {m.step}: loss {m.loss:.6f} ({m.tokens_per_s:,.0f} tokens/s)")
+        elif update.HasField("job"):
+            phase = f" ({update.job.phase})" if update.job.phase else ""
+            print(f"{update.job.id} is {state_name(update.job.state)}{phase}")
 
 
 def _cmd_why(args: argparse.Namespace) -> int:
@@ -351,8 +368,32 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(url)
+        webbrowser.open(dashboard_opener(client.state_dir, url).as_uri())
     return 0
+
+
+OPENER_FILE = "dashboard.html"
+
+
+def dashboard_opener(state_dir: str | Path, url_with_token: str) -> Path:
+    """A page (`<state_dir>/dashboard.html`, mode 0600) that sends the browser on to
+    `url_with_token`: the browser is started with this file's path, so the token never is
+    on a command line (`ps` shows those to every user). The dashboard trades the token in
+    the URL for a cookie and drops it from the address bar (controller/dashboard_auth.py)."""
+    import html
+
+    from pathways_lite.controller.auth import write_secret
+
+    target = html.escape(url_with_token, quote=True)
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8">'
+        f'<meta http-equiv="refresh" content="0; url={target}">'
+        '<meta name="referrer" content="no-referrer"><title>pathways-lite dashboard</title>'
+        f'</head><body><a href="{target}">Open the pathways-lite dashboard</a></body></html>'
+    )
+    path = Path(state_dir).resolve() / OPENER_FILE
+    write_secret(path, page)
+    return path
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
@@ -601,7 +642,12 @@ def add_cluster_commands(sub) -> None:
     add_eval_command(add)
     add_trace_command(add)
     dash = add("dashboard", "print the dashboard's URL (with the access token)", _cmd_dashboard)
-    dash.add_argument("--open", action="store_true", help="also open it in a browser")
+    dash.add_argument(
+        "--open",
+        action="store_true",
+        help="also open it in a browser (through a private page in the state dir, so the "
+        "token is on no command line)",
+    )
     health = add(
         "health",
         "check a server through grpc.health.v1 (exit 0 when SERVING)",

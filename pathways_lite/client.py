@@ -4,9 +4,14 @@
 and its access token in `<state_dir>/token`; `ControllerClient(address="127.0.0.1:port",
 token=...)` talks to a given address. Every call carries the token (`authorization: Bearer
 ...`). The controller's wire version is checked at connect. Errors are `ClientError`s whose
-message is the controller's sentence. The CLI uses it directly; the public `pathways_lite.Client`
-(sdk.py) wraps it with job handles and plain dicts. It imports only the wire and the small
-shared modules of the controller (states, wire versions, the token file), never the server.
+message is the controller's sentence (a deadline that passed names the rpc, its limit and
+the address). A submission carries an idempotency key (`request_id`), so the retry of one
+whose answer was lost (UNAVAILABLE, DEADLINE_EXCEEDED) returns the first job, never a second.
+Streams (`watch`, `logs`) do not reconnect: after a standby takeover the new controller serves
+at another address, and a caller starts a new client there. The CLI uses it directly; the
+public `pathways_lite.Client` (sdk.py) wraps it with job handles and plain dicts. It imports
+only the wire and the small shared modules of the controller (states, wire versions, the
+token file), never the server.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,10 @@ from .local import default_state_dir, read_address
 logger = logging.getLogger(__name__)
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+# A submission whose answer did not come may have created its job: retried with its key.
+SUBMIT_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+SUBMIT_ATTEMPTS = 3
+SUBMIT_RETRY_DELAY_S = 1.0
 
 
 class ClientError(Exception):
@@ -40,6 +50,17 @@ class ClientError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class ChainError(ClientError):
+    """A chain refused part way (`submit_chain`); `submitted` holds the jobs created before
+    the refusal, in the order they were submitted (they stay queued)."""
+
+    def __init__(
+        self, message: str, code: grpc.StatusCode | None, submitted: list[controller_pb2.Job]
+    ) -> None:
+        super().__init__(message, code)
+        self.submitted = submitted
 
 
 def state_name(value: int) -> str:
@@ -227,23 +248,42 @@ class ControllerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+    def _call(self, rpc: str, request: Any, timeout_s: float | None = None) -> Any:
+        """Call unary `rpc` (its name in the ControllerService) with the token."""
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            return getattr(self._stub, rpc)(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise ClientError(_details(e, self.address), e.code()) from None
+            raise self._error(e, rpc, timeout_s) from None
+
+    def _error(self, error: grpc.RpcError, rpc: str, timeout_s: float | None) -> ClientError:
+        return ClientError(_details(error, rpc, self.address, timeout_s), error.code())
 
     def info(self) -> controller_pb2.ControllerInfoReply:
-        return self._call(self._stub.Info, controller_pb2.ControllerInfoRequest())
+        return self._call("Info", controller_pb2.ControllerInfoRequest())
 
     def submit(
         self, spec: controller_pb2.JobSpec, *, validate_only: bool = False, request_id: str = ""
     ) -> controller_pb2.Job:
-        """Submit a job spec (a JobSpec proto; see pathways_lite.spec to load YAML)."""
+        """Submit a job spec (a JobSpec proto; see pathways_lite.spec to load YAML).
+
+        A call that gets no answer (UNAVAILABLE, DEADLINE_EXCEEDED: the controller may have
+        created the job) is retried with the same `request_id` (a fresh key when none is
+        given), which the controller answers with the job it created first.
+        """
         request = controller_pb2.SubmitJobRequest(
-            spec=spec, validate_only=validate_only, request_id=request_id
+            spec=spec, validate_only=validate_only, request_id=request_id or uuid.uuid4().hex
         )
-        return self._call(self._stub.SubmitJob, request).job
+        attempt = 1
+        while True:
+            try:
+                return self._call("SubmitJob", request).job
+            except ClientError as e:
+                if e.code not in SUBMIT_RETRIED or attempt == SUBMIT_ATTEMPTS:
+                    raise
+                logger.warning("submit attempt %d of %d: %s", attempt, SUBMIT_ATTEMPTS, e)
+            time.sleep(SUBMIT_RETRY_DELAY_S * attempt)
+            attempt += 1
 
     def submit_chain(self, specs: list[controller_pb2.JobSpec]) -> list[controller_pb2.Job]:
         """Submit the specs of one chain (`submit a.yaml b.yaml ...`): a spec whose `after`
@@ -253,13 +293,26 @@ class ControllerClient:
         Raises:
             SpecError: two specs share a name, or their references close a cycle; nothing
                 is submitted then.
+            ChainError: the controller refused a spec after others were submitted (its
+                `submitted`; the message names them too).
+            ClientError: the controller refused the first spec; nothing is submitted.
         """
         from pathways_lite.spec import chain_order, with_job_ids
 
-        jobs: dict[int, controller_pb2.Job] = {}
+        jobs: dict[int, controller_pb2.Job] = {}  # in submission order
         ids: dict[str, str] = {}
         for i in chain_order(specs):
-            job = self.submit(with_job_ids(specs[i], ids))
+            try:
+                job = self.submit(with_job_ids(specs[i], ids))
+            except ClientError as e:
+                if not jobs:
+                    raise
+                done = ", ".join(f"{j.id} ({j.name})" for j in jobs.values())
+                raise ChainError(
+                    f"{specs[i].name}: {e.message} Submitted before it (still queued): {done}.",
+                    e.code,
+                    list(jobs.values()),
+                ) from None
             ids[specs[i].name] = job.id
             jobs[i] = job
         return [jobs[i] for i in range(len(specs))]
@@ -268,7 +321,7 @@ class ControllerClient:
         """The job's record; with `summary`, without its per-step losses and events (cheap
         to poll however many steps the job has)."""
         request = controller_pb2.GetJobRequest(job_id=job_id, summary=summary)
-        return self._call(self._stub.GetJob, request).job
+        return self._call("GetJob", request).job
 
     def list(
         self,
@@ -286,7 +339,7 @@ class ControllerClient:
         jobs, token = [], ""
         while True:
             reply = self._call(
-                self._stub.ListJobs,
+                "ListJobs",
                 controller_pb2.ListJobsRequest(
                     page_size=page_size,
                     page_token=token,
@@ -303,21 +356,21 @@ class ControllerClient:
 
     def drain(self, timeout_s: float = 600.0) -> list[controller_pb2.DrainedJob]:
         """Checkpoint and requeue every running and suspended job before a stop (Drain)."""
-        return list(self._call(self._stub.Drain, controller_pb2.DrainRequest(), timeout_s).jobs)
+        return list(self._call("Drain", controller_pb2.DrainRequest(), timeout_s).jobs)
 
     def trace(self, job_id: str, timeout_s: float = 120.0) -> controller_pb2.TraceReply:
         """The execution logs of the hosts of a job's islands (Trace)."""
         request = controller_pb2.TraceRequest(job_id=job_id)
-        return self._call(self._stub.Trace, request, timeout_s)
+        return self._call("Trace", request, timeout_s)
 
     def cancel(self, job_id: str, reason: str = "") -> controller_pb2.Job:
         request = controller_pb2.CancelJobRequest(job_id=job_id, reason=reason)
-        return self._call(self._stub.CancelJob, request).job
+        return self._call("CancelJob", request).job
 
     def update(self, job_id: str, *, priority: int) -> controller_pb2.Job:
         """Re-prioritise a queued, running or suspended job; returns its new record."""
         request = controller_pb2.UpdateJobRequest(job_id=job_id, priority=priority)
-        return self._call(self._stub.UpdateJob, request).job
+        return self._call("UpdateJob", request).job
 
     def watch(self, job_id: str, from_step: int = 0) -> Iterator[controller_pb2.WatchJobReply]:
         """The job's updates until it finishes (see WatchJob). A caller that stops early
@@ -329,7 +382,7 @@ class ControllerClient:
         try:
             yield from unbatched(call)
         except grpc.RpcError as e:
-            raise ClientError(_details(e, self.address), e.code()) from None
+            raise self._error(e, "WatchJob", None) from None
         finally:
             call.cancel()
 
@@ -350,7 +403,7 @@ class ControllerClient:
                 ):
                     pass
             except grpc.RpcError as e:
-                raise ClientError(_details(e, self.address), e.code()) from None
+                raise self._error(e, "WatchJob", timeout_s) from None
             if state_name(self.get(job_id, summary=True).state) in TERMINAL:
                 return self.get(job_id)
 
@@ -358,7 +411,7 @@ class ControllerClient:
         """Every island and its hosts (and its recent steps, who ran when, with
         `include_steps`)."""
         request = controller_pb2.ListIslandsRequest(include_steps=include_steps)
-        return list(self._call(self._stub.ListIslands, request).islands)
+        return list(self._call("ListIslands", request).islands)
 
     def logs(self, job_id: str, *, tail: int = 0, follow: bool = False) -> Iterator[Any]:
         """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones."""
@@ -369,7 +422,7 @@ class ControllerClient:
             ):
                 yield reply.record
         except grpc.RpcError as e:
-            raise ClientError(_details(e, self.address), e.code()) from None
+            raise self._error(e, "StreamLogs", None) from None
 
     def metrics(self, job_id: str) -> list[controller_pb2.StepMetrics]:
         """Every recorded step of the job, in step order (WatchJob's replay, then stops)."""
@@ -388,7 +441,7 @@ class ControllerClient:
                     if len(out) >= want:
                         break
         except grpc.RpcError as e:
-            raise ClientError(_details(e, self.address), e.code()) from None
+            raise self._error(e, "WatchJob", None) from None
         finally:
             call.cancel()
         return out
@@ -413,7 +466,7 @@ class ControllerClient:
             top_k=top_k,
             seed=seed,
         )
-        return self._call(self._stub.Sample, request, timeout_s=max(self.timeout_s, 300.0))
+        return self._call("Sample", request, timeout_s=max(self.timeout_s, 300.0))
 
     def generate(
         self,
@@ -446,12 +499,11 @@ class ControllerClient:
             seed=seed,
             stop=list(stop),
         )
+        timeout_s = timeout_s or max(self.timeout_s, 600.0)
         try:
-            yield from self._stub.Generate(
-                request, timeout=timeout_s or max(self.timeout_s, 600.0), metadata=self._metadata
-            )
+            yield from self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise ClientError(_details(e, self.address), e.code()) from None
+            raise self._error(e, "Generate", timeout_s) from None
 
     def dashboard_url(self, *, with_token: bool = False) -> str:
         """The controller's dashboard URL (from controller.json); `with_token` appends the
@@ -473,8 +525,13 @@ class ControllerClient:
         return url
 
 
-def _details(error: grpc.RpcError, address: str) -> str:
-    code = error.code()
+def _details(error: grpc.RpcError, rpc: str, address: str, timeout_s: float | None) -> str:
+    """The sentence of a failed call: the controller's own, or what went wrong on the way."""
+    code, details = error.code(), error.details()
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"the controller at {address} is not reachable ({error.details()})."
-    return error.details() or f"{code.name} from the controller at {address}."
+        return f"the controller at {address} is not reachable ({details})."
+    # gRPC's own words for a deadline this client set; the controller's would be a sentence.
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and details in ("", "Deadline Exceeded"):
+        limit = f"within {timeout_s:g} s" if timeout_s else "before its deadline"
+        return f"the controller at {address} did not answer {rpc} {limit} (DEADLINE_EXCEEDED)."
+    return details or f"{code.name} from the controller at {address} ({rpc})."

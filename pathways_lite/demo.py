@@ -178,27 +178,51 @@ def _train(client, specs, steps, seed, console) -> dict[str, Any]:
         if sampler is not None:
             sampler.join(timeout=300)
 
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def follow_or_report(name: str, progress: Progress, task: Any) -> None:
+        try:
+            follow(name, progress, task)
+        except BaseException as e:  # raised again by the caller's thread, which reports it
+            errors.append(e)
+            failed.set()
+
     with Progress(*columns, console=console) as progress:
         threads = []
         for name in jobs:
             task = progress.add_task(name, total=steps, loss=float("nan"), tps=0.0)
-            t = threading.Thread(target=follow, args=(name, progress, task), daemon=True)
+            t = threading.Thread(target=follow_or_report, args=(name, progress, task), daemon=True)
             t.start()
             threads.append(t)
-        for t in threads:
-            t.join()
+        # The first error ends the wait: the other job's stream ends with the cluster.
+        while any(t.is_alive() for t in threads) and not failed.wait(0.2):
+            pass
+    if errors:
+        raise errors[0]
     return {"steps": steps, "jobs": info}
 
 
 def _timeline(client, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per island: the two jobs' steps in the order its host ran them, and device time each,
-    from the controller's record of who ran when (ListIslands with include_steps)."""
+    from the controller's record of who ran when (ListIslands with include_steps); where
+    the record holds no step of a job, `missing` names it instead of the shares."""
     letter = {info["job_id"]: name[0].upper() for name, info in jobs.items()}
     names = {info["job_id"]: name for name, info in jobs.items()}
     out: dict[str, Any] = {}
     for island in client.islands(include_steps=True):
         entries = [e for e in island.recent_steps if e.job_id in letter]
         if not entries:
+            continue
+        order = "".join(letter[e.job_id] for e in entries)
+        # A job with no step in the island's record (it ran none there, or its steps left
+        # the record's window) shared nothing with the other one there.
+        absent = [f"{names[j]} ({j})" for j in letter if all(e.job_id != j for e in entries)]
+        if absent:
+            out[island.id] = {
+                "order": order,
+                "missing": f"no step of {', '.join(absent)} in {island.id}'s recent steps",
+            }
             continue
         # While both ran: from the later first step to the earlier last one.
         lo = max(min(e.start_unix_ns for e in entries if e.job_id == j) for j in letter)
@@ -209,7 +233,7 @@ def _timeline(client, jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             busy[names[e.job_id]] += (e.end_unix_ns - e.start_unix_ns) / 1e9
         total = sum(busy.values()) or 1.0
         out[island.id] = {
-            "order": "".join(letter[e.job_id] for e in entries),
+            "order": order,
             "steps_while_both": {n: sum(names[e.job_id] == n for e in both) for n in jobs},
             "device_time_share_while_both": {n: busy[n] / total for n in jobs},
         }
@@ -232,6 +256,9 @@ def _report(console: Console, summary: dict[str, Any]) -> None:
         order = t["order"]
         shown = order[:TIMELINE_CHARS] + ("..." if len(order) > TIMELINE_CHARS else "")
         console.print(f"{island}: {shown}", markup=False, highlight=False)
+        if "missing" in t:
+            console.print(f"  {t['missing']}: no shares to compare", markup=False)
+            continue
         shares = ", ".join(
             f"{n} {t['steps_while_both'][n]} steps / {t['device_time_share_while_both'][n]:.0%} "
             f"of device time (weight share {targets[n]:.0%})"

@@ -9,11 +9,22 @@ What it started is written to `<state_dir>/cluster.json`, so `down` (this object
 controller that keeps its own standby (`standby_controller`, the controller's `--keep-standby`)
 records it in `<state_dir>/standby.pid`, and `down` finds it and the controller that took
 over there (and through the state dir's lock).
+
+A pid read from a file may be stale (a reboot, a crashed Ray head) and, by now, another
+process's, so nothing is signalled before it is verified: a controller or standby by
+`controller_of` (its command line names this state dir), a Ray node by its start (boot id and
+start time, `process_start`) recorded beside its pid. One `start` at a time holds
+`<state_dir>/up.lock` (an flock, dropped by the kernel if the starter dies); a record whose
+verified processes still run, finished or still starting, is refused, never cleared; and a
+start that fails stops only what it started.
+
 This is the SDK's `pathways_lite.LocalCluster` (its `client()` is a `pathways_lite.Client`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -41,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CLUSTER_FILE = "cluster.json"
+# Held (flock) by the `start` in progress, so two `up`s never act on one state dir at once.
+START_LOCK = "up.lock"
 STATE_ENV = "PATHWAYS_LITE_STATE"
 # Ray's unix socket paths live below its temp dir and must stay under ~107 characters.
 _RAY_DIR_MAX = 48
@@ -176,50 +189,61 @@ class LocalCluster:
         self._ray: Any = None
         self._controller: subprocess.Popen | None = None  # the controller it spawned last
         self._controller_pid: int | None = None  # the controller serving (a standby, later)
+        self._recorded = False  # cluster.json is this object's (its `down` may act on it)
 
     def island_names(self) -> list[str]:
         return [f"island-{i}" for i in range(self.islands)]
 
     def start(self) -> LocalCluster:
         """Start Ray, then the controller (which starts the island hosts); wait until it
-        serves.
+        serves. If it fails, what it started is stopped (and nothing else).
 
         Raises:
-            ClusterError: a cluster already runs in this state dir, or something failed to
-                start (the message points at its log).
+            ClusterError: a cluster runs or is starting in this state dir, or something
+                failed to start (the message points at its log).
         """
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _start_lock(self.state_dir):
+            self._refuse_a_running_cluster()
+            try:
+                self._start()
+            except BaseException:
+                self.down()
+                raise
+        return self
+
+    def _refuse_a_running_cluster(self) -> None:
+        """Raise if cluster.json records processes that still run (verified); else clear
+        the stale record."""
+        if not (self.state_dir / CLUSTER_FILE).exists():
+            return
+        running = recorded_pids(self.state_dir)
+        if not running:
+            logger.info("clearing a stale cluster record in %s", self.state_dir)
+            stop_recorded(self.state_dir)
+            return
+        try:
+            where = f"(controller {read_address(self.state_dir)})"
+        except ClusterError:
+            where = f"with no controller serving (processes {', '.join(map(str, running))} run)"
+        raise ClusterError(
+            f"a cluster already runs in state dir {str(self.state_dir)!r} {where}; use another "
+            "--state-dir or `pathways-lite down` first."
+        )
+
+    def _start(self) -> None:
         from pathways_lite.workers.ray_cluster import LocalRayCluster, island_resource
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if (self.state_dir / CLUSTER_FILE).exists():
-            try:
-                address = read_address(self.state_dir)
-            except ClusterError:
-                logger.info("clearing a stale cluster record in %s", self.state_dir)
-                stop_recorded(self.state_dir)
-            else:
-                raise ClusterError(
-                    f"a cluster already runs in state dir {str(self.state_dir)!r} (controller "
-                    f"{address}); use another --state-dir or `pathways-lite down` first."
-                )
         if self.simulate_islands:  # no Ray: the controller serves simulated hosts itself
-            record = {"simulated_islands": self.simulate_islands}
-            try:
-                self._write_record(record)
-                self._start_controller(record)
-            except BaseException:
-                self.down()
-                raise
-            return self
+            record: dict[str, Any] = {"simulated_islands": self.simulate_islands}
+            self._write_record(record)
+            self._start_controller(record)
+            return
         if self.ray_address is not None:
             record = {"ray_address": self.ray_address, "joined": True}
-            try:
-                self._write_record(record)
-                self._start_controller(record)
-            except BaseException:
-                self.down()
-                raise
-            return self
+            self._write_record(record)
+            self._start_controller(record)
+            return
         ray_dir = self.state_dir / "ray"
         own_tmp = len(str(ray_dir)) > _RAY_DIR_MAX
         if own_tmp:
@@ -230,23 +254,20 @@ class LocalCluster:
                 island_resource(s.split(":")[0]): int(s.split(":")[1]) for s in self.island_specs
             }
         self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
-        record: dict[str, Any] = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
-        try:
-            self._ray.start()
-            record["ray_address"] = self._ray.address
-            record["ray_pids"] = [n.pid for n in self._ray.nodes]
-            self._write_record(record)
-            self._start_controller(record)
-        except BaseException:
-            self.down()
-            raise
-        return self
+        record = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
+        self._ray.start()
+        record["ray_address"] = self._ray.address
+        record["ray_pids"] = [n.pid for n in self._ray.nodes]
+        record["process_starts"] = {str(p): process_start(p) for p in record["ray_pids"]}
+        self._write_record(record)
+        self._start_controller(record)
 
     def _write_record(self, record: dict[str, Any]) -> None:
         path = self.state_dir / CLUSTER_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, path)
+        self._recorded = True
 
     def _start_controller(self, record: dict[str, Any]) -> None:
         """Start the controller process and wait until it serves (with `standby_controller`,
@@ -394,12 +415,18 @@ class LocalCluster:
         Returns:
             With `checkpoint`, what was done to each job (DrainedJob); else [].
         """
-        drained = drain(self.state_dir) if checkpoint and self.address else []
-        stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
-        self._ray = None
-        self._controller = None
-        self._controller_pid = None
-        self.address = None
+        try:
+            drained = drain(self.state_dir) if checkpoint and self.address else []
+        finally:
+            if self._recorded:
+                stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
+            elif self._ray is not None:  # a start that failed before it wrote its record
+                self._ray.stop()
+            self._ray = None
+            self._controller = None
+            self._controller_pid = None
+            self._recorded = False
+            self.address = None
         return drained
 
     def client(self) -> Client:
@@ -445,9 +472,68 @@ def recorded_pids(state_dir: str | Path) -> list[int]:
         record = json.loads((Path(state_dir) / CLUSTER_FILE).read_text())
     except (OSError, ValueError):
         return []
-    leaders = list(record.get("ray_pids", []))
+    leaders = _ray_leaders(record)
     leaders += _controllers_of(Path(state_dir), record)
     return live_processes_of(leaders)
+
+
+def process_start(pid: int) -> str:
+    """`<boot id>:<start time>` of live process `pid` (its start in clock ticks since boot),
+    else "": with the pid, it tells this process from any later one given the same pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command, which may hold spaces
+    return "" if fields[0] == "Z" else f"{boot}:{fields[19]}"
+
+
+def _ray_leaders(record: dict[str, Any]) -> list[int]:
+    """The Ray node processes cluster.json records that are still the processes it recorded:
+    the same start (a record written before starts were recorded: the cluster's Ray temp dir
+    in the command line)."""
+    starts = record.get("process_starts")
+    found = []
+    for pid in record.get("ray_pids", []):
+        now = process_start(pid)
+        if not now:
+            continue
+        if starts is not None:
+            if starts.get(str(pid)) == now:
+                found.append(pid)
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if record.get("ray_dir") and f"--temp-dir={record['ray_dir']}/" in cmdline:
+            found.append(pid)
+    return found
+
+
+@contextlib.contextmanager
+def _start_lock(state_dir: Path):
+    """Hold `<state_dir>/up.lock` for a `start`.
+
+    Raises:
+        ClusterError: another start holds it.
+    """
+    fd = os.open(state_dir / START_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ClusterError(
+                f"a cluster is starting in state dir {str(state_dir)!r} (`pathways-lite up` "
+                f"pid {holder}); wait for it, or use another --state-dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
 
 
 def _wait_for(predicate, timeout_s: float) -> Any:
@@ -535,16 +621,20 @@ def stop_recorded(
     if record is None and ray is None and controller is None:
         return False
     record = record or {}
-    tracked = set(recorded_pids(state_dir))
+    # Each with its start, checked again before the final SIGKILL (the stop takes a while).
+    tracked = {p: process_start(p) for p in recorded_pids(state_dir)}
     if ray is not None:
-        tracked |= set(ray.pids())
+        tracked |= {p: process_start(p) for p in ray.pids()}
+    ray_leaders = _ray_leaders(record)
+    # Our own child, not reaped yet, cannot have handed its pid on.
+    own = controller.pid if controller is not None and controller.poll() is None else 0
     pid = next(
         (
             p
-            for p in (lock_holder(state_dir), _serving_pid(state_dir))
-            if controller_of(p, state_dir)
+            for p in (lock_holder(state_dir), _serving_pid(state_dir), record.get("controller_pid"))
+            if p and controller_of(p, state_dir)
         ),
-        record.get("controller_pid") or (controller.pid if controller else 0),
+        own,
     )
     process = controller if controller is not None and controller.pid == pid else None
     standby_pid = read_standby_pid(state_dir)
@@ -566,23 +656,24 @@ def stop_recorded(
     if ray is not None:
         ray.stop()
     else:
-        leaders = [p for p in record.get("ray_pids", []) if alive(p)]
-        for leader in leaders:
+        for leader in ray_leaders:
             try:
                 os.kill(leader, signal.SIGTERM)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + patience_s
-        while any(alive(p) for p in leaders) and time.monotonic() < deadline:
+        while any(alive(p) for p in ray_leaders) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for leader in record.get("ray_pids", []):
+        for leader in ray_leaders:
             _killpg(leader, signal.SIGKILL)
     time.sleep(0.2)
     for leftover in alive_of(sorted(tracked)):
+        if process_start(leftover) != tracked[leftover]:  # gone, and its pid given again
+            continue
         logger.warning("killing leftover process %d", leftover)
         try:
             os.kill(leftover, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
     if record.get("ray_dir_is_temp"):
         shutil.rmtree(record["ray_dir"], ignore_errors=True)

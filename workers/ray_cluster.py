@@ -102,9 +102,8 @@ class LocalRayCluster:
         """Start the head node; return the cluster address (GCS `ip:port`)."""
         if self.address is not None:
             raise RuntimeError(f"cluster at {self.address} is already started.")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(self.token_path, secrets.token_hex(32))
         args = [
             "--head",
             "--port=0",
@@ -266,7 +265,7 @@ class LocalRayCluster:
             num_cpus: Logical CPUs each added node advertises (0: schedule no tasks there).
         """
         cluster = cls(state_dir, num_cpus=num_cpus)
-        cluster.state_dir.mkdir(parents=True, exist_ok=True)
+        cluster.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         cluster.address = address
         cluster.token_path = None if token_path is None else Path(token_path)
         return cluster
@@ -277,6 +276,16 @@ class LocalRayCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only from the moment it exists
+    (created aside with mode 0600, then renamed; never world-readable in between)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _signal_group(pgid: int, sig: signal.Signals, *, only_leader: bool = False) -> None:

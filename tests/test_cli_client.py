@@ -1,0 +1,118 @@
+"""`submit` of several files, client errors and `dashboard --open`, against a stand-in
+controller on a real gRPC port (tests/fake_controller.py): one JSON document per command, the
+ids of a chain refused part way, a lost submission retried without a second job, a deadline
+that names its rpc, and no token on a browser's command line.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import webbrowser
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from fake_controller import serve_fake
+
+from pathways_lite import cli, client
+from pathways_lite.client import ClientError, ControllerClient
+
+pytestmark = pytest.mark.timeout(60)
+
+SPEC = """\
+name: {name}
+model: {{preset: palm-tiny}}
+islands: 1
+devices_per_island: 1
+mesh: {{data: 1, model: 1}}
+train: {{steps: 3, global_batch: 4, seq_len: 64, seed: 1}}
+data: {{source: stdlib, vocab_size: 1024, max_bytes: 1000000}}
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    fake, server = serve_fake(tmp_path / "state")
+    yield fake
+    server.stop(0)
+
+
+def specs(tmp_path: Path, *names: str) -> list[str]:
+    paths = []
+    for name in names:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(SPEC.format(name=name))
+        paths.append(str(path))
+    return paths
+
+
+def main(capsys, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    code = cli.main([*args, "--state-dir", str(tmp_path / "state")])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_prints_one_json_document_for_one_file_and_for_several(
+    fake, tmp_path, capsys
+) -> None:
+    code, out, _ = main(capsys, tmp_path, "submit", *specs(tmp_path, "one"), "--json")
+    assert code == 0 and json.loads(out)["name"] == "one"  # one file: the job's record
+    for wait in ((), ("--wait",)):
+        paths = specs(tmp_path, "first", "second", "third")
+        code, out, _ = main(capsys, tmp_path, "submit", *paths, "--json", *wait)
+        assert code == 0, wait
+        jobs = json.loads(out)["jobs"]
+        assert [j["name"] for j in jobs] == ["first", "second", "third"], wait
+        assert all(j["state"] == "succeeded" for j in jobs)
+
+
+def test_a_chain_refused_part_way_prints_the_jobs_submitted_and_fails(
+    fake, tmp_path, capsys
+) -> None:
+    fake.refuse.add("third")
+    paths = specs(tmp_path, "first", "second", "third")
+    code, out, err = main(capsys, tmp_path, "submit", *paths, "--json")
+    record = json.loads(out)
+    assert code != 0 and [j["name"] for j in record["jobs"]] == ["first", "second"]
+    ids = [j["id"] for j in record["jobs"]]
+    assert "'third' is refused" in err and all(i in err for i in ids), err
+    code, out, err = main(capsys, tmp_path, "submit", *paths)
+    assert code != 0 and out.count("submitted ") == 2 and "'third' is refused" in err
+
+
+def test_a_submission_whose_answer_was_lost_is_retried_and_makes_one_job(
+    fake, tmp_path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setattr(client, "SUBMIT_RETRY_DELAY_S", 0.01)
+    fake.lose_answers = 1
+    code, out, err = main(capsys, tmp_path, "submit", *specs(tmp_path, "once"), "--json")
+    assert code == 0, err
+    first, retry = fake.submits
+    assert first.request_id and retry.request_id == first.request_id
+    assert len(fake.jobs) == 1 and json.loads(out)["id"] in fake.jobs
+
+
+def test_a_deadline_names_the_rpc_its_limit_and_the_address(fake, tmp_path) -> None:
+    fake.get_delay_s = 2.0
+    with ControllerClient(tmp_path / "state", timeout_s=0.3) as c:
+        with pytest.raises(ClientError) as caught:
+            c.get("job-1")
+    message = caught.value.message
+    assert "GetJob" in message and "0.3 s" in message and c.address in message, message
+
+
+def test_dashboard_open_keeps_the_token_off_the_browsers_command_line(
+    fake, tmp_path, capsys, monkeypatch
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **kw: opened.append(url))
+    code, out, _ = main(capsys, tmp_path, "dashboard", "--open")
+    token = (tmp_path / "state" / "token").read_text().strip()
+    assert code == 0 and token in out  # printed for the user, as before
+    (url,) = opened
+    assert token not in url and urlparse(url).scheme == "file"
+    page = Path(urlparse(url).path)
+    assert page.parent == (tmp_path / "state").resolve()
+    assert stat.S_IMODE(page.stat().st_mode) == 0o600
+    assert f"?token={token}" in page.read_text()
