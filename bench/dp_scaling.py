@@ -49,6 +49,8 @@ HOST_XLA_FLAGS = (
     "intra_op_parallelism_threads=1"
 )
 RAW_CHUNK = 1 << 20
+# Set by `--gpu`: the island hosts run on the GPU (two processes sharing it).
+GPU_ENV = "PATHWAYS_LITE_DP_GPU"
 
 
 def serve_host(port_file: str, island: str) -> None:
@@ -102,6 +104,11 @@ def spawn(mode: str, core: int, island: str = "") -> tuple[subprocess.Popen, str
     env.setdefault("PATHWAYS_LITE_CACHE", str(REPO / ".cache" / "pathways_lite"))
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
     cmd = ["taskset", "-c", str(core), sys.executable, __file__, f"--{mode}", port_file]
+    if mode == "host" and os.environ.get(GPU_ENV) == "1":
+        # `--gpu`: every island host on the one GPU (two processes sharing it), unpinned.
+        env.update(JAX_PLATFORMS="cuda", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env.pop("XLA_FLAGS")
+        cmd = cmd[3:]
     if island:
         cmd += ["--island", island]
     proc = subprocess.Popen(cmd, env=env)
@@ -233,6 +240,9 @@ def main() -> int:
         "measurement) instead of the comparison",
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--gpu", action="store_true", help="island hosts on the GPU (two processes share it)"
+    )
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--raw", help=argparse.SUPPRESS)
     parser.add_argument("--island", default="bench", help=argparse.SUPPRESS)
@@ -244,6 +254,8 @@ def main() -> int:
         serve_raw(args.raw)
         return 0
     logging.basicConfig(level=logging.WARNING)
+    if args.gpu:
+        os.environ[GPU_ENV] = "1"
     cores = os.cpu_count() or 1
     if cores < 2:
         print("dp_scaling needs 2 CPU cores (one per island host).")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -685,6 +686,8 @@ class Dispatcher:
             return completed
 
         def granted(task: asyncio.Future, count: int, since: float) -> None:
+            if state.acquiring is not task:
+                return  # handled when the run ended
             state.acquiring = None
             if task.cancelled():
                 return
@@ -719,7 +722,8 @@ class Dispatcher:
                     # The slot is asked for while the current slice's steps are read (a
                     # slot frees when its slice is read to the end); the grant sends it.
                     task = asyncio.ensure_future(gate.acquire(job_id, count))
-                    task.add_done_callback(lambda t, c=count, s=since: granted(t, c, s))
+                    state.grant = functools.partial(granted, task, count, since)
+                    task.add_done_callback(lambda _t, g=state.grant: g())
                     state.acquiring = task
                 while pending and pending[0].reported >= pending[0].count:
                     pending.popleft().release(job_id)  # cut short (serving): read to its end
@@ -789,7 +793,12 @@ class Dispatcher:
             if self._runs.get(job_id) is run:
                 del self._runs[job_id]
             if state.acquiring is not None:
-                state.acquiring.cancel()
+                if state.acquiring.done():
+                    # Granted as the run ended, its callback not run yet: the slot is given
+                    # back now (a loop turn later, the job's slot outlived its run).
+                    state.grant()
+                else:
+                    state.acquiring.cancel()  # `acquire` frees a slot granted meanwhile
 
     def _wants_slice(self, job_id: str, pending: collections.deque[_Slice]) -> bool:
         """Whether to send the next slice now: none in flight, or room in the window and
@@ -991,6 +1000,7 @@ class _RunState:
         self.next_step = next_step
         self.last_checkpoint = time.monotonic()  # a run starts from a checkpoint or the seed
         self.acquiring: asyncio.Future | None = None
+        self.grant: Callable[[], None] = lambda: None  # the acquiring's done callback
         self.stopped = False
         self.closed = False
         # An exception of a grant or a send (in a done callback), raised by the run loop.
