@@ -52,13 +52,21 @@ def stage_layout(pipe: PipelineSettings, islands: int, model_cfg: Any) -> StageL
     return StageLayout(pipe.stages, islands // pipe.stages, stage_split(model_cfg, pipe.stages))
 
 
-def stage_lines(spec: Any, island_names: list[str]) -> list[str]:
-    """The stage layout of a pipeline job's spec (islands by name once placed)."""
+def stage_lines(spec: Any, island_names: list[str], model_cfg: Any = None) -> list[str]:
+    """The stage layout of a pipeline job's spec (islands by name once placed).
+
+    Args:
+        model_cfg: the job's resolved model (ResolvedJob.configs.model), whose split the
+            hosts load; None resolves the spec as admission does (`to_configs`: the data's
+            vocabulary, which weighs the embedding in `stage_split`), never the preset alone.
+    """
     from . import spec as spec_lib
 
     try:
         pipe = spec_lib.pipeline_settings(spec)
-        layout = stage_layout(pipe, spec.islands, spec_lib.model_config(spec))
+        if model_cfg is None:
+            model_cfg = spec_lib.to_configs(spec).model
+        layout = stage_layout(pipe, spec.islands, model_cfg)
     except (spec_lib.SpecError, ValueError) as e:
         return [f"no layout: {e}"]
     lines = layout.describe().splitlines()

@@ -261,6 +261,23 @@ def _check_pipeline(spec: JobSpec, islands: int, mesh_data: int, model_cfg: Any)
             f"data.task={quote(spec.data.task)} is not supported with pipeline: pipeline jobs "
             "train a plain language model.",
         )
+    # What the stages' hosts read: a plain language-model dataset (DataSpec.is_plain).
+    from pathways_lite.model.data import TEXT_SOURCES
+
+    if spec.data.HasField("objective") and spec.data.objective != "lm":
+        raise SpecError(
+            "data.objective",
+            spec.data.objective,
+            f"data.objective={quote(spec.data.objective)} is not supported with pipeline: "
+            "pipeline jobs train a plain language model (objective 'lm').",
+        )
+    if spec.data.source and spec.data.source not in TEXT_SOURCES:
+        raise SpecError(
+            "data.source",
+            spec.data.source,
+            f"data.source={quote(spec.data.source)} is not supported with pipeline: pipeline "
+            f"jobs train a plain language model on a text source ({', '.join(TEXT_SOURCES)}).",
+        )
     if spec.HasField("init_from"):
         raise SpecError(
             "init_from",

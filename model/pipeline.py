@@ -26,6 +26,12 @@ embedding contributions (each computes `first + last`, the same bytes on both); 
 of a stage average (workers/exchange.py); the global gradient norm is the sum of the stages'
 squares (the embedding counted once) in stage order; `apply` clips by it exactly as
 `optax.clip_by_global_norm` does and runs the same Adafactor as the reference.
+
+The stage boundary is float32 (`LINK_DTYPE`, what workers/stage_link.py carries) whatever the
+compute dtype: a stage casts its output to float32 and the next casts it back to the compute
+dtype at its entry; the VJPs of those casts carry the gradient the same way. bfloat16 and
+float16 are exact in float32, so a bf16 pipeline's stages compute on the reference's bf16
+residual stream, and in float32 the casts are no-ops.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("gpipe", "1f1b")
 MATMUL_PRECISION = "highest"  # as model/train.py: compared with the reference at 1e-5
+LINK_DTYPE = jnp.float32  # activations and their gradients between stages (the module doc)
 
 
 def stage_costs(cfg: PalmConfig) -> tuple[float, float, float]:
@@ -261,10 +268,15 @@ class StageFunctions:
         return x_btd
 
     def _stage_out(self, params, x_in):
+        """The stage's output (B, T, D) in LINK_DTYPE from its input: tokens (B, T + 1) on
+        stage 0, the previous stage's output elsewhere (in the compute dtype from here on)."""
         model = nnx.merge(self.graphdef, params)
         with jax.default_matmul_precision(MATMUL_PRECISION):
-            x_btd = model.embed(x_in[:, :-1]) if self.plan.first else x_in
-            return self._run_blocks(model, x_btd)
+            if self.plan.first:
+                x_btd = model.embed(x_in[:, :-1])
+            else:
+                x_btd = x_in.astype(self.model_cfg.compute_dtype)
+            return self._run_blocks(model, x_btd).astype(LINK_DTYPE)
 
     def _vjp(self, stage_out, params, x_in):
         """`jax.vjp` of `stage_out` at (params, x_in): with respect to the parameters only on
@@ -307,7 +319,7 @@ class StageFunctions:
             x_in = (
                 jax.ShapeDtypeStruct((b, t + 1), jnp.int32)
                 if self.plan.first
-                else jax.ShapeDtypeStruct(g_btd.shape, g_btd.dtype)
+                else jax.ShapeDtypeStruct(g_btd.shape, LINK_DTYPE)
             )
             abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
             jax.eval_shape(self._fwd_impl, abstract, x_in)
@@ -326,7 +338,7 @@ class StageFunctions:
     def _loss(self, params, x_btd, tokens_bt1):
         model = nnx.merge(self.graphdef, params)
         with jax.default_matmul_precision(MATMUL_PRECISION):
-            y_btd = self._run_blocks(model, x_btd)
+            y_btd = self._run_blocks(model, x_btd.astype(self.model_cfg.compute_dtype))
             logits_btv = model.embed.attend(model.final_norm(y_btd))
             loss, _ = lm_loss(logits_btv, tokens_bt1[:, 1:], z_loss=self.model_cfg.z_loss)
         return loss
@@ -400,7 +412,7 @@ class StageFunctions:
         return per_device(params_abs, self.param_shardings), per_device(opt_abs, self.opt_shardings)
 
     def activation_shape(self, microbatch: int, seq_len: int) -> tuple[int, int, int]:
-        """(B_m, T, D): what goes between stages per microbatch."""
+        """(B_m, T, D): what goes between stages per microbatch (in LINK_DTYPE)."""
         return (microbatch, seq_len, self.model_cfg.d_model)
 
 

@@ -85,7 +85,10 @@ class CheckpointWriter:
     """Asynchronous orbax saves of one loaded job, one in progress at a time.
 
     `save` returns once the state is copied off the devices; a background thread waits for
-    orbax to finalise it and then adds its step to `committed`.
+    orbax to finalise it and then adds its step to `committed`. The writer belongs to one
+    generation, so a step names one folder: a save of a step committed or being written
+    returns at once (a drain's second SaveCheckpoint asks every writer again when only some
+    of a pipeline's stages had the step; orbax refuses to write into an existing folder).
     """
 
     def __init__(self) -> None:
@@ -94,6 +97,7 @@ class CheckpointWriter:
         self._checkpointer = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
         self._lock = threading.Lock()
         self._committed: list[int] = []
+        self._writing: int | None = None  # the step of the save in progress
         self._waiter: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -105,24 +109,33 @@ class CheckpointWriter:
 
     def save(self, path: str, params: Any, opt_state: Any, step: int) -> None:
         """Start writing the state after `step` applied steps to `path` (blocks only while
-        the state is copied off the devices, and for the previous save to finish)."""
+        the state is copied off the devices, and for the previous save to finish); nothing
+        when this writer has committed that step or is writing it."""
         import orbax.checkpoint as ocp
 
+        with self._lock:
+            if step == self._writing or step in self._committed:
+                logger.info("checkpoint %s: already written or being written", path)
+                return
         self.wait()
         tree = state_tree(params, opt_state, step)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._checkpointer.save(path, args=ocp.args.StandardSave(tree))
+        with self._lock:
+            self._writing = int(step)
 
         def finish() -> None:
             try:
                 self._checkpointer.wait_until_finished()
             except BaseException as e:  # reported at the next save or wait
                 logger.exception("checkpoint %s failed", path)
-                self._error = e
+                with self._lock:
+                    self._error, self._writing = e, None
                 return
             with self._lock:
                 self._committed.append(int(step))
                 del self._committed[:-_REMEMBERED]
+                self._writing = None
             logger.info("checkpoint %s committed", path)
 
         self._waiter = threading.Thread(target=finish, name="checkpoint-commit", daemon=True)
@@ -295,6 +308,8 @@ class JobCheckpoints:
 
     def save(self) -> tuple[int, str]:
         """Start an asynchronous save of the job's current state: (its step, its folder).
+        A step this host committed or is writing in the loaded generation is not written
+        again (the same reply: its step and folder).
 
         Raises:
             RuntimeUnavailableError: the job has no state on the mesh (suspended).

@@ -217,13 +217,17 @@ class PipelineRuntime(PalmRuntime):
         program's peak with the optimizer state, the gradient sum and the stash beside it."""
         import jax
 
-        from pathways_lite.model.pipeline import StageFunctions, StagePlan
+        from pathways_lite.model.pipeline import LINK_DTYPE, StageFunctions, StagePlan
 
         if self._compiled is not None:
             return self._compiled[3]
         self._open_data()
-        if self.masked:
-            raise JobSpecError("a pipeline job trains on plain language-model data, not a mixture.")
+        if self.masked:  # the controller refuses such specs at submit (controller/spec.py)
+            raise JobSpecError(
+                "a pipeline job trains on plain language-model data (data.objective='lm' on "
+                "one text source); its dataset holds sources "
+                f"{list(self.dataset.source_names)} (a mixture, a task or another objective)."
+            )
         started = time.perf_counter()
         p = self.placement
         fns = StageFunctions(
@@ -235,7 +239,8 @@ class PipelineRuntime(PalmRuntime):
         params_abs, opt_abs = jax.eval_shape(lambda: fns._init_impl(0))
         b, t = self.microbatch, self.spec.seq_len
         tokens = jax.ShapeDtypeStruct((b, t + 1), np.int32)
-        act = jax.ShapeDtypeStruct((b, t, self.model_cfg.d_model), np.float32)
+        # A stage's output and its gradient are LINK_DTYPE whatever the compute dtype.
+        act = jax.ShapeDtypeStruct((b, t, self.model_cfg.d_model), LINK_DTYPE)
         per_microbatch = 0  # the last stage stashes nothing (its forward and backward are one)
         with jax.set_mesh(fns.mesh):
             if p.stage == p.stages - 1:

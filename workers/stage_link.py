@@ -137,7 +137,10 @@ class StageLink:
 
     def send(self, stage: int, phase: int, part: int, values: np.ndarray, what: str) -> None:
         """Start sending `values` (float32) to `stage`; `finish` waits for every send."""
-        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        # Never cast here: a stage's output is float32 by design (model/pipeline.LINK_DTYPE),
+        # and a silent cast would hide a stage that computes in another dtype.
+        assert values.dtype == np.float32, f"{what} are {values.dtype}, not float32"
+        flat = np.ascontiguousarray(values).reshape(-1)
         chunks = _chunks(self._head(phase), flat, part)
         send = self._send(stage, chunks, 4 * flat.size, what)
         self._sends.append((phase, asyncio.run_coroutine_threadsafe(send, self.loop)))
