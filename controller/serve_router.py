@@ -460,10 +460,12 @@ class ServeRouter:
                 raise self._stopped_error(served)
             call = host.stub.Generate(wire, timeout=GENERATE_TIMEOUT_S, metadata=host.metadata())
             pumping = asyncio.ensure_future(pump(call))
+            finished = False
             while (item := await replies.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 reply, ttft_ms = item
+                finished = finished or reply.done
                 yield controller_pb2.GenerateJobReply(
                     text=reply.text,
                     token=reply.token,
@@ -474,6 +476,14 @@ class ServeRouter:
                     ms_per_token=reply.ms_per_token,
                     island=island,
                     job_id=served.job_id,
+                )
+            if not finished:
+                # The host's stream ended without its last reply: its channel was closed
+                # under the read (the island died), never a generation that ended.
+                raise RpcRejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"island {island} of job {served.job_id!r} stopped answering before the "
+                    "generation ended (its host died?); try again.",
                 )
         except grpc.aio.AioRpcError as e:
             code = e.code()

@@ -20,6 +20,7 @@ from pathways_lite.controller.serve_router import ServeArbiter, ServeRouter
 from pathways_lite.controller.store import JobStore
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2, worker_pb2, worker_pb2_grpc
+from pathways_lite.workers.rpc import RpcRejection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -208,3 +209,24 @@ def test_the_dashboards_generate_query_names_the_parameter_it_cannot_use(tmp_pat
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_a_stream_whose_host_dies_mid_generation_ends_unavailable_not_short(tmp_path) -> None:
+    """The island dies while a request decodes (DeathWatch closes its channel: the read is
+    cancelled): the caller gets UNAVAILABLE naming the island, not a shortened stream that
+    looks finished (the relay's reader ended quietly on the cancel)."""
+
+    async def test(router, arbiter, host, training, job_id) -> None:
+        island = router.jobs[job_id].replicas[0].island
+        stream = router.generate(_request(job_id))
+        first = await stream.__anext__()
+        assert not first.done
+        await island.host_died(island.generation, "test: the host died")
+        with pytest.raises(RpcRejection) as ended:
+            async for _ in stream:
+                pass
+        assert ended.value.code == grpc.StatusCode.UNAVAILABLE and "i0" in ended.value.message
+        assert router.jobs[job_id].replicas[0].inflight == 0
+        assert arbiter.islands["i0"].busy == 0
+
+    _serve(tmp_path, test)
