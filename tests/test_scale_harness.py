@@ -70,6 +70,31 @@ async def _served(tmp_path, islands: int, step_s: float = 0.0):
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def _controller(sim: SimCluster, store: JobStore, addresses=None, **kwargs):
+    """The real controller over `sim`'s hosts (started here unless `addresses` says they
+    were), started; stopped after, with the hosts and the store."""
+    hosts = await connect_islands(addresses or await sim.start())
+    c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12, **kwargs)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+        await sim.stop()
+        store.close()
+
+
+def _left_running(store: JobStore, spec, recorded: int):
+    """A job an earlier controller left RUNNING, with its first `recorded` steps in the
+    store; its record."""
+    ((record, _),) = store.create_jobs([(spec, None)])
+    store.transition(record.id, JobState.RUNNING, reason="scheduled")
+    for step in range(recorded):
+        store.record_metrics(record.id, step, 1.0 / (step + 1))
+    return record
+
+
 async def _until(predicate, timeout_s: float = 60.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -222,10 +247,7 @@ def test_a_job_suspended_under_an_earlier_controller_runs_again_from_its_checkpo
         sim = SimCluster.uniform(1, step_s=0.0)
         islands = await connect_islands(await sim.start())
         store = JobStore.open_controller(tmp_path / "state")
-        ((record, _),) = store.create_jobs([(_spec("old", 1, 20), None)])
-        store.transition(record.id, JobState.RUNNING, reason="scheduled")
-        for step in range(12):
-            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        record = _left_running(store, _spec("old", 1, 20), 12)
         path = str(tmp_path / "ckpt" / f"g{record.generation}-step10")
         store.register_checkpoint(record.id, record.generation, 10, path)
         store.transition(record.id, JobState.SUSPENDED, reason="preempted")
@@ -722,11 +744,8 @@ def test_a_drain_its_caller_gives_up_on_is_undone_and_scheduling_goes_on(tmp_pat
 
     async def run() -> None:
         sim = SimCluster.uniform(1, step_s=STEP_S)
-        islands = await connect_islands(await sim.start())
         store = JobStore.open_controller(tmp_path / "state")
-        c = Controller(store, islands, prepare=_prepare, peak_flops=1e12)
-        await c.start()
-        try:
+        async with _controller(sim, store) as c:
             job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("long", 1, 60))).id
             await _until(lambda: bool(store.metrics(job, from_step=3)))
             drain = asyncio.create_task(c.drain())
@@ -745,10 +764,6 @@ def test_a_drain_its_caller_gives_up_on_is_undone_and_scheduling_goes_on(tmp_pat
             # again." is the message of a runner cancelled by the controller's stop).
             assert any("The controller stopped at step" in m for m in messages), messages
             assert [m.step for m in store.metrics(job)] == list(range(60))
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -778,19 +793,13 @@ def test_what_an_earlier_controller_left_on_the_hosts_is_unloaded_unless_adopted
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
                 for job_id in jobs:
                     await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=job_id, generation=1))
-        c = Controller(store, await connect_islands(addresses), prepare=_prepare, peak_flops=1e12)
-        await c.start()
-        try:
+        async with _controller(sim, store, addresses) as c:
             # No pass has run yet: the leftovers are gone, the kept job waits to be adopted.
             assert set(sim.hosts["island-0"].jobs) == set()
             assert set(sim.hosts["island-1"].jobs) == {kept.id}
             assert store.get_job(kept.id).state == JobState.QUEUED
             c.cancel(kept.id, "not wanted any more")
             await _until(lambda: not sim.hosts["island-1"].jobs, 10)
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -815,18 +824,12 @@ def test_a_kept_job_placed_elsewhere_is_unloaded_where_it_was_kept(tmp_path) -> 
             for record, _ in records:
                 store.transition(record.id, JobState.RUNNING, reason="scheduled")
                 await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=record.id, generation=1))
-        c = Controller(store, await connect_islands(addresses), prepare=_prepare, peak_flops=1e12)
-        await c.start()
-        try:
+        async with _controller(sim, store, addresses):
             ids = {r.id for r, _ in records}
             hosts = sim.hosts
             await _until(lambda: len(hosts["island-0"].jobs) == 1, 10)
             await _until(lambda: len(hosts["island-1"].jobs) == 1, 10)
             assert set(hosts["island-0"].jobs) | set(hosts["island-1"].jobs) == ids
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -846,10 +849,7 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
         sim = SimCluster([SimIsland("island-0", 1.0, load_s=0.5)])
         addresses = await sim.start()
         store = JobStore.open_controller(tmp_path / "state")
-        ((record, _),) = store.create_jobs([(_spec("adopted", 1, 100), None)])
-        store.transition(record.id, JobState.RUNNING, reason="scheduled")
-        for step in range(12):
-            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        record = _left_running(store, _spec("adopted", 1, 100), 12)
         old = tmp_path / "state" / "checkpoints" / record.id
         store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
         async with grpc.aio.insecure_channel(addresses["island-0"]) as channel:
@@ -861,15 +861,7 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
                     checkpoint_dir=str(old),
                 )
             )
-        c = Controller(
-            store,
-            await connect_islands(addresses),
-            prepare=_prepare,
-            peak_flops=1e12,
-            state_dir=tmp_path / "state",
-        )
-        await c.start()
-        try:
+        async with _controller(sim, store, addresses, state_dir=tmp_path / "state") as c:
             await _until(lambda: record.id in c.runners, 10)
             await asyncio.sleep(0.2)  # its adoption's load (0.5 s) is in flight
             (drained,) = await asyncio.wait_for(c.drain(), 20)
@@ -878,10 +870,6 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
             assert (drained.step, drained.checkpointed) == (12, True), drained
             assert store.get_job(record.id).state == JobState.QUEUED
             assert [m.step for m in store.metrics(record.id)] == list(range(12))
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -903,10 +891,7 @@ def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_
         )
         addresses = await sim.start()
         store = JobStore.open_controller(tmp_path / "state")
-        ((record, _),) = store.create_jobs([(_spec("two", 2, 30), None)])
-        store.transition(record.id, JobState.RUNNING, reason="scheduled")
-        for step in range(12):
-            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        record = _left_running(store, _spec("two", 2, 30), 12)
         old = tmp_path / "state" / "checkpoints" / record.id
         store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
         for address in addresses.values():
@@ -918,25 +903,13 @@ def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_
                         restore_from=str(old / "g1-step12"),
                     )
                 )
-        c = Controller(
-            store,
-            await connect_islands(addresses),
-            prepare=_prepare,
-            peak_flops=1e12,
-            state_dir=tmp_path / "state",
-        )
-        await c.start()
-        try:
+        async with _controller(sim, store, addresses, state_dir=tmp_path / "state"):
             await _until(lambda: store.get_job(record.id).state.terminal, 30)
             events = [(e.kind, e.message) for e in store.events(record.id)]
             assert store.get_job(record.id).state == JobState.SUCCEEDED, events
             assert not [m for k, m in events if k == "failure"], events
             assert any("steps 10 to 29 run again" in m for _, m in events), events
             assert [m.step for m in store.metrics(record.id)] == list(range(30))
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -953,15 +926,7 @@ def test_a_job_cancelled_while_its_drain_saves_ends_cancelled_with_its_steps_kep
     async def run() -> None:
         sim = SimCluster([SimIsland("island-0", STEP_S, save_s=1.0)])
         store = JobStore.open_controller(tmp_path / "state")
-        c = Controller(
-            store,
-            await connect_islands(await sim.start()),
-            prepare=_prepare,
-            peak_flops=1e12,
-            state_dir=tmp_path / "state",
-        )
-        await c.start()
-        try:
+        async with _controller(sim, store, state_dir=tmp_path / "state") as c:
             job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("long", 1, 1000))).id
             await _until(lambda: bool(store.metrics(job, from_step=5)))
             task = c.runners[job].task
@@ -979,10 +944,6 @@ def test_a_job_cancelled_while_its_drain_saves_ends_cancelled_with_its_steps_kep
             assert steps == list(range(len(steps))) and len(steps) >= 5, steps
             assert c.runners.get(job) is None
             assert store.get_job(job).generation == generation  # not requeued
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -1018,11 +979,7 @@ serve: {{max_batch: 2, max_seq_len: 64}}
         # Room for the service or the training job, not both (a loaded job measures 90%).
         budget = ResolvedJob.resolve(serve).bytes_per_device
         sim = SimCluster([SimIsland("island-0", STEP_S, budget, budget * 9 // 10)])
-        c = Controller(
-            store, await connect_islands(await sim.start()), prepare=_prepare, peak_flops=1e12
-        )
-        await c.start()
-        try:
+        async with _controller(sim, store) as c:
             srv = c.submit(controller_pb2.SubmitJobRequest(spec=serve)).id
             await _until(
                 lambda: (
@@ -1036,10 +993,6 @@ serve: {{max_batch: 2, max_seq_len: 64}}
             drained = await asyncio.wait_for(c.drain(), 20)
             assert srv in [d.job_id for d in drained], drained
             assert store.get_job(srv).state == JobState.QUEUED
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
 
@@ -1056,26 +1009,20 @@ def test_steps_whose_write_failed_are_written_with_the_next_flush(tmp_path) -> N
         sim = SimCluster.uniform(1, step_s=STEP_S)
         store = JobStore.open_controller(tmp_path / "state")
         store._conn.execute("PRAGMA busy_timeout = 50")  # fail fast while locked (10 s)
-        c = Controller(
-            store, await connect_islands(await sim.start()), prepare=_prepare, peak_flops=1e12
-        )
-        await c.start()
-        other = sqlite3.connect(store.path, isolation_level=None)
-        try:
-            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("locked", 1, 80))).id
-            await _until(lambda: bool(store.metrics(job, from_step=10)))
-            other.execute("BEGIN IMMEDIATE")  # another writer holds the database
-            await asyncio.sleep(0.8)  # a few flushes fail meanwhile
-            other.execute("ROLLBACK")
-            await _until(lambda: store.get_job(job).state.terminal, 30)
-            events = [(e.kind, e.message) for e in store.events(job)]
-            assert store.get_job(job).state == JobState.SUCCEEDED, events
-            assert [m.step for m in store.metrics(job)] == list(range(80))
-        finally:
-            other.close()
-            await c.stop()
-            await sim.stop()
-            store.close()
+        async with _controller(sim, store) as c:
+            other = sqlite3.connect(store.path, isolation_level=None)
+            try:
+                job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("locked", 1, 80))).id
+                await _until(lambda: bool(store.metrics(job, from_step=10)))
+                other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+                await asyncio.sleep(0.8)  # a few flushes fail meanwhile
+                other.execute("ROLLBACK")
+                await _until(lambda: store.get_job(job).state.terminal, 30)
+                events = [(e.kind, e.message) for e in store.events(job)]
+                assert store.get_job(job).state == JobState.SUCCEEDED, events
+                assert [m.step for m in store.metrics(job)] == list(range(80))
+            finally:
+                other.close()
 
     asyncio.run(run())
 
@@ -1092,22 +1039,11 @@ def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path
             [SimIsland("island-0", STEP_S), SimIsland("island-1", STEP_S, unreadable={20})]
         )
         store = JobStore.open_controller(tmp_path / "state")
-        ((record, _),) = store.create_jobs([(_spec("two", 2, 30), None)])
-        store.transition(record.id, JobState.RUNNING, reason="scheduled")
-        for step in range(22):
-            store.record_metrics(record.id, step, 1.0 / (step + 1))
+        record = _left_running(store, _spec("two", 2, 30), 22)
         old = tmp_path / "state" / "checkpoints" / record.id
         for step in (10, 20):
             store.register_checkpoint(record.id, 0, step, str(old / f"g0-step{step}"))
-        c = Controller(
-            store,
-            await connect_islands(await sim.start()),
-            prepare=_prepare,
-            peak_flops=1e12,
-            state_dir=tmp_path / "state",
-        )
-        await c.start()
-        try:
+        async with _controller(sim, store, state_dir=tmp_path / "state"):
             await _until(lambda: store.get_job(record.id).state.terminal, 30)
             events = [(e.kind, e.message) for e in store.events(record.id)]
             assert store.get_job(record.id).state == JobState.SUCCEEDED, events
@@ -1115,9 +1051,5 @@ def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path
             assert any("step 20" in m and "unreadable" in m for _, m in events), events
             assert any("steps 10 to 29 run again" in m for _, m in events), events
             assert [m.step for m in store.metrics(record.id)] == list(range(30))
-        finally:
-            await c.stop()
-            await sim.stop()
-            store.close()
 
     asyncio.run(run())
