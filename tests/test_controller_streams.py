@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import threading
 
 import grpc
 import pytest
+from test_scale_harness import _prepare
+from test_scale_harness import _spec as sim_spec  # tests/ is on sys.path
 
 from pathways_lite.controller.core import Controller
-from pathways_lite.controller.resolved import DatasetRef
 from pathways_lite.controller.states import JobState
 from pathways_lite.controller.store import JobStore
-from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
 from pathways_lite.workers.sim_host import SimCluster, connect_islands
 
@@ -29,19 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _spec(name: str, steps: int) -> controller_pb2.JobSpec:
-    return load_spec_text(f"""
-name: {name}
-model: {{preset: palm-tiny}}
-islands: 1
-devices_per_island: 1
-mesh: {{data: 1, model: 1}}
-train: {{steps: {steps}, global_batch: 8, seq_len: 64}}
-data: {{source: stdlib, vocab_size: 1024}}
-""")
-
-
-def _prepare(record, job):
-    return dataclasses.replace(job, dataset=DatasetRef("/sim", "sim", "sim", 1 << 20))
+    return sim_spec(name, 1, steps)
 
 
 @contextlib.asynccontextmanager
