@@ -22,6 +22,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("PATHWAYS_LITE_CACHE", str(CACHE / "pathways_lite"))
 # Our test processes stay on loopback and never phone home.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The Ray heads the tests start mark a stopped node dead after 3 failed health checks a
+# second apart (Ray's default: 5, 3 s apart), so a lost node's job moves in seconds. A live
+# node under load still answers: each check waits Ray's default 10 s.
+os.environ.setdefault("RAY_health_check_period_ms", "1000")
+os.environ.setdefault("RAY_health_check_failure_threshold", "3")
 # Controllers the tests start keep no warm spare hosts (two cores: a spare process per host
 # imports JAX and compiles ahead); the tests of spares and the durability story turn them on.
 os.environ.setdefault("PATHWAYS_LITE_SPARE_HOSTS", "off")

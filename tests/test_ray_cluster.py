@@ -28,7 +28,14 @@ def test_session_cluster_nodes_sit_on_their_loopback_addresses(ray_cluster) -> N
 
 
 def test_a_wrong_token_cannot_join(ray_cluster) -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}
+    # Two connection tries, not Ray's twenty (one a second): a refused token is refused on
+    # the first.
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": "0" * 64,
+        "RAY_gcs_server_port_wait_time_s": "2",
+    }
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     code = (
         f"import ray; ray.init(address={ray_cluster.address!r}, _node_ip_address='127.0.0.2',"

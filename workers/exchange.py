@@ -378,10 +378,13 @@ class Peers:
         gRPC's aio client swallows an error raised while it writes the request stream (a chunk
         that is not `bytes` fails its write) and only cancels the call: the caller's await
         then ends in CancelledError, nothing reaches the peer, and the peer's wait runs to its
-        deadline. Both are turned into an ExchangeError here, at once, naming the cause.
+        deadline. Both are turned into an ExchangeError here, at once, naming the cause. gRPC
+        also cancels (rather than fails) a call whose deadline passes while a chunk is being
+        written: that one ends as the DEADLINE_EXCEEDED it is.
 
         Raises:
-            grpc.aio.AioRpcError: the call failed (the callers map its status).
+            grpc.aio.AioRpcError: the call failed or passed its deadline (the callers map its
+                status).
             ExchangeError: a chunk is not serialized bytes; gRPC cancelled the stream.
         """
         for chunk in chunks:
@@ -390,6 +393,7 @@ class Peers:
                     f"a chunk for {address} is a {type(chunk).__name__}, not serialized bytes "
                     "(exchange._chunks / encode_chunk)."
                 )
+        started = time.monotonic()
         call = self.raw_exchange(address)(iter(chunks), timeout=timeout, metadata=self.metadata())
         try:
             await call
@@ -397,6 +401,15 @@ class Peers:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # our own cancellation (a failed step, an abort)
+            if time.monotonic() - started >= timeout:
+                # The deadline passed while a chunk was being written (a busy event loop):
+                # gRPC cancels the call then instead of ending it in DEADLINE_EXCEEDED.
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=f"the stream to {address} passed its {timeout:.3f} s deadline",
+                ) from None
             raise ExchangeError(
                 f"the stream to {address} was cancelled by gRPC before it finished (a chunk "
                 "could not be written)."
