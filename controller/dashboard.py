@@ -652,14 +652,23 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-# The generate endpoint's numeric query parameters: (parse, default, bits of a signed integer).
-_GENERATE_NUMBERS: dict[str, tuple[type, float, int]] = {
-    "max_tokens": (int, 64, 32),
-    "temperature": (float, 0.0, 0),
-    "top_k": (int, 0, 32),
-    "top_p": (float, 0.0, 0),
-    "seed": (int, 0, 64),
+# The generate endpoint's numeric query parameters: (parse, default, the range an integer's
+# field holds as "[lo, hi)" bounds; None for a float).
+_GENERATE_NUMBERS: dict[str, tuple[type, float, tuple[int, int] | None]] = {
+    "max_tokens": (int, 64, (-(2**31), 2**31)),
+    "temperature": (float, 0.0, None),
+    "top_k": (int, 0, (-(2**31), 2**31)),
+    "top_p": (float, 0.0, None),
+    "seed": (int, 0, (0, 2**64)),
 }
+
+
+def _power_of_two(n: int) -> str:
+    """-2**31, 2**64: a bound as a reader knows it; other numbers as they are."""
+    m = abs(n)
+    if m > 1024 and m & (m - 1) == 0:
+        return f"{'-' if n < 0 else ''}2**{m.bit_length() - 1}"
+    return str(n)
 
 
 def generate_request(job_id: str, query: Any) -> controller_pb2.GenerateJobRequest:
@@ -669,7 +678,7 @@ def generate_request(job_id: str, query: Any) -> controller_pb2.GenerateJobReque
         ValueError: a parameter that is not a number or does not fit its field, naming it.
     """
     numbers: dict[str, Any] = {}
-    for name, (parse, default, bits) in _GENERATE_NUMBERS.items():
+    for name, (parse, default, bounds) in _GENERATE_NUMBERS.items():
         text = query.get(name)
         if text is None:
             numbers[name] = default
@@ -679,10 +688,9 @@ def generate_request(job_id: str, query: Any) -> controller_pb2.GenerateJobReque
             value = parse(text)
         except ValueError:
             raise ValueError(f"query parameter {name}={text!r} is not {kind}.") from None
-        if bits and not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
-            raise ValueError(
-                f"query parameter {name}={text} is out of range (a {bits}-bit integer)."
-            )
+        if bounds and not bounds[0] <= value < bounds[1]:
+            lo, hi = (_power_of_two(b) for b in bounds)
+            raise ValueError(f"query parameter {name}={text} is out of range [{lo}, {hi}).")
         numbers[name] = value
     return controller_pb2.GenerateJobRequest(
         job_id=job_id, prompt=query.get("prompt", ""), stop=query.getall("stop", []), **numbers

@@ -68,7 +68,7 @@ def sample_request(request: controller_pb2.SampleJobRequest) -> worker_pb2.Sampl
         max_new_tokens=max_new,
         temperature=request.temperature,
         top_k=request.top_k,
-        seed=max(0, request.seed),
+        seed=request.seed,
     )
 
 

@@ -484,6 +484,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 2**64)")
+    return value
+
+
 def _cmd_rotate_secret(args: argparse.Namespace) -> int:
     from pathways_lite.controller.auth import TokenError, request_rotation
     from pathways_lite.local import default_state_dir
@@ -622,7 +632,7 @@ def add_cluster_commands(sub) -> None:
     )
     sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sample.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
-    sample.add_argument("--seed", type=int, default=0, help="sampling seed")
+    sample.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
     gen = add(
         "generate",
         "generate text from a serving job (kind: serve); `sample` is for jobs not serving",
@@ -636,7 +646,7 @@ def add_cluster_commands(sub) -> None:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the top k (0 = all)")
     gen.add_argument("--top-p", type=float, default=0.0, help="nucleus mass (0 = off)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--seed", type=_seed, default=0, help="sampling seed, in [0, 2**64)")
     gen.add_argument("--stop", action="append", help="end before this string (repeatable)")
     gen.add_argument("--stream", action="store_true", help="print tokens as they come")
     add_eval_command(add)

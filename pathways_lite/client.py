@@ -63,6 +63,17 @@ class ChainError(ClientError):
         self.submitted = submitted
 
 
+def check_seed(seed: int) -> int:
+    """A sampling seed as the controller takes it (uint64).
+
+    Raises:
+        ValueError: outside [0, 2**64), naming it.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed} must be in [0, 2**64).")
+    return seed
+
+
 def state_name(value: int) -> str:
     """`queued`, `running`... for a wire JobState."""
     return JobState.from_proto(value).value
@@ -464,7 +475,7 @@ class ControllerClient:
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
-            seed=seed,
+            seed=check_seed(seed),
         )
         return self._call("Sample", request, timeout_s=max(self.timeout_s, 300.0))
 
@@ -496,7 +507,7 @@ class ControllerClient:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            seed=seed,
+            seed=check_seed(seed),
             stop=list(stop),
         )
         timeout_s = timeout_s or max(self.timeout_s, 600.0)

@@ -116,3 +116,21 @@ def test_dashboard_open_keeps_the_token_off_the_browsers_command_line(
     assert page.parent == (tmp_path / "state").resolve()
     assert stat.S_IMODE(page.stat().st_mode) == 0o600
     assert f"?token={token}" in page.read_text()
+
+
+def test_a_seed_outside_64_bits_is_refused_naming_it_before_anything_is_sent(
+    fake, tmp_path, capsys
+) -> None:
+    """Seeds are uint64 end to end: a negative one was silently 0 for `sample` (int64 on the
+    wire) and 2**63 and above could not be sent at all."""
+    for command in ("sample", "generate"):
+        with pytest.raises(SystemExit) as refused:
+            main(capsys, tmp_path, command, "job-1", "hi", "--seed", "-1")
+        assert refused.value.code == 2
+        assert "argument --seed: -1 must be in [0, 2**64)" in capsys.readouterr().err
+    with ControllerClient(tmp_path / "state") as c:
+        for seed in (-1, 2**64):
+            with pytest.raises(ValueError, match=f"seed={seed} must be in"):
+                c.sample("job-1", "hi", seed=seed)
+            with pytest.raises(ValueError, match=f"seed={seed} must be in"):
+                next(c.generate("job-1", "hi", seed=seed))

@@ -111,15 +111,15 @@ def _request(job_id: str, **kw) -> controller_pb2.GenerateJobRequest:
 
 
 def test_a_request_the_host_would_refuse_never_cuts_training(tmp_path) -> None:
-    """Settings out of range, a negative seed, too many or too long stop strings, max_tokens
-    past serve.max_seq_len: refused naming the field before the island is cut."""
+    """Settings out of range, too many or too long stop strings, max_tokens past
+    serve.max_seq_len: refused naming the field before the island is cut. A seed takes all
+    64 bits (the field is uint64, as the hosts'), none of which a request can get wrong."""
 
     async def test(router, arbiter, host, training, job_id) -> None:
         for bad, message in (
             ({"temperature": 11.0}, "temperature=11.0 must be in"),
             ({"top_p": 1.5}, "top_p=1.5 must be in"),
             ({"top_k": -1}, "top_k=-1 must be >= 0"),
-            ({"seed": -1}, "seed=-1 must be in"),
             ({"max_tokens": 128}, "max_tokens=128 leaves no room .* serve.max_seq_len=128"),
             ({"stop": ["x"] * 17}, "stop has 17 strings; at most 16"),
             ({"stop": ["a", "b", "c", "y" * 300]}, r"stop\[3\] is 300 characters long"),
@@ -130,9 +130,10 @@ def test_a_request_the_host_would_refuse_never_cuts_training(tmp_path) -> None:
                     pass
         assert training.cuts == 0 and not host.requests and "i0" not in arbiter.islands
         assert router.jobs[job_id].replicas[0].inflight == 0
-        # A seed of 64 bits goes to the host whole.
-        replies = [r async for r in router.generate(_request(job_id, seed=2**40 + 5))]
-        assert replies[-1].done and host.requests[-1].seed == 2**40 + 5
+        # A seed of 64 bits goes to the host whole (an int64 field could not carry the top bit).
+        for seed in (2**40 + 5, 2**64 - 1):
+            replies = [r async for r in router.generate(_request(job_id, seed=seed))]
+            assert replies[-1].done and host.requests[-1].seed == seed
 
     _serve(tmp_path, test)
 
@@ -198,12 +199,15 @@ def test_the_dashboards_generate_query_names_the_parameter_it_cannot_use(tmp_pat
             ("temperature=hot", "query parameter temperature='hot' is not a number"),
             ("top_k=99999999999", "query parameter top_k=99999999999 is out of range"),
             ("seed=1&top_p=x", "query parameter top_p='x' is not a number"),
-            ("seed=-3", "seed=-3 must be in"),
+            ("seed=-3", "query parameter seed=-3 is out of range [0, 2"),
+            (f"seed={2**64}", f"query parameter seed={2**64} is out of range"),
         ):
             code, text = await status(query)
             assert code == 400 and message in text, (query, text)
-        code, text = await status("max_tokens=5&seed=7")  # well formed: the job is unknown
-        assert code == 404, text
+        # Well formed (a seed takes all 64 bits): the job is unknown.
+        for query in ("max_tokens=5&seed=7", f"seed={2**64 - 1}"):
+            code, text = await status(query)
+            assert code == 404, (query, text)
 
     try:
         asyncio.run(main())
