@@ -565,7 +565,8 @@ class Controller:
         """Cancel a queued or running job (its steps in flight finish on the hosts).
 
         Raises:
-            JobNotFoundError, IllegalTransitionError.
+            JobNotFoundError, IllegalTransitionError; sqlite3.OperationalError: the database
+                is locked (nothing was cancelled).
         """
         record = self.store.get_job(job_id)
         if record.state.terminal:
@@ -573,19 +574,22 @@ class Controller:
                 f"job {job_id!r} is already {record.state.value}; only queued or running jobs "
                 "can be cancelled."
             )
-        runner = self.runners.get(job_id)
-        if runner is not None:
-            runner.request_cancel()
-        else:
-            self._unload_kept(job_id)
         message = f"Cancelled by a user: {reason[:200]}" if reason else "Cancelled by a user."
         try:
             self.reporter.flush(job_id)  # its steps so far are recorded before it ends
         except StoreUnavailableError as e:
             logger.warning("%s", e)
+        # Written before the runner hears of it: a state change the database refuses
+        # (locked) cancels nothing, and the caller is told; the other way round the runner
+        # stopped and the job stayed running in the store with nothing running it.
         record = self.reporter.transition(
             job_id, JobState.CANCELLED, reason="user_cancelled", message=message
         )
+        runner = self.runners.get(job_id)
+        if runner is not None:
+            runner.request_cancel()
+        else:
+            self._unload_kept(job_id)
         # A queued job held the jobs behind it back (it may have been the queue's head with
         # no runner: between two attempts, or never placed): a pass now, not at the next
         # event.

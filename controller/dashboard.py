@@ -40,7 +40,13 @@ from .core import Controller
 from .dashboard_auth import secure_every_response, token_middleware
 from .dashboard_stream import EventStreams
 from .prometheus import controller_registry
-from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
+from .states import (
+    IllegalTransitionError,
+    JobNotFoundError,
+    JobState,
+    StoreError,
+    StoreUnavailableError,
+)
 from .store import JobRecord
 from .views import TimelineEntry, eval_json, eval_protos, job_summary, step_point
 
@@ -559,8 +565,12 @@ class Dashboard:
     def _recorded_steps(self, job_id: str, from_step: int) -> list[dict[str, Any]]:
         """The job's recorded steps from `from_step` as the pages' `metrics` events, its
         batched steps written first (as WatchJob does: a step batched before a stream
-        subscribed was handed to no follower)."""
-        self.controller.reporter.flush(job_id)
+        subscribed was handed to no follower). A locked database leaves the steps not
+        written yet out (see ControllerServicer._flush) rather than ending the stream."""
+        try:
+            self.controller.reporter.flush(job_id)
+        except StoreUnavailableError as e:
+            logger.warning("%s", e)
         try:
             record = self.controller.store.get_job(job_id)
         except JobNotFoundError:

@@ -36,6 +36,7 @@ from .dispatch import LOAD_TIMEOUT_S, Dispatcher, HostStep, StepReport, overlap_
 from .islands import Island, call_all, dead_islands
 from .program import HostLoad
 from .recovery import Attempt, FailureClass, classify
+from .states import StoreError
 from .store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,12 @@ class PeerRecovery:
                 if not all(r.replayed for r in replies):
                     raise PeerRecoveryError(f"step {step} was not replayed.")
                 on_step(_report(program, islands, step, replies))
-            flush()  # in the store before the event that says they were run before
+            try:
+                flush()  # in the store before the event that says they were run before
+            except StoreError as e:
+                # Steps that cannot be recorded cannot be adopted: the checkpoint's restore
+                # (the caller discards them) runs them again and records them then.
+                raise PeerRecoveryError(f"the replayed steps are not recorded: {e}") from e
             program = dataclasses.replace(
                 program, start_step=held, restore_from="", checkpoint_dir=checkpoint_dir
             )

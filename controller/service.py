@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -26,7 +27,13 @@ from . import spec as spec_lib
 from .bus import Follower, dropped_logs_record, now
 from .core import Controller
 from .sampling import NoRoomError
-from .states import IllegalTransitionError, JobNotFoundError, JobState, StoreError
+from .states import (
+    IllegalTransitionError,
+    JobNotFoundError,
+    JobState,
+    StoreError,
+    StoreUnavailableError,
+)
 from .views import timestamp_us
 from .wire import CONTROLLER_WIRE_VERSION
 
@@ -59,7 +66,10 @@ _rpc = rpc.error_mapping(
         (IllegalTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
         (NoRoomError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
         (StoreError, grpc.StatusCode.FAILED_PRECONDITION),
+        # The database locked past its timeout, or full: nothing was changed; try again.
+        (sqlite3.OperationalError, grpc.StatusCode.UNAVAILABLE),
     ),
     log=logger,
 )
@@ -278,6 +288,16 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         async for reply in self._stream_on_controller(self._watch(request)):
             yield reply
 
+    def _flush(self, job_id: str) -> None:
+        """Write the job's batched steps before a stream reads the store. A locked database
+        does not end the stream (every watcher's would end while it is busy): the steps not
+        written yet are missing from its replay (their live update reached it only if it had
+        subscribed first), the live ones follow."""
+        try:
+            self.controller.reporter.flush(job_id)
+        except StoreUnavailableError as e:
+            logger.warning("%s", e)
+
     async def _watch(
         self, request: controller_pb2.WatchJobRequest
     ) -> AsyncIterator[controller_pb2.WatchJobReply]:
@@ -288,7 +308,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         queue = self.controller.events.subscribe(record.id)
         try:
             # After subscribing, and with the batched steps written: nothing missed.
-            self.controller.reporter.flush(record.id)
+            self._flush(record.id)
             record = self.store.get_job(record.id)
             yield controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
             last_step = request.from_step - 1
@@ -308,7 +328,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 if dropped:
                     # It lagged and lost updates: the record again, then the steps it missed
                     # from the store (the live ones after them follow as usual).
-                    self.controller.reporter.flush(record.id)
+                    self._flush(record.id)
                     synced_seq = self.controller.events.seq[record.id]
                     record = self.store.get_job(record.id)
                     yield controller_pb2.WatchJobReply(

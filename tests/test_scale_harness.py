@@ -1027,6 +1027,114 @@ def test_steps_whose_write_failed_are_written_with_the_next_flush(tmp_path) -> N
     asyncio.run(run())
 
 
+@pytest.mark.timeout(60)
+def test_while_the_database_is_locked_a_cancel_changes_nothing_and_watchers_stay(
+    tmp_path,
+) -> None:
+    """Another writer holds the database: CancelJob answers UNAVAILABLE and the job runs on
+    (before, its runner stopped while the store still said RUNNING: a job nothing ran), and a
+    new WatchJob stream opens and follows it (before, the flush it starts with ended it with
+    an error). Once the database is free, the cancel goes through."""
+    import sqlite3
+    import threading
+
+    from pathways_lite.v1 import controller_pb2_grpc
+
+    async def main() -> None:
+        async with _served(tmp_path, 1, step_s=0.005) as (c, store, address):
+            store._conn.execute("PRAGMA busy_timeout = 50")  # fail fast while locked (10 s)
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("held", 1, 10**6))).id
+            await _until(lambda: store.steps_completed(job) > 5)
+            other = sqlite3.connect(store.path, isolation_level=None)
+            seen: list[int] = []
+
+            def watch(stub) -> None:
+                request = controller_pb2.WatchJobRequest(job_id=job, batch_steps=True)
+                call = stub.WatchJob(request, timeout=20)
+                for reply in call:
+                    if reply.HasField("metrics"):
+                        seen.append(reply.metrics.step)
+                        if len(seen) >= 3:
+                            break
+                call.cancel()
+
+            with grpc.insecure_channel(address) as channel:
+                stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                try:
+                    other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+                    with pytest.raises(grpc.RpcError) as refused:
+                        await asyncio.to_thread(
+                            stub.CancelJob, controller_pb2.CancelJobRequest(job_id=job)
+                        )
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+                    assert "locked" in refused.value.details()
+                    watcher = threading.Thread(target=watch, args=(stub,))
+                    watcher.start()
+                    await asyncio.to_thread(watcher.join, 15)
+                    assert len(seen) >= 3, seen  # the stream opened and followed the job
+                    assert not c.runners[job].cancel_requested
+                finally:
+                    other.execute("ROLLBACK")
+                    other.close()
+                ran = store.steps_completed(job)
+                await _until(lambda: store.steps_completed(job) > ran + 5, 20)  # it runs on
+                assert store.get_job(job).state == JobState.RUNNING
+                reply = await asyncio.to_thread(
+                    stub.CancelJob, controller_pb2.CancelJobRequest(job_id=job)
+                )
+                assert reply.job.state == controller_pb2.JOB_STATE_CANCELLED
+            await _until(lambda: job not in c.runners, 20)
+
+    asyncio.run(main())
+
+
+def test_an_adoption_whose_replayed_steps_cannot_be_written_restores_the_checkpoint(
+    tmp_path,
+) -> None:
+    """The steps a dead controller's hosts ran past the record are replayed and written
+    before the adoption goes on; when that write fails (the database locked), the job restores
+    its checkpoint and runs them again, every step recorded once. Before, the write's error
+    failed the job as an internal error."""
+    from pathways_lite.controller.states import StoreUnavailableError
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland("island-0", STEP_S)])
+        addresses = await sim.start()
+        store = JobStore.open_controller(tmp_path / "state")
+        record = _left_running(store, _spec("replayed", 1, 30), 12)
+        old = tmp_path / "state" / "checkpoints" / record.id
+        store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
+        async with grpc.aio.insecure_channel(addresses["island-0"]) as channel:
+            await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
+                worker_pb2.LoadJobRequest(
+                    job_id=record.id,
+                    generation=record.generation,
+                    restore_from=str(old / "g1-step14"),  # 2 steps past the record
+                    checkpoint_dir=str(old),
+                )
+            )
+        async with _controller(sim, store, addresses, state_dir=tmp_path / "state") as c:
+            flush = c.reporter.flush
+
+            def locked_until_restored(job_id: str) -> None:
+                # Every write of the job's steps fails until its restore is recorded.
+                if not [e for e in store.events(job_id) if e.kind == "restore"]:
+                    raise StoreUnavailableError(f"writing steps of job {job_id!r} failed")
+                flush(job_id)
+
+            c.reporter.flush = locked_until_restored
+            await _until(lambda: store.get_job(record.id).state.terminal, 30)
+            events = [(e.kind, e.message) for e in store.events(record.id)]
+            assert store.get_job(record.id).state == JobState.SUCCEEDED, events
+            assert not [m for k, m in events if k == "failure"], events
+            assert not any("state its islands kept" in m for _, m in events), events
+            assert any("steps 10 to 29 run again" in m for _, m in events), events
+            assert [m.step for m in store.metrics(record.id)] == list(range(30))
+
+    asyncio.run(run())
+
+
 def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path) -> None:
     """A two-island job restoring its newest checkpoint, whose part one island cannot read
     (DATA_LOSS: marked corrupt): the other island had loaded it in the attempt's generation,

@@ -315,6 +315,21 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             StepNotRun: a cut for serving ends its slice before it (CutSlice).
         """
         self._epoch(request.epoch)
+        job = self.jobs.get(request.job_id)
+        if job is not None and job.generation == request.generation:
+            if request.step < job.steps_applied:
+                # A step this host holds (ran, or was loaded past): its reply again, marked
+                # replayed, as a real host's step records answer a retry or a new
+                # controller's replay (workers/ordering.py); nothing runs, no number taken.
+                return worker_pb2.RunStepReply(
+                    job_id=request.job_id,
+                    generation=request.generation,
+                    step=request.step,
+                    island_seq=request.island_seq,
+                    loss=1.0 / (1.0 + request.step),
+                    checkpoints_committed=job.committed,
+                    replayed=True,
+                )
         await self._take_seq(request.island_seq)
         job = self.jobs.get(request.job_id)
         if job is None:
