@@ -41,6 +41,13 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 SUBMIT_RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 SUBMIT_ATTEMPTS = 3
 SUBMIT_RETRY_DELAY_S = 1.0
+# How long a broken stream (watch, wait, logs --follow) waits for the state dir to name a
+# controller that answers: a standby's takeover, a restarted controller.
+RECONNECT_S = 60.0
+RECONNECT_POLL_S = 0.5
+# The log records a followed stream asks again for after a reconnect (those it printed are
+# skipped): the new controller's buffer may hold lines the old one had not sent yet.
+LOGS_RESUME_TAIL = 1000
 
 
 class ClientError(Exception):
@@ -226,6 +233,9 @@ class ControllerClient:
         timeout_s: float = 30.0,
     ) -> None:
         self.state_dir = Path(state_dir or default_state_dir())
+        # A client given its address keeps to it; one that read it follows the state dir
+        # to the controller that serves it now (`_reconnect`).
+        self.follows_state_dir = address is None
         if address is None:
             try:
                 address = read_address(self.state_dir)
@@ -241,17 +251,62 @@ class ControllerClient:
         self._metadata = ((auth.METADATA_KEY, auth.bearer(token)),)
         self._channel = grpc.insecure_channel(address)
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
-        info = self.info()
+        self._check_wire(self.info())
+
+    def _check_wire(self, info: controller_pb2.ControllerInfoReply) -> None:
         if info.wire_version.version != CONTROLLER_WIRE_VERSION:
             self.close()
             raise ClientError(
-                f"the controller at {address} speaks wire version {info.wire_version.version}, "
-                f"this client speaks {CONTROLLER_WIRE_VERSION}; use matching pathways_lite "
-                "versions."
+                f"the controller at {self.address} speaks wire version "
+                f"{info.wire_version.version}, this client speaks {CONTROLLER_WIRE_VERSION}; "
+                "use matching pathways_lite versions."
             )
 
     def close(self) -> None:
         self._channel.close()
+
+    def _reconnect(self, error: grpc.RpcError) -> bool:
+        """After a stream ended UNAVAILABLE (its controller went away): connect to the
+        controller the state dir names once one answers, within RECONNECT_S (a standby takes
+        over in seconds). False when this client was given its address, or none answered.
+
+        Raises:
+            ClientError: the controller found speaks another wire version.
+        """
+        if not self.follows_state_dir or error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        logger.warning(
+            "the controller at %s went away (%s); waiting up to %.0f s for the one %s names",
+            self.address,
+            error.details(),
+            RECONNECT_S,
+            self.state_dir,
+        )
+        deadline = time.monotonic() + RECONNECT_S
+        while time.monotonic() < deadline:
+            try:
+                address = read_address(self.state_dir)
+            except RuntimeError:  # between two controllers: the record names a dead one
+                time.sleep(RECONNECT_POLL_S)
+                continue
+            channel = grpc.insecure_channel(address)
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            try:
+                info = stub.Info(
+                    controller_pb2.ControllerInfoRequest(),
+                    timeout=min(self.timeout_s, 5.0),
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError:
+                channel.close()
+                time.sleep(RECONNECT_POLL_S)
+                continue
+            self._channel.close()
+            self._channel, self._stub, self.address = channel, stub, address
+            self._check_wire(info)
+            logger.warning("reconnected to the controller at %s (epoch %d)", address, info.epoch)
+            return True
+        return False
 
     def __enter__(self) -> ControllerClient:
         return self
@@ -385,17 +440,28 @@ class ControllerClient:
 
     def watch(self, job_id: str, from_step: int = 0) -> Iterator[controller_pb2.WatchJobReply]:
         """The job's updates until it finishes (see WatchJob). A caller that stops early
-        (Ctrl-C, `break`) cancels the stream: none is left open on the channel."""
-        call = self._stub.WatchJob(
-            controller_pb2.WatchJobRequest(job_id=job_id, from_step=from_step, batch_steps=True),
-            metadata=self._metadata,
-        )
-        try:
-            yield from unbatched(call)
-        except grpc.RpcError as e:
-            raise self._error(e, "WatchJob", None) from None
-        finally:
-            call.cancel()
+        (Ctrl-C, `break`) cancels the stream: none is left open on the channel. When the
+        controller goes away, the stream goes on from the next step with the controller the
+        state dir names next (`_reconnect`); its first reply is the job's record again."""
+        next_step = from_step
+        while True:
+            call = self._stub.WatchJob(
+                controller_pb2.WatchJobRequest(
+                    job_id=job_id, from_step=next_step, batch_steps=True
+                ),
+                metadata=self._metadata,
+            )
+            try:
+                for reply in unbatched(call):
+                    if reply.HasField("metrics"):
+                        next_step = reply.metrics.step + 1
+                    yield reply
+                return
+            except grpc.RpcError as e:
+                if not self._reconnect(e):
+                    raise self._error(e, "WatchJob", None) from None
+            finally:
+                call.cancel()
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> controller_pb2.Job:
         """Follow the job until it finishes; returns its final record.
@@ -414,7 +480,11 @@ class ControllerClient:
                 ):
                     pass
             except grpc.RpcError as e:
-                raise self._error(e, "WatchJob", timeout_s) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._error(e, "WatchJob", timeout_s) from None
+                if not self._reconnect(e):
+                    raise self._error(e, "WatchJob", timeout_s) from None
+                continue
             if state_name(self.get(job_id, summary=True).state) in TERMINAL:
                 return self.get(job_id)
 
@@ -425,15 +495,33 @@ class ControllerClient:
         return list(self._call("ListIslands", request).islands)
 
     def logs(self, job_id: str, *, tail: int = 0, follow: bool = False) -> Iterator[Any]:
-        """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones."""
-        try:
-            for reply in self._stub.StreamLogs(
-                controller_pb2.StreamLogsRequest(job_id=job_id, tail=tail, follow=follow),
-                metadata=self._metadata,
-            ):
-                yield reply.record
-        except grpc.RpcError as e:
-            raise self._error(e, "StreamLogs", None) from None
+        """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones.
+        Followed, the stream goes on with the controller the state dir names next when its
+        controller goes away (`_reconnect`): the newest LOGS_RESUME_TAIL records of the new
+        one's buffer newer than the newest already given; records neither controller kept
+        are missing."""
+        newest_ns, at_newest = -1, set()  # the newest time given, the records given at it
+        resumed = False
+        while True:
+            try:
+                for reply in self._stub.StreamLogs(
+                    controller_pb2.StreamLogsRequest(job_id=job_id, tail=tail, follow=follow),
+                    metadata=self._metadata,
+                ):
+                    record = reply.record
+                    key = (record.time.ToNanoseconds(), record.source, record.message)
+                    if resumed and (key[0] < newest_ns or key in at_newest):
+                        continue  # given before the reconnect
+                    if key[0] > newest_ns:
+                        newest_ns, at_newest = key[0], set()
+                    if key[0] == newest_ns:
+                        at_newest.add(key)
+                    yield record
+                return
+            except grpc.RpcError as e:
+                if not (follow and self._reconnect(e)):
+                    raise self._error(e, "StreamLogs", None) from None
+                tail, resumed = max(tail, LOGS_RESUME_TAIL), True
 
     def metrics(self, job_id: str) -> list[controller_pb2.StepMetrics]:
         """Every recorded step of the job, in step order (WatchJob's replay, then stops)."""

@@ -33,6 +33,12 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
             job exists; the client never heard).
         get_delay_s: how long GetJob takes.
         break_watch: WatchJob fails (INTERNAL) instead of ending.
+        watch_steps: the steps WatchJob streams (those from the request's from_step), after
+            the job's record, as metrics; `watch_requests` keeps the requests.
+        gone_after_step: WatchJob ends UNAVAILABLE (the controller went away) after this step.
+        log_records: what StreamLogs streams: (time in ns, message) pairs of source "c";
+            `logs_requests` keeps the requests.
+        gone_after_log: StreamLogs ends UNAVAILABLE after this many records.
         islands: what ListIslands returns.
     """
 
@@ -44,6 +50,12 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         self.lose_answers = 0
         self.get_delay_s = 0.0
         self.break_watch = False
+        self.watch_steps: range = range(0)
+        self.watch_requests: list[controller_pb2.WatchJobRequest] = []
+        self.gone_after_step: int | None = None
+        self.log_records: list[tuple[int, str]] = []
+        self.logs_requests: list[controller_pb2.StreamLogsRequest] = []
+        self.gone_after_log: int | None = None
         self.islands: list[controller_pb2.Island] = []
         self._lock = threading.Lock()
 
@@ -82,9 +94,27 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         return controller_pb2.GetJobReply(job=self.jobs[request.job_id])
 
     def WatchJob(self, request, context):
+        self.watch_requests.append(request)
         if self.break_watch:
             context.abort(grpc.StatusCode.INTERNAL, "the stream broke.")
-        yield from ()
+        job = self.jobs.get(request.job_id, controller_pb2.Job(id=request.job_id))
+        yield controller_pb2.WatchJobReply(job=job)
+        for step in self.watch_steps:
+            if step < request.from_step:
+                continue
+            yield controller_pb2.WatchJobReply(metrics=controller_pb2.StepMetrics(step=step))
+            if step == self.gone_after_step:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+    def StreamLogs(self, request, context):
+        self.logs_requests.append(request)
+        records = self.log_records[-request.tail :] if request.tail else self.log_records
+        for i, (ns, message) in enumerate(records):
+            record = controller_pb2.LogRecord(source="c", level="INFO", message=message)
+            record.time.FromNanoseconds(ns)
+            yield controller_pb2.StreamLogsReply(record=record)
+            if i + 1 == self.gone_after_log:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
 
     def ListIslands(self, request, context):
         return controller_pb2.ListIslandsReply(islands=self.islands)

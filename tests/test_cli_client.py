@@ -12,6 +12,7 @@ import webbrowser
 from pathlib import Path
 from urllib.parse import urlparse
 
+import grpc
 import pytest
 from fake_controller import serve_fake
 
@@ -134,3 +135,44 @@ def test_a_seed_outside_64_bits_is_refused_naming_it_before_anything_is_sent(
                 c.sample("job-1", "hi", seed=seed)
             with pytest.raises(ValueError, match=f"seed={seed} must be in"):
                 next(c.generate("job-1", "hi", seed=seed))
+
+
+def test_watch_and_followed_logs_go_on_with_the_controller_that_takes_over(
+    tmp_path, monkeypatch
+) -> None:
+    """The controller a stream follows goes away (UNAVAILABLE) and another takes its place
+    in the state dir (a standby's takeover): `watch` goes on from the next step and
+    `logs --follow` from the next record, nothing given twice or skipped. A client given
+    its address keeps to it and fails."""
+    monkeypatch.setattr(client, "RECONNECT_POLL_S", 0.05)
+    state = tmp_path / "state"
+    first, first_server = serve_fake(state)
+    servers = [first_server]
+    try:
+        c = ControllerClient(state)
+        pinned = ControllerClient(state, address=c.address)
+        first.watch_steps, first.gone_after_step = range(5), 2
+        first.log_records = [(1000 * i, f"line {i}") for i in range(3)]
+        first.gone_after_log = 2
+        with pytest.raises(ClientError) as pinned_failed:
+            list(pinned.watch("job-1"))
+        assert pinned_failed.value.code == grpc.StatusCode.UNAVAILABLE
+        second, second_server = serve_fake(state)  # the takeover: the state dir names it
+        servers.append(second_server)
+        second.watch_steps = range(8)
+        second.log_records = [(1000 * i, f"line {i}") for i in range(5)]
+        steps = [r.metrics.step for r in c.watch("job-1") if r.HasField("metrics")]
+        assert steps == list(range(8))
+        assert [r.from_step for r in second.watch_requests] == [3]
+        assert c.address != pinned.address
+        c.close()
+        c = ControllerClient(state, address=pinned.address)  # back to the first
+        c.follows_state_dir = True
+        messages = [r.message for r in c.logs("job-1", follow=True)]
+        assert messages == [f"line {i}" for i in range(5)]
+        assert second.logs_requests[-1].tail == client.LOGS_RESUME_TAIL
+        c.close()
+        pinned.close()
+    finally:
+        for server in servers:
+            server.stop(0)
