@@ -194,10 +194,14 @@ class Reporter:
                 logger.warning("%s", e)
 
     def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
-        """The timer of `batch`: flush it if it is still the job's pending batch."""
+        """The timer of `batch`: flush it if it is still the job's pending batch (its write
+        is retried every FLUSH_RETRY_S while the database refuses it)."""
+        batch.retry_set = False
         if self._batches.get(job_id) is batch:
             try:
                 self.flush(job_id)
+            except StoreUnavailableError as e:
+                logger.warning("%s", e)
             except StoreError:
                 logger.exception("writing the steps of job %s", job_id)
 
@@ -246,6 +250,16 @@ class Reporter:
             # the job's batch, first in line (no step came since the pop), for the next
             # flush. Dropped, every later batch would be refused as out of order.
             self._batches[job_id] = batch
+            if not batch.retry_set:
+                # Written later even when nothing else flushes the job (it ended: its final
+                # flush failed, and no step or stream comes to write them).
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # no loop (a direct call): the next flush writes them
+                    pass
+                else:
+                    batch.retry_set = True
+                    loop.call_later(FLUSH_RETRY_S, self._flush_due, job_id, batch)
             raise StoreUnavailableError(
                 f"writing steps {batch.rows[0][0]}..{batch.rows[-1][0]} of job {job_id!r} "
                 f"failed ({e}); they are written with the next flush."
@@ -266,6 +280,7 @@ class Reporter:
 
 # Longest time a job's step rows and host log lines wait to be written.
 FLUSH_S = 0.25
+FLUSH_RETRY_S = 1.0  # a batch whose write failed (the database locked) is tried again after
 # Jobs whose last write time is kept past this many, only while under FLUSH_S old.
 FLUSHED_KEPT = 1024
 
@@ -335,6 +350,7 @@ class _StepBatch:
         self.mfu_per_token_s = mfu_per_token_s
         self.rows: list[tuple[int, float, float, float, float | None, str | None]] = []
         self.hosts: dict[tuple[str, int], _HostLines] = {}
+        self.retry_set = False  # a retry of its failed write is scheduled
 
     def host(self, island: str, host_index: int) -> _HostLines:
         lines = self.hosts.get((island, host_index))

@@ -1135,6 +1135,42 @@ def test_an_adoption_whose_replayed_steps_cannot_be_written_restores_the_checkpo
     asyncio.run(run())
 
 
+def test_steps_whose_write_failed_as_their_job_ended_are_written_after_it(tmp_path) -> None:
+    """The write of a job's last steps fails (the database locked) and nothing else comes to
+    flush the job (it ended: no step, no stream): the batch is tried again on its own until
+    it is written. Before, those rows stayed in memory for good (lost at the next restart)."""
+    import sqlite3
+
+    from pathways_lite.controller.jobs import FLUSH_S
+
+    async def run() -> None:
+        sim = SimCluster.uniform(1, step_s=STEP_S)
+        store = JobStore.open_controller(tmp_path / "state")
+        write = store.record_metrics_batch
+        locked = {"on": False, "refused": 0}
+
+        def record_metrics_batch(job_id, rows):
+            if locked["on"]:
+                locked["refused"] += 1
+                raise sqlite3.OperationalError("database is locked")
+            return write(job_id, rows)
+
+        store.record_metrics_batch = record_metrics_batch
+        async with _controller(sim, store) as c:
+            job = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("ends", 1, 30))).id
+            await _until(lambda: store.steps_completed(job) >= 20)
+            locked["on"] = True  # the rest of its steps' writes fail until it has ended
+            await _until(lambda: store.get_job(job).state.terminal, 30)
+            await asyncio.sleep(2 * FLUSH_S)  # past its batch's own timer, which fails too
+            locked["on"] = False
+            assert store.get_job(job).state == JobState.SUCCEEDED
+            assert locked["refused"] >= 2 and store.steps_completed(job) < 30
+            await _until(lambda: store.steps_completed(job) == 30, 5)
+            assert [m.step for m in store.metrics(job)] == list(range(30))
+
+    asyncio.run(run())
+
+
 def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path) -> None:
     """A two-island job restoring its newest checkpoint, whose part one island cannot read
     (DATA_LOSS: marked corrupt): the other island had loaded it in the attempt's generation,
