@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Iterable
 from importlib import resources
@@ -483,6 +484,10 @@ class Dashboard:
             raise web.HTTPNotFound(text=str(e)) from None
         except IllegalTransitionError as e:
             raise web.HTTPConflict(text=str(e)) from None
+        except sqlite3.OperationalError as e:  # the database locked: nothing was cancelled
+            raise web.HTTPServiceUnavailable(
+                text=f"the job database is busy ({e}); try again."
+            ) from None
         return web.json_response(self.job_summary(self.controller.store.get_job(job_id)))
 
     # ---- server-sent events (dashboard_stream.py) ------------------------------------------

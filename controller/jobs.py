@@ -193,10 +193,14 @@ class Reporter:
             except StoreUnavailableError as e:  # kept: the next step's flush writes them
                 logger.warning("%s", e)
 
-    def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
-        """The timer of `batch`: flush it if it is still the job's pending batch (its write
-        is retried every FLUSH_RETRY_S while the database refuses it)."""
+    def _flush_retry(self, job_id: str, batch: _StepBatch) -> None:
+        """The retry of `batch`'s failed write (one chain of them: a failure schedules the
+        next, every FLUSH_RETRY_S while the database refuses it)."""
         batch.retry_set = False
+        self._flush_due(job_id, batch)
+
+    def _flush_due(self, job_id: str, batch: _StepBatch) -> None:
+        """The timer of `batch`: flush it if it is still the job's pending batch."""
         if self._batches.get(job_id) is batch:
             try:
                 self.flush(job_id)
@@ -259,7 +263,7 @@ class Reporter:
                     pass
                 else:
                     batch.retry_set = True
-                    loop.call_later(FLUSH_RETRY_S, self._flush_due, job_id, batch)
+                    loop.call_later(FLUSH_RETRY_S, self._flush_retry, job_id, batch)
             raise StoreUnavailableError(
                 f"writing steps {batch.rows[0][0]}..{batch.rows[-1][0]} of job {job_id!r} "
                 f"failed ({e}); they are written with the next flush."

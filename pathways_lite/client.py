@@ -16,6 +16,7 @@ token file), never the server.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
@@ -265,16 +266,50 @@ class ControllerClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _reconnect(self, error: grpc.RpcError) -> bool:
+    def _reconnect(self, error: grpc.RpcError, until: float) -> bool:
         """After a stream ended UNAVAILABLE (its controller went away): connect to the
-        controller the state dir names once one answers, within RECONNECT_S (a standby takes
-        over in seconds). False when this client was given its address, or none answered.
+        controller the state dir names once one answers, until `until` (monotonic; a
+        standby takes over in seconds). False when this client was given its address, the
+        error is another, or none answered in time.
 
         Raises:
             ClientError: the controller found speaks another wire version.
         """
         if not self.follows_state_dir or error.code() != grpc.StatusCode.UNAVAILABLE:
             return False
+        logger.warning(
+            "the controller at %s went away (%s); waiting up to %.0f s for the one %s names",
+            self.address,
+            error.details(),
+            max(0.0, until - time.monotonic()),
+            self.state_dir,
+        )
+        while True:
+            # Never at once: a controller that answers Info but fails the stream again is
+            # not called in a tight loop.
+            time.sleep(max(0.0, min(RECONNECT_POLL_S, until - time.monotonic())))
+            if time.monotonic() >= until:
+                return False
+            try:
+                address = read_address(self.state_dir)
+            except RuntimeError:  # between two controllers: the record names a dead one
+                continue
+            channel = grpc.insecure_channel(address)
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            try:
+                info = stub.Info(
+                    controller_pb2.ControllerInfoRequest(),
+                    timeout=max(0.1, min(self.timeout_s, 5.0, until - time.monotonic())),
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError:
+                channel.close()
+                continue
+            self._channel.close()
+            self._channel, self._stub, self.address = channel, stub, address
+            self._check_wire(info)
+            logger.warning("reconnected to the controller at %s (epoch %d)", address, info.epoch)
+            return True
         logger.warning(
             "the controller at %s went away (%s); waiting up to %.0f s for the one %s names",
             self.address,
@@ -444,6 +479,7 @@ class ControllerClient:
         controller goes away, the stream goes on from the next step with the controller the
         state dir names next (`_reconnect`); its first reply is the job's record again."""
         next_step = from_step
+        until = None  # the reconnect's limit, from the first failure since the last reply
         while True:
             call = self._stub.WatchJob(
                 controller_pb2.WatchJobRequest(
@@ -453,12 +489,14 @@ class ControllerClient:
             )
             try:
                 for reply in unbatched(call):
+                    until = None
                     if reply.HasField("metrics"):
                         next_step = reply.metrics.step + 1
                     yield reply
                 return
             except grpc.RpcError as e:
-                if not self._reconnect(e):
+                until = until or time.monotonic() + RECONNECT_S
+                if not self._reconnect(e, until):
                     raise self._error(e, "WatchJob", None) from None
             finally:
                 call.cancel()
@@ -470,6 +508,7 @@ class ControllerClient:
             ClientError: the stream broke, or `timeout_s` passed (DEADLINE_EXCEEDED).
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        until = None  # the reconnect's limit, from the first failure since the last stream
         while True:
             try:
                 kwargs = {} if deadline is None else {"timeout": deadline - time.monotonic()}
@@ -478,11 +517,10 @@ class ControllerClient:
                     metadata=self._metadata,
                     **kwargs,
                 ):
-                    pass
+                    until = None
             except grpc.RpcError as e:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise self._error(e, "WatchJob", timeout_s) from None
-                if not self._reconnect(e):
+                until = until or time.monotonic() + RECONNECT_S
+                if not self._reconnect(e, until if deadline is None else min(until, deadline)):
                     raise self._error(e, "WatchJob", timeout_s) from None
                 continue
             if state_name(self.get(job_id, summary=True).state) in TERMINAL:
@@ -498,30 +536,32 @@ class ControllerClient:
         """The job's log records (LogRecord), the newest `tail` of the buffer, then new ones.
         Followed, the stream goes on with the controller the state dir names next when its
         controller goes away (`_reconnect`): the newest LOGS_RESUME_TAIL records of the new
-        one's buffer newer than the newest already given; records neither controller kept
-        are missing."""
-        newest_ns, at_newest = -1, set()  # the newest time given, the records given at it
-        resumed = False
+        one's buffer but those of the last LOGS_RESUME_TAIL already given; records neither
+        controller kept are missing."""
+        given: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=LOGS_RESUME_TAIL)
+        skip: set[tuple[int, str, str]] = set()  # after a reconnect: those given before it
+        until = None
         while True:
             try:
                 for reply in self._stub.StreamLogs(
                     controller_pb2.StreamLogsRequest(job_id=job_id, tail=tail, follow=follow),
                     metadata=self._metadata,
                 ):
+                    until = None
                     record = reply.record
                     key = (record.time.ToNanoseconds(), record.source, record.message)
-                    if resumed and (key[0] < newest_ns or key in at_newest):
-                        continue  # given before the reconnect
-                    if key[0] > newest_ns:
-                        newest_ns, at_newest = key[0], set()
-                    if key[0] == newest_ns:
-                        at_newest.add(key)
+                    if key in skip:
+                        skip.discard(key)
+                        continue
+                    if follow:
+                        given.append(key)
                     yield record
                 return
             except grpc.RpcError as e:
-                if not (follow and self._reconnect(e)):
+                until = until or time.monotonic() + RECONNECT_S
+                if not (follow and self._reconnect(e, until)):
                     raise self._error(e, "StreamLogs", None) from None
-                tail, resumed = max(tail, LOGS_RESUME_TAIL), True
+                tail, skip = LOGS_RESUME_TAIL, set(given)
 
     def metrics(self, job_id: str) -> list[controller_pb2.StepMetrics]:
         """Every recorded step of the job, in step order (WatchJob's replay, then stops)."""

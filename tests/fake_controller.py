@@ -35,7 +35,8 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         break_watch: WatchJob fails (INTERNAL) instead of ending.
         watch_steps: the steps WatchJob streams (those from the request's from_step), after
             the job's record, as metrics; `watch_requests` keeps the requests.
-        gone_after_step: WatchJob ends UNAVAILABLE (the controller went away) after this step.
+        gone_after_step: WatchJob ends UNAVAILABLE (the controller went away) after this step
+            (-1: before its first reply).
         log_records: what StreamLogs streams: (time in ns, message) pairs of source "c";
             `logs_requests` keeps the requests.
         gone_after_log: StreamLogs ends UNAVAILABLE after this many records.
@@ -97,6 +98,8 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         self.watch_requests.append(request)
         if self.break_watch:
             context.abort(grpc.StatusCode.INTERNAL, "the stream broke.")
+        if self.gone_after_step == -1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
         job = self.jobs.get(request.job_id, controller_pb2.Job(id=request.job_id))
         yield controller_pb2.WatchJobReply(job=job)
         for step in self.watch_steps:

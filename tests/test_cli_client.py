@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 import webbrowser
 from pathlib import Path
 from urllib.parse import urlparse
@@ -152,15 +153,17 @@ def test_watch_and_followed_logs_go_on_with_the_controller_that_takes_over(
         c = ControllerClient(state)
         pinned = ControllerClient(state, address=c.address)
         first.watch_steps, first.gone_after_step = range(5), 2
-        first.log_records = [(1000 * i, f"line {i}") for i in range(3)]
-        first.gone_after_log = 2
+        # Host lines come stamped with their step's end, written when their batch is: the
+        # buffer is not in time order (line 2 is older than line 1).
+        lines = [(1000, "line 0"), (3000, "line 1"), (2000, "line 2"), (4000, "line 3")]
+        first.log_records, first.gone_after_log = lines[:3], 2
         with pytest.raises(ClientError) as pinned_failed:
             list(pinned.watch("job-1"))
         assert pinned_failed.value.code == grpc.StatusCode.UNAVAILABLE
         second, second_server = serve_fake(state)  # the takeover: the state dir names it
         servers.append(second_server)
         second.watch_steps = range(8)
-        second.log_records = [(1000 * i, f"line {i}") for i in range(5)]
+        second.log_records = lines
         steps = [r.metrics.step for r in c.watch("job-1") if r.HasField("metrics")]
         assert steps == list(range(8))
         assert [r.from_step for r in second.watch_requests] == [3]
@@ -169,8 +172,14 @@ def test_watch_and_followed_logs_go_on_with_the_controller_that_takes_over(
         c = ControllerClient(state, address=pinned.address)  # back to the first
         c.follows_state_dir = True
         messages = [r.message for r in c.logs("job-1", follow=True)]
-        assert messages == [f"line {i}" for i in range(5)]
+        assert messages == [f"line {i}" for i in range(4)]
         assert second.logs_requests[-1].tail == client.LOGS_RESUME_TAIL
+        # A wait with a timeout keeps to it while no controller answers the stream.
+        second.gone_after_step = -1
+        started = time.monotonic()
+        with pytest.raises(ClientError):
+            c.wait("job-1", timeout_s=1.0)
+        assert time.monotonic() - started < 5
         c.close()
         pinned.close()
     finally:

@@ -82,6 +82,8 @@ def test_sample_and_cancel_a_running_job(local_cluster) -> None:
             assert client.job(job.id[: len("sdk-long-") + 4]).id == job.id
             text = job.sample("import ", max_new_tokens=8, temperature=0.7, top_k=20, seed=1)
             assert isinstance(text, str) and text
+            # A seed takes all 64 bits (JAX's key takes an int64: 2**63 and above overflowed).
+            assert job.sample("import ", max_new_tokens=4, temperature=0.7, seed=2**64 - 1)
             assert job.logs(tail=2) and len(job.logs(tail=2)) == 2
         finally:
             status = job.cancel("done with the SDK test")

@@ -30,6 +30,12 @@ class Sample:
     seconds: float
 
 
+def _int64(seed: int) -> int:
+    """A uint64 seed as the int64 of the same bits (`jax.random.key` takes an int64; 2**63
+    and above overflowed): distinct seeds stay distinct."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def sample(
     runtime: Any,
     prompt: str,
@@ -87,7 +93,7 @@ def sample(
             max_new_tokens,
             temperature=float(temperature),
             top_k=int(top_k) or None,
-            rng=jax.random.key(int(seed)),
+            rng=jax.random.key(_int64(int(seed))),
         )
     except ValueError as e:
         raise JobSpecError(str(e)) from None

@@ -296,6 +296,10 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                     replies.put_nowait(e)
                     self._skip_when_due([s.island_seq for s in steps[index:]], request.epoch)
                     return
+                if reply.replayed:
+                    # Held before (its reply again) and did not take its number: skipped when
+                    # due, as the real host does (workers/slices.py).
+                    self._skip_when_due([step.island_seq], request.epoch)
                 replies.put_nowait(reply)
 
         self._keep(asyncio.ensure_future(produce()))
