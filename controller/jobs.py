@@ -593,6 +593,9 @@ class JobRunner:
             # job of the same model, mesh and batch; the room it frees may admit another.
             measured = max(r.memory.total_bytes for r in replies)
             if measured > 0:
+                # A serve job's slot cache comes with StartServe, after the load: its room
+                # stays held (freed now, a pass could admit another job into it).
+                measured += self.job.kv_bytes_per_device
                 self.demand_bytes = measured
                 p.memory.record(self.admitted_as, measured)
                 p.scheduler.resize(job_id, measured)
@@ -814,9 +817,13 @@ class JobRunner:
                 "serve_failed", f"Starting the service failed: {e.details()}", code=e.code()
             ) from None
         kv = max(r.kv_cache_bytes for r in replies)
-        # The KV cache is held on the island beside the parameters: accounted.
-        p.scheduler.resize(self.job_id, self.demand_bytes + kv)
-        p.reporter.job_memory[self.job_id] = self.demand_bytes + kv
+        # The KV cache is held on the island beside the parameters: accounted. Its room was
+        # held from the load on by the estimate (`kv_bytes_per_device`): the figure the
+        # hosts report replaces it, and the job is placed by the whole figure when resumed.
+        estimated = 0 if self.job is None else self.job.kv_bytes_per_device
+        self.demand_bytes += kv - estimated
+        p.scheduler.resize(self.job_id, self.demand_bytes)
+        p.reporter.job_memory[self.job_id] = self.demand_bytes
         p.serving.serving(
             self.job_id,
             kv,

@@ -77,6 +77,9 @@ class ResolvedJob:
             each of its islands (model/estimates.py), used until one is measured.
         flops_per_token: training FLOPs per token (PaLM's 6N + attention), for MFU.
         digest_every: steps between parameter digest comparisons.
+        kv_bytes_per_device: a serve job's slot KV cache on each device (0 for other
+            kinds); part of bytes_per_device, and held beside the compiled step's figure
+            measured at load.
         dataset: the prepared dataset, once data preparation has ended.
         init: the init_from checkpoint, once resolved (when the job starts).
     """
@@ -86,6 +89,7 @@ class ResolvedJob:
     bytes_per_device: int
     flops_per_token: float
     digest_every: int
+    kv_bytes_per_device: int = 0
     dataset: DatasetRef | None = None
     init: InitRef | None = None
 
@@ -118,17 +122,21 @@ class ResolvedJob:
                 )
         except ValueError as e:
             raise spec_lib.SpecError("model", spec.model.preset, str(e)) from None
+        kv = 0
         if spec_lib.job_kind(spec) == "serve":  # its slot KV cache, beside the parameters
             from pathways_lite.model.decode import SlotDecoder
 
             serve = spec_lib.serve_settings(spec, configs.model.max_seq_len)
-            devices = max(1, spec.mesh.data * spec.mesh.model)
+            # The slot cache carries no sharding: counted whole on every device (an upper
+            # bound, as the rest of the estimate).
             kv = SlotDecoder.kv_bytes(configs.model, serve.max_batch, serve.max_seq_len)
-            bytes_per_device += -(-kv // devices)
+            bytes_per_device += kv
         digest_every = spec_lib.digest_every(spec)
         if digest_every is None:
             digest_every = default_digest_every(configs.model)
-        return cls(spec, configs, int(bytes_per_device), float(flops_per_token), digest_every)
+        return cls(
+            spec, configs, int(bytes_per_device), float(flops_per_token), digest_every, int(kv)
+        )
 
     def with_dataset(self, job_id: str = "") -> ResolvedJob:
         """This job with its dataset prepared (or opened from the cache) where every host can
@@ -178,6 +186,8 @@ class ResolvedJob:
             return None
         spec, train = self.spec, self.configs.train
         return (
+            # A serve job's figure holds its KV cache too: never a training job's figure.
+            spec_lib.job_kind(spec),
             self.configs.model,
             self.configs.optim,
             spec.mesh.data,
