@@ -15,7 +15,11 @@ first job that waits may suspend lower-priority resident jobs to make room: the 
 islands' worth, lowest priority (then newest) first. A suspended job resumes on its own
 islands (its state is in their hosts' memory) as soon as they have room again, and may itself
 preempt there. A job that can never fit (its demand is above every budget left: the budget
-shrank, an island was lost for good) holds nobody back; it says so in `why` and in its events.
+shrank) holds nobody back; it says so in `why` and in its events. So does a job that cannot
+run on the islands that are up (fewer of them than it needs, or a suspended job's own island
+is down), until the islands that are down come back. A job asked to suspend frees its memory
+at its next step boundary: until then it counts as freed, so a waiting job asks no more
+victims meanwhile.
 Every job left waiting gets one sentence saying why (`pending`).
 
 Backfill (EASY style, `backfill=True`). The first job that waits (the head) holds a
@@ -107,6 +111,8 @@ class Reasons(dict):
         position = self.order.get(job_id)
         if position is None:
             return default
+        if position == 0:  # no job ahead of it to name
+            return "First in the queue; the next scheduling pass places it once it has room."
         head = next(iter(self.order))
         return (
             f"Waits in the queue at position {position + 1}, behind {head}; the jobs ahead "
@@ -285,7 +291,7 @@ class Admission:
         room = self._room()
         self._ahead_changed()
         ahead: list[tuple[Demand, tuple[str, ...] | None]] = []
-        never_fits: dict[tuple, str | None] = {}
+        never_fits: dict[tuple, tuple[str | None, bool]] = {}
         placed = 0
         waiting = self._waiting()
         self.pending.queue = waiting
@@ -338,10 +344,16 @@ class Admission:
                 continue
             shape = (demand.islands, demand.bytes_per_device, own)
             if shape not in never_fits:  # alike jobs share the answer within a pass
-                never_fits[shape] = self.scheduler.never_fits(*shape)
-            never = never_fits[shape]
+                never = self.scheduler.never_fits(*shape)
+                if never is not None:
+                    never_fits[shape] = (never, True)
+                else:  # or not while islands are down (a lost island may come back)
+                    never_fits[shape] = (self.scheduler.lacks_up_islands(*shape), False)
+            never, for_good = never_fits[shape]
             if never is not None:
-                self._park(record, never)
+                # It holds nobody back (no reservation, no preemption, no job kept from the
+                # room it could not use), until an island that is down comes back.
+                self._park(record, never, for_good=for_good)
                 continue
             self._parked.pop(record.id, None)
             islands = self._admit(record, demand, own, ahead, room)
@@ -561,11 +573,18 @@ class Admission:
             return None
         islands = sched.place(demand, sorted(room, key=sched.island_ids.index))
         if islands is not None:
-            self.notes[record.id] = (
+            note = (
                 f"Backfilled ahead of {r.job_id}: expected to end in about {length:.0f} s, "
                 f"before {r.job_id}'s reservation in about {r.start - now:.0f} s."
             )
-            self.store.add_event(record.id, "scheduler", self.notes[record.id])
+            try:
+                self.store.add_event(record.id, "scheduler", note)
+            except BaseException:
+                # The pass ends here (the database locked): the job is not started, so it
+                # must hold nothing (a hold without a runner is never released).
+                sched.release(record.id)
+                raise
+            self.notes[record.id] = note
             self.backfills.append((record.id, r.job_id, r.start))
             logger.info(
                 "job %s backfilled ahead of %s (ends in %.1f s, reservation in %.1f s)",
@@ -678,25 +697,63 @@ class Admission:
                 return False
         return True
 
-    def _park(self, record: JobRecord, never: str) -> None:
-        """A job that can never fit: it holds nobody back, and says so once in its events."""
+    def _park(self, record: JobRecord, never: str, *, for_good: bool = True) -> None:
+        """A job that can never fit (`for_good`), or not while an island it needs is down: it
+        holds nobody back, and says so once in its events."""
         suspended = record.state == JobState.SUSPENDED
-        sentence = (
-            "Suspended, and it can never resume on its islands: "
-            if suspended
-            else "It can never run on this cluster as it is: "
-        ) + never
+        if for_good:
+            lead = (
+                "Suspended, and it can never resume on its islands: "
+                if suspended
+                else "It can never run on this cluster as it is: "
+            )
+        else:
+            lead = (
+                "Suspended, and it cannot resume until its islands are back: "
+                if suspended
+                else "It cannot run until islands that are down come back (it holds no "
+                "job back meanwhile): "
+            )
+        sentence = lead + never
         self.pending[record.id] = sentence
         if self._parked.get(record.id) != sentence:
-            self._parked[record.id] = sentence
             logger.warning("job %s: %s", record.id, sentence, extra={"job_id": record.id})
             self.store.add_event(record.id, "scheduler", sentence)
+            # Only once written: a write that failed (the database locked) is tried again
+            # on the next pass.
+            self._parked[record.id] = sentence
 
     def preempt(self, demand: Demand, own: Sequence[str] | None = None) -> list[str]:
         """Suspend lower-priority resident jobs so that `demand` fits (on `own` islands when
         given): the fewest islands' worth, lowest priority (then newest) first. Returns the
-        jobs asked to suspend."""
-        reclaim: dict[str, int] = {}
+        jobs asked to suspend (none when `demand` fits once the jobs already asked to leave
+        have left: it waits for them rather than asking more jobs on other islands)."""
+        sched = self.scheduler
+        # Memory already on its way out: jobs asked to suspend (or cancelled) free it at their
+        # next step boundary. It counts as reclaimed, or every pass until they have left
+        # (any wake) would suspend more victims on other islands for the same waiting job.
+        leaving: dict[str, int] = {}
+        for r in self.runners.values():
+            if (r.suspend_requested or r.cancel_requested) and not r.suspended:
+                held = sched.held(r.job_id)
+                for island in sched.islands_of(r.job_id) if held else ():
+                    leaving[island] = leaving.get(island, 0) + held
+        if leaving:
+            if own is not None:
+                fits = all(
+                    i not in sched.down
+                    and sched.free_bytes(i) + leaving.get(i, 0) >= demand.bytes_per_device
+                    for i in own
+                )
+            else:
+                fits = (
+                    sched.same_hosts(sched.candidates(demand, reclaim=leaving), demand.islands)
+                    is not None
+                )
+            if fits:
+                return []
+        # Victims are chosen for what the leaving jobs do not free already.
+        reclaim = dict(leaving)
         victims: dict[str, list[str]] = {}
         lower = sorted(
             (

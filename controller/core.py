@@ -413,16 +413,29 @@ class Controller:
             self._wake.set()
 
     async def _schedule_loop(self) -> None:
+        """Run a scheduling pass whenever woken. A pass that fails (the database locked
+        while it writes an event) left the rest of the queue unexamined: it is run again
+        after `retry_s`, not only at the next unrelated event (there may be none)."""
         assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.draining:
-                continue
-            try:
-                self.admission.schedule()
-            except Exception:
-                logger.exception("scheduling failed")
+        retry_s = 1.0
+        retry: asyncio.TimerHandle | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self.draining:
+                    continue
+                try:
+                    self.admission.schedule()
+                except Exception:
+                    logger.exception("scheduling failed; trying again in %.0f s", retry_s)
+                    if retry is not None:
+                        retry.cancel()  # one retry pending at most
+                    retry = loop.call_later(retry_s, self.wake)
+        finally:
+            if retry is not None:
+                retry.cancel()
 
     def _start_job(self, record: JobRecord, island_ids: list[str]) -> None:
         self._unload_kept(record.id, keep=island_ids)

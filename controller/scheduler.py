@@ -208,6 +208,38 @@ class Scheduler:
             )
         return None
 
+    def lacks_up_islands(
+        self, islands: int, bytes_per_device: int, own: Sequence[str] | None = None
+    ) -> str | None:
+        """Why a job of `islands` islands x `bytes_per_device` (on its `own` islands, for a
+        suspended job whose state is on them) cannot run on the islands that are up now,
+        though it could on the whole cluster (`never_fits` says None): too few islands with
+        its budget (of one host count) are up, or one of its own islands is down. None when
+        it could run on them once they have room. Unlike `never_fits`, this lasts only until
+        the islands are back (`mark_up`), so submissions are not refused for it."""
+        if not self.down:
+            return None
+        if own is not None:
+            lost = [i for i in own if i in self.down]
+            if not lost:
+                return None
+            down = ", ".join(f"{i} ({self.down[i]})" for i in lost)
+            return f"its island(s) {down} are down."
+        counts = collections.Counter(
+            self.hosts[i]
+            for i in self.island_ids
+            if i not in self.down and (self.budgets[i] or float("inf")) >= bytes_per_device
+        )
+        usable = max(counts.values(), default=0)
+        if usable >= islands:
+            return None
+        return (
+            f"the job needs {format_size(bytes_per_device)} per device on each of {islands} "
+            f"island(s) (of one host count), but only {usable} such island(s) are up; down: "
+            + ", ".join(f"{i} ({reason})" for i, reason in self.down.items())
+            + "."
+        )
+
     def fits_ever(self, islands: int, bytes_per_device: int = 0) -> bool:
         """Whether such a job can ever run on this cluster."""
         return self.never_fits(islands, bytes_per_device) is None

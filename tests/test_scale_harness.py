@@ -316,7 +316,8 @@ def test_a_job_suspended_on_an_island_whose_host_dies_runs_again_elsewhere(
     on island r0 for a 2-island job; r0's host process is killed: Ray's report marks r0
     down, and the suspended job, whose state died with the host, rolls back at once and
     runs on island r1, rather than waiting for good to resume on an island nothing is
-    placed on (the 2-island job cannot run on the one island left)."""
+    placed on; the 2-island job, which cannot run on the one island left, waits for the
+    island to come back without holding the other job back."""
     import os
     import signal
 
@@ -341,10 +342,13 @@ def test_a_job_suspended_on_an_island_whose_host_dies_runs_again_elsewhere(
             assert first in c.scheduler.down
             messages = [e.message for e in store.events(low)]
             assert any("was suspended in host memory" in m for m in messages), messages
-            c.cancel(high, "it needs the island that is down")
+            # The 2-island job cannot run on the one island left: it holds nobody back.
             await _until(lambda: store.get_job(low).state.terminal, 60)
             assert store.get_job(low).state == JobState.SUCCEEDED
             assert c.scheduler.islands_of(low) in ([], [f"island-s{1 - int(first[-1])}"])
+            assert store.get_job(high).state == JobState.QUEUED
+            why = c.why(store.get_job(high))
+            assert "cannot run until islands that are down come back" in why, why
 
     _run_then_kill(run, actors)
 
@@ -1195,5 +1199,45 @@ def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path
             assert any("step 20" in m and "unreadable" in m for _, m in events), events
             assert any("steps 10 to 29 run again" in m for _, m in events), events
             assert [m.step for m in store.metrics(record.id)] == list(range(30))
+
+    asyncio.run(run())
+
+
+def test_a_scheduling_pass_that_fails_is_run_again_without_another_event(
+    tmp_path, monkeypatch
+) -> None:
+    """The database is locked while a pass writes an event (here: that a 2-island job cannot
+    run while island-1 is down): the pass fails, and the controller runs it again a moment
+    later on its own, so the 1-island job behind it starts on the free island-0 (before:
+    nothing looked at the queue until some unrelated event, here never), and the event whose
+    write failed is written then."""
+    import sqlite3
+
+    async def run() -> None:
+        sim = SimCluster.uniform(2, step_s=0.0)
+        store = JobStore.open_controller(tmp_path / "state")
+        async with _controller(sim, store) as c:
+            add_event = store.add_event
+            failed: list[str] = []
+
+            def locked_once(job_id, kind, message):
+                if kind == "scheduler" and not failed:
+                    failed.append(message)
+                    raise sqlite3.OperationalError("database is locked")
+                return add_event(job_id, kind, message)
+
+            monkeypatch.setattr(store, "add_event", locked_once)
+            c.scheduler.mark_down("island-1", "its hosts are lost")
+            gang = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("gang", 2, 5))).id
+            single = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("single", 1, 5))).id
+            await _until(lambda: bool(failed), 10)
+            await _until(lambda: store.get_job(single).state.terminal, 10)
+            assert store.get_job(single).state == JobState.SUCCEEDED
+            assert c.scheduler.islands_of(single) == []
+            messages = [e.message for e in store.events(gang) if e.kind == "scheduler"]
+            # Written first on the next pass (then again when its measured demand replaces
+            # the estimate in it).
+            assert messages[:1] == failed, (messages, failed)
+            assert "island-1 (its hosts are lost)" in c.why(store.get_job(gang))
 
     asyncio.run(run())

@@ -267,3 +267,153 @@ def test_admission_with_backfill_keeps_every_invariant(events) -> None:
 @given(st.lists(EVENT, min_size=1, max_size=40))
 def test_admission_in_strict_order_keeps_every_invariant(events) -> None:
     _run(events, backfill=False)
+
+
+def _asked_to_suspend(c: SimClusterState) -> list[str]:
+    return sorted(j for j, r in c.runners.items() if r.suspend_requested)
+
+
+def test_a_waiting_job_asks_no_more_victims_while_the_first_ones_suspend() -> None:
+    """Jobs asked to suspend free their memory only at their next step boundary. Passes
+    before then (any wake) count that memory as freed: the waiting high-priority job asks no
+    more victims on other islands (before: two more on each pass), and it starts where the
+    first ones left."""
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            for _ in range(2 * ISLANDS):  # two jobs of half an island's budget on each
+                c.submit(1, BUDGET // 2, 0, 20)
+            c.admission.schedule()
+            assert all(c.scheduler.free_bytes(i) == 0 for i in c.scheduler.island_ids)
+            c.submit(1, BUDGET // 2 + 10, 3, 5)
+            high = f"j{c.count}"
+            c.admission.schedule()
+            first = _asked_to_suspend(c)
+            assert len(first) == 2, first  # both jobs of one island
+            (island,) = {i for j in first for i in c.scheduler.islands_of(j)}
+            c.admission.schedule()
+            c.admission.schedule()
+            assert _asked_to_suspend(c) == first
+            c.advance(0.5)  # their step boundary: they suspend
+            c.admission.schedule()
+            assert c.scheduler.islands_of(high) == [island]
+            assert _asked_to_suspend(c) == first
+            c.check()
+        finally:
+            c.store.close()
+
+
+@pytest.mark.parametrize("backfill", [True, False])
+def test_a_job_that_needs_more_islands_than_are_up_holds_nobody_back(backfill) -> None:
+    """The first job in the queue needs 2 islands, and only one is up: it cannot run until
+    an island comes back, so it holds nobody back (no reservation, nobody kept from the free
+    island), and says why; once the islands are back it runs."""
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=backfill)
+        try:
+            for island in c.scheduler.island_ids[1:]:
+                c.scheduler.mark_down(island, "its hosts are lost")
+            c.submit(2, 60, 0, 5)
+            c.submit(1, 60, 0, 5)
+            c.admission.schedule()
+            assert c.scheduler.islands_of("j2") == ["island-0"]
+            why = c.admission.pending.get("j1")
+            assert "cannot run until islands that are down come back" in why, why
+            assert "only 1 such island(s) are up" in why, why
+            assert c.admission.reservation is None
+            events = [e.message for e in c.store.events("j1") if e.kind == "scheduler"]
+            c.admission.schedule()
+            assert [e.message for e in c.store.events("j1") if e.kind == "scheduler"] == events
+            assert len(events) == 1, events  # said once, not at every pass
+            for island in c.scheduler.island_ids[1:]:
+                c.scheduler.mark_up(island)
+            c.admission.schedule()
+            assert len(c.scheduler.islands_of("j1")) == 2
+            c.check()
+        finally:
+            c.store.close()
+
+
+def test_a_backfill_whose_event_cannot_be_written_holds_nothing(monkeypatch) -> None:
+    """The database is locked as a backfilled job's event is written: the pass fails, and
+    the job holds nothing (before: its islands' memory stayed held with no runner, for good);
+    the next pass backfills it."""
+    import sqlite3
+
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            c.submit(1, 10, 0, 1)  # learns the step time of a 1-island job
+            c.admission.schedule()
+            c.advance(1.0)
+            c.submit(1, BUDGET, 0, 50)  # j2: the head below waits for it
+            c.admission.schedule()
+            c.submit(ISLANDS, BUDGET, 0, 5)  # j3: the head, with a reservation
+            c.submit(1, BUDGET, 0, 5)  # j4: ends well before the reservation
+            add_event = c.store.add_event
+            failed = []
+
+            def locked_once(job_id, kind, message):
+                if not failed:
+                    failed.append(message)
+                    raise sqlite3.OperationalError("database is locked")
+                return add_event(job_id, kind, message)
+
+            monkeypatch.setattr(c.store, "add_event", locked_once)
+            with pytest.raises(sqlite3.OperationalError):
+                c.admission.schedule()
+            assert failed and failed[0].startswith("Backfilled ahead of j3"), failed
+            assert c.scheduler.held("j4") == 0 and "j4" not in c.runners
+            assert sum(c.scheduler.used(i) for i in c.scheduler.island_ids) == BUDGET
+            c.admission.schedule()
+            assert c.scheduler.held("j4") == BUDGET and "j4" in c.runners
+            assert "Backfilled ahead of j3" in c.admission.notes["j4"]
+            c.check()
+        finally:
+            c.store.close()
+
+
+def test_the_first_job_in_the_queue_is_not_said_to_wait_behind_itself() -> None:
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            c.submit(1, 10, 0, 5)
+            c.submit(1, 10, 0, 5)
+            c.admission.pending.queue = c.store.jobs_in_states([JobState.QUEUED])
+            first = c.admission.pending.get("j1")
+            assert "behind j1" not in first and "First in the queue" in first, first
+            assert "position 2, behind j1" in c.admission.pending.get("j2")
+        finally:
+            c.store.close()
+
+
+def test_a_suspended_job_whose_island_is_down_holds_nobody_back() -> None:
+    """A suspended job cannot resume while one of its own islands is down: it holds nobody
+    back from its other island (nor asks anyone to suspend there), says why, and resumes
+    once the island is back."""
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            c.submit(2, 60, 1, 20)  # j1
+            c.admission.schedule()
+            assert c.scheduler.islands_of("j1") == ["island-0", "island-1"]
+            c.submit(ISLANDS, 50, 2, 1)  # j2 suspends j1
+            c.admission.schedule()
+            c.advance(0.5)
+            c.admission.schedule()
+            assert c.store.get_job("j1").state == JobState.SUSPENDED
+            assert len(c.scheduler.islands_of("j2")) == ISLANDS
+            c.scheduler.mark_down("island-1", "its hosts are lost")
+            c.submit(1, 50, 0, 20)  # j3: room beside j2 on any island that is up
+            c.admission.schedule()
+            assert c.scheduler.islands_of("j3") == ["island-0"]
+            why = c.admission.pending.get("j1")
+            assert "cannot resume until its islands are back" in why, why
+            assert "island-1 (its hosts are lost)" in why, why
+            c.scheduler.mark_up("island-1")
+            c.advance(1.0)  # j2 ends
+            c.admission.schedule()
+            assert c.runners["j3"].suspend_requested  # j1 may preempt on its islands again
+            c.check()
+        finally:
+            c.store.close()
