@@ -48,7 +48,7 @@ import grpc
 
 from pathways_lite.v1 import worker_pb2
 
-from .islands import INFO_TIMEOUT_S, RPC_BYTES, Island, call_all, wait_unless_dead
+from .islands import RPC_BYTES, Island, call_all, wait_unless_dead
 from .program import HostLoad, StepProgram
 
 logger = logging.getLogger(__name__)
@@ -85,10 +85,33 @@ CUT_TIMEOUT_S = 5.0
 # that died between the phases must not stop the job's hosts for good): longer than both
 # phases' deadlines, or a host held at once could run on past a cut its peers keep to.
 CUT_HOLD_S = 3 * CUT_TIMEOUT_S
+# A cut waits for its run to read the steps before it; no step read for this long (or three
+# of the job's steps, when longer) ends the wait: a wedged step must not hang the serving
+# request that asked for the cut (it holds its island meanwhile).
+CUT_STALL_S = 30.0
 # A run abandoned by a cut (an island of several hosts) whose hosts stop answering for this
 # long (or three of its steps, when longer) has its streams cancelled: a wedged step must not
 # keep a cancelled job on its islands until the stream's deadline.
 ABANDON_GRACE_S = 30.0
+# A SkipSeq of a cancelled slice's numbers: tries per host, the pause before the first retry
+# (doubled for each next one) and each try's deadline (the host answers at once: the numbers
+# are skipped later, when due). A hole left in an island's sequence holds up every later
+# step there, so a failed SkipSeq is tried again rather than logged and dropped.
+SKIP_ATTEMPTS = 4
+SKIP_RETRY_S = 0.1
+SKIP_TIMEOUT_S = 5.0
+# What a SkipSeq is tried again after: a lost or late call (FAILED_PRECONDITION, a newer
+# controller epoch, or NOT_FOUND do not change with a retry).
+SKIP_RETRY_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
 _NOT_ANSWERED = object()
 
 
@@ -316,27 +339,58 @@ class Dispatcher:
         """SkipSeq the island_seq numbers of cancelled slices on every host, each number
         when its turn comes (`when_due`; a number already used is left alone), so the
         island's next steps are not held up by a stream that never arrived. Only these
-        numbers: other jobs' slices granted since hold the numbers after them."""
-        for sent in slices:
-            for island, first_seq, count in sent.seqs:
-                request = worker_pb2.SkipSeqRequest(
-                    island_seq=first_seq,
-                    count=count,
-                    when_due=True,
-                    epoch=self.epoch,
-                    reason="slice cancelled",
+        numbers: other jobs' slices granted since hold the numbers after them.
+
+        Every host is asked at once, and a failed SkipSeq is tried again (`_skip_seqs`):
+        one lost leaves a hole that every later step of its island waits on (then fails
+        "skips ahead"), and the trouble that lost a slice's stream often loses it too.
+        Never raises for a host's failure (logged)."""
+        await asyncio.gather(
+            *(
+                self._skip_seqs(island, index, first_seq, count)
+                for sent in slices
+                for island, first_seq, count in sent.seqs
+                for index in range(len(island.hosts))
+            )
+        )
+
+    async def _skip_seqs(self, island: Island, index: int, first_seq: int, count: int) -> None:
+        """SkipSeq(when_due) island_seq first_seq .. first_seq + count - 1 on one host, up to
+        SKIP_ATTEMPTS times (a retry is safe: numbers already skipped or used are left
+        alone); gives up at once on an island Ray reported dead (a new host starts a new
+        sequence) and on an answer a retry cannot change."""
+        request = worker_pb2.SkipSeqRequest(
+            island_seq=first_seq,
+            count=count,
+            when_due=True,
+            epoch=self.epoch,
+            reason="slice cancelled",
+        )
+        pause = SKIP_RETRY_S
+        for attempt in range(1, SKIP_ATTEMPTS + 1):
+            try:
+                await island.call_host(index, "SkipSeq", request, timeout=SKIP_TIMEOUT_S)
+                return
+            except grpc.aio.AioRpcError as e:
+                final = (
+                    attempt == SKIP_ATTEMPTS
+                    or island.dead is not None
+                    or e.code() not in SKIP_RETRY_CODES
                 )
-                for index, host in enumerate(island.hosts):
-                    try:
-                        await island.call_host(index, "SkipSeq", request, timeout=INFO_TIMEOUT_S)
-                    except grpc.aio.AioRpcError as e:
-                        logger.warning(
-                            "skipping island_seq %d..%d on %s: %s",
-                            first_seq,
-                            first_seq + count - 1,
-                            host.address,
-                            e.details(),
-                        )
+                logger.warning(
+                    "skipping island_seq %d..%d on %s (try %d of %d%s): %s",
+                    first_seq,
+                    first_seq + count - 1,
+                    island.hosts[index].address,
+                    attempt,
+                    SKIP_ATTEMPTS,
+                    ", giving up" if final else "",
+                    e.details(),
+                )
+                if final:
+                    return
+            await asyncio.sleep(pause)
+            pause *= 2
 
     def slice_steps(self, program: StepProgram, next_step: int, since_checkpoint_s: float) -> int:
         """How many steps the next slice of `program` from `next_step` gets: about
@@ -420,14 +474,16 @@ class Dispatcher:
     async def cut(self, job_id: str) -> int | None:
         """Cut the slices in flight of `job_id` at one step boundary on every host of all
         its islands (two CutSlice phases, see the module docstring) and wait until the steps
-        before the cut have ended on all of them (their replies read); returns the step the
-        job goes on from, or None when nothing was cut (no run, a run at its end, or a host
-        did not answer the first phase: the job's steps then go on as sent). A run between
-        two slices (nothing in flight, or its last steps read while the hosts were asked to
-        hold) is cut where it stands, at its next step.
+        before the cut have ended on all of them (their replies read; a run that reads no
+        step for CUT_STALL_S is not waited for longer); returns the step the job goes on
+        from, or None when nothing was cut (no run, a run at its end, or a host did not
+        answer the first phase: the job's steps then go on as sent). The cut is never past
+        the steps the run has sent. A run between two slices (nothing in flight, or its
+        last steps read while the hosts were asked to hold) is cut where it stands, at its
+        next step.
 
-        Concurrent calls for one job share one cut. The run grants itself no slice while a
-        cut is in progress."""
+        Concurrent calls for one job share one cut. The run neither asks for nor grants
+        itself a slice while a cut is in progress."""
         run = self._runs.get(job_id)
         if run is None or run.state.closed:
             return None
@@ -448,6 +504,19 @@ class Dispatcher:
         return result
 
     async def _cut(self, run: _Run) -> int | None:
+        cut = await self._cut_phases(run)
+        if cut is None:
+            return None
+        # The steps before the cut end on every island (a step one island started is a
+        # collective of all of them) before the island is handed over.
+        await self._read_to(run, cut)
+        logger.info("job %s: slices cut before step %d", run.program.job_id, cut)
+        return cut
+
+    async def _cut_phases(self, run: _Run, *, closing: bool = False) -> int | None:
+        """The two CutSlice phases of a cut of `run`'s slices in flight; returns the cut
+        step (its slices trimmed to it), or None when a host did not answer the HOLD (or
+        the run ended meanwhile, unless `closing`: the run's own failure path cuts it)."""
         program, islands = run.program, run.islands
         seq_below = [island.next_seq for island in islands]
         phase = worker_pb2.CutSliceRequest
@@ -467,7 +536,7 @@ class Dispatcher:
             islands, "CutSlice", request(phase.HOLD), timeout=CUT_TIMEOUT_S, return_exceptions=True
         )
         failed = [r for r in held if isinstance(r, BaseException)]
-        if failed or run.state.closed:
+        if failed or (run.state.closed and not closing):
             if failed:
                 logger.warning("cutting the slices of job %s: %r", program.job_id, failed[0])
             await call_all(
@@ -482,7 +551,12 @@ class Dispatcher:
         read = run.state.next_step
         if run.pending:
             read = run.pending[0].first + run.pending[0].reported
-        cut = max([r.next_step for r in held] + [read])
+        # A step one host started runs on all of them: the cut is the largest answer. But
+        # never past what this run has sent: a host whose earlier hold lapsed (that cut's
+        # CUT never reached it) ran on alone, and answers a step beyond the run's sent ones;
+        # it is sent those steps again and only replays them. A cut past the steps sent
+        # would wait for steps the run never sends.
+        cut = min(max([r.next_step for r in held] + [read]), run.state.next_step)
         # The run reads its slices up to the cut only (before the hosts end their streams
         # there), and grants its next slice from it.
         for sent in run.pending:
@@ -503,12 +577,75 @@ class Dispatcher:
                 # stopped: an exchange's deadline fails it, inside one XLA program nothing
                 # does (the hold outlasts both phases' deadlines to make that unlikely).
                 logger.warning("cutting the slices of job %s: %r", program.job_id, result)
-        # The steps before the cut end on every island (a step one island started is a
-        # collective of all of them) before the island is handed over.
-        while run.read < cut and not run.state.closed:
-            await run.wait_progress()
-        logger.info("job %s: slices cut before step %d", program.job_id, cut)
         return cut
+
+    async def _read_to(self, run: _Run, cut: int) -> None:
+        """Wait until `run` has read its steps before `cut`, it ends, or it has nothing
+        left in flight (no step it reads could advance it). A run that reads no step for
+        CUT_STALL_S (or three of its steps, when longer) is given up on with a warning: the
+        serving request waiting for the cut must not wait on a wedged step for good."""
+        stall_s = max(CUT_STALL_S, 3 * self._step_s.get(run.program.job_id, 0.0))
+        while run.read < cut and run.pending and not run.state.closed:
+            try:
+                await run.wait_progress(stall_s)
+            except TimeoutError:
+                logger.warning(
+                    "job %s: no step read for %.1f s while cut before step %d (read up to %d)",
+                    run.program.job_id,
+                    stall_s,
+                    cut,
+                    run.read,
+                )
+                return
+
+    async def _end_by_cut(self, run: _Run) -> bool:
+        """End the slices in flight of a run that failed on the controller's side (an
+        `on_step` that raised, a gate's error, a cancelled task) by a cut, on an island of
+        several hosts: those run each step as one XLA program, and cancelled streams reach
+        each host at its own moment, leaving the host ahead in a collective its peer never
+        joins (as `_cut_abandoned` for an abandon). Every host stops at one step, runs the
+        steps before it and ends its streams there (skipping the numbers of the rest);
+        their replies are read and dropped. Returns False when the cut could not be made (a
+        host did not answer the HOLD) or the streams did not end within ABANDON_GRACE_S
+        plus the steps before the cut: the caller then cancels them."""
+        if run.cutting is not None:
+            # A serving cut in progress: it gives up once it sees the run closed (woken by
+            # `advanced`), releasing its hold, and this cut is made afresh.
+            run.advanced(run.read)
+            await asyncio.shield(run.cutting)
+        try:
+            cut = await self._cut_phases(run, closing=True)
+        except Exception:  # noqa: BLE001 - the streams are cancelled instead
+            logger.exception("cutting the slices of failed job %s", run.program.job_id)
+            return False
+        if cut is None:
+            return False
+        slices = list(run.pending)
+        left = sum(max(0, min(sent.count, cut - sent.first) - sent.reported) for sent in slices)
+        deadline = ABANDON_GRACE_S + left * self._step_s.get(run.program.job_id, 0.0)
+
+        async def drain(stream: _HostStream) -> None:
+            try:
+                while True:
+                    await stream.next()
+            except grpc.aio.AioRpcError:
+                return  # the stream's end (at the cut, or the host's own failure)
+
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(drain(stream) for sent in slices for *_, stream in sent.calls)),
+                deadline,
+            )
+        except TimeoutError:
+            logger.warning(
+                "job %s: its slices did not end at their cut (step %d) within %.0f s",
+                run.program.job_id,
+                cut,
+                deadline,
+            )
+            return False
+        logger.info("job %s failed: its slices cut before step %d", run.program.job_id, cut)
+        return True
 
     def _send(
         self, program: StepProgram, sent: _Slice, islands: Sequence[Island], checkpoint: int
@@ -702,8 +839,12 @@ class Dispatcher:
             while True:
                 if state.error is not None:
                     raise state.error
+                # No slot is asked for while a cut is in progress: a grant then would be
+                # refused (`launch`) and asked for again at once, each charged to the job's
+                # pass by the scheduler and never given back.
                 while (
                     state.acquiring is None
+                    and run.cutting is None
                     and not state.stopped
                     and state.next_step < program.steps
                     and self._wants_slice(job_id, pending)
@@ -773,6 +914,15 @@ class Dispatcher:
                     self._cut_abandoned(run)  # read on to the cut
         except BaseException as e:
             state.closed = True
+            # A failure of the controller's own (no host failed, none is dead) on an island
+            # of several hosts: its slices in flight end at one step on every host (a cut,
+            # before any Abort, so the steps before the cut exchange normally).
+            ended = (
+                run.one_program
+                and bool(pending)
+                and not _host_failed(e, islands)
+                and await self._end_by_cut(run)
+            )
             # Release hosts waiting in an exchange on a peer whose step will not come.
             if len(islands) > 1:
                 await self.abort(
@@ -781,9 +931,12 @@ class Dispatcher:
                     islands,
                     f"the controller stopped the step program: {e!r}"[:200],
                 )
-            # Cancel the slices in flight: the hosts skip their steps not run yet.
+            # Otherwise cancel the slices in flight: the hosts skip their steps not run yet.
+            # `fill_gaps` covers a stream that never arrived (after a cut too: its streams
+            # have all ended, so its skips race no step for its number).
             for sent in pending:
-                sent.cancel()
+                if not ended:
+                    sent.cancel()
                 sent.release(job_id)
             await self.fill_gaps([*pending, *state.cut])
             raise
@@ -910,6 +1063,16 @@ class Dispatcher:
             checkpoints_committed=_committed(hosts, sent.island_ids, program.checkpoint_islands),
             loss_stats=tuple(hosts[0].reply.loss_stats),
         )
+
+
+def _host_failed(error: BaseException, islands: Sequence[Island]) -> bool:
+    """Whether a run's `error` is a host's failure (a step's call failed, or an island is
+    dead) rather than one of the controller's own (a callback, the gate, a cancel)."""
+    if any(island.dead is not None for island in islands):
+        return True
+    if isinstance(error, grpc.aio.AioRpcError):
+        return True
+    return isinstance(error, DispatchError) and error.code is not None  # not nan_loss
 
 
 def _log_failure(task: asyncio.Future) -> None:

@@ -766,3 +766,225 @@ def test_a_slices_steps_already_run_are_replayed_and_their_numbers_skipped(host)
         await island.close()
 
     asyncio.run(main())
+
+
+def _cut_for_serving_at(dispatcher, scheduler, island: str, job_id: str, step: int, cuts: list):
+    """An on_step that, when `step` is read, holds `island` for serving and starts a cut of
+    `job_id` (as controller/serve_router.py's ServeArbiter.enter does), into `cuts`."""
+
+    def on_step(report) -> None:
+        if report.step == step:
+            scheduler.hold_for_serving(island, True)
+            cuts.append(asyncio.ensure_future(dispatcher.cut(job_id)))
+
+    return on_step
+
+
+@pytest.mark.timeout(30)
+def test_a_cut_answered_past_the_steps_sent_ends_and_the_job_runs_every_step_once():
+    """A host whose earlier hold lapsed ran on past that cut and answers the next HOLD with
+    a step beyond any the run has sent since (`hold_ahead`). The cut is capped at the steps
+    sent: before, it waited for steps the run never sends, and the serving request that
+    asked for it hung, holding the island."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("ahead", step_s=0.02, hold_ahead=1000)])
+        (island,) = await connect_islands(await sims.start())
+        run = None
+        try:
+            scheduler = Scheduler(["ahead"], slots=2, share_by="steps")
+            scheduler.join("ahead", ["ahead"], 1.0)
+            dispatcher = Dispatcher(40, slice_s=0.1)
+            prog = program("ahead", 30)
+            await dispatcher.load(prog, [island])
+            reports: list[int] = []
+            cuts: list[asyncio.Future] = []
+            cut_at_5 = _cut_for_serving_at(dispatcher, scheduler, "ahead", "ahead", 5, cuts)
+
+            def on_step(report) -> None:
+                reports.append(report.step)
+                cut_at_5(report)
+
+            run = asyncio.ensure_future(
+                dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
+            )
+            while not cuts:
+                assert not run.done()
+                await asyncio.sleep(0.01)
+            cut = await asyncio.wait_for(cuts[0], 5)
+            assert cut is not None and 6 <= cut <= 30, cut
+            scheduler.hold_for_serving("ahead", False)  # the request was served
+            assert await asyncio.wait_for(run, 10) == 30
+            assert reports == list(range(30))
+            assert [e.step for e in sims.hosts["ahead"].log] == list(range(30))
+        finally:
+            if run is not None and not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_no_slot_is_asked_for_while_a_cut_is_in_progress():
+    """A serving request that went away while its cut was in progress released the island:
+    the run, its steps all read, asked for a slot, was granted one, gave it back (a cut in
+    progress) and asked again at once, over and over, each grant charged to its pass (share
+    by steps: one per step granted). A slow HOLD (`hold_delay_s`) keeps the cut in progress."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("slow-hold", step_s=0.02, hold_delay_s=0.5)])
+        (island,) = await connect_islands(await sims.start())
+        run = None
+        try:
+            scheduler = Scheduler(["slow-hold"], slots=2, share_by="steps")
+            scheduler.join("spin", ["slow-hold"], 1.0)
+            dispatcher = Dispatcher(41, slice_s=0.1)
+            prog = program("spin", 30)
+            await dispatcher.load(prog, [island])
+            reports: list[int] = []
+            cuts: list[asyncio.Future] = []
+            cut_at_5 = _cut_for_serving_at(dispatcher, scheduler, "slow-hold", "spin", 5, cuts)
+
+            def on_step(report) -> None:
+                reports.append(report.step)
+                cut_at_5(report)
+
+            run = asyncio.ensure_future(
+                dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
+            )
+            while not cuts:
+                assert not run.done()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            scheduler.hold_for_serving("slow-hold", False)  # the request went away
+            assert await asyncio.wait_for(cuts[0], 5) is not None
+            assert await asyncio.wait_for(run, 10) == 30
+            assert reports == list(range(30))
+            # 30 steps granted, and at most one slice granted as the cut began given back.
+            assert scheduler.passes()["spin"] <= 2 * 30, scheduler.passes()
+        finally:
+            if run is not None and not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_cut_stops_waiting_for_a_wedged_step(monkeypatch):
+    """A cut waits for the run to read the steps before it; a step that never ends (here
+    one of 60 s) must not hang the serving request waiting for the cut: after CUT_STALL_S
+    without a step read, the cut returns."""
+    from pathways_lite.controller import dispatch
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    monkeypatch.setattr(dispatch, "CUT_STALL_S", 0.3, raising=False)
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("wedged", step_s=60.0)])
+        (island,) = await connect_islands(await sims.start())
+        run = None
+        try:
+            dispatcher = Dispatcher(42)
+            prog = program("wedged", 10)
+            await dispatcher.load(prog, [island])
+            run = asyncio.ensure_future(dispatcher.run(prog, [island]))
+            await asyncio.sleep(0.3)  # step 0 runs (for 60 s)
+            started = time.monotonic()
+            # Before step 1 or 2 (the simulated host marks the next step started as it
+            # queues for the device).
+            assert await asyncio.wait_for(dispatcher.cut("wedged"), 5) in (1, 2)
+            assert time.monotonic() - started < 3
+        finally:
+            if run is not None:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_skip_seq_is_tried_again_and_leaves_no_hole():
+    """A slice cancelled before its stream reached the host leaves its island_seq numbers
+    to `fill_gaps`; a SkipSeq lost on the way (`fail_skips`: UNAVAILABLE once) is tried
+    again, so the island's next steps run at once. Before, it was logged and dropped: the
+    host waited for those numbers and every later step on the island waited behind them."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("flaky", fail_skips=1)])
+        (island,) = await connect_islands(await sims.start())
+        try:
+            dispatcher = Dispatcher(43)
+            prog = program("after-hole", 3)
+            await dispatcher.load(prog, [island])
+            lost = _Slice(0, 10, [])
+            lost.seqs.append((island, island.take_seqs(10, 43), 10))
+            await asyncio.wait_for(dispatcher.fill_gaps([lost]), 5)
+            assert sims.specs[0].fail_skips == 0  # the fault was met
+            # The next slice (island_seq 10..12) runs at once.
+            assert await asyncio.wait_for(dispatcher.run(prog, [island]), 5) == 3
+            log = sims.hosts["flaky"].log
+            assert [(e.step, e.island_seq) for e in log] == [(0, 10), (1, 11), (2, 12)]
+        finally:
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_two_host_run_that_fails_on_the_controller_stops_both_hosts_at_one_step():
+    """A run on an island of several hosts (one XLA program across them) that fails with no
+    host failing (here its `on_step` raises) ends its slices in flight by a cut, as an
+    abandon does: cancelled streams reach each host at its own moment, and the host ahead
+    would run a step inside a collective its peer never joins. Two simulated hosts, one
+    twice as fast (magnifying the skew of real hosts), as in the abandon test above."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland
+
+    class Broke(Exception):
+        pass
+
+    async def main() -> None:
+        sims = SimCluster([SimIsland("fast", step_s=0.04), SimIsland("slow", step_s=0.08)])
+        addresses = await sims.start()
+        hosts = [await connect_host(addresses[name]) for name in ("fast", "slow")]
+        island = Island("two-host", hosts)
+        try:
+            dispatcher = Dispatcher(44, slice_s=1.0)
+            prog = program("broke", 1000)
+            await dispatcher.load(prog, [island])
+            reports: list[int] = []
+
+            def on_step(report) -> None:
+                reports.append(report.step)
+                if len(reports) == 6:  # in the second slice: the fast host is ahead
+                    raise Broke("the step's report could not be handled")
+
+            with pytest.raises(Broke):
+                await asyncio.wait_for(dispatcher.run(prog, [island], on_step=on_step), 20)
+            await asyncio.sleep(0.3)  # a step a host might (wrongly) still run ends
+            ran = []
+            for host in hosts:
+                log = await host.stub.ExecutionLog(worker_pb2.ExecutionLogRequest())
+                ran.append([e.step for e in log.entries if e.job_id == "broke"])
+                info = await host.stub.Info(worker_pb2.InfoRequest())
+                # Every island_seq handed out was run or skipped: the island is not held.
+                assert info.next_island_seq == island.next_seq, (info, island.next_seq)
+            fast, slow = ran
+            assert fast == slow and fast == list(range(len(fast))), (fast, slow)
+            assert len(fast) >= 6
+        finally:
+            await island.close()
+            await sims.stop()
+
+    asyncio.run(main())

@@ -69,6 +69,13 @@ class SimIsland:
         unreadable: checkpoint steps this host cannot restore (DATA_LOSS: a corrupt part).
         keep_state_fails: a load that asks to keep the state held (a restarted controller's
             adoption) is refused, as by a host whose state could not be kept.
+        fail_skips: how many SkipSeq calls fail UNAVAILABLE before one is answered (an
+            injected fault: a flaky network; nothing is skipped by a failed call).
+        hold_ahead: steps a CutSlice HOLD answers past the first step not started here, as
+            a host whose earlier hold lapsed answers: it ran on past that cut, and the
+            controller sends it those steps again (replayed there).
+        hold_delay_s: seconds a CutSlice HOLD waits before it applies and answers (a busy
+            host; its steps run on meanwhile).
     """
 
     name: str
@@ -82,6 +89,9 @@ class SimIsland:
     keep_state_fails: bool = False
     save_s: float = 0.0
     unreadable: frozenset[int] = frozenset()
+    fail_skips: int = 0
+    hold_ahead: int = 0
+    hold_delay_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -262,7 +272,12 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         self._epoch(request.epoch)
         if request.job_id not in self.jobs:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
+        hold = request.phase == worker_pb2.CutSliceRequest.HOLD
+        if hold and self.island.hold_delay_s > 0:
+            await asyncio.sleep(self.island.hold_delay_s)
         next_step = self._cuts.setdefault(request.job_id, SliceCut()).apply(request)
+        if hold:
+            next_step += self.island.hold_ahead
         return worker_pb2.CutSliceReply(job_id=request.job_id, next_step=next_step)
 
     async def RunSlice(self, request, context):
@@ -388,6 +403,9 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def SkipSeq(self, request, context):
+        if self.island.fail_skips > 0:
+            self.island.fail_skips -= 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "SkipSeq lost (injected fault).")
         self._epoch(request.epoch)
         if request.when_due:
             seqs = range(request.island_seq, request.island_seq + max(1, request.count))
