@@ -415,7 +415,9 @@ class Controller:
     async def _schedule_loop(self) -> None:
         """Run a scheduling pass whenever woken. A pass that fails (the database locked
         while it writes an event) left the rest of the queue unexamined: it is run again
-        after `retry_s`, not only at the next unrelated event (there may be none)."""
+        after `retry_s`, not only at the next unrelated event (there may be none); the wait
+        doubles while passes keep failing (up to a minute: a lasting fault logs its traceback
+        once a minute, not every second) and is back to 1 s after a pass that works."""
         assert self._wake is not None
         retry_s = 1.0
         retry: asyncio.TimerHandle | None = None
@@ -433,6 +435,9 @@ class Controller:
                     if retry is not None:
                         retry.cancel()  # one retry pending at most
                     retry = loop.call_later(retry_s, self.wake)
+                    retry_s = min(2 * retry_s, 60.0)
+                else:
+                    retry_s = 1.0
         finally:
             if retry is not None:
                 retry.cancel()

@@ -481,6 +481,9 @@ class JobRunner:
         # end from it (controller/admission.py's reservations).
         self.steps_done = 0
         self.demand_bytes = 0 if job is None else parts.memory.bytes_per_device(job)
+        # The part of demand_bytes that is a serve job's KV cache: the estimate until its
+        # StartServe reports the cache's figure (swapped in, once per start).
+        self.kv_counted = 0 if job is None else job.kv_bytes_per_device
         # The job as resolved at submit: the key its measured memory is kept under.
         self.admitted_as = job
         self.task: asyncio.Task | None = None
@@ -593,12 +596,13 @@ class JobRunner:
             # job of the same model, mesh and batch; the room it frees may admit another.
             measured = max(r.memory.total_bytes for r in replies)
             if measured > 0:
-                # A serve job's slot cache comes with StartServe, after the load: its room
-                # stays held (freed now, a pass could admit another job into it).
-                measured += self.job.kv_bytes_per_device
-                self.demand_bytes = measured
+                # The step's figure is kept (a serve job's cache is added per job, by its own
+                # settings); a serve job's slot cache comes with StartServe, after the load:
+                # its room stays held (freed now, a pass could admit another job into it).
                 p.memory.record(self.admitted_as, measured)
-                p.scheduler.resize(job_id, measured)
+                self.kv_counted = self.job.kv_bytes_per_device
+                self.demand_bytes = measured + self.kv_counted
+                p.scheduler.resize(job_id, self.demand_bytes)
                 p.wake()
             p.reporter.job_memory[job_id] = self.demand_bytes
             logger.info(
@@ -820,8 +824,8 @@ class JobRunner:
         # The KV cache is held on the island beside the parameters: accounted. Its room was
         # held from the load on by the estimate (`kv_bytes_per_device`): the figure the
         # hosts report replaces it, and the job is placed by the whole figure when resumed.
-        estimated = 0 if self.job is None else self.job.kv_bytes_per_device
-        self.demand_bytes += kv - estimated
+        self.demand_bytes += kv - self.kv_counted  # again at a resume's start: no drift
+        self.kv_counted = kv
         p.scheduler.resize(self.job_id, self.demand_bytes)
         p.reporter.job_memory[self.job_id] = self.demand_bytes
         p.serving.serving(

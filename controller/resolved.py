@@ -221,21 +221,26 @@ class MemoryFigures:
         self.version = 0
 
     def bytes_per_device(self, job: ResolvedJob) -> int:
-        """The measured figure of the job's kind, else its estimate (an upper bound)."""
-        return self._measured.get(job.memory_key, job.bytes_per_device)
+        """The measured figure of the job's kind (plus a serve job's own KV cache, which
+        its serve settings size), else its estimate (an upper bound)."""
+        measured = self._measured.get(job.memory_key)
+        if measured is None:
+            return job.bytes_per_device
+        return measured + job.kv_bytes_per_device
 
     def measured(self, job: ResolvedJob) -> int | None:
-        """The measured figure of the job's kind, if one has loaded."""
+        """The measured figure of the job's kind (its compiled step), if one has loaded."""
         return self._measured.get(job.memory_key)
 
     def record(self, job: ResolvedJob, bytes_per_device: int) -> None:
-        """Keep what a loaded job of this kind holds (the largest over its hosts)."""
-        if bytes_per_device > job.bytes_per_device:
+        """Keep what a loaded job of this kind holds at its compiled step's peak (the
+        largest over its hosts; a serve job's KV cache apart)."""
+        if bytes_per_device > job.bytes_per_device - job.kv_bytes_per_device:
             logger.warning(
                 "the compiled step holds %d bytes per device, above the estimate of %d: "
                 "the estimator is not an upper bound for this model and mesh",
                 bytes_per_device,
-                job.bytes_per_device,
+                job.bytes_per_device - job.kv_bytes_per_device,
             )
         key = job.memory_key
         if key is not None and self._measured.get(key) != int(bytes_per_device):

@@ -88,7 +88,26 @@ def test_a_serve_jobs_cache_room_is_held_from_its_load_so_no_job_takes_it(tmp_pa
             assert not over, (over, budget)
             assert store.get_job(trained).state == JobState.QUEUED
             assert c.scheduler.held(srv) == MEASURED + MEASURED // 10  # the host's cache
-            # The serve job's measured figure (with its cache) is kept for serve jobs only.
+            # The measured figure is the compiled step's: a training job's kind keeps its own,
+            # and another serve job adds the cache its own settings size.
             assert c.memory.bytes_per_device(ResolvedJob.resolve(training)) == trainer
+            bigger = _serve_spec(source.id)
+            bigger.serve.max_batch = 64
+            big = ResolvedJob.resolve(bigger)
+            assert big.kv_bytes_per_device > resolved.kv_bytes_per_device
+            assert c.memory.bytes_per_device(big) == MEASURED + big.kv_bytes_per_device
+            # Preempted and resumed, the service starts again: its figure stays the same.
+            c.cancel(trained, "room for the preemption below")
+            high = _spec("high", 1, 10_000, priority=5)
+            high.train.global_batch = 16
+            c.submit(controller_pb2.SubmitJobRequest(spec=high))
+            # It resumes once the high job's measured figure leaves it room again.
+            await _until(
+                lambda: any("the service starts again" in e.message for e in store.events(srv)),
+                20,
+            )
+            await _until(serving, 20)
+            assert c.scheduler.held(srv) == MEASURED + MEASURED // 10
+            assert c.scheduler.used("island-0") <= budget
 
     asyncio.run(run())
