@@ -310,38 +310,6 @@ class ControllerClient:
             self._check_wire(info)
             logger.warning("reconnected to the controller at %s (epoch %d)", address, info.epoch)
             return True
-        logger.warning(
-            "the controller at %s went away (%s); waiting up to %.0f s for the one %s names",
-            self.address,
-            error.details(),
-            RECONNECT_S,
-            self.state_dir,
-        )
-        deadline = time.monotonic() + RECONNECT_S
-        while time.monotonic() < deadline:
-            try:
-                address = read_address(self.state_dir)
-            except RuntimeError:  # between two controllers: the record names a dead one
-                time.sleep(RECONNECT_POLL_S)
-                continue
-            channel = grpc.insecure_channel(address)
-            stub = controller_pb2_grpc.ControllerServiceStub(channel)
-            try:
-                info = stub.Info(
-                    controller_pb2.ControllerInfoRequest(),
-                    timeout=min(self.timeout_s, 5.0),
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError:
-                channel.close()
-                time.sleep(RECONNECT_POLL_S)
-                continue
-            self._channel.close()
-            self._channel, self._stub, self.address = channel, stub, address
-            self._check_wire(info)
-            logger.warning("reconnected to the controller at %s (epoch %d)", address, info.epoch)
-            return True
-        return False
 
     def __enter__(self) -> ControllerClient:
         return self

@@ -104,6 +104,22 @@ class _Loaded:
     request: worker_pb2.LoadJobRequest | None = None
 
 
+def _step_reply(
+    request: worker_pb2.RunStepRequest, job: _Loaded, **fields: object
+) -> worker_pb2.RunStepReply:
+    """A simulated step's reply: its loss is 1 / (1 + step), its committed checkpoints the
+    job's."""
+    return worker_pb2.RunStepReply(
+        job_id=request.job_id,
+        generation=request.generation,
+        step=request.step,
+        island_seq=request.island_seq,
+        loss=1.0 / (1.0 + request.step),
+        checkpoints_committed=job.committed,
+        **fields,
+    )
+
+
 class SimHost(worker_pb2_grpc.WorkerServiceServicer):
     """One simulated island host (the island's only host)."""
 
@@ -340,15 +356,7 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                 # A step this host holds (ran, or was loaded past): its reply again, marked
                 # replayed, as a real host's step records answer a retry or a new
                 # controller's replay (workers/ordering.py); nothing runs, no number taken.
-                return worker_pb2.RunStepReply(
-                    job_id=request.job_id,
-                    generation=request.generation,
-                    step=request.step,
-                    island_seq=request.island_seq,
-                    loss=1.0 / (1.0 + request.step),
-                    checkpoints_committed=job.committed,
-                    replayed=True,
-                )
+                return _step_reply(request, job, replayed=True)
         await self._take_seq(request.island_seq)
         job = self.jobs.get(request.job_id)
         if job is None:
@@ -389,17 +397,13 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
             )
         )
         del self.log[:-LOG_KEEP]
-        return worker_pb2.RunStepReply(
-            job_id=request.job_id,
-            generation=request.generation,
-            step=request.step,
-            island_seq=request.island_seq,
-            loss=1.0 / (1.0 + request.step),
+        return _step_reply(
+            request,
+            job,
             timings=worker_pb2.StepTimings(
                 received_unix_ns=received, start_unix_ns=start, end_unix_ns=end
             ),
             step_s=(end - start) / 1e9,
-            checkpoints_committed=job.committed,
         )
 
     async def SkipSeq(self, request, context):
