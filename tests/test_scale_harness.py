@@ -17,7 +17,7 @@ from pathways_lite.controller.bus import EventBus
 from pathways_lite.controller.core import Controller
 from pathways_lite.controller.resolved import DatasetRef
 from pathways_lite.controller.states import JobState
-from pathways_lite.controller.store import JobStore
+from pathways_lite.controller.store import JobRecord, JobStore
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2
 from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
@@ -93,6 +93,38 @@ def _left_running(store: JobStore, spec, recorded: int):
     for step in range(recorded):
         store.record_metrics(record.id, step, 1.0 / (step + 1))
     return record
+
+
+async def _hold_on_hosts(addresses, record, restore_from, checkpoint_dir=None) -> None:
+    """The hosts at `addresses` hold `record`'s job as a dead controller left it: loaded in
+    its generation from `restore_from` (the steps that checkpoint names)."""
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
+                worker_pb2.LoadJobRequest(
+                    job_id=record.id,
+                    generation=record.generation,
+                    restore_from=str(restore_from),
+                    checkpoint_dir="" if checkpoint_dir is None else str(checkpoint_dir),
+                )
+            )
+
+
+def _finished_source(store: JobStore, folder) -> JobRecord:
+    """A training job that ended with a committed checkpoint at step 5 (with its tokenizer):
+    what a serve job's `init_from: {job: ...}` names."""
+    from pathways_lite.controller.lineage import TOKENIZER_FILE
+
+    ((source, _),) = store.create_jobs([(_spec("src", 1, 5), None)])
+    src_dir = folder / "src"
+    src_dir.mkdir()
+    (src_dir / TOKENIZER_FILE).write_bytes(b"sim")
+    store.register_checkpoint(source.id, source.generation, 5, str(src_dir / "g0-step5"))
+    store.transition(source.id, JobState.RUNNING, reason="scheduled")
+    store.transition(source.id, JobState.SUCCEEDED, reason="completed")
+    return source
 
 
 async def _until(predicate, timeout_s: float = 60.0) -> None:
@@ -846,7 +878,6 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
     step 12 (the state held), so the next controller resumes there. Before, the drain saved
     nothing (no step run since the attempt began) and the job went back to step 10: the
     adopted steps were lost."""
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
     from pathways_lite.workers.sim_host import SimIsland
 
     async def run() -> None:
@@ -856,15 +887,8 @@ def test_a_job_drained_as_soon_as_its_hosts_state_is_adopted_is_checkpointed_the
         record = _left_running(store, _spec("adopted", 1, 100), 12)
         old = tmp_path / "state" / "checkpoints" / record.id
         store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
-        async with grpc.aio.insecure_channel(addresses["island-0"]) as channel:
-            await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
-                worker_pb2.LoadJobRequest(
-                    job_id=record.id,
-                    generation=record.generation,
-                    restore_from=str(old / "g1-step12"),  # the host holds 12 steps
-                    checkpoint_dir=str(old),
-                )
-            )
+        # The host holds 12 steps.
+        await _hold_on_hosts(addresses.values(), record, old / "g1-step12", old)
         async with _controller(sim, store, addresses, state_dir=tmp_path / "state") as c:
             await _until(lambda: record.id in c.runners, 10)
             await asyncio.sleep(0.2)  # its adoption's load (0.5 s) is in flight
@@ -886,7 +910,6 @@ def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_
     checkpoint, in that same generation, on both: the island that took the adoption's load
     has dropped it first, so the load is not refused as "a different spec" (which cost a
     retry before, and failed a job with no retries left)."""
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
     from pathways_lite.workers.sim_host import SimIsland
 
     async def run() -> None:
@@ -898,15 +921,7 @@ def test_an_adoption_that_fails_half_way_falls_back_to_the_checkpoint_without_a_
         record = _left_running(store, _spec("two", 2, 30), 12)
         old = tmp_path / "state" / "checkpoints" / record.id
         store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
-        for address in addresses.values():
-            async with grpc.aio.insecure_channel(address) as channel:
-                await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
-                    worker_pb2.LoadJobRequest(
-                        job_id=record.id,
-                        generation=record.generation,
-                        restore_from=str(old / "g1-step12"),
-                    )
-                )
+        await _hold_on_hosts(addresses.values(), record, old / "g1-step12")
         async with _controller(sim, store, addresses, state_dir=tmp_path / "state"):
             await _until(lambda: store.get_job(record.id).state.terminal, 30)
             events = [(e.kind, e.message) for e in store.events(record.id)]
@@ -956,18 +971,11 @@ def test_a_serve_job_drained_while_preempted_goes_back_to_the_queue(tmp_path) ->
     """A serve job suspended for a higher-priority job, then the controller drained: the
     serve job is queued again and named in the drain's report (the next controller starts
     its service). Before, it stayed SUSPENDED in the store, missing from the report."""
-    from pathways_lite.controller.lineage import TOKENIZER_FILE
     from pathways_lite.controller.resolved import ResolvedJob
 
     async def run() -> None:
         store = JobStore.open_controller(tmp_path / "state")
-        ((source, _),) = store.create_jobs([(_spec("src", 1, 5), None)])
-        src_dir = tmp_path / "src"
-        src_dir.mkdir()
-        (src_dir / TOKENIZER_FILE).write_bytes(b"sim")
-        store.register_checkpoint(source.id, source.generation, 5, str(src_dir / "g0-step5"))
-        store.transition(source.id, JobState.RUNNING, reason="scheduled")
-        store.transition(source.id, JobState.SUCCEEDED, reason="completed")
+        source = _finished_source(store, tmp_path)
         serve = load_spec_text(f"""
 name: srv
 kind: serve
@@ -1100,7 +1108,6 @@ def test_an_adoption_whose_replayed_steps_cannot_be_written_restores_the_checkpo
     its checkpoint and runs them again, every step recorded once. Before, the write's error
     failed the job as an internal error."""
     from pathways_lite.controller.states import StoreUnavailableError
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
 
     async def run() -> None:
         sim = SimCluster([SimIsland("island-0", STEP_S)])
@@ -1109,15 +1116,8 @@ def test_an_adoption_whose_replayed_steps_cannot_be_written_restores_the_checkpo
         record = _left_running(store, _spec("replayed", 1, 30), 12)
         old = tmp_path / "state" / "checkpoints" / record.id
         store.register_checkpoint(record.id, record.generation, 10, str(old / "g1-step10"))
-        async with grpc.aio.insecure_channel(addresses["island-0"]) as channel:
-            await worker_pb2_grpc.WorkerServiceStub(channel).LoadJob(
-                worker_pb2.LoadJobRequest(
-                    job_id=record.id,
-                    generation=record.generation,
-                    restore_from=str(old / "g1-step14"),  # 2 steps past the record
-                    checkpoint_dir=str(old),
-                )
-            )
+        # 2 steps past the record.
+        await _hold_on_hosts(addresses.values(), record, old / "g1-step14", old)
         async with _controller(sim, store, addresses, state_dir=tmp_path / "state") as c:
             flush = c.reporter.flush
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_scale_harness import STEP_S, _controller, _spec, _until
+from test_scale_harness import STEP_S, _controller, _finished_source, _spec, _until
 
-from pathways_lite.controller.lineage import TOKENIZER_FILE
 from pathways_lite.controller.resolved import ResolvedJob
 from pathways_lite.controller.states import JobState
 from pathways_lite.controller.store import JobStore
@@ -49,13 +48,7 @@ def test_a_serve_jobs_cache_room_is_held_from_its_load_so_no_job_takes_it(tmp_pa
 
     async def run() -> None:
         store = JobStore.open_controller(tmp_path / "state")
-        ((source, _),) = store.create_jobs([(_spec("src", 1, 5), None)])
-        src_dir = tmp_path / "src"
-        src_dir.mkdir()
-        (src_dir / TOKENIZER_FILE).write_bytes(b"sim")
-        store.register_checkpoint(source.id, source.generation, 5, str(src_dir / "g0-step5"))
-        store.transition(source.id, JobState.RUNNING, reason="scheduled")
-        store.transition(source.id, JobState.SUCCEEDED, reason="completed")
+        source = _finished_source(store, tmp_path)
         serve = _serve_spec(source.id)
         training = _spec("train", 1, 10_000)
         training.train.global_batch = 16  # not the serve job's memory key in any case
