@@ -9,6 +9,11 @@ dashboard, pinned to one core where `taskset` exists), and two load generators (
 50 one-island jobs with many steps run on 50 islands; the controller writes its
 steps total every 0.25 s. The dispatch rate is steps per second over a window without load,
 then over the same window with the load running; its ratio is `dispatch_under_load_ratio`.
+The streams' load starts first and says it is ready once every stream has its first reply
+(`streams_opened`: how many did): the load measured is 200 open streams, not 200 opening
+at once (each replays its job's recorded steps; before stop 40 the first burst of
+submissions met that replay, and it set `submit_p99_ms`). The submitters start then, the
+loaded window once both run, and it ends both (SIGTERM).
 The watchers are spread over the 50 jobs; each checks that the live updates' sequence numbers
 follow one another (a gap not announced by a `dropped` resync counts as lost, and so does
 every dropped update); `lost_events` sums them over the watchers and the SSE clients' resyncs.
@@ -24,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +46,8 @@ SUBMITTERS = 100
 SSE_CLIENTS = 20
 # Each submitter submits one job this often (SUBMITTERS at once: bursts of concurrent ones).
 SUBMIT_EVERY_S = 2.0
+# How long the streams' load waits for all its streams to open before it says it is ready.
+OPEN_TIMEOUT_S = 60.0
 # The watchers ask for live steps in batches (WatchJobRequest.batch_steps), as the client does.
 BATCH_STEPS = True
 
@@ -114,9 +123,19 @@ async def _load(args) -> None:
     channel = grpc.aio.insecure_channel(info["grpc"])
     stub = controller_pb2_grpc.ControllerServiceStub(channel)
     stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    opened = 0  # streams (watchers and SSE clients) that received their first reply
+    all_open = asyncio.Event()
     lost = 0
     updates = 0
     submits: list[float] = []
+
+    def open_one() -> None:
+        nonlocal opened
+        opened += 1
+        if opened == streams:
+            all_open.set()
+
     sse_events: dict[str, int] = {}  # events the SSE clients received, by kind
 
     async def watch(job_id: str) -> None:
@@ -127,8 +146,12 @@ async def _load(args) -> None:
         )
         call = stub.WatchJob(request)
         last = None
+        first = True
         try:
             async for reply in call:
+                if first:
+                    open_one()
+                    first = False
                 if stop.is_set():
                     break
                 if reply.dropped:
@@ -159,8 +182,12 @@ async def _load(args) -> None:
         async with session.get(info["dashboard"] + "api/stream") as response:
             response.raise_for_status()
             event, pending = "", b""
+            first = True
             # Read in chunks, not lines (aiohttp refuses a line over 512 KiB; a browser does not).
             async for chunk in response.content.iter_any():
+                if first:
+                    open_one()
+                    first = False
                 if stop.is_set():
                     break
                 *lines, pending = (pending + chunk).split(b"\n")
@@ -177,15 +204,24 @@ async def _load(args) -> None:
             lost += json.loads(line.split(":", 1)[1])["dropped"]
         return event
 
+    streams = WATCHERS + SSE_CLIENTS if args.part in ("all", "streams") else 0
+    if not streams:
+        all_open.set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         tasks = []
         if args.part in ("all", "streams"):
             tasks += [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
             tasks += [asyncio.create_task(sse(session)) for _ in range(SSE_CLIENTS)]
+        # Ready once every stream is open (its first reply came): the load is steady from
+        # here on, not the opening of 200 streams at once (each replays its job's steps).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_open.wait(), OPEN_TIMEOUT_S)
         if args.part in ("all", "submit"):
             tasks += [asyncio.create_task(submit(n)) for n in range(SUBMITTERS)]
-        Path(args.ready_file).write_text("ready")
-        await asyncio.sleep(args.seconds)
+        Path(args.ready_file).write_text(json.dumps({"opened": opened, "streams": streams}))
+        # Until the bench's loaded window ends (SIGTERM), at most `seconds`.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.seconds)
         stop.set()
         for task in tasks:
             task.cancel()
@@ -290,6 +326,9 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
         # their own (the streams' replies kept one process's loop busy enough to add its lag
         # to every submission's latency).
         loads = []
+        opened = {}
+        # The streams first (ready once all are open), then the submitters; the loaded window
+        # starts when both are running, and ends them (SIGTERM).
         for part in ("streams", "submit"):
             loads.append(
                 subprocess.Popen(
@@ -301,7 +340,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
                         f"--jobs-file={jobs_file}",
                         f"--ready-file={ready_file}.{part}",
                         f"--result-file={result_file}.{part}",
-                        f"--seconds={seconds + 3}",
+                        f"--seconds={seconds + OPEN_TIMEOUT_S + 30}",
                         *([] if BATCH_STEPS else ["--watch-unbatched"]),
                         f"--watchers={WATCHERS}",
                         f"--submitters={SUBMITTERS}",
@@ -310,12 +349,14 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
                 )
             )
             procs.append(loads[-1])
-        for part, load in zip(("streams", "submit"), loads, strict=True):
-            _wait_file(Path(f"{ready_file}.{part}"), load)
-        time.sleep(2.0)  # streams open
+            ready = Path(f"{ready_file}.{part}")
+            _wait_file(ready, loads[-1], timeout_s=OPEN_TIMEOUT_S + 60)
+            opened[part] = json.loads(ready.read_text())
         t1 = time.monotonic()
         time.sleep(seconds)
         loaded = _rate(steps_file, t1, time.monotonic())
+        for load in loads:
+            load.send_signal(signal.SIGTERM)
         for load in loads:
             load.wait(120)
         streams = json.loads(Path(f"{result_file}.streams").read_text())
@@ -323,6 +364,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
         for key in ("lost_events", "watched_updates", "sse_events"):
             result[key] = streams[key]
         result["load_errors"] = sorted({*streams["load_errors"], *result["load_errors"]})
+        result["streams_opened"] = opened["streams"]["opened"]
         rows = steps_file.read_text().split()
         result.update(
             dispatch_steps_per_s_unloaded=unloaded,

@@ -540,7 +540,7 @@ class Controller:
         # `after` and `init_from.job` stored as job ids, the sources checked.
         spec = lineage.resolve_references(request.spec, self.store)
         check_data_paths(spec)
-        job = ResolvedJob.resolve(spec)
+        job = ResolvedJob.resolve(spec, validated=True)  # validated above
         never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))
         if never is not None:
             raise spec_lib.InfeasibleSpecError(
