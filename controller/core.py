@@ -151,6 +151,7 @@ class Controller:
         )
         self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
+        self.recovery.flush_metrics = self.reporter.flush  # before registering a checkpoint
         # Serving before training on shared islands (their slices cut, the island held).
         self.serving = ServeRouter(
             store, ServeArbiter(self.scheduler, self.dispatcher, self._serve_period)

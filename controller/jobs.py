@@ -585,6 +585,8 @@ class JobRunner:
             if adopted is None:
                 # Steps a failed adoption replayed before it gave up are rolled back with the
                 # rest: not written after the restore's truncation (out of order for good).
+                # Any unwritten steps lie past the newest registered checkpoint (registered
+                # only once the steps before it are written): run again from it.
                 p.reporter.discard(job_id)
                 self._attempt, replies = await p.recovery.load(program, islands)
             else:
@@ -1014,17 +1016,8 @@ class JobRunner:
         reporter.step(self.record, report, None if attempt is None else attempt.program.mixture)
         self.steps_done = report.step + 1
         if attempt is not None and report.checkpoints_committed:
-            registering = True
-            if any(s not in attempt.registered for s in report.checkpoints_committed):
-                # Metrics first: a registered checkpoint never runs ahead of the recorded
-                # steps, so a crash's lost batch is run (and recorded) again from it.
-                try:
-                    reporter.flush(self.job_id)
-                except StoreUnavailableError as e:
-                    logger.warning("%s; checkpoint not registered", e)
-                    registering = False
-            if registering:
-                self.parts.recovery.on_step(attempt, report.checkpoints_committed)
+            # Its steps written first (`Recovery.on_step`).
+            self.parts.recovery.on_step(attempt, report.checkpoints_committed)
         every, done = self.record.spec.train.eval_every, report.step + 1
         if every and done % every == 0 and done < self.record.spec.train.steps and not replayed:
             # Between steps on the hosts (the Evaluate rpc queues behind the steps in flight):

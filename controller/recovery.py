@@ -43,7 +43,7 @@ from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
 from .islands import Island, dead_islands
 from .program import StepProgram
-from .states import CheckpointState
+from .states import CheckpointState, StoreUnavailableError
 from .store import JobRecord, JobStore
 from .store_progress import Checkpoint
 
@@ -155,6 +155,9 @@ class Recovery:
         self.root = Path(state_dir) / CHECKPOINT_DIR if state_dir else None
         self.keep = keep
         self.budgets = dict(DEFAULT_BUDGETS if budgets is None else budgets)
+        # Writes a job's recorded steps not written yet (the controller's Reporter.flush):
+        # a checkpoint is registered only after them (`on_step`).
+        self.flush_metrics: Callable[[str], None] | None = None
 
     def job_dir(self, job_id: str) -> str:
         return "" if self.root is None else str(self.root / job_id)
@@ -229,11 +232,26 @@ class Recovery:
             return attempt, replies
 
     def on_step(self, attempt: Attempt, committed: Sequence[int]) -> None:
-        """Register the checkpoints the writing islands report committed; apply retention."""
+        """Register the checkpoints the writing islands report committed; apply retention.
+
+        Metrics first: a registered checkpoint never runs ahead of the written steps, so a
+        batch of steps that is lost (a crash, a write the database refused, dropped at the
+        job's next start) lies past the newest checkpoint and is run and recorded again from
+        it. When the steps cannot be written (the database locked), nothing is registered
+        now: the next report, or the job's final checkpoint, tries again. Before stop 40 only
+        a step's report checked this; a drain's or the final checkpoint registered past a
+        batch whose write had failed, and the job's next start dropped those steps for good.
+        """
         new = [s for s in committed if s not in attempt.registered]
         if not new or self.root is None:
             return
         program = attempt.program
+        if self.flush_metrics is not None:
+            try:
+                self.flush_metrics(program.job_id)
+            except StoreUnavailableError as e:
+                logger.warning("%s; checkpoint not registered", e)
+                return
         restored = attempt.restored
         for step in new:
             attempt.registered.add(step)

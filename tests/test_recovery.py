@@ -178,3 +178,44 @@ def test_retention_deletes_every_stage_part_of_a_pipeline_checkpoint(store, tmp_
         recovery.on_step(attempt, [s for s in (2, 4) if s <= step])
     assert [c.step for c in store.checkpoints("j")] == [4]
     assert sorted(p.name for p in job_dir.glob("stage*/*")) == ["g0-step4", "g0-step4"]
+
+
+def test_a_checkpoint_is_registered_only_once_the_steps_before_it_are_written(store, tmp_path):
+    """Metrics first for every registration (a step's report, a drain's checkpoint, the
+    final one): while the database refuses the job's unwritten steps, a committed checkpoint
+    is not registered; once they can be written, they are, and then it is. Before, only a
+    step's report checked: a drain or the final checkpoint registered past a batch whose
+    write had failed, and the job's next start dropped that batch (`Reporter.discard`): its
+    steps' metrics were lost for good, below a checkpoint nothing runs again from."""
+    import sqlite3
+
+    from pathways_lite.controller.bus import EventBus, LogBuffer
+    from pathways_lite.controller.dispatch import StepReport
+    from pathways_lite.controller.jobs import Reporter
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.states import StoreUnavailableError
+    from pathways_lite.controller.views import Views
+
+    views = Views(store, Scheduler(["island-0"], {"island-0": 1}), {}, {}, lambda r: None)
+    reporter = Reporter(store, views, EventBus(), LogBuffer())
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path)
+    recovery.flush_metrics = reporter.flush  # as the controller wires them
+    attempt = recovery.plan(program(), None)
+    record = store.get_job("j")
+    for step in range(4):  # the first is written at once, the others wait for the flush
+        reporter.step(record, StepReport(step, 1.0, 100.0, 0.01, ()))
+    store._conn.execute("PRAGMA busy_timeout = 50")  # fail fast while locked (10 s)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        with pytest.raises(StoreUnavailableError):
+            reporter.flush("j")  # the job's last flush fails: steps 1-3 stay pending
+        recovery.on_step(attempt, [4])  # not registered, and no error
+        assert store.checkpoints("j") == [] and attempt.registered == set()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    recovery.on_step(attempt, [4])  # a drain's checkpoint, the database free again
+    reporter.discard("j")  # the job's next start drops what is still unwritten
+    assert [c.step for c in store.checkpoints("j")] == [4]
+    assert [m.step for m in store.metrics("j")] == [0, 1, 2, 3]
