@@ -571,18 +571,24 @@ class Dashboard:
         """The job's recorded steps from `from_step` as the pages' `metrics` events, its
         batched steps written first (as WatchJob does: a step batched before a stream
         subscribed was handed to no follower). A locked database leaves the steps not
-        written yet out (see ControllerServicer._flush) rather than ending the stream."""
+        written yet out (see ControllerServicer._flush) rather than ending the stream.
+        A job with fewer steps than `from_step` rolled back since the page had them: its
+        steps from the restore point come (the page replaces its own from there)."""
         try:
             self.controller.reporter.flush(job_id)
         except StoreUnavailableError as e:
             logger.warning("%s", e)
+        store = self.controller.store
         try:
-            record = self.controller.store.get_job(job_id)
+            record = store.get_job(job_id)
         except JobNotFoundError:
             return []
+        steps_completed = store.steps_completed(job_id)
+        if steps_completed < from_step:
+            from_step = store.restore_point(job_id, steps_completed)
         return [
             self._step_event(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6, m.mfu)
-            for m in self.controller.store.metrics(job_id, from_step=from_step)
+            for m in store.metrics(job_id, from_step=from_step)
         ]
 
     def _step_event(

@@ -203,6 +203,9 @@ class EventStreams:
 
             try:
                 replayed = replay(last_step)
+                # The bus's last update of the job that the steps replayed so far reflect (an
+                # older record with fewer steps is no rollback).
+                replayed_seq = self._events.seq[job_id]
                 if replayed:
                     yield replayed
                 while True:
@@ -229,7 +232,7 @@ class EventStreams:
                         dropped = updates.take_dropped()
                         if dropped:  # it lagged: the page refetches, the steps come from here
                             replayed = replay(last_step)
-                            synced_seq = self._events.seq[job_id]
+                            synced_seq = replayed_seq = self._events.seq[job_id]
                             yield _sse("resync", {"dropped": dropped}) + replayed
                         if update.seq <= synced_seq and not update.HasField("metrics"):
                             continue
@@ -239,6 +242,14 @@ class EventStreams:
                                     last_step = data["step"]
                                     yield _sse(kind, data, last_step)
                                 continue
+                            if kind == "job" and update.seq > replayed_seq:
+                                # Fewer steps than were sent: a rollback (its steps from the
+                                # restore point come again as they run; the page replaces
+                                # its own), or steps sent before they were written (none
+                                # of them comes again). The record as published, not as
+                                # translated (the steps run again since may be written).
+                                steps = update.job.steps_completed
+                                last_step = min(last_step, steps - 1)
                             yield _sse(kind, data)
                             if kind == "job":
                                 yield _sse("why", {"why": self._why(job_id)})

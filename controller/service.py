@@ -309,6 +309,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         try:
             # After subscribing, and with the batched steps written: nothing missed.
             self._flush(record.id)
+            # The bus's last update of the job that the record sent last reflects: an update
+            # of the record queued before it (seq not above) would take the watcher back.
+            synced_seq = self.controller.events.seq[record.id]
             record = self.store.get_job(record.id)
             yield controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
             last_step = request.from_step - 1
@@ -319,9 +322,6 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 return
             loop = asyncio.get_running_loop()
             sent_at = -BATCH_STEPS_S
-            # The bus's last update of the job that the record sent last reflects: an update
-            # of the record queued before it (seq not above) would take the watcher back.
-            synced_seq = 0
             while True:
                 update = await queue.get()
                 dropped = queue.take_dropped()
@@ -331,10 +331,15 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     self._flush(record.id)
                     synced_seq = self.controller.events.seq[record.id]
                     record = self.store.get_job(record.id)
-                    yield controller_pb2.WatchJobReply(
-                        time=now(), job=self.views.job(record), dropped=dropped
-                    )
-                    for reply in self._replay(record, last_step + 1, batch):
+                    view = self.views.job(record)
+                    yield controller_pb2.WatchJobReply(time=now(), job=view, dropped=dropped)
+                    replay_from = last_step + 1
+                    if view.steps_completed < replay_from:
+                        # Rolled back meanwhile (its steps all written, fewer than were sent):
+                        # the steps from its restore point are sent again, as run since.
+                        replay_from = self.store.restore_point(record.id, view.steps_completed)
+                        last_step = replay_from - 1
+                    for reply in self._replay(record, replay_from, batch):
                         last_step = _last_step(reply)
                         yield reply
                     if record.state.terminal:
@@ -356,6 +361,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     continue
                 if update.seq <= synced_seq:
                     continue
+                if update.HasField("job"):
+                    # A record with fewer steps than were sent: a rollback (its steps from
+                    # the restore point run again and are sent again as they come), or steps
+                    # sent before they were written (none of them comes again: no harm).
+                    last_step = min(last_step, update.job.steps_completed - 1)
                 yield update
                 if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
                     return
@@ -583,11 +593,11 @@ def _step_replies(
     updates: list[Any], last_step: int, batch: bool
 ) -> list[controller_pb2.WatchJobReply]:
     """Live step updates of the bus as a watcher's replies: the steps after `last_step` (a step
-    run again after a rollback was sent already), each step a reply of its own, or with
-    `batch` a reply per update of the bus. An update whose steps are all new and follow each
-    other is passed whole: the bus's own reply, shared by its followers (no copy: copying
-    each step into a reply per watcher was a quarter of the controller under 200 watchers);
-    another is cut into replies of consecutive new steps."""
+    queued before the replay that sent it; a rollback lowers `last_step`), each step a reply
+    of its own, or with `batch` a reply per update of the bus. An update whose steps are all
+    new and follow each other is passed whole: the bus's own reply, shared by its followers
+    (no copy: copying each step into a reply per watcher was a quarter of the controller
+    under 200 watchers); another is cut into replies of consecutive new steps."""
     replies: list[controller_pb2.WatchJobReply] = []
     for update in updates:
         more = update.more_metrics

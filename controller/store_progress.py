@@ -267,6 +267,13 @@ class ProgressTables:
         committed = self.checkpoints(job_id)
         return committed[-1] if committed else None
 
+    def restore_point(self, job_id: str, steps_completed: int) -> int:
+        """Where a job found with fewer recorded steps than a follower was sent rolled back
+        to: its newest committed checkpoint at most `steps_completed` steps in, else 0 (the
+        steps a follower saw from there may have run again since)."""
+        steps = [c.step for c in self.checkpoints(job_id) if c.step <= steps_completed]
+        return steps[-1] if steps else 0
+
     def mark_checkpoint(
         self, checkpoint: Checkpoint, state: CheckpointState, message: str = ""
     ) -> None:

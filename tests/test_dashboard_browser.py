@@ -182,20 +182,25 @@ def test_dashboard_live_job_chart_and_cancel_in_chromium(local_cluster, browser,
 
 
 def test_a_job_pages_chart_holds_every_step_once_in_chromium(browser, tmp_path) -> None:
-    """A fast job (simulated island: no JAX) whose page opens while it runs: once it ends,
-    its loss chart holds every step, once, in order (the steps the controller had batched
-    but not written when the page loaded its detail reach it too)."""
+    """A fast job (simulated island: no JAX) whose page opens while it runs, and which rolls
+    back once (a failed step, retried: its steps run again from 0): once it ends, its charts
+    hold every step, once, in order (the steps the controller had batched but not written
+    when the page loaded its detail reach it too), with the values of the run that counts:
+    the page replaced the steps it had from the rolled-back run (before, it kept them and
+    skipped their new values)."""
+    import grpc
     from test_dashboard_job_stream import _dashboard, _spec  # tests/ is on sys.path
 
     from pathways_lite.v1 import controller_pb2
 
-    steps = 1000
+    steps, fails_at = 1000, 700
     served: dict = {}
     ready = threading.Event()
 
     async def serve() -> None:
         served["loop"], served["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        async with _dashboard(tmp_path, step_s=0.002) as (c, url):
+        fail = {("*", fails_at): grpc.StatusCode.UNAVAILABLE}
+        async with _dashboard(tmp_path, step_s=0.003, fail_steps=fail) as (c, url):
             served["controller"], served["url"] = c, url
             ready.set()
             await served["stop"].wait()
@@ -218,15 +223,26 @@ def test_a_job_pages_chart_holds_every_step_once_in_chromium(browser, tmp_path) 
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(f"{served['url']}jobs/{job_id}")
+        points = "document.getElementById('loss-chart').data[0].x"
+        drawn_yet = "(document.getElementById('loss-chart').data || [{x: []}])[0].x.length"
+        _wait(lambda: page.evaluate(drawn_yet) > 0, 30, "the chart drawn")
+        # The page is live before the failure, so it sees the rollback.
+        assert on_loop(c.store.steps_completed, job_id) < fails_at
         page.wait_for_function(
             "document.getElementById('job-state').textContent === 'succeeded'", timeout=60_000
         )
-        points = "document.getElementById('loss-chart').data[0].x"
         with contextlib.suppress(AssertionError):  # (the page draws twice a second)
             _wait(lambda: page.evaluate(f"{points}.length") >= steps, 3, "every step drawn")
         charted = page.evaluate(f"Array.from({points})")
         missing = sorted(set(range(steps)) - set(charted))
         assert charted == list(range(steps)), f"{len(charted)} points, missing {missing[:20]}"
+        # Measured throughput differs from run to run: the chart's is the final run's.
+        recorded = [m.tokens_per_s for m in on_loop(c.store.metrics, job_id)]
+        drawn = page.evaluate("Array.from(document.getElementById('tps-chart').data[0].y)")
+        stale = [i for i, (a, b) in enumerate(zip(drawn, recorded, strict=True)) if a != b]
+        assert not stale, f"{len(stale)} steps drawn with the rolled-back run's: {stale[:10]}"
+        events = [e.kind for e in on_loop(c.store.events, job_id)]
+        assert "failure" in events or "retry" in events, events
         assert errors == []
         page.close()
     finally:

@@ -38,10 +38,10 @@ def _spec(name: str, steps: int) -> controller_pb2.JobSpec:
 
 
 @contextlib.asynccontextmanager
-async def _dashboard(tmp_path, *, token: str | None = None, step_s: float = 0.001):
-    """A started controller over one simulated island of `step_s` steps and its dashboard:
-    yields (the controller, the dashboard's URL)."""
-    sim = SimCluster.uniform(1, step_s=step_s)
+async def _dashboard(tmp_path, *, token: str | None = None, step_s: float = 0.001, **island):
+    """A started controller over one simulated island of `step_s` steps (and `island`'s other
+    SimIsland settings) and its dashboard: yields (the controller, the dashboard's URL)."""
+    sim = SimCluster.uniform(1, step_s=step_s, **island)
     hosts = await connect_islands(await sim.start())
     store = JobStore.open_controller(tmp_path / "state")
     c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12)

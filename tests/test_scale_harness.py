@@ -46,13 +46,13 @@ def _prepare(record, job):
 
 
 @contextlib.asynccontextmanager
-async def _served(tmp_path, islands: int, step_s: float = 0.0):
-    """A controller over `islands` simulated islands of `step_s` steps, its gRPC service on a
-    thread of its own (controller/service.py `serve`): yields (the controller, its store, the
-    service's address)."""
+async def _served(tmp_path, islands: int, step_s: float = 0.0, **island):
+    """A controller over `islands` simulated islands of `step_s` steps (and `island`'s other
+    SimIsland settings), its gRPC service on a thread of its own (controller/service.py
+    `serve`): yields (the controller, its store, the service's address)."""
     from pathways_lite.controller.service import serve
 
-    sim = SimCluster.uniform(islands, step_s=step_s)
+    sim = SimCluster.uniform(islands, step_s=step_s, **island)
     hosts = await connect_islands(await sim.start())
     store = JobStore.open_controller(tmp_path / "state")
     c = Controller(store, hosts, prepare=_prepare, peak_flops=1e12)
@@ -686,6 +686,47 @@ def test_a_simulated_hosts_slice_is_cut_for_serving_as_on_a_real_host() -> None:
             await cluster.stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(60)
+def test_a_watcher_gets_the_steps_a_rollback_runs_again(tmp_path) -> None:
+    """A step fails (UNAVAILABLE: retried) and the job rolls back (no checkpoint: to step 0)
+    and runs its steps again: a WatchJob stream open across it gets the steps that run
+    again, with their new values, after the ones it had (the record it gets first says how
+    many steps remain recorded). Before, it skipped them until they passed the last step it
+    had sent: a client drew the old attempt's values."""
+    import threading
+
+    import grpc
+
+    from pathways_lite.client import unbatched
+    from pathways_lite.v1 import controller_pb2_grpc
+
+    async def main() -> None:
+        fail = {("*", 15): grpc.StatusCode.UNAVAILABLE}
+        async with _served(tmp_path, 1, step_s=0.02, fail_steps=fail) as (c, store, address):
+            job_id = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("rolled", 1, 20))).id
+            seen: list[int] = []
+
+            def watch() -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    request = controller_pb2.WatchJobRequest(job_id=job_id, batch_steps=True)
+                    for reply in unbatched(stub.WatchJob(request, timeout=40)):
+                        if reply.HasField("metrics"):
+                            seen.append(reply.metrics.step)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            await _until(lambda: len(seen) >= 3, 20)  # open before the failure at step 15
+            await _until(lambda: store.get_job(job_id).state.terminal, 30)
+            await asyncio.to_thread(watcher.join, 20)
+            assert not watcher.is_alive()
+            assert store.get_job(job_id).state == JobState.SUCCEEDED
+            assert [m.step for m in store.metrics(job_id)] == list(range(20))
+            assert seen == list(range(15)) + list(range(20)), seen
+
+    asyncio.run(main())
 
 
 @pytest.mark.timeout(90)

@@ -161,9 +161,20 @@
   const buffered = [];
   function onMetrics(m) {
     if (!chartsReady) { pendingPoints.push(m); return; }
-    if (m.step <= lastStep) return;
+    // A step the charts have: the job rolled back to a checkpoint and runs it again (the
+    // stream sends the steps from there): the charts drop their points from it on.
+    if (m.step <= lastStep) rollBack(m.step);
     lastStep = m.step;
     buffered.push(m);
+  }
+
+  function rollBack(step) {
+    flush();
+    for (const [id] of CHARTS) {
+      const trace = document.getElementById(id).data[0];
+      const cut = trace.x.findIndex((x) => x >= step);
+      if (cut >= 0) Plotly.restyle(id, { x: [trace.x.slice(0, cut)], y: [trace.y.slice(0, cut)] }, [0]);
+    }
   }
 
   function flush() {
