@@ -130,15 +130,26 @@ async def _load(args) -> None:
     updates = 0
     submits: list[float] = []
 
+    settled: set[int] = set()  # streams open, or failed before their first reply
+
     def open_one() -> None:
         nonlocal opened
         opened += 1
-        if opened == streams:
+
+    def settle(n: int) -> None:
+        settled.add(n)
+        if len(settled) == streams:
             all_open.set()
 
     sse_events: dict[str, int] = {}  # events the SSE clients received, by kind
 
-    async def watch(job_id: str) -> None:
+    async def watch(job_id: str, n: int) -> None:
+        try:
+            await _watch(job_id, n)
+        finally:
+            settle(n)  # (a stream that failed first: reported in load_errors)
+
+    async def _watch(job_id: str, n: int) -> None:
         nonlocal lost, updates
         got = await stub.GetJob(controller_pb2.GetJobRequest(job_id=job_id, summary=True))
         request = controller_pb2.WatchJobRequest(
@@ -151,6 +162,7 @@ async def _load(args) -> None:
             async for reply in call:
                 if first:
                     open_one()
+                    settle(n)
                     first = False
                 if stop.is_set():
                     break
@@ -178,7 +190,13 @@ async def _load(args) -> None:
             k += 1
             await asyncio.sleep(max(0.0, SUBMIT_EVERY_S - (time.perf_counter() - t)))
 
-    async def sse(session: aiohttp.ClientSession) -> None:
+    async def sse(session: aiohttp.ClientSession, n: int) -> None:
+        try:
+            await _sse(session, n)
+        finally:
+            settle(n)  # (a stream that failed first: reported in load_errors)
+
+    async def _sse(session: aiohttp.ClientSession, n: int) -> None:
         async with session.get(info["dashboard"] + "api/stream") as response:
             response.raise_for_status()
             event, pending = "", b""
@@ -187,6 +205,7 @@ async def _load(args) -> None:
             async for chunk in response.content.iter_any():
                 if first:
                     open_one()
+                    settle(n)
                     first = False
                 if stop.is_set():
                     break
@@ -210,8 +229,8 @@ async def _load(args) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         tasks = []
         if args.part in ("all", "streams"):
-            tasks += [asyncio.create_task(watch(jobs[i % len(jobs)])) for i in range(WATCHERS)]
-            tasks += [asyncio.create_task(sse(session)) for _ in range(SSE_CLIENTS)]
+            tasks += [asyncio.create_task(watch(jobs[i % len(jobs)], i)) for i in range(WATCHERS)]
+            tasks += [asyncio.create_task(sse(session, WATCHERS + i)) for i in range(SSE_CLIENTS)]
         # Ready once every stream is open (its first reply came): the load is steady from
         # here on, not the opening of 200 streams at once (each replays its job's steps).
         with contextlib.suppress(asyncio.TimeoutError):

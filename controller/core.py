@@ -152,6 +152,7 @@ class Controller:
         self.views.notes = self.admission.notes
         self.reporter = Reporter(store, self.views, self.events, self.logs)
         self.recovery.flush_metrics = self.reporter.flush  # before registering a checkpoint
+        store.on_rollback = self.reporter.rolled_back  # followers get the steps run again
         # Serving before training on shared islands (their slices cut, the island held).
         self.serving = ServeRouter(
             store, ServeArbiter(self.scheduler, self.dispatcher, self._serve_period)
@@ -182,6 +183,8 @@ class Controller:
         # Lost islands being brought back, by island id.
         self._revivers: dict[str, asyncio.Task] = {}
         self._unloads: set[asyncio.Future] = set()
+        # The generation of the state hosts kept from an earlier controller, per kept job.
+        self._kept_generation: dict[str, int] = {}
         self._wake: asyncio.Event | None = None
         # The loop the controller's state lives on (set by `start`); the service's thread
         # hands work over to it (`on_loop`).
@@ -283,6 +286,7 @@ class Controller:
                 )
                 if len(kept) == record.spec.islands:
                     self.admission.kept_on[record.id] = kept
+                    self._kept_generation[record.id] = record.generation
                 self.store.bump_generation(record.id)
             else:
                 step = self.recovery.requeue(record.id)
@@ -343,9 +347,12 @@ class Controller:
         kept = self.admission.kept_on.pop(job_id, None) or self.admission.kept_dropped.pop(
             job_id, None
         )
+        # Only the kept generation: a late unload must not remove a newer load there (the
+        # job placed back on one of those islands meanwhile).
+        generation = self._kept_generation.pop(job_id, None)
         islands = [self.islands[i] for i in kept or () if i not in keep and i in self.islands]
         if islands:
-            task = asyncio.ensure_future(self.dispatcher.unload(job_id, islands))
+            task = asyncio.ensure_future(self.dispatcher.unload(job_id, islands, generation))
             self._unloads.add(task)
             task.add_done_callback(self._unloads.discard)
 
@@ -541,7 +548,7 @@ class Controller:
         # `after` and `init_from.job` stored as job ids, the sources checked.
         spec = lineage.resolve_references(request.spec, self.store)
         check_data_paths(spec)
-        job = ResolvedJob.resolve(spec, validated=True)  # validated above
+        job = ResolvedJob.resolve(spec)
         never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))
         if never is not None:
             raise spec_lib.InfeasibleSpecError(

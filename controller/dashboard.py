@@ -166,6 +166,7 @@ class Dashboard:
             recorded=self._recorded_steps,
             why=lambda job_id: controller.why(controller.store.get_job(job_id)),
             log_dict=_log,
+            rollbacks=controller.store,
         )
         self.registry = controller_registry(controller, self.islands, self.job_summary)
 

@@ -72,6 +72,8 @@ class EventStreams:
         recorded: a job's recorded steps from a step on, as a job page's `metrics` events.
         why: one sentence on why a job is (not) running.
         log_dict: one log record as the job page shows it.
+        rollbacks: the store's rollbacks (`rollback_mark`, `rolled_back(job_id, mark)`);
+            None: none are known.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class EventStreams:
         recorded: Recorded,
         why: Callable[[str], str],
         log_dict: Callable[[controller_pb2.LogRecord], dict[str, Any]],
+        rollbacks: Any = None,
     ) -> None:
         self._events = events
         self._logs = logs
@@ -92,6 +95,7 @@ class EventStreams:
         self._recorded = recorded
         self._why = why
         self._log_dict = log_dict
+        self._rollbacks = rollbacks
         self._streams: set[asyncio.Task] = set()
         # Shared by the cluster page's streams: each bus update's events encoded once, and the
         # overview last computed as (monotonic time, the bus update it reflects, its event).
@@ -153,6 +157,9 @@ class EventStreams:
 
         return await self._serve(request, chunks())
 
+    def _rollback_mark(self) -> int:
+        return 0 if self._rollbacks is None else self._rollbacks.rollback_mark
+
     def _update_bytes(self, seq: int, job_id: str, update: Any) -> bytes:
         """The cluster page's events of the bus update `seq`, encoded once for every stream
         (the bus numbers ALL_JOBS updates alike for all of its followers)."""
@@ -203,9 +210,9 @@ class EventStreams:
 
             try:
                 replayed = replay(last_step)
-                # The bus's last update of the job that the steps replayed so far reflect (an
-                # older record with fewer steps is no rollback).
-                replayed_seq = self._events.seq[job_id]
+                # The store's rollbacks the replay reflects (a resync replays from the lowest
+                # step of those after it).
+                mark = self._rollback_mark()
                 if replayed:
                     yield replayed
                 while True:
@@ -231,8 +238,17 @@ class EventStreams:
                         update = future.result()
                         dropped = updates.take_dropped()
                         if dropped:  # it lagged: the page refetches, the steps come from here
+                            # (from where a rollback it may have missed went back to)
+                            rolled_back = (
+                                None
+                                if self._rollbacks is None
+                                else self._rollbacks.rolled_back(job_id, mark)
+                            )
+                            mark = self._rollback_mark()
+                            if rolled_back is not None:
+                                last_step = min(last_step, rolled_back - 1)
                             replayed = replay(last_step)
-                            synced_seq = replayed_seq = self._events.seq[job_id]
+                            synced_seq = self._events.seq[job_id]
                             yield _sse("resync", {"dropped": dropped}) + replayed
                         if update.seq <= synced_seq and not update.HasField("metrics"):
                             continue
@@ -242,14 +258,10 @@ class EventStreams:
                                     last_step = data["step"]
                                     yield _sse(kind, data, last_step)
                                 continue
-                            if kind == "job" and update.seq > replayed_seq:
-                                # Fewer steps than were sent: a rollback (its steps from the
-                                # restore point come again as they run; the page replaces
-                                # its own), or steps sent before they were written (none
-                                # of them comes again). The record as published, not as
-                                # translated (the steps run again since may be written).
-                                steps = update.job.steps_completed
-                                last_step = min(last_step, steps - 1)
+                            if kind == "job" and update.HasField("rolled_back_to"):
+                                # Its steps from there run again: they come again as they
+                                # run, and the page replaces its own from there.
+                                last_step = min(last_step, update.rolled_back_to - 1)
                             yield _sse(kind, data)
                             if kind == "job":
                                 yield _sse("why", {"why": self._why(job_id)})

@@ -326,10 +326,15 @@ class Dispatcher:
             if isinstance(result, BaseException):
                 logger.warning("aborting job %s: %r", job_id, result)
 
-    async def unload(self, job_id: str, islands: Sequence[Island]) -> None:
-        """UnloadJob on every host; errors are logged, not raised (best effort cleanup)."""
+    async def unload(
+        self, job_id: str, islands: Sequence[Island], generation: int | None = None
+    ) -> None:
+        """UnloadJob on every host (`generation`: only a load of it or an older one; None:
+        any); errors are logged, not raised (best effort cleanup)."""
         self._step_s.pop(job_id, None)
         request = worker_pb2.UnloadJobRequest(job_id=job_id, epoch=self.epoch)
+        if generation is not None:
+            request.generation = generation
         results = await call_all(islands, "UnloadJob", request, timeout=60, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -229,6 +229,22 @@ class Reporter:
         reply.time.CopyFrom(reply.metrics.time)
         self.events.publish(job_id, reply, count=len(steps))
 
+    def rolled_back(self, job_id: str, step: int) -> None:
+        """The job's recorded steps from `step` on were forgotten (a rollback: they run
+        again): its followers get the steps they had first, then its record marked
+        `rolled_back_to`, so the steps that come after it replace theirs from there."""
+        self.publish_steps(job_id)
+        try:
+            record = self.store.get_job(job_id)
+        except StoreError:
+            return
+        self.events.publish(
+            job_id,
+            controller_pb2.WatchJobReply(
+                time=now(), job=self.views.job(record), rolled_back_to=step
+            ),
+        )
+
     def discard(self, job_id: str) -> None:
         """Forget a job's steps not written yet (an attempt rolled back before they were)."""
         self._batches.pop(job_id, None)

@@ -43,7 +43,7 @@ from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
 from .islands import Island, dead_islands
 from .program import StepProgram
-from .states import CheckpointState, StoreUnavailableError
+from .states import CheckpointState, StoreError
 from .store import JobRecord, JobStore
 from .store_progress import Checkpoint
 
@@ -231,16 +231,19 @@ class Recovery:
                 )
             return attempt, replies
 
-    def on_step(self, attempt: Attempt, committed: Sequence[int]) -> None:
+    def on_step(self, attempt: Attempt, committed: Sequence[int], *, ending: bool = False) -> None:
         """Register the checkpoints the writing islands report committed; apply retention.
 
         Metrics first: a registered checkpoint never runs ahead of the written steps, so a
         batch of steps that is lost (a crash, a write the database refused, dropped at the
         job's next start) lies past the newest checkpoint and is run and recorded again from
         it. When the steps cannot be written (the database locked), nothing is registered
-        now: the next report, or the job's final checkpoint, tries again. Before stop 40 only
-        a step's report checked this; a drain's or the final checkpoint registered past a
-        batch whose write had failed, and the job's next start dropped those steps for good.
+        now: the next report, or a drain's checkpoint, tries again; the job resumes from the
+        checkpoint before. Before stop 40 only a step's report checked this; a drain's
+        checkpoint registered past a batch whose write had failed, and the job's next start
+        dropped those steps for good. `ending`: the job's final checkpoint (it succeeded and
+        does not start again: nothing drops its steps, which the Reporter writes when it
+        can), registered all the same, as jobs that start from it need it.
         """
         new = [s for s in committed if s not in attempt.registered]
         if not new or self.root is None:
@@ -249,9 +252,11 @@ class Recovery:
         if self.flush_metrics is not None:
             try:
                 self.flush_metrics(program.job_id)
-            except StoreUnavailableError as e:
-                logger.warning("%s; checkpoint not registered", e)
-                return
+            except StoreError as e:
+                if not ending:
+                    logger.warning("%s; checkpoint not registered", e)
+                    return
+                logger.warning("%s; the final checkpoint is registered all the same", e)
         restored = attempt.restored
         for step in new:
             attempt.registered.add(step)
@@ -295,7 +300,7 @@ class Recovery:
         except grpc.aio.AioRpcError as e:
             logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
             return
-        self.on_step(attempt, _all_committed(replies))
+        self.on_step(attempt, _all_committed(replies), ending=True)
 
     async def checkpoint_now(self, attempt: Attempt, islands: Sequence[Island], step: int) -> bool:
         """Make sure a committed checkpoint holds the state after `step` applied steps (the

@@ -312,10 +312,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             # The bus's last update of the job that the record sent last reflects: an update
             # of the record queued before it (seq not above) would take the watcher back.
             synced_seq = self.controller.events.seq[record.id]
+            # The store's rollbacks the replay reflects (a resync replays from the lowest
+            # step of those after it: `rolled_back`).
+            mark = self.store.rollback_mark
             record = self.store.get_job(record.id)
-            yield controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
-            last_step = request.from_step - 1
-            for reply in self._replay(record, request.from_step, batch):
+            view = self.views.job(record)
+            yield controller_pb2.WatchJobReply(time=now(), job=view)
+            replay_from = request.from_step
+            if view.steps_completed < replay_from:
+                # A caller back after a controller restart, with steps the job has since
+                # lost and runs again: sent again from where it went back to.
+                replay_from = self.store.restore_point(record.id, view.steps_completed)
+            last_step = replay_from - 1
+            for reply in self._replay(record, replay_from, batch):
                 last_step = _last_step(reply)
                 yield reply
             if record.state.terminal:
@@ -327,19 +336,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 dropped = queue.take_dropped()
                 if dropped:
                     # It lagged and lost updates: the record again, then the steps it missed
-                    # from the store (the live ones after them follow as usual).
+                    # from the store (the live ones after them follow as usual), from where
+                    # a rollback it may have missed went back to.
                     self._flush(record.id)
                     synced_seq = self.controller.events.seq[record.id]
+                    rolled_back = self.store.rolled_back(record.id, mark)
+                    mark = self.store.rollback_mark
+                    if rolled_back is not None:
+                        last_step = min(last_step, rolled_back - 1)
                     record = self.store.get_job(record.id)
-                    view = self.views.job(record)
-                    yield controller_pb2.WatchJobReply(time=now(), job=view, dropped=dropped)
-                    replay_from = last_step + 1
-                    if view.steps_completed < replay_from:
-                        # Rolled back meanwhile (its steps all written, fewer than were sent):
-                        # the steps from its restore point are sent again, as run since.
-                        replay_from = self.store.restore_point(record.id, view.steps_completed)
-                        last_step = replay_from - 1
-                    for reply in self._replay(record, replay_from, batch):
+                    yield controller_pb2.WatchJobReply(
+                        time=now(), job=self.views.job(record), dropped=dropped
+                    )
+                    for reply in self._replay(record, last_step + 1, batch):
                         last_step = _last_step(reply)
                         yield reply
                     if record.state.terminal:
@@ -361,11 +370,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     continue
                 if update.seq <= synced_seq:
                     continue
-                if update.HasField("job"):
-                    # A record with fewer steps than were sent: a rollback (its steps from
-                    # the restore point run again and are sent again as they come), or steps
-                    # sent before they were written (none of them comes again: no harm).
-                    last_step = min(last_step, update.job.steps_completed - 1)
+                if update.HasField("rolled_back_to"):
+                    # Its steps from there run again: they come again as they run (the
+                    # steps of the run before came before this record).
+                    last_step = min(last_step, update.rolled_back_to - 1)
                 yield update
                 if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
                     return

@@ -868,8 +868,8 @@ def test_what_an_earlier_controller_left_on_the_hosts_is_unloaded_unless_adopted
         for island, jobs in left.items():
             async with grpc.aio.insecure_channel(addresses[island]) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
-                for job_id in jobs:
-                    await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=job_id, generation=1))
+                for job_id in jobs:  # at the generation its record has, as a controller loads
+                    await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=job_id, generation=0))
         async with _controller(sim, store, addresses) as c:
             # No pass has run yet: the leftovers are gone, the kept job waits to be adopted.
             assert set(sim.hosts["island-0"].jobs) == set()
@@ -900,7 +900,8 @@ def test_a_kept_job_placed_elsewhere_is_unloaded_where_it_was_kept(tmp_path) -> 
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             for record, _ in records:
                 store.transition(record.id, JobState.RUNNING, reason="scheduled")
-                await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=record.id, generation=1))
+                # At the generation its record has, as a controller loads it.
+                await stub.LoadJob(worker_pb2.LoadJobRequest(job_id=record.id, generation=0))
         async with _controller(sim, store, addresses):
             ids = {r.id for r, _ in records}
             hosts = sim.hosts

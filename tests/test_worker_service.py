@@ -151,6 +151,22 @@ def test_unknown_job_is_not_found(host: Host) -> None:
     assert not host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="x", epoch=1)).unloaded
 
 
+def test_an_unload_of_an_older_generation_leaves_a_newer_load(host: Host) -> None:
+    """An unload naming a generation (sent for state an earlier controller left) drops only
+    that generation or an older one: a newer load of the job (placed back on the island
+    meanwhile) stays loaded and steps. An unload naming none drops whatever is loaded."""
+    host.stub.LoadJob(load_request(generation=2), timeout=60)
+    older = worker_pb2.UnloadJobRequest(job_id="job-a", epoch=1, generation=1)
+    assert not host.stub.UnloadJob(older, timeout=30).unloaded
+    assert list(host.stub.Info(worker_pb2.InfoRequest(), timeout=10).loaded_jobs) == ["job-a"]
+    assert step(host.stub, "job-a", 0, 0, generation=2).loss > 0
+    same = worker_pb2.UnloadJobRequest(job_id="job-a", epoch=1, generation=2)
+    assert host.stub.UnloadJob(same, timeout=30).unloaded
+    host.stub.LoadJob(load_request(generation=3), timeout=60)
+    assert host.stub.UnloadJob(worker_pb2.UnloadJobRequest(job_id="job-a", epoch=1)).unloaded
+    assert list(host.stub.Info(worker_pb2.InfoRequest(), timeout=10).loaded_jobs) == []
+
+
 def test_run_step_is_idempotent_on_job_generation_step(host: Host) -> None:
     host.stub.LoadJob(load_request(), timeout=60)
     first = step(host.stub, "job-a", 0, 0)

@@ -735,9 +735,18 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
 
     @_rpc
     async def UnloadJob(self, request: worker_pb2.UnloadJobRequest, context) -> Any:
-        """Drop a job; unloading a job that is not loaded is a no-op."""
+        """Drop a job; unloading a job that is not loaded is a no-op, and so is one that
+        names an older generation than the one loaded (its unload was sent for state an
+        earlier controller left, and a new load replaced it)."""
         check_job_id(request.job_id)
         self.order.check_epoch(request.epoch)
+        loaded = self._jobs.get(request.job_id)
+        if (
+            loaded is not None
+            and request.HasField("generation")
+            and loaded.spec.generation > request.generation
+        ):
+            return worker_pb2.UnloadJobReply(unloaded=False)
         job = self._jobs.pop(request.job_id, None)
         if job is not None:
             # A step of the job may wait on a peer that is gone: release it before queueing

@@ -431,6 +431,10 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         )
 
     async def UnloadJob(self, request, context):
+        loaded = self.jobs.get(request.job_id)
+        newer = request.HasField("generation") and loaded is not None
+        if newer and loaded.generation > request.generation:
+            return worker_pb2.UnloadJobReply(unloaded=False)  # a newer load: it stays
         self._cuts.pop(request.job_id, None)
         return worker_pb2.UnloadJobReply(unloaded=self.jobs.pop(request.job_id, None) is not None)
 
