@@ -166,7 +166,7 @@ class Dashboard:
             recorded=self._recorded_steps,
             why=lambda job_id: controller.why(controller.store.get_job(job_id)),
             log_dict=_log,
-            rollbacks=controller.store,
+            rollbacks=controller.reporter,
         )
         self.registry = controller_registry(controller, self.islands, self.job_summary)
 
@@ -568,13 +568,16 @@ class Dashboard:
             from_step = max(from_step, _step_number("header Last-Event-ID", last_id) + 1)
         return await self.streams.one_job(request, job_id, from_step)
 
-    def _recorded_steps(self, job_id: str, from_step: int) -> list[dict[str, Any]]:
+    def _recorded_steps(
+        self, job_id: str, from_step: int, first: bool = False
+    ) -> list[dict[str, Any]]:
         """The job's recorded steps from `from_step` as the pages' `metrics` events, its
         batched steps written first (as WatchJob does: a step batched before a stream
         subscribed was handed to no follower). A locked database leaves the steps not
         written yet out (see ControllerServicer._flush) rather than ending the stream.
-        A job with fewer steps than `from_step` rolled back since the page had them: its
-        steps from the restore point come (the page replaces its own from there)."""
+        On a stream's `first` replay, a job with fewer steps than `from_step` rolled back
+        since the page had them (under an earlier controller: this one tells the stream):
+        its steps from the restore point come (the page replaces its own from there)."""
         try:
             self.controller.reporter.flush(job_id)
         except StoreUnavailableError as e:
@@ -584,9 +587,10 @@ class Dashboard:
             record = store.get_job(job_id)
         except JobNotFoundError:
             return []
-        steps_completed = store.steps_completed(job_id)
-        if steps_completed < from_step:
-            from_step = store.restore_point(job_id, steps_completed)
+        if first:
+            steps_completed = store.steps_completed(job_id)
+            if steps_completed < from_step:
+                from_step = store.restore_point(job_id, steps_completed)
         return [
             self._step_event(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6, m.mfu)
             for m in store.metrics(job_id, from_step=from_step)

@@ -56,9 +56,10 @@ ENCODED_KEPT = 4096
 # (job id, bus update, latest_only) -> the page's events; latest_only: of a batch of steps,
 # only the last (the cluster page shows each job's latest step; a job page charts every one).
 Translate = Callable[[str, controller_pb2.WatchJobReply, bool], list[tuple[str, dict[str, Any]]]]
-# (job id, from_step) -> the job's `metrics` events of its recorded steps from from_step, its
-# batched steps written first.
-Recorded = Callable[[str, int], list[dict[str, Any]]]
+# (job id, from_step, first) -> the job's `metrics` events of its recorded steps from
+# from_step, its batched steps written first (`first`: the stream's first replay, which
+# starts lower when the job rolled back under an earlier controller: see Dashboard).
+Recorded = Callable[[str, int, bool], list[dict[str, Any]]]
 
 
 class EventStreams:
@@ -72,8 +73,8 @@ class EventStreams:
         recorded: a job's recorded steps from a step on, as a job page's `metrics` events.
         why: one sentence on why a job is (not) running.
         log_dict: one log record as the job page shows it.
-        rollbacks: the store's rollbacks (`rollback_mark`, `rolled_back(job_id, mark)`);
-            None: none are known.
+        rollbacks: the rollbacks told to followers (the Reporter's `rollback_mark` and
+            `rolled_back_since(job_id, mark)`); None: none are known.
     """
 
     def __init__(
@@ -201,15 +202,15 @@ class EventStreams:
             # at least (an update queued before it would take the page back).
             synced_seq = 0
 
-            def replay(after: int) -> bytes:  # subscribed: no step is missed
+            def replay(after: int, first: bool = False) -> bytes:  # subscribed: none missed
                 nonlocal last_step
-                events = self._recorded(job_id, after + 1)
+                events = self._recorded(job_id, after + 1, first)
                 if events:
                     last_step = events[-1]["step"]
                 return b"".join(_sse("metrics", data, data["step"]) for data in events)
 
             try:
-                replayed = replay(last_step)
+                replayed = replay(last_step, first=True)
                 # The store's rollbacks the replay reflects (a resync replays from the lowest
                 # step of those after it).
                 mark = self._rollback_mark()
@@ -242,7 +243,7 @@ class EventStreams:
                             rolled_back = (
                                 None
                                 if self._rollbacks is None
-                                else self._rollbacks.rolled_back(job_id, mark)
+                                else self._rollbacks.rolled_back_since(job_id, mark)
                             )
                             mark = self._rollback_mark()
                             if rolled_back is not None:
@@ -250,8 +251,8 @@ class EventStreams:
                             replayed = replay(last_step)
                             synced_seq = self._events.seq[job_id]
                             yield _sse("resync", {"dropped": dropped}) + replayed
-                        if update.seq <= synced_seq and not update.HasField("metrics"):
-                            continue
+                        if update.seq <= synced_seq:
+                            continue  # in what the resync replayed, or older than it
                         for kind, data in self._translate(job_id, update, False):
                             if kind == "metrics":
                                 if data["step"] > last_step:  # not sent already
@@ -260,8 +261,9 @@ class EventStreams:
                                 continue
                             if kind == "job" and update.HasField("rolled_back_to"):
                                 # Its steps from there run again: they come again as they
-                                # run, and the page replaces its own from there.
+                                # run, and the page drops its own from there.
                                 last_step = min(last_step, update.rolled_back_to - 1)
+                                data = {**data, "rolled_back_to": update.rolled_back_to}
                             yield _sse(kind, data)
                             if kind == "job":
                                 yield _sse("why", {"why": self._why(job_id)})

@@ -16,6 +16,7 @@ controller's counters.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import json
@@ -86,6 +87,12 @@ class Reporter:
         # (the record, and each step's row and the time it was recorded; the reply is made when
         # published).
         self._unpublished: dict[str, tuple[JobRecord, list[tuple[Any, ...]]]] = {}
+        # Per job, the last step handed to its followers (a rollback below it is told).
+        self._sent_to: dict[str, int] = {}
+        # The rollbacks told to followers, numbered: per job its latest (number, step) ones;
+        # `rollback_mark` is the number of the last (`rolled_back_since`).
+        self._rollbacks: dict[str, collections.deque[tuple[int, int]]] = {}
+        self.rollback_mark = 0
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
         """Move a job to `state` in the store, log it and tell its followers."""
@@ -228,22 +235,46 @@ class Reporter:
             fill(metrics, record, step, loss, tps, step_time_s, mfu, sources)
         reply.time.CopyFrom(reply.metrics.time)
         self.events.publish(job_id, reply, count=len(steps))
+        self._sent_to.pop(job_id, None)  # (kept in the order of the latest)
+        self._sent_to[job_id] = steps[-1][0]
+        if len(self._sent_to) > SENT_TO_KEPT:
+            del self._sent_to[next(iter(self._sent_to))]
 
-    def rolled_back(self, job_id: str, step: int) -> None:
+    def rolled_back(self, job_id: str, step: int, forgotten: int = 0) -> None:
         """The job's recorded steps from `step` on were forgotten (a rollback: they run
-        again): its followers get the steps they had first, then its record marked
-        `rolled_back_to`, so the steps that come after it replace theirs from there."""
-        self.publish_steps(job_id)
+        again; `forgotten` rows of them were written). If there were any, or its followers
+        were handed any (written or not), they get its record marked `rolled_back_to`,
+        after the steps they had, so the steps that come after it replace theirs from
+        there. Never raises (the rollback is written)."""
         try:
+            self.publish_steps(job_id)
+            if not forgotten and self._sent_to.get(job_id, -1) < step:
+                return  # nothing of it was recorded or handed to anyone (a first load)
+            self._sent_to[job_id] = step - 1
+            self.rollback_mark += 1
+            kept = self._rollbacks.pop(job_id, None) or collections.deque(maxlen=ROLLBACKS_KEPT)
+            kept.append((self.rollback_mark, step))
+            self._rollbacks[job_id] = kept  # (in the order of the latest)
+            if len(self._rollbacks) > SENT_TO_KEPT:
+                del self._rollbacks[next(iter(self._rollbacks))]
             record = self.store.get_job(job_id)
-        except StoreError:
-            return
-        self.events.publish(
-            job_id,
-            controller_pb2.WatchJobReply(
+            reply = controller_pb2.WatchJobReply(
                 time=now(), job=self.views.job(record), rolled_back_to=step
-            ),
-        )
+            )
+            self.events.publish(job_id, reply)
+        except Exception:  # noqa: BLE001 - its followers resync from the store instead
+            logger.exception("telling the followers of job %s of its rollback", job_id)
+
+    def rolled_back_since(self, job_id: str, since: int) -> int | None:
+        """The lowest step the job's rollbacks told after mark `since` (an earlier
+        `rollback_mark`) went back to, or None: a follower that lagged past them gets its
+        steps again from there. 0 when more happened than are kept (from the start)."""
+        kept = self._rollbacks.get(job_id)
+        if not kept or kept[-1][0] <= since:
+            return None
+        if kept[0][0] <= since or len(kept) < ROLLBACKS_KEPT:
+            return min(step for mark, step in kept if mark > since)
+        return 0
 
     def discard(self, job_id: str) -> None:
         """Forget a job's steps not written yet (an attempt rolled back before they were)."""
@@ -300,6 +331,10 @@ class Reporter:
 
 # Longest time a job's step rows and host log lines wait to be written.
 FLUSH_S = 0.25
+# Jobs whose last step handed to followers, and whose rollbacks told, are kept (the latest).
+SENT_TO_KEPT = 4096
+# Rollbacks kept per job for followers that lagged past them (`rolled_back_since`).
+ROLLBACKS_KEPT = 8
 FLUSH_RETRY_S = 1.0  # a batch whose write failed (the database locked) is tried again after
 # Jobs whose last write time is kept past this many, only while under FLUSH_S old.
 FLUSHED_KEPT = 1024

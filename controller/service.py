@@ -314,7 +314,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             synced_seq = self.controller.events.seq[record.id]
             # The store's rollbacks the replay reflects (a resync replays from the lowest
             # step of those after it: `rolled_back`).
-            mark = self.store.rollback_mark
+            mark = self.controller.reporter.rollback_mark
             record = self.store.get_job(record.id)
             view = self.views.job(record)
             yield controller_pb2.WatchJobReply(time=now(), job=view)
@@ -340,8 +340,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     # a rollback it may have missed went back to.
                     self._flush(record.id)
                     synced_seq = self.controller.events.seq[record.id]
-                    rolled_back = self.store.rolled_back(record.id, mark)
-                    mark = self.store.rollback_mark
+                    rolled_back = self.controller.reporter.rolled_back_since(record.id, mark)
+                    mark = self.controller.reporter.rollback_mark
                     if rolled_back is not None:
                         last_step = min(last_step, rolled_back - 1)
                     record = self.store.get_job(record.id)
@@ -354,7 +354,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     if record.state.terminal:
                         return
                 if update.HasField("metrics"):
-                    # A bus update carries the steps of a batch (jobs.py's Reporter).
+                    # A bus update carries the steps of a batch (jobs.py's Reporter). One the
+                    # record sent last reflects is in the replay, or of a run rolled back
+                    # since (its rollback's record was before the resync): not sent.
+                    if update.seq <= synced_seq:
+                        continue
                     updates = [update]
                     if batch:
                         # Replies at most every BATCH_STEPS_S while steps keep coming: wait

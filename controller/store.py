@@ -146,8 +146,6 @@ class JobStore(ProgressTables):
         self.path = Path(path)
         self._clock_us = clock_us
         self._mutex = threading.RLock()
-        self._rollbacks = {}
-        self.rollback_mark = 0
         self.on_rollback = None
         # Bumped at every change of the jobs table (not of events or metrics): the
         # scheduling queue is read again only after one.

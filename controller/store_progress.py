@@ -9,7 +9,6 @@ old ones deleted rather than forgetting them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import sqlite3
@@ -17,9 +16,6 @@ import threading
 from collections.abc import Callable, Iterable
 
 from .states import CheckpointState, StoreError
-
-# Rollbacks remembered per job for its followers (`rolled_back`).
-ROLLBACKS_KEPT = 8
 
 
 class MetricConflictError(StoreError):
@@ -76,12 +72,9 @@ class ProgressTables:
     _conn: sqlite3.Connection
     _mutex: threading.RLock
     _clock_us: Callable[[], int]
-    # This process's rollbacks (`truncate_metrics`), numbered: per job, its latest
-    # (number, step) ones; `rollback_mark` is the number of the last (see `rolled_back`).
-    _rollbacks: dict[str, collections.deque[tuple[int, int]]]
-    rollback_mark: int
-    # Told of each rollback (job id, step) once it is written (the controller's Reporter).
-    on_rollback: Callable[[str, int], None] | None
+    # Told of each rollback (job id, step, metric rows forgotten: `truncate_metrics`) once
+    # it is written (the controller's Reporter, which tells the job's followers).
+    on_rollback: Callable[[str, int, int], None] | None
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -206,24 +199,9 @@ class ProgressTables:
             )
             conn.execute("DELETE FROM evals WHERE job_id = ? AND step > ?", (job_id, from_step))
             # (Steps sent to followers before they were written went too: always noted.)
-            self.rollback_mark += 1
-            kept = self._rollbacks.setdefault(job_id, collections.deque(maxlen=ROLLBACKS_KEPT))
-            kept.append((self.rollback_mark, from_step))
         if self.on_rollback is not None:
-            self.on_rollback(job_id, from_step)
+            self.on_rollback(job_id, from_step, cur.rowcount)
         return cur.rowcount
-
-    def rolled_back(self, job_id: str, since: int) -> int | None:
-        """The lowest step a rollback of the job after mark `since` (an earlier
-        `rollback_mark`) went back to, or None: a follower that was sent steps up to then
-        gets them again from there, as they run again. Rollbacks this process did not do
-        (before a restart) are not known here (`restore_point`)."""
-        kept = self._rollbacks.get(job_id)
-        if not kept or kept[-1][0] <= since:
-            return None
-        if kept[0][0] <= since or len(kept) < ROLLBACKS_KEPT:
-            return min(step for mark, step in kept if mark > since)
-        return 0  # more rollbacks since than kept: from the start
 
     def metrics(self, job_id: str, *, from_step: int = 0) -> list[MetricRow]:
         """A job's recorded steps >= from_step, in step order."""
@@ -297,7 +275,7 @@ class ProgressTables:
 
     def restore_point(self, job_id: str, steps_completed: int) -> int:
         """Where a job found with fewer recorded steps than a follower was sent (by an
-        earlier controller: `rolled_back` knows this one's) rolled back to, at the latest:
+        earlier controller: the Reporter's `rolled_back` knows this one's) rolled back to:
         its newest committed checkpoint at most `steps_completed` steps in, else 0 (the
         steps a follower saw from there may have run again since)."""
         steps = [c.step for c in self.checkpoints(job_id) if c.step <= steps_completed]

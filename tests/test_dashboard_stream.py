@@ -69,7 +69,7 @@ def test_many_pages_get_every_update_and_share_the_overview() -> None:
             EventBus(),
             overview=overview,
             translate=translate,
-            recorded=lambda job_id, from_step: [],
+            recorded=lambda job_id, from_step, first: [],
             why=lambda job_id: "",
             log_dict=lambda record: {},
         )

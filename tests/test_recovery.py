@@ -219,3 +219,49 @@ def test_a_checkpoint_is_registered_only_once_the_steps_before_it_are_written(st
     reporter.discard("j")  # the job's next start drops what is still unwritten
     assert [c.step for c in store.checkpoints("j")] == [4]
     assert [m.step for m in store.metrics("j")] == [0, 1, 2, 3]
+
+
+def test_a_rollback_is_told_to_followers_who_had_its_steps_and_kept_for_laggards(store):
+    """A rollback is told to the job's followers (its record with `rolled_back_to`, after
+    the steps they had) when they had steps from there or some were recorded, not on a
+    first load; a follower that lagged past several finds the lowest since its mark, and 0
+    when more happened than are kept (it replays from the start)."""
+    from pathways_lite.controller.bus import EventBus, LogBuffer
+    from pathways_lite.controller.dispatch import StepReport
+    from pathways_lite.controller.jobs import ROLLBACKS_KEPT, Reporter
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.views import Views
+
+    views = Views(store, Scheduler(["island-0"], {"island-0": 1}), {}, {}, lambda r: None)
+    events = EventBus()
+    reporter = Reporter(store, views, events, LogBuffer())
+    store.on_rollback = reporter.rolled_back  # as the controller wires them
+    follower = events.subscribe("j")
+    store.truncate_metrics("j", 0)  # a first load: nothing to tell
+    assert follower.empty()
+    mark = reporter.rollback_mark
+    record = store.get_job("j")
+    for step in range(6):
+        reporter.step(record, StepReport(step, 1.0, 100.0, 0.01, ()))
+    reporter.flush("j")
+    store.truncate_metrics("j", 4)
+    store.truncate_metrics("j", 2)
+    later = reporter.rollback_mark
+    told = []
+    while not follower.empty():
+        update = follower.get_nowait()
+        told.append(
+            ("steps", update.metrics.step, len(update.more_metrics))
+            if update.HasField("metrics")
+            else ("rolled back to", update.rolled_back_to)
+        )
+    # The steps first (0 at once, 1-5 at the flush), then the rollbacks in order.
+    assert told == [("steps", 0, 0), ("steps", 1, 4), ("rolled back to", 4), ("rolled back to", 2)]
+    assert reporter.rolled_back_since("j", mark) == 2
+    assert reporter.rolled_back_since("j", later) is None
+    assert reporter.rolled_back_since("other", mark) is None
+    for _ in range(ROLLBACKS_KEPT - 1):  # (the one at 2 before `later` still kept)
+        store.record_metrics("j", 2, 1.0)  # (recorded: each rollback forgets it)
+        store.truncate_metrics("j", 2)
+    assert reporter.rolled_back_since("j", later) == 2
+    assert reporter.rolled_back_since("j", mark) == 0  # some it needs are no longer kept

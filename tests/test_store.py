@@ -544,27 +544,14 @@ def test_a_job_is_found_by_id_then_unique_name_then_unique_id_prefix(store) -> N
         store.find_job("nothing%")
 
 
-def test_rollbacks_are_told_and_followers_find_the_lowest_since_their_mark(store):
-    """Each rollback (`truncate_metrics`) is told to the store's `on_rollback` (the controller
-    publishes it to the job's followers) and numbered: a follower that lagged past some asks
-    for the lowest step those after its mark went back to, and gets 0 when more happened
-    than are kept (it replays from the start rather than keep a rolled-back run's steps)."""
-    from pathways_lite.controller.store_progress import ROLLBACKS_KEPT
-
+def test_a_rollback_is_told_once_written_with_the_rows_it_forgot(store):
+    """`truncate_metrics` tells `on_rollback` (the controller's Reporter, which tells the
+    job's followers) the job, the step and how many recorded steps it forgot."""
     job = store.create_job(SPEC).id
+    for step in range(5):
+        store.record_metrics(job, step, 1.0)
     told = []
-    store.on_rollback = lambda job_id, step: told.append((job_id, step))
-    mark = store.rollback_mark
-    assert store.rolled_back(job, mark) is None
-    store.truncate_metrics(job, 40)
-    store.truncate_metrics(job, 30)
-    later = store.rollback_mark
-    store.truncate_metrics(job, 50)
-    assert told == [(job, 40), (job, 30), (job, 50)]
-    assert store.rolled_back(job, mark) == 30
-    assert store.rolled_back(job, later) == 50
-    assert store.rolled_back(job, store.rollback_mark) is None
-    assert store.rolled_back("another", mark) is None
-    for step in range(ROLLBACKS_KEPT):
-        store.truncate_metrics(job, 60 + step)
-    assert store.rolled_back(job, mark) == 0  # some it would need are no longer kept
+    store.on_rollback = lambda *args: told.append(args)
+    store.truncate_metrics(job, 3)
+    store.truncate_metrics(job, 0)
+    assert told == [(job, 3, 2), (job, 0, 3)]

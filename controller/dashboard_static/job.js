@@ -289,6 +289,14 @@
     const source = stream(`/api/jobs/${encodeURIComponent(jobId)}/stream?from_step=${fromStep}`, {
       job: (j) => {
         renderJob(j);
+        if (j.rolled_back_to !== undefined) {
+          // Its steps from there were forgotten and run again: the charts drop them now.
+          rollBack(j.rolled_back_to);
+          lastStep = Math.min(lastStep, j.rolled_back_to - 1);
+          addEvent({ time: Date.now() / 1000, kind: "rollback",
+            message: `Rolled back to step ${j.rolled_back_to}: the steps from there run again.` }, true);
+          return;
+        }
         addEvent({ time: Date.now() / 1000, kind: "state",
           message: `Job ${j.state}${j.reason ? ` (${j.reason})` : ""}.${j.message ? " " + j.message : ""}` }, true);
       },
