@@ -73,8 +73,9 @@ class EventStreams:
         recorded: a job's recorded steps from a step on, as a job page's `metrics` events.
         why: one sentence on why a job is (not) running.
         log_dict: one log record as the job page shows it.
-        rollbacks: the rollbacks told to followers (the Reporter's `rollback_mark` and
-            `rolled_back_since(job_id, mark)`); None: none are known.
+        rollbacks: the rollbacks told to followers (the Reporter's `rollback_mark`,
+            `rolled_back_since(job_id, mark)` and `old_run(job_id, update)`); None: none
+            are known.
     """
 
     def __init__(
@@ -160,6 +161,9 @@ class EventStreams:
 
     def _rollback_mark(self) -> int:
         return 0 if self._rollbacks is None else self._rollbacks.rollback_mark
+
+    def _old_run(self, job_id: str, update: Any) -> bool:
+        return self._rollbacks is not None and self._rollbacks.old_run(job_id, update)
 
     def _update_bytes(self, seq: int, job_id: str, update: Any) -> bytes:
         """The cluster page's events of the bus update `seq`, encoded once for every stream
@@ -251,8 +255,12 @@ class EventStreams:
                             replayed = replay(last_step)
                             synced_seq = self._events.seq[job_id]
                             yield _sse("resync", {"dropped": dropped}) + replayed
-                        if update.seq <= synced_seq:
-                            continue  # in what the resync replayed, or older than it
+                        # Older than the resync: a record, or steps of a run rolled back
+                        # before it (in the replay, or forgotten); other steps go by step.
+                        if update.seq <= synced_seq and (
+                            not update.HasField("metrics") or self._old_run(job_id, update)
+                        ):
+                            continue
                         for kind, data in self._translate(job_id, update, False):
                             if kind == "metrics":
                                 if data["step"] > last_step:  # not sent already

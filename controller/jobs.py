@@ -89,9 +89,10 @@ class Reporter:
         self._unpublished: dict[str, tuple[JobRecord, list[tuple[Any, ...]]]] = {}
         # Per job, the last step handed to its followers (a rollback below it is told).
         self._sent_to: dict[str, int] = {}
-        # The rollbacks told to followers, numbered: per job its latest (number, step) ones;
-        # `rollback_mark` is the number of the last (`rolled_back_since`).
-        self._rollbacks: dict[str, collections.deque[tuple[int, int]]] = {}
+        # The rollbacks told to followers, numbered: per job its latest (number, step, the
+        # bus's seq of the record that told it) ones; `rollback_mark` is the number of the
+        # last (`rolled_back_since`).
+        self._rollbacks: dict[str, collections.deque[tuple[int, int, int]]] = {}
         self.rollback_mark = 0
 
     def transition(self, job_id: str, state: JobState, **kwargs: Any) -> JobRecord:
@@ -251,18 +252,19 @@ class Reporter:
             if not forgotten and self._sent_to.get(job_id, -1) < step:
                 return  # nothing of it was recorded or handed to anyone (a first load)
             self._sent_to[job_id] = step - 1
+            reply = controller_pb2.WatchJobReply(time=now(), rolled_back_to=step)
+            try:
+                reply.job.CopyFrom(self.views.job(self.store.get_job(job_id)))
+            except Exception:  # noqa: BLE001 - told without its record
+                logger.exception("the record of job %s for its rollback", job_id)
+            self.events.publish(job_id, reply)
             self.rollback_mark += 1
             kept = self._rollbacks.pop(job_id, None) or collections.deque(maxlen=ROLLBACKS_KEPT)
-            kept.append((self.rollback_mark, step))
+            kept.append((self.rollback_mark, step, reply.seq))
             self._rollbacks[job_id] = kept  # (in the order of the latest)
             if len(self._rollbacks) > SENT_TO_KEPT:
                 del self._rollbacks[next(iter(self._rollbacks))]
-            record = self.store.get_job(job_id)
-            reply = controller_pb2.WatchJobReply(
-                time=now(), job=self.views.job(record), rolled_back_to=step
-            )
-            self.events.publish(job_id, reply)
-        except Exception:  # noqa: BLE001 - its followers resync from the store instead
+        except Exception:  # noqa: BLE001 - the rollback is written all the same
             logger.exception("telling the followers of job %s of its rollback", job_id)
 
     def rolled_back_since(self, job_id: str, since: int) -> int | None:
@@ -273,8 +275,15 @@ class Reporter:
         if not kept or kept[-1][0] <= since:
             return None
         if kept[0][0] <= since or len(kept) < ROLLBACKS_KEPT:
-            return min(step for mark, step in kept if mark > since)
+            return min(step for mark, step, _ in kept if mark > since)
         return 0
+
+    def old_run(self, job_id: str, update: controller_pb2.WatchJobReply) -> bool:
+        """Whether a step update of the job's came before its latest rollback told (its
+        steps are of the run rolled back, or in the store): a stream that has resynced past
+        that rollback drops it, where otherwise a step after its last one sent goes out."""
+        kept = self._rollbacks.get(job_id)
+        return bool(kept) and update.seq < kept[-1][2]
 
     def discard(self, job_id: str) -> None:
         """Forget a job's steps not written yet (an attempt rolled back before they were)."""

@@ -354,10 +354,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     if record.state.terminal:
                         return
                 if update.HasField("metrics"):
-                    # A bus update carries the steps of a batch (jobs.py's Reporter). One the
-                    # record sent last reflects is in the replay, or of a run rolled back
-                    # since (its rollback's record was before the resync): not sent.
-                    if update.seq <= synced_seq:
+                    # A bus update carries the steps of a batch (jobs.py's Reporter). One of a
+                    # run rolled back before the record sent last: not sent (its steps are
+                    # in the replay, or forgotten); any other goes by its steps (one the
+                    # replay lacks, as its write failed, still goes).
+                    reporter = self.controller.reporter
+                    if update.seq <= synced_seq and reporter.old_run(record.id, update):
                         continue
                     updates = [update]
                     if batch:
@@ -366,7 +368,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         wait = sent_at + BATCH_STEPS_S - loop.time()
                         if wait > 0:
                             await asyncio.sleep(wait)
-                        updates += queue.take_steps(BATCH_STEPS_MAX)
+                        updates += [
+                            u
+                            for u in queue.take_steps(BATCH_STEPS_MAX)
+                            if u.seq > synced_seq or not reporter.old_run(record.id, u)
+                        ]
                         sent_at = loop.time()
                     for reply in _step_replies(updates, last_step, batch):
                         last_step = _last_step(reply)

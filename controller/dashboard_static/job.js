@@ -169,11 +169,17 @@
   }
 
   function rollBack(step) {
+    if (!chartsReady) return;
+    // Points not drawn yet from there on are of the run rolled back: dropped, not drawn.
+    for (let i = buffered.length - 1; i >= 0; i--) if (buffered[i].step >= step) buffered.splice(i, 1);
     flush();
     for (const [id] of CHARTS) {
-      const trace = document.getElementById(id).data[0];
-      const cut = trace.x.findIndex((x) => x >= step);
-      if (cut >= 0) Plotly.restyle(id, { x: [trace.x.slice(0, cut)], y: [trace.y.slice(0, cut)] }, [0]);
+      // The steps' line and the loss chart's evaluation markers alike.
+      document.getElementById(id).data.forEach((trace, i) => {
+        if (!trace.x) return;
+        const cut = Array.from(trace.x).findIndex((x) => x >= step);
+        if (cut >= 0) Plotly.restyle(id, { x: [trace.x.slice(0, cut)], y: [trace.y.slice(0, cut)] }, [i]);
+      });
     }
   }
 
@@ -288,15 +294,16 @@
     const fromStep = metrics.length ? metrics[metrics.length - 1].step + 1 : 0;
     const source = stream(`/api/jobs/${encodeURIComponent(jobId)}/stream?from_step=${fromStep}`, {
       job: (j) => {
-        renderJob(j);
         if (j.rolled_back_to !== undefined) {
           // Its steps from there were forgotten and run again: the charts drop them now.
           rollBack(j.rolled_back_to);
           lastStep = Math.min(lastStep, j.rolled_back_to - 1);
+          renderJob(j);  // (after the drawing of the points before it)
           addEvent({ time: Date.now() / 1000, kind: "rollback",
             message: `Rolled back to step ${j.rolled_back_to}: the steps from there run again.` }, true);
           return;
         }
+        renderJob(j);
         addEvent({ time: Date.now() / 1000, kind: "state",
           message: `Job ${j.state}${j.reason ? ` (${j.reason})` : ""}.${j.message ? " " + j.message : ""}` }, true);
       },
