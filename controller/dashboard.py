@@ -626,7 +626,7 @@ class Dashboard:
                     else [update.metrics, *update.more_metrics]
                 )
             ]
-        if update.HasField("job"):
+        if update.HasField("job") or update.HasField("rolled_back_to"):
             return [("job", self.job_summary(record))]
         if update.HasField("event"):
             e = update.event

@@ -74,7 +74,7 @@ class EventStreams:
         why: one sentence on why a job is (not) running.
         log_dict: one log record as the job page shows it.
         rollbacks: the rollbacks told to followers (the Reporter's `rollback_mark`,
-            `rolled_back_since(job_id, mark)` and `old_run(job_id, update)`); None: none
+            `rolled_back_since(job_id, mark)` and `old_run(job_id, update, synced)`); None: none
             are known.
     """
 
@@ -162,8 +162,8 @@ class EventStreams:
     def _rollback_mark(self) -> int:
         return 0 if self._rollbacks is None else self._rollbacks.rollback_mark
 
-    def _old_run(self, job_id: str, update: Any) -> bool:
-        return self._rollbacks is not None and self._rollbacks.old_run(job_id, update)
+    def _old_run(self, job_id: str, update: Any, synced: int) -> bool:
+        return self._rollbacks is not None and self._rollbacks.old_run(job_id, update, synced)
 
     def _update_bytes(self, seq: int, job_id: str, update: Any) -> bytes:
         """The cluster page's events of the bus update `seq`, encoded once for every stream
@@ -258,7 +258,8 @@ class EventStreams:
                         # Older than the resync: a record, or steps of a run rolled back
                         # before it (in the replay, or forgotten); other steps go by step.
                         if update.seq <= synced_seq and (
-                            not update.HasField("metrics") or self._old_run(job_id, update)
+                            not update.HasField("metrics")
+                            or self._old_run(job_id, update, synced_seq)
                         ):
                             continue
                         for kind, data in self._translate(job_id, update, False):

@@ -278,12 +278,14 @@ class Reporter:
             return min(step for mark, step, _ in kept if mark > since)
         return 0
 
-    def old_run(self, job_id: str, update: controller_pb2.WatchJobReply) -> bool:
-        """Whether a step update of the job's came before its latest rollback told (its
-        steps are of the run rolled back, or in the store): a stream that has resynced past
-        that rollback drops it, where otherwise a step after its last one sent goes out."""
-        kept = self._rollbacks.get(job_id)
-        return bool(kept) and update.seq < kept[-1][2]
+    def old_run(self, job_id: str, update: controller_pb2.WatchJobReply, synced: int) -> bool:
+        """Whether a step update of the job's came before a rollback told at or before bus
+        seq `synced` (a stream's resync, which replayed from that rollback's step): its
+        steps are of the run rolled back or in that replay, and the stream drops it. Any
+        other goes by its steps (a rollback told after the resync comes to the stream as
+        its record, after the updates before it)."""
+        kept = self._rollbacks.get(job_id, ())
+        return any(update.seq < seq <= synced for _, _, seq in kept)
 
     def discard(self, job_id: str) -> None:
         """Forget a job's steps not written yet (an attempt rolled back before they were)."""

@@ -359,7 +359,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     # in the replay, or forgotten); any other goes by its steps (one the
                     # replay lacks, as its write failed, still goes).
                     reporter = self.controller.reporter
-                    if update.seq <= synced_seq and reporter.old_run(record.id, update):
+                    if update.seq <= synced_seq and reporter.old_run(record.id, update, synced_seq):
                         continue
                     updates = [update]
                     if batch:
@@ -371,7 +371,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         updates += [
                             u
                             for u in queue.take_steps(BATCH_STEPS_MAX)
-                            if u.seq > synced_seq or not reporter.old_run(record.id, u)
+                            if u.seq > synced_seq or not reporter.old_run(record.id, u, synced_seq)
                         ]
                         sent_at = loop.time()
                     for reply in _step_replies(updates, last_step, batch):

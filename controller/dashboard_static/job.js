@@ -174,11 +174,14 @@
     for (let i = buffered.length - 1; i >= 0; i--) if (buffered[i].step >= step) buffered.splice(i, 1);
     flush();
     for (const [id] of CHARTS) {
-      // The steps' line and the loss chart's evaluation markers alike.
+      // The steps' line from `step` on, and the loss chart's evaluation markers of more
+      // steps than `step` (the restored checkpoint's own evaluation stays).
       document.getElementById(id).data.forEach((trace, i) => {
         if (!trace.x) return;
-        const cut = Array.from(trace.x).findIndex((x) => x >= step);
-        if (cut >= 0) Plotly.restyle(id, { x: [trace.x.slice(0, cut)], y: [trace.y.slice(0, cut)] }, [i]);
+        const xs = Array.from(trace.x), ys = Array.from(trace.y);
+        const keep = xs.map((x) => (i === 0 ? x < step : x <= step));
+        if (keep.every(Boolean)) return;
+        Plotly.restyle(id, { x: [xs.filter((_, k) => keep[k])], y: [ys.filter((_, k) => keep[k])] }, [i]);
       });
     }
   }
