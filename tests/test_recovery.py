@@ -247,9 +247,10 @@ def test_a_rollback_is_told_to_followers_who_had_its_steps_and_kept_for_laggards
     store.truncate_metrics("j", 4)
     store.truncate_metrics("j", 2)
     later = reporter.rollback_mark
-    told = []
+    told, updates = [], []
     while not follower.empty():
         update = follower.get_nowait()
+        updates.append(update)
         told.append(
             ("steps", update.metrics.step, len(update.more_metrics))
             if update.HasField("metrics")
@@ -257,6 +258,13 @@ def test_a_rollback_is_told_to_followers_who_had_its_steps_and_kept_for_laggards
         )
     # The steps first (0 at once, 1-5 at the flush), then the rollbacks in order.
     assert told == [("steps", 0, 0), ("steps", 1, 4), ("rolled back to", 4), ("rolled back to", 2)]
+    # A stream that resynced after the first rollback's record drops the steps before it (in
+    # its replay or forgotten); one that resynced before it takes them by step (the record
+    # comes after them and lowers its last step).
+    steps, first_told = updates[1], updates[2].seq
+    assert reporter.old_run("j", steps, synced=first_told)
+    assert not reporter.old_run("j", steps, synced=first_told - 1)
+    assert not reporter.old_run("j", updates[3], synced=updates[3].seq)  # (a record, after)
     assert reporter.rolled_back_since("j", mark) == 2
     assert reporter.rolled_back_since("j", later) is None
     assert reporter.rolled_back_since("other", mark) is None
