@@ -215,8 +215,8 @@ class EventStreams:
 
             try:
                 replayed = replay(last_step, first=True)
-                # The store's rollbacks the replay reflects (a resync replays from the lowest
-                # step of those after it).
+                # The rollbacks told so far, which the replay reflects (a resync replays from
+                # the lowest step of those told after: `Reporter.rolled_back_since`).
                 mark = self._rollback_mark()
                 if replayed:
                     yield replayed

@@ -312,8 +312,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             # The bus's last update of the job that the record sent last reflects: an update
             # of the record queued before it (seq not above) would take the watcher back.
             synced_seq = self.controller.events.seq[record.id]
-            # The store's rollbacks the replay reflects (a resync replays from the lowest
-            # step of those after it: `rolled_back`).
+            # The rollbacks told so far, which the replay reflects (a resync replays from
+            # the lowest step of those told after: `Reporter.rolled_back_since`).
             mark = self.controller.reporter.rollback_mark
             record = self.store.get_job(record.id)
             view = self.views.job(record)
