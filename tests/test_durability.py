@@ -86,8 +86,9 @@ def host_pid(client: ControllerClient, island: str, host_index: int) -> int:
     raise AssertionError(f"no island {island!r}")
 
 
-def kill_each_past_checkpoint(client, store, targets: dict) -> dict:
-    """SIGKILL a host of each job once it has a committed checkpoint and ran 2 steps beyond.
+def kill_each_past_checkpoint(client, store, targets: dict, ready=lambda: True) -> dict:
+    """SIGKILL a host of each job once it has a committed checkpoint and ran 2 steps beyond
+    (and `ready()`: a bystander is stepping, say).
 
     `targets` maps a job id to (island, host index). The jobs are watched together, not one
     after the other: a job that loads first can run to its end while another is waited for
@@ -102,6 +103,8 @@ def kill_each_past_checkpoint(client, store, targets: dict) -> dict:
         for job_id, (island, host_index) in targets.items():
             checkpoint = None if job_id in killed else store.latest_checkpoint(job_id)
             if checkpoint is None or store.steps_completed(job_id) < checkpoint.step + 2:
+                continue
+            if not ready():
                 continue
             done = store.steps_completed(job_id)
             assert checkpoint.step + 2 < STEPS and done < STEPS, (job_id, checkpoint.step, done)
@@ -148,8 +151,13 @@ def story():
         s = client.submit(load_spec_text(spec_text("bystander", 1, steps=10**6, every=10**5))).id
         placed = {j: list(wait_for(lambda j=j: client.get(j).islands, 60, j)) for j in (v, d, s)}
         out["placement"] = (placed[v], placed[d], placed[s])
+        # Killed once the bystander steps too: a CI run killed V while it still compiled,
+        # and nothing showed whether it stalled.
         killed = kill_each_past_checkpoint(
-            client, store, {v: (placed[v][0], 0), d: (placed[d][0], 1)}
+            client,
+            store,
+            {v: (placed[v][0], 0), d: (placed[d][0], 1)},
+            ready=lambda: store.steps_completed(s) > 0,
         )
         out["kill_v"], out["kill_d"] = killed[v], killed[d]
         out["jobs_1"] = {j: client.wait(j, timeout_s=240) for j in (v, d)}
