@@ -209,6 +209,10 @@ class Admission:
         # islands each waiting job ahead could have once the others leave (`_ahead_still_fit`).
         self._staying: dict[str, int] = {}
         self._could: dict[str, int] = {}
+        # Per pass: (priority, bytes per device, islands) of the residents that never end,
+        # and `_staying` with those a waiter of a priority cannot preempt (`_staying_for`).
+        self._endless: list[tuple[int, int, list[str]]] = []
+        self._staying_at: dict[int, dict[str, int]] = {}
         # (islands, bytes) of jobs held back behind waiters since the last placement.
         self._held_back: set[tuple[int, int]] = set()
 
@@ -661,6 +665,16 @@ class Admission:
             for island in sched.islands_of(job_id):
                 staying[island] += held
         self._staying = staying
+        # Residents that never end (serve jobs stay until cancelled) and are not leaving: a
+        # waiter they outrank or equal (it cannot preempt them) waits for them in vain.
+        self._endless = [
+            (r.priority, held, sched.islands_of(r.job_id))
+            for r in self.runners.values()
+            if _job_kind(r.record) == "serve"
+            and not (r.suspend_requested or r.cancel_requested)
+            and (held := sched.held(r.job_id))
+        ]
+        self._staying_at = {}
 
     def _ahead_still_fit(
         self,
@@ -669,33 +683,64 @@ class Admission:
         islands: Sequence[str],
     ) -> bool:
         """Whether every job waiting ahead could be placed once the jobs it waits on leave,
-        with `demand` on `islands` and the jobs already started past it staying."""
+        with `demand` on `islands` and the jobs already started past it staying. A waiter
+        that could not start while the residents that never end stay (a serve job it cannot
+        preempt) holds no room: it would keep islands idle for as long as they run."""
         sched = self.scheduler
         for waiter, own in ahead:
             need = waiter.bytes_per_device
+            needed = len(own) if own else waiter.islands
+            staying = self._staying_for(waiter.priority)
             without = self._could.get(waiter.job_id)
             if without is None:
                 without = sum(
-                    (sched.budget(i) or math.inf) - self._staying[i] >= need
+                    (sched.budget(i) or math.inf) - staying[i] >= need
                     for i in own or sched.island_ids
                     if i not in sched.down
                 )
+                if staying is not self._staying and without < needed:
+                    # With only the endless residents staying (the jobs started past it
+                    # leave in time), is there room enough for it ever?
+                    ever = sum(
+                        (sched.budget(i) or math.inf) - staying[i] + self._staying[i] >= need
+                        for i in own or sched.island_ids
+                        if i not in sched.down
+                    )
+                    if ever < needed:
+                        without = -1
                 self._could[waiter.job_id] = without
+            if without < 0:
+                continue
             # Islands that `demand` would take from it: room for it before, none after.
             lost = sum(
                 1
                 for i in islands
                 if i not in sched.down
                 and (own is None or i in own)
-                and (sched.budget(i) or math.inf) - self._staying[i] >= need
-                and (sched.budget(i) or math.inf) - self._staying[i] - demand.bytes_per_device
-                < need
+                and (sched.budget(i) or math.inf) - staying[i] >= need
+                and (sched.budget(i) or math.inf) - staying[i] - demand.bytes_per_device < need
             )
             with_ = without - lost
             # Only a placement that takes away room the waiter needs holds it back.
-            if with_ < (len(own) if own else waiter.islands) and with_ < without:
+            if with_ < needed and with_ < without:
                 return False
         return True
+
+    def _staying_for(self, priority: int) -> dict[str, int]:
+        """Bytes per device that stay on each island whatever a waiter of `priority` waits
+        for: the jobs started past the waiters, and the residents that never end which it
+        cannot preempt (`_ahead_changed`)."""
+        endless = [(held, islands) for p, held, islands in self._endless if p >= priority]
+        if not endless:
+            return self._staying
+        staying = self._staying_at.get(priority)
+        if staying is None:
+            staying = dict(self._staying)
+            for held, islands in endless:
+                for island in islands:
+                    staying[island] += held
+            self._staying_at[priority] = staying
+        return staying
 
     def _park(self, record: JobRecord, never: str, *, for_good: bool = True) -> None:
         """A job that can never fit (`for_good`), or not while an island it needs is down: it

@@ -148,9 +148,13 @@ class Cluster:
         self.runners[record.id].islands = islands
         self.store.transition(record.id, JobState.RUNNING, reason="scheduled")
 
-    def submit(self, name: str, islands: int, nbytes: int, priority: int = 0) -> str:
+    def submit(
+        self, name: str, islands: int, nbytes: int, priority: int = 0, kind: str = "train"
+    ) -> str:
         spec = controller_pb2.JobSpec(name=name, islands=islands, devices_per_island=1)
         spec.priority = priority
+        if kind != "train":
+            spec.kind = kind
         record = self.store.create_job(spec, job_id=name)
         self.bytes[record.id] = nbytes
         return record.id
@@ -196,6 +200,32 @@ def test_a_job_behind_a_waiting_one_starts_only_when_it_cannot_hold_that_one_bac
     c.store.transition("big", JobState.SUCCEEDED, reason="completed")
     c.admission.schedule()
     assert "wide" in c.runners and "greedy" not in c.runners
+
+
+def test_a_resident_that_never_ends_holds_no_island_idle_for_a_job_it_blocks(tmp_path):
+    """A serve job stays until cancelled: a 2-island job that waits on its island (and may
+    not preempt it) cannot start while it stays, so it keeps no job behind it off the other,
+    idle island; one that outranks the serve job suspends it and holds its room as usual."""
+    c = Cluster(tmp_path)
+    c.submit("svc", 1, 60, kind="serve")
+    c.admission.schedule()
+    assert c.scheduler.islands_of("svc") == ["island-0"]
+    c.submit("wide", 2, 60)
+    c.submit("small", 1, 60)
+    c.admission.schedule()
+    assert "wide" not in c.runners and "Waits on svc." in c.admission.pending["wide"]
+    assert c.scheduler.islands_of("small") == ["island-1"]
+
+    d = Cluster(tmp_path / "outranked")
+    d.submit("svc", 1, 60, kind="serve")
+    d.admission.schedule()
+    d.submit("wide", 2, 60, priority=5)
+    d.submit("small", 1, 60)
+    d.admission.schedule()
+    assert d.runners["svc"].suspend_requested and "small" not in d.runners
+    d.suspend("svc")
+    d.admission.schedule()
+    assert d.scheduler.islands_of("wide") == ["island-0", "island-1"]
 
 
 def test_admission_and_preemption_pick_islands_of_one_host_count(tmp_path):
