@@ -191,6 +191,10 @@ class StepGate(Protocol):
         host-measured seconds in all (None when it failed or was cut short)."""
         ...
 
+    def refund(self, job_id: str, islands: list[str]) -> None:
+        """The slice granted last was never sent: its slot back, its charge taken back."""
+        ...
+
 
 OVERLAP_MODES = ("auto", "on", "off")
 
@@ -775,14 +779,14 @@ class Dispatcher:
                 state.closed or stopping()
             ):
                 # Granted just before an island of it began to serve (or while its slices
-                # are being cut): give the slot back and ask again.
+                # are being cut): give the slot back, uncharged, and ask again.
                 if gate is not None:
-                    gate.done(job_id, island_ids, None, count)
+                    gate.refund(job_id, island_ids)
                 return
             if state.closed or stopping():
                 state.stopped = True
                 if gate is not None:
-                    gate.done(job_id, island_ids, None, count)
+                    gate.refund(job_id, island_ids)
                 return
             last = state.next_step + count - 1
             checkpoint = -1

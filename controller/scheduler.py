@@ -414,7 +414,7 @@ class Scheduler:
         except asyncio.CancelledError:
             # Granted just before the asker gave up: free the slot it will never use.
             if waiter.done() and not waiter.cancelled() and waiter.result():
-                self.done(job_id, slots.islands, None, steps)
+                self.refund(job_id, slots.islands)
             raise
 
     def done(
@@ -422,13 +422,8 @@ class Scheduler:
     ) -> None:
         """A granted slice of `steps` steps finished on its hosts in `step_s` seconds in all
         (None: failed or cut short): free its slots, learn its step time."""
-        for island in islands:
-            self._inflight[island] = max(0, self._inflight[island] - 1)
-        slots = self._jobs.get(job_id)
+        slots = self._free(job_id, islands)
         if slots is not None:
-            slots.inflight = max(0, slots.inflight - 1)
-            if slots.hold_until:  # it asks again once its controller loop has the reply
-                slots.hold_until = self._now() + HOLD_S
             charged = slots.charged.popleft() if slots.charged else None
             if self.share_by == "time" and charged is not None and step_s is not None:
                 # Charge what the step really took instead of the estimate granted on.
@@ -441,6 +436,28 @@ class Scheduler:
                     else (1 - STEP_TIME_EMA) * slots.step_s + STEP_TIME_EMA * per_step
                 )
         self._grant()
+
+    def refund(self, job_id: str, islands: Iterable[str]) -> None:
+        """A granted slice of `steps` steps was never sent (its job stopped, or an island of
+        it began to serve, before it went): free its slots and take back what it was
+        charged, so a job whose grants are given back keeps its share."""
+        slots = self._free(job_id, islands)
+        if slots is not None and slots.charged:
+            # The slice granted last (the slices before it may still run): a job asks for
+            # one slice at a time, and gives a slice back before it asks again.
+            slots.pass_ -= slots.charged.pop() / slots.weight
+        self._grant()
+
+    def _free(self, job_id: str, islands: Iterable[str]) -> _Slots | None:
+        """Free a granted slice's slots; returns the job's stride state (None: it left)."""
+        for island in islands:
+            self._inflight[island] = max(0, self._inflight[island] - 1)
+        slots = self._jobs.get(job_id)
+        if slots is not None:
+            slots.inflight = max(0, slots.inflight - 1)
+            if slots.hold_until:  # it asks again once its controller loop has the reply
+                slots.hold_until = self._now() + HOLD_S
+        return slots
 
     def _cost(self, slots: _Slots) -> float:
         """The estimated cost of a job's next step (seconds, or 1 slot)."""

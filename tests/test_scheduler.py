@@ -72,6 +72,31 @@ def test_stride_scheduler_shares_follow_weights(share_by) -> None:
         assert abs(count["heavy"] / sum(count.values()) - 2 / 3) <= 0.02, (busy, count)
 
 
+def test_a_slice_given_back_unsent_costs_its_job_nothing() -> None:
+    """A granted slice that is never sent (an island of its job began to serve, the job
+    stopped) is given back uncharged: its job keeps its turn, and a slice of it still in
+    flight is charged (and corrected) as usual."""
+
+    async def main() -> None:
+        sched = Scheduler(["island-0"], slots=2, share_by="time")
+        sched.join("a", ["island-0"], 1.0)
+        sched.join("b", ["island-0"], 1.0)
+        assert await sched.acquire("a", 4)
+        sched.done("a", ["island-0"], 0.4, 4)  # a step time learned: 0.1 s
+        assert sched.passes()["a"] == pytest.approx(0.4)
+        assert await sched.acquire("a", 4)  # in flight: charged 0.4
+        assert await sched.acquire("a", 4)  # granted, then given back unsent
+        assert sched.passes()["a"] == pytest.approx(1.2)
+        sched.refund("a", ["island-0"])
+        assert sched.passes()["a"] == pytest.approx(0.8)
+        sched.done("a", ["island-0"], 0.2, 4)  # the one in flight ran faster than charged
+        assert sched.passes()["a"] == pytest.approx(0.6)
+        sched.leave("a")
+        sched.leave("b")
+
+    asyncio.run(main())
+
+
 def test_down_islands_take_no_jobs_until_they_are_back() -> None:
     """The scheduler alone: an island marked down (its hosts lost) is never chosen, an
     explicit placement on it is refused, `why` names it, and it takes jobs again once up."""

@@ -437,6 +437,9 @@ class _FailingGate:
     def done(self, job_id, islands, step_s, steps=1) -> None:
         pass
 
+    def refund(self, job_id, islands) -> None:
+        pass
+
 
 def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
     """`Dispatcher.abandon` (a cancel) cancels the streams while the run waits for a reply:
