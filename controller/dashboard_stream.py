@@ -35,6 +35,7 @@ from aiohttp import web
 from pathways_lite.v1 import controller_pb2
 
 from .bus import ALL_JOBS, dropped_logs_record
+from .jobs import Following
 
 SSE_HEARTBEAT_S = 15.0
 # A cluster page's stream sends at most one overview per OVERVIEW_EVERY_S (a busy cluster steps
@@ -159,12 +160,6 @@ class EventStreams:
 
         return await self._serve(request, chunks())
 
-    def _rollback_mark(self) -> int:
-        return 0 if self._rollbacks is None else self._rollbacks.rollback_mark
-
-    def _old_run(self, job_id: str, update: Any, synced: int) -> bool:
-        return self._rollbacks is not None and self._rollbacks.old_run(job_id, update, synced)
-
     def _update_bytes(self, seq: int, job_id: str, update: Any) -> bytes:
         """The cluster page's events of the bus update `seq`, encoded once for every stream
         (the bus numbers ALL_JOBS updates alike for all of its followers)."""
@@ -201,23 +196,18 @@ class EventStreams:
         async def chunks() -> AsyncIterator[bytes]:
             updates = self._events.subscribe(job_id)
             logs = self._logs.subscribe(job_id)
-            last_step = from_step - 1
-            # The bus's last update of the job that the page's refetch after a resync reflects
-            # at least (an update queued before it would take the page back).
-            synced_seq = 0
+            # The page's last step, and the bus's update that its refetch after a resync
+            # reflects at least (an update queued before it would take the page back).
+            follow = Following(self._rollbacks, job_id, from_step - 1)
 
-            def replay(after: int, first: bool = False) -> bytes:  # subscribed: none missed
-                nonlocal last_step
-                events = self._recorded(job_id, after + 1, first)
+            def replay(first: bool = False) -> bytes:  # subscribed: none missed
+                events = self._recorded(job_id, follow.last_step + 1, first)
                 if events:
-                    last_step = events[-1]["step"]
+                    follow.last_step = events[-1]["step"]
                 return b"".join(_sse("metrics", data, data["step"]) for data in events)
 
             try:
-                replayed = replay(last_step, first=True)
-                # The rollbacks told so far, which the replay reflects (a resync replays from
-                # the lowest step of those told after: `Reporter.rolled_back_since`).
-                mark = self._rollback_mark()
+                replayed = replay(first=True)
                 if replayed:
                     yield replayed
                 while True:
@@ -244,34 +234,22 @@ class EventStreams:
                         dropped = updates.take_dropped()
                         if dropped:  # it lagged: the page refetches, the steps come from here
                             # (from where a rollback it may have missed went back to)
-                            rolled_back = (
-                                None
-                                if self._rollbacks is None
-                                else self._rollbacks.rolled_back_since(job_id, mark)
-                            )
-                            mark = self._rollback_mark()
-                            if rolled_back is not None:
-                                last_step = min(last_step, rolled_back - 1)
-                            replayed = replay(last_step)
-                            synced_seq = self._events.seq[job_id]
+                            follow.lagged()
+                            replayed = replay()
+                            follow.synced(self._events.seq[job_id])
                             yield _sse("resync", {"dropped": dropped}) + replayed
-                        # Older than the resync: a record, or steps of a run rolled back
-                        # before it (in the replay, or forgotten); other steps go by step.
-                        if update.seq <= synced_seq and (
-                            not update.HasField("metrics")
-                            or self._old_run(job_id, update, synced_seq)
-                        ):
+                        if follow.stale(update):
                             continue
                         for kind, data in self._translate(job_id, update, False):
                             if kind == "metrics":
-                                if data["step"] > last_step:  # not sent already
-                                    last_step = data["step"]
-                                    yield _sse(kind, data, last_step)
+                                if data["step"] > follow.last_step:  # not sent already
+                                    follow.last_step = data["step"]
+                                    yield _sse(kind, data, follow.last_step)
                                 continue
                             if kind == "job" and update.HasField("rolled_back_to"):
                                 # Its steps from there run again: they come again as they
                                 # run, and the page drops its own from there.
-                                last_step = min(last_step, update.rolled_back_to - 1)
+                                follow.told(update)
                                 data = {**data, "rolled_back_to": update.rolled_back_to}
                             yield _sse(kind, data)
                             if kind == "job":

@@ -351,6 +351,60 @@ FLUSH_RETRY_S = 1.0  # a batch whose write failed (the database locked) is tried
 FLUSHED_KEPT = 1024
 
 
+class Following:
+    """Where one follower of a job's bus updates (a WatchJob stream, a job page's event
+    stream) stands with the job's rollbacks: the last step it was sent, the bus sequence
+    number its last sync reflects (the record and the store it was sent then), and the
+    rollbacks told as of then (`Reporter.rollback_mark`).
+
+    Args:
+        rollbacks: the Reporter (`rollback_mark`, `rolled_back_since`, `old_run`); None:
+            no rollback is known (every step goes by its number).
+        job_id: the job followed.
+        last_step: the last step it has (from_step - 1 before any).
+    """
+
+    def __init__(self, rollbacks: Reporter | None, job_id: str, last_step: int) -> None:
+        self._rollbacks = rollbacks
+        self.job_id = job_id
+        self.last_step = last_step
+        self.synced_seq = 0
+        self.mark = 0 if rollbacks is None else rollbacks.rollback_mark
+
+    def synced(self, seq: int) -> None:
+        """Its record and the store's steps were read with the bus at `seq` (with the
+        rollbacks told so far, which the replay reflects)."""
+        self.synced_seq = seq
+        if self._rollbacks is not None:
+            self.mark = self._rollbacks.rollback_mark
+
+    def lagged(self) -> None:
+        """It lost updates: its replay starts where a rollback it may have missed went back
+        to (`Reporter.rolled_back_since`), before `synced` marks the new sync."""
+        if self._rollbacks is not None:
+            rolled_back = self._rollbacks.rolled_back_since(self.job_id, self.mark)
+            if rolled_back is not None:
+                self.last_step = min(self.last_step, rolled_back - 1)
+
+    def stale(self, update: controller_pb2.WatchJobReply) -> bool:
+        """An update its last sync reflects already: a record, or steps of a run rolled back
+        before it (in the replay, or forgotten); any other step update goes by its steps (one
+        the replay lacks, as its write failed, still goes)."""
+        if update.seq > self.synced_seq:
+            return False
+        if not update.HasField("metrics"):
+            return True
+        return self._rollbacks is not None and self._rollbacks.old_run(
+            self.job_id, update, self.synced_seq
+        )
+
+    def told(self, update: controller_pb2.WatchJobReply) -> None:
+        """A record it is sent: one marked `rolled_back_to` lowers its last step (the steps
+        from there run again and come again as they run)."""
+        if update.HasField("rolled_back_to"):
+            self.last_step = min(self.last_step, update.rolled_back_to - 1)
+
+
 class _HostLines:
     """One host's steps since the last flush: one log line per slice it ran."""
 

@@ -26,6 +26,7 @@ from pathways_lite.workers import rpc
 from . import spec as spec_lib
 from .bus import Follower, dropped_logs_record, now
 from .core import Controller
+from .jobs import Following
 from .sampling import NoRoomError
 from .states import (
     IllegalTransitionError,
@@ -306,15 +307,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         record = self.store.find_job(request.job_id)
         batch = request.batch_steps
         queue = self.controller.events.subscribe(record.id)
+        follow = Following(self.controller.reporter, record.id, request.from_step - 1)
         try:
-            # After subscribing, and with the batched steps written: nothing missed.
+            # After subscribing, and with the batched steps written: nothing missed. An
+            # update of the record queued before the one sent here would take the watcher
+            # back (`Following.stale`).
             self._flush(record.id)
-            # The bus's last update of the job that the record sent last reflects: an update
-            # of the record queued before it (seq not above) would take the watcher back.
-            synced_seq = self.controller.events.seq[record.id]
-            # The rollbacks told so far, which the replay reflects (a resync replays from
-            # the lowest step of those told after: `Reporter.rolled_back_since`).
-            mark = self.controller.reporter.rollback_mark
+            follow.synced(self.controller.events.seq[record.id])
             record = self.store.get_job(record.id)
             view = self.views.job(record)
             yield controller_pb2.WatchJobReply(time=now(), job=view)
@@ -323,9 +322,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 # A caller back after a controller restart, with steps the job has since
                 # lost and runs again: sent again from where it went back to.
                 replay_from = self.store.restore_point(record.id, view.steps_completed)
-            last_step = replay_from - 1
+            follow.last_step = replay_from - 1
             for reply in self._replay(record, replay_from, batch):
-                last_step = _last_step(reply)
+                follow.last_step = _last_step(reply)
                 yield reply
             if record.state.terminal:
                 return
@@ -339,28 +338,21 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     # from the store (the live ones after them follow as usual), from where
                     # a rollback it may have missed went back to.
                     self._flush(record.id)
-                    synced_seq = self.controller.events.seq[record.id]
-                    rolled_back = self.controller.reporter.rolled_back_since(record.id, mark)
-                    mark = self.controller.reporter.rollback_mark
-                    if rolled_back is not None:
-                        last_step = min(last_step, rolled_back - 1)
+                    follow.lagged()
+                    follow.synced(self.controller.events.seq[record.id])
                     record = self.store.get_job(record.id)
                     yield controller_pb2.WatchJobReply(
                         time=now(), job=self.views.job(record), dropped=dropped
                     )
-                    for reply in self._replay(record, last_step + 1, batch):
-                        last_step = _last_step(reply)
+                    for reply in self._replay(record, follow.last_step + 1, batch):
+                        follow.last_step = _last_step(reply)
                         yield reply
                     if record.state.terminal:
                         return
+                if follow.stale(update):
+                    continue
                 if update.HasField("metrics"):
-                    # A bus update carries the steps of a batch (jobs.py's Reporter). One of a
-                    # run rolled back before the record sent last: not sent (its steps are
-                    # in the replay, or forgotten); any other goes by its steps (one the
-                    # replay lacks, as its write failed, still goes).
-                    reporter = self.controller.reporter
-                    if update.seq <= synced_seq and reporter.old_run(record.id, update, synced_seq):
-                        continue
+                    # A bus update carries the steps of a batch (jobs.py's Reporter).
                     updates = [update]
                     if batch:
                         # Replies at most every BATCH_STEPS_S while steps keep coming: wait
@@ -369,21 +361,14 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                         if wait > 0:
                             await asyncio.sleep(wait)
                         updates += [
-                            u
-                            for u in queue.take_steps(BATCH_STEPS_MAX)
-                            if u.seq > synced_seq or not reporter.old_run(record.id, u, synced_seq)
+                            u for u in queue.take_steps(BATCH_STEPS_MAX) if not follow.stale(u)
                         ]
                         sent_at = loop.time()
-                    for reply in _step_replies(updates, last_step, batch):
-                        last_step = _last_step(reply)
+                    for reply in _step_replies(updates, follow.last_step, batch):
+                        follow.last_step = _last_step(reply)
                         yield reply
                     continue
-                if update.seq <= synced_seq:
-                    continue
-                if update.HasField("rolled_back_to"):
-                    # Its steps from there run again: they come again as they run (the
-                    # steps of the run before came before this record).
-                    last_step = min(last_step, update.rolled_back_to - 1)
+                follow.told(update)
                 yield update
                 if update.HasField("job") and JobState.from_proto(update.job.state).terminal:
                     return

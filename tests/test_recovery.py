@@ -273,3 +273,55 @@ def test_a_rollback_is_told_to_followers_who_had_its_steps_and_kept_for_laggards
         store.truncate_metrics("j", 2)
     assert reporter.rolled_back_since("j", later) == 2
     assert reporter.rolled_back_since("j", mark) == 0  # some it needs are no longer kept
+
+
+def test_a_follower_that_lagged_across_a_rollback_replays_from_where_it_went_back(store):
+    """`Following` (a WatchJob stream's, a job page's): a follower that had steps 0-5 stops
+    reading while the job rolls back to step 2 and runs 2-4 again; its queue drops the
+    rollback's record. Its resync replays from step 2 (from 6, it kept the old run's 2-5),
+    and the updates still queued go by their steps; a record its resync reflects is dropped,
+    and one marked `rolled_back_to` lowers its last step."""
+    from pathways_lite.controller.bus import EventBus, LogBuffer
+    from pathways_lite.controller.dispatch import StepReport
+    from pathways_lite.controller.jobs import Following, Reporter
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.views import Views
+
+    views = Views(store, Scheduler(["island-0"], {"island-0": 1}), {}, {}, lambda r: None)
+    events = EventBus(queue_size=2)
+    reporter = Reporter(store, views, events, LogBuffer())
+    store.on_rollback = reporter.rolled_back  # as the controller wires them
+    queue = events.subscribe("j")
+    follow = Following(reporter, "j", -1)
+    follow.synced(events.seq["j"])
+    record = store.get_job("j")
+    for step in range(6):
+        reporter.step(record, StepReport(step, 1.0, 100.0, 0.01, ()))
+        reporter.flush("j")
+        while not queue.empty():  # it reads as they come
+            update = queue.get_nowait()
+            assert not follow.stale(update)
+            follow.last_step, old_run = update.metrics.step, update
+    assert follow.last_step == 5 and not queue.take_dropped()
+    store.truncate_metrics("j", 2)  # a retry from its checkpoint at 2
+    for step in range(2, 5):
+        reporter.step(record, StepReport(step, 2.0, 100.0, 0.01, ()))
+        reporter.flush("j")
+    update = queue.get_nowait()
+    assert queue.take_dropped() == 2  # the rollback's record and step 2 of the new run
+    follow.lagged()
+    assert follow.last_step == 1  # its replay: steps 2-4 of the new run, from the store
+    follow.synced(events.seq["j"])
+    assert [(m.step, m.loss) for m in store.metrics("j", from_step=2)] == [
+        (2, 2.0),
+        (3, 2.0),
+        (4, 2.0),
+    ]
+    follow.last_step = 4
+    assert not follow.stale(update)  # new-run step 3: it goes by its step (sent already)
+    assert follow.stale(old_run)  # old-run step 5 (read again, say): in the replay, or gone
+    assert follow.stale(controller_pb2.WatchJobReply(job=views.job(record), seq=1))
+    told = controller_pb2.WatchJobReply(rolled_back_to=3, seq=events.seq["j"] + 1)
+    assert not follow.stale(told)
+    follow.told(told)
+    assert follow.last_step == 2
