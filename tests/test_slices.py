@@ -9,6 +9,7 @@ of step rows and the scheduler's slice slots are exercised on their own objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -77,6 +78,59 @@ def slices_of(reports) -> list[list[int]]:
     for r in reports:
         groups.setdefault(r.hosts[0].reply.timings.received_unix_ns, []).append(r.step)
     return [groups[k] for k in sorted(groups)]
+
+
+@contextlib.asynccontextmanager
+async def _sim_island(**spec):
+    """One simulated island host (workers/sim_host.py, real gRPC), connected; stopped after."""
+    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
+
+    sims = SimCluster([SimIsland(**spec)])
+    (island,) = await connect_islands(await sims.start())
+    try:
+        yield sims, island
+    finally:
+        await island.close()
+        await sims.stop()
+
+
+@contextlib.asynccontextmanager
+async def _running(dispatcher: Dispatcher, prog: StepProgram, island: Island, **run_kw):
+    """`dispatcher.run` as a task, cancelled on the way out if it still runs."""
+    run = asyncio.ensure_future(dispatcher.run(prog, [island], **run_kw))
+    try:
+        yield run
+    finally:
+        if not run.done():
+            run.cancel()
+        await asyncio.gather(run, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def _cut_for_serving_at_5(island: Island, job_id: str, epoch: int):
+    """A 30-step job running on `island` under a stride scheduler (shares by steps) that,
+    when its step 5 is read, holds the island for serving and starts a cut of the job (as
+    controller/serve_router.py's ServeArbiter.enter does). Yields (scheduler, the run, the
+    steps read, the cut) once the cut has started."""
+    scheduler = Scheduler([island.id], slots=2, share_by="steps")
+    scheduler.join(job_id, [island.id], 1.0)
+    dispatcher = Dispatcher(epoch, slice_s=0.1)
+    prog = program(job_id, 30)
+    await dispatcher.load(prog, [island])
+    reports: list[int] = []
+    cuts: list[asyncio.Future] = []
+
+    def on_step(report) -> None:
+        reports.append(report.step)
+        if report.step == 5:
+            scheduler.hold_for_serving(island.id, True)
+            cuts.append(asyncio.ensure_future(dispatcher.cut(job_id)))
+
+    async with _running(dispatcher, prog, island, on_step=on_step, gate=scheduler) as run:
+        while not cuts:
+            assert not run.done()
+            await asyncio.sleep(0.01)
+        yield scheduler, run, reports, cuts[0]
 
 
 def test_trivial_steps_go_in_slices_of_many_steps_with_the_losses_of_one_step_each(host):
@@ -445,14 +499,11 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
     """`Dispatcher.abandon` (a cancel) cancels the streams while the run waits for a reply:
     no step after it is read, and the host stops after the step it was running (before, the
     cut waited for the next reply: up to two REPLY_HOLD_S, 50-60 ms, on trivial steps)."""
-    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
     step_s = 0.3
 
     async def main() -> None:
-        sims = SimCluster([SimIsland("abandon", step_s=step_s)])
-        (island,) = await connect_islands(await sims.start())
-        try:
+        async with _sim_island(name="abandon", step_s=step_s) as (_, island):
             dispatcher = Dispatcher(3, slice_s=10.0)
             prog = program("abandon-now", 1000)
             # Mid-step: the next reply is ~0.29 s away.
@@ -476,9 +527,6 @@ def test_an_abandon_cuts_the_slices_in_flight_at_once_not_at_the_next_reply():
             # The step in progress completed; none started after the abandon.
             assert len(ran) == 5, [e.step for e in ran]
             assert max(e.start_unix_ns for e in ran) < cancel_ns
-        finally:
-            await island.close()
-            await sims.stop()
 
     asyncio.run(main())
 
@@ -771,62 +819,24 @@ def test_a_slices_steps_already_run_are_replayed_and_their_numbers_skipped(host)
     asyncio.run(main())
 
 
-def _cut_for_serving_at(dispatcher, scheduler, island: str, job_id: str, step: int, cuts: list):
-    """An on_step that, when `step` is read, holds `island` for serving and starts a cut of
-    `job_id` (as controller/serve_router.py's ServeArbiter.enter does), into `cuts`."""
-
-    def on_step(report) -> None:
-        if report.step == step:
-            scheduler.hold_for_serving(island, True)
-            cuts.append(asyncio.ensure_future(dispatcher.cut(job_id)))
-
-    return on_step
-
-
 @pytest.mark.timeout(30)
 def test_a_cut_answered_past_the_steps_sent_ends_and_the_job_runs_every_step_once():
     """A host whose earlier hold lapsed ran on past that cut and answers the next HOLD with
     a step beyond any the run has sent since (`hold_ahead`). The cut is capped at the steps
     sent: before, it waited for steps the run never sends, and the serving request that
     asked for it hung, holding the island."""
-    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
     async def main() -> None:
-        sims = SimCluster([SimIsland("ahead", step_s=0.02, hold_ahead=1000)])
-        (island,) = await connect_islands(await sims.start())
-        run = None
-        try:
-            scheduler = Scheduler(["ahead"], slots=2, share_by="steps")
-            scheduler.join("ahead", ["ahead"], 1.0)
-            dispatcher = Dispatcher(40, slice_s=0.1)
-            prog = program("ahead", 30)
-            await dispatcher.load(prog, [island])
-            reports: list[int] = []
-            cuts: list[asyncio.Future] = []
-            cut_at_5 = _cut_for_serving_at(dispatcher, scheduler, "ahead", "ahead", 5, cuts)
-
-            def on_step(report) -> None:
-                reports.append(report.step)
-                cut_at_5(report)
-
-            run = asyncio.ensure_future(
-                dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
-            )
-            while not cuts:
-                assert not run.done()
-                await asyncio.sleep(0.01)
-            cut = await asyncio.wait_for(cuts[0], 5)
-            assert cut is not None and 6 <= cut <= 30, cut
+        async with (
+            _sim_island(name="ahead", step_s=0.02, hold_ahead=1000) as (sims, island),
+            _cut_for_serving_at_5(island, "ahead", 40) as (scheduler, run, reports, cut),
+        ):
+            at = await asyncio.wait_for(cut, 5)
+            assert at is not None and 6 <= at <= 30, at
             scheduler.hold_for_serving("ahead", False)  # the request was served
             assert await asyncio.wait_for(run, 10) == 30
             assert reports == list(range(30))
             assert [e.step for e in sims.hosts["ahead"].log] == list(range(30))
-        finally:
-            if run is not None and not run.done():
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
-            await island.close()
-            await sims.stop()
 
     asyncio.run(main())
 
@@ -837,45 +847,19 @@ def test_no_slot_is_asked_for_while_a_cut_is_in_progress():
     the run, its steps all read, asked for a slot, was granted one, gave it back (a cut in
     progress) and asked again at once, over and over, each grant charged to its pass (share
     by steps: one per step granted). A slow HOLD (`hold_delay_s`) keeps the cut in progress."""
-    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
     async def main() -> None:
-        sims = SimCluster([SimIsland("slow-hold", step_s=0.02, hold_delay_s=0.5)])
-        (island,) = await connect_islands(await sims.start())
-        run = None
-        try:
-            scheduler = Scheduler(["slow-hold"], slots=2, share_by="steps")
-            scheduler.join("spin", ["slow-hold"], 1.0)
-            dispatcher = Dispatcher(41, slice_s=0.1)
-            prog = program("spin", 30)
-            await dispatcher.load(prog, [island])
-            reports: list[int] = []
-            cuts: list[asyncio.Future] = []
-            cut_at_5 = _cut_for_serving_at(dispatcher, scheduler, "slow-hold", "spin", 5, cuts)
-
-            def on_step(report) -> None:
-                reports.append(report.step)
-                cut_at_5(report)
-
-            run = asyncio.ensure_future(
-                dispatcher.run(prog, [island], on_step=on_step, gate=scheduler)
-            )
-            while not cuts:
-                assert not run.done()
-                await asyncio.sleep(0.01)
+        async with (
+            _sim_island(name="slow-hold", step_s=0.02, hold_delay_s=0.5) as (_, island),
+            _cut_for_serving_at_5(island, "spin", 41) as (scheduler, run, reports, cut),
+        ):
             await asyncio.sleep(0.05)
             scheduler.hold_for_serving("slow-hold", False)  # the request went away
-            assert await asyncio.wait_for(cuts[0], 5) is not None
+            assert await asyncio.wait_for(cut, 5) is not None
             assert await asyncio.wait_for(run, 10) == 30
             assert reports == list(range(30))
             # 30 steps granted, and at most one slice granted as the cut began given back.
             assert scheduler.passes()["spin"] <= 2 * 30, scheduler.passes()
-        finally:
-            if run is not None and not run.done():
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
-            await island.close()
-            await sims.stop()
 
     asyncio.run(main())
 
@@ -886,31 +870,21 @@ def test_a_cut_stops_waiting_for_a_wedged_step(monkeypatch):
     one of 60 s) must not hang the serving request waiting for the cut: after CUT_STALL_S
     without a step read, the cut returns."""
     from pathways_lite.controller import dispatch
-    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
     monkeypatch.setattr(dispatch, "CUT_STALL_S", 0.3, raising=False)
 
     async def main() -> None:
-        sims = SimCluster([SimIsland("wedged", step_s=60.0)])
-        (island,) = await connect_islands(await sims.start())
-        run = None
-        try:
+        async with _sim_island(name="wedged", step_s=60.0) as (_, island):
             dispatcher = Dispatcher(42)
             prog = program("wedged", 10)
             await dispatcher.load(prog, [island])
-            run = asyncio.ensure_future(dispatcher.run(prog, [island]))
-            await asyncio.sleep(0.3)  # step 0 runs (for 60 s)
-            started = time.monotonic()
-            # Before step 1 or 2 (the simulated host marks the next step started as it
-            # queues for the device).
-            assert await asyncio.wait_for(dispatcher.cut("wedged"), 5) in (1, 2)
-            assert time.monotonic() - started < 3
-        finally:
-            if run is not None:
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
-            await island.close()
-            await sims.stop()
+            async with _running(dispatcher, prog, island):
+                await asyncio.sleep(0.3)  # step 0 runs (for 60 s)
+                started = time.monotonic()
+                # Before step 1 or 2 (the simulated host marks the next step started as it
+                # queues for the device).
+                assert await asyncio.wait_for(dispatcher.cut("wedged"), 5) in (1, 2)
+                assert time.monotonic() - started < 3
 
     asyncio.run(main())
 
@@ -921,12 +895,9 @@ def test_a_failed_skip_seq_is_tried_again_and_leaves_no_hole():
     to `fill_gaps`; a SkipSeq lost on the way (`fail_skips`: UNAVAILABLE once) is tried
     again, so the island's next steps run at once. Before, it was logged and dropped: the
     host waited for those numbers and every later step on the island waited behind them."""
-    from pathways_lite.workers.sim_host import SimCluster, SimIsland, connect_islands
 
     async def main() -> None:
-        sims = SimCluster([SimIsland("flaky", fail_skips=1)])
-        (island,) = await connect_islands(await sims.start())
-        try:
+        async with _sim_island(name="flaky", fail_skips=1) as (sims, island):
             dispatcher = Dispatcher(43)
             prog = program("after-hole", 3)
             await dispatcher.load(prog, [island])
@@ -938,9 +909,6 @@ def test_a_failed_skip_seq_is_tried_again_and_leaves_no_hole():
             assert await asyncio.wait_for(dispatcher.run(prog, [island]), 5) == 3
             log = sims.hosts["flaky"].log
             assert [(e.step, e.island_seq) for e in log] == [(0, 10), (1, 11), (2, 12)]
-        finally:
-            await island.close()
-            await sims.stop()
 
     asyncio.run(main())
 
