@@ -209,10 +209,10 @@ class Admission:
         # islands each waiting job ahead could have once the others leave (`_ahead_still_fit`).
         self._staying: dict[str, int] = {}
         self._could: dict[str, int] = {}
-        # Per pass: (priority, bytes per device, islands) of the residents that never end,
-        # and `_staying` with those a waiter of a priority cannot preempt (`_staying_for`).
-        self._endless: list[tuple[int, int, list[str]]] = []
-        self._staying_at: dict[int, dict[str, int]] = {}
+        # Per pass: the residents that never end (`_ahead_changed`), and per waiter priority
+        # what stays on each island (`_staying_for`).
+        self._endless: list[tuple[int, int, list[str], bool]] = []
+        self._staying_at: dict[int, tuple[dict[str, int], dict[str, int] | None]] = {}
         # (islands, bytes) of jobs held back behind waiters since the last placement.
         self._held_back: set[tuple[int, int]] = set()
 
@@ -667,8 +667,9 @@ class Admission:
         self._staying = staying
         # Residents that never end (serve jobs stay until cancelled) and are not leaving: a
         # waiter they outrank or equal (it cannot preempt them) waits for them in vain.
+        # (priority, bytes per device, islands, backfilled: counted in `_staying` already)
         self._endless = [
-            (r.priority, held, sched.islands_of(r.job_id))
+            (r.priority, held, sched.islands_of(r.job_id), r.job_id in self._backfilled)
             for r in self.runners.values()
             if _job_kind(r.record) == "serve"
             and not (r.suspend_requested or r.cancel_requested)
@@ -690,7 +691,7 @@ class Admission:
         for waiter, own in ahead:
             need = waiter.bytes_per_device
             needed = len(own) if own else waiter.islands
-            staying = self._staying_for(waiter.priority)
+            staying, endless = self._staying_for(waiter.priority)
             without = self._could.get(waiter.job_id)
             if without is None:
                 without = sum(
@@ -698,11 +699,11 @@ class Admission:
                     for i in own or sched.island_ids
                     if i not in sched.down
                 )
-                if staying is not self._staying and without < needed:
+                if endless is not None and without < needed:
                     # With only the endless residents staying (the jobs started past it
                     # leave in time), is there room enough for it ever?
                     ever = sum(
-                        (sched.budget(i) or math.inf) - staying[i] + self._staying[i] >= need
+                        (sched.budget(i) or math.inf) - endless[i] >= need
                         for i in own or sched.island_ids
                         if i not in sched.down
                     )
@@ -726,21 +727,26 @@ class Admission:
                 return False
         return True
 
-    def _staying_for(self, priority: int) -> dict[str, int]:
+    def _staying_for(self, priority: int) -> tuple[dict[str, int], dict[str, int] | None]:
         """Bytes per device that stay on each island whatever a waiter of `priority` waits
-        for: the jobs started past the waiters, and the residents that never end which it
-        cannot preempt (`_ahead_changed`)."""
-        endless = [(held, islands) for p, held, islands in self._endless if p >= priority]
-        if not endless:
-            return self._staying
-        staying = self._staying_at.get(priority)
-        if staying is None:
-            staying = dict(self._staying)
-            for held, islands in endless:
-                for island in islands:
+        for (the jobs started past the waiters, and the residents that never end which it
+        cannot preempt), and those of the residents that never end alone (None: there are
+        none). Computed once per priority between placements (`_ahead_changed`)."""
+        cached = self._staying_at.get(priority)
+        if cached is not None:
+            return cached
+        staying, endless = self._staying, None
+        for p, held, islands, backfilled in self._endless:
+            if p < priority:
+                continue  # it preempts them
+            if endless is None:
+                staying, endless = dict(staying), dict.fromkeys(staying, 0)
+            for island in islands:
+                endless[island] += held
+                if not backfilled:
                     staying[island] += held
-            self._staying_at[priority] = staying
-        return staying
+        self._staying_at[priority] = (staying, endless)
+        return staying, endless
 
     def _park(self, record: JobRecord, never: str, *, for_good: bool = True) -> None:
         """A job that can never fit (`for_good`), or not while an island it needs is down: it

@@ -803,7 +803,7 @@ class Dispatcher:
                 state.error = e
                 state.cut.append(sent)
                 if gate is not None:
-                    gate.done(job_id, island_ids, None, count)
+                    gate.refund(job_id, island_ids)  # (the run fails; its charge goes too)
                 return
             sent.gate = gate
             sent.island_ids = island_ids
@@ -849,8 +849,7 @@ class Dispatcher:
                 if state.error is not None:
                     raise state.error
                 # No slot is asked for while a cut is in progress: a grant then would be
-                # refused (`launch`) and asked for again at once, each charged to the job's
-                # pass by the scheduler and never given back.
+                # refused (`launch`, refunded) and asked for again at once, over and over.
                 while (
                     state.acquiring is None
                     and run.cutting is None

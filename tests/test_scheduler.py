@@ -85,9 +85,9 @@ def test_a_slice_given_back_unsent_costs_its_job_nothing() -> None:
         sched.done("a", ["island-0"], 0.4, 4)  # a step time learned: 0.1 s
         assert sched.passes()["a"] == pytest.approx(0.4)
         assert await sched.acquire("a", 4)  # in flight: charged 0.4
-        assert await sched.acquire("a", 4)  # granted, then given back unsent
-        assert sched.passes()["a"] == pytest.approx(1.2)
-        sched.refund("a", ["island-0"])
+        assert await sched.acquire("a", 2)  # charged 0.2, then given back unsent
+        assert sched.passes()["a"] == pytest.approx(1.0)
+        sched.refund("a", ["island-0"])  # its own charge back, not the one in flight's
         assert sched.passes()["a"] == pytest.approx(0.8)
         sched.done("a", ["island-0"], 0.2, 4)  # the one in flight ran faster than charged
         assert sched.passes()["a"] == pytest.approx(0.6)
@@ -240,6 +240,23 @@ def test_a_resident_that_never_ends_holds_no_island_idle_for_a_job_it_blocks(tmp
     c.admission.schedule()
     assert "wide" not in c.runners and "Waits on svc." in c.admission.pending["wide"]
     assert c.scheduler.islands_of("small") == ["island-1"]
+
+    # A serve job backfilled beside the waiter's room counts once: here W needs 40 beside
+    # it on island-0 once T leaves, so X (40) may not take that room.
+    b = Cluster(tmp_path / "backfilled")
+    b.submit("T", 1, 65)
+    b.submit("B", 1, 100)
+    b.submit("W", 2, 40)
+    b.submit("S", 1, 35, kind="serve")  # beside T: W still fits beside it
+    b.admission.schedule()
+    assert b.scheduler.islands_of("S") == ["island-0"] and "W" not in b.runners
+    b.finish("T")
+    b.submit("X", 1, 40)
+    b.admission.schedule()
+    assert "X" not in b.runners
+    b.finish("B")
+    b.admission.schedule()
+    assert b.scheduler.islands_of("W") == ["island-0", "island-1"]
 
     d = Cluster(tmp_path / "outranked")
     d.submit("svc", 1, 60, kind="serve")
