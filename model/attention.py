@@ -85,6 +85,70 @@ def causal_attention(
     return constrain(out_bshq, ("batch", "length", "act_heads", None))
 
 
+def cached_attention(
+    q_bshq: jax.Array,
+    k_btkq: jax.Array,
+    v_btkq: jax.Array,
+    pos_b: jax.Array,
+    chunk: int = 128,
+) -> jax.Array:
+    """One query per row over a cache: row b's query at position pos_b[b] sees the cached
+    keys 0..pos_b[b]. The keys are read in chunks of `chunk` positions, only up to the
+    furthest row's chunk (a loop of a length known at run time, an online softmax across
+    the chunks): a cache sized for long sequences costs short ones only their own length.
+    Equal to `causal_attention` within float rounding (palm-small on CPU: logits within
+    6e-6); on 2 CPU cores a 32-row decode of palm-small with a 1024-position cache took 20 ms
+    a step at position 100 with every position read, 4.6 ms chunked.
+
+    Args:
+        q_bshq: (B, 1, H, Q) rotated queries.
+        k_btkq: (B, T, 1, Q) the cache's rotated keys (the one shared head).
+        v_btkq: (B, T, 1, Q) its values.
+        pos_b: (B,) each row's position.
+        chunk: positions per chunk; a cache whose length it does not divide is read whole.
+
+    Returns:
+        (B, 1, H, Q) attention outputs in the queries' dtype.
+    """
+    batch, length = k_btkq.shape[:2]
+    heads, head_dim = q_bshq.shape[2:]
+    c = chunk if length % chunk == 0 else length
+    k_btq = k_btkq[:, :, 0, :]
+    v_btq = v_btkq[:, :, 0, :]
+    q_bhq = constrain(q_bshq[:, 0], ("batch", "act_heads", None))
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def one_chunk(i, carry):
+        max_bh, sum_bh, out_bhq = carry
+        k_bcq = jax.lax.dynamic_slice_in_dim(k_btq, i * c, c, axis=1)
+        v_bcq = jax.lax.dynamic_slice_in_dim(v_btq, i * c, c, axis=1)
+        scores_bhc = jnp.einsum("bhq,bcq->bhc", q_bhq, k_bcq, precision=PRECISION)
+        scores_bhc = scores_bhc.astype(jnp.float32) * scale
+        visible_bc = (i * c + jnp.arange(c))[None, :] <= pos_b[:, None]
+        scores_bhc = jnp.where(visible_bc[:, None, :], scores_bhc, -jnp.inf)
+        new_max_bh = jnp.maximum(max_bh, scores_bhc.max(axis=-1))
+        probs_bhc = jnp.exp(scores_bhc - new_max_bh[..., None])
+        rescale_bh = jnp.exp(max_bh - new_max_bh)
+        sum_bh = sum_bh * rescale_bh + probs_bhc.sum(axis=-1)
+        chunk_out_bhq = jnp.einsum(
+            "bhc,bcq->bhq", probs_bhc.astype(v_bcq.dtype), v_bcq, precision=PRECISION
+        )
+        out_bhq = out_bhq * rescale_bh[..., None] + chunk_out_bhq.astype(jnp.float32)
+        return new_max_bh, sum_bh, out_bhq
+
+    # Chunk 0 always has a visible key (position 0 <= every row's), so the running maximum
+    # is finite from the first chunk on.
+    init = (
+        jnp.full((batch, heads), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, heads), jnp.float32),
+        jnp.zeros((batch, heads, head_dim), jnp.float32),
+    )
+    chunks = jnp.max(pos_b) // c + 1
+    _, sum_bh, out_bhq = jax.lax.fori_loop(0, chunks, one_chunk, init)
+    out_bhq = constrain(out_bhq / sum_bh[..., None], ("batch", "act_heads", None))
+    return out_bhq[:, None].astype(q_bshq.dtype)
+
+
 class MultiQueryAttention(nnx.Module):
     """Causal multi-query attention: H query heads, one shared K/V head, no biases."""
 

@@ -11,7 +11,11 @@ own position. A `SlotDecoder` holds the cache and two compiled programs per shap
   last occupied one rounded up to a decode bucket (powers of four, then max_batch: requests
   take the lowest free slots, so a lightly loaded service decodes a few rows, not the whole
   cache; inactive slots among them compute and are ignored), the K/V written at that
-  position, the next token sampled.
+  position, the next token sampled. Its attention reads the cache in chunks of 128
+  positions up to the furthest row's (`cached_attention`): a cache of 1024 positions (the
+  default `max_seq_len` of palm-small) costs short requests their own length only
+  (bench/serving.py --max-seq-len 1024 on 2 CPU cores: 1,436 -> 4,832 tokens/s with 32
+  clients, per-token p99 16.6 -> 9.5 ms with 8).
 
 Sampling is per slot (temperature, top-k, top-p, seed): the key of a request's n-th token is
 `fold_in(key(seed), n)` (the seed's 64 bits are the threefry key's two words, so a seed below
@@ -36,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import KVCache, LayerCache, causal_attention
+from .attention import KVCache, LayerCache, cached_attention, causal_attention
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +173,7 @@ def _decode_core(model, tokens_b, pos_b, cache: KVCache):
         dt = lc.k_btkq.dtype
         k_btkq = lc.k_btkq.at[rows_b, pos_b].set(k[:, 0].astype(dt))
         v_btkq = lc.v_btkq.at[rows_b, pos_b].set(v[:, 0].astype(dt))
-        out = causal_attention(q, k_btkq[:b], v_btkq[:b], positions_b1)
+        out = cached_attention(q, k_btkq[:b], v_btkq[:b], pos_b)
         x_b1d = x_b1d + attn.output(out) + block.mlp(h_b1d)
         layers.append(LayerCache(k_btkq=k_btkq, v_btkq=v_btkq))
     logits_bv = model.embed.attend(model.final_norm(x_b1d))[:, 0]

@@ -96,6 +96,28 @@ def test_slot_cache_logits_equal_the_no_cache_forward(dec, forward):
             slots, seqs = [*slots, 0], [*seqs, p0 + [int(f0[0])]]
 
 
+def test_a_cache_read_in_chunks_equals_the_whole_caches_attention():
+    """`cached_attention` reads the cache in chunks up to the furthest row's: rows at
+    positions in different chunks (0, a chunk's last and first positions) get what
+    attention over the whole cache gives, within float rounding, and the keys past the
+    furthest row's chunk are never read (NaN there changes nothing)."""
+    from pathways_lite.model.attention import cached_attention, causal_attention
+
+    rng = np.random.default_rng(0)
+    b, t, h, q = 5, 64, 4, 16
+    q_bshq = jnp.asarray(rng.normal(size=(b, 1, h, q)), jnp.float32)
+    k_btkq = rng.normal(size=(b, t, 1, q)).astype(np.float32)
+    v_btkq = rng.normal(size=(b, t, 1, q)).astype(np.float32)
+    pos_b = np.array([0, 15, 16, 40, 47], np.int32)  # chunks of 16: the third is the last read
+    whole = causal_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b[:, None])
+    k_btkq[:, 48:], v_btkq[:, 48:] = np.nan, np.nan
+    chunked = cached_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b, chunk=16)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5, rtol=0)
+    # A cache whose length the chunk does not divide is read whole (no chunk past its end).
+    odd = cached_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b, chunk=24)
+    assert np.isnan(np.asarray(odd)).any()
+
+
 def _collect(req: Request, timeout_s: float = 60.0) -> tuple[list[int], str, str]:
     deadline = time.monotonic() + timeout_s
     toks = []
