@@ -1099,6 +1099,9 @@ def _committed(
 ) -> tuple[int, ...]:
     """The checkpoints host 0 of every writing island committed (a pipeline's stages each
     write their own part: a step counts once all of them have it)."""
+    if len(hosts) == 1:  # one island, one host: the common case, once per step
+        committed = hosts[0].reply.checkpoints_committed
+        return tuple(sorted(set(committed))) if committed else ()
     ids = {island_ids[i] for i in writers if i < len(island_ids)} or {hosts[0].island}
     steps: set[int] | None = None
     for host in hosts:

@@ -57,9 +57,11 @@ class RpcByteCounter(grpc.aio.UnaryUnaryClientInterceptor):
         self._lock = threading.Lock()
         self.bytes: collections.Counter[str] = collections.Counter()
 
-    def add(self, method: Any, size: int) -> None:
-        """Count `size` bytes of `method` (streams are counted by their callers)."""
-        self._add(method, size)
+    def add(self, method: str, size: int) -> None:
+        """Count `size` bytes of `method`, a short name ("RunSlice": streams are counted by
+        their callers, once per step)."""
+        with self._lock:
+            self.bytes[method] += size
 
     def _add(self, method: Any, size: int) -> None:
         name = method.decode() if isinstance(method, bytes) else str(method)
