@@ -105,14 +105,15 @@ def cached_attention(
         k_btkq: (B, T, 1, Q) the cache's rotated keys (the one shared head).
         v_btkq: (B, T, 1, Q) its values.
         pos_b: (B,) each row's position.
-        chunk: positions per chunk; a cache whose length it does not divide is read whole.
+        chunk: positions per chunk at most (the largest divisor of the cache's length from
+            chunk / 2 to chunk; with none, the cache is read whole).
 
     Returns:
         (B, 1, H, Q) attention outputs in the queries' dtype.
     """
     batch, length = k_btkq.shape[:2]
     heads, head_dim = q_bshq.shape[2:]
-    c = chunk if length % chunk == 0 else length
+    c = next((d for d in range(chunk, chunk // 2, -1) if length % d == 0), length)
     k_btq = k_btkq[:, :, 0, :]
     v_btq = v_btkq[:, :, 0, :]
     q_bhq = constrain(q_bshq[:, 0], ("batch", "act_heads", None))

@@ -45,6 +45,8 @@ from .attention import KVCache, LayerCache, cached_attention, causal_attention
 logger = logging.getLogger(__name__)
 
 MIN_PREFILL_BUCKET = 16
+# Positions of the cache a decode step's attention reads at a time, up to its furthest row.
+DECODE_CHUNK = 128
 
 
 def _geometric(first: int, factor: int, last: int) -> tuple[int, ...]:
@@ -158,7 +160,7 @@ def _prefill_core(model, tokens_np, lengths_n, slots_n, cache: KVCache):
     return logits_nv, KVCache(layers=tuple(layers))
 
 
-def _decode_core(model, tokens_b, pos_b, cache: KVCache):
+def _decode_core(model, tokens_b, pos_b, cache: KVCache, chunk: int = DECODE_CHUNK):
     """One token for each of the cache's first B slots (B = len(tokens_b), at most its rows)
     at its own position; returns (B, V) logits and the whole cache."""
     b = tokens_b.shape[0]
@@ -173,7 +175,7 @@ def _decode_core(model, tokens_b, pos_b, cache: KVCache):
         dt = lc.k_btkq.dtype
         k_btkq = lc.k_btkq.at[rows_b, pos_b].set(k[:, 0].astype(dt))
         v_btkq = lc.v_btkq.at[rows_b, pos_b].set(v[:, 0].astype(dt))
-        out = cached_attention(q, k_btkq[:b], v_btkq[:b], pos_b)
+        out = cached_attention(q, k_btkq[:b], v_btkq[:b], pos_b, chunk)
         x_b1d = x_b1d + attn.output(out) + block.mlp(h_b1d)
         layers.append(LayerCache(k_btkq=k_btkq, v_btkq=v_btkq))
     logits_bv = model.embed.attend(model.final_norm(x_b1d))[:, 0]
@@ -214,10 +216,17 @@ class SlotDecoder:
         max_seq_len: positions per slot (<= the model's max_seq_len).
         vocab_size: the tokenizer's vocabulary (<= the model's): no id at or above it is
             ever chosen. None: the model's.
+        chunk: cache positions a decode step's attention reads at a time (`cached_attention`).
     """
 
     def __init__(
-        self, model, max_batch: int, max_seq_len: int, *, vocab_size: int | None = None
+        self,
+        model,
+        max_batch: int,
+        max_seq_len: int,
+        *,
+        vocab_size: int | None = None,
+        chunk: int = DECODE_CHUNK,
     ) -> None:
         cfg = model.cfg
         if not 1 <= max_batch:
@@ -258,7 +267,7 @@ class SlotDecoder:
             self.traces += 1
             self.compiled.append(("decode", tuple(tokens_b.shape)))
             m = nnx.merge(self._graphdef, state)
-            logits_bv, cache = _decode_core(m, tokens_b, pos_b, cache)
+            logits_bv, cache = _decode_core(m, tokens_b, pos_b, cache, chunk)
             return logits_bv, sample_rows(logits_bv, *samp, vocab_size=vocab_size), cache
 
         self._prefill = jax.jit(prefill, donate_argnums=(4,))

@@ -325,3 +325,25 @@ def test_a_follower_that_lagged_across_a_rollback_replays_from_where_it_went_bac
     assert not follow.stale(told)
     follow.told(told)
     assert follow.last_step == 2
+
+    def lag_past(steps) -> None:
+        """The follower reads nothing while `steps` run (its queue drops), then resyncs."""
+        for step in steps:
+            reporter.step(record, StepReport(step, 3.0, 100.0, 0.01, ()))
+            reporter.flush("j")
+        while not queue.empty():
+            queue.get_nowait()
+        assert queue.take_dropped()
+        follow.lagged()
+        follow.synced(events.seq["j"])
+
+    # Lagging again with no rollback since its last sync: the one to 2 it synced past
+    # (before its resync above) does not take it back again.
+    follow.last_step = 4
+    lag_past(range(5, 8))
+    assert follow.last_step == 4
+    # A rollback (to 6) while it lags: its replay starts there.
+    follow.last_step = 7
+    store.truncate_metrics("j", 6)
+    lag_past(range(6, 9))
+    assert follow.last_step == 5

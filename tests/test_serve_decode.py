@@ -74,7 +74,18 @@ def _prompts(seed: int, lengths) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, 500, n)] for n in lengths]
 
 
-def test_slot_cache_logits_equal_the_no_cache_forward(dec, forward):
+@pytest.fixture(scope="module")
+def chunked_dec(model) -> SlotDecoder:
+    """A slot decoder whose steps read the cache 8 positions at a time: the requests below
+    reach positions in the second and third chunks (the loop's length known at run time)."""
+    dec = SlotDecoder(model, max_batch=4, max_seq_len=SEQ, chunk=8)
+    dec.warm()
+    return dec
+
+
+@pytest.mark.parametrize("which", ["whole", "chunked"])
+def test_slot_cache_logits_equal_the_no_cache_forward(which, dec, chunked_dec, forward):
+    dec = {"whole": dec, "chunked": chunked_dec}[which]
     prompts = _prompts(0, [5, 11])
     slots = [3, 1]
     logits, first = dec.prefill(prompts, slots, Sampling.zeros(2))
@@ -113,9 +124,12 @@ def test_a_cache_read_in_chunks_equals_the_whole_caches_attention():
     k_btkq[:, 48:], v_btkq[:, 48:] = np.nan, np.nan
     chunked = cached_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b, chunk=16)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5, rtol=0)
-    # A cache whose length the chunk does not divide is read whole (no chunk past its end).
-    odd = cached_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b, chunk=24)
-    assert np.isnan(np.asarray(odd)).any()
+    # Chunks of 24 at most: of 16 (the largest divisor from 13 to 24), none past position 47.
+    wide = cached_attention(q_bshq, jnp.asarray(k_btkq), jnp.asarray(v_btkq), pos_b, chunk=24)
+    np.testing.assert_allclose(np.asarray(wide), np.asarray(whole), atol=1e-5, rtol=0)
+    # A cache of a length with no divisor from 9 to 16 (61 positions) is read whole.
+    odd_k, odd_v = (jnp.asarray(a[:, :61]) for a in (k_btkq, v_btkq))
+    assert np.isnan(np.asarray(cached_attention(q_bshq, odd_k, odd_v, pos_b, chunk=16))).any()
 
 
 def _collect(req: Request, timeout_s: float = 60.0) -> tuple[list[int], str, str]:

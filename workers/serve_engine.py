@@ -420,3 +420,8 @@ class ServeEngine:
         with self._cond:
             if r.slot >= 0 and self._slots[r.slot] is r:
                 self._slots[r.slot] = None
+                # A free slot among the rows decoded sits at position 0: the decode step
+                # reads the cache up to its furthest row (model/attention.py's
+                # cached_attention), and a finished long request's position would keep it
+                # reading that far until the slot is taken again.
+                self._pos[r.slot] = 0
