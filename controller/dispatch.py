@@ -788,6 +788,9 @@ class Dispatcher:
                 if gate is not None:
                     gate.refund(job_id, island_ids)
                 return
+            # Sized again from the step it starts at: a cut since the slot was asked for
+            # took the run back (its slice would run past a checkpoint or an evaluation).
+            count = min(count, self.slice_steps(program, state.next_step, since))
             last = state.next_step + count - 1
             checkpoint = -1
             if program.checkpoint_after(last, since if count == 1 else 0.0):

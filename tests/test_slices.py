@@ -842,6 +842,44 @@ def test_a_cut_answered_past_the_steps_sent_ends_and_the_job_runs_every_step_onc
 
 
 @pytest.mark.timeout(30)
+def test_a_slice_granted_after_a_cut_still_ends_at_the_next_checkpoint():
+    """One slot: the next slice's slot is asked for while the current slice runs, sized
+    from the step after it (4 steps, to the checkpoint after step 11). A serving cut then
+    takes the run back to step 7 (steps 4-6 ran), and the grant comes once the island is
+    released: the slice sent from step 7 is sized again and ends at the checkpoint after
+    step 7. Before, it kept the size asked for (7-10) and step 7's checkpoint was never
+    written."""
+
+    async def main() -> None:
+        async with _sim_island(name="ckpt", step_s=0.1) as (sims, island):
+            scheduler = Scheduler(["ckpt"], slots=1, share_by="steps")
+            scheduler.join("ckpt", ["ckpt"], 1.0)
+            dispatcher = Dispatcher(45, slice_s=0.45, lead_s=0.25)
+            prog = program("ckpt", 16, checkpoint_dir="/sim/ckpt", checkpoint_every=4)
+            await dispatcher.load(prog, [island])
+            cuts: list[asyncio.Future] = []
+
+            def cut() -> None:  # just after the run asked for its next slot
+                scheduler.hold_for_serving("ckpt", True)
+                cuts.append(asyncio.ensure_future(dispatcher.cut("ckpt")))
+
+            def on_step(report) -> None:
+                if report.step == 5:
+                    asyncio.get_running_loop().call_later(0.02, cut)
+
+            async with _running(dispatcher, prog, island, on_step=on_step, gate=scheduler) as run:
+                while not cuts:
+                    await asyncio.sleep(0.01)
+                assert await asyncio.wait_for(cuts[0], 5) == 7
+                scheduler.hold_for_serving("ckpt", False)
+                assert await asyncio.wait_for(run, 10) == 16
+            committed = sims.hosts["ckpt"].jobs["ckpt"].committed
+            assert sorted(set(committed)) == [4, 8, 12, 16], committed
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
 def test_no_slot_is_asked_for_while_a_cut_is_in_progress():
     """A serving request that went away while its cut was in progress released the island:
     the run, its steps all read, asked for a slot, was granted one, gave it back (a cut in
