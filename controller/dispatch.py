@@ -356,18 +356,22 @@ class Dispatcher:
         Never raises for a host's failure (logged)."""
         await asyncio.gather(
             *(
-                self._skip_seqs(island, index, first_seq, count)
+                self._skip_seqs(island, index, first_seq, count, generation)
                 for sent in slices
-                for island, first_seq, count in sent.seqs
+                for island, first_seq, count, generation in sent.seqs
                 for index in range(len(island.hosts))
             )
         )
 
-    async def _skip_seqs(self, island: Island, index: int, first_seq: int, count: int) -> None:
-        """SkipSeq(when_due) island_seq first_seq .. first_seq + count - 1 on one host, up to
-        SKIP_ATTEMPTS times (a retry is safe: numbers already skipped or used are left
-        alone); gives up at once on an island Ray reported dead (a new host starts a new
-        sequence) and on an answer a retry cannot change."""
+    async def _skip_seqs(
+        self, island: Island, index: int, first_seq: int, count: int, generation: int
+    ) -> None:
+        """SkipSeq(when_due) island_seq first_seq .. first_seq + count - 1 on one host of the
+        island's `generation` (whose sequence they are), up to SKIP_ATTEMPTS times (a retry
+        is safe: numbers already skipped or used are left alone); gives up at once on an
+        island Ray reported dead or restarted since (its new hosts start a new sequence, and
+        would skip those numbers of their own steps) and on an answer a retry cannot
+        change."""
         request = worker_pb2.SkipSeqRequest(
             island_seq=first_seq,
             count=count,
@@ -377,6 +381,14 @@ class Dispatcher:
         )
         pause = SKIP_RETRY_S
         for attempt in range(1, SKIP_ATTEMPTS + 1):
+            if island.generation != generation:
+                logger.info(
+                    "island %s restarted: island_seq %d..%d of its old hosts not skipped",
+                    island.id,
+                    first_seq,
+                    first_seq + count - 1,
+                )
+                return
             try:
                 await island.call_host(index, "SkipSeq", request, timeout=SKIP_TIMEOUT_S)
                 return
@@ -672,7 +684,7 @@ class Dispatcher:
         calls = sent.calls
         for island in islands:
             seq = island.take_seqs(count, self.epoch)
-            sent.seqs.append((island, seq, count))
+            sent.seqs.append((island, seq, count, island.generation))
             request = worker_pb2.RunSliceRequest(
                 job_id=program.job_id,
                 generation=program.generation,
@@ -1237,8 +1249,9 @@ class _Slice:
         self.first = first
         self.count = count
         self.calls = calls
-        # (island, first island_seq, count) of every island it was sent to.
-        self.seqs: list[tuple[Island, int, int]] = []
+        # (island, first island_seq, count, the island's generation) of every island it
+        # was sent to.
+        self.seqs: list[tuple[Island, int, int, int]] = []
         self.reported = 0
         self.busy_s = 0.0
         self.gate: StepGate | None = None

@@ -618,7 +618,7 @@ def test_a_cancelled_slice_skips_only_its_own_numbers_behind_another_jobs_slice(
         a_steps = _HostStream(a)
         assert (await a_steps.next()).island_seq == 0
         b = _Slice(0, 10, [])
-        b.seqs.append((island, 30, 10))
+        b.seqs.append((island, 30, 10, island.generation))
         island.next_seq = 40
         await dispatcher.fill_gaps([b])
         replies = [await a_steps.next() for _ in range(29)]
@@ -940,13 +940,37 @@ def test_a_failed_skip_seq_is_tried_again_and_leaves_no_hole():
             prog = program("after-hole", 3)
             await dispatcher.load(prog, [island])
             lost = _Slice(0, 10, [])
-            lost.seqs.append((island, island.take_seqs(10, 43), 10))
+            lost.seqs.append((island, island.take_seqs(10, 43), 10, island.generation))
             await asyncio.wait_for(dispatcher.fill_gaps([lost]), 5)
             assert sims.specs[0].fail_skips == 0  # the fault was met
             # The next slice (island_seq 10..12) runs at once.
             assert await asyncio.wait_for(dispatcher.run(prog, [island]), 5) == 3
             log = sims.hosts["flaky"].log
             assert [(e.step, e.island_seq) for e in log] == [(0, 10), (1, 11), (2, 12)]
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_a_cancelled_slices_numbers_are_not_skipped_on_a_restarted_islands_new_hosts():
+    """The island_seq numbers of a slice cancelled before its island restarted belong to
+    the old hosts' sequence: its SkipSeq is not sent to the new hosts, whose sequence starts
+    again at 0 (they would skip those numbers of their own steps)."""
+
+    async def main() -> None:
+        async with _sim_island(name="restarted") as (sims, island):
+            dispatcher = Dispatcher(46)
+            lost = _Slice(0, 10, [])
+            lost.seqs.append((island, island.take_seqs(10, 46), 10, island.generation))
+            # Restarted meanwhile (`Island.restart`): new hosts, numbered from 0.
+            island.generation += 1
+            island.next_seq, island.seq_epoch = 0, None
+            await asyncio.wait_for(dispatcher.fill_gaps([lost]), 5)
+            prog = program("after-restart", 3)
+            await dispatcher.load(prog, [island])
+            assert await asyncio.wait_for(dispatcher.run(prog, [island]), 5) == 3
+            log = sims.hosts["restarted"].log
+            assert [(e.step, e.island_seq) for e in log] == [(0, 0), (1, 1), (2, 2)]
 
     asyncio.run(main())
 
