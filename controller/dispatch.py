@@ -389,6 +389,7 @@ class Dispatcher:
                     first_seq + count - 1,
                 )
                 return
+            address = island.hosts[index].address
             try:
                 await island.call_host(index, "SkipSeq", request, timeout=SKIP_TIMEOUT_S)
                 return
@@ -402,7 +403,7 @@ class Dispatcher:
                     "skipping island_seq %d..%d on %s (try %d of %d%s): %s",
                     first_seq,
                     first_seq + count - 1,
-                    island.hosts[index].address,
+                    address,
                     attempt,
                     SKIP_ATTEMPTS,
                     ", giving up" if final else "",

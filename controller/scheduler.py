@@ -428,6 +428,10 @@ class Scheduler:
             if self.share_by == "time" and charged is not None and step_s is not None:
                 # Charge what the step really took instead of the estimate granted on.
                 slots.pass_ += (step_s - charged) / slots.weight
+            elif self.share_by == "steps" and charged is not None:
+                # The steps the slice carried (fewer than granted: sized again at its send,
+                # or cut short by serving).
+                slots.pass_ += (max(1, steps) - charged) / slots.weight
             if step_s is not None and step_s > 0:
                 per_step = step_s / max(1, steps)
                 slots.step_s = (

@@ -843,38 +843,42 @@ def test_a_cut_answered_past_the_steps_sent_ends_and_the_job_runs_every_step_onc
 
 @pytest.mark.timeout(30)
 def test_a_slice_granted_after_a_cut_still_ends_at_the_next_checkpoint():
-    """One slot: the next slice's slot is asked for while the current slice runs, sized
-    from the step after it (4 steps, to the checkpoint after step 11). A serving cut then
-    takes the run back to step 7 (steps 4-6 ran), and the grant comes once the island is
-    released: the slice sent from step 7 is sized again and ends at the checkpoint after
-    step 7. Before, it kept the size asked for (7-10) and step 7's checkpoint was never
-    written."""
+    """One slot: the next slice's slot is asked for while the current slice (4-7) runs,
+    sized from the step after it (8-11, to the checkpoint after step 11). A serving cut
+    made as it asks takes the run back to step 7 (the host is in step 6), and the grant
+    comes once the island is released: the slice sent from step 7 is sized again and ends
+    at the checkpoint after step 7. Before, it kept the size asked for (7-10) and step 7's
+    checkpoint was never written. (A host already past step 7 when the cut reaches it
+    makes the cut land at 8: nothing to size again, the checkpoints all written too.)"""
 
     async def main() -> None:
-        async with _sim_island(name="ckpt", step_s=0.1) as (sims, island):
+        async with _sim_island(name="ckpt", step_s=0.2) as (sims, island):
             scheduler = Scheduler(["ckpt"], slots=1, share_by="steps")
             scheduler.join("ckpt", ["ckpt"], 1.0)
-            dispatcher = Dispatcher(45, slice_s=0.45, lead_s=0.25)
-            prog = program("ckpt", 16, checkpoint_dir="/sim/ckpt", checkpoint_every=4)
+            dispatcher = Dispatcher(45, slice_s=0.9, lead_s=0.5)
+            prog = program("ckpt", 12, checkpoint_dir="/sim/ckpt", checkpoint_every=4)
             await dispatcher.load(prog, [island])
             cuts: list[asyncio.Future] = []
+            acquire = scheduler.acquire
 
-            def cut() -> None:  # just after the run asked for its next slot
-                scheduler.hold_for_serving("ckpt", True)
-                cuts.append(asyncio.ensure_future(dispatcher.cut("ckpt")))
+            async def asked(job_id: str, steps: int = 1) -> bool:
+                if not cuts and dispatcher._runs[job_id].state.next_step == 8:
+                    assert steps == 4  # sized from step 8 to the checkpoint after 11
+                    scheduler.hold_for_serving("ckpt", True)
+                    cuts.append(asyncio.ensure_future(dispatcher.cut("ckpt")))
+                return await acquire(job_id, steps)
 
-            def on_step(report) -> None:
-                if report.step == 5:
-                    asyncio.get_running_loop().call_later(0.02, cut)
-
-            async with _running(dispatcher, prog, island, on_step=on_step, gate=scheduler) as run:
+            scheduler.acquire = asked
+            async with _running(dispatcher, prog, island, gate=scheduler) as run:
                 while not cuts:
                     await asyncio.sleep(0.01)
-                assert await asyncio.wait_for(cuts[0], 5) == 7
+                assert await asyncio.wait_for(cuts[0], 5) in (7, 8)
                 scheduler.hold_for_serving("ckpt", False)
-                assert await asyncio.wait_for(run, 10) == 16
+                assert await asyncio.wait_for(run, 10) == 12
             committed = sims.hosts["ckpt"].jobs["ckpt"].committed
-            assert sorted(set(committed)) == [4, 8, 12, 16], committed
+            assert sorted(set(committed)) == [4, 8, 12], committed
+            # Shares by steps: the job paid for the steps it ran, not for those asked.
+            assert scheduler.passes()["ckpt"] == 12
 
     asyncio.run(main())
 
