@@ -442,8 +442,8 @@ class Scheduler:
         self._grant()
 
     def refund(self, job_id: str, islands: Iterable[str]) -> None:
-        """A granted slice of `steps` steps was never sent (its job stopped, or an island of
-        it began to serve, before it went): free its slots and take back what it was
+        """The slice granted last to `job_id` was never sent (its job stopped, or an island
+        of it began to serve, before it went): free its slots and take back what it was
         charged, so a job whose grants are given back keeps its share."""
         slots = self._free(job_id, islands)
         if slots is not None and slots.charged:
