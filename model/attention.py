@@ -90,7 +90,7 @@ def cached_attention(
     k_btkq: jax.Array,
     v_btkq: jax.Array,
     pos_b: jax.Array,
-    chunk: int = 128,
+    chunk: int,
 ) -> jax.Array:
     """One query per row over a cache: row b's query at position pos_b[b] sees the cached
     keys 0..pos_b[b]. The keys are read in chunks of `chunk` positions, only up to the

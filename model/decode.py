@@ -160,7 +160,7 @@ def _prefill_core(model, tokens_np, lengths_n, slots_n, cache: KVCache):
     return logits_nv, KVCache(layers=tuple(layers))
 
 
-def _decode_core(model, tokens_b, pos_b, cache: KVCache, chunk: int = DECODE_CHUNK):
+def _decode_core(model, tokens_b, pos_b, cache: KVCache, chunk: int):
     """One token for each of the cache's first B slots (B = len(tokens_b), at most its rows)
     at its own position; returns (B, V) logits and the whole cache."""
     b = tokens_b.shape[0]
