@@ -583,6 +583,12 @@ class Dispatcher:
         # there), and grants its next slice from it.
         for sent in run.pending:
             sent.count = max(sent.reported, min(sent.count, cut - sent.first))
+        # A checkpoint trimmed away was never written: the time since the last one counts
+        # from where it counted before that slice was sent (a checkpoint by time is due
+        # again at the cut, not one interval later).
+        trimmed = [s for s in run.pending if s.checkpoint >= s.first + s.count]
+        if trimmed:
+            run.state.last_checkpoint = trimmed[0].clock
         run.state.next_step = min(run.state.next_step, cut)
         done = await call_all(
             islands,
@@ -781,7 +787,7 @@ class Dispatcher:
         def stopping() -> bool:
             return should_stop() or run.abandon_cut is not None
 
-        def launch(granted: bool, count: int, since: float) -> None:
+        def launch(granted: bool, count: int) -> None:
             """Send a granted slice to every island at once (no await: every island sees
             the jobs' slices in the one order the scheduler granted them)."""
             if not granted:
@@ -801,15 +807,19 @@ class Dispatcher:
                 if gate is not None:
                     gate.refund(job_id, island_ids)
                 return
-            # Sized again from the step it starts at: a cut since the slot was asked for
-            # took the run back (its slice would run past a checkpoint or an evaluation).
+            # Sized again from the step it starts at, by the checkpoint clock as it is now:
+            # a cut since the slot was asked for took the run back (its slice would run past
+            # a checkpoint or an evaluation), and may have put the clock back.
+            since = time.monotonic() - state.last_checkpoint
             count = min(count, self.slice_steps(program, state.next_step, since))
             last = state.next_step + count - 1
+            sent = _Slice(state.next_step, count, [])
             checkpoint = -1
             if program.checkpoint_after(last, since if count == 1 else 0.0):
-                checkpoint = last
+                checkpoint = sent.checkpoint = last
+                # The clock restarts here; a cut that trims the checkpoint away puts it back.
+                sent.clock = state.last_checkpoint
                 state.last_checkpoint = time.monotonic()
-            sent = _Slice(state.next_step, count, [])
             try:
                 self._send(program, sent, islands, checkpoint)
             except Exception as e:  # noqa: BLE001 - raised by the run loop
@@ -847,7 +857,7 @@ class Dispatcher:
             await self.fill_gaps(cut)
             return completed
 
-        def granted(task: asyncio.Future, count: int, since: float) -> None:
+        def granted(task: asyncio.Future, count: int) -> None:
             if state.acquiring is not task:
                 return  # handled when the run ended
             state.acquiring = None
@@ -858,7 +868,7 @@ class Dispatcher:
                 state.stopped = True
                 state.error = task.exception()
                 return
-            launch(task.result(), count, since)
+            launch(task.result(), count)
 
         try:
             while True:
@@ -882,12 +892,12 @@ class Dispatcher:
                     since = time.monotonic() - state.last_checkpoint
                     count = self.slice_steps(program, state.next_step, since)
                     if gate is None:
-                        launch(True, count, since)
+                        launch(True, count)
                         continue
                     # The slot is asked for while the current slice's steps are read (a
                     # slot frees when its slice is read to the end); the grant sends it.
                     task = asyncio.ensure_future(gate.acquire(job_id, count))
-                    state.grant = functools.partial(granted, task, count, since)
+                    state.grant = functools.partial(granted, task, count)
                     task.add_done_callback(lambda _t, g=state.grant: g())
                     state.acquiring = task
                 while pending and pending[0].reported >= pending[0].count:
@@ -1244,6 +1254,8 @@ class _Slice:
         "gate",
         "island_ids",
         "_freed",
+        "checkpoint",
+        "clock",
     )
 
     def __init__(self, first: int, count: int, calls: list[tuple[str, int, Any]]) -> None:
@@ -1258,6 +1270,10 @@ class _Slice:
         self.gate: StepGate | None = None
         self.island_ids: list[str] = []
         self._freed = False
+        # The step the hosts checkpoint after (-1: none), and the run's checkpoint clock
+        # (`_RunState.last_checkpoint`) before this slice restarted it.
+        self.checkpoint = -1
+        self.clock = 0.0
 
     def cancel(self) -> None:
         """Cancel the slice's streams (each host stops after the step it is running)."""

@@ -883,6 +883,44 @@ def test_a_slice_granted_after_a_cut_still_ends_at_the_next_checkpoint():
     asyncio.run(main())
 
 
+def test_a_checkpoint_by_time_that_a_cut_trimmed_away_is_due_again_at_the_cut():
+    """A checkpoint every 0.8 s, 0.2 s steps, one step a slice: the slice of the step a
+    checkpoint by time is due after is sent ahead (while the host runs a step well before
+    it), and a cut made as it is sent trims it away. That checkpoint was never written, so
+    the first slice from the cut carries it. Before, the clock restarted when the trimmed
+    slice was sent stayed restarted: the checkpoint came an interval after that send (a
+    run cut at step 5 first checkpointed after step 12, not after step 5)."""
+
+    async def main() -> None:
+        async with _sim_island(name="tck", step_s=0.2) as (sims, island):
+            # Five slices in flight: the checkpoint's is sent steps ahead of the host.
+            dispatcher = Dispatcher(46, window=5, slice_s=0.2, lead_s=1.0)
+            prog = program("tck", 14, checkpoint_dir="/sim/tck", checkpoint_every_s=0.8)
+            await dispatcher.load(prog, [island])
+            asked: list[int] = []
+            cuts: list[asyncio.Future] = []
+            send = dispatcher._send
+
+            def sent(program, sent, islands, checkpoint):
+                send(program, sent, islands, checkpoint)
+                if checkpoint >= 0 and not cuts and checkpoint < prog.steps - 1:
+                    asked.append(checkpoint)
+                    cuts.append(asyncio.ensure_future(dispatcher.cut("tck")))
+
+            dispatcher._send = sent
+            async with _running(dispatcher, prog, island) as run:
+                while not cuts:
+                    await asyncio.sleep(0.01)
+                cut = await asyncio.wait_for(cuts[0], 5)
+                assert await asyncio.wait_for(run, 10) == 14
+            assert cut is not None and cut <= asked[0], (cut, asked)
+            committed = sorted(set(sims.hosts["tck"].jobs["tck"].committed))
+            # The checkpoint after the cut step (cut + 1 steps done), not a later one.
+            assert committed[0] == cut + 1, (cut, asked, committed)
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(30)
 def test_no_slot_is_asked_for_while_a_cut_is_in_progress():
     """A serving request that went away while its cut was in progress released the island:

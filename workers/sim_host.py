@@ -361,20 +361,22 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
         job = self.jobs.get(request.job_id)
         if job is None:
             raise RpcRejection(grpc.StatusCode.NOT_FOUND, f"job {request.job_id!r} not loaded.")
-        # Held or ended here by a cut; marks the step started (what a HOLD answers).
-        await self._cuts.setdefault(request.job_id, SliceCut()).admit(
-            request.generation, request.step, request.island_seq, request.epoch
-        )
         if job.generation != request.generation:
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"generation={request.generation} but {job.generation} is loaded.",
             )
-        for key in ((request.job_id, request.step), ("*", request.step)):
-            code = self.island.fail_steps.pop(key, None)
-            if code is not None:
-                raise RpcRejection(code, f"injected failure at step {request.step}.")
         async with self._device:
+            # Held or ended here by a cut; marks the step started (what a HOLD answers):
+            # as on a real host, once the step before it ended, not when it took its
+            # number and queued behind the step running.
+            await self._cuts.setdefault(request.job_id, SliceCut()).admit(
+                request.generation, request.step, request.island_seq, request.epoch
+            )
+            for key in ((request.job_id, request.step), ("*", request.step)):
+                code = self.island.fail_steps.pop(key, None)
+                if code is not None:
+                    raise RpcRejection(code, f"injected failure at step {request.step}.")
             self.running = request.job_id
             start = time.time_ns()
             if self.island.step_s > 0:
