@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -140,6 +140,50 @@ def _step_rejection(error: Exception, request: worker_pb2.RunStepRequest) -> Rpc
     return RpcRejection(grpc.StatusCode.INTERNAL, f"{where} failed: {error!r}.")
 
 
+# StepResult's fields that only some steps set (RunStepReply fields of the same names).
+_STEP_EXTRAS = (
+    "loss_stats",
+    "pipeline_wait_s",
+    "stage_bytes_sent",
+    "peak_stash_bytes",
+    "pipeline_s",
+    "param_digest",
+    "exchange_s",
+    "exchange_bytes_sent",
+)
+
+
+class Executed(NamedTuple):
+    """A step of the execution log, as it is kept (its ExecutionEntry is built when the log
+    is asked for, not on the runtime thread between two steps)."""
+
+    job_id: str
+    generation: int
+    step: int
+    island_seq: int
+    start_unix_ns: int
+    end_unix_ns: int
+    epoch: int
+    received_unix_ns: int
+    slices: Sequence[tuple[str, int, int]]
+
+    def entry(self) -> worker_pb2.ExecutionEntry:
+        return worker_pb2.ExecutionEntry(
+            job_id=self.job_id,
+            generation=self.generation,
+            step=self.step,
+            island_seq=self.island_seq,
+            start_unix_ns=self.start_unix_ns,
+            end_unix_ns=self.end_unix_ns,
+            epoch=self.epoch,
+            received_unix_ns=self.received_unix_ns,
+            slices=[
+                worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
+                for n, a, b in self.slices
+            ],
+        )
+
+
 class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
     """The worker service of one island host.
 
@@ -191,8 +235,8 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
         self._load_locks: dict[str, asyncio.Lock] = {}
         # The tasks running RunSlice streams' steps.
         self._slices: set[asyncio.Future] = set()
-        # Every executed step: (job, generation, step, island_seq, start, end, epoch).
-        self.execution_log: collections.deque[worker_pb2.ExecutionEntry] = collections.deque(
+        # Every executed step (the last EXECUTION_LOG_STEPS).
+        self.execution_log: collections.deque[Executed] = collections.deque(
             maxlen=EXECUTION_LOG_STEPS
         )
 
@@ -644,21 +688,21 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             job.checkpoints.save_after_step(request.step)
         committed = job.checkpoints.committed
         self.execution_log.append(
-            worker_pb2.ExecutionEntry(
-                job_id=request.job_id,
-                generation=request.generation,
-                step=request.step,
-                island_seq=request.island_seq,
-                start_unix_ns=start_ns,
-                end_unix_ns=end_ns,
-                epoch=request.epoch,
-                received_unix_ns=received_ns,
-                slices=[
-                    worker_pb2.TraceSlice(name=n, start_unix_ns=a, end_unix_ns=b)
-                    for n, a, b in result.slices
-                ],
+            Executed(
+                request.job_id,
+                request.generation,
+                request.step,
+                request.island_seq,
+                start_ns,
+                end_ns,
+                request.epoch,
+                received_ns,
+                result.slices,
             )
         )
+        # The fields of multi-island, pipeline and mixture steps only when they have a value:
+        # a fast step's reply is built on the runtime thread between two steps.
+        extra = {name: value for name in _STEP_EXTRAS if (value := getattr(result, name))}
         return worker_pb2.RunStepReply(
             job_id=request.job_id,
             generation=request.generation,
@@ -668,17 +712,10 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
             timings=worker_pb2.StepTimings(
                 received_unix_ns=received_ns, start_unix_ns=start_ns, end_unix_ns=end_ns
             ),
-            example_ids=list(result.example_ids),
-            loss_stats=list(result.loss_stats),
-            pipeline_wait_s=result.pipeline_wait_s,
-            stage_bytes_sent=result.stage_bytes_sent,
-            peak_stash_bytes=result.peak_stash_bytes,
-            pipeline_s=result.pipeline_s,
-            param_digest=result.param_digest,
-            exchange_s=result.exchange_s,
-            exchange_bytes_sent=result.exchange_bytes_sent,
+            example_ids=result.example_ids,
             step_s=(end_ns - start_ns) / 1e9,
             checkpoints_committed=committed,
+            **extra,
         )
 
     @_rpc
@@ -812,7 +849,7 @@ class WorkerServicer(ServingHost, worker_pb2_grpc.WorkerServiceServicer):
 
         jobs, total = await self._on_runtime_thread(memory)
         entries = [
-            e
+            e.entry()
             for e in list(self.execution_log)
             if e.epoch == self.order.newest_epoch and e.island_seq >= request.from_island_seq
         ]
