@@ -589,6 +589,8 @@ class Dispatcher:
         trimmed = [s for s in run.pending if s.checkpoint >= s.first + s.count]
         if trimmed:
             run.state.last_checkpoint = trimmed[0].clock
+        for sent in trimmed:
+            sent.checkpoint = -1  # (a later cut, if it stays pending, does not count it)
         run.state.next_step = min(run.state.next_step, cut)
         done = await call_all(
             islands,
