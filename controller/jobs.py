@@ -136,7 +136,7 @@ class Reporter:
         self.failures_total += 1
         try:
             self.transition(job_id, JobState.FAILED, reason=reason, message=message[:2000])
-        except StoreError:
+        except (StoreError, sqlite3.Error):
             logger.exception("recording the failure of job %s", job_id)
 
     def step(self, record: JobRecord, report: StepReport, mixture: Any = None) -> None:

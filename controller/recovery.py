@@ -25,10 +25,12 @@ committed; retention keeps the newest `keep` of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -259,13 +261,22 @@ class Recovery:
                 logger.warning("%s; the final checkpoint is registered all the same", e)
         restored = attempt.restored
         for step in new:
-            attempt.registered.add(step)
             if step < program.start_step or (
                 step == program.start_step and restored is not None and restored.step == step
             ):
+                attempt.registered.add(step)
                 continue  # the restored one, or one of before it
             path = checkpoint_path(self.job_dir(program.job_id), program.generation, step)
-            self.store.register_checkpoint(program.job_id, program.generation, step, path)
+            try:
+                self.store.register_checkpoint(program.job_id, program.generation, step, path)
+            except sqlite3.Error as e:
+                # The database refused it (locked past its timeout, a full disk): the next
+                # report of the step registers it. Raised, it failed a job whose steps
+                # all ran ("internal"), and with the database still refusing, the job's
+                # failure could not be written either: it stayed running with no runner.
+                logger.warning("registering checkpoint %s of job %s: %s", path, program.job_id, e)
+                return
+            attempt.registered.add(step)
         for old in self.store.retire_checkpoints(program.job_id, self.keep):
             remove_checkpoint(old.path)
 
@@ -299,6 +310,13 @@ class Recovery:
             )
         except grpc.aio.AioRpcError as e:
             logger.warning("final checkpoint of job %s: %s", program.job_id, e.details())
+            # Told to its user too (a log line alone was all a failed final write left).
+            with contextlib.suppress(StoreError, sqlite3.Error):
+                self.store.add_event(
+                    program.job_id,
+                    "checkpoint",
+                    f"The final checkpoint was not written: {e.details()[:500]}",
+                )
             return
         self.on_step(attempt, _all_committed(replies), ending=True)
 
@@ -330,12 +348,22 @@ class Recovery:
                 wait=True,
             )
             # Every host of a writing island writes its own shards of a checkpoint.
-            replies = await asyncio.gather(
-                *(
-                    island.call("SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S)
-                    for island in writers
+            try:
+                replies = await asyncio.gather(
+                    *(
+                        island.call("SaveCheckpoint", request, timeout=FINAL_CHECKPOINT_TIMEOUT_S)
+                        for island in writers
+                    )
                 )
-            )
+            except grpc.aio.AioRpcError as e:
+                if save:
+                    raise
+                # A write in progress failed (a host tells it once): one is written afresh.
+                # Before, the drain gave up here and the job resumed from an older one.
+                logger.warning(
+                    "job %s: %s; checkpointing step %d afresh", program.job_id, e.details(), step
+                )
+                continue
             self.on_step(attempt, _all_committed([r[0] for r in replies]))
             if step in attempt.registered:
                 return True

@@ -88,3 +88,31 @@ def test_a_save_of_the_step_being_written_answers_with_that_write(tmp_path):
         release.cancel()
         gate.set()
         checkpoints.close()
+
+
+def test_a_failed_write_does_not_drop_the_next_checkpoint(tmp_path):
+    """The write of step 3 fails as orbax finalises it (on the commit thread). The next
+    save, step 4's (a RunStep's checkpoint), is written and committed; before, the failure
+    of step 3 was raised again when step 4's save began, and step 4 was never written."""
+    checkpoints, runtime = writer_of(tmp_path)
+    checkpoints.writer = writer = CheckpointWriter()
+    finish = writer._checkpointer.wait_until_finished
+    failed: list[str] = []
+
+    def fails_once() -> None:
+        finish()
+        if threading.current_thread().name == "checkpoint-commit" and not failed:
+            failed.append("step 3")
+            raise OSError("No space left on device")
+
+    writer._checkpointer.wait_until_finished = fails_once
+    try:
+        checkpoints.save_after_step(2)  # the state after 3 steps
+        runtime.step = 4
+        checkpoints.save_after_step(3)
+        checkpoints.wait()
+        assert failed == ["step 3"]
+        assert checkpoints.committed == [4]
+        assert is_committed(checkpoint_path(tmp_path / "stage0", 2, 4))
+    finally:
+        checkpoints.close()

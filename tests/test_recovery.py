@@ -221,6 +221,32 @@ def test_a_checkpoint_is_registered_only_once_the_steps_before_it_are_written(st
     assert [m.step for m in store.metrics("j")] == [0, 1, 2, 3]
 
 
+def test_a_checkpoint_the_database_refuses_to_register_fails_nothing_and_is_registered_later(
+    store, tmp_path
+):
+    """The job's steps are written, then the database refuses the checkpoint's row (another
+    writer holds it past the timeout): registering it neither raises nor marks it
+    registered, and the next report registers it. Before, the raw sqlite3 error failed a
+    job whose steps had all run ("internal"), and with the database still refusing, the
+    failure's own write raised too: the job stayed running with no runner."""
+    import sqlite3
+
+    recovery = Recovery(store, Dispatcher(1), state_dir=tmp_path)
+    attempt = recovery.plan(program(), None)
+    store._conn.execute("PRAGMA busy_timeout = 50")  # fail fast while locked (10 s)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        recovery.on_step(attempt, [4], ending=True)  # the final checkpoint's report
+        assert attempt.registered == set()
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert store.checkpoints("j") == []
+    recovery.on_step(attempt, [4])
+    assert [c.step for c in store.checkpoints("j")] == [4] and attempt.registered == {4}
+
+
 def test_a_rollback_is_told_to_followers_who_had_its_steps_and_kept_for_laggards(store):
     """A rollback is told to the job's followers (its record with `rolled_back_to`, after
     the steps they had) when they had steps from there or some were recorded, not on a

@@ -109,15 +109,22 @@ class CheckpointWriter:
 
     def save(self, path: str, params: Any, opt_state: Any, step: int) -> None:
         """Start writing the state after `step` applied steps to `path` (blocks only while
-        the state is copied off the devices, and for the previous save to finish); nothing
-        when this writer has committed that step or is writing it."""
+        the state is copied off the devices, and for the previous save to finish, whether
+        or not that one failed); nothing when this writer has committed that step or is
+        writing it."""
         import orbax.checkpoint as ocp
 
         with self._lock:
             if step == self._writing or step in self._committed:
                 logger.info("checkpoint %s: already written or being written", path)
                 return
-        self.wait()
+        try:
+            self.wait()
+        except CheckpointWriteError as e:
+            # The previous save failed (logged as it did, never committed): this one is
+            # written all the same. Before, its failure was raised here once more and the
+            # save asked for now was dropped (a job's final checkpoint with it).
+            logger.warning("%s; writing %s all the same", e, path)
         tree = state_tree(params, opt_state, step)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._checkpointer.save(path, args=ocp.args.StandardSave(tree))
