@@ -12,6 +12,7 @@ import argparse
 import functools
 import os
 import re
+from pathlib import Path
 
 # Where a running controller records its address, pid and dashboard URL for clients
 # (`<state_dir>/controller.json`).
@@ -93,7 +94,14 @@ def parse_island(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pathways_lite.controller")
-    p.add_argument("--state-dir", required=True, help="the state directory (locked)")
+    p.add_argument(
+        "--state-dir",
+        required=True,
+        # Absolute: checkpoint folders under it are named to island hosts, whose working
+        # directories are their own (a relative one was written relative to each host).
+        type=lambda text: str(Path(text).expanduser().resolve()),
+        help="the state directory (locked)",
+    )
     p.add_argument(
         "--ray-address",
         default=None,

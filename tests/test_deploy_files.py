@@ -431,3 +431,11 @@ def test_gpu_variant_builds_jax_for_cuda() -> None:
 def test_cli_parses_the_deployment_commands(argv) -> None:
     args = cli.build_parser().parse_args(argv)
     assert args.func is not None
+
+
+def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch) -> None:
+    """Checkpoint folders under the state directory are named to island hosts, whose
+    working directories are their own: `--state-dir ./s` means this directory's `s`."""
+    monkeypatch.chdir(tmp_path)
+    args = controller_options.build_parser().parse_args(["--state-dir", "./s"])
+    assert args.state_dir == str(tmp_path.resolve() / "s")
