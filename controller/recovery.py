@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 
 from pathways_lite.v1 import worker_pb2
-from pathways_lite.workers.checkpoint import checkpoint_path
+from pathways_lite.workers.checkpoint import MISSING, checkpoint_path, is_committed
 
 from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
@@ -107,6 +107,20 @@ def remove_checkpoint(path: str) -> None:
     for stage in folder.parent.glob("stage*"):
         if stage.name[len("stage") :].isdigit():
             shutil.rmtree(stage / folder.name, ignore_errors=True)
+
+
+def committed_here(path: str) -> bool:
+    """Whether this process finds the checkpoint committed: its folder, or for a pipeline
+    job every stage's part of it (`remove_checkpoint`'s folders)."""
+    if is_committed(path):
+        return True
+    folder = Path(path)
+    parts = [
+        stage / folder.name
+        for stage in folder.parent.glob("stage*")
+        if stage.name[len("stage") :].isdigit() and (stage / folder.name).exists()
+    ]
+    return bool(parts) and all(is_committed(part) for part in parts)
 
 
 def _all_committed(replies: Sequence[Any]) -> list[int]:
@@ -208,6 +222,18 @@ class Recovery:
             except DispatchError as e:
                 if checkpoint is None or e.code != grpc.StatusCode.DATA_LOSS:
                     raise
+                if MISSING in e.message and committed_here(checkpoint.path):
+                    # Not lost: the hosts do not see what this controller sees. Marked
+                    # corrupt, it and every older one (the hosts see none of them) were
+                    # skipped, and the job started again from step 0.
+                    raise DispatchError(
+                        "checkpoint_not_found",
+                        f"The hosts cannot find the checkpoint at step {checkpoint.step} "
+                        f"({checkpoint.path}), which the controller finds committed: is the "
+                        "state directory on storage every island's node shares? It is kept. "
+                        + e.message[:500],
+                        grpc.StatusCode.UNAVAILABLE,
+                    ) from e
                 message = (
                     f"Checkpoint at step {checkpoint.step} ({checkpoint.path}) is unreadable "
                     f"and was skipped for the previous committed one: {e.message[:500]}"

@@ -16,7 +16,7 @@ import pytest
 from pathways_lite.controller.bus import EventBus
 from pathways_lite.controller.core import Controller
 from pathways_lite.controller.resolved import DatasetRef
-from pathways_lite.controller.states import JobState
+from pathways_lite.controller.states import CheckpointState, JobState
 from pathways_lite.controller.store import JobRecord, JobStore
 from pathways_lite.spec import load_spec_text
 from pathways_lite.v1 import controller_pb2
@@ -1241,6 +1241,48 @@ def test_a_checkpoint_one_island_cannot_read_falls_back_without_a_retry(tmp_path
             assert any("step 20" in m and "unreadable" in m for _, m in events), events
             assert any("steps 10 to 29 run again" in m for _, m in events), events
             assert [m.step for m in store.metrics(record.id)] == list(range(30))
+
+    asyncio.run(run())
+
+
+def test_a_checkpoint_the_hosts_cannot_find_but_the_controller_can_is_not_marked_corrupt(
+    tmp_path,
+) -> None:
+    """The island's hosts do not find the newest checkpoint (step 20) that the controller
+    finds committed (a state directory not shared with their node): the job fails its
+    attempts as an infrastructure failure naming that, and the checkpoint stays committed.
+    Before, it was marked corrupt, as was every older one the hosts could not find either,
+    and the job started again from step 0. A checkpoint the controller does not find
+    either is skipped as before (here step 20 of the second job: it resumes from 10)."""
+
+    async def run() -> None:
+        sim = SimCluster([SimIsland("island-0", STEP_S, unseen={20})])
+        store = JobStore.open_controller(tmp_path / "state")
+        kept = _left_running(store, _spec("kept", 1, 30), 22)
+        gone = _left_running(store, _spec("gone", 1, 30), 22)
+        root = tmp_path / "state" / "checkpoints"
+        for record in (kept, gone):
+            for step in (10, 20):
+                path = root / record.id / f"g0-step{step}"
+                if record is kept:
+                    path.mkdir(parents=True)  # the controller finds them committed
+                store.register_checkpoint(record.id, 0, step, str(path))
+        async with _controller(sim, store, state_dir=tmp_path / "state"):
+            await _until(lambda: store.get_job(kept.id).state.terminal, 60)
+            await _until(lambda: store.get_job(gone.id).state.terminal, 60)
+            events = [(e.kind, e.message) for e in store.events(kept.id)]
+            assert store.get_job(kept.id).state == JobState.FAILED, events
+            assert any(
+                "cannot find the checkpoint at step 20" in m for k, m in events if k == "failure"
+            ), events
+            every = store.checkpoints(kept.id, list(CheckpointState))
+            assert [(c.step, c.state) for c in every] == [
+                (10, CheckpointState.COMMITTED),
+                (20, CheckpointState.COMMITTED),
+            ]
+            events = [(e.kind, e.message) for e in store.events(gone.id)]
+            assert store.get_job(gone.id).state == JobState.SUCCEEDED, events
+            assert any("steps 10 to 29 run again" in m for _, m in events), events
 
     asyncio.run(run())
 

@@ -46,6 +46,11 @@ class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (reported at the next save or wait)."""
 
 
+# What a restore says of a checkpoint folder this host cannot find (or finds half written):
+# the controller tells it apart from one that does not read back (controller/recovery.py).
+MISSING = "is missing or was never committed"
+
+
 def checkpoint_path(root: str | Path, generation: int, step: int) -> str:
     """The folder of the checkpoint of `step` applied steps of one generation of a job."""
     return str(Path(root) / f"g{int(generation)}-step{int(step)}")
@@ -188,7 +193,7 @@ def restore(path: str, params_like: Any, opt_like: Any, param_shardings: Any, op
     import orbax.checkpoint as ocp
 
     if not is_committed(path):
-        raise CheckpointError(f"checkpoint {path!r} is missing or was never committed.")
+        raise CheckpointError(f"checkpoint {path!r} {MISSING}.")
 
     def abstract(like: Any, shardings: Any) -> tuple[dict[str, Any], Any]:
         leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -231,7 +236,7 @@ def restore_params(path: str, params_like: Any, param_shardings: Any) -> tuple[A
     import orbax.checkpoint as ocp
 
     if not is_committed(path):
-        raise CheckpointError(f"checkpoint {path!r} is missing or was never committed.")
+        raise CheckpointError(f"checkpoint {path!r} {MISSING}.")
     leaves, treedef = jax.tree_util.tree_flatten(params_like)
     shardings = jax.tree_util.tree_leaves(param_shardings)
     if len(shardings) != len(leaves):

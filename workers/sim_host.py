@@ -31,6 +31,7 @@ import grpc
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from .checkpoint import MISSING
 from .host import WORKER_WIRE_VERSION
 from .ordering import (
     SKIP_WAIT_S,
@@ -67,6 +68,8 @@ class SimIsland:
         load_s: seconds a LoadJob takes (compiling).
         save_s: seconds a SaveCheckpoint that saves takes.
         unreadable: checkpoint steps this host cannot restore (DATA_LOSS: a corrupt part).
+        unseen: checkpoint steps this host cannot find (DATA_LOSS, as a real host that does
+            not see the folder: a state directory not shared with its node).
         keep_state_fails: a load that asks to keep the state held (a restarted controller's
             adoption) is refused, as by a host whose state could not be kept.
         fail_skips: how many SkipSeq calls fail UNAVAILABLE before one is answered (an
@@ -89,6 +92,7 @@ class SimIsland:
     keep_state_fails: bool = False
     save_s: float = 0.0
     unreadable: frozenset[int] = frozenset()
+    unseen: frozenset[int] = frozenset()
     fail_skips: int = 0
     hold_ahead: int = 0
     hold_delay_s: float = 0.0
@@ -236,6 +240,11 @@ class SimHost(worker_pb2_grpc.WorkerServiceServicer):
                     await context.abort(
                         grpc.StatusCode.DATA_LOSS,
                         f"checkpoint {request.restore_from} is unreadable here (simulated).",
+                    )
+                if start in self.island.unseen:
+                    await context.abort(
+                        grpc.StatusCode.DATA_LOSS,
+                        f"checkpoint {request.restore_from!r} {MISSING} (simulated).",
                     )
             held = self.jobs.get(request.job_id)
             if held is not None and held.generation == request.generation:
