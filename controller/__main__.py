@@ -154,8 +154,13 @@ async def _serve(args, store, groups, credential, tls, imports: threading.Thread
     if args.simulate_islands:
         from pathways_lite.workers.sim_host import SimCluster, connect_islands
 
-        simulated = SimCluster.uniform(args.simulate_islands, step_s=args.simulate_step_s)
-        islands = await connect_islands(await simulated.start())
+        if args.tls == "on":
+            logger.warning("--tls on: simulated islands are served unencrypted on loopback")
+        # Closed as real hosts are: the hosts refuse calls without the cluster credential.
+        simulated = SimCluster.uniform(
+            args.simulate_islands, step_s=args.simulate_step_s, credential=credential
+        )
+        islands = await connect_islands(await simulated.start(), credential)
     for group in groups:
         hosts = [
             await connect_host(m.address, credential=credential, tls=tls) for m in group.metadata

@@ -452,6 +452,29 @@ def test_up_with_simulated_islands_runs_a_gang_job_end_to_end(tmp_path) -> None:
     try:
         assert run("islands").count("island-") >= 8
         assert "is succeeded" in run("submit", str(spec), "--wait")
+        # Closed as real hosts are: a simulated host refuses a call without the cluster
+        # credential (before, any local process could load, abort or cut jobs on them).
+        import grpc
+
+        from pathways_lite.client import ControllerClient
+        from pathways_lite.controller.auth import read_cluster_credential
+        from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+        from pathways_lite.workers.auth import host_channel
+
+        with ControllerClient(state) as client:
+            address = client.islands()[0].hosts[0].address
+        for credential in (None, read_cluster_credential(state)):
+            channel = host_channel(address, credential)
+            try:
+                info = worker_pb2_grpc.WorkerServiceStub(channel).Info
+                if credential is None:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        info(worker_pb2.InfoRequest(), timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                else:
+                    assert info(worker_pb2.InfoRequest(), timeout=10).island
+            finally:
+                channel.close()
     finally:
         run("down")
 

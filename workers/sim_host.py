@@ -31,6 +31,7 @@ import grpc
 
 from pathways_lite.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from .auth import Credential, host_auth
 from .checkpoint import MISSING
 from .host import WORKER_WIRE_VERSION
 from .ordering import (
@@ -525,15 +526,16 @@ class SimCluster:
         islands: the islands' behaviours.
     """
 
-    def __init__(self, islands: Sequence[SimIsland]) -> None:
+    def __init__(self, islands: Sequence[SimIsland], credential: Credential | None = None) -> None:
         self.specs = list(islands)
+        self.credential = credential
         self.hosts: dict[str, SimHost] = {}
         self._servers: dict[str, grpc.aio.Server] = {}
 
     @classmethod
-    def uniform(cls, n: int, **kwargs) -> SimCluster:
+    def uniform(cls, n: int, *, credential: Credential | None = None, **kwargs) -> SimCluster:
         """`n` alike islands named island-0 .. island-(n-1)."""
-        return cls([SimIsland(f"island-{i}", **kwargs) for i in range(n)])
+        return cls([SimIsland(f"island-{i}", **kwargs) for i in range(n)], credential)
 
     async def start(self) -> dict[str, str]:
         """Serve every host; returns island name -> address."""
@@ -543,7 +545,10 @@ class SimCluster:
 
     async def _serve(self, spec: SimIsland) -> None:
         host = SimHost(spec)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # With a credential, closed as a real host is (`pathways-lite up --simulate-islands`):
+        # a call without it is refused before it reaches the host.
+        interceptors = [] if self.credential is None else [host_auth(self.credential)]
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(host, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -594,12 +599,17 @@ class SimHostActor:
         threading.Event().wait()
 
 
-async def connect_islands(addresses: dict[str, str]) -> list:
-    """Controller-side `Island`s for simulated hosts (no Ray group: not restartable)."""
+async def connect_islands(addresses: dict[str, str], credential: Credential | None = None) -> list:
+    """Controller-side `Island`s for simulated hosts (no Ray group: not restartable), whose
+    calls carry `credential` (the hosts' own)."""
     from pathways_lite.controller.islands import Island, connect_host
 
-    hosts = await asyncio.gather(*(connect_host(a) for a in addresses.values()))
-    return [Island(name, [h]) for name, h in zip(addresses, hosts, strict=True)]
+    hosts = await asyncio.gather(
+        *(connect_host(a, credential=credential) for a in addresses.values())
+    )
+    return [
+        Island(name, [h], credential=credential) for name, h in zip(addresses, hosts, strict=True)
+    ]
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
