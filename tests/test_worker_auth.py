@@ -447,3 +447,17 @@ def test_rotate_secret_keeps_a_job_running_and_old_secrets_work_only_for_the_gra
         assert _leaks(new_secret, state, skip=(controller_auth.cluster_secret_path(state),)) == []
     finally:
         old_client.close()
+
+
+def test_a_new_ca_key_never_goes_into_an_old_key_file_others_can_read(tmp_path) -> None:
+    """The CA certificate is gone and an old key file others can read is left: the new key
+    is a new file of mode 0600 (before, it was written into the old readable file, and only
+    the next start's check refused it)."""
+    directory = tmp_path / "tls"
+    ClusterCA(directory)
+    (directory / "ca.pem").unlink()
+    old_key = directory / "ca.key"
+    old_key.chmod(0o644)
+    ClusterCA(directory)
+    assert (old_key.stat().st_mode & 0o777) == 0o600
+    ClusterCA(directory)  # loads: not refused as readable by others

@@ -150,9 +150,14 @@ class ClusterCA:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file of mode 0600, then renamed over the path: an old key file others can
+        # read (or a link there) never receives the new key (it was written into it).
+        tmp = key_path.with_name(f".{key_path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem_key)
+        os.replace(tmp, key_path)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         logger.info("created the cluster CA in %s", self.directory)
 
