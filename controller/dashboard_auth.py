@@ -3,6 +3,10 @@
 Every route needs the controller's access token (controller/auth.py): `Authorization: Bearer
 <token>`, or `?token=` once on a GET, which is traded for an HttpOnly, SameSite=Strict cookie
 and a redirect to the same page without it (the token leaves the address bar and the history).
+The cookie holds a value derived from the token (an HMAC), not the token, and its name holds
+the dashboard's port: browsers send a host's cookies to every port of it, so another web
+server on the machine would get the cookie, which opens this dashboard only (the token also
+opens the API; a rotation of the token ends it with the old token's grace).
 State-changing requests (cancel) also need the header `X-Pathways-Lite: 1`, which a cross-site
 form cannot send. Every response carries headers that forbid framing, sniffing and scripts
 from other origins, so an injected `<script>` would not run: they are added as each response
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from pathways_lite.workers.auth import Credential, derive
+
 from . import auth
 
-COOKIE = "pathways_lite_token"
+COOKIE = "pathways_lite_session"  # the name's prefix: `_<port>` follows
+COOKIE_LABEL = b"pathways-lite dashboard cookie"
 CSRF_HEADER = "X-Pathways-Lite"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -58,14 +65,19 @@ def token_middleware(token: str | auth.Credential | None):
             kept = [(k, v) for k, v in request.rel_url.query.items() if k != "token"]
             response = web.HTTPFound(str(request.rel_url.with_query(kept)))
             response.set_cookie(
-                COOKIE, query_token, httponly=True, samesite="Strict", path="/", max_age=86400 * 30
+                cookie_name(request),
+                derive(query_token, COOKIE_LABEL),
+                httponly=True,
+                samesite="Strict",
+                path="/",
+                max_age=86400 * 30,
             )
             raise response
         presented = request.headers.get("Authorization")
-        cookie = request.cookies.get(COOKIE)
+        cookie = request.cookies.get(cookie_name(request))
         if not (
             auth.matches(presented, token)
-            or (cookie is not None and auth.matches(auth.bearer(cookie), token))
+            or (cookie is not None and _session(token).accepts(auth.bearer(cookie)))
         ):
             raise _unauthorized()
         if request.method != "GET" and request.headers.get(CSRF_HEADER) != "1":
@@ -75,6 +87,18 @@ def token_middleware(token: str | auth.Credential | None):
         return await handler(request)
 
     return middleware
+
+
+def cookie_name(request: web.Request) -> str:
+    """The session cookie's name on this dashboard: with the port the browser addressed."""
+    return f"{COOKIE}_{request.url.port or 0}"
+
+
+def _session(token: str | auth.Credential) -> Credential:
+    """What a session cookie must match: the token's derived values (the current token's,
+    and the previous one's while its grace lasts)."""
+    credential = Credential(token) if isinstance(token, str) else token
+    return credential.derived(COOKIE_LABEL)
 
 
 def _unauthorized() -> web.HTTPUnauthorized:

@@ -89,6 +89,13 @@ def test_http_without_the_token_is_401(local_cluster) -> None:
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
     status, _, _ = _http(base + "api/overview", {"Cookie": cookie.split(";")[0]})
     assert status == 200
+    # The cookie holds no token (browsers send it to every port of the host, and the token
+    # also opens the API), and its name holds this dashboard's port.
+    name, value = cookie.split(";")[0].split("=", 1)
+    port = base.rstrip("/").rsplit(":", 1)[1]
+    assert name == f"pathways_lite_session_{port}" and token not in cookie
+    for forged in (f"{name}={token}", f"pathways_lite_session_1={value}"):
+        assert _http(base + "api/overview", {"Cookie": forged})[0] == 401, forged
     # State changes also need the custom header a cross-site form cannot send.
     status, _, _ = _http(
         base + "api/jobs/x/cancel", {"Authorization": auth.bearer(token)}, method="POST"

@@ -17,6 +17,7 @@ The secret never appears in a repr, a log line, an environment variable or a com
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import logging
 import threading
@@ -117,11 +118,26 @@ class Credential:
             self._previous, self._secret = self._secret, secret
             self._previous_until = time.time() + max(grace_s, 0.0)
 
+    def derived(self, label: bytes) -> Credential:
+        """A credential of secrets derived from these (HMAC-SHA256 of `label` keyed by each),
+        accepted as long as they are: a value to hand out where the secret itself must not
+        go (the dashboard's cookie)."""
+        with self._lock:
+            current, previous, until = self._secret, self._previous, self._previous_until
+        return Credential(
+            derive(current, label), derive(previous, label) if previous else "", until
+        )
+
     def update(self, other: Credential) -> None:
         """Take `other`'s secrets (a controller handing a running host its credential)."""
         state = other.__getstate__()
         with self._lock:
             self._secret, self._previous, self._previous_until = state["s"], state["p"], state["u"]
+
+
+def derive(secret: str, label: bytes) -> str:
+    """HMAC-SHA256 of `label` keyed by `secret`, hex: tells nothing of the secret."""
+    return hmac.new(secret.encode(), label, hashlib.sha256).hexdigest()
 
 
 def method_kinds(services: Iterable[ServiceDescriptor]) -> dict[str, tuple[bool, bool]]:
