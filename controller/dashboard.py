@@ -681,7 +681,7 @@ def parse_duration(text: str) -> float:
 # The generate endpoint's numeric query parameters: (parse, default, the range an integer's
 # field holds as "[lo, hi)" bounds; None for a float).
 _GENERATE_NUMBERS: dict[str, tuple[type, float, tuple[int, int] | None]] = {
-    "max_tokens": (int, 64, (-(2**31), 2**31)),
+    "max_tokens": (int, 0, (-(2**31), 2**31)),  # 0: up to 64, as the prompt leaves room
     "temperature": (float, 0.0, None),
     "top_k": (int, 0, (-(2**31), 2**31)),
     "top_p": (float, 0.0, None),

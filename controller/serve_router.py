@@ -49,6 +49,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -57,7 +58,7 @@ import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 from pathways_lite.workers.rpc import RpcRejection
-from pathways_lite.workers.serve_engine import check_sampling
+from pathways_lite.workers.serve_engine import DEFAULT_MAX_TOKENS, check_sampling
 
 from .islands import Island
 from .states import IllegalTransitionError
@@ -65,8 +66,10 @@ from .store import JobStore
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 64
 MAX_PROMPT_CHARS = 10_000
+# Seconds a replica whose host answered UNAVAILABLE gets no request while another is live
+# (about the health probe's period: by then the job's recovery has seen it).
+AVOID_FAILED_S = 5.0
 GENERATE_TIMEOUT_S = 600.0
 # Latency samples kept per job (the dashboard's serve page and `why`).
 WINDOW = 4096
@@ -239,6 +242,10 @@ class ServeArbiter:
 class Replica:
     island: Island
     inflight: int = 0
+    # When its host last answered a request UNAVAILABLE (its engine failed, or it is going):
+    # requests go to the other replicas for AVOID_FAILED_S (it answers at once, so its
+    # `inflight` stayed lowest and it drew nearly every request until the probe saw it).
+    failed_at: float = -math.inf
 
 
 @dataclasses.dataclass
@@ -381,7 +388,7 @@ class ServeRouter:
             raise IllegalTransitionError(f"job {record.id!r} is loading; try again shortly.")
         if served.status == "stopping":
             raise self._stopped_error(served)
-        if served.max_seq_len and max_tokens >= served.max_seq_len:
+        if max_tokens and served.max_seq_len and max_tokens >= served.max_seq_len:
             raise ValueError(
                 f"max_tokens={max_tokens} leaves no room for a prompt in serve.max_seq_len="
                 f"{served.max_seq_len} (at most {served.max_seq_len - 1}, less the prompt's "
@@ -394,7 +401,9 @@ class ServeRouter:
                 f"every replica of job {record.id!r} is on a dead island "
                 f"({served.replicas[0].island.dead}); the job recovers or fails shortly.",
             )
-        replica = min(live, key=lambda r: r.inflight)
+        now = time.monotonic()
+        healthy = [r for r in live if now - r.failed_at >= AVOID_FAILED_S] or live
+        replica = min(healthy, key=lambda r: r.inflight)
         wire = worker_pb2.GenerateRequest(
             job_id=record.id,
             prompt=request.prompt,
@@ -443,6 +452,8 @@ class ServeRouter:
                         host_done(sample)
                     replies.put_nowait((reply, ttft_ms))
             except Exception as e:  # noqa: BLE001 - raised to the caller in order
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+                    replica.failed_at = time.monotonic()
                 replies.put_nowait(e)
             finally:
                 host_done(sample)
@@ -509,7 +520,8 @@ class ServeRouter:
 
 def check_request(request: controller_pb2.GenerateJobRequest) -> int:
     """A request's own fields, before its job is looked up or any island cut; returns its
-    max_tokens (0 asks for DEFAULT_MAX_TOKENS).
+    max_tokens (0: DEFAULT_MAX_TOKENS, or as many as the prompt leaves room for, decided by
+    the host that tokenizes it).
 
     Raises:
         ValueError: naming the field and its value.
@@ -518,7 +530,7 @@ def check_request(request: controller_pb2.GenerateJobRequest) -> int:
         raise ValueError("prompt is empty; give some text to continue.")
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}.")
-    max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+    max_tokens = request.max_tokens
     if max_tokens < 0:
         raise ValueError(f"max_tokens={request.max_tokens} must be >= 1 (0: {DEFAULT_MAX_TOKENS}).")
     check_sampling(

@@ -208,6 +208,10 @@ def test_stop_strings_limits_queue_and_stop(dec):
             eng.submit(Request([1] * 64, max_tokens=1))
         with pytest.raises(ServeError, match="max_tokens=60"):
             eng.submit(Request([1] * 5, max_tokens=60))
+        # No max_tokens (0): 64 tokens, or as many as the prompt leaves room for (before, the
+        # router's default of 64 was refused on a service of max_seq_len 64 or less).
+        short = _collect(eng.submit(Request([1] * 60, max_tokens=0)))
+        assert len(short[0]) <= 4 and (len(short[0]) == 4 or short[1] != "length"), short
         # A cancelled (disconnected) client frees its slot; the others finish.
         gone = eng.submit(Request(p, max_tokens=50))
         gone.cancel()
@@ -591,3 +595,15 @@ def test_streamed_text_never_holds_a_character_whose_bytes_are_still_coming(dec)
         sent += piece
         assert final.startswith(sent), (sent, final)
     assert sent == final
+
+
+def test_a_top_k_past_what_the_batch_holds_is_refused_at_the_host():
+    """The worker's top_k is uint32 and the batch holds it as int32: a request (a direct
+    host Generate) of top_k 2**31 is refused naming it. Before, it passed the check and
+    failed the whole serve loop at its prefill, ending every stream in flight."""
+    from pathways_lite.workers.serve_engine import check_sampling
+
+    kw = {"temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ()}
+    check_sampling(top_k=2**31 - 1, **kw)
+    with pytest.raises(ValueError, match=r"top_k=2147483648 must be in \[0, 2\*\*31\)"):
+        check_sampling(top_k=2**31, **kw)

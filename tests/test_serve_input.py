@@ -119,7 +119,7 @@ def test_a_request_the_host_would_refuse_never_cuts_training(tmp_path) -> None:
         for bad, message in (
             ({"temperature": 11.0}, "temperature=11.0 must be in"),
             ({"top_p": 1.5}, "top_p=1.5 must be in"),
-            ({"top_k": -1}, "top_k=-1 must be >= 0"),
+            ({"top_k": -1}, r"top_k=-1 must be in \[0, 2\*\*31\)"),
             ({"max_tokens": 128}, "max_tokens=128 leaves no room .* serve.max_seq_len=128"),
             ({"stop": ["x"] * 17}, "stop has 17 strings; at most 16"),
             ({"stop": ["a", "b", "c", "y" * 300]}, r"stop\[3\] is 300 characters long"),
@@ -234,3 +234,61 @@ def test_a_stream_whose_host_dies_mid_generation_ends_unavailable_not_short(tmp_
         assert arbiter.islands["i0"].busy == 0
 
     _serve(tmp_path, test)
+
+
+def test_a_replica_whose_host_answers_unavailable_draws_no_requests_for_a_while(
+    tmp_path,
+) -> None:
+    """Two replicas; the first's engine failed (its host answers UNAVAILABLE at once). After
+    one request meets that, the next go to the other replica. Before, the failed one,
+    its in-flight count always 0, drew nearly every request until the probe saw it (each
+    cutting its island's training for nothing)."""
+
+    class _Failed(worker_pb2_grpc.WorkerServiceServicer):
+        def __init__(self) -> None:
+            self.requests = 0
+
+        async def Generate(self, request, context):
+            self.requests += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the serve loop failed")
+            yield  # (a stream)
+
+    store = JobStore(tmp_path / "controller.db")
+    record = store.create_job(load_spec_text(SERVE))
+
+    async def main() -> None:
+        failed, good = _Failed(), _Host()
+        servers, channels, islands = [], [], []
+        for name, servicer in (("i0", failed), ("i1", good)):
+            server = grpc.aio.server()
+            worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+            address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            await server.start()
+            channel = grpc.aio.insecure_channel(address)
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            servers.append(server)
+            channels.append(channel)
+            islands.append(
+                Island(name, [HostHandle(address, channel, stub, worker_pb2.InfoReply())])
+            )
+        try:
+            router = ServeRouter(store, None)
+            router.loading(record.id, islands)
+            router.serving(record.id, 0, 4, 5000.0, max_seq_len=128)
+            with pytest.raises(RpcRejection, match="the serve loop failed"):
+                async for _ in router.generate(_request(record.id)):
+                    pass
+            for _ in range(3):
+                replies = [r async for r in router.generate(_request(record.id))]
+                assert replies[-1].done
+            assert (failed.requests, len(good.requests)) == (1, 3)
+        finally:
+            for channel in channels:
+                await channel.close()
+            for server in servers:
+                await server.stop(0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()

@@ -42,6 +42,11 @@ SEED_LIMIT = 2**64
 REPLACEMENT = "\ufffd"  # what a half-received UTF-8 character decodes to
 
 
+# Tokens a request without max_tokens (0) gets: this many, or as many as its prompt leaves
+# room for in serve.max_seq_len.
+DEFAULT_MAX_TOKENS = 64
+
+
 def check_sampling(
     *, temperature: float, top_k: int, top_p: float, seed: int, stop: Sequence[str]
 ) -> None:
@@ -57,8 +62,8 @@ def check_sampling(
         raise ValueError(f"temperature={temperature} must be in [0, {MAX_TEMPERATURE:g}].")
     if not 0 <= top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in [0, 1].")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k} must be >= 0 (0: every token).")
+    if not 0 <= top_k < 2**31:  # (held as int32 by the batch: a larger one failed it all)
+        raise ValueError(f"top_k={top_k} must be in [0, 2**31) (0: every token).")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed={seed} must be in [0, 2**64).")
     if len(stop) > MAX_STOP_STRINGS:
@@ -217,6 +222,8 @@ class ServeEngine:
                 f"prompt is {len(req.prompt_ids)} tokens; serve.max_seq_len="
                 f"{self.max_seq_len} leaves room for at most {self.max_seq_len - 1}.",
             )
+        if req.max_tokens == 0:
+            req.max_tokens = min(DEFAULT_MAX_TOKENS, self.max_seq_len - len(req.prompt_ids))
         if req.max_tokens < 1 or len(req.prompt_ids) + req.max_tokens > self.max_seq_len:
             raise ServeError(
                 "INVALID_ARGUMENT",
