@@ -752,6 +752,7 @@ class JobRunner:
                         and p.peers is not None
                         and e.reason != SUSPEND_FAILED  # no survivor runs: states suspended
                         and spec_lib.pipeline_settings(self.record.spec) is None
+                        and self._steps_written()
                     ):
                         attempt = await p.peers.recover(job_id, self._attempt, islands, e)
                     if attempt is None:
@@ -1122,6 +1123,18 @@ class JobRunner:
             checkpointed=saved,
             message=message,
         )
+
+    def _steps_written(self) -> bool:
+        """Write the job's batched steps; whether they are all in the store (a peer recovery
+        resumes at the steps stored: with some unwritten, it would run them again behind
+        their pending rows, refused as out of order; the job rolls back instead, which
+        drops them)."""
+        try:
+            self.parts.reporter.flush(self.job_id)
+        except StoreError as e:
+            logger.warning("%s; job %s rolls back instead of a peer recovery", e, self.job_id)
+            return False
+        return True
 
     def _step_done(self, report: StepReport, replayed: bool = False) -> None:
         """Record the step, then register the checkpoints it reports committed (`replayed`:
