@@ -295,7 +295,13 @@ class ServingHost:
                     int(request.max_seq_len),
                     vocab_size=tokenizer.vocab_size,  # the model's may be larger
                 )
-                decoder.warm()  # every decode bucket and the common prefill
+                try:
+                    decoder.warm()  # every decode bucket and the common prefill
+                except BaseException:
+                    # (Out of memory, say.) Its cache is freed now, not at the next garbage
+                    # collection: the room is the job's again at once.
+                    decoder.close()
+                    raise
             engine = ServeEngine(
                 decoder,
                 tokenizer.decode,
