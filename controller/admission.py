@@ -213,6 +213,8 @@ class Admission:
         # what stays on each island (`_staying_for`).
         self._endless: list[tuple[int, int, list[str], bool]] = []
         self._staying_at: dict[int, tuple[dict[str, int], dict[str, int] | None]] = {}
+        # Per job of a pass: islands claimed by a waiting preemptor it may not take (`_claims`).
+        self._barred: set[str] = set()
         # (islands, bytes) of jobs held back behind waiters since the last placement.
         self._held_back: set[tuple[int, int]] = set()
 
@@ -299,6 +301,7 @@ class Admission:
         placed = 0
         waiting = self._waiting()
         self.pending.queue = waiting
+        claims = self._claims(waiting)
         if self.kept_on:  # before any job could take the islands that hold their state
             waiting = sorted(waiting, key=lambda r: r.id not in self.kept_on)
         queued_state = JobState.QUEUED
@@ -360,6 +363,16 @@ class Admission:
                 self._park(record, never, for_good=for_good)
                 continue
             self._parked.pop(record.id, None)
+            self._barred = {
+                i for i, (p, by) in claims.items() if p >= record.priority and by != record.id
+            }
+            if own is not None and self._barred.intersection(own):
+                by = sorted({claims[i][1] for i in self._barred.intersection(own)})
+                self.pending[record.id] = (
+                    f"Suspended: its islands are kept for {', '.join(by)}, which preempted it "
+                    "and starts once the other jobs it preempted have left."
+                )
+                continue
             islands = self._admit(record, demand, own, ahead, room)
             if islands is not None:
                 placed += 1
@@ -416,6 +429,24 @@ class Admission:
             len(ahead),
             took_ms,
         )
+
+    def _claims(self, waiting: Sequence[JobRecord]) -> dict[str, tuple[int, str]]:
+        """Islands a waiting job has asked jobs to leave (preemption): island -> (the
+        highest priority among such waiting jobs, that job). While it waits, no job of its
+        priority or lower is placed or resumed there (`_barred`): its victims suspend at
+        their own step boundaries, and the room the first one freed was taken back at once
+        (that victim resumed, or a job behind took it, since the preemptor did not fit yet),
+        and the preemptor suspended it again: for ever, one victim after the other."""
+        priority = {r.id: r.priority for r in waiting}
+        claims: dict[str, tuple[int, str]] = {}
+        for r in self.runners.values():
+            p = priority.get(r.suspended_for) if r.suspend_requested else None
+            if p is None:
+                continue
+            for island in r.islands:
+                if island not in claims or claims[island][0] < p:
+                    claims[island] = (p, r.suspended_for)
+        return claims
 
     def _kept(self, job_id: str, demand: Demand) -> tuple[str, ...] | None:
         """The islands that still hold the job's state when it can be placed on them now;
@@ -569,7 +600,7 @@ class Admission:
         if now + length > r.start:
             return None
         sched = self.scheduler
-        room = sched.candidates(demand)
+        room = [i for i in sched.candidates(demand) if i not in self._barred]
         # Islands the head does not need first: they hold it back in no case.
         room.sort(key=lambda i: i in r.islands)
         room = sched.same_hosts(room, demand.islands)
@@ -642,6 +673,8 @@ class Admission:
             groups: dict[int, list[str]] = {}
             chosen = []
             for island in sched.candidates(demand):
+                if island in self._barred:
+                    continue
                 group = groups.setdefault(sched.hosts[island], [])
                 if self._ahead_still_fit(ahead, demand, [*group, island]):
                     group.append(island)

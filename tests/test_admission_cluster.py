@@ -102,7 +102,9 @@ def test_one_job_per_island_at_a_time_and_a_preempted_job_resumes_once_it_fits(c
             assert states == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}, states
             assert seen["suspended"], "a was never suspended for b"
             # While suspended, `why` says what it waits for (not the preemption's message).
-            assert seen["why"] == "" or seen["why"].startswith("Suspended: Needs"), seen
+            assert seen["why"] == "" or seen["why"].startswith(
+                ("Suspended: Needs", f"Suspended: its islands are kept for {ids['b']}")
+            ), seen
             ends = {n: client.get(j) for n, j in ids.items()}
             # A resumed after B ended; C ran after A had resumed (it came later in the queue).
             assert ends["b"].finished_at.ToNanoseconds() <= ends["a"].finished_at.ToNanoseconds()

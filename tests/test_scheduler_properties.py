@@ -133,18 +133,23 @@ class SimClusterState:
         else:
             self.store.transition(job_id, JobState.FAILED, reason="step_failed")
 
+    def suspend(self, job_id: str) -> None:
+        """A job asked to suspend reaches its next step boundary: state to host memory,
+        devices freed."""
+        runner = self.runners[job_id]
+        left = self.ends.pop(job_id) - self.now
+        self.duration[job_id] = max(0.5, left)
+        self.scheduler.release(job_id)
+        runner.resume.clear()
+        runner.suspended = True
+        self.store.transition(job_id, JobState.SUSPENDED, reason="preempted")
+
     def advance(self, seconds: float) -> None:
         """Time passes: asked jobs suspend, resumed jobs run again, due jobs end."""
         self.now += seconds
         for job_id, runner in list(self.runners.items()):
             if runner.suspend_requested and not runner.suspended and job_id in self.ends:
-                # At its next step boundary: state to host memory, devices freed.
-                left = self.ends.pop(job_id) - self.now
-                self.duration[job_id] = max(0.5, left)
-                self.scheduler.release(job_id)
-                runner.resume.clear()
-                runner.suspended = True
-                self.store.transition(job_id, JobState.SUSPENDED, reason="preempted")
+                self.suspend(job_id)
             elif runner.suspended and runner.resume.is_set():
                 runner.suspended = runner.suspend_requested = False
                 self.store.transition(job_id, JobState.RUNNING, reason="resumed")
@@ -298,6 +303,37 @@ def test_a_waiting_job_asks_no_more_victims_while_the_first_ones_suspend() -> No
             c.admission.schedule()
             assert c.scheduler.islands_of(high) == [island]
             assert _asked_to_suspend(c) == first
+            c.check()
+        finally:
+            c.store.close()
+
+
+def test_room_a_waiting_job_preempted_for_is_not_taken_back_while_its_victims_suspend() -> None:
+    """Islands 0-3 run priority-3 jobs, 4 and 5 priority-0 jobs j5 and j6; j7, a gang of two
+    islands at priority 2, asks j5 and j6 to suspend. They reach their step boundaries one
+    at a time: while j7 waits for j6, neither j5 (resumed on the island it freed) nor a new
+    priority-0 job takes island 4 back, and j7 starts once j6 has left. Before, j5 resumed
+    on island 4 at once, j7 asked it to suspend again once j6 had left, and j6 resumed:
+    for ever, one victim after the other."""
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            for priority in (3, 3, 3, 3, 0, 0):
+                c.submit(1, BUDGET, priority, 1000)
+            c.admission.schedule()
+            c.submit(2, BUDGET, 2, 10)
+            c.admission.schedule()
+            assert _asked_to_suspend(c) == ["j5", "j6"]
+            c.suspend("j5")  # its step boundary comes first
+            c.submit(1, BUDGET, 0, 5)  # j8, behind j7
+            for _ in range(3):
+                c.admission.schedule()
+            assert not c.runners["j5"].resume.is_set()
+            assert c.scheduler.jobs_on("island-4") == [], c.scheduler.jobs_on("island-4")
+            assert c.admission.pending["j5"].startswith("Suspended: its islands are kept for j7")
+            c.suspend("j6")
+            c.admission.schedule()
+            assert c.scheduler.islands_of("j7") == ["island-4", "island-5"]
             c.check()
         finally:
             c.store.close()
