@@ -392,6 +392,8 @@ class Admission:
                         self.clock(),
                         max(0, record.spec.train.steps),
                     )
+                if claims:
+                    claims = self._claims(waiting)  # (a preemptor placed: its claim ends)
                 continue
             if len(ahead) >= DETAILED_REASONS:
                 # Behind the first waiters: its place in the queue, when asked (EASY: the
@@ -437,7 +439,14 @@ class Admission:
         their own step boundaries, and the room the first one freed was taken back at once
         (that victim resumed, or a job behind took it, since the preemptor did not fit yet),
         and the preemptor suspended it again: for ever, one victim after the other."""
-        priority = {r.id: r.priority for r in waiting}
+        runners = self.runners
+        priority = {
+            r.id: r.priority
+            for r in waiting
+            # Still waiting: not placed (on this pass either), not being resumed.
+            if (runner := runners.get(r.id)) is None
+            or (runner.suspended and not runner.resume.is_set())
+        }
         claims: dict[str, tuple[int, str]] = {}
         for r in self.runners.values():
             p = priority.get(r.suspended_for) if r.suspend_requested else None
@@ -672,8 +681,13 @@ class Admission:
             # Islands of one host count (host i of each island exchanges with host i).
             groups: dict[int, list[str]] = {}
             chosen = []
+            r = self.reservation
+            # Behind the head: not on the islands of its reservation (the count rule below
+            # would let a job that runs past the reservation's start take one, delaying the
+            # head; one expected to end before it may, `_backfill_before_reservation`).
+            reserved = r.islands if ahead and r is not None else ()
             for island in sched.candidates(demand):
-                if island in self._barred:
+                if island in self._barred or island in reserved:
                     continue
                 group = groups.setdefault(sched.hosts[island], [])
                 if self._ahead_still_fit(ahead, demand, [*group, island]):

@@ -339,6 +339,41 @@ def test_room_a_waiting_job_preempted_for_is_not_taken_back_while_its_victims_su
             c.store.close()
 
 
+def test_a_job_behind_the_head_that_would_outlast_its_reservation_keeps_off_its_islands() -> None:
+    """The head (a gang of two) holds a reservation on islands 4 and 5 from t=21 (island 4
+    frees at t=11, 5 at t=21). A 5,000-step job submitted at t=11 fits island 4 by the count
+    rule but would run past t=21: it waits, and the head starts at t=21. Before, it took
+    island 4 and the head waited until about t=1001, island 5 idle meanwhile."""
+    with tempfile.TemporaryDirectory() as path:
+        c = SimClusterState(path, backfill=True)
+        try:
+            c.submit(1, BUDGET, 0, 1)  # learns a step's seconds (1 s)
+            c.admission.schedule()
+            c.advance(1.0)
+            c.admission.schedule()
+            for steps in (1000, 1000, 1000, 1000, 10, 20):
+                c.submit(1, BUDGET, 0, steps)
+            c.admission.schedule()
+            c.advance(1.0)
+            c.submit(2, BUDGET, 0, 10)
+            head = f"j{c.count}"
+            c.admission.schedule()
+            r = c.admission.reservation
+            assert r is not None and r.job_id == head and r.islands == ("island-4", "island-5")
+            c.advance(9.0)  # island 4 frees
+            c.submit(1, BUDGET, 0, 5000)
+            long = f"j{c.count}"
+            c.admission.schedule()
+            assert c.scheduler.islands_of(long) == []
+            for _ in range(12):
+                c.advance(1.0)
+                c.admission.schedule()
+            assert c.scheduler.islands_of(head) == ["island-4", "island-5"]
+            c.check()
+        finally:
+            c.store.close()
+
+
 @pytest.mark.parametrize("backfill", [True, False])
 def test_a_job_that_needs_more_islands_than_are_up_holds_nobody_back(backfill) -> None:
     """The first job in the queue needs 2 islands, and only one is up: it cannot run until
