@@ -212,7 +212,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def SubmitJob(self, request: controller_pb2.SubmitJobRequest, context) -> Any:
         """Validate the spec (INVALID_ARGUMENT naming the field) and queue the job (in the
         store when the reply leaves)."""
-        return controller_pb2.SubmitJobReply(job=self.controller.submit(request))
+        # On a thread: resolving a job (its memory estimate) takes up to seconds for a deep
+        # model, during which this loop answers the other calls (health checks too).
+        return controller_pb2.SubmitJobReply(
+            job=await asyncio.to_thread(self.controller.submit, request)
+        )
 
     @_rpc
     async def GetJob(self, request: controller_pb2.GetJobRequest, context) -> Any:

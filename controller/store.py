@@ -426,8 +426,14 @@ class JobStore(ProgressTables):
 
         Raises:
             JobNotFoundError: nothing matches.
-            AmbiguousJobError: several jobs match (the message lists them, newest first).
+            AmbiguousJobError: several jobs match (the message lists them, newest first), or
+                `ref` is empty (it would match every job: the only one, say, cancelled by a
+                `cancel "$JOB"` whose variable was unset).
         """
+        if not ref.strip():
+            raise AmbiguousJobError(
+                f"job_id={ref!r} is empty: name a job by its id, its name or the start of its id."
+            )
         try:
             return self.get_job(ref)
         except JobNotFoundError:

@@ -288,6 +288,13 @@ BAD_SPECS = [
         "model.overrides.n_layers",
         "1.5",
     ),
+    (
+        # Resolving it (its memory estimate) took minutes on the controller's API thread.
+        "too many layers",
+        _replace("{preset: palm-tiny}", "{preset: palm-tiny, overrides: {n_layers: 100000}}"),
+        "model.overrides.n_layers",
+        "100000",
+    ),
 ]
 
 

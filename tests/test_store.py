@@ -544,6 +544,17 @@ def test_a_job_is_found_by_id_then_unique_name_then_unique_id_prefix(store) -> N
         store.find_job("nothing%")
 
 
+def test_an_empty_job_reference_is_refused_not_taken_for_the_only_job(store) -> None:
+    """`""` matched every job id (a prefix of all): with one job stored, `cancel "$JOB"`
+    with the variable unset cancelled it."""
+    from pathways_lite.controller.states import AmbiguousJobError
+
+    store.create_job(SPEC, job_id="only-aa11")
+    for ref in ("", "  "):
+        with pytest.raises(AmbiguousJobError, match="is empty"):
+            store.find_job(ref)
+
+
 def test_a_rollback_is_told_once_written_with_the_rows_it_forgot(store):
     """`truncate_metrics` tells `on_rollback` (the controller's Reporter, which tells the
     job's followers) the job, the step and how many recorded steps it forgot."""
