@@ -50,6 +50,7 @@ JobSpec = controller_pb2.JobSpec
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_MAX_LEN = 63
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+WEIGHT_MIN = 1e-3
 WEIGHT_MAX = 1000.0
 
 
@@ -406,8 +407,11 @@ def _check_scheduling(spec: JobSpec) -> None:
         )
     if spec.HasField("weight"):
         w = spec.weight
-        if not math.isfinite(w) or not 0 < w <= WEIGHT_MAX:
-            raise SpecError("weight", w, f"weight={w!r} must be a number in (0, {WEIGHT_MAX:g}].")
+        if not math.isfinite(w) or not WEIGHT_MIN <= w <= WEIGHT_MAX:
+            # (A weight near 0 made the scheduler's pass of the job inf, then NaN.)
+            raise SpecError(
+                "weight", w, f"weight={w!r} must be a number in [{WEIGHT_MIN:g}, {WEIGHT_MAX:g}]."
+            )
 
 
 def _check_lifecycle(spec: JobSpec) -> None:

@@ -779,6 +779,8 @@ def _encode_token(created_us: int, job_id: str) -> str:
 def _decode_token(token: str) -> tuple[int, str]:
     try:
         created, job_id = base64.urlsafe_b64decode(token.encode("ascii")).decode().split(":", 1)
+        if not 0 <= int(created) < 2**63:  # (SQLite's integers: a larger one raised INTERNAL)
+            raise ValueError(created)
         return int(created), job_id
     except (ValueError, UnicodeError, binascii.Error):
         raise ValueError(

@@ -276,6 +276,8 @@ BAD_SPECS = [
     ("priority out of range", ISSUE_EXAMPLE + "priority: 5000\n", "priority", "5000"),
     ("zero weight", ISSUE_EXAMPLE + "weight: 0\n", "weight", "0"),
     ("infinite weight", ISSUE_EXAMPLE + "weight: .inf\n", "weight", "inf"),
+    # A weight near 0 made the scheduler's pass of the job inf, then NaN.
+    ("tiny weight", ISSUE_EXAMPLE + "weight: 1.0e-300\n", "weight", "1e-300"),
     (
         "odd head_dim",
         _replace("{preset: palm-tiny}", "{preset: palm-tiny, overrides: {head_dim: 15}}"),

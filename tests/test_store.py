@@ -3,6 +3,7 @@ the state directory's lock and epoch across processes."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import sqlite3
 import subprocess
@@ -264,6 +265,10 @@ def test_list_jobs_filters_by_state_and_rejects_bad_tokens(store):
     assert [j.id for j in store.list_jobs(states=[JobState.QUEUED])[0]] == [queued]
     with pytest.raises(ValueError, match="page_token="):
         store.list_jobs(page_token="not a token!")
+    # A forged token past SQLite's integers raised OverflowError (INTERNAL on the wire).
+    forged = base64.urlsafe_b64encode(b"99999999999999999999999:x").decode()
+    with pytest.raises(ValueError, match="page_token="):
+        store.list_jobs(page_token=forged)
     with pytest.raises(ValueError, match="page_size=-1"):
         store.list_jobs(page_size=-1)
 
