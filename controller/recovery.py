@@ -99,27 +99,30 @@ def classify(error: BaseException) -> FailureClass:
     return FailureClass.USER if isinstance(error, ValueError) else FailureClass.INFRASTRUCTURE
 
 
-def remove_checkpoint(path: str) -> None:
-    """Delete a retired checkpoint: its folder `<job_dir>/g<g>-step<n>`, and, for a pipeline
-    job (each stage writes its own part), every `<job_dir>/stage<s>/g<g>-step<n>`."""
-    shutil.rmtree(path, ignore_errors=True)
+def _stage_parts(path: str) -> list[Path]:
+    """A pipeline job's parts of the checkpoint `<job_dir>/g<g>-step<n>`: every
+    `<job_dir>/stage<s>/g<g>-step<n>` folder there is (each stage writes its own)."""
     folder = Path(path)
-    for stage in folder.parent.glob("stage*"):
-        if stage.name[len("stage") :].isdigit():
-            shutil.rmtree(stage / folder.name, ignore_errors=True)
-
-
-def committed_here(path: str) -> bool:
-    """Whether this process finds the checkpoint committed: its folder, or for a pipeline
-    job every stage's part of it (`remove_checkpoint`'s folders)."""
-    if is_committed(path):
-        return True
-    folder = Path(path)
-    parts = [
+    return [
         stage / folder.name
         for stage in folder.parent.glob("stage*")
         if stage.name[len("stage") :].isdigit() and (stage / folder.name).exists()
     ]
+
+
+def remove_checkpoint(path: str) -> None:
+    """Delete a retired checkpoint: its folder, and a pipeline job's stage parts of it."""
+    shutil.rmtree(path, ignore_errors=True)
+    for part in _stage_parts(path):
+        shutil.rmtree(part, ignore_errors=True)
+
+
+def committed_here(path: str) -> bool:
+    """Whether this process finds the checkpoint committed: its folder, or for a pipeline
+    job every stage's part of it."""
+    if is_committed(path):
+        return True
+    parts = _stage_parts(path)
     return bool(parts) and all(is_committed(part) for part in parts)
 
 
