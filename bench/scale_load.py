@@ -4,7 +4,8 @@ runs it and prints its figures beside the others).
 
 Four processes: the simulated island hosts (workers/sim_host.py, 0 ms steps), the
 controller (this file's `controller` role: the real Controller, its gRPC service and its
-dashboard, pinned to one core where `taskset` exists), and two load generators (this file's
+dashboard, pinned to one core where `taskset` exists, the other processes pinned to the other
+cores), and two load generators (this file's
 `load` role: `--part streams`, the watchers and SSE clients; `--part submit`, the submitters).
 50 one-island jobs with many steps run on 50 islands; the controller writes its
 steps total every 0.25 s. The dispatch rate is steps per second over a window without load,
@@ -18,9 +19,10 @@ The watchers are spread over the 50 jobs; each checks that the live updates' seq
 follow one another (a gap not announced by a `dropped` resync counts as lost, and so does
 every dropped update); `lost_events` sums them over the watchers and the SSE clients' resyncs.
 Submissions are 1-island jobs that queue behind the running ones, 100 at once every
-SUBMIT_EVERY_S; `submit_p99_ms` is the client-side latency of SubmitJob. The watchers ask for
-live steps in batches (`batch_steps`, as the client does; `--watch-unbatched`: one reply per
-step). The SSE clients count the events they receive by kind (`sse_events`), and a load client
+SUBMIT_EVERY_S (their specs made and the channel connected before the first burst);
+`submit_p99_ms` is the client-side latency of SubmitJob. The watchers ask for live steps
+in batches (`batch_steps`, as the client does; `--watch-unbatched`: one reply per step).
+The SSE clients count the events they receive by kind (`sse_events`), and a load client
 that fails is reported (`load_errors`, else []): before stop 32 the SSE clients died on their
 first 2.4 MB overview event unnoticed, so earlier ratios were measured without them.
 """
@@ -181,13 +183,11 @@ async def _load(args) -> None:
 
     async def submit(n: int) -> None:
         # A burst of SUBMITTERS concurrent submissions every SUBMIT_EVERY_S.
-        k = 0
-        spec = _spec(f"load-{n}", 2)
+        spec = specs[n]
         while not stop.is_set():
             t = time.perf_counter()
             await stub.SubmitJob(controller_pb2.SubmitJobRequest(spec=spec))
             submits.append((time.perf_counter() - t) * 1e3)
-            k += 1
             await asyncio.sleep(max(0.0, SUBMIT_EVERY_S - (time.perf_counter() - t)))
 
     async def sse(session: aiohttp.ClientSession, n: int) -> None:
@@ -236,6 +236,11 @@ async def _load(args) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(all_open.wait(), OPEN_TIMEOUT_S)
         if args.part in ("all", "submit"):
+            # The specs made and the channel connected first: each burst is SUBMITTERS
+            # submissions at once (a spec parsed per submitter as it started spread the
+            # first burst over the client's own parsing, and put that into its latencies).
+            specs = [_spec(f"load-{n}", 2) for n in range(SUBMITTERS)]
+            await channel.channel_ready()
             tasks += [asyncio.create_task(submit(n)) for n in range(SUBMITTERS)]
         Path(args.ready_file).write_text(json.dumps({"opened": opened, "streams": streams}))
         # Until the bench's loaded window ends (SIGTERM), at most `seconds`.
@@ -295,6 +300,8 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
 
     me = [sys.executable, __file__]
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() > 1 else []
+    # The controller alone on one core, the simulated hosts and the load on the others.
+    others = ["taskset", "-c", f"1-{os.cpu_count() - 1}"] if pin else []
     sim_file, port_file = folder / "load-sim.json", folder / "load-ports.json"
     steps_file, jobs_file = folder / "load-steps.txt", folder / "load-jobs.json"
     ready_file, result_file = folder / "load-ready", folder / "load-result.json"
@@ -302,6 +309,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
     try:
         sim = subprocess.Popen(
             [
+                *others,
                 sys.executable,
                 "-m",
                 "pathways_lite.workers.sim_host",
@@ -352,6 +360,7 @@ def run(folder: Path, seconds: float = 15.0) -> dict:
             loads.append(
                 subprocess.Popen(
                     [
+                        *others,
                         *me,
                         "load",
                         f"--part={part}",

@@ -544,31 +544,75 @@ class Controller:
         Raises:
             spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
         """
+        (outcome,) = self.submit_many([request])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def submit_many(
+        self, requests: Sequence[controller_pb2.SubmitJobRequest]
+    ) -> list[controller_pb2.Job | Exception]:
+        """`submit` for several requests at once (a burst of concurrent submissions): each
+        validated and resolved on its own (a bad one fails alone, its outcome the exception
+        `submit` raises: SpecError, or a store error), the good ones queued in one store
+        transaction and one hand-off to the controller's loop. Outcomes in request order."""
+        outcomes: list[Any] = [None] * len(requests)
+        accepted: list[tuple[int, Any, str | None, ResolvedJob]] = []
+        for i, request in enumerate(requests):
+            try:
+                spec, job = self._admissible(request)
+            except Exception as e:  # raised to this request's caller alone
+                outcomes[i] = e
+                continue
+            if request.validate_only:
+                outcomes[i] = controller_pb2.Job(
+                    name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=now()
+                )
+            else:
+                accepted.append((i, spec, request.request_id or None, job))
+        if not accepted:
+            return outcomes
+        try:
+            created = self.store.create_jobs([(spec, key) for _, spec, key, _ in accepted])
+        except Exception as e:  # (locked, say: none of them was queued) raised to each caller
+            for i, *_ in accepted:
+                outcomes[i] = e
+            return outcomes
+        queued = []
+        for (i, _, _, job), (record, new) in zip(accepted, created, strict=True):
+            if new:
+                logger.info("job %s queued", record.id, extra={"job_id": record.id})
+            queued.append((record.id, job))
+            # A new job's view reads no steps, losses, evals or events from the store (every
+            # SQLite call on the server's thread lets the busy controller thread take the
+            # GIL, which it then waits to get back).
+            outcomes[i] = self.views.job(record, new=new)
+        self.on_loop(self._queued, queued)
+        return outcomes
+
+    def _admissible(self, request: controller_pb2.SubmitJobRequest) -> tuple[Any, ResolvedJob]:
+        """A submission's spec with its references resolved, and its job resolved.
+
+        Raises:
+            spec_lib.SpecError: a bad spec (InfeasibleSpecError: it can never fit).
+        """
         spec_lib.validate_spec(request.spec, self.cluster_shape())
         # `after` and `init_from.job` stored as job ids, the sources checked.
         spec = lineage.resolve_references(request.spec, self.store)
         check_data_paths(spec)
-        job = ResolvedJob.resolve(spec)
+        # A spec with no reference to resolve is the one just validated.
+        unchanged = not spec.after and not spec.HasField("init_from")
+        job = ResolvedJob.resolve(spec, validated=unchanged)
         never = self.scheduler.never_fits(spec.islands, self.memory.bytes_per_device(job))
         if never is not None:
             raise spec_lib.InfeasibleSpecError(
                 "islands", spec.islands, f"The job can never run: {never}"
             )
-        if request.validate_only:
-            return controller_pb2.Job(
-                name=spec.name, state=JobState.QUEUED.to_proto(), spec=spec, created_at=now()
-            )
-        ((record, new),) = self.store.create_jobs([(spec, request.request_id or None)])
-        if new:
-            logger.info("job %s queued", record.id, extra={"job_id": record.id})
-        self.on_loop(self._queued, record.id, job)
-        # A new job's view reads no steps, losses, evals or events from the store (every SQLite
-        # call on the server's thread lets the busy controller thread take the GIL, which it
-        # then waits to get back).
-        return self.views.job(record, new=new)
+        return spec, job
 
-    def _queued(self, job_id: str, job: ResolvedJob) -> None:
-        self._resolved.setdefault(job_id, job)
+    def _queued(self, jobs: list[tuple[str, ResolvedJob]]) -> None:
+        for job_id, job in jobs:
+            self._resolved.setdefault(job_id, job)
         self.wake()
 
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -94,15 +94,18 @@ class ResolvedJob:
     init: InitRef | None = None
 
     @classmethod
-    def resolve(cls, spec: Any, *, vocab_size: int | None = None) -> ResolvedJob:
-        """Resolve a spec (blocking only on config arithmetic, never on data).
+    def resolve(
+        cls, spec: Any, *, vocab_size: int | None = None, validated: bool = False
+    ) -> ResolvedJob:
+        """Resolve a spec (blocking only on config arithmetic, never on data); `validated`:
+        the caller has just validated this very spec (not validated again).
 
         Raises:
             SpecError: the spec does not validate.
         """
         from pathways_lite.model import estimates
 
-        configs = spec_lib.to_configs(spec, vocab_size=vocab_size)
+        configs = spec_lib.to_configs(spec, vocab_size=vocab_size, validated=validated)
         train = configs.train
         try:
             bytes_per_device = _training_bytes_per_device(

@@ -445,20 +445,24 @@ def data_spec(spec: JobSpec) -> Any:
         raise SpecError(field, value, text) from None
 
 
-def to_configs(spec: JobSpec, *, vocab_size: int | None = None) -> JobConfigs:
+def to_configs(
+    spec: JobSpec, *, vocab_size: int | None = None, validated: bool = False
+) -> JobConfigs:
     """Turn a spec into the model package's configs, validating it first.
 
     Args:
         spec: the job spec.
         vocab_size: the trained tokenizer's vocabulary size (see `model_config`); None
             means data.vocab_size (the size the tokenizer is trained to).
+        validated: the caller has just validated this very spec: not again.
 
     Raises:
         SpecError: the spec does not validate.
     """
     from .spec import validate_spec  # spec.py imports this module
 
-    validate_spec(spec)
+    if not validated:
+        validate_spec(spec)
     data = data_spec(spec)
     return JobConfigs(
         model=model_config(spec, vocab_size=data.vocab_size if vocab_size is None else vocab_size),
