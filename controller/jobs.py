@@ -107,7 +107,7 @@ class Reporter:
         )
         self.publish_steps(job_id)  # its followers see every step before the change
         self.events.publish(
-            job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
+            job_id, controller_pb2.WatchJobReply(time=now(), job=self.followed(record))
         )
         return record
 
@@ -127,7 +127,7 @@ class Reporter:
             return
         self.publish_steps(job_id)
         self.events.publish(
-            job_id, controller_pb2.WatchJobReply(time=now(), job=self.views.job(record))
+            job_id, controller_pb2.WatchJobReply(time=now(), job=self.followed(record))
         )
 
     def fail(self, job_id: str, reason: str, message: str) -> None:
@@ -241,6 +241,11 @@ class Reporter:
         if len(self._sent_to) > SENT_TO_KEPT:
             del self._sent_to[next(iter(self._sent_to))]
 
+    def followed(self, record: JobRecord) -> controller_pb2.Job:
+        """The job's record as its followers (WatchJob, the bus) get it: the detailed view
+        without every step's loss (they have the steps)."""
+        return self.views.job(record, step_losses=False)
+
     def rolled_back(self, job_id: str, step: int, forgotten: int = 0) -> None:
         """The job's recorded steps from `step` on were forgotten (a rollback: they run
         again; `forgotten` rows of them were written). If there were any, or its followers
@@ -254,7 +259,7 @@ class Reporter:
             self._sent_to[job_id] = step - 1
             reply = controller_pb2.WatchJobReply(time=now(), rolled_back_to=step)
             try:
-                reply.job.CopyFrom(self.views.job(self.store.get_job(job_id)))
+                reply.job.CopyFrom(self.followed(self.store.get_job(job_id)))
             except Exception:  # noqa: BLE001 - told without its record
                 logger.exception("the record of job %s for its rollback", job_id)
             self.events.publish(job_id, reply)

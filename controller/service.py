@@ -318,7 +318,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             self._flush(record.id)
             follow.synced(self.controller.events.seq[record.id])
             record = self.store.get_job(record.id)
-            view = self.views.job(record)
+            view = self.controller.reporter.followed(record)
             yield controller_pb2.WatchJobReply(time=now(), job=view)
             replay_from = request.from_step
             if view.steps_completed < replay_from:
@@ -345,7 +345,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                     follow.synced(self.controller.events.seq[record.id])
                     record = self.store.get_job(record.id)
                     yield controller_pb2.WatchJobReply(
-                        time=now(), job=self.views.job(record), dropped=dropped
+                        time=now(), job=self.controller.reporter.followed(record), dropped=dropped
                     )
                     for reply in self._replay(record, follow.last_step + 1, batch):
                         follow.last_step = _last_step(reply)

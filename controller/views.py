@@ -57,10 +57,16 @@ def timestamp_us(us: int) -> timestamp_pb2.Timestamp:
 
 
 def job_record_proto(
-    store: JobStore, record: JobRecord, *, include_losses: bool = True, new: bool = False
+    store: JobStore,
+    record: JobRecord,
+    *,
+    include_losses: bool = True,
+    new: bool = False,
+    step_losses: bool = True,
 ) -> controller_pb2.Job:
     """The wire record of a stored job (queue position and islands are the scheduler's to
-    fill); `new`: a job just created, with nothing recorded (the store is not read)."""
+    fill); `new`: a job just created, with nothing recorded (the store is not read);
+    `step_losses`: with `include_losses`, whether `losses` carries every step's."""
     job = controller_pb2.Job(
         id=record.id,
         name=record.name,
@@ -73,7 +79,8 @@ def job_record_proto(
     job.spec.CopyFrom(record.spec)
     job.depends_on.extend(lineage.dependencies(record.spec))
     if include_losses and not new:
-        job.losses.extend(store.losses(record.id))
+        if step_losses:
+            job.losses.extend(store.losses(record.id))
         job.evals.extend(eval_protos(store.evals(record.id)))
     job.created_at.CopyFrom(timestamp_us(record.created_us))
     job.updated_at.CopyFrom(timestamp_us(record.updated_us))
@@ -332,6 +339,7 @@ class Views:
         include_losses: bool = True,
         queued: Sequence[JobRecord] | None = None,
         new: bool = False,
+        step_losses: bool = True,
     ) -> controller_pb2.Job:
         """The job as the wire and the dashboard show it.
 
@@ -342,8 +350,14 @@ class Views:
                 at once (a page of jobs); None reads them from the store when it is queued.
             new: a job just created (store.create_jobs): its only event is its queuing, and
                 the store is not read for steps, losses, evals or events.
+            step_losses: with `include_losses`, whether `losses` carries every step's
+                (False: the detailed view without them, for WatchJob's records, whose
+                followers have the steps: 8 bytes a step made a long job's record pass
+                gRPC's 4 MiB reply limit, and each was read from the store again).
         """
-        job = job_record_proto(self.store, record, include_losses=include_losses, new=new)
+        job = job_record_proto(
+            self.store, record, include_losses=include_losses, new=new, step_losses=step_losses
+        )
         job.islands.extend(self.scheduler.islands_of(record.id))
         if record.state == JobState.RUNNING:
             job.phase = self.phases.get(record.id, "")

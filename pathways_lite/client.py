@@ -45,6 +45,10 @@ SUBMIT_RETRY_DELAY_S = 1.0
 # How long a broken stream (watch, wait, logs --follow) waits for the state dir to name a
 # controller that answers: a standby's takeover, a restarted controller.
 RECONNECT_S = 60.0
+# A job's full record carries every step's loss (8 bytes a step): past gRPC's default 4 MiB
+# reply limit after 524,288 steps, which failed GetJob (and `wait`, `--follow`) on any long job.
+MAX_REPLY_BYTES = 1 << 30
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_REPLY_BYTES),)
 RECONNECT_POLL_S = 0.5
 # The log records a followed stream asks again for after a reconnect (those it printed are
 # skipped): the new controller's buffer may hold lines the old one had not sent yet.
@@ -250,7 +254,7 @@ class ControllerClient:
         self.address = address
         self.timeout_s = timeout_s
         self._metadata = ((auth.METADATA_KEY, auth.bearer(token)),)
-        self._channel = grpc.insecure_channel(address)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
         self._check_wire(self.info())
 
@@ -294,7 +298,7 @@ class ControllerClient:
                 address = read_address(self.state_dir)
             except RuntimeError:  # between two controllers: the record names a dead one
                 continue
-            channel = grpc.insecure_channel(address)
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
             stub = controller_pb2_grpc.ControllerServiceStub(channel)
             try:
                 info = stub.Info(

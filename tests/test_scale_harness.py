@@ -588,6 +588,41 @@ def test_submissions_are_answered_and_stored_while_the_controller_loop_is_busy(
     asyncio.run(main())
 
 
+def test_a_long_jobs_record_reaches_its_client_and_its_watchers_get_it_without_every_loss(
+    tmp_path,
+) -> None:
+    """A job of 600,000 recorded steps: its full record (8 bytes of loss a step, past gRPC's
+    default 4 MiB reply limit) reaches the client's GetJob; WatchJob's record of it carries
+    no per-step losses (its followers get the steps), so a watcher opens on it."""
+    from pathways_lite.client import ControllerClient
+
+    steps = 600_000
+
+    async def main() -> None:
+        async with _served(tmp_path, 1) as (_, store, address):
+            job_id = store.create_job(_spec("long", 1, steps)).id
+            store.transition(job_id, JobState.CANCELLED, reason="test", message="kept")
+            rows = [(n, 1.0 + n * 1e-6, 1.0, 0.001, None, None) for n in range(steps)]
+            store.record_metrics_batch(job_id, rows)
+
+            def client_side() -> tuple[int, int, int]:
+                with ControllerClient(address=address, token="unused") as client:
+                    full = client.get(job_id)
+                    call = client._stub.WatchJob(
+                        controller_pb2.WatchJobRequest(job_id=job_id, from_step=steps),
+                        timeout=60,
+                    )
+                    first = next(iter(call))
+                    call.cancel()
+                return len(full.losses), len(first.job.losses), first.job.steps_completed
+
+            full, watched, completed = await asyncio.to_thread(client_side)
+            assert full == steps
+            assert (watched, completed) == (0, steps)
+
+    asyncio.run(main())
+
+
 def test_a_burst_of_submissions_is_each_answered_with_its_view_and_stored(tmp_path) -> None:
     """30 concurrent SubmitJob calls (5 repeating a request id) and a bad one: each answered
     with its new job's view as GetJob gives it (made without reading the store), a repeated
