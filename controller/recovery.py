@@ -117,13 +117,15 @@ def remove_checkpoint(path: str) -> None:
         shutil.rmtree(part, ignore_errors=True)
 
 
-def committed_here(path: str) -> bool:
+def committed_here(path: str, stages: int) -> bool:
     """Whether this process finds the checkpoint committed: its folder, or for a pipeline
-    job every stage's part of it."""
+    job of `stages` stages every stage's part of it (one missing: not committed; it was
+    taken for committed, and the checkpoint retried as unseen by the hosts, never skipped)."""
     if is_committed(path):
         return True
-    parts = _stage_parts(path)
-    return bool(parts) and all(is_committed(part) for part in parts)
+    folder = Path(path)
+    parts = [folder.parent / f"stage{s}" / folder.name for s in range(stages)]
+    return stages > 1 and all(is_committed(part) for part in parts)
 
 
 def _all_committed(replies: Sequence[Any]) -> list[int]:
@@ -225,7 +227,8 @@ class Recovery:
             except DispatchError as e:
                 if checkpoint is None or e.code != grpc.StatusCode.DATA_LOSS:
                     raise
-                if MISSING in e.message and committed_here(checkpoint.path):
+                stages = len(program.checkpoint_islands)  # a pipeline's: one per stage
+                if MISSING in e.message and committed_here(checkpoint.path, stages):
                     # Not lost: the hosts do not see what this controller sees. Marked
                     # corrupt, it and every older one (the hosts see none of them) were
                     # skipped, and the job started again from step 0.

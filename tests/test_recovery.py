@@ -373,3 +373,18 @@ def test_a_follower_that_lagged_across_a_rollback_replays_from_where_it_went_bac
     store.truncate_metrics("j", 6)
     lag_past(range(6, 9))
     assert follow.last_step == 5
+
+
+def test_a_pipeline_checkpoint_with_a_stage_part_missing_is_not_committed_here(tmp_path):
+    """`committed_here` of a pipeline's checkpoint asks for every stage's part: with one
+    missing it is not committed (it was, and the hosts' "missing" was retried as an unshared
+    state directory until the job failed, never falling back to the previous checkpoint)."""
+    from pathways_lite.controller.recovery import committed_here
+
+    path = tmp_path / "job" / "g1-step8"
+    for stage in (0, 2):
+        (tmp_path / "job" / f"stage{stage}" / "g1-step8").mkdir(parents=True)
+    assert not committed_here(str(path), 3)
+    (tmp_path / "job" / "stage1" / "g1-step8").mkdir(parents=True)
+    assert committed_here(str(path), 3)
+    assert not committed_here(str(tmp_path / "job" / "g1-step9"), 1)
