@@ -1245,3 +1245,22 @@ def test_a_pipeline_job_on_ray_rolls_back_when_a_stage_host_is_killed(ray_pipe_c
     reference = trainer.losses(lambda s: dataset.global_batch(s, 8, 2)[0])
     assert len(ended.losses) == steps
     assert max_rel_diff(list(ended.losses), list(reference)) <= 1e-5
+
+
+def test_a_host_refuses_stage_ranges_that_overlap_or_leave_a_gap():
+    """A LoadJob's pipeline.block_bounds must be contiguous non-empty ranges from block 0:
+    [0, 3, 1, 4] (stage 1 holding blocks 1-3 again) trained another model, silently."""
+    from pathways_lite.v1 import worker_pb2
+    from pathways_lite.workers.pipeline import JobSpecError, decode_placement
+
+    def placement(bounds):
+        request = worker_pb2.LoadJobRequest()
+        request.pipeline.stages, request.pipeline.microbatches = 2, 2
+        request.pipeline.schedule = "1f1b"
+        request.pipeline.block_bounds.extend(bounds)
+        return decode_placement(request)
+
+    assert placement([0, 2, 2, 4]).bounds == ((0, 2), (2, 4))
+    for bad in ([0, 3, 1, 4], [0, 1, 2, 4], [0, 2, 2, 2]):
+        with pytest.raises(JobSpecError, match=r"pipeline\.block_bounds"):
+            placement(bad)

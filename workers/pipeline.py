@@ -86,7 +86,8 @@ def decode_placement(request: Any) -> PipelinePlacement | None:
         raise JobSpecError(
             f"pipeline.block_bounds has {len(flat)} values; stages={p.stages} needs {2 * p.stages}."
         )
-    bounds = tuple((flat[2 * s], flat[2 * s + 1]) for s in range(p.stages))
+    # Contiguous non-empty ranges from block 0 (overlapping ones trained another model).
+    bounds = decode_stage_bounds("pipeline.block_bounds", flat)
     return PipelinePlacement(
         p.stages, p.microbatches, p.schedule, p.stage, tuple(p.stage_peers), bounds, p.recompute
     )
