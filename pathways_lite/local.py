@@ -15,8 +15,10 @@ process's, so nothing is signalled before it is verified: a controller or standb
 `controller_of` (its command line names this state dir), a Ray node by its start (boot id and
 start time, `process_start`) recorded beside its pid. One `start` at a time holds
 `<state_dir>/up.lock` (an flock, dropped by the kernel if the starter dies); a record whose
-verified processes still run, finished or still starting, is refused, never cleared; and a
-start that fails stops only what it started.
+verified processes still run, finished or still starting, is refused, never cleared, and so is
+a state dir whose controller lock a live process holds (a controller started by hand, or one
+whose cluster.json was lost); and a start that fails stops only what it started: until its
+controller serves, only the controller process it spawned, never a pid read from a file.
 
 This is the SDK's `pathways_lite.LocalCluster` (its `client()` is a `pathways_lite.Client`).
 """
@@ -45,6 +47,7 @@ from pathways_lite.controller.standby import (
     read_standby_pid,
     spawn_controller,
 )
+from pathways_lite.controller.statedir import LOCK_NAME, StateDirLock, StateDirLockedError
 
 if TYPE_CHECKING:
     from pathways_lite.sdk import Client
@@ -208,28 +211,34 @@ class LocalCluster:
             try:
                 self._start()
             except BaseException:
-                self.down()
+                # Until its controller served, the state dir was not this cluster's: whatever
+                # else holds its lock or is named in its files (a controller started by hand,
+                # one that won the lock in a race) is not ours to stop.
+                self._stop(own_only=self.address is None)
                 raise
         return self
 
     def _refuse_a_running_cluster(self) -> None:
-        """Raise if cluster.json records processes that still run (verified); else clear
-        the stale record."""
-        if not (self.state_dir / CLUSTER_FILE).exists():
-            return
-        running = recorded_pids(self.state_dir)
-        if not running:
+        """Raise if cluster.json records processes that still run (verified), or a live
+        process holds the state dir's controller lock (a controller started by hand, or one
+        whose cluster.json was lost); else clear the stale record."""
+        recorded = (self.state_dir / CLUSTER_FILE).exists()
+        running = recorded_pids(self.state_dir) if recorded else []
+        if running:
+            try:
+                where = f"(controller {read_address(self.state_dir)})"
+            except ClusterError:
+                running_pids = ", ".join(map(str, running))
+                where = f"with no controller serving (processes {running_pids} run)"
+            raise ClusterError(
+                f"a cluster already runs in state dir {str(self.state_dir)!r} {where}; use "
+                "another --state-dir or `pathways-lite down` first."
+            )
+        with _controller_lock_free(self.state_dir):
+            pass
+        if recorded:
             logger.info("clearing a stale cluster record in %s", self.state_dir)
             stop_recorded(self.state_dir)
-            return
-        try:
-            where = f"(controller {read_address(self.state_dir)})"
-        except ClusterError:
-            where = f"with no controller serving (processes {', '.join(map(str, running))} run)"
-        raise ClusterError(
-            f"a cluster already runs in state dir {str(self.state_dir)!r} {where}; use another "
-            "--state-dir or `pathways-lite down` first."
-        )
 
     def _start(self) -> None:
         from pathways_lite.workers.ray_cluster import LocalRayCluster, island_resource
@@ -272,8 +281,11 @@ class LocalCluster:
     def _start_controller(self, record: dict[str, Any]) -> None:
         """Start the controller process and wait until it serves (with `standby_controller`,
         until its standby is recorded too)."""
-        (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
-        (self.state_dir / STANDBY_FILE).unlink(missing_ok=True)
+        # Checked again, and the files cleared, while holding the lock: they are another live
+        # controller's if it holds the lock.
+        with _controller_lock_free(self.state_dir):
+            (self.state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+            (self.state_dir / STANDBY_FILE).unlink(missing_ok=True)
         cmd = self._controller_command(record)
         if self.standby_controller:
             cmd.append("--keep-standby")
@@ -415,11 +427,19 @@ class LocalCluster:
         Returns:
             With `checkpoint`, what was done to each job (DrainedJob); else [].
         """
+        return self._stop(checkpoint=checkpoint)
+
+    def _stop(self, *, checkpoint: bool = False, own_only: bool = False) -> list[Any]:
+        """`down`; with `own_only` (a start whose controller never served), signal only the
+        controller process this object spawned (and a standby that one spawned), never one
+        found through the state dir's lock or files."""
         try:
             drained = drain(self.state_dir) if checkpoint and self.address else []
         finally:
             if self._recorded:
-                stop_recorded(self.state_dir, ray=self._ray, controller=self._controller)
+                stop_recorded(
+                    self.state_dir, ray=self._ray, controller=self._controller, own_only=own_only
+                )
             elif self._ray is not None:  # a start that failed before it wrote its record
                 self._ray.stop()
             self._ray = None
@@ -513,6 +533,35 @@ def _ray_leaders(record: dict[str, Any]) -> list[int]:
 
 
 @contextlib.contextmanager
+def _controller_lock_free(state_dir: Path):
+    """Hold the state dir's controller lock (`controller.lock`) for the body, then give it
+    up: no controller may take the state dir meanwhile.
+
+    Raises:
+        ClusterError: a live process holds it (a controller started by hand on this state
+            dir, or one whose cluster.json was lost).
+    """
+    lock = StateDirLock(state_dir)
+    try:
+        lock.acquire()
+    except StateDirLockedError:
+        holder = lock_holder(state_dir)
+        pid = str(holder) if alive(holder) else "unknown"
+        try:
+            where = f" (controller {read_address(state_dir)})"
+        except ClusterError:
+            where = ""
+        raise ClusterError(
+            f"a controller already runs in state dir {str(state_dir)!r}{where}: pid {pid} "
+            f"holds {state_dir / LOCK_NAME}; stop it first or use another --state-dir."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
 def _start_lock(state_dir: Path):
     """Hold `<state_dir>/up.lock` for a `start`.
 
@@ -592,6 +641,7 @@ def stop_recorded(
     ray: Any = None,
     controller: subprocess.Popen | None = None,
     patience_s: float = 30.0,
+    own_only: bool = False,
 ) -> bool:
     """Stop what a state dir's cluster.json says its cluster started; returns whether there
     was anything to stop.
@@ -609,8 +659,12 @@ def stop_recorded(
         ray: the LocalRayCluster this process started (else cluster.json's Ray pids).
         controller: the controller process this process spawned, to reap it.
         patience_s: how long each stop may take before its processes are killed.
+        own_only: signal only `controller` (while it runs) and a standby it spawned, not the
+            controllers found through the state dir's lock and files: a start whose
+            controller never served (it may have failed on another controller's lock).
     """
     from pathways_lite.workers.ray_cluster import alive as alive_of
+    from pathways_lite.workers.ray_cluster import live_processes_of
 
     state_dir = Path(state_dir)
     path = state_dir / CLUSTER_FILE
@@ -621,23 +675,37 @@ def stop_recorded(
     if record is None and ray is None and controller is None:
         return False
     record = record or {}
-    # Each with its start, checked again before the final SIGKILL (the stop takes a while).
-    tracked = {p: process_start(p) for p in recorded_pids(state_dir)}
-    if ray is not None:
-        tracked |= {p: process_start(p) for p in ray.pids()}
     ray_leaders = _ray_leaders(record)
     # Our own child, not reaped yet, cannot have handed its pid on.
     own = controller.pid if controller is not None and controller.poll() is None else 0
-    pid = next(
-        (
-            p
-            for p in (lock_holder(state_dir), _serving_pid(state_dir), record.get("controller_pid"))
-            if p and controller_of(p, state_dir)
-        ),
-        own,
-    )
+    if own_only:
+        pid = own
+        standby_pid = read_standby_pid(state_dir)
+        if not own or _parent_of(standby_pid) != own:  # not our controller's standby
+            standby_pid = 0
+        controllers = [p for p in (pid, standby_pid) if p]
+        tracked_pids = live_processes_of(ray_leaders + controllers)
+    else:
+        pid = next(
+            (
+                p
+                for p in (
+                    lock_holder(state_dir),
+                    _serving_pid(state_dir),
+                    record.get("controller_pid"),
+                )
+                if p and controller_of(p, state_dir)
+            ),
+            own,
+        )
+        standby_pid = read_standby_pid(state_dir)
+        controllers = []  # found again after the stop (`_controllers_of`)
+        tracked_pids = recorded_pids(state_dir)
+    # Each with its start, checked again before the final SIGKILL (the stop takes a while).
+    tracked = {p: process_start(p) for p in tracked_pids}
+    if ray is not None:
+        tracked |= {p: process_start(p) for p in ray.pids()}
     process = controller if controller is not None and controller.pid == pid else None
-    standby_pid = read_standby_pid(state_dir)
     if standby_pid != pid and controller_of(standby_pid, state_dir):  # holds nothing
         _signal_and_wait(standby_pid, signal.SIGKILL, None, patience_s)
     if pid and alive(pid):
@@ -650,7 +718,12 @@ def stop_recorded(
             logger.error("controller pid %d did not exit", controller.pid)
     # A controller killed before it stopped its standby (or one that spawned another after
     # the kill above) leaves a standby that takes the state dir over: kill what is left.
-    for leftover in _controllers_of(state_dir, record):
+    leftovers = (
+        [p for p in controllers if controller_of(p, state_dir)]
+        if own_only
+        else _controllers_of(state_dir, record)
+    )
+    for leftover in leftovers:
         logger.warning("killing controller process %d left running", leftover)
         _killpg(leftover, signal.SIGKILL)
     if ray is not None:
@@ -678,6 +751,20 @@ def stop_recorded(
     if record.get("ray_dir_is_temp"):
         shutil.rmtree(record["ray_dir"], ignore_errors=True)
     path.unlink(missing_ok=True)
-    (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
-    (state_dir / STANDBY_FILE).unlink(missing_ok=True)
+    # With `own_only`, not the files of another controller that still runs.
+    if not (own_only and controller_of(_serving_pid(state_dir), state_dir)):
+        (state_dir / ADDRESS_FILE).unlink(missing_ok=True)
+    if not (own_only and controller_of(read_standby_pid(state_dir), state_dir)):
+        (state_dir / STANDBY_FILE).unlink(missing_ok=True)
     return True
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of live process `pid`, else 0."""
+    if pid <= 0:
+        return 0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2 :].split()[1])

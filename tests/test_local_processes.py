@@ -129,6 +129,44 @@ def test_a_second_up_while_one_is_starting_is_refused(tmp_path) -> None:
         os.close(fd)
 
 
+def test_up_refuses_a_state_dir_whose_lock_a_live_controller_holds(tmp_path) -> None:
+    # A controller started by hand on the state dir (no cluster.json): a stand-in that holds
+    # the lock, serves an address, and has a controller's command line for this state dir.
+    stand_in_code = (
+        "import json, os, sys, time\n"
+        "from pathways_lite.controller.statedir import StateDirLock\n"
+        "lock = StateDirLock(sys.argv[3]); lock.acquire()\n"
+        "info = {'address': '127.0.0.1:1', 'pid': os.getpid()}\n"
+        "open(os.path.join(sys.argv[3], 'controller.json'), 'w').write(json.dumps(info))\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", stand_in_code, "pathways_lite.controller", "--state-dir", tmp_path],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert stand_in.stdout.readline() == "locked\n"
+        cluster = LocalCluster(state_dir=tmp_path, simulate_islands=1, start_timeout_s=30)
+        try:
+            with pytest.raises(
+                ClusterError, match=rf"already runs.*127\.0\.0\.1:1.*pid {stand_in.pid} holds"
+            ):
+                cluster.start()
+        finally:
+            cluster.down()
+        time.sleep(0.3)
+        assert stand_in.poll() is None
+        assert json.loads((tmp_path / "controller.json").read_text())["pid"] == stand_in.pid
+        assert not (tmp_path / CLUSTER_FILE).exists()
+    finally:
+        if stand_in.poll() is None:
+            os.killpg(stand_in.pid, signal.SIGKILL)
+        stand_in.wait(10)
+
+
 def test_down_with_checkpoint_stops_the_cluster_even_when_the_drain_fails(tmp_path, spawn) -> None:
     head = spawn()
     cluster = LocalCluster(state_dir=tmp_path)
