@@ -580,14 +580,15 @@ class Controller:
             return outcomes
         queued = []
         for (i, _, _, job), (record, new) in zip(accepted, created, strict=True):
-            if new:
-                logger.info("job %s queued", record.id, extra={"job_id": record.id})
-            queued.append((record.id, job))
             # A new job's view reads no steps, losses, evals or events from the store (every
             # SQLite call on the server's thread lets the busy controller thread take the
             # GIL, which it then waits to get back).
             outcomes[i] = self.views.job(record, new=new)
-        self.on_loop(self._queued, queued)
+            if new:
+                logger.info("job %s queued", record.id, extra={"job_id": record.id})
+                queued.append((record.id, job, outcomes[i]))
+        if queued:
+            self.on_loop(self._queued, queued)
         return outcomes
 
     def _admissible(self, request: controller_pb2.SubmitJobRequest) -> tuple[Any, ResolvedJob]:
@@ -610,9 +611,11 @@ class Controller:
             )
         return spec, job
 
-    def _queued(self, jobs: list[tuple[str, ResolvedJob]]) -> None:
-        for job_id, job in jobs:
+    def _queued(self, jobs: list[tuple[str, ResolvedJob, controller_pb2.Job]]) -> None:
+        """New jobs: kept resolved, told to their followers (the cluster page lists them)."""
+        for job_id, job, view in jobs:
             self._resolved.setdefault(job_id, job)
+            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
         self.wake()
 
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -689,6 +692,10 @@ class Controller:
             priority,
             f" ({format_size(demand_bytes)} per device)" if demand_bytes else "",
             extra={"job_id": job_id},
+        )
+        # Told to its followers (the cluster page shows a queued job's priority).
+        self.events.publish(
+            job_id, controller_pb2.WatchJobReply(time=now(), job=self.reporter.followed(record))
         )
         self.wake()
         return self.views.job(record)

@@ -91,8 +91,8 @@ def test_a_watcher_that_lagged_gets_the_record_again_and_no_older_one_after_it(
             watcher = threading.Thread(target=watch)
             watcher.start()
             await _until(lambda: len(replies) == 1)  # its record: it follows the bus
-            # 10 updates of the record in one burst into a queue of 4: 6 are lost. (Each is
-            # its priority then: a phase change publishes the record, which UpdateJob does not.)
+            # 20 updates of the record in one burst into a queue of 4: 16 are lost (UpdateJob
+            # and a phase change each publish the record).
             for n in range(10):
                 c.update(job_id, n)
                 c.reporter.phase(job_id, f"phase-{n}")
@@ -102,7 +102,7 @@ def test_a_watcher_that_lagged_gets_the_record_again_and_no_older_one_after_it(
             await asyncio.to_thread(watcher.join, 30)
             assert not watcher.is_alive()
             (resync,) = [n for n, r in enumerate(replies) if r.dropped]
-            assert replies[resync].dropped == 6
+            assert replies[resync].dropped == 16
             assert replies[resync].job.spec.priority == 9  # the record as it is now
             # After it: the job's end only (the updates queued before it are older).
             after = [(r.job.state, r.job.spec.priority) for r in replies[resync + 1 :]]
@@ -141,5 +141,33 @@ def test_a_log_follower_that_lagged_is_told_how_many_records_it_lost(tmp_path) -
             assert not reader.is_alive()
             lost = "... 6 log records dropped (the reader was too slow) ..."
             assert messages == [lost, "line 6", "line 7", "line 8", "line 9"], messages
+
+    asyncio.run(main())
+
+
+def test_a_new_job_and_a_new_priority_are_told_to_the_cluster_pages_followers(tmp_path) -> None:
+    """SubmitJob and UpdateJob publish the job's record on the bus (the cluster page follows
+    every job there): a job queued behind others appeared on an open page only at its first
+    state change, and a new priority not at all."""
+    from pathways_lite.controller.bus import ALL_JOBS
+
+    async def main() -> None:
+        async with _waiting_job(tmp_path) as (c, address, job_id):
+            queue = c.events.subscribe(ALL_JOBS)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                request = controller_pb2.SubmitJobRequest(spec=_spec("new", 10))
+                new = (await stub.SubmitJob(request, timeout=30)).job
+                update = controller_pb2.UpdateJobRequest(job_id=job_id, priority=7)
+                await stub.UpdateJob(update, timeout=30)
+            records = {}
+            async with asyncio.timeout(15):  # (steps keep coming: a bound on the whole wait)
+                while new.id not in records or job_id not in records:
+                    got_id, reply = await queue.get()
+                    if reply.HasField("job"):
+                        records.setdefault(got_id, reply.job)  # (the new job may start)
+            assert records[new.id].state == controller_pb2.JOB_STATE_QUEUED
+            assert records[new.id].queue_position >= 1
+            assert records[job_id].spec.priority == 7
 
     asyncio.run(main())

@@ -209,6 +209,12 @@
     }
     // A lagging page lost updates (the server counted them): reload what it shows.
     const resync = () => loadJobs();
-    stream("/api/stream", { overview: onOverview, job: onJob, metrics: onMetrics, resync });
+    const source = stream("/api/stream", { overview: onOverview, job: onJob, metrics: onMetrics, resync });
+    // Reopened (the controller restarted, the network dropped): what came meanwhile was lost.
+    let opened = false;
+    source.addEventListener("open", () => {
+      if (opened) resync();
+      opened = true;
+    });
   });
 })();
