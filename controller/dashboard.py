@@ -556,7 +556,8 @@ class Dashboard:
     async def _api_stream_job(self, request: web.Request) -> web.StreamResponse:
         """One job's state changes, steps and log records (the job page). Query: from_step,
         the first step the page lacks (a reconnecting EventSource's Last-Event-ID, the last
-        step it got, asks for the one after it)."""
+        step it got, asks for the one after it, and wins: after a rollback the page's steps
+        came again from below the from_step it loaded with)."""
         job_id = request.match_info["job_id"]
         try:
             self.controller.store.get_job(job_id)
@@ -565,13 +566,14 @@ class Dashboard:
         from_step = _step_number("query parameter from_step", request.query.get("from_step", "0"))
         last_id = request.headers.get("Last-Event-ID")
         if last_id:
-            from_step = max(from_step, _step_number("header Last-Event-ID", last_id) + 1)
+            from_step = _step_number("header Last-Event-ID", last_id) + 1
         return await self.streams.one_job(request, job_id, from_step)
 
     def _recorded_steps(
         self, job_id: str, from_step: int, first: bool = False
-    ) -> list[dict[str, Any]]:
-        """The job's recorded steps from `from_step` as the pages' `metrics` events, its
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """The step they start from and the job's recorded steps from there as the pages'
+        `metrics` events: from `from_step`, its
         batched steps written first (as WatchJob does: a step batched before a stream
         subscribed was handed to no follower). A locked database leaves the steps not
         written yet out (see ControllerServicer._flush) rather than ending the stream.
@@ -586,12 +588,12 @@ class Dashboard:
         try:
             record = store.get_job(job_id)
         except JobNotFoundError:
-            return []
+            return from_step, []
         if first:
             steps_completed = store.steps_completed(job_id)
             if steps_completed < from_step:
                 from_step = store.restore_point(job_id, steps_completed)
-        return [
+        return from_step, [
             self._step_event(record, m.step, m.loss, m.tokens_per_s, m.time_us / 1e6, m.mfu)
             for m in store.metrics(job_id, from_step=from_step)
         ]

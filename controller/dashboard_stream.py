@@ -57,10 +57,11 @@ ENCODED_KEPT = 4096
 # (job id, bus update, latest_only) -> the page's events; latest_only: of a batch of steps,
 # only the last (the cluster page shows each job's latest step; a job page charts every one).
 Translate = Callable[[str, controller_pb2.WatchJobReply, bool], list[tuple[str, dict[str, Any]]]]
-# (job id, from_step, first) -> the job's `metrics` events of its recorded steps from
-# from_step, its batched steps written first (`first`: the stream's first replay, which
-# starts lower when the job rolled back under an earlier controller: see Dashboard).
-Recorded = Callable[[str, int, bool], list[dict[str, Any]]]
+# (job id, from_step, first) -> (the step they start from, the job's `metrics` events of its
+# recorded steps from there), its batched steps written first (`first`: the stream's first
+# replay, which starts lower than from_step when the job rolled back under an earlier
+# controller: see Dashboard).
+Recorded = Callable[[str, int, bool], tuple[int, list[dict[str, Any]]]]
 
 
 class EventStreams:
@@ -201,7 +202,10 @@ class EventStreams:
             follow = Following(self._rollbacks, job_id, from_step - 1)
 
             def replay(first: bool = False) -> bytes:  # subscribed: none missed
-                events = self._recorded(job_id, follow.last_step + 1, first)
+                start, events = self._recorded(job_id, follow.last_step + 1, first)
+                # Back at the restore point (its steps from there run again): the live ones
+                # up to where the page was are sent too, not taken for sent.
+                follow.last_step = min(follow.last_step, start - 1)
                 if events:
                     follow.last_step = events[-1]["step"]
                 return b"".join(_sse("metrics", data, data["step"]) for data in events)

@@ -69,7 +69,7 @@ def test_many_pages_get_every_update_and_share_the_overview() -> None:
             EventBus(),
             overview=overview,
             translate=translate,
-            recorded=lambda job_id, from_step, first: [],
+            recorded=lambda job_id, from_step, first: (from_step, []),
             why=lambda job_id: "",
             log_dict=lambda record: {},
         )
@@ -103,5 +103,61 @@ def test_many_pages_get_every_update_and_share_the_overview() -> None:
         # One overview per update per page would be PAGES x UPDATES computations: the pages
         # share them (at most one per interval while busy, plus the exact one at the end).
         assert len(calls) <= 40, len(calls)
+
+    asyncio.run(scenario())
+
+
+def test_a_job_page_back_after_a_rollback_it_did_not_hear_of_gets_the_steps_run_again() -> None:
+    """A job page reconnects at step 500 (Last-Event-ID 499) after the job rolled back to its
+    checkpoint at 400 under another controller: the store holds steps up to 399, its first
+    replay starts at 400 and is empty; the steps that run again, 400 on, all reach the page
+    (before, those up to 499 were taken for sent and dropped, with no resync)."""
+
+    async def scenario() -> None:
+        bus = EventBus()
+
+        def recorded(job_id: str, from_step: int, first: bool) -> tuple[int, list]:
+            return (400 if first and from_step > 400 else from_step), []
+
+        def translate(job_id: str, update: controller_pb2.WatchJobReply, latest: bool) -> list:
+            return [("metrics", {"step": update.metrics.step})]
+
+        streams = EventStreams(
+            bus,
+            EventBus(),
+            overview=dict,
+            translate=translate,
+            recorded=recorded,
+            why=lambda job_id: "",
+            log_dict=lambda record: {},
+        )
+
+        async def one_job(request: web.Request) -> web.StreamResponse:
+            return await streams.one_job(request, "job", int(request.query["from_step"]))
+
+        app = web.Application()
+        app.router.add_get("/stream", one_job)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        steps: list[int] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/stream?from_step=500") as response:
+                while not bus._queues.get("job"):  # subscribed
+                    await asyncio.sleep(0.01)
+                for step in range(400, 505):
+                    metrics = controller_pb2.StepMetrics(step=step)
+                    bus.publish("job", controller_pb2.WatchJobReply(metrics=metrics))
+                async for raw in response.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: "):
+                        steps.append(json.loads(line[len("data: ") :])["step"])
+                        if steps[-1] == 504:
+                            break
+        streams.close()
+        await runner.cleanup()
+        assert steps == list(range(400, 505))
 
     asyncio.run(scenario())
