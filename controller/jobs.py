@@ -824,9 +824,13 @@ class JobRunner:
         return lineage.with_init(self.parts.store, self.record, job)
 
     def _keep_tokenizer(self) -> None:
-        """The job's tokenizer beside its checkpoints, for jobs started from them."""
+        """The job's tokenizer beside its checkpoints, for jobs started from them; one that
+        resumes from them must read its data with the same (`lineage.keep_tokenizer`)."""
         if self.job is not None and self.job.dataset is not None:
-            lineage.keep_tokenizer(self.parts.recovery.job_dir(self.job_id), self.job.dataset.path)
+            resuming = self.parts.store.latest_checkpoint(self.job_id) is not None
+            lineage.keep_tokenizer(
+                self.parts.recovery.job_dir(self.job_id), self.job.dataset.path, resuming=resuming
+            )
 
     async def _evaluate(self, step: int | None = None) -> None:
         """Evaluate the job's current parameters on its first island; store the result."""

@@ -269,15 +269,39 @@ def with_init(store: JobStore, record: JobRecord, job: ResolvedJob) -> ResolvedJ
     )
 
 
-def keep_tokenizer(job_dir: str, dataset_path: str) -> None:
+def keep_tokenizer(job_dir: str, dataset_path: str, *, resuming: bool = False) -> None:
     """Copy a job's tokenizer beside its checkpoints (`<checkpoint dir>/tokenizer.model`): a
-    job started from one of them (init_from) tokenizes its data with it. Blocking."""
+    job started from one of them (init_from) tokenizes its data with it. Blocking.
+
+    Raises:
+        SpecError: `resuming` (the job has a committed checkpoint) and the tokenizer kept
+            differs from the data's: its files changed since the checkpoints were written,
+            and the parameters would go on with other token ids (the data is prepared again,
+            its tokenizer trained on it, at every run of a job).
+    """
     if not job_dir:
         return
     target = Path(job_dir) / TOKENIZER_FILE
     source = Path(dataset_path) / TOKENIZER_FILE
-    if target.is_file() or not source.is_file():
+    if not source.is_file():
         return
+    if target.is_file():
+        from pathways_lite.model.tokenizer import Tokenizer
+
+        # By their pieces (a tokenizer trained again on the same data has the same, in a file
+        # that differs: the trainer records where it wrote it).
+        if Tokenizer.load(target).hash == Tokenizer.load(source).hash:
+            return
+        if resuming:
+            raise SpecError(
+                "data.paths",
+                None,
+                "The job's data changed since its checkpoints were written: the tokenizer "
+                f"trained on it now ({source}) differs from the one its checkpoints were "
+                f"trained with ({target}), so they would go on with other token ids. Put the "
+                "data back as it was, or train on the new data in a new job started from a "
+                "checkpoint (init_from, which reads it with the old tokenizer).",
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     shutil.copyfile(source, tmp)

@@ -190,3 +190,29 @@ def test_the_trainer_version_is_part_of_the_cache_key() -> None:
         assert tokenizer_lib._train_key("c" * 64, 512) != key
     finally:
         tokenizer_lib.TRAINER_VERSION = old
+
+
+def test_a_job_resuming_on_data_whose_tokenizer_changed_is_refused(tmp_path) -> None:
+    """lineage.keep_tokenizer: a job that resumes from its checkpoints with data prepared
+    again into another tokenizer (its files changed) is refused naming data.paths (it went on
+    with other token ids, silently); the same data's tokenizer trained again (same pieces, a
+    file that differs) is fine, and a job with no checkpoint keeps the new one."""
+    from pathways_lite.controller.lineage import TOKENIZER_FILE, keep_tokenizer
+    from pathways_lite.controller.spec_errors import SpecError
+
+    code = ["def f(x):\n    return x + 1\n", "class A:\n    pass\n", "print('hello')\n"] * 3
+    prose = ["the quick brown fox jumps over the lazy dog\n", "lorem ipsum dolor sit\n"] * 3
+    before = train_tokenizer(code, 330, cache_dir=tmp_path / "a")
+    again = train_tokenizer(code, 330, cache_dir=tmp_path / "b")  # same pieces, another file
+    changed = train_tokenizer(prose, 330, cache_dir=tmp_path / "a")
+    assert changed.hash != before.hash
+    job_dir = str(tmp_path / "job")
+    keep_tokenizer(job_dir, str(before.path.parent))
+    keep_tokenizer(job_dir, str(again.path.parent), resuming=True)
+    with pytest.raises(SpecError, match="data changed") as refused:
+        keep_tokenizer(job_dir, str(changed.path.parent), resuming=True)
+    assert refused.value.field == "data.paths"
+    kept = tmp_path / "job" / TOKENIZER_FILE
+    assert Tokenizer.load(kept).hash == before.hash
+    keep_tokenizer(job_dir, str(changed.path.parent))  # no checkpoint: it starts afresh
+    assert Tokenizer.load(kept).hash == changed.hash
