@@ -3,8 +3,8 @@
 `data.paths` of a `files` or `parquet` source name files, folders or globs that every island
 host reads where the controller prepares them (a shared filesystem). A local entry must match
 at least one file or folder here, or the submission is refused with the entry's field named
-(`data.paths[0]`); an object-store URL (`gs://bucket/x`, `s3://...`) is only parsed, since
-reaching it needs credentials the controller may not hold. A `text2text` source's local files
+(`data.paths[0]`); an object-store URL (`gs://bucket/x`, `s3://...`) is refused: nothing
+reads one (mount the objects as files). A `text2text` source's local files
 (also inside `data.mixture`) must have `inputs` and `targets` (a JSON Lines file's first row,
 a table's schema).
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import os
-import urllib.parse
 
 from pathways_lite.v1 import controller_pb2
 
@@ -48,14 +47,15 @@ def _check_paths(prefix: str, paths) -> None:
     for i, entry in enumerate(paths):
         field = f"{prefix}.paths[{i}]"
         if "://" in entry:
-            url = urllib.parse.urlparse(entry)
-            if not url.scheme.isidentifier() or not url.netloc:
-                raise SpecError(
-                    field,
-                    entry,
-                    f"{field}={entry!r} is not a URL of the form scheme://bucket/path.",
-                )
-            continue
+            # Nothing reads one (the data is read as files): refused here, not at the job's
+            # start with "matches no files".
+            raise SpecError(
+                field,
+                entry,
+                f"{field}={entry!r} is a URL; data is read from files on storage every island "
+                "host and the controller share (copy or mount the objects there and give "
+                "their path).",
+            )
         matches = glob.glob(os.path.expanduser(entry), recursive=True)
         if not any(os.path.isfile(m) or os.path.isdir(m) for m in matches):
             raise SpecError(

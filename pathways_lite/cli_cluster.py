@@ -32,11 +32,31 @@ def _client(args: argparse.Namespace):
     return ControllerClient(args.state_dir)
 
 
+def _island_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that shape the local islands `up` starts."""
+    return [
+        flag
+        for flag, value in (
+            ("--islands", args.islands),
+            ("--devices-per-island", args.devices_per_island),
+            ("--hosts-per-island", args.hosts_per_island),
+            ("--island-memory", args.island_memory),
+        )
+        if value is not None
+    ]
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from pathways_lite.controller.options import parse_size
     from pathways_lite.local import LocalCluster
 
     if args.simulate_islands is not None:
+        given = _island_flags(args) + (["--ray-address"] if args.ray_address else [])
+        if given:
+            raise CliError(
+                f"{', '.join(given)} cannot be combined with --simulate-islands: its islands "
+                "are simulated in the controller's process (no devices, no Ray)."
+            )
         if args.standby_controller:
             raise CliError(
                 "--standby-controller cannot be combined with --simulate-islands: the "
@@ -53,16 +73,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             _print_up(cluster)
         return 0
     if args.ray_address is not None:
-        given = [
-            flag
-            for flag, value in (
-                ("--islands", args.islands),
-                ("--devices-per-island", args.devices_per_island),
-                ("--hosts-per-island", args.hosts_per_island),
-                ("--island-memory", args.island_memory),
-            )
-            if value is not None
-        ]
+        given = _island_flags(args)
         if given:
             raise CliError(
                 f"{', '.join(given)} cannot be combined with --ray-address: the islands come "

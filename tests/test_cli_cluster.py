@@ -152,6 +152,22 @@ def test_up_refuses_a_standby_controller_for_simulated_islands(tmp_path, capsys)
     assert code != 0 and out == "" and err.count("\n") == 1
     assert "--standby-controller" in err and "--simulate-islands" in err
     assert not (tmp_path / "cluster.json").exists()
+    # Flags that shape real islands did nothing there, silently: refused, each named.
+    code, out, err = main(
+        capsys,
+        "up",
+        "--simulate-islands",
+        "2",
+        "--islands",
+        "4",
+        "--island-memory",
+        "1GiB",
+        "--state-dir",
+        str(tmp_path),
+    )
+    assert code != 0 and out == "" and err.count("\n") == 1
+    assert "--islands, --island-memory cannot be combined with --simulate-islands" in err
+    assert not (tmp_path / "cluster.json").exists()
 
 
 def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys) -> None:
