@@ -116,6 +116,10 @@ def read_cluster_credential(state_dir: str | Path) -> Credential:
     return Credential(read_token(cluster_secret_path(state_dir)))
 
 
+# How often a stream's token is checked again (before a reply), and a dashboard stream's.
+RECHECK_STREAMS_S = 1.0
+
+
 class TokenInterceptor(AuthInterceptor):
     """Refuses every call without the token (UNAUTHENTICATED), except health and reflection."""
 
@@ -127,6 +131,8 @@ class TokenInterceptor(AuthInterceptor):
             "{method} needs the controller's access token (metadata 'authorization: Bearer "
             "<token>'); clients read it from <state_dir>/token.",
             [controller_pb2.DESCRIPTOR.services_by_name["ControllerService"]],
+            # A watch or log stream opened with a token rotated away ends with its grace.
+            recheck_streams_s=RECHECK_STREAMS_S,
         )
 
 

@@ -25,6 +25,10 @@ from . import auth
 COOKIE = "pathways_lite_session"  # the name's prefix: `_<port>` follows
 COOKIE_LABEL = b"pathways-lite dashboard cookie"
 CSRF_HEADER = "X-Pathways-Lite"
+# Where a request keeps whether its credential is still accepted (a callable): a stream
+# (controller/dashboard_stream.py) asks again as it goes, and ends once a rotation's grace
+# ended for it.
+STILL_AUTHORIZED = "pathways_lite_still_authorized"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -75,11 +79,15 @@ def token_middleware(token: str | auth.Credential | None):
             raise response
         presented = request.headers.get("Authorization")
         cookie = request.cookies.get(cookie_name(request))
-        if not (
-            auth.matches(presented, token)
-            or (cookie is not None and _session(token).accepts(auth.bearer(cookie)))
-        ):
+
+        def authorized() -> bool:
+            return auth.matches(presented, token) or (
+                cookie is not None and _session(token).accepts(auth.bearer(cookie))
+            )
+
+        if not authorized():
             raise _unauthorized()
+        request[STILL_AUTHORIZED] = authorized
         if request.method != "GET" and request.headers.get(CSRF_HEADER) != "1":
             raise web.HTTPForbidden(
                 text=f"state-changing requests need the header '{CSRF_HEADER}: 1'.\n"

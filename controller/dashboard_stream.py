@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +35,12 @@ from aiohttp import web
 
 from pathways_lite.v1 import controller_pb2
 
+from .auth import RECHECK_STREAMS_S as RECHECK_S
 from .bus import ALL_JOBS, dropped_logs_record
+from .dashboard_auth import STILL_AUTHORIZED
 from .jobs import Following
+
+logger = logging.getLogger(__name__)
 
 SSE_HEARTBEAT_S = 15.0
 # A cluster page's stream sends at most one overview per OVERVIEW_EVERY_S (a busy cluster steps
@@ -278,14 +283,27 @@ class EventStreams:
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
+        # Its credential asked again as it goes (controller/dashboard_auth.py): a stream
+        # opened with a token rotated away ends with the rotation's grace (the page's
+        # reconnect is then refused); the heartbeats make a quiet stream ask too.
+        authorized = request.get(STILL_AUTHORIZED)
+        checked = time.monotonic()
         try:
             await response.write(b"retry: 2000\n\n")
             async for chunk in chunks:
+                if authorized is not None and time.monotonic() - checked >= RECHECK_S:
+                    checked = time.monotonic()
+                    if not authorized():
+                        logger.warning("ended %s: its credential is no longer valid", request.path)
+                        break
                 await response.write(chunk)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
             self._streams.discard(task)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
         return response
 
 

@@ -32,7 +32,7 @@ def _spec(name: str, steps: int) -> controller_pb2.JobSpec:
 
 
 @contextlib.asynccontextmanager
-async def _waiting_job(tmp_path):
+async def _waiting_job(tmp_path, token=None):
     """The controller's service over one simulated island, with a job running and one that
     waits for it (queued: its record changes only when the test changes it): yields (the
     controller, the service's address, the waiting job's id)."""
@@ -45,7 +45,7 @@ async def _waiting_job(tmp_path):
     port: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     server = asyncio.create_task(
-        serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0)
+        serve(c, "127.0.0.1", 0, started=port.set_result, stop=stop, grace_s=1.0, token=token)
     )
     try:
         address = f"127.0.0.1:{await port}"
@@ -169,5 +169,58 @@ def test_a_new_job_and_a_new_priority_are_told_to_the_cluster_pages_followers(tm
             assert records[new.id].state == controller_pb2.JOB_STATE_QUEUED
             assert records[new.id].queue_position >= 1
             assert records[job_id].spec.priority == 7
+
+    asyncio.run(main())
+
+
+def test_a_watch_opened_with_a_token_rotated_away_ends_when_its_grace_ends(tmp_path) -> None:
+    """The access token is checked when a call opens; a WatchJob opened with the old token of
+    a rotation now ends UNAUTHENTICATED at its first reply after the grace (it served on for
+    as long as it stayed open), while one opened with the new token goes on."""
+    from pathways_lite.workers.auth import Credential, bearer
+
+    credential = Credential("old-token")
+
+    async def main() -> None:
+        async with _waiting_job(tmp_path, token=credential) as (c, address, job_id):
+            outcome: dict[str, object] = {}
+            got: dict[str, int] = {"old-token": 0, "new-token": 0}
+
+            def watch(token: str) -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    call = stub.WatchJob(
+                        controller_pb2.WatchJobRequest(job_id=job_id),
+                        metadata=(("authorization", bearer(token)),),
+                        timeout=30,
+                    )
+                    try:
+                        for _ in call:
+                            got[token] += 1
+                            if token == "new-token" and outcome.get("old-token"):
+                                call.cancel()
+                        outcome[token] = "ended"
+                    except grpc.RpcError as e:
+                        outcome[token] = e.code()
+
+            old = threading.Thread(target=watch, args=("old-token",))
+            old.start()
+            await _until(lambda: got["old-token"] == 1)
+            credential.rotate("new-token", grace_s=0.5)
+            new = threading.Thread(target=watch, args=("new-token",))
+            new.start()
+            await _until(lambda: got["new-token"] == 1)
+            n = 0
+            while "old-token" not in outcome:  # updates of the record, one every 0.1 s
+                assert n < 100, outcome
+                c.update(job_id, n % 10)
+                n += 1
+                await asyncio.sleep(0.1)
+            c.update(job_id, 3)  # one more for the new-token watcher to see the old's end
+            await asyncio.to_thread(old.join, 30)
+            await asyncio.to_thread(new.join, 30)
+            assert outcome["old-token"] == grpc.StatusCode.UNAUTHENTICATED, outcome
+            assert outcome["new-token"] == grpc.StatusCode.CANCELLED, outcome  # its own cancel
+            assert got["new-token"] > 1
 
     asyncio.run(main())

@@ -192,3 +192,44 @@ def test_every_dashboard_response_carries_the_security_headers(tmp_path) -> None
                 assert_secured(response)
 
     asyncio.run(main())
+
+
+def test_a_job_pages_stream_opened_with_a_token_rotated_away_ends_with_its_grace(
+    tmp_path,
+) -> None:
+    """A stream is authorised when it opens; one opened with the old token of a rotation
+    now ends once the grace is over (it served on for as long as the page stayed open), and
+    the page's reconnect with it is refused; the new token's stream goes on."""
+    from pathways_lite.workers.auth import Credential, bearer
+
+    credential = Credential("old-page-token")
+
+    async def main() -> None:
+        async with _dashboard(tmp_path, token=credential) as (c, url):
+            job_id = c.submit(controller_pb2.SubmitJobRequest(spec=_spec("fast", 10**7))).id
+            await _until(lambda: c.store.steps_completed(job_id) > 5)
+            stream = f"{url}api/jobs/{job_id}/stream?from_step=0"
+            old = {"Authorization": bearer("old-page-token")}
+            new = {"Authorization": bearer("new-page-token")}
+            async with aiohttp.ClientSession() as http:
+                async with http.get(stream, headers=old) as response:
+                    assert response.status == 200
+                    events = _events(response)
+                    await events.__anext__()
+                    credential.rotate("new-page-token", grace_s=0.3)
+                    rotated = asyncio.get_running_loop().time()
+                    async with asyncio.timeout(10):
+                        async for _ in events:  # steps keep coming: it ends by itself
+                            pass
+                    assert asyncio.get_running_loop().time() - rotated >= 0.3
+                async with http.get(stream, headers=old) as response:
+                    assert response.status == 401
+                async with http.get(stream, headers=new) as response:
+                    assert response.status == 200
+                    opened = asyncio.get_running_loop().time()
+                    async with asyncio.timeout(10):
+                        async for _ in _events(response):
+                            if asyncio.get_running_loop().time() - opened > 1.5:
+                                break  # past a recheck of its credential, still open
+
+    asyncio.run(main())

@@ -158,6 +158,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         message: The refusal's message, a sentence saying what is needed ({method} is filled).
         services: The served services, so a streaming method is refused with a handler of
             its own kind.
+        recheck_streams_s: When given, a server-streaming call's credential is checked
+            again before a reply, at most this often: a stream opened with a secret that
+            stopped being accepted (a rotation's grace ended) ends UNAUTHENTICATED instead
+            of serving on.
     """
 
     def __init__(
@@ -165,10 +169,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         accepts: Callable[[str | None], bool],
         message: str,
         services: Iterable[ServiceDescriptor],
+        recheck_streams_s: float | None = None,
     ) -> None:
         self._accepts = accepts
         self._message = message
         self._kinds = method_kinds(services)
+        self._recheck_s = recheck_streams_s
         self.refused = 0
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -181,10 +187,47 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 presented = value
                 break
         if self._accepts(presented):
-            return await continuation(handler_call_details)
+            handler = await continuation(handler_call_details)
+            if self._recheck_s is None or handler is None or handler.request_streaming:
+                return handler
+            if not handler.response_streaming:
+                return handler
+            return self._rechecked(handler, presented, method)
         self.refused += 1
         logger.warning("refused %s: no valid credential", method)
         return refusal(self._message.format(method=method), *self._kinds.get(method, (0, 0)))
+
+    def _rechecked(
+        self, handler: grpc.RpcMethodHandler, presented: str | None, method: str
+    ) -> grpc.RpcMethodHandler:
+        """`handler` (server-streaming) with its caller's credential checked again before a
+        reply, at most every `recheck_streams_s`."""
+        behavior, accepts, every_s = handler.unary_stream, self._accepts, self._recheck_s
+        message = self._message.format(method=method)
+
+        async def stream(request, context):
+            replies = behavior(request, context)
+            checked = time.monotonic()
+            try:
+                async for reply in replies:
+                    if time.monotonic() - checked >= every_s:
+                        checked = time.monotonic()
+                        if not accepts(presented):
+                            logger.warning("ended %s: its credential is no longer valid", method)
+                            await context.abort(
+                                grpc.StatusCode.UNAUTHENTICATED,
+                                "The credential this stream was opened with is no longer "
+                                f"accepted (rotated). {message}",
+                            )
+                    yield reply
+            finally:
+                await replies.aclose()
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def refusal(

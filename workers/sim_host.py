@@ -568,6 +568,12 @@ class SimCluster:
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop(grace=None) for s in self._servers.values()))
         self._servers.clear()
+        # Their waits for a turn (a cut's steps to skip) end with them: left pending, they
+        # were destroyed with the loop, and their `finally` called the closed loop.
+        tasks = [task for host in self.hosts.values() for task in host._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class SimHostActor:
