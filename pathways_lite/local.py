@@ -708,9 +708,24 @@ def stop_recorded(
     process = controller if controller is not None and controller.pid == pid else None
     if standby_pid != pid and controller_of(standby_pid, state_dir):  # holds nothing
         _signal_and_wait(standby_pid, signal.SIGKILL, None, patience_s)
+    # Whether a controller stopped by itself (it stops its island hosts).
+    stopped_cleanly = False
     if pid and alive(pid):
         _signal_and_wait(pid, signal.SIGTERM, process, patience_s)
+        stopped_cleanly = not alive(pid)
         _killpg(pid, signal.SIGKILL)
+    if record.get("joined") and not stopped_cleanly:
+        # Detached actors on a Ray cluster this process did not start: only a controller
+        # that stops cleanly stops them.
+        logger.warning(
+            "the controller of %s was not running or did not stop by itself: its island "
+            "hosts may still run on the Ray cluster at %s (detached actors in namespace %r: "
+            "`ray list actors --filter state=ALIVE` lists them; a new `up` on this state dir "
+            "attaches to them, `ray.kill` stops them).",
+            state_dir,
+            record.get("ray_address"),
+            "pathways_lite",
+        )
     if controller is not None:
         try:
             controller.wait(5)
