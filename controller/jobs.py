@@ -105,10 +105,21 @@ class Reporter:
             f" ({kwargs['reason']})" if kwargs.get("reason") else "",
             extra={"job_id": job_id},
         )
-        self.publish_steps(job_id)  # its followers see every step before the change
-        self.events.publish(
-            job_id, controller_pb2.WatchJobReply(time=now(), job=self.followed(record))
-        )
+        # Written: its followers are told whatever fails here (they end at a terminal
+        # record, and nothing else would tell them).
+        try:
+            self.publish_steps(job_id)  # its followers see every step before the change
+            view = self.followed(record)
+        except Exception:  # noqa: BLE001 - told with its record alone
+            logger.exception("the view of job %s at its change to %s", job_id, state.value)
+            view = controller_pb2.Job(
+                id=record.id,
+                name=record.name,
+                state=record.state.to_proto(),
+                reason=record.reason,
+                message=record.message,
+            )
+        self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
         return record
 
     def phase(self, job_id: str, phase: str) -> None:

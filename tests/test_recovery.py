@@ -388,3 +388,29 @@ def test_a_pipeline_checkpoint_with_a_stage_part_missing_is_not_committed_here(t
     (tmp_path / "job" / "stage1" / "g1-step8").mkdir(parents=True)
     assert committed_here(str(path), 3)
     assert not committed_here(str(tmp_path / "job" / "g1-step9"), 1)
+
+
+def test_a_state_change_is_told_to_followers_even_when_its_view_fails(store):
+    """Reporter.transition writes the change, then tells the job's followers: a view that
+    fails to build (a store read refused, a bug) still tells them the new state, which is
+    how a follower learns that the job ended (it waited for ever)."""
+    from pathways_lite.controller.bus import EventBus, LogBuffer
+    from pathways_lite.controller.jobs import Reporter
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.views import Views
+
+    views = Views(store, Scheduler(["island-0"], {"island-0": 1}), {}, {}, lambda r: None)
+    events = EventBus()
+    reporter = Reporter(store, views, events, LogBuffer())
+    follower = events.subscribe("j")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a view that cannot be built")
+
+    views.job = broken
+    from pathways_lite.controller.states import JobState
+
+    reporter.transition("j", JobState.CANCELLED, reason="user_cancelled", message="bye")
+    update = follower.get_nowait()
+    assert update.job.id == "j" and update.job.state == controller_pb2.JOB_STATE_CANCELLED
+    assert (update.job.reason, update.job.message) == ("user_cancelled", "bye")
