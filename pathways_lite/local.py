@@ -193,6 +193,7 @@ class LocalCluster:
         self._controller: subprocess.Popen | None = None  # the controller it spawned last
         self._controller_pid: int | None = None  # the controller serving (a standby, later)
         self._recorded = False  # cluster.json is this object's (its `down` may act on it)
+        self._temp_ray_dir: Path | None = None  # a /tmp Ray dir of its own (a long state dir)
 
     def island_names(self) -> list[str]:
         return [f"island-{i}" for i in range(self.islands)]
@@ -263,6 +264,8 @@ class LocalCluster:
                 island_resource(s.split(":")[0]): int(s.split(":")[1]) for s in self.island_specs
             }
         self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
+        # Removed by a stop before the record is written (it names it after).
+        self._temp_ray_dir = ray_dir if own_tmp else None
         record = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
         self._ray.start()
         record["ray_address"] = self._ray.address
@@ -442,7 +445,10 @@ class LocalCluster:
                 )
             elif self._ray is not None:  # a start that failed before it wrote its record
                 self._ray.stop()
+                if self._temp_ray_dir is not None:  # (its Ray token and logs)
+                    shutil.rmtree(self._temp_ray_dir, ignore_errors=True)
             self._ray = None
+            self._temp_ray_dir = None
             self._controller = None
             self._controller_pid = None
             self._recorded = False
