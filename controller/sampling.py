@@ -189,9 +189,16 @@ class Sampler:
         key = f"{record.id[:100]}.sample-{self._loads}"
         devices = record.spec.mesh.data * record.spec.mesh.model
         demand = Demand(key, 1, job.bytes_per_device, record.priority)
+        whole = " (the whole model, on one island)" if pipe is not None else ""
+        never = self.scheduler.never_fits(1, demand.bytes_per_device)
+        if never is not None:  # not "try again later": it never will
+            raise IllegalTransitionError(
+                f"job {record.id!r}: sampling its checkpoint{whole} at step {checkpoint.step} "
+                f"can never run: {never} It is loaded with its training state (a pipeline "
+                "job's whole model on one island, which its stages split to fit)."
+            )
         room = [i for i in self.scheduler.candidates(demand) if self.islands[i].devices == devices]
         if not room or self.scheduler.place(demand, room[:1]) is None:
-            whole = " (the whole model, on one island)" if pipe is not None else ""
             raise NoRoomError(
                 f"job {record.id!r} is {record.state.value}; sampling its checkpoint{whole} "
                 f"at step {checkpoint.step} needs {demand.bytes_per_device} bytes per device on "

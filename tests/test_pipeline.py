@@ -721,6 +721,44 @@ def test_a_model_too_big_for_one_island_is_refused_alone_and_admitted_as_two_sta
     assert scheduler.never_fits(piped.islands, stage) is None
 
 
+def test_sampling_a_pipeline_job_that_can_never_fit_one_island_says_so(tmp_path) -> None:
+    """A pipeline job admitted only as stages is sampled as its whole model (with its
+    training state) on one island: where no island can ever hold that, the refusal says so
+    (FAILED_PRECONDITION), not "none has room now; try again later"."""
+    from pathways_lite.controller.resolved import ResolvedJob
+    from pathways_lite.controller.sampling import Sampler
+    from pathways_lite.controller.scheduler import Scheduler
+    from pathways_lite.controller.states import IllegalTransitionError, JobState
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.spec import load_spec_text
+
+    big = ISSUE_SPEC.replace("{preset: palm-tiny}", "{preset: palm-small}")
+    big = big.replace("islands: 4", "islands: 2").replace("seq_len: 64", "seq_len: 128")
+    piped = load_spec_text(
+        big.replace("microbatches: 8", "microbatches: 4, recompute: true"), validate=True
+    )
+    budget = int(1.2 * ResolvedJob.resolve(piped).bytes_per_device)  # the stages fit
+    scheduler = Scheduler(["i0", "i1"], {"i0": budget, "i1": budget})
+    with JobStore(tmp_path / "jobs.db") as store:
+        job_id = store.create_job(piped).id
+        store.transition(job_id, JobState.RUNNING, reason="scheduled", message="")
+        store.register_checkpoint(job_id, 0, 4, str(tmp_path / "g0-step4"))
+        store.transition(job_id, JobState.SUCCEEDED, reason="done", message="")
+        sampler = Sampler(
+            store,
+            scheduler,
+            None,
+            {},
+            {},
+            lambda record: ResolvedJob.resolve(record.spec),
+            None,
+            lambda: None,
+        )
+        request = controller_pb2.SampleJobRequest(job_id=job_id, prompt="x", max_new_tokens=1)
+        with pytest.raises(IllegalTransitionError, match="can never run"):
+            asyncio.run(sampler.sample(request))
+
+
 def test_the_trace_command_writes_a_chrome_trace_of_a_job(local_cluster, tmp_path, capsys):
     """`pathways-lite trace` on the session's LocalCluster (a data-parallel job here)."""
     import json
