@@ -298,3 +298,40 @@ def test_chunks_of_an_unknown_job_or_another_generation_are_refused(cluster: Clu
             with pytest.raises(grpc.RpcError) as err:
                 stub.ExchangeGradients(iter([chunk]), timeout=10)
             assert err.value.code() == code and named in err.value.details()
+
+
+def test_a_part_completes_only_with_each_of_its_chunks_once() -> None:
+    """Mailbox.deliver files the chunks `_chunks` makes, each once: a repeated chunk (or one
+    off the chunk grid, or of another length) is refused, where counting values alone took
+    a repeat for a missing chunk and completed the part with what its empty buffer held."""
+
+    from pathways_lite.workers.exchange import CHUNK_ELEMENTS, Mailbox
+
+    def chunk(offset: int, values: int) -> worker_pb2.GradientChunk:
+        data = np.arange(values, dtype="<f4").tobytes()
+        return worker_pb2.GradientChunk(
+            job_id="j",
+            generation=1,
+            step=0,
+            phase=1,
+            source_island=1,
+            part=0,
+            bucket=0,
+            offset=offset,
+            part_size=CHUNK_ELEMENTS + 5,
+            data=data,
+        )
+
+    async def main() -> None:
+        mailbox = Mailbox()
+        mailbox.deliver(chunk(0, CHUNK_ELEMENTS))
+        with pytest.raises(ValueError, match="arrived twice"):
+            mailbox.deliver(chunk(0, CHUNK_ELEMENTS))
+        for bad in (chunk(3, 5), chunk(CHUNK_ELEMENTS, 4), chunk(2 * CHUNK_ELEMENTS, 0)):
+            with pytest.raises(ValueError, match="does not fit"):
+                mailbox.deliver(bad)
+        mailbox.deliver(chunk(CHUNK_ELEMENTS, 5))
+        part = await mailbox.wait(("j", 1, 0, 1, 1, 0, 0), 1.0)
+        assert part.size == CHUNK_ELEMENTS + 5 and part[-1] == 4.0
+
+    asyncio.run(main())

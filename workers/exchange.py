@@ -185,6 +185,7 @@ class _Slot:
     future: asyncio.Future
     buffer: np.ndarray | None = None
     filled: int = 0
+    offsets: set[int] = dataclasses.field(default_factory=set)  # the chunks received
 
 
 class Mailbox:
@@ -238,11 +239,23 @@ class Mailbox:
         values = np.frombuffer(chunk.data, dtype="<f4")
         if slot.buffer is None:
             slot.buffer = np.empty(chunk.part_size, np.float32)
-        if slot.buffer.size != chunk.part_size or chunk.offset + values.size > chunk.part_size:
+        # The chunks `_chunks` makes, each once: a part is complete when every value of it
+        # came (counted values alone took a repeated chunk for a missing one, and the part
+        # completed with what np.empty held).
+        expected = min(CHUNK_ELEMENTS, chunk.part_size - chunk.offset)
+        if (
+            slot.buffer.size != chunk.part_size
+            or chunk.offset % CHUNK_ELEMENTS
+            or values.size != max(expected, 0)
+            or (chunk.offset >= chunk.part_size and chunk.part_size)
+        ):
             raise ValueError(
                 f"chunk at offset {chunk.offset} with {values.size} values does not fit part "
-                f"{chunk.part} of {slot.buffer.size} values."
+                f"{chunk.part} of {slot.buffer.size} values in chunks of {CHUNK_ELEMENTS}."
             )
+        if chunk.offset in slot.offsets:
+            raise ValueError(f"chunk at offset {chunk.offset} of part {key} arrived twice.")
+        slot.offsets.add(chunk.offset)
         slot.buffer[chunk.offset : chunk.offset + values.size] = values
         slot.filled += values.size
         if slot.filled == slot.buffer.size:
@@ -591,6 +604,13 @@ class JobExchange:
         results = await self._gather_all(sends + waits)
         received = iter(results[len(sends) :])
         contributions = [flat[lo:hi] if j == me else next(received) for j in range(islands)]
+        for j, part in enumerate(contributions):
+            if part.size != hi - lo:  # (numpy would broadcast a part of one value)
+                raise ExchangeError(
+                    f"island {j} sent part {me} of {part.size} values for job "
+                    f"{self.job_id!r} step {step} bucket {bucket}, expected {hi - lo}: the "
+                    "layouts differ."
+                )
         # Island order 0, 1, ..., I - 1, float32 throughout: the same bytes wherever computed;
         # written straight into our part of the output (no staging copy).
         out = np.empty(n, np.float32)
