@@ -37,7 +37,7 @@ from .scheduler import Scheduler
 from .serve_router import ServeArbiter, ServeRouter
 from .states import IllegalTransitionError, JobState, StoreUnavailableError
 from .store import JobRecord, JobStore
-from .views import TimelineEntry, Views
+from .views import TimelineEntry, Views, job_record_proto
 
 logger = logging.getLogger(__name__)
 
@@ -578,16 +578,24 @@ class Controller:
             for i, *_ in accepted:
                 outcomes[i] = e
             return outcomes
+        # Committed: whatever a view does, every job is handed to the controller's loop (a
+        # job seen before by its request id too: a retry after a reply that was lost).
         queued = []
-        for (i, _, _, job), (record, new) in zip(accepted, created, strict=True):
-            # A new job's view reads no steps, losses, evals or events from the store (every
-            # SQLite call on the server's thread lets the busy controller thread take the
-            # GIL, which it then waits to get back).
-            outcomes[i] = self.views.job(record, new=new)
-            if new:
-                logger.info("job %s queued", record.id, extra={"job_id": record.id})
-                queued.append((record.id, job, outcomes[i]))
-        if queued:
+        try:
+            for (i, *_, job), (record, new) in zip(accepted, created, strict=True):
+                if new:
+                    logger.info("job %s queued", record.id, extra={"job_id": record.id})
+                view = None
+                try:
+                    # A new job's view reads no steps, losses, evals or events from the store
+                    # (every SQLite call on the server's thread lets the busy controller
+                    # thread take the GIL, which it then waits to get back).
+                    outcomes[i] = view = self.views.job(record, new=new)
+                except Exception:  # noqa: BLE001 - queued all the same: its record alone
+                    logger.exception("the view of job %s at its submission", record.id)
+                    outcomes[i] = job_record_proto(self.store, record, new=True)
+                queued.append((record.id, job, view if new else None))
+        finally:
             self.on_loop(self._queued, queued)
         return outcomes
 
@@ -611,11 +619,13 @@ class Controller:
             )
         return spec, job
 
-    def _queued(self, jobs: list[tuple[str, ResolvedJob, controller_pb2.Job]]) -> None:
-        """New jobs: kept resolved, told to their followers (the cluster page lists them)."""
+    def _queued(self, jobs: list[tuple[str, ResolvedJob, controller_pb2.Job | None]]) -> None:
+        """Submitted jobs: kept resolved; a new one's view told to its followers (the cluster
+        page lists it) unless a pass started it meanwhile; a scheduling pass."""
         for job_id, job, view in jobs:
             self._resolved.setdefault(job_id, job)
-            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
+            if view is not None and job_id not in self.runners:
+                self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
         self.wake()
 
     def on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -693,11 +703,13 @@ class Controller:
             f" ({format_size(demand_bytes)} per device)" if demand_bytes else "",
             extra={"job_id": job_id},
         )
-        # Told to its followers (the cluster page shows a queued job's priority).
-        self.events.publish(
-            job_id, controller_pb2.WatchJobReply(time=now(), job=self.reporter.followed(record))
-        )
         self.wake()
+        # Told to its followers (the cluster page shows a queued job's priority).
+        try:
+            view = self.reporter.followed(record)
+            self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
+        except Exception:  # noqa: BLE001 - changed all the same
+            logger.exception("the record of job %s at its new priority", job_id)
         return self.views.job(record)
 
     async def sample(

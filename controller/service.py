@@ -593,28 +593,49 @@ class Submissions:
             self._waiting.append((request, future))
             start, self._handling = not self._handling, True
         if start:
-            loop.run_in_executor(None, self._handle)
+            try:
+                loop.run_in_executor(None, self._handle)
+            except RuntimeError as e:  # the executor shut down: the server is stopping
+                self._fail_waiting(e)
         return await future
 
     def _handle(self) -> None:
         """On a thread: the waiting requests, a batch at a time, until none waits."""
-        while True:
-            with self._lock:
-                batch = self._waiting[:SUBMIT_BATCH]
-                del self._waiting[:SUBMIT_BATCH]
-                if not batch:
-                    self._handling = False
-                    return
-            try:
-                outcomes = self._controller.submit_many([request for request, _ in batch])
-            except BaseException as e:  # each caller gets it (an INTERNAL error)
-                outcomes = [e] * len(batch)
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                by_loop.setdefault(future.get_loop(), []).append((future, outcome))
-            for loop, settled in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # that loop closed (the server stopped)
-                    loop.call_soon_threadsafe(_answer_submissions, settled)
+        batch: list[tuple[controller_pb2.SubmitJobRequest, asyncio.Future]] = []
+        try:
+            while True:
+                with self._lock:
+                    batch = self._waiting[:SUBMIT_BATCH]
+                    del self._waiting[:SUBMIT_BATCH]
+                    if not batch:
+                        self._handling = False
+                        return
+                try:
+                    outcomes = self._controller.submit_many([request for request, _ in batch])
+                except Exception as e:  # each caller gets it (an INTERNAL error)
+                    outcomes = [e] * len(batch)
+                self._answer(list(zip((future for _, future in batch), outcomes, strict=True)))
+        except BaseException as e:  # no caller waits for ever, whatever failed here
+            logger.exception("SubmitJob's batches stopped")
+            self._answer([(future, e) for _, future in batch])
+            self._fail_waiting(e)
+            raise
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        """Answer every waiting request with `error`; the next request starts afresh."""
+        with self._lock:
+            waiting, self._waiting, self._handling = self._waiting, [], False
+        self._answer([(future, error) for _, future in waiting])
+
+    @staticmethod
+    def _answer(settled: list[tuple[asyncio.Future, Any]]) -> None:
+        """Hand each outcome to its caller's loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = {}
+        for future, outcome in settled:
+            by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+        for loop, answers in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop closed (the server stopped)
+                loop.call_soon_threadsafe(_answer_submissions, answers)
 
 
 def _answer_submissions(settled: list[tuple[asyncio.Future, Any]]) -> None:

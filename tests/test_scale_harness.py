@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 
 import grpc
 import pytest
@@ -619,6 +620,43 @@ def test_a_long_jobs_record_reaches_its_client_and_its_watchers_get_it_without_e
             full, watched, completed = await asyncio.to_thread(client_side)
             assert full == steps
             assert (watched, completed) == (0, steps)
+
+    asyncio.run(main())
+
+
+def test_submissions_are_answered_in_batches_and_a_failing_batch_fails_only_its_callers() -> None:
+    """controller/service.py Submissions: the requests that come while a batch is handled
+    make the next (each caller answered with its own outcome, in order); a batch that fails
+    answers each of its callers with the error, and the next submission starts afresh."""
+    from pathways_lite.controller.service import Submissions
+
+    class Controller:
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        def submit_many(self, requests):
+            names = [r.spec.name for r in requests]
+            self.batches.append(names)
+            if "boom" in names:
+                raise RuntimeError("a batch that fails")
+            time.sleep(0.05)  # the others arrive meanwhile
+            return [controller_pb2.Job(name=n) for n in names]
+
+    def request(name: str) -> controller_pb2.SubmitJobRequest:
+        return controller_pb2.SubmitJobRequest(spec=controller_pb2.JobSpec(name=name))
+
+    async def main() -> None:
+        c = Controller()
+        submissions = Submissions(c)
+        first = asyncio.ensure_future(submissions.submit(request("a")))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(submissions.submit(request(n))) for n in "bcd"]
+        jobs = await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        assert [j.name for j in jobs] == list("abcd")
+        assert c.batches == [["a"], ["b", "c", "d"]]
+        with pytest.raises(RuntimeError, match="a batch that fails"):
+            await asyncio.wait_for(submissions.submit(request("boom")), 10)
+        assert (await asyncio.wait_for(submissions.submit(request("e")), 10)).name == "e"
 
     asyncio.run(main())
 
