@@ -690,6 +690,8 @@ class JobRunner:
                 self.job = await asyncio.to_thread(self._with_init, self.job)
                 self.job = await asyncio.to_thread(p.prepare, self.record, self.job)
                 await asyncio.to_thread(self._keep_tokenizer)
+            except spec_lib.SpecError:  # naming its field already
+                raise
             except ValueError as e:  # the data's DataError (a missing file...): the user's
                 raise spec_lib.SpecError("data", "", f"Preparing the data failed: {e}") from e
             program = step_program(job_id, self.record.generation, self.job)
