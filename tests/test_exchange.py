@@ -335,3 +335,23 @@ def test_a_part_completes_only_with_each_of_its_chunks_once() -> None:
         assert part.size == CHUNK_ELEMENTS + 5 and part[-1] == 4.0
 
     asyncio.run(main())
+
+
+def test_a_thread_waiting_on_the_service_loop_is_released_when_the_server_stops() -> None:
+    """rpc.ServerThread cancels the tasks still pending on its loop before closing it: a
+    runtime thread waiting on one (a step's exchange with a dead peer while the host stops)
+    was left waiting for ever, and the host's stop with it."""
+    loop_of: dict[str, asyncio.AbstractEventLoop] = {}
+
+    async def run_server(started, stop: asyncio.Event) -> None:
+        loop_of["loop"] = asyncio.get_running_loop()
+        started(1)
+        await stop.wait()
+
+    server = rpc.ServerThread(run_server, name="test server", thread_name="test-loop")
+    server.start()
+    never = asyncio.run_coroutine_threadsafe(asyncio.Event().wait(), loop_of["loop"])
+    waiter = concurrent.futures.ThreadPoolExecutor(1).submit(never.result)
+    server.stop(10)
+    with pytest.raises(concurrent.futures.CancelledError):
+        waiter.result(10)

@@ -60,6 +60,9 @@ PHASE_GATHER = 2
 PHASE_DIGEST = 3
 # float32 values per chunk message (1 MiB of payload).
 CHUNK_ELEMENTS = 1 << 18
+# A step's exchange ends by its deadline (timeout_s) on the service's loop; the runtime
+# thread waits this much longer before it takes the loop for gone (a host stopping).
+RESULT_MARGIN_S = 30.0
 DEFAULT_TIMEOUT_S = 120.0
 # Gradient bytes per bucket of the overlapped exchange (measured: bench/dp_scaling.py
 # --bucket-sweep on palm-small; README).
@@ -666,7 +669,15 @@ class JobExchange:
                 )
 
     def _run(self, coro) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:  # (every wait inside has the call's deadline: this one only if the loop died)
+            return future.result(self.timeout_s + RESULT_MARGIN_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise ExchangeTimeoutError(
+                f"job {self.job_id!r}'s exchange did not end within {self.timeout_s:.1f} s: "
+                "the host's service loop is gone."
+            ) from None
 
     def allreduce_mean(self, step: int, flat: np.ndarray) -> np.ndarray:
         """The islands' mean of `flat` (this host's shards), bitwise equal on every island.

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .exchange import ExchangeError
+from .exchange import DEFAULT_TIMEOUT_S, RESULT_MARGIN_S, ExchangeError
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +380,7 @@ class OverlappedGrad:
         loss = self.exec(params, batch)
         jax.block_until_ready(loss)
         t_backward = time.perf_counter()
+        wait_s = getattr(exchange, "timeout_s", DEFAULT_TIMEOUT_S) + RESULT_MARGIN_S
         try:
             reduced = []
             for bucket, future in enumerate(self._futures):
@@ -387,7 +388,8 @@ class OverlappedGrad:
                     raise ExchangeError(
                         f"bucket {bucket} of step {step} never left the backward pass."
                     )
-                reduced.append(future.result())
+                # (the exchange's own deadline ends it; this one, if the loop died)
+                reduced.append(future.result(wait_s))
         except BaseException:
             for future in self._futures:
                 if future is not None:

@@ -238,7 +238,21 @@ class ServerThread:
             logger.exception("%s stopped with an error", self._name)
         finally:
             self._bound.set()
+            self._cancel_pending()
             self._loop.close()
+
+    def _cancel_pending(self) -> None:
+        """Cancel the loop's tasks still pending and let them end, as `asyncio.run` does: a
+        thread waiting on one (a step's gradient exchange, run here from the runtime thread)
+        is released, not left waiting for ever on a closed loop."""
+        try:
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        except Exception:  # noqa: BLE001 - closing anyway
+            logger.exception("%s: cancelling its pending tasks failed", self._name)
 
     def start(self, timeout_s: float = 30.0) -> int:
         """Start serving; return the bound port.
