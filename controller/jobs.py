@@ -45,7 +45,7 @@ from .scheduler import Scheduler
 from .serve_router import ServeRouter
 from .states import JobState, StoreError, StoreUnavailableError
 from .store import JobRecord, JobStore
-from .views import TimelineEntry, Views
+from .views import TimelineEntry, Views, job_record_proto
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +112,7 @@ class Reporter:
             view = self.followed(record)
         except Exception:  # noqa: BLE001 - told with its record alone
             logger.exception("the view of job %s at its change to %s", job_id, state.value)
-            view = controller_pb2.Job(
-                id=record.id,
-                name=record.name,
-                state=record.state.to_proto(),
-                reason=record.reason,
-                message=record.message,
-            )
+            view = job_record_proto(self.store, record, new=True)  # (reads no store)
         self.events.publish(job_id, controller_pb2.WatchJobReply(time=now(), job=view))
         return record
 
