@@ -66,6 +66,16 @@ class ClusterError(RuntimeError):
     """The local cluster could not be started or found; the message says why."""
 
 
+class RayRefusedController(ClusterError):
+    """The controller exited while starting because the Ray node it joined closed its
+    registration ("Failed to register worker to Raylet ... End of file"): seen, rarely, on a
+    Ray cluster that had just started; a fresh Ray cluster takes it."""
+
+
+# What Ray's core worker logs (then exits) when its node's raylet refuses or drops it.
+_RAYLET_REFUSED = "Failed to register worker to Raylet"
+
+
 def default_state_dir() -> Path:
     """$PATHWAYS_LITE_STATE, else ~/.pathways_lite."""
     return Path(os.environ.get(STATE_ENV) or Path.home() / ".pathways_lite").expanduser()
@@ -254,25 +264,34 @@ class LocalCluster:
             self._write_record(record)
             self._start_controller(record)
             return
-        ray_dir = self.state_dir / "ray"
-        own_tmp = len(str(ray_dir)) > _RAY_DIR_MAX
-        if own_tmp:
-            ray_dir = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
         resources = {island_resource(n): self.hosts_per_island for n in self.island_names()}
         if self.island_specs:
             resources = {
                 island_resource(s.split(":")[0]): int(s.split(":")[1]) for s in self.island_specs
             }
-        self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
-        # Removed by a stop before the record is written (it names it after).
-        self._temp_ray_dir = ray_dir if own_tmp else None
-        record = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
-        self._ray.start()
-        record["ray_address"] = self._ray.address
-        record["ray_pids"] = [n.pid for n in self._ray.nodes]
-        record["process_starts"] = {str(p): process_start(p) for p in record["ray_pids"]}
-        self._write_record(record)
-        self._start_controller(record)
+        for attempt in (1, 2):
+            ray_dir = self.state_dir / "ray"
+            own_tmp = len(str(ray_dir)) > _RAY_DIR_MAX
+            if own_tmp:
+                ray_dir = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
+            self._ray = LocalRayCluster(ray_dir, head_resources=resources, num_cpus=2)
+            # Removed by a stop before the record is written (it names it after).
+            self._temp_ray_dir = ray_dir if own_tmp else None
+            record = {"ray_dir": str(ray_dir), "ray_dir_is_temp": own_tmp}
+            self._ray.start()
+            record["ray_address"] = self._ray.address
+            record["ray_pids"] = [n.pid for n in self._ray.nodes]
+            record["process_starts"] = {str(p): process_start(p) for p in record["ray_pids"]}
+            self._write_record(record)
+            try:
+                self._start_controller(record)
+                return
+            except RayRefusedController as error:
+                if attempt == 2:
+                    raise
+                # Ours, started a moment ago, with nothing on it yet: start both afresh once.
+                logger.warning("%s Starting a new Ray cluster and controller once more.", error)
+                self._stop(own_only=True)
 
     def _write_record(self, record: dict[str, Any]) -> None:
         path = self.state_dir / CLUSTER_FILE
@@ -361,9 +380,11 @@ class LocalCluster:
             if (process.poll() is not None) if process is not None else not alive(pid):
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
                 code = process.returncode if process is not None else "?"
-                raise ClusterError(
+                said = tail[0] if tail else "no output"
+                failure = RayRefusedController if _RAYLET_REFUSED in said else ClusterError
+                raise failure(
                     f"the controller (pid {pid}) exited with {code} while starting: "
-                    f"{tail[0] if tail else 'no output'} (log {log_path})."
+                    f"{said} (log {log_path})."
                 )
             if time.monotonic() > deadline:
                 raise ClusterError(

@@ -235,3 +235,60 @@ def test_a_sigterm_while_the_controller_starts_unwinds_its_start(tmp_path) -> No
     # Not killed by the signal: it ran its `finally` (islands shut down, store closed).
     assert code == 128 + signal.SIGTERM, (code, log.read_text()[-2000:])
     assert "SIGTERM while starting" in log.read_text()
+
+
+@pytest.mark.timeout(150)
+def test_a_controller_that_ray_refuses_while_starting_gets_a_fresh_ray_cluster_once(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    # A CI run saw `up`'s controller exit as Ray's node closed its registration on a Ray
+    # cluster just started. The first controller here exits as that one did.
+    from pathways_lite import local
+
+    real_spawn = local.spawn_controller
+    spawned = []
+    said = (
+        "[2026-12-01 00:00:00,000 E 1 1] core_worker_process.cc:223: Failed to register "
+        "worker to Raylet: IOError: Failed to read data from the socket: End of file"
+    )
+
+    def refused_once(cmd, state_dir):
+        spawned.append(cmd)
+        if len(spawned) == 1:
+            return real_spawn(
+                [sys.executable, "-c", f"print({said!r}); raise SystemExit(1)"], state_dir
+            )
+        return real_spawn(cmd, state_dir)
+
+    monkeypatch.setattr(local, "spawn_controller", refused_once)
+    cluster = LocalCluster(
+        state_dir=tmp_path, islands=1, devices_per_island=1, standby_controller=False
+    )
+    first_ray = []
+    real_write = cluster._write_record
+
+    def remember(record):
+        if not first_ray and record.get("ray_pids"):
+            first_ray.extend(live_processes_of(record["ray_pids"]))
+        real_write(record)
+
+    monkeypatch.setattr(cluster, "_write_record", remember)
+    with caplog.at_level("WARNING", logger="pathways_lite.local"):
+        cluster.start()
+    try:
+        assert len(spawned) == 2 and cluster.client().islands()
+        assert "Starting a new Ray cluster and controller once more" in caplog.text
+        # The first Ray cluster is gone: the second is a new one.
+        assert first_ray and not [p for p in first_ray if p in cluster.pids()]
+        assert not [p for p in first_ray if _alive(p)]
+    finally:
+        cluster.down()
+    assert not (tmp_path / CLUSTER_FILE).exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
