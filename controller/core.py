@@ -35,7 +35,7 @@ from .resolved import MemoryFigures, ResolvedJob
 from .sampling import Sampler
 from .scheduler import Scheduler
 from .serve_router import ServeArbiter, ServeRouter
-from .states import IllegalTransitionError, JobState, StoreUnavailableError
+from .states import IllegalTransitionError, JobState, RequestReusedError, StoreUnavailableError
 from .store import JobRecord, JobStore
 from .views import TimelineEntry, Views, job_record_proto
 
@@ -582,7 +582,14 @@ class Controller:
         # job seen before by its request id too: a retry after a reply that was lost).
         queued = []
         try:
-            for (i, *_, job), (record, new) in zip(accepted, created, strict=True):
+            for (i, spec, key, job), (record, new) in zip(accepted, created, strict=True):
+                if not new and not _same_submission(record.spec, spec):
+                    # Not this spec's job (it was answered as if this one had been queued).
+                    outcomes[i] = RequestReusedError(
+                        f"request_id={key!r} was given to job {record.id} with another spec; "
+                        "a new submission needs a new request id (a retry, the same spec)."
+                    )
+                    continue
                 if new:
                     logger.info("job %s queued", record.id, extra={"job_id": record.id})
                 view = None
@@ -594,7 +601,8 @@ class Controller:
                 except Exception:  # noqa: BLE001 - queued all the same: its record alone
                     logger.exception("the view of job %s at its submission", record.id)
                     outcomes[i] = job_record_proto(self.store, record, new=True)
-                queued.append((record.id, job, view if new else None))
+                if new or not record.state.terminal:  # (a finished one is not run again)
+                    queued.append((record.id, job, view if new else None))
         finally:
             self.on_loop(self._queued, queued)
         return outcomes
@@ -717,3 +725,14 @@ class Controller:
     ) -> controller_pb2.SampleJobReply:
         """Text from a job's parameters (controller/sampling.py)."""
         return await self.sampler.sample(request)
+
+
+def _same_submission(stored: controller_pb2.JobSpec, spec: controller_pb2.JobSpec) -> bool:
+    """Whether a job's stored spec is `spec` submitted again (a retry): its priority aside,
+    which UpdateJob changes in the stored spec."""
+    a, b = controller_pb2.JobSpec(), controller_pb2.JobSpec()
+    a.CopyFrom(stored)
+    b.CopyFrom(spec)
+    a.ClearField("priority")
+    b.ClearField("priority")
+    return a == b

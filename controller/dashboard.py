@@ -223,7 +223,7 @@ class Dashboard:
                 gone = self.controller.store.prune_finished(cutoff)
                 if gone:
                     logger.info("history retention removed %d finished jobs", gone)
-            except StoreError:
+            except (StoreError, sqlite3.Error):  # (locked: it tries again at its next turn)
                 logger.exception("history retention failed")
             await asyncio.sleep(PRUNE_EVERY_S)
 

@@ -32,6 +32,7 @@ from .states import (
     IllegalTransitionError,
     JobNotFoundError,
     JobState,
+    RequestReusedError,
     StoreError,
     StoreUnavailableError,
 )
@@ -55,6 +56,17 @@ WAKE_EVERY_S = 0.01
 # SubmitJob requests handled together at most (`Submissions`).
 SUBMIT_BATCH = 50
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    # Clients ping while a call is open (pathways_lite/client.py KEEPALIVE_S): accepted as
+    # often as every second, also on a quiet stream (by default, pings more often than every
+    # 5 minutes without data were answered with GOAWAY, ending the caller's stream).
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    # A watcher whose machine vanished is noticed too: its stream ends, its queue goes.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 # ---- the servicer --------------------------------------------------------------------------
@@ -67,6 +79,7 @@ _rpc = rpc.error_mapping(
         (spec_lib.SpecError, grpc.StatusCode.INVALID_ARGUMENT),
         (JobNotFoundError, grpc.StatusCode.NOT_FOUND),
         (IllegalTransitionError, grpc.StatusCode.FAILED_PRECONDITION),
+        (RequestReusedError, grpc.StatusCode.ALREADY_EXISTS),
         (NoRoomError, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -533,7 +546,7 @@ async def serve(
                     {SERVICE_NAME: register},
                     host,
                     port,
-                    options=[("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+                    options=SERVER_OPTIONS,
                     interceptors=[TokenInterceptor(token)] if token is not None else (),
                     bound=lambda _: on_controller(controller.start()),
                     started=on_started,

@@ -31,6 +31,11 @@ class StoreUnavailableError(StoreError):
     was to be written is kept for the next try."""
 
 
+class RequestReusedError(StoreError):
+    """A submission's request id names a job submitted with another spec (ALREADY_EXISTS):
+    a retry sends the same spec again; a new submission needs a new request id."""
+
+
 class IllegalTransitionError(StoreError):
     """A state change that the job life cycle does not allow (FAILED_PRECONDITION)."""
 

@@ -211,15 +211,31 @@ class JobStore(ProgressTables):
         self.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back when the body or the COMMIT fails (a
+        COMMIT that failed, on a full disk say, left the transaction open: every later BEGIN
+        failed until the controller restarted).
+
+        Args:
+            durable: the commit is on disk when this returns, as what a caller was told
+                (a job accepted, an epoch started) must be. Other commits (synchronous =
+                NORMAL, in WAL mode) may be lost with the machine's power, never corrupted.
+        """
         with self._mutex:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if durable:
+                self._conn.execute("PRAGMA synchronous = FULL")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if durable:
+                    self._conn.execute("PRAGMA synchronous = NORMAL")
 
     # -- epoch ---------------------------------------------------------------------------
 
@@ -236,7 +252,7 @@ class JobStore(ProgressTables):
 
     def bump_epoch(self) -> int:
         """Start a new epoch: one more than any recorded before; returns it."""
-        with self._transaction() as conn:
+        with self._transaction(durable=True) as conn:
             conn.execute(
                 "INSERT INTO controller (key, value) VALUES ('epoch', 1) "
                 "ON CONFLICT (key) DO UPDATE SET value = value + 1"
@@ -270,7 +286,7 @@ class JobStore(ProgressTables):
                 f"job_id={spec_lib.quote(job_id)} must be 1-128 characters of letters, digits, "
                 "'.', '_' or '-'."
             )
-        with self._transaction() as conn:
+        with self._transaction(durable=True) as conn:
             return self._create_job(conn, spec, job_id, request_id)
 
     def create_jobs(
@@ -279,7 +295,7 @@ class JobStore(ProgressTables):
         """Record new queued jobs, each (spec, request_id) as `create_job` with a new id, in
         one transaction. Each record comes with whether it is new (False: the job of its
         request_id, recorded before), which the caller's view of it needs."""
-        with self._transaction() as conn:
+        with self._transaction(durable=True) as conn:
             out = []
             for spec, request_id in jobs:
                 before = self.jobs_version
@@ -438,13 +454,13 @@ class JobStore(ProgressTables):
             return self.get_job(ref)
         except JobNotFoundError:
             pass
-        prefix = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        for where, arg in (("name = ?", ref), ("id LIKE ? ESCAPE '\\'", prefix)):
+        # The start of an id, as typed (LIKE ignored case: "Train" named the job train-...).
+        for where, args in (("name = ?", (ref,)), ("substr(id, 1, ?) = ?", (len(ref), ref))):
             with self._mutex:
                 rows = self._conn.execute(
                     f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where} "
                     "ORDER BY created_us DESC, id DESC LIMIT 11",
-                    (arg,),
+                    args,
                 ).fetchall()
             if len(rows) == 1:
                 return _job_from_row(rows[0])

@@ -1,6 +1,7 @@
 """The `pathways-lite` command line: one subcommand per user action, `--json` on data.
 
-Human output is aligned tables; `--json` prints one JSON document; every error is one line
+Human output is aligned tables; `--json` prints one JSON document (`logs --json`, which can
+follow: one JSON object per record, one per line, as they come); every error is one line
 on stderr with a non-zero exit, never a traceback. This module is the entry point (the parser,
 `main`, the model and demo commands); the commands that talk to a cluster are in
 cli_cluster.py. Importing it loads neither JAX nor the controller's server code.

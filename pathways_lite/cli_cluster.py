@@ -195,14 +195,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     """`submit a.yaml [b.yaml ...]`; `--json` prints one document: the job's record for one
     file, {"jobs": [records in file order]} for several (with "error" when the controller
     refused one part way: the jobs submitted before it are listed, and the exit is non-zero)."""
-    from pathways_lite.client import ChainError, job_to_dict, state_name
+    from pathways_lite.client import ChainError, ClientError, job_to_dict, state_name
     from pathways_lite.spec import load_spec_file
 
     specs = [load_spec_file(path, validate=True) for path in args.spec]
     client = _client(args)
     try:
         # A chain: later files may name earlier ones in after / init_from.
-        jobs = client.submit_chain(specs) if len(specs) > 1 else [client.submit(specs[0])]
+        key = args.request_id
+        if len(specs) > 1:
+            jobs = client.submit_chain(specs, request_id=key)
+        else:
+            jobs = [client.submit(specs[0], request_id=key)]
     except ChainError as e:
         if args.json:
             print_json({"jobs": [job_to_dict(j) for j in e.submitted], "error": e.message})
@@ -220,7 +224,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         jobs = [client.wait(job.id) for job in jobs[:-1]] + [last]
     elif args.wait or args.follow:
         if args.json:
-            jobs = [client.wait(job.id) for job in jobs]
+            try:
+                jobs = [client.wait(job.id) for job in jobs]
+            except ClientError as e:  # their ids, still: they were submitted
+                print_json({"jobs": [job_to_dict(j) for j in jobs], "error": e.message})
+                raise CliError(e.message) from None
         else:
             for job in jobs[:-1]:
                 client.wait(job.id)
@@ -610,6 +618,13 @@ def add_cluster_commands(sub) -> None:
         help="the job spec files; a later file's after / init_from.job may name an earlier one",
     )
     submit.add_argument("--wait", action="store_true", help="wait until the job ends")
+    submit.add_argument(
+        "--request-id",
+        default="",
+        help="an idempotency key: submitting the same spec again with it answers the job the "
+        "first submission created (a submit whose answer was lost says its key); several "
+        "files get KEY-0, KEY-1, ...",
+    )
     submit.add_argument(
         "--follow",
         action="store_true",

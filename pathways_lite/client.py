@@ -48,7 +48,28 @@ RECONNECT_S = 60.0
 # A job's full record carries every step's loss (8 bytes a step): past gRPC's default 4 MiB
 # reply limit after 524,288 steps, which failed GetJob (and `wait`, `--follow`) on any long job.
 MAX_REPLY_BYTES = 1 << 30
-CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_REPLY_BYTES),)
+# A follower (watch, wait, logs --follow, generate) of a controller whose machine vanished (no
+# FIN, no RST reaches it) waited for ever on a quiet stream: while a call is open, the channel
+# pings the controller every KEEPALIVE_S and fails the call UNAVAILABLE when a ping goes
+# unanswered for KEEPALIVE_TIMEOUT_S (then a follower of the state dir looks for the next
+# controller, `_reconnect`). The controller accepts pings as often as every second.
+KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+
+
+def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], ...]:
+    """The options of a channel to the controller (replies up to 1 GiB, keepalive pings
+    every `keepalive_s` while a call is open)."""
+    return (
+        ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(min(KEEPALIVE_TIMEOUT_S, keepalive_s) * 1000)),
+        # Pings go on while a stream is quiet (the default stops after two without data).
+        ("grpc.http2.max_pings_without_data", 0),
+    )
+
+
+CHANNEL_OPTIONS = channel_options()
 RECONNECT_POLL_S = 0.5
 # The log records a followed stream asks again for after a reconnect (those it printed are
 # skipped): the new controller's buffer may hold lines the old one had not sent yet.
@@ -84,6 +105,18 @@ def check_seed(seed: int) -> int:
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed={seed} must be in [0, 2**64).")
     return seed
+
+
+def check_int32(field: str, value: int) -> int:
+    """An int32 field of a request, checked here: protobuf's own error ("Value out of range:
+    3000000000") names no field.
+
+    Raises:
+        ValueError: outside int32, naming the field.
+    """
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"{field}={value} is out of range (at most {2**31 - 1}).")
+    return value
 
 
 def state_name(value: int) -> str:
@@ -236,6 +269,7 @@ class ControllerClient:
         address: str | None = None,
         token: str | None = None,
         timeout_s: float = 30.0,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.state_dir = Path(state_dir or default_state_dir())
         # A client given its address keeps to it; one that read it follows the state dir
@@ -253,8 +287,9 @@ class ControllerClient:
                 raise ClientError(f"{e} Pass token=... or the state dir of the cluster.") from None
         self.address = address
         self.timeout_s = timeout_s
+        self._options = channel_options(keepalive_s)
         self._metadata = ((auth.METADATA_KEY, auth.bearer(token)),)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=self._options)
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
         self._check_wire(self.info())
 
@@ -298,7 +333,7 @@ class ControllerClient:
                 address = read_address(self.state_dir)
             except RuntimeError:  # between two controllers: the record names a dead one
                 continue
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.insecure_channel(address, options=self._options)
             stub = controller_pb2_grpc.ControllerServiceStub(channel)
             try:
                 info = stub.Info(
@@ -350,15 +385,31 @@ class ControllerClient:
         attempt = 1
         while True:
             try:
-                return self._call("SubmitJob", request).job
-            except ClientError as e:
-                if e.code not in SUBMIT_RETRIED or attempt == SUBMIT_ATTEMPTS:
-                    raise
-                logger.warning("submit attempt %d of %d: %s", attempt, SUBMIT_ATTEMPTS, e)
-            time.sleep(SUBMIT_RETRY_DELAY_S * attempt)
+                return self._stub.SubmitJob(
+                    request, timeout=self.timeout_s, metadata=self._metadata
+                ).job
+            except grpc.RpcError as e:
+                if e.code() not in SUBMIT_RETRIED:
+                    raise self._error(e, "SubmitJob", self.timeout_s) from None
+                if attempt == SUBMIT_ATTEMPTS:
+                    error = self._error(e, "SubmitJob", self.timeout_s)
+                    raise ClientError(
+                        f"{error.message} The job may have been created: submit the same spec "
+                        f"again with request id {request.request_id} (`--request-id`) to get "
+                        "it, not a second one.",
+                        error.code,
+                    ) from None
+                logger.warning("submit attempt %d of %d: %s", attempt, SUBMIT_ATTEMPTS, e.code())
+                # To the controller the state dir names now (a standby that took over shares
+                # the first one's database: it answers the request id the same).
+                until = time.monotonic() + SUBMIT_RETRY_DELAY_S * attempt
+                if not self._reconnect(e, until):
+                    time.sleep(max(0.0, until - time.monotonic()))
             attempt += 1
 
-    def submit_chain(self, specs: list[controller_pb2.JobSpec]) -> list[controller_pb2.Job]:
+    def submit_chain(
+        self, specs: list[controller_pb2.JobSpec], *, request_id: str = ""
+    ) -> list[controller_pb2.Job]:
         """Submit the specs of one chain (`submit a.yaml b.yaml ...`): a spec whose `after`
         or `init_from.job` names another spec of the chain is submitted after it, with that
         reference replaced by its id. Returns the jobs in the order of `specs`.
@@ -369,6 +420,8 @@ class ControllerClient:
             ChainError: the controller refused a spec after others were submitted (its
                 `submitted`; the message names them too).
             ClientError: the controller refused the first spec; nothing is submitted.
+
+        With `request_id`, the spec of file i is submitted with `<request_id>-<i>`.
         """
         from pathways_lite.spec import chain_order, with_job_ids
 
@@ -376,7 +429,8 @@ class ControllerClient:
         ids: dict[str, str] = {}
         for i in chain_order(specs):
             try:
-                job = self.submit(with_job_ids(specs[i], ids))
+                key = f"{request_id}-{i}" if request_id else ""
+                job = self.submit(with_job_ids(specs[i], ids), request_id=key)
             except ClientError as e:
                 if not jobs:
                     raise
@@ -572,9 +626,9 @@ class ControllerClient:
         request = controller_pb2.SampleJobRequest(
             job_id=job_id,
             prompt=prompt,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=check_int32("max_new_tokens", max_new_tokens),
             temperature=temperature,
-            top_k=top_k,
+            top_k=check_int32("top_k", top_k),
             seed=check_seed(seed),
         )
         return self._call("Sample", request, timeout_s=max(self.timeout_s, 300.0))
@@ -603,9 +657,9 @@ class ControllerClient:
         request = controller_pb2.GenerateJobRequest(
             job_id=job_id,
             prompt=prompt,
-            max_tokens=max_tokens,
+            max_tokens=check_int32("max_tokens", max_tokens),
             temperature=temperature,
-            top_k=top_k,
+            top_k=check_int32("top_k", top_k),
             top_p=top_p,
             seed=check_seed(seed),
             stop=list(stop),

@@ -95,6 +95,22 @@ def test_a_submission_whose_answer_was_lost_is_retried_and_makes_one_job(
     assert len(fake.jobs) == 1 and json.loads(out)["id"] in fake.jobs
 
 
+def test_a_submission_unanswered_every_time_says_its_request_id_which_gets_its_job(
+    fake, tmp_path, capsys, monkeypatch
+) -> None:
+    # Every try's answer lost: the job exists. Submitting again with a new key made a second.
+    monkeypatch.setattr(client, "SUBMIT_RETRY_DELAY_S", 0.01)
+    fake.lose_answers = client.SUBMIT_ATTEMPTS
+    path = specs(tmp_path, "lost")
+    code, out, err = main(capsys, tmp_path, "submit", *path, "--json")
+    key = fake.submits[0].request_id
+    assert code != 0 and f"request id {key}" in err and "--request-id" in err, err
+    assert len(fake.jobs) == 1 and {s.request_id for s in fake.submits} == {key}
+    code, out, err = main(capsys, tmp_path, "submit", *path, "--json", "--request-id", key)
+    assert code == 0, err
+    assert len(fake.jobs) == 1 and json.loads(out)["id"] in fake.jobs
+
+
 def test_a_deadline_names_the_rpc_its_limit_and_the_address(fake, tmp_path) -> None:
     fake.get_delay_s = 2.0
     with ControllerClient(tmp_path / "state", timeout_s=0.3) as c:
@@ -136,6 +152,17 @@ def test_a_seed_outside_64_bits_is_refused_naming_it_before_anything_is_sent(
                 c.sample("job-1", "hi", seed=seed)
             with pytest.raises(ValueError, match=f"seed={seed} must be in"):
                 next(c.generate("job-1", "hi", seed=seed))
+
+
+def test_sizes_outside_int32_are_refused_naming_their_field(fake, tmp_path) -> None:
+    # protobuf's own error said "Value out of range: 3000000000", naming no field.
+    with ControllerClient(tmp_path / "state") as c:
+        with pytest.raises(ValueError, match="max_new_tokens=3000000000 is out of range"):
+            c.sample("job-1", "hi", max_new_tokens=3_000_000_000)
+        with pytest.raises(ValueError, match="top_k=-2147483649 is out of range"):
+            c.sample("job-1", "hi", top_k=-(2**31) - 1)
+        with pytest.raises(ValueError, match="max_tokens=2147483648 is out of range"):
+            next(c.generate("job-1", "hi", max_tokens=2**31))
 
 
 def test_watch_and_followed_logs_go_on_with_the_controller_that_takes_over(

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import threading
+import time
 
 import grpc
 import pytest
 from test_scale_harness import _prepare
 from test_scale_harness import _spec as sim_spec  # tests/ is on sys.path
 
+from pathways_lite.client import ClientError, ControllerClient
+from pathways_lite.controller.auth import read_token, token_path
 from pathways_lite.controller.core import Controller
 from pathways_lite.controller.states import JobState
 from pathways_lite.controller.store import JobStore
+from pathways_lite.local import LocalCluster
 from pathways_lite.v1 import controller_pb2, controller_pb2_grpc
 from pathways_lite.workers.sim_host import SimCluster, connect_islands
 
@@ -224,3 +230,55 @@ def test_a_watch_opened_with_a_token_rotated_away_ends_when_its_grace_ends(tmp_p
             assert got["new-token"] > 1
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(90)
+def test_a_watch_of_a_controller_that_stops_answering_fails_and_a_quiet_one_stays_open(
+    tmp_path,
+) -> None:
+    """A controller whose machine vanished sends no FIN: its followers waited on a quiet
+    stream for ever. The client's keepalive pings end the call UNAVAILABLE once they go
+    unanswered (here a stopped process); while the controller answers them, a quiet stream
+    stays open however often the client pings (the server's default answered pings more
+    often than every 5 minutes without data with GOAWAY)."""
+    cluster = LocalCluster(state_dir=tmp_path, simulate_islands=1, standby_controller=False)
+    cluster.start()
+    stopped = False
+    try:
+        client = ControllerClient(
+            address=cluster.address, token=read_token(token_path(tmp_path)), keepalive_s=1.5
+        )
+        ahead = client.submit(_spec("ahead", 10**8)).id
+        spec = _spec("waits", 10)
+        spec.after.append(ahead)
+        waits = client.submit(spec).id
+        got: list = []
+        outcome: dict[str, object] = {}
+
+        def watch() -> None:
+            try:
+                for reply in client.watch(waits):
+                    got.append(reply)
+                outcome["end"] = "ended"
+            except ClientError as e:
+                outcome["end"] = e.code
+                outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got and got[0].job.state == controller_pb2.JOB_STATE_QUEUED, got
+        time.sleep(5.0)  # three pings on a quiet stream
+        assert thread.is_alive() and len(got) == 1, (outcome, got[1:])
+        os.kill(cluster.controller_pid, signal.SIGSTOP)
+        stopped, since = True, time.monotonic()
+        thread.join(20)
+        assert not thread.is_alive(), "the watch still waits on a controller that stopped"
+        assert outcome["end"] == grpc.StatusCode.UNAVAILABLE, outcome
+        assert outcome["at"] - since < 10
+    finally:
+        if stopped:
+            os.kill(cluster.controller_pid, signal.SIGCONT)
+        cluster.down()

@@ -120,6 +120,35 @@ def test_a_failing_migration_is_rolled_back(tmp_path):
     assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'extra'").fetchone() is None
 
 
+def test_the_released_migrations_spell_out_every_state_of_the_enums():
+    """The CHECK lists of migrations 0 and 1 are literal (built from the enums, a state added
+    later changed them for new databases only); a new state needs a new migration, and then
+    this test's lists."""
+    from pathways_lite.controller import schema
+    from pathways_lite.controller.states import CheckpointState, JobState
+
+    assert schema._STATES_SQL == ", ".join(f"'{s.value}'" for s in JobState)
+    assert schema._CHECKPOINT_STATES_SQL == ", ".join(f"'{s.value}'" for s in CheckpointState)
+
+
+def test_a_commit_that_fails_is_rolled_back_and_the_store_goes_on(store):
+    """A COMMIT that fails (a deferred constraint here; a full disk, an I/O error) left its
+    transaction open: every later write failed "cannot start a transaction within a
+    transaction" until the controller restarted."""
+    job = store.create_job(SPEC)
+    with pytest.raises(sqlite3.IntegrityError):
+        with store._transaction() as conn:
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+            conn.execute(
+                "INSERT INTO checkpoints (job_id, generation, step, path, state, created_us, "
+                "updated_us) VALUES ('no-such-job', 0, 0, '/x', 'committed', 0, 0)"
+            )
+    assert not store._conn.in_transaction
+    assert store.get_job(job.id).id == job.id  # the delete was rolled back with it
+    assert store.create_job(SPEC).id != job.id
+
+
 # -- jobs and transitions ----------------------------------------------------------------
 
 
@@ -547,6 +576,11 @@ def test_a_job_is_found_by_id_then_unique_name_then_unique_id_prefix(store) -> N
         store.find_job("tiny-a")
     with pytest.raises(JobNotFoundError, match="id, name or id prefix"):
         store.find_job("nothing%")
+    # An id's start as typed (`cancel Solo` cancelled solo-cc33: LIKE ignores case).
+    for ref in ("Solo-", "SOLO-CC", "solo_", "sol%"):
+        with pytest.raises(JobNotFoundError):
+            store.find_job(ref)
+    assert store.find_job("solo-c").id == solo.id
 
 
 def test_an_empty_job_reference_is_refused_not_taken_for_the_only_job(store) -> None:
