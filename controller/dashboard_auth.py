@@ -8,13 +8,16 @@ the dashboard's port: browsers send a host's cookies to every port of it, so ano
 server on the machine would get the cookie, which opens this dashboard only (the token also
 opens the API; a rotation of the token ends it with the old token's grace).
 State-changing requests (cancel) also need the header `X-Pathways-Lite: 1`, which a cross-site
-form cannot send. Every response carries headers that forbid framing, sniffing and scripts
+form cannot send; so does a generation (a GET that takes a serving slot) authorized by the
+cookie alone. Every response carries headers that forbid framing, sniffing and scripts
 from other origins, so an injected `<script>` would not run: they are added as each response
 is prepared (`secure_every_response`), so the refusals raised here (401, 302, 403), the errors
 raised by handlers and the event streams their handlers prepare themselves have them too.
 """
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 
@@ -25,6 +28,8 @@ from . import auth
 COOKIE = "pathways_lite_session"  # the name's prefix: `_<port>` follows
 COOKIE_LABEL = b"pathways-lite dashboard cookie"
 CSRF_HEADER = "X-Pathways-Lite"
+# GET routes that spend resources (a generation): a cookie alone does not authorize them.
+_COSTLY_GET = re.compile(r"/api/jobs/[^/]+/generate")
 # Where a request keeps whether its credential is still accepted (a callable): a stream
 # (controller/dashboard_stream.py) asks again as it goes, and ends once a rotation's grace
 # ended for it.
@@ -91,6 +96,20 @@ def token_middleware(token: str | auth.Credential | None):
         if request.method != "GET" and request.headers.get(CSRF_HEADER) != "1":
             raise web.HTTPForbidden(
                 text=f"state-changing requests need the header '{CSRF_HEADER}: 1'.\n"
+            )
+        if (
+            _COSTLY_GET.fullmatch(request.path)
+            and not auth.matches(presented, token)
+            and request.headers.get(CSRF_HEADER) != "1"
+        ):
+            # A GET that takes a serving slot (and cuts training for it): with the cookie
+            # alone, a page of another port of this host (the same site: the cookie goes
+            # along) could make the browser send it.
+            raise web.HTTPForbidden(
+                text=(
+                    f"{request.path} needs 'Authorization: Bearer <token>' or, with the "
+                    f"dashboard's cookie, the header '{CSRF_HEADER}: 1'.\n"
+                )
             )
         return await handler(request)
 

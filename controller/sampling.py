@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
+from pathways_lite.workers.rpc import RpcRejection
 
 from . import spec as spec_lib
 from .dispatch import Dispatcher, DispatchError
@@ -147,6 +148,20 @@ class Sampler:
             if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise IllegalTransitionError(
                     f"job {job_id!r} cannot be sampled now: {e.details()}"
+                ) from None
+            # The host's status (UNAVAILABLE: the island died; DEADLINE_EXCEEDED;
+            # RESOURCE_EXHAUSTED), not INTERNAL with the error's repr: the caller can tell
+            # whether to try again.
+            raise RpcRejection(
+                e.code(), f"sampling job {job_id!r} on island {island.id} failed: {e.details()}"
+            ) from None
+        except asyncio.CancelledError:
+            # Its channel closed under it as the island died (`Island.call_host`).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0 and island.dead is not None:
+                raise RpcRejection(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"island {island.id} died while it sampled job {job_id!r}.",
                 ) from None
             raise
         return replies[0]

@@ -451,6 +451,8 @@ class ServeRouter:
                         served.finished.append((time.time(), *sample))
                         host_done(sample)
                     replies.put_nowait((reply, ttft_ms))
+                    if reply.done:  # whole: an error after it (a channel closing) is not its
+                        break
             except Exception as e:  # noqa: BLE001 - raised to the caller in order
                 if isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
                     replica.failed_at = time.monotonic()
@@ -490,7 +492,9 @@ class ServeRouter:
                 )
             if not finished:
                 # The host's stream ended without its last reply: its channel was closed
-                # under the read (the island died), never a generation that ended.
+                # under the read (the island died), never a generation that ended. Routed
+                # around as one that failed UNAVAILABLE is.
+                replica.failed_at = time.monotonic()
                 raise RpcRejection(
                     grpc.StatusCode.UNAVAILABLE,
                     f"island {island} of job {served.job_id!r} stopped answering before the "
@@ -506,6 +510,7 @@ class ServeRouter:
                 code = grpc.StatusCode.UNAVAILABLE
             raise RpcRejection(code, e.details() or str(code)) from None
         except grpc.aio.UsageError as e:  # the host's channel closed (its island died)
+            replica.failed_at = time.monotonic()
             raise RpcRejection(
                 grpc.StatusCode.UNAVAILABLE,
                 f"island {island} of job {served.job_id!r} is not reachable: {e}",

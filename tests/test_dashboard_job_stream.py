@@ -150,6 +150,37 @@ def test_a_lagging_job_page_is_told_to_resync_and_gets_no_older_state(tmp_path) 
     asyncio.run(main())
 
 
+def test_a_generation_with_the_dashboards_cookie_alone_needs_the_csrf_header(tmp_path) -> None:
+    """A generation is a GET that takes a serving slot: authorized by the session cookie
+    alone (which a browser also sends for a page of another port of this host), it needs the
+    CSRF header as a state change does; the bearer token needs none."""
+    from pathways_lite.controller.dashboard_auth import CSRF_HEADER
+
+    async def main() -> None:
+        async with (
+            _dashboard(tmp_path, token=TOKEN) as (_, url),
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
+        ):
+            async with http.get(f"{url}?token={TOKEN}") as response:
+                assert response.status == 200  # the token traded for the cookie
+            async with http.get(f"{url}api/overview") as response:
+                assert response.status == 200  # the cookie opens the dashboard
+            generate = f"{url}api/jobs/no-such-job/generate?prompt=hi"
+            async with http.get(generate) as response:
+                assert response.status == 403 and CSRF_HEADER in await response.text()
+            async with http.get(generate, headers={CSRF_HEADER: "1"}) as response:
+                assert response.status == 404  # past the check: no such job
+        async with (
+            _dashboard(tmp_path, token=TOKEN) as (_, url),
+            aiohttp.ClientSession() as http,
+        ):
+            bearer = {"Authorization": auth.bearer(TOKEN)}
+            async with http.get(f"{url}api/jobs/x/generate?prompt=hi", headers=bearer) as response:
+                assert response.status == 404
+
+    asyncio.run(main())
+
+
 def test_every_dashboard_response_carries_the_security_headers(tmp_path) -> None:
     """A refusal (401), the token traded for a cookie (302), an error a handler raises (404)
     and an event stream: each forbids framing, sniffing and scripts from other origins."""
