@@ -58,10 +58,13 @@ SUBMIT_BATCH = 50
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    # Clients ping while a call is open (pathways_lite/client.py KEEPALIVE_S): accepted as
-    # often as every second, also on a quiet stream (by default, pings more often than every
-    # 5 minutes without data were answered with GOAWAY, ending the caller's stream).
+    # Clients ping while a call is open (pathways_lite/client.py KEEPALIVE_S), also on a
+    # quiet stream: by default, pings more often than every 5 minutes without data (every 2
+    # hours between calls) were struck, and the third strike's GOAWAY ended the caller's
+    # stream. Pings are accepted at any rate (they cost the server a reply frame).
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
     # A watcher whose machine vanished is noticed too: its stream ends, its queue goes.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),

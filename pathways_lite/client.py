@@ -64,6 +64,8 @@ def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], 
         ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(min(KEEPALIVE_TIMEOUT_S, keepalive_s) * 1000)),
+        # (gRPC core >= 1.6x times a ping out by this one, one minute by default.)
+        ("grpc.http2.ping_timeout_ms", int(min(KEEPALIVE_TIMEOUT_S, keepalive_s) * 1000)),
         # Pings go on while a stream is quiet (the default stops after two without data).
         ("grpc.http2.max_pings_without_data", 0),
     )
