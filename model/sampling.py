@@ -24,7 +24,7 @@ def sample_logits(
     Returns:
         (B,) int32 tokens.
     """
-    if temperature == 0.0:
+    if isinstance(temperature, (int, float)) and temperature == 0.0:  # (else maybe traced)
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
     if top_k is not None:
@@ -33,7 +33,10 @@ def sample_logits(
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_k"))
+# The temperature is traced (a value of its own for each call would compile the step again:
+# on a host, on its runtime thread, holding the job's lock); greedy or not, and top_k, are
+# static (lax.top_k needs k).
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"))
 def _decode_and_sample(
     graphdef,
     state,
@@ -41,13 +44,16 @@ def _decode_and_sample(
     cache: KVCache,
     pos: jax.Array,
     key: jax.Array,
-    temperature: float,
+    temperature: jax.Array,
+    greedy: bool,
     top_k: int | None,
 ) -> tuple[jax.Array, KVCache]:
     """Run S tokens at positions pos.. through the cached model; sample the next token."""
     model = nnx.merge(graphdef, state)
     logits_bsv, cache = model.decode_step(tokens_bs, cache, pos)
-    token_b = sample_logits(logits_bsv[:, -1], key, temperature=temperature, top_k=top_k)
+    token_b = sample_logits(
+        logits_bsv[:, -1], key, temperature=0.0 if greedy else temperature, top_k=top_k
+    )
     return token_b, cache
 
 
@@ -124,8 +130,9 @@ def generate(
             cache,
             jnp.asarray(pos, jnp.int32),
             sub,
-            temperature,
-            top_k,
+            jnp.asarray(temperature, jnp.float32),
+            temperature == 0.0,
+            None if temperature == 0.0 else top_k,
         )
         out.append(token_b)
         pos += tokens_bs.shape[1]

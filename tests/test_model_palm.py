@@ -255,6 +255,18 @@ def test_sampling_is_reproducible_and_respects_top_k(model):
     assert abs(freq - 0.75) < 0.03
 
 
+def test_a_new_temperature_does_not_compile_the_decode_step_again(model):
+    """Each temperature value compiled the step again (it was a static argument): on a host,
+    on its runtime thread, holding the job's lock, the cache growing with each value."""
+    from pathways_lite.model.sampling import _decode_and_sample
+
+    generate(model, [1, 2, 3], 2, temperature=0.5, top_k=4)
+    compiled = _decode_and_sample._cache_size()
+    for temperature in (0.6, 0.7001, 1.3):
+        generate(model, [1, 2, 3], 2, temperature=temperature, top_k=4)
+    assert _decode_and_sample._cache_size() == compiled
+
+
 def test_generate_rejects_bad_arguments(model):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(model, [model.cfg.vocab_size], 2)
