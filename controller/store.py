@@ -234,7 +234,8 @@ class JobStore(ProgressTables):
                         self._conn.execute("ROLLBACK")
                     raise
             finally:
-                if durable:
+                # (Not inside a transaction a failed ROLLBACK left: SQLite refuses it there.)
+                if durable and not self._conn.in_transaction:
                     self._conn.execute("PRAGMA synchronous = NORMAL")
 
     # -- epoch ---------------------------------------------------------------------------

@@ -87,6 +87,15 @@ class ClientError(Exception):
         self.code = code
 
 
+class SubmitUnanswered(ClientError):
+    """No try of a submission got an answer: its job may exist. `reason` is the last try's
+    error alone (the message adds the request id to submit again with)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None, reason: str) -> None:
+        super().__init__(message, code)
+        self.reason = reason
+
+
 class ChainError(ClientError):
     """A chain refused part way (`submit_chain`); `submitted` holds the jobs created before
     the refusal, in the order they were submitted (they stay queued)."""
@@ -109,14 +118,14 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def check_int32(field: str, value: int) -> int:
+def check_int32(field: str, value: int | None) -> int | None:
     """An int32 field of a request, checked here: protobuf's own error ("Value out of range:
-    3000000000") names no field.
+    3000000000") names no field. None (the field unset) passes.
 
     Raises:
         ValueError: outside int32, naming the field.
     """
-    if not -(2**31) <= value < 2**31:
+    if value is not None and not -(2**31) <= value < 2**31:
         raise ValueError(f"{field}={value} is out of range (at most {2**31 - 1}).")
     return value
 
@@ -307,6 +316,16 @@ class ControllerClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _moved(self) -> bool:
+        """Whether this client follows its state dir and that names another controller now
+        (a reconnect to the same one would only close the channel other calls share)."""
+        if not self.follows_state_dir:
+            return False
+        try:
+            return read_address(self.state_dir) != self.address
+        except RuntimeError:  # between two controllers
+            return True
+
     def _reconnect(self, error: grpc.RpcError, until: float) -> bool:
         """After a stream ended UNAVAILABLE (its controller went away): connect to the
         controller the state dir names once one answers, until `until` (monotonic; a
@@ -395,18 +414,20 @@ class ControllerClient:
                     raise self._error(e, "SubmitJob", self.timeout_s) from None
                 if attempt == SUBMIT_ATTEMPTS:
                     error = self._error(e, "SubmitJob", self.timeout_s)
-                    raise ClientError(
+                    raise SubmitUnanswered(
                         f"{error.message} The job may have been created: submit the same spec "
                         f"again with request id {request.request_id} (`--request-id`) to get "
                         "it, not a second one.",
                         error.code,
+                        error.message,
                     ) from None
                 logger.warning("submit attempt %d of %d: %s", attempt, SUBMIT_ATTEMPTS, e.code())
-                # To the controller the state dir names now (a standby that took over shares
-                # the first one's database: it answers the request id the same).
                 until = time.monotonic() + SUBMIT_RETRY_DELAY_S * attempt
-                if not self._reconnect(e, until):
-                    time.sleep(max(0.0, until - time.monotonic()))
+                if self._moved():
+                    # To the controller the state dir names now (a standby that took over
+                    # shares the first one's database: it answers the request id the same).
+                    self._reconnect(e, until)
+                time.sleep(max(0.0, until - time.monotonic()))
             attempt += 1
 
     def submit_chain(
@@ -423,22 +444,36 @@ class ControllerClient:
                 `submitted`; the message names them too).
             ClientError: the controller refused the first spec; nothing is submitted.
 
-        With `request_id`, the spec of file i is submitted with `<request_id>-<i>`.
+        The spec of file i is submitted with request id `<request_id>-<i>` (a fresh chain
+        key when none is given): the same files submitted again with the same key get the
+        jobs the first submission created.
         """
         from pathways_lite.spec import chain_order, with_job_ids
 
+        request_id = request_id or uuid.uuid4().hex
         jobs: dict[int, controller_pb2.Job] = {}  # in submission order
         ids: dict[str, str] = {}
         for i in chain_order(specs):
             try:
-                key = f"{request_id}-{i}" if request_id else ""
+                key = f"{request_id}-{i}"
                 job = self.submit(with_job_ids(specs[i], ids), request_id=key)
             except ClientError as e:
+                message = e.message
+                if isinstance(e, SubmitUnanswered):  # the chain's key, not the spec's
+                    message = (
+                        f"{e.reason} Its job may have been created: submit the same files "
+                        f"again with request id {request_id} (`--request-id`) to get the "
+                        "chain's jobs, not second ones."
+                    )
+                    if not jobs:
+                        raise SubmitUnanswered(
+                            f"{specs[i].name}: {message}", e.code, e.reason
+                        ) from None
                 if not jobs:
                     raise
                 done = ", ".join(f"{j.id} ({j.name})" for j in jobs.values())
                 raise ChainError(
-                    f"{specs[i].name}: {e.message} Submitted before it (still queued): {done}.",
+                    f"{specs[i].name}: {message} Submitted before it (still queued): {done}.",
                     e.code,
                     list(jobs.values()),
                 ) from None

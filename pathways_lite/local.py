@@ -289,9 +289,30 @@ class LocalCluster:
             except RayRefusedController as error:
                 if attempt == 2:
                     raise
-                # Ours, started a moment ago, with nothing on it yet: start both afresh once.
-                logger.warning("%s Starting a new Ray cluster and controller once more.", error)
+                # Ours, started a moment ago, with nothing on it yet: start both afresh once,
+                # its logs kept (what the raylet said is there).
+                logger.warning(
+                    "%s Ray's logs of that start are in %s. Starting a new Ray cluster and "
+                    "controller once more.",
+                    error,
+                    self._keep_ray_logs(record),
+                )
                 self._stop(own_only=True)
+
+    def _keep_ray_logs(self, record: dict[str, Any]) -> Path:
+        """Keep the logs of a Ray cluster about to be stopped for another start: its /tmp
+        dir is not removed with it, or its head's log (the next start writes one of its own
+        there) is renamed head-refused.log. Returns where they are."""
+        ray_dir = Path(record["ray_dir"])
+        if record.get("ray_dir_is_temp"):
+            record["ray_dir_is_temp"] = False
+            self._write_record(record)
+            self._temp_ray_dir = None
+        else:
+            head_log = ray_dir / "head.log"
+            if head_log.exists():
+                head_log.replace(ray_dir / "head-refused.log")
+        return ray_dir
 
     def _write_record(self, record: dict[str, Any]) -> None:
         path = self.state_dir / CLUSTER_FILE

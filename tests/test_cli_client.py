@@ -109,6 +109,16 @@ def test_a_submission_unanswered_every_time_says_its_request_id_which_gets_its_j
     code, out, err = main(capsys, tmp_path, "submit", *path, "--json", "--request-id", key)
     assert code == 0, err
     assert len(fake.jobs) == 1 and json.loads(out)["id"] in fake.jobs
+    # A chain: the key said is the chain's, which gets each file's job again.
+    fake.lose_answers = client.SUBMIT_ATTEMPTS
+    paths = specs(tmp_path, "c1", "c2")
+    code, out, err = main(capsys, tmp_path, "submit", *paths)
+    chain_key = fake.submits[-1].request_id.rsplit("-", 1)[0]
+    assert code != 0 and f"request id {chain_key} " in err, err
+    assert len(fake.jobs) == 2  # c1's, its answer lost
+    code, out, err = main(capsys, tmp_path, "submit", *paths, "--json", "--request-id", chain_key)
+    assert code == 0, err
+    assert len(fake.jobs) == 3 and [j["name"] for j in json.loads(out)["jobs"]] == ["c1", "c2"]
 
 
 def test_a_deadline_names_the_rpc_its_limit_and_the_address(fake, tmp_path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -264,12 +265,13 @@ def test_a_controller_that_ray_refuses_while_starting_gets_a_fresh_ray_cluster_o
     cluster = LocalCluster(
         state_dir=tmp_path, islands=1, devices_per_island=1, standby_controller=False
     )
-    first_ray = []
+    first_ray, first_dir = [], []
     real_write = cluster._write_record
 
     def remember(record):
         if not first_ray and record.get("ray_pids"):
             first_ray.extend(live_processes_of(record["ray_pids"]))
+            first_dir.append(record["ray_dir"])
         real_write(record)
 
     monkeypatch.setattr(cluster, "_write_record", remember)
@@ -278,11 +280,17 @@ def test_a_controller_that_ray_refuses_while_starting_gets_a_fresh_ray_cluster_o
     try:
         assert len(spawned) == 2 and cluster.client().islands()
         assert "Starting a new Ray cluster and controller once more" in caplog.text
+        # The first start's logs are kept (its head's log renamed if the next shares its dir).
+        logs = {p.name for p in Path(first_dir[0]).iterdir()}
+        assert {"head.log", "head-refused.log"} & logs, logs
+        assert first_dir[0] in caplog.text
         # The first Ray cluster is gone: the second is a new one.
         assert first_ray and not [p for p in first_ray if p in cluster.pids()]
         assert not [p for p in first_ray if _alive(p)]
     finally:
         cluster.down()
+        if first_dir and first_dir[0].startswith("/tmp/plray-"):
+            shutil.rmtree(first_dir[0], ignore_errors=True)
     assert not (tmp_path / CLUSTER_FILE).exists()
 
 

@@ -34,7 +34,18 @@ from .serve_engine import IslandGate, Request, ServeEngine, ServeError
 
 logger = logging.getLogger(__name__)
 
-LOADING = object()  # a job whose StartServe has not finished
+
+class _Loading:
+    """A job whose StartServe has not finished: one of its own per build (a build stopped
+    and started again is not taken for the first one), with the build's task."""
+
+    task: asyncio.Future
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """A build whose every caller went away: its error is not "never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _settle(runtime: Any) -> None:
@@ -252,6 +263,11 @@ class ServingHost:
             return engine
         return None
 
+    def _drop_loading(self, job_id: str, loading: _Loading) -> None:
+        """Forget a build that failed, unless it was stopped and another started since."""
+        if self._engines.get(job_id) is loading:
+            del self._engines[job_id]
+
     def _stop_all_engines(self, reason: str) -> None:
         for job_id in list(self._engines):
             self._stop_engine(job_id, reason)
@@ -261,7 +277,13 @@ class ServingHost:
 
         job = self._job(request.job_id)
         engine = self._engines.get(request.job_id)
-        if isinstance(engine, ServeEngine) and not engine.running:
+        compile_s = 0.0
+        if isinstance(engine, _Loading):
+            # Another StartServe builds it (the liveness probe's, say): this one waits for
+            # that build (a second build made a second KV cache, and one of the two ended
+            # ABORTED).
+            engine, _ = await asyncio.shield(engine.task)
+        elif isinstance(engine, ServeEngine) and not engine.running:
             # A loop that failed on its own (or ended) is dropped: never handed back as
             # serving. The caller learns why; the next StartServe builds a new one.
             await asyncio.to_thread(self._stop_engine, request.job_id, "the service had stopped")
@@ -269,21 +291,36 @@ class ServingHost:
                 grpc.StatusCode.UNAVAILABLE,
                 f"job {request.job_id!r}: {engine.failure or 'the service had stopped'}",
             )
-        if isinstance(engine, ServeEngine):
-            return worker_pb2.StartServeReply(
-                job_id=request.job_id,
-                kv_cache_bytes=SlotDecoder.kv_bytes(
-                    engine.decoder.cfg, engine.max_batch, engine.max_seq_len
-                ),
-            )
+        elif engine is None:
+            loading = self._engines[request.job_id] = _Loading()
+            # Its own task: a caller cancelled (a deadline, a controller gone) neither stops
+            # the build nor leaves the engine it makes running unowned.
+            loading.task = asyncio.ensure_future(self._build(request, job, loading))
+            loading.task.add_done_callback(_retrieved)
+            engine, compile_s = await asyncio.shield(loading.task)
+        return worker_pb2.StartServeReply(
+            job_id=request.job_id,
+            kv_cache_bytes=SlotDecoder.kv_bytes(
+                engine.decoder.cfg, engine.max_batch, engine.max_seq_len
+            ),
+            compile_s=compile_s,
+        )
+
+    async def _build(
+        self, request: worker_pb2.StartServeRequest, job: Any, loading: _Loading
+    ) -> tuple[ServeEngine, float]:
+        """Build job's serve engine (its decoder compiled, its KV cache allocated) and install
+        it, unless the service was stopped meanwhile; returns it and its build's seconds."""
+        from pathways_lite.model.decode import SlotDecoder
+
         runtime = job.runtime
         fns, dataset, loaded = (getattr(runtime, n, None) for n in ("fns", "dataset", "_loaded"))
         if fns is None or dataset is None or loaded is None:
+            self._drop_loading(request.job_id, loading)
             raise RuntimeUnavailableError(
                 f"job {request.job_id!r} (model {runtime.spec.preset!r}) has no language "
                 "model to serve."
             )
-        self._engines[request.job_id] = LOADING
         tokenizer = dataset.tokenizer
 
         def build() -> tuple[ServeEngine, float]:
@@ -314,24 +351,18 @@ class ServingHost:
         try:
             engine, compile_s = await asyncio.to_thread(build)
         except ValueError as e:
-            self._engines.pop(request.job_id, None)
+            self._drop_loading(request.job_id, loading)
             raise RpcRejection(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except BaseException:
-            self._engines.pop(request.job_id, None)
+            self._drop_loading(request.job_id, loading)
             raise
-        if self._engines.get(request.job_id) is not LOADING:  # stopped while loading
+        if self._engines.get(request.job_id) is not loading:  # stopped while loading
             await asyncio.to_thread(engine.stop, "the service was stopped while loading")
             engine.decoder.close()
             raise RpcRejection(grpc.StatusCode.ABORTED, "the service was stopped while loading")
         self._engines[request.job_id] = engine
         logger.info("job %s serving (compile %.1f s)", request.job_id, compile_s)
-        return worker_pb2.StartServeReply(
-            job_id=request.job_id,
-            kv_cache_bytes=SlotDecoder.kv_bytes(
-                engine.decoder.cfg, engine.max_batch, engine.max_seq_len
-            ),
-            compile_s=compile_s,
-        )
+        return engine, compile_s
 
     async def CutSlice(self, request: worker_pb2.CutSliceRequest, context) -> Any:
         """One phase of a cut of the job's slices at a step boundary (see `SliceCut`)."""
@@ -355,7 +386,7 @@ class ServingHost:
     async def Generate(self, request: worker_pb2.GenerateRequest, context) -> Any:
         check_job_id(request.job_id)
         engine = self._engines.get(request.job_id)
-        if engine is LOADING:
+        if isinstance(engine, _Loading):
             raise RpcRejection(
                 grpc.StatusCode.FAILED_PRECONDITION, f"job {request.job_id!r} is loading."
             )
