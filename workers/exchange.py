@@ -60,6 +60,9 @@ PHASE_GATHER = 2
 PHASE_DIGEST = 3
 # float32 values per chunk message (1 MiB of payload).
 CHUNK_ELEMENTS = 1 << 18
+# The most values a part may hold (64 GiB of float32): a bound on what a peer's chunk can
+# make a host allocate, far above any part a job here sends.
+MAX_PART_ELEMENTS = 1 << 34
 # A step's exchange ends by its deadline (timeout_s) on the service's loop; the runtime
 # thread waits this much longer before it takes the loop for gone (a host stopping).
 RESULT_MARGIN_S = 30.0
@@ -221,6 +224,13 @@ class Mailbox:
         if reason is not None:
             raise ExchangeAbortedError(
                 f"job {chunk.job_id!r} generation {chunk.generation} was aborted: {reason}"
+            )
+        # Checked before a slot is made for it (a part_size of 2**60 was allocated as asked).
+        if chunk.phase not in (PHASE_SCATTER, PHASE_GATHER, PHASE_DIGEST):
+            raise ValueError(f"phase={chunk.phase} is not an exchange phase (1, 2 or 3).")
+        if chunk.phase != PHASE_DIGEST and chunk.part_size > MAX_PART_ELEMENTS:
+            raise ValueError(
+                f"part_size={chunk.part_size} is more than {MAX_PART_ELEMENTS} values."
             )
         key = (
             chunk.job_id,
