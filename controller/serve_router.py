@@ -58,7 +58,7 @@ import grpc
 
 from pathways_lite.v1 import controller_pb2, worker_pb2
 from pathways_lite.workers.rpc import RpcRejection
-from pathways_lite.workers.serve_engine import DEFAULT_MAX_TOKENS, check_sampling
+from pathways_lite.workers.serve_engine import DEFAULT_MAX_TOKENS, QUEUE_FACTOR, check_sampling
 
 from .islands import Island
 from .states import IllegalTransitionError
@@ -404,6 +404,16 @@ class ServeRouter:
         now = time.monotonic()
         healthy = [r for r in live if now - r.failed_at >= AVOID_FAILED_S] or live
         replica = min(healthy, key=lambda r: r.inflight)
+        per_replica = served.slots // len(served.replicas)
+        if per_replica and replica.inflight >= (1 + QUEUE_FACTOR) * per_replica:
+            # Its host would refuse it (its cache's slots and its queue are full): refused
+            # here, before training on the island is cut for it.
+            raise RpcRejection(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"job {record.id!r} is full: its least busy replica (island "
+                f"{replica.island.id}) holds {replica.inflight} requests ({per_replica} "
+                f"served at once, {QUEUE_FACTOR * per_replica} waiting); retry later.",
+            )
         wire = worker_pb2.GenerateRequest(
             job_id=record.id,
             prompt=request.prompt,

@@ -162,6 +162,65 @@ def test_the_router_and_the_probe_skip_dead_islands_and_never_leak_inflight(tmp_
     store.close()
 
 
+def test_a_request_every_replica_would_refuse_is_refused_before_training_is_cut(
+    tmp_path,
+) -> None:
+    """A replica holds serve.max_batch requests in its cache and QUEUE_FACTOR times as many
+    waiting; one more was sent (cutting training on its island first) for its host to refuse
+    RESOURCE_EXHAUSTED. Now the router refuses it before the cut."""
+    import asyncio
+
+    from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.serve_router import ServeArbiter, ServeRouter
+    from pathways_lite.controller.store import JobStore
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.workers.rpc import RpcRejection
+    from pathways_lite.workers.serve_engine import QUEUE_FACTOR
+
+    store = JobStore(tmp_path / "controller.db")
+    record = store.create_job(load_spec_text(SERVE))
+
+    class Counting(ServeArbiter):
+        """Counts the cuts asked for (the arbiter's `enter` cuts training on the island)."""
+
+        entered = 0
+
+        async def enter(self, island: str, job_id: str, target_ms: float) -> None:
+            Counting.entered += 1
+
+        def leave(self, island: str, sample=None) -> None:
+            pass
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel("localhost:1")
+        await channel.close()
+        host = HostHandle(
+            "localhost:1",
+            channel,
+            worker_pb2_grpc.WorkerServiceStub(channel),
+            worker_pb2.InfoReply(),
+        )
+        router = ServeRouter(store, Counting(None, None))
+        router.loading(record.id, [Island("island-0", [host])])
+        router.serving(record.id, 0, 4)
+        (replica,) = router.jobs[record.id].replicas
+        replica.inflight = (1 + QUEUE_FACTOR) * 4
+        request = controller_pb2.GenerateJobRequest(job_id=record.id, prompt="hi")
+        with pytest.raises(RpcRejection, match="is full") as full:
+            async for _ in router.generate(request):
+                pass
+        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert Counting.entered == 0 and replica.inflight == (1 + QUEUE_FACTOR) * 4
+        replica.inflight -= 1  # room for one: sent (to a host that is not there)
+        with pytest.raises(RpcRejection, match="not reachable"):
+            async for _ in router.generate(request):
+                pass
+        assert Counting.entered == 1
+
+    asyncio.run(main())
+    store.close()
+
+
 def test_a_serve_job_answers_streams_beside_training(local_cluster, capsys) -> None:
     state = str(local_cluster.state_dir)
     with ControllerClient(state) as client:
