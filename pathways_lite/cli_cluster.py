@@ -7,6 +7,7 @@ table or, with `--json`, one JSON document, and raises `CliError` for what the u
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -167,27 +168,51 @@ def _print_up(cluster) -> None:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
+    """`down`; with `--json`, one document on stdout ({"state_dir", "checkpointed", "jobs":
+    [what was done to each], "drain_error", "stopped"}) and the progress lines on stderr."""
     from pathways_lite.local import CLUSTER_FILE, default_state_dir, drain, stop_recorded
 
     state_dir = Path(args.state_dir or default_state_dir())
+    say = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
     if not (state_dir / CLUSTER_FILE).exists():
         raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
+    drained, drain_error = [], None
     if args.now:
-        print("stopping without checkpoints (--now): running jobs resume from their last one")
+        say("stopping without checkpoints (--now): running jobs resume from their last one")
     else:
-        print("checkpointing running and suspended jobs (skip with --now) ...", flush=True)
+        say("checkpointing running and suspended jobs (skip with --now) ...")
         try:
             drained = drain(state_dir)
         except Exception as e:  # a dead controller: nothing to checkpoint, stop anyway
+            drain_error = str(e)
             print(f"could not checkpoint the jobs: {e}", file=sys.stderr)
-            drained = []
         for job in drained:
-            print(f"{job.job_id} ({job.name}): {job.message}")
+            say(f"{job.job_id} ({job.name}): {job.message}")
         if not drained:
-            print("no running or suspended jobs")
+            say("no running or suspended jobs")
     if not stop_recorded(state_dir):
         raise CliError(f"no cluster was started in state dir {str(state_dir)!r}.")
-    print(f"stopped the cluster of {state_dir}; `pathways-lite up` resumes its queued jobs")
+    say(f"stopped the cluster of {state_dir}; `pathways-lite up` resumes its queued jobs")
+    if args.json:
+        jobs = [
+            {
+                "job_id": j.job_id,
+                "name": j.name,
+                "step": j.step,
+                "checkpointed": j.checkpointed,
+                "message": j.message,
+            }
+            for j in drained
+        ]
+        print_json(
+            {
+                "state_dir": str(state_dir),
+                "checkpointed": not args.now,
+                "jobs": jobs,
+                "drain_error": drain_error,
+                "stopped": True,
+            }
+        )
     return 0
 
 
@@ -489,7 +514,10 @@ def _cmd_health(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             raise CliError(f"health check of {address}: {e.code().name}: {e.details()}") from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{address} {args.service or '(server)'}: {status}")
+    if args.json:
+        print_json({"address": address, "service": args.service, "status": status})
+    else:
+        print(f"{address} {args.service or '(server)'}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
@@ -595,7 +623,6 @@ def add_cluster_commands(sub) -> None:
         "down",
         "checkpoint running and suspended jobs, then stop the local cluster of a state dir",
         _cmd_down,
-        json_flag=False,
     )
     down.add_argument(
         "--now", action="store_true", help="stop at once, without checkpointing running jobs"
@@ -688,7 +715,6 @@ def add_cluster_commands(sub) -> None:
         "health",
         "check a server through grpc.health.v1 (exit 0 when SERVING)",
         _cmd_health,
-        json_flag=False,
     )
     health.add_argument(
         "--address", default=None, help="host:port (default: the state dir's controller)"

@@ -106,6 +106,14 @@ def test_islands_json_lists_every_host(local_cluster, capsys) -> None:
     # Numbers as numbers (protobuf's JSON writes int64 as strings).
     assert isinstance(host["memory_bytes"], int) and host["memory_bytes"] > 0
     assert isinstance(host["wire_version"]["version"], int)
+    # `health --json`: one document, the exit code as without it.
+    code, out, err = main(capsys, "health", "--json", "--state-dir", str(local_cluster.state_dir))
+    assert code == 0, err
+    assert json.loads(out) == {
+        "address": local_cluster.address,
+        "service": "",
+        "status": "SERVING",
+    }
 
 
 BAD = {
@@ -134,7 +142,7 @@ def test_malformed_specs_give_one_line_and_a_nonzero_exit(
 
 
 def test_commands_without_a_cluster_fail_in_one_line(tmp_path, capsys) -> None:
-    for args in (("jobs",), ("status", "x"), ("islands",), ("down",)):
+    for args in (("jobs",), ("status", "x"), ("islands",), ("down",), ("down", "--json")):
         code, _, err = main(capsys, *args, "--state-dir", str(tmp_path))
         assert code != 0 and err.count("\n") == 1, (args, err)
 
@@ -200,8 +208,13 @@ def test_two_clusters_side_by_side_and_down_leaves_nothing(local_cluster, capsys
         pids = recorded_pids(other)
         assert record["controller_pid"] in pids and info["standby_pid"] in pids and len(pids) > 3
     finally:
-        down = run_cli("down", "--state-dir", str(other))
+        down = run_cli("down", "--json", "--state-dir", str(other))
     assert down.returncode == 0, down.stderr
+    # One document on stdout (the progress on stderr).
+    said = json.loads(down.stdout)
+    assert said["stopped"] and said["checkpointed"] and said["drain_error"] is None, said
+    assert said["jobs"] == [] and said["state_dir"] == str(other)
+    assert "no running or suspended jobs" in down.stderr
     assert alive(pids) == []
     assert not (other / "cluster.json").exists()
     # The first cluster is untouched.
