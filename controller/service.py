@@ -655,14 +655,30 @@ class Submissions:
 
 
 def _answer_submissions(settled: list[tuple[asyncio.Future, Any]]) -> None:
-    """Give each waiting SubmitJob its outcome (a caller gone has its future cancelled)."""
+    """Give each waiting SubmitJob its outcome (a caller gone has its future cancelled). An
+    error several callers share (a batch that failed) goes to each as an exception of its
+    own: raised in each caller's task, one object gathered every task's traceback."""
+    given: set[int] = set()
     for future, outcome in settled:
         if future.done():
             continue
         if isinstance(outcome, BaseException):
+            if id(outcome) in given:
+                outcome = _copy_of(outcome)
+            given.add(id(outcome))
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    """An exception of `error`'s type with its args, attributes and cause, not its traceback
+    (made without its __init__, whose arguments may differ from its args)."""
+    copy = type(error).__new__(type(error), *error.args)
+    copy.args = error.args
+    copy.__dict__.update(error.__dict__)
+    copy.__cause__, copy.__context__ = error.__cause__, error.__context__
+    return copy
 
 
 def _set_all(events: list[asyncio.Event]) -> None:

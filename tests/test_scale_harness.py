@@ -657,6 +657,15 @@ def test_submissions_are_answered_in_batches_and_a_failing_batch_fails_only_its_
         with pytest.raises(RuntimeError, match="a batch that fails"):
             await asyncio.wait_for(submissions.submit(request("boom")), 10)
         assert (await asyncio.wait_for(submissions.submit(request("e")), 10)).name == "e"
+        # A failed batch of several: each caller its own exception (one object raised in
+        # every caller's task gathered all their tracebacks), the same words.
+        slow = asyncio.ensure_future(submissions.submit(request("f")))
+        await asyncio.sleep(0.01)
+        together = [asyncio.ensure_future(submissions.submit(request(n))) for n in ("boom", "g")]
+        errors = await asyncio.gather(*together, return_exceptions=True)
+        assert (await slow).name == "f" and c.batches[-1] == ["boom", "g"]
+        assert all(isinstance(e, RuntimeError) for e in errors) and errors[0] is not errors[1]
+        assert [str(e) for e in errors] == ["a batch that fails"] * 2
 
     asyncio.run(main())
 
