@@ -727,9 +727,20 @@ class ControllerClient:
         return url
 
 
+# SQLite's words for a write that could not be made now, which the controller answers
+# UNAVAILABLE (controller/service.py): a busy controller, not one out of reach.
+_STORE_BUSY = ("database is locked", "database or disk is full", "disk I/O error")
+
+
 def _details(error: grpc.RpcError, rpc: str, address: str, timeout_s: float | None) -> str:
     """The sentence of a failed call: the controller's own, or what went wrong on the way."""
     code, details = error.code(), error.details()
+    if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(_STORE_BUSY):
+        # The controller answered: its database could not be written now.
+        return (
+            f"the controller at {address} could not write its job database now ({details}); "
+            "nothing was changed: try again."
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"the controller at {address} is not reachable ({details})."
     # gRPC's own words for a deadline this client set; the controller's would be a sentence.

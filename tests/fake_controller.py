@@ -32,6 +32,7 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         lose_answers: how many more submissions are recorded, then answered UNAVAILABLE (the
             job exists; the client never heard).
         get_delay_s: how long GetJob takes.
+        get_unavailable: when set, GetJob answers UNAVAILABLE with these words.
         break_watch: WatchJob fails (INTERNAL) instead of ending.
         watch_steps: the steps WatchJob streams (those from the request's from_step), after
             the job's record, as metrics; `watch_requests` keeps the requests.
@@ -50,6 +51,7 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         self.refuse: set[str] = set()
         self.lose_answers = 0
         self.get_delay_s = 0.0
+        self.get_unavailable = ""
         self.break_watch = False
         self.watch_steps: range = range(0)
         self.watch_requests: list[controller_pb2.WatchJobRequest] = []
@@ -90,6 +92,8 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
 
     def GetJob(self, request, context):
         time.sleep(self.get_delay_s)
+        if self.get_unavailable:  # as the controller answers a write its database refused
+            context.abort(grpc.StatusCode.UNAVAILABLE, self.get_unavailable)
         if request.job_id not in self.jobs:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}.")
         return controller_pb2.GetJobReply(job=self.jobs[request.job_id])

@@ -130,6 +130,16 @@ def test_a_deadline_names_the_rpc_its_limit_and_the_address(fake, tmp_path) -> N
     assert "GetJob" in message and "0.3 s" in message and c.address in message, message
 
 
+def test_a_controller_whose_database_is_busy_is_not_called_unreachable(fake, tmp_path) -> None:
+    fake.get_unavailable = "database is locked"
+    with ControllerClient(tmp_path / "state") as c:
+        with pytest.raises(ClientError) as caught:
+            c.get("job-1")
+    message = caught.value.message
+    assert "could not write its job database now (database is locked)" in message, message
+    assert "not reachable" not in message and caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
 def test_dashboard_open_keeps_the_token_off_the_browsers_command_line(
     fake, tmp_path, capsys, monkeypatch
 ) -> None:
