@@ -22,6 +22,7 @@ import grpc
 import pathways_lite
 from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from pathways_lite.workers import rpc
+from pathways_lite.workers.auth import STILL_ACCEPTED
 
 from . import spec as spec_lib
 from .bus import Follower, dropped_logs_record, now
@@ -53,6 +54,9 @@ BATCH_STEPS_MAX = 512
 # from the controller's thread (done once per turn of its loop, it was 6% of it under 200
 # watchers).
 WAKE_EVERY_S = 0.01
+# How often a stream served from the controller's loop checks its credential while it sends
+# nothing (workers/auth.py STILL_ACCEPTED; the interceptor checks before each reply).
+QUIET_RECHECK_S = 15.0
 # SubmitJob requests handled together at most (`Submissions`).
 SUBMIT_BATCH = 50
 SERVICE_NAME = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
@@ -185,9 +189,31 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 wake()
 
         pumping = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        still_accepted = STILL_ACCEPTED.get()
+        revoked: list[bool] = []
+        quiet = None
+        if still_accepted is not None:
+            # A stream that sends nothing (a queued job's watch) checks its credential every
+            # QUIET_RECHECK_S itself: the interceptor checks it only before a reply, and such
+            # a stream opened with a rotated-away token stayed open for as long as it was quiet.
+            async def recheck() -> None:
+                while True:
+                    await asyncio.sleep(QUIET_RECHECK_S)
+                    if not still_accepted():
+                        revoked.append(True)
+                        ready.set()
+                        return
+
+            quiet = asyncio.ensure_future(recheck())
         try:
             while True:
                 await ready.wait()
+                if revoked:
+                    raise rpc.RpcRejection(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        "The credential this stream was opened with is no longer accepted "
+                        "(rotated); open it again with the current token.",
+                    )
                 with lock:
                     ready.clear()
                     flags["woken"] = False
@@ -207,6 +233,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             # Cancelled on the controller's loop: `stream`'s `finally` (unsubscribing) runs
             # there; nobody waits.
             pumping.cancel()
+            if quiet is not None:
+                quiet.cancel()
 
     def _wake_soon(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
         """Set `event` on `loop` (the server's) within WAKE_EVERY_S, in one cross-thread

@@ -232,6 +232,49 @@ def test_a_watch_opened_with_a_token_rotated_away_ends_when_its_grace_ends(tmp_p
     asyncio.run(main())
 
 
+def test_a_quiet_watch_opened_with_a_token_rotated_away_ends_too(tmp_path, monkeypatch) -> None:
+    """A watch of a job that changes nothing sends nothing: the interceptor's check before a
+    reply never ran, and one opened with a rotated-away token stayed open for as long as the
+    job stayed quiet. The stream checks its credential itself every QUIET_RECHECK_S."""
+    from pathways_lite.controller import service
+    from pathways_lite.workers.auth import Credential, bearer
+
+    monkeypatch.setattr(service, "QUIET_RECHECK_S", 0.3)
+    credential = Credential("old-token")
+
+    async def main() -> None:
+        async with _waiting_job(tmp_path, token=credential) as (c, address, job_id):
+            outcome: dict[str, object] = {}
+            got: list = []
+
+            def watch() -> None:
+                with grpc.insecure_channel(address) as channel:
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+                    call = stub.WatchJob(
+                        controller_pb2.WatchJobRequest(job_id=job_id),
+                        metadata=(("authorization", bearer("old-token")),),
+                        timeout=30,
+                    )
+                    try:
+                        for reply in call:
+                            got.append(reply)
+                        outcome["end"] = "ended"
+                    except grpc.RpcError as e:
+                        outcome["end"] = e.code()
+                        outcome["details"] = e.details()
+
+            thread = threading.Thread(target=watch)
+            thread.start()
+            await _until(lambda: len(got) == 1)
+            credential.rotate("new-token", grace_s=0.5)
+            await asyncio.to_thread(thread.join, 20)
+            assert not thread.is_alive(), "the quiet watch is still open"
+            assert outcome["end"] == grpc.StatusCode.UNAUTHENTICATED, outcome
+            assert "no longer accepted" in outcome["details"] and len(got) == 1
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(90)
 def test_a_watch_of_a_controller_that_stops_answering_fails_and_a_quiet_one_stays_open(
     tmp_path,

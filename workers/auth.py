@@ -17,6 +17,7 @@ The secret never appears in a repr, a log line, an environment variable or a com
 from __future__ import annotations
 
 import collections
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -149,6 +150,15 @@ def method_kinds(services: Iterable[ServiceDescriptor]) -> dict[str, tuple[bool,
     }
 
 
+# Within a server-streaming call `AuthInterceptor(recheck_streams_s=)` wraps: whether the
+# credential it was opened with is still accepted (None outside one). A stream that sends
+# nothing for a while checks it itself (controller/service.py), the wrapper only checks
+# before a reply.
+STILL_ACCEPTED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "still_accepted", default=None
+)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call whose `authorization` metadata `accepts` rejects (UNAUTHENTICATED),
     except health and reflection. The request of a refused call is never deserialized.
@@ -206,6 +216,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         message = self._message.format(method=method)
 
         async def stream(request, context):
+            STILL_ACCEPTED.set(lambda: accepts(presented))  # (this call's task's context)
             replies = behavior(request, context)
             checked = time.monotonic()
             try:
