@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -424,8 +425,11 @@ class ServeRouter:
             seed=request.seed,
             stop=list(request.stop),
         )
-        async for reply in self._relay(served, replica, wire):
-            yield reply
+        # Closed here, not by the generator's finalizer whenever that runs: its `finally`
+        # gives the replica's in-flight count back (a count left up refuses requests).
+        async with contextlib.aclosing(self._relay(served, replica, wire)) as replies:
+            async for reply in replies:
+                yield reply
 
     async def _relay(
         self, served: Served, replica: Replica, wire: worker_pb2.GenerateRequest

@@ -692,7 +692,10 @@ def _answer_submissions(settled: list[tuple[asyncio.Future, Any]]) -> None:
             continue
         if isinstance(outcome, BaseException):
             if id(outcome) in given:
-                outcome = _copy_of(outcome)
+                try:
+                    outcome = _copy_of(outcome)
+                except Exception:  # noqa: BLE001 - a type that cannot be copied: shared
+                    pass
             given.add(id(outcome))
             future.set_exception(outcome)
         else:
@@ -706,6 +709,7 @@ def _copy_of(error: BaseException) -> BaseException:
     copy.args = error.args
     copy.__dict__.update(error.__dict__)
     copy.__cause__, copy.__context__ = error.__cause__, error.__context__
+    copy.__suppress_context__ = error.__suppress_context__
     return copy
 
 

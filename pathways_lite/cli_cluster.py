@@ -168,8 +168,10 @@ def _print_up(cluster) -> None:
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
-    """`down`; with `--json`, one document on stdout ({"state_dir", "checkpointed", "jobs":
-    [what was done to each], "drain_error", "stopped"}) and the progress lines on stderr."""
+    """`down`; with `--json`, one document on stdout ({"state_dir", "checkpointed": whether
+    the jobs were drained, "jobs": [what was done to each], "drain_error", "stopped"}) and the
+    progress lines on stderr. A `down` that stops nothing (no cluster there) fails as every
+    command does: one line on stderr, nothing on stdout, a non-zero exit."""
     from pathways_lite.local import CLUSTER_FILE, default_state_dir, drain, stop_recorded
 
     state_dir = Path(args.state_dir or default_state_dir())
@@ -207,7 +209,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
         print_json(
             {
                 "state_dir": str(state_dir),
-                "checkpointed": not args.now,
+                "checkpointed": not args.now and drain_error is None,
                 "jobs": jobs,
                 "drain_error": drain_error,
                 "stopped": True,

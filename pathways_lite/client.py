@@ -413,13 +413,18 @@ class ControllerClient:
                 if e.code() not in SUBMIT_RETRIED:
                     raise self._error(e, "SubmitJob", self.timeout_s) from None
                 if attempt == SUBMIT_ATTEMPTS:
-                    error = self._error(e, "SubmitJob", self.timeout_s)
+                    # (Not `_details`' sentence: "nothing was changed" of a busy database is
+                    # true of the last try only.)
+                    reason = (
+                        f"no try of SubmitJob got an answer from the controller at "
+                        f"{self.address} ({e.code().name}: {e.details()})."
+                    )
                     raise SubmitUnanswered(
-                        f"{error.message} The job may have been created: submit the same spec "
+                        f"{reason} The job may have been created: submit the same spec "
                         f"again with request id {request.request_id} (`--request-id`) to get "
                         "it, not a second one.",
-                        error.code,
-                        error.message,
+                        e.code(),
+                        reason,
                     ) from None
                 logger.warning("submit attempt %d of %d: %s", attempt, SUBMIT_ATTEMPTS, e.code())
                 until = time.monotonic() + SUBMIT_RETRY_DELAY_S * attempt
@@ -728,14 +733,21 @@ class ControllerClient:
 
 
 # SQLite's words for a write that could not be made now, which the controller answers
-# UNAVAILABLE (controller/service.py): a busy controller, not one out of reach.
-_STORE_BUSY = ("database is locked", "database or disk is full", "disk I/O error")
+# UNAVAILABLE (controller/service.py), alone or in its own sentence: a busy controller, not
+# one out of reach.
+_STORE_BUSY = (
+    "database is locked",
+    "database table is locked",
+    "database or disk is full",
+    "disk I/O error",
+    "attempt to write a readonly database",
+)
 
 
 def _details(error: grpc.RpcError, rpc: str, address: str, timeout_s: float | None) -> str:
     """The sentence of a failed call: the controller's own, or what went wrong on the way."""
     code, details = error.code(), error.details()
-    if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith(_STORE_BUSY):
+    if code == grpc.StatusCode.UNAVAILABLE and any(w in (details or "") for w in _STORE_BUSY):
         # The controller answered: its database could not be written now.
         return (
             f"the controller at {address} could not write its job database now ({details}); "
