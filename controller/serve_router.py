@@ -411,7 +411,7 @@ class ServeRouter:
             # here, before training on the island is cut for it.
             raise RpcRejection(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"job {record.id!r} is full: its least busy replica (island "
+                f"the serve queue is full: job {record.id!r}'s least busy replica (island "
                 f"{replica.island.id}) holds {replica.inflight} requests ({per_replica} "
                 f"served at once, {QUEUE_FACTOR * per_replica} waiting); retry later.",
             )
