@@ -107,32 +107,37 @@ def test_a_job_started_from_a_serve_job_names_its_kind(tmp_path) -> None:
     store.close()
 
 
+async def _closed_host():
+    """A host handle whose channel is closed (every call on it fails at once)."""
+    from pathways_lite.controller.islands import HostHandle
+    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+
+    channel = grpc.aio.insecure_channel("localhost:1")
+    await channel.close()
+    return HostHandle(
+        "localhost:1", channel, worker_pb2_grpc.WorkerServiceStub(channel), worker_pb2.InfoReply()
+    )
+
+
 def test_the_router_and_the_probe_skip_dead_islands_and_never_leak_inflight(tmp_path) -> None:
     """A replica on a dead island is never chosen; a host whose channel closed answers
     UNAVAILABLE and its in-flight count comes back (least-loaded routing stays right)."""
     import asyncio
 
     from pathways_lite.controller.dispatch import DispatchError
-    from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.islands import Island
     from pathways_lite.controller.jobs import probe_serve
     from pathways_lite.controller.recovery import FailureClass, classify
     from pathways_lite.controller.serve_router import ServeRouter
     from pathways_lite.controller.store import JobStore
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
+    from pathways_lite.v1 import worker_pb2
     from pathways_lite.workers.rpc import RpcRejection
 
     store = JobStore(tmp_path / "controller.db")
     record = store.create_job(load_spec_text(SERVE))
 
     async def main() -> None:
-        channel = grpc.aio.insecure_channel("localhost:1")
-        await channel.close()
-        host = HostHandle(
-            "localhost:1",
-            channel,
-            worker_pb2_grpc.WorkerServiceStub(channel),
-            worker_pb2.InfoReply(),
-        )
+        host = await _closed_host()
         dead, closed = Island("island-0", [host], dead="host 0 died"), Island("island-1", [host])
         router = ServeRouter(store)
         router.loading(record.id, [dead, closed])
@@ -170,10 +175,9 @@ def test_a_request_every_replica_would_refuse_is_refused_before_training_is_cut(
     RESOURCE_EXHAUSTED. Now the router refuses it before the cut."""
     import asyncio
 
-    from pathways_lite.controller.islands import HostHandle, Island
+    from pathways_lite.controller.islands import Island
     from pathways_lite.controller.serve_router import ServeArbiter, ServeRouter
     from pathways_lite.controller.store import JobStore
-    from pathways_lite.v1 import worker_pb2, worker_pb2_grpc
     from pathways_lite.workers.rpc import RpcRejection
     from pathways_lite.workers.serve_engine import QUEUE_FACTOR
 
@@ -192,14 +196,7 @@ def test_a_request_every_replica_would_refuse_is_refused_before_training_is_cut(
             pass
 
     async def main() -> None:
-        channel = grpc.aio.insecure_channel("localhost:1")
-        await channel.close()
-        host = HostHandle(
-            "localhost:1",
-            channel,
-            worker_pb2_grpc.WorkerServiceStub(channel),
-            worker_pb2.InfoReply(),
-        )
+        host = await _closed_host()
         router = ServeRouter(store, Counting(None, None))
         router.loading(record.id, [Island("island-0", [host])])
         router.serving(record.id, 0, 4)
