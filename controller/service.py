@@ -22,7 +22,7 @@ import grpc
 import pathways_lite
 from pathways_lite.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from pathways_lite.workers import rpc
-from pathways_lite.workers.auth import STILL_ACCEPTED
+from pathways_lite.workers.auth import STILL_ACCEPTED, STREAM_REVOKED
 
 from . import spec as spec_lib
 from .bus import Follower, dropped_logs_record, now
@@ -211,8 +211,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 if revoked:
                     raise rpc.RpcRejection(
                         grpc.StatusCode.UNAUTHENTICATED,
-                        "The credential this stream was opened with is no longer accepted "
-                        "(rotated); open it again with the current token.",
+                        f"{STREAM_REVOKED} Open it again with the current token.",
                     )
                 with lock:
                     ready.clear()

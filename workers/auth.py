@@ -154,6 +154,7 @@ def method_kinds(services: Iterable[ServiceDescriptor]) -> dict[str, tuple[bool,
 # credential it was opened with is still accepted (None outside one). A stream that sends
 # nothing for a while checks it itself (controller/service.py), the wrapper only checks
 # before a reply.
+STREAM_REVOKED = "The credential this stream was opened with is no longer accepted (rotated)."
 STILL_ACCEPTED: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "still_accepted", default=None
 )
@@ -226,9 +227,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         if not accepts(presented):
                             logger.warning("ended %s: its credential is no longer valid", method)
                             await context.abort(
-                                grpc.StatusCode.UNAUTHENTICATED,
-                                "The credential this stream was opened with is no longer "
-                                f"accepted (rotated). {message}",
+                                grpc.StatusCode.UNAUTHENTICATED, f"{STREAM_REVOKED} {message}"
                             )
                     yield reply
             finally:
