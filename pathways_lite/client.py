@@ -52,7 +52,7 @@ MAX_REPLY_BYTES = 1 << 30
 # FIN, no RST reaches it) waited for ever on a quiet stream: while a call is open, the channel
 # pings the controller every KEEPALIVE_S and fails the call UNAVAILABLE when a ping goes
 # unanswered for KEEPALIVE_TIMEOUT_S (then a follower of the state dir looks for the next
-# controller, `_reconnect`). The controller accepts pings as often as every second.
+# controller, `_reconnect`). The controller accepts pings at any rate.
 KEEPALIVE_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
 
@@ -71,7 +71,6 @@ def channel_options(keepalive_s: float = KEEPALIVE_S) -> tuple[tuple[str, int], 
     )
 
 
-CHANNEL_OPTIONS = channel_options()
 RECONNECT_POLL_S = 0.5
 # The log records a followed stream asks again for after a reconnect (those it printed are
 # skipped): the new controller's buffer may hold lines the old one had not sent yet.
